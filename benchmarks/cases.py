@@ -1,0 +1,73 @@
+"""The accuracy cases: >=5 architectures x {fp32, bf16-mixed} x checkpointing x LoRA x 2 batch sizes.
+
+Models are catalog configs with random weights; the two largest are cut to fewer layers so fp32
+full fine-tuning fits one 80 GB card (the per-layer shapes are the published ones).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from memtune.config import Adapter, TrainConfig
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    num_layers: int | None
+    """None keeps the published depth."""
+    config: TrainConfig
+
+    @property
+    def name(self) -> str:
+        layers = f"[{self.num_layers}L]" if self.num_layers else ""
+        c = self.config
+        lora = "+lora" if c.adapter else ""
+        ckpt = "+ckpt" if c.gradient_checkpointing else ""
+        return f"{self.model}{layers} {c.micro_batch_size}x{c.seq_len} {c.precision}{ckpt}{lora}"
+
+
+ARCHITECTURES = [
+    # (catalog hub id, layers or None, seq_len, two micro-batch sizes)
+    ("gpt2", None, 512, (4, 8)),
+    ("Qwen/Qwen2.5-0.5B", None, 1024, (2, 4)),
+    ("meta-llama/Llama-3.2-1B", None, 1024, (2, 4)),
+    ("google/gemma-2-2b", 6, 1024, (1, 2)),
+    ("microsoft/Phi-3-mini-4k-instruct", 8, 1024, (2, 4)),
+]
+PRECISIONS = {"fp32": ("fp32", "none"), "bf16-mixed": ("fp32", "bf16")}
+
+
+def accuracy_cases() -> list[Case]:
+    cases = []
+    for (model, layers, seq_len, batches), precision, ckpt, lora, batch in itertools.product(
+        ARCHITECTURES, PRECISIONS, (False, True), (False, True), (0, 1)
+    ):
+        weights, amp = PRECISIONS[precision]
+        config = TrainConfig(
+            seq_len=seq_len,
+            micro_batch_size=batches[batch],
+            weights_dtype=weights,
+            amp=amp,
+            gradient_checkpointing=ckpt,
+            adapter=Adapter() if lora else None,
+        )
+        cases.append(Case(model, layers, config))
+    # LoRA on a base stored in bf16, the usual way people run it.
+    for (model, layers, seq_len, batches), ckpt in itertools.product(ARCHITECTURES, (False, True)):
+        config = TrainConfig(seq_len=seq_len, micro_batch_size=batches[1], weights_dtype="bf16",
+                             gradient_checkpointing=ckpt, adapter=Adapter())
+        cases.append(Case(model, layers, config))
+    return cases
+
+
+def model_config(case: Case):
+    from memtune.sources import catalog_config
+
+    config = catalog_config(case.model)
+    if case.num_layers:
+        config.num_hidden_layers = case.num_layers
+        if hasattr(config, "layer_types") and config.layer_types:
+            config.layer_types = config.layer_types[: case.num_layers]
+    return config

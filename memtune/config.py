@@ -1,0 +1,227 @@
+"""The candidate training configuration, and byte quantities (budgets) with their units.
+
+A `TrainConfig` is everything about a fine-tuning step that changes its memory: micro-batch,
+sequence length, precision, gradient checkpointing, adapter, optimizer, offload and loss. It is a
+frozen dataclass so candidates can be hashed, compared and cached, and it round-trips through JSON.
+Bytes are integers everywhere; units exist only in `parse_bytes` and `format_bytes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from memtune.errors import UsageError
+
+DType = Literal["fp32", "bf16", "fp16"]
+Amp = Literal["none", "bf16", "fp16"]
+Offload = Literal["none", "optimizer", "parameters"]
+Loss = Literal["standard", "chunked"]
+
+# --precision NAME -> (dtype the weights are stored in, autocast compute dtype).
+PRECISIONS: dict[str, tuple[DType, Amp]] = {
+    "fp32": ("fp32", "none"),
+    "bf16-mixed": ("fp32", "bf16"),  # what Trainer(bf16=True) runs: fp32 master weights, bf16 autocast
+    "fp16-mixed": ("fp32", "fp16"),  # fp32 master weights, fp16 autocast, GradScaler
+    "bf16": ("bf16", "none"),  # weights stored in bf16 (the usual choice for a frozen LoRA base)
+    "fp16": ("fp16", "none"),
+}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A parameter-efficient adapter, applied with peft."""
+
+    kind: Literal["lora", "prefix"] = "lora"
+    rank: int = 16
+    """LoRA rank r."""
+    alpha: int = 32
+    """LoRA scaling numerator (lora_alpha)."""
+    dropout: float = 0.0
+    """LoRA dropout; >0 saves a copy of each adapted layer's input for backward."""
+    target_modules: str | tuple[str, ...] = "all-linear"
+    """peft target_modules: "all-linear" or module names such as ("q_proj", "v_proj")."""
+    num_virtual_tokens: int = 20
+    """Prefix tuning only: number of virtual tokens."""
+
+    def describe(self) -> str:
+        if self.kind == "prefix":
+            return f"prefix tuning ({self.num_virtual_tokens} tokens)"
+        targets = self.target_modules if isinstance(self.target_modules, str) else ",".join(self.target_modules)
+        return f"LoRA r={self.rank} ({targets})"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One candidate configuration of a training step."""
+
+    seq_len: int
+    """Tokens per sequence."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass (per GPU)."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step; effective batch = micro_batch_size * grad_accum_steps."""
+    weights_dtype: DType = "fp32"
+    """The dtype the model's weights are stored in."""
+    amp: Amp = "none"
+    """Autocast compute dtype; "fp16" also uses a GradScaler."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward (transformers' gradient_checkpointing_enable, non-reentrant)."""
+    adapter: Adapter | None = None
+    """LoRA / prefix tuning through peft; None trains all weights."""
+    optimizer: Literal["adamw"] = "adamw"
+    """torch.optim.AdamW (fused on CUDA, as Trainer's default adamw_torch_fused)."""
+    offload: Offload = "none"
+    """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
+    loss: Loss = "standard"
+    """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits."""
+    num_gpus: int = 1
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "num_gpus"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if self.weights_dtype not in DTYPE_BYTES:
+            problems.append(f"weights_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.weights_dtype!r}")
+        if self.amp not in ("none", "bf16", "fp16"):
+            problems.append(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if problems:
+            raise UsageError("invalid training configuration: " + "; ".join(problems))
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.num_gpus
+
+    @property
+    def precision(self) -> str:
+        """The --precision name of (weights_dtype, amp), or 'weights/amp' if it has none."""
+        for name, pair in PRECISIONS.items():
+            if pair == (self.weights_dtype, self.amp):
+                return name
+        return f"{self.weights_dtype}/{self.amp}"
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """The configuration in plain words, for reports."""
+        parts = [f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accum", self.precision]
+        if self.gradient_checkpointing:
+            parts.append("checkpointing")
+        if self.adapter is not None:
+            parts.append(self.adapter.describe())
+        if self.loss == "chunked":
+            parts.append("chunked loss")
+        if self.offload != "none":
+            parts.append(f"offload {self.offload}")
+        if self.num_gpus > 1:
+            parts.append(f"{self.num_gpus} GPUs")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown training configuration keys {unknown}; known keys are {sorted(known)}")
+        adapter = data.get("adapter")
+        if isinstance(adapter, dict):
+            if isinstance(adapter.get("target_modules"), list):
+                adapter = {**adapter, "target_modules": tuple(adapter["target_modules"])}
+            data["adapter"] = Adapter(**adapter)
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def precision_config(name: str) -> tuple[DType, Amp]:
+    """(weights_dtype, amp) for a --precision name."""
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise UsageError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}") from None
+
+
+# ---- bytes and their units ------------------------------------------------------------------
+
+GIB = 1 << 30
+MIB = 1 << 20
+_UNITS = {
+    "b": 1,
+    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+}
+_QUANTITY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """Parse a memory quantity such as '24GiB', '24GB' (24e9 bytes) or '24000MiB' into bytes.
+
+    A bare number or a lone 'G'/'M' is ambiguous (binary or decimal?) and is refused rather than guessed.
+    """
+    match = _QUANTITY.match(str(text))
+    if not match:
+        raise UsageError(f"memory quantity {text!r} is malformed: write a number and a unit, e.g. 24GiB or 24GB")
+    number, unit = match.groups()
+    unit_key = unit.lower()
+    if unit_key not in _UNITS:
+        if unit_key in ("", "g", "m", "k", "t"):
+            raise UsageError(
+                f"memory quantity {text!r} is ambiguous: write {number}GiB (binary, 2^30) or {number}GB (10^9 bytes)"
+                if unit_key in ("", "g")
+                else f"memory quantity {text!r} is ambiguous: write {number}{unit.upper()}iB or {number}{unit.upper()}B"
+            )
+        raise UsageError(f"memory quantity {text!r} has unknown unit {unit!r}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")
+    value = float(number) * _UNITS[unit_key]
+    if value <= 0:
+        raise UsageError(f"memory quantity {text!r} must be positive")
+    return int(round(value))
+
+
+def format_bytes(num_bytes: int | float) -> str:
+    """Human-readable binary quantity: '23.84 GiB', '512.0 MiB'."""
+    value = float(num_bytes)
+    sign = "-" if value < 0 else ""
+    value = abs(value)
+    for unit, size in (("TiB", 1 << 40), ("GiB", GIB), ("MiB", MIB), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{sign}{value / size:.2f} {unit}"
+    return f"{sign}{int(value)} B"
+
+
+def gib(num_bytes: int | float) -> float:
+    return num_bytes / GIB
+
+
+# Total memory of common cards in MiB, as nvidia-smi reports it (what `--gpu NAME` plans against).
+KNOWN_GPUS: dict[str, int] = {
+    name: mib * MIB
+    for name, mib in {
+        "T4-16GB": 15360,
+        "A10-24GB": 23028,
+        "L4-24GB": 23034,
+        "RTX3090-24GB": 24576,
+        "RTX4090-24GB": 24564,
+        "A100-40GB": 40960,
+        "L40S-48GB": 46068,
+        "A6000-48GB": 49140,
+        "A100-80GB": 81920,
+        "H100-80GB": 81559,
+        "H200-141GB": 143771,
+    }.items()
+}

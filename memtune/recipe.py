@@ -1,0 +1,120 @@
+"""The training step that memtune predicts, verifies and runs: one recipe, shared by all stages.
+
+`trace` runs it on fake tensors, `verify` on the GPU with random weights, and `runner`'s Trainer
+is configured to do the same thing (fused AdamW, autocast, non-reentrant checkpointing, peft).
+Keeping a single definition is what makes predicted and measured peaks comparable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from memtune.config import TrainConfig
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def build_model(model_config: Any, train_config: TrainConfig, device: str | torch.device) -> nn.Module:
+    """A causal LM with random weights from `model_config`, created directly on `device`.
+
+    Under a fake-tensor or meta device this costs no memory and no initialisation time.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype])
+    return prepare_model(model, train_config)
+
+
+def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
+    """Apply gradient checkpointing and the adapter of `train_config` to an existing model."""
+    model.train()
+    if train_config.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (works with frozen LoRA bases).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    adapter = train_config.adapter
+    if adapter is not None:
+        import peft
+
+        model = peft.get_peft_model(model, peft_config(train_config))
+    return model
+
+
+def peft_config(train_config: TrainConfig) -> Any:
+    """The peft config (LoraConfig / PrefixTuningConfig) for the plan's adapter."""
+    import peft
+
+    adapter = train_config.adapter
+    if adapter is None:
+        return None
+    if adapter.kind == "prefix":
+        return peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=adapter.num_virtual_tokens)
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else list(adapter.target_modules)
+    return peft.LoraConfig(
+        task_type="CAUSAL_LM",
+        r=adapter.rank,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=targets,
+    )
+
+
+def make_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters: fused on CUDA, as transformers' default adamw_torch_fused."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if fused is None:
+        fused = bool(params) and params[0].device.type == "cuda"
+    return torch.optim.AdamW(params, lr=1e-5, fused=fused)
+
+
+def amp_context(train_config: TrainConfig, device_type: str) -> contextlib.AbstractContextManager:
+    if train_config.amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=TORCH_DTYPES[train_config.amp])
+
+
+def random_batch(model_config: Any, train_config: TrainConfig, device: str | torch.device) -> torch.Tensor:
+    vocab = int(getattr(model_config, "vocab_size", 32000))
+    shape = (train_config.micro_batch_size, train_config.seq_len)
+    return torch.randint(0, vocab, shape, device=device)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[torch.Tensor] | list[torch.Tensor],
+    train_config: TrainConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    device_type: str = "cuda",
+    read_loss: bool = True,
+) -> float:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the summed loss.
+
+    `read_loss=False` skips reading the loss back (fake tensors have no values).
+    """
+    total = 0.0
+    accum = train_config.grad_accum_steps
+    for input_ids in batches:
+        with amp_context(train_config, device_type):
+            loss = model(input_ids=input_ids, labels=input_ids).loss / accum
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if read_loss:
+            total += float(loss.detach())
+        del loss
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total

@@ -1,0 +1,110 @@
+"""Real trial steps on the GPU: measure what a configuration really takes, then give the memory back.
+
+The model is built from its config with random weights directly on the GPU (no download); the
+step is `recipe.train_step`. Peaks are measured as deltas over the allocator's state before the
+trial, so persistent library workspaces (cuBLAS) allocated by an earlier trial do not count twice;
+`library_workspace_bytes` reports them when this trial created them.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from memtune.config import TrainConfig
+from memtune.errors import NoGpuError
+
+OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
+
+
+@dataclass
+class Measurement:
+    """What one trial measured. Bytes are deltas over the allocator's state before the trial."""
+
+    fits: bool
+    peak_allocated_bytes: int = 0
+    peak_reserved_bytes: int = 0
+    step_seconds: list[float] = field(default_factory=list)
+    tokens_per_step: int = 0
+    library_workspace_bytes: int = 0
+    """Allocated memory still held after cleanup (cuBLAS workspaces created by this trial)."""
+    alloc_retries: int = 0
+    error: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        timed = self.step_seconds[1:] or self.step_seconds
+        if not timed:
+            return 0.0
+        timed = sorted(timed)
+        return self.tokens_per_step / timed[len(timed) // 2]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for CUDA out-of-memory and library allocation failures (cuBLAS, cuDNN)."""
+    import torch
+
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in OOM_MARKERS)
+
+
+def release_memory() -> None:
+    """Drop cached blocks and reset peak statistics after a trial (successful or not)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device: str = "cuda") -> Measurement:
+    """Run `steps` real optimizer steps of `train_config` and measure peak memory and step time.
+
+    An out-of-memory error is caught and reported as `fits=False`; any other error propagates.
+    Either way the memory the trial took is given back before returning.
+    """
+    import torch
+
+    from memtune import recipe
+
+    if not torch.cuda.is_available():
+        raise NoGpuError("trial steps need a CUDA GPU and none is visible; use `memtune plan` to predict without one")
+    release_memory()
+    allocated_before = torch.cuda.memory_allocated()
+    reserved_before = torch.cuda.memory_reserved()
+    retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    result = Measurement(fits=True, tokens_per_step=train_config.effective_batch_size * train_config.seq_len)
+    model = optimizer = scaler = None
+    try:
+        model = recipe.build_model(model_config, train_config, device)
+        optimizer = recipe.make_optimizer(model)
+        scaler = torch.amp.GradScaler("cuda") if train_config.amp == "fp16" else None
+        for _ in range(steps):
+            batches = [recipe.random_batch(model_config, train_config, device) for _ in range(train_config.grad_accum_steps)]
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            recipe.train_step(model, optimizer, batches, train_config, scaler=scaler)
+            torch.cuda.synchronize()
+            result.step_seconds.append(time.perf_counter() - start)
+            del batches
+    except Exception as error:  # noqa: BLE001 - OOM is a result, everything else is re-raised below
+        if not is_oom(error):
+            raise
+        result.fits = False
+        result.error = str(error).splitlines()[0][:300]
+    finally:
+        result.peak_allocated_bytes = torch.cuda.max_memory_allocated() - allocated_before
+        result.peak_reserved_bytes = torch.cuda.max_memory_reserved() - reserved_before
+        result.alloc_retries = torch.cuda.memory_stats().get("num_alloc_retries", 0) - retries_before
+        del model, optimizer, scaler
+        release_memory()
+        result.library_workspace_bytes = torch.cuda.memory_allocated() - allocated_before
+    return result
