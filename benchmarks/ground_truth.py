@@ -40,6 +40,7 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+        "context_bytes": context_bytes(),
     }
 
 
@@ -58,36 +59,27 @@ def context_bytes() -> int:
     return int(used[0]) - torch.cuda.memory_reserved()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--traces", default="", help="folder for allocator traces of a few cases")
-    parser.add_argument("--limit", type=int, default=0, help="measure only the first N cases")
-    args = parser.parse_args()
+def measure_cases(cases: list, traces: str = "", trace_every: int = 8) -> list[dict]:
+    """Measure each case with `verify.measure` (3 steps); an error in one case is recorded, not raised."""
     import torch
 
-    env = environment()
-    env["context_bytes_before_trials"] = context_bytes()
-    cases = accuracy_cases()[: args.limit or None]
-    trace_every = 8
+    env_workspace = verify.warm_up()
     rows = []
-    started = time.perf_counter()
     for index, case in enumerate(cases):
-        record = bool(args.traces) and index % trace_every == 0
+        record = bool(traces) and index % trace_every == 0
         if record:
             torch.cuda.memory._record_memory_history(max_entries=400_000, stacks="python", context=None)
+        row = {"case": case.name, "model": case.model, "num_layers": case.num_layers, "config": case.config.to_dict()}
         try:
-            m = verify.measure(model_config(case), case.config, steps=3)
-            row = {"case": case.name, "model": case.model, "num_layers": case.num_layers,
-                   "config": case.config.to_dict(), **m.to_dict()}
+            row.update(verify.measure(model_config(case), case.config, steps=3).to_dict())
         except Exception as error:  # noqa: BLE001 - one broken case must not lose the others
-            row = {"case": case.name, "model": case.model, "num_layers": case.num_layers,
-                   "config": case.config.to_dict(), "fits": False, "error": f"{type(error).__name__}: {error}"[:500]}
+            row.update({"fits": False, "error": f"{type(error).__name__}: {error}"[:500]})
+        row["workspace_bytes"] = env_workspace
         if record:
             snapshot = torch.cuda.memory._snapshot()
             torch.cuda.memory._record_memory_history(enabled=None)
             events = [(e["action"], e["addr"], e["size"]) for e in snapshot["device_traces"][0]]
-            path = Path(args.traces) / f"trace_{index:03d}.json.gz"
+            path = Path(traces) / f"trace_{index:03d}.json.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(path, "wt") as handle:
                 json.dump({"case": row["case"], "events": events}, handle)
@@ -97,6 +89,18 @@ def main() -> None:
         print(f"[{index + 1}/{len(cases)}] {case.name:60s} alloc {row.get('peak_allocated_bytes', 0) / gib:7.3f} "
               f"reserved {row.get('peak_reserved_bytes', 0) / gib:7.3f} GiB  "
               f"{row.get('tokens_per_second', 0):9.0f} tok/s  {row.get('error', '')[:80]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--traces", default="", help="folder for allocator traces of a few cases")
+    parser.add_argument("--limit", type=int, default=0, help="measure only the first N cases")
+    args = parser.parse_args()
+    env = environment()
+    started = time.perf_counter()
+    rows = measure_cases(accuracy_cases()[: args.limit or None], args.traces)
     env["seconds"] = time.perf_counter() - started
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"environment": env, "cases": rows}, indent=1))

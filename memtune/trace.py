@@ -165,16 +165,21 @@ class StorageCounter(TorchDispatchMode):
 
 # -- CUDA behaviour on a CPU trace ---------------------------------------------------------------
 
-# Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list); CPU autocast
-# leaves most of them in the input dtype. The lower-precision list (linear, matmul, ...) is the same
-# for both and is applied by CPU autocast itself.
+# Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list): their
+# floating inputs are cast to fp32. CPU autocast leaves them in the input dtype. The lower-precision
+# list (linear, matmul, ...) is the same for both devices and is applied by CPU autocast itself.
 _AUTOCAST_FP32 = {
-    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.nn.functional.layer_norm,
-    torch.nn.functional.group_norm, torch.nn.functional.softplus, torch.nn.functional.cosine_similarity,
-    torch.softmax, torch.log_softmax, torch.layer_norm, torch.exp, torch.log, torch.rsqrt, torch.pow,
-    torch.cumsum, torch.cumprod, torch.logsumexp, torch.sum, torch.prod, torch.nn.functional.mse_loss,
-    torch.Tensor.softmax, torch.Tensor.log_softmax, torch.Tensor.exp, torch.Tensor.log, torch.Tensor.rsqrt,
-    torch.Tensor.pow, torch.Tensor.cumsum, torch.Tensor.sum, torch.Tensor.prod, torch.Tensor.logsumexp,
+    torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softplus,
+    torch.nn.functional.cosine_similarity, torch.nn.functional.mse_loss, torch.layer_norm,
+    torch.exp, torch.log, torch.rsqrt, torch.pow, torch.logsumexp,
+    torch.Tensor.exp, torch.Tensor.log, torch.Tensor.rsqrt, torch.Tensor.pow, torch.Tensor.logsumexp,
+}
+# The "fp32_set_opt_dtype" policy: no input copy; the op is asked for an fp32 result instead,
+# unless the caller already passed a dtype.
+_AUTOCAST_FP32_DTYPE = {
+    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
+    torch.cumsum, torch.cumprod, torch.sum, torch.prod, torch.Tensor.softmax, torch.Tensor.log_softmax,
+    torch.Tensor.cumsum, torch.Tensor.sum, torch.Tensor.prod,
 }
 
 
@@ -195,9 +200,16 @@ class CudaEmulation(TorchFunctionMode):
             return _fused_attention(*args, **kwargs)
         if func is torch.nn.functional.dropout:
             return _cuda_dropout(*args, **kwargs)
-        if func in _AUTOCAST_FP32 and torch.is_autocast_enabled("cpu"):
-            args, kwargs = _to_fp32((args, kwargs))
+        if torch.is_autocast_enabled("cpu"):
+            if func in _AUTOCAST_FP32:
+                args, kwargs = _to_fp32((args, kwargs))
+            elif func in _AUTOCAST_FP32_DTYPE and kwargs.get("dtype") is None and _is_low_precision(args):
+                kwargs = {**kwargs, "dtype": torch.float32}
         return func(*args, **kwargs)
+
+
+def _is_low_precision(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.float16, torch.bfloat16)
 
 
 def _to_fp32(tree: Any) -> Any:
@@ -217,19 +229,18 @@ def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 
 
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
-    """The fused SDPA kernel CUDA picks: flash for fp16/bf16 without a mask, memory-efficient otherwise."""
+    """The SDPA kernel CUDA picks (torch sdp_utils): flash for fp16/bf16 without a mask, else
+    memory-efficient, else (fp32 with grouped KV heads) the math path that saves the attention matrix."""
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) for t in (query, key, value))
     head_dim = query.shape[-1]
-    if enable_gqa and key.shape[-3] != query.shape[-3]:
-        # The fused kernels take grouped heads directly; their gradient buffers are those of q, k, v.
-        repeat = query.shape[-3] // key.shape[-3]
-        key = key.repeat_interleave(repeat, dim=-3)
-        value = value.repeat_interleave(repeat, dim=-3)
-    if query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
+    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
+    low_precision = query.dtype in (torch.float16, torch.bfloat16)
+    if low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
+        # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
         return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
-    if head_dim % 8 == 0 or True:
+    if not grouped and head_dim % 8 == 0:
         bias = attn_mask
         if bias is not None and bias.dtype == torch.bool:
             bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill(~bias, float("-inf"))
@@ -238,6 +249,9 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, bias, True, dropout_p, is_causal, scale=scale
         )[0]
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )[0]
 
 
 def _meta_to_fake(
@@ -270,6 +284,21 @@ def _meta_to_fake(
                 module._buffers[name] = convert(buffer, False)
     counter.base_layer = NO_LAYER
     return originals
+
+
+def _assume_unpacked_batches() -> contextlib.AbstractContextManager:
+    """transformers checks position_ids for packed sequences, and on fake tensors (which it takes for
+    tracing) cannot read them, so it keeps a full causal mask and SDPA loses its fused causal
+    kernels. The traced batches are never packed: say so, as the real step finds out by reading."""
+    from unittest import mock
+
+    try:
+        import transformers.masking_utils as masking_utils
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
+        return contextlib.nullcontext()
+    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -350,10 +379,11 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     # layers call `.to()`, which under FakeTensorMode fails with "_apply(): Couldn't swap Linear.weight".
     model = recipe.build_model(model_config, train_config, "meta")
     layers = decoder_layers(model)
+    unpacked = _assume_unpacked_batches()
     counter.trace.num_layers = len(layers)
     counter.trace.period = layer_period(model_config)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
-    with fake_mode, counter, emulation:
+    with unpacked, fake_mode, counter, emulation:
         param_meta = _meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         optimizer = recipe.make_optimizer(model, fused=True)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -391,18 +421,19 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     return trace
 
 
-def extend(trace: Trace, num_layers: int) -> list[tuple[str, int, int, int]]:
+def extend(trace: Trace, num_layers: int) -> list[tuple]:
     """The events of the same step on a model `num_layers` deep, from a trace of a shallower one.
 
     The trace must hold at least 3 periods of layers: layers [p, 2p) are the template, repeated
     in place (in order in forward and optimizer regions, in reverse in backward); layers >= 2p are
     shifted up. A free refers to the copy of its allocation at the same layer distance, and a free
-    outside any layer (zero_grad) of a template allocation is repeated for every copy.
+    outside any layer (zero_grad) of a template allocation is repeated for every copy. Alloc events
+    gain a fifth field, the traced storage id, so categories can be looked up in `trace.categories`.
     """
     p, traced = trace.period, trace.num_layers
     copies = (num_layers - traced) // p
     if copies <= 0:
-        return list(trace.events)
+        return [(*event, event[1]) if event[0] == "alloc" else event for event in trace.events]
     if traced < 3 * p:
         raise ValueError(f"extending needs a trace of >= {3 * p} layers, got {traced}")
     template = range(p, 2 * p)
@@ -413,7 +444,7 @@ def extend(trace: Trace, num_layers: int) -> list[tuple[str, int, int, int]]:
             return copy * p
         return copies * p if layer >= 2 * p else 0
 
-    out: list[tuple[str, int, int, int]] = []
+    out: list[tuple] = []
     live: set[tuple[int, int]] = set()
 
     def emit(event: tuple[str, int, int, int], copy: int) -> None:
@@ -421,7 +452,7 @@ def extend(trace: Trace, num_layers: int) -> list[tuple[str, int, int, int]]:
         if kind == "alloc":
             key = (sid, shift_of(layer, copy))
             live.add(key)
-            out.append(("alloc", hash(key), size, layer))
+            out.append(("alloc", hash(key), size, layer, sid))
             return
         alloc_layer = region.get(sid, NO_LAYER)
         if alloc_layer == NO_LAYER:

@@ -1,0 +1,174 @@
+"""Predicted peak memory of one training configuration: trace -> allocator model -> peak reserved.
+
+    estimate(model_config, TrainConfig(seq_len=1024, micro_batch_size=4, amp="bf16"))
+
+1. Trace the step on fake tensors (`trace.trace_step`) with a few decoder layers only: three
+   periods of the layer pattern, enough for a first, a repeated and a last block.
+2. Extend the trace to the model's depth by repeating the middle block (`trace.extend`); memory
+   is affine in depth, and so is the event stream.
+3. Replay the events through the caching-allocator model (`allocator.simulate`) for peak reserved.
+4. Add what the trace cannot see: cuBLAS workspaces and the CUDA context.
+
+Traces are cached per (model config, traced depth, configuration), so a search reuses them.
+Pure: no CUDA memory is used; with a GPU present the trace runs on fake CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from memtune import allocator
+from memtune.config import MIB, TrainConfig
+from memtune.trace import Category, Trace, extend, trace_step
+
+# Measured on an NVIDIA H200 with torch 2.11+cu130 (tests/data/ground_truth_*.json, "environment"):
+# memory a process holds outside torch's pool (CUDA context, kernels) and the cuBLAS/cuBLASLt
+# workspaces that stay allocated after the first matmul in forward and in backward.
+# `probe` measures both on the GPU at hand; these are the defaults for planning without one.
+DEFAULT_CONTEXT_BYTES = 610 * MIB
+DEFAULT_WORKSPACE_BYTES = 65 * MIB
+
+
+@dataclass
+class Estimate:
+    """Predicted peak memory of a configuration. Bytes are integers."""
+
+    config: TrainConfig
+    peak_allocated_bytes: int
+    """Peak of live tensors during the step (torch.cuda.max_memory_allocated), workspaces excluded."""
+    peak_reserved_bytes: int
+    """Peak of the caching allocator's segments (torch.cuda.max_memory_reserved), workspaces excluded."""
+    workspace_bytes: int
+    context_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+    """Bytes by category at the peak; "overhead" holds fragmentation, workspaces and context."""
+    trace_device: str = "cpu"
+    traced_layers: int = 0
+    num_layers: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        """What the process needs on the device: peak reserved + workspaces + CUDA context."""
+        return self.peak_reserved_bytes + self.workspace_bytes + self.context_bytes
+
+    def fits(self, budget_bytes: int, margin_bytes: int = 0) -> bool:
+        return self.total_bytes + margin_bytes <= budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "peak_allocated_bytes": self.peak_allocated_bytes,
+            "peak_reserved_bytes": self.peak_reserved_bytes,
+            "workspace_bytes": self.workspace_bytes,
+            "context_bytes": self.context_bytes,
+            "total_bytes": self.total_bytes,
+            "breakdown": dict(self.breakdown),
+            "trace_device": self.trace_device,
+            "traced_layers": self.traced_layers,
+            "num_layers": self.num_layers,
+            "seconds": self.seconds,
+        }
+
+
+_TRACE_CACHE: dict[str, Trace] = {}
+
+
+def default_trace_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def num_layers_of(model_config: Any) -> int:
+    return int(getattr(model_config, "num_hidden_layers", 0) or 0)
+
+
+def shallow_config(model_config: Any, num_layers: int) -> Any:
+    """A copy of `model_config` with only `num_layers` decoder layers (per-layer lists cut to match)."""
+    config = model_config.__class__.from_dict(model_config.to_dict())
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    return config
+
+
+def traced_depth(model_config: Any, period: int) -> int:
+    """Three periods of the layer pattern (plus the remainder), or the whole model if shallower."""
+    depth = num_layers_of(model_config)
+    shallow = 3 * period + (depth - 3 * period) % period
+    return depth if depth <= shallow else shallow
+
+
+def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
+    from memtune.trace import layer_period
+
+    depth = traced_depth(model_config, layer_period(model_config))
+    key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device], sort_keys=True)
+    if key not in _TRACE_CACHE:
+        _TRACE_CACHE[key] = trace_step(shallow_config(model_config, depth), train_config, device=device)
+    return _TRACE_CACHE[key]
+
+
+def breakdown_at_peak(events: list[tuple], categories: dict[int, Category]) -> dict[str, int]:
+    """Live bytes by category at the allocated peak of an (extended) event stream."""
+    live: dict[int, tuple[Category, int]] = {}
+    by_category: dict[Category, int] = {}
+    total = peak = 0
+    best: dict[Category, int] = {}
+    for event in events:
+        if event[0] == "alloc":
+            category = categories.get(event[4], Category.TEMPORARIES)
+            live[event[1]] = (category, event[2])
+            by_category[category] = by_category.get(category, 0) + event[2]
+            total += event[2]
+            if total > peak:
+                peak, best = total, dict(by_category)
+        elif event[1] in live:
+            category, size = live.pop(event[1])
+            by_category[category] -= size
+            total -= size
+    return {category.value: size for category, size in best.items() if size}
+
+
+def estimate(
+    model_config: Any,
+    train_config: TrainConfig,
+    *,
+    device: str | None = None,
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> Estimate:
+    """Predict the peak memory of `train_config` on the model described by `model_config`."""
+    started = time.perf_counter()
+    device = device or default_trace_device()
+    trace = cached_trace(model_config, train_config, device)
+    depth = num_layers_of(model_config) or trace.num_layers
+    events = extend(trace, depth)
+    simulated = allocator.simulate(events)
+    breakdown = breakdown_at_peak(events, trace.categories)
+    fragmentation = simulated.peak_reserved_bytes - simulated.peak_allocated_bytes
+    breakdown[Category.OVERHEAD.value] = max(0, fragmentation) + workspace_bytes + context_bytes
+    return Estimate(
+        config=train_config,
+        peak_allocated_bytes=simulated.peak_allocated_bytes,
+        peak_reserved_bytes=simulated.peak_reserved_bytes,
+        workspace_bytes=workspace_bytes,
+        context_bytes=context_bytes,
+        breakdown=breakdown,
+        trace_device=device,
+        traced_layers=trace.num_layers,
+        num_layers=depth,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def fits_under(model_config: Any, estimate_: Estimate, budget_bytes: int, device: str | None = None) -> bool:
+    """Replay the step against a device of `budget_bytes`, releasing the cache on pressure as torch does."""
+    trace = cached_trace(model_config, estimate_.config, device or estimate_.trace_device)
+    events = extend(trace, estimate_.num_layers)
+    capacity = budget_bytes - estimate_.workspace_bytes - estimate_.context_bytes
+    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
