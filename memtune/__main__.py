@@ -1,0 +1,7 @@
+"""python -m memtune"""
+
+import sys
+
+from memtune.cli import main
+
+sys.exit(main())

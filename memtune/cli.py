@@ -1,0 +1,169 @@
+"""memtune's command line: parse, call, render. No logic lives here.
+
+Exit codes: 0 fits (or nothing to check), 1 unexpected failure, 2 bad usage or input, 3 does not fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+
+from memtune import report
+from memtune.config import KNOWN_GPUS, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
+from memtune.errors import MemtuneError, UsageError
+
+EPILOG_PLAN = """examples:
+  memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB
+  memtune plan qwen2.5-0.5b --seq-len 1024 --batch-size 32 --micro-batch-size 4 --precision bf16-mixed --checkpointing --gpu RTX4090-24GB
+  memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 16 --micro-batch-size 1 --lora --precision bf16 --budget 24GiB --json
+
+MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
+Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
+
+exit codes: 0 fits (or no budget given), 1 unexpected failure, 2 bad usage or input, 3 does not fit.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memtune",
+        description="Predict, and avoid, CUDA out-of-memory in fine-tuning.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    plan = commands.add_parser(
+        "plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
+        epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("model", metavar="MODEL", help="catalog name, hub id or local directory with config.json")
+    plan.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    plan.add_argument("--batch-size", type=int, default=8,
+                      help="effective batch in sequences per optimizer step (default 8)")
+    plan.add_argument("--micro-batch-size", type=int, default=None,
+                      help="sequences per forward/backward; the rest is gradient accumulation "
+                           "(default: the whole batch). Reduce it to 4, 2, 1 if you OOM")
+    plan.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
+                      help="fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True); "
+                           "bf16 / fp16 = weights stored in 16 bits (default fp32)")
+    plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (recompute activations)")
+    plan.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
+    plan.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
+    plan.add_argument("--lora-targets", default="all-linear", help="peft target_modules, comma-separated (default all-linear)")
+    budget = plan.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="device memory to fit in, e.g. 24GiB, 24GB (=24e9 bytes), 24000MiB")
+    budget.add_argument("--gpu", help=f"a known card instead of --budget: {', '.join(KNOWN_GPUS)}")
+    plan.add_argument("--trace-device", choices=["cpu", "cuda"], default=None,
+                      help="trace on fake CUDA tensors (needs a GPU) or on CPU with CUDA emulation "
+                           "(default: cuda when a GPU is visible)")
+    plan.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+    models = commands.add_parser("models", help="list the built-in catalog of model configs (works offline)")
+    models.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    problems = []
+    micro = args.micro_batch_size or args.batch_size
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
+    if micro < 1:
+        problems.append(f"--micro-batch-size must be >= 1, got {micro}")
+    elif args.batch_size >= 1 and args.batch_size % micro:
+        problems.append(
+            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro}: the effective batch "
+            f"would change; pick a divisor such as {max(d for d in range(1, micro + 1) if args.batch_size % d == 0)}"
+        )
+    if args.seq_len < 1:
+        problems.append(f"--seq-len must be >= 1, got {args.seq_len}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    weights, amp = precision_config(args.precision)
+    adapter = None
+    if args.lora:
+        targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+        adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
+    return TrainConfig(
+        seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=args.batch_size // micro,
+        weights_dtype=weights, amp=amp, gradient_checkpointing=args.checkpointing, adapter=adapter,
+    )
+
+
+def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
+    if args.budget:
+        value = parse_bytes(args.budget)
+        return value, f"budget {format_bytes(value)}"
+    if args.gpu:
+        names = {name.lower(): name for name in KNOWN_GPUS}
+        if args.gpu.lower() not in names:
+            raise UsageError(f"unknown --gpu {args.gpu!r}: choose one of {', '.join(KNOWN_GPUS)}, or give --budget")
+        name = names[args.gpu.lower()]
+        return KNOWN_GPUS[name], f"{name} ({format_bytes(KNOWN_GPUS[name])})"
+    return None, ""
+
+
+def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.estimate import estimate as predict
+    from memtune.estimate import fits_under
+    from memtune.sources import parameter_count, resolve
+
+    train_config = _train_config(args)
+    budget_bytes, budget_label = _budget(args)
+    source = resolve(args.model)
+    if source.note:
+        err.print(f"note: {source.note}")
+    with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else _nothing():
+        estimate = predict(source.config, train_config, device=args.trace_device)
+        fits_strict = None
+        if budget_bytes is not None:
+            fits_strict = fits_under(source.config, estimate, budget_bytes)
+    result = report.PlanResult(source, estimate, budget_bytes, budget_label, parameter_count(source.config), fits_strict)
+    if args.json:
+        print(report.render_plan_json(result))
+    else:
+        report.render_plan(result, out)
+    return 3 if result.fits is False else 0
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.sources import catalog
+
+    entries = catalog()
+    if args.json:
+        print(report.render_models_json(entries))
+    else:
+        report.render_models(entries, out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        return {"plan": cmd_plan, "models": cmd_models}[args.command](args, out, err)
+    except MemtuneError as error:
+        err.print(f"[red]error:[/red] {error}", highlight=False)
+        return error.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The command line: every exit code, JSON on stdout only, and the README's commands."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from memtune.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(args, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_plan_fits_exit_0_and_json_document(capsys):
+    code, out, err = run(["plan", "gpt2", "--seq-len", "128", "--batch-size", "2", "--budget", "16GiB",
+                          "--trace-device", "cpu", "--json"], capsys)
+    assert code == 0
+    document = json.loads(out)
+    assert document["fits"] is True and document["schema_version"] == 1
+    assert document["estimate"]["total_bytes"] < 16 * 2**30
+    assert document["model"]["num_parameters"] == 124_439_808
+
+
+def test_plan_does_not_fit_exit_3_with_shortfall(capsys):
+    code, out, err = run(["plan", "gpt2", "--seq-len", "512", "--batch-size", "8", "--budget", "2GiB",
+                          "--trace-device", "cpu"], capsys)
+    assert code == 3
+    assert "does not fit" in out and "short by" in out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["plan", "gpt2", "--budget", "24"], "ambiguous"),
+        (["plan", "gpt2", "--budget", "24 parsecs"], "unknown unit"),
+        (["plan", "gpt2", "--budget", "lots"], "malformed"),
+        (["plan", "gpt2", "--gpu", "GTX-1"], "unknown --gpu"),
+        (["plan", "gpt2", "--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
+        (["plan", "no-such-model-anywhere"], "not found"),
+        (["plan", "gpt2", "--precision", "fp8"], "invalid choice"),
+    ],
+)
+def test_bad_input_exit_2_with_a_message(args, message, capsys):
+    code, out, err = run(args, capsys)
+    assert code == 2
+    assert message in re.sub(r"\s+", " ", err)
+    assert out == ""
+
+
+def test_models_lists_the_catalog(capsys):
+    code, out, _ = run(["models", "--json"], capsys)
+    assert code == 0
+    names = {entry["hub_id"] for entry in json.loads(out)}
+    assert {"gpt2", "meta-llama/Llama-3.1-70B", "Qwen/Qwen2.5-0.5B"} <= names
+
+
+def test_readme_main_command_runs():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("memtune plan "))
+    args = command.split()[1:]
+    result = subprocess.run([sys.executable, "-m", "memtune", *args, "--trace-device", "cpu"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode in (0, 3), result.stderr
+    assert "predicted peak memory" in result.stdout

@@ -1,0 +1,45 @@
+"""On a GPU: the fake-CUDA trace against a real step, and memory given back after a trial."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtune.config import TrainConfig
+from memtune.sources import catalog_config
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("amp,checkpointing", [("none", False), ("bf16", True)])
+def test_fake_cuda_trace_matches_a_real_step(amp, checkpointing):
+    from memtune import verify
+    from memtune.estimate import estimate
+
+    model = catalog_config("gpt2")
+    config = TrainConfig(seq_len=512, micro_batch_size=4, amp=amp, gradient_checkpointing=checkpointing)
+    measured = verify.measure(model, config, steps=3)
+    predicted = estimate(model, config, device="cuda")
+    assert measured.fits
+    assert abs(predicted.peak_allocated_bytes / measured.peak_allocated_bytes - 1) < 0.02
+    assert abs(predicted.peak_reserved_bytes / measured.peak_reserved_bytes - 1) < 0.05
+
+
+def test_memory_returns_to_baseline_after_a_trial_and_after_an_oom():
+    import torch
+
+    from memtune import verify
+
+    verify.warm_up()
+    baseline = torch.cuda.memory_allocated()
+    model = catalog_config("gpt2")
+    assert verify.measure(model, TrainConfig(seq_len=256, micro_batch_size=2), steps=1).fits
+    assert torch.cuda.memory_allocated() == baseline
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(2 * 2**30 / total)
+    try:
+        result = verify.measure(model, TrainConfig(seq_len=1024, micro_batch_size=16), steps=1)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert not result.fits and "out of memory" in result.error.lower()
+    assert torch.cuda.memory_allocated() == baseline
+    assert torch.cuda.memory_reserved() <= baseline + 64 * 2**20
