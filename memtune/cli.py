@@ -6,6 +6,7 @@ Exit codes: 0 fits (or nothing to check), 1 unexpected failure, 2 bad usage or i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from rich.console import Console
@@ -115,7 +116,7 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     source = resolve(args.model)
     if source.note:
         err.print(f"note: {source.note}")
-    with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else _nothing():
+    with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
         estimate = predict(source.config, train_config, device=args.trace_device)
         fits_strict = None
         if budget_bytes is not None:
@@ -126,14 +127,6 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         report.render_plan(result, out)
     return 3 if result.fits is False else 0
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
