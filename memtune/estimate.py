@@ -113,6 +113,19 @@ def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> T
     return _TRACE_CACHE[key]
 
 
+_EVENTS_CACHE: dict[tuple[int, int], list[tuple]] = {}
+
+
+def full_depth_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[tuple]]:
+    """The cached shallow trace and its events extended to the model's depth (built once per trace)."""
+    trace = cached_trace(model_config, train_config, device)
+    depth = num_layers_of(model_config) or trace.num_layers
+    key = (id(trace), depth)
+    if key not in _EVENTS_CACHE:
+        _EVENTS_CACHE[key] = extend(trace, depth)
+    return trace, _EVENTS_CACHE[key]
+
+
 def breakdown_at_peak(events: list[tuple], categories: dict[int, Category]) -> dict[str, int]:
     """Live bytes by category at the allocated peak of an (extended) event stream."""
     live: dict[int, tuple[Category, int]] = {}
@@ -145,9 +158,8 @@ def estimate(
     """Predict the peak memory of `train_config` on the model described by `model_config`."""
     started = time.perf_counter()
     device = device or default_trace_device()
-    trace = cached_trace(model_config, train_config, device)
+    trace, events = full_depth_events(model_config, train_config, device)
     depth = num_layers_of(model_config) or trace.num_layers
-    events = extend(trace, depth)
     simulated = allocator.simulate(events)
     breakdown = breakdown_at_peak(events, trace.categories)
     fragmentation = simulated.peak_reserved_bytes - simulated.peak_allocated_bytes
@@ -168,7 +180,6 @@ def estimate(
 
 def fits_under(model_config: Any, estimate_: Estimate, budget_bytes: int, device: str | None = None) -> bool:
     """Replay the step against a device of `budget_bytes`, releasing the cache on pressure as torch does."""
-    trace = cached_trace(model_config, estimate_.config, device or estimate_.trace_device)
-    events = extend(trace, estimate_.num_layers)
+    _, events = full_depth_events(model_config, estimate_.config, device or estimate_.trace_device)
     capacity = budget_bytes - estimate_.workspace_bytes - estimate_.context_bytes
     return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
