@@ -1,0 +1,437 @@
+"""The escalation ladder and the choice: the fastest configuration that fits, proven by a trial.
+
+Candidates keep the effective batch the user asked for (micro-batch x accumulation x GPUs) and
+vary what costs no quality or little: the micro-batch, mixed precision, gradient checkpointing,
+a chunked loss, CPU offload. Adapters (LoRA, prefix tuning) change *what* is trained, so they are
+tried only when nothing else fits, unless the user asks for them.
+
+How the choice is made, cheaply:
+1. Rank every candidate by predicted tokens/s (`throughput`, an analytic model: no tracing).
+2. Walk down that ranking and predict memory (`estimate`, a fake-tensor trace) one candidate at
+   a time. A candidate that needs at least as much memory as one already too big (a larger
+   micro-batch, or one technique fewer, than a failure) is skipped without tracing.
+3. The first candidate predicted to fit under budget - margin is, by construction, the fastest
+   that fits. With a GPU it is then verified by real trial steps; if the trial runs out of memory
+   the walk goes on from there (at most `max_trials` trials).
+
+Pure: memory predictions, speed predictions and trials are injected (`Predictor`, `trial`), so the
+walk is tested on a CPU with fakes that assert the exact sequence of candidates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from memtune.config import GIB, KNOWN_GPUS, MIB, PRECISIONS, Adapter, TrainConfig, format_bytes, precision_config
+from memtune.errors import UsageError
+from memtune.estimate import Estimate
+from memtune.verify import Measurement
+
+DEFAULT_MARGIN_FRACTION = 0.05
+"""Safety margin: 5% of the budget (the estimator's median error is <1%, its worst seen 16%, and a
+trial verifies the winner), but never less than MIN_MARGIN_BYTES."""
+MIN_MARGIN_BYTES = 256 * MIB
+OFFLOAD_ORDER = {"none": 0, "optimizer": 1, "parameters": 2}
+
+# Candidate statuses, in the words the report shows.
+NOT_EVALUATED = "not evaluated"
+TOO_BIG = "too big"
+SKIPPED = "too big (implied)"
+FITS = "fits"
+TRIAL_OOM = "out of memory in trial"
+VERIFIED = "verified"
+
+
+class Predictor(Protocol):
+    """Memory and speed predictions for one model; `search` calls nothing else."""
+
+    def memory(self, config: TrainConfig) -> Estimate: ...
+
+    def fits(self, estimate: Estimate, usable_bytes: int) -> bool: ...
+
+    def tokens_per_second(self, config: TrainConfig) -> float: ...
+
+
+Trial = Callable[[TrainConfig], Measurement]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the user allows and pins. None means "let the search choose"."""
+
+    precision: str | None = None
+    """Pin --precision (fp32, bf16-mixed, fp16-mixed, bf16, fp16)."""
+    gradient_checkpointing: bool | None = None
+    micro_batch_size: int | None = None
+    loss: str | None = None
+    offload: str | None = None
+    adapter: Adapter = field(default_factory=Adapter)
+    """The adapter of the LoRA / prefix rung (rank, targets)."""
+    use_adapter: bool | None = None
+    """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
+    None: only when no full fine-tuning configuration fits."""
+    allow_offload: bool = True
+    allow_chunked_loss: bool = True
+    min_micro_batch_size: int = 1
+    margin_bytes: int | None = None
+    """Kept free below the budget; None: 5% of the budget, at least 256 MiB."""
+    bf16_supported: bool = True
+    num_gpus: int = 1
+    max_trials: int = 3
+
+    def validate(self, effective_batch_size: int) -> None:
+        problems = []
+        if self.precision is not None and self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+        if self.precision in ("bf16-mixed", "bf16") and not self.bf16_supported:
+            problems.append(f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32")
+        if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
+            problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
+                            f"{effective_batch_size}: the effective batch would change")
+        if self.min_micro_batch_size < 1:
+            problems.append(f"minimum micro-batch must be >= 1, got {self.min_micro_batch_size}")
+        if effective_batch_size % self.num_gpus:
+            problems.append(f"batch {effective_batch_size} is not a multiple of {self.num_gpus} GPUs")
+        if self.loss not in (None, "standard", "chunked"):
+            problems.append(f"loss {self.loss!r} is unknown: standard or chunked")
+        if self.offload not in (None, *OFFLOAD_ORDER):
+            problems.append(f"offload {self.offload!r} is unknown: {', '.join(OFFLOAD_ORDER)}")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def margin_for(budget_bytes: int, policy: Policy) -> int:
+    if policy.margin_bytes is not None:
+        return policy.margin_bytes
+    return max(MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * budget_bytes))
+
+
+@dataclass
+class Candidate:
+    config: TrainConfig
+    predicted_tokens_per_second: float
+    estimate: Estimate | None = None
+    status: str = NOT_EVALUATED
+    note: str = ""
+    measurement: Measurement | None = None
+
+    @property
+    def predicted_total_bytes(self) -> int | None:
+        return None if self.estimate is None else self.estimate.total_bytes
+
+    @property
+    def measured_total_bytes(self) -> int | None:
+        if self.measurement is None or self.estimate is None or not self.measurement.fits:
+            return None
+        return self.measurement.peak_reserved_bytes + self.estimate.workspace_bytes + self.estimate.context_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "description": self.config.describe(),
+            "status": self.status,
+            "note": self.note,
+            "predicted_total_bytes": self.predicted_total_bytes,
+            "predicted_tokens_per_second": self.predicted_tokens_per_second,
+            "estimate": None if self.estimate is None else self.estimate.to_dict(),
+            "measurement": None if self.measurement is None else self.measurement.to_dict(),
+            "measured_total_bytes": self.measured_total_bytes,
+        }
+
+
+@dataclass
+class Alternative:
+    """The winner with one technique changed: what it would need, save or cost. Explains the choice."""
+
+    change: str
+    """In plain words, e.g. "no gradient accumulation (micro-batch 32)", "+ gradient checkpointing"."""
+    config: TrainConfig
+    predicted_total_bytes: int
+    predicted_tokens_per_second: float
+    fits: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"change": self.change, "config": self.config.to_dict(), "predicted_total_bytes": self.predicted_total_bytes,
+                "predicted_tokens_per_second": self.predicted_tokens_per_second, "fits": self.fits}
+
+
+@dataclass
+class SearchResult:
+    seq_len: int
+    effective_batch_size: int
+    budget_bytes: int
+    margin_bytes: int
+    candidates: list[Candidate] = field(default_factory=list)
+    """Every candidate considered, fastest predicted first (per stage: full fine-tuning, then adapters)."""
+    chosen: Candidate | None = None
+    alternatives: list[Alternative] = field(default_factory=list)
+    fallbacks: list[TrainConfig] = field(default_factory=list)
+    """Configurations with the same effective batch that need no more memory than the winner, fastest first."""
+    trials: int = 0
+    trial_ooms: int = 0
+    estimates: int = 0
+    seconds: float = 0.0
+    shortfall_bytes: int = 0
+    """When nothing fits: how much more than the usable budget the smallest candidate needs."""
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.budget_bytes - self.margin_bytes
+
+    @property
+    def evaluated(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.estimate is not None]
+
+    @property
+    def throughput_error(self) -> float | None:
+        """(predicted - measured) / measured tokens/s of the verified winner."""
+        chosen = self.chosen
+        if chosen is None or chosen.measurement is None or not chosen.measurement.tokens_per_second:
+            return None
+        measured = chosen.measurement.tokens_per_second
+        return (chosen.predicted_tokens_per_second - measured) / measured
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seq_len": self.seq_len,
+            "effective_batch_size": self.effective_batch_size,
+            "budget_bytes": self.budget_bytes,
+            "margin_bytes": self.margin_bytes,
+            "usable_bytes": self.usable_bytes,
+            "chosen": None if self.chosen is None else self.chosen.to_dict(),
+            "candidates": [c.to_dict() for c in self.candidates if c.status != NOT_EVALUATED],
+            "candidates_not_evaluated": sum(1 for c in self.candidates if c.status == NOT_EVALUATED),
+            "alternatives": [a.to_dict() for a in self.alternatives],
+            "fallbacks": [config.to_dict() for config in self.fallbacks],
+            "trials": self.trials,
+            "trial_ooms": self.trial_ooms,
+            "estimates": self.estimates,
+            "seconds": self.seconds,
+            "throughput_error": self.throughput_error,
+            "shortfall_bytes": self.shortfall_bytes,
+            "suggestions": list(self.suggestions),
+        }
+
+
+# -- the candidate space -------------------------------------------------------------------------
+
+
+def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
+    """True when `a` surely needs at least as much memory as `b`: same model state, a larger or
+    equal micro-batch, and no memory-saving technique that `b` lacks."""
+    same = (a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus) == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus)
+    return (
+        same
+        and a.micro_batch_size >= b.micro_batch_size
+        and (b.gradient_checkpointing or not a.gradient_checkpointing)
+        and (b.loss == "chunked" or a.loss == "standard")
+        and OFFLOAD_ORDER[a.offload] <= OFFLOAD_ORDER[b.offload]
+    )
+
+
+def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
+    """Micro-batches that keep the effective batch exactly (divisors), largest first."""
+    if policy.micro_batch_size is not None:
+        return [policy.micro_batch_size]
+    per_gpu = effective_batch_size // policy.num_gpus
+    sizes = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and m >= policy.min_micro_batch_size]
+    if not sizes:
+        raise UsageError(f"no micro-batch >= {policy.min_micro_batch_size} divides the per-GPU batch {per_gpu}: "
+                         "lower --min-micro-batch-size or change --batch-size")
+    return sizes
+
+
+def precisions(policy: Policy, with_adapter: bool) -> list[str]:
+    """Fastest first. A frozen base can be stored in 16 bits (how LoRA is usually run); trained
+    weights keep fp32 master copies (mixed precision), as Trainer(bf16=True) does."""
+    if policy.precision is not None:
+        return [policy.precision]
+    half = "bf16" if policy.bf16_supported else "fp16"
+    return [half, f"{half}-mixed", "fp32"] if with_adapter else [f"{half}-mixed", "fp32"]
+
+
+def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
+    checkpointing = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
+    losses = [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
+    offloads = [policy.offload] if policy.offload else (["none", "parameters"] if policy.allow_offload and not with_adapter else ["none"])
+    configs = []
+    for precision in precisions(policy, with_adapter):
+        weights, amp = precision_config(precision)
+        for micro in micro_batch_sizes(effective_batch_size, policy):
+            for ckpt in checkpointing:
+                for loss in losses:
+                    for offload in offloads:
+                        configs.append(TrainConfig(
+                            seq_len=seq_len, micro_batch_size=micro,
+                            grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),
+                            weights_dtype=weights, amp=amp, gradient_checkpointing=ckpt,
+                            adapter=policy.adapter if with_adapter else None, loss=loss, offload=offload,
+                            num_gpus=policy.num_gpus,
+                        ))
+    return configs
+
+
+def stages(policy: Policy) -> list[bool]:
+    """Whether each stage trains an adapter: full fine-tuning first, adapters only if needed."""
+    if policy.use_adapter is True:
+        return [True]
+    if policy.use_adapter is False:
+        return [False]
+    return [False, True]
+
+
+# -- the walk ------------------------------------------------------------------------------------
+
+
+def search(
+    predictor: Predictor,
+    seq_len: int,
+    effective_batch_size: int,
+    budget_bytes: int,
+    policy: Policy = Policy(),
+    trial: Trial | None = None,
+    explain: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> SearchResult:
+    """Find the fastest configuration predicted to fit `budget_bytes` - margin, verified by `trial` if given."""
+    started = time.perf_counter()
+    policy.validate(effective_batch_size)
+    result = SearchResult(seq_len, effective_batch_size, budget_bytes, margin_for(budget_bytes, policy))
+    say = progress or (lambda message: None)
+    for with_adapter in stages(policy):
+        ranked = [Candidate(config, predictor.tokens_per_second(config))
+                  for config in candidate_space(seq_len, effective_batch_size, policy, with_adapter)]
+        ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep space order
+        result.candidates.extend(ranked)
+        result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+        if result.chosen is not None:
+            break
+    if result.chosen is not None:
+        chosen = result.chosen.config
+        result.fallbacks = [c.config for c in result.candidates
+                            if c.config != chosen and needs_at_least(chosen, c.config) and c.status != TRIAL_OOM][:4]
+        if explain:
+            result.alternatives = _alternatives(result, predictor, policy)
+    else:
+        _explain_shortfall(result, predictor, policy)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
+          trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
+    too_big: list[TrainConfig] = []
+    for candidate in ranked:
+        config = candidate.config
+        implied = next((failed for failed in too_big if needs_at_least(config, failed)), None)
+        if implied is not None:
+            candidate.status = SKIPPED
+            candidate.note = f"needs at least as much as {implied.describe()}"
+            continue
+        say(f"predicting {config.describe()}")
+        candidate.estimate = predictor.memory(config)
+        result.estimates += 1
+        if not predictor.fits(candidate.estimate, result.usable_bytes):
+            candidate.status = TOO_BIG
+            too_big.append(config)
+            continue
+        candidate.status = FITS
+        if trial is None:
+            return candidate
+        if result.trials >= policy.max_trials:
+            candidate.note = f"not verified: the limit of {policy.max_trials} trials was reached"
+            return candidate
+        say(f"trial steps of {config.describe()}")
+        candidate.measurement = trial(config)
+        result.trials += 1
+        measured = candidate.measured_total_bytes
+        if candidate.measurement.fits and measured is not None and measured <= result.budget_bytes:
+            candidate.status = VERIFIED
+            return candidate
+        if not candidate.measurement.fits:
+            result.trial_ooms += 1
+            candidate.note = candidate.measurement.error
+        else:
+            candidate.note = f"measured {format_bytes(measured or 0)}, over the budget"
+        candidate.status = TRIAL_OOM
+        too_big.append(config)
+    return None
+
+
+def _predict(predictor: Predictor, result: SearchResult, config: TrainConfig) -> Estimate:
+    for candidate in result.candidates:
+        if candidate.config == config and candidate.estimate is not None:
+            return candidate.estimate
+    result.estimates += 1
+    return predictor.memory(config)
+
+
+def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) -> list[Alternative]:
+    """The winner with each technique of the ladder switched the other way (pinned ones excepted)."""
+    chosen = result.chosen.config
+    changes: list[tuple[str, TrainConfig]] = []
+    if chosen.grad_accum_steps > 1 and policy.micro_batch_size is None:
+        micro = result.effective_batch_size // chosen.num_gpus
+        changes.append((f"no gradient accumulation (micro-batch {micro})",
+                        chosen.replace(micro_batch_size=micro, grad_accum_steps=1)))
+    if policy.precision is None:
+        other = "fp32" if chosen.precision != "fp32" else ("bf16-mixed" if policy.bf16_supported else "fp16-mixed")
+        if chosen.adapter is None or other != chosen.precision:
+            weights, amp = precision_config(other)
+            changes.append((f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)))
+    if policy.gradient_checkpointing is None:
+        flip = not chosen.gradient_checkpointing
+        changes.append(("+ gradient checkpointing" if flip else "- gradient checkpointing",
+                        chosen.replace(gradient_checkpointing=flip)))
+    if policy.loss is None and policy.allow_chunked_loss:
+        flip = "standard" if chosen.loss == "chunked" else "chunked"
+        changes.append((f"{'+' if flip == 'chunked' else '-'} chunked loss", chosen.replace(loss=flip)))
+    if policy.offload is None and policy.allow_offload and chosen.adapter is None:
+        flip = "none" if chosen.offload != "none" else "parameters"
+        changes.append((f"{'+' if flip != 'none' else '-'} CPU offload", chosen.replace(offload=flip)))
+    if policy.use_adapter is None:
+        if chosen.adapter is None:
+            changes.append((f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)))
+    alternatives = []
+    for change, config in changes:
+        estimate = _predict(predictor, result, config)
+        alternatives.append(Alternative(change, config, estimate.total_bytes, predictor.tokens_per_second(config),
+                                        predictor.fits(estimate, result.usable_bytes)))
+    return alternatives
+
+
+def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Policy) -> None:
+    """Nothing fits: how far off the smallest candidate is, and what would fit instead."""
+    evaluated = result.evaluated
+    if not evaluated:
+        return
+    smallest = min(evaluated, key=lambda c: c.predicted_total_bytes or 0)
+    need = smallest.predicted_total_bytes + result.margin_bytes
+    result.shortfall_bytes = max(0, need - result.budget_bytes)
+    cards = [name for name, size in sorted(KNOWN_GPUS.items(), key=lambda item: item[1])
+             if size - max(MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * size)) >= smallest.predicted_total_bytes]
+    if cards:
+        result.suggestions.append(f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}")
+    else:
+        result.suggestions.append(f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP)")
+    if policy.use_adapter is False:
+        result.suggestions.append("allow LoRA (drop --no-lora / --full-finetune-only)")
+    config = smallest.config
+    for divisor in (2, 4):
+        shorter = config.replace(seq_len=max(1, config.seq_len // divisor))
+        estimate = _predict(predictor, result, shorter)
+        if predictor.fits(estimate, result.usable_bytes):
+            result.suggestions.append(f"a shorter sequence: --seq-len {shorter.seq_len} fits ({format_bytes(estimate.total_bytes)})")
+            break
+    result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
+                              f"{format_bytes(result.margin_bytes)} (set --margin to change it)")
+
+
+# -- planning for cards that are not here --------------------------------------------------------
+
+COMMON_CARDS = {"16 GiB (T4, V100-16GB)": 16 * GIB, "24 GiB (RTX 4090, A10, L4)": 24 * GIB, "40 GiB (A100-40GB)": 40 * GIB,
+                "48 GiB (L40S, A6000)": 48 * GIB, "80 GiB (A100-80GB, H100)": 80 * GIB}

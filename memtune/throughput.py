@@ -1,0 +1,168 @@
+"""Predicted training speed (tokens/s) of a configuration: a FLOP + memory-traffic model.
+
+The search ranks configurations that fit by this number, so what matters most is the *ratio*
+between two configurations of the same model: fp32 vs bf16 tensor cores, the recomputation of
+gradient checkpointing, the poor GPU utilisation of small micro-batches, the cost of chunking
+the loss and of offloading to the CPU.
+
+One micro-batch of `t` tokens takes
+
+    flops / (peak_flops[dtype] * efficiency)  +  logits_bytes / memory_bandwidth  +  layers * launch_seconds
+
+where
+- flops: 2 * (matmul parameters) per token forward (Kaplan et al. 2020, "Scaling Laws", Sec. 2.1),
+  plus causal attention 2 * layers * seq_len * hidden per token forward (half of the 4*s*h of
+  full attention, as flash/efficient SDPA skip the masked half); backward is 2x forward for full
+  fine-tuning and 1x forward for frozen (LoRA) weights, which need no weight gradients;
+  checkpointing adds one more forward (Chen et al. 2016); a chunked loss recomputes the LM head.
+- logits_bytes: the fp32 logits, softmax and their gradient over the vocabulary are bound by
+  memory bandwidth, not FLOPs.
+- launch_seconds: per-layer kernel-launch/Python overhead, independent of size. This is what makes
+  small micro-batches slow: on the H200 data, a utilisation curve t/(t + t_half) and a per-layer
+  activation-traffic term both fitted to zero once this term was there, so they were dropped.
+The optimizer step reads and writes ~16 bytes per trained parameter (fused AdamW, fp32 state).
+
+The coefficients were fitted (benchmarks/calibrate_throughput.py) to the 90 measured steps of
+tests/data/ground_truth_h200.json on an NVIDIA H200; for another card they are scaled by its
+datasheet peak FLOPS and bandwidth. After a verification trial, the measured tokens/s of the chosen
+plan is reported next to this prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from memtune.config import DTYPE_BYTES, TrainConfig
+
+
+@dataclass(frozen=True)
+class GpuSpeed:
+    """Datasheet rates of a card and the fitted efficiency coefficients of the model above."""
+
+    name: str
+    bf16_flops: float
+    """Dense bf16/fp16 tensor-core FLOP/s (datasheet, without sparsity)."""
+    fp32_flops: float
+    """fp32 FLOP/s without TF32 (torch's default for float32 matmuls)."""
+    memory_bytes_per_second: float
+    pcie_bytes_per_second: float = 25e9
+    """Host<->device copy rate for offloaded state (PCIe 4/5 x16, pinned, effective)."""
+    # Fitted to 90 measured H200 steps (benchmarks/calibrate_throughput.py): median error 6.9%, max 52%.
+    bf16_efficiency: float = 0.4245
+    fp32_efficiency: float = 0.7253
+    logits_traffic: float = 101.5
+    """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient)."""
+    launch_seconds: float = 1.542e-3
+    """Per layer per micro-batch (forward + backward): kernel launches and Python, independent of size."""
+    checkpoint_overhead: float = 1.948
+    """Launch overhead factor of gradient checkpointing (the forward runs twice)."""
+    lora_overhead: float = 1.915
+    """Launch overhead factor of LoRA (each adapted matmul adds a few small kernels)."""
+    cpu_optimizer_params_per_second: float = 4e8
+    """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
+
+    def scaled(self, **changes: Any) -> GpuSpeed:
+        return replace(self, **changes)
+
+
+# Datasheet numbers: NVIDIA H100 SXM / H200 / A100 / L40S / RTX 4090 / A10 / L4 / T4 product pages.
+_CARDS = {
+    "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12),
+    "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12),
+    "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12),
+    "L40S": dict(bf16_flops=362e12, fp32_flops=91.6e12, memory_bytes_per_second=0.864e12),
+    "A6000": dict(bf16_flops=155e12, fp32_flops=38.7e12, memory_bytes_per_second=0.768e12),
+    "RTX4090": dict(bf16_flops=165e12, fp32_flops=82.6e12, memory_bytes_per_second=1.0e12),
+    "RTX3090": dict(bf16_flops=71e12, fp32_flops=35.6e12, memory_bytes_per_second=0.936e12),
+    "A10": dict(bf16_flops=125e12, fp32_flops=31.2e12, memory_bytes_per_second=0.6e12),
+    "L4": dict(bf16_flops=121e12, fp32_flops=30.3e12, memory_bytes_per_second=0.3e12),
+    "T4": dict(bf16_flops=65e12, fp32_flops=8.1e12, memory_bytes_per_second=0.32e12),
+}
+
+
+def gpu_speed(name: str) -> GpuSpeed:
+    """The speed model for a card, by (a part of) its name; unknown cards get the H100's."""
+    key = name.upper().replace(" ", "").replace("NVIDIA", "").replace("GEFORCE", "")
+    for card, rates in _CARDS.items():
+        if card in key:
+            return GpuSpeed(name=card, **rates)
+    return GpuSpeed(name=f"{name} (rated as H100)", **_CARDS["H100"])
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the speed model needs to know about a model."""
+
+    num_parameters: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    tied_embeddings: bool
+
+    @property
+    def matmul_parameters(self) -> int:
+        # The input embedding is a lookup (no FLOPs); tied, the same matrix is the LM head's matmul.
+        embedding = self.vocab_size * self.hidden_size
+        return self.num_parameters if self.tied_embeddings else self.num_parameters - embedding
+
+    @classmethod
+    def of(cls, model_config: Any, num_parameters: int) -> ModelShape:
+        return cls(
+            num_parameters=num_parameters,
+            num_layers=int(model_config.num_hidden_layers),
+            hidden_size=int(model_config.hidden_size),
+            vocab_size=int(model_config.vocab_size),
+            tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
+        )
+
+
+def trained_parameters(shape: ModelShape, config: TrainConfig) -> int:
+    """Parameters the optimizer updates: all of them, or LoRA's A and B (r * (in + out) per adapted matmul)."""
+    if config.adapter is None:
+        return shape.num_parameters
+    if config.adapter.kind == "prefix":
+        return config.adapter.num_virtual_tokens * shape.num_layers * 2 * shape.hidden_size
+    # all-linear on a transformer block: ~7 matmuls whose in+out sum to ~ (4h + 3*(h+ffn))/... ; a
+    # per-layer 12*h*r is the usual approximation for attention + MLP (about 1% of weights at r=16).
+    return 12 * shape.num_layers * shape.hidden_size * config.adapter.rank
+
+
+def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
+    """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer)."""
+    tokens = config.micro_batch_size * config.seq_len
+    head = shape.vocab_size * shape.hidden_size
+    body = shape.matmul_parameters - head
+    attention = shape.num_layers * config.seq_len * shape.hidden_size  # 2*L*s*h per token forward, /2 for x2 below
+    forward = 2.0 * (body + head + attention)
+    frozen = config.adapter is not None
+    backward = forward * (1.0 if frozen else 2.0)
+    recompute = forward - 2.0 * head if config.gradient_checkpointing else 0.0
+    chunk_recompute = 2.0 * head if config.loss == "chunked" else 0.0
+    flops = tokens * (forward + backward + recompute + chunk_recompute)
+
+    half = config.amp != "none" or config.weights_dtype != "fp32"
+    rate = speed.bf16_flops * speed.bf16_efficiency if half else speed.fp32_flops * speed.fp32_efficiency
+    compute = flops / rate
+    traffic = tokens * shape.vocab_size * speed.logits_traffic
+    launches = shape.num_layers * speed.launch_seconds
+    launches *= speed.checkpoint_overhead if config.gradient_checkpointing else 1.0
+    launches *= speed.lora_overhead if config.adapter is not None else 1.0
+    micro = compute + traffic / speed.memory_bytes_per_second + launches
+
+    trained = trained_parameters(shape, config)
+    optimizer = trained * 16 * 2 / speed.memory_bytes_per_second
+    weight_bytes = shape.num_parameters * DTYPE_BYTES[config.weights_dtype] / config.num_gpus
+    if config.offload != "none":
+        # FSDP CPU offload: parameters are copied in for forward and backward of every micro-batch,
+        # gradients copied out, and AdamW runs on the CPU.
+        micro += 2 * weight_bytes / speed.pcie_bytes_per_second
+        optimizer = trained / config.num_gpus / speed.cpu_optimizer_params_per_second
+        optimizer += trained * 4 / config.num_gpus / speed.pcie_bytes_per_second
+    return config.grad_accum_steps * micro + optimizer
+
+
+def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
+    """Predicted training throughput over all GPUs of the configuration."""
+    tokens = config.effective_batch_size * config.seq_len
+    return tokens / step_seconds(shape, config, speed)
