@@ -14,6 +14,7 @@ from rich.console import Console
 from memtune import report
 from memtune.config import KNOWN_GPUS, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
 from memtune.errors import MemtuneError, UsageError
+from memtune.search import Policy
 
 EPILOG_PLAN = """examples:
   memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB
@@ -24,6 +25,25 @@ MODEL is a catalog name (see `memtune models`), a hub id, or a local directory w
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
 
 exit codes: 0 fits (or no budget given), 1 unexpected failure, 2 bad usage or input, 3 does not fit.
+"""
+
+
+EPILOG_FIT = """examples:
+  memtune fit qwen2.5-0.5b --seq-len 1024 --batch-size 32                  # the GPU here: fit, verify, save the plan
+  memtune fit meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 16 --gpu RTX4090-24GB   # a card you don't have
+  memtune fit gpt2 --seq-len 1024 --batch-size 64 --budget 8GiB --precision fp32 --no-lora
+  memtune fit ./my-model-dir --batch-size 16 --json > fit.json             # stdout carries only the JSON
+  memtune fit qwen2.5-0.5b                                                 # no GPU, no budget: which common cards fit
+
+The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
+fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
+checkpointing, a chunked loss, CPU offload. LoRA (or --prefix) is used only when nothing else fits,
+unless you ask for it (--lora). Pin any choice (--precision fp32, --checkpointing off, ...) and it
+is kept. The winner is verified with real trial steps when a GPU is here, and saved to --plan-out
+for `memtune run`.
+
+exit codes: 0 a plan fits, 1 unexpected failure, 2 bad usage or input, 3 nothing fits (the
+shortfall and what would fit are printed).
 """
 
 
@@ -60,6 +80,48 @@ def build_parser() -> argparse.ArgumentParser:
                       help="trace on fake CUDA tensors (needs a GPU) or on CPU with CUDA emulation "
                            "(default: cuda when a GPU is visible)")
     plan.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+    fit = commands.add_parser(
+        "fit", help="find the fastest training configuration that fits, verify it, save the plan",
+        epilog=EPILOG_FIT, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("model", metavar="MODEL", help="catalog name, hub id or local directory with config.json")
+    fit.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    fit.add_argument("--batch-size", type=int, default=8,
+                     help="effective batch in sequences per optimizer step, kept exactly (default 8)")
+    budget = fit.add_mutually_exclusive_group()
+    budget.add_argument("--budget", help="memory to fit in instead of the GPU's free memory, e.g. 24GiB or 24GB")
+    budget.add_argument("--gpu", help=f"plan for a known card: {', '.join(KNOWN_GPUS)}")
+    pins = fit.add_argument_group("pin a choice (default: the search chooses)")
+    pins.add_argument("--precision", choices=list(PRECISIONS), default=None, help="keep this precision")
+    pins.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="gradient checkpointing")
+    pins.add_argument("--micro-batch-size", type=int, default=None, help="keep this micro-batch (must divide --batch-size)")
+    pins.add_argument("--loss", choices=["auto", "standard", "chunked"], default="auto",
+                      help="chunked computes the LM head and loss in chunks, never holding all fp32 logits")
+    pins.add_argument("--offload", choices=["auto", "none", "parameters"], default="auto",
+                      help="parameters: FSDP CPU offload of parameters, gradients and optimizer state (slow)")
+    policy = fit.add_argument_group("policy")
+    policy.add_argument("--lora", action="store_true", help="train LoRA adapters even if full fine-tuning fits")
+    policy.add_argument("--prefix", action="store_true", help="use prefix tuning instead of LoRA as the adapter rung")
+    policy.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
+    policy.add_argument("--lora-targets", default="all-linear", help="peft target_modules, comma-separated (default all-linear)")
+    policy.add_argument("--no-lora", action="store_true", help="never use an adapter (full fine-tuning only)")
+    policy.add_argument("--full-finetune-only", action="store_true", help="same as --no-lora")
+    policy.add_argument("--no-offload", action="store_true", help="never offload to the CPU")
+    policy.add_argument("--no-chunked-loss", action="store_true", help="never chunk the loss")
+    policy.add_argument("--min-micro-batch-size", type=int, default=1, help="smallest micro-batch to consider (default 1)")
+    policy.add_argument("--margin", default=None,
+                        help="memory kept free below the budget, e.g. 2GiB (default 5%% of the budget, at least 256MiB)")
+    run = fit.add_argument_group("verification and output")
+    run.add_argument("--no-verify", action="store_true", help="skip the real trial steps on the GPU")
+    run.add_argument("--trial-steps", type=int, default=2, help="optimizer steps per trial (1-3, default 2)")
+    run.add_argument("--plan-out", default="memtune-plan.json", help="where to save the plan (default memtune-plan.json)")
+    run.add_argument("--report", default=None, metavar="FILE.html", help="also write the report as a self-contained HTML page")
+    run.add_argument("--trace-device", choices=["cpu", "cuda"], default=None, help="see `memtune plan --help`")
+    run.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+    probe = commands.add_parser("probe", help="what the GPU here has: total, free, other processes, bf16, CUDA context")
+    probe.add_argument("--json", action="store_true", help="print JSON")
 
     models = commands.add_parser("models", help="list the built-in catalog of model configs (works offline)")
     models.add_argument("--json", action="store_true", help="print JSON")
@@ -129,6 +191,77 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 3 if result.fits is False else 0
 
 
+def _policy(args: argparse.Namespace) -> Policy:
+    problems = []
+    if args.lora and (args.no_lora or args.full_finetune_only):
+        problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
+    if not 1 <= args.trial_steps <= 3:
+        problems.append(f"--trial-steps must be 1, 2 or 3, got {args.trial_steps}")
+    if args.micro_batch_size is not None and args.micro_batch_size < 1:
+        problems.append(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+    if args.batch_size < 1 or args.seq_len < 1:
+        problems.append(f"--batch-size and --seq-len must be >= 1, got {args.batch_size} and {args.seq_len}")
+    if problems:
+        raise UsageError("; ".join(problems))
+    if args.prefix:
+        adapter = Adapter(kind="prefix")
+    else:
+        targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
+        adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
+    no_adapter = args.no_lora or args.full_finetune_only
+    return Policy(
+        precision=args.precision,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
+        micro_batch_size=args.micro_batch_size,
+        loss=None if args.loss == "auto" else args.loss,
+        offload=None if args.offload == "auto" else args.offload,
+        adapter=adapter,
+        use_adapter=True if (args.lora or args.prefix) and not no_adapter else (False if no_adapter else None),
+        allow_offload=not args.no_offload,
+        allow_chunked_loss=not args.no_chunked_loss,
+        min_micro_batch_size=args.min_micro_batch_size,
+        margin_bytes=parse_bytes(args.margin) if args.margin else None,
+    )
+
+
+def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.fit import fit_model
+    from memtune.sources import parameter_count, resolve
+
+    policy = _policy(args)
+    policy.validate(args.batch_size)
+    budget_bytes, budget_label = _budget(args)
+    source = resolve(args.model)
+    if source.note:
+        err.print(f"note: {source.note}")
+    with report.progress_printer(err) as progress:
+        result = fit_model(
+            source, parameter_count(source.config), args.seq_len, args.batch_size,
+            budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=args.gpu, policy=policy,
+            verify=not args.no_verify, trial_steps=args.trial_steps, trace_device=args.trace_device,
+            plan_path=args.plan_out, progress=progress,
+        )
+    if args.json:
+        print(report.render_fit_json(result))
+    else:
+        report.render_fit(result, out)
+    if args.report:
+        path = report.write_html(result, args.report)
+        err.print(f"report written to {path}")
+    return 0 if result.fits else 3
+
+
+def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.probe import probe
+
+    result = probe()
+    if args.json:
+        print(report.render_probe_json(result))
+    else:
+        report.render_probe(result, out)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
     from memtune.sources import catalog
 
@@ -149,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Console()
     err = Console(stderr=True)
     try:
-        return {"plan": cmd_plan, "models": cmd_models}[args.command](args, out, err)
+        commands = {"fit": cmd_fit, "plan": cmd_plan, "probe": cmd_probe, "models": cmd_models}
+        return commands[args.command](args, out, err)
     except MemtuneError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False)
         return error.exit_code

@@ -10,6 +10,7 @@ Three situations:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ def fit_model(
     speed = throughput.gpu_speed(gpu.name if gpu else (gpu_name or "H100"))
     if gpu is not None:
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
+    if importlib.util.find_spec("memtune.sharding") is None:
+        policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                context_bytes=context, workspace_bytes=workspace)
 

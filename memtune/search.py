@@ -35,11 +35,18 @@ DEFAULT_MARGIN_FRACTION = 0.05
 trial verifies the winner), but never less than MIN_MARGIN_BYTES."""
 MIN_MARGIN_BYTES = 256 * MIB
 OFFLOAD_ORDER = {"none": 0, "optimizer": 1, "parameters": 2}
+EXTRAPOLATION_SLACK = 1.15
+"""A candidate whose memory, extrapolated from a traced micro-batch of the same family, exceeds the
+usable budget by more than this factor is not traced. Memory is affine in the micro-batch (state is
+fixed, activations scale), and the slack covers the allocator's rounding; a wrong skip can only
+cost speed, never a fit that was not checked."""
+FIXED_CATEGORIES = ("weights", "gradients", "optimizer", "overhead")
 
 # Candidate statuses, in the words the report shows.
 NOT_EVALUATED = "not evaluated"
 TOO_BIG = "too big"
 SKIPPED = "too big (implied)"
+EXTRAPOLATED = "too big (extrapolated)"
 FITS = "fits"
 TRIAL_OOM = "out of memory in trial"
 VERIFIED = "verified"
@@ -322,9 +329,22 @@ def search(
     return result
 
 
+def family(config: TrainConfig) -> TrainConfig:
+    """Configurations that differ only in micro-batch and accumulation."""
+    return config.replace(micro_batch_size=1, grad_accum_steps=1)
+
+
+def extrapolate(traced: Estimate, micro_batch_size: int) -> int:
+    """Total memory at another micro-batch: fixed state + activations scaled by the micro-batch."""
+    fixed = sum(traced.breakdown.get(category, 0) for category in FIXED_CATEGORIES)
+    per_sequence = (traced.total_bytes - fixed) / traced.config.micro_batch_size
+    return int(fixed + per_sequence * micro_batch_size)
+
+
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
           trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
     too_big: list[TrainConfig] = []
+    traced: dict[TrainConfig, Estimate] = {}
     for candidate in ranked:
         config = candidate.config
         implied = next((failed for failed in too_big if needs_at_least(config, failed)), None)
@@ -332,8 +352,15 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             candidate.status = SKIPPED
             candidate.note = f"needs at least as much as {implied.describe()}"
             continue
+        known = traced.get(family(config))
+        if known is not None and extrapolate(known, config.micro_batch_size) > EXTRAPOLATION_SLACK * result.usable_bytes:
+            candidate.status = EXTRAPOLATED
+            candidate.note = (f"~{format_bytes(extrapolate(known, config.micro_batch_size))}, "
+                              f"from micro-batch {known.config.micro_batch_size}")
+            continue
         say(f"predicting {config.describe()}")
         candidate.estimate = predictor.memory(config)
+        traced.setdefault(family(config), candidate.estimate)
         result.estimates += 1
         if not predictor.fits(candidate.estimate, result.usable_bytes):
             candidate.status = TOO_BIG

@@ -1,0 +1,198 @@
+"""The search walk, driven by a fake predictor and a fake trial: exact sequences, batch kept, margin kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtune.config import GIB, MIB, Adapter, TrainConfig
+from memtune.errors import UsageError
+from memtune.estimate import Estimate
+from memtune.search import (
+    EXTRAPOLATED, FITS, NOT_EVALUATED, TOO_BIG, TRIAL_OOM, VERIFIED, Policy, candidate_space, margin_for, needs_at_least, search,
+)
+from memtune.verify import Measurement
+
+
+def short(config: TrainConfig) -> str:
+    """h/b/f = bf16 weights/bf16-mixed/fp32, c = checkpointing, k = chunked loss, L = LoRA, then the micro-batch."""
+    return (("h" if config.weights_dtype == "bf16" else "b" if config.amp == "bf16" else "f") + ("c" if config.gradient_checkpointing else "")
+            + ("k" if config.loss == "chunked" else "") + ("L" if config.adapter else "") + str(config.micro_batch_size))
+
+
+class FakePredictor:
+    """Memory in GiB: model state + activations per sequence; speed: bf16 2x fp32, checkpointing 0.7x,
+    micro-batch m runs at m/(m+1) of full speed. Records the order of memory predictions."""
+
+    def __init__(self, state_gib: float = 6.0, lora_state_gib: float = 1.0):
+        self.state_gib = state_gib
+        self.lora_state_gib = lora_state_gib
+        self.calls: list[str] = []
+
+    def state(self, config: TrainConfig) -> float:
+        half = config.amp == "bf16" or config.weights_dtype == "bf16"
+        return self.lora_state_gib if config.adapter else self.state_gib - (2 if not half else 0)
+
+    def gib(self, config: TrainConfig) -> float:
+        half = config.amp == "bf16" or config.weights_dtype == "bf16"
+        state = self.state(config)
+        per_sequence = (0.5 if config.gradient_checkpointing else 2.0) * (1 if half else 2)
+        return state + per_sequence * config.micro_batch_size
+
+    def memory(self, config: TrainConfig) -> Estimate:
+        self.calls.append(short(config))
+        size = int(self.gib(config) * GIB)
+        state = int(self.state(config) * GIB)
+        return Estimate(config, size, size, workspace_bytes=0, context_bytes=0,
+                        breakdown={"weights": state, "activations": size - state})
+
+    def fits(self, estimate: Estimate, usable_bytes: int) -> bool:
+        return estimate.total_bytes <= usable_bytes
+
+    def tokens_per_second(self, config: TrainConfig) -> float:
+        half = config.amp == "bf16" or config.weights_dtype == "bf16"
+        m = config.micro_batch_size
+        speed = (2.0 if half else 1.0) * (0.7 if config.gradient_checkpointing else 1.0) * m / (m + 1)
+        return speed * (0.9 if config.adapter else 1.0) * (0.95 if config.loss == "chunked" else 1.0)
+
+
+class FakeTrial:
+    """A trial that runs out of memory for the configurations named in `oom`."""
+
+    def __init__(self, oom: set[str] = frozenset(), measured_gib: float | None = None):
+        self.oom = oom
+        self.measured_gib = measured_gib
+        self.calls: list[str] = []
+
+    def __call__(self, config: TrainConfig) -> Measurement:
+        self.calls.append(short(config))
+        if short(config) in self.oom:
+            return Measurement(fits=False, error="CUDA out of memory. Tried to allocate 2.00 GiB")
+        peak = int((self.measured_gib or FakePredictor().gib(config)) * GIB)
+        return Measurement(fits=True, peak_reserved_bytes=peak, step_seconds=[0.2, 0.1],
+                           tokens_per_step=config.effective_batch_size * config.seq_len)
+
+
+SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0)
+
+
+def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():
+    predictor = FakePredictor()
+    result = search(predictor, seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=SIMPLE, explain=False)
+    # Ranked: b4 1.6, b2 1.33, bc4 1.12, b1 1.0, bc2 0.93, ...; memory 14, 10, 8, 8, 7 GiB against 7.5.
+    # b2 is not traced: extrapolated from b4 (6 + 2*2 = 10 GiB) it is over 1.15 x 7.5; b1 (8 GiB) is within.
+    assert predictor.calls == ["b4", "bc4", "b1", "bc2"]
+    assert short(result.chosen.config) == "bc2"
+    assert result.chosen.status == FITS  # no trial function: predicted only
+    assert [c.status for c in result.candidates[:5]] == [TOO_BIG, EXTRAPOLATED, TOO_BIG, TOO_BIG, FITS]
+    assert all(c.status == NOT_EVALUATED for c in result.candidates[5:])
+    assert result.estimates == 4 and result.trials == 0
+
+
+def test_every_candidate_keeps_the_effective_batch():
+    for config in candidate_space(1024, 24, Policy(num_gpus=2), with_adapter=False):
+        assert config.micro_batch_size * config.grad_accum_steps * config.num_gpus == 24
+    assert {c.micro_batch_size for c in candidate_space(1024, 24, Policy(), False)} == {1, 2, 3, 4, 6, 8, 12, 24}
+    assert {c.micro_batch_size for c in candidate_space(1024, 24, Policy(min_micro_batch_size=4), False)} == {4, 6, 8, 12, 24}
+
+
+def test_a_trial_oom_falls_back_to_the_next_candidate():
+    predictor, trial = FakePredictor(), FakeTrial(oom={"bc2"})
+    result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
+    # bc2 is predicted to fit but runs out of memory; f4 (20 GiB) is too big; bc1 (6.5 GiB) is verified.
+    assert predictor.calls == ["b4", "bc4", "b1", "bc2", "f4", "bc1"]
+    assert trial.calls == ["bc2", "bc1"]
+    assert short(result.chosen.config) == "bc1" and result.chosen.status == VERIFIED
+    assert result.trials == 2 and result.trial_ooms == 1
+    assert next(c for c in result.candidates if short(c.config) == "bc2").status == TRIAL_OOM
+    assert result.chosen.config.grad_accum_steps == 4
+    assert result.throughput_error is not None
+
+
+def test_the_trial_limit_is_respected():
+    trial = FakeTrial(oom={"bc2", "bc1", "fc1"})
+    result = search(FakePredictor(state_gib=6.0), 512, 4, int(7.5 * GIB), Policy(**{**SIMPLE.__dict__, "max_trials": 2}),
+                    trial=trial, explain=False)
+    assert trial.calls == ["bc2", "bc1"]
+    assert result.chosen is not None and result.chosen.status == FITS and "limit of 2 trials" in result.chosen.note
+
+
+def test_the_margin_is_respected():
+    # bc2 needs 7 GiB: it fits 7.5 GiB with no margin but not with 1 GiB kept free.
+    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), Policy(**{**SIMPLE.__dict__, "margin_bytes": GIB}), explain=False)
+    assert short(result.chosen.config) == "bc1"
+    assert result.chosen.predicted_total_bytes <= result.budget_bytes - result.margin_bytes
+    assert margin_for(80 * GIB, Policy()) == 4 * GIB  # 5% by default
+    assert margin_for(2 * GIB, Policy()) == 256 * MIB  # but at least 256 MiB
+
+
+def test_pinned_options_are_kept():
+    predictor = FakePredictor()
+    policy = Policy(**{**SIMPLE.__dict__, "precision": "fp32", "gradient_checkpointing": True})
+    result = search(predictor, 512, 4, 20 * GIB, policy, explain=False)
+    assert predictor.calls == ["fc4"]
+    assert all(c.config.precision == "fp32" and c.config.gradient_checkpointing for c in result.candidates)
+
+
+def test_adapters_only_when_nothing_else_fits():
+    # Full fine-tuning never fits 4 GiB (state 6 GiB); LoRA (1 GiB state) does.
+    predictor = FakePredictor()
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0)
+    result = search(predictor, 512, 4, 4 * GIB, policy, explain=False)
+    full = [call for call in predictor.calls if "L" not in call]
+    assert full and all(c.config.adapter is None for c in result.candidates[: len(candidate_space(512, 4, policy, False))])
+    assert result.chosen.config.adapter == Adapter()
+    # A bf16-stored base (h) ties with bf16-mixed (b) in speed and comes first: L4 needs 1 + 2*4 = 9 GiB,
+    # L2 5 GiB (extrapolated, over 1.15 x 4: not traced), cL4 3 GiB.
+    assert predictor.calls[len(full):] == ["hL4", "bL4", "hcL4"]
+    # ...and when it fits without, LoRA is never tried.
+    predictor = FakePredictor()
+    search(predictor, 512, 4, 20 * GIB, policy, explain=False)
+    assert all("L" not in call for call in predictor.calls)
+
+
+def test_no_lora_policy_and_nothing_fits_gives_the_shortfall():
+    predictor = FakePredictor()
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=256 * MIB)
+    result = search(predictor, 512, 4, 5 * GIB, policy, explain=False)
+    assert result.chosen is None
+    assert all(c.config.adapter is None for c in result.candidates)
+    smallest = min(c.predicted_total_bytes for c in result.candidates if c.estimate is not None)
+    assert smallest == 5 * GIB  # fp32 (less state in this fake), checkpointing, micro-batch 1
+    assert result.shortfall_bytes == smallest + 256 * MIB - 5 * GIB
+    assert any("LoRA" in s for s in result.suggestions)
+    assert any("--seq-len" in s or "GPU" in s for s in result.suggestions)
+
+
+def test_alternatives_explain_the_choice():
+    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), SIMPLE, explain=True)
+    changes = {a.change: a for a in result.alternatives}
+    assert short(result.chosen.config) == "bc2"
+    assert not changes["no gradient accumulation (micro-batch 4)"].fits
+    assert not changes["- gradient checkpointing"].fits
+    fp32 = changes["fp32 instead of bf16-mixed"]
+    assert fp32.predicted_tokens_per_second < result.chosen.predicted_tokens_per_second
+
+
+def test_fallbacks_need_no_more_memory_than_the_winner():
+    result = search(FakePredictor(), 512, 8, 12 * GIB, SIMPLE, explain=False)
+    chosen = result.chosen.config
+    assert result.fallbacks
+    for config in result.fallbacks:
+        assert needs_at_least(chosen, config) and config.effective_batch_size == chosen.effective_batch_size
+
+
+def test_needs_at_least():
+    base = TrainConfig(seq_len=512, micro_batch_size=4, amp="bf16")
+    assert needs_at_least(base, base.replace(micro_batch_size=2))
+    assert needs_at_least(base, base.replace(gradient_checkpointing=True))
+    assert needs_at_least(base, base.replace(loss="chunked", offload="parameters"))
+    assert not needs_at_least(base.replace(gradient_checkpointing=True), base)
+    assert not needs_at_least(base, base.replace(micro_batch_size=8))
+    assert not needs_at_least(base, base.replace(amp="none"))  # other precision: not comparable
+
+
+def test_bad_policies_are_refused_with_every_problem():
+    with pytest.raises(UsageError) as error:
+        search(FakePredictor(), 512, 6, GIB, Policy(micro_batch_size=4, precision="bf16-mixed", bf16_supported=False))
+    message = str(error.value)
+    assert "does not divide the batch 6" in message and "needs bf16" in message
