@@ -3,6 +3,12 @@
 A plan names the model, the configuration that won, the budget it was chosen under, what was
 predicted and (when a GPU verified it) measured, and the fallbacks: the next configurations that
 keep the same effective batch, in the order the OOM guard steps down through them.
+
+Adapters to Hugging Face objects (heavy libraries are imported only when called):
+
+    model = plan.prepare(model)                        # dtype, checkpointing, LoRA, use_cache off
+    args = plan.training_arguments(output_dir="out")   # transformers.TrainingArguments
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[plan.oom_guard()])
 """
 
 from __future__ import annotations
@@ -11,10 +17,16 @@ import datetime
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import TrainingArguments
+
+    from memtune.oom_guard import OomGuard
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -99,3 +111,66 @@ class Plan:
             return cls.from_json(path.read_text())
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise UsageError(f"plan file {str(path)!r} is not a memtune plan ({error}); make it again with `memtune fit`") from None
+
+    # ---- adapters to Hugging Face objects ---------------------------------------------------------
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model as the plan trains it: weights in `weights_dtype`, gradient checkpointing
+        (non-reentrant), use_cache off, and the LoRA / prefix adapter wrapped around it with peft.
+
+        Returns the model to train (a peft.PeftModel when the plan has an adapter).
+        """
+        from memtune import recipe
+
+        dtype = recipe.TORCH_DTYPES[self.train_config.weights_dtype]
+        quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+        if not quantized and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
+            model = model.to(dtype)
+        return recipe.prepare_model(model, self.train_config)
+
+    def training_arguments(self, **overrides: Any) -> TrainingArguments:
+        """transformers.TrainingArguments that run the plan's step: micro-batch and accumulation,
+        bf16 / fp16 autocast, non-reentrant gradient checkpointing, fused AdamW on CUDA (adamw_torch on
+        CPU), no reporting integrations. Keyword arguments override or add any TrainingArguments field
+        (output_dir, max_steps, learning_rate, ...).
+
+        Offload and multi-GPU sharding are not TrainingArguments: they come from the accelerate config
+        `accelerate launch` is started with (memtune.distributed).
+        """
+        import dataclasses
+
+        import torch
+        from transformers import TrainingArguments
+
+        config = self.train_config
+        fields = {field_.name for field_ in dataclasses.fields(TrainingArguments)}
+        on_cpu = bool(overrides.get("use_cpu")) or not torch.cuda.is_available()
+        arguments: dict[str, Any] = {
+            "per_device_train_batch_size": config.micro_batch_size,
+            "gradient_accumulation_steps": config.grad_accum_steps,
+            "bf16": config.amp == "bf16",
+            "fp16": config.amp == "fp16",
+            "optim": "adamw_torch" if on_cpu else "adamw_torch_fused",
+            "report_to": "none",
+        }
+        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (old name deprecated).
+        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
+        arguments[name] = config.gradient_checkpointing
+        if config.gradient_checkpointing:
+            arguments[f"{name}_kwargs"] = {"use_reentrant": False}
+        arguments.update(overrides)
+        return TrainingArguments(**arguments)
+
+    def lora_config(self) -> Any:
+        """The peft config of the plan's adapter (peft.LoraConfig, or PrefixTuningConfig for prefix
+        tuning), or None when the plan trains all weights."""
+        from memtune import recipe
+
+        return recipe.peft_config(self.train_config)
+
+    def oom_guard(self, **options: Any) -> OomGuard:
+        """A TrainerCallback that steps down through `fallbacks` when CUDA runs out of memory and
+        continues from the last completed optimizer step (memtune.oom_guard.OomGuard; `options` go to it)."""
+        from memtune.oom_guard import OomGuard
+
+        return OomGuard(self.train_config, self.fallbacks, **options)

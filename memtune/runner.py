@@ -1,0 +1,707 @@
+"""Run a plan: the model with its weights, the data packed into blocks, the Hugging Face Trainer set
+up as the plan says, the OOM guard, progress on stderr, checkpoints, Ctrl-C and --resume.
+
+    memtune run PLAN [--data FILE] [--output-dir DIR] [--resume] [--text-field text] [--max-steps N]
+
+The model: a local directory with weights or a hub id is loaded with from_pretrained; a catalog name
+(or a directory with only config.json) starts from random weights, with a warning. The step is the
+one memtune predicted and verified (memtune.recipe): `Plan.prepare` applies dtype, checkpointing and
+the adapter; `Plan.training_arguments` sets micro-batch, accumulation, autocast and fused AdamW;
+`PlanTrainer.compute_loss` uses `recipe.forward_loss` for the chunked loss. Offload and multi-GPU
+come from the accelerate config when started under `accelerate launch` (memtune.distributed); the
+runner builds no distribution of its own.
+
+Ctrl-C: the first finishes the current optimizer step, saves a checkpoint and stops; a second stops at
+once and saves the last completed step (unless it came inside the optimizer update). `resume=True`
+continues from the latest checkpoint-N in the output directory at step N + 1, with the data position,
+optimizer, schedule and the configuration the OOM guard had reached.
+
+Output directory: the model (or adapter) and tokenizer, checkpoint-N folders, plan.json and
+run_summary.json (steps, loss curve, peak memory per band of steps, tokens/s, wall time, the plan).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import re
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from transformers import Trainer, TrainerCallback
+
+from memtune import data as data_module
+from memtune import recipe
+from memtune.config import TrainConfig, format_bytes
+from memtune.errors import MemtuneError, UsageError
+from memtune.oom_guard import OomGuard
+from memtune.plan import Plan
+
+SUMMARY_FILE = "run_summary.json"
+PLAN_FILE = "plan.json"
+DEFAULT_SAVE_STEPS = 200
+"""Checkpoint every this many optimizer steps (each holds weights and optimizer state)."""
+SAVE_TOTAL_LIMIT = 2
+"""Checkpoints kept; older ones are deleted."""
+MEMORY_BANDS = 20
+"""The run's steps are cut into about this many bands; run_summary.json has the peak memory of each."""
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+
+
+@dataclass
+class RunSummary:
+    """What a run did. Bytes are integers; memory fields are None on a CPU."""
+
+    output_dir: str
+    status: str
+    """"completed"; "interrupted" (Ctrl-C) or "failed" (`error`): `checkpoint` says where to resume."""
+    global_step: int
+    """Optimizer steps completed, over all runs of this output directory."""
+    max_steps: int
+    resumed_from_step: int | None
+    loss_curve: list[list[float]]
+    """[step, training loss] for every step, earlier runs of the directory included."""
+    memory_bands: list[dict[str, Any]]
+    """{"first_step", "last_step", "peak_allocated_bytes", "peak_reserved_bytes"} per band of steps (this run)."""
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    predicted_total_bytes: int
+    tokens_per_step: int
+    tokens_per_second: float
+    """Over this run's steps after the first (which includes warm-up)."""
+    train_seconds: float
+    wall_seconds: float
+    """Everything: loading, tokenising, training, saving."""
+    final_train_config: dict[str, Any]
+    """The configuration in use at the end (differs from the plan's when the OOM guard stepped down)."""
+    guard_events: list[dict[str, Any]]
+    checkpoint: str | None
+    """The latest checkpoint folder (where --resume continues)."""
+    model_origin: str
+    tokenizer_origin: str
+    data: str
+    num_sequences: int
+    num_tokens: int
+    device: str
+    plan: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    """Warnings printed during the run."""
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+class PlanTrainer(Trainer):
+    """Trainer whose loss follows `train_config.loss`: "chunked" goes through `recipe.forward_loss`
+    (LM head and cross-entropy a chunk of tokens at a time). The OOM guard may switch it mid-run."""
+
+    def __init__(self, *args: Any, train_config: TrainConfig, **kwargs: Any):
+        self.train_config = train_config
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        if self.train_config.loss != "chunked" or return_outputs:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        labels = inputs["labels"]
+        # forward_loss calls the backbone and LM head directly, past accelerate's autocast wrapper of forward.
+        with self.accelerator.autocast():
+            loss = recipe.forward_loss(self.accelerator.unwrap_model(model), inputs["input_ids"], labels, self.train_config)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # Trainer then expects sum / (label tokens of the whole optimizer step), as the model's own loss gives.
+            counted = (labels[..., 1:] != -100).sum()
+            loss = loss * counted / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return loss
+
+
+# ---- statistics (computed here, printed by ProgressReporter) ------------------------------------
+
+
+class RunStats(TrainerCallback):
+    """Loss per step, step times, tokens/s and peak memory per band of steps."""
+
+    def __init__(self, tokens_per_step: int, cuda: bool):
+        self.tokens_per_step = tokens_per_step
+        self.cuda = cuda
+        self.loss_curve: list[list[float]] = []
+        self.memory_bands: list[dict[str, Any]] = []
+        self.step_end_times: list[float] = []
+        self.first_step: int | None = None
+        self.last_step = 0
+        self.max_steps = 0
+        self.in_optimizer_update = False
+        """True from just before optimizer.step() until the global step is counted."""
+        self._band_steps = 1
+        self._band_first = 1
+        self._start = 0.0
+        self._peak_allocated = 0
+        self._peak_reserved = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.max_steps = state.max_steps
+        self._band_steps = max(1, math.ceil(state.max_steps / MEMORY_BANDS))
+        self._band_first = state.global_step + 1
+        self.last_step = state.global_step
+        self._start = time.perf_counter()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.in_optimizer_update = True
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.in_optimizer_update = False
+        self.step_end_times.append(time.perf_counter())
+        if self.first_step is None:
+            self.first_step = state.global_step
+        self.last_step = state.global_step
+        if state.global_step % self._band_steps == 0 or state.global_step >= state.max_steps:
+            self._close_band(state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.loss_curve.append([state.global_step, float(logs["loss"])])
+
+    def _close_band(self, step: int) -> None:
+        if step < self._band_first:
+            return
+        band: dict[str, Any] = {"first_step": self._band_first, "last_step": step,
+                                "peak_allocated_bytes": None, "peak_reserved_bytes": None}
+        if self.cuda:
+            band["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            band["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+            self._peak_allocated = max(self._peak_allocated, band["peak_allocated_bytes"])
+            self._peak_reserved = max(self._peak_reserved, band["peak_reserved_bytes"])
+            torch.cuda.reset_peak_memory_stats()
+        self.memory_bands.append(band)
+        self._band_first = step + 1
+
+    def finish(self) -> None:
+        """Close the open band (a run stopped between band ends)."""
+        self._close_band(self.last_step)
+
+    @property
+    def peak_allocated_bytes(self) -> int | None:
+        return self._peak_allocated if self.cuda else None
+
+    @property
+    def peak_reserved_bytes(self) -> int | None:
+        return self._peak_reserved if self.cuda else None
+
+    @property
+    def train_seconds(self) -> float:
+        return (self.step_end_times[-1] - self._start) if self.step_end_times else 0.0
+
+    def tokens_per_second(self, last: int | None = None) -> float:
+        """Over the steps after this run's first (or the last `last` steps)."""
+        times = self.step_end_times if last is None else self.step_end_times[-(last + 1):]
+        if len(times) < 2:
+            return 0.0
+        return self.tokens_per_step * (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+
+
+class ProgressReporter(TrainerCallback):
+    """Progress on stderr: a rich progress bar on a terminal, a plain line every few steps otherwise."""
+
+    def __init__(self, stats: RunStats, console: Console, every_steps: int = 10):
+        self.stats = stats
+        self.console = console
+        self.every_steps = every_steps
+        self._progress: Any = None
+        self._task: Any = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                      TextColumn("{task.fields[info]}"), console=self.console)
+            self._task = self._progress.add_task("train", total=state.max_steps, completed=state.global_step, info="")
+            self._progress.start()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs:
+            return
+        step = state.global_step
+        info = f"loss {logs['loss']:.4f}"
+        if tokens_per_second := self.stats.tokens_per_second(last=10):
+            info += f"  {tokens_per_second:,.0f} tokens/s"
+        if self.stats.cuda:
+            info += f"  peak reserved {format_bytes(torch.cuda.max_memory_reserved())}"
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, info=info)
+        elif step % self.every_steps == 0 or step == state.max_steps or step == self.stats.first_step:
+            self.console.print(f"step {step}/{state.max_steps}  {info}", highlight=False, soft_wrap=True)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class GracefulStop(TrainerCallback):
+    """First Ctrl-C: finish the optimizer step, save a checkpoint, stop. Second: KeyboardInterrupt."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.requested = False
+        self._previous: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set in the main thread; Ctrl-C raises KeyboardInterrupt there
+            return
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            signal.signal(signal.SIGINT, self._previous)
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("Ctrl-C: finishing this optimizer step, then saving a checkpoint (Ctrl-C again stops at once)")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def run_plan(
+    plan: Plan,
+    data: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    max_steps: int | None = None,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    progress: bool = True,
+    text_field: str = "text",
+    learning_rate: float | None = None,
+    save_steps: int = DEFAULT_SAVE_STEPS,
+    seed: int = 42,
+    device: str | None = None,
+    console: Console | None = None,
+    training_overrides: dict[str, Any] | None = None,
+) -> RunSummary:
+    """Train `plan.model` on `data` (default: the sample corpus) as the plan says; see the module docstring.
+
+    max_steps: optimizer steps in all (a resumed run counts the earlier ones); None: one pass over the data.
+    callbacks: more TrainerCallbacks (they run after memtune's own).
+    progress: print progress and warnings on stderr (`console`, default a stderr Console).
+    learning_rate: default 2e-4 with an adapter, 2e-5 for full fine-tuning.
+    device: "cpu" to run on the CPU even where CUDA is available; None: CUDA when present.
+    training_overrides: any other TrainingArguments fields.
+
+    Returns the summary, also written to OUTPUT_DIR/run_summary.json. Ctrl-C does not raise: the
+    summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input,
+    NothingFitsError when the OOM guard has no lighter configuration left), after the last completed
+    step was saved as a checkpoint.
+    """
+    from transformers import set_seed
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from memtune.sources import resolve
+
+    wall_start = time.perf_counter()
+    console = console or Console(stderr=True)
+    quiet = Console(file=_Discard())
+    reporter_console = console if progress else quiet
+    notes: list[str] = []
+
+    def warn(message: str) -> None:
+        notes.append(message)
+        reporter_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+    output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
+    checkpoint = _checkpoint_to_resume(output, resume, plan, get_last_checkpoint)
+    _check_runnable(plan, max_steps, save_steps)
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+
+    source = resolve(plan.model)
+    if source.note:
+        warn(source.note)
+    for message in _launch_warnings(plan, source.config):
+        warn(message)
+    tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
+    config = plan.train_config
+    dataset = data_module.build_dataset(tokenizer, config.seq_len, data, text_field,
+                                        vocab_size=getattr(source.config, "vocab_size", None))
+    if len(dataset) < config.micro_batch_size * config.grad_accum_steps:
+        warn(f"the data makes {len(dataset)} sequences of {config.seq_len} tokens, fewer than one effective batch "
+             f"({config.effective_batch_size}): every optimizer step reuses them")
+
+    overrides: dict[str, Any] = {
+        "output_dir": str(output),
+        "max_steps": max_steps if max_steps is not None else -1,
+        "num_train_epochs": 1,
+        "learning_rate": learning_rate if learning_rate is not None else (2e-4 if config.adapter else 2e-5),
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": save_steps,
+        "save_total_limit": SAVE_TOTAL_LIMIT,
+        "seed": seed,
+        "data_seed": seed,
+        "disable_tqdm": True,
+        "use_cpu": use_cpu,
+        **(training_overrides or {}),
+    }
+    args = plan.training_arguments(**overrides)
+    set_seed(seed)
+    model, model_origin, pretrained = load_model(source, config, args.device)
+    if not pretrained:
+        warn(f"{plan.model}: {model_origin}")
+    with _quiet_deprecations():
+        model = plan.prepare(model)
+
+    cuda = args.device.type == "cuda"
+    tokens_per_step = config.micro_batch_size * config.grad_accum_steps * args.world_size * config.seq_len
+    stats = RunStats(tokens_per_step, cuda)
+    reporter = ProgressReporter(stats, reporter_console)
+    guard = plan.oom_guard(log=warn)
+    stop = GracefulStop(warn)
+    if checkpoint is not None:
+        guard.restore(checkpoint)
+    output.mkdir(parents=True, exist_ok=True)
+    if args.should_save:
+        plan.save(output / PLAN_FILE)
+
+    from transformers import default_data_collator
+
+    with _quiet_deprecations():
+        trainer = PlanTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+            data_collator=default_data_collator, callbacks=[stats, guard, stop, reporter, *callbacks],
+            train_config=config,
+        )
+    for printer in (PrinterCallback, ProgressCallback):  # they print to stdout / tqdm; the reporter replaces them
+        trainer.remove_callback(printer)
+    guard.attach(trainer)
+
+    status, failure = "completed", None
+    try:
+        with stop.installed(), _quiet_deprecations():
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if stop.requested:
+            status = "interrupted"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        reporter.stop()
+        _save_last_step(trainer, stats, guard, warn)
+    except Exception as error:  # noqa: BLE001 - saved, summarised, then raised again below
+        status, failure = "failed", error
+        reporter.stop()
+        _free_memory()
+        _save_last_step(trainer, stats, guard, warn)
+    finally:
+        reporter.stop()
+        stats.finish()
+
+    if status == "completed" and args.should_save:
+        trainer.save_model(str(output))  # the model (or only the adapter) and the tokenizer
+    summary = RunSummary(
+        output_dir=str(output),
+        status=status,
+        global_step=int(trainer.state.global_step),
+        max_steps=int(trainer.state.max_steps),
+        resumed_from_step=_step_of(checkpoint),
+        loss_curve=_merged_loss_curve(output, checkpoint, stats.loss_curve),
+        memory_bands=stats.memory_bands,
+        peak_allocated_bytes=stats.peak_allocated_bytes,
+        peak_reserved_bytes=stats.peak_reserved_bytes,
+        predicted_total_bytes=plan.predicted_total_bytes,
+        tokens_per_step=tokens_per_step,
+        tokens_per_second=stats.tokens_per_second(),
+        train_seconds=stats.train_seconds,
+        wall_seconds=time.perf_counter() - wall_start,
+        final_train_config=guard.current.to_dict(),
+        guard_events=[event.to_dict() for event in guard.events],
+        checkpoint=get_last_checkpoint(str(output)) if output.is_dir() else None,
+        model_origin=model_origin,
+        tokenizer_origin=tokenizer_origin,
+        data=dataset.source,
+        num_sequences=len(dataset),
+        num_tokens=dataset.num_tokens,
+        device=str(args.device),
+        plan=plan.to_dict(),
+        notes=notes,
+        error=f"{type(failure).__name__}: {failure}" if failure is not None else "",
+    )
+    if args.should_save:
+        (output / SUMMARY_FILE).write_text(summary.to_json() + "\n")
+    if failure is not None:
+        raise failure
+    if status == "interrupted":
+        reporter_console.print(f"stopped at step {summary.global_step}; continue with --resume "
+                               f"(checkpoint: {summary.checkpoint or 'none'})", highlight=False)
+    return summary
+
+
+def load_model(source: Any, train_config: TrainConfig, device: torch.device | str) -> tuple[Any, str, bool]:
+    """(model, where its weights came from, whether they are pretrained) for a `sources.ModelSource`,
+    in the plan's weights dtype."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
+    if source.origin == "local" and source.path is not None and has_weights(source.path):
+        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype), f"weights from {source.path}", True
+    if source.origin == "hub":
+        model = AutoModelForCausalLM.from_pretrained(source.hub_id, dtype=dtype)
+        return model, f"weights from the hub ({source.hub_id})", True
+    with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+    why = "a catalog config" if source.origin == "catalog" else f"{source.path} has config.json but no weights"
+    return model, (f"random initialisation ({why}): a real fine-tune needs the weights; "
+                   "use a hub id or a local directory saved with save_pretrained"), False
+
+
+def has_weights(path: Path) -> bool:
+    return any(any(Path(path).glob(pattern)) for pattern in WEIGHT_FILES)
+
+
+def default_output_dir(plan: Plan) -> Path:
+    name = Path(plan.model.rstrip("/")).name or "model"
+    return Path("memtune-runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+
+
+# ---- command line (wired into cli.py) ------------------------------------------------------------
+
+EPILOG_RUN = """examples:
+  memtune run plans/qwen2.5-0.5b.json --data train.jsonl --max-steps 500
+  memtune run plan.json --data corpus/ --text-field content --output-dir runs/exp1
+  memtune run plan.json --output-dir runs/exp1 --resume        # after Ctrl-C or a crash
+
+Without --data, a small sample corpus shipped with memtune is used (to try a plan end to end).
+Ctrl-C finishes the current optimizer step and saves a checkpoint; --resume continues from it.
+exit codes: 0 ran, 1 unexpected failure, 2 bad usage or input, 3 out of memory with no lighter
+configuration left (the last step is saved), 130 interrupted (checkpoint saved).
+"""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `memtune run` options (cli.py makes the subparser; cmd_run executes it)."""
+    parser.add_argument("plan", metavar="PLAN", help="plan file written by `memtune fit` (JSON)")
+    parser.add_argument("--data", metavar="FILE", default=None,
+                        help="training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them "
+                             "(default: memtune's small sample corpus)")
+    parser.add_argument("--output-dir", metavar="DIR", default=None,
+                        help="where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go "
+                             "(default: memtune-runs/<model name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint-N in --output-dir at step N+1")
+    parser.add_argument("--text-field", default="text", help="the JSON field that holds the text (default: text)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="optimizer steps in all, earlier runs of a resumed directory included "
+                             "(default: one pass over the data)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="peak learning rate, linear decay (default 2e-4 with LoRA, 2e-5 for full fine-tuning)")
+    parser.add_argument("--save-steps", type=int, default=DEFAULT_SAVE_STEPS,
+                        help=f"checkpoint every N optimizer steps; the last {SAVE_TOTAL_LIMIT} are kept "
+                             f"(default {DEFAULT_SAVE_STEPS})")
+    parser.add_argument("--seed", type=int, default=42, help="seed for weights, data order and dropout (default 42)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+
+
+def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    """Execute `memtune run`: 0 completed, 130 interrupted; errors raise MemtuneError (cli maps the exit code)."""
+    plan = Plan.load(args.plan)
+    summary = run_plan(
+        plan, data=args.data, output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
+        text_field=args.text_field, learning_rate=args.learning_rate, save_steps=args.save_steps, seed=args.seed,
+        console=err,
+    )
+    if getattr(args, "json", False):
+        print(summary.to_json())
+    else:
+        render_summary(summary, out)
+    return 0 if summary.status == "completed" else 130
+
+
+def render_summary(summary: RunSummary, console: Console) -> None:
+    """The run summary as a table (stdout)."""
+    table = Table(title=f"memtune run: {summary.status}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    first = summary.loss_curve[0][1] if summary.loss_curve else None
+    last = summary.loss_curve[-1][1] if summary.loss_curve else None
+    table.add_row("steps", f"{summary.global_step} / {summary.max_steps}"
+                  + (f" (resumed at {summary.resumed_from_step + 1})" if summary.resumed_from_step is not None else ""))
+    if first is not None:
+        table.add_row("loss", f"{first:.4f} -> {last:.4f}")
+    table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}")
+    if summary.peak_reserved_bytes is not None:
+        predicted = f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)" if summary.predicted_total_bytes else ""
+        table.add_row("peak reserved", format_bytes(summary.peak_reserved_bytes) + predicted)
+    final = TrainConfig.from_dict(summary.final_train_config)
+    table.add_row("configuration", final.describe())
+    for event in summary.guard_events:
+        if event["kind"] == "oom":
+            table.add_row("oom guard", f"step {event['step'] + 1} ({event['phase']}): "
+                          + ("stepped down" if event["to_config"] else "gave up"))
+    table.add_row("wall time", f"{summary.wall_seconds:,.1f} s")
+    table.add_row("model", summary.model_origin.split(":")[0])
+    table.add_row("output", summary.output_dir)
+    if summary.checkpoint:
+        table.add_row("checkpoint", summary.checkpoint)
+    console.print(table)
+
+
+# ---- internals -----------------------------------------------------------------------------------
+
+
+class _Discard:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, get_last_checkpoint: Callable) -> Path | None:
+    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+    if not resume:
+        if last is not None:
+            raise UsageError(f"output directory '{output}' already holds checkpoints ({Path(last).name}) of an earlier run: "
+                             "pass --resume to continue it, or choose another --output-dir")
+        return None
+    if last is None:
+        raise UsageError(f"--resume: output directory '{output}' holds no checkpoint-N folder; "
+                         "run without --resume to start, or point --output-dir at the run to continue")
+    saved = output / PLAN_FILE
+    if saved.is_file():
+        earlier = Plan.load(saved)
+        if (earlier.model, earlier.train_config) != (plan.model, plan.train_config):
+            raise UsageError(f"--resume: '{output}' was trained with another plan ({earlier.model}: "
+                             f"{earlier.train_config.describe()}); resume it with {saved}, or choose another --output-dir")
+    return Path(last)
+
+
+def _check_runnable(plan: Plan, max_steps: int | None, save_steps: int) -> None:
+    problems = []
+    if max_steps is not None and max_steps < 1:
+        problems.append(f"--max-steps must be >= 1, got {max_steps}")
+    if save_steps < 1:
+        problems.append(f"--save-steps must be >= 1, got {save_steps}")
+    if plan.train_config.loss == "chunked" and not hasattr(recipe, "forward_loss"):
+        problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.forward_loss): "
+                        "make the plan again, or update memtune")
+    if plan.train_config.loss == "chunked" and (_process_count() > 1 or _sharded()):
+        problems.append("the chunked loss runs only unsharded in a single process (recipe.forward_loss calls the "
+                        "model's submodules past the DDP/FSDP wrapper); make a plan with the standard loss for this launch")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
+    """What this process cannot honour of the plan (raises for a sequence the model cannot take)."""
+    config = plan.train_config
+    positions = getattr(model_config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
+    if positions and config.seq_len > positions:
+        raise UsageError(f"the plan's seq_len {config.seq_len} exceeds {plan.model}'s {positions} positions: "
+                         f"make a plan with --seq-len {positions} or less")
+    messages = []
+    longest = getattr(model_config, "max_position_embeddings", None)
+    if longest and config.seq_len > longest:
+        messages.append(f"seq_len {config.seq_len} exceeds the {longest} positions {plan.model} was trained for")
+    processes = _process_count()
+    if config.num_gpus > 1 and processes != config.num_gpus:
+        messages.append(f"the plan is for {config.num_gpus} GPUs but {processes} process(es) run: the effective batch is "
+                        f"{config.micro_batch_size * config.grad_accum_steps * processes} instead of "
+                        f"{config.effective_batch_size}; start it with `accelerate launch --num_processes {config.num_gpus}`")
+    if config.offload != "none" and not _sharded():
+        messages.append(f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
+                        "offload config (memtune.distributed); this run keeps everything on the GPU and needs more memory")
+    return messages
+
+
+def _process_count() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _sharded() -> bool:
+    """Started by `accelerate launch` with an FSDP or DeepSpeed config (the launcher sets these)."""
+    return any(os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def _save_last_step(trainer: Trainer, stats: RunStats, guard: OomGuard, warn: Callable[[str], None]) -> None:
+    """Save a checkpoint of the last completed optimizer step after an interruption or a failure."""
+    step = int(trainer.state.global_step)
+    if step == 0:
+        warn("stopped before the first optimizer step completed: no checkpoint to save")
+        return
+    if stats.in_optimizer_update:
+        warn(f"stopped inside the optimizer update of step {step + 1}: its state may be half-written, so no "
+             "checkpoint was saved; --resume continues from the latest earlier checkpoint")
+        return
+    folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if folder.is_dir():
+        return
+    try:
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)  # Trainer's own format, so resume reads it
+        guard.save_state(folder)
+    except Exception as error:  # noqa: BLE001 - the original failure matters more than this one
+        warn(f"could not save a checkpoint of step {step}: {error}")
+
+
+def _step_of(checkpoint: Path | None) -> int | None:
+    if checkpoint is None:
+        return None
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def _merged_loss_curve(output: Path, checkpoint: Path | None, curve: list[list[float]]) -> list[list[float]]:
+    """This run's loss curve after the earlier runs' (up to the step resumed from)."""
+    if checkpoint is None or not (output / SUMMARY_FILE).is_file():
+        return curve
+    resumed = _step_of(checkpoint) or 0
+    try:
+        earlier = json.loads((output / SUMMARY_FILE).read_text()).get("loss_curve", [])
+    except json.JSONDecodeError:
+        return curve
+    return [point for point in earlier if point[0] <= resumed] + curve
+
+
+@contextlib.contextmanager
+def _quiet_deprecations() -> Iterator[None]:
+    """transformers 5.24 deprecates gradient_checkpointing_enable, which recipe.prepare_model and
+    TrainingArguments(gradient_checkpointing=...) of 5.17 use; the warning says nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated.*")
+        yield
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()

@@ -1,0 +1,267 @@
+"""memtune run on CPU: a 2-layer llama saved like a hub model, the tiny corpus, a few optimizer steps.
+Also the data reader's errors and the Plan adapters to Hugging Face objects."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
+
+from memtune import data as data_module
+from memtune import runner
+from memtune.config import Adapter, TrainConfig
+from memtune.errors import UsageError
+from memtune.plan import Plan
+from memtune.runner import RunSummary, add_run_arguments, cmd_run, run_plan
+
+CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
+SEQ_LEN = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two threads on a small shared CI machine are several times slower than one for these tiny models."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer llama with random weights and memtune's sample tokenizer, saved like a hub model."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = data_module.sample_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_plan(model: Path | str, **changes) -> Plan:
+    config = TrainConfig(seq_len=SEQ_LEN, micro_batch_size=2, grad_accum_steps=2).replace(**changes)
+    return Plan(str(model), config, budget_bytes=1 << 30)
+
+
+def run(plan: Plan, output: Path, **options) -> RunSummary:
+    options = {"data": CORPUS, "learning_rate": 3e-3, "device": "cpu", "progress": False, **options}
+    return run_plan(plan, output_dir=output, **options)
+
+
+# ---- runs ----------------------------------------------------------------------------------------
+
+
+def test_run_lowers_the_loss_and_saves_a_model_that_reloads(model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    summary = run(make_plan(model_dir), output, max_steps=12, learning_rate=1e-2)
+
+    assert summary.status == "completed" and summary.global_step == 12
+    assert [step for step, _ in summary.loss_curve] == list(range(1, 13))
+    first, last = summary.loss_curve[0][1], summary.loss_curve[-1][1]
+    assert first == pytest.approx(7.05, abs=0.3)  # ln(1156) = 7.05: random weights
+    assert last < first - 1.0
+    assert summary.tokens_per_step == 2 * 2 * SEQ_LEN and summary.tokens_per_second > 0
+    assert summary.model_origin == f"weights from {model_dir}"
+    assert summary.tokenizer_origin == f"tokenizer of {model_dir}"
+    assert summary.peak_reserved_bytes is None  # CPU
+    assert summary.memory_bands[-1]["last_step"] == 12
+
+    saved = json.loads((output / "run_summary.json").read_text())
+    assert saved["loss_curve"] == summary.loss_curve and saved["plan"]["model"] == str(model_dir)
+    assert Plan.load(output / "plan.json").train_config == make_plan(model_dir).train_config
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    batch = tokenizer(["Anna walked to the market."], return_tensors="pt")
+    trained_loss = reloaded(**batch, labels=batch["input_ids"]).loss.item()
+    untrained_loss = AutoModelForCausalLM.from_pretrained(model_dir)(**batch, labels=batch["input_ids"]).loss.item()
+    assert trained_loss < untrained_loss - 1.0
+
+
+def test_lora_run_saves_an_adapter_that_reloads(model_dir: Path, tmp_path: Path) -> None:
+    import peft
+
+    output = tmp_path / "lora"
+    plan = make_plan(model_dir, adapter=Adapter(rank=4, alpha=8), amp="bf16", gradient_checkpointing=True)
+    summary = run(plan, output, max_steps=4)
+
+    assert summary.status == "completed"
+    assert (output / "adapter_config.json").is_file() and not (output / "model.safetensors").exists()
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output)
+    trained = [parameter for name, parameter in model.named_parameters() if "lora_B" in name]
+    assert trained and all(parameter.abs().sum() > 0 for parameter in trained)  # lora_B starts at zero
+
+
+class InterruptAt(TrainerCallback):
+    """Ctrl-C at the start of optimizer step `step` (1-based): a real SIGINT, or KeyboardInterrupt itself."""
+
+    def __init__(self, step: int, how: str):
+        self.step, self.how = step, how
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            if self.how == "signal":
+                signal.raise_signal(signal.SIGINT)
+            else:
+                raise KeyboardInterrupt
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> RunSummary:
+    torch.set_num_threads(1)
+    return run(make_plan(model_dir), tmp_path_factory.mktemp("reference") / "run", max_steps=7)
+
+
+@pytest.mark.parametrize("how, saved_step", [("signal", 4), ("keyboard-interrupt", 3)])
+def test_interrupt_then_resume_continues_at_the_same_step_with_the_same_losses(
+    model_dir: Path, tmp_path: Path, uninterrupted: RunSummary, how: str, saved_step: int
+) -> None:
+    """A first Ctrl-C (SIGINT) finishes step 4 and saves it; a KeyboardInterrupt (the second Ctrl-C) at the
+    start of step 4 saves step 3. Either way --resume runs the remaining steps once, on the same data."""
+    plan = make_plan(model_dir)
+    reference = uninterrupted
+
+    output = tmp_path / "interrupted"
+    first = run(plan, output, max_steps=7, callbacks=[InterruptAt(4, how)])
+    assert first.status == "interrupted" and first.global_step == saved_step
+    assert first.checkpoint == str(output / f"checkpoint-{saved_step}")
+    assert not (output / "model.safetensors").exists()  # only the checkpoint: the run is not finished
+
+    resumed = run(plan, output, max_steps=7, resume=True)
+    assert resumed.status == "completed" and resumed.resumed_from_step == saved_step and resumed.global_step == 7
+    assert [step for step, _ in resumed.loss_curve] == list(range(1, 8))
+    torch.testing.assert_close([loss for _, loss in resumed.loss_curve],
+                               [loss for _, loss in reference.loss_curve], rtol=1e-4, atol=1e-5)
+
+
+def test_output_directory_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(model_dir: Path, tmp_path: Path) -> None:
+    plan = make_plan(model_dir)
+    with pytest.raises(UsageError, match="holds no checkpoint-N folder"):
+        run(plan, tmp_path / "empty", max_steps=2, resume=True)
+    run(plan, tmp_path / "done", max_steps=2)
+    with pytest.raises(UsageError, match="already holds checkpoints .*pass --resume"):
+        run(plan, tmp_path / "done", max_steps=2)
+    with pytest.raises(UsageError, match="trained with another plan"):
+        run(make_plan(model_dir, micro_batch_size=1, grad_accum_steps=4), tmp_path / "done", max_steps=3, resume=True)
+
+
+def test_catalog_model_starts_from_random_weights_with_the_sample_tokenizer(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from memtune import sources
+
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    monkeypatch.setattr(sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "catalog", hub_id="tiny/llama"))
+    summary = run(make_plan("tiny-llama"), tmp_path / "catalog", max_steps=2, data=None)
+    assert summary.model_origin.startswith("random initialisation (a catalog config)")
+    assert any("random initialisation" in note for note in summary.notes)
+    assert summary.tokenizer_origin.startswith("memtune's sample tokenizer")
+    assert summary.data == str(data_module.SAMPLE_CORPUS_PATH)
+
+
+def test_cmd_run_prints_a_summary_table(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    plan_path = make_plan(model_dir).save(tmp_path / "plan.json")
+    parser = argparse.ArgumentParser()
+    add_run_arguments(parser)
+    args = parser.parse_args([str(plan_path), "--data", str(CORPUS), "--output-dir", str(tmp_path / "cli"),
+                              "--max-steps", "2", "--learning-rate", "1e-3"])
+    out, err = io.StringIO(), io.StringIO()
+    code = cmd_run(args, Console(file=out, width=120), Console(file=err, width=120))
+    assert code == 0
+    assert "memtune run: completed" in out.getvalue() and "2 / 2" in out.getvalue()
+    assert "step 2/2  loss" in err.getvalue()  # plain progress lines: not a terminal
+    assert capsys.readouterr().out == ""  # Trainer's own log printer is off: stdout carries results only
+
+
+# ---- data ----------------------------------------------------------------------------------------
+
+
+def test_packing_cuts_the_token_stream_into_equal_blocks(tmp_path: Path) -> None:
+    tokenizer = data_module.sample_tokenizer()
+    (tmp_path / "a.txt").write_text("one two three")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"body": "four five"}\n\n{"body": "six"}\n')
+    (tmp_path / "c.json").write_text('[{"body": "seven"}, "eight nine"]')
+    texts = data_module.read_texts(tmp_path, text_field="body")
+    assert texts == ["one two three", "seven", "eight nine", "four five", "six"]  # a.txt, c.json, sub/b.jsonl
+
+    dataset = data_module.build_dataset(tokenizer, 4, tmp_path, text_field="body")
+    stream = data_module.tokenize(tokenizer, texts)
+    assert stream.tolist().count(tokenizer.eos_token_id) == len(texts)
+    assert len(dataset) == stream.numel() // 4
+    assert torch.equal(dataset[1]["input_ids"], stream[4:8].long())
+    assert torch.equal(dataset[1]["labels"], dataset[1]["input_ids"])
+
+
+def test_sample_tokenizer_encodes_any_text_within_every_catalog_vocabulary() -> None:
+    tokenizer = data_module.sample_tokenizer()
+    text = "Grüße, 世界! tabs\tand emoji 🙂"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert len(tokenizer) < 32000  # the smallest vocabulary in the catalog is llama-2's 32000
+
+
+@pytest.mark.parametrize("content, text_field, message", [
+    (None, "text", "does not exist"),
+    ("", "text", "holds no text"),
+    ('{"prompt": "a", "completion": "b"}\n', "text", "has no field 'text' .*prompt.*pass --text-field completion"),
+    ('{"text": "a"}\nnot json\n', "text", "line 2 of .* is not valid JSON"),
+    ('{"text": 5}\n', "text", "field 'text' at line 1 .* is a int, not text"),
+])
+def test_bad_data_is_refused_with_the_value_seen_and_the_fix(tmp_path: Path, content, text_field, message) -> None:
+    path = tmp_path / "train.jsonl"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(UsageError, match=message):
+        data_module.read_texts(path, text_field)
+
+
+def test_data_errors_for_directories_short_data_and_foreign_tokenizers(tmp_path: Path) -> None:
+    tokenizer = data_module.sample_tokenizer()
+    (tmp_path / "notes.md").write_text("not training data")
+    with pytest.raises(UsageError, match="holds no .jsonl, .json or .txt files"):
+        data_module.read_texts(tmp_path)
+    (tmp_path / "short.txt").write_text("just a few words")
+    with pytest.raises(UsageError, match="fewer than one sequence of seq_len=1024"):
+        data_module.build_dataset(tokenizer, 1024, tmp_path / "short.txt")
+    with pytest.raises(UsageError, match="vocabulary has 10 entries: the tokenizer does not belong to this model"):
+        data_module.build_dataset(tokenizer, 2, tmp_path / "short.txt", vocab_size=10)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(UsageError, match="is not UTF-8 text"):
+        data_module.read_texts(tmp_path / "binary.txt")
+
+
+# ---- Plan adapters -------------------------------------------------------------------------------
+
+
+def test_plan_adapters_build_the_hugging_face_objects(model_dir: Path, tmp_path: Path) -> None:
+    import peft
+
+    plan = make_plan(model_dir, micro_batch_size=4, grad_accum_steps=8, amp="bf16", gradient_checkpointing=True,
+                     adapter=Adapter(rank=8, alpha=16, target_modules=("q_proj", "v_proj")))
+    args = plan.training_arguments(output_dir=str(tmp_path), use_cpu=True, learning_rate=1e-4)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (4, 8)
+    assert args.bf16 and not args.fp16 and args.learning_rate == 1e-4 and args.report_to == []
+    assert str(args.optim) in ("adamw_torch", "OptimizerNames.ADAMW_TORCH")
+    checkpointing = getattr(args, "activation_checkpointing", None) or args.gradient_checkpointing
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs
+    assert checkpointing and kwargs == {"use_reentrant": False}
+
+    lora = plan.lora_config()
+    assert isinstance(lora, peft.LoraConfig) and lora.r == 8 and set(lora.target_modules) == {"q_proj", "v_proj"}
+    assert make_plan(model_dir).lora_config() is None
+
+    model = plan.prepare(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
+    assert isinstance(model, peft.PeftModel)
+    assert model.get_base_model().model.gradient_checkpointing and model.config.use_cache is False
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights, as the plan says
+    guard = plan.oom_guard()
+    assert guard.current == plan.train_config and guard.fallbacks == plan.fallbacks
