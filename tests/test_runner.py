@@ -167,6 +167,20 @@ def test_catalog_model_starts_from_random_weights_with_the_sample_tokenizer(
     assert summary.data == str(data_module.SAMPLE_CORPUS_PATH)
 
 
+def test_hub_model_loads_its_weights_and_tokenizer_with_from_pretrained(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub branch, offline: from_pretrained takes a directory where it takes a hub id."""
+    from memtune import sources
+
+    config = AutoModelForCausalLM.from_pretrained(model_dir).config
+    monkeypatch.setattr(sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "hub", hub_id=str(model_dir)))
+    summary = run(make_plan("someone/tiny-llama"), tmp_path / "hub", max_steps=1)
+    assert summary.model_origin == f"weights from the hub ({model_dir})" and not summary.notes
+    assert summary.tokenizer_origin == f"tokenizer of {model_dir}"
+    assert summary.loss_curve[0][1] == pytest.approx(7.05, abs=0.3)
+
+
 def test_cmd_run_prints_a_summary_table(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plan_path = make_plan(model_dir).save(tmp_path / "plan.json")
     parser = argparse.ArgumentParser()
