@@ -22,19 +22,39 @@ from scipy.optimize import least_squares
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memtune.config import TrainConfig  # noqa: E402
-from memtune.sources import catalog_config, parameter_count  # noqa: E402
+from memtune.sources import catalog_config, parameter_count, resolve  # noqa: E402
 from memtune.throughput import ModelShape, gpu_speed, step_seconds  # noqa: E402
 
 FITTED = ("bf16_efficiency", "fp32_efficiency", "logits_traffic", "launch_seconds",
-          "checkpoint_overhead", "lora_overhead")
+          "checkpoint_overhead", "lora_overhead", "chunk_seconds")
+
+
+def _shape(model: str, num_layers: int | None = None) -> ModelShape:
+    config = resolve(model).config
+    if num_layers:
+        config.num_hidden_layers = num_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:num_layers]
+    return ModelShape.of(config, parameter_count(config))
 
 
 def load_rows(paths: list[str]) -> tuple[str, list[tuple[ModelShape, TrainConfig, float]]]:
+    """(shape, configuration as measured, seconds per step) from ground-truth or oracle files."""
     rows = []
     gpu = ""
     for path in paths:
         data = json.loads(Path(path).read_text())
         gpu = data["environment"]["gpu"]
+        if "grid" in data["cases"][0]:  # benchmarks/oracle.py: steps accumulate at most `accumulation` micro-batches
+            limit = data.get("accumulation", 4)
+            for case in data["cases"]:
+                shape = _shape(case["case"].split()[0])
+                for point in case["grid"]:
+                    if point["fits"] and point["tokens_per_second"]:
+                        train = TrainConfig.from_dict(point["config"])
+                        train = train.replace(grad_accum_steps=min(train.grad_accum_steps, limit))
+                        rows.append((shape, train, train.effective_batch_size * train.seq_len / point["tokens_per_second"]))
+            continue
         for case in data["cases"]:
             if not case.get("fits") or not case.get("tokens_per_second"):
                 continue

@@ -51,11 +51,13 @@ class ModelPredictor:
         return self._cache[config]
 
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:
-        if estimate_.total_bytes > usable_bytes:
-            return False
+        """Replay the step against a device of `usable_bytes`: under pressure torch's allocator frees
+        its cached blocks and retries, so a step whose unconstrained peak reserved is above the
+        budget can still fit; what must fit is the live memory plus unavoidable fragmentation."""
         config = estimate_.config
         if config.num_gpus > 1 or config.offload != "none":
-            return True  # the sharded model predicts a peak; there is no unsharded event stream to replay
+            # the sharded model predicts a peak; there is no unsharded event stream to replay
+            return estimate_.total_bytes <= usable_bytes
         return fits_under(self.model_config, estimate_, usable_bytes, self.device)
 
     def tokens_per_second(self, config: TrainConfig) -> float:
@@ -102,7 +104,8 @@ def emulated_budget(gpu: GpuInfo | None, budget_bytes: int) -> Iterator[None]:
     if gpu is None or budget_bytes >= gpu.budget_bytes:
         yield
         return
-    previous = gpu.memory_fraction if gpu.memory_fraction is not None else 1.0
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    previous = getter(gpu.index) if getter is not None else (gpu.memory_fraction or 1.0)
     fraction = max(0.0, (budget_bytes - gpu.context_bytes) / gpu.total_bytes)
     torch.cuda.set_per_process_memory_fraction(fraction, gpu.index)
     try:

@@ -22,8 +22,9 @@ where
   activation-traffic term both fitted to zero once this term was there, so they were dropped.
 The optimizer step reads and writes ~16 bytes per trained parameter (fused AdamW, fp32 state).
 
-The coefficients were fitted (benchmarks/calibrate_throughput.py) to the 90 measured steps of
-tests/data/ground_truth_h200.json on an NVIDIA H200; for another card they are scaled by its
+The coefficients were fitted (benchmarks/calibrate_throughput.py) to 143 measured steps on an
+NVIDIA H200 (the accuracy cases and the oracle grid: fp32/bf16, checkpointing, LoRA, chunked loss,
+accumulation); for another card they are scaled by its
 datasheet peak FLOPS and bandwidth. After a verification trial, the measured tokens/s of the chosen
 plan is reported next to this prediction.
 """
@@ -48,17 +49,20 @@ class GpuSpeed:
     memory_bytes_per_second: float
     pcie_bytes_per_second: float = 25e9
     """Host<->device copy rate for offloaded state (PCIe 4/5 x16, pinned, effective)."""
-    # Fitted to 90 measured H200 steps (benchmarks/calibrate_throughput.py): median error 6.9%, max 52%.
-    bf16_efficiency: float = 0.4245
-    fp32_efficiency: float = 0.7253
-    logits_traffic: float = 101.5
+    # Fitted to 143 measured H200 steps (benchmarks/calibrate_throughput.py on tests/data/ground_truth_h200.json
+    # and benchmarks/results/oracle_h200.json): median error 10%, max 56%.
+    bf16_efficiency: float = 0.5089
+    fp32_efficiency: float = 0.7482
+    logits_traffic: float = 66.62
     """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient)."""
-    launch_seconds: float = 1.542e-3
+    launch_seconds: float = 2.28e-3
     """Per layer per micro-batch (forward + backward): kernel launches and Python, independent of size."""
-    checkpoint_overhead: float = 1.948
+    checkpoint_overhead: float = 1.768
     """Launch overhead factor of gradient checkpointing (the forward runs twice)."""
-    lora_overhead: float = 1.915
+    lora_overhead: float = 1.51
     """Launch overhead factor of LoRA (each adapted matmul adds a few small kernels)."""
+    chunk_seconds: float = 0.898e-3
+    """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens): its checkpointed head, upcast and loss."""
     cpu_optimizer_params_per_second: float = 4e8
     """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
 
@@ -149,6 +153,10 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> flo
     launches *= speed.checkpoint_overhead if config.gradient_checkpointing else 1.0
     launches *= speed.lora_overhead if config.adapter is not None else 1.0
     micro = compute + traffic / speed.memory_bytes_per_second + launches
+    if config.loss == "chunked":
+        from memtune.loss import CHUNK_TOKENS
+
+        micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
 
     trained = trained_parameters(shape, config)
     optimizer = trained * 16 * 2 / speed.memory_bytes_per_second

@@ -89,12 +89,24 @@ def warm_up() -> int:
     return _WORKSPACE_BYTES
 
 
-def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device: str = "cuda") -> Measurement:
+def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device: str = "cuda",
+            accumulation_limit: int | None = 2) -> Measurement:
     """Run `steps` real optimizer steps of `train_config` and measure peak memory and step time.
+
+    With `accumulation_limit`, a step accumulates at most that many micro-batches: from the second
+    micro-batch on, every gradient is alive and the step's memory repeats itself, so 2 micro-batches
+    reach the peak of any accumulation (the trace relies on the same fact), and a trial of 1 x 32
+    costs 2 micro-batches, not 32. tokens_per_step and step_seconds then describe the shortened step
+    (the optimizer's share is over-counted: a conservative tokens/s). None runs the full step.
 
     An out-of-memory error is caught and reported as `fits=False`; any other error propagates.
     Either way the memory the trial took is given back before returning.
     """
+    if train_config.offload != "none" or train_config.num_gpus > 1:
+        # Offload and multi-GPU run as FSDP through accelerate's preparation (distributed.measure_sharded).
+        from memtune.distributed import measure_sharded
+
+        return measure_sharded(model_config, train_config, steps=steps, device=device)
     import torch
 
     from memtune import recipe
@@ -106,6 +118,8 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
     allocated_before = torch.cuda.memory_allocated()
     reserved_before = torch.cuda.memory_reserved()
     retries_before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+    if accumulation_limit is not None and train_config.grad_accum_steps > accumulation_limit:
+        train_config = train_config.replace(grad_accum_steps=accumulation_limit)
     result = Measurement(fits=True, tokens_per_step=train_config.effective_batch_size * train_config.seq_len)
     model = optimizer = scaler = None
     try:

@@ -43,3 +43,28 @@ def test_memory_returns_to_baseline_after_a_trial_and_after_an_oom():
     assert not result.fits and "out of memory" in result.error.lower()
     assert torch.cuda.memory_allocated() == baseline
     assert torch.cuda.memory_reserved() <= baseline + 64 * 2**20
+
+
+def test_fit_under_a_budget_verifies_the_winner_and_gives_memory_back():
+    import torch
+
+    from memtune import verify
+    from memtune.config import GIB
+    from memtune.fit import fit_model
+    from memtune.search import VERIFIED
+    from memtune.sources import parameter_count, resolve
+
+    verify.warm_up()
+    baseline = torch.cuda.memory_allocated()
+    source = resolve("gpt2")
+    # 6 GiB: gpt2 at 16 x 1024 in bf16 needs ~25 GiB without checkpointing, so the search must escalate.
+    result = fit_model(source, parameter_count(source.config), 1024, 16, budget_bytes=6 * GIB, trial_steps=2)
+    chosen = result.search.chosen
+    assert chosen is not None and chosen.status == VERIFIED
+    assert chosen.config.effective_batch_size == 16
+    assert chosen.measured_total_bytes <= 6 * GIB
+    assert result.search.trials <= 3
+    assert torch.cuda.memory_allocated() == baseline
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is not None:
+        assert getter(0) == 1.0  # the budget emulated for the trial was lifted afterwards

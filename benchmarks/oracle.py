@@ -1,0 +1,105 @@
+"""The grid over the ladder, measured: how close is memtune's choice to the fastest configuration that fits?
+
+    PYTHONPATH=. python3 benchmarks/oracle.py --out benchmarks/results/oracle_h100.json
+
+For each case of benchmarks/search.py (same caps, set_per_process_memory_fraction), measure real
+steps (memtune.verify.measure) of the configurations that keep the effective batch:
+{bf16-mixed, fp32} x {checkpointing off, on} x {standard, chunked loss} x micro-batch (divisors of
+the batch). Within one family (all but the micro-batch) micro-batches are tried from the largest
+down; after `--fitting` of them fit (1 for fp32, whose steps are ~5x slower and never the fastest),
+smaller ones are not measured (smaller micro-batches are slower: launch overhead per micro-batch
+grows). Steps accumulate at most `--accumulation` micro-batches (memory peaks by the second; the
+optimizer's share of a step is then over-counted by the same rule for every configuration). Adapters (they change what is trained) and offload
+are outside the grid. memtune's choice is its prediction-only plan for the same budget (no trials);
+if the grid did not measure it, it is measured too. Reported: memtune's measured tokens/s over the
+grid's best that fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.search import CASES, set_cap  # noqa: E402
+from memtune.config import GIB, TrainConfig  # noqa: E402
+
+
+def grid_families(case) -> list[TrainConfig]:
+    return [TrainConfig(seq_len=case.seq_len, amp=amp, gradient_checkpointing=ckpt, loss=loss)
+            for amp in ("bf16", "none") for ckpt in (False, True) for loss in ("standard", "chunked")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--fitting", type=int, default=3, help="fitting micro-batches measured per family (default 3)")
+    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per measured step at most (default 4)")
+    parser.add_argument("--cases", type=int, nargs="*", default=None)
+    parser.add_argument("--reuse", default=None, metavar="ORACLE.json",
+                        help="take the grid measured by an earlier run (same card) and measure only memtune's choice "
+                             "if it is not in it: for re-checking the choice after the search changed")
+    args = parser.parse_args()
+
+    import torch
+
+    from benchmarks.ground_truth import environment
+    from memtune import verify
+    from memtune.fit import fit_model
+    from memtune.probe import probe
+    from memtune.search import Policy
+    from memtune.sources import parameter_count, resolve
+
+    env = environment()
+    verify.warm_up()
+    rows = []
+    for index in args.cases if args.cases is not None else range(len(CASES)):
+        case = CASES[index]
+        source = resolve(case.model)
+        started = time.perf_counter()
+        set_cap(case)
+        budget = case.cap_gib * GIB + probe().gpus[0].context_bytes
+        choice = fit_model(source, parameter_count(source.config), case.seq_len, case.batch_size, budget_bytes=budget,
+                           verify=False, policy=Policy(use_adapter=False, allow_offload=False)).search.chosen
+        measured: dict[TrainConfig, dict] = {}
+        if args.reuse:
+            earlier = next(c for c in json.loads(Path(args.reuse).read_text())["cases"] if c["case"] == case.name)
+            measured = {TrainConfig.from_dict(point["config"]): point for point in earlier["grid"]}
+        for family in grid_families(case) if not args.reuse else []:
+            fitting = 0
+            for micro in [m for m in range(case.batch_size, 0, -1) if case.batch_size % m == 0]:
+                config = family.replace(micro_batch_size=micro, grad_accum_steps=case.batch_size // micro)
+                set_cap(case)
+                m = verify.measure(source.config, config, steps=args.steps, accumulation_limit=args.accumulation)
+                measured[config] = {"config": config.to_dict(), "description": config.describe(), "fits": m.fits,
+                                    "tokens_per_second": m.tokens_per_second if m.fits else 0.0,
+                                    "peak_reserved_bytes": m.peak_reserved_bytes}
+                fitting += m.fits
+                if fitting >= (args.fitting if family.amp != "none" else 1):
+                    break
+        if choice is not None and choice.config not in measured:
+            set_cap(case)
+            m = verify.measure(source.config, choice.config, steps=args.steps, accumulation_limit=args.accumulation)
+            measured[choice.config] = {"config": choice.config.to_dict(), "description": choice.config.describe(),
+                                       "fits": m.fits, "tokens_per_second": m.tokens_per_second if m.fits else 0.0,
+                                       "peak_reserved_bytes": m.peak_reserved_bytes}
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+        best = max(measured.values(), key=lambda r: r["tokens_per_second"])
+        mine = measured[choice.config] if choice is not None else None
+        ratio = (mine["tokens_per_second"] / best["tokens_per_second"]) if mine and best["tokens_per_second"] else 0.0
+        rows.append({"case": case.name, "grid": list(measured.values()), "best": best, "memtune": mine,
+                     "memtune_over_best": ratio, "seconds": time.perf_counter() - started})
+        print(f"{case.name:42s} grid {len(measured):3d} configs  best {best['tokens_per_second']:8.0f} tok/s "
+              f"({best['description']})  memtune {0 if not mine else mine['tokens_per_second']:8.0f} "
+              f"({'-' if not mine else mine['description']})  ratio {ratio:.3f}", flush=True)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"environment": env, "steps": args.steps, "accumulation": args.accumulation, "cases": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
