@@ -278,6 +278,8 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
             for ckpt in checkpointing:
                 for loss in losses:
                     for offload in offloads:
+                        if offload != "none" and loss != "standard":
+                            continue  # FSDP's offload needs the loss inside the root module (distributed.check_supported)
                         configs.append(TrainConfig(
                             seq_len=seq_len, micro_batch_size=micro,
                             grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),
@@ -430,7 +432,8 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
         changes.append((f"{'+' if flip == 'chunked' else '-'} chunked loss", chosen.replace(loss=flip)))
     if policy.offload is None and policy.allow_offload and chosen.adapter is None:
         flip = "none" if chosen.offload != "none" else "parameters"
-        changes.append((f"{'+' if flip != 'none' else '-'} CPU offload", chosen.replace(offload=flip)))
+        changes.append((f"{'+' if flip != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else ""),
+                        chosen.replace(offload=flip, loss="standard")))
     if policy.use_adapter is None:
         if chosen.adapter is None:
             changes.append((f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)))

@@ -205,3 +205,9 @@ def test_bad_policies_are_refused_with_every_problem():
         search(FakePredictor(), 512, 6, GIB, Policy(micro_batch_size=4, precision="bf16-mixed", bf16_supported=False))
     message = str(error.value)
     assert "does not divide the batch 6" in message and "needs bf16" in message
+
+
+def test_offload_candidates_keep_the_standard_loss():
+    configs = candidate_space(1024, 8, Policy(), with_adapter=False)
+    assert any(c.offload == "parameters" for c in configs)
+    assert all(c.loss == "standard" for c in configs if c.offload != "none")
