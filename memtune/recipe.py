@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from memtune.config import TrainConfig
+from memtune.errors import UsageError
+from memtune.loss import chunked_causal_lm_loss
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,6 +88,46 @@ def random_batch(model_config: Any, train_config: TrainConfig, device: str | tor
     return torch.randint(0, vocab, shape, device=device)
 
 
+# Config fields of architectures whose logits are more than `lm_head(hidden)` (+ Gemma-2's softcap):
+# Cohere's logit_scale, Granite's logits_scaling. The chunked loss would silently train a different model.
+_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
+
+
+def forward_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, train_config: TrainConfig
+) -> torch.Tensor:
+    """The mean next-token loss of one micro-batch, with the loss implementation `train_config.loss` names.
+
+    "standard" is the model's own forward (all logits at once). "chunked" runs the backbone, then the
+    LM head and cross-entropy a chunk of tokens at a time (`memtune.loss`); same value and gradients.
+    """
+    if train_config.loss == "standard":
+        return model(input_ids=input_ids, labels=labels).loss
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft
+    config = causal_lm.config
+    rescaling = {name: getattr(config, name, None) for name in _LOGIT_TRANSFORMS}
+    rescaling = {name: value for name, value in rescaling.items() if value not in (None, 1, 1.0)}
+    if rescaling:
+        seen = ", ".join(f"{name}={value}" for name, value in rescaling.items())
+        raise UsageError(f"the chunked loss does not support {config.model_type}, whose logits are rescaled ({seen}): "
+                         "use loss='standard' for this model")
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    extra = {}
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        # Prefix tuning enters as a cache of virtual keys/values, as PeftModelForCausalLM.forward passes it.
+        batch_size, seq_len = input_ids.shape
+        virtual_tokens = model.active_peft_config.num_virtual_tokens
+        extra["cache"] = model.get_prompt(batch_size, max_cache_len=seq_len + virtual_tokens)
+    # last_hidden_state is after the final norm (llama, qwen2, gemma2, phi3: model.norm; gpt2: transformer.ln_f).
+    hidden_states = backbone(input_ids=input_ids, **extra).last_hidden_state
+    return chunked_causal_lm_loss(
+        hidden_states,
+        causal_lm.get_output_embeddings(),
+        labels,
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -103,7 +145,7 @@ def train_step(
     accum = train_config.grad_accum_steps
     for input_ids in batches:
         with amp_context(train_config, device_type):
-            loss = model(input_ids=input_ids, labels=input_ids).loss / accum
+            loss = forward_loss(model, input_ids, input_ids, train_config) / accum
         if scaler is not None:
             scaler.scale(loss).backward()
         else:

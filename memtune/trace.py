@@ -363,6 +363,23 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
     return handles
 
 
+def _logits_hook(counter: StorageCounter) -> Any:
+    """A forward pre-hook for the LM head: what follows is logits and loss, until the head's input has
+    its gradient. The chunked loss calls the head again in backward (checkpoint recomputation), chunk
+    by chunk; the gradient hook hands the rest of backward back to the decoder layers."""
+
+    def back_to_temporaries(grad: torch.Tensor) -> None:
+        counter.phase = Category.TEMPORARIES
+
+    def hook(module: torch.nn.Module, args: tuple) -> None:
+        counter.phase = Category.LOGITS
+        hidden = _first_tensor(args)
+        if hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
+            hidden.register_hook(back_to_temporaries)
+
+    return hook
+
+
 # -- the trace ---------------------------------------------------------------------------------
 
 
@@ -389,7 +406,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         hooks = _layer_hooks(layers, counter)
         if head is not None:
-            hooks.append(head.register_forward_pre_hook(lambda *_: setattr(counter, "phase", Category.LOGITS)))
+            hooks.append(head.register_forward_pre_hook(_logits_hook(counter)))
         trainable = [p for p in model.parameters() if p.requires_grad]
         for _ in range(steps):
             batches = [recipe.random_batch(model_config, train_config, device)
@@ -399,7 +416,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             for input_ids in batches:
                 counter.phase = Category.ACTIVATIONS
                 with recipe.amp_context(train_config, amp_device):
-                    loss = model(input_ids=input_ids, labels=input_ids).loss / step_config.grad_accum_steps
+                    loss = recipe.forward_loss(model, input_ids, input_ids, train_config) / step_config.grad_accum_steps
                 counter.phase = Category.TEMPORARIES
                 loss.backward()
                 counter.base_layer = NO_LAYER
