@@ -1,0 +1,142 @@
+"""The FSDP memory model on small models (CPU, fake tensors, a fake process group)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memtune.config import TrainConfig
+from memtune.errors import UsageError
+from memtune.estimate import estimate
+from memtune.sharding import (
+    COMPUTE_STREAM,
+    FSDP_BUFFERS,
+    _trace,
+    cached_trace_sharded,
+    estimate_sharded,
+    extend_sharded,
+    simulate_streams,
+)
+from memtune.sources import catalog_config
+from memtune.trace import rounded
+
+
+def small_llama(layers: int = 6, hidden: int = 256, vocab: int = 4096):
+    """Llama-3.2 shaped (tied embeddings, grouped KV heads), large enough that 512-byte rounding is noise."""
+    config = catalog_config("meta-llama/Llama-3.2-1B")
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = hidden, 2 * hidden, 4
+    config.num_key_value_heads, config.head_dim, config.vocab_size = 2, hidden // 4, vocab
+    config.num_hidden_layers = layers
+    config.bos_token_id = config.eos_token_id = 0
+    return config
+
+
+def allocated(trace, category: str) -> int:
+    return sum(size for kind, sid, size, _ in trace.events if kind == "alloc" and trace.categories[sid] == category)
+
+
+def test_one_gpu_without_mixed_precision_matches_the_unsharded_estimate():
+    config = TrainConfig(seq_len=128, micro_batch_size=2)
+    sharded = estimate_sharded(small_llama(), config)
+    plain = estimate(small_llama(), config, device="cpu")
+    # FSDP on one GPU still copies the unit in use (and the tied embedding/head unit, gathered from
+    # the embedding's forward to its backward) into separate "unsharded" storages: a few percent more.
+    assert plain.peak_allocated_bytes <= sharded.peak_allocated_bytes <= 1.10 * plain.peak_allocated_bytes
+    assert sharded.breakdown["weights"] == plain.breakdown["weights"]
+
+
+@pytest.mark.parametrize("num_gpus", [2, 4])
+def test_weights_gradients_and_optimizer_state_shrink_with_the_number_of_gpus(num_gpus):
+    config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16")
+    one = cached_trace_sharded(small_llama(), config)
+    many = cached_trace_sharded(small_llama(), config.replace(num_gpus=num_gpus))
+    for category in ("weights", "gradients", "optimizer"):
+        assert allocated(one, category) > 0
+        assert allocated(many, category) == pytest.approx(allocated(one, category) / num_gpus, rel=0.05), category
+    assert simulate_streams(many)[0] < simulate_streams(one)[0]
+
+
+def test_cpu_offload_keeps_parameters_gradients_and_optimizer_state_off_the_gpu():
+    config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16", gradient_checkpointing=True)
+    resident = cached_trace_sharded(small_llama(), config)
+    offloaded = cached_trace_sharded(small_llama(), config.replace(offload="parameters"))
+    assert allocated(offloaded, "optimizer") == 0
+    assert allocated(offloaded, "weights") < 0.001 * allocated(resident, "weights")  # buffers (RoPE) only
+    # Each sharded gradient leaves for the host as soon as it is reduced: never two alive at once.
+    live, most = {}, 0
+    for kind, sid, size, _ in offloaded.events:
+        if offloaded.categories[sid] == "gradients":
+            live.pop(sid, None) if kind == "free" else live.update({sid: size})
+            most = max(most, len(live))
+    assert most == 1
+    assert estimate_sharded(small_llama(), config.replace(offload="parameters")).peak_reserved_bytes < \
+        estimate_sharded(small_llama(), config).peak_reserved_bytes
+
+
+def test_a_layer_is_gathered_in_the_parameter_dtype_for_its_forward_and_freed_after_it():
+    model = small_llama()
+    config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16", num_gpus=2)
+    trace = cached_trace_sharded(model, config)
+    layer = 3  # a template copy in the extended trace
+    # The first run of events tagged with the layer after the shards are in place is its forward.
+    runs, start = [], 0
+    events = trace.events
+    for index in range(1, len(events) + 1):
+        if index == len(events) or events[index][3] != events[start][3]:
+            runs.append(events[start:index])
+            start = index
+    forward = [run for run in runs if run[0][3] == layer][1]
+    gathered = [(sid, size) for kind, sid, size, _ in forward
+                if kind == "alloc" and trace.categories[sid] == FSDP_BUFFERS and trace.streams[sid] == COMPUTE_STREAM]
+    hidden, inner, kv = model.hidden_size, model.intermediate_size, model.num_key_value_heads * model.head_dim
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden),
+              (hidden, inner), (hidden,), (hidden,)]
+    expected = sorted(rounded(2 * (shape[0] * (shape[1] if len(shape) > 1 else 1))) for shape in shapes)
+    assert sorted(size for _, size in gathered) == expected  # one bf16 storage per parameter
+    freed = {sid for kind, sid, _, _ in forward if kind == "free"}
+    assert {sid for sid, _ in gathered} <= freed  # resharded after forward
+    # The all-gather output (world size x shard, bf16) lives on FSDP's own stream.
+    all_gather = [size for kind, sid, size, _ in forward
+                  if kind == "alloc" and trace.streams[sid] != COMPUTE_STREAM and trace.categories[sid] == FSDP_BUFFERS]
+    assert rounded(sum(expected)) in all_gather or max(all_gather) >= sum(expected)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", gradient_checkpointing=True, num_gpus=4),
+        TrainConfig(seq_len=32, micro_batch_size=2, grad_accum_steps=2, num_gpus=2),
+        TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", offload="parameters"),
+    ],
+    ids=["bf16-mixed+ckpt, 4 GPUs", "fp32 accum 2, 2 GPUs", "offload, 1 GPU"],
+)
+def test_extending_a_five_layer_trace_reproduces_tracing_every_layer(config):
+    # One step: its optimizer step creates the state and zero_grad frees the gradients.
+    full = _trace(small_llama(8, hidden=128, vocab=1000), config, 1)
+    extended = extend_sharded(_trace(small_llama(5, hidden=128, vocab=1000), config, 1), 8, 1)
+    assert extended is not None
+
+    def signature(trace):
+        return [(kind, size, trace.streams[sid], trace.categories[sid]) for kind, sid, size, _ in trace.events]
+
+    assert signature(extended) == signature(full)
+    assert simulate_streams(extended) == simulate_streams(full)
+
+
+def test_estimate_any_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(monkeypatch):
+    import importlib
+
+    from memtune import sharding
+
+    estimate_module = importlib.import_module("memtune.estimate")  # the package re-exports a function of that name
+
+    monkeypatch.setattr(sharding, "estimate_sharded", lambda model, config, **_: "sharded")
+    monkeypatch.setattr(estimate_module, "estimate", lambda model, config, **_: "plain")
+    model = small_llama()
+    assert sharding.estimate_any(model, TrainConfig(seq_len=16, num_gpus=2)) == "sharded"
+    assert sharding.estimate_any(model, TrainConfig(seq_len=16, offload="parameters")) == "sharded"
+    assert sharding.estimate_any(model, TrainConfig(seq_len=16)) == "plain"
+
+
+def test_optimizer_only_offload_is_refused_with_the_alternative():
+    with pytest.raises(UsageError, match="offload 'parameters'"):
+        estimate_sharded(small_llama(), TrainConfig(seq_len=64, offload="optimizer"))
