@@ -1,8 +1,16 @@
-"""memtune: predict, and avoid, CUDA out-of-memory in fine-tuning."""
+"""memtune: predict, and avoid, CUDA out-of-memory in fine-tuning.
+
+    plan = memtune.auto_fit("Qwen/Qwen2.5-0.5B", seq_len=1024, batch_size=32)
+"""
 
 from memtune.config import Adapter, TrainConfig, parse_bytes
 from memtune.estimate import Estimate, estimate
+from memtune.fit import FitResult, auto_fit, fit_model
+from memtune.plan import Plan
+from memtune.probe import probe
+from memtune.search import Policy
 from memtune.sources import resolve
 
-__all__ = ["Adapter", "Estimate", "TrainConfig", "estimate", "parse_bytes", "resolve"]
+__all__ = ["Adapter", "Estimate", "FitResult", "Plan", "Policy", "TrainConfig", "auto_fit", "estimate", "fit_model",
+           "parse_bytes", "probe", "resolve"]
 __version__ = "0.1.0"

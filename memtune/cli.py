@@ -1,6 +1,9 @@
 """memtune's command line: parse, call, render. No logic lives here.
 
-Exit codes: 0 fits (or nothing to check), 1 unexpected failure, 2 bad usage or input, 3 does not fit.
+    memtune fit | plan | run | probe | models
+
+Exit codes: 0 fitted / ran (or nothing to check), 1 unexpected failure, 2 bad usage or input,
+3 nothing fits (the shortfall and what would fit are printed), 130 interrupted (a checkpoint is saved).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import sys
 from rich.console import Console
 
 from memtune import report
-from memtune.config import KNOWN_GPUS, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
+from memtune.config import DEFAULT_SAVE_STEPS, KNOWN_GPUS, SAVE_TOTAL_LIMIT, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
 from memtune.errors import MemtuneError, UsageError
 from memtune.search import Policy
 
@@ -47,10 +50,49 @@ shortfall and what would fit are printed).
 """
 
 
+EPILOG_RUN = """examples:
+  memtune run plans/qwen2.5-0.5b.json --data train.jsonl --max-steps 500
+  memtune run plan.json --data corpus/ --text-field content --output-dir runs/exp1
+  memtune run plan.json --output-dir runs/exp1 --resume        # after Ctrl-C or a crash
+
+Without --data, a small sample corpus shipped with memtune is used (to try a plan end to end).
+Ctrl-C finishes the current optimizer step and saves a checkpoint; --resume continues from it.
+exit codes: 0 ran, 1 unexpected failure, 2 bad usage or input, 3 out of memory with no lighter
+configuration left (the last step is saved), 130 interrupted (checkpoint saved).
+"""
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `memtune run` options (cli.py makes the subparser; cmd_run executes it)."""
+    parser.add_argument("plan", metavar="PLAN", help="plan file written by `memtune fit` (JSON)")
+    parser.add_argument("--data", metavar="FILE", default=None,
+                        help="training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them "
+                             "(default: memtune's small sample corpus)")
+    parser.add_argument("--output-dir", metavar="DIR", default=None,
+                        help="where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go "
+                             "(default: memtune-runs/<model name>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint-N in --output-dir at step N+1")
+    parser.add_argument("--text-field", default="text", help="the JSON field that holds the text (default: text)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="optimizer steps in all, earlier runs of a resumed directory included "
+                             "(default: one pass over the data)")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="peak learning rate, linear decay (default 2e-4 with LoRA, 2e-5 for full fine-tuning)")
+    parser.add_argument("--save-steps", type=int, default=DEFAULT_SAVE_STEPS,
+                        help=f"checkpoint every N optimizer steps; the last {SAVE_TOTAL_LIMIT} are kept "
+                             f"(default {DEFAULT_SAVE_STEPS})")
+    parser.add_argument("--seed", type=int, default=42, help="seed for weights, data order and dropout (default 42)")
+    parser.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtune",
         description="Predict, and avoid, CUDA out-of-memory in fine-tuning.",
+        epilog="start here: memtune fit MODEL --seq-len 1024 --batch-size 32   (see memtune fit --help)\n\n"
+               "exit codes: 0 fitted/ran, 1 unexpected failure, 2 bad usage or input, 3 nothing fits, 130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--report", default=None, metavar="FILE.html", help="also write the report as a self-contained HTML page")
     run.add_argument("--trace-device", choices=["cpu", "cuda"], default=None, help="see `memtune plan --help`")
     run.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+
+    run.add_argument("--run", action="store_true", help="train with the plan right away (same as `memtune run PLAN`)")
+    run.add_argument("--data", default=None, metavar="FILE", help="with --run: training text (.jsonl, .txt or a folder; "
+                     "default: memtune's sample corpus)")
+    run.add_argument("--output-dir", default=None, metavar="DIR", help="with --run: where the model and checkpoints go")
+    run.add_argument("--max-steps", type=int, default=None, help="with --run: optimizer steps (default: one pass over the data)")
+
+    run_command = commands.add_parser(
+        "run", help="train with a saved plan (HF Trainer), with the OOM guard; Ctrl-C checkpoints, --resume continues",
+        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_run_arguments(run_command)
 
     probe = commands.add_parser("probe", help="what the GPU here has: total, free, other processes, bf16, CUDA context")
     probe.add_argument("--json", action="store_true", help="print JSON")
@@ -248,7 +302,18 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.report:
         path = report.write_html(result, args.report)
         err.print(f"report written to {path}")
-    return 0 if result.fits else 3
+    if not result.fits:
+        return 3
+    if args.run:
+        from memtune.runner import cmd_run
+
+        if result.plan_path is None:
+            raise UsageError("--run needs a plan for one GPU or budget: give --budget or --gpu, or run on a GPU")
+        run_args = argparse.Namespace(plan=str(result.plan_path), data=args.data, output_dir=args.output_dir, resume=False,
+                                      text_field="text", max_steps=args.max_steps, learning_rate=None,
+                                      save_steps=200, seed=42, json=False)
+        return cmd_run(run_args, out, err)
+    return 0
 
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -260,6 +325,12 @@ def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         report.render_probe(result, out)
     return 0
+
+
+def _cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.runner import cmd_run  # imports the Trainer: only for `run`
+
+    return cmd_run(args, out, err)
 
 
 def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -282,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Console()
     err = Console(stderr=True)
     try:
-        commands = {"fit": cmd_fit, "plan": cmd_plan, "probe": cmd_probe, "models": cmd_models}
+        commands = {"fit": cmd_fit, "plan": cmd_plan, "run": _cmd_run, "probe": cmd_probe, "models": cmd_models}
         return commands[args.command](args, out, err)
     except MemtuneError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False)

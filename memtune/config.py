@@ -157,6 +157,14 @@ def precision_config(name: str) -> tuple[DType, Amp]:
         raise UsageError(f"unknown precision {name!r}: choose one of {', '.join(PRECISIONS)}") from None
 
 
+# ---- runs ----------------------------------------------------------------------------------
+
+DEFAULT_SAVE_STEPS = 200
+"""`memtune run` checkpoints every this many optimizer steps."""
+SAVE_TOTAL_LIMIT = 2
+"""...and keeps the last this many checkpoints."""
+
+
 # ---- bytes and their units ------------------------------------------------------------------
 
 GIB = 1 << 30

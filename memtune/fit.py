@@ -10,6 +10,7 @@ Three situations:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from typing import Any
 
 from memtune import throughput
 from memtune.config import TrainConfig, format_bytes
+from memtune.errors import UsageError
 from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, estimate, fits_under
 from memtune.plan import Plan
 from memtune.probe import GpuInfo, ProbeResult
@@ -193,6 +195,77 @@ def fit_model(
 
 
 def _with(policy: Policy, **changes: Any) -> Policy:
-    import dataclasses
-
     return dataclasses.replace(policy, **changes)
+
+
+def _source_of(model_or_name: Any) -> tuple[ModelSource, int]:
+    """A ModelSource and parameter count for a MODEL name/path or a model object the user built."""
+    from memtune.sources import parameter_count, resolve
+
+    if isinstance(model_or_name, (str, Path)):
+        source = resolve(str(model_or_name))
+        return source, parameter_count(source.config)
+    config = getattr(model_or_name, "config", None)
+    if config is None or not hasattr(model_or_name, "parameters"):
+        raise UsageError(f"auto_fit needs a model name, a local directory or a transformers model object, "
+                         f"got {type(model_or_name).__name__}")
+    base = model_or_name.get_base_model() if hasattr(model_or_name, "get_base_model") else model_or_name
+    name = getattr(config, "_name_or_path", "") or type(base).__name__
+    return ModelSource(name=name, config=config, origin="object"), sum(p.numel() for p in base.parameters())
+
+
+POLICY_OPTIONS = {f.name for f in dataclasses.fields(Policy)} - {"bf16_supported", "num_gpus"}
+
+
+def auto_fit(
+    model_or_name: Any,
+    seq_len: int = 1024,
+    batch_size: int = 8,
+    budget: str | int | None = None,
+    *,
+    gpu: str | None = None,
+    verify: bool = True,
+    plan_path: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    **policy: Any,
+) -> Plan:
+    """The fastest plan that fits, for a model name, local directory or model object. Prints nothing.
+
+        plan = memtune.auto_fit("Qwen/Qwen2.5-0.5B", seq_len=1024, batch_size=32)
+        model = plan.prepare(model)
+        trainer = Trainer(model=model, args=plan.training_arguments(output_dir="out"),
+                          train_dataset=ds, callbacks=[plan.oom_guard()])
+
+    `budget` ("24GiB", or bytes) or `gpu` (a known card name) plans for memory other than the GPU
+    here. `policy` takes `Policy` fields: precision="fp32", gradient_checkpointing=True,
+    micro_batch_size=4, use_adapter=False (full fine-tuning only), allow_offload=False,
+    margin_bytes=..., min_micro_batch_size=... A model object should not be on the GPU yet: its
+    memory would be counted twice. Raises NothingFitsError (with the shortfall and suggestions)
+    when no configuration fits.
+    """
+    from memtune.config import KNOWN_GPUS, parse_bytes
+    from memtune.errors import NothingFitsError
+
+    unknown = sorted(set(policy) - POLICY_OPTIONS)
+    if unknown:
+        raise UsageError(f"auto_fit got unknown options {unknown}; policy options are {sorted(POLICY_OPTIONS)}")
+    budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
+    if gpu is not None:
+        names = {name.lower(): name for name in KNOWN_GPUS}
+        if gpu.lower() not in names:
+            raise UsageError(f"unknown gpu {gpu!r}: choose one of {', '.join(KNOWN_GPUS)}, or give budget")
+        budget_bytes = KNOWN_GPUS[names[gpu.lower()]]
+    source, num_parameters = _source_of(model_or_name)
+    result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
+                       policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)
+    if result.plan is not None:
+        return result.plan
+    search_ = result.search
+    if search_ is None:  # no GPU and no budget: say which cards would do
+        fitting = [card.card for card in result.card_plans if card.search.chosen is not None]
+        raise UsageError("no GPU is visible and no budget was given: pass budget='24GiB' or gpu='A100-80GB'"
+                         + (f" (it would fit on {', '.join(fitting)})" if fitting else ""))
+    raise NothingFitsError(
+        f"nothing fits {format_bytes(search_.budget_bytes)}: short by {format_bytes(search_.shortfall_bytes)}",
+        shortfall_bytes=search_.shortfall_bytes, suggestions=search_.suggestions,
+    )

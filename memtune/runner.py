@@ -45,17 +45,13 @@ from transformers import Trainer, TrainerCallback
 
 from memtune import data as data_module
 from memtune import recipe
-from memtune.config import TrainConfig, format_bytes
+from memtune.config import DEFAULT_SAVE_STEPS, SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import MemtuneError, UsageError
 from memtune.oom_guard import OomGuard
 from memtune.plan import Plan
 
 SUMMARY_FILE = "run_summary.json"
 PLAN_FILE = "plan.json"
-DEFAULT_SAVE_STEPS = 200
-"""Checkpoint every this many optimizer steps (each holds weights and optimizer state)."""
-SAVE_TOTAL_LIMIT = 2
-"""Checkpoints kept; older ones are deleted."""
 MEMORY_BANDS = 20
 """The run's steps are cut into about this many bands; run_summary.json has the peak memory of each."""
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
@@ -495,42 +491,6 @@ def default_output_dir(plan: Plan) -> Path:
 
 
 # ---- command line (wired into cli.py) ------------------------------------------------------------
-
-EPILOG_RUN = """examples:
-  memtune run plans/qwen2.5-0.5b.json --data train.jsonl --max-steps 500
-  memtune run plan.json --data corpus/ --text-field content --output-dir runs/exp1
-  memtune run plan.json --output-dir runs/exp1 --resume        # after Ctrl-C or a crash
-
-Without --data, a small sample corpus shipped with memtune is used (to try a plan end to end).
-Ctrl-C finishes the current optimizer step and saves a checkpoint; --resume continues from it.
-exit codes: 0 ran, 1 unexpected failure, 2 bad usage or input, 3 out of memory with no lighter
-configuration left (the last step is saved), 130 interrupted (checkpoint saved).
-"""
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `memtune run` options (cli.py makes the subparser; cmd_run executes it)."""
-    parser.add_argument("plan", metavar="PLAN", help="plan file written by `memtune fit` (JSON)")
-    parser.add_argument("--data", metavar="FILE", default=None,
-                        help="training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them "
-                             "(default: memtune's small sample corpus)")
-    parser.add_argument("--output-dir", metavar="DIR", default=None,
-                        help="where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go "
-                             "(default: memtune-runs/<model name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint-N in --output-dir at step N+1")
-    parser.add_argument("--text-field", default="text", help="the JSON field that holds the text (default: text)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="optimizer steps in all, earlier runs of a resumed directory included "
-                             "(default: one pass over the data)")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="peak learning rate, linear decay (default 2e-4 with LoRA, 2e-5 for full fine-tuning)")
-    parser.add_argument("--save-steps", type=int, default=DEFAULT_SAVE_STEPS,
-                        help=f"checkpoint every N optimizer steps; the last {SAVE_TOTAL_LIMIT} are kept "
-                             f"(default {DEFAULT_SAVE_STEPS})")
-    parser.add_argument("--seed", type=int, default=42, help="seed for weights, data order and dropout (default 42)")
-    parser.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
-
 
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     """Execute `memtune run`: 0 completed, 130 interrupted; errors raise MemtuneError (cli maps the exit code)."""

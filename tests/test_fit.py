@@ -1,0 +1,86 @@
+"""`memtune fit` and `auto_fit` end to end on the CPU (tiny local model, real tracing, no GPU)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import pytest
+import torch
+
+import memtune
+from memtune.cli import main
+from memtune.config import GIB, MIB
+from memtune.errors import NothingFitsError, UsageError
+from memtune.plan import Plan
+from memtune.probe import ProbeResult
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=4096, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def no_gpu(monkeypatch):
+    """Plan as on a machine without a GPU, even where one is visible."""
+    monkeypatch.setattr(sys.modules["memtune.probe"], "probe", lambda: ProbeResult(reason="tests plan without a GPU"))
+
+
+def test_fit_json_on_stdout_and_the_plan_saved(tiny_model_dir, tmp_path, capsys):
+    plan_path = tmp_path / "plan.json"
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "256", "--batch-size", "8", "--budget", "1GiB",
+                 "--trace-device", "cpu", "--json", "--plan-out", str(plan_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    document = json.loads(out)  # stdout carries only the document
+    chosen = document["search"]["chosen"]
+    assert chosen["config"]["micro_batch_size"] * chosen["config"]["grad_accum_steps"] == 8
+    plan = Plan.load(plan_path)
+    assert plan.train_config.to_dict() == chosen["config"]
+    assert plan.predicted_total_bytes <= plan.budget_bytes - plan.margin_bytes
+    assert not plan.verified  # no GPU: predicted only
+
+
+def test_fit_nothing_fits_exit_3_with_shortfall_and_suggestions(tiny_model_dir, capsys):
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "256", "--batch-size", "8", "--budget", "600MiB",
+                 "--trace-device", "cpu", "--no-lora", "--no-offload"])
+    out = re.sub(r"\s+", " ", capsys.readouterr().out)
+    assert code == 3
+    assert "short by" in out or "shortfall" in out.lower()
+
+
+def test_fit_bad_policy_exit_2(tiny_model_dir, capsys):
+    code = main(["fit", str(tiny_model_dir), "--batch-size", "6", "--micro-batch-size", "4", "--budget", "1GiB"])
+    assert code == 2
+    assert "does not divide the batch 6" in re.sub(r"\s+", " ", capsys.readouterr().err)
+    assert main(["fit", str(tiny_model_dir), "--lora", "--no-lora", "--budget", "1GiB"]) == 2
+
+
+def test_auto_fit_returns_a_plan_for_a_name_or_a_model_object(tiny_model_dir):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    plan = memtune.auto_fit(str(tiny_model_dir), seq_len=128, batch_size=4, budget="1GiB", precision="fp32")
+    assert plan.train_config.precision == "fp32" and plan.effective_batch_size == 4
+    assert Plan.from_json(plan.to_json()).train_config == plan.train_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir))
+    same = memtune.auto_fit(model, seq_len=128, batch_size=4, budget=GIB, precision="fp32")
+    assert same.train_config == plan.train_config
+
+
+def test_auto_fit_refuses_what_it_cannot_do(tiny_model_dir):
+    with pytest.raises(UsageError, match="unknown options"):
+        memtune.auto_fit(str(tiny_model_dir), budget="1GiB", lora_rank=8)
+    with pytest.raises(NothingFitsError) as error:
+        memtune.auto_fit(str(tiny_model_dir), seq_len=256, batch_size=8, budget=600 * MIB, use_adapter=False,
+                         allow_offload=False)
+    assert error.value.shortfall_bytes > 0 and error.value.suggestions
