@@ -23,6 +23,7 @@ EPILOG_PLAN = """examples:
   memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB
   memtune plan qwen2.5-0.5b --seq-len 1024 --batch-size 32 --micro-batch-size 4 --precision bf16-mixed --checkpointing --gpu RTX4090-24GB
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 16 --micro-batch-size 1 --lora --precision bf16 --budget 24GiB --json
+  memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 8 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --gpus 4
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -121,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--trace-device", choices=["cpu", "cuda"], default=None,
                       help="trace on fake CUDA tensors (needs a GPU) or on CPU with CUDA emulation "
                            "(default: cuda when a GPU is visible)")
+    plan.add_argument("--gpus", type=int, default=1,
+                      help="GPUs to shard over with FSDP (full sharding of weights, gradients, optimizer state); "
+                           "--batch-size is split over them; the GPUs need not be present (default 1)")
+    plan.add_argument("--offload", choices=["none", "parameters"], default="none",
+                      help="parameters: FSDP CPU offload of parameters, gradients and optimizer state")
     plan.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
 
     fit = commands.add_parser(
@@ -134,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget = fit.add_mutually_exclusive_group()
     budget.add_argument("--budget", help="memory to fit in instead of the GPU's free memory, e.g. 24GiB or 24GB")
     budget.add_argument("--gpu", help=f"plan for a known card: {', '.join(KNOWN_GPUS)}")
+    fit.add_argument("--gpus", type=int, default=None,
+                     help="GPUs to train on; above 1, plans shard with FSDP and --batch-size is split over them "
+                          "(default: the GPUs visible here, or 1; with --budget/--gpu they need not be present)")
     pins = fit.add_argument_group("pin a choice (default: the search chooses)")
     pins.add_argument("--precision", choices=list(PRECISIONS), default=None, help="keep this precision")
     pins.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="gradient checkpointing")
@@ -184,15 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     problems = []
-    micro = args.micro_batch_size or args.batch_size
+    gpus = args.gpus
+    if gpus < 1:
+        problems.append(f"--gpus must be >= 1, got {gpus}")
+        gpus = 1
+    per_gpu = args.batch_size // gpus
+    if args.batch_size % gpus:
+        problems.append(f"--batch-size {args.batch_size} is not a multiple of --gpus {gpus}: each GPU takes an equal share")
+    micro = args.micro_batch_size or per_gpu or 1
     if args.batch_size < 1:
         problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
     if micro < 1:
         problems.append(f"--micro-batch-size must be >= 1, got {micro}")
-    elif args.batch_size >= 1 and args.batch_size % micro:
+    elif per_gpu >= 1 and per_gpu % micro:
         problems.append(
-            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro}: the effective batch "
-            f"would change; pick a divisor such as {max(d for d in range(1, micro + 1) if args.batch_size % d == 0)}"
+            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro} x --gpus {gpus}: the "
+            f"effective batch would change; pick a divisor such as {max(d for d in range(1, micro + 1) if per_gpu % d == 0)}"
         )
     if args.seq_len < 1:
         problems.append(f"--seq-len must be >= 1, got {args.seq_len}")
@@ -204,8 +220,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
         adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
     return TrainConfig(
-        seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=args.batch_size // micro,
+        seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
         weights_dtype=weights, amp=amp, gradient_checkpointing=args.checkpointing, adapter=adapter,
+        num_gpus=gpus, offload=args.offload,
     )
 
 
@@ -223,8 +240,8 @@ def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 
 def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.estimate import estimate as predict
     from memtune.estimate import fits_under
+    from memtune.sharding import estimate_any
     from memtune.sources import parameter_count, resolve
 
     train_config = _train_config(args)
@@ -233,10 +250,12 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     if source.note:
         err.print(f"note: {source.note}")
     with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        estimate = predict(source.config, train_config, device=args.trace_device)
+        estimate = estimate_any(source.config, train_config, device=args.trace_device)
         fits_strict = None
         if budget_bytes is not None:
-            fits_strict = fits_under(source.config, estimate, budget_bytes)
+            sharded = train_config.num_gpus > 1 or train_config.offload != "none"
+            # the sharded model predicts per-GPU peaks per stream; there is no single event stream to replay
+            fits_strict = estimate.total_bytes <= budget_bytes if sharded else fits_under(source.config, estimate, budget_bytes)
     result = report.PlanResult(source, estimate, budget_bytes, budget_label, parameter_count(source.config), fits_strict)
     if args.json:
         print(report.render_plan_json(result))
@@ -263,7 +282,15 @@ def _policy(args: argparse.Namespace) -> Policy:
         targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
         adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
     no_adapter = args.no_lora or args.full_finetune_only
+    gpus = args.gpus
+    if gpus is None:
+        import torch
+
+        gpus = max(1, torch.cuda.device_count()) if not (args.budget or args.gpu) else 1
+    if gpus < 1:
+        raise UsageError(f"--gpus must be >= 1, got {gpus}")
     return Policy(
+        num_gpus=gpus,
         precision=args.precision,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
         micro_batch_size=args.micro_batch_size,

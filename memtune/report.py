@@ -43,6 +43,7 @@ CATEGORY_NOTES = {
     "logits": "LM-head logits, loss and their gradients",
     "temporaries": "backward intermediates",
     "overhead": "allocator fragmentation, cuBLAS workspaces, CUDA context",
+    "fsdp_buffers": "FSDP all-gather and reduce-scatter buffers",
 }
 # Okabe-Ito colours (distinguishable with colour-blindness); the terminal bars and the HTML
 # picture use the same ones, so either legend reads the other.

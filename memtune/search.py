@@ -278,8 +278,8 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
             for ckpt in checkpointing:
                 for loss in losses:
                     for offload in offloads:
-                        if offload != "none" and loss != "standard":
-                            continue  # FSDP's offload needs the loss inside the root module (distributed.check_supported)
+                        if (offload != "none" or policy.num_gpus > 1) and loss != "standard":
+                            continue  # FSDP needs the loss inside the root module (distributed.check_supported)
                         configs.append(TrainConfig(
                             seq_len=seq_len, micro_batch_size=micro,
                             grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),

@@ -72,3 +72,29 @@ def test_readme_main_command_runs():
                             capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode in (0, 3), result.stderr
     assert "predicted peak memory" in result.stdout
+
+
+def test_plan_for_gpus_that_are_not_here(capsys):
+    """`--gpus N` plans FSDP full sharding: per-GPU optimizer state shrinks with N."""
+    def optimizer_bytes(gpus: int) -> int:
+        code, out, err = run(["plan", "gpt2", "--seq-len", "128", "--batch-size", "8", "--micro-batch-size", "1",
+                              "--gpus", str(gpus), "--gpu", "H100-80GB", "--trace-device", "cpu", "--json"], capsys)
+        assert code == 0, err
+        document = json.loads(out)
+        assert document["estimate"]["config"]["num_gpus"] == gpus
+        return document["estimate"]["breakdown"]["optimizer"]
+
+    one, four = optimizer_bytes(1), optimizer_bytes(4)
+    assert 0.2 < four / one < 0.3
+    code, _, err = run(["plan", "gpt2", "--batch-size", "6", "--gpus", "4"], capsys)
+    assert code == 2 and "not a multiple of --gpus 4" in re.sub(r"\s+", " ", err)
+
+
+def test_readme_fit_command_runs():
+    readme = (ROOT / "README.md").read_text()
+    command = next(line for line in readme.splitlines() if line.startswith("memtune fit "))
+    result = subprocess.run([sys.executable, "-m", "memtune", *command.split()[1:], "--trace-device", "cpu",
+                             "--no-verify", "--plan-out", str(ROOT / "build" / "readme-plan.json")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "chosen:" in result.stdout
