@@ -239,12 +239,7 @@ def fsdp_train_step(
         if read_loss:
             total += float(loss.detach())
         del loss
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    recipe.optimizer_step(optimizer, scaler)
     return total
 
 

@@ -153,10 +153,15 @@ def train_step(
         if read_loss:
             total += float(loss.detach())
         del loss
+    optimizer_step(optimizer, scaler)
+    return total
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Step (through the GradScaler for fp16) and free the gradients, as Trainer does."""
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total

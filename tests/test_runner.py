@@ -12,39 +12,21 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from memtune import data as data_module
 from memtune import runner
 from memtune.config import Adapter, TrainConfig
 from memtune.errors import UsageError
 from memtune.plan import Plan
-from memtune.runner import RunSummary, add_run_arguments, cmd_run, run_plan
+from memtune.cli import add_run_arguments
+from memtune.runner import RunSummary, cmd_run, run_plan
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
 SEQ_LEN = 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two threads on a small shared CI machine are several times slower than one for these tiny models."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer llama with random weights and memtune's sample tokenizer, saved like a hub model."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = data_module.sample_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_plan(model: Path | str, **changes) -> Plan:
