@@ -239,7 +239,9 @@ def fsdp_train_step(
         if read_loss:
             total += float(loss.detach())
         del loss
-    recipe.optimizer_step(optimizer, scaler)
+    from memtune.recipe import optimizer_step
+
+    optimizer_step(optimizer, scaler)
     return total
 
 

@@ -492,9 +492,42 @@ def default_output_dir(plan: Plan) -> Path:
 
 # ---- command line (wired into cli.py) ------------------------------------------------------------
 
+def relaunch_command(plan: Plan, args: argparse.Namespace, config_dir: Path) -> list[str] | None:
+    """`accelerate launch` of this same `memtune run` when the plan needs FSDP (several GPUs or CPU offload)
+    and this process was not started by a launcher; None when this process can run the plan itself."""
+    from memtune import distributed
+    from memtune.sources import resolve
+
+    config = plan.train_config
+    if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
+        return None
+    config_path = distributed.write_accelerate_config(config_dir / "accelerate_fsdp.yaml", config,
+                                                      model_config=resolve(plan.model).config)
+    forwarded = ["run", str(args.plan)]
+    for flag, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--text-field", args.text_field),
+                        ("--max-steps", args.max_steps), ("--learning-rate", args.learning_rate),
+                        ("--save-steps", args.save_steps), ("--seed", args.seed)):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    forwarded += ["--resume"] if args.resume else []
+    forwarded += ["--json"] if getattr(args, "json", False) else []
+    return distributed.launch_command(config_path, forwarded)
+
+
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    """Execute `memtune run`: 0 completed, 130 interrupted; errors raise MemtuneError (cli maps the exit code)."""
+    """Execute `memtune run`: 0 completed, 130 interrupted; errors raise MemtuneError (cli maps the exit code).
+
+    A plan for several GPUs or with CPU offload is handed to `accelerate launch` with a generated FSDP2
+    config (one process per GPU), which runs this same command in each process.
+    """
+    import subprocess
+
     plan = Plan.load(args.plan)
+    output_dir = Path(args.output_dir or default_output_dir(plan))
+    command = relaunch_command(plan, args, output_dir)
+    if command is not None:
+        err.print(f"the plan needs FSDP ({plan.train_config.describe()}): launching {' '.join(command)}", highlight=False)
+        return subprocess.run(command, check=False).returncode
     summary = run_plan(
         plan, data=args.data, output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
         text_field=args.text_field, learning_rate=args.learning_rate, save_steps=args.save_steps, seed=args.seed,

@@ -427,7 +427,7 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
         flip = not chosen.gradient_checkpointing
         changes.append(("+ gradient checkpointing" if flip else "- gradient checkpointing",
                         chosen.replace(gradient_checkpointing=flip)))
-    if policy.loss is None and policy.allow_chunked_loss:
+    if policy.loss is None and policy.allow_chunked_loss and chosen.num_gpus == 1 and chosen.offload == "none":
         flip = "standard" if chosen.loss == "chunked" else "chunked"
         changes.append((f"{'+' if flip == 'chunked' else '-'} chunked loss", chosen.replace(loss=flip)))
     if policy.offload is None and policy.allow_offload and chosen.adapter is None:

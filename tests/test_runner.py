@@ -261,3 +261,27 @@ def test_plan_adapters_build_the_hugging_face_objects(model_dir: Path, tmp_path:
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights, as the plan says
     guard = plan.oom_guard()
     assert guard.current == plan.train_config and guard.fallbacks == plan.fallbacks
+
+
+def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkeypatch):
+    import argparse
+
+    from memtune.runner import relaunch_command
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"),
+                              text_field="text", max_steps=50, learning_rate=None, save_steps=200, seed=42,
+                              resume=False, json=False)
+    two_gpus = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30,
+                    train_config=TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="bf16", num_gpus=2))
+    command = relaunch_command(two_gpus, args, tmp_path / "out")
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
+    config_text = Path(command[4]).read_text()
+    assert "num_processes: 2" in config_text and "FSDP" in config_text
+    assert command[5:] == ["-m", "memtune", "run", args.plan, "--data", "train.jsonl", "--output-dir", args.output_dir,
+                           "--text-field", "text", "--max-steps", "50", "--save-steps", "200", "--seed", "42"]
+    one_gpu = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30, train_config=TrainConfig(seq_len=1024))
+    assert relaunch_command(one_gpu, args, tmp_path / "out") is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # already under the launcher: run here
+    assert relaunch_command(two_gpus, args, tmp_path / "out") is None
