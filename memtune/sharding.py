@@ -55,7 +55,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from memtune import allocator
 from memtune.config import TrainConfig
 from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, num_layers_of
-from memtune.trace import NO_LAYER, Category, CudaEmulation, rounded
+from memtune.trace import NO_LAYER, Category, CudaEmulation, LayerTaggedDispatch, rounded
 
 FSDP_BUFFERS = "fsdp_buffers"
 """Breakdown key: gathered (unsharded) parameters and FSDP's all-gather / reduce-scatter buffers."""
@@ -77,15 +77,13 @@ class ShardedTrace:
     world_size: int = 1
 
 
-class _ShardedCounter(TorchDispatchMode):
+class _ShardedCounter(LayerTaggedDispatch):
     """Like `trace.StorageCounter`, plus storage resizes (FSDP's free/re-gather), streams and host residency."""
 
     def __init__(self) -> None:
         super().__init__()
         self.trace = ShardedTrace()
         self.phase: str = Category.WEIGHTS.value
-        self.layer_stack: list[int] = []
-        self.base_layer = NO_LAYER
         self.host: set[int] = set()
         """Storage ids that live on the host (offload): left out of the device stream."""
         self.optimizer_ids: set[int] = set()
@@ -99,17 +97,6 @@ class _ShardedCounter(TorchDispatchMode):
         self.resized: set[int] = set()
         self.closed = False
         """Set when the trace is complete: storages that die later (garbage collection) are not recorded."""
-
-    @property
-    def layer(self) -> int:
-        return self.layer_stack[-1] if self.layer_stack else self.base_layer
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self.track(item)
-        return out
 
     def _stream(self) -> int:
         stream = torch.cpu.current_stream()

@@ -75,7 +75,31 @@ class Trace:
     """Live bytes by category at the moment of the allocated peak."""
 
 
-class StorageCounter(TorchDispatchMode):
+class LayerTaggedDispatch(TorchDispatchMode):
+    """A dispatch mode that hands every tensor an op returns to `track`, and knows the decoder layer
+    running now (`layer_stack`, kept by forward hooks; `base_layer` outside any layer)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_stack: list[int] = []
+        self.base_layer = NO_LAYER
+
+    @property
+    def layer(self) -> int:
+        return self.layer_stack[-1] if self.layer_stack else self.base_layer
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.track(item)
+        return out
+
+    def track(self, tensor: torch.Tensor, category: Any = None) -> Any:
+        raise NotImplementedError
+
+
+class StorageCounter(LayerTaggedDispatch):
     """Records every new storage an op creates and, through a weakref callback, when it dies."""
 
     def __init__(self) -> None:
@@ -87,22 +111,9 @@ class StorageCounter(TorchDispatchMode):
         self._next_id = 0
         self._live_bytes = 0
         self.phase = Category.WEIGHTS
-        self.layer_stack: list[int] = []
         self._alloc_index: dict[int, int] = {}
-        self.base_layer = NO_LAYER
-
-    @property
-    def layer(self) -> int:
-        return self.layer_stack[-1] if self.layer_stack else self.base_layer
 
     # -- recording ---------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self.track(item)
-        return out
-
     def track(self, tensor: torch.Tensor, category: Category | None = None) -> None:
         storage = tensor.untyped_storage()
         if storage in self._ids:
