@@ -112,8 +112,38 @@ class StorageCounter(LayerTaggedDispatch):
         self._live_bytes = 0
         self.phase = Category.WEIGHTS
         self._alloc_index: dict[int, int] = {}
+        self.accumulate_in_place: set[tuple[int, ...]] = set()
+        """Shapes of gradients that autograd sums in place on a real GPU but out of place on fake tensors.
+
+        The engine adds a second gradient into the first in place (`can_accumulate_inplace`, torch's
+        autograd/input_buffer.cpp) unless the tensors are a subclass, as fake tensors are. For a tied
+        embedding/LM-head weight the two gradients are vocabulary x hidden: the fake trace would hold
+        one more such tensor at the end of backward than the GPU does. Measured on the H200 this holds
+        under autocast (the head's gradient arrives through the cast to the compute dtype, a fresh
+        tensor), not in fp32, where the traced out-of-place sum matched (tests/data/ground_truth_h200.json)."""
 
     # -- recording ---------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if (func is torch.ops.aten.add.Tensor and self.accumulate_in_place and isinstance(out, torch.Tensor)
+                and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
+                and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
+            self._reuse(args[0], out)
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor):
+                self.track(item)
+        return out
+
+    def _reuse(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Record `new` as living in `old`'s storage (an in-place add on the GPU): no alloc, and the
+        memory is freed when `new` dies, not `old`."""
+        storage_id = self._ids.get(old.untyped_storage())
+        if storage_id is None or storage_id not in self._sizes:
+            return
+        storage = new.untyped_storage()
+        self._ids[storage] = storage_id
+        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
+
     def track(self, tensor: torch.Tensor, category: Category | None = None) -> None:
         storage = tensor.untyped_storage()
         if storage in self._ids:
@@ -122,7 +152,7 @@ class StorageCounter(LayerTaggedDispatch):
         storage_id = self._next_id
         self._next_id += 1
         self._ids[storage] = storage_id
-        self._refs[storage_id] = weakref.ref(storage, lambda _, sid=storage_id: self._free(sid))
+        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
         self._sizes[storage_id] = size
         self.trace.categories[storage_id] = category or self.phase
         self._alloc_index[storage_id] = len(self.trace.events)
@@ -132,7 +162,9 @@ class StorageCounter(LayerTaggedDispatch):
             self.trace.peak_allocated_bytes = self._live_bytes
             self._peak_event = len(self.trace.events)
 
-    def _free(self, storage_id: int) -> None:
+    def _free(self, storage_id: int, ref: weakref.ref | None = None) -> None:
+        if ref is not None and self._refs.get(storage_id) is not ref:
+            return  # the storage's bytes live on in another tensor (see `_reuse`)
         size = self._sizes.pop(storage_id, None)
         if size is None:
             return
@@ -394,6 +426,16 @@ def _logits_hook(counter: StorageCounter) -> Any:
 # -- the trace ---------------------------------------------------------------------------------
 
 
+def tied_gradient_shapes(model: Any) -> set[tuple[int, ...]]:
+    """The shape of a trained weight shared by the input embedding and the LM head (its two gradients
+    are summed in backward), or nothing."""
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if inputs is None or outputs is None or inputs.weight is not outputs.weight or not inputs.weight.requires_grad:
+        return set()
+    return {tuple(inputs.weight.shape)}
+
+
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on fake tensors and return the allocation events."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -410,6 +452,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     unpacked = _assume_unpacked_batches()
     counter.trace.num_layers = len(layers)
     counter.trace.period = layer_period(model_config)
+    if train_config.amp != "none":
+        counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, emulation:
         param_meta = _meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)

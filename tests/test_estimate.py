@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from memtune.allocator import simulate
 from memtune.config import Adapter, TrainConfig
@@ -92,3 +93,31 @@ def test_gpu_free_path_matches_h200_measurements(case, truth):
     predicted = estimate(model_config(case), case.config, device="cpu")
     assert abs(predicted.peak_allocated_bytes / truth["peak_allocated_bytes"] - 1) < 0.02
     assert abs(predicted.peak_reserved_bytes / truth["peak_reserved_bytes"] - 1) < 0.05
+
+
+def test_a_tied_gradient_sum_is_recorded_in_place():
+    """The GPU adds a tied weight's second gradient into the first; fake tensors allocate a new one."""
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memtune.trace import StorageCounter
+
+    def events(in_place: bool) -> list[tuple]:
+        counter = StorageCounter()
+        counter.accumulate_in_place = {(64, 32)} if in_place else set()
+        with FakeTensorMode(), counter:
+            first, second = torch.empty(64, 32), torch.empty(64, 32)
+            total = first + second
+            del first, second
+            gc.collect()
+            kept = [kind for kind, *_ in counter.trace.events]
+            del total
+            gc.collect()
+        return kept, [kind for kind, *_ in counter.trace.events]
+
+    while_alive, after = events(in_place=True)
+    assert while_alive == ["alloc", "alloc", "free"]  # only `second` is gone; `first`'s bytes hold the sum
+    assert after == ["alloc", "alloc", "free", "free"]
+    while_alive, _ = events(in_place=False)
+    assert while_alive == ["alloc", "alloc", "alloc", "free", "free"]
