@@ -44,7 +44,13 @@ def main() -> None:
     parser.add_argument("--reuse", default=None, metavar="ORACLE.json",
                         help="take the grid measured by an earlier run (same card) and measure only memtune's choice "
                              "if it is not in it: for re-checking the choice after the search changed")
+    parser.add_argument("--offline", action="store_true",
+                        help="with --reuse, on a machine without a GPU: make memtune's choice on the GPU-free trace path "
+                             "(budget = cap + the context the earlier run's probe measured) and look it up in the grid")
     args = parser.parse_args()
+    if args.offline:
+        offline(args)
+        return
 
     import torch
 
@@ -99,6 +105,41 @@ def main() -> None:
               f"({'-' if not mine else mine['description']})  ratio {ratio:.3f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"environment": env, "steps": args.steps, "accumulation": args.accumulation, "cases": rows}, indent=1))
+
+
+def offline(args: argparse.Namespace) -> None:
+    """Re-check memtune's choice against a measured grid without a GPU (no trial: prediction only)."""
+    from memtune.fit import fit_model
+    from memtune.probe import ProbeResult
+    from memtune.search import Policy
+    from memtune.sources import parameter_count, resolve
+
+    if not args.reuse:
+        raise SystemExit("--offline needs --reuse ORACLE.json (the measured grid)")
+    earlier = json.loads(Path(args.reuse).read_text())
+    search_runs = Path(args.reuse).with_name("search_h200.json")
+    budgets = {c["case"]: c["methods"][0]["budget_bytes"] for c in json.loads(search_runs.read_text())["cases"]}
+    rows = []
+    for index in args.cases if args.cases is not None else range(len(CASES)):
+        case = CASES[index]
+        grid = next(c for c in earlier["cases"] if c["case"] == case.name)["grid"]
+        source = resolve(case.model)
+        started = time.perf_counter()
+        result = fit_model(source, parameter_count(source.config), case.seq_len, case.batch_size,
+                           budget_bytes=budgets[case.name], verify=False, trace_device="cpu", probe_result=ProbeResult(),
+                           policy=Policy(use_adapter=False, allow_offload=False))
+        chosen = result.search.chosen
+        measured = next((p for p in grid if chosen is not None and TrainConfig.from_dict(p["config"]) == chosen.config), None)
+        best = max(grid, key=lambda p: p["tokens_per_second"])
+        ratio = measured["tokens_per_second"] / best["tokens_per_second"] if measured else 0.0
+        rows.append({"case": case.name, "budget_bytes": budgets[case.name], "memtune": chosen and chosen.config.to_dict(),
+                     "memtune_description": chosen and chosen.config.describe(), "measured": measured, "best": best,
+                     "memtune_over_best": ratio, "estimates": result.search.estimates,
+                     "seconds": time.perf_counter() - started})
+        print(f"{case.name:42s} memtune {chosen and chosen.config.describe()}  grid tok/s "
+              f"{0 if not measured else measured['tokens_per_second']:8.0f} (fits: {measured and measured['fits']})  "
+              f"best {best['tokens_per_second']:8.0f}  ratio {ratio:.3f}", flush=True)
+    Path(args.out).write_text(json.dumps({"grid_from": args.reuse, "trace_device": "cpu", "cases": rows}, indent=1))
 
 
 if __name__ == "__main__":
