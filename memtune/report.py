@@ -610,21 +610,24 @@ def _render_nothing_fits(search: SearchResult, console: Console) -> None:
 def _render_card_plans(result: FitResult, console: Console) -> None:
     table = Table(title="planned for common cards (predicted, not verified)", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("card", no_wrap=True)
+    wide = console.width >= 120  # narrower: the quality note goes under the configuration, as in the candidates table
+    table.add_column("card", ratio=1)
     table.add_column("chosen configuration", ratio=3)
     table.add_column("predicted peak", justify="right", no_wrap=True)
     table.add_column("tokens/s", justify="right", no_wrap=True)
-    table.add_column("quality", ratio=2)
+    if wide:
+        table.add_column("quality", ratio=2)
     for card in result.card_plans:
         chosen = card.search.chosen
         if chosen is None:
-            table.add_row(card.card, f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})", "", "", "",
-                          style="dim")
+            table.add_row(card.card, f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})", "", "",
+                          *([""] if wide else []), style="dim")
             continue
         peak = chosen.predicted_total_bytes or 0
-        table.add_row(card.card, chosen.config.describe(), f"{format_bytes(peak)} ({peak / card.search.usable_bytes:.0%})",
-                      f"{chosen.predicted_tokens_per_second:,.0f}",
-                      quality_note(chosen.config, result.source.config, result.num_parameters, short=True))
+        quality = quality_note(chosen.config, result.source.config, result.num_parameters, short=True)
+        description = chosen.config.describe() if wide else f"{chosen.config.describe()}\n[dim]{quality}[/dim]"
+        table.add_row(card.card, description, f"{format_bytes(peak)} ({peak / card.search.usable_bytes:.0%})",
+                      f"{chosen.predicted_tokens_per_second:,.0f}", *([quality] if wide else []))
     console.print()
     console.print(table)
     margins = sorted({card.search.margin_bytes for card in result.card_plans})
