@@ -89,6 +89,8 @@ class FitResult:
     plan: Plan | None = None
     plan_path: Path | None = None
     card_plans: list[CardPlan] = field(default_factory=list)
+    policy: Policy | None = None
+    """The policy as the user gave it (pins and forbidden rungs), for the reproduce line."""
     seconds: float = 0.0
 
     @property
@@ -138,7 +140,7 @@ def fit_model(
     from memtune.probe import probe
 
     started = time.perf_counter()
-    result = FitResult(source, num_parameters, seq_len, effective_batch_size)
+    result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
     result.probe = probe_result if probe_result is not None else probe()
     gpu = result.probe.gpus[0] if result.probe.available else None
     result.gpu = gpu

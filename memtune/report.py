@@ -26,7 +26,7 @@ from rich.text import Text
 
 from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes
 from memtune.estimate import Estimate
-from memtune.search import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, TRIAL_OOM
+from memtune.search import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, TRIAL_OOM, policy_flags
 from memtune.sources import CatalogEntry, ModelSource
 
 if TYPE_CHECKING:
@@ -294,9 +294,11 @@ def python_snippet(config: TrainConfig) -> str:
 
 
 def fit_commands(result: FitResult) -> list[str]:
-    """The command lines that make this result again and run its plan. Options that pinned a choice
-    (--precision, --lora, ...) are not in the result: the plan file keeps what they chose."""
+    """The command lines that make this result again (with the options that pinned or forbade a
+    choice) and run its plan."""
     command = f"memtune fit {shlex.quote(result.source.name)} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+    if result.policy is not None:
+        command += "".join(f" {flag}" for flag in policy_flags(result.policy))
     budget = result.budget_bytes
     if budget is not None and (result.gpu is None or budget != result.gpu.budget_bytes):
         card = next((name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None)

@@ -112,6 +112,42 @@ class Policy:
             raise UsageError("; ".join(problems))
 
 
+def policy_flags(policy: Policy) -> list[str]:
+    """The `memtune fit` options that give this policy (defaults left out), for reproduce lines."""
+    flags = []
+    if policy.precision is not None:
+        flags.append(f"--precision {policy.precision}")
+    if policy.gradient_checkpointing is not None:
+        flags.append(f"--checkpointing {'on' if policy.gradient_checkpointing else 'off'}")
+    if policy.micro_batch_size is not None:
+        flags.append(f"--micro-batch-size {policy.micro_batch_size}")
+    if policy.loss is not None:
+        flags.append(f"--loss {policy.loss}")
+    if policy.offload is not None:
+        flags.append(f"--offload {policy.offload}")
+    if policy.use_adapter is True:
+        flags.append("--prefix" if policy.adapter.kind == "prefix" else "--lora")
+    if policy.use_adapter is False:
+        flags.append("--no-lora")
+    if policy.use_adapter is not False and policy.adapter.kind == "lora":
+        if policy.adapter.rank != Adapter().rank:
+            flags.append(f"--lora-rank {policy.adapter.rank}")
+        if policy.adapter.target_modules != Adapter().target_modules:
+            targets = policy.adapter.target_modules
+            flags.append(f"--lora-targets {targets if isinstance(targets, str) else ','.join(targets)}")
+    if not policy.allow_offload:
+        flags.append("--no-offload")
+    if not policy.allow_chunked_loss:
+        flags.append("--no-chunked-loss")
+    if policy.min_micro_batch_size != 1:
+        flags.append(f"--min-micro-batch-size {policy.min_micro_batch_size}")
+    if policy.margin_bytes is not None:
+        flags.append(f"--margin {policy.margin_bytes}B")
+    if policy.num_gpus != 1:
+        flags.append(f"--gpus {policy.num_gpus}")
+    return flags
+
+
 def margin_for(budget_bytes: int, policy: Policy) -> int:
     if policy.margin_bytes is not None:
         return policy.margin_bytes

@@ -98,3 +98,21 @@ def test_readme_fit_command_runs():
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "chosen:" in result.stdout
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--precision", "fp32", "--checkpointing", "on", "--micro-batch-size", "2", "--no-lora", "--no-offload"],
+    ["--lora", "--lora-rank", "8", "--lora-targets", "q_proj,v_proj", "--loss", "chunked", "--margin", "1GiB"],
+    ["--prefix", "--checkpointing", "off", "--no-chunked-loss", "--min-micro-batch-size", "2", "--gpus", "2"],
+])
+def test_the_reproduce_flags_give_back_the_same_policy(flags):
+    """report.fit_commands prints search.policy_flags: parsed again, they must make the same Policy."""
+    from memtune.cli import _policy, build_parser
+    from memtune.search import policy_flags
+
+    parse = build_parser().parse_args
+    policy = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags]))
+    again = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
+                           *" ".join(policy_flags(policy)).split()]))
+    assert again == policy
