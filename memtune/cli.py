@@ -15,7 +15,7 @@ import sys
 from rich.console import Console
 
 from memtune import report
-from memtune.config import DEFAULT_SAVE_STEPS, KNOWN_GPUS, SAVE_TOTAL_LIMIT, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
+from memtune.config import DEFAULT_SAVE_STEPS, KNOWN_GPUS, SAVE_TOTAL_LIMIT, known_gpu, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
 from memtune.errors import MemtuneError, UsageError
 from memtune.search import Policy
 
@@ -231,11 +231,8 @@ def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
         value = parse_bytes(args.budget)
         return value, f"budget {format_bytes(value)}"
     if args.gpu:
-        names = {name.lower(): name for name in KNOWN_GPUS}
-        if args.gpu.lower() not in names:
-            raise UsageError(f"unknown --gpu {args.gpu!r}: choose one of {', '.join(KNOWN_GPUS)}, or give --budget")
-        name = names[args.gpu.lower()]
-        return KNOWN_GPUS[name], f"{name} ({format_bytes(KNOWN_GPUS[name])})"
+        name, total_bytes = known_gpu(args.gpu)
+        return total_bytes, f"{name} ({format_bytes(total_bytes)})"
     return None, ""
 
 
@@ -338,7 +335,7 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
             raise UsageError("--run needs a plan for one GPU or budget: give --budget or --gpu, or run on a GPU")
         run_args = argparse.Namespace(plan=str(result.plan_path), data=args.data, output_dir=args.output_dir, resume=False,
                                       text_field="text", max_steps=args.max_steps, learning_rate=None,
-                                      save_steps=200, seed=42, json=False)
+                                      save_steps=DEFAULT_SAVE_STEPS, seed=42, json=False)
         return cmd_run(run_args, out, err)
     return 0
 

@@ -233,3 +233,12 @@ KNOWN_GPUS: dict[str, int] = {
         "H200-141GB": 143771,
     }.items()
 }
+
+
+def known_gpu(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> tuple[str, int]:
+    """(canonical name, total bytes) of a card in KNOWN_GPUS, matched case-insensitively."""
+    names = {known.lower(): known for known in KNOWN_GPUS}
+    if name.lower() not in names:
+        raise UsageError(f"unknown {flag} {name!r}: choose one of {', '.join(KNOWN_GPUS)}, or give {budget_flag}")
+    canonical = names[name.lower()]
+    return canonical, KNOWN_GPUS[canonical]

@@ -126,15 +126,18 @@ def full_depth_events(model_config: Any, train_config: TrainConfig, device: str)
     return trace, _EVENTS_CACHE[key]
 
 
-def breakdown_at_peak(events: list[tuple], categories: dict[int, Category]) -> dict[str, int]:
-    """Live bytes by category at the allocated peak of an (extended) event stream."""
-    live: dict[int, tuple[Category, int]] = {}
-    by_category: dict[Category, int] = {}
+def breakdown_at_peak(events: list[tuple], categories: dict[int, str], sid_field: int = 4) -> dict[str, int]:
+    """Live bytes by category at the allocated peak of an event stream. An alloc event's category is
+    `categories[event[sid_field]]`: the traced storage id (field 4 of an extended stream, field 1 of a
+    trace's own events); unknown storages count as temporaries."""
+    live: dict[int, tuple[str, int]] = {}
+    by_category: dict[str, int] = {}
     total = peak = 0
-    best: dict[Category, int] = {}
+    best: dict[str, int] = {}
     for event in events:
         if event[0] == "alloc":
-            category = categories.get(event[4], Category.TEMPORARIES)
+            category = categories.get(event[sid_field], Category.TEMPORARIES)
+            category = getattr(category, "value", category)  # Category members and plain strings alike
             live[event[1]] = (category, event[2])
             by_category[category] = by_category.get(category, 0) + event[2]
             total += event[2]
@@ -144,7 +147,7 @@ def breakdown_at_peak(events: list[tuple], categories: dict[int, Category]) -> d
             category, size = live.pop(event[1])
             by_category[category] -= size
             total -= size
-    return {category.value: size for category, size in best.items() if size}
+    return {category: size for category, size in best.items() if size}
 
 
 def estimate(

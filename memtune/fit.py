@@ -245,7 +245,7 @@ def auto_fit(
     memory would be counted twice. Raises NothingFitsError (with the shortfall and suggestions)
     when no configuration fits.
     """
-    from memtune.config import KNOWN_GPUS, parse_bytes
+    from memtune.config import known_gpu, parse_bytes
     from memtune.errors import NothingFitsError
 
     unknown = sorted(set(policy) - POLICY_OPTIONS)
@@ -253,10 +253,7 @@ def auto_fit(
         raise UsageError(f"auto_fit got unknown options {unknown}; policy options are {sorted(POLICY_OPTIONS)}")
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
-        names = {name.lower(): name for name in KNOWN_GPUS}
-        if gpu.lower() not in names:
-            raise UsageError(f"unknown gpu {gpu!r}: choose one of {', '.join(KNOWN_GPUS)}, or give budget")
-        budget_bytes = KNOWN_GPUS[names[gpu.lower()]]
+        _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")
     source, num_parameters = _source_of(model_or_name)
     result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
                        policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)

@@ -54,7 +54,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune import allocator
 from memtune.config import TrainConfig
-from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, num_layers_of
+from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, breakdown_at_peak, num_layers_of
 from memtune.trace import NO_LAYER, Category, CudaEmulation, LayerTaggedDispatch, rounded
 
 FSDP_BUFFERS = "fsdp_buffers"
@@ -530,27 +530,6 @@ def simulate_streams(trace: ShardedTrace) -> tuple[int, int]:
     return peak_allocated, peak_reserved
 
 
-def breakdown_at_peak(trace: ShardedTrace) -> dict[str, int]:
-    """Live bytes by breakdown key at the allocated peak."""
-    live: dict[int, int] = {}
-    by_key: dict[str, int] = {}
-    total = peak = 0
-    best: dict[str, int] = {}
-    for kind, storage_id, size, _ in trace.events:
-        key = trace.categories.get(storage_id, Category.TEMPORARIES.value)
-        if kind == "alloc":
-            live[storage_id] = size
-            by_key[key] = by_key.get(key, 0) + size
-            total += size
-            if total > peak:
-                peak, best = total, dict(by_key)
-        elif storage_id in live:
-            size = live.pop(storage_id)
-            by_key[key] -= size
-            total -= size
-    return {key: size for key, size in best.items() if size}
-
-
 def estimate_sharded(
     model_config: Any,
     train_config: TrainConfig,
@@ -570,7 +549,7 @@ def estimate_sharded(
     started = time.perf_counter()
     trace = cached_trace_sharded(model_config, train_config)
     peak_allocated, peak_reserved = simulate_streams(trace)
-    breakdown = breakdown_at_peak(trace)
+    breakdown = breakdown_at_peak(trace.events, trace.categories, sid_field=1)
     breakdown[Category.OVERHEAD.value] = max(0, peak_reserved - peak_allocated) + workspace_bytes + context_bytes
     return Estimate(
         config=train_config,
