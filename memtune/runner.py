@@ -423,7 +423,9 @@ def run_plan(
         reporter.stop()
         stats.finish()
 
-    if status == "completed" and args.should_save:
+    if status == "completed":
+        # Every rank calls it: under FSDP gathering the full state dict is collective (Trainer writes on
+        # the main process only). Called on rank 0 alone, it waited for the other ranks forever.
         trainer.save_model(str(output))  # the model (or only the adapter) and the tokenizer
     summary = RunSummary(
         output_dir=str(output),
@@ -533,6 +535,7 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
         text_field=args.text_field, learning_rate=args.learning_rate, save_steps=args.save_steps, seed=args.seed,
         console=err,
     )
+    _leave_process_group()  # after a failure the error propagates instead: the launcher ends the other ranks
     if getattr(args, "json", False):
         print(summary.to_json())
     else:
@@ -644,6 +647,14 @@ def _process_count() -> int:
 def _sharded() -> bool:
     """Started by `accelerate launch` with an FSDP or DeepSpeed config (the launcher sets these)."""
     return any(os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group the launcher's Trainer made, so that each rank exits cleanly."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _save_last_step(trainer: Trainer, stats: RunStats, guard: OomGuard, warn: Callable[[str], None]) -> None:
