@@ -174,6 +174,9 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
         with no_init_weights():
             model = recipe.build_model(model_config(name), config, "cpu")
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+        # The plugin keeps the layer class it found in the first model it prepared (dataclasses.py:2087-2090):
+        # let it look again, or a second architecture fails with "Could not find the transformer layer class".
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = None
         model, optimizer = accelerator.prepare(model, optimizer)
         with torch.no_grad():
             for param in model.parameters():

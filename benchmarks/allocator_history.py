@@ -1,0 +1,162 @@
+"""Record the CUDA caching allocator's own history during sharded trial steps, for comparing with the trace.
+
+    python benchmarks/allocator_history.py --out $OUT/history.json      # on a host with 2 GPUs
+
+Runs `torchrun --nproc-per-node 2` of this script; rank 0 records `torch.cuda.memory._record_memory_history`
+(no stack traces) around `memtune.distributed.measure_sharded` for each case and writes, per case, every
+allocator event as [action, address, size, stream] with the measured peaks. `--compare FILE` (no GPU)
+replays a recorded file: the real events through memtune's allocator model, per stream, against the
+real reserved peak, and the real allocations per stream against `sharding.trace_sharded`'s, so that
+an error in the predicted events and an error in the allocator model can be told apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memtune.config import GIB, TrainConfig  # noqa: E402
+
+CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("qwen2.5-0.5b 8x1024", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=8)),
+    ("llama-3.2-1b 2x2048", "meta-llama/Llama-3.2-1B", dict(seq_len=2048, micro_batch_size=2)),
+    ("llama-3.2-1b 2x1024 accum2 ckpt", "meta-llama/Llama-3.2-1B",
+     dict(seq_len=1024, micro_batch_size=2, grad_accum_steps=2, gradient_checkpointing=True)),
+]
+ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap",
+           "snapshot", "oom")
+
+
+def config_of(fields: dict[str, Any]) -> TrainConfig:
+    return TrainConfig(**{"amp": "bf16", "num_gpus": 2, **fields})
+
+
+def worker(out: Path) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from memtune.distributed import measure_sharded
+    from memtune.sources import catalog_config
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=datetime.timedelta(seconds=120))
+    rows = []
+    for name, model, fields in CASES:
+        config = config_of(fields)
+        if local_rank == 0:
+            torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
+        started = time.perf_counter()
+        measured = measure_sharded(catalog_config(model), config, steps=3, accumulation_limit=None)
+        row = {"case": name, "model": model, "config": config.to_dict(), "measured": measured.to_dict(),
+               "seconds": time.perf_counter() - started}
+        if local_rank == 0:
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            trace = snapshot["device_traces"][torch.cuda.current_device()]
+            row["events"] = [[ACTIONS.index(e["action"]) if e["action"] in ACTIONS else -1, e["addr"], e["size"],
+                              e["stream"]] for e in trace]
+            rows.append(row)
+            out.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+                                       "actions": ACTIONS, "cases": rows}))
+            print(f"[history] {name}: {len(trace)} events, reserved {measured.peak_reserved_bytes / GIB:.2f} GiB",
+                  flush=True)
+    dist.destroy_process_group()
+
+
+def launch(out: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(Path(__file__).resolve()),
+               "--worker", "--out", str(out)]
+    subprocess.run(command, env=env, timeout=300, check=False)
+
+
+# ---- replay (no GPU) ------------------------------------------------------------------------------
+
+
+def real_events(events: list[list[int]]) -> tuple[list[tuple], dict[int, int], int]:
+    """Allocator-model events ("alloc"/"free", id, bytes, layer) from the recorded history, each block's
+    stream, and the largest reserved total the history shows (segment_alloc/segment_free)."""
+    out, streams, live = [], {}, {}
+    reserved = peak_reserved = 0
+    next_id = 0
+    for action, address, size, stream in events:
+        name = ACTIONS[action] if action >= 0 else ""
+        if name == "alloc":
+            live[address] = next_id
+            streams[next_id] = stream
+            out.append(("alloc", next_id, size, -1))
+            next_id += 1
+        elif name == "free_completed" and address in live:
+            out.append(("free", live.pop(address), 0, -1))
+        elif name in ("segment_alloc", "segment_map"):
+            reserved += size
+            peak_reserved = max(peak_reserved, reserved)
+        elif name in ("segment_free", "segment_unmap"):
+            reserved -= size
+    return out, streams, peak_reserved
+
+
+def compare(path: Path) -> None:
+    from collections import Counter
+
+    from memtune import allocator
+    from memtune.sharding import cached_trace_sharded, simulate_streams
+    from memtune.sources import catalog_config
+
+    data = json.loads(path.read_text())
+    for row in data["cases"]:
+        events, streams, history_peak = real_events(row["events"])
+        by_stream: dict[int, list] = {}
+        for event in events:
+            by_stream.setdefault(streams[event[1]], []).append(event)
+        model_alloc = allocator.simulate(events).peak_allocated_bytes
+        per_stream = {stream: allocator.simulate(ev).peak_reserved_bytes for stream, ev in by_stream.items()}
+        measured = row["measured"]
+        print(f"\n{row['case']}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, "
+              f"allocated {measured['peak_allocated_bytes'] / GIB:.2f}; history segments peak {history_peak / GIB:.2f}")
+        print(f"  real events through memtune's allocator: allocated {model_alloc / GIB:.2f}, reserved "
+              f"{sum(per_stream.values()) / GIB:.2f} = " + " + ".join(f"s{s}:{v / GIB:.2f}" for s, v in per_stream.items()))
+        config = TrainConfig.from_dict(row["config"])
+        trace = cached_trace_sharded(catalog_config(row["model"]), config)
+        predicted_alloc, predicted_reserved = simulate_streams(trace)
+        print(f"  memtune's trace: allocated {predicted_alloc / GIB:.2f}, reserved {predicted_reserved / GIB:.2f}")
+        real_sizes = Counter(allocator_round(size) for kind, _, size, _ in events if kind == "alloc")
+        traced_sizes = Counter(size for kind, _, size, _ in trace.events if kind == "alloc")
+        steps_real = sum(real_sizes.values())
+        print(f"  allocations: real {steps_real} (3 steps + set-up), traced {sum(traced_sizes.values())} (2 steps)")
+        for size in sorted(set(real_sizes) | set(traced_sizes), reverse=True)[:25]:
+            print(f"    {size / 2**20:10.1f} MiB  real {real_sizes.get(size, 0):5d}  traced {traced_sizes.get(size, 0):5d}")
+
+
+def allocator_round(size: int) -> int:
+    from memtune.trace import rounded
+
+    return rounded(size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="allocator_history.json")
+    parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
+    parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
+    args = parser.parse_args()
+    if args.compare:
+        return compare(args.compare)
+    if args.worker:
+        return worker(Path(args.out))
+    launch(Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
