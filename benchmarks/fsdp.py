@@ -161,8 +161,6 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
 
     import torch
     import torch.distributed as dist
-    from transformers.initialization import no_init_weights
-
     from memtune import recipe, verify
 
     verify.warm_up()
@@ -171,8 +169,7 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
     row: dict[str, Any] = {"fits": True, "step_seconds": []}
     model = optimizer = None
     try:
-        with no_init_weights():
-            model = recipe.build_model(model_config(name), config, "cpu")
+        model = recipe.build_model(model_config(name), config, "cpu", initialise=False)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
         # The plugin keeps the layer class it found in the first model it prepared (dataclasses.py:2087-2090):
         # let it look again, or a second architecture fails with "Could not find the transformer layer class".

@@ -249,12 +249,10 @@ def build_sharded_model(model_config: Any, train_config: TrainConfig, device: st
     """Random-weight model sharded on `device`, built as the Trainer's is: on the CPU first (here without
     initialising, fast), then sharded so that only shards reach the GPU; shards then get N(0, 0.02)."""
     import torch
-    from transformers.initialization import no_init_weights
 
     from memtune import recipe
 
-    with no_init_weights():
-        model = recipe.build_model(model_config, train_config, "cpu")
+    model = recipe.build_model(model_config, train_config, "cpu", initialise=False)
     apply_fsdp(model, train_config, mesh=mesh, pin_memory=device != "cpu")
     with torch.no_grad():
         for param in model.parameters():

@@ -21,15 +21,23 @@ from memtune.loss import chunked_causal_lm_loss
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_model(model_config: Any, train_config: TrainConfig, device: str | torch.device) -> nn.Module:
+def build_model(
+    model_config: Any, train_config: TrainConfig, device: str | torch.device, *, initialise: bool = True
+) -> nn.Module:
     """A causal LM with random weights from `model_config`, created directly on `device`.
 
     Under a fake-tensor or meta device this costs no memory and no initialisation time.
+    initialise=False leaves the weights uninitialised (fast on the CPU; the caller fills them), still
+    tied as the config says: transformers' `no_init_weights` skips `tie_weights` too, and an untied
+    head is another vocabulary-sized parameter with its own gradient and optimizer state.
     """
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    with torch.device(device):
+    with torch.device(device), contextlib.nullcontext() if initialise else no_init_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype])
+    if not initialise:
+        model.tie_weights()
     return prepare_model(model, train_config)
 
 
