@@ -8,6 +8,9 @@ allocator event as [action, address, size, stream] with the measured peaks. `--c
 replays a recorded file: the real events through memtune's allocator model, per stream, against the
 real reserved peak, and the real allocations per stream against `sharding.trace_sharded`'s, so that
 an error in the predicted events and an error in the allocator model can be told apart.
+
+`--trainer` records the same during `memtune run`'s Trainer (accelerate launch, FSDP2) instead, for
+TRAINER_CASE: history from train begin, peaks as the run summary reports them.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("llama-3.2-1b 2x1024 accum2 ckpt", "meta-llama/Llama-3.2-1B",
      dict(seq_len=1024, micro_batch_size=2, grad_accum_steps=2, gradient_checkpointing=True)),
 ]
+TRAINER_CASE = ("qwen2.5-0.5b 8x1024 (Trainer)", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=8))
 ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap",
            "snapshot", "oom")
 
@@ -56,22 +59,73 @@ def worker(out: Path) -> None:
         config = config_of(fields)
         if local_rank == 0:
             torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
-        started = time.perf_counter()
         measured = measure_sharded(catalog_config(model), config, steps=3, accumulation_limit=None)
-        row = {"case": name, "model": model, "config": config.to_dict(), "measured": measured.to_dict(),
-               "seconds": time.perf_counter() - started}
         if local_rank == 0:
-            snapshot = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            trace = snapshot["device_traces"][torch.cuda.current_device()]
-            row["events"] = [[ACTIONS.index(e["action"]) if e["action"] in ACTIONS else -1, e["addr"], e["size"],
-                              e["stream"]] for e in trace]
-            rows.append(row)
+            rows.append(history_row(name, model, config, measured.to_dict()))
             out.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
                                        "actions": ACTIONS, "cases": rows}))
-            print(f"[history] {name}: {len(trace)} events, reserved {measured.peak_reserved_bytes / GIB:.2f} GiB",
-                  flush=True)
+            print(f"[history] {name}: {len(rows[-1]['events'])} events, reserved "
+                  f"{measured.peak_reserved_bytes / GIB:.2f} GiB", flush=True)
     dist.destroy_process_group()
+
+
+def history_row(name: str, model: str, config: TrainConfig, measured: dict[str, Any]) -> dict[str, Any]:
+    """Stop recording; the case with every recorded allocator event as [action, address, size, stream]."""
+    import torch
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    return {"case": name, "model": model, "config": config.to_dict(), "measured": measured,
+            "events": [[ACTIONS.index(e["action"]) if e["action"] in ACTIONS else -1, e["addr"], e["size"], e["stream"]]
+                       for e in trace]}
+
+
+def trainer_worker(plan_path: Path, out: Path) -> None:
+    """One rank of `accelerate launch`: memtune's runner for 3 steps, rank 0 recording from train begin."""
+    import tempfile
+
+    import torch
+    from transformers import TrainerCallback
+
+    from memtune.plan import Plan
+    from memtune.runner import run_plan
+
+    class Record(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if args.process_index == 0:
+                torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
+
+    plan = Plan.load(plan_path)
+    summary = run_plan(plan, output_dir=tempfile.mkdtemp(prefix="memtune-history-"), max_steps=3, save_steps=1000,
+                       callbacks=[Record()], progress=False)
+    if int(os.environ.get("RANK", "0")) == 0:
+        name, model, _ = TRAINER_CASE
+        measured = {"peak_allocated_bytes": summary.peak_allocated_bytes, "peak_reserved_bytes": summary.peak_reserved_bytes}
+        row = history_row(name, model, plan.train_config, measured)
+        out.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "actions": ACTIONS,
+                                   "cases": [row]}))
+        print(f"[history] {name}: {len(row['events'])} events, reserved {summary.peak_reserved_bytes / GIB:.2f} GiB",
+              flush=True)
+
+
+def launch_trainer(out: Path) -> None:
+    import tempfile
+
+    from memtune.distributed import write_accelerate_config
+    from memtune.plan import Plan
+    from memtune.sources import catalog_config
+
+    name, model, fields = TRAINER_CASE
+    work = Path(tempfile.mkdtemp(prefix="memtune-history-"))
+    config = config_of(fields)
+    plan = Plan(model=model, train_config=config, budget_bytes=int(130 * GIB))
+    plan.save(work / "plan.json")
+    yaml_path = write_accelerate_config(work / "fsdp.yaml", config, model_config=catalog_config(model))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(yaml_path),
+               str(Path(__file__).resolve()), "--trainer-worker", str(work / "plan.json"), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
+    subprocess.run(command, env=env, timeout=300, check=False)
 
 
 def launch(out: Path) -> None:
@@ -150,9 +204,15 @@ def main() -> None:
     parser.add_argument("--out", default="allocator_history.json")
     parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
     parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
+    parser.add_argument("--trainer", action="store_true", help="record memtune run's Trainer instead of the trial")
+    parser.add_argument("--trainer-worker", type=Path, metavar="PLAN", help="internal: one accelerate rank")
     args = parser.parse_args()
     if args.compare:
         return compare(args.compare)
+    if args.trainer_worker:
+        return trainer_worker(args.trainer_worker, Path(args.out))
+    if args.trainer:
+        return launch_trainer(Path(args.out))
     if args.worker:
         return worker(Path(args.out))
     launch(Path(args.out))
