@@ -7,7 +7,8 @@ It runs, in order:
 1. `torchrun --nproc-per-node 2 benchmarks/fsdp.py --worker`: FSDP2 full-shard steps of small models
    through accelerate's own `Accelerator.prepare` (what `accelerate launch` + Trainer do) and through
    `memtune.distributed.measure_sharded` (memtune's copy of that preparation), then Llama-3.1-8B
-   full fine-tuning (bf16-mixed, checkpointing) for 50 steps: per-GPU peak and tokens/s. Meanwhile the
+   full fine-tuning (bf16-mixed, checkpointing) for 5 steps (50 steps through `memtune run`: see the
+   README): per-GPU peak and tokens/s. Meanwhile the
    parent process computes the predictions on the CPU.
 2. In the parent process: single-GPU CPU-offload trials (`measure_sharded`, num_gpus=1, its own
    one-rank process group).
@@ -48,13 +49,13 @@ MULTI_GPU_CASES: list[tuple[str, str, dict[str, Any], str, int]] = [
      "accelerate", 3),
     ("llama-3.2-1b 2x1024 accum2 ckpt", "meta-llama/Llama-3.2-1B",
      dict(seq_len=1024, micro_batch_size=2, grad_accum_steps=2, gradient_checkpointing=True), "memtune", 3),
-    ("llama-3.1-8b 1x2048 ckpt, 50 steps", BIG_MODEL, dict(seq_len=2048, micro_batch_size=1, gradient_checkpointing=True),
-     "memtune", 50),
+    ("llama-3.1-8b 1x2048 ckpt", BIG_MODEL, dict(seq_len=2048, micro_batch_size=1, gradient_checkpointing=True),
+     "memtune", 5),
 ]
 # Run only when the 8B bf16-mixed case does not fit: weights, gradients and AdamW state in bf16.
-BIG_FALLBACK = ("llama-3.1-8b 1x2048 ckpt bf16 weights, 50 steps", BIG_MODEL,
+BIG_FALLBACK = ("llama-3.1-8b 1x2048 ckpt bf16 weights", BIG_MODEL,
                 dict(seq_len=2048, micro_batch_size=1, gradient_checkpointing=True, weights_dtype="bf16", amp="none"),
-                "memtune", 50)
+                "memtune", 5)
 OFFLOAD_CASES: list[tuple[str, str, dict[str, Any], int]] = [
     ("llama-3.2-1b 2x2048 ckpt offload, 1 GPU", "meta-llama/Llama-3.2-1B",
      dict(seq_len=2048, micro_batch_size=2, gradient_checkpointing=True), 3),
