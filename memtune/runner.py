@@ -44,7 +44,7 @@ from rich.table import Table
 from transformers import Trainer, TrainerCallback
 
 from memtune import data as data_module
-from memtune import recipe
+from memtune import recipe, verify
 from memtune.config import DEFAULT_SAVE_STEPS, SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import MemtuneError, UsageError
 from memtune.oom_guard import OomGuard
@@ -377,6 +377,11 @@ def run_plan(
     # Several processes or offload: build on the CPU, as from_pretrained does, and let the launcher's
     # FSDP move only shards to the GPU (a whole fp32 8B model is 32 GB on each GPU before sharding).
     build_device = "cpu" if _sharded() or _process_count() > 1 else args.device
+    if args.device.type == "cuda":
+        # cuBLAS workspaces made in the first step land inside the first large free block (a logits buffer)
+        # and split it for good: made now, they get segments of their own, as in memtune's trial.
+        torch.cuda.set_device(args.device)
+        verify.warm_up()
     model, model_origin, pretrained = load_model(source, config, build_device)
     if not pretrained:
         warn(f"{plan.model}: {model_origin}")
