@@ -141,6 +141,31 @@ def test_guard_steps_down_mid_run_without_losing_or_repeating_a_step(model_dir: 
     assert {int(state["step"]) for state in record.optimizer.state_dict()["state"].values()} == {7}
 
 
+def test_a_single_process_makes_no_process_group_and_no_agreement(model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a collective call in a single process")
+
+    monkeypatch.setattr(torch.distributed, "new_group", forbidden)
+    monkeypatch.setattr(torch.distributed, "all_reduce", forbidden)
+    fallbacks = [TrainConfig(seq_len=SEQ_LEN, micro_batch_size=2, grad_accum_steps=4)]
+    summary, record, injector, guard = guarded_run(model_dir, tmp_path, "single", at((2, 2, "forward", 0)), fallbacks,
+                                                   max_steps=3)
+    assert injector.fired == [(2, "forward")]
+    assert [(event["to_config"]["micro_batch_size"], event["ranks"]) for event in summary.guard_events] == [(2, [])]
+
+
+def test_guard_only_monitors_under_deepspeed_and_fsdp1() -> None:
+    for kind, trainer_flags in (("DeepSpeed", {"is_deepspeed_enabled": True}),
+                                ("FSDP1", {"is_fsdp_enabled": True, "accelerator": types.SimpleNamespace(is_fsdp2=False)})):
+        messages: list[str] = []
+        guard = OomGuard(TrainConfig(seq_len=8, micro_batch_size=4), log=messages.append)
+        args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
+        trainer = types.SimpleNamespace(args=args, callback_handler=types.SimpleNamespace(callbacks=[]), add_callback=lambda c: None,
+                                        get_batch_samples=None, training_step=None, prediction_step=None, **trainer_flags)
+        guard.attach(trainer)
+        assert not guard._active and len(messages) == 1 and f"only monitors under {kind}" in messages[0]
+
+
 def test_guard_switches_checkpointing_on_in_place(model_dir: Path, tmp_path: Path) -> None:
     fallbacks = [TrainConfig(seq_len=SEQ_LEN, micro_batch_size=4, grad_accum_steps=2, gradient_checkpointing=True)]
     def faults(step, micro_batch, batch, where, model):  # from step 2, while checkpointing is off
