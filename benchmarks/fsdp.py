@@ -91,9 +91,9 @@ def environment() -> dict[str, Any]:
     return info
 
 
-def write(path: Path, data: dict[str, Any]) -> None:
+def write(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True))
+    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 # ---- predictions (CPU) ----------------------------------------------------------------------------

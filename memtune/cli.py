@@ -24,6 +24,7 @@ EPILOG_PLAN = """examples:
   memtune plan qwen2.5-0.5b --seq-len 1024 --batch-size 32 --micro-batch-size 4 --precision bf16-mixed --checkpointing --gpu RTX4090-24GB
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 16 --micro-batch-size 1 --lora --precision bf16 --budget 24GiB --json
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 8 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --gpus 4
+  memtune plan qwen2.5-1.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu H100-80GB --gpus 4 --strategy auto
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -38,10 +39,12 @@ EPILOG_FIT = """examples:
   memtune fit gpt2 --seq-len 1024 --batch-size 64 --budget 8GiB --precision fp32 --no-lora
   memtune fit ./my-model-dir --batch-size 16 --json > fit.json             # stdout carries only the JSON
   memtune fit qwen2.5-0.5b                                                 # no GPU, no budget: which common cards fit
+  memtune fit qwen2.5-1.5b --seq-len 2048 --batch-size 32 --gpu H100-80GB --gpus 2   # DDP or FSDP over 2 GPUs
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing, a chunked loss, CPU offload. LoRA (or --prefix) is used only when nothing else fits,
+checkpointing, a chunked loss, CPU offload, and with --gpus N a full replica per GPU (DDP) or FSDP
+sharding of the model state. LoRA (or --prefix) is used only when nothing else fits,
 unless you ask for it (--lora). Pin any choice (--precision fp32, --checkpointing off, ...) and it
 is kept. The winner is verified with real trial steps when a GPU is here, and saved to --plan-out
 for `memtune run`.
@@ -123,8 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="trace on fake CUDA tensors (needs a GPU) or on CPU with CUDA emulation "
                            "(default: cuda when a GPU is visible)")
     plan.add_argument("--gpus", type=int, default=1,
-                      help="GPUs to shard over with FSDP (full sharding of weights, gradients, optimizer state); "
-                           "--batch-size is split over them; the GPUs need not be present (default 1)")
+                      help="GPUs to train on (see --strategy); --batch-size is split over them; the GPUs need not be "
+                           "present (default 1)")
+    plan.add_argument("--strategy", choices=["fsdp", "ddp", "auto"], default="fsdp",
+                      help="with --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs (default); "
+                           "ddp keeps a full replica on each GPU (faster, needs the whole training state per GPU); "
+                           "auto predicts both and takes the faster that fits the budget")
     plan.add_argument("--offload", choices=["none", "parameters"], default="none",
                       help="parameters: FSDP CPU offload of parameters, gradients and optimizer state")
     plan.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
@@ -141,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget", help="memory to fit in instead of the GPU's free memory, e.g. 24GiB or 24GB")
     budget.add_argument("--gpu", help=f"plan for a known card: {', '.join(KNOWN_GPUS)}")
     fit.add_argument("--gpus", type=int, default=None,
-                     help="GPUs to train on; above 1, plans shard with FSDP and --batch-size is split over them "
-                          "(default: the GPUs visible here, or 1; with --budget/--gpu they need not be present)")
+                     help="GPUs to train on; above 1, --batch-size is split over them and the search tries a replica "
+                          "per GPU (DDP) and FSDP sharding (see --strategy) (default: the GPUs visible here, or 1; "
+                          "with --budget/--gpu they need not be present)")
     pins = fit.add_argument_group("pin a choice (default: the search chooses)")
     pins.add_argument("--precision", choices=list(PRECISIONS), default=None, help="keep this precision")
     pins.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="gradient checkpointing")
@@ -151,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="chunked computes the LM head and loss in chunks, never holding all fp32 logits")
     pins.add_argument("--offload", choices=["auto", "none", "parameters"], default="auto",
                       help="parameters: FSDP CPU offload of parameters, gradients and optimizer state (slow)")
+    pins.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
+                      help="with --gpus N: ddp keeps a full replica on each GPU (no parameter gathering), fsdp shards "
+                           "weights, gradients and optimizer state; auto tries both and keeps the fastest that fits")
     policy = fit.add_argument_group("policy")
     policy.add_argument("--lora", action="store_true", help="train LoRA adapters even if full fine-tuning fits")
     policy.add_argument("--prefix", action="store_true", help="use prefix tuning instead of LoRA as the adapter rung")
@@ -222,7 +233,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
         weights_dtype=weights, amp=amp, gradient_checkpointing=args.checkpointing, adapter=adapter,
-        num_gpus=gpus, offload=args.offload,
+        num_gpus=gpus, offload=args.offload, strategy="fsdp" if args.strategy == "auto" else args.strategy,
     )
 
 
@@ -237,8 +248,9 @@ def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 
 def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.estimate import fits_under
-    from memtune.sharding import estimate_any
+    from memtune import throughput
+    from memtune.fit import ModelPredictor
+    from memtune.search import choose_strategy
     from memtune.sources import parameter_count, resolve
 
     train_config = _train_config(args)
@@ -246,14 +258,18 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     source = resolve(args.model)
     if source.note:
         err.print(f"note: {source.note}")
+    num_parameters = parameter_count(source.config)
+    # The predictor picks the estimate for the strategy (single GPU, DDP, FSDP) and replays it against the budget.
+    predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(args.gpu or "H100"), device=args.trace_device)
     with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        estimate = estimate_any(source.config, train_config, device=args.trace_device)
-        fits_strict = None
-        if budget_bytes is not None:
-            sharded = train_config.num_gpus > 1 or train_config.offload != "none"
-            # the sharded model predicts per-GPU peaks per stream; there is no single event stream to replay
-            fits_strict = estimate.total_bytes <= budget_bytes if sharded else fits_under(source.config, estimate, budget_bytes)
-    result = report.PlanResult(source, estimate, budget_bytes, budget_label, parameter_count(source.config), fits_strict)
+        if args.strategy == "auto":
+            train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes)
+            if why:
+                err.print(f"note: {why}", highlight=False)
+        else:
+            estimate = predictor.memory(train_config)
+        fits_strict = None if budget_bytes is None else predictor.fits(estimate, budget_bytes)
+    result = report.PlanResult(source, estimate, budget_bytes, budget_label, num_parameters, fits_strict)
     if args.json:
         print(report.render_plan_json(result))
     else:
@@ -293,6 +309,7 @@ def _policy(args: argparse.Namespace) -> Policy:
         micro_batch_size=args.micro_batch_size,
         loss=None if args.loss == "auto" else args.loss,
         offload=None if args.offload == "auto" else args.offload,
+        strategy=None if args.strategy == "auto" else args.strategy,
         adapter=adapter,
         use_adapter=True if (args.lora or args.prefix) and not no_adapter else (False if no_adapter else None),
         allow_offload=not args.no_offload,

@@ -20,6 +20,8 @@ DType = Literal["fp32", "bf16", "fp16"]
 Amp = Literal["none", "bf16", "fp16"]
 Offload = Literal["none", "optimizer", "parameters"]
 Loss = Literal["standard", "chunked"]
+Strategy = Literal["fsdp", "ddp"]
+STRATEGY_NAMES = {"fsdp": "FSDP", "ddp": "DDP"}
 
 # --precision NAME -> (dtype the weights are stored in, autocast compute dtype).
 PRECISIONS: dict[str, tuple[DType, Amp]] = {
@@ -80,6 +82,11 @@ class TrainConfig:
     loss: Loss = "standard"
     """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits."""
     num_gpus: int = 1
+    """GPUs of one data-parallel job; the effective batch is split over them."""
+    strategy: Strategy = "fsdp"
+    """How several GPUs share the work (only with num_gpus > 1): "fsdp" shards weights, gradients and
+    optimizer state over them (FSDP2 full sharding; also the engine of CPU offload); "ddp" keeps a full
+    replica on every GPU and all-reduces the gradients (DistributedDataParallel), without offload."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -91,6 +98,15 @@ class TrainConfig:
             problems.append(f"weights_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.weights_dtype!r}")
         if self.amp not in ("none", "bf16", "fp16"):
             problems.append(f"amp must be none, bf16 or fp16, got {self.amp!r}")
+        if self.strategy not in STRATEGY_NAMES:
+            problems.append(f"strategy must be fsdp or ddp, got {self.strategy!r}")
+        if self.strategy == "ddp":
+            if self.offload != "none":
+                problems.append(f"strategy 'ddp' keeps a full replica on every GPU and cannot offload {self.offload!r} "
+                                "to the CPU: use strategy 'fsdp' (CPU offload shards through FSDP) or offload 'none'")
+            if isinstance(self.num_gpus, int) and self.num_gpus == 1:
+                problems.append("strategy 'ddp' replicates the model over several GPUs: it needs num_gpus >= 2 "
+                                "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
         if problems:
             raise UsageError("invalid training configuration: " + "; ".join(problems))
 
@@ -121,8 +137,18 @@ class TrainConfig:
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.num_gpus > 1:
-            parts.append(f"{self.num_gpus} GPUs")
+            parts.append(f"{self.num_gpus} GPUs, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
+
+    @property
+    def replicated(self) -> bool:
+        """Data parallel with a full replica per GPU (DDP): the per-GPU step is the single-GPU step."""
+        return self.num_gpus > 1 and self.strategy == "ddp"
+
+    @property
+    def sharded(self) -> bool:
+        """Run by FSDP2: sharded over several GPUs, or CPU offload (FSDP with one GPU too)."""
+        return not self.replicated and (self.num_gpus > 1 or self.offload != "none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

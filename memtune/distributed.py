@@ -1,5 +1,6 @@
-"""Sharded and offloaded training through accelerate's FSDP: launcher config, launch command,
-Trainer arguments, and an in-process trial that measures what a sharded step takes.
+"""Training over several GPUs (or with CPU offload) through accelerate: launcher config, launch
+command, Trainer arguments, and a trial that measures what a step takes per GPU. Two strategies:
+FSDP2 full sharding (also the engine of CPU offload) and DDP (a full replica per GPU).
 
     write_accelerate_config("fsdp.yaml", train_config, model_config=config)
     subprocess.run(launch_command("fsdp.yaml", ["run", "plan.json"]))   # accelerate launch ... -m memtune run plan.json
@@ -43,6 +44,26 @@ What accelerate 1.15.0 and transformers 5.17 / 5.24 really do (read from their s
 
 `apply_fsdp` and `fsdp_train_step` reproduce that preparation and step without an Accelerator, so the
 fake-tensor trace (`sharding`) and the trial here run the same thing the launched Trainer runs.
+
+DDP (strategy "ddp", accelerate 1.15 / transformers 5.17-5.24):
+- The launcher config says `distributed_type: MULTI_GPU`; `accelerate launch` then starts
+  num_processes workers through torchrun (commands/launch.py: `args.multi_gpu` from the config's
+  distributed_type, 1229-1243; `multi_gpu_launcher`), with ACCELERATE_MIXED_PRECISION from
+  `mixed_precision` and no FSDP variables (utils/launch.py `prepare_multi_gpu_env`).
+- `Accelerator.prepare_model` (accelerator.py 1824-1835, 1883-1902) wraps the model's forward in
+  autocast when mixed precision is on (`native_amp`), then wraps the model in
+  `torch.nn.parallel.DistributedDataParallel(model, device_ids=[local rank], output_device=local rank,
+  **ddp_handler.to_kwargs())`, where to_kwargs keeps only values that differ from
+  DistributedDataParallelKwargs' defaults (utils/dataclasses.py 78-88; broadcast_buffers=True,
+  bucket_cap_mb=25, find_unused_parameters=False, gradient_as_bucket_view=False, static_graph=False).
+- Trainer fills that handler (`_build_accelerator_args`, trainer.py 749-766 in 5.24): only
+  find_unused_parameters unless other ddp_* TrainingArguments are set, and it defaults to True for a
+  model without gradient checkpointing. A causal LM uses every parameter in every step, so
+  `ddp_training_arguments` sets ddp_find_unused_parameters=False: no autograd-graph search after each
+  forward, and the bucket layout `replicate` models (one bucket per dtype until the first rebuild).
+- Gradient accumulation: Trainer runs every micro-batch but the last under `accelerator.no_sync`,
+  which for DDP is `model.no_sync()`: no all-reduce until the last micro-batch's backward.
+`build_replicated_model` and `ddp_train_step` do the same without an Accelerator, for the trial.
 """
 
 from __future__ import annotations
@@ -67,8 +88,17 @@ ran out of memory leaves the others waiting)."""
 
 
 def check_supported(train_config: TrainConfig) -> None:
-    """Raise UsageError, naming every problem at once, for configurations FSDP through accelerate cannot run."""
+    """Raise UsageError, naming every problem at once, for configurations FSDP or DDP through accelerate cannot run."""
     problems = []
+    if train_config.replicated:
+        if train_config.loss != "standard":
+            problems.append(
+                f"loss {train_config.loss!r} calls the backbone and the LM head directly, past DDP's wrapper, whose "
+                "forward arms the gradient all-reduce: the GPUs would train apart; use loss 'standard' with DDP"
+            )
+        if problems:
+            raise UsageError("; ".join(problems))
+        return
     if train_config.offload == "optimizer":
         problems.append(
             "offload 'optimizer' (optimizer state only on the CPU) is DeepSpeed ZeRO-Offload, which memtune does not "
@@ -96,13 +126,32 @@ def wrap_class_names(model_config: Any) -> list[str]:
 
 
 def accelerate_config(train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None) -> dict[str, Any]:
-    """The accelerate launcher config (what `accelerate config` writes) for FSDP2 full sharding.
+    """The accelerate launcher config (what `accelerate config` writes): data parallel (MULTI_GPU) for
+    strategy "ddp", else FSDP2 full sharding (CPU offload included).
 
     `num_gpus` defaults to `train_config.num_gpus`. With `model_config`, the decoder layer class is
     named explicitly; without it accelerate falls back to the model's `_no_split_modules`.
     """
     check_supported(train_config)
     num_processes = num_gpus or train_config.num_gpus
+    common: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU" if train_config.replicated else "FSDP",
+        "mixed_precision": ACCELERATE_MIXED_PRECISION[train_config.amp],
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": num_processes,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+        "downcast_bf16": "no",
+        "main_training_function": "main",
+    }
+    if train_config.replicated:
+        if num_processes < 2:
+            raise UsageError(f"DDP needs 2 or more processes, got num_gpus={num_processes}")
+        return common
     fsdp: dict[str, Any] = {
         "fsdp_version": FSDP_VERSION,
         "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
@@ -114,21 +163,7 @@ def accelerate_config(train_config: TrainConfig, num_gpus: int | None = None, *,
     }
     if model_config is not None and wrap_class_names(model_config):
         fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(wrap_class_names(model_config))
-    return {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "FSDP",
-        "mixed_precision": ACCELERATE_MIXED_PRECISION[train_config.amp],
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": num_processes,
-        "gpu_ids": "all",
-        "rdzv_backend": "static",
-        "same_network": True,
-        "use_cpu": False,
-        "downcast_bf16": "no",
-        "main_training_function": "main",
-        "fsdp_config": fsdp,
-    }
+    return {**common, "fsdp_config": fsdp}
 
 
 def write_accelerate_config(
@@ -153,6 +188,8 @@ def fsdp_training_arguments(train_config: TrainConfig, *, model_config: Any = No
     """TrainingArguments keyword arguments that make Trainer shard the same way without the launcher
     config (the process group must still come from torchrun / accelerate launch)."""
     check_supported(train_config)
+    if train_config.replicated:
+        raise UsageError("a DDP plan (strategy 'ddp') is not sharded: use ddp_training_arguments")
     fsdp_config: dict[str, Any] = {
         "version": FSDP_VERSION,
         "reshard_after_forward": True,
@@ -163,6 +200,67 @@ def fsdp_training_arguments(train_config: TrainConfig, *, model_config: Any = No
     if model_config is not None and wrap_class_names(model_config):
         fsdp_config["transformer_layer_cls_to_wrap"] = wrap_class_names(model_config)
     return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def ddp_training_arguments(train_config: TrainConfig) -> dict[str, Any]:
+    """TrainingArguments keyword arguments for a DDP plan: every parameter of a causal LM gets a gradient
+    in every step, so DDP need not search the autograd graph for unused ones after each forward
+    (Trainer's default without gradient checkpointing), and its buckets are laid out as `replicate` models."""
+    check_supported(train_config)
+    if not train_config.replicated:
+        raise UsageError(f"DDP arguments are for strategy 'ddp' over several GPUs, got {train_config.describe()}")
+    return {"ddp_find_unused_parameters": False}
+
+
+DDP_KWARGS: dict[str, Any] = {"find_unused_parameters": False}
+"""What DistributedDataParallel gets from Trainer + accelerate with `ddp_training_arguments`: all of
+torch's defaults (accelerate drops values equal to its defaults; find_unused_parameters=False is one)."""
+
+
+# ---- the replicated model and step (DDP) ----------------------------------------------------------
+
+
+def build_replicated_model(model_config: Any, train_config: TrainConfig, device: str) -> Any:
+    """Random-weight model on `device`, wrapped in DistributedDataParallel as accelerate wraps it (the
+    model is on the device first; construction broadcasts rank 0's weights and allocates the buckets)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from memtune import recipe
+
+    check_supported(train_config)
+    model = recipe.build_model(model_config, train_config, device)
+    if device.startswith("cuda"):
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        return DistributedDataParallel(model, device_ids=[index], output_device=index, **DDP_KWARGS)
+    return DistributedDataParallel(model, **DDP_KWARGS)
+
+
+def ddp_train_step(
+    model: Any, optimizer: Any, batches: list[Any], train_config: TrainConfig, scaler: Any = None,
+    read_loss: bool = True, device_type: str = "cuda",
+) -> float:
+    """One optimizer step as Trainer runs it under DDP: the forward under autocast (accelerate wraps the
+    model's forward in it), every micro-batch but the last under `no_sync` (gradients all-reduced once,
+    in the last backward), then step and zero_grad(set_to_none=True)."""
+    import contextlib
+
+    from memtune import recipe
+
+    check_supported(train_config)
+    total = 0.0
+    for index, input_ids in enumerate(batches):
+        synced = index == len(batches) - 1
+        with contextlib.nullcontext() if synced else model.no_sync():
+            with recipe.amp_context(train_config, device_type):
+                loss = model(input_ids=input_ids, labels=input_ids).loss / len(batches)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if read_loss:
+            total += float(loss.detach())
+        del loss
+    recipe.optimizer_step(optimizer, scaler)
+    return total
 
 
 # ---- the sharded model and step (what the launched Trainer runs) ---------------------------------
@@ -268,7 +366,8 @@ def measure_sharded(
     model_config: Any, train_config: TrainConfig, steps: int = 3, device: str | None = None,
     accumulation_limit: int | None = 2,
 ) -> Any:
-    """Run `steps` sharded optimizer steps and measure per-GPU peak memory (the largest over ranks).
+    """Run `steps` optimizer steps over `num_gpus` GPUs - FSDP2-sharded, or replicated with DDP for
+    strategy "ddp" - and measure per-GPU peak memory (the largest over ranks).
 
     With `accumulation_limit`, a step accumulates at most that many micro-batches (as `verify.measure`):
     the first holds its unsharded gradients (no_sync), the last reduces them, so two reach the peak of
@@ -321,7 +420,8 @@ def _init_process_group(device: str, init_method: str, rank: int, world_size: in
 
 
 def _trial(model_config: Any, train_config: TrainConfig, steps: int, device: str) -> Any:
-    """The collective trial on this rank; returns this rank's Measurement (max over ranks when N > 1)."""
+    """The collective trial on this rank (DDP or FSDP, as the configuration says); returns this rank's
+    Measurement (max over ranks when N > 1)."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -339,20 +439,30 @@ def _trial(model_config: Any, train_config: TrainConfig, steps: int, device: str
     result = verify.Measurement(fits=True, tokens_per_step=train_config.effective_batch_size * train_config.seq_len)
     model = optimizer = scaler = None
     try:
-        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
-        model = build_sharded_model(model_config, train_config, device, mesh)
-        optimizer = recipe.make_optimizer(model, fused=True)
+        if train_config.replicated:
+            # DDP: measured from before the model is built, as the estimate starts from an empty device
+            # (the weights, the construction broadcast and the buckets are in its events).
+            model = build_replicated_model(model_config, train_config, device)
+            optimizer = recipe.make_optimizer(model)
+
+            def step(*args: Any, **kwargs: Any) -> float:
+                return ddp_train_step(*args, device_type=device_type, **kwargs)
+        else:
+            mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+            model = build_sharded_model(model_config, train_config, device, mesh)
+            optimizer = recipe.make_optimizer(model, fused=True)
+            step = fsdp_train_step
+            if cuda:
+                # Sharding moved each unit to the GPU whole before cutting it: drop that from the cache and
+                # the peak, so the trial measures the steps (the estimate starts from the shards too).
+                verify.release_memory()
         scaler = torch.amp.GradScaler(device_type) if train_config.amp == "fp16" else None
-        if cuda:
-            # Sharding moved each unit to the GPU whole before cutting it: drop that from the cache and
-            # the peak, so the trial measures the steps (the estimate starts from the shards too).
-            verify.release_memory()
         for _ in range(steps):
             batches = [recipe.random_batch(model_config, train_config, device) for _ in range(train_config.grad_accum_steps)]
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            fsdp_train_step(model, optimizer, batches, train_config, scaler=scaler)
+            step(model, optimizer, batches, train_config, scaler=scaler)
             if cuda:
                 torch.cuda.synchronize()
             result.step_seconds.append(time.perf_counter() - start)

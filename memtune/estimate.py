@@ -162,9 +162,18 @@ def estimate(
     started = time.perf_counter()
     device = device or default_trace_device()
     trace, events = full_depth_events(model_config, train_config, device)
-    depth = num_layers_of(model_config) or trace.num_layers
+    return estimate_of_events(train_config, events, trace.categories, trace_device=device,
+                              traced_layers=trace.num_layers, num_layers=num_layers_of(model_config) or trace.num_layers,
+                              started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+
+
+def estimate_of_events(
+    train_config: TrainConfig, events: list[tuple], categories: dict[int, str], *, trace_device: str,
+    traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
+) -> Estimate:
+    """The Estimate of a full-depth event list: replayed through the allocator model, broken down at its peak."""
     simulated = allocator.simulate(events)
-    breakdown = breakdown_at_peak(events, trace.categories)
+    breakdown = breakdown_at_peak(events, categories)
     fragmentation = simulated.peak_reserved_bytes - simulated.peak_allocated_bytes
     breakdown[Category.OVERHEAD.value] = max(0, fragmentation) + workspace_bytes + context_bytes
     return Estimate(
@@ -174,9 +183,9 @@ def estimate(
         workspace_bytes=workspace_bytes,
         context_bytes=context_bytes,
         breakdown=breakdown,
-        trace_device=device,
-        traced_layers=trace.num_layers,
-        num_layers=depth,
+        trace_device=trace_device,
+        traced_layers=traced_layers,
+        num_layers=num_layers,
         seconds=time.perf_counter() - started,
     )
 

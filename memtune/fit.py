@@ -44,7 +44,11 @@ class ModelPredictor:
     def memory(self, config: TrainConfig) -> Estimate:
         if config not in self._cache:
             kwargs = dict(device=self.device, context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
-            if config.num_gpus > 1 or config.offload != "none":
+            if config.replicated:  # DDP: the single-GPU step plus DDP's buckets
+                from memtune.replicate import estimate_replicated
+
+                self._cache[config] = estimate_replicated(self.model_config, config, **kwargs)
+            elif config.sharded:  # FSDP over several GPUs, or CPU offload
                 from memtune.sharding import estimate_sharded
 
                 self._cache[config] = estimate_sharded(self.model_config, config, **kwargs)
@@ -57,7 +61,11 @@ class ModelPredictor:
         its cached blocks and retries, so a step whose unconstrained peak reserved is above the
         budget can still fit; what must fit is the live memory plus unavoidable fragmentation."""
         config = estimate_.config
-        if config.num_gpus > 1 or config.offload != "none":
+        if config.replicated:
+            from memtune.replicate import fits_under as replicated_fits_under
+
+            return replicated_fits_under(self.model_config, estimate_, usable_bytes, self.device)
+        if config.sharded:
             # the sharded model predicts a peak; there is no unsharded event stream to replay
             return estimate_.total_bytes <= usable_bytes
         return fits_under(self.model_config, estimate_, usable_bytes, self.device)

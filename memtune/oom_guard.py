@@ -383,9 +383,19 @@ class OomGuard(TrainerCallback):
         return smaller or checkpointing or chunked
 
     def _can_switch_loss(self) -> bool:
+        """The chunked loss calls the base model and the head itself, around any DDP / FSDP wrapper:
+        only a single unwrapped process may switch to it (under DDP the ranks would stop averaging)."""
         from memtune import recipe
 
+        if self._world_size > 1 or self._wrapped(self.trainer):
+            return False
         return hasattr(self.trainer, "train_config") and hasattr(recipe, "forward_loss")
+
+    @staticmethod
+    def _wrapped(trainer: Any) -> bool:
+        args = getattr(trainer, "args", None)
+        sharded = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+        return sharded or (args is not None and getattr(args, "world_size", 1) > 1)
 
     def _normalized(self, config: TrainConfig) -> TrainConfig:
         """`config` with the micro-batch the guard really runs (a divisor of the loader's micro-batch)."""

@@ -135,7 +135,8 @@ class Plan:
         (output_dir, max_steps, learning_rate, ...).
 
         Offload and multi-GPU sharding are not TrainingArguments: they come from the accelerate config
-        `accelerate launch` is started with (memtune.distributed).
+        `accelerate launch` is started with (memtune.distributed). A DDP plan (strategy "ddp") also sets
+        ddp_find_unused_parameters=False (every parameter is used; `distributed.ddp_training_arguments`).
         """
         import dataclasses
 
@@ -158,6 +159,10 @@ class Plan:
         arguments[name] = config.gradient_checkpointing
         if config.gradient_checkpointing:
             arguments[f"{name}_kwargs"] = {"use_reentrant": False}
+        if config.replicated:
+            from memtune.distributed import ddp_training_arguments
+
+            arguments.update(ddp_training_arguments(config))
         arguments.update(overrides)
         return TrainingArguments(**arguments)
 

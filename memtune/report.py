@@ -44,6 +44,7 @@ CATEGORY_NOTES = {
     "temporaries": "backward intermediates",
     "overhead": "allocator fragmentation, cuBLAS workspaces, CUDA context",
     "fsdp_buffers": "FSDP all-gather and reduce-scatter buffers",
+    "ddp_buckets": "DDP gradient buckets (a second copy of the gradients, all-reduced)",
 }
 # Okabe-Ito colours (distinguishable with colour-blindness); the terminal bars and the HTML
 # picture use the same ones, so either legend reads the other.
@@ -242,7 +243,10 @@ def changes_to_make(config: TrainConfig) -> list[str]:
         changes.append("chunked loss: the LM head and cross-entropy in chunks of tokens (memtune run applies it)")
     if config.offload != "none":
         changes.append(f"offload {config.offload} to CPU (FSDP CPU offload through accelerate; memtune run sets it up)")
-    if config.num_gpus > 1:
+    if config.replicated:
+        changes.append(f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
+                       "ddp_find_unused_parameters=False; memtune run sets it up)")
+    elif config.num_gpus > 1:
         changes.append(f"{config.num_gpus} GPUs, sharded with FSDP through accelerate")
     return changes
 
@@ -284,10 +288,13 @@ def python_snippet(config: TrainConfig) -> str:
                  "    gradient_checkpointing_kwargs={\"use_reentrant\": False},"]
     else:
         body.append("    gradient_checkpointing=False,")
+    if config.replicated:
+        body.append("    ddp_find_unused_parameters=False,")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
                                      (f"offload of {config.offload}", config.offload != "none"),
-                                     ("FSDP over several GPUs", config.num_gpus > 1)) if on]
+                                     ("FSDP over several GPUs", config.num_gpus > 1 and not config.replicated),
+                                     (f"DDP over {config.num_gpus} GPUs (accelerate launch)", config.replicated)) if on]
     if missing:
         body.append(f"# no TrainingArguments flag for {' and '.join(missing)}: `memtune run PLAN` applies it")
     return "\n".join(imports + [""] + body)

@@ -503,16 +503,17 @@ def default_output_dir(plan: Plan) -> Path:
 # ---- command line (wired into cli.py) ------------------------------------------------------------
 
 def relaunch_command(plan: Plan, args: argparse.Namespace, config_dir: Path) -> list[str] | None:
-    """`accelerate launch` of this same `memtune run` when the plan needs FSDP (several GPUs or CPU offload)
-    and this process was not started by a launcher; None when this process can run the plan itself."""
+    """`accelerate launch` of this same `memtune run` when the plan needs a launcher - several GPUs (DDP or
+    FSDP, as its strategy says) or CPU offload (FSDP) - and this process was not started by one; None
+    when this process can run the plan itself."""
     from memtune import distributed
     from memtune.sources import resolve
 
     config = plan.train_config
     if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
         return None
-    config_path = distributed.write_accelerate_config(config_dir / "accelerate_fsdp.yaml", config,
-                                                      model_config=resolve(plan.model).config)
+    name = "accelerate_ddp.yaml" if config.replicated else "accelerate_fsdp.yaml"
+    config_path = distributed.write_accelerate_config(config_dir / name, config, model_config=resolve(plan.model).config)
     forwarded = ["run", str(args.plan)]
     for flag, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--text-field", args.text_field),
                         ("--max-steps", args.max_steps), ("--learning-rate", args.learning_rate),
@@ -536,7 +537,8 @@ def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
     output_dir = Path(args.output_dir or default_output_dir(plan))
     command = relaunch_command(plan, args, output_dir)
     if command is not None:
-        err.print(f"the plan needs FSDP ({plan.train_config.describe()}): launching {' '.join(command)}", highlight=False)
+        engine = "DDP" if plan.train_config.replicated else "FSDP"
+        err.print(f"the plan needs {engine} ({plan.train_config.describe()}): launching {' '.join(command)}", highlight=False)
         return subprocess.run(command, check=False).returncode
     summary = run_plan(
         plan, data=args.data, output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
@@ -645,6 +647,14 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     if config.offload != "none" and not _sharded():
         messages.append(f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
                         "offload config (memtune.distributed); this run keeps everything on the GPU and needs more memory")
+    if config.replicated and _sharded():
+        messages.append("the plan replicates the model on every GPU (DDP) but this process was launched with an FSDP or "
+                        "DeepSpeed config: it runs sharded, not as planned and verified; launch it with `memtune run` "
+                        "(it writes a MULTI_GPU accelerate config)")
+    if config.num_gpus > 1 and not config.replicated and processes > 1 and not _sharded():
+        messages.append(f"the plan shards over {config.num_gpus} GPUs with FSDP but this process was launched without an "
+                        "FSDP config: Trainer replicates the model on every GPU (DDP), which needs more memory than "
+                        "planned; launch it with `memtune run` (it writes the FSDP2 accelerate config)")
     return messages
 
 

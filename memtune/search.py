@@ -2,7 +2,9 @@
 
 Candidates keep the effective batch the user asked for (micro-batch x accumulation x GPUs) and
 vary what costs no quality or little: the micro-batch, mixed precision, gradient checkpointing,
-a chunked loss, CPU offload. Adapters (LoRA, prefix tuning) change *what* is trained, so they are
+a chunked loss, CPU offload, and over several GPUs how they share the work: a full replica per GPU
+(DDP: fastest, no parameter gathering) or FSDP full sharding (a fraction of the model state per GPU),
+with CPU offload on top of FSDP. Adapters (LoRA, prefix tuning) change *what* is trained, so they are
 tried only when nothing else fits, unless the user asks for them.
 
 How the choice is made, cheaply:
@@ -28,6 +30,7 @@ from typing import Any, Protocol
 from memtune.config import GIB, KNOWN_GPUS, MIB, PRECISIONS, Adapter, TrainConfig, format_bytes, precision_config
 from memtune.errors import UsageError
 from memtune.estimate import Estimate
+from memtune.replicate import DDP_BUCKETS
 from memtune.verify import Measurement
 
 DEFAULT_MARGIN_FRACTION = 0.02
@@ -42,7 +45,9 @@ EXTRAPOLATION_SLACK = 1.10
 exceeds the usable budget by more than this factor is not traced. Memory is affine in the micro-batch (state is
 fixed, activations scale), and the slack covers the allocator's rounding; a wrong skip can only
 cost speed, never a fit that was not checked."""
-FIXED_CATEGORIES = ("weights", "gradients", "optimizer", "overhead")
+FIXED_CATEGORIES = ("weights", "gradients", "optimizer", "overhead", DDP_BUCKETS)
+STRATEGIES = ("ddp", "fsdp")
+"""Over several GPUs, fastest first when both fit (ties keep this order)."""
 
 # Candidate statuses, in the words the report shows.
 NOT_EVALUATED = "not evaluated"
@@ -77,6 +82,8 @@ class Policy:
     micro_batch_size: int | None = None
     loss: str | None = None
     offload: str | None = None
+    strategy: str | None = None
+    """Pin how several GPUs share the work: "ddp" (a replica per GPU) or "fsdp" (sharded)."""
     adapter: Adapter = field(default_factory=Adapter)
     """The adapter of the LoRA / prefix rung (rank, targets)."""
     use_adapter: bool | None = None
@@ -108,6 +115,16 @@ class Policy:
             problems.append(f"loss {self.loss!r} is unknown: standard or chunked")
         if self.offload not in (None, *OFFLOAD_ORDER):
             problems.append(f"offload {self.offload!r} is unknown: {', '.join(OFFLOAD_ORDER)}")
+        if self.strategy not in (None, *STRATEGIES):
+            problems.append(f"strategy {self.strategy!r} is unknown: ddp or fsdp")
+        if self.strategy == "ddp":
+            if self.num_gpus < 2:
+                problems.append(f"strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, got {self.num_gpus}")
+            if self.offload not in (None, "none"):
+                problems.append(f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload")
+            if self.loss == "chunked":
+                problems.append("strategy ddp needs the standard loss: the chunked loss calls the model past DDP's "
+                                "wrapper, whose forward arms the gradient all-reduce")
         if problems:
             raise UsageError("; ".join(problems))
 
@@ -125,6 +142,8 @@ def policy_flags(policy: Policy) -> list[str]:
         flags.append(f"--loss {policy.loss}")
     if policy.offload is not None:
         flags.append(f"--offload {policy.offload}")
+    if policy.strategy is not None:
+        flags.append(f"--strategy {policy.strategy}")
     if policy.use_adapter is True:
         flags.append("--prefix" if policy.adapter.kind == "prefix" else "--lora")
     if policy.use_adapter is False:
@@ -271,8 +290,13 @@ class SearchResult:
 
 def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     """True when `a` surely needs at least as much memory as `b`: same model state, a larger or
-    equal micro-batch, and no memory-saving technique that `b` lacks."""
-    same = (a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus) == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus)
+    equal micro-batch, and no memory-saving technique that `b` lacks.
+
+    Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
+    (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
+    computes in the amp dtype instead of under autocast), so one never implies the other."""
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -303,6 +327,13 @@ def precisions(policy: Policy, with_adapter: bool) -> list[str]:
     return [half, f"{half}-mixed", "fp32"] if with_adapter else [f"{half}-mixed", "fp32"]
 
 
+def strategies(policy: Policy) -> list[str]:
+    """How the GPUs may share the work: both over several GPUs (unless pinned); one GPU has no choice."""
+    if policy.num_gpus < 2:
+        return ["fsdp"]  # TrainConfig's default: no wrapper on one GPU (FSDP only for CPU offload)
+    return [policy.strategy] if policy.strategy else list(STRATEGIES)
+
+
 def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
     checkpointing = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
     losses = [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
@@ -315,14 +346,19 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
                 for loss in losses:
                     for offload in offloads:
                         if (offload != "none" or policy.num_gpus > 1) and loss != "standard":
-                            continue  # FSDP needs the loss inside the root module (distributed.check_supported)
-                        configs.append(TrainConfig(
-                            seq_len=seq_len, micro_batch_size=micro,
-                            grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),
-                            weights_dtype=weights, amp=amp, gradient_checkpointing=ckpt,
-                            adapter=policy.adapter if with_adapter else None, loss=loss, offload=offload,
-                            num_gpus=policy.num_gpus,
-                        ))
+                            # FSDP needs the loss inside the root module (distributed.check_supported);
+                            # DDP needs the forward through its wrapper, which arms the all-reduce.
+                            continue
+                        for strategy in strategies(policy):
+                            if strategy == "ddp" and offload != "none":
+                                continue  # a replica per GPU has nothing to offload through: FSDP does that
+                            configs.append(TrainConfig(
+                                seq_len=seq_len, micro_batch_size=micro,
+                                grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),
+                                weights_dtype=weights, amp=amp, gradient_checkpointing=ckpt,
+                                adapter=policy.adapter if with_adapter else None, loss=loss, offload=offload,
+                                num_gpus=policy.num_gpus, strategy=strategy,
+                            ))
     return configs
 
 
@@ -466,10 +502,18 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
     if policy.loss is None and policy.allow_chunked_loss and chosen.num_gpus == 1 and chosen.offload == "none":
         flip = "standard" if chosen.loss == "chunked" else "chunked"
         changes.append((f"{'+' if flip == 'chunked' else '-'} chunked loss", chosen.replace(loss=flip)))
-    if policy.offload is None and policy.allow_offload and chosen.adapter is None:
+    if policy.offload is None and policy.allow_offload and chosen.adapter is None and policy.strategy != "ddp":
         flip = "none" if chosen.offload != "none" else "parameters"
-        changes.append((f"{'+' if flip != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else ""),
-                        chosen.replace(offload=flip, loss="standard")))
+        label = f"{'+' if flip != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else "")
+        if chosen.strategy == "ddp":
+            label += " (FSDP)"
+        changes.append((label, chosen.replace(offload=flip, loss="standard", strategy="fsdp" if flip != "none" else chosen.strategy)))
+    if policy.strategy is None and chosen.num_gpus > 1:
+        if chosen.strategy == "ddp":
+            changes.append(("FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")))
+        elif policy.offload in (None, "none"):
+            label = "DDP instead of FSDP (a replica per GPU)" + (" without offload" if chosen.offload != "none" else "")
+            changes.append((label, chosen.replace(strategy="ddp", offload="none")))
     if policy.use_adapter is None:
         if chosen.adapter is None:
             changes.append((f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)))
@@ -494,7 +538,7 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
     if cards:
         result.suggestions.append(f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}")
     else:
-        result.suggestions.append(f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP)")
+        result.suggestions.append(f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP, --gpus N)")
     if policy.use_adapter is False:
         result.suggestions.append("allow LoRA (drop --no-lora / --full-finetune-only)")
     config = smallest.config
@@ -506,6 +550,30 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
             break
     result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
                               f"{format_bytes(result.margin_bytes)} (set --margin to change it)")
+
+
+# -- one configuration, either strategy (memtune plan --strategy auto) ------------------------------
+
+
+def choose_strategy(predictor: Predictor, config: TrainConfig, usable_bytes: int | None) -> tuple[TrainConfig, Estimate, str]:
+    """Of DDP and FSDP for `config` (several GPUs, no offload, standard loss), the faster predicted one
+    that fits `usable_bytes`; FSDP when neither fits or no budget is given (then DDP is not predicted).
+    Returns the configuration, its estimate, and why it was chosen in words ("" when there was no choice)."""
+    if config.num_gpus < 2 or config.offload != "none" or config.loss != "standard":
+        return config, predictor.memory(config), ""
+    fsdp = config.replace(strategy="fsdp")
+    if usable_bytes is None:
+        return fsdp, predictor.memory(fsdp), "strategy auto: FSDP, as no budget says whether a replica per GPU (DDP) fits"
+    options = [config.replace(strategy=strategy) for strategy in STRATEGIES]
+    estimates = {option: predictor.memory(option) for option in options}
+    speeds = {option: predictor.tokens_per_second(option) for option in options}
+    fitting = [option for option in options if predictor.fits(estimates[option], usable_bytes)]
+    chosen = max(fitting, key=lambda option: speeds[option]) if fitting else fsdp
+    words = ", ".join(f"{option.strategy.upper()} {format_bytes(estimates[option].total_bytes)} per GPU "
+                      f"({'fits' if option in fitting else 'too big'}), {speeds[option]:,.0f} tokens/s predicted"
+                      for option in options)
+    why = "the faster that fits" if fitting else "neither fits, FSDP as by default"
+    return chosen, estimates[chosen], f"strategy auto: {chosen.strategy.upper()}, {why} ({words})"
 
 
 # -- planning for cards that are not here --------------------------------------------------------

@@ -566,7 +566,12 @@ def estimate_sharded(
 
 
 def estimate_any(model_config: Any, train_config: TrainConfig, **kwargs: Any) -> Estimate:
-    """`estimate_sharded` for configurations FSDP runs (num_gpus > 1 or CPU offload), else `estimate.estimate`."""
+    """The estimate for how the configuration runs: `replicate.estimate_replicated` for DDP (strategy
+    "ddp" over several GPUs), `estimate_sharded` for FSDP (num_gpus > 1 or CPU offload), else `estimate.estimate`."""
+    if train_config.replicated:
+        from memtune.replicate import estimate_replicated
+
+        return estimate_replicated(model_config, train_config, **kwargs)
     if train_config.num_gpus > 1 or train_config.offload != "none":
         return estimate_sharded(model_config, train_config, **kwargs)
     from memtune.estimate import estimate

@@ -27,6 +27,28 @@ NVIDIA H200 (the accuracy cases and the oracle grid: fp32/bf16, checkpointing, L
 accumulation); for another card they are scaled by its
 datasheet peak FLOPS and bandwidth. After a verification trial, the measured tokens/s of the chosen
 plan is reported next to this prediction.
+
+Several GPUs (`multi_gpu_seconds`): every GPU runs the single-GPU micro-batches on its share of the
+batch; what the strategy adds is communication, the part of it that computation does not hide, and
+work of its own. Collectives are timed as ring algorithms over the card's GPU-GPU link:
+bytes * factor / (interconnect_bytes_per_second * collective_efficiency), factor 2 (N-1)/N for an
+all-reduce and (N-1)/N for an all-gather or a reduce-scatter (NCCL's "bus bandwidth" definition).
+- DDP (gradient buckets, all-reduced as they fill during the backward of the last micro-batch; the
+  others run under no_sync): exposed = max(all-reduce - backward, last bucket's all-reduce), the last
+  bucket holding the parameters used first (the input embedding), which are ready only at the end;
+  plus the Reducer's two copies of every gradient (into its bucket, divided by N, and back into
+  .grad), memory-bound; the optimizer updates the full replica on every GPU.
+- FSDP2 (full sharding): each micro-batch all-gathers every unit in forward and again in backward
+  (the LM-head unit, kept gathered after forward, once), in the parameter dtype (the amp dtype under
+  mixed precision); the last micro-batch reduce-scatters the gradients. Prefetch overlaps them with
+  compute: exposed = max(collectives - micro-batch compute, first all-gather [+ last reduce-scatter]),
+  the first and last units being the embedding-sized ones. Plus `fsdp_unit_seconds` per unit and
+  micro-batch (hooks, copy-in/copy-out, stream waits); the optimizer steps 1/N of the parameters.
+
+Assumed, not calibrated: `interconnect_bytes_per_second` (datasheet NVLink rates per direction; PCIe
+cards: the host copy rate), `collective_efficiency`, and that DDP adds nothing per layer. Fitted:
+`fsdp_unit_seconds`, to the 2-GPU FSDP2 steps measured on H200 (benchmarks/results/fsdp_2gpu_h200.json).
+benchmarks/ddp.py measures DDP and FSDP side by side (and the all-reduce bandwidth) to check both.
 """
 
 from __future__ import annotations
@@ -35,6 +57,17 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from memtune.config import DTYPE_BYTES, TrainConfig
+
+
+DDP_BUCKET_BYTES = 25 * 1024 * 1024
+"""DistributedDataParallel's bucket_cap_mb default (25 MiB), which Trainer and accelerate keep."""
+FSDP_UNIT_SECONDS = 2.83e-3
+"""Fitted: the median, over the 6 FSDP2 2-GPU steps measured on H200 (benchmarks/results/fsdp_2gpu_h200.json:
+Qwen2.5-0.5B, Llama-3.2-1B wrapped by accelerate and by memtune, Qwen2.5-1.5B, Llama-3.2-1B accumulating,
+Llama-3.1-8B), of (measured step - this model's step without the term) / (FSDP units x micro-batches),
+measured steps read as `verify.Measurement` does (the median of the steps after the first). The six
+ranged from 0.36 (8B) to 6.1 ms: a rough term, which also absorbs the single-GPU model's own error on
+those steps. `python benchmarks/ddp.py --fit-fsdp-unit FILE...` recomputes it from measured FSDP steps."""
 
 
 @dataclass(frozen=True)
@@ -65,16 +98,25 @@ class GpuSpeed:
     """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens): its checkpointed head, upcast and loss."""
     cpu_optimizer_params_per_second: float = 4e8
     """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
+    interconnect_bytes_per_second: float = 25e9
+    """GPU-to-GPU rate, one direction: datasheet NVLink rates for SXM cards (_CARDS); for PCIe cards the
+    host copy rate above. An assumption (cards of one host, no NVLink bridge, no network)."""
+    collective_efficiency: float = 0.8
+    """Share of the link rate NCCL's ring collectives reach on large messages (bus bandwidth / link rate).
+    An assumption, not calibrated: benchmarks/ddp.py measures the all-reduce bus bandwidth of a host."""
+    fsdp_unit_seconds: float = FSDP_UNIT_SECONDS
+    """FSDP2's own time per sharded unit (a decoder layer) per micro-batch, beyond its collectives."""
 
     def scaled(self, **changes: Any) -> GpuSpeed:
         return replace(self, **changes)
 
 
 # Datasheet numbers: NVIDIA H100 SXM / H200 / A100 / L40S / RTX 4090 / A10 / L4 / T4 product pages.
+# NVLink: 900 GB/s (H100 SXM, H200) and 600 GB/s (A100 SXM) in both directions together, half each way.
 _CARDS = {
-    "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12),
-    "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12),
-    "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12),
+    "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12, interconnect_bytes_per_second=450e9),
+    "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12, interconnect_bytes_per_second=450e9),
+    "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12, interconnect_bytes_per_second=300e9),
     "L40S": dict(bf16_flops=362e12, fp32_flops=91.6e12, memory_bytes_per_second=0.864e12),
     "A6000": dict(bf16_flops=155e12, fp32_flops=38.7e12, memory_bytes_per_second=0.768e12),
     "RTX4090": dict(bf16_flops=165e12, fp32_flops=82.6e12, memory_bytes_per_second=1.0e12),
@@ -132,8 +174,8 @@ def trained_parameters(shape: ModelShape, config: TrainConfig) -> int:
     return 12 * shape.num_layers * shape.hidden_size * config.adapter.rank
 
 
-def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
-    """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer)."""
+def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> tuple[float, float]:
+    """(seconds of one micro-batch's forward and backward on one GPU, the backward's share of them)."""
     tokens = config.micro_batch_size * config.seq_len
     head = shape.vocab_size * shape.hidden_size
     body = shape.matmul_parameters - head
@@ -157,17 +199,89 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> flo
         from memtune.loss import CHUNK_TOKENS
 
         micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
+    # Backward (recomputation included) by its share of the FLOPs: what DDP's all-reduce can hide behind.
+    backward_share = (backward + recompute + chunk_recompute) / (forward + backward + recompute + chunk_recompute)
+    return micro, micro * backward_share
 
+
+def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
+    """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer)."""
+    micro, backward = micro_batch_seconds(shape, config, speed)
     trained = trained_parameters(shape, config)
     optimizer = trained * 16 * 2 / speed.memory_bytes_per_second
-    weight_bytes = shape.num_parameters * DTYPE_BYTES[config.weights_dtype] / config.num_gpus
+    if config.replicated:
+        return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
+    if not config.sharded:
+        return config.grad_accum_steps * micro + optimizer
+    # FSDP2: sharded over num_gpus (or one GPU with CPU offload).
+    first, last = fsdp_micro_batch_seconds(shape, config, speed, micro)
+    optimizer /= config.num_gpus  # each GPU steps its shard
     if config.offload != "none":
         # FSDP CPU offload: parameters are copied in for forward and backward of every micro-batch,
         # gradients copied out, and AdamW runs on the CPU.
-        micro += 2 * weight_bytes / speed.pcie_bytes_per_second
+        weight_bytes = shape.num_parameters * DTYPE_BYTES[config.weights_dtype] / config.num_gpus
+        copies = 2 * weight_bytes / speed.pcie_bytes_per_second
+        first, last = first + copies, last + copies
         optimizer = trained / config.num_gpus / speed.cpu_optimizer_params_per_second
         optimizer += trained * 4 / config.num_gpus / speed.pcie_bytes_per_second
-    return config.grad_accum_steps * micro + optimizer
+    return (config.grad_accum_steps - 1) * first + last + optimizer
+
+
+def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed) -> float:
+    """A ring collective moving `factor` x `num_bytes` over each GPU's link (factor 2(N-1)/N for an
+    all-reduce, (N-1)/N for an all-gather or reduce-scatter)."""
+    return factor * num_bytes / (speed.interconnect_bytes_per_second * speed.collective_efficiency)
+
+
+def gradient_bytes_per_parameter(config: TrainConfig) -> int:
+    """Gradients have the trained parameters' dtype: the storage dtype for full fine-tuning (fp32 under
+    mixed precision), fp32 for adapters (peft keeps them in fp32 by default, autocast_adapter_dtype)."""
+    return 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
+
+
+def ddp_sync_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, backward_seconds: float) -> float:
+    """What DDP adds to a step: the all-reduce the last micro-batch's backward cannot hide, and the
+    Reducer's copies of every gradient into its bucket and back (read + write each, memory-bound)."""
+    gpus = config.num_gpus
+    per_parameter = gradient_bytes_per_parameter(config)
+    gradient_bytes = trained_parameters(shape, config) * per_parameter
+    ring = 2 * (gpus - 1) / gpus
+    all_reduce = collective_seconds(gradient_bytes, ring, speed)
+    # The last bucket holds the parameters used first in forward, whose gradients are ready last: the
+    # input embedding for full fine-tuning (one bucket of its own when larger than the cap).
+    first_used = shape.vocab_size * shape.hidden_size * per_parameter if config.adapter is None else 0
+    last_bucket = min(gradient_bytes, max(DDP_BUCKET_BYTES, first_used))
+    exposed = max(all_reduce - backward_seconds, collective_seconds(last_bucket, ring, speed))
+    copies = 4 * gradient_bytes / speed.memory_bytes_per_second
+    return exposed + copies
+
+
+def fsdp_units(shape: ModelShape) -> int:
+    """FSDP units of accelerate's wrapping: one per decoder layer, the input embedding (when untied) and
+    the tail (final norm and LM head); the root holds no parameters of its own."""
+    return shape.num_layers + (1 if shape.tied_embeddings else 2)
+
+
+def fsdp_micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, micro: float) -> tuple[float, float]:
+    """Seconds of a micro-batch under FSDP2: (one that accumulates without syncing, the last, which also
+    reduce-scatters the gradients)."""
+    gpus = config.num_gpus
+    factor = (gpus - 1) / gpus
+    param_bytes = 2 if config.amp != "none" else DTYPE_BYTES[config.weights_dtype]  # MixedPrecisionPolicy param_dtype
+    head = shape.vocab_size * shape.hidden_size
+    # Every unit is gathered in forward and again in backward (reshard_after_forward), but the tail unit
+    # with the LM head stays gathered from forward to backward; frozen (LoRA base) weights are gathered too.
+    gathered = (2 * (shape.num_parameters - head) + head) * param_bytes
+    reduced = trained_parameters(shape, config) * param_bytes  # reduce_dtype = param_dtype
+    first_gather = collective_seconds(head * param_bytes, factor, speed)  # the embedding's unit, before any compute
+    last_reduce = collective_seconds(min(reduced, head * param_bytes if config.adapter is None else reduced / shape.num_layers),
+                                     factor, speed)
+    gather_seconds = collective_seconds(gathered, factor, speed)
+    reduce_seconds = collective_seconds(reduced, factor, speed)
+    own = fsdp_units(shape) * speed.fsdp_unit_seconds
+    accumulating = micro + own + max(gather_seconds - micro, first_gather)
+    last = micro + own + max(gather_seconds + reduce_seconds - micro, first_gather + last_reduce)
+    return accumulating, last
 
 
 def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:

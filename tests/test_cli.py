@@ -105,6 +105,8 @@ def test_readme_fit_command_runs():
     ["--precision", "fp32", "--checkpointing", "on", "--micro-batch-size", "2", "--no-lora", "--no-offload"],
     ["--lora", "--lora-rank", "8", "--lora-targets", "q_proj,v_proj", "--loss", "chunked", "--margin", "1GiB"],
     ["--prefix", "--checkpointing", "off", "--no-chunked-loss", "--min-micro-batch-size", "2", "--gpus", "2"],
+    ["--gpus", "2", "--strategy", "ddp", "--offload", "none"],
+    ["--gpus", "4", "--strategy", "fsdp", "--offload", "parameters"],
 ])
 def test_the_reproduce_flags_give_back_the_same_policy(flags):
     """report.fit_commands prints search.policy_flags: parsed again, they must make the same Policy."""
@@ -116,3 +118,51 @@ def test_the_reproduce_flags_give_back_the_same_policy(flags):
     again = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
                            *" ".join(policy_flags(policy)).split()]))
     assert again == policy
+
+
+def plan_json(capsys, *flags: str) -> tuple[dict, str]:
+    code, out, err = run(["plan", "gpt2", "--seq-len", "128", "--batch-size", "8", "--micro-batch-size", "1",
+                          "--gpu", "H100-80GB", "--trace-device", "cpu", "--json", *flags], capsys)
+    assert code == 0, err
+    return json.loads(out), err
+
+
+def test_plan_ddp_for_gpus_that_are_not_here(capsys):
+    """`--gpus 4 --strategy ddp`: every GPU holds the whole training state, plus DDP's gradient buckets."""
+    one, _ = plan_json(capsys)
+    ddp, _ = plan_json(capsys, "--gpus", "4", "--strategy", "ddp")
+    assert ddp["estimate"]["config"]["strategy"] == "ddp" and ddp["estimate"]["config"]["num_gpus"] == 4
+    assert ddp["estimate"]["breakdown"]["optimizer"] == one["estimate"]["breakdown"]["optimizer"]
+    assert ddp["estimate"]["breakdown"]["ddp_buckets"] == one["estimate"]["breakdown"]["weights"]  # fp32: one gradient copy
+    assert ddp["fits"] is True
+    fsdp, _ = plan_json(capsys, "--gpus", "4")  # the default strategy of `plan` stays FSDP
+    assert fsdp["estimate"]["config"]["strategy"] == "fsdp" and "ddp_buckets" not in fsdp["estimate"]["breakdown"]
+
+
+def test_plan_strategy_auto_says_what_it_chose_and_why(capsys):
+    document, err = plan_json(capsys, "--gpus", "4", "--strategy", "auto")
+    assert document["estimate"]["config"]["strategy"] == "ddp"  # gpt2 fits an H100 as a replica, and DDP is faster
+    assert "strategy auto: DDP, the faster that fits" in re.sub(r"\s+", " ", err)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--strategy", "ddp"], "needs num_gpus >= 2"),
+    (["--strategy", "ddp", "--gpus", "2", "--offload", "parameters"], "cannot offload 'parameters'"),
+])
+def test_plan_refuses_ddp_where_it_cannot_run(flags, message, capsys):
+    code, out, err = run(["plan", "gpt2", "--batch-size", "2", *flags], capsys)
+    assert code == 2 and message in re.sub(r"\s+", " ", err) and out == ""
+
+
+def test_fit_for_two_gpus_chooses_between_ddp_and_fsdp_without_gpus(capsys, tmp_path):
+    code, out, err = run(["fit", "gpt2", "--seq-len", "128", "--batch-size", "4", "--gpus", "2", "--gpu", "H100-80GB",
+                          "--trace-device", "cpu", "--no-verify", "--plan-out", str(tmp_path / "plan.json"), "--json"], capsys)
+    assert code == 0, err
+    document = json.loads(out)
+    chosen = document["search"]["chosen"]["config"]
+    assert chosen["num_gpus"] == 2 and chosen["strategy"] == "ddp"  # gpt2's training state fits one H100 easily
+    changes = {alternative["change"]: alternative for alternative in document["search"]["alternatives"]}
+    fsdp = changes["FSDP instead of DDP (shards the model state)"]
+    assert fsdp["fits"] and fsdp["config"]["strategy"] == "fsdp"
+    assert fsdp["predicted_tokens_per_second"] < document["search"]["chosen"]["predicted_tokens_per_second"]
+    assert json.loads((tmp_path / "plan.json").read_text())["train_config"]["strategy"] == "ddp"

@@ -114,7 +114,39 @@ def test_describe_names_every_memory_relevant_choice():
                          adapter=Adapter(rank=8, target_modules=("q_proj", "v_proj")), loss="chunked",
                          offload="optimizer", num_gpus=2)
     assert config.describe() == ("micro-batch 2 x 4 accum, bf16-mixed, checkpointing, LoRA r=8 (q_proj,v_proj), "
-                                 "chunked loss, offload optimizer, 2 GPUs")
+                                 "chunked loss, offload optimizer, 2 GPUs, FSDP")
+    assert TrainConfig(seq_len=64, num_gpus=4, strategy="ddp").describe() == "micro-batch 1 x 1 accum, fp32, 4 GPUs, DDP"
+    assert TrainConfig(seq_len=64, strategy="fsdp").describe() == "micro-batch 1 x 1 accum, fp32"  # one GPU: no wrapper
+
+
+# ---- strategy: how several GPUs share the work ---------------------------------------------------
+
+
+def test_strategy_round_trips_and_plans_without_it_load_as_fsdp():
+    config = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=2, strategy="ddp")
+    assert json.loads(config.to_json())["strategy"] == "ddp"
+    assert TrainConfig.from_json(config.to_json()) == config
+    old = {key: value for key, value in TrainConfig(seq_len=1024, num_gpus=2).to_dict().items() if key != "strategy"}
+    restored = TrainConfig.from_dict(old)
+    assert restored.strategy == "fsdp" and restored.sharded and not restored.replicated
+
+
+def test_replicated_and_sharded_say_which_engine_runs_the_configuration():
+    assert TrainConfig(seq_len=8, num_gpus=2, strategy="ddp").replicated
+    assert not TrainConfig(seq_len=8, num_gpus=2, strategy="ddp").sharded
+    assert TrainConfig(seq_len=8, num_gpus=2).sharded
+    assert TrainConfig(seq_len=8, offload="parameters").sharded  # CPU offload runs FSDP on one GPU
+    assert not TrainConfig(seq_len=8).sharded and not TrainConfig(seq_len=8).replicated
+
+
+def test_ddp_with_offload_or_one_gpu_is_refused_with_every_reason():
+    with pytest.raises(UsageError) as caught:
+        TrainConfig(seq_len=8, num_gpus=1, offload="parameters", strategy="ddp")
+    message = str(caught.value)
+    assert "cannot offload 'parameters'" in message and "use strategy 'fsdp'" in message
+    assert "needs num_gpus >= 2" in message
+    with pytest.raises(UsageError, match="strategy must be fsdp or ddp, got 'zero3'"):
+        TrainConfig(seq_len=8, num_gpus=2, strategy="zero3")
 
 
 # ---- parse_bytes / format_bytes -----------------------------------------------------------------

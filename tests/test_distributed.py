@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,9 @@ from memtune.config import TrainConfig
 from memtune.distributed import (
     accelerate_config,
     apply_fsdp,
+    build_replicated_model,
+    ddp_train_step,
+    ddp_training_arguments,
     fsdp_training_arguments,
     launch_command,
     measure_sharded,
@@ -160,14 +166,15 @@ def test_verify_hands_offloaded_and_multi_gpu_configurations_to_the_sharded_tria
     calls = []
 
     def fake_trial(model_config, train_config, steps, device):
-        calls.append((train_config.num_gpus, train_config.offload, steps, device))
+        calls.append((train_config.num_gpus, train_config.strategy, train_config.offload, steps, device))
         return verify.Measurement(fits=True)
 
     monkeypatch.setattr(distributed, "measure_sharded", fake_trial)
     model = tiny_llama()
     assert verify.measure(model, TrainConfig(seq_len=16, num_gpus=2), steps=2).fits
     assert verify.measure(model, TrainConfig(seq_len=16, offload="parameters"), steps=1).fits
-    assert calls == [(2, "none", 2, "cuda"), (1, "parameters", 1, "cuda")]
+    assert verify.measure(model, TrainConfig(seq_len=16, num_gpus=2, strategy="ddp"), steps=1).fits
+    assert calls == [(2, "fsdp", "none", 2, "cuda"), (1, "fsdp", "parameters", 1, "cuda"), (2, "ddp", "none", 1, "cuda")]
 
 
 @pytest.mark.gpu
@@ -184,3 +191,127 @@ def test_one_gpu_offload_trial_gives_its_memory_back():
     assert measured.fits and measured.peak_reserved_bytes > 0
     assert torch.cuda.memory_allocated() == baseline
     assert not dist.is_initialized()
+
+
+# ---- DDP (strategy "ddp") ----------------------------------------------------------------------------
+
+
+def test_the_accelerate_launcher_turns_the_ddp_config_into_a_multi_gpu_launch_without_fsdp(tmp_path):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    train_config = TrainConfig(seq_len=1024, amp="bf16", num_gpus=4, strategy="ddp")
+    config = accelerate_config(train_config, model_config=catalog_config("meta-llama/Llama-3.1-8B"))
+    assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 4 and "fsdp_config" not in config
+    path = write_accelerate_config(tmp_path / "ddp.yaml", train_config)
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(launch_command(path, ["run", "plan.json"])[3:]))
+    assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+    assert int(args.num_processes) == 4 and args.module and args.training_script == "memtune"
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    assert env.get("ACCELERATE_USE_FSDP", "false") != "true" and not any(key.startswith("FSDP_") for key in env
+                                                                        if key not in __import__("os").environ)
+
+
+def test_ddp_refuses_the_chunked_loss_which_would_bypass_its_wrapper():
+    with pytest.raises(UsageError, match="past DDP's wrapper"):
+        distributed.check_supported(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
+    with pytest.raises(UsageError, match="past DDP's wrapper"):
+        accelerate_config(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
+
+
+def test_trainer_gets_the_ddp_arguments_memtune_measured(tmp_path, model_dir):
+    """Plan.training_arguments -> Trainer -> accelerate's DDP kwargs: torch's defaults, find_unused_parameters=False."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from memtune.plan import Plan
+
+    config = TrainConfig(seq_len=32, micro_batch_size=2, num_gpus=2, strategy="ddp")
+    assert ddp_training_arguments(config) == {"ddp_find_unused_parameters": False}
+    args = Plan(model=str(model_dir), train_config=config, budget_bytes=1 << 30).training_arguments(
+        output_dir=str(tmp_path), use_cpu=True)
+    assert args.ddp_find_unused_parameters is False
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=args)
+    handler = trainer._build_accelerator_args()["kwargs_handlers"][0]
+    assert handler.find_unused_parameters is False and handler.gradient_as_bucket_view is False
+    assert handler.to_kwargs() == {}  # what accelerate passes on: DistributedDataParallel's defaults
+    assert distributed.DDP_KWARGS == {"find_unused_parameters": False}
+    # an FSDP plan does not touch the DDP options
+    fsdp = Plan(model=str(model_dir), train_config=config.replace(strategy="fsdp"), budget_bytes=1 << 30)
+    assert fsdp.training_arguments(output_dir=str(tmp_path), use_cpu=True).ddp_find_unused_parameters is None
+
+
+def _replicas_agree_worker(rank: int, world_size: int, init_method: str, out_dir: str) -> None:
+    """One rank: different initial weights and batches per rank; after a DDP step the replicas must agree."""
+    import torch.distributed as dist
+
+    from memtune import recipe
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(rank)
+        config = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=2, num_gpus=world_size, strategy="ddp")
+        model = build_replicated_model(tiny_llama(), config, "cpu")
+        optimizer = recipe.make_optimizer(model)
+        batches = [recipe.random_batch(tiny_llama(), config, "cpu") for _ in range(config.grad_accum_steps)]
+        ddp_train_step(model, optimizer, batches, config, device_type="cpu")
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        tensors = {"weights": flat, "batches": torch.cat(batches).flatten().float()}
+        result = {}
+        for name, tensor in tensors.items():
+            gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+            dist.all_gather(gathered, tensor)
+            result[name] = float((gathered[0] - gathered[1]).abs().max())
+        if rank == 0:
+            Path(out_dir, "result.json").write_text(json.dumps(result))
+        del model, optimizer  # the Reducer holds the process group: let it go before the group is destroyed
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_step_keeps_the_replicas_equal(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_replicas_agree_worker, args=(2, f"file://{tmp_path}/store", str(tmp_path)), nprocs=2,
+                       start_method="spawn", join=True)
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["batches"] > 0  # the ranks trained on different data...
+    assert result["weights"] == 0.0  # ...and all-reduced gradients: one model
+
+
+@pytest.mark.slow
+def test_two_gpu_ddp_trial_spawns_one_process_per_rank_on_cpu():
+    config = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=3, num_gpus=2, strategy="ddp")
+    measured = measure_sharded(tiny_llama(), config, steps=2, device="cpu")
+    assert measured.fits and len(measured.step_seconds) == 2
+    assert measured.tokens_per_step == 2 * 2 * 2 * 16  # accumulation shortened to 2 micro-batches, as the estimate
+
+
+def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_about_a_mismatched_launch(tmp_path, monkeypatch):
+    import argparse
+
+    from memtune.plan import Plan
+    from memtune.runner import _launch_warnings, relaunch_command
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    args = argparse.Namespace(plan=str(tmp_path / "plan.json"), data=None, output_dir=None, text_field="text", max_steps=5,
+                              learning_rate=None, save_steps=200, seed=42, resume=False, json=False)
+    config = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=2, strategy="ddp")
+    ddp = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30, train_config=config)
+    command = relaunch_command(ddp, args, tmp_path / "out")
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and command[4].endswith("accelerate_ddp.yaml")
+    written = Path(command[4]).read_text()
+    assert "distributed_type: MULTI_GPU" in written and "num_processes: 2" in written and "fsdp" not in written
+    qwen = catalog_config("Qwen/Qwen2.5-0.5B")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under the launcher: run here, as planned
+    assert relaunch_command(ddp, args, tmp_path / "out") is None
+    assert _launch_warnings(ddp, qwen) == []
+    fsdp = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30, train_config=config.replace(strategy="fsdp"))
+    assert any("launched without an FSDP config" in message for message in _launch_warnings(fsdp, qwen))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert _launch_warnings(fsdp, qwen) == []
+    assert any("launched with an FSDP or DeepSpeed config" in message for message in _launch_warnings(ddp, qwen))

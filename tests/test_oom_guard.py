@@ -166,6 +166,18 @@ def test_guard_only_monitors_under_deepspeed_and_fsdp1() -> None:
         assert not guard._active and len(messages) == 1 and f"only monitors under {kind}" in messages[0]
 
 
+def test_the_chunked_loss_is_never_a_step_down_under_ddp_or_fsdp() -> None:
+    # The chunked loss calls the base model and head around the wrapper: under DDP the ranks would
+    # silently stop averaging their gradients.
+    cases = {"single process": ({}, 1, True), "DDP (2 processes)": ({}, 2, False),
+             "FSDP2 offload (1 process)": ({"is_fsdp_enabled": True}, 1, False)}
+    for name, (flags, world_size, expected) in cases.items():
+        guard = OomGuard(TrainConfig(seq_len=8, micro_batch_size=4))
+        args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=world_size)
+        guard.trainer = types.SimpleNamespace(args=args, train_config=guard.current, **flags)
+        assert guard._can_switch_loss() is expected, name
+
+
 def test_guard_switches_checkpointing_on_in_place(model_dir: Path, tmp_path: Path) -> None:
     fallbacks = [TrainConfig(seq_len=SEQ_LEN, micro_batch_size=4, grad_accum_steps=2, gradient_checkpointing=True)]
     def faults(step, micro_batch, batch, where, model):  # from step 2, while checkpointing is off

@@ -522,9 +522,25 @@ def test_a_real_search_renders_and_matches_the_schema(types):
     full(4), full(2, precision="fp32", ckpt=True), full(2, precision="bf16", ckpt=True, adapter=Adapter(target_modules=("q_proj", "v_proj"))),
     full(2, precision="bf16", adapter=Adapter(kind="prefix")), full(1, chunked=True, offload="parameters"),
     TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="fp16"),
-], ids=["bf16-mixed", "fp32+ckpt", "lora-targets", "prefix", "offload", "fp16-mixed"])
+    TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=4, strategy="ddp"),
+], ids=["bf16-mixed", "fp32+ckpt", "lora-targets", "prefix", "offload", "fp16-mixed", "ddp"])
 def test_the_python_snippet_is_valid_python(config):
     snippet = report.python_snippet(config)
     compile(snippet, "<snippet>", "exec")
     assert f"per_device_train_batch_size={config.micro_batch_size}" in snippet
     assert ("fp16=True" in snippet) == (config.amp == "fp16")
+
+
+def test_a_ddp_plan_says_how_the_gpus_share_the_work(types):
+    config = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=4, strategy="ddp")
+    assert "4 GPUs, a full replica on each (DDP" in report.changes_to_make(config)[-1]
+    assert "4 GPUs, sharded with FSDP" in report.changes_to_make(config.replace(strategy="fsdp"))[-1]
+    snippet = report.python_snippet(config)
+    assert "ddp_find_unused_parameters=False" in snippet and "DDP over 4 GPUs (accelerate launch)" in snippet
+    estimate = fake_estimate(config, weights=1, gradients=1, ddp_buckets=1, optimizer=2, activations=3, logits=1)
+    result = report.PlanResult(qwen_source(), estimate, 80 * GIB, "H100-80GB", 494_032_768, fits_strict=True)
+    text = rendered(lambda console: report.render_plan(result, console), width=120)
+    assert "4 GPUs, DDP" in text and "DDP gradient buckets" in text
+    document = json.loads(report.render_plan_json(result))
+    assert document["estimate"]["config"]["strategy"] == "ddp"
+    assert schema_errors(document, "PlanDocument", types) == []

@@ -211,3 +211,98 @@ def test_offload_candidates_keep_the_standard_loss():
     configs = candidate_space(1024, 8, Policy(), with_adapter=False)
     assert any(c.offload == "parameters" for c in configs)
     assert all(c.loss == "standard" for c in configs if c.offload != "none")
+
+
+# ---- several GPUs: a replica per GPU (DDP) or FSDP sharding ---------------------------------------------
+
+
+class ShardingPredictor(FakePredictor):
+    """FakePredictor's memory per GPU under DDP (a full replica, plus 1 GiB of gradient buckets); under
+    FSDP state / N plus 1 GiB of gathered units; DDP runs 1.3x the tokens/s of FSDP."""
+
+    def gib(self, config: TrainConfig) -> float:
+        replica = super().gib(config)
+        if config.num_gpus == 1:
+            return replica
+        if config.strategy == "ddp":
+            return replica + 1.0
+        return replica - self.state(config) * (1 - 1 / config.num_gpus) + 1.0
+
+    def tokens_per_second(self, config: TrainConfig) -> float:
+        return super().tokens_per_second(config) * (1.3 if config.strategy == "ddp" else 1.0)
+
+    def memory(self, config: TrainConfig) -> Estimate:
+        estimate = super().memory(config)
+        self.calls[-1] = ("D" if config.strategy == "ddp" else "F") + self.calls[-1]
+        return estimate
+
+
+TWO_GPUS = Policy(**{**SIMPLE.__dict__, "num_gpus": 2})
+
+
+def test_several_gpus_offer_ddp_without_offload_or_chunked_loss_and_fsdp_with_everything():
+    configs = candidate_space(1024, 8, Policy(num_gpus=2), with_adapter=False)
+    ddp = [c for c in configs if c.strategy == "ddp"]
+    assert ddp and all(c.offload == "none" and c.loss == "standard" for c in ddp)
+    assert any(c.strategy == "fsdp" and c.offload == "parameters" for c in configs)
+    assert {(c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in ddp} == {
+        (c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in configs if c.strategy == "fsdp" and c.offload == "none"}
+    assert {c.strategy for c in candidate_space(1024, 8, Policy(), with_adapter=False)} == {"fsdp"}  # one GPU: no choice
+    assert {c.strategy for c in candidate_space(1024, 8, Policy(num_gpus=2, strategy="fsdp"), False)} == {"fsdp"}
+
+
+def test_ddp_is_chosen_when_a_replica_fits():
+    predictor = ShardingPredictor()
+    result = search(predictor, 512, 4, 20 * GIB, TWO_GPUS, explain=True)
+    assert predictor.calls[0] == "Db2"
+    assert result.chosen.config.strategy == "ddp" and result.chosen.config.describe().endswith("2 GPUs, DDP")
+    changes = {a.change: a for a in result.alternatives}
+    fsdp = changes["FSDP instead of DDP (shards the model state)"]
+    assert fsdp.fits and fsdp.config.strategy == "fsdp"
+    assert fsdp.predicted_total_bytes < result.chosen.predicted_total_bytes
+    assert fsdp.predicted_tokens_per_second < result.chosen.predicted_tokens_per_second
+    assert all(c.strategy == "ddp" for c in result.fallbacks)  # the OOM guard never switches strategy mid-run
+
+
+def test_fsdp_is_chosen_when_only_sharding_fits():
+    predictor = ShardingPredictor()
+    result = search(predictor, 512, 4, 7 * GIB, TWO_GPUS, explain=True)
+    # Ranked: Db2 1.73 (11 GiB), Fb2 1.33 (8), Db1 1.3 (9), Dbc2 1.21 (8), Fb1 1.0 (6): DDP never fits 7 GiB.
+    assert predictor.calls[:5] == ["Db2", "Fb2", "Db1", "Dbc2", "Fb1"]
+    assert result.chosen.config.strategy == "fsdp" and result.chosen.config.micro_batch_size == 1
+    assert result.chosen.config.grad_accum_steps == 2 and result.chosen.config.effective_batch_size == 4
+    ddp = next(a for a in result.alternatives if a.change.startswith("DDP instead of FSDP"))
+    assert not ddp.fits and ddp.config.strategy == "ddp"
+
+
+def test_a_too_big_strategy_implies_nothing_about_the_other():
+    ddp = TrainConfig(seq_len=512, micro_batch_size=4, amp="bf16", num_gpus=2, strategy="ddp")
+    fsdp = ddp.replace(strategy="fsdp")
+    assert not needs_at_least(ddp, fsdp) and not needs_at_least(fsdp, ddp)
+    assert needs_at_least(ddp, ddp.replace(micro_batch_size=2))
+
+
+def test_pinned_strategy_is_kept_and_contradictions_are_refused():
+    predictor = ShardingPredictor()
+    result = search(predictor, 512, 4, 20 * GIB, Policy(**{**TWO_GPUS.__dict__, "strategy": "fsdp"}), explain=True)
+    assert all(c.config.strategy == "fsdp" for c in result.candidates)
+    assert result.alternatives and all(a.config.strategy == "fsdp" for a in result.alternatives)
+    with pytest.raises(UsageError) as error:
+        search(predictor, 512, 4, GIB, Policy(strategy="ddp", offload="parameters", loss="chunked"))
+    message = str(error.value)
+    assert "needs --gpus 2 or more" in message and "cannot offload" in message and "standard loss" in message
+
+
+def test_choose_strategy_takes_the_faster_that_fits():
+    from memtune.search import choose_strategy
+
+    config = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", num_gpus=2)
+    chosen, estimate, why = choose_strategy(ShardingPredictor(), config, 20 * GIB)
+    assert chosen.strategy == "ddp" and estimate.config == chosen and "faster that fits" in why
+    chosen, _, why = choose_strategy(ShardingPredictor(), config, 9 * GIB)  # DDP 11 GiB, FSDP 8 GiB
+    assert chosen.strategy == "fsdp" and "DDP 11.00 GiB per GPU (too big)" in why
+    predictor = ShardingPredictor()
+    chosen, _, why = choose_strategy(predictor, config, None)
+    assert chosen.strategy == "fsdp" and predictor.calls == ["Fb2"] and "no budget" in why
+    single = config.replace(num_gpus=1)
+    assert choose_strategy(ShardingPredictor(), single, GIB)[0] == single

@@ -1,0 +1,230 @@
+"""Predicted per-GPU peak memory of data-parallel training with a full replica per GPU (DDP).
+
+    estimate_replicated(model_config, TrainConfig(seq_len=2048, amp="bf16", num_gpus=4, strategy="ddp"))
+
+Under torch's DistributedDataParallel every GPU runs the single-GPU step on its share of the batch
+(Trainer: the plan's micro-batch per GPU, gradient accumulation under `no_sync`, autocast around the
+forward), so the per-GPU step is what `estimate.estimate` traces for the same configuration on one
+GPU. What DDP adds, read from torch's sources (torch/nn/parallel/distributed.py `_ddp_init_helper`,
+torch/csrc/distributed/c10d/reducer.cpp and comm.cpp; the same from torch 2.0 to 2.13, the version
+here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
+
+- Gradient buckets. With `gradient_as_bucket_view=False` (torch's default; accelerate's
+  DistributedDataParallelKwargs and Trainer keep it) the Reducer owns flat bucket tensors
+  (`at::empty({numel})` in the parameters' dtype) holding a second copy of every trainable
+  parameter's gradient: backward copies each gradient into its bucket view (`mul_out` by 1/N), the
+  all-reduce runs in place on the bucket, and the result is copied back into `.grad`. They are made
+  at construction and live as long as the wrapper. With find_unused_parameters=False (what memtune's
+  plans give Trainer, `distributed.ddp_training_arguments`) construction puts all trainable
+  parameters of one dtype into a single bucket (bucket_size_limits=[sys.maxsize]); after the first
+  synchronised backward the Reducer rebuilds them in gradient-ready order (1 MiB first bucket, then
+  bucket_cap_mb=25 MiB), and `initialize_buckets` clears the old buckets before allocating the new
+  ones, which the caching allocator cuts out of the block just freed. So the buckets are one
+  persistent allocation per dtype, right after the weights; the rebuild changes neither allocated
+  nor reserved memory (but for a first bucket under 1 MiB, which would go to the small pool).
+- The construction broadcast. `_sync_module_states` broadcasts every parameter and buffer from rank 0
+  through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` groups them per dtype into
+  250 MiB buckets (a bucket closes once it reaches the limit), a bucket of several tensors is
+  flattened into a new tensor (`at::cat`), a lone tensor is broadcast in place, and at most two
+  buckets are in flight. The copies are freed before training, but their segments stay cached, where
+  the step reuses them: they are replayed too.
+
+Events: the single-GPU trace's events with the broadcast copies and the buckets inserted after the
+weights, replayed by `allocator.simulate` (one stream: the all-reduce works in place on the buckets).
+
+Known limitations: NCCL's own buffers (communicator, channels) are outside torch's allocator, as for
+FSDP (sharding.py): add them to `context_bytes` (benchmarks/fsdp.py measured 0.91 GiB per rank on
+2 x H200 with NCCL 2.x under torch 2.11). Not modelled: the shape check's small device tensors at
+construction (under 1 MiB, freed at once) and the per-forward broadcast of the model's buffers
+(broadcast_buffers=True: the rotary frequencies, a few KiB). Models with parameters that a step may
+not use (mixture-of-experts) need find_unused_parameters=True, which memtune does not set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from memtune import allocator
+from memtune.config import TrainConfig
+from memtune.errors import UsageError
+from memtune.estimate import (
+    DEFAULT_CONTEXT_BYTES,
+    DEFAULT_WORKSPACE_BYTES,
+    Estimate,
+    estimate_of_events,
+    default_trace_device,
+    full_depth_events,
+    num_layers_of,
+)
+from memtune.trace import NO_LAYER, Category, rounded
+
+DDP_BUCKETS = "ddp_buckets"
+"""Breakdown key: DDP's gradient buckets (a second copy of the trainable parameters' gradients)."""
+BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
+"""DistributedDataParallel.broadcast_bucket_size: the bucket limit of the construction broadcast."""
+BROADCASTS_IN_FLIGHT = 2
+"""comm.cpp broadcast_coalesced: `constexpr auto max_in_flight = 2`."""
+
+
+@dataclass(frozen=True)
+class ReplicaLayout:
+    """The device memory DDP itself allocates, from the model's parameters and buffers."""
+
+    bucket_bytes: tuple[int, ...]
+    """The gradient buckets as constructed: one flat tensor per dtype of the trainable parameters."""
+    broadcast_bytes: tuple[int, ...]
+    """The construction broadcast's buckets in order: bytes of each flattened copy, 0 for a lone
+    tensor broadcast in place."""
+
+    @property
+    def total_bucket_bytes(self) -> int:
+        return sum(self.bucket_bytes)
+
+
+def assign_buckets(sizes: list[int], keys: list[Any], limits: list[int]) -> list[list[int]]:
+    """Indices grouped as torch's `compute_bucket_assignment_by_size` does (reducer.cpp): tensors join
+    the open bucket of their key (dtype, device) in order; a bucket closes once its bytes reach the
+    current limit, and the next bucket of that key takes the next limit (the last one repeats);
+    buckets are returned sorted by their smallest index."""
+    if not limits:
+        raise ValueError("assign_buckets needs at least one size limit")
+    result: list[list[int]] = []
+    open_buckets: dict[Any, tuple[list[int], int]] = {}
+    limit_index: dict[Any, int] = {}
+    for index, (size, key) in enumerate(zip(sizes, keys)):
+        indices, total = open_buckets.get(key, ([], 0))
+        indices.append(index)
+        total += size
+        position = limit_index.setdefault(key, 0)
+        if total >= limits[position]:
+            result.append(indices)
+            open_buckets.pop(key, None)
+            limit_index[key] = min(position + 1, len(limits) - 1)
+        else:
+            open_buckets[key] = (indices, total)
+    result.extend(indices for indices, _ in open_buckets.values() if indices)
+    return sorted(result, key=min)
+
+
+def _nbytes(tensor: Any) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def replica_layout(model: Any) -> ReplicaLayout:
+    """What DDP allocates for `model` (meta tensors are fine): buckets and broadcast copies."""
+    buckets: dict[Any, int] = {}
+    for param in model.parameters():  # deduplicated, as DDP's _build_params_for_reducer
+        if param.requires_grad:
+            buckets[param.dtype] = buckets.get(param.dtype, 0) + _nbytes(param)
+    states = [param for param in model.parameters()] + [buffer for buffer in model.buffers()]
+    groups = assign_buckets([_nbytes(t) for t in states], [t.dtype for t in states], [BROADCAST_BUCKET_BYTES])
+    broadcast = tuple(sum(_nbytes(states[i]) for i in group) if len(group) > 1 else 0 for group in groups)
+    return ReplicaLayout(bucket_bytes=tuple(buckets.values()), broadcast_bytes=broadcast)
+
+
+def construction_events(layout: ReplicaLayout) -> list[tuple]:
+    """Allocation events of DDP's constructor, in its order: the broadcast (two in flight), then the buckets.
+    Events have the five fields of an extended trace; the last (the category key) is the event's id."""
+    events: list[tuple] = []
+    in_flight: deque[tuple | None] = deque()
+
+    def finish_oldest() -> None:
+        done = in_flight.popleft()
+        if done is not None:
+            events.append(("free", done, 0, NO_LAYER))
+
+    for number, size in enumerate(layout.broadcast_bytes):
+        if len(in_flight) >= BROADCASTS_IN_FLIGHT:
+            finish_oldest()
+        key = None
+        if size:
+            key = ("ddp-broadcast", number)
+            events.append(("alloc", key, rounded(size), NO_LAYER, key))
+        in_flight.append(key)
+    while in_flight:
+        finish_oldest()
+    for number, size in enumerate(layout.bucket_bytes):
+        key = ("ddp-bucket", number)
+        events.append(("alloc", key, rounded(size), NO_LAYER, key))
+    return events
+
+
+def check_replicated(train_config: TrainConfig) -> None:
+    if not train_config.replicated:
+        raise UsageError(f"the DDP estimate is for strategy 'ddp' over several GPUs, got {train_config.describe()}: "
+                         "use sharding.estimate_any, which picks the estimate for any configuration")
+
+
+def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
+    """The configuration each GPU runs under DDP: the same step, on one GPU."""
+    return train_config.replace(num_gpus=1, strategy="fsdp")
+
+
+_LAYOUT_CACHE: dict[str, ReplicaLayout] = {}
+_EVENTS_CACHE: dict[str, tuple[list[tuple], dict[Any, Any], Any]] = {}
+
+
+def cached_layout(model_config: Any, train_config: TrainConfig) -> ReplicaLayout:
+    """The layout of the full-depth model, built on the meta device (the adapter applied), cached."""
+    from memtune import recipe
+
+    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.weights_dtype,
+                      train_config.to_dict()["adapter"]], sort_keys=True)
+    if key not in _LAYOUT_CACHE:
+        _LAYOUT_CACHE[key] = replica_layout(recipe.build_model(model_config, single_gpu_config(train_config), "meta"))
+    return _LAYOUT_CACHE[key]
+
+
+def weights_prefix(events: list[tuple], categories: dict[Any, Any], sid_field: int = 4) -> int:
+    """How many leading events allocate the weights (the trace starts with the model on the device)."""
+    weights = Category.WEIGHTS.value
+    for index, event in enumerate(events):
+        category = categories.get(event[sid_field]) if event[0] == "alloc" else None
+        if getattr(category, "value", category) != weights:
+            return index
+    return len(events)
+
+
+def replicated_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[list[tuple], dict[Any, Any], Any]:
+    """(events of one rank's DDP steps, category by storage key, the single-GPU trace), cached."""
+    check_replicated(train_config)
+    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict(), device], sort_keys=True)
+    if key not in _EVENTS_CACHE:
+        trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
+        ddp = construction_events(cached_layout(model_config, train_config))
+        categories: dict[Any, Any] = dict(trace.categories)
+        for event in ddp:
+            if event[0] == "alloc":
+                categories[event[4]] = DDP_BUCKETS if event[1][0] == "ddp-bucket" else Category.TEMPORARIES.value
+        split = weights_prefix(events, trace.categories)
+        _EVENTS_CACHE[key] = (events[:split] + ddp + events[split:], categories, trace)
+    return _EVENTS_CACHE[key]
+
+
+def estimate_replicated(
+    model_config: Any,
+    train_config: TrainConfig,
+    *,
+    device: str | None = None,
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> Estimate:
+    """Predict the per-GPU peak of `train_config` (strategy "ddp", num_gpus > 1) as `accelerate launch`
+    + Trainer run it: the single-GPU step plus DDP's construction broadcast and gradient buckets."""
+    started = time.perf_counter()
+    device = device or default_trace_device()
+    events, categories, trace = replicated_events(model_config, train_config, device)
+    return estimate_of_events(train_config, events, categories, trace_device=device, traced_layers=trace.num_layers,
+                              num_layers=num_layers_of(model_config) or trace.num_layers, started=started,
+                              context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+
+
+def fits_under(model_config: Any, estimate_: Estimate, budget_bytes: int, device: str | None = None) -> bool:
+    """Replay one rank's DDP step against a device of `budget_bytes`, releasing the cache on pressure as torch does."""
+    events, _, _ = replicated_events(model_config, estimate_.config, device or estimate_.trace_device)
+    capacity = budget_bytes - estimate_.workspace_bytes - estimate_.context_bytes
+    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
