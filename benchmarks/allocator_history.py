@@ -42,7 +42,11 @@ def config_of(fields: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**{"amp": "bf16", "num_gpus": 2, **fields})
 
 
-def worker(out: Path) -> None:
+DDP_CASE = ("qwen2.5-0.5b 1x1024 accum4 ddp", "Qwen/Qwen2.5-0.5B",
+            dict(seq_len=1024, micro_batch_size=1, grad_accum_steps=4, strategy="ddp"))
+
+
+def worker(out: Path, cases: list | None = None, every_rank: bool = False) -> None:
     import datetime
 
     import torch
@@ -55,14 +59,17 @@ def worker(out: Path) -> None:
     torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=datetime.timedelta(seconds=120))
     rows = []
-    for name, model, fields in CASES:
+    record = every_rank or local_rank == 0
+    for name, model, fields in cases or CASES:
         config = config_of(fields)
-        if local_rank == 0:
+        if record:
             torch.cuda.memory._record_memory_history(context=None, max_entries=2_000_000)
         measured = measure_sharded(catalog_config(model), config, steps=3, accumulation_limit=None)
-        if local_rank == 0:
+        if record:
             rows.append(history_row(name, model, config, measured.to_dict()))
-            out.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+            rows[-1]["rank"] = local_rank
+            target = out if local_rank == 0 else out.with_name(f"{out.stem}.rank{local_rank}{out.suffix}")
+            target.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
                                        "actions": ACTIONS, "cases": rows}))
             print(f"[history] {name}: {len(rows[-1]['events'])} events, reserved "
                   f"{measured.peak_reserved_bytes / GIB:.2f} GiB", flush=True)
@@ -128,10 +135,10 @@ def launch_trainer(out: Path) -> None:
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
-def launch(out: Path) -> None:
+def launch(out: Path, ddp: bool = False) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(Path(__file__).resolve()),
-               "--worker", "--out", str(out)]
+               "--worker", "--out", str(out), *(["--ddp"] if ddp else [])]
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
@@ -203,6 +210,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="allocator_history.json")
     parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
+    parser.add_argument("--ddp", action="store_true", help="record DDP_CASE on every rank instead of CASES")
     parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
     parser.add_argument("--trainer", action="store_true", help="record memtune run's Trainer instead of the trial")
     parser.add_argument("--trainer-worker", type=Path, metavar="PLAN", help="internal: one accelerate rank")
@@ -214,8 +222,8 @@ def main() -> None:
     if args.trainer:
         return launch_trainer(Path(args.out))
     if args.worker:
-        return worker(Path(args.out))
-    launch(Path(args.out))
+        return worker(Path(args.out), [DDP_CASE] if args.ddp else None, every_rank=args.ddp)
+    launch(Path(args.out), ddp=args.ddp)
 
 
 if __name__ == "__main__":
