@@ -18,10 +18,11 @@ here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
   plans give Trainer, `distributed.ddp_training_arguments`) construction puts all trainable
   parameters of one dtype into a single bucket (bucket_size_limits=[sys.maxsize]); after the first
   synchronised backward the Reducer rebuilds them in gradient-ready order (1 MiB first bucket, then
-  bucket_cap_mb=25 MiB), and `initialize_buckets` clears the old buckets before allocating the new
-  ones, which the caching allocator cuts out of the block just freed. So the buckets are one
-  persistent allocation per dtype, right after the weights; the rebuild changes neither allocated
-  nor reserved memory (but for a first bucket under 1 MiB, which would go to the small pool).
+  bucket_cap_mb=25 MiB). `initialize_buckets` clears the old buckets first, and on rank 0 that frees
+  them; but on 2 x H200 rank 1 kept the construction buckets until late in the second step (the
+  allocator's history, benchmarks/allocator_history.py --ddp), one more gradient copy at its peak.
+  The estimate takes the largest rank: the construction buckets right after the weights, the
+  rebuilt ones from the second step on, the old ones freed at the end.
 - The construction broadcast. `_sync_module_states` broadcasts every parameter and buffer from rank 0
   through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` groups them per dtype into
   250 MiB buckets (a bucket closes once it reaches the limit), a bucket of several tensors is
@@ -68,6 +69,9 @@ BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
 """DistributedDataParallel.broadcast_bucket_size: the bucket limit of the construction broadcast."""
 BROADCASTS_IN_FLIGHT = 2
 """comm.cpp broadcast_coalesced: `constexpr auto max_in_flight = 2`."""
+MIB = 1024 * 1024
+REBUILT_BUCKET_BYTES = 25 * MIB
+"""DistributedDataParallel bucket_cap_mb (Trainer's ddp_bucket_cap_mb unset): the rebuilt buckets' limit."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,9 @@ class ReplicaLayout:
     broadcast_bytes: tuple[int, ...]
     """The construction broadcast's buckets in order: bytes of each flattened copy, 0 for a lone
     tensor broadcast in place."""
+    rebuilt_bucket_bytes: tuple[int, ...] = ()
+    """The buckets rebuilt after the first synchronised backward (gradient-ready order, approximated
+    by the reverse of the parameters' order: 1 MiB first, then bucket_cap_mb 25 MiB)."""
 
     @property
     def total_bucket_bytes(self) -> int:
@@ -123,7 +130,10 @@ def replica_layout(model: Any) -> ReplicaLayout:
     states = [param for param in model.parameters()] + [buffer for buffer in model.buffers()]
     groups = assign_buckets([_nbytes(t) for t in states], [t.dtype for t in states], [BROADCAST_BUCKET_BYTES])
     broadcast = tuple(sum(_nbytes(states[i]) for i in group) if len(group) > 1 else 0 for group in groups)
-    return ReplicaLayout(bucket_bytes=tuple(buckets.values()), broadcast_bytes=broadcast)
+    trainable = [param for param in model.parameters() if param.requires_grad][::-1]
+    rebuilt = assign_buckets([_nbytes(t) for t in trainable], [t.dtype for t in trainable], [1 * MIB, REBUILT_BUCKET_BYTES])
+    return ReplicaLayout(bucket_bytes=tuple(buckets.values()), broadcast_bytes=broadcast,
+                         rebuilt_bucket_bytes=tuple(sum(_nbytes(trainable[i]) for i in group) for group in rebuilt))
 
 
 def construction_events(layout: ReplicaLayout) -> list[tuple]:
@@ -151,6 +161,33 @@ def construction_events(layout: ReplicaLayout) -> list[tuple]:
         key = ("ddp-bucket", number)
         events.append(("alloc", key, rounded(size), NO_LAYER, key))
     return events
+
+
+def rebuild_events(layout: ReplicaLayout) -> list[tuple]:
+    """The rebuilt buckets, allocated when the second step starts.
+
+    Measured on 2 x H200 (torch 2.11, benchmarks/allocator_history.py --ddp): rank 0 frees the
+    construction buckets at the rebuild, but rank 1 kept them until late in the second step, past its
+    peak: one more copy of the gradients than rank 0 (+1.84 GiB for Qwen2.5-0.5B). The per-GPU peak is
+    the largest rank's, so the old buckets are freed only at the end of the trace here.
+    """
+    events = []
+    for number, size in enumerate(layout.rebuilt_bucket_bytes):
+        key = ("ddp-rebuilt", number)
+        events.append(("alloc", key, rounded(size), NO_LAYER, key))
+    return events
+
+
+def after_first_optimizer_step(events: list[tuple], categories: dict[Any, Any], sid_field: int = 4) -> int:
+    """Index of the first event after the first optimizer step's state was made (the second step's start)."""
+    optimizer = Category.OPTIMIZER.value
+    last = None
+    for index, event in enumerate(events):
+        if event[0] == "alloc" and getattr(categories.get(event[sid_field]), "value", categories.get(event[sid_field])) == optimizer:
+            last = index
+        elif last is not None and event[0] == "alloc":
+            return index
+    return len(events)
 
 
 def check_replicated(train_config: TrainConfig) -> None:
@@ -201,7 +238,15 @@ def replicated_events(model_config: Any, train_config: TrainConfig, device: str)
             if event[0] == "alloc":
                 categories[event[4]] = DDP_BUCKETS if event[1][0] == "ddp-bucket" else Category.TEMPORARIES.value
         split = weights_prefix(events, trace.categories)
-        _EVENTS_CACHE[key] = (events[:split] + ddp + events[split:], categories, trace)
+        events = events[:split] + ddp + events[split:]
+        rebuild = rebuild_events(cached_layout(model_config, train_config))
+        for event in rebuild:
+            if event[0] == "alloc":
+                categories[event[4]] = DDP_BUCKETS
+        step_two = after_first_optimizer_step(events, categories)
+        initial = [("free", ("ddp-bucket", number), 0, NO_LAYER) for number in range(len(cached_layout(
+            model_config, train_config).bucket_bytes))]
+        _EVENTS_CACHE[key] = (events[:step_two] + rebuild + events[step_two:] + initial, categories, trace)
     return _EVENTS_CACHE[key]
 
 

@@ -133,7 +133,8 @@ def test_plan_ddp_for_gpus_that_are_not_here(capsys):
     ddp, _ = plan_json(capsys, "--gpus", "4", "--strategy", "ddp")
     assert ddp["estimate"]["config"]["strategy"] == "ddp" and ddp["estimate"]["config"]["num_gpus"] == 4
     assert ddp["estimate"]["breakdown"]["optimizer"] == one["estimate"]["breakdown"]["optimizer"]
-    assert ddp["estimate"]["breakdown"]["ddp_buckets"] == one["estimate"]["breakdown"]["weights"]  # fp32: one gradient copy
+    # fp32: the construction buckets and the rebuilt ones, each a copy of the gradients, both alive in step 2
+    assert abs(ddp["estimate"]["breakdown"]["ddp_buckets"] - 2 * one["estimate"]["breakdown"]["weights"]) < 64 << 20
     assert ddp["fits"] is True
     fsdp, _ = plan_json(capsys, "--gpus", "4")  # the default strategy of `plan` stays FSDP
     assert fsdp["estimate"]["config"]["strategy"] == "fsdp" and "ddp_buckets" not in fsdp["estimate"]["breakdown"]
