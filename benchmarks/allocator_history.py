@@ -46,6 +46,15 @@ DDP_CASE = ("qwen2.5-0.5b 1x1024 accum4 ddp", "Qwen/Qwen2.5-0.5B",
             dict(seq_len=1024, micro_batch_size=1, grad_accum_steps=4, strategy="ddp"))
 
 
+DDP_CHECK = [  # configurations the DDP model was not fitted to (benchmarks/ddp.py measured 1024-token steps)
+    ("qwen2.5-0.5b 2x2048 ddp", "Qwen/Qwen2.5-0.5B", dict(seq_len=2048, micro_batch_size=2, strategy="ddp")),
+    ("llama-3.2-1b 2x2048 ckpt ddp", "meta-llama/Llama-3.2-1B",
+     dict(seq_len=2048, micro_batch_size=2, gradient_checkpointing=True, strategy="ddp")),
+    ("qwen2.5-1.5b 1x2048 accum2 ddp", "Qwen/Qwen2.5-1.5B",
+     dict(seq_len=2048, micro_batch_size=1, grad_accum_steps=2, strategy="ddp")),
+]
+
+
 def worker(out: Path, cases: list | None = None, every_rank: bool = False) -> None:
     import datetime
 
@@ -135,10 +144,10 @@ def launch_trainer(out: Path) -> None:
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
-def launch(out: Path, ddp: bool = False) -> None:
+def launch(out: Path, extra: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(Path(__file__).resolve()),
-               "--worker", "--out", str(out), *(["--ddp"] if ddp else [])]
+               "--worker", "--out", str(out), *extra]
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
@@ -211,6 +220,7 @@ def main() -> None:
     parser.add_argument("--out", default="allocator_history.json")
     parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
     parser.add_argument("--ddp", action="store_true", help="record DDP_CASE on every rank instead of CASES")
+    parser.add_argument("--ddp-check", action="store_true", help="DDP_CHECK instead of CASES (rank 0 records)")
     parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
     parser.add_argument("--trainer", action="store_true", help="record memtune run's Trainer instead of the trial")
     parser.add_argument("--trainer-worker", type=Path, metavar="PLAN", help="internal: one accelerate rank")
@@ -222,8 +232,9 @@ def main() -> None:
     if args.trainer:
         return launch_trainer(Path(args.out))
     if args.worker:
-        return worker(Path(args.out), [DDP_CASE] if args.ddp else None, every_rank=args.ddp)
-    launch(Path(args.out), ddp=args.ddp)
+        cases = [DDP_CASE] if args.ddp else DDP_CHECK if args.ddp_check else None
+        return worker(Path(args.out), cases, every_rank=args.ddp)
+    launch(Path(args.out), ["--ddp"] * args.ddp + ["--ddp-check"] * args.ddp_check)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from rich.table import Table
 from transformers import Trainer, TrainerCallback
 
 from memtune import data as data_module
-from memtune import recipe, verify
+from memtune import recipe
 from memtune.config import DEFAULT_SAVE_STEPS, SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import MemtuneError, UsageError
 from memtune.oom_guard import OomGuard
@@ -378,15 +378,12 @@ def run_plan(
     # FSDP move only shards to the GPU (a whole fp32 8B model is 32 GB on each GPU before sharding).
     build_device = "cpu" if _sharded() or _process_count() > 1 else args.device
     if args.device.type == "cuda":
-        # cuBLAS workspaces made in the first step land inside the first large free block (a logits buffer)
-        # and split it for good: made now, they get segments of their own, as in memtune's trial.
-        torch.cuda.set_device(args.device)
-        verify.warm_up()
+        torch.cuda.set_device(args.device)  # plan.prepare makes the cuBLAS workspaces on this GPU
     model, model_origin, pretrained = load_model(source, config, build_device)
     if not pretrained:
         warn(f"{plan.model}: {model_origin}")
     with _quiet_deprecations():
-        model = plan.prepare(model)
+        model = plan.prepare(model, warm_up=args.device.type == "cuda")
 
     cuda = args.device.type == "cuda"
     tokens_per_step = config.micro_batch_size * config.grad_accum_steps * args.world_size * config.seq_len
