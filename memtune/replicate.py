@@ -18,11 +18,13 @@ here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
   plans give Trainer, `distributed.ddp_training_arguments`) construction puts all trainable
   parameters of one dtype into a single bucket (bucket_size_limits=[sys.maxsize]); after the first
   synchronised backward the Reducer rebuilds them in gradient-ready order (1 MiB first bucket, then
-  bucket_cap_mb=25 MiB). `initialize_buckets` clears the old buckets first, and on rank 0 that frees
-  them; but on 2 x H200 rank 1 kept the construction buckets until late in the second step (the
-  allocator's history, benchmarks/allocator_history.py --ddp), one more gradient copy at its peak.
-  The estimate takes the largest rank: the construction buckets right after the weights, the
-  rebuilt ones from the second step on, the old ones freed at the end.
+  bucket_cap_mb=25 MiB). `initialize_buckets` clears the old buckets first, but whether that frees
+  them depends on timing: on 2 x H200 (allocator histories, benchmarks/allocator_history.py --ddp)
+  rank 0 freed them at the rebuild while rank 1 kept them until late in the second step, one more
+  gradient copy at its peak, in 10 of 12 configurations; in 2 of 3 later ones no rank kept them.
+  The estimate takes the worse case, as an OOM advisor must: the construction buckets right after
+  the weights, the rebuilt ones from the second step on, the old ones freed at the end. When no
+  rank keeps them it over-predicts by one gradient copy (+13.9% for Qwen2.5-1.5B 1 x 2048 x 2).
 - The construction broadcast. `_sync_module_states` broadcasts every parameter and buffer from rank 0
   through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` groups them per dtype into
   250 MiB buckets (a bucket closes once it reaches the limit), a bucket of several tensors is
@@ -166,10 +168,11 @@ def construction_events(layout: ReplicaLayout) -> list[tuple]:
 def rebuild_events(layout: ReplicaLayout) -> list[tuple]:
     """The rebuilt buckets, allocated when the second step starts.
 
-    Measured on 2 x H200 (torch 2.11, benchmarks/allocator_history.py --ddp): rank 0 frees the
+    Measured on 2 x H200 (torch 2.11, benchmarks/allocator_history.py --ddp): rank 0 freed the
     construction buckets at the rebuild, but rank 1 kept them until late in the second step, past its
-    peak: one more copy of the gradients than rank 0 (+1.84 GiB for Qwen2.5-0.5B). The per-GPU peak is
-    the largest rank's, so the old buckets are freed only at the end of the trace here.
+    peak: one more copy of the gradients than rank 0 (+1.84 GiB for Qwen2.5-0.5B). It is a matter of
+    timing (other runs freed them on both ranks); the per-GPU peak is the largest rank's in the worse
+    case, so the old buckets are freed only at the end of the trace here.
     """
     events = []
     for number, size in enumerate(layout.rebuilt_bucket_bytes):
@@ -232,21 +235,17 @@ def replicated_events(model_config: Any, train_config: TrainConfig, device: str)
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict(), device], sort_keys=True)
     if key not in _EVENTS_CACHE:
         trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
-        ddp = construction_events(cached_layout(model_config, train_config))
+        layout = cached_layout(model_config, train_config)
+        ddp, rebuild = construction_events(layout), rebuild_events(layout)
         categories: dict[Any, Any] = dict(trace.categories)
-        for event in ddp:
+        for event in ddp + rebuild:
             if event[0] == "alloc":
-                categories[event[4]] = DDP_BUCKETS if event[1][0] == "ddp-bucket" else Category.TEMPORARIES.value
+                categories[event[4]] = DDP_BUCKETS if event[1][0] != "ddp-broadcast" else Category.TEMPORARIES.value
         split = weights_prefix(events, trace.categories)
         events = events[:split] + ddp + events[split:]
-        rebuild = rebuild_events(cached_layout(model_config, train_config))
-        for event in rebuild:
-            if event[0] == "alloc":
-                categories[event[4]] = DDP_BUCKETS
         step_two = after_first_optimizer_step(events, categories)
-        initial = [("free", ("ddp-bucket", number), 0, NO_LAYER) for number in range(len(cached_layout(
-            model_config, train_config).bucket_bytes))]
-        _EVENTS_CACHE[key] = (events[:step_two] + rebuild + events[step_two:] + initial, categories, trace)
+        old_buckets = [("free", ("ddp-bucket", number), 0, NO_LAYER) for number in range(len(layout.bucket_bytes))]
+        _EVENTS_CACHE[key] = (events[:step_two] + rebuild + events[step_two:] + old_buckets, categories, trace)
     return _EVENTS_CACHE[key]
 
 
