@@ -46,7 +46,8 @@ all-reduce and (N-1)/N for an all-gather or a reduce-scatter (NCCL's "bus bandwi
   micro-batch (hooks, copy-in/copy-out, stream waits); the optimizer steps 1/N of the parameters.
 
 Assumed, not calibrated: `interconnect_bytes_per_second` (datasheet NVLink rates per direction; PCIe
-cards: the host copy rate), `collective_efficiency`, and that DDP adds nothing per layer. Fitted:
+cards: the host copy rate) and that DDP adds nothing per layer. Measured on one 2 x H200 host:
+`collective_efficiency` (NCCL bus bandwidth / link rate). Fitted:
 `fsdp_unit_seconds`, to the 2-GPU FSDP2 steps measured on H200 (benchmarks/results/fsdp_2gpu_h200.json).
 benchmarks/ddp.py measures DDP and FSDP side by side (and the all-reduce bandwidth) to check both.
 """
@@ -101,9 +102,10 @@ class GpuSpeed:
     interconnect_bytes_per_second: float = 25e9
     """GPU-to-GPU rate, one direction: datasheet NVLink rates for SXM cards (_CARDS); for PCIe cards the
     host copy rate above. An assumption (cards of one host, no NVLink bridge, no network)."""
-    collective_efficiency: float = 0.8
+    collective_efficiency: float = 0.6
     """Share of the link rate NCCL's ring collectives reach on large messages (bus bandwidth / link rate).
-    An assumption, not calibrated: benchmarks/ddp.py measures the all-reduce bus bandwidth of a host."""
+    Measured once, on 2 x H200 (benchmarks/ddp.py, 256 MiB messages): all-reduce 289-296 GB/s, all-gather
+    241-244 GB/s of the 450 GB/s assumed, 0.54-0.66. Other hosts and cards: unmeasured."""
     fsdp_unit_seconds: float = FSDP_UNIT_SECONDS
     """FSDP2's own time per sharded unit (a decoder layer) per micro-batch, beyond its collectives."""
 
