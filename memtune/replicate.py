@@ -36,8 +36,8 @@ Events: the single-GPU trace's events with the broadcast copies and the buckets 
 weights, replayed by `allocator.simulate` (one stream: the all-reduce works in place on the buckets).
 
 Known limitations: NCCL's own buffers (communicator, channels) are outside torch's allocator, as for
-FSDP (sharding.py): add them to `context_bytes` (benchmarks/fsdp.py measured 0.91 GiB per rank on
-2 x H200 with NCCL 2.x under torch 2.11). Not modelled: the shape check's small device tensors at
+FSDP (sharding.py): `estimate.NCCL_BYTES`, measured on 2 x H200 under torch 2.11, is added to the
+context. Not modelled: the shape check's small device tensors at
 construction (under 1 MiB, freed at once) and the per-forward broadcast of the model's buffers
 (broadcast_buffers=True: the rotary frequencies, a few KiB). Models with parameters that a step may
 not use (mixture-of-experts) need find_unused_parameters=True, which memtune does not set.
@@ -58,6 +58,7 @@ from memtune.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
+    collective_context_bytes,
     estimate_of_events,
     default_trace_device,
     full_depth_events,
@@ -262,6 +263,7 @@ def estimate_replicated(
     started = time.perf_counter()
     device = device or default_trace_device()
     events, categories, trace = replicated_events(model_config, train_config, device)
+    context_bytes += collective_context_bytes(train_config)
     return estimate_of_events(train_config, events, categories, trace_device=device, traced_layers=trace.num_layers,
                               num_layers=num_layers_of(model_config) or trace.num_layers, started=started,
                               context_bytes=context_bytes, workspace_bytes=workspace_bytes)

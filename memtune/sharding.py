@@ -29,7 +29,8 @@ Deep models are traced with five periods of layers and extended to full depth (`
 gathered parameters and prefetch buffers cross layer boundaries, which `trace.extend` would
 misplace, so frees are matched by layer distance and by position within identical layers.
 
-Known limitations: NCCL's own buffers are outside torch's allocator (add them to `context_bytes`);
+Known limitations: NCCL's own buffers are outside torch's allocator: `estimate.NCCL_BYTES` (measured
+with 2 GPUs) is added to the context;
 the trace always runs on the CPU (CUDA emulation), whatever the machine; LoRA under FSDP is wrapped
 like the dense model, not with transformers' peft-specific wrap policy; cross-stream cache releases
 under memory pressure are not modelled (the per-stream sum is exact only below capacity).
@@ -54,7 +55,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune import allocator
 from memtune.config import TrainConfig
-from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, breakdown_at_peak, num_layers_of
+from memtune.estimate import (
+    DEFAULT_CONTEXT_BYTES,
+    DEFAULT_WORKSPACE_BYTES,
+    Estimate,
+    breakdown_at_peak,
+    collective_context_bytes,
+    num_layers_of,
+)
 from memtune.trace import NO_LAYER, Category, CudaEmulation, LayerTaggedDispatch, rounded
 
 FSDP_BUFFERS = "fsdp_buffers"
@@ -547,6 +555,7 @@ def estimate_sharded(
     (under pressure torch releases wholly free segments and retries).
     """
     started = time.perf_counter()
+    context_bytes += collective_context_bytes(train_config)
     trace = cached_trace_sharded(model_config, train_config)
     peak_allocated, peak_reserved = simulate_streams(trace)
     breakdown = breakdown_at_peak(trace.events, trace.categories, sid_field=1)

@@ -55,6 +55,19 @@ def test_weights_gradients_and_optimizer_state_shrink_with_the_number_of_gpus(nu
     assert simulate_streams(many)[0] < simulate_streams(one)[0]
 
 
+def test_several_gpus_add_nccls_own_memory_to_the_fixed_memory_of_each_gpu():
+    from memtune.estimate import DEFAULT_CONTEXT_BYTES, NCCL_BYTES
+    from memtune.replicate import estimate_replicated
+
+    config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16")
+    assert estimate_sharded(small_llama(), config.replace(offload="parameters")).context_bytes == DEFAULT_CONTEXT_BYTES
+    two = estimate_sharded(small_llama(), config.replace(num_gpus=2))
+    assert two.context_bytes == DEFAULT_CONTEXT_BYTES + NCCL_BYTES
+    assert two.total_bytes == two.peak_reserved_bytes + two.workspace_bytes + DEFAULT_CONTEXT_BYTES + NCCL_BYTES
+    ddp = estimate_replicated(small_llama(), config.replace(num_gpus=2, strategy="ddp"), device="cpu")
+    assert ddp.context_bytes == DEFAULT_CONTEXT_BYTES + NCCL_BYTES
+
+
 def test_cpu_offload_keeps_parameters_gradients_and_optimizer_state_off_the_gpu():
     config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16", gradient_checkpointing=True)
     resident = cached_trace_sharded(small_llama(), config)
