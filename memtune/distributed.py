@@ -224,8 +224,9 @@ def build_replicated_model(model_config: Any, train_config: TrainConfig, device:
     """Random-weight model on `device`, wrapped in DistributedDataParallel as accelerate wraps it (the
     model is on the device first; construction broadcasts rank 0's weights and allocates the buckets).
 
-    Built on the CPU and moved, as `memtune run` and Trainer do: built on the GPU, transformers' init
-    held a second fp32 copy of the weights for a moment (+1.8 GiB peak for Qwen2.5-0.5B on the H200).
+    Built on the CPU and moved, as `memtune run` and Trainer do, so that the weights reach the GPU the
+    same way. (Building on the GPU was suspected of an extra weight copy; the H200 runs showed the same
+    peaks either way: the extra copy was DDP's old buckets, see replicate.rebuild_events.)
     """
     import torch
     from torch.nn.parallel import DistributedDataParallel
