@@ -183,6 +183,7 @@ def compare(path: Path) -> None:
     from memtune import allocator
     from memtune.sharding import cached_trace_sharded, simulate_streams
     from memtune.sources import catalog_config
+    from memtune.trace import rounded
 
     data = json.loads(path.read_text())
     for row in data["cases"]:
@@ -201,18 +202,12 @@ def compare(path: Path) -> None:
         trace = cached_trace_sharded(catalog_config(row["model"]), config)
         predicted_alloc, predicted_reserved = simulate_streams(trace)
         print(f"  memtune's trace: allocated {predicted_alloc / GIB:.2f}, reserved {predicted_reserved / GIB:.2f}")
-        real_sizes = Counter(allocator_round(size) for kind, _, size, _ in events if kind == "alloc")
+        real_sizes = Counter(rounded(size) for kind, _, size, _ in events if kind == "alloc")
         traced_sizes = Counter(size for kind, _, size, _ in trace.events if kind == "alloc")
         steps_real = sum(real_sizes.values())
         print(f"  allocations: real {steps_real} (3 steps + set-up), traced {sum(traced_sizes.values())} (2 steps)")
         for size in sorted(set(real_sizes) | set(traced_sizes), reverse=True)[:25]:
             print(f"    {size / 2**20:10.1f} MiB  real {real_sizes.get(size, 0):5d}  traced {traced_sizes.get(size, 0):5d}")
-
-
-def allocator_round(size: int) -> int:
-    from memtune.trace import rounded
-
-    return rounded(size)
 
 
 def main() -> None:

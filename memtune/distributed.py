@@ -220,6 +220,16 @@ torch's defaults (accelerate drops values equal to its defaults; find_unused_par
 # ---- the replicated model and step (DDP) ----------------------------------------------------------
 
 
+def fill_random(model: Any) -> Any:
+    """Give an uninitialised model (its shards, under FSDP) N(0, 0.02) weights, where they are; returns it."""
+    import torch
+
+    with torch.no_grad():
+        for param in model.parameters():
+            (param.to_local() if hasattr(param, "to_local") else param).normal_(0.0, 0.02)
+    return model
+
+
 def build_replicated_model(model_config: Any, train_config: TrainConfig, device: str) -> Any:
     """Random-weight model on `device`, wrapped in DistributedDataParallel as accelerate wraps it (the
     model is on the device first; construction broadcasts rank 0's weights and allocates the buckets).
@@ -234,10 +244,7 @@ def build_replicated_model(model_config: Any, train_config: TrainConfig, device:
     from memtune import recipe
 
     check_supported(train_config)
-    model = recipe.build_model(model_config, train_config, "cpu", initialise=False).to(device)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.02)
+    model = fill_random(recipe.build_model(model_config, train_config, "cpu", initialise=False).to(device))
     if device.startswith("cuda"):
         index = torch.device(device).index
         index = torch.cuda.current_device() if index is None else index
@@ -360,10 +367,7 @@ def build_sharded_model(model_config: Any, train_config: TrainConfig, device: st
 
     model = recipe.build_model(model_config, train_config, "cpu", initialise=False)
     apply_fsdp(model, train_config, mesh=mesh, pin_memory=device != "cpu")
-    with torch.no_grad():
-        for param in model.parameters():
-            local = param.to_local() if hasattr(param, "to_local") else param
-            local.normal_(0.0, 0.02)
+    fill_random(model)
     return model
 
 

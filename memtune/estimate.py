@@ -181,16 +181,20 @@ def estimate(
 def estimate_of_events(
     train_config: TrainConfig, events: list[tuple], categories: dict[int, str], *, trace_device: str,
     traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
+    peaks: tuple[int, int] | None = None, sid_field: int = 4,
 ) -> Estimate:
-    """The Estimate of a full-depth event list: replayed through the allocator model, broken down at its peak."""
-    simulated = allocator.simulate(events)
-    breakdown = breakdown_at_peak(events, categories)
-    fragmentation = simulated.peak_reserved_bytes - simulated.peak_allocated_bytes
-    breakdown[Category.OVERHEAD.value] = max(0, fragmentation) + workspace_bytes + context_bytes
+    """The Estimate of a full-depth event list, broken down at its peak. `peaks` (allocated, reserved)
+    when the caller replayed the events itself (several streams); else one allocator replay."""
+    if peaks is None:
+        simulated = allocator.simulate(events)
+        peaks = simulated.peak_allocated_bytes, simulated.peak_reserved_bytes
+    peak_allocated, peak_reserved = peaks
+    breakdown = breakdown_at_peak(events, categories, sid_field=sid_field)
+    breakdown[Category.OVERHEAD.value] = max(0, peak_reserved - peak_allocated) + workspace_bytes + context_bytes
     return Estimate(
         config=train_config,
-        peak_allocated_bytes=simulated.peak_allocated_bytes,
-        peak_reserved_bytes=simulated.peak_reserved_bytes,
+        peak_allocated_bytes=peak_allocated,
+        peak_reserved_bytes=peak_reserved,
         workspace_bytes=workspace_bytes,
         context_bytes=context_bytes,
         breakdown=breakdown,

@@ -21,7 +21,7 @@ from typing import Any
 from memtune import throughput
 from memtune.config import TrainConfig, format_bytes
 from memtune.errors import UsageError
-from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, estimate, fits_under
+from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, fits_under
 from memtune.plan import Plan
 from memtune.probe import GpuInfo, ProbeResult
 from memtune.search import COMMON_CARDS, Policy, SearchResult, search
@@ -42,18 +42,11 @@ class ModelPredictor:
         self._cache: dict[TrainConfig, Estimate] = {}
 
     def memory(self, config: TrainConfig) -> Estimate:
-        if config not in self._cache:
-            kwargs = dict(device=self.device, context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
-            if config.replicated:  # DDP: the single-GPU step plus DDP's buckets
-                from memtune.replicate import estimate_replicated
+        if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
+            from memtune.sharding import estimate_any
 
-                self._cache[config] = estimate_replicated(self.model_config, config, **kwargs)
-            elif config.sharded:  # FSDP over several GPUs, or CPU offload
-                from memtune.sharding import estimate_sharded
-
-                self._cache[config] = estimate_sharded(self.model_config, config, **kwargs)
-            else:
-                self._cache[config] = estimate(self.model_config, config, **kwargs)
+            self._cache[config] = estimate_any(self.model_config, config, device=self.device,
+                                               context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
         return self._cache[config]
 
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:

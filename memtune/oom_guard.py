@@ -387,15 +387,9 @@ class OomGuard(TrainerCallback):
         only a single unwrapped process may switch to it (under DDP the ranks would stop averaging)."""
         from memtune import recipe
 
-        if self._world_size > 1 or self._wrapped(self.trainer):
+        if _wrapped(self.trainer):
             return False
         return hasattr(self.trainer, "train_config") and hasattr(recipe, "forward_loss")
-
-    @staticmethod
-    def _wrapped(trainer: Any) -> bool:
-        args = getattr(trainer, "args", None)
-        sharded = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
-        return sharded or (args is not None and getattr(args, "world_size", 1) > 1)
 
     def _normalized(self, config: TrainConfig) -> TrainConfig:
         """`config` with the micro-batch the guard really runs (a divisor of the loader's micro-batch)."""
@@ -781,6 +775,13 @@ def _unsupported_parallelism(trainer: Any) -> str | None:
     if getattr(trainer, "is_fsdp_enabled", False) and not getattr(getattr(trainer, "accelerator", None), "is_fsdp2", False):
         return "under FSDP1 (its flat parameters have no reset after a failed step; fsdp_version: 2 has)"
     return None
+
+
+def _wrapped(trainer: Any) -> bool:
+    """Whether Trainer runs the model inside a DDP / FSDP / DeepSpeed wrapper (several processes, or sharded)."""
+    args = getattr(trainer, "args", None)
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    return bool(sharded) or getattr(args, "world_size", 1) > 1
 
 
 def _first_line(error: BaseException) -> str:

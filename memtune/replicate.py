@@ -182,12 +182,18 @@ def rebuild_events(layout: ReplicaLayout) -> list[tuple]:
     return events
 
 
+def _category(categories: dict[Any, Any], key: Any) -> Any:
+    """The breakdown key of a storage: Category members and plain strings alike."""
+    category = categories.get(key)
+    return getattr(category, "value", category)
+
+
 def after_first_optimizer_step(events: list[tuple], categories: dict[Any, Any], sid_field: int = 4) -> int:
     """Index of the first event after the first optimizer step's state was made (the second step's start)."""
     optimizer = Category.OPTIMIZER.value
     last = None
     for index, event in enumerate(events):
-        if event[0] == "alloc" and getattr(categories.get(event[sid_field]), "value", categories.get(event[sid_field])) == optimizer:
+        if event[0] == "alloc" and _category(categories, event[sid_field]) == optimizer:
             last = index
         elif last is not None and event[0] == "alloc":
             return index
@@ -224,8 +230,7 @@ def weights_prefix(events: list[tuple], categories: dict[Any, Any], sid_field: i
     """How many leading events allocate the weights (the trace starts with the model on the device)."""
     weights = Category.WEIGHTS.value
     for index, event in enumerate(events):
-        category = categories.get(event[sid_field]) if event[0] == "alloc" else None
-        if getattr(category, "value", category) != weights:
+        if event[0] != "alloc" or _category(categories, event[sid_field]) != weights:
             return index
     return len(events)
 

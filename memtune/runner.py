@@ -377,8 +377,6 @@ def run_plan(
     # Several processes or offload: build on the CPU, as from_pretrained does, and let the launcher's
     # FSDP move only shards to the GPU (a whole fp32 8B model is 32 GB on each GPU before sharding).
     build_device = "cpu" if _sharded() or _process_count() > 1 else args.device
-    if args.device.type == "cuda":
-        torch.cuda.set_device(args.device)  # plan.prepare makes the cuBLAS workspaces on this GPU
     model, model_origin, pretrained = load_model(source, config, build_device)
     if not pretrained:
         warn(f"{plan.model}: {model_origin}")

@@ -59,8 +59,8 @@ from memtune.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
-    breakdown_at_peak,
     collective_context_bytes,
+    estimate_of_events,
     num_layers_of,
 )
 from memtune.trace import NO_LAYER, Category, CudaEmulation, LayerTaggedDispatch, rounded
@@ -557,21 +557,9 @@ def estimate_sharded(
     started = time.perf_counter()
     context_bytes += collective_context_bytes(train_config)
     trace = cached_trace_sharded(model_config, train_config)
-    peak_allocated, peak_reserved = simulate_streams(trace)
-    breakdown = breakdown_at_peak(trace.events, trace.categories, sid_field=1)
-    breakdown[Category.OVERHEAD.value] = max(0, peak_reserved - peak_allocated) + workspace_bytes + context_bytes
-    return Estimate(
-        config=train_config,
-        peak_allocated_bytes=peak_allocated,
-        peak_reserved_bytes=peak_reserved,
-        workspace_bytes=workspace_bytes,
-        context_bytes=context_bytes,
-        breakdown=breakdown,
-        trace_device="cpu",
-        traced_layers=trace.traced_layers,
-        num_layers=trace.num_layers,
-        seconds=time.perf_counter() - started,
-    )
+    return estimate_of_events(train_config, trace.events, trace.categories, peaks=simulate_streams(trace), sid_field=1,
+                              trace_device="cpu", traced_layers=trace.traced_layers, num_layers=trace.num_layers,
+                              started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 
 
 def estimate_any(model_config: Any, train_config: TrainConfig, **kwargs: Any) -> Estimate:
@@ -581,7 +569,7 @@ def estimate_any(model_config: Any, train_config: TrainConfig, **kwargs: Any) ->
         from memtune.replicate import estimate_replicated
 
         return estimate_replicated(model_config, train_config, **kwargs)
-    if train_config.num_gpus > 1 or train_config.offload != "none":
+    if train_config.sharded:
         return estimate_sharded(model_config, train_config, **kwargs)
     from memtune.estimate import estimate
 

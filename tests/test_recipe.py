@@ -6,16 +6,14 @@ import pytest
 
 from memtune import recipe
 from memtune.config import TrainConfig
-from memtune.sources import catalog_config
+from tests.models import tiny_llama
 
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_an_uninitialised_model_keeps_the_embedding_tying_of_its_config(tied: bool) -> None:
     # transformers' no_init_weights also skips tie_weights: an untied copy of a tied head was a whole
     # vocabulary-sized parameter (+ gradient + AdamW state) more than the model memtune predicts.
-    config = catalog_config("meta-llama/Llama-3.2-1B")
-    config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
-    config.num_key_value_heads, config.head_dim, config.vocab_size, config.num_hidden_layers = 2, 16, 500, 1
+    config = tiny_llama(layers=1)
     config.tie_word_embeddings = tied
     for initialise in (True, False):
         model = recipe.build_model(config, TrainConfig(seq_len=16), "cpu", initialise=initialise)
