@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cases import accuracy_cases, model_config  # noqa: E402
-from memtune.estimate import estimate  # noqa: E402
+from memtune.predict.estimate import estimate  # noqa: E402
 
 GIB = 1 << 30
 

@@ -61,7 +61,7 @@ def worker(out: Path, cases: list | None = None, every_rank: bool = False) -> No
     import torch
     import torch.distributed as dist
 
-    from memtune.distributed import measure_sharded
+    from memtune.measure.sharded import measure_sharded
     from memtune.sources import catalog_config
 
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -105,7 +105,7 @@ def trainer_worker(plan_path: Path, out: Path) -> None:
     from transformers import TrainerCallback
 
     from memtune.plan import Plan
-    from memtune.runner import run_plan
+    from memtune.run.runner import run_plan
 
     class Record(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -128,8 +128,8 @@ def trainer_worker(plan_path: Path, out: Path) -> None:
 def launch_trainer(out: Path) -> None:
     import tempfile
 
-    from memtune.distributed import write_accelerate_config
     from memtune.plan import Plan
+    from memtune.run.launch import write_accelerate_config
     from memtune.sources import catalog_config
 
     name, model, fields = TRAINER_CASE
@@ -180,10 +180,10 @@ def real_events(events: list[list[int]]) -> tuple[list[tuple], dict[int, int], i
 def compare(path: Path) -> None:
     from collections import Counter
 
-    from memtune import allocator
-    from memtune.sharding import cached_trace_sharded, simulate_streams
+    from memtune.predict import allocator
+    from memtune.predict.fsdp import cached_trace_sharded, simulate_streams
+    from memtune.predict.trace import rounded
     from memtune.sources import catalog_config
-    from memtune.trace import rounded
 
     data = json.loads(path.read_text())
     for row in data["cases"]:

@@ -22,8 +22,8 @@ from scipy.optimize import least_squares
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memtune.config import TrainConfig  # noqa: E402
+from memtune.predict.throughput import ModelShape, gpu_speed, step_seconds  # noqa: E402
 from memtune.sources import catalog_config, parameter_count, resolve  # noqa: E402
-from memtune.throughput import ModelShape, gpu_speed, step_seconds  # noqa: E402
 
 FITTED = ("bf16_efficiency", "fp32_efficiency", "logits_traffic", "launch_seconds",
           "checkpoint_overhead", "lora_overhead", "chunk_seconds")

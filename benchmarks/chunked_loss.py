@@ -25,9 +25,11 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memtune import loss, recipe, verify  # noqa: E402
+from memtune import verify  # noqa: E402
 from memtune.config import TrainConfig  # noqa: E402
-from memtune.estimate import estimate  # noqa: E402
+from memtune.predict.estimate import estimate  # noqa: E402
+from memtune.recipe import loss
+from memtune.recipe import step as recipe
 from memtune.sources import catalog_config  # noqa: E402
 
 GIB = 1 << 30

@@ -96,7 +96,7 @@ def error_text(error: BaseException) -> str:
 
 
 def predict_memory(model: str, config: TrainConfig, device: str = "cpu") -> dict[str, Any]:
-    from memtune.sharding import estimate_any
+    from memtune.predict.fsdp import estimate_any
 
     started = time.perf_counter()
     try:
@@ -123,7 +123,7 @@ def predict_all(out: Path, device: str = "cpu", strategies: tuple[str, ...] = ("
 
 
 def predict_speeds(gpu_name: str) -> dict[str, float]:
-    from memtune import throughput
+    from memtune.predict import throughput
     from memtune.sources import parameter_count
 
     speed = throughput.gpu_speed(gpu_name)
@@ -182,7 +182,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from memtune.distributed import measure_sharded
+    from memtune.measure.sharded import measure_sharded
 
     started = time.perf_counter()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -231,8 +231,8 @@ def trainer_check(args: argparse.Namespace) -> None:
     from torch.nn.parallel import DistributedDataParallel
     from transformers import Trainer
 
-    from memtune import recipe
     from memtune.plan import Plan
+    from memtune.recipe import step as recipe
 
     name, fields = TRAINER_CHECK
     config = TrainConfig(**fields)
@@ -344,7 +344,7 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 
 def trainer_check_run(work: Path, script: str, env: dict[str, str]) -> dict[str, Any]:
-    from memtune.distributed import write_accelerate_config
+    from memtune.run.launch import write_accelerate_config
 
     name, fields = TRAINER_CHECK
     config = TrainConfig(**fields)
@@ -356,7 +356,7 @@ def trainer_check_run(work: Path, script: str, env: dict[str, str]) -> dict[str,
     row: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"error": text[-1500:]}
     row.update(returncode=code, accelerate_config=yaml_path.read_text(), wall_seconds=time.perf_counter() - started)
     try:
-        from memtune.replicate import cached_layout
+        from memtune.predict.ddp import cached_layout
 
         row["predicted_bucket_bytes"] = list(cached_layout(model_config(name), config).bucket_bytes)
         row["prediction"] = predict_memory(name, config)
@@ -367,7 +367,7 @@ def trainer_check_run(work: Path, script: str, env: dict[str, str]) -> dict[str,
 
 
 def speed_model(gpu: str) -> dict[str, float]:
-    from memtune import throughput
+    from memtune.predict import throughput
 
     speed = throughput.gpu_speed(gpu)
     return {"interconnect_bytes_per_second": speed.interconnect_bytes_per_second,
@@ -393,9 +393,9 @@ def gpu_identity() -> tuple[str, int | None]:
 
 def searches(gpu: str, gpu_total: int | None) -> list[dict[str, Any]]:
     """memtune's choice per model and budget (predictions only, no trials)."""
-    from memtune import throughput
     from memtune.fit import ModelPredictor
-    from memtune.search import Policy, search
+    from memtune.predict import throughput
+    from memtune.search.choose import Policy, search
     from memtune.sources import parameter_count
 
     budgets = dict(SEARCH_BUDGETS)
@@ -545,7 +545,7 @@ def print_table(result: dict[str, Any]) -> None:
 def fsdp_unit_residuals(rows: list[dict[str, Any]], gpu: str = "H200") -> dict[str, Any]:
     """(measured step - predicted step without fsdp_unit_seconds) / (FSDP units x micro-batches), per
     measured FSDP row ({"model", "config", "step_seconds" | "tokens_per_second", "tokens_per_step"})."""
-    from memtune import throughput
+    from memtune.predict import throughput
     from memtune.sources import parameter_count
 
     speed = throughput.gpu_speed(gpu).scaled(fsdp_unit_seconds=0.0)
@@ -568,7 +568,7 @@ def fsdp_unit_residuals(rows: list[dict[str, Any]], gpu: str = "H200") -> dict[s
 
 
 def fit_fsdp_unit(paths: list[str], gpu: str) -> None:
-    from memtune.throughput import FSDP_UNIT_SECONDS
+    from memtune.predict.throughput import FSDP_UNIT_SECONDS
 
     rows: list[dict[str, Any]] = []
     for path in paths:

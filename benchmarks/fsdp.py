@@ -100,7 +100,7 @@ def write(path: Path, data: Any) -> None:
 
 
 def predict(name: str, config: TrainConfig) -> dict[str, Any]:
-    from memtune.sharding import estimate_sharded
+    from memtune.predict.fsdp import estimate_sharded
 
     started = time.perf_counter()
     try:
@@ -125,7 +125,7 @@ def predict_all(out: Path) -> None:
     for name, (model, fields) in TRAINER_CHECKS.items():
         rows[name] = predict(model, config_of(fields))
         write(out, rows)
-    from memtune.estimate import estimate
+    from memtune.predict.estimate import estimate
 
     big = config_of(MULTI_GPU_CASES[-1][2])
     single = estimate(model_config(BIG_MODEL), big, device="cpu")
@@ -162,10 +162,12 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
 
     import torch
     import torch.distributed as dist
-    from memtune import recipe, verify
 
-    verify.warm_up()
-    verify.release_memory()
+    from memtune.measure import memory
+    from memtune.recipe import step as recipe
+
+    memory.warm_up()
+    memory.release_memory()
     allocated_before, reserved_before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     row: dict[str, Any] = {"fits": True, "step_seconds": []}
     model = optimizer = None
@@ -179,7 +181,7 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
         with torch.no_grad():
             for param in model.parameters():
                 (param.to_local() if hasattr(param, "to_local") else param).normal_(0.0, 0.02)
-        verify.release_memory()
+        memory.release_memory()
         device = torch.device("cuda", torch.cuda.current_device())
         for _ in range(steps):
             batches = [recipe.random_batch(model_config(name), config, device) for _ in range(config.grad_accum_steps)]
@@ -195,7 +197,7 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
             torch.cuda.synchronize()
             row["step_seconds"].append(time.perf_counter() - start)
     except Exception as error:  # noqa: BLE001
-        if not verify.is_oom(error):
+        if not memory.is_oom(error):
             raise
         row.update(fits=False, error=str(error).splitlines()[0][:300])
     finally:
@@ -205,7 +207,7 @@ def accelerate_trial(accelerator: Any, name: str, config: TrainConfig, steps: in
         row.update(peak_allocated_bytes=int(peaks[0]), peak_reserved_bytes=int(peaks[1]), fits=not bool(peaks[2]))
         accelerator.free_memory()
         del model, optimizer
-        verify.release_memory()
+        memory.release_memory()
     return row
 
 
@@ -216,7 +218,7 @@ def worker(args: argparse.Namespace) -> None:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from memtune.distributed import measure_sharded
+    from memtune.measure.sharded import measure_sharded
 
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local_rank)
@@ -267,7 +269,7 @@ def trainer_check(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import FSDPModule
     from transformers import Trainer, TrainingArguments
 
-    from memtune import recipe
+    from memtune.recipe import step as recipe
 
     name, fields = TRAINER_CHECKS[args.trainer_check]
     config = config_of(fields)
@@ -359,7 +361,7 @@ def orchestrate(args: argparse.Namespace) -> None:
 
 
 def offload_trials() -> list[dict[str, Any]]:
-    from memtune.distributed import measure_sharded
+    from memtune.measure.sharded import measure_sharded
 
     rows = []
     for name, model, fields, steps in OFFLOAD_CASES:
@@ -377,7 +379,7 @@ def offload_trials() -> list[dict[str, Any]]:
 
 
 def trainer_checks(work: Path, script: str, env: dict[str, str]) -> dict[str, Any]:
-    from memtune.distributed import write_accelerate_config
+    from memtune.run.launch import write_accelerate_config
 
     rows: dict[str, Any] = {}
     for check, (model, fields) in TRAINER_CHECKS.items():

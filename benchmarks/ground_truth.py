@@ -25,9 +25,9 @@ from memtune import verify  # noqa: E402
 
 
 def environment() -> dict:
+    import peft
     import torch
     import transformers
-    import peft
 
     props = torch.cuda.get_device_properties(0)
     return {

@@ -80,15 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker is not None:
         return worker(args)
-    from memtune import distributed
     from memtune.plan import Plan
+    from memtune.run import launch
     from memtune.sources import resolve
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="memtune-guard-2gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     plan_config, fallback = configs(args)
     model_config = resolve(args.model).config
-    accelerate_yaml = distributed.write_accelerate_config(work / "accelerate_fsdp.yaml", plan_config, model_config=model_config)
+    accelerate_yaml = launch.write_accelerate_config(work / "accelerate_fsdp.yaml", plan_config, model_config=model_config)
     result: dict[str, Any] = {"model": args.model, "settings": {key: str(value) if isinstance(value, Path) else value
                                                                 for key, value in vars(args).items()},
                               "accelerate_config": accelerate_yaml.read_text(), "work_dir": str(work), "runs": {}}
@@ -114,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(name: str, plan: Any, fraction: float | None, args: argparse.Namespace, work: Path, accelerate_yaml: Path) -> dict[str, Any]:
     """One `accelerate launch` of this script's worker; returns what its ranks recorded."""
-    from memtune import distributed
+    from memtune.run import launch
 
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"plan": plan.to_dict(), "memory_fraction": fraction, "fallback": configs(args)[1].to_dict()}
     (folder / "payload.json").write_text(json.dumps(payload, indent=2))
-    command = distributed.launch_command(accelerate_yaml, [
+    command = launch.launch_command(accelerate_yaml, [
         "--worker", name, "--work-dir", str(folder), "--model", args.model, "--seq-len", str(args.seq_len),
         "--micro-batch", str(args.micro_batch), "--fallback-micro-batch", str(args.fallback_micro_batch),
         "--steps", str(args.steps), "--oom-after-steps", str(args.oom_after_steps), "--seed", str(args.seed),
@@ -251,7 +251,7 @@ def worker(args: argparse.Namespace) -> int:
 
     from memtune.config import TrainConfig
     from memtune.plan import Plan
-    from memtune.runner import run_plan
+    from memtune.run.runner import run_plan
 
     state = PartialState()  # the launcher's NCCL process group; one GPU per rank
     rank = state.process_index
@@ -299,7 +299,7 @@ def worker(args: argparse.Namespace) -> int:
 
 def calibrate(plan_config: Any, fallback: Any, model: str, total_memory_bytes: int) -> dict[str, Any]:
     """Per-GPU peaks of both configurations without a cap (collective trials), and the cap between them."""
-    from memtune.distributed import measure_sharded
+    from memtune.measure.sharded import measure_sharded
     from memtune.sources import resolve
 
     model_config = resolve(model).config

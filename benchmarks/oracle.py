@@ -55,14 +55,14 @@ def main() -> None:
     import torch
 
     from benchmarks.ground_truth import environment
-    from memtune import verify
     from memtune.fit import fit_model
-    from memtune.probe import probe
-    from memtune.search import Policy
+    from memtune.measure import memory, verify
+    from memtune.measure.probe import probe
+    from memtune.search.choose import Policy
     from memtune.sources import parameter_count, resolve
 
     env = environment()
-    verify.warm_up()
+    memory.warm_up()
     rows = []
     for index in args.cases if args.cases is not None else range(len(CASES)):
         case = CASES[index]
@@ -110,8 +110,8 @@ def main() -> None:
 def offline(args: argparse.Namespace) -> None:
     """Re-check memtune's choice against a measured grid without a GPU (no trial: prediction only)."""
     from memtune.fit import fit_model
-    from memtune.probe import ProbeResult
-    from memtune.search import Policy
+    from memtune.measure.probe import ProbeResult
+    from memtune.search.choose import Policy
     from memtune.sources import parameter_count, resolve
 
     if not args.reuse:

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from memtune.config import GIB, TrainConfig, format_bytes, parse_bytes  # noqa: E402
+from memtune.config import TrainConfig, format_bytes, parse_bytes  # noqa: E402
 from memtune.plan import Plan  # noqa: E402
-from memtune.runner import run_plan  # noqa: E402
+from memtune.run.runner import run_plan  # noqa: E402
 from memtune.sources import resolve  # noqa: E402
 
 
@@ -111,7 +111,7 @@ def environment() -> dict[str, Any]:
 
 def predict(model: str, config: TrainConfig, device: str) -> dict[str, Any]:
     """memtune's estimate of `config` (fake-tensor trace; on CPU with CUDA emulation in a dry run)."""
-    from memtune.estimate import estimate
+    from memtune.predict.estimate import estimate
 
     try:
         result = estimate(resolve(model).config, config, device="cuda" if device == "cuda" else "cpu")

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memtune.config import GIB, TrainConfig  # noqa: E402
-from memtune.search import Policy  # noqa: E402
+from memtune.search.choose import Policy  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def plain_bf16(case: Case, micro_batch_size: int) -> TrainConfig:
 
 def run_memtune(case: Case, source, num_parameters: int, steps: int) -> dict:
     from memtune.fit import fit_model
-    from memtune.probe import probe
+    from memtune.measure.probe import probe
 
     set_cap(case)
     started = time.perf_counter()
@@ -106,7 +106,7 @@ def run_febs(case: Case, model_config, steps: int) -> dict:
     import torch
     from accelerate.utils import find_executable_batch_size
 
-    from memtune import verify
+    from memtune.measure import verify
 
     set_cap(case)
     tried: list[tuple[int, bool]] = []
@@ -132,7 +132,7 @@ def run_febs(case: Case, model_config, steps: int) -> dict:
 
 
 def run_bisection(case: Case, model_config, steps: int) -> dict:
-    from memtune import verify
+    from memtune.measure import verify
 
     set_cap(case)
     tried: list[tuple[int, bool]] = []
@@ -166,7 +166,7 @@ def run_bisection(case: Case, model_config, steps: int) -> dict:
 
 
 def measure_final(case: Case, model_config, row: dict) -> None:
-    from memtune import verify
+    from memtune.measure import verify
 
     if row["config"] is None:
         row["tokens_per_second"] = 0.0
@@ -188,11 +188,11 @@ def main() -> None:
     import torch
 
     from benchmarks.ground_truth import environment
-    from memtune import verify
+    from memtune.measure import memory
     from memtune.sources import parameter_count, resolve
 
     env = environment()
-    verify.warm_up()
+    memory.warm_up()
     rows = []
     for index in args.cases if args.cases is not None else range(len(CASES)):
         case = CASES[index]

@@ -4,11 +4,11 @@
 """
 
 from memtune.config import Adapter, TrainConfig, parse_bytes
-from memtune.estimate import Estimate, estimate
 from memtune.fit import FitResult, auto_fit, fit_model
+from memtune.measure.probe import probe
 from memtune.plan import Plan
-from memtune.probe import probe
-from memtune.search import Policy
+from memtune.predict.estimate import Estimate, estimate
+from memtune.search.choose import Policy
 from memtune.sources import resolve
 
 __all__ = ["Adapter", "Estimate", "FitResult", "Plan", "Policy", "TrainConfig", "auto_fit", "estimate", "fit_model",

@@ -14,10 +14,23 @@ import sys
 
 from rich.console import Console
 
-from memtune import report
-from memtune.config import DEFAULT_SAVE_STEPS, KNOWN_GPUS, SAVE_TOTAL_LIMIT, known_gpu, PRECISIONS, Adapter, TrainConfig, format_bytes, parse_bytes, precision_config
+from memtune.config import (
+    DEFAULT_SAVE_STEPS,
+    KNOWN_GPUS,
+    PRECISIONS,
+    SAVE_TOTAL_LIMIT,
+    Adapter,
+    TrainConfig,
+    format_bytes,
+    known_gpu,
+    parse_bytes,
+    precision_config,
+)
 from memtune.errors import MemtuneError, UsageError
-from memtune.search import Policy
+from memtune.report import html as html_report
+from memtune.report import json as json_report
+from memtune.report import terminal as report
+from memtune.search.choose import Policy
 
 EPILOG_PLAN = """examples:
   memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB
@@ -248,9 +261,9 @@ def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 
 def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune import throughput
-    from memtune.fit import ModelPredictor
-    from memtune.search import choose_strategy
+    from memtune.fit import ModelPredictor, PlanResult
+    from memtune.predict import throughput
+    from memtune.search.choose import choose_strategy
     from memtune.sources import parameter_count, resolve
 
     train_config = _train_config(args)
@@ -269,9 +282,9 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
         else:
             estimate = predictor.memory(train_config)
         fits_strict = None if budget_bytes is None else predictor.fits(estimate, budget_bytes)
-    result = report.PlanResult(source, estimate, budget_bytes, budget_label, num_parameters, fits_strict)
+    result = PlanResult(source, estimate, budget_bytes, budget_label, num_parameters, fits_strict)
     if args.json:
-        print(report.render_plan_json(result))
+        print(json_report.render_plan_json(result))
     else:
         report.render_plan(result, out)
     return 3 if result.fits is False else 0
@@ -337,16 +350,16 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
             plan_path=args.plan_out, progress=progress,
         )
     if args.json:
-        print(report.render_fit_json(result))
+        print(json_report.render_fit_json(result))
     else:
         report.render_fit(result, out)
     if args.report:
-        path = report.write_html(result, args.report)
+        path = html_report.write_html(result, args.report)
         err.print(f"report written to {path}")
     if not result.fits:
         return 3
     if args.run:
-        from memtune.runner import cmd_run
+        from memtune.run.runner import cmd_run
 
         if result.plan_path is None:
             raise UsageError("--run needs a plan for one GPU or budget: give --budget or --gpu, or run on a GPU")
@@ -358,18 +371,18 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.probe import probe
+    from memtune.measure.probe import probe
 
     result = probe()
     if args.json:
-        print(report.render_probe_json(result))
+        print(json_report.render_probe_json(result))
     else:
         report.render_probe(result, out)
     return 0
 
 
 def _cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.runner import cmd_run  # imports the Trainer: only for `run`
+    from memtune.run.runner import cmd_run  # imports the Trainer: only for `run`
 
     return cmd_run(args, out, err)
 
@@ -379,7 +392,7 @@ def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     entries = catalog()
     if args.json:
-        print(report.render_models_json(entries))
+        print(json_report.render_models_json(entries))
     else:
         report.render_models(entries, out)
     return 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from memtune.errors import UsageError
@@ -240,6 +240,16 @@ def format_bytes(num_bytes: int | float) -> str:
 
 def gib(num_bytes: int | float) -> float:
     return num_bytes / GIB
+
+
+# ---- memory outside torch's pool ------------------------------------------------------------
+
+# Measured on an NVIDIA H200 with torch 2.11+cu130 (tests/data/ground_truth_*.json, "environment"):
+# memory a process holds outside torch's pool (CUDA context, kernels) and the cuBLAS/cuBLASLt
+# workspaces that stay allocated after the first matmul in forward and in backward.
+# `probe` measures both on the GPU at hand; these are the defaults for planning without one.
+DEFAULT_CONTEXT_BYTES = 610 * MIB
+DEFAULT_WORKSPACE_BYTES = 65 * MIB
 
 
 # Total memory of common cards in MiB, as nvidia-smi reports it (what `--gpu NAME` plans against).

@@ -18,13 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune import throughput
 from memtune.config import TrainConfig, format_bytes
 from memtune.errors import UsageError
-from memtune.estimate import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Estimate, fits_under
+from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.plan import Plan
-from memtune.probe import GpuInfo, ProbeResult
-from memtune.search import COMMON_CARDS, Policy, SearchResult, search
+from memtune.predict import throughput
+from memtune.predict.estimate import (
+    DEFAULT_CONTEXT_BYTES,
+    DEFAULT_WORKSPACE_BYTES,
+    Estimate,
+    fits_under,
+)
+from memtune.search.choose import COMMON_CARDS, Policy, SearchResult, search
 from memtune.sources import ModelSource
 
 
@@ -43,7 +48,7 @@ class ModelPredictor:
 
     def memory(self, config: TrainConfig) -> Estimate:
         if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
-            from memtune.sharding import estimate_any
+            from memtune.predict.fsdp import estimate_any
 
             self._cache[config] = estimate_any(self.model_config, config, device=self.device,
                                                context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
@@ -55,7 +60,7 @@ class ModelPredictor:
         budget can still fit; what must fit is the live memory plus unavoidable fragmentation."""
         config = estimate_.config
         if config.replicated:
-            from memtune.replicate import fits_under as replicated_fits_under
+            from memtune.predict.ddp import fits_under as replicated_fits_under
 
             return replicated_fits_under(self.model_config, estimate_, usable_bytes, self.device)
         if config.sharded:
@@ -65,6 +70,25 @@ class ModelPredictor:
 
     def tokens_per_second(self, config: TrainConfig) -> float:
         return throughput.tokens_per_second(self.shape, config, self.speed)
+
+
+@dataclass
+class PlanResult:
+    """What `memtune plan` found: one configuration's predicted memory against a budget."""
+
+    source: ModelSource
+    estimate: Estimate
+    budget_bytes: int | None
+    budget_label: str
+    num_parameters: int
+    fits_strict: bool | None = None
+    """The replay against the budget's capacity (cache release included) fitted."""
+
+    @property
+    def fits(self) -> bool | None:
+        if self.budget_bytes is None:
+            return None
+        return self.estimate.fits(self.budget_bytes) and bool(self.fits_strict)
 
 
 @dataclass
@@ -137,8 +161,8 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations."""
-    from memtune import verify as verify_module
-    from memtune.probe import probe
+    from memtune.measure import memory, verify
+    from memtune.measure.probe import probe
 
     started = time.perf_counter()
     result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
@@ -146,11 +170,11 @@ def fit_model(
     gpu = result.probe.gpus[0] if result.probe.available else None
     result.gpu = gpu
     context = gpu.context_bytes if gpu else DEFAULT_CONTEXT_BYTES
-    workspace = verify_module.warm_up() if gpu and verify else DEFAULT_WORKSPACE_BYTES
+    workspace = memory.warm_up() if gpu and verify else DEFAULT_WORKSPACE_BYTES
     speed = throughput.gpu_speed(gpu.name if gpu else (gpu_name or "H100"))
     if gpu is not None:
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
-    if importlib.util.find_spec("memtune.sharding") is None:
+    if importlib.util.find_spec("memtune.predict.fsdp") is None:
         policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                context_bytes=context, workspace_bytes=workspace)
@@ -171,9 +195,9 @@ def fit_model(
 
     trial = None
     if gpu is not None and verify:
-        def trial(config: TrainConfig) -> verify_module.Measurement:
+        def trial(config: TrainConfig) -> memory.Measurement:
             with emulated_budget(gpu, budget_bytes):
-                return verify_module.measure(source.config, config, steps=trial_steps)
+                return verify.measure(source.config, config, steps=trial_steps)
 
     result.search = search(predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress)
     chosen = result.search.chosen

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import TrainingArguments
 
-    from memtune.oom_guard import OomGuard
+    from memtune.run.guard import OomGuard
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -120,7 +120,7 @@ class Plan:
 
         Returns the model to train (a peft.PeftModel when the plan has an adapter).
 
-        With a GPU (and warm_up) it also makes cuBLAS's workspaces now (`verify.warm_up`, on this process's GPU:
+        With a GPU (and warm_up) it also makes cuBLAS's workspaces now (`memory.warm_up`, on this process's GPU:
         LOCAL_RANK under a launcher): made in the first step, they land inside a logits-sized free
         block and split it for good (+4.7 GiB peak reserved for Qwen2.5-0.5B 8 x 1024 on an H200).
         """
@@ -128,12 +128,13 @@ class Plan:
 
         import torch
 
-        from memtune import recipe, verify
+        from memtune.measure import memory
+        from memtune.recipe import step as recipe
 
         if warm_up and torch.cuda.is_available():
             if "LOCAL_RANK" in os.environ:
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-            verify.warm_up()
+            memory.warm_up()
 
         dtype = recipe.TORCH_DTYPES[self.train_config.weights_dtype]
         quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
@@ -173,7 +174,7 @@ class Plan:
         if config.gradient_checkpointing:
             arguments[f"{name}_kwargs"] = {"use_reentrant": False}
         if config.replicated:
-            from memtune.distributed import ddp_training_arguments
+            from memtune.run.launch import ddp_training_arguments
 
             arguments.update(ddp_training_arguments(config))
         arguments.update(overrides)
@@ -182,13 +183,13 @@ class Plan:
     def lora_config(self) -> Any:
         """The peft config of the plan's adapter (peft.LoraConfig, or PrefixTuningConfig for prefix
         tuning), or None when the plan trains all weights."""
-        from memtune import recipe
+        from memtune.recipe import step as recipe
 
         return recipe.peft_config(self.train_config)
 
     def oom_guard(self, **options: Any) -> OomGuard:
         """A TrainerCallback that steps down through `fallbacks` when CUDA runs out of memory and
         continues from the last completed optimizer step (memtune.oom_guard.OomGuard; `options` go to it)."""
-        from memtune.oom_guard import OomGuard
+        from memtune.run.guard import OomGuard
 
         return OomGuard(self.train_config, self.fallbacks, **options)

@@ -35,7 +35,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory):
     """A 2-layer llama with random weights and memtune's sample tokenizer, saved like a hub model."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from memtune import data as data_module
+    from memtune.run import data as data_module
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = data_module.sample_tokenizer()

@@ -6,7 +6,13 @@ import gzip
 import json
 from pathlib import Path
 
-from memtune.allocator import MB, CachingAllocator, round_size, segment_size, simulate
+from memtune.predict.allocator import (
+    MB,
+    CachingAllocator,
+    round_size,
+    segment_size,
+    simulate,
+)
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtune import distributed, verify
 from memtune.config import TrainConfig
-from memtune.distributed import (
+from memtune.errors import UsageError
+from memtune.measure import memory, sharded, verify
+from memtune.measure.sharded import measure_sharded
+from memtune.recipe import parallel
+from memtune.recipe.parallel import apply_fsdp, build_replicated_model, ddp_train_step
+from memtune.run import launch
+from memtune.run.launch import (
     accelerate_config,
-    apply_fsdp,
-    build_replicated_model,
-    ddp_train_step,
     ddp_training_arguments,
     fsdp_training_arguments,
     launch_command,
-    measure_sharded,
     write_accelerate_config,
 )
-from memtune.errors import UsageError
 from memtune.sources import catalog_config
 from tests.models import tiny_llama
 
@@ -59,7 +59,7 @@ def test_offload_precision_and_process_count_follow_the_configuration():
 
 def test_unsupported_configurations_are_refused_with_every_reason():
     with pytest.raises(UsageError) as refused:
-        distributed.check_supported(TrainConfig(seq_len=16, offload="optimizer", loss="chunked"))
+        parallel.check_supported(TrainConfig(seq_len=16, offload="optimizer", loss="chunked"))
     assert "ZeRO-Offload" in str(refused.value) and "single root module" in str(refused.value)
 
 
@@ -73,7 +73,10 @@ def test_launch_command_runs_memtune_under_accelerate_launch(tmp_path):
 @pytest.mark.parametrize("offload", [False, True])
 def test_the_accelerate_launcher_turns_the_written_config_into_an_fsdp2_plugin(tmp_path, offload):
     """What `accelerate launch` does with the file, up to the plugin Trainer's Accelerator builds from the env."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils import FullyShardedDataParallelPlugin, patch_environment
     from accelerate.utils.launch import prepare_multi_gpu_env
     from torch.distributed.fsdp import CPUOffloadPolicy
@@ -123,7 +126,7 @@ def test_apply_fsdp_wraps_layers_and_a_tail_unit_with_fp32_masters_under_mixed_p
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from memtune import recipe
+    from memtune.recipe import step as recipe
 
     config = TrainConfig(seq_len=16, weights_dtype="bf16", amp="bf16")
     model = apply_fsdp(recipe.build_model(tiny_llama(), config, "cpu"), config, pin_memory=False)
@@ -159,9 +162,9 @@ def test_verify_hands_offloaded_and_multi_gpu_configurations_to_the_sharded_tria
 
     def fake_trial(model_config, train_config, steps, device):
         calls.append((train_config.num_gpus, train_config.strategy, train_config.offload, steps, device))
-        return verify.Measurement(fits=True)
+        return memory.Measurement(fits=True)
 
-    monkeypatch.setattr(distributed, "measure_sharded", fake_trial)
+    monkeypatch.setattr(sharded, "measure_sharded", fake_trial)
     model = tiny_llama()
     assert verify.measure(model, TrainConfig(seq_len=16, num_gpus=2), steps=2).fits
     assert verify.measure(model, TrainConfig(seq_len=16, offload="parameters"), steps=1).fits
@@ -175,8 +178,8 @@ def test_verify_hands_offloaded_and_multi_gpu_configurations_to_the_sharded_tria
 def test_one_gpu_offload_trial_gives_its_memory_back():
     import torch.distributed as dist
 
-    verify.warm_up()
-    verify.release_memory()
+    memory.warm_up()
+    memory.release_memory()
     baseline = torch.cuda.memory_allocated()
     config = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", gradient_checkpointing=True, offload="parameters")
     measured = measure_sharded(catalog_config("Qwen/Qwen2.5-0.5B"), config, steps=2)
@@ -189,7 +192,10 @@ def test_one_gpu_offload_trial_gives_its_memory_back():
 
 
 def test_the_accelerate_launcher_turns_the_ddp_config_into_a_multi_gpu_launch_without_fsdp(tmp_path):
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_multi_gpu_env
 
     train_config = TrainConfig(seq_len=1024, amp="bf16", num_gpus=4, strategy="ddp")
@@ -207,7 +213,7 @@ def test_the_accelerate_launcher_turns_the_ddp_config_into_a_multi_gpu_launch_wi
 
 def test_ddp_refuses_the_chunked_loss_which_would_bypass_its_wrapper():
     with pytest.raises(UsageError, match="past DDP's wrapper"):
-        distributed.check_supported(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
+        parallel.check_supported(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
     with pytest.raises(UsageError, match="past DDP's wrapper"):
         accelerate_config(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
 
@@ -227,7 +233,7 @@ def test_trainer_gets_the_ddp_arguments_memtune_measured(tmp_path, model_dir):
     handler = trainer._build_accelerator_args()["kwargs_handlers"][0]
     assert handler.find_unused_parameters is False and handler.gradient_as_bucket_view is False
     assert handler.to_kwargs() == {}  # what accelerate passes on: DistributedDataParallel's defaults
-    assert distributed.DDP_KWARGS == {"find_unused_parameters": False}
+    assert parallel.DDP_KWARGS == {"find_unused_parameters": False}
     # an FSDP plan does not touch the DDP options
     fsdp = Plan(model=str(model_dir), train_config=config.replace(strategy="fsdp"), budget_bytes=1 << 30)
     assert fsdp.training_arguments(output_dir=str(tmp_path), use_cpu=True).ddp_find_unused_parameters is None
@@ -237,7 +243,7 @@ def _replicas_agree_worker(rank: int, world_size: int, init_method: str, out_dir
     """One rank: different initial weights and batches per rank; after a DDP step the replicas must agree."""
     import torch.distributed as dist
 
-    from memtune import recipe
+    from memtune.recipe import step as recipe
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
@@ -286,7 +292,7 @@ def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_abo
     import argparse
 
     from memtune.plan import Plan
-    from memtune.runner import _launch_warnings, relaunch_command
+    from memtune.run.runner import _launch_warnings, relaunch_command
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from memtune.allocator import simulate
 from memtune.config import Adapter, TrainConfig
-from memtune.estimate import estimate, shallow_config
+from memtune.predict.allocator import simulate
+from memtune.predict.estimate import estimate, shallow_config
+from memtune.predict.trace import extend, trace_step
 from memtune.sources import catalog_config
-from memtune.trace import extend, trace_step
 
 DATA = Path(__file__).parent / "data"
 
@@ -101,7 +101,7 @@ def test_a_tied_gradient_sum_is_recorded_in_place():
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memtune.trace import StorageCounter
+    from memtune.predict.trace import StorageCounter
 
     def events(in_place: bool) -> list[tuple]:
         counter = StorageCounter()

@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("amp,checkpointing", [("none", False), ("bf16", True)])
 def test_fake_cuda_trace_matches_a_real_step(amp, checkpointing):
-    from memtune import verify
-    from memtune.estimate import estimate
+    from memtune.measure import verify
+    from memtune.predict.estimate import estimate
 
     model = catalog_config("gpt2")
     config = TrainConfig(seq_len=512, micro_batch_size=4, amp=amp, gradient_checkpointing=checkpointing)
@@ -27,9 +27,9 @@ def test_fake_cuda_trace_matches_a_real_step(amp, checkpointing):
 def test_memory_returns_to_baseline_after_a_trial_and_after_an_oom():
     import torch
 
-    from memtune import verify
+    from memtune.measure import memory, verify
 
-    verify.warm_up()
+    memory.warm_up()
     baseline = torch.cuda.memory_allocated()
     model = catalog_config("gpt2")
     assert verify.measure(model, TrainConfig(seq_len=256, micro_batch_size=2), steps=1).fits
@@ -48,13 +48,13 @@ def test_memory_returns_to_baseline_after_a_trial_and_after_an_oom():
 def test_fit_under_a_budget_verifies_the_winner_and_gives_memory_back():
     import torch
 
-    from memtune import verify
     from memtune.config import GIB
     from memtune.fit import fit_model
-    from memtune.search import VERIFIED
+    from memtune.measure import memory
+    from memtune.search.choose import VERIFIED
     from memtune.sources import parameter_count, resolve
 
-    verify.warm_up()
+    memory.warm_up()
     baseline = torch.cuda.memory_allocated()
     source = resolve("gpt2")
     # 6 GiB: gpt2 at 16 x 1024 in bf16 needs ~25 GiB without checkpointing, so the search must escalate.

@@ -7,7 +7,6 @@ The browser test runs where /usr/bin/chromium exists (`apt-get install -y chromi
 from __future__ import annotations
 
 import re
-import shutil
 import struct
 import subprocess
 import xml.etree.ElementTree as ElementTree
@@ -16,10 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_report import (
+    FIT_RESULTS,
+    budget_lora_result,
+    cards_result,
+    gpu_verified_result,
+    nothing_fits_result,
+)
 
-from memtune import html_report, report
-from memtune.search import FITS, VERIFIED
-from test_report import FIT_RESULTS, budget_lora_result, cards_result, gpu_verified_result, nothing_fits_result
+from memtune.report import html as html_report
+from memtune.report import words
+from memtune.search.choose import FITS, VERIFIED
 
 SVG = "{http://www.w3.org/2000/svg}"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -65,7 +71,7 @@ def test_one_bar_per_candidate_a_budget_line_and_the_chosen_mark(name):
         assert segments
         for segment in segments:
             category = next(c.removeprefix("category-") for c in classes(segment) if c.startswith("category-"))
-            assert segment.get("fill") == report.category_colour(category)
+            assert segment.get("fill") == words.category_colour(category)
     legend = {swatch.get("fill") for swatch in find_all(svg, "rect", "swatch")}
     used = {segment.get("fill") for bar in bars for segment in find_all(bar, "rect", "segment")}
     assert used <= legend
@@ -112,7 +118,7 @@ def test_nothing_fits_page_says_the_shortfall_and_marks_nothing():
 
 def test_the_page_is_self_contained_and_states_the_facts(tmp_path):
     result = budget_lora_result()
-    path = report.write_html(result, tmp_path / "sub" / "fit.html")
+    path = html_report.write_html(result, tmp_path / "sub" / "fit.html")
     assert path == tmp_path / "sub" / "fit.html" and path.is_file()
     page = path.read_text()
     assert "<script" not in page
@@ -189,7 +195,7 @@ def chromium(*arguments: str, profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install -y chromium)")
 def test_a_headless_browser_renders_the_figure(tmp_path):
-    page = report.write_html(gpu_verified_result(), tmp_path / "fit.html")
+    page = html_report.write_html(gpu_verified_result(), tmp_path / "fit.html")
     dumped = chromium("--dump-dom", page.as_uri(), profile=tmp_path / "profile-dom")
     assert dumped.returncode == 0, dumped.stderr[-2000:]
     dom = dumped.stdout
@@ -210,7 +216,7 @@ def test_a_headless_browser_renders_the_figure(tmp_path):
 
     # The figure is above the fold: its bars are painted in the category colours, the budget line in red.
     for category in ("weights", "optimizer", "activations"):
-        assert count(report.CATEGORY_COLOURS[category]) > 500, f"no {category} bar in the screenshot"
+        assert count(words.CATEGORY_COLOURS[category]) > 500, f"no {category} bar in the screenshot"
     assert count(html_report.BUDGET_COLOUR) > 50, "no budget line in the screenshot"
 
 

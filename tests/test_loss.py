@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memtune import recipe
-from memtune.allocator import simulate
 from memtune.config import Adapter, TrainConfig
 from memtune.errors import UsageError
-from memtune.estimate import estimate
-from memtune.loss import chunked_causal_lm_loss
+from memtune.predict.allocator import simulate
+from memtune.predict.estimate import estimate
+from memtune.predict.trace import NO_LAYER, Category, extend, trace_step
+from memtune.recipe import step as recipe
+from memtune.recipe.loss import chunked_causal_lm_loss
 from memtune.sources import catalog_config
-from memtune.trace import NO_LAYER, Category, extend, trace_step
 
 VOCAB = 300
 

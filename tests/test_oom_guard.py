@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
+from transformers import AutoModelForCausalLM, TrainerCallback
 
-from memtune import data as data_module
 from memtune.config import TrainConfig
 from memtune.errors import NothingFitsError
-from memtune.oom_guard import OomGuard, step_down_ladder
 from memtune.plan import Plan
-from memtune.runner import run_plan
+from memtune.run import data as data_module
+from memtune.run.guard import OomGuard, step_down_ladder
+from memtune.run.runner import run_plan
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
 SEQ_LEN = 32

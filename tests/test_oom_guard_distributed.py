@@ -73,7 +73,7 @@ def build_model(kind: str) -> Any:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from memtune.config import TrainConfig
-    from memtune.distributed import apply_fsdp
+    from memtune.recipe.parallel import apply_fsdp
 
     config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -213,7 +213,7 @@ def full_parameters(model: Any) -> list[list[float]]:
 
 def guarded_run(rank: int, kind: str, rules: list[list[Any]], output_dir: str = "", **guard_options: Any) -> dict[str, Any]:
     from memtune.config import TrainConfig
-    from memtune.oom_guard import OomGuard
+    from memtune.run.guard import OomGuard
 
     model = build_model(kind)
     faults = Faults(rank, rules)
@@ -271,7 +271,7 @@ def _fsdp_reset(rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import ShardedState
 
-    from memtune.oom_guard import _param_groups, reset_fsdp
+    from memtune.run.guard import _param_groups, reset_fsdp
 
     def groups(model: Any) -> list[Any]:
         return [group for module in model.modules() if isinstance(module, FSDPModule)

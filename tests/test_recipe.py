@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from memtune import recipe
 from memtune.config import TrainConfig
+from memtune.recipe import step as recipe
 from tests.models import tiny_llama
 
 

@@ -6,18 +6,24 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from memtune import recipe, replicate, throughput
 from memtune.config import MIB, Adapter, TrainConfig
-from memtune.distributed import build_replicated_model, ddp_train_step
 from memtune.errors import UsageError
-from memtune.estimate import estimate
-from memtune.replicate import (
-    DDP_BUCKETS, ReplicaLayout, assign_buckets, construction_events, estimate_replicated, replica_layout,
+from memtune.predict import ddp as replicate
+from memtune.predict import throughput
+from memtune.predict.ddp import (
+    DDP_BUCKETS,
+    ReplicaLayout,
+    assign_buckets,
+    construction_events,
+    estimate_replicated,
+    replica_layout,
 )
+from memtune.predict.estimate import estimate
+from memtune.predict.trace import rounded
+from memtune.recipe import step as recipe
+from memtune.recipe.parallel import build_replicated_model, ddp_train_step
 from memtune.sources import catalog_config, parameter_count
-from memtune.trace import rounded
 from tests.models import tiny_llama
-
 
 DDP = TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2, strategy="ddp")
 
@@ -126,7 +132,7 @@ def test_the_estimate_is_only_for_ddp():
 
 def test_estimate_dispatch_sends_ddp_to_the_replicated_model():
     from memtune.fit import ModelPredictor
-    from memtune.sharding import estimate_any
+    from memtune.predict.fsdp import estimate_any
 
     model_config = tiny_llama()
     assert DDP_BUCKETS in estimate_any(model_config, DDP, device="cpu").breakdown

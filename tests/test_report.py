@@ -21,17 +21,28 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from memtune import report
 from memtune.config import GIB, MIB, Adapter, TrainConfig
-from memtune.estimate import Estimate
-from memtune.fit import CardPlan, FitResult
+from memtune.fit import CardPlan, FitResult, PlanResult
+from memtune.measure.memory import Measurement
+from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.plan import Plan
-from memtune.probe import GpuInfo, ProbeResult
-from memtune.search import (
-    EXTRAPOLATED, FITS, NOT_EVALUATED, SKIPPED, TOO_BIG, TRIAL_OOM, VERIFIED, Alternative, Candidate, SearchResult,
+from memtune.predict.estimate import Estimate
+from memtune.report import json as json_report
+from memtune.report import terminal as report
+from memtune.report import words
+from memtune.search.choose import (
+    EXTRAPOLATED,
+    FITS,
+    NOT_EVALUATED,
+    SKIPPED,
+    TOO_BIG,
+    TRIAL_OOM,
+    VERIFIED,
+    Alternative,
+    Candidate,
+    SearchResult,
 )
 from memtune.sources import ModelSource
-from memtune.verify import Measurement
 
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).parent / "golden"
@@ -341,9 +352,9 @@ def test_card_plans_show_each_card_or_its_shortfall():
 
 def test_quality_notes():
     source = qwen_source()
-    assert report.quality_note(full(4)) == "bf16-mixed: standard mixed precision"
-    assert report.quality_note(full(4, precision="fp32")) == "fp32: full precision"
-    note = report.quality_note(full(4, adapter=Adapter(rank=16)), source.config, 494_032_768)
+    assert words.quality_note(full(4)) == "bf16-mixed: standard mixed precision"
+    assert words.quality_note(full(4, precision="fp32")) == "fp32: full precision"
+    note = words.quality_note(full(4, adapter=Adapter(rank=16)), source.config, 494_032_768)
     assert re.fullmatch(r"LoRA r=16: trains ~[0-9.]+% of weights", note)
 
 
@@ -362,8 +373,8 @@ def test_reproduce_with_the_card_that_was_named():
 
     result = budget_lora_result()
     result.budget_bytes, result.budget_label = KNOWN_GPUS["A10-24GB"], "A10-24GB (22.49 GiB)"
-    result.plan_path = Path(report.DEFAULT_PLAN_PATH)
-    assert report.fit_commands(result) == ["memtune fit meta-llama/Llama-3.2-1B --seq-len 2048 --batch-size 16 --gpu A10-24GB",
+    result.plan_path = Path(words.DEFAULT_PLAN_PATH)
+    assert words.fit_commands(result) == ["memtune fit meta-llama/Llama-3.2-1B --seq-len 2048 --batch-size 16 --gpu A10-24GB",
                                            "memtune run memtune-plan.json"]
 
 
@@ -371,7 +382,7 @@ def test_budget_flag_parses_back():
     from memtune.config import parse_bytes
 
     for value in (24 * GIB, 23028 * MIB, 24 * 10**9 + 1):
-        assert parse_bytes(report.budget_flag(value)) == value
+        assert parse_bytes(words.budget_flag(value)) == value
 
 
 def test_progress_printer_prints_plain_lines_off_a_terminal_and_animates_nothing():
@@ -454,38 +465,38 @@ def types() -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize("name", list(FIT_RESULTS))
 def test_fit_json_matches_the_documented_schema(name, types):
-    document = json.loads(report.render_fit_json(FIT_RESULTS[name]()))
-    assert document["schema_version"] == report.SCHEMA_VERSION and document["kind"] == "fit"
+    document = json.loads(json_report.render_fit_json(FIT_RESULTS[name]()))
+    assert document["schema_version"] == json_report.SCHEMA_VERSION and document["kind"] == "fit"
     assert schema_errors(document, "FitDocument", types) == []
 
 
 def test_fit_json_keeps_bytes_as_integers_and_the_chosen_plan():
     result = gpu_verified_result()
-    document = report.fit_to_dict(result)
+    document = json_report.fit_to_dict(result)
     assert document["mode"] == "gpu" and document["fits"] is True
     assert document["search"]["chosen"]["predicted_total_bytes"] == result.search.chosen.predicted_total_bytes
     assert document["plan"]["train_config"]["micro_batch_size"] == 4
     assert document["plan_path"] == "plans/qwen2.5-0.5b.json"
     assert document["search"]["candidates_not_evaluated"] == 3
-    assert json.loads(report.render_fit_json(cards_result()))["mode"] == "cards"
-    assert json.loads(report.render_fit_json(nothing_fits_result()))["fits"] is False
+    assert json.loads(json_report.render_fit_json(cards_result()))["mode"] == "cards"
+    assert json.loads(json_report.render_fit_json(nothing_fits_result()))["fits"] is False
 
 
 @pytest.mark.parametrize("probe", [probe_result(), ProbeResult(reason=NO_GPU_REASON)], ids=["gpus", "no_gpu"])
 def test_probe_json_matches_the_documented_schema(probe, types):
-    document = json.loads(report.render_probe_json(probe))
+    document = json.loads(json_report.render_probe_json(probe))
     assert document["kind"] == "probe"
     assert schema_errors(document, "ProbeDocument", types) == []
 
 
 def test_plan_json_matches_the_documented_schema(types):
     estimate = fake_estimate(full(4), weights=1, gradients=1, optimizer=2, activations=3, logits=1, temporaries=0.5)
-    result = report.PlanResult(qwen_source(), estimate, 24 * GIB, "budget 24.00 GiB", 494_032_768, fits_strict=True)
-    assert schema_errors(json.loads(report.render_plan_json(result)), "PlanDocument", types) == []
+    result = PlanResult(qwen_source(), estimate, 24 * GIB, "budget 24.00 GiB", 494_032_768, fits_strict=True)
+    assert schema_errors(json.loads(json_report.render_plan_json(result)), "PlanDocument", types) == []
 
 
 def test_the_schema_checker_catches_departures(types):
-    document = report.fit_to_dict(gpu_verified_result())
+    document = json_report.fit_to_dict(gpu_verified_result())
     document["search"]["chosen"]["predicted_total_bytes"] = "17 GiB"
     document["surprise"] = 1
     del document["seq_len"]
@@ -497,7 +508,7 @@ def test_the_schema_checker_catches_departures(types):
 
 def test_a_real_search_renders_and_matches_the_schema(types):
     """The real ladder (search.search) with a fake predictor: the report handles whatever it produces."""
-    from memtune.search import search
+    from memtune.search.choose import search
 
     class FakePredictor:
         def memory(self, config: TrainConfig) -> Estimate:
@@ -515,7 +526,7 @@ def test_a_real_search_renders_and_matches_the_schema(types):
                        budget_bytes=16 * GIB, budget_label="budget 16.00 GiB", search=found)
     text = rendered(lambda console: report.render_fit(result, console), width=250)
     assert found.chosen is not None and f"chosen: {found.chosen.config.describe()}" in text
-    assert schema_errors(json.loads(report.render_fit_json(result)), "FitDocument", types) == []
+    assert schema_errors(json.loads(json_report.render_fit_json(result)), "FitDocument", types) == []
 
 
 @pytest.mark.parametrize("config", [
@@ -525,7 +536,7 @@ def test_a_real_search_renders_and_matches_the_schema(types):
     TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=4, strategy="ddp"),
 ], ids=["bf16-mixed", "fp32+ckpt", "lora-targets", "prefix", "offload", "fp16-mixed", "ddp"])
 def test_the_python_snippet_is_valid_python(config):
-    snippet = report.python_snippet(config)
+    snippet = words.python_snippet(config)
     compile(snippet, "<snippet>", "exec")
     assert f"per_device_train_batch_size={config.micro_batch_size}" in snippet
     assert ("fp16=True" in snippet) == (config.amp == "fp16")
@@ -533,14 +544,14 @@ def test_the_python_snippet_is_valid_python(config):
 
 def test_a_ddp_plan_says_how_the_gpus_share_the_work(types):
     config = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=4, strategy="ddp")
-    assert "4 GPUs, a full replica on each (DDP" in report.changes_to_make(config)[-1]
-    assert "4 GPUs, sharded with FSDP" in report.changes_to_make(config.replace(strategy="fsdp"))[-1]
-    snippet = report.python_snippet(config)
+    assert "4 GPUs, a full replica on each (DDP" in words.changes_to_make(config)[-1]
+    assert "4 GPUs, sharded with FSDP" in words.changes_to_make(config.replace(strategy="fsdp"))[-1]
+    snippet = words.python_snippet(config)
     assert "ddp_find_unused_parameters=False" in snippet and "DDP over 4 GPUs (accelerate launch)" in snippet
     estimate = fake_estimate(config, weights=1, gradients=1, ddp_buckets=1, optimizer=2, activations=3, logits=1)
-    result = report.PlanResult(qwen_source(), estimate, 80 * GIB, "H100-80GB", 494_032_768, fits_strict=True)
+    result = PlanResult(qwen_source(), estimate, 80 * GIB, "H100-80GB", 494_032_768, fits_strict=True)
     text = rendered(lambda console: report.render_plan(result, console), width=120)
     assert "4 GPUs, DDP" in text and "DDP gradient buckets" in text
-    document = json.loads(report.render_plan_json(result))
+    document = json.loads(json_report.render_plan_json(result))
     assert document["estimate"]["config"]["strategy"] == "ddp"
     assert schema_errors(document, "PlanDocument", types) == []

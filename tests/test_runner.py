@@ -14,13 +14,12 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from memtune import data as data_module
-from memtune import runner
+from memtune.cli import add_run_arguments
 from memtune.config import Adapter, TrainConfig
 from memtune.errors import UsageError
 from memtune.plan import Plan
-from memtune.cli import add_run_arguments
-from memtune.runner import RunSummary, cmd_run, run_plan
+from memtune.run import data as data_module
+from memtune.run.runner import RunSummary, cmd_run, run_plan
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
 SEQ_LEN = 32
@@ -266,7 +265,7 @@ def test_plan_adapters_build_the_hugging_face_objects(model_dir: Path, tmp_path:
 def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkeypatch):
     import argparse
 
-    from memtune.runner import relaunch_command
+    from memtune.run.runner import relaunch_command
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -6,11 +6,21 @@ import pytest
 
 from memtune.config import GIB, MIB, Adapter, TrainConfig
 from memtune.errors import UsageError
-from memtune.estimate import Estimate
-from memtune.search import (
-    EXTRAPOLATED, FITS, NOT_EVALUATED, TOO_BIG, TRIAL_OOM, VERIFIED, Policy, candidate_space, margin_for, needs_at_least, search,
+from memtune.measure.memory import Measurement
+from memtune.predict.estimate import Estimate
+from memtune.search.choose import (
+    EXTRAPOLATED,
+    FITS,
+    NOT_EVALUATED,
+    TOO_BIG,
+    TRIAL_OOM,
+    VERIFIED,
+    Policy,
+    candidate_space,
+    margin_for,
+    needs_at_least,
+    search,
 )
-from memtune.verify import Measurement
 
 
 def short(config: TrainConfig) -> str:
@@ -294,7 +304,7 @@ def test_pinned_strategy_is_kept_and_contradictions_are_refused():
 
 
 def test_choose_strategy_takes_the_faster_that_fits():
-    from memtune.search import choose_strategy
+    from memtune.search.choose import choose_strategy
 
     config = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", num_gpus=2)
     chosen, estimate, why = choose_strategy(ShardingPredictor(), config, 20 * GIB)

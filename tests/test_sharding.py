@@ -6,8 +6,8 @@ import pytest
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.estimate import estimate
-from memtune.sharding import (
+from memtune.predict.estimate import estimate
+from memtune.predict.fsdp import (
     COMPUTE_STREAM,
     FSDP_BUFFERS,
     _trace,
@@ -16,8 +16,8 @@ from memtune.sharding import (
     extend_sharded,
     simulate_streams,
 )
+from memtune.predict.trace import rounded
 from memtune.sources import catalog_config
-from memtune.trace import rounded
 
 
 def small_llama(layers: int = 6, hidden: int = 256, vocab: int = 4096):
@@ -56,8 +56,9 @@ def test_weights_gradients_and_optimizer_state_shrink_with_the_number_of_gpus(nu
 
 
 def test_several_gpus_add_nccls_own_memory_to_the_fixed_memory_of_each_gpu():
-    from memtune.estimate import DEFAULT_CONTEXT_BYTES, NCCL_BYTES
-    from memtune.replicate import estimate_replicated
+    from memtune.config import DEFAULT_CONTEXT_BYTES
+    from memtune.predict.ddp import estimate_replicated
+    from memtune.predict.estimate import NCCL_BYTES
 
     config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16")
     assert estimate_sharded(small_llama(), config.replace(offload="parameters")).context_bytes == DEFAULT_CONTEXT_BYTES
@@ -138,9 +139,9 @@ def test_extending_a_five_layer_trace_reproduces_tracing_every_layer(config):
 def test_estimate_any_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(monkeypatch):
     import importlib
 
-    from memtune import sharding
+    from memtune.predict import fsdp as sharding
 
-    estimate_module = importlib.import_module("memtune.estimate")  # the package re-exports a function of that name
+    estimate_module = importlib.import_module("memtune.predict.estimate")  # the package re-exports a function of that name
 
     monkeypatch.setattr(sharding, "estimate_sharded", lambda model, config, **_: "sharded")
     monkeypatch.setattr(estimate_module, "estimate", lambda model, config, **_: "plain")

@@ -182,7 +182,14 @@ def generate_corpus(seed: int = SEED, target_bytes: int = TARGET_BYTES) -> list[
 
 
 def train_tokenizer(documents: list[str], vocab_size: int = VOCAB_SIZE):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

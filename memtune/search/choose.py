@@ -27,11 +27,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from memtune.config import GIB, KNOWN_GPUS, MIB, PRECISIONS, Adapter, TrainConfig, format_bytes, precision_config
+from memtune.config import (
+    GIB,
+    KNOWN_GPUS,
+    MIB,
+    PRECISIONS,
+    Adapter,
+    TrainConfig,
+    format_bytes,
+    precision_config,
+)
 from memtune.errors import UsageError
-from memtune.estimate import Estimate
-from memtune.replicate import DDP_BUCKETS
-from memtune.verify import Measurement
+from memtune.measure.memory import Measurement
+from memtune.predict.ddp import DDP_BUCKETS
+from memtune.predict.estimate import Estimate
 
 DEFAULT_MARGIN_FRACTION = 0.02
 """Safety margin: 2% of the budget, but never less than MIN_MARGIN_BYTES. The estimator's median

@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from memtune.estimate import DEFAULT_CONTEXT_BYTES
+from memtune.config import DEFAULT_CONTEXT_BYTES
 
 
 @dataclass

@@ -49,13 +49,13 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memtune import allocator
 from memtune.config import TrainConfig
-from memtune.estimate import (
+from memtune.predict import allocator
+from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
@@ -63,7 +63,13 @@ from memtune.estimate import (
     estimate_of_events,
     num_layers_of,
 )
-from memtune.trace import NO_LAYER, Category, CudaEmulation, LayerTaggedDispatch, rounded
+from memtune.predict.trace import (
+    NO_LAYER,
+    Category,
+    CudaEmulation,
+    LayerTaggedDispatch,
+    rounded,
+)
 
 FSDP_BUFFERS = "fsdp_buffers"
 """Breakdown key: gathered (unsharded) parameters and FSDP's all-gather / reduce-scatter buffers."""
@@ -300,8 +306,8 @@ def trace_sharded(model_config: Any, train_config: TrainConfig, steps: int = 2) 
     A model deeper than five layer periods is traced at that depth and extended (`extend_sharded`);
     if its layers do not repeat exactly, it is traced at full depth instead.
     """
-    from memtune.estimate import shallow_config
-    from memtune.trace import layer_period
+    from memtune.predict.estimate import shallow_config
+    from memtune.predict.trace import layer_period
 
     depth = num_layers_of(model_config)
     period = layer_period(model_config)
@@ -316,9 +322,14 @@ def trace_sharded(model_config: Any, train_config: TrainConfig, steps: int = 2) 
 def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> ShardedTrace:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from memtune import recipe
-    from memtune.distributed import apply_fsdp, check_supported, fsdp_train_step
-    from memtune.trace import StorageCounter, _assume_unpacked_batches, _meta_to_fake, decoder_layers
+    from memtune.predict.trace import (
+        StorageCounter,
+        _assume_unpacked_batches,
+        _meta_to_fake,
+        decoder_layers,
+    )
+    from memtune.recipe import step as recipe
+    from memtune.recipe.parallel import apply_fsdp, check_supported, fsdp_train_step
 
     check_supported(train_config)
     offload = train_config.offload == "parameters"
@@ -566,11 +577,11 @@ def estimate_any(model_config: Any, train_config: TrainConfig, **kwargs: Any) ->
     """The estimate for how the configuration runs: `replicate.estimate_replicated` for DDP (strategy
     "ddp" over several GPUs), `estimate_sharded` for FSDP (num_gpus > 1 or CPU offload), else `estimate.estimate`."""
     if train_config.replicated:
-        from memtune.replicate import estimate_replicated
+        from memtune.predict.ddp import estimate_replicated
 
         return estimate_replicated(model_config, train_config, **kwargs)
     if train_config.sharded:
         return estimate_sharded(model_config, train_config, **kwargs)
-    from memtune.estimate import estimate
+    from memtune.predict.estimate import estimate
 
     return estimate(model_config, train_config, **kwargs)

@@ -94,9 +94,9 @@ from transformers import TrainerCallback
 
 from memtune.config import TrainConfig
 from memtune.errors import MemtuneError, NothingFitsError
-from memtune.verify import is_oom
+from memtune.measure.memory import is_oom
 
-logger = logging.getLogger("memtune.oom_guard")
+logger = logging.getLogger("memtune.run.guard")
 
 STATE_FILE = "memtune_oom_guard.json"
 """Written into each checkpoint folder: the configuration the guard had reached, for resuming."""
@@ -385,7 +385,7 @@ class OomGuard(TrainerCallback):
     def _can_switch_loss(self) -> bool:
         """The chunked loss calls the base model and the head itself, around any DDP / FSDP wrapper:
         only a single unwrapped process may switch to it (under DDP the ranks would stop averaging)."""
-        from memtune import recipe
+        from memtune.recipe import step as recipe
 
         if _wrapped(self.trainer):
             return False

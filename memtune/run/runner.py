@@ -43,12 +43,17 @@ from rich.console import Console
 from rich.table import Table
 from transformers import Trainer, TrainerCallback
 
-from memtune import data as data_module
-from memtune import recipe
-from memtune.config import DEFAULT_SAVE_STEPS, SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
-from memtune.errors import MemtuneError, UsageError
-from memtune.oom_guard import OomGuard
+from memtune.config import (
+    DEFAULT_SAVE_STEPS,
+    SAVE_TOTAL_LIMIT,
+    TrainConfig,
+    format_bytes,
+)
+from memtune.errors import UsageError
 from memtune.plan import Plan
+from memtune.recipe import step as recipe
+from memtune.run import data as data_module
+from memtune.run.guard import OomGuard
 
 SUMMARY_FILE = "run_summary.json"
 PLAN_FILE = "plan.json"
@@ -227,7 +232,13 @@ class ProgressReporter(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.console.is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                       TextColumn("{task.fields[info]}"), console=self.console)
@@ -501,14 +512,14 @@ def relaunch_command(plan: Plan, args: argparse.Namespace, config_dir: Path) -> 
     """`accelerate launch` of this same `memtune run` when the plan needs a launcher - several GPUs (DDP or
     FSDP, as its strategy says) or CPU offload (FSDP) - and this process was not started by one; None
     when this process can run the plan itself."""
-    from memtune import distributed
+    from memtune.run import launch
     from memtune.sources import resolve
 
     config = plan.train_config
     if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
         return None
     name = "accelerate_ddp.yaml" if config.replicated else "accelerate_fsdp.yaml"
-    config_path = distributed.write_accelerate_config(config_dir / name, config, model_config=resolve(plan.model).config)
+    config_path = launch.write_accelerate_config(config_dir / name, config, model_config=resolve(plan.model).config)
     forwarded = ["run", str(args.plan)]
     for flag, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--text-field", args.text_field),
                         ("--max-steps", args.max_steps), ("--learning-rate", args.learning_rate),
@@ -517,7 +528,7 @@ def relaunch_command(plan: Plan, args: argparse.Namespace, config_dir: Path) -> 
             forwarded += [flag, str(value)]
     forwarded += ["--resume"] if args.resume else []
     forwarded += ["--json"] if getattr(args, "json", False) else []
-    return distributed.launch_command(config_path, forwarded)
+    return launch.launch_command(config_path, forwarded)
 
 
 def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:

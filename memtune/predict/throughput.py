@@ -59,7 +59,6 @@ from typing import Any
 
 from memtune.config import DTYPE_BYTES, TrainConfig
 
-
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
 """DistributedDataParallel's bucket_cap_mb default (25 MiB), which Trainer and accelerate keep."""
 FSDP_UNIT_SECONDS = 2.83e-3
@@ -198,7 +197,7 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     launches *= speed.lora_overhead if config.adapter is not None else 1.0
     micro = compute + traffic / speed.memory_bytes_per_second + launches
     if config.loss == "chunked":
-        from memtune.loss import CHUNK_TOKENS
+        from memtune.recipe.loss import CHUNK_TOKENS
 
         micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
     # Backward (recomputation included) by its share of the FLOPs: what DDP's all-reduce can hide behind.

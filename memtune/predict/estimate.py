@@ -20,16 +20,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtune import allocator
-from memtune.config import MIB, TrainConfig
-from memtune.trace import Category, Trace, extend, trace_step
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, MIB, TrainConfig
+from memtune.predict import allocator
+from memtune.predict.trace import Category, Trace, extend, trace_step
 
-# Measured on an NVIDIA H200 with torch 2.11+cu130 (tests/data/ground_truth_*.json, "environment"):
-# memory a process holds outside torch's pool (CUDA context, kernels) and the cuBLAS/cuBLASLt
-# workspaces that stay allocated after the first matmul in forward and in backward.
-# `probe` measures both on the GPU at hand; these are the defaults for planning without one.
-DEFAULT_CONTEXT_BYTES = 610 * MIB
-DEFAULT_WORKSPACE_BYTES = 65 * MIB
 NCCL_BYTES = 932 * MIB
 """NCCL's own device memory per rank (communicator and channel buffers), outside torch's allocator:
 measured on 2 x H200 with torch 2.11's NCCL (free memory before and after the first collective, less
@@ -115,7 +109,7 @@ def traced_depth(model_config: Any, period: int) -> int:
 
 
 def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
-    from memtune.trace import layer_period
+    from memtune.predict.trace import layer_period
 
     depth = traced_depth(model_config, layer_period(model_config))
     key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device], sort_keys=True)

@@ -16,7 +16,7 @@ from torch import nn
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.loss import chunked_causal_lm_loss
+from memtune.recipe.loss import chunked_causal_lm_loss
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

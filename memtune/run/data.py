@@ -26,7 +26,7 @@ import torch
 
 from memtune.errors import UsageError
 
-PACKAGE_DATA = Path(__file__).resolve().parent / "data"
+PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_CORPUS_PATH = PACKAGE_DATA / "sample_corpus.jsonl"
 SAMPLE_TOKENIZER_PATH = PACKAGE_DATA / "tokenizer.json"
 JSON_SUFFIXES = (".jsonl", ".json")

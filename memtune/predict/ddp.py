@@ -51,20 +51,20 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from memtune import allocator
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.estimate import (
+from memtune.predict import allocator
+from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
     collective_context_bytes,
-    estimate_of_events,
     default_trace_device,
+    estimate_of_events,
     full_depth_events,
     num_layers_of,
 )
-from memtune.trace import NO_LAYER, Category, rounded
+from memtune.predict.trace import NO_LAYER, Category, rounded
 
 DDP_BUCKETS = "ddp_buckets"
 """Breakdown key: DDP's gradient buckets (a second copy of the trainable parameters' gradients)."""
@@ -217,7 +217,7 @@ _EVENTS_CACHE: dict[str, tuple[list[tuple], dict[Any, Any], Any]] = {}
 
 def cached_layout(model_config: Any, train_config: TrainConfig) -> ReplicaLayout:
     """The layout of the full-depth model, built on the meta device (the adapter applied), cached."""
-    from memtune import recipe
+    from memtune.recipe import step as recipe
 
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.weights_dtype,
                       train_config.to_dict()["adapter"]], sort_keys=True)

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from memtune import report
 from memtune.config import GIB, format_bytes
-from memtune.search import NOT_EVALUATED
+from memtune.report import words
+from memtune.search.choose import NOT_EVALUATED
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
-    from memtune.search import Candidate
+    from memtune.search.choose import Candidate
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 WIDTH = 960
@@ -55,7 +55,7 @@ class Bar:
 
 def _bar(candidate: Candidate, label: str, status: str, budget_bytes: int, usable_bytes: int, chosen: bool) -> Bar:
     estimate = candidate.estimate
-    return Bar(label, status, report.breakdown_items(estimate.breakdown), estimate.total_bytes, budget_bytes, usable_bytes,
+    return Bar(label, status, words.breakdown_items(estimate.breakdown), estimate.total_bytes, budget_bytes, usable_bytes,
                chosen, candidate.measured_total_bytes)
 
 
@@ -125,9 +125,9 @@ def chart_svg(bars: list[Bar]) -> str:
     present = {category for bar in bars for category, _ in bar.breakdown}
     legend_x = SIDE
     parts.append('<g class="legend">')
-    for category in [name for name in report.CATEGORY_NOTES if name in present] + sorted(present - set(report.CATEGORY_NOTES)):
+    for category in [name for name in words.CATEGORY_NOTES if name in present] + sorted(present - set(words.CATEGORY_NOTES)):
         parts.append(f'<rect class="swatch category-{_e(category)}" x="{legend_x}" y="8" width="12" height="12" '
-                     f'fill="{report.category_colour(category)}"><title>{_e(report.CATEGORY_NOTES.get(category, category))}'
+                     f'fill="{words.category_colour(category)}"><title>{_e(words.CATEGORY_NOTES.get(category, category))}'
                      f'</title></rect><text x="{legend_x + 16}" y="18">{_e(category)}</text>')
         legend_x += 16 + CHARACTER_WIDTH * len(category) + 14
     parts.append("</g>")
@@ -148,7 +148,7 @@ def chart_svg(bars: list[Bar]) -> str:
         for category, size in bar.breakdown:
             parts.append(f'<rect class="segment category-{_e(category)}" x="{x(start)}" y="{bar_y}" '
                          f'width="{max(0.0, round(x(start + size) - x(start), 2))}" height="{BAR_HEIGHT}" '
-                         f'fill="{report.category_colour(category)}"><title>{_e(category)}: {_e(format_bytes(size))}'
+                         f'fill="{words.category_colour(category)}"><title>{_e(category)}: {_e(format_bytes(size))}'
                          f'</title></rect>')
             start += size
         if start > axis_max:
@@ -233,12 +233,12 @@ def _candidates_section(result: FitResult) -> list[str]:
         peak = candidate.predicted_total_bytes
         rows.append(([candidate.config.describe(), format_bytes(peak), f"{peak / search.usable_bytes:.0%}", candidate.status,
                       f"{candidate.predicted_tokens_per_second:,.0f}",
-                      report.quality_note(candidate.config, result.source.config, result.num_parameters)],
+                      words.quality_note(candidate.config, result.source.config, result.num_parameters)],
                      "chosen" if candidate is search.chosen else ""))
     parts = ["<h2>candidates, fastest predicted first</h2>",
              _table(["configuration", "predicted peak", "of usable", "status", "predicted tokens/s", "quality"], rows, frozenset({1, 2, 4}))]
     not_evaluated = sum(1 for candidate in search.candidates if candidate.status == NOT_EVALUATED)
-    notes = [f"{count} more {status}, not traced: {why}." for status, count, why in report.untraced_counts(search)]
+    notes = [f"{count} more {status}, not traced: {why}." for status, count, why in words.untraced_counts(search)]
     if not_evaluated:
         notes.append(f"{not_evaluated} slower configurations not evaluated: the search stops at the fastest that fits.")
     parts += [f"<p>{_e(note)}</p>" for note in notes]
@@ -252,22 +252,22 @@ def _chosen_section(result: FitResult) -> list[str]:
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
             f"({_e(format_bytes(search.usable_bytes - peak))} to spare), {chosen.predicted_tokens_per_second:,.0f} tokens/s "
-            f"predicted; {_e(report.quality_note(chosen.config, result.source.config, result.num_parameters))}</p>"]
+            f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}</p>"]
 
 
 def _why_section(result: FitResult) -> list[str]:
     search = result.search
     chosen = search.chosen
     parts = ["<h2>what to set</h2>", "<ul>"]
-    parts += [f"<li>{_e(change)}</li>" for change in report.changes_to_make(chosen.config)]
+    parts += [f"<li>{_e(change)}</li>" for change in words.changes_to_make(chosen.config)]
     parts.append("</ul>")
     if search.alternatives:
         rows = [([alternative.change, format_bytes(alternative.predicted_total_bytes), "yes" if alternative.fits else "no",
-                  report.relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
-                  report.alternative_verdict(alternative, search)], "") for alternative in search.alternatives]
+                  words.relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
+                  words.alternative_verdict(alternative, search)], "") for alternative in search.alternatives]
         parts += ["<h2>why this one: the chosen configuration with one thing changed</h2>",
                   _table(["change", "predicted peak", "fits", "tokens/s vs chosen", "verdict"], rows, frozenset({1, 3}))]
-    heading, rows = report.verification(result)
+    heading, rows = words.verification(result)
     parts += ["<h2>verification</h2>", f"<p>{_e(heading)}</p>"]
     if rows:
         parts.append(_table(["", "predicted", "measured", "error"], [(list(row), "") for row in rows], frozenset({1, 2, 3})))
@@ -295,7 +295,7 @@ def _cards_section(result: FitResult) -> list[str]:
         else:
             rows.append(([card.card, chosen.config.describe(), format_bytes(chosen.predicted_total_bytes or 0),
                           f"{chosen.predicted_tokens_per_second:,.0f}",
-                          report.quality_note(chosen.config, result.source.config, result.num_parameters)], ""))
+                          words.quality_note(chosen.config, result.source.config, result.num_parameters)], ""))
     return ["<h2>planned for common cards (predicted, not verified)</h2>",
             _table(["card", "chosen configuration", "predicted peak", "predicted tokens/s", "quality"], rows, frozenset({2, 3}))]
 
@@ -307,7 +307,7 @@ def render_html(result: FitResult) -> str:
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{_e(title)}</title>",
              f"<style>{STYLE}</style>", "</head>", "<body>", f"<h1>{_e(title)}</h1>",
              "<p>" + "<br>\n".join(_e(line) for line in
-                                    [*report.gpu_lines(result), report.model_line(result), report.task_line(result)]) + "</p>"]
+                                    [*words.gpu_lines(result), words.model_line(result), words.task_line(result)]) + "</p>"]
     if result.source.note:
         parts.append(f"<p>note: {_e(result.source.note)}</p>")
     search = result.search
@@ -332,8 +332,8 @@ def render_html(result: FitResult) -> str:
         if search.chosen is not None:
             if result.plan_path is not None:
                 parts.append(f"<p>plan saved to <code>{_e(result.plan_path)}</code></p>")
-            parts += ["<h2>to reproduce</h2>", "<pre>" + _e("\n".join(report.fit_commands(result))) + "</pre>",
-                      "<pre>" + _e(report.python_snippet(search.chosen.config)) + "</pre>"]
+            parts += ["<h2>to reproduce</h2>", "<pre>" + _e("\n".join(words.fit_commands(result))) + "</pre>",
+                      "<pre>" + _e(words.python_snippet(search.chosen.config)) + "</pre>"]
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 

@@ -1,0 +1,394 @@
+"""Renders result objects for people (rich) and programs (JSON); the picture is in html_report.py.
+
+Computes nothing: every number comes from the result objects (fit.FitResult, search.SearchResult,
+estimate.Estimate, verify.Measurement, probe.ProbeResult). What is shared by the terminal and the
+HTML page - the wording of a configuration's changes, quality notes, the lines to reproduce - is a
+plain-string function here, so both say the same thing.
+
+JSON documents carry `schema_version` and `kind`; every key, type and unit is documented in
+docs/json-schema.md, and tests/test_report.py checks real documents against that file.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from rich import box
+from rich.console import Console
+from rich.padding import Padding
+from rich.table import Table
+from rich.text import Text
+
+from memtune.config import format_bytes
+from memtune.predict.estimate import Estimate
+from memtune.report.words import (
+    CATEGORY_NOTES,
+    alternative_verdict,
+    breakdown_items,
+    category_colour,
+    changes_to_make,
+    fit_commands,
+    gpu_lines,
+    model_line,
+    python_snippet,
+    quality_note,
+    relative,
+    task_line,
+    untraced_counts,
+    verification,
+)
+from memtune.search.choose import NOT_EVALUATED, TRIAL_OOM
+from memtune.sources import CatalogEntry
+
+if TYPE_CHECKING:
+    from memtune.fit import FitResult, PlanResult
+    from memtune.measure.probe import ProbeResult
+    from memtune.search.choose import SearchResult
+
+WIDE = 120
+"""A console at least this wide gets the candidates' quality notes in a column of their own."""
+BAR_WIDTH = 32
+"""Characters of a terminal bar that stands for the whole budget."""
+
+
+# ---- `memtune plan` and `memtune models` ---------------------------------------------------------
+
+
+def render_plan(result: PlanResult, console: Console) -> None:
+    estimate = result.estimate
+    config = estimate.config
+    console.print(
+        f"[bold]{result.source.name}[/bold] ({result.source.origin}, {result.num_parameters / 1e9:.3g}B parameters, "
+        f"{estimate.num_layers} layers)"
+    )
+    console.print(f"configuration: {config.describe()}, {config.seq_len} tokens, effective batch {config.effective_batch_size}")
+    table = Table(title="predicted peak memory", show_lines=False)
+    table.add_column("category")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    table.add_column("what it is")
+    total = estimate.total_bytes
+    for category, size in sorted(estimate.breakdown.items(), key=lambda item: -item[1]):
+        table.add_row(category, format_bytes(size), f"{100 * size / total:.0f}%", CATEGORY_NOTES.get(category, ""))
+    table.add_row("[bold]total[/bold]", f"[bold]{format_bytes(total)}[/bold]", "", "reserved + workspaces + context")
+    console.print(table)
+    console.print(
+        f"peak allocated {format_bytes(estimate.peak_allocated_bytes)}, peak reserved {format_bytes(estimate.peak_reserved_bytes)} "
+        f"(traced {estimate.traced_layers} of {estimate.num_layers} layers on fake {estimate.trace_device} tensors, "
+        f"{estimate.seconds:.1f} s)"
+    )
+    if result.budget_bytes is None:
+        console.print("no budget given: pass --budget 24GiB or --gpu NAME to check a card")
+    elif result.fits:
+        console.print(f"[green]fits[/green] {result.budget_label}: {format_bytes(result.budget_bytes - total)} to spare")
+    else:
+        console.print(f"[red]does not fit[/red] {result.budget_label}: short by {format_bytes(total - result.budget_bytes)}")
+
+
+def render_models(entries: list[CatalogEntry], console: Console) -> None:
+    table = Table(title="built-in catalog (works offline)")
+    for column in ("hub id", "aliases", "parameters", "layers", "hidden", "vocab"):
+        table.add_column(column, justify="right" if column in ("parameters", "layers", "hidden", "vocab") else "left")
+    for entry in entries:
+        table.add_row(entry.hub_id, ", ".join(entry.aliases), f"{entry.num_parameters / 1e9:.3f}B", str(entry.num_layers),
+                      str(entry.hidden_size), str(entry.vocab_size))
+    console.print(table)
+
+
+# ---- words shared by the terminal report and the HTML page ---------------------------------------
+
+
+# ---- `memtune fit`: the terminal report ----------------------------------------------------------
+
+
+def render_fit(result: FitResult, console: Console) -> None:
+    """The recommendation report: device and model, candidates, the winner and why, how to reproduce."""
+    for line in gpu_lines(result):
+        console.print(line, highlight=False)
+    console.print(model_line(result), highlight=False)
+    if result.source.note:
+        console.print(f"note: {result.source.note}", highlight=False)
+    console.print(task_line(result), highlight=False)
+    if result.card_plans:
+        _render_card_plans(result, console)
+        return
+    search = result.search
+    if search is None:
+        console.print("no search was run")
+        return
+    console.print()
+    console.print(_candidates_table(result, search, wide=console.width >= WIDE))
+    for line in _candidate_footnotes(search):
+        console.print(line, highlight=False)
+    console.print()
+    if search.chosen is None:
+        _render_nothing_fits(search, console)
+    else:
+        _render_chosen(result, search, console)
+    console.print(f"searched in {search.seconds:.1f} s: {search.estimates} memory predictions, {search.trials} trials",
+                  style="dim", highlight=False)
+
+
+def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Table:
+    """Evaluated candidates; the quality note has a column on a wide console, else a line under the configuration."""
+    table = Table(title=f"candidates, fastest predicted first (usable {format_bytes(search.usable_bytes)} = budget "
+                        f"{format_bytes(search.budget_bytes)} - margin {format_bytes(search.margin_bytes)})",
+                  title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("configuration", ratio=3)
+    table.add_column("predicted peak (of usable)", justify="right", width=17)
+    table.add_column("status", width=None if wide else 13, no_wrap=wide)
+    table.add_column("tokens/s", justify="right", width=8)
+    if wide:
+        table.add_column("quality", ratio=2)
+    for candidate in search.evaluated:  # the rest is summarised below the table
+        chosen = candidate is search.chosen
+        peak = candidate.predicted_total_bytes
+        configuration = Text(("> " if chosen else "") + candidate.config.describe())
+        quality = quality_note(candidate.config, result.source.config, result.num_parameters, short=True)
+        if not wide:
+            configuration.append(f"\n  {quality}", style="dim")
+        cells = [configuration, f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})", candidate.status,
+                 f"{candidate.predicted_tokens_per_second:,.0f}"]
+        table.add_row(*cells, *([quality] if wide else []), style="bold" if chosen else None)
+    return table
+
+
+def _candidate_footnotes(search: SearchResult) -> Iterator[str]:
+    yield "(> marks the chosen configuration; tokens/s are predicted)"
+    for status, count, why in untraced_counts(search):
+        yield f"{count} more {status}, not traced: {why}"
+    for candidate in search.candidates:
+        if candidate.status == TRIAL_OOM and candidate.note:
+            yield f"trial of {candidate.config.describe()}: {candidate.note}"
+    not_evaluated = sum(1 for candidate in search.candidates if candidate.status == NOT_EVALUATED)
+    if not_evaluated:
+        yield (f"{not_evaluated} slower configuration{'s' if not_evaluated != 1 else ''} not evaluated: "
+               "the search stops at the fastest that fits")
+
+
+def _render_chosen(result: FitResult, search: SearchResult, console: Console) -> None:
+    chosen = search.chosen
+    peak = chosen.predicted_total_bytes or 0
+    console.print(Text(f"chosen: {chosen.config.describe()}", style="bold green"))
+    console.print(_indented(f"predicted peak {format_bytes(peak)} of {format_bytes(search.usable_bytes)} usable "
+                            f"({format_bytes(search.usable_bytes - peak)} to spare), "
+                            f"{chosen.predicted_tokens_per_second:,.0f} tokens/s predicted"))
+    console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
+    console.print("  what to set:")
+    console.print(_bullets(changes_to_make(chosen.config)))
+    if search.alternatives:
+        console.print()
+        console.print(_alternatives_table(search))
+    if chosen.estimate is not None:
+        console.print()
+        console.print(breakdown_bars(chosen.estimate, search.budget_bytes, search.usable_bytes, notes=console.width >= 100))
+    console.print()
+    heading, rows = verification(result)
+    console.print(heading, highlight=False)
+    if rows:
+        table = Table(box=None, padding=(0, 1), pad_edge=True)
+        for column in ("", "predicted", "measured", "error"):
+            table.add_column(column, justify="left" if not column else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    if result.plan_path is not None:
+        console.print(f"plan saved to {result.plan_path}", highlight=False)
+    console.print()
+    console.print("to reproduce:")
+    for command in fit_commands(result):
+        console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
+    console.print("or in Python (MODEL and model are yours):")
+    snippet = "\n".join("  " + line if line else "" for line in python_snippet(chosen.config).splitlines())
+    console.print(Text(snippet), soft_wrap=True)
+
+
+def _alternatives_table(search: SearchResult) -> Table:
+    chosen = search.chosen
+    table = Table(title="why this one: the chosen configuration with one thing changed", title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table.add_column("change", ratio=2)
+    table.add_column("predicted peak", justify="right", no_wrap=True)
+    table.add_column("fits", no_wrap=True)
+    table.add_column("tokens/s", justify="right", no_wrap=True)
+    table.add_column("verdict", ratio=3)
+    for alternative in search.alternatives:
+        table.add_row(
+            alternative.change,
+            format_bytes(alternative.predicted_total_bytes),
+            "yes" if alternative.fits else "no",
+            relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
+            alternative_verdict(alternative, search),
+        )
+    return table
+
+
+def _bar(fraction: float, width: int = BAR_WIDTH) -> str:
+    """A bar of `fraction` x `width` characters, in eighths of a character."""
+    eighths = max(0, round(min(fraction, 1.5) * width * 8))
+    return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
+
+
+def breakdown_bars(estimate: Estimate, budget_bytes: int, usable_bytes: int, notes: bool = True) -> Table:
+    """The estimate's categories as horizontal bars; a bar of BAR_WIDTH characters is the whole budget.
+    `notes` adds what each category is (a column that wants a console of 100 characters)."""
+    table = Table(title=f"where the memory goes (bar: share of the {format_bytes(budget_bytes)} budget)",
+                  title_justify="left", show_header=False, box=None, padding=(0, 1))
+    table.add_column("category", min_width=11, no_wrap=True)
+    table.add_column("bytes", justify="right", min_width=10, no_wrap=True)
+    table.add_column("share", justify="right", min_width=4, no_wrap=True)
+    table.add_column("bar", min_width=BAR_WIDTH + 1, no_wrap=True)
+    if notes:
+        table.add_column("what it is")
+
+    def row(name: str | Text, size: int, bar: str | Text, note: str) -> None:
+        table.add_row(name, format_bytes(size), f"{size / budget_bytes:.0%}", bar, *([note] if notes else []))
+
+    stacked = Text()  # the total as one bar in the same colours: whole characters, rounded cumulatively
+    cumulative = drawn = 0
+    for category, size in breakdown_items(estimate.breakdown):
+        row(category, size, Text(_bar(size / budget_bytes), style=category_colour(category)), CATEGORY_NOTES.get(category, ""))
+        cumulative += size
+        end = round(min(cumulative / budget_bytes, 1.5) * BAR_WIDTH)
+        stacked.append("█" * (end - drawn), style=category_colour(category))
+        drawn = end
+    row(Text("total", style="bold"), estimate.total_bytes, stacked, "predicted peak")
+    row("usable", usable_bytes, _bar(usable_bytes / budget_bytes), "budget minus the safety margin")
+    row("budget", budget_bytes, _bar(1.0), "")
+    return table
+
+
+def _indented(text: str, indent: int = 2) -> Padding:
+    """A paragraph whose wrapped lines keep its indent."""
+    return Padding(Text(text), (0, 0, 0, indent))
+
+
+def _bullets(items: list[str], indent: int = 4) -> Padding:
+    """A list with a hanging indent: wrapped lines stay under their item."""
+    grid = Table.grid(padding=(0, 1))
+    grid.add_column(no_wrap=True)
+    grid.add_column()
+    for item in items:
+        grid.add_row("-", Text(item))
+    return Padding(grid, (0, 0, 0, indent))
+
+
+def _render_nothing_fits(search: SearchResult, console: Console) -> None:
+    console.print(Text(f"nothing fits in {format_bytes(search.usable_bytes)} usable "
+                       f"({format_bytes(search.budget_bytes)} budget - {format_bytes(search.margin_bytes)} margin)",
+                       style="bold red"))
+    if search.shortfall_bytes:
+        smallest = min(search.evaluated, key=lambda candidate: candidate.predicted_total_bytes or 0)
+        console.print(_indented(f"the smallest, {smallest.config.describe()}, needs "
+                                f"{format_bytes(smallest.predicted_total_bytes or 0)}: short by "
+                                f"{format_bytes(search.shortfall_bytes)}"))
+    if search.suggestions:
+        console.print("  what would fit:")
+        console.print(_bullets(search.suggestions))
+
+
+def _render_card_plans(result: FitResult, console: Console) -> None:
+    table = Table(title="planned for common cards (predicted, not verified)", title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    wide = console.width >= 120  # narrower: the quality note goes under the configuration, as in the candidates table
+    table.add_column("card", ratio=1)
+    table.add_column("chosen configuration", ratio=3)
+    table.add_column("predicted peak", justify="right", no_wrap=True)
+    table.add_column("tokens/s", justify="right", no_wrap=True)
+    if wide:
+        table.add_column("quality", ratio=2)
+    for card in result.card_plans:
+        chosen = card.search.chosen
+        if chosen is None:
+            table.add_row(card.card, f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})", "", "",
+                          *([""] if wide else []), style="dim")
+            continue
+        peak = chosen.predicted_total_bytes or 0
+        quality = quality_note(chosen.config, result.source.config, result.num_parameters, short=True)
+        description = chosen.config.describe() if wide else f"{chosen.config.describe()}\n[dim]{quality}[/dim]"
+        table.add_row(card.card, description, f"{format_bytes(peak)} ({peak / card.search.usable_bytes:.0%})",
+                      f"{chosen.predicted_tokens_per_second:,.0f}", *([quality] if wide else []))
+    console.print()
+    console.print(table)
+    margins = sorted({card.search.margin_bytes for card in result.card_plans})
+    margin = format_bytes(margins[0]) if len(margins) == 1 else f"{format_bytes(margins[0])} to {format_bytes(margins[-1])}"
+    console.print(f"(peak: % of the card's usable memory, its memory minus a safety margin of {margin}; "
+                  "tokens/s: predicted)", highlight=False)
+    command = f"memtune fit {shlex.quote(result.source.name)} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+    console.print(f"the full report for one card: {command} --budget 24GiB", highlight=False, markup=False)
+
+
+# ---- `memtune fit --json` ---------------------------------------------------------------------------
+
+
+# ---- `memtune probe` ------------------------------------------------------------------------------
+
+
+def render_probe(result: ProbeResult, console: Console) -> None:
+    """What each visible GPU has, and what memtune may plan against on it."""
+    if not result.available:
+        console.print(f"no GPU: {result.reason or 'none is visible'}", highlight=False)
+        console.print("plan without one: memtune fit MODEL --budget 24GiB (or memtune plan MODEL --gpu RTX4090-24GB)",
+                      highlight=False, markup=False)
+        return
+    for gpu in result.gpus:
+        console.print(Text(f"GPU {gpu.index}: {gpu.name}", style="bold"),
+                      f"(capability {gpu.capability}, bf16 {'yes' if gpu.bf16_supported else 'no'}"
+                      + (f", driver {gpu.driver_version})" if gpu.driver_version else ")"), highlight=False)
+        table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=True)
+        table.add_column("what", no_wrap=True)
+        table.add_column("bytes", justify="right", no_wrap=True)
+        table.add_column("meaning")
+        others = f"{gpu.other_processes} other process{'es' if gpu.other_processes != 1 else ''}"
+        table.add_row("total", format_bytes(gpu.total_bytes), "")
+        table.add_row("free", format_bytes(gpu.free_bytes), "now, after every process's allocations")
+        table.add_row("used by others", format_bytes(gpu.used_by_others_bytes), others)
+        table.add_row("our context", format_bytes(gpu.context_bytes), "CUDA context and kernels, outside torch's pool")
+        if gpu.memory_fraction is not None:
+            table.add_row("memory fraction", f"{gpu.memory_fraction:.0%}", "torch.cuda.set_per_process_memory_fraction")
+        table.add_row(Text("usable by us", style="bold"), Text(format_bytes(gpu.budget_bytes), style="bold"),
+                      "total - used by others" + (", capped by the memory fraction" if gpu.memory_fraction is not None else ""))
+        console.print(table)
+    console.print(f"torch built with CUDA {result.torch_cuda or 'unknown'}", highlight=False)
+
+
+# ---- progress ----------------------------------------------------------------------------------------
+
+
+class ProgressPrinter:
+    """Progress of tracing and trial steps on `console` (stderr): a spinner on a terminal, plain
+    lines elsewhere (or nothing with plain_lines=False), so logs never fill with animation.
+
+        with report.progress_printer(err) as progress:
+            result = fit_model(..., progress=progress)
+
+    Also callable outside `with`: then each message is a plain line, terminal or not.
+    """
+
+    def __init__(self, console: Console, *, plain_lines: bool = True) -> None:
+        self.console = console
+        self.plain_lines = plain_lines
+        self._status: Any = None
+
+    def __enter__(self) -> ProgressPrinter:
+        if self.console.is_terminal:
+            self._status = self.console.status("starting...", spinner="dots")
+            self._status.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+    def __call__(self, message: str) -> None:
+        if self._status is not None:
+            self._status.update(Text(message))
+        elif self.plain_lines:
+            self.console.print(message, highlight=False, markup=False)
+
+
+def progress_printer(console: Console, *, plain_lines: bool = True) -> ProgressPrinter:
+    return ProgressPrinter(console, plain_lines=plain_lines)

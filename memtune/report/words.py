@@ -1,0 +1,329 @@
+"""The words memtune uses for results: category notes, quality notes, what to set, commands and
+code to reproduce a plan. Shared by the terminal, JSON and HTML renderings; computes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import TYPE_CHECKING, Any
+
+from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes
+from memtune.search.choose import (
+    EXTRAPOLATED,
+    NOT_EVALUATED,
+    SKIPPED,
+    TRIAL_OOM,
+    policy_flags,
+)
+
+if TYPE_CHECKING:
+    from memtune.fit import FitResult
+    from memtune.search.choose import Alternative, Candidate, SearchResult
+
+
+CATEGORY_NOTES = {
+    "weights": "parameters and buffers",
+    "gradients": "gradients of trained parameters",
+    "optimizer": "AdamW moments and step counters",
+    "activations": "tensors saved for backward",
+    "logits": "LM-head logits, loss and their gradients",
+    "temporaries": "backward intermediates",
+    "overhead": "allocator fragmentation, cuBLAS workspaces, CUDA context",
+    "fsdp_buffers": "FSDP all-gather and reduce-scatter buffers",
+    "ddp_buckets": "DDP gradient buckets (a second copy of the gradients, all-reduced)",
+}
+
+
+# Okabe-Ito colours (distinguishable with colour-blindness); the terminal bars and the HTML
+# picture use the same ones, so either legend reads the other.
+CATEGORY_COLOURS = {
+    "weights": "#0072B2",
+    "gradients": "#56B4E9",
+    "optimizer": "#009E73",
+    "activations": "#E69F00",
+    "logits": "#D55E00",
+    "temporaries": "#CC79A7",
+    "overhead": "#999999",
+}
+
+
+OTHER_COLOUR = "#666666"
+
+
+PRECISION_NOTES = {
+    "fp32": "fp32: full precision",
+    "bf16-mixed": "bf16-mixed: standard mixed precision",
+    "fp16-mixed": "fp16-mixed: mixed precision with loss scaling",
+    "bf16": "bf16 weights: no fp32 master copy (small updates can be lost)",
+    "fp16": "fp16 weights: no fp32 master copy (small updates can be lost)",
+}
+
+
+DEFAULT_PLAN_PATH = "memtune-plan.json"
+"""Where `memtune fit` saves the plan unless --plan-out says otherwise."""
+
+
+def count_words(count: int) -> str:
+    """494032768 -> '494M', 1235814400 -> '1.24B'."""
+    return f"{count / 1e9:.3g}B" if count >= 1e9 else f"{count / 1e6:.0f}M"
+
+
+def budget_flag(num_bytes: int) -> str:
+    """A --budget value that parses back to exactly `num_bytes`."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB)):
+        if num_bytes % size == 0:
+            return f"{num_bytes // size}{unit}"
+    return f"{num_bytes}B"
+
+
+def relative(value: float, reference: float) -> str:
+    """value against reference: '+12%', '-30%', '+0%'; '4.8x' from twice as much on."""
+    if not reference:
+        return "n/a"
+    return f"{value / reference:.1f}x" if value >= 2 * reference else f"{(value - reference) / reference:+.0%}"
+
+
+def breakdown_items(breakdown: dict[str, int]) -> list[tuple[str, int]]:
+    """Non-zero categories in the fixed order of CATEGORY_NOTES, unknown categories after them."""
+    known = [(name, breakdown[name]) for name in CATEGORY_NOTES if breakdown.get(name)]
+    return known + [(name, size) for name, size in breakdown.items() if name not in CATEGORY_NOTES and size]
+
+
+def category_colour(category: str) -> str:
+    return CATEGORY_COLOURS.get(category, OTHER_COLOUR)
+
+
+def trained_share(config: TrainConfig, model_config: Any, num_parameters: int) -> float | None:
+    """Fraction of the model's parameters the optimizer updates (throughput's count), None if unknown."""
+    from memtune.predict import throughput
+
+    try:
+        shape = throughput.ModelShape.of(model_config, num_parameters)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return throughput.trained_parameters(shape, config) / num_parameters if num_parameters else None
+
+
+def quality_note(config: TrainConfig, model_config: Any = None, num_parameters: int = 0, *, short: bool = False) -> str:
+    """What the configuration costs in training quality, in a few words: "LoRA r=16: trains ~1.1% of
+    weights", "fp32: full precision". `short` leaves out the name (beside a configuration that has it)."""
+    if config.adapter is None:
+        note = PRECISION_NOTES.get(config.precision, config.precision)
+        return note.split(": ", 1)[-1] if short else note
+    share = trained_share(config, model_config, num_parameters)
+    name = f"LoRA r={config.adapter.rank}" if config.adapter.kind == "lora" else config.adapter.describe()
+    note = f"trains ~{100 * share:.2g}% of weights" if share else "trains the adapter only"
+    if config.weights_dtype != "fp32":
+        note += f", frozen base in {config.weights_dtype}"
+    return note if short else f"{name}: {note}"
+
+
+def changes_to_make(config: TrainConfig) -> list[str]:
+    """The settings that turn a default fine-tuning script into `config`, one per technique."""
+    changes = [f"micro-batch {config.micro_batch_size} per device, {config.grad_accum_steps} gradient accumulation "
+               f"step{'s' if config.grad_accum_steps > 1 else ''} (effective batch {config.effective_batch_size} kept)"]
+    precision = {
+        "fp32": "precision fp32: no mixed-precision flags",
+        "bf16-mixed": "precision bf16-mixed: fp32 weights, bf16 autocast (TrainingArguments bf16=True)",
+        "fp16-mixed": "precision fp16-mixed: fp32 weights, fp16 autocast and loss scaling (TrainingArguments fp16=True)",
+        "bf16": "precision bf16: load the weights in bf16 (dtype=torch.bfloat16), no autocast",
+        "fp16": "precision fp16: load the weights in fp16 (dtype=torch.float16), no autocast",
+    }
+    changes.append(precision.get(config.precision, f"precision {config.precision}"))
+    if config.gradient_checkpointing:
+        changes.append("gradient checkpointing on, non-reentrant (gradient_checkpointing=True, use_reentrant=False)")
+    else:
+        changes.append("gradient checkpointing off")
+    adapter = config.adapter
+    if adapter is not None and adapter.kind == "lora":
+        changes.append(f"LoRA (peft): r={adapter.rank}, lora_alpha={adapter.alpha}, dropout {adapter.dropout}, "
+                       f"target_modules={_python(adapter.target_modules)}")
+    elif adapter is not None:
+        changes.append(f"{adapter.describe()} (peft)")
+    if config.loss == "chunked":
+        changes.append("chunked loss: the LM head and cross-entropy in chunks of tokens (memtune run applies it)")
+    if config.offload != "none":
+        changes.append(f"offload {config.offload} to CPU (FSDP CPU offload through accelerate; memtune run sets it up)")
+    if config.replicated:
+        changes.append(f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
+                       "ddp_find_unused_parameters=False; memtune run sets it up)")
+    elif config.num_gpus > 1:
+        changes.append(f"{config.num_gpus} GPUs, sharded with FSDP through accelerate")
+    return changes
+
+
+def _python(value: Any) -> str:
+    """A Python literal for a snippet: strings in double quotes, tuples of module names as lists."""
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def python_snippet(config: TrainConfig) -> str:
+    """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
+    adapter = config.adapter
+    imports, body = ["from transformers import TrainingArguments"], []
+    if config.weights_dtype != "fp32":
+        dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[config.weights_dtype]
+        imports = ["import torch", "from transformers import AutoModelForCausalLM, TrainingArguments"]
+        body.append(f"model = AutoModelForCausalLM.from_pretrained(MODEL, dtype={dtype})")
+    if adapter is not None and adapter.kind == "lora":
+        imports.append("from peft import LoraConfig, get_peft_model")
+        body += ["model = get_peft_model(model, LoraConfig(",
+                 f"    r={adapter.rank}, lora_alpha={adapter.alpha}, lora_dropout={adapter.dropout},",
+                 f"    target_modules={_python(adapter.target_modules)}, task_type=\"CAUSAL_LM\",",
+                 "))"]
+    elif adapter is not None:
+        imports.append("from peft import PrefixTuningConfig, get_peft_model")
+        body.append(f"model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens={adapter.num_virtual_tokens}, "
+                    "task_type=\"CAUSAL_LM\"))")
+    body += [
+        "args = TrainingArguments(",
+        "    output_dir=\"out\",",
+        f"    per_device_train_batch_size={config.micro_batch_size},",
+        f"    gradient_accumulation_steps={config.grad_accum_steps},",
+        f"    bf16={config.amp == 'bf16'},",
+    ]
+    if config.amp == "fp16":
+        body.append("    fp16=True,")
+    if config.gradient_checkpointing:  # non-reentrant, as memtune predicts and measures it
+        body += ["    gradient_checkpointing=True,  # activation_checkpointing=True from transformers 5.24",
+                 "    gradient_checkpointing_kwargs={\"use_reentrant\": False},"]
+    else:
+        body.append("    gradient_checkpointing=False,")
+    if config.replicated:
+        body.append("    ddp_find_unused_parameters=False,")
+    body.append(")")
+    missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
+                                     (f"offload of {config.offload}", config.offload != "none"),
+                                     ("FSDP over several GPUs", config.num_gpus > 1 and not config.replicated),
+                                     (f"DDP over {config.num_gpus} GPUs (accelerate launch)", config.replicated)) if on]
+    if missing:
+        body.append(f"# no TrainingArguments flag for {' and '.join(missing)}: `memtune run PLAN` applies it")
+    return "\n".join(imports + [""] + body)
+
+
+def fit_commands(result: FitResult) -> list[str]:
+    """The command lines that make this result again (with the options that pinned or forbade a
+    choice) and run its plan."""
+    command = f"memtune fit {shlex.quote(result.source.name)} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+    if result.policy is not None:
+        command += "".join(f" {flag}" for flag in policy_flags(result.policy))
+    budget = result.budget_bytes
+    if budget is not None and (result.gpu is None or budget != result.gpu.budget_bytes):
+        card = next((name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None)
+        command += f" --gpu {card}" if card else f" --budget {budget_flag(budget)}"
+    if result.plan_path is not None and str(result.plan_path) != DEFAULT_PLAN_PATH:
+        command += f" --plan-out {shlex.quote(str(result.plan_path))}"
+    commands = [command]
+    if result.plan_path is not None:
+        commands.append(f"memtune run {shlex.quote(str(result.plan_path))}")
+    return commands
+
+
+def gpu_lines(result: FitResult) -> list[str]:
+    """The device the result was planned for, what other processes use of it, and the budget."""
+    gpu = result.gpu
+    if gpu is None:
+        reason = result.probe.reason if result.probe is not None and result.probe.reason else "none is visible"
+        if result.budget_bytes is None:
+            return [f"no GPU: {reason}", "planned for common cards (predictions only)"]
+        return [f"no GPU: {reason}", f"planned for {result.budget_label or 'budget ' + format_bytes(result.budget_bytes)}"]
+    others = f"{format_bytes(gpu.used_by_others_bytes)} used by {gpu.other_processes} other process" \
+             f"{'es' if gpu.other_processes != 1 else ''}"
+    lines = [f"GPU {gpu.index}: {gpu.name}, {format_bytes(gpu.total_bytes)} total, {format_bytes(gpu.free_bytes)} free, {others}"]
+    budget = result.budget_bytes
+    if budget is None or budget == gpu.budget_bytes:
+        lines.append(f"planned for what this process may use: {format_bytes(gpu.budget_bytes)}")
+    else:
+        emulated = ", emulated on this GPU" if budget < gpu.budget_bytes else ""
+        lines.append(f"planned for {result.budget_label or 'budget ' + format_bytes(budget)}{emulated} "
+                     f"(this process may use {format_bytes(gpu.budget_bytes)})")
+    return lines
+
+
+def model_line(result: FitResult) -> str:
+    source = result.source
+    parts = [source.origin]
+    if source.hub_id and source.hub_id != source.name:
+        parts.append(source.hub_id)
+    parts.append(f"{count_words(result.num_parameters)} parameters")
+    layers = getattr(source.config, "num_hidden_layers", None)
+    if layers:
+        parts.append(f"{layers} layers")
+    vocab = getattr(source.config, "vocab_size", None)
+    if vocab:
+        parts.append(f"vocab {vocab:,}")
+    return f"model: {source.name} ({', '.join(parts)})"
+
+
+def task_line(result: FitResult) -> str:
+    tokens = result.seq_len * result.effective_batch_size
+    return (f"task: {result.seq_len} tokens per sequence, effective batch {result.effective_batch_size} "
+            f"({tokens:,} tokens per optimizer step)")
+
+
+def verification(result: FitResult) -> tuple[str, list[tuple[str, str, str, str]]]:
+    """The chosen configuration's evidence: a heading, and rows (quantity, predicted, measured, error)
+    where a trial measured it. Errors are (predicted - measured) / measured."""
+    search = result.search
+    chosen = search.chosen if search is not None else None
+    if chosen is None:
+        return "", []
+    trials = f"{search.trials} trial{'s' if search.trials != 1 else ''}, {search.trial_ooms} out of memory"
+    measured = chosen.measured_total_bytes
+    if chosen.measurement is None or not chosen.measurement.fits or measured is None:
+        if result.gpu is None:
+            return "not verified (no GPU): predictions only; run `memtune fit` where the GPU is to verify", []
+        why = chosen.note.removeprefix("not verified: ") or "trial steps were not run"
+        return f"not verified: {why}" + (f" ({trials})" if search.trials else ""), []
+    heading = f"verified by trial steps on {result.gpu.name if result.gpu is not None else 'the GPU'} ({trials})"
+    if result.gpu is not None and result.budget_bytes is not None and result.budget_bytes < result.gpu.budget_bytes:
+        heading += f", under a per-process memory fraction emulating {format_bytes(result.budget_bytes)}"
+    config, measurement = chosen.config, chosen.measurement
+    accumulated = measurement.tokens_per_step // (config.micro_batch_size * config.seq_len * config.num_gpus)
+    if 0 < accumulated < config.grad_accum_steps:  # verify.measure shortens long accumulations: the peak repeats
+        heading += f"; each trial step ran {accumulated} of the {config.grad_accum_steps} accumulated micro-batches"
+    predicted = chosen.predicted_total_bytes or 0
+    rows = [("peak memory", format_bytes(predicted), format_bytes(measured), f"{(predicted - measured) / measured:+.1%}")]
+    speed = chosen.measurement.tokens_per_second
+    if speed and search.throughput_error is not None:
+        rows.append(("tokens/s", f"{chosen.predicted_tokens_per_second:,.0f}", f"{speed:,.0f}", f"{search.throughput_error:+.1%}"))
+    return heading, rows
+
+
+UNTRACED_REASONS = {
+    SKIPPED: "each needs at least as much as one above (a larger micro-batch or one technique fewer)",
+    EXTRAPOLATED: "extrapolated from a traced micro-batch of the same configuration, each is clearly over",
+}
+
+
+def untraced_counts(search: SearchResult) -> list[tuple[str, int, str]]:
+    """(status, count, why) of the candidates the search judged without a prediction of their own
+    (the slower ones it never reached excepted), in order of first appearance."""
+    groups: dict[str, list[Candidate]] = {}
+    for candidate in search.candidates:
+        if candidate.estimate is None and candidate.status != NOT_EVALUATED:
+            groups.setdefault(candidate.status, []).append(candidate)
+    return [(status, len(members), UNTRACED_REASONS.get(status, members[0].note)) for status, members in groups.items()]
+
+
+def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
+    """What one rung changes: the memory it needs or saves, and its speed against the winner."""
+    chosen = search.chosen
+    delta = alternative.predicted_total_bytes - (chosen.predicted_total_bytes or 0)
+    speed = (alternative.predicted_tokens_per_second / chosen.predicted_tokens_per_second - 1
+             if chosen.predicted_tokens_per_second else 0.0)
+    if speed >= 1:
+        pace = f"{speed + 1:.1f}x as fast"
+    else:
+        pace = f"{abs(speed):.0%} {'faster' if speed > 0 else 'slower'}" if round(speed, 2) else "same speed"
+    if not alternative.fits:
+        more = f"needs {format_bytes(delta)} more" if delta > 0 else "over the usable budget"
+        return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
+    if any(candidate.config == alternative.config and candidate.status == TRIAL_OOM for candidate in search.candidates):
+        return f"predicted to fit, but ran out of memory in its trial ({pace})"
+    memory = f"saves {format_bytes(-delta)}" if delta < 0 else f"needs {format_bytes(delta)} more" if delta > 0 else "same memory"
+    verdict = f"fits ({memory}), {pace}"
+    if alternative.config.adapter is not None and chosen.config.adapter is None:
+        verdict += ", but trains the adapter only"
+    return verdict

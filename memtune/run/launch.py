@@ -1,0 +1,179 @@
+"""Training over several GPUs (or with CPU offload) through accelerate: launcher config, launch
+command, Trainer arguments, and a trial that measures what a step takes per GPU. Two strategies:
+FSDP2 full sharding (also the engine of CPU offload) and DDP (a full replica per GPU).
+
+    write_accelerate_config("fsdp.yaml", train_config, model_config=config)
+    subprocess.run(launch_command("fsdp.yaml", ["run", "plan.json"]))   # accelerate launch ... -m memtune run plan.json
+
+What accelerate 1.15.0 and transformers 5.17 / 5.24 really do (read from their sources):
+
+- `accelerate launch` turns the YAML's `fsdp_config` into `FSDP_*` environment variables
+  (accelerate/utils/launch.py:304-331: ACCELERATE_USE_FSDP=true, FSDP_VERSION, FSDP_OFFLOAD_PARAMS, ...)
+  and starts the processes through torchrun (accelerate/commands/launch.py:1399, multi_gpu_launcher),
+  even for one process. The launcher's default FSDP version is 1 (launch.py:513-519, and
+  FullyShardedDataParallelPlugin reads FSDP_VERSION with default "1", utils/dataclasses.py:1830-1831),
+  so the config must say `fsdp_version: 2`.
+- transformers' Trainer builds `Accelerator(fsdp_plugin=None)` unless TrainingArguments(fsdp=...) is
+  set (trainer.py:851-859 in 5.24); Accelerator then creates the plugin from the launcher's
+  environment (accelerate/accelerator.py:388-392). So `accelerate launch` alone makes the Trainer
+  shard; `fsdp_training_arguments` gives the equivalent TrainingArguments for runs without the
+  launcher config (transformers defaults to FSDP2 there: training_args.py:2826 in 5.24, 2784 in 5.17).
+  Either way Trainer needs a process group (trainer.py:477-478 "Using fsdp only works in distributed
+  training"), which torchrun provides even for one process.
+- FSDP2 preparation (accelerate/utils/fsdp_utils.py:751-885, `fsdp2_prepare_model`): with mixed
+  precision on, trainable parameters are upcast to fp32 (815-820); each module whose class is in the
+  model's `_no_split_modules` (the decoder layer) becomes its own `fully_shard` unit with
+  reshard_after_forward=True; an untied input embedding gets its own unit; the final norm and the
+  LM head (plus the embedding when tied) form one unit with reshard_after_forward=False (857-879),
+  so the (tied) embedding stays gathered from its first use until its backward; the root is sharded
+  last with torch's default for the root (no reshard after forward, 881-885).
+- Mixed precision "bf16" becomes MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16,
+  output_dtype=bf16) (utils/dataclasses.py:2131-2142, set from state.py:1014-1015). In the FSDP2 path
+  accelerate does not wrap the forward in autocast (`_prepare_fsdp2`, accelerator.py:1674-1760, never
+  calls `prepare_model`), and Trainer relies on accelerate for autocast, so the step computes with
+  bf16 parameters and no autocast.
+- One GPU: accelerate applies the FSDP plugin only for multi-device distributed types
+  (state.py:986-1016); torchrun's LOCAL_RANK makes even a single CUDA process MULTI_GPU
+  (state.py:769-791), so `accelerate launch` with num_processes 1 runs FSDP (offload included),
+  while a plain `python` run (DistributedType.NO) or a CPU-only machine silently ignores it.
+- CPU offload is CPUOffloadPolicy(pin_memory=True) (dataclasses.py:2178-2191): sharded parameters,
+  their gradients, and therefore the optimizer state and step, live on the CPU.
+- Gradient accumulation: Trainer enters `accelerator.no_sync` for every micro-batch but the last
+  (trainer.py:1903-1915), which for FSDP2 is `set_requires_gradient_sync(False)`
+  (accelerator.py:1166-1171): unsharded gradients accumulate on the GPU until the last micro-batch.
+
+`apply_fsdp` and `fsdp_train_step` reproduce that preparation and step without an Accelerator, so the
+fake-tensor trace (`sharding`) and the trial here run the same thing the launched Trainer runs.
+
+DDP (strategy "ddp", accelerate 1.15 / transformers 5.17-5.24):
+- The launcher config says `distributed_type: MULTI_GPU`; `accelerate launch` then starts
+  num_processes workers through torchrun (commands/launch.py: `args.multi_gpu` from the config's
+  distributed_type, 1229-1243; `multi_gpu_launcher`), with ACCELERATE_MIXED_PRECISION from
+  `mixed_precision` and no FSDP variables (utils/launch.py `prepare_multi_gpu_env`).
+- `Accelerator.prepare_model` (accelerator.py 1824-1835, 1883-1902) wraps the model's forward in
+  autocast when mixed precision is on (`native_amp`), then wraps the model in
+  `torch.nn.parallel.DistributedDataParallel(model, device_ids=[local rank], output_device=local rank,
+  **ddp_handler.to_kwargs())`, where to_kwargs keeps only values that differ from
+  DistributedDataParallelKwargs' defaults (utils/dataclasses.py 78-88; broadcast_buffers=True,
+  bucket_cap_mb=25, find_unused_parameters=False, gradient_as_bucket_view=False, static_graph=False).
+- Trainer fills that handler (`_build_accelerator_args`, trainer.py 749-766 in 5.24): only
+  find_unused_parameters unless other ddp_* TrainingArguments are set, and it defaults to True for a
+  model without gradient checkpointing. A causal LM uses every parameter in every step, so
+  `ddp_training_arguments` sets ddp_find_unused_parameters=False: no autograd-graph search after each
+  forward, and the bucket layout `replicate` models (one bucket per dtype until the first rebuild).
+- Gradient accumulation: Trainer runs every micro-batch but the last under `accelerator.no_sync`,
+  which for DDP is `model.no_sync()`: no all-reduce until the last micro-batch's backward.
+`build_replicated_model` and `ddp_train_step` do the same without an Accelerator, for the trial.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from memtune.config import TrainConfig
+from memtune.errors import UsageError
+from memtune.recipe.parallel import check_supported
+
+FSDP_VERSION = 2
+ACCELERATE_MIXED_PRECISION = {"none": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+# ---- what the launcher and the Trainer are told -------------------------------------------------
+
+
+def wrap_class_names(model_config: Any) -> list[str]:
+    """The decoder layer classes FSDP wraps: the model class's `_no_split_modules` (what accelerate's
+    TRANSFORMER_BASED_WRAP falls back to, fsdp_utils.py:940-950), read without building the model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(model_config), None)
+    return list(getattr(model_class, "_no_split_modules", None) or [])
+
+
+def accelerate_config(train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None) -> dict[str, Any]:
+    """The accelerate launcher config (what `accelerate config` writes): data parallel (MULTI_GPU) for
+    strategy "ddp", else FSDP2 full sharding (CPU offload included).
+
+    `num_gpus` defaults to `train_config.num_gpus`. With `model_config`, the decoder layer class is
+    named explicitly; without it accelerate falls back to the model's `_no_split_modules`.
+    """
+    check_supported(train_config)
+    num_processes = num_gpus or train_config.num_gpus
+    common: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "MULTI_GPU" if train_config.replicated else "FSDP",
+        "mixed_precision": ACCELERATE_MIXED_PRECISION[train_config.amp],
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": num_processes,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+        "downcast_bf16": "no",
+        "main_training_function": "main",
+    }
+    if train_config.replicated:
+        if num_processes < 2:
+            raise UsageError(f"DDP needs 2 or more processes, got num_gpus={num_processes}")
+        return common
+    fsdp: dict[str, Any] = {
+        "fsdp_version": FSDP_VERSION,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_reshard_after_forward": True,  # full sharding: parameters are gathered again in backward
+        "fsdp_offload_params": train_config.offload == "parameters",
+        "fsdp_state_dict_type": "FULL_STATE_DICT",  # a checkpoint that from_pretrained can load
+        "fsdp_cpu_ram_efficient_loading": False,
+        "fsdp_activation_checkpointing": False,  # memtune checkpoints through transformers (TrainConfig)
+    }
+    if model_config is not None and wrap_class_names(model_config):
+        fsdp["fsdp_transformer_layer_cls_to_wrap"] = ",".join(wrap_class_names(model_config))
+    return {**common, "fsdp_config": fsdp}
+
+
+def write_accelerate_config(
+    path: str | Path, train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None
+) -> Path:
+    """Write `accelerate_config(...)` as YAML to `path` and return the path."""
+    import yaml
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(accelerate_config(train_config, num_gpus, model_config=model_config), sort_keys=False))
+    return path
+
+
+def launch_command(config_path: str | Path, args: list[str], *, module: str = "memtune") -> list[str]:
+    """`accelerate launch --config_file CONFIG -m memtune ARGS...`, through this interpreter so that the
+    launcher and the workers use the same environment as the caller."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_path), "-m", module, *args]
+
+
+def fsdp_training_arguments(train_config: TrainConfig, *, model_config: Any = None) -> dict[str, Any]:
+    """TrainingArguments keyword arguments that make Trainer shard the same way without the launcher
+    config (the process group must still come from torchrun / accelerate launch)."""
+    check_supported(train_config)
+    if train_config.replicated:
+        raise UsageError("a DDP plan (strategy 'ddp') is not sharded: use ddp_training_arguments")
+    fsdp_config: dict[str, Any] = {
+        "version": FSDP_VERSION,
+        "reshard_after_forward": True,
+        "cpu_offload": train_config.offload == "parameters",
+        "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "state_dict_type": "FULL_STATE_DICT",
+    }
+    if model_config is not None and wrap_class_names(model_config):
+        fsdp_config["transformer_layer_cls_to_wrap"] = wrap_class_names(model_config)
+    return {"fsdp": True, "fsdp_config": fsdp_config}
+
+
+def ddp_training_arguments(train_config: TrainConfig) -> dict[str, Any]:
+    """TrainingArguments keyword arguments for a DDP plan: every parameter of a causal LM gets a gradient
+    in every step, so DDP need not search the autograd graph for unused ones after each forward
+    (Trainer's default without gradient checkpointing), and its buckets are laid out as `replicate` models."""
+    check_supported(train_config)
+    if not train_config.replicated:
+        raise UsageError(f"DDP arguments are for strategy 'ddp' over several GPUs, got {train_config.describe()}")
+    return {"ddp_find_unused_parameters": False}
