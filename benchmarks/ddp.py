@@ -393,9 +393,10 @@ def gpu_identity() -> tuple[str, int | None]:
 
 def searches(gpu: str, gpu_total: int | None) -> list[dict[str, Any]]:
     """memtune's choice per model and budget (predictions only, no trials)."""
+    from memtune.config import Policy
     from memtune.fit import ModelPredictor
     from memtune.predict import throughput
-    from memtune.search.choose import Policy, search
+    from memtune.search.choose import search
     from memtune.sources import parameter_count
 
     budgets = dict(SEARCH_BUDGETS)

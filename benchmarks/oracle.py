@@ -55,10 +55,10 @@ def main() -> None:
     import torch
 
     from benchmarks.ground_truth import environment
+    from memtune.config import Policy
     from memtune.fit import fit_model
     from memtune.measure import memory, verify
     from memtune.measure.probe import probe
-    from memtune.search.choose import Policy
     from memtune.sources import parameter_count, resolve
 
     env = environment()
@@ -109,9 +109,9 @@ def main() -> None:
 
 def offline(args: argparse.Namespace) -> None:
     """Re-check memtune's choice against a measured grid without a GPU (no trial: prediction only)."""
+    from memtune.config import Policy
     from memtune.fit import fit_model
     from memtune.measure.probe import ProbeResult
-    from memtune.search.choose import Policy
     from memtune.sources import parameter_count, resolve
 
     if not args.reuse:

@@ -3,12 +3,11 @@
     plan = memtune.auto_fit("Qwen/Qwen2.5-0.5B", seq_len=1024, batch_size=32)
 """
 
-from memtune.config import Adapter, TrainConfig, parse_bytes
+from memtune.config import Adapter, Policy, TrainConfig, parse_bytes
 from memtune.fit import FitResult, auto_fit, fit_model
 from memtune.measure.probe import probe
 from memtune.plan import Plan
 from memtune.predict.estimate import Estimate, estimate
-from memtune.search.choose import Policy
 from memtune.sources import resolve
 
 __all__ = ["Adapter", "Estimate", "FitResult", "Plan", "Policy", "TrainConfig", "auto_fit", "estimate", "fit_model",

@@ -20,6 +20,7 @@ from memtune.config import (
     PRECISIONS,
     SAVE_TOTAL_LIMIT,
     Adapter,
+    Policy,
     TrainConfig,
     format_bytes,
     known_gpu,
@@ -30,7 +31,6 @@ from memtune.errors import MemtuneError, UsageError
 from memtune.report import html as html_report
 from memtune.report import json as json_report
 from memtune.report import terminal as report
-from memtune.search.choose import Policy
 
 EPILOG_PLAN = """examples:
   memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from memtune.errors import UsageError
@@ -278,3 +278,123 @@ def known_gpu(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> 
         raise UsageError(f"unknown {flag} {name!r}: choose one of {', '.join(KNOWN_GPUS)}, or give {budget_flag}")
     canonical = names[name.lower()]
     return canonical, KNOWN_GPUS[canonical]
+
+
+# ---- what the user allows: the search's policy ----------------------------------------------------
+
+DEFAULT_MARGIN_FRACTION = 0.02
+"""Safety margin: 2% of the budget, but never less than MIN_MARGIN_BYTES. The estimator's median
+error is <1% (its worst seen 16%, Gemma-2), a trial verifies the winner on the GPU, and the OOM
+guard steps down if a run still runs short. On the H200 a 5% margin cost 3.6x in speed at 24 GiB
+(benchmarks/results/oracle_h200.json: llama-3.2-1b's fastest fitting plan needs 22.4 of 24 GiB)."""
+
+
+MIN_MARGIN_BYTES = 256 * MIB
+
+
+OFFLOAD_ORDER = {"none": 0, "optimizer": 1, "parameters": 2}
+
+
+STRATEGIES = ("ddp", "fsdp")
+"""Over several GPUs, fastest first when both fit (ties keep this order)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """What the user allows and pins. None means "let the search choose"."""
+
+    precision: str | None = None
+    """Pin --precision (fp32, bf16-mixed, fp16-mixed, bf16, fp16)."""
+    gradient_checkpointing: bool | None = None
+    micro_batch_size: int | None = None
+    loss: str | None = None
+    offload: str | None = None
+    strategy: str | None = None
+    """Pin how several GPUs share the work: "ddp" (a replica per GPU) or "fsdp" (sharded)."""
+    adapter: Adapter = field(default_factory=Adapter)
+    """The adapter of the LoRA / prefix rung (rank, targets)."""
+    use_adapter: bool | None = None
+    """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
+    None: only when no full fine-tuning configuration fits."""
+    allow_offload: bool = True
+    allow_chunked_loss: bool = True
+    min_micro_batch_size: int = 1
+    margin_bytes: int | None = None
+    """Kept free below the budget; None: 5% of the budget, at least 256 MiB."""
+    bf16_supported: bool = True
+    num_gpus: int = 1
+    max_trials: int = 3
+
+    def validate(self, effective_batch_size: int) -> None:
+        problems = []
+        if self.precision is not None and self.precision not in PRECISIONS:
+            problems.append(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
+        if self.precision in ("bf16-mixed", "bf16") and not self.bf16_supported:
+            problems.append(f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32")
+        if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
+            problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
+                            f"{effective_batch_size}: the effective batch would change")
+        if self.min_micro_batch_size < 1:
+            problems.append(f"minimum micro-batch must be >= 1, got {self.min_micro_batch_size}")
+        if effective_batch_size % self.num_gpus:
+            problems.append(f"batch {effective_batch_size} is not a multiple of {self.num_gpus} GPUs")
+        if self.loss not in (None, "standard", "chunked"):
+            problems.append(f"loss {self.loss!r} is unknown: standard or chunked")
+        if self.offload not in (None, *OFFLOAD_ORDER):
+            problems.append(f"offload {self.offload!r} is unknown: {', '.join(OFFLOAD_ORDER)}")
+        if self.strategy not in (None, *STRATEGIES):
+            problems.append(f"strategy {self.strategy!r} is unknown: ddp or fsdp")
+        if self.strategy == "ddp":
+            if self.num_gpus < 2:
+                problems.append(f"strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, got {self.num_gpus}")
+            if self.offload not in (None, "none"):
+                problems.append(f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload")
+            if self.loss == "chunked":
+                problems.append("strategy ddp needs the standard loss: the chunked loss calls the model past DDP's "
+                                "wrapper, whose forward arms the gradient all-reduce")
+        if problems:
+            raise UsageError("; ".join(problems))
+
+
+def policy_flags(policy: Policy) -> list[str]:
+    """The `memtune fit` options that give this policy (defaults left out), for reproduce lines."""
+    flags = []
+    if policy.precision is not None:
+        flags.append(f"--precision {policy.precision}")
+    if policy.gradient_checkpointing is not None:
+        flags.append(f"--checkpointing {'on' if policy.gradient_checkpointing else 'off'}")
+    if policy.micro_batch_size is not None:
+        flags.append(f"--micro-batch-size {policy.micro_batch_size}")
+    if policy.loss is not None:
+        flags.append(f"--loss {policy.loss}")
+    if policy.offload is not None:
+        flags.append(f"--offload {policy.offload}")
+    if policy.strategy is not None:
+        flags.append(f"--strategy {policy.strategy}")
+    if policy.use_adapter is True:
+        flags.append("--prefix" if policy.adapter.kind == "prefix" else "--lora")
+    if policy.use_adapter is False:
+        flags.append("--no-lora")
+    if policy.use_adapter is not False and policy.adapter.kind == "lora":
+        if policy.adapter.rank != Adapter().rank:
+            flags.append(f"--lora-rank {policy.adapter.rank}")
+        if policy.adapter.target_modules != Adapter().target_modules:
+            targets = policy.adapter.target_modules
+            flags.append(f"--lora-targets {targets if isinstance(targets, str) else ','.join(targets)}")
+    if not policy.allow_offload:
+        flags.append("--no-offload")
+    if not policy.allow_chunked_loss:
+        flags.append("--no-chunked-loss")
+    if policy.min_micro_batch_size != 1:
+        flags.append(f"--min-micro-batch-size {policy.min_micro_batch_size}")
+    if policy.margin_bytes is not None:
+        flags.append(f"--margin {policy.margin_bytes}B")
+    if policy.num_gpus != 1:
+        flags.append(f"--gpus {policy.num_gpus}")
+    return flags
+
+
+def margin_for(budget_bytes: int, policy: Policy) -> int:
+    if policy.margin_bytes is not None:
+        return policy.margin_bytes
+    return max(MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * budget_bytes))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune.config import TrainConfig, format_bytes
+from memtune.config import Policy, TrainConfig, format_bytes
 from memtune.errors import UsageError
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.plan import Plan
@@ -29,7 +29,7 @@ from memtune.predict.estimate import (
     Estimate,
     fits_under,
 )
-from memtune.search.choose import COMMON_CARDS, Policy, SearchResult, search
+from memtune.search.choose import COMMON_CARDS, SearchResult, search
 from memtune.sources import ModelSource
 
 

@@ -111,7 +111,7 @@ def test_readme_fit_command_runs():
 def test_the_reproduce_flags_give_back_the_same_policy(flags):
     """report.fit_commands prints search.policy_flags: parsed again, they must make the same Policy."""
     from memtune.cli import _policy, build_parser
-    from memtune.search.choose import policy_flags
+    from memtune.config import policy_flags
 
     parse = build_parser().parse_args
     policy = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags]))

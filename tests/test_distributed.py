@@ -16,7 +16,6 @@ from memtune.measure import memory, sharded, verify
 from memtune.measure.sharded import measure_sharded
 from memtune.recipe import parallel
 from memtune.recipe.parallel import apply_fsdp, build_replicated_model, ddp_train_step
-from memtune.run import launch
 from memtune.run.launch import (
     accelerate_config,
     ddp_training_arguments,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memtune.config import GIB, MIB, Adapter, TrainConfig
+from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, margin_for
 from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.estimate import Estimate
@@ -15,9 +15,7 @@ from memtune.search.choose import (
     TOO_BIG,
     TRIAL_OOM,
     VERIFIED,
-    Policy,
     candidate_space,
-    margin_for,
     needs_at_least,
     search,
 )

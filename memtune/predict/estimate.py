@@ -20,7 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, MIB, TrainConfig
+from memtune.config import (
+    DEFAULT_CONTEXT_BYTES,
+    DEFAULT_WORKSPACE_BYTES,
+    MIB,
+    TrainConfig,
+)
 from memtune.predict import allocator
 from memtune.predict.trace import Category, Trace, extend, trace_step
 

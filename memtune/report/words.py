@@ -8,14 +8,8 @@ import json
 import shlex
 from typing import TYPE_CHECKING, Any
 
-from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes
-from memtune.search.choose import (
-    EXTRAPOLATED,
-    NOT_EVALUATED,
-    SKIPPED,
-    TRIAL_OOM,
-    policy_flags,
-)
+from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes, policy_flags
+from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, TRIAL_OOM
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
