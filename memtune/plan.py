@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
+from memtune.search import ladder
 
 if TYPE_CHECKING:
     from torch import nn
@@ -148,9 +149,10 @@ class Plan:
         CPU), no reporting integrations. Keyword arguments override or add any TrainingArguments field
         (output_dir, max_steps, learning_rate, ...).
 
-        Offload and multi-GPU sharding are not TrainingArguments: they come from the accelerate config
-        `accelerate launch` is started with (memtune.distributed). A DDP plan (strategy "ddp") also sets
-        ddp_find_unused_parameters=False (every parameter is used; `distributed.ddp_training_arguments`).
+        The fields come from the rungs (`search.ladder.trainer_arguments`), with transformers 5.24's
+        activation_checkpointing names where the installed TrainingArguments has them. Offload and
+        multi-GPU sharding are not TrainingArguments: they come from the accelerate config `accelerate
+        launch` is started with (`run.launch`). A DDP plan also sets ddp_find_unused_parameters=False.
         """
         import dataclasses
 
@@ -160,23 +162,11 @@ class Plan:
         config = self.train_config
         fields = {field_.name for field_ in dataclasses.fields(TrainingArguments)}
         on_cpu = bool(overrides.get("use_cpu")) or not torch.cuda.is_available()
-        arguments: dict[str, Any] = {
-            "per_device_train_batch_size": config.micro_batch_size,
-            "gradient_accumulation_steps": config.grad_accum_steps,
-            "bf16": config.amp == "bf16",
-            "fp16": config.amp == "fp16",
-            "optim": "adamw_torch" if on_cpu else "adamw_torch_fused",
-            "report_to": "none",
-        }
-        # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (old name deprecated).
-        name = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-        arguments[name] = config.gradient_checkpointing
-        if config.gradient_checkpointing:
-            arguments[f"{name}_kwargs"] = {"use_reentrant": False}
-        if config.replicated:
-            from memtune.run.launch import ddp_training_arguments
-
-            arguments.update(ddp_training_arguments(config))
+        arguments: dict[str, Any] = {"optim": "adamw_torch" if on_cpu else "adamw_torch_fused", "report_to": "none"}
+        for name, value in ladder.trainer_arguments(config).items():
+            # transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs).
+            renamed = name.replace("gradient_checkpointing", "activation_checkpointing")
+            arguments[renamed if renamed in fields else name] = value
         arguments.update(overrides)
         return TrainingArguments(**arguments)
 

@@ -15,10 +15,10 @@ from memtune.search.choose import (
     TOO_BIG,
     TRIAL_OOM,
     VERIFIED,
-    candidate_space,
     needs_at_least,
     search,
 )
+from memtune.search.ladder import candidate_space
 
 
 def short(config: TrainConfig) -> str:

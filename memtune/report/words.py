@@ -9,6 +9,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes, policy_flags
+from memtune.search import ladder
 from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, TRIAL_OOM
 
 if TYPE_CHECKING:
@@ -43,15 +44,6 @@ CATEGORY_COLOURS = {
 
 
 OTHER_COLOUR = "#666666"
-
-
-PRECISION_NOTES = {
-    "fp32": "fp32: full precision",
-    "bf16-mixed": "bf16-mixed: standard mixed precision",
-    "fp16-mixed": "fp16-mixed: mixed precision with loss scaling",
-    "bf16": "bf16 weights: no fp32 master copy (small updates can be lost)",
-    "fp16": "fp16 weights: no fp32 master copy (small updates can be lost)",
-}
 
 
 DEFAULT_PLAN_PATH = "memtune-plan.json"
@@ -103,7 +95,7 @@ def quality_note(config: TrainConfig, model_config: Any = None, num_parameters: 
     """What the configuration costs in training quality, in a few words: "LoRA r=16: trains ~1.1% of
     weights", "fp32: full precision". `short` leaves out the name (beside a configuration that has it)."""
     if config.adapter is None:
-        note = PRECISION_NOTES.get(config.precision, config.precision)
+        note = ladder.precision_quality(config)
         return note.split(": ", 1)[-1] if short else note
     share = trained_share(config, model_config, num_parameters)
     name = f"LoRA r={config.adapter.rank}" if config.adapter.kind == "lora" else config.adapter.describe()
@@ -114,42 +106,20 @@ def quality_note(config: TrainConfig, model_config: Any = None, num_parameters: 
 
 
 def changes_to_make(config: TrainConfig) -> list[str]:
-    """The settings that turn a default fine-tuning script into `config`, one per technique."""
-    changes = [f"micro-batch {config.micro_batch_size} per device, {config.grad_accum_steps} gradient accumulation "
-               f"step{'s' if config.grad_accum_steps > 1 else ''} (effective batch {config.effective_batch_size} kept)"]
-    precision = {
-        "fp32": "precision fp32: no mixed-precision flags",
-        "bf16-mixed": "precision bf16-mixed: fp32 weights, bf16 autocast (TrainingArguments bf16=True)",
-        "fp16-mixed": "precision fp16-mixed: fp32 weights, fp16 autocast and loss scaling (TrainingArguments fp16=True)",
-        "bf16": "precision bf16: load the weights in bf16 (dtype=torch.bfloat16), no autocast",
-        "fp16": "precision fp16: load the weights in fp16 (dtype=torch.float16), no autocast",
-    }
-    changes.append(precision.get(config.precision, f"precision {config.precision}"))
-    if config.gradient_checkpointing:
-        changes.append("gradient checkpointing on, non-reentrant (gradient_checkpointing=True, use_reentrant=False)")
-    else:
-        changes.append("gradient checkpointing off")
-    adapter = config.adapter
-    if adapter is not None and adapter.kind == "lora":
-        changes.append(f"LoRA (peft): r={adapter.rank}, lora_alpha={adapter.alpha}, dropout {adapter.dropout}, "
-                       f"target_modules={_python(adapter.target_modules)}")
-    elif adapter is not None:
-        changes.append(f"{adapter.describe()} (peft)")
-    if config.loss == "chunked":
-        changes.append("chunked loss: the LM head and cross-entropy in chunks of tokens (memtune run applies it)")
-    if config.offload != "none":
-        changes.append(f"offload {config.offload} to CPU (FSDP CPU offload through accelerate; memtune run sets it up)")
-    if config.replicated:
-        changes.append(f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
-                       "ddp_find_unused_parameters=False; memtune run sets it up)")
-    elif config.num_gpus > 1:
-        changes.append(f"{config.num_gpus} GPUs, sharded with FSDP through accelerate")
-    return changes
+    """The settings that turn a default fine-tuning script into `config`, one per technique (each rung's words)."""
+    return ladder.settings(config)
 
 
 def _python(value: Any) -> str:
     """A Python literal for a snippet: strings in double quotes, tuples of module names as lists."""
     return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def _python_argument(value: Any) -> str:
+    """A keyword argument's value as Python source: True, 16, {"use_reentrant": False}."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(key)}: {_python_argument(item)}" for key, item in value.items()) + "}"
+    return repr(value)
 
 
 def python_snippet(config: TrainConfig) -> str:
@@ -170,22 +140,10 @@ def python_snippet(config: TrainConfig) -> str:
         imports.append("from peft import PrefixTuningConfig, get_peft_model")
         body.append(f"model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens={adapter.num_virtual_tokens}, "
                     "task_type=\"CAUSAL_LM\"))")
-    body += [
-        "args = TrainingArguments(",
-        "    output_dir=\"out\",",
-        f"    per_device_train_batch_size={config.micro_batch_size},",
-        f"    gradient_accumulation_steps={config.grad_accum_steps},",
-        f"    bf16={config.amp == 'bf16'},",
-    ]
-    if config.amp == "fp16":
-        body.append("    fp16=True,")
-    if config.gradient_checkpointing:  # non-reentrant, as memtune predicts and measures it
-        body += ["    gradient_checkpointing=True,  # activation_checkpointing=True from transformers 5.24",
-                 "    gradient_checkpointing_kwargs={\"use_reentrant\": False},"]
-    else:
-        body.append("    gradient_checkpointing=False,")
-    if config.replicated:
-        body.append("    ddp_find_unused_parameters=False,")
+    body += ["args = TrainingArguments(", "    output_dir=\"out\","]
+    for name, value in ladder.trainer_arguments(config).items():
+        comment = "  # activation_checkpointing=True from transformers 5.24" if name == "gradient_checkpointing" and value else ""
+        body.append(f"    {name}={_python_argument(value)},{comment}")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
                                      (f"offload of {config.offload}", config.offload != "none"),

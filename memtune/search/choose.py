@@ -38,12 +38,11 @@ from memtune.config import (
     TrainConfig,
     format_bytes,
     margin_for,
-    precision_config,
 )
-from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.ddp import DDP_BUCKETS
 from memtune.predict.estimate import Estimate
+from memtune.search import ladder
 
 EXTRAPOLATION_SLACK = 1.10
 """A candidate whose memory, extrapolated from the nearest traced micro-batch of the same family,
@@ -208,62 +207,6 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     )
 
 
-def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
-    """Micro-batches that keep the effective batch exactly (divisors), largest first."""
-    if policy.micro_batch_size is not None:
-        return [policy.micro_batch_size]
-    per_gpu = effective_batch_size // policy.num_gpus
-    sizes = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and m >= policy.min_micro_batch_size]
-    if not sizes:
-        raise UsageError(f"no micro-batch >= {policy.min_micro_batch_size} divides the per-GPU batch {per_gpu}: "
-                         "lower --min-micro-batch-size or change --batch-size")
-    return sizes
-
-
-def precisions(policy: Policy, with_adapter: bool) -> list[str]:
-    """Fastest first. A frozen base can be stored in 16 bits (how LoRA is usually run); trained
-    weights keep fp32 master copies (mixed precision), as Trainer(bf16=True) does."""
-    if policy.precision is not None:
-        return [policy.precision]
-    half = "bf16" if policy.bf16_supported else "fp16"
-    return [half, f"{half}-mixed", "fp32"] if with_adapter else [f"{half}-mixed", "fp32"]
-
-
-def strategies(policy: Policy) -> list[str]:
-    """How the GPUs may share the work: both over several GPUs (unless pinned); one GPU has no choice."""
-    if policy.num_gpus < 2:
-        return ["fsdp"]  # TrainConfig's default: no wrapper on one GPU (FSDP only for CPU offload)
-    return [policy.strategy] if policy.strategy else list(STRATEGIES)
-
-
-def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
-    checkpointing = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
-    losses = [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
-    offloads = [policy.offload] if policy.offload else (["none", "parameters"] if policy.allow_offload and not with_adapter else ["none"])
-    configs = []
-    for precision in precisions(policy, with_adapter):
-        weights, amp = precision_config(precision)
-        for micro in micro_batch_sizes(effective_batch_size, policy):
-            for ckpt in checkpointing:
-                for loss in losses:
-                    for offload in offloads:
-                        if (offload != "none" or policy.num_gpus > 1) and loss != "standard":
-                            # FSDP needs the loss inside the root module (distributed.check_supported);
-                            # DDP needs the forward through its wrapper, which arms the all-reduce.
-                            continue
-                        for strategy in strategies(policy):
-                            if strategy == "ddp" and offload != "none":
-                                continue  # a replica per GPU has nothing to offload through: FSDP does that
-                            configs.append(TrainConfig(
-                                seq_len=seq_len, micro_batch_size=micro,
-                                grad_accum_steps=effective_batch_size // (micro * policy.num_gpus),
-                                weights_dtype=weights, amp=amp, gradient_checkpointing=ckpt,
-                                adapter=policy.adapter if with_adapter else None, loss=loss, offload=offload,
-                                num_gpus=policy.num_gpus, strategy=strategy,
-                            ))
-    return configs
-
-
 def stages(policy: Policy) -> list[bool]:
     """Whether each stage trains an adapter: full fine-tuning first, adapters only if needed."""
     if policy.use_adapter is True:
@@ -293,7 +236,7 @@ def search(
     say = progress or (lambda message: None)
     for with_adapter in stages(policy):
         ranked = [Candidate(config, predictor.tokens_per_second(config))
-                  for config in candidate_space(seq_len, effective_batch_size, policy, with_adapter)]
+                  for config in ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)]
         ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep space order
         result.candidates.extend(ranked)
         result.chosen = _walk(ranked, predictor, result, policy, trial, say)
@@ -386,45 +329,13 @@ def _predict(predictor: Predictor, result: SearchResult, config: TrainConfig) ->
 
 def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) -> list[Alternative]:
     """The winner with each technique of the ladder switched the other way (pinned ones excepted)."""
-    chosen = result.chosen.config
-    changes: list[tuple[str, TrainConfig]] = []
-    if chosen.grad_accum_steps > 1 and policy.micro_batch_size is None:
-        micro = result.effective_batch_size // chosen.num_gpus
-        changes.append((f"no gradient accumulation (micro-batch {micro})",
-                        chosen.replace(micro_batch_size=micro, grad_accum_steps=1)))
-    if policy.precision is None:
-        other = "fp32" if chosen.precision != "fp32" else ("bf16-mixed" if policy.bf16_supported else "fp16-mixed")
-        if chosen.adapter is None or other != chosen.precision:
-            weights, amp = precision_config(other)
-            changes.append((f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)))
-    if policy.gradient_checkpointing is None:
-        flip = not chosen.gradient_checkpointing
-        changes.append(("+ gradient checkpointing" if flip else "- gradient checkpointing",
-                        chosen.replace(gradient_checkpointing=flip)))
-    if policy.loss is None and policy.allow_chunked_loss and chosen.num_gpus == 1 and chosen.offload == "none":
-        flip = "standard" if chosen.loss == "chunked" else "chunked"
-        changes.append((f"{'+' if flip == 'chunked' else '-'} chunked loss", chosen.replace(loss=flip)))
-    if policy.offload is None and policy.allow_offload and chosen.adapter is None and policy.strategy != "ddp":
-        flip = "none" if chosen.offload != "none" else "parameters"
-        label = f"{'+' if flip != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else "")
-        if chosen.strategy == "ddp":
-            label += " (FSDP)"
-        changes.append((label, chosen.replace(offload=flip, loss="standard", strategy="fsdp" if flip != "none" else chosen.strategy)))
-    if policy.strategy is None and chosen.num_gpus > 1:
-        if chosen.strategy == "ddp":
-            changes.append(("FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")))
-        elif policy.offload in (None, "none"):
-            label = "DDP instead of FSDP (a replica per GPU)" + (" without offload" if chosen.offload != "none" else "")
-            changes.append((label, chosen.replace(strategy="ddp", offload="none")))
-    if policy.use_adapter is None:
-        if chosen.adapter is None:
-            changes.append((f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)))
-    alternatives = []
-    for change, config in changes:
+    assert result.chosen is not None
+    found = []
+    for change, config in ladder.alternatives(result.chosen.config, policy, result.effective_batch_size):
         estimate = _predict(predictor, result, config)
-        alternatives.append(Alternative(change, config, estimate.total_bytes, predictor.tokens_per_second(config),
-                                        predictor.fits(estimate, result.usable_bytes)))
-    return alternatives
+        found.append(Alternative(change, config, estimate.total_bytes, predictor.tokens_per_second(config),
+                                 predictor.fits(estimate, result.usable_bytes)))
+    return found
 
 
 def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Policy) -> None:

@@ -1,0 +1,383 @@
+"""The escalation ladder: each memory technique ("rung") declared once, in one class.
+
+A rung says, for one field of `TrainConfig`:
+- `options`: the values the search tries (fastest-leaning first), given the user's `Policy` and
+  whether this stage trains an adapter; a pinned value is the only option;
+- `conflict`: why a combination of values cannot run (None when it can);
+- `flip`: the winner with this technique switched the other way, for "why this one";
+- `setting`: the line of "what to set" in the report;
+- `quality`: what it costs in training quality (None when it changes nothing trained);
+- `trainer_arguments`: the `transformers.TrainingArguments` fields that turn it on (the rest -
+  the chunked loss, offload, several GPUs - is applied by `memtune run` and `accelerate launch`).
+
+How the recipe applies a field (`recipe.step.prepare_model`, `recipe.parallel`) and what the speed
+model charges for it (`predict.throughput`) are functions of the same `TrainConfig` field; each rung
+names them in its docstring. Adding a rung is: a `TrainConfig` field (and a `Policy` pin, from which
+the CLI flag is generated), a class here and a line in `LADDER`, its recipe hook and its speed term.
+
+`LADDER` is in the order the candidate space is enumerated, which is also the order of the "why
+this one" alternatives: candidates with equal predicted speed keep that order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Any
+
+from memtune.config import STRATEGIES, Policy, TrainConfig, precision_config
+from memtune.errors import UsageError
+
+
+class Rung:
+    """One technique of the ladder (see the module docstring). Subclasses override what applies."""
+
+    name: str = ""
+    """In the report's words: "gradient checkpointing"."""
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        """The settings to try, each a dict of TrainConfig field values."""
+        raise NotImplementedError
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        """Why a combination (TrainConfig field values, before TrainConfig checks them) cannot run, or None."""
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        """(what changed in words, the configuration) with this technique the other way, or None."""
+        return None
+
+    def setting(self, config: TrainConfig) -> str | None:
+        """The "what to set" line, or None when there is nothing to set."""
+        return None
+
+    def quality(self, config: TrainConfig) -> str | None:
+        """What this setting costs in training quality, or None."""
+        return None
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        """TrainingArguments fields for this setting (transformers' names as of 5.17)."""
+        return {}
+
+
+class MicroBatch(Rung):
+    """Micro-batch x gradient accumulation (x GPUs) = the effective batch, kept exactly.
+
+    Recipe: `recipe.step.train_step` runs `grad_accum_steps` micro-batches per optimizer step.
+    Speed: `throughput.step_seconds` (per-micro-batch overhead and the kernels' efficiency at its size)."""
+
+    name = "micro-batch"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        return [{"micro_batch_size": micro, "grad_accum_steps": effective_batch_size // (micro * policy.num_gpus)}
+                for micro in micro_batch_sizes(effective_batch_size, policy)]
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if chosen.grad_accum_steps == 1 or policy.micro_batch_size is not None:
+            return None
+        micro = effective_batch_size // chosen.num_gpus
+        return f"no gradient accumulation (micro-batch {micro})", chosen.replace(micro_batch_size=micro, grad_accum_steps=1)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        return (f"micro-batch {config.micro_batch_size} per device, {config.grad_accum_steps} gradient accumulation "
+                f"step{'s' if config.grad_accum_steps > 1 else ''} (effective batch {config.effective_batch_size} kept)")
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        return {"per_device_train_batch_size": config.micro_batch_size,
+                "gradient_accumulation_steps": config.grad_accum_steps}
+
+
+class Precision(Rung):
+    """The dtype the weights are stored in and the autocast dtype (`--precision`).
+
+    Recipe: `recipe.step.build_model` (weights dtype) and `recipe.step.amp_context` (autocast; a
+    GradScaler for fp16). Speed: `throughput.GpuSpeed` matmul throughput per dtype."""
+
+    name = "precision"
+    NOTES = {
+        "fp32": "full precision",
+        "bf16-mixed": "standard mixed precision",
+        "fp16-mixed": "mixed precision with loss scaling",
+        "bf16": "no fp32 master copy (small updates can be lost)",
+        "fp16": "no fp32 master copy (small updates can be lost)",
+    }
+    SETTINGS = {
+        "fp32": "precision fp32: no mixed-precision flags",
+        "bf16-mixed": "precision bf16-mixed: fp32 weights, bf16 autocast (TrainingArguments bf16=True)",
+        "fp16-mixed": "precision fp16-mixed: fp32 weights, fp16 autocast and loss scaling (TrainingArguments fp16=True)",
+        "bf16": "precision bf16: load the weights in bf16 (dtype=torch.bfloat16), no autocast",
+        "fp16": "precision fp16: load the weights in fp16 (dtype=torch.float16), no autocast",
+    }
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        settings = []
+        for precision in precisions(policy, with_adapter):
+            weights, amp = precision_config(precision)
+            settings.append({"weights_dtype": weights, "amp": amp})
+        return settings
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.precision is not None:
+            return None
+        other = "fp32" if chosen.precision != "fp32" else ("bf16-mixed" if policy.bf16_supported else "fp16-mixed")
+        if chosen.adapter is not None and other == chosen.precision:
+            return None
+        weights, amp = precision_config(other)
+        return f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        return self.SETTINGS.get(config.precision, f"precision {config.precision}")
+
+    def quality(self, config: TrainConfig) -> str | None:
+        note = self.NOTES.get(config.precision, config.precision)
+        if config.precision in ("bf16", "fp16"):
+            return f"{config.precision} weights: {note}"
+        return f"{config.precision}: {note}"
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"bf16": config.amp == "bf16"}
+        if config.amp == "fp16":
+            arguments["fp16"] = True
+        return arguments
+
+
+class Checkpointing(Rung):
+    """Gradient (activation) checkpointing of every decoder layer, non-reentrant.
+
+    Recipe: `recipe.step.prepare_model` (`gradient_checkpointing_enable(use_reentrant=False)`).
+    Speed: `throughput.micro_batch_seconds` (one more forward of the decoder layers in backward)."""
+
+    name = "gradient checkpointing"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        values = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
+        return [{"gradient_checkpointing": value} for value in values]
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.gradient_checkpointing is not None:
+            return None
+        on = not chosen.gradient_checkpointing
+        return ("+ gradient checkpointing" if on else "- gradient checkpointing"), chosen.replace(gradient_checkpointing=on)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.gradient_checkpointing:
+            return "gradient checkpointing on, non-reentrant (gradient_checkpointing=True, use_reentrant=False)"
+        return "gradient checkpointing off"
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        # transformers 5.24 renamed these to activation_checkpointing(_kwargs); Plan.training_arguments
+        # uses the new names where the installed TrainingArguments has them.
+        arguments: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
+        if config.gradient_checkpointing:
+            arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        return arguments
+
+
+class Loss(Rung):
+    """The LM head and cross-entropy computed in chunks of tokens, each recomputed in backward.
+
+    Recipe: `recipe.step.forward_loss` -> `recipe.loss.chunked_causal_lm_loss`.
+    Speed: `throughput.micro_batch_seconds` (the LM head's matmul once more in backward)."""
+
+    name = "chunked loss"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        values = [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
+        return [{"loss": value} for value in values]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if fields["loss"] != "standard" and (fields["offload"] != "none" or fields["num_gpus"] > 1):
+            # FSDP needs the loss inside the root module (recipe.parallel.check_supported);
+            # DDP needs the forward through its wrapper, which arms the all-reduce.
+            return "the chunked loss runs outside the FSDP/DDP root module"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.loss is not None or not policy.allow_chunked_loss or chosen.num_gpus > 1 or chosen.offload != "none":
+            return None
+        flipped = "standard" if chosen.loss == "chunked" else "chunked"
+        return f"{'+' if flipped == 'chunked' else '-'} chunked loss", chosen.replace(loss=flipped)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.loss == "chunked":
+            return "chunked loss: the LM head and cross-entropy in chunks of tokens (memtune run applies it)"
+        return None
+
+
+class Offload(Rung):
+    """FSDP2 CPU offload of parameters, gradients and optimizer state (also with one GPU).
+
+    Recipe: `recipe.parallel.apply_fsdp` (CPUOffloadPolicy). Speed: `throughput.fsdp_micro_batch_seconds`
+    (host-device copies and the optimizer step on the CPU)."""
+
+    name = "CPU offload"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        if policy.offload:
+            values = [policy.offload]
+        else:
+            values = ["none", "parameters"] if policy.allow_offload and not with_adapter else ["none"]
+        return [{"offload": value} for value in values]
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.offload is not None or not policy.allow_offload or chosen.adapter is not None or policy.strategy == "ddp":
+            return None
+        flipped = "none" if chosen.offload != "none" else "parameters"
+        label = f"{'+' if flipped != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else "")
+        if chosen.strategy == "ddp":
+            label += " (FSDP)"
+        strategy = "fsdp" if flipped != "none" else chosen.strategy
+        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.offload != "none":
+            return f"offload {config.offload} to CPU (FSDP CPU offload through accelerate; memtune run sets it up)"
+        return None
+
+
+class Strategy(Rung):
+    """How several GPUs share the work: a full replica per GPU (DDP) or FSDP2 full sharding.
+
+    Recipe: `recipe.parallel.build_replicated_model` / `apply_fsdp`. Speed: `throughput.ddp_sync_seconds`
+    and `throughput.fsdp_micro_batch_seconds` (the collectives)."""
+
+    name = "strategy"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        return [{"strategy": strategy, "num_gpus": policy.num_gpus} for strategy in strategies(policy)]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if fields["strategy"] == "ddp" and fields["offload"] != "none":
+            return "a replica per GPU has nothing to offload through: FSDP does that"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.strategy is not None or chosen.num_gpus < 2:
+            return None
+        if chosen.strategy == "ddp":
+            return "FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")
+        if policy.offload not in (None, "none"):
+            return None
+        label = "DDP instead of FSDP (a replica per GPU)" + (" without offload" if chosen.offload != "none" else "")
+        return label, chosen.replace(strategy="ddp", offload="none")
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.replicated:
+            return (f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
+                    "ddp_find_unused_parameters=False; memtune run sets it up)")
+        if config.num_gpus > 1:
+            return f"{config.num_gpus} GPUs, sharded with FSDP through accelerate"
+        return None
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        # Every parameter of a causal LM gets a gradient in every step: no search for unused ones
+        # (run.launch.ddp_training_arguments says why; FSDP comes from the accelerate config instead).
+        return {"ddp_find_unused_parameters": False} if config.replicated else {}
+
+
+class AdapterRung(Rung):
+    """LoRA or prefix tuning through peft: trains the adapter only (a quality trade), tried when
+    nothing else fits unless the policy asks for it (`Policy.use_adapter`).
+
+    Recipe: `recipe.step.prepare_model` (`peft.get_peft_model` with `recipe.step.peft_config`).
+    Speed: `throughput.trained_parameters` (only the adapter's gradients and optimizer step)."""
+
+    name = "adapter"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        return [{"adapter": policy.adapter if with_adapter else None}]
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.use_adapter is not None or chosen.adapter is not None:
+            return None
+        return f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        adapter = config.adapter
+        if adapter is None:
+            return None
+        if adapter.kind == "lora":
+            targets = adapter.target_modules
+            shown = json.dumps(list(targets) if isinstance(targets, tuple) else targets)
+            return (f"LoRA (peft): r={adapter.rank}, lora_alpha={adapter.alpha}, dropout {adapter.dropout}, "
+                    f"target_modules={shown}")
+        return f"{adapter.describe()} (peft)"
+
+
+# Enumeration order of the candidate space and of the "why this one" alternatives.
+ADAPTER = AdapterRung()
+LADDER: tuple[Rung, ...] = (MicroBatch(), Precision(), Checkpointing(), Loss(), Offload(), Strategy(), ADAPTER)
+PRECISION = LADDER[1]
+
+
+def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
+    """Micro-batches that keep the effective batch exactly (divisors), largest first.
+
+    Raises UsageError when `policy.min_micro_batch_size` leaves none."""
+    if policy.micro_batch_size is not None:
+        return [policy.micro_batch_size]
+    per_gpu = effective_batch_size // policy.num_gpus
+    sizes = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and m >= policy.min_micro_batch_size]
+    if not sizes:
+        raise UsageError(f"no micro-batch >= {policy.min_micro_batch_size} divides the per-GPU batch {per_gpu}: "
+                         "lower --min-micro-batch-size or change --batch-size")
+    return sizes
+
+
+def precisions(policy: Policy, with_adapter: bool) -> list[str]:
+    """Fastest first. A frozen base can be stored in 16 bits (how LoRA is usually run); trained
+    weights keep fp32 master copies (mixed precision), as Trainer(bf16=True) does."""
+    if policy.precision is not None:
+        return [policy.precision]
+    half = "bf16" if policy.bf16_supported else "fp16"
+    return [half, f"{half}-mixed", "fp32"] if with_adapter else [f"{half}-mixed", "fp32"]
+
+
+def strategies(policy: Policy) -> list[str]:
+    """How the GPUs may share the work: both over several GPUs (unless pinned); one GPU has no choice."""
+    if policy.num_gpus < 2:
+        return ["fsdp"]  # TrainConfig's default: no wrapper on one GPU (FSDP only for CPU offload)
+    return [policy.strategy] if policy.strategy else list(STRATEGIES)
+
+
+def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
+    """Every combination of the rungs' options that can run, in LADDER order (the first rung varies slowest)."""
+    configs = []
+    for combination in itertools.product(*(rung.options(policy, with_adapter, effective_batch_size) for rung in LADDER)):
+        fields: dict[str, Any] = {"seq_len": seq_len}
+        for setting in combination:
+            fields.update(setting)
+        if all(rung.conflict(fields) is None for rung in LADDER):
+            configs.append(TrainConfig(**fields))
+    return configs
+
+
+def alternatives(chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> list[tuple[str, TrainConfig]]:
+    """The winner with each technique switched the other way (pinned and forbidden ones excepted)."""
+    flips = (rung.flip(chosen, policy, effective_batch_size) for rung in LADDER)
+    return [flip for flip in flips if flip is not None]
+
+
+def settings(config: TrainConfig) -> list[str]:
+    """The settings that turn a default fine-tuning script into `config`, one line per technique."""
+    lines = (rung.setting(config) for rung in LADDER)
+    return [line for line in lines if line is not None]
+
+
+def trainer_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The TrainingArguments fields of every rung, in LADDER order (transformers 5.17 names)."""
+    arguments: dict[str, Any] = {}
+    for rung in LADDER:
+        arguments.update(rung.trainer_arguments(config))
+    return arguments
+
+
+def precision_quality(config: TrainConfig) -> str:
+    """The precision's quality note: "bf16-mixed: standard mixed precision"."""
+    return PRECISION.quality(config) or config.precision
+
+
+def is_quality_trade(config: TrainConfig) -> bool:
+    """True when the configuration changes what is trained or drops the fp32 master weights."""
+    return config.adapter is not None or config.weights_dtype != "fp32"
+
