@@ -261,9 +261,11 @@ def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
 
 
 def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.config import margin_for
     from memtune.fit import ModelPredictor, PlanResult
     from memtune.predict import throughput
     from memtune.search.choose import choose_strategy
+    from memtune.search.verdict import judge
     from memtune.sources import parameter_count, resolve
 
     train_config = _train_config(args)
@@ -275,14 +277,15 @@ def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
     # The predictor picks the estimate for the strategy (single GPU, DDP, FSDP) and replays it against the budget.
     predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(args.gpu or "H100"), device=args.trace_device)
     with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
+        margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, Policy())
         if args.strategy == "auto":
-            train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes)
+            train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes, margin_bytes=margin_bytes)
             if why:
                 err.print(f"note: {why}", highlight=False)
         else:
             estimate = predictor.memory(train_config)
-        fits_strict = None if budget_bytes is None else predictor.fits(estimate, budget_bytes)
-    result = PlanResult(source, estimate, budget_bytes, budget_label, num_parameters, fits_strict)
+        verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
+    result = PlanResult(source, estimate, budget_label, num_parameters, verdict)
     if args.json:
         print(json_report.render_plan_json(result))
     else:

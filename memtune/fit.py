@@ -30,6 +30,7 @@ from memtune.predict.estimate import (
     fits_under,
 )
 from memtune.search.choose import COMMON_CARDS, SearchResult, search
+from memtune.search.verdict import Verdict
 from memtune.sources import ModelSource
 
 
@@ -74,21 +75,23 @@ class ModelPredictor:
 
 @dataclass
 class PlanResult:
-    """What `memtune plan` found: one configuration's predicted memory against a budget."""
+    """What `memtune plan` found: one configuration's predicted memory, and its verdict against a budget
+    (`search.verdict.judge`, the same as `memtune fit` gives the same configuration)."""
 
     source: ModelSource
     estimate: Estimate
-    budget_bytes: int | None
     budget_label: str
     num_parameters: int
-    fits_strict: bool | None = None
-    """The replay against the budget's capacity (cache release included) fitted."""
+    verdict: Verdict | None = None
+    """None when no budget was given."""
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.verdict is None else self.verdict.budget_bytes
 
     @property
     def fits(self) -> bool | None:
-        if self.budget_bytes is None:
-            return None
-        return self.estimate.fits(self.budget_bytes) and bool(self.fits_strict)
+        return None if self.verdict is None else self.verdict.fits
 
 
 @dataclass

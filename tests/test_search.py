@@ -305,12 +305,12 @@ def test_choose_strategy_takes_the_faster_that_fits():
     from memtune.search.choose import choose_strategy
 
     config = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", num_gpus=2)
-    chosen, estimate, why = choose_strategy(ShardingPredictor(), config, 20 * GIB)
+    chosen, estimate, why = choose_strategy(ShardingPredictor(), config, 20 * GIB, margin_bytes=0)
     assert chosen.strategy == "ddp" and estimate.config == chosen and "faster that fits" in why
-    chosen, _, why = choose_strategy(ShardingPredictor(), config, 9 * GIB)  # DDP 11 GiB, FSDP 8 GiB
+    chosen, _, why = choose_strategy(ShardingPredictor(), config, 9 * GIB, margin_bytes=0)  # DDP 11 GiB, FSDP 8 GiB
     assert chosen.strategy == "fsdp" and "DDP 11.00 GiB per GPU (too big)" in why
     predictor = ShardingPredictor()
-    chosen, _, why = choose_strategy(predictor, config, None)
+    chosen, _, why = choose_strategy(predictor, config, None, margin_bytes=0)
     assert chosen.strategy == "fsdp" and predictor.calls == ["Fb2"] and "no budget" in why
     single = config.replace(num_gpus=1)
-    assert choose_strategy(ShardingPredictor(), single, GIB)[0] == single
+    assert choose_strategy(ShardingPredictor(), single, GIB, margin_bytes=0)[0] == single

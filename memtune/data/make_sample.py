@@ -124,8 +124,8 @@ def _calendar(rng: random.Random) -> str:
         f"The month after {MONTHS[month]} is {MONTHS[(month + 1) % 12]}.",
         f"{MONTHS[month]} is in {season}.",
         f"In {season} the village often has {rng.choice(WEATHER)}.",
-        f"A week has seven days and a year has twelve months.",
-        f"The days of the week are " + ", ".join(DAYS[:-1]) + f" and {DAYS[-1]}.",
+        "A week has seven days and a year has twelve months.",
+        "The days of the week are " + ", ".join(DAYS[:-1]) + f" and {DAYS[-1]}.",
     ]
     return " ".join(rng.sample(sentences, rng.randint(3, 5)))
 

@@ -23,6 +23,8 @@ def plan_to_dict(result: PlanResult) -> dict[str, Any]:
                   "num_layers": result.estimate.num_layers},
         "budget_bytes": result.budget_bytes,
         "budget": result.budget_label,
+        "margin_bytes": None if result.verdict is None else result.verdict.margin_bytes,
+        "usable_bytes": None if result.verdict is None else result.verdict.usable_bytes,
         "fits": result.fits,
         "estimate": result.estimate.to_dict(),
     }

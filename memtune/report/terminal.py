@@ -79,12 +79,18 @@ def render_plan(result: PlanResult, console: Console) -> None:
         f"(traced {estimate.traced_layers} of {estimate.num_layers} layers on fake {estimate.trace_device} tensors, "
         f"{estimate.seconds:.1f} s)"
     )
-    if result.budget_bytes is None:
+    verdict = result.verdict
+    if verdict is None:
         console.print("no budget given: pass --budget 24GiB or --gpu NAME to check a card")
-    elif result.fits:
-        console.print(f"[green]fits[/green] {result.budget_label}: {format_bytes(result.budget_bytes - total)} to spare")
+        return
+    usable = f"{format_bytes(verdict.usable_bytes)} usable = {result.budget_label} - margin {format_bytes(verdict.margin_bytes)}"
+    if verdict.fits and verdict.spare_bytes >= 0:
+        console.print(f"[green]fits[/green] {usable}: {format_bytes(verdict.spare_bytes)} to spare", highlight=False)
+    elif verdict.fits:
+        console.print(f"[green]fits[/green] {usable}: the peak is {format_bytes(-verdict.spare_bytes)} over it, but the "
+                      "allocator releases its cache under pressure and the replay never runs out", highlight=False)
     else:
-        console.print(f"[red]does not fit[/red] {result.budget_label}: short by {format_bytes(total - result.budget_bytes)}")
+        console.print(f"[red]does not fit[/red] {usable}: short by {format_bytes(verdict.shortfall_bytes)}", highlight=False)
 
 
 def render_models(entries: list[CatalogEntry], console: Console) -> None:

@@ -43,6 +43,7 @@ from memtune.measure.memory import Measurement
 from memtune.predict.ddp import DDP_BUCKETS
 from memtune.predict.estimate import Estimate
 from memtune.search import ladder
+from memtune.search.verdict import judge
 
 EXTRAPOLATION_SLACK = 1.10
 """A candidate whose memory, extrapolated from the nearest traced micro-batch of the same family,
@@ -292,7 +293,7 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         candidate.estimate = predictor.memory(config)
         traced.setdefault(family(config), []).append(candidate.estimate)
         result.estimates += 1
-        if not predictor.fits(candidate.estimate, result.usable_bytes):
+        if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG
             too_big.append(config)
             continue
@@ -334,7 +335,7 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
     for change, config in ladder.alternatives(result.chosen.config, policy, result.effective_batch_size):
         estimate = _predict(predictor, result, config)
         found.append(Alternative(change, config, estimate.total_bytes, predictor.tokens_per_second(config),
-                                 predictor.fits(estimate, result.usable_bytes)))
+                                 judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits))
     return found
 
 
@@ -358,7 +359,7 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
     for divisor in (2, 4):
         shorter = config.replace(seq_len=max(1, config.seq_len // divisor))
         estimate = _predict(predictor, result, shorter)
-        if predictor.fits(estimate, result.usable_bytes):
+        if judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits:
             result.suggestions.append(f"a shorter sequence: --seq-len {shorter.seq_len} fits ({format_bytes(estimate.total_bytes)})")
             break
     result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
@@ -368,19 +369,21 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
 # -- one configuration, either strategy (memtune plan --strategy auto) ------------------------------
 
 
-def choose_strategy(predictor: Predictor, config: TrainConfig, usable_bytes: int | None) -> tuple[TrainConfig, Estimate, str]:
+def choose_strategy(predictor: Predictor, config: TrainConfig, budget_bytes: int | None, *,
+                    margin_bytes: int) -> tuple[TrainConfig, Estimate, str]:
     """Of DDP and FSDP for `config` (several GPUs, no offload, standard loss), the faster predicted one
-    that fits `usable_bytes`; FSDP when neither fits or no budget is given (then DDP is not predicted).
+    that fits `budget_bytes` less `margin_bytes` (`verdict.judge`); FSDP when neither fits or no budget is
+    given (then DDP is not predicted).
     Returns the configuration, its estimate, and why it was chosen in words ("" when there was no choice)."""
     if config.num_gpus < 2 or config.offload != "none" or config.loss != "standard":
         return config, predictor.memory(config), ""
     fsdp = config.replace(strategy="fsdp")
-    if usable_bytes is None:
+    if budget_bytes is None:
         return fsdp, predictor.memory(fsdp), "strategy auto: FSDP, as no budget says whether a replica per GPU (DDP) fits"
     options = [config.replace(strategy=strategy) for strategy in STRATEGIES]
     estimates = {option: predictor.memory(option) for option in options}
     speeds = {option: predictor.tokens_per_second(option) for option in options}
-    fitting = [option for option in options if predictor.fits(estimates[option], usable_bytes)]
+    fitting = [option for option in options if judge(predictor, estimates[option], budget_bytes, margin_bytes).fits]
     chosen = max(fitting, key=lambda option: speeds[option]) if fitting else fsdp
     words = ", ".join(f"{option.strategy.upper()} {format_bytes(estimates[option].total_bytes)} per GPU "
                       f"({'fits' if option in fitting else 'too big'}), {speeds[option]:,.0f} tokens/s predicted"
