@@ -546,12 +546,13 @@ else:
 class GuardedTrainerMixin(_TrainerBase):
     """Put it before a transformers.Trainer (or any subclass of it) in the bases: the Trainer's
     get_batch_samples, training_step, prediction_step and _save_checkpoint go through `oom_guard`
-    (a required keyword argument; other arguments go to the Trainer, by keyword). The module docstring
+    (a required keyword argument; the other arguments go to the Trainer). The module docstring
     says why a subclass is needed: a TrainerCallback is never called around a micro-batch.
 
-    Overrides (transformers 5.24 trainer.py, the same in 4.46-5.17): `get_batch_samples` hands the step's
-    micro-batches to the guard; `training_step` and `prediction_step` run Trainer's own through the guard;
-    `_save_checkpoint` raises MemtuneError once the ranks gave up (the save is collective under FSDP).
+    Overrides (transformers 5.24 trainer.py; 5.17 on the GPU machine has the same four): `get_batch_samples`
+    hands the step's micro-batches to the guard; `training_step` and `prediction_step` run Trainer's own
+    through the guard; `_save_checkpoint` raises MemtuneError once the ranks gave up (the save is collective
+    under FSDP).
     """
 
     def __init__(self, *args: Any, oom_guard: OomGuard, **kwargs: Any):
