@@ -3,11 +3,12 @@
 One command on a host with 2 GPUs (about 4 minutes; writes JSON, prints a table):
     python benchmarks/guard_2gpu.py --out $OUT/guard.json
 
-Two launches of `memtune.runner.run_plan` under `accelerate launch` with the FSDP2 config that
-`memtune.distributed.write_accelerate_config` writes (what `memtune run` relaunches itself with), on a
+Two launches of `memtune.run.runner.run_plan` (its PlanTrainer is a GuardedTrainer: the guard is attached
+through the Trainer subclass) under `accelerate launch` with the FSDP2 config that
+`memtune.run.launch.write_accelerate_config` writes (what `memtune run` relaunches itself with), on a
 catalog model with random weights (default Qwen/Qwen2.5-0.5B, no download):
 1. "guarded": the plan's micro-batch 8 x 1 with the fallback 2 x 4. Each rank first measures both
-   configurations without a cap (`memtune.distributed.measure_sharded`, collective), and the cap is the
+   configurations without a cap (`memtune.measure.sharded.measure_sharded`, collective), and the cap is the
    middle of the two peaks. After `--oom-after-steps` optimizer steps each rank calls
    `torch.cuda.set_per_process_memory_fraction(cap / total memory)`: the next step runs out of memory on
    both ranks, the guard agrees, resets FSDP2, steps down and redoes the step.

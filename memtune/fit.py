@@ -263,8 +263,7 @@ def auto_fit(
 
         plan = memtune.auto_fit("Qwen/Qwen2.5-0.5B", seq_len=1024, batch_size=32)
         model = plan.prepare(model)
-        trainer = Trainer(model=model, args=plan.training_arguments(output_dir="out"),
-                          train_dataset=ds, callbacks=[plan.oom_guard()])
+        trainer = plan.trainer(model=model, args=plan.training_arguments(output_dir="out"), train_dataset=ds)
 
     `budget` ("24GiB", or bytes) or `gpu` (a known card name) plans for memory other than the GPU
     here. `policy` takes `Policy` fields: precision="fp32", gradient_checkpointing=True,

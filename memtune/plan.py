@@ -8,7 +8,7 @@ Adapters to Hugging Face objects (heavy libraries are imported only when called)
 
     model = plan.prepare(model)                        # dtype, checkpointing, LoRA, use_cache off
     args = plan.training_arguments(output_dir="out")   # transformers.TrainingArguments
-    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[plan.oom_guard()])
+    trainer = plan.trainer(model=model, args=args, train_dataset=ds)   # Trainer with the OOM guard attached
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import TrainingArguments
 
-    from memtune.run.guard import OomGuard
+    from memtune.run.guard import GuardedTrainer, OomGuard
 
 PLAN_SCHEMA_VERSION = 1
 
@@ -178,8 +178,26 @@ class Plan:
         return recipe.peft_config(self.train_config)
 
     def oom_guard(self, **options: Any) -> OomGuard:
-        """A TrainerCallback that steps down through `fallbacks` when CUDA runs out of memory and
-        continues from the last completed optimizer step (memtune.oom_guard.OomGuard; `options` go to it)."""
+        """The OOM guard of this plan (memtune.run.guard.OomGuard; `options` go to it): it steps down through
+        `fallbacks` when CUDA runs out of memory and continues from the last completed optimizer step.
+
+        It works only attached to a guarded Trainer: `trainer(...)` below, or a Trainer class deriving from
+        memtune.run.guard.GuardedTrainerMixin made with `oom_guard=`. Given to a plain Trainer as a
+        callback it raises UsageError when training begins (a callback cannot redo a step).
+        """
         from memtune.run.guard import OomGuard
 
         return OomGuard(self.train_config, self.fallbacks, **options)
+
+    def trainer(self, model: nn.Module, args: TrainingArguments | None = None, *, oom_guard: OomGuard | None = None,
+                **trainer_kwargs: Any) -> GuardedTrainer:
+        """A transformers.Trainer with this plan's OOM guard attached (memtune.run.guard.GuardedTrainer).
+
+        `model`: as `prepare` returns it. `args`: TrainingArguments, default `training_arguments()`.
+        `oom_guard`: default `oom_guard()`; the Trainer's `oom_guard` attribute holds it (its `events`,
+        `current`). Other keyword arguments go to Trainer (train_dataset, data_collator, callbacks, ...).
+        """
+        from memtune.run.guard import GuardedTrainer
+
+        return GuardedTrainer(model=model, args=args if args is not None else self.training_arguments(),
+                              oom_guard=oom_guard if oom_guard is not None else self.oom_guard(), **trainer_kwargs)

@@ -1,7 +1,8 @@
 """The OOM guard on CPU: out-of-memory errors are injected with hooks at chosen optimizer steps (in
 forward or half-way through backward), and the guarded run must match an undisturbed run of the same
 plan: the same optimizer steps (none lost, none repeated), the same data, the same losses and weights,
-with micro-batch x accumulation equal to the effective batch at every step."""
+with micro-batch x accumulation equal to the effective batch at every step. The order of step-downs by
+itself is tested in test_stepdown.py."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from memtune.config import TrainConfig
-from memtune.errors import NothingFitsError
+from memtune.errors import NothingFitsError, UsageError
 from memtune.plan import Plan
 from memtune.run import data as data_module
-from memtune.run.guard import OomGuard, step_down_ladder
+from memtune.run.guard import GuardedTrainerMixin, OomGuard, can_switch_loss
 from memtune.run.runner import run_plan
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
@@ -154,15 +155,19 @@ def test_a_single_process_makes_no_process_group_and_no_agreement(model_dir: Pat
     assert [(event["to_config"]["micro_batch_size"], event["ranks"]) for event in summary.guard_events] == [(2, [])]
 
 
+class StubTrainer(GuardedTrainerMixin, types.SimpleNamespace):
+    """What the guard reads of a Trainer when it attaches: args, the parallelism flags, the callback list."""
+
+
 def test_guard_only_monitors_under_deepspeed_and_fsdp1() -> None:
     for kind, trainer_flags in (("DeepSpeed", {"is_deepspeed_enabled": True}),
                                 ("FSDP1", {"is_fsdp_enabled": True, "accelerator": types.SimpleNamespace(is_fsdp2=False)})):
         messages: list[str] = []
         guard = OomGuard(TrainConfig(seq_len=8, micro_batch_size=4), log=messages.append)
         args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
-        trainer = types.SimpleNamespace(args=args, callback_handler=types.SimpleNamespace(callbacks=[]), add_callback=lambda c: None,
-                                        get_batch_samples=None, training_step=None, prediction_step=None, **trainer_flags)
-        guard.attach(trainer)
+        trainer = StubTrainer(args=args, callback_handler=types.SimpleNamespace(callbacks=[]),
+                              add_callback=lambda c: None, oom_guard=guard, **trainer_flags)
+        assert guard.trainer is trainer and trainer.oom_guard is guard
         assert not guard._active and len(messages) == 1 and f"only monitors under {kind}" in messages[0]
 
 
@@ -172,10 +177,11 @@ def test_the_chunked_loss_is_never_a_step_down_under_ddp_or_fsdp() -> None:
     cases = {"single process": ({}, 1, True), "DDP (2 processes)": ({}, 2, False),
              "FSDP2 offload (1 process)": ({"is_fsdp_enabled": True}, 1, False)}
     for name, (flags, world_size, expected) in cases.items():
-        guard = OomGuard(TrainConfig(seq_len=8, micro_batch_size=4))
         args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=world_size)
-        guard.trainer = types.SimpleNamespace(args=args, train_config=guard.current, **flags)
-        assert guard._can_switch_loss() is expected, name
+        trainer = types.SimpleNamespace(args=args, train_config=TrainConfig(seq_len=8, micro_batch_size=4), **flags)
+        assert can_switch_loss(trainer) is expected, name
+    # Only a Trainer with a train_config (the runner's PlanTrainer) can switch its loss.
+    assert can_switch_loss(types.SimpleNamespace(args=types.SimpleNamespace(world_size=1))) is False
 
 
 def test_guard_switches_checkpointing_on_in_place(model_dir: Path, tmp_path: Path) -> None:
@@ -204,7 +210,7 @@ def test_guard_gives_up_with_nothing_fits_and_the_last_step_is_saved(model_dir: 
 
 
 def test_guard_halves_an_evaluation_batch_that_runs_out_of_memory(model_dir: Path, tmp_path: Path) -> None:
-    """The API flow: Trainer(callbacks=[plan.oom_guard()]) attaches the guard by itself."""
+    """The API flow: plan.trainer(...) is a Trainer with the guard attached."""
     from transformers import Trainer, default_data_collator
 
     tokenizer = data_module.sample_tokenizer()
@@ -219,11 +225,11 @@ def test_guard_halves_an_evaluation_batch_that_runs_out_of_memory(model_dir: Pat
                 if inputs[0].shape[0] > 2:
                     raise oom("evaluation")
             model.model.layers[1].register_forward_pre_hook(forward)
-        guard = plan.oom_guard()
         args = plan.training_arguments(output_dir=str(tmp_path / "eval"), per_device_eval_batch_size=8, use_cpu=True)
-        trainer = Trainer(model=model, args=args, eval_dataset=evaluation, data_collator=default_data_collator,
-                          callbacks=[guard])
-        assert guard.trainer is trainer
+        trainer = plan.trainer(model=model, args=args, eval_dataset=evaluation, data_collator=default_data_collator)
+        guard = trainer.oom_guard
+        assert isinstance(trainer, Trainer) and guard.trainer is trainer
+        assert sum(callback is guard for callback in trainer.callback_handler.callbacks) == 1
         return trainer.evaluate()["eval_loss"], guard
 
     expected, _ = evaluate(inject=False)
@@ -248,11 +254,24 @@ def test_guard_warns_when_the_allocator_starts_retrying() -> None:
     assert len(messages) == 2 and "retry cudaMalloc 3 times by step 2" in messages[0]
 
 
-def test_step_down_ladder_keeps_the_effective_batch() -> None:
-    config = TrainConfig(seq_len=8, micro_batch_size=4, grad_accum_steps=2)
-    ladder = step_down_ladder(config, loader_micro_batch=4, chunked_loss=True)
-    assert [(c.micro_batch_size, c.grad_accum_steps, c.gradient_checkpointing, c.loss) for c in ladder] == [
-        (2, 4, False, "standard"), (1, 8, False, "standard"),
-        (4, 2, True, "standard"), (2, 4, True, "standard"), (1, 8, True, "standard"),
-        (1, 8, True, "chunked"),
-    ]
+def test_a_guard_given_to_a_plain_trainer_says_how_to_attach_it(model_dir: Path, tmp_path: Path) -> None:
+    """A TrainerCallback cannot redo a step: the guard as a plain callback must fail, never only watch."""
+    from transformers import Trainer, default_data_collator
+
+    tokenizer = data_module.sample_tokenizer()
+    dataset = data_module.build_dataset(tokenizer, SEQ_LEN, CORPUS)
+    plan = Plan(str(model_dir), TrainConfig(seq_len=SEQ_LEN, micro_batch_size=4, grad_accum_steps=2), 1 << 30)
+    model = plan.prepare(AutoModelForCausalLM.from_pretrained(model_dir))
+    args = plan.training_arguments(output_dir=str(tmp_path / "plain"), max_steps=1, use_cpu=True)
+    guard = plan.oom_guard()
+    evaluation = torch.utils.data.Subset(dataset, range(4))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, eval_dataset=evaluation,
+                      data_collator=default_data_collator, callbacks=[guard])
+    how = r"not guarded: .*plan\.trainer\(model=model, args=args, \.\.\.\).*GuardedTrainerMixin"
+    with pytest.raises(UsageError, match=how):
+        trainer.train()
+    with pytest.raises(UsageError, match="not guarded"):
+        trainer.evaluate()  # evaluation alone never calls on_train_begin
+    with pytest.raises(UsageError, match="Trainer, which is not guarded"):
+        guard.attach(trainer)
+    assert guard.trainer is None and guard.events == []

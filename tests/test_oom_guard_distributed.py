@@ -3,9 +3,10 @@ file:// store in tmp_path), a real FSDP2 model sharded as accelerate shards it (
 or a real DDP model, and out-of-memory errors injected with hooks on a decoder layer.
 
 A whole transformers Trainer cannot run FSDP2 on CPU (accelerate applies its FSDP plugin only to GPU
-distributed types), so `MiniTrainer` plays the part of Trainer that the guard wraps: get_batch_samples, then
-one training_step per micro-batch inside accelerate's no_sync for all but the last, then the optimizer step
-(transformers 5.24 trainer.py `_inner_training_loop`).
+distributed types), so `MiniTrainer` plays the part of Trainer that GuardedTrainerMixin overrides:
+get_batch_samples, then one training_step per micro-batch inside accelerate's no_sync for all but the last,
+then the optimizer step (transformers 5.24 trainer.py `_inner_training_loop`); `_save_checkpoint` saves
+nothing. The guard is attached as in a real run: `GuardedMiniTrainer(GuardedTrainerMixin, MiniTrainer)`.
 """
 
 from __future__ import annotations
@@ -167,6 +168,9 @@ class MiniTrainer:
     def prediction_step(self, model: Any, inputs: Any, prediction_loss_only: bool, ignore_keys: Any = None) -> Any:
         raise NotImplementedError
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's save is collective under FSDP; here there is nothing to save."""
+
     def no_sync(self) -> Any:
         """accelerate's Accelerator.no_sync for FSDP2 and DDP."""
         if self.kind == "fsdp2":
@@ -213,17 +217,20 @@ def full_parameters(model: Any) -> list[list[float]]:
 
 def guarded_run(rank: int, kind: str, rules: list[list[Any]], output_dir: str = "", **guard_options: Any) -> dict[str, Any]:
     from memtune.config import TrainConfig
-    from memtune.run.guard import OomGuard
+    from memtune.run.guard import GuardedTrainerMixin, OomGuard
+
+    class GuardedMiniTrainer(GuardedTrainerMixin, MiniTrainer):
+        """MiniTrainer with the guard attached, as GuardedTrainer is Trainer with it."""
 
     model = build_model(kind)
     faults = Faults(rank, rules)
     faults.install(decoder_layer(model))
-    trainer = MiniTrainer(model, kind)
-    trainer.args.output_dir, trainer.args.should_save = output_dir, rank == 0
     plan = TrainConfig(seq_len=SEQ_LEN, micro_batch_size=MICRO_BATCH, grad_accum_steps=ACCUMULATION, num_gpus=2)
     guard = OomGuard(plan, [plan.replace(**fallback) for fallback in FALLBACKS], log=lambda message: None,
                      alloc_retries=lambda: None, **guard_options)
-    guard.attach(trainer)
+    # The guard reads output_dir and should_save only when it gives up: set after it attached in __init__.
+    trainer = GuardedMiniTrainer(model, kind, oom_guard=guard)
+    trainer.args.output_dir, trainer.args.should_save = output_dir, rank == 0
     try:
         losses = trainer.train(batches(rank), faults, guard)
     except Exception as error:
@@ -271,11 +278,11 @@ def _fsdp_reset(rank: int) -> dict[str, Any]:
     from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import ShardedState
 
-    from memtune.run.guard import _param_groups, reset_fsdp
+    from memtune.run.resets import fsdp_param_groups, reset_fsdp
 
     def groups(model: Any) -> list[Any]:
         return [group for module in model.modules() if isinstance(module, FSDPModule)
-                for group in _param_groups(module._get_fsdp_state())]
+                for group in fsdp_param_groups(module._get_fsdp_state())]
 
     report: dict[str, Any] = {}
     for reset in ("torch", "torch-2.11-path"):

@@ -260,6 +260,12 @@ def test_plan_adapters_build_the_hugging_face_objects(model_dir: Path, tmp_path:
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 weights, as the plan says
     guard = plan.oom_guard()
     assert guard.current == plan.train_config and guard.fallbacks == plan.fallbacks
+    from memtune.run.guard import GuardedTrainer
+    from memtune.run.runner import PlanTrainer
+
+    trainer = plan.trainer(model=model, args=args)
+    assert isinstance(trainer, GuardedTrainer) and trainer.oom_guard.trainer is trainer
+    assert trainer.oom_guard.fallbacks == plan.fallbacks and issubclass(PlanTrainer, GuardedTrainer)
 
 
 def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkeypatch):

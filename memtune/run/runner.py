@@ -53,7 +53,7 @@ from memtune.errors import UsageError
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module
-from memtune.run.guard import OomGuard
+from memtune.run.guard import GuardedTrainer, OomGuard
 
 SUMMARY_FILE = "run_summary.json"
 PLAN_FILE = "plan.json"
@@ -109,9 +109,10 @@ class RunSummary:
         return json.dumps(self.to_dict(), indent=2)
 
 
-class PlanTrainer(Trainer):
-    """Trainer whose loss follows `train_config.loss`: "chunked" goes through `recipe.forward_loss`
-    (LM head and cross-entropy a chunk of tokens at a time). The OOM guard may switch it mid-run."""
+class PlanTrainer(GuardedTrainer):
+    """Trainer with the OOM guard attached (`oom_guard=`, memtune.run.guard.GuardedTrainer) whose loss follows
+    `train_config.loss`: "chunked" goes through `recipe.forward_loss` (LM head and cross-entropy a chunk of
+    tokens at a time). The OOM guard may switch it mid-run."""
 
     def __init__(self, *args: Any, train_config: TrainConfig, **kwargs: Any):
         self.train_config = train_config
@@ -412,11 +413,10 @@ def run_plan(
         trainer = PlanTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
             data_collator=default_data_collator, callbacks=[stats, guard, stop, reporter, *callbacks],
-            train_config=config,
+            train_config=config, oom_guard=guard,
         )
     for printer in (PrinterCallback, ProgressCallback):  # they print to stdout / tqdm; the reporter replaces them
         trainer.remove_callback(printer)
-    guard.attach(trainer)
 
     status, failure = "completed", None
     try:
