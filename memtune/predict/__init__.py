@@ -1,0 +1,4 @@
+"""Predictions without a GPU: one step traced on fake tensors (`trace`), replayed through a model of the
+caching allocator (`allocator`) into a peak (`estimate`, with `ddp` and `fsdp` for several GPUs), and
+the tokens/s model (`throughput`). Pure: no CUDA memory is used.
+"""
