@@ -55,10 +55,12 @@ def test_what_the_trainer_cannot_do_is_never_a_step_down() -> None:
 @pytest.mark.parametrize("field", FIXED_FIELDS)
 def test_a_fallback_that_needs_a_new_optimizer_or_a_relaunch_is_skipped(field: str) -> None:
     changed = {"seq_len": 4, "weights_dtype": "bf16", "amp": "bf16", "adapter": Adapter(), "offload": "optimizer",
-               "num_gpus": 2, "optimizer": "sgd"}[field]
-    fallback = PLAN.replace(micro_batch_size=1, grad_accum_steps=8, **{field: changed})
-    policy = StepDownPolicy(PLAN, (fallback,))
-    assert policy.next_config(PLAN) == (PLAN.replace(micro_batch_size=2, grad_accum_steps=4), 1)  # the ladder's first
+               "num_gpus": 2, "strategy": "fsdp", "optimizer": "sgd"}[field]
+    plan = PLAN.replace(num_gpus=2, grad_accum_steps=1, strategy="ddp") if field == "strategy" else PLAN
+    fallback = plan.replace(micro_batch_size=1, grad_accum_steps=plan.grad_accum_steps * 4, **{field: changed})
+    policy = StepDownPolicy(plan, (fallback,))
+    first = plan.replace(micro_batch_size=2, grad_accum_steps=plan.grad_accum_steps * 2)
+    assert policy.next_config(plan) == (first, 1)  # the ladder's first
 
 
 def test_a_fallback_with_another_effective_batch_or_a_larger_micro_batch_is_skipped() -> None:

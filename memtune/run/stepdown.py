@@ -22,9 +22,10 @@ from dataclasses import dataclass
 
 from memtune.config import TrainConfig
 
-FIXED_FIELDS = ("seq_len", "weights_dtype", "amp", "adapter", "offload", "num_gpus", "optimizer")
-"""TrainConfig fields a step-down never changes: precision, adapter, offload and the number of GPUs
-need a new optimizer or a relaunch, and the sequence length is the data's."""
+FIXED_FIELDS = ("seq_len", "weights_dtype", "amp", "adapter", "offload", "num_gpus", "strategy", "optimizer")
+"""TrainConfig fields a step-down never changes: precision, adapter, offload, the number of GPUs and
+how they share the work (DDP or FSDP) need a new optimizer or a relaunch, and the sequence length is
+the data's."""
 
 
 def chunk_size(micro_batch: int, loader_micro_batch: int) -> int:
