@@ -293,3 +293,35 @@ def auto_fit(
         f"nothing fits {format_bytes(search_.budget_bytes)}: short by {format_bytes(search_.shortfall_bytes)}",
         shortfall_bytes=search_.shortfall_bytes, suggestions=search_.suggestions,
     )
+
+
+def plan_configuration(
+    source: ModelSource,
+    num_parameters: int,
+    train_config: TrainConfig,
+    budget_bytes: int | None,
+    budget_label: str = "",
+    *,
+    strategy_auto: bool = False,
+    trace_device: str | None = None,
+    gpu_name: str | None = None,
+    note: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """`memtune plan`: the predicted memory of one configuration against `budget_bytes` (None: no verdict).
+
+    strategy_auto: with several GPUs, predict DDP and FSDP and keep the faster that fits
+    (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
+    `gpu_name` (default H100). Traces on fake tensors: no GPU and no weights are needed.
+    """
+    from memtune.search.choose import choose_strategy
+
+    # The predictor picks the estimate for the strategy (single GPU, DDP, FSDP) and replays it against the budget.
+    predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(gpu_name or "H100"), device=trace_device)
+    if strategy_auto:
+        train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes)
+        if why and note is not None:
+            note(why)
+    else:
+        estimate = predictor.memory(train_config)
+    fits_strict = None if budget_bytes is None else predictor.fits(estimate, budget_bytes)
+    return PlanResult(source, estimate, budget_bytes, budget_label, num_parameters, fits_strict)

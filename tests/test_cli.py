@@ -110,13 +110,12 @@ def test_readme_fit_command_runs():
 ])
 def test_the_reproduce_flags_give_back_the_same_policy(flags):
     """report.fit_commands prints search.policy_flags: parsed again, they must make the same Policy."""
-    from memtune.cli import _policy, build_parser
+    from memtune.cli import parse
     from memtune.config import policy_flags
 
-    parse = build_parser().parse_args
-    policy = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags]))
-    again = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
-                           *" ".join(policy_flags(policy)).split()]))
+    policy = parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags])[1].policy()
+    again = parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
+                   *" ".join(policy_flags(policy)).split()])[1].policy()
     assert again == policy
 
 
