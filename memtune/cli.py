@@ -18,6 +18,7 @@ import ast
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import sys
 import textwrap
 import types
@@ -95,7 +96,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):  # no source (a frozen application): the options keep no help
             continue
         statements = body.body if isinstance(body, ast.ClassDef) else []
-        for node, after in zip(statements, statements[1:]):
+        for node, after in itertools.pairwise(statements):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
                 docs[node.target.id] = " ".join(after.value.value.split())
@@ -147,7 +148,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, group: str | None = 
             continue
         kind, literal = _value_type(hints[field_.name])
         where = option.group or group
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             add_options(parser, kind, where, sections)
             continue
         target: Any = parser
@@ -193,7 +194,7 @@ def options_from(cls: type, namespace: argparse.Namespace, problems: list[str]) 
         if not option.on_command_line:
             continue
         kind, _ = _value_type(hints[field_.name])
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[field_.name] = options_from(kind, namespace, problems)
             continue
         value = getattr(namespace, field_.name)
