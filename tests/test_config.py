@@ -304,7 +304,13 @@ def test_run_options_command_line_forwards_what_is_set_in_field_order():
 def test_policy_margin_docstring_and_help_follow_the_margin_rule():
     import dataclasses
 
-    from memtune.config import DEFAULT_MARGIN_FRACTION, MIN_MARGIN_BYTES, Policy, margin_for, option_of
+    from memtune.config import (
+        DEFAULT_MARGIN_FRACTION,
+        MIN_MARGIN_BYTES,
+        Policy,
+        margin_for,
+        option_of,
+    )
 
     margin = option_of(next(field for field in dataclasses.fields(Policy) if field.name == "margin_bytes"))
     assert margin.default_text == "2% of the budget, at least 256 MiB"
