@@ -272,7 +272,8 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     source = resolve(task.model)
     if source.note:
         err.print(f"note: {source.note}")
-    with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
+    tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
+    with tracing or contextlib.nullcontext():
         result = plan_configuration(
             source, parameter_count(source.config), options.train_config(), budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,

@@ -316,7 +316,8 @@ def plan_configuration(
     from memtune.search.choose import choose_strategy
 
     # The predictor picks the estimate for the strategy (single GPU, DDP, FSDP) and replays it against the budget.
-    predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(gpu_name or "H100"), device=trace_device)
+    speed = throughput.gpu_speed(gpu_name or "H100")
+    predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device)
     if strategy_auto:
         train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes)
         if why and note is not None:

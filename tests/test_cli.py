@@ -270,7 +270,8 @@ def test_fit_run_hands_its_options_to_run_as_run_options():
 def test_each_command_keeps_its_flag_forms():
     from memtune.cli import parse
 
-    _, plan = parse(["plan", "gpt2", "--checkpointing", "--lora", "--lora-rank", "8", "--gpus", "2", "--batch-size", "4"])
+    _, plan = parse(["plan", "gpt2", "--checkpointing", "--lora", "--lora-rank", "8", "--gpus", "2",
+                     "--batch-size", "4"])
     assert plan.checkpointing is True and plan.lora and plan.lora_shape.lora_rank == 8 and plan.task.gpus == 2
     assert plan.train_config().gradient_checkpointing and plan.train_config().adapter.rank == 8
     for word, value in (("on", True), ("off", False), ("auto", None)):

@@ -286,7 +286,8 @@ def test_fit_options_policy_and_its_problems():
     options = FitOptions(TaskOptions("gpt2", batch_size=8, gpus=2), pins=Policy(strategy="ddp", offload="parameters"))
     policy = options.policy()
     assert policy.num_gpus == 2 and policy.strategy == "ddp" and policy.use_adapter is None
-    assert options.problems() == ["strategy ddp cannot offload parameters to the CPU: pin --strategy fsdp for CPU offload"]
+    assert options.problems() == [
+        "strategy ddp cannot offload parameters to the CPU: pin --strategy fsdp for CPU offload"]
     assert FitOptions(TaskOptions("gpt2", budget="8GiB")).policy().num_gpus == 1  # a budget: the GPUs here do not count
     wrong = FitOptions(TaskOptions("gpt2", gpus=0, gpu="GTX-1"), adapters=AdapterChoice(lora=True, no_lora=True),
                        trial_steps=4)

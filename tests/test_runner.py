@@ -265,7 +265,8 @@ def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkey
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    args = RunOptions(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"), max_steps=50)
+    args = RunOptions(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"),
+                      max_steps=50)
     two_gpus = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30,
                     train_config=TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="bf16", num_gpus=2))
     command = relaunch_command(two_gpus, args, tmp_path / "out")

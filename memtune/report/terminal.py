@@ -372,7 +372,8 @@ def render_run_summary(summary: RunSummary, console: Console) -> None:
         table.add_row("loss", f"{first:.4f} -> {last:.4f}")
     table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}")
     if summary.peak_reserved_bytes is not None:
-        predicted = f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)" if summary.predicted_total_bytes else ""
+        predicted = (f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)"
+                     if summary.predicted_total_bytes else "")
         table.add_row("peak reserved", format_bytes(summary.peak_reserved_bytes) + predicted)
     final = TrainConfig.from_dict(summary.final_train_config)
     table.add_row("configuration", final.describe())

@@ -335,7 +335,8 @@ def run_plan(
     """
     options = run_options(options, changes)
     data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
-    text_field, learning_rate, save_steps, seed = options.text_field, options.learning_rate, options.save_steps, options.seed
+    text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
+                                                   options.seed)
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -531,7 +532,8 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
     from memtune.sources import resolve
 
     if not isinstance(options, RunOptions):
-        options = RunOptions(**{field_.name: getattr(options, field_.name) for field_ in dataclasses.fields(RunOptions)})
+        names = [field_.name for field_ in dataclasses.fields(RunOptions)]
+        options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
     config = plan.train_config
     if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
         return None
