@@ -200,9 +200,9 @@ def options_from(cls: type, namespace: argparse.Namespace, problems: list[str]) 
         value = getattr(namespace, field_.name)
         if option.words is not None:
             value = option.words[value]
-        elif option.parse is not None and value is not None:
+        elif option.parse is not None:
             try:
-                value = option.parse(value)
+                value = option.parse(value) if value else None  # --margin "" is no margin given
             except UsageError as error:
                 problems.append(str(error))
                 continue

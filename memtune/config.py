@@ -636,12 +636,13 @@ class AdapterChoice:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """`memtune run`: how to train with a saved plan (`run.runner.run_plan` takes these too).
+    """`memtune run`: how to train with a saved plan. `run.runner.run_plan` takes these too, with the Plan
+    itself (it does not read `plan`, the file's path).
 
     The fields are in the order `command_line` forwards them to `accelerate launch`."""
 
     plan: str = field(default="", metadata=option(flag="", metavar="PLAN"))
-    """Plan file written by `memtune fit` (JSON); `run_plan` is given the Plan itself."""
+    """Plan file written by `memtune fit` (JSON)."""
     data: str | None = field(default=None, metadata=option(metavar="FILE",
                                                            default_text="memtune's small sample corpus"))
     """Training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them."""
