@@ -432,20 +432,31 @@ class Policy:
 
 
 def policy_flags(policy: Policy) -> list[str]:
-    """The `memtune fit` options that give this policy (defaults left out), for reproduce lines."""
+    """The `memtune fit` options that give this policy (defaults left out), for reproduce lines. The flags
+    and their words come from the fields' `Option`s, as the parser's do (cli.add_options)."""
     flags = []
-    if policy.precision is not None:
-        flags.append(f"--precision {policy.precision}")
-    if policy.gradient_checkpointing is not None:
-        flags.append(f"--checkpointing {'on' if policy.gradient_checkpointing else 'off'}")
-    if policy.micro_batch_size is not None:
-        flags.append(f"--micro-batch-size {policy.micro_batch_size}")
-    if policy.loss is not None:
-        flags.append(f"--loss {policy.loss}")
-    if policy.offload is not None:
-        flags.append(f"--offload {policy.offload}")
-    if policy.strategy is not None:
-        flags.append(f"--strategy {policy.strategy}")
+    for field_ in dataclasses.fields(Policy):
+        value, default, option = getattr(policy, field_.name), field_.default, option_of(field_)
+        if field_.name == "use_adapter":  # with `adapter`: --lora, --prefix, --no-lora (AdapterChoice)
+            flags += _adapter_flags(policy)
+        elif field_.name == "num_gpus":  # TaskOptions.gpus
+            flags += [f"--gpus {value}"] if value != 1 else []
+        elif not option.on_command_line or value == default:
+            continue
+        elif option.words is not None:
+            word = next((word for word, meaning in option.words.items() if meaning == value), value)
+            flags.append(f"{option.flag_of(field_.name)} {word}")
+        elif isinstance(value, bool):
+            flags.append(option.flag_of(field_.name, default))
+        elif option.parse is parse_bytes:
+            flags.append(f"{option.flag_of(field_.name)} {value}B")
+        else:
+            flags.append(f"{option.flag_of(field_.name)} {value}")
+    return flags
+
+
+def _adapter_flags(policy: Policy) -> list[str]:
+    flags = []
     if policy.use_adapter is True:
         flags.append("--prefix" if policy.adapter.kind == "prefix" else "--lora")
     if policy.use_adapter is False:
@@ -456,16 +467,6 @@ def policy_flags(policy: Policy) -> list[str]:
         if policy.adapter.target_modules != Adapter().target_modules:
             targets = policy.adapter.target_modules
             flags.append(f"--lora-targets {targets if isinstance(targets, str) else ','.join(targets)}")
-    if not policy.allow_offload:
-        flags.append("--no-offload")
-    if not policy.allow_chunked_loss:
-        flags.append("--no-chunked-loss")
-    if policy.min_micro_batch_size != 1:
-        flags.append(f"--min-micro-batch-size {policy.min_micro_batch_size}")
-    if policy.margin_bytes is not None:
-        flags.append(f"--margin {policy.margin_bytes}B")
-    if policy.num_gpus != 1:
-        flags.append(f"--gpus {policy.num_gpus}")
     return flags
 
 
