@@ -2,6 +2,11 @@
 
     memtune fit | plan | run | probe | models
 
+Every option comes from a field of an options dataclass in memtune.config (TaskOptions, PlanOptions,
+FitOptions with Policy, RunOptions): `add_options` turns the field's type, default and `Option`
+metadata into an argparse argument and its attribute docstring into the help, so `--help`, the Python
+API and the saved plan cannot drift apart. `parse` gives back the command's options object.
+
 Exit codes: 0 fitted / ran (or nothing to check), 1 unexpected failure, 2 bad usage or input,
 3 nothing fits (the shortfall and what would fit are printed), 130 interrupted (a checkpoint is saved).
 """
@@ -9,24 +14,21 @@ Exit codes: 0 fitted / ran (or nothing to check), 1 unexpected failure, 2 bad us
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
+import dataclasses
+import inspect
+import itertools
 import sys
+import textwrap
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, Union
 
 from rich.console import Console
 
-from memtune.config import (
-    DEFAULT_SAVE_STEPS,
-    KNOWN_GPUS,
-    PRECISIONS,
-    SAVE_TOTAL_LIMIT,
-    Adapter,
-    Policy,
-    TrainConfig,
-    format_bytes,
-    known_gpu,
-    parse_bytes,
-    precision_config,
-)
+from memtune.config import FitOptions, PlanOptions, RunOptions, option_of
 from memtune.errors import MemtuneError, UsageError
 from memtune.report import html as html_report
 from memtune.report import json as json_report
@@ -79,29 +81,139 @@ configuration left (the last step is saved), 130 interrupted (checkpoint saved).
 """
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `memtune run` options (cli.py makes the subparser; cmd_run executes it)."""
-    parser.add_argument("plan", metavar="PLAN", help="plan file written by `memtune fit` (JSON)")
-    parser.add_argument("--data", metavar="FILE", default=None,
-                        help="training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them "
-                             "(default: memtune's small sample corpus)")
-    parser.add_argument("--output-dir", metavar="DIR", default=None,
-                        help="where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go "
-                             "(default: memtune-runs/<model name>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the latest checkpoint-N in --output-dir at step N+1")
-    parser.add_argument("--text-field", default="text", help="the JSON field that holds the text (default: text)")
-    parser.add_argument("--max-steps", type=int, default=None,
-                        help="optimizer steps in all, earlier runs of a resumed directory included "
-                             "(default: one pass over the data)")
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="peak learning rate, linear decay (default 2e-4 with LoRA, 2e-5 for full fine-tuning)")
-    parser.add_argument("--save-steps", type=int, default=DEFAULT_SAVE_STEPS,
-                        help=f"checkpoint every N optimizer steps; the last {SAVE_TOTAL_LIMIT} are kept "
-                             f"(default {DEFAULT_SAVE_STEPS})")
-    parser.add_argument("--seed", type=int, default=42, help="seed for weights, data order and dropout (default 42)")
-    parser.add_argument("--json", action="store_true", help="print the run summary as JSON instead of a table")
+# ---- options dataclass -> argparse ------------------------------------------------------------------
 
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: its attribute docstring, on one line} of a dataclass and its dataclass bases: the
+    string literal under each field, as Sphinx autodoc and LitGPT's jsonargparse read them."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+        except (OSError, TypeError):  # no source (a frozen application): the options keep no help
+            continue
+        statements = body.body if isinstance(body, ast.ClassDef) else []
+        for node, after in itertools.pairwise(statements):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _value_type(hint: Any) -> tuple[Any, tuple[Any, ...] | None]:
+    """(the type a value is parsed as, the values of a Literal or None) of a field's type, None removed."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is Literal:
+        return str, typing.get_args(hint)
+    return hint, None
+
+
+def _default(field_: dataclasses.Field) -> Any:
+    if field_.default is not dataclasses.MISSING:
+        return field_.default
+    if field_.default_factory is not dataclasses.MISSING:
+        return field_.default_factory()
+    return None
+
+
+def _help(doc: str, default_text: str | None, note: str | None) -> str:
+    text = doc.rstrip(".")
+    if note:
+        text += f"; {note}" if text else note
+    if default_text:
+        text += f" (default: {default_text})"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, group: str | None = None,
+                sections: dict[str, Any] | None = None) -> None:
+    """Add an argument for every field of the dataclass `cls` (nested dataclasses flattened, in order):
+
+    - the flag: `Option.flag`, or --field-name (--no-field-name for a bool that defaults to True; "" for a
+      positional argument); the destination is the field name;
+    - the value: a switch for a bool, one of `Option.words` (auto/on/off), one of a Literal's values or
+      `Option.choices`, else text converted by the type (int, float, str), or by `Option.parse` later;
+    - the help: the field's attribute docstring, `Option.note` and the default (`Option.default_text`).
+    """
+    sections = {} if sections is None else sections
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for field_ in dataclasses.fields(cls):
+        option = option_of(field_)
+        if not option.on_command_line:
+            continue
+        kind, literal = _value_type(hints[field_.name])
+        where = option.group or group
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            add_options(parser, kind, where, sections)
+            continue
+        target: Any = parser
+        if where:
+            if where not in sections:
+                sections[where] = parser.add_argument_group(where)
+            target = sections[where]
+        if option.exclusive:
+            key = f"{where}/{option.exclusive}"
+            if key not in sections:
+                sections[key] = target.add_mutually_exclusive_group()
+            target = sections[key]
+        default = _default(field_)
+        doc = docs.get(field_.name, "")
+        flag = option.flag_of(field_.name, default if kind is bool else None)
+        if not flag:
+            target.add_argument(field_.name, metavar=option.metavar, help=_help(doc, None, option.note))
+            continue
+        settings: dict[str, Any] = {"dest": field_.name}
+        default_text = option.default_text
+        if option.words is not None:
+            word = next(word for word, value in option.words.items() if value == default)
+            settings.update(choices=list(option.words), default=word)
+            default_text = default_text or word
+        elif kind is bool:
+            settings.update(action="store_false" if default else "store_true", default=default)
+        else:
+            choices = option.choices or literal
+            metavar = option.metavar or (None if choices else flag.lstrip("-").replace("-", "_").upper())
+            settings.update(type=str if option.parse else kind, default=default, metavar=metavar, choices=choices)
+            if default_text is None and default is not None:
+                default_text = str(default)
+        target.add_argument(flag, help=_help(doc, default_text, option.note), **settings)
+
+
+def options_from(cls: type, namespace: argparse.Namespace, problems: list[str]) -> Any:
+    """The `cls` options dataclass from parsed arguments (the inverse of `add_options`). A value that
+    `Option.parse` refuses is appended to `problems` and the field keeps its default."""
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for field_ in dataclasses.fields(cls):
+        option = option_of(field_)
+        if not option.on_command_line:
+            continue
+        kind, _ = _value_type(hints[field_.name])
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
+            values[field_.name] = options_from(kind, namespace, problems)
+            continue
+        value = getattr(namespace, field_.name)
+        if option.words is not None:
+            value = option.words[value]
+        elif option.parse is not None:
+            try:
+                value = option.parse(value) if value else None  # --margin "" is no margin given
+            except UsageError as error:
+                problems.append(str(error))
+                continue
+        values[field_.name] = value
+    return cls(**values)
+
+
+# ---- the parser ---------------------------------------------------------------------------------------
+
+OPTIONS: dict[str, type] = {"plan": PlanOptions, "fit": FitOptions, "run": RunOptions}
+"""The options dataclass of each command that has options beyond --json."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,264 +225,117 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
-    plan = commands.add_parser(
-        "plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
-        epilog=EPILOG_PLAN, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    plan.add_argument("model", metavar="MODEL", help="catalog name, hub id or local directory with config.json")
-    plan.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    plan.add_argument("--batch-size", type=int, default=8,
-                      help="effective batch in sequences per optimizer step (default 8)")
-    plan.add_argument("--micro-batch-size", type=int, default=None,
-                      help="sequences per forward/backward; the rest is gradient accumulation "
-                           "(default: the whole batch). Reduce it to 4, 2, 1 if you OOM")
-    plan.add_argument("--precision", default="fp32", choices=list(PRECISIONS),
-                      help="fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True); "
-                           "bf16 / fp16 = weights stored in 16 bits (default fp32)")
-    plan.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (recompute activations)")
-    plan.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of all weights")
-    plan.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
-    plan.add_argument("--lora-targets", default="all-linear", help="peft target_modules, comma-separated (default all-linear)")
-    budget = plan.add_mutually_exclusive_group()
-    budget.add_argument("--budget", help="device memory to fit in, e.g. 24GiB, 24GB (=24e9 bytes), 24000MiB")
-    budget.add_argument("--gpu", help=f"a known card instead of --budget: {', '.join(KNOWN_GPUS)}")
-    plan.add_argument("--trace-device", choices=["cpu", "cuda"], default=None,
-                      help="trace on fake CUDA tensors (needs a GPU) or on CPU with CUDA emulation "
-                           "(default: cuda when a GPU is visible)")
-    plan.add_argument("--gpus", type=int, default=1,
-                      help="GPUs to train on (see --strategy); --batch-size is split over them; the GPUs need not be "
-                           "present (default 1)")
-    plan.add_argument("--strategy", choices=["fsdp", "ddp", "auto"], default="fsdp",
-                      help="with --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs (default); "
-                           "ddp keeps a full replica on each GPU (faster, needs the whole training state per GPU); "
-                           "auto predicts both and takes the faster that fits the budget")
-    plan.add_argument("--offload", choices=["none", "parameters"], default="none",
-                      help="parameters: FSDP CPU offload of parameters, gradients and optimizer state")
-    plan.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-
-    fit = commands.add_parser(
-        "fit", help="find the fastest training configuration that fits, verify it, save the plan",
-        epilog=EPILOG_FIT, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    fit.add_argument("model", metavar="MODEL", help="catalog name, hub id or local directory with config.json")
-    fit.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    fit.add_argument("--batch-size", type=int, default=8,
-                     help="effective batch in sequences per optimizer step, kept exactly (default 8)")
-    budget = fit.add_mutually_exclusive_group()
-    budget.add_argument("--budget", help="memory to fit in instead of the GPU's free memory, e.g. 24GiB or 24GB")
-    budget.add_argument("--gpu", help=f"plan for a known card: {', '.join(KNOWN_GPUS)}")
-    fit.add_argument("--gpus", type=int, default=None,
-                     help="GPUs to train on; above 1, --batch-size is split over them and the search tries a replica "
-                          "per GPU (DDP) and FSDP sharding (see --strategy) (default: the GPUs visible here, or 1; "
-                          "with --budget/--gpu they need not be present)")
-    pins = fit.add_argument_group("pin a choice (default: the search chooses)")
-    pins.add_argument("--precision", choices=list(PRECISIONS), default=None, help="keep this precision")
-    pins.add_argument("--checkpointing", choices=["auto", "on", "off"], default="auto", help="gradient checkpointing")
-    pins.add_argument("--micro-batch-size", type=int, default=None, help="keep this micro-batch (must divide --batch-size)")
-    pins.add_argument("--loss", choices=["auto", "standard", "chunked"], default="auto",
-                      help="chunked computes the LM head and loss in chunks, never holding all fp32 logits")
-    pins.add_argument("--offload", choices=["auto", "none", "parameters"], default="auto",
-                      help="parameters: FSDP CPU offload of parameters, gradients and optimizer state (slow)")
-    pins.add_argument("--strategy", choices=["auto", "ddp", "fsdp"], default="auto",
-                      help="with --gpus N: ddp keeps a full replica on each GPU (no parameter gathering), fsdp shards "
-                           "weights, gradients and optimizer state; auto tries both and keeps the fastest that fits")
-    policy = fit.add_argument_group("policy")
-    policy.add_argument("--lora", action="store_true", help="train LoRA adapters even if full fine-tuning fits")
-    policy.add_argument("--prefix", action="store_true", help="use prefix tuning instead of LoRA as the adapter rung")
-    policy.add_argument("--lora-rank", type=int, default=16, help="LoRA rank r (default 16)")
-    policy.add_argument("--lora-targets", default="all-linear", help="peft target_modules, comma-separated (default all-linear)")
-    policy.add_argument("--no-lora", action="store_true", help="never use an adapter (full fine-tuning only)")
-    policy.add_argument("--full-finetune-only", action="store_true", help="same as --no-lora")
-    policy.add_argument("--no-offload", action="store_true", help="never offload to the CPU")
-    policy.add_argument("--no-chunked-loss", action="store_true", help="never chunk the loss")
-    policy.add_argument("--min-micro-batch-size", type=int, default=1, help="smallest micro-batch to consider (default 1)")
-    policy.add_argument("--margin", default=None,
-                        help="memory kept free below the budget, e.g. 2GiB (default 5%% of the budget, at least 256MiB)")
-    run = fit.add_argument_group("verification and output")
-    run.add_argument("--no-verify", action="store_true", help="skip the real trial steps on the GPU")
-    run.add_argument("--trial-steps", type=int, default=2, help="optimizer steps per trial (1-3, default 2)")
-    run.add_argument("--plan-out", default="memtune-plan.json", help="where to save the plan (default memtune-plan.json)")
-    run.add_argument("--report", default=None, metavar="FILE.html", help="also write the report as a self-contained HTML page")
-    run.add_argument("--trace-device", choices=["cpu", "cuda"], default=None, help="see `memtune plan --help`")
-    run.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
-
-    run.add_argument("--run", action="store_true", help="train with the plan right away (same as `memtune run PLAN`)")
-    run.add_argument("--data", default=None, metavar="FILE", help="with --run: training text (.jsonl, .txt or a folder; "
-                     "default: memtune's sample corpus)")
-    run.add_argument("--output-dir", default=None, metavar="DIR", help="with --run: where the model and checkpoints go")
-    run.add_argument("--max-steps", type=int, default=None, help="with --run: optimizer steps (default: one pass over the data)")
-
-    run_command = commands.add_parser(
+    raw = argparse.RawDescriptionHelpFormatter
+    plan = commands.add_parser("plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
+                               epilog=EPILOG_PLAN, formatter_class=raw)
+    add_options(plan, PlanOptions)
+    fit = commands.add_parser("fit", help="find the fastest training configuration that fits, verify it, save the plan",
+                              epilog=EPILOG_FIT, formatter_class=raw)
+    add_options(fit, FitOptions)
+    run = commands.add_parser(
         "run", help="train with a saved plan (HF Trainer), with the OOM guard; Ctrl-C checkpoints, --resume continues",
-        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_RUN, formatter_class=raw,
     )
-    add_run_arguments(run_command)
-
+    add_options(run, RunOptions)
     probe = commands.add_parser("probe", help="what the GPU here has: total, free, other processes, bf16, CUDA context")
     probe.add_argument("--json", action="store_true", help="print JSON")
-
     models = commands.add_parser("models", help="list the built-in catalog of model configs (works offline)")
     models.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
-def _train_config(args: argparse.Namespace) -> TrainConfig:
-    problems = []
-    gpus = args.gpus
-    if gpus < 1:
-        problems.append(f"--gpus must be >= 1, got {gpus}")
-        gpus = 1
-    per_gpu = args.batch_size // gpus
-    if args.batch_size % gpus:
-        problems.append(f"--batch-size {args.batch_size} is not a multiple of --gpus {gpus}: each GPU takes an equal share")
-    micro = args.micro_batch_size or per_gpu or 1
-    if args.batch_size < 1:
-        problems.append(f"--batch-size must be >= 1, got {args.batch_size}")
-    if micro < 1:
-        problems.append(f"--micro-batch-size must be >= 1, got {micro}")
-    elif per_gpu >= 1 and per_gpu % micro:
-        problems.append(
-            f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size {micro} x --gpus {gpus}: the "
-            f"effective batch would change; pick a divisor such as {max(d for d in range(1, micro + 1) if per_gpu % d == 0)}"
-        )
-    if args.seq_len < 1:
-        problems.append(f"--seq-len must be >= 1, got {args.seq_len}")
+def parse(argv: list[str] | None = None) -> tuple[str, Any]:
+    """(command, its options) from the command line: a PlanOptions, FitOptions or RunOptions, or the
+    argparse Namespace of probe and models. Every problem of the options is reported at once, in one
+    UsageError (exit code 2); argparse's own errors (an unknown flag or choice) exit 2 through SystemExit."""
+    namespace = build_parser().parse_args(argv)
+    cls = OPTIONS.get(namespace.command)
+    if cls is None:
+        return namespace.command, namespace
+    problems: list[str] = []
+    options = options_from(cls, namespace, problems)
+    problems += options.problems() if hasattr(options, "problems") else []
     if problems:
         raise UsageError("; ".join(problems))
-    weights, amp = precision_config(args.precision)
-    adapter = None
-    if args.lora:
-        targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
-        adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
-    return TrainConfig(
-        seq_len=args.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
-        weights_dtype=weights, amp=amp, gradient_checkpointing=args.checkpointing, adapter=adapter,
-        num_gpus=gpus, offload=args.offload, strategy="fsdp" if args.strategy == "auto" else args.strategy,
-    )
+    return namespace.command, options
 
 
-def _budget(args: argparse.Namespace) -> tuple[int | None, str]:
-    if args.budget:
-        value = parse_bytes(args.budget)
-        return value, f"budget {format_bytes(value)}"
-    if args.gpu:
-        name, total_bytes = known_gpu(args.gpu)
-        return total_bytes, f"{name} ({format_bytes(total_bytes)})"
-    return None, ""
+# ---- the commands --------------------------------------------------------------------------------------
 
 
-def cmd_plan(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.config import margin_for
-    from memtune.fit import ModelPredictor, PlanResult
-    from memtune.predict import throughput
-    from memtune.search.choose import choose_strategy
-    from memtune.search.verdict import judge
+def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
+    from memtune.fit import plan_configuration
     from memtune.sources import parameter_count, resolve
 
-    train_config = _train_config(args)
-    budget_bytes, budget_label = _budget(args)
-    source = resolve(args.model)
+    task = options.task
+    budget_bytes, budget_label = task.budget_and_label()
+    source = resolve(task.model)
     if source.note:
         err.print(f"note: {source.note}")
-    num_parameters = parameter_count(source.config)
-    # The predictor picks the estimate for the strategy (single GPU, DDP, FSDP) and replays it against the budget.
-    predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(args.gpu or "H100"), device=args.trace_device)
-    with err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else contextlib.nullcontext():
-        margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, Policy())
-        if args.strategy == "auto":
-            train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes, margin_bytes=margin_bytes)
-            if why:
-                err.print(f"note: {why}", highlight=False)
-        else:
-            estimate = predictor.memory(train_config)
-        verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
-    result = PlanResult(source, estimate, budget_label, num_parameters, verdict)
-    if args.json:
+    tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
+    with tracing or contextlib.nullcontext():
+        result = plan_configuration(
+            source, parameter_count(source.config), options.train_config(), budget_bytes, budget_label,
+            strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
+            note=lambda message: err.print(f"note: {message}", highlight=False),
+        )
+    if task.json:
         print(json_report.render_plan_json(result))
     else:
         report.render_plan(result, out)
     return 3 if result.fits is False else 0
 
 
-def _policy(args: argparse.Namespace) -> Policy:
-    problems = []
-    if args.lora and (args.no_lora or args.full_finetune_only):
-        problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
-    if not 1 <= args.trial_steps <= 3:
-        problems.append(f"--trial-steps must be 1, 2 or 3, got {args.trial_steps}")
-    if args.micro_batch_size is not None and args.micro_batch_size < 1:
-        problems.append(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
-    if args.batch_size < 1 or args.seq_len < 1:
-        problems.append(f"--batch-size and --seq-len must be >= 1, got {args.batch_size} and {args.seq_len}")
-    if problems:
-        raise UsageError("; ".join(problems))
-    if args.prefix:
-        adapter = Adapter(kind="prefix")
-    else:
-        targets = args.lora_targets if args.lora_targets == "all-linear" else tuple(args.lora_targets.split(","))
-        adapter = Adapter(rank=args.lora_rank, alpha=2 * args.lora_rank, target_modules=targets)
-    no_adapter = args.no_lora or args.full_finetune_only
-    gpus = args.gpus
-    if gpus is None:
-        import torch
-
-        gpus = max(1, torch.cuda.device_count()) if not (args.budget or args.gpu) else 1
-    if gpus < 1:
-        raise UsageError(f"--gpus must be >= 1, got {gpus}")
-    return Policy(
-        num_gpus=gpus,
-        precision=args.precision,
-        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.checkpointing],
-        micro_batch_size=args.micro_batch_size,
-        loss=None if args.loss == "auto" else args.loss,
-        offload=None if args.offload == "auto" else args.offload,
-        strategy=None if args.strategy == "auto" else args.strategy,
-        adapter=adapter,
-        use_adapter=True if (args.lora or args.prefix) and not no_adapter else (False if no_adapter else None),
-        allow_offload=not args.no_offload,
-        allow_chunked_loss=not args.no_chunked_loss,
-        min_micro_batch_size=args.min_micro_batch_size,
-        margin_bytes=parse_bytes(args.margin) if args.margin else None,
-    )
-
-
-def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
+def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     from memtune.fit import fit_model
     from memtune.sources import parameter_count, resolve
 
-    policy = _policy(args)
-    policy.validate(args.batch_size)
-    budget_bytes, budget_label = _budget(args)
-    source = resolve(args.model)
+    task = options.task
+    policy = options.policy()
+    budget_bytes, budget_label = task.budget_and_label()
+    source = resolve(task.model)
     if source.note:
         err.print(f"note: {source.note}")
     with report.progress_printer(err) as progress:
         result = fit_model(
-            source, parameter_count(source.config), args.seq_len, args.batch_size,
-            budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=args.gpu, policy=policy,
-            verify=not args.no_verify, trial_steps=args.trial_steps, trace_device=args.trace_device,
-            plan_path=args.plan_out, progress=progress,
+            source, parameter_count(source.config), task.seq_len, task.batch_size,
+            budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
+            verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
+            plan_path=options.plan_out, progress=progress,
         )
-    if args.json:
+    if task.json:
         print(json_report.render_fit_json(result))
     else:
         report.render_fit(result, out)
-    if args.report:
-        path = html_report.write_html(result, args.report)
+    if options.report:
+        path = html_report.write_html(result, options.report)
         err.print(f"report written to {path}")
     if not result.fits:
         return 3
-    if args.run:
-        from memtune.run.runner import cmd_run
-
+    if options.run:
         if result.plan_path is None:
             raise UsageError("--run needs a plan for one GPU or budget: give --budget or --gpu, or run on a GPU")
-        run_args = argparse.Namespace(plan=str(result.plan_path), data=args.data, output_dir=args.output_dir, resume=False,
-                                      text_field="text", max_steps=args.max_steps, learning_rate=None,
-                                      save_steps=DEFAULT_SAVE_STEPS, seed=42, json=False)
-        return cmd_run(run_args, out, err)
+        return cmd_run(options.run_options(str(result.plan_path)), out, err)
     return 0
+
+
+def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
+    """0 completed, 130 interrupted (a checkpoint is saved); errors raise MemtuneError. A plan that needs
+    `accelerate launch` (several GPUs, CPU offload) runs this same command under it: its exit code."""
+    from memtune.plan import Plan
+    from memtune.run import runner  # imports the Trainer: only for `run`
+
+    plan = Plan.load(options.plan)
+    code = runner.relaunch(plan, options, log=lambda message: err.print(message, highlight=False))
+    if code is not None:
+        return code
+    summary = runner.run_plan(plan, options, console=err)
+    runner.leave_process_group()  # after a failure the error propagates instead: the launcher ends the other ranks
+    if options.json:
+        print(summary.to_json())
+    else:
+        report.render_run_summary(summary, out)
+    return 0 if summary.status == "completed" else 130
 
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -384,12 +349,6 @@ def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from memtune.run.runner import cmd_run  # imports the Trainer: only for `run`
-
-    return cmd_run(args, out, err)
-
-
 def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
     from memtune.sources import catalog
 
@@ -401,17 +360,20 @@ def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
     return 0
 
 
+COMMANDS: dict[str, Callable[[Any, Console, Console], int]] = {
+    "fit": cmd_fit, "plan": cmd_plan, "run": cmd_run, "probe": cmd_probe, "models": cmd_models,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
     out = Console()
     err = Console(stderr=True)
     try:
-        commands = {"fit": cmd_fit, "plan": cmd_plan, "run": _cmd_run, "probe": cmd_probe, "models": cmd_models}
-        return commands[args.command](args, out, err)
+        try:
+            command, options = parse(argv)
+        except SystemExit as exit_:
+            return int(exit_.code or 0)
+        return COMMANDS[command](options, out, err)
     except MemtuneError as error:
         err.print(f"[red]error:[/red] {error}", highlight=False)
         return error.exit_code

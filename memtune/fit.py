@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune.config import Policy, TrainConfig, format_bytes
+from memtune.config import Policy, TrainConfig, format_bytes, margin_for
 from memtune.errors import UsageError
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.plan import Plan
@@ -29,8 +29,8 @@ from memtune.predict.estimate import (
     Estimate,
     fits_under,
 )
-from memtune.search.choose import COMMON_CARDS, SearchResult, search
-from memtune.search.verdict import Verdict
+from memtune.search.choose import COMMON_CARDS, SearchResult, choose_strategy, search
+from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
 
 
@@ -295,3 +295,37 @@ def auto_fit(
         f"nothing fits {format_bytes(search_.budget_bytes)}: short by {format_bytes(search_.shortfall_bytes)}",
         shortfall_bytes=search_.shortfall_bytes, suggestions=search_.suggestions,
     )
+
+
+def plan_configuration(
+    source: ModelSource,
+    num_parameters: int,
+    train_config: TrainConfig,
+    budget_bytes: int | None,
+    budget_label: str = "",
+    *,
+    strategy_auto: bool = False,
+    trace_device: str | None = None,
+    gpu_name: str | None = None,
+    policy: Policy = Policy(),
+    note: Callable[[str], None] | None = None,
+) -> PlanResult:
+    """`memtune plan`: the predicted memory of one configuration and its verdict against `budget_bytes`
+    less the policy's margin (`search.verdict.judge`: what `memtune fit` decides for the same
+    configuration); None budget: no verdict.
+
+    strategy_auto: with several GPUs, predict DDP and FSDP and keep the faster that fits
+    (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
+    `gpu_name` (default H100). Traces on fake tensors: no GPU and no weights are needed.
+    """
+    speed = throughput.gpu_speed(gpu_name or "H100")
+    predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device)
+    margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, policy)
+    if strategy_auto:
+        train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes, margin_bytes=margin_bytes)
+        if why and note is not None:
+            note(why)
+    else:
+        estimate = predictor.memory(train_config)
+    verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
+    return PlanResult(source, estimate, budget_label, num_parameters, verdict)

@@ -110,13 +110,12 @@ def test_readme_fit_command_runs():
 ])
 def test_the_reproduce_flags_give_back_the_same_policy(flags):
     """report.fit_commands prints search.policy_flags: parsed again, they must make the same Policy."""
-    from memtune.cli import _policy, build_parser
+    from memtune.cli import parse
     from memtune.config import policy_flags
 
-    parse = build_parser().parse_args
-    policy = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags]))
-    again = _policy(parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
-                           *" ".join(policy_flags(policy)).split()]))
+    policy = parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB", *flags])[1].policy()
+    again = parse(["fit", "gpt2", "--batch-size", "8", "--budget", "8GiB",
+                   *" ".join(policy_flags(policy)).split()])[1].policy()
     assert again == policy
 
 
@@ -167,3 +166,175 @@ def test_fit_for_two_gpus_chooses_between_ddp_and_fsdp_without_gpus(capsys, tmp_
     assert fsdp["fits"] and fsdp["config"]["strategy"] == "fsdp"
     assert fsdp["predicted_tokens_per_second"] < document["search"]["chosen"]["predicted_tokens_per_second"]
     assert json.loads((tmp_path / "plan.json").read_text())["train_config"]["strategy"] == "ddp"
+
+
+# ---- the parser is generated from the options dataclasses ---------------------------------------------
+
+
+def flat(text: str) -> str:
+    return re.sub(r"\s+", " ", text)
+
+
+def command_line_fields(cls: type):
+    """(dataclass, field) for every field of an options dataclass on the command line, nested ones flattened."""
+    import dataclasses
+    import typing
+
+    from memtune.config import option_of
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if not option_of(field).on_command_line:
+            continue
+        if dataclasses.is_dataclass(hints[field.name]):
+            yield from command_line_fields(hints[field.name])
+        else:
+            yield cls, field
+
+
+def test_fit_help_shows_every_policy_field_help_and_the_real_default_margin(capsys):
+    """The help is the Policy's attribute docstrings: it cannot drift from the code (it once said 5%)."""
+    import dataclasses
+
+    from memtune.cli import field_docs
+    from memtune.config import (
+        DEFAULT_MARGIN_FRACTION,
+        MIB,
+        MIN_MARGIN_BYTES,
+        Policy,
+        option_of,
+    )
+
+    assert main(["fit", "--help"]) == 0
+    shown = flat(capsys.readouterr().out)
+    docs = field_docs(Policy)
+    on_command_line = [field for field in dataclasses.fields(Policy) if option_of(field).on_command_line]
+    assert {field.name for field in on_command_line} >= {"precision", "gradient_checkpointing", "margin_bytes"}
+    for field in on_command_line:
+        assert docs[field.name], f"Policy.{field.name} has no docstring: its --help would be empty"
+        assert flat(docs[field.name]).rstrip(".") in shown, field.name
+    margin = f"{DEFAULT_MARGIN_FRACTION:.0%} of the budget, at least {MIN_MARGIN_BYTES // MIB} MiB"
+    assert margin == "2% of the budget, at least 256 MiB"
+    assert "--margin MARGIN Memory kept free below the budget" in shown and f"(default: {margin})" in shown
+    assert "5%" not in shown
+
+
+@pytest.mark.parametrize("command", ["plan", "fit", "run"])
+def test_every_option_has_help_and_the_epilog_stays(command, capsys):
+    from memtune.cli import OPTIONS, field_docs
+
+    assert main([command, "--help"]) == 0
+    shown = flat(capsys.readouterr().out)
+    assert "examples:" in shown and "exit codes:" in shown
+    for cls, field in command_line_fields(OPTIONS[command]):
+        doc = field_docs(cls).get(field.name, "")
+        assert doc, f"{cls.__name__}.{field.name} has no docstring: its --help would be empty"
+        assert flat(doc).rstrip(".").replace("%%", "%") in shown
+
+
+@pytest.mark.parametrize("options", [
+    {"plan": "plan.json"},
+    {"plan": "p.json", "data": "train.jsonl", "output_dir": "runs/a", "text_field": "content", "max_steps": 7,
+     "learning_rate": 1e-4, "save_steps": 3, "seed": 1, "resume": True, "json": True},
+])
+def test_run_options_round_trip_through_the_command_line(options):
+    from memtune.cli import parse
+    from memtune.config import RunOptions
+
+    expected = RunOptions(**options)
+    assert parse(["run", *expected.command_line()]) == ("run", expected)
+
+
+def test_run_options_from_the_parsed_command_line():
+    from memtune.cli import parse
+    from memtune.config import RunOptions
+
+    command, options = parse(["run", "plan.json", "--data", "corpus/", "--text-field", "content", "--resume",
+                              "--max-steps", "500", "--learning-rate", "3e-4"])
+    assert command == "run"
+    assert options == RunOptions(plan="plan.json", data="corpus/", text_field="content", resume=True, max_steps=500,
+                                 learning_rate=3e-4)
+
+
+def test_fit_run_hands_its_options_to_run_as_run_options():
+    from memtune.cli import parse
+    from memtune.config import DEFAULT_SAVE_STEPS, RunOptions
+
+    _, options = parse(["fit", "gpt2", "--budget", "8GiB", "--run", "--data", "train.jsonl", "--output-dir", "out",
+                        "--max-steps", "9"])
+    assert options.run_options("memtune-plan.json") == RunOptions(
+        plan="memtune-plan.json", data="train.jsonl", output_dir="out", max_steps=9, resume=False, text_field="text",
+        learning_rate=None, save_steps=DEFAULT_SAVE_STEPS, seed=42, json=False)
+
+
+def test_each_command_keeps_its_flag_forms():
+    from memtune.cli import parse
+
+    _, plan = parse(["plan", "gpt2", "--checkpointing", "--lora", "--lora-rank", "8", "--gpus", "2",
+                     "--batch-size", "4"])
+    assert plan.checkpointing is True and plan.lora and plan.lora_shape.lora_rank == 8 and plan.task.gpus == 2
+    assert plan.train_config().gradient_checkpointing and plan.train_config().adapter.rank == 8
+    for word, value in (("on", True), ("off", False), ("auto", None)):
+        _, fit = parse(["fit", "gpt2", "--budget", "8GiB", "--checkpointing", word])
+        assert fit.pins.gradient_checkpointing is value
+    _, fit = parse(["fit", "gpt2", "--gpu", "H100-80GB", "--no-offload", "--no-chunked-loss", "--margin", "1GiB",
+                    "--full-finetune-only", "--no-verify"])
+    policy = fit.policy()
+    assert (policy.allow_offload, policy.allow_chunked_loss, policy.margin_bytes, policy.use_adapter) == (
+        False, False, 1 << 30, False)
+    assert fit.verify is False and fit.task.gpu == "H100-80GB"
+
+
+def test_budget_and_gpu_exclude_each_other(capsys):
+    code, out, err = run(["fit", "gpt2", "--budget", "8GiB", "--gpu", "H100-80GB"], capsys)
+    assert code == 2 and "not allowed with argument" in err and out == ""
+
+
+def test_every_problem_of_the_options_is_reported_at_once(capsys):
+    code, out, err = run(["fit", "gpt2", "--lora", "--no-lora", "--trial-steps", "5", "--margin", "2G",
+                          "--budget", "24"], capsys)
+    said = flat(err)
+    assert code == 2 and out == ""
+    for problem in ("--lora contradicts --no-lora", "--trial-steps must be 1, 2 or 3, got 5",
+                    "memory quantity '2G' is ambiguous", "memory quantity '24' is ambiguous"):
+        assert problem in said, problem
+    assert said.count("error:") == 1
+    code, _, err = run(["plan", "gpt2", "--seq-len", "0", "--batch-size", "6", "--gpus", "4", "--gpu", "GTX-1"], capsys)
+    said = flat(err)
+    assert code == 2
+    for problem in ("--seq-len must be >= 1, got 0", "not a multiple of --gpus 4", "unknown --gpu 'GTX-1'"):
+        assert problem in said, problem
+
+
+def test_exit_1_for_a_failure_and_130_for_ctrl_c(monkeypatch, capsys):
+    from memtune import cli
+    from memtune.errors import MemtuneError
+
+    def failing(*_):
+        raise MemtuneError("the GPU fell off the bus")
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "models", failing)
+    code, out, err = run(["models"], capsys)
+    assert code == 1 and "the GPU fell off the bus" in err and out == ""
+    monkeypatch.setitem(cli.COMMANDS, "models", interrupted)
+    code, _, err = run(["models"], capsys)
+    assert code == 130 and "interrupted" in err
+
+
+def test_every_documented_command_line_parses():
+    """The README's and the epilogs' examples keep their flags' names and meanings (parsed, not run)."""
+    import shlex
+
+    from memtune.cli import EPILOG_FIT, EPILOG_PLAN, EPILOG_RUN, OPTIONS, parse
+
+    texts = [(ROOT / "README.md").read_text(), EPILOG_FIT, EPILOG_PLAN, EPILOG_RUN]
+    lines = [line.strip() for text in texts for line in text.splitlines()
+             if re.match(r"\s*memtune (plan|fit|run) ", line)]
+    assert len(lines) >= 15
+    for line in lines:
+        words = shlex.split(line.split("#")[0].split(">")[0])[1:]
+        command, options = parse(words)
+        assert isinstance(options, OPTIONS[command]), line

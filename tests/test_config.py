@@ -231,3 +231,89 @@ def test_plain_bytes_parse_exactly(num_bytes):
 def test_fractional_gibibytes_parse_to_the_nearest_byte(gibibytes):
     text = f"{gibibytes}GiB"  # repr never uses an exponent in this range
     assert parse_bytes(text) == round(gibibytes * 2**30)
+
+
+# ---- the commands' options ----------------------------------------------------------------------------
+
+
+def test_plan_options_build_the_train_config_they_describe():
+    from memtune.config import LoraOptions, PlanOptions, TaskOptions
+
+    options = PlanOptions(TaskOptions("gpt2", seq_len=256, batch_size=16, gpus=2), micro_batch_size=2,
+                          precision="bf16-mixed", checkpointing=True, lora=True,
+                          lora_shape=LoraOptions(lora_rank=8, lora_targets="q_proj,v_proj"), strategy="auto")
+    assert options.problems() == []
+    assert options.train_config() == TrainConfig(
+        seq_len=256, micro_batch_size=2, grad_accum_steps=4, weights_dtype="fp32", amp="bf16",
+        gradient_checkpointing=True, adapter=Adapter(rank=8, alpha=16, target_modules=("q_proj", "v_proj")),
+        num_gpus=2, strategy="fsdp")
+    default = PlanOptions(TaskOptions("gpt2"))  # the whole batch in one micro-batch, one GPU
+    assert (default.train_config().micro_batch_size, default.train_config().num_gpus) == (8, 1)
+
+
+def test_plan_options_report_every_problem_at_once():
+    from memtune.config import PlanOptions, TaskOptions
+
+    options = PlanOptions(TaskOptions("gpt2", seq_len=0, batch_size=6, gpus=4, budget="24"))
+    problems = options.problems()
+    assert any("--seq-len must be >= 1" in problem for problem in problems)
+    assert any("not a multiple of --gpus 4" in problem for problem in problems)
+    assert any("ambiguous" in problem for problem in problems)
+    with pytest.raises(UsageError, match="not a multiple of --gpus 4"):
+        options.train_config()
+    ddp = PlanOptions(TaskOptions("gpt2", batch_size=2), strategy="ddp")  # TrainConfig's own check, collected too
+    assert any("needs num_gpus >= 2" in problem for problem in ddp.problems())
+
+
+@pytest.mark.parametrize("choice,use_adapter,kind", [
+    ({}, None, "lora"),
+    ({"lora": True}, True, "lora"),
+    ({"prefix": True}, True, "prefix"),
+    ({"no_lora": True}, False, "lora"),
+    ({"full_finetune_only": True}, False, "lora"),
+    ({"prefix": True, "no_lora": True}, False, "prefix"),
+])
+def test_adapter_choice_gives_the_policy_use_adapter_and_adapter(choice, use_adapter, kind):
+    from memtune.config import AdapterChoice
+
+    adapters = AdapterChoice(**choice)
+    assert adapters.use_adapter() is use_adapter and adapters.adapter().kind == kind
+
+
+def test_fit_options_policy_and_its_problems():
+    from memtune.config import AdapterChoice, FitOptions, Policy, TaskOptions
+
+    options = FitOptions(TaskOptions("gpt2", batch_size=8, gpus=2), pins=Policy(strategy="ddp", offload="parameters"))
+    policy = options.policy()
+    assert policy.num_gpus == 2 and policy.strategy == "ddp" and policy.use_adapter is None
+    assert options.problems() == [
+        "strategy ddp cannot offload parameters to the CPU: pin --strategy fsdp for CPU offload"]
+    assert FitOptions(TaskOptions("gpt2", budget="8GiB")).policy().num_gpus == 1  # a budget: the GPUs here do not count
+    wrong = FitOptions(TaskOptions("gpt2", gpus=0, gpu="GTX-1"), adapters=AdapterChoice(lora=True, no_lora=True),
+                       trial_steps=4)
+    assert len(wrong.problems()) == 4
+
+
+def test_run_options_command_line_forwards_what_is_set_in_field_order():
+    from memtune.config import RunOptions
+
+    options = RunOptions(plan="plan.json", output_dir="out", max_steps=5, resume=True)
+    assert options.command_line() == ["plan.json", "--output-dir", "out", "--text-field", "text", "--max-steps", "5",
+                                      "--save-steps", "200", "--seed", "42", "--resume"]
+
+
+def test_policy_margin_docstring_and_help_follow_the_margin_rule():
+    import dataclasses
+
+    from memtune.config import (
+        DEFAULT_MARGIN_FRACTION,
+        MIN_MARGIN_BYTES,
+        Policy,
+        margin_for,
+        option_of,
+    )
+
+    margin = option_of(next(field for field in dataclasses.fields(Policy) if field.name == "margin_bytes"))
+    assert margin.default_text == "2% of the budget, at least 256 MiB"
+    assert margin_for(100 * GIB, Policy()) == int(DEFAULT_MARGIN_FRACTION * 100 * GIB)
+    assert margin_for(GIB, Policy()) == MIN_MARGIN_BYTES == 256 * MIB

@@ -3,7 +3,6 @@ Also the data reader's errors and the Plan adapters to Hugging Face objects."""
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import signal
@@ -14,12 +13,12 @@ import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from memtune.cli import add_run_arguments
-from memtune.config import Adapter, TrainConfig
+from memtune.cli import cmd_run, parse
+from memtune.config import Adapter, RunOptions, TrainConfig
 from memtune.errors import UsageError
 from memtune.plan import Plan
 from memtune.run import data as data_module
-from memtune.run.runner import RunSummary, cmd_run, run_plan
+from memtune.run.runner import RunSummary, run_plan
 
 CORPUS = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
 SEQ_LEN = 32
@@ -164,12 +163,11 @@ def test_hub_model_loads_its_weights_and_tokenizer_with_from_pretrained(
 
 def test_cmd_run_prints_a_summary_table(model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plan_path = make_plan(model_dir).save(tmp_path / "plan.json")
-    parser = argparse.ArgumentParser()
-    add_run_arguments(parser)
-    args = parser.parse_args([str(plan_path), "--data", str(CORPUS), "--output-dir", str(tmp_path / "cli"),
+    command, options = parse(["run", str(plan_path), "--data", str(CORPUS), "--output-dir", str(tmp_path / "cli"),
                               "--max-steps", "2", "--learning-rate", "1e-3"])
+    assert command == "run" and isinstance(options, RunOptions)
     out, err = io.StringIO(), io.StringIO()
-    code = cmd_run(args, Console(file=out, width=120), Console(file=err, width=120))
+    code = cmd_run(options, Console(file=out, width=120), Console(file=err, width=120))
     assert code == 0
     assert "memtune run: completed" in out.getvalue() and "2 / 2" in out.getvalue()
     assert "step 2/2  loss" in err.getvalue()  # plain progress lines: not a terminal
@@ -269,15 +267,12 @@ def test_plan_adapters_build_the_hugging_face_objects(model_dir: Path, tmp_path:
 
 
 def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkeypatch):
-    import argparse
-
     from memtune.run.runner import relaunch_command
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    args = argparse.Namespace(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"),
-                              text_field="text", max_steps=50, learning_rate=None, save_steps=200, seed=42,
-                              resume=False, json=False)
+    args = RunOptions(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"),
+                      max_steps=50)
     two_gpus = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30,
                     train_config=TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="bf16", num_gpus=2))
     command = relaunch_command(two_gpus, args, tmp_path / "out")
@@ -290,3 +285,15 @@ def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkey
     assert relaunch_command(one_gpu, args, tmp_path / "out") is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # already under the launcher: run here
     assert relaunch_command(two_gpus, args, tmp_path / "out") is None
+
+
+def test_run_plan_takes_run_options_or_their_fields_and_names_unknown_ones() -> None:
+    from memtune.run.runner import run_options
+
+    options = RunOptions(plan="plan.json", data="train.jsonl")
+    assert run_options(options, {"max_steps": 5}) == RunOptions(plan="plan.json", data="train.jsonl", max_steps=5)
+    assert run_options(None, {}) == RunOptions()
+    with pytest.raises(UsageError, match=r"unknown options \['steps'\]"):
+        run_options(None, {"steps": 5})
+    with pytest.raises(UsageError, match="is a RunOptions"):
+        run_options("train.jsonl", {})  # the old positional `data`

@@ -7,7 +7,12 @@ from __future__ import annotations
 import pytest
 
 from memtune.config import Adapter, TrainConfig
-from memtune.run.stepdown import FIXED_FIELDS, StepDownPolicy, chunk_size, step_down_ladder
+from memtune.run.stepdown import (
+    FIXED_FIELDS,
+    StepDownPolicy,
+    chunk_size,
+    step_down_ladder,
+)
 
 PLAN = TrainConfig(seq_len=8, micro_batch_size=4, grad_accum_steps=2)
 

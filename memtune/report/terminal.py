@@ -21,7 +21,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from memtune.config import format_bytes
+from memtune.config import TrainConfig, format_bytes
 from memtune.predict.estimate import Estimate
 from memtune.report.words import (
     CATEGORY_NOTES,
@@ -45,6 +45,7 @@ from memtune.sources import CatalogEntry
 if TYPE_CHECKING:
     from memtune.fit import FitResult, PlanResult
     from memtune.measure.probe import ProbeResult
+    from memtune.run.runner import RunSummary
     from memtune.search.choose import SearchResult
 
 WIDE = 120
@@ -358,6 +359,40 @@ def render_probe(result: ProbeResult, console: Console) -> None:
                       "total - used by others" + (", capped by the memory fraction" if gpu.memory_fraction is not None else ""))
         console.print(table)
     console.print(f"torch built with CUDA {result.torch_cuda or 'unknown'}", highlight=False)
+
+
+# ---- `memtune run` -------------------------------------------------------------------------------------
+
+
+def render_run_summary(summary: RunSummary, console: Console) -> None:
+    """The run summary as a table (stdout): steps, loss, speed, peak memory against the plan's prediction,
+    the configuration at the end (after any OOM guard step-down) and where the output went."""
+    table = Table(title=f"memtune run: {summary.status}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    first = summary.loss_curve[0][1] if summary.loss_curve else None
+    last = summary.loss_curve[-1][1] if summary.loss_curve else None
+    table.add_row("steps", f"{summary.global_step} / {summary.max_steps}"
+                  + (f" (resumed at {summary.resumed_from_step + 1})" if summary.resumed_from_step is not None else ""))
+    if first is not None:
+        table.add_row("loss", f"{first:.4f} -> {last:.4f}")
+    table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}")
+    if summary.peak_reserved_bytes is not None:
+        predicted = (f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)"
+                     if summary.predicted_total_bytes else "")
+        table.add_row("peak reserved", format_bytes(summary.peak_reserved_bytes) + predicted)
+    final = TrainConfig.from_dict(summary.final_train_config)
+    table.add_row("configuration", final.describe())
+    for event in summary.guard_events:
+        if event["kind"] == "oom":
+            table.add_row("oom guard", f"step {event['step'] + 1} ({event['phase']}): "
+                          + ("stepped down" if event["to_config"] else "gave up"))
+    table.add_row("wall time", f"{summary.wall_seconds:,.1f} s")
+    table.add_row("model", summary.model_origin.split(":")[0])
+    table.add_row("output", summary.output_dir)
+    if summary.checkpoint:
+        table.add_row("checkpoint", summary.checkpoint)
+    console.print(table)
 
 
 # ---- progress ----------------------------------------------------------------------------------------

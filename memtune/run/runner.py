@@ -3,6 +3,8 @@ up as the plan says, the OOM guard, progress on stderr, checkpoints, Ctrl-C and 
 
     memtune run PLAN [--data FILE] [--output-dir DIR] [--resume] [--text-field text] [--max-steps N]
 
+(cli.py parses that into a `config.RunOptions` and calls `relaunch`, then `run_plan`.)
+
 The model: a local directory with weights or a hub id is loaded with from_pretrained; a catalog name
 (or a directory with only config.json) starts from random weights, with a warning. The step is the
 one memtune predicted and verified (memtune.recipe): `Plan.prepare` applies dtype, checkpointing and
@@ -22,8 +24,8 @@ run_summary.json (steps, loss curve, peak memory per band of steps, tokens/s, wa
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import gc
 import json
 import math
@@ -40,12 +42,11 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from transformers import Trainer, TrainerCallback
 
 from memtune.config import (
-    DEFAULT_SAVE_STEPS,
     SAVE_TOTAL_LIMIT,
+    RunOptions,
     TrainConfig,
     format_bytes,
 )
@@ -306,35 +307,37 @@ class GracefulStop(TrainerCallback):
 
 def run_plan(
     plan: Plan,
-    data: str | Path | None = None,
-    output_dir: str | Path | None = None,
-    resume: bool = False,
-    max_steps: int | None = None,
+    options: RunOptions | None = None,
     *,
     callbacks: Sequence[TrainerCallback] = (),
     progress: bool = True,
-    text_field: str = "text",
-    learning_rate: float | None = None,
-    save_steps: int = DEFAULT_SAVE_STEPS,
-    seed: int = 42,
     device: str | None = None,
     console: Console | None = None,
     training_overrides: dict[str, Any] | None = None,
+    **changes: Any,
 ) -> RunSummary:
-    """Train `plan.model` on `data` (default: the sample corpus) as the plan says; see the module docstring.
+    """Train `plan.model` on the data (default: the sample corpus) as the plan says; see the module docstring.
 
-    max_steps: optimizer steps in all (a resumed run counts the earlier ones); None: one pass over the data.
+    options: the `memtune run` options (RunOptions; its `plan` path is not read: the Plan is given);
+    changes: RunOptions fields given one by one over `options`, e.g.
+        run_plan(plan, data="train.jsonl", output_dir="out", max_steps=100, learning_rate=1e-4)
+    - max_steps: optimizer steps in all (a resumed run counts the earlier ones); None: one pass over the data;
+    - learning_rate: default 2e-4 with an adapter, 2e-5 for full fine-tuning;
+    - resume: continue from the latest checkpoint-N in the output directory.
     callbacks: more TrainerCallbacks (they run after memtune's own).
     progress: print progress and warnings on stderr (`console`, default a stderr Console).
-    learning_rate: default 2e-4 with an adapter, 2e-5 for full fine-tuning.
     device: "cpu" to run on the CPU even where CUDA is available; None: CUDA when present.
     training_overrides: any other TrainingArguments fields.
 
     Returns the summary, also written to OUTPUT_DIR/run_summary.json. Ctrl-C does not raise: the
-    summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input,
-    NothingFitsError when the OOM guard has no lighter configuration left), after the last completed
-    step was saved as a checkpoint.
+    summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input - an
+    unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter configuration
+    left), after the last completed step was saved as a checkpoint.
     """
+    options = run_options(options, changes)
+    data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
+    text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
+                                                   options.seed)
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
@@ -506,86 +509,60 @@ def default_output_dir(plan: Plan) -> Path:
     return Path("memtune-runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
-# ---- command line (wired into cli.py) ------------------------------------------------------------
+# ---- options and the launcher (`memtune run` in cli.py) -------------------------------------------
 
-def relaunch_command(plan: Plan, args: argparse.Namespace, config_dir: Path) -> list[str] | None:
+
+def run_options(options: RunOptions | None, changes: dict[str, Any]) -> RunOptions:
+    """`options` (default RunOptions()) with `changes` (RunOptions fields) applied; UsageError names unknown ones."""
+    if options is not None and not isinstance(options, RunOptions):
+        raise UsageError(f"run_plan's second argument is a RunOptions, got {type(options).__name__}: "
+                         "give data, output_dir, max_steps, ... as keywords")
+    known = {field_.name for field_ in dataclasses.fields(RunOptions)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise UsageError(f"run_plan got unknown options {unknown}; the options are {sorted(known)}")
+    return dataclasses.replace(options or RunOptions(), **changes)
+
+
+def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[str] | None:
     """`accelerate launch` of this same `memtune run` when the plan needs a launcher - several GPUs (DDP or
     FSDP, as its strategy says) or CPU offload (FSDP) - and this process was not started by one; None
-    when this process can run the plan itself."""
+    when this process can run the plan itself. `options` may be any object with RunOptions' attributes."""
     from memtune.run import launch
     from memtune.sources import resolve
 
+    if not isinstance(options, RunOptions):
+        names = [field_.name for field_ in dataclasses.fields(RunOptions)]
+        options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
     config = plan.train_config
     if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
         return None
     name = "accelerate_ddp.yaml" if config.replicated else "accelerate_fsdp.yaml"
     config_path = launch.write_accelerate_config(config_dir / name, config, model_config=resolve(plan.model).config)
-    forwarded = ["run", str(args.plan)]
-    for flag, value in (("--data", args.data), ("--output-dir", args.output_dir), ("--text-field", args.text_field),
-                        ("--max-steps", args.max_steps), ("--learning-rate", args.learning_rate),
-                        ("--save-steps", args.save_steps), ("--seed", args.seed)):
-        if value is not None:
-            forwarded += [flag, str(value)]
-    forwarded += ["--resume"] if args.resume else []
-    forwarded += ["--json"] if getattr(args, "json", False) else []
-    return launch.launch_command(config_path, forwarded)
+    return launch.launch_command(config_path, ["run", *options.command_line()])
 
 
-def cmd_run(args: argparse.Namespace, out: Console, err: Console) -> int:
-    """Execute `memtune run`: 0 completed, 130 interrupted; errors raise MemtuneError (cli maps the exit code).
-
-    A plan for several GPUs or with CPU offload is handed to `accelerate launch` with a generated FSDP2
-    config (one process per GPU), which runs this same command in each process.
-    """
+def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int | None:
+    """Run `memtune run` under `accelerate launch` (one process per GPU, a generated DDP or FSDP2 config) when
+    the plan needs it (see `relaunch_command`): the launcher's exit code. None: run the plan in this process."""
     import subprocess
 
-    plan = Plan.load(args.plan)
-    output_dir = Path(args.output_dir or default_output_dir(plan))
-    command = relaunch_command(plan, args, output_dir)
-    if command is not None:
-        engine = "DDP" if plan.train_config.replicated else "FSDP"
-        err.print(f"the plan needs {engine} ({plan.train_config.describe()}): launching {' '.join(command)}", highlight=False)
-        return subprocess.run(command, check=False).returncode
-    summary = run_plan(
-        plan, data=args.data, output_dir=args.output_dir, resume=args.resume, max_steps=args.max_steps,
-        text_field=args.text_field, learning_rate=args.learning_rate, save_steps=args.save_steps, seed=args.seed,
-        console=err,
-    )
-    _leave_process_group()  # after a failure the error propagates instead: the launcher ends the other ranks
-    if getattr(args, "json", False):
-        print(summary.to_json())
-    else:
-        render_summary(summary, out)
-    return 0 if summary.status == "completed" else 130
+    output_dir = Path(options.output_dir or default_output_dir(plan))
+    command = relaunch_command(plan, options, output_dir)
+    if command is None:
+        return None
+    engine = "DDP" if plan.train_config.replicated else "FSDP"
+    log(f"the plan needs {engine} ({plan.train_config.describe()}): launching {' '.join(command)}")
+    return subprocess.run(command, check=False).returncode
 
 
-def render_summary(summary: RunSummary, console: Console) -> None:
-    """The run summary as a table (stdout)."""
-    table = Table(title=f"memtune run: {summary.status}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    first = summary.loss_curve[0][1] if summary.loss_curve else None
-    last = summary.loss_curve[-1][1] if summary.loss_curve else None
-    table.add_row("steps", f"{summary.global_step} / {summary.max_steps}"
-                  + (f" (resumed at {summary.resumed_from_step + 1})" if summary.resumed_from_step is not None else ""))
-    if first is not None:
-        table.add_row("loss", f"{first:.4f} -> {last:.4f}")
-    table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}")
-    if summary.peak_reserved_bytes is not None:
-        predicted = f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)" if summary.predicted_total_bytes else ""
-        table.add_row("peak reserved", format_bytes(summary.peak_reserved_bytes) + predicted)
-    final = TrainConfig.from_dict(summary.final_train_config)
-    table.add_row("configuration", final.describe())
-    for event in summary.guard_events:
-        if event["kind"] == "oom":
-            table.add_row("oom guard", f"step {event['step'] + 1} ({event['phase']}): "
-                          + ("stepped down" if event["to_config"] else "gave up"))
-    table.add_row("wall time", f"{summary.wall_seconds:,.1f} s")
-    table.add_row("model", summary.model_origin.split(":")[0])
-    table.add_row("output", summary.output_dir)
-    if summary.checkpoint:
-        table.add_row("checkpoint", summary.checkpoint)
-    console.print(table)
+def leave_process_group() -> None:
+    """Destroy the process group the launcher's Trainer made, so that each rank exits cleanly (after a
+    completed run; after a failure the error propagates and the launcher ends the other ranks)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # ---- internals -----------------------------------------------------------------------------------
@@ -671,14 +648,6 @@ def _process_count() -> int:
 def _sharded() -> bool:
     """Started by `accelerate launch` with an FSDP or DeepSpeed config (the launcher sets these)."""
     return any(os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-
-
-def _leave_process_group() -> None:
-    """Destroy the process group the launcher's Trainer made, so that each rank exits cleanly."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _save_last_step(trainer: Trainer, stats: RunStats, guard: OomGuard, warn: Callable[[str], None]) -> None:
