@@ -28,8 +28,9 @@ from typing import Any, Literal, Union
 
 from rich.console import Console
 
-from memtune.config import FitOptions, PlanOptions, RunOptions, option_of
+from memtune.config import option_of
 from memtune.errors import MemtuneError, UsageError
+from memtune.options import FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
 from memtune.report import json as json_report
 from memtune.report import terminal as report

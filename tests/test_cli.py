@@ -239,7 +239,7 @@ def test_every_option_has_help_and_the_epilog_stays(command, capsys):
 ])
 def test_run_options_round_trip_through_the_command_line(options):
     from memtune.cli import parse
-    from memtune.config import RunOptions
+    from memtune.options import RunOptions
 
     expected = RunOptions(**options)
     assert parse(["run", *expected.command_line()]) == ("run", expected)
@@ -247,7 +247,7 @@ def test_run_options_round_trip_through_the_command_line(options):
 
 def test_run_options_from_the_parsed_command_line():
     from memtune.cli import parse
-    from memtune.config import RunOptions
+    from memtune.options import RunOptions
 
     command, options = parse(["run", "plan.json", "--data", "corpus/", "--text-field", "content", "--resume",
                               "--max-steps", "500", "--learning-rate", "3e-4"])
@@ -258,7 +258,8 @@ def test_run_options_from_the_parsed_command_line():
 
 def test_fit_run_hands_its_options_to_run_as_run_options():
     from memtune.cli import parse
-    from memtune.config import DEFAULT_SAVE_STEPS, RunOptions
+    from memtune.config import DEFAULT_SAVE_STEPS
+    from memtune.options import RunOptions
 
     _, options = parse(["fit", "gpt2", "--budget", "8GiB", "--run", "--data", "train.jsonl", "--output-dir", "out",
                         "--max-steps", "9"])

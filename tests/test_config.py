@@ -237,7 +237,7 @@ def test_fractional_gibibytes_parse_to_the_nearest_byte(gibibytes):
 
 
 def test_plan_options_build_the_train_config_they_describe():
-    from memtune.config import LoraOptions, PlanOptions, TaskOptions
+    from memtune.options import LoraOptions, PlanOptions, TaskOptions
 
     options = PlanOptions(TaskOptions("gpt2", seq_len=256, batch_size=16, gpus=2), micro_batch_size=2,
                           precision="bf16-mixed", checkpointing=True, lora=True,
@@ -252,7 +252,7 @@ def test_plan_options_build_the_train_config_they_describe():
 
 
 def test_plan_options_report_every_problem_at_once():
-    from memtune.config import PlanOptions, TaskOptions
+    from memtune.options import PlanOptions, TaskOptions
 
     options = PlanOptions(TaskOptions("gpt2", seq_len=0, batch_size=6, gpus=4, budget="24"))
     problems = options.problems()
@@ -274,14 +274,15 @@ def test_plan_options_report_every_problem_at_once():
     ({"prefix": True, "no_lora": True}, False, "prefix"),
 ])
 def test_adapter_choice_gives_the_policy_use_adapter_and_adapter(choice, use_adapter, kind):
-    from memtune.config import AdapterChoice
+    from memtune.options import AdapterChoice
 
     adapters = AdapterChoice(**choice)
     assert adapters.use_adapter() is use_adapter and adapters.adapter().kind == kind
 
 
 def test_fit_options_policy_and_its_problems():
-    from memtune.config import AdapterChoice, FitOptions, Policy, TaskOptions
+    from memtune.config import Policy
+    from memtune.options import AdapterChoice, FitOptions, TaskOptions
 
     options = FitOptions(TaskOptions("gpt2", batch_size=8, gpus=2), pins=Policy(strategy="ddp", offload="parameters"))
     policy = options.policy()
@@ -295,7 +296,7 @@ def test_fit_options_policy_and_its_problems():
 
 
 def test_run_options_command_line_forwards_what_is_set_in_field_order():
-    from memtune.config import RunOptions
+    from memtune.options import RunOptions
 
     options = RunOptions(plan="plan.json", output_dir="out", max_steps=5, resume=True)
     assert options.command_line() == ["plan.json", "--output-dir", "out", "--text-field", "text", "--max-steps", "5",

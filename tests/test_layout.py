@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "memtune"
 
 LAYERS: list[tuple[str, ...]] = [
     ("memtune.errors", "memtune.config"),
-    ("memtune.sources",),
+    ("memtune.sources", "memtune.options"),
     ("memtune.recipe",),
     ("memtune.measure",),
     ("memtune.predict",),

@@ -14,8 +14,9 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from memtune.cli import cmd_run, parse
-from memtune.config import Adapter, RunOptions, TrainConfig
+from memtune.config import Adapter, TrainConfig
 from memtune.errors import UsageError
+from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.run import data as data_module
 from memtune.run.runner import RunSummary, run_plan

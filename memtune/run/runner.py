@@ -44,13 +44,9 @@ import torch
 from rich.console import Console
 from transformers import Trainer, TrainerCallback
 
-from memtune.config import (
-    SAVE_TOTAL_LIMIT,
-    RunOptions,
-    TrainConfig,
-    format_bytes,
-)
+from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
+from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module

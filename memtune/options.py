@@ -1,0 +1,303 @@
+"""The options of memtune's commands as typed dataclasses: one source for the command line (cli.py
+generates the parser and `--help` from them: each field's attribute docstring is its help, its
+`config.Option` metadata the flag's spelling), the Python API and the saved run metadata.
+
+`TaskOptions` (model, sequence, batch, budget) is shared by `plan` and `fit`; `PlanOptions` is the one
+configuration `memtune plan` predicts; `FitOptions` holds the search's `Policy`; `RunOptions` is
+`memtune run` (and `fit --run`). Each collects every problem at once (`problems()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+from memtune.config import (
+    DEFAULT_SAVE_STEPS,
+    KNOWN_GPUS,
+    POLICY,
+    PRECISIONS,
+    SAVE_TOTAL_LIMIT,
+    VERIFY_AND_OUTPUT,
+    Adapter,
+    Policy,
+    TrainConfig,
+    format_bytes,
+    known_gpu,
+    option,
+    option_of,
+    parse_bytes,
+    precision_config,
+)
+from memtune.errors import UsageError
+
+# ---- the commands' options (cli.py generates `--help` and the parser from these) -------------------
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """What to train and on what memory: the options `memtune plan` and `memtune fit` share."""
+
+    model: str = field(metadata=option(flag="", metavar="MODEL"))
+    """Catalog name (see `memtune models`), hub id or local directory with config.json."""
+    seq_len: int = 1024
+    """Tokens per sequence."""
+    batch_size: int = 8
+    """Effective batch in sequences per optimizer step (micro-batch x accumulation x GPUs), kept exactly."""
+    budget: str | None = field(default=None, metadata=option(exclusive="budget"))
+    """Memory to fit in instead of the GPU's free memory, e.g. 24GiB, 24GB (=24e9 bytes), 24000MiB."""
+    gpu: str | None = field(default=None, metadata=option(exclusive="budget", note=f"one of {', '.join(KNOWN_GPUS)}"))
+    """Plan for a known card instead of --budget."""
+    gpus: int | None = field(default=None, metadata=option(
+        default_text="fit: the GPUs visible here, or 1; plan: 1"))
+    """GPUs to train on; above 1, --batch-size is split over them (see --strategy); with --budget or --gpu
+    they need not be present."""
+    trace_device: Literal["cpu", "cuda"] | None = field(default=None, metadata=option(
+        default_text="cuda when a GPU is visible"))
+    """Trace on fake CUDA tensors (needs a GPU) or on the CPU with CUDA emulation."""
+    json: bool = False
+    """Print one JSON document instead of tables."""
+
+    def budget_and_label(self) -> tuple[int | None, str]:
+        """(bytes to fit in, its label for reports) from --budget or --gpu; (None, "") for neither.
+        Raises UsageError for a malformed quantity or an unknown card."""
+        if self.budget:
+            value = parse_bytes(self.budget)
+            return value, f"budget {format_bytes(value)}"
+        if self.gpu:
+            name, total_bytes = known_gpu(self.gpu)
+            return total_bytes, f"{name} ({format_bytes(total_bytes)})"
+        return None, ""
+
+    def problems(self) -> list[str]:
+        """What is wrong with the budget (the other checks depend on the command)."""
+        try:
+            self.budget_and_label()
+        except UsageError as error:
+            return [str(error)]
+        return []
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The shape of the LoRA adapter (peft LoraConfig), for `memtune plan --lora` and the adapter rung of fit."""
+
+    lora_rank: int = Adapter.rank
+    """LoRA rank r (lora_alpha is 2r)."""
+    lora_targets: str = "all-linear"
+    """peft target_modules, comma-separated (q_proj,v_proj), or all-linear."""
+
+    def adapter(self) -> Adapter:
+        targets = self.lora_targets if self.lora_targets == "all-linear" else tuple(self.lora_targets.split(","))
+        return Adapter(rank=self.lora_rank, alpha=2 * self.lora_rank, target_modules=targets)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """`memtune plan`: the one configuration whose peak memory is predicted."""
+
+    task: TaskOptions
+    micro_batch_size: int | None = field(default=None, metadata=option(default_text="the whole batch"))
+    """Sequences per forward/backward; the rest is gradient accumulation. Reduce it to 4, 2, 1 if you OOM."""
+    precision: str = field(default="fp32", metadata=option(choices=tuple(PRECISIONS)))
+    """fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True); bf16 / fp16 = weights
+    stored in 16 bits."""
+    checkpointing: bool = False
+    """Gradient checkpointing (recompute activations in backward)."""
+    lora: bool = False
+    """Train LoRA adapters (peft) instead of all weights."""
+    lora_shape: LoraOptions = field(default_factory=LoraOptions)
+    strategy: Literal["fsdp", "ddp", "auto"] = "fsdp"
+    """With --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs; ddp keeps a full
+    replica on each GPU (faster, needs the whole training state per GPU); auto predicts both and takes the
+    faster that fits the budget."""
+    offload: Literal["none", "parameters"] = "none"
+    """parameters: FSDP CPU offload of parameters, gradients and optimizer state."""
+
+    def problems(self) -> list[str]:
+        """Every problem of these options at once (empty: `train_config()` builds)."""
+        problems = self._shape_problems() + self.task.problems()
+        if not problems:
+            try:
+                self.train_config()
+            except UsageError as error:
+                problems.append(str(error))
+        return problems
+
+    def _shape_problems(self) -> list[str]:
+        task = self.task
+        problems = []
+        gpus = 1 if task.gpus is None else task.gpus
+        if gpus < 1:
+            problems.append(f"--gpus must be >= 1, got {gpus}")
+            gpus = 1
+        per_gpu = task.batch_size // gpus
+        if task.batch_size % gpus:
+            problems.append(f"--batch-size {task.batch_size} is not a multiple of --gpus {gpus}: "
+                            "each GPU takes an equal share")
+        micro = self.micro_batch_size or per_gpu or 1
+        if task.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {task.batch_size}")
+        if micro < 1:
+            problems.append(f"--micro-batch-size must be >= 1, got {micro}")
+        elif per_gpu >= 1 and per_gpu % micro:
+            divisor = max(d for d in range(1, micro + 1) if per_gpu % d == 0)
+            problems.append(f"--batch-size {task.batch_size} is not a multiple of --micro-batch-size {micro} x --gpus "
+                            f"{gpus}: the effective batch would change; pick a divisor such as {divisor}")
+        if task.seq_len < 1:
+            problems.append(f"--seq-len must be >= 1, got {task.seq_len}")
+        return problems
+
+    def train_config(self) -> TrainConfig:
+        """The configuration to predict (`strategy` auto starts from FSDP). Raises UsageError listing every
+        problem of the options."""
+        problems = self._shape_problems()
+        if problems:
+            raise UsageError("; ".join(problems))
+        gpus = 1 if self.task.gpus is None else self.task.gpus
+        per_gpu = self.task.batch_size // gpus
+        micro = self.micro_batch_size or per_gpu or 1
+        weights, amp = precision_config(self.precision)
+        return TrainConfig(
+            seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
+            weights_dtype=weights, amp=amp, gradient_checkpointing=self.checkpointing,
+            adapter=self.lora_shape.adapter() if self.lora else None, num_gpus=gpus, offload=self.offload,
+            strategy="fsdp" if self.strategy == "auto" else self.strategy,
+        )
+
+
+@dataclass(frozen=True)
+class AdapterChoice:
+    """When `memtune fit` trains an adapter instead of all weights: Policy.use_adapter and Policy.adapter."""
+
+    lora: bool = False
+    """Train LoRA adapters even if full fine-tuning fits."""
+    prefix: bool = False
+    """Use prefix tuning instead of LoRA as the adapter rung."""
+    lora_shape: LoraOptions = field(default_factory=LoraOptions)
+    no_lora: bool = False
+    """Never use an adapter (full fine-tuning only)."""
+    full_finetune_only: bool = False
+    """Same as --no-lora."""
+
+    def adapter(self) -> Adapter:
+        return Adapter(kind="prefix") if self.prefix else self.lora_shape.adapter()
+
+    def use_adapter(self) -> bool | None:
+        never = self.no_lora or self.full_finetune_only
+        return True if (self.lora or self.prefix) and not never else (False if never else None)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """`memtune run`: how to train with a saved plan. `run.runner.run_plan` takes these too, with the Plan
+    itself (it does not read `plan`, the file's path).
+
+    The fields are in the order `command_line` forwards them to `accelerate launch`."""
+
+    plan: str = field(default="", metadata=option(flag="", metavar="PLAN"))
+    """Plan file written by `memtune fit` (JSON)."""
+    data: str | None = field(default=None, metadata=option(metavar="FILE",
+                                                           default_text="memtune's small sample corpus"))
+    """Training text: JSON Lines (.jsonl), JSON, plain text (.txt) or a directory of them."""
+    output_dir: str | None = field(default=None, metadata=option(metavar="DIR",
+                                                                 default_text="memtune-runs/<model name>"))
+    """Where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go."""
+    text_field: str = "text"
+    """The JSON field that holds the text."""
+    max_steps: int | None = field(default=None, metadata=option(default_text="one pass over the data"))
+    """Optimizer steps in all, earlier runs of a resumed directory included."""
+    learning_rate: float | None = field(default=None, metadata=option(
+        default_text="2e-4 with LoRA, 2e-5 for full fine-tuning"))
+    """Peak learning rate, linear decay."""
+    save_steps: int = field(default=DEFAULT_SAVE_STEPS, metadata=option(
+        note=f"the last {SAVE_TOTAL_LIMIT} are kept"))
+    """Checkpoint every this many optimizer steps."""
+    seed: int = 42
+    """Seed for weights, data order and dropout."""
+    resume: bool = False
+    """Continue from the latest checkpoint-N in --output-dir at step N+1."""
+    json: bool = False
+    """Print the run summary as JSON instead of a table."""
+
+    def command_line(self) -> list[str]:
+        """The `memtune run` arguments that give these options back: PLAN, then every option that is set."""
+        arguments = [self.plan]
+        for field_ in dataclasses.fields(self)[1:]:
+            value = getattr(self, field_.name)
+            flag = option_of(field_).flag_of(field_.name)
+            if value is True:
+                arguments.append(flag)
+            elif value is not None and value is not False:
+                arguments += [flag, str(value)]
+        return arguments
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """`memtune fit`: the task, what the search may choose (the policy), verification and output."""
+
+    task: TaskOptions
+    pins: Policy = field(default_factory=Policy)
+    adapters: AdapterChoice = field(default_factory=AdapterChoice, metadata=option(group=POLICY))
+    verify: bool = field(default=True, metadata=option(group=VERIFY_AND_OUTPUT))
+    """Verify the winner with real trial steps on the GPU (--no-verify skips them)."""
+    trial_steps: int = field(default=2, metadata=option(group=VERIFY_AND_OUTPUT))
+    """Optimizer steps per trial, 1 to 3."""
+    plan_out: str = field(default="memtune-plan.json", metadata=option(group=VERIFY_AND_OUTPUT))
+    """Where to save the plan."""
+    report: str | None = field(default=None, metadata=option(metavar="FILE.html", group=VERIFY_AND_OUTPUT))
+    """Also write the report as a self-contained HTML page."""
+    run: bool = field(default=False, metadata=option(group=VERIFY_AND_OUTPUT))
+    """Train with the plan right away (same as `memtune run PLAN`)."""
+    data: str | None = field(default=None, metadata=option(metavar="FILE", group=VERIFY_AND_OUTPUT,
+                                                           default_text="memtune's sample corpus"))
+    """With --run: training text (.jsonl, .txt or a folder)."""
+    output_dir: str | None = field(default=None, metadata=option(metavar="DIR", group=VERIFY_AND_OUTPUT,
+                                                                 default_text="memtune-runs/<model name>"))
+    """With --run: where the model and checkpoints go."""
+    max_steps: int | None = field(default=None, metadata=option(group=VERIFY_AND_OUTPUT,
+                                                                default_text="one pass over the data"))
+    """With --run: optimizer steps."""
+
+    def problems(self) -> list[str]:
+        """Every problem of these options at once (empty: `policy()` builds a valid Policy)."""
+        task, pins = self.task, self.pins
+        problems = []
+        if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):
+            problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
+        if not 1 <= self.trial_steps <= 3:
+            problems.append(f"--trial-steps must be 1, 2 or 3, got {self.trial_steps}")
+        if pins.micro_batch_size is not None and pins.micro_batch_size < 1:
+            problems.append(f"--micro-batch-size must be >= 1, got {pins.micro_batch_size}")
+        if task.batch_size < 1 or task.seq_len < 1:
+            problems.append(f"--batch-size and --seq-len must be >= 1, got {task.batch_size} and {task.seq_len}")
+        if task.gpus is not None and task.gpus < 1:
+            problems.append(f"--gpus must be >= 1, got {task.gpus}")
+        if not problems:
+            try:
+                self.policy().validate(task.batch_size)
+            except UsageError as error:
+                problems.append(str(error))
+        return problems + task.problems()
+
+    def policy(self) -> Policy:
+        """The search's policy: the pins and forbidden rungs, the adapter choice and the GPUs (those visible
+        here when --gpus is not given and neither --budget nor --gpu is)."""
+        gpus = self.task.gpus
+        if gpus is None:
+            gpus = 1 if (self.task.budget or self.task.gpu) else visible_gpus()
+        return dataclasses.replace(self.pins, num_gpus=gpus, adapter=self.adapters.adapter(),
+                                   use_adapter=self.adapters.use_adapter())
+
+    def run_options(self, plan_path: str) -> RunOptions:
+        """`fit --run`: run the saved plan with this command's --data, --output-dir and --max-steps."""
+        return RunOptions(plan=plan_path, data=self.data, output_dir=self.output_dir, max_steps=self.max_steps)
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process sees, at least 1 (torch.cuda.device_count)."""
+    import torch  # only `fit` without --gpus, --budget or --gpu needs it
+
+    return max(1, torch.cuda.device_count())
