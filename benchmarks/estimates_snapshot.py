@@ -37,31 +37,36 @@ def tiny_llama(layers: int) -> Any:
 
 
 BF16 = {"weights_dtype": "fp32", "amp": "bf16"}
+GPT2, QWEN, LLAMA = "gpt2", "qwen2.5-0.5b", "meta-llama/Llama-3.2-1B"
 CASES: list[tuple[str, Any, TrainConfig]] = [
-    ("gpt2", lambda: catalog_config("gpt2"), TrainConfig(seq_len=512, micro_batch_size=4)),
-    ("gpt2", lambda: catalog_config("gpt2"), TrainConfig(seq_len=512, micro_batch_size=4, gradient_checkpointing=True, **BF16)),
-    ("gpt2", lambda: catalog_config("gpt2"), TrainConfig(seq_len=512, micro_batch_size=2, num_gpus=2, **BF16)),
+    ("gpt2", lambda: catalog_config(GPT2), TrainConfig(seq_len=512, micro_batch_size=4)),
+    ("gpt2", lambda: catalog_config(GPT2),
+     TrainConfig(seq_len=512, micro_batch_size=4, gradient_checkpointing=True, **BF16)),
+    ("gpt2", lambda: catalog_config(GPT2), TrainConfig(seq_len=512, micro_batch_size=2, num_gpus=2, **BF16)),
     ("tiny-llama-2", lambda: tiny_llama(2), TrainConfig(seq_len=64, micro_batch_size=2)),
     ("tiny-llama-2", lambda: tiny_llama(2), TrainConfig(seq_len=64, micro_batch_size=2, num_gpus=4)),
     ("tiny-llama-8", lambda: tiny_llama(8), TrainConfig(seq_len=64, micro_batch_size=2, **BF16)),
     ("tiny-llama-8", lambda: tiny_llama(8), TrainConfig(seq_len=64, micro_batch_size=2, num_gpus=4, **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"), TrainConfig(seq_len=1024, micro_batch_size=2, **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"),
-     TrainConfig(seq_len=1024, micro_batch_size=4, weights_dtype="bf16", gradient_checkpointing=True, adapter=Adapter())),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"), TrainConfig(seq_len=1024, micro_batch_size=2, loss="chunked", **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"), TrainConfig(seq_len=512, micro_batch_size=2, grad_accum_steps=4, **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN), TrainConfig(seq_len=1024, micro_batch_size=2, **BF16)),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
+     TrainConfig(seq_len=1024, micro_batch_size=4, weights_dtype="bf16", gradient_checkpointing=True,
+                 adapter=Adapter())),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
+     TrainConfig(seq_len=1024, micro_batch_size=2, loss="chunked", **BF16)),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
+     TrainConfig(seq_len=512, micro_batch_size=2, grad_accum_steps=4, **BF16)),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
      TrainConfig(seq_len=1024, micro_batch_size=2, num_gpus=2, strategy="ddp", **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
      TrainConfig(seq_len=1024, micro_batch_size=2, num_gpus=2, grad_accum_steps=2, **BF16)),
-    ("qwen2.5-0.5b", lambda: catalog_config("qwen2.5-0.5b"),
+    ("qwen2.5-0.5b", lambda: catalog_config(QWEN),
      TrainConfig(seq_len=1024, micro_batch_size=2, offload="parameters", **BF16)),
-    ("llama-3.2-1b", lambda: catalog_config("meta-llama/Llama-3.2-1B"), TrainConfig(seq_len=512, micro_batch_size=1)),
-    ("llama-3.2-1b", lambda: catalog_config("meta-llama/Llama-3.2-1B"),
+    ("llama-3.2-1b", lambda: catalog_config(LLAMA), TrainConfig(seq_len=512, micro_batch_size=1)),
+    ("llama-3.2-1b", lambda: catalog_config(LLAMA),
      TrainConfig(seq_len=1024, micro_batch_size=2, gradient_checkpointing=True, adapter=Adapter(), **BF16)),
-    ("llama-3.2-1b", lambda: catalog_config("meta-llama/Llama-3.2-1B"),
+    ("llama-3.2-1b", lambda: catalog_config(LLAMA),
      TrainConfig(seq_len=1024, micro_batch_size=2, num_gpus=2, strategy="ddp", adapter=Adapter(), **BF16)),
-    ("llama-3.2-1b", lambda: catalog_config("meta-llama/Llama-3.2-1B"),
+    ("llama-3.2-1b", lambda: catalog_config(LLAMA),
      TrainConfig(seq_len=1024, micro_batch_size=2, num_gpus=2, gradient_checkpointing=True, **BF16)),
 ]
 
@@ -74,8 +79,8 @@ def main() -> None:
         estimate = predictor.memory(config)
         breakdown = " ".join(f"{key}={value}" for key, value in sorted(estimate.breakdown.items()))
         fixed = estimate.workspace_bytes + estimate.context_bytes
-        usable = (estimate.total_bytes, estimate.total_bytes * 9 // 10, estimate.peak_allocated_bytes + fixed + (1 << 28),
-                  estimate.peak_allocated_bytes)
+        usable = (estimate.total_bytes, estimate.total_bytes * 9 // 10,
+                  estimate.peak_allocated_bytes + fixed + (1 << 28), estimate.peak_allocated_bytes)
         fits = "".join("y" if predictor.fits(estimate, size) else "n" for size in usable)
         print(f"{name} [{config.describe()}] allocated={estimate.peak_allocated_bytes} "
               f"reserved={estimate.peak_reserved_bytes} workspace={estimate.workspace_bytes} "

@@ -27,7 +27,8 @@ here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
   rank keeps them it over-predicts by one gradient copy (+13.9% for Qwen2.5-1.5B 1 x 2048 x 2).
 - The construction broadcast. `_sync_module_states` broadcasts every parameter and buffer from rank 0
   through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` (called here, through
-  `torch.distributed._compute_bucket_assignment_by_size`) groups them per dtype into 250 MiB buckets (a bucket closes once it reaches the limit), a bucket of several tensors is
+  `torch.distributed._compute_bucket_assignment_by_size`) groups them per dtype into 250 MiB buckets
+  (a bucket closes once it reaches the limit), a bucket of several tensors is
   flattened into a new tensor (`at::cat`), a lone tensor is broadcast in place, and at most two
   buckets are in flight. The copies are freed before training, but their segments stay cached, where
   the step reuses them: they are replayed too.
@@ -216,7 +217,9 @@ def weights_prefix(events: list[Event], categories: dict[Hashable, str]) -> int:
     return len(events)
 
 
-def replicated_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[list[Event], dict[Hashable, str], Trace]:
+def replicated_events(
+    model_config: Any, train_config: TrainConfig, device: str
+) -> tuple[list[Event], dict[Hashable, str], Trace]:
     """(events of one rank's DDP steps, category by storage key, the single-GPU trace), cached."""
     check_replicated(train_config)
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict(), device], sort_keys=True)
@@ -227,7 +230,8 @@ def replicated_events(model_config: Any, train_config: TrainConfig, device: str)
         categories: dict[Hashable, str] = dict(trace.categories)
         for event in ddp + rebuild:
             if event.kind == "alloc":
-                categories[event.source] = DDP_BUCKETS if event.source[0] != "ddp-broadcast" else Category.TEMPORARIES.value
+                broadcast = event.source[0] == "ddp-broadcast"
+                categories[event.source] = Category.TEMPORARIES.value if broadcast else DDP_BUCKETS
         split = weights_prefix(events, trace.categories)
         events = events[:split] + ddp + events[split:]
         step_two = after_first_optimizer_step(events, categories)

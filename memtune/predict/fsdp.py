@@ -287,8 +287,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
             counter.retag([p.grad for p in trainable if p.grad is not None], Category.GRADIENTS.value)
             counter.phase = Category.OPTIMIZER.value
 
-        def after_step(*_: Any) -> None:
-            for param, state in optimizer.state.items():
+        def after_step(stepped: torch.optim.Optimizer, *_: Any) -> None:
+            for param, state in stepped.state.items():
                 counter.retag(list(state.values()), Category.OPTIMIZER.value)
                 counter.relayer(list(state.values()), layer_of.get(id(param), NO_LAYER))
             counter.phase = Category.TEMPORARIES.value
@@ -299,7 +299,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         with counter, _watch_resizes(counter), CudaEmulation(), host_copies:
             for item in [*model.parameters(), *model.buffers()]:
                 counter.base_layer = layer_of.get(id(item), NO_LAYER)
-                storage_id = counter.track(item.to_local() if hasattr(item, "to_local") else item, Category.WEIGHTS.value)
+                local = item.to_local() if hasattr(item, "to_local") else item
+                storage_id = counter.track(local, Category.WEIGHTS.value)
                 if offload and storage_id is not None and isinstance(item, torch.nn.Parameter):
                     counter.host.add(storage_id)
             counter.base_layer = NO_LAYER
@@ -311,14 +312,16 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
                 del batches
             for hook in hooks:
                 hook.remove()
-            del model, optimizer, trainable, head, layers
+            trainable.clear()  # the step hooks hold the list
+            del model, optimizer, head, layers
             gc.collect()  # FSDP's state holds reference cycles: free what the model held, inside the trace
             counter.closed = True
     trace = counter.trace
     for storage_id in counter.resized:
         trace.categories[storage_id] = FSDP_BUFFERS
     for event in trace.events:
-        if event.kind == "alloc" and event.stream != COMPUTE_STREAM and trace.categories[event.source] != Category.GRADIENTS.value:
+        on_fsdp_stream = event.kind == "alloc" and event.stream != COMPUTE_STREAM
+        if on_fsdp_stream and trace.categories[event.source] != Category.GRADIENTS.value:
             trace.categories[event.source] = FSDP_BUFFERS
     if offload:
         trace.events = _offloaded(trace, counter.host | counter.optimizer_ids)
@@ -366,7 +369,8 @@ def extend_sharded(trace: Trace, depth: int, period: int) -> list[Event] | None:
                     by_position[(layer, number, position)] = event.storage
 
     def signature(layer: int) -> list[list[tuple]]:
-        return [[(event.kind, event.num_bytes, event.stream, trace.categories.get(event.source) if event.kind == "alloc" else None)
+        return [[(event.kind, event.num_bytes, event.stream,
+                  trace.categories.get(event.source) if event.kind == "alloc" else None)
                  for event in visit] for visit in visits.get(layer, [])]
 
     for layer in generic:
@@ -402,7 +406,10 @@ def extend_sharded(trace: Trace, depth: int, period: int) -> list[Event] | None:
         if alloc_layer == NO_LAYER:
             targets = [(sid, NO_LAYER)]
         elif layer == NO_LAYER:  # outside the layers (zero_grad, teardown): every copy goes
-            targets = [(sid, real(alloc_layer, c)) for c in range(copies)] if alloc_layer in template else [(sid, real(alloc_layer, 0))]
+            if alloc_layer in template:
+                targets = [(sid, real(alloc_layer, c)) for c in range(copies)]
+            else:
+                targets = [(sid, real(alloc_layer, 0))]
         else:
             origin = here + (alloc_layer - layer)
             stand_in = traced_of(origin)

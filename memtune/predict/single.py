@@ -41,7 +41,8 @@ _EVENTS_CACHE: dict[tuple[int, int], list[Event]] = {}
 def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
     """The shallow trace of `train_config` (`traced_depth` layers of `model_config`), cached."""
     depth = traced_depth(num_layers_of(model_config), layer_period(model_config))
-    key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device], sort_keys=True)
+    key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
+                     sort_keys=True)
     if key not in _TRACE_CACHE:
         _TRACE_CACHE[key] = trace_step(shallow_config(model_config, depth), train_config, device=device)
     return _TRACE_CACHE[key]
@@ -70,8 +71,9 @@ def estimate_single(
     started = time.perf_counter()
     device = device or default_trace_device()
     trace, events = full_depth_events(model_config, train_config, device)
+    num_layers = num_layers_of(model_config) or trace.traced_layers
     return estimate_of_events(train_config, events, trace.categories, trace_device=device,
-                              traced_layers=trace.traced_layers, num_layers=num_layers_of(model_config) or trace.traced_layers,
+                              traced_layers=trace.traced_layers, num_layers=num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 
 

@@ -331,7 +331,9 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     low_precision = query.dtype in (torch.float16, torch.bfloat16)
     if low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
         # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
-        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale
+        )[0]
     if not grouped and head_dim % 8 == 0:
         bias = attn_mask
         if bias is not None and bias.dtype == torch.bool:
@@ -635,7 +637,10 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
         if alloc_layer == NO_LAYER:
             keys = [(sid, 0)]
         elif layer == NO_LAYER or (layer not in template and alloc_layer in template):
-            keys = [(sid, c * p) for c in range(copies + 1)] if alloc_layer in template else [(sid, shift_of(alloc_layer, 0))]
+            if alloc_layer in template:
+                keys = [(sid, c * p) for c in range(copies + 1)]
+            else:
+                keys = [(sid, shift_of(alloc_layer, 0))]
         else:
             target = layer + shift_of(layer, copy) + (alloc_layer - layer)  # same distance as traced
             if alloc_layer in template:
