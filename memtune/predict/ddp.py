@@ -230,7 +230,7 @@ def replicated_events(
         categories: dict[Hashable, str] = dict(trace.categories)
         for event in ddp + rebuild:
             if event.kind == "alloc":
-                broadcast = event.source[0] == "ddp-broadcast"
+                broadcast = isinstance(event.source, tuple) and event.source[0] == "ddp-broadcast"
                 categories[event.source] = Category.TEMPORARIES.value if broadcast else DDP_BUCKETS
         split = weights_prefix(events, trace.categories)
         events = events[:split] + ddp + events[split:]

@@ -421,8 +421,8 @@ def extend_sharded(trace: Trace, depth: int, period: int) -> list[Event] | None:
             else:
                 return False
         for key in targets:
-            copied = live.pop(key, None)
-            if copied is not None:
+            if key in live:
+                copied = live.pop(key)
                 out.append(Event("free", copied.storage, 0, here, copied.source, copied.stream))
         return True
 

@@ -21,6 +21,7 @@ under fake tensors; HF causal LMs do not use them in a training step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Hashable
@@ -174,7 +175,7 @@ class StorageCounter(TorchDispatchMode):
             return
         storage = new.untyped_storage()
         self._ids[storage] = storage_id
-        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
+        self._refs[storage_id] = weakref.ref(storage, functools.partial(self._free, storage_id))
 
     def track(self, tensor: torch.Tensor, category: str | None = None) -> int | None:
         """Record the tensor's storage if it is new; its id (None for an empty storage or a DTensor,
@@ -193,7 +194,7 @@ class StorageCounter(TorchDispatchMode):
         storage_id = self._next_id
         self._next_id += 1
         self._ids[storage] = storage_id
-        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
+        self._refs[storage_id] = weakref.ref(storage, functools.partial(self._free, storage_id))
         self._sizes[storage_id] = size
         self._streams[storage_id] = stream = self.stream()
         self.trace.categories[storage_id] = category or self.phase
@@ -241,7 +242,7 @@ class StorageCounter(TorchDispatchMode):
 
     def finish(self) -> Trace:
         """Label the live bytes at the allocated peak by their final category."""
-        live: dict[int, int] = {}
+        live: dict[Hashable, int] = {}
         for event in self.trace.events[: self._peak_event]:
             if event.kind == "alloc":
                 live[event.storage] = event.num_bytes
