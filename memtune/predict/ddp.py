@@ -4,8 +4,8 @@
 
 Under torch's DistributedDataParallel every GPU runs the single-GPU step on its share of the batch
 (Trainer: the plan's micro-batch per GPU, gradient accumulation under `no_sync`, autocast around the
-forward), so the per-GPU step is what `estimate.estimate` traces for the same configuration on one
-GPU (single.py). What DDP adds, read from torch's sources (torch/nn/parallel/distributed.py `_ddp_init_helper`,
+forward), so the per-GPU step is what `single.estimate_single` traces for the same configuration on
+one GPU. What DDP adds, read from torch's sources (torch/nn/parallel/distributed.py `_ddp_init_helper`,
 torch/csrc/distributed/c10d/reducer.cpp and comm.cpp; the same from torch 2.0 to 2.13, the version
 here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
 
