@@ -196,6 +196,7 @@ def _tag_layers(layers: list[torch.nn.Module], counter: ShardedCounter) -> list[
     pre-backward hook (tensor hooks run in order), so the backward unshard and prefetch are tagged too;
     an appended post-hook leaves the layer after FSDP has resharded it; until the next layer starts,
     events stay with the layer just left, so that every generic layer makes the same events.
+    (torch's ModTracker cannot order itself around FSDP's hooks: see trace._layer_hooks.)
     """
 
     def set_base(index: int) -> Any:
