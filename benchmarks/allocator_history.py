@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from memtune.config import GIB, TrainConfig  # noqa: E402
+from memtune.predict.trace import Event  # noqa: E402
 
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("qwen2.5-0.5b 8x1024", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=8)),
@@ -154,27 +155,29 @@ def launch(out: Path, extra: list[str]) -> None:
 # ---- replay (no GPU) ------------------------------------------------------------------------------
 
 
-def real_events(events: list[list[int]]) -> tuple[list[tuple], dict[int, int], int]:
-    """Allocator-model events ("alloc"/"free", id, bytes, layer) from the recorded history, each block's
-    stream, and the largest reserved total the history shows (segment_alloc/segment_free)."""
-    out, streams, live = [], {}, {}
+def real_events(events: list[list[int]]) -> tuple[list[Event], int]:
+    """Allocator-model events (each block with its stream) from the recorded history, and the largest
+    reserved total the history shows (segment_alloc/segment_free). Sizes are as requested: the
+    allocator model rounds them."""
+    out: list[Event] = []
+    live: dict[int, Event] = {}  # address -> its alloc
     reserved = peak_reserved = 0
     next_id = 0
     for action, address, size, stream in events:
         name = ACTIONS[action] if action >= 0 else ""
         if name == "alloc":
-            live[address] = next_id
-            streams[next_id] = stream
-            out.append(("alloc", next_id, size, -1))
+            live[address] = Event.alloc(next_id, size, stream=stream)
+            out.append(live[address])
             next_id += 1
         elif name == "free_completed" and address in live:
-            out.append(("free", live.pop(address), 0, -1))
+            allocated = live.pop(address)
+            out.append(Event.free(allocated.storage, stream=allocated.stream))
         elif name in ("segment_alloc", "segment_map"):
             reserved += size
             peak_reserved = max(peak_reserved, reserved)
         elif name in ("segment_free", "segment_unmap"):
             reserved -= size
-    return out, streams, peak_reserved
+    return out, peak_reserved
 
 
 def compare(path: Path) -> None:
@@ -187,10 +190,10 @@ def compare(path: Path) -> None:
 
     data = json.loads(path.read_text())
     for row in data["cases"]:
-        events, streams, history_peak = real_events(row["events"])
-        by_stream: dict[int, list] = {}
+        events, history_peak = real_events(row["events"])
+        by_stream: dict[int, list[Event]] = {}
         for event in events:
-            by_stream.setdefault(streams[event[1]], []).append(event)
+            by_stream.setdefault(event.stream, []).append(event)
         model_alloc = allocator.simulate(events).peak_allocated_bytes
         per_stream = {stream: allocator.simulate(ev).peak_reserved_bytes for stream, ev in by_stream.items()}
         measured = row["measured"]
@@ -200,10 +203,10 @@ def compare(path: Path) -> None:
               f"{sum(per_stream.values()) / GIB:.2f} = " + " + ".join(f"s{s}:{v / GIB:.2f}" for s, v in per_stream.items()))
         config = TrainConfig.from_dict(row["config"])
         trace = cached_trace_sharded(catalog_config(row["model"]), config)
-        predicted_alloc, predicted_reserved = simulate_streams(trace)
+        predicted_alloc, predicted_reserved = simulate_streams(trace.events)
         print(f"  memtune's trace: allocated {predicted_alloc / GIB:.2f}, reserved {predicted_reserved / GIB:.2f}")
-        real_sizes = Counter(rounded(size) for kind, _, size, _ in events if kind == "alloc")
-        traced_sizes = Counter(size for kind, _, size, _ in trace.events if kind == "alloc")
+        real_sizes = Counter(rounded(event.num_bytes) for event in events if event.kind == "alloc")
+        traced_sizes = Counter(event.num_bytes for event in trace.events if event.kind == "alloc")
         steps_real = sum(real_sizes.values())
         print(f"  allocations: real {steps_real} (3 steps + set-up), traced {sum(traced_sizes.values())} (2 steps)")
         for size in sorted(set(real_sizes) | set(traced_sizes), reverse=True)[:25]:

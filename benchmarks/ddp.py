@@ -96,11 +96,11 @@ def error_text(error: BaseException) -> str:
 
 
 def predict_memory(model: str, config: TrainConfig, device: str = "cpu") -> dict[str, Any]:
-    from memtune.predict.fsdp import estimate_any
+    from memtune.predict.estimate import estimate as estimate_for
 
     started = time.perf_counter()
     try:
-        estimate = estimate_any(model_config(model), config, device=device)
+        estimate = estimate_for(model_config(model), config, device=device)
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         return {"error": error_text(error)}
     return {"peak_allocated_bytes": estimate.peak_allocated_bytes, "peak_reserved_bytes": estimate.peak_reserved_bytes,

@@ -7,7 +7,8 @@ from memtune.config import Adapter, Policy, TrainConfig, parse_bytes
 from memtune.fit import FitResult, auto_fit, fit_model
 from memtune.measure.probe import probe
 from memtune.plan import Plan
-from memtune.predict.estimate import Estimate, estimate
+from memtune.predict.estimate import estimate
+from memtune.predict.peak import Estimate
 from memtune.sources import resolve
 
 __all__ = ["Adapter", "Estimate", "FitResult", "Plan", "Policy", "TrainConfig", "auto_fit", "estimate", "fit_model",

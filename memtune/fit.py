@@ -27,6 +27,7 @@ from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
+    estimate,
     fits_under,
 )
 from memtune.search.choose import COMMON_CARDS, SearchResult, choose_strategy, search
@@ -49,24 +50,13 @@ class ModelPredictor:
 
     def memory(self, config: TrainConfig) -> Estimate:
         if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
-            from memtune.predict.fsdp import estimate_any
-
-            self._cache[config] = estimate_any(self.model_config, config, device=self.device,
-                                               context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
+            self._cache[config] = estimate(self.model_config, config, device=self.device,
+                                           context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
         return self._cache[config]
 
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:
-        """Replay the step against a device of `usable_bytes`: under pressure torch's allocator frees
-        its cached blocks and retries, so a step whose unconstrained peak reserved is above the
-        budget can still fit; what must fit is the live memory plus unavoidable fragmentation."""
-        config = estimate_.config
-        if config.replicated:
-            from memtune.predict.ddp import fits_under as replicated_fits_under
-
-            return replicated_fits_under(self.model_config, estimate_, usable_bytes, self.device)
-        if config.sharded:
-            # the sharded model predicts a peak; there is no unsharded event stream to replay
-            return estimate_.total_bytes <= usable_bytes
+        """`estimate.fits_under`: the step replayed against a device of `usable_bytes`, releasing the
+        cache under pressure as torch does (the sharded estimate's total must fit)."""
         return fits_under(self.model_config, estimate_, usable_bytes, self.device)
 
     def tokens_per_second(self, config: TrainConfig) -> float:

@@ -13,6 +13,7 @@ from memtune.predict.allocator import (
     segment_size,
     simulate,
 )
+from memtune.predict.trace import Event
 
 DATA = Path(__file__).parent / "data"
 
@@ -47,7 +48,7 @@ def test_best_fit_prefers_the_smallest_block_that_fits():
 
 
 def test_capacity_releases_cached_segments_before_giving_up():
-    events = [("alloc", 1, 30 * MB), ("free", 1, 0), ("alloc", 2, 50 * MB)]
+    events = [Event.alloc(1, 30 * MB), Event.free(1), Event.alloc(2, 50 * MB)]
     unlimited = simulate(events)
     assert unlimited.peak_reserved_bytes == 80 * MB
     capped = simulate(events, capacity_bytes=60 * MB)
@@ -61,9 +62,9 @@ def test_replaying_a_real_trace_reproduces_its_peak_reserved():
     events, reserved, peak_reserved, segments = [], 0, 0, set()
     for action, address, size in recorded["events"]:
         if action == "alloc":
-            events.append(("alloc", address, size))
+            events.append(Event.alloc(address, size))
         elif action == "free_completed":
-            events.append(("free", address, 0))
+            events.append(Event.free(address))
         elif action == "segment_alloc":
             segments.add(address)
             reserved += size

@@ -10,8 +10,8 @@ import torch
 
 from memtune.config import Adapter, TrainConfig
 from memtune.predict.allocator import simulate
-from memtune.predict.estimate import estimate, shallow_config
-from memtune.predict.trace import extend, trace_step
+from memtune.predict.estimate import estimate
+from memtune.predict.trace import Event, extend, shallow_config, trace_step, traced_depth
 from memtune.sources import catalog_config
 
 DATA = Path(__file__).parent / "data"
@@ -103,7 +103,7 @@ def test_a_tied_gradient_sum_is_recorded_in_place():
 
     from memtune.predict.trace import StorageCounter
 
-    def events(in_place: bool) -> list[tuple]:
+    def events(in_place: bool) -> tuple[list[str], list[str]]:
         counter = StorageCounter()
         counter.accumulate_in_place = {(64, 32)} if in_place else set()
         with FakeTensorMode(), counter:
@@ -111,13 +111,62 @@ def test_a_tied_gradient_sum_is_recorded_in_place():
             total = first + second
             del first, second
             gc.collect()
-            kept = [kind for kind, *_ in counter.trace.events]
+            kept = [event.kind for event in counter.trace.events]
             del total
             gc.collect()
-        return kept, [kind for kind, *_ in counter.trace.events]
+        return kept, [event.kind for event in counter.trace.events]
 
     while_alive, after = events(in_place=True)
     assert while_alive == ["alloc", "alloc", "free"]  # only `second` is gone; `first`'s bytes hold the sum
     assert after == ["alloc", "alloc", "free", "free"]
     while_alive, _ = events(in_place=False)
     assert while_alive == ["alloc", "alloc", "alloc", "free", "free"]
+
+
+def test_the_depth_rule_traces_whole_periods_and_ends_on_the_same_layer_type():
+    assert traced_depth(16, 1) == 3 and traced_depth(16, 1, periods=5) == 5
+    assert traced_depth(26, 2) == 6  # gemma-2: alternating sliding/full attention
+    assert traced_depth(27, 2) == 7 and traced_depth(27, 2) % 2 == 27 % 2
+    assert traced_depth(3, 1) == 3 and traced_depth(4, 1, periods=5) == 4  # shallow models are traced whole
+
+
+def test_events_have_named_fields_and_an_extended_copy_keeps_its_traced_storage():
+    config = TrainConfig(seq_len=16, micro_batch_size=2)
+    trace = trace_step(tiny_llama(3), config, device="cpu")
+    assert all(isinstance(event, Event) and event.source == event.storage for event in trace.events)
+    extended = extend(trace, 6)
+    copies: dict[int, set] = {}
+    for event in extended:
+        if event.kind == "alloc":
+            copies.setdefault(event.source, set()).add(event.storage)
+    # a storage of the template layer is made once per copy, each with a storage of its own
+    template = [event.source for event in trace.events if event.kind == "alloc" and event.layer == 1]
+    assert template and all(len(copies[source]) == 4 for source in template)
+    assert Event.alloc("x", 512) == Event("alloc", "x", 512, -1, "x", 0)
+
+
+def test_the_public_estimate_follows_the_number_of_gpus_and_agrees_with_the_search():
+    """memtune.estimate dispatches as the search's predictor does: 4-GPU FSDP is one rank's shard (plus
+    NCCL's memory), not the one-GPU step; the same configuration gets the same figures and verdicts."""
+    import memtune
+    from memtune.fit import ModelPredictor
+    from memtune.predict import throughput
+    from memtune.predict.estimate import fits_under
+    from memtune.predict.peak import NCCL_BYTES
+    from memtune.sources import parameter_count
+    from tests.models import tiny_llama as llama
+
+    model_config = llama()
+    predictor = ModelPredictor(model_config, parameter_count(model_config), throughput.gpu_speed("H100"), device="cpu")
+    one_gpu = TrainConfig(seq_len=64, micro_batch_size=2)
+    for config in (one_gpu, one_gpu.replace(num_gpus=4), one_gpu.replace(num_gpus=2, strategy="ddp")):
+        public, searched = memtune.estimate(model_config, config, device="cpu"), predictor.memory(config)
+        assert public.to_dict() | {"seconds": 0} == searched.to_dict() | {"seconds": 0}
+        for usable in (public.total_bytes, public.total_bytes - 1, public.peak_allocated_bytes):
+            assert fits_under(model_config, public, usable, "cpu") == predictor.fits(searched, usable)
+    single = memtune.estimate(model_config, one_gpu, device="cpu")
+    sharded = memtune.estimate(model_config, one_gpu.replace(num_gpus=4), device="cpu")
+    assert single.total_bytes != sharded.total_bytes
+    assert sharded.context_bytes == single.context_bytes + NCCL_BYTES
+    assert sharded.config.num_gpus == 4
+    assert "fsdp_buffers" in sharded.breakdown and "fsdp_buffers" not in single.breakdown

@@ -151,11 +151,11 @@ def test_chunked_trace_extends_and_tags_only_the_head_as_logits(checkpointing):
     extended = extend(trace_step(model_config(3), config, device="cpu"), 6)
     assert len(extended) == len(full.events)
     assert simulate(extended).peak_allocated_bytes == simulate(full.events).peak_allocated_bytes
-    logits = [size for kind, sid, size, _ in full.events if kind == "alloc" and full.categories[sid] == Category.LOGITS]
+    logits = [e.num_bytes for e in full.events if e.kind == "alloc" and full.categories[e.source] == Category.LOGITS]
     # The largest logits tensor is one chunk's fp32 logits (512 of the 800 tokens), never all of them.
     assert max(logits) == 512 * 4000 * 4
     # Backward recomputes each chunk's logits; the decoder layers' backward after them is not logits.
-    in_layers = {full.categories[sid] for kind, sid, _, layer in full.events if kind == "alloc" and layer != NO_LAYER}
+    in_layers = {full.categories[e.source] for e in full.events if e.kind == "alloc" and e.layer != NO_LAYER}
     assert Category.LOGITS not in in_layers
 
 

@@ -13,7 +13,7 @@ from memtune.predict import throughput
 from memtune.predict.ddp import (
     DDP_BUCKETS,
     ReplicaLayout,
-    assign_buckets,
+    bucket_groups,
     construction_events,
     estimate_replicated,
     replica_layout,
@@ -32,15 +32,18 @@ DDP = TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2, strategy="ddp")
 
 
 @pytest.mark.parametrize("limits", [[1 * MIB, 25 * MIB], [250 * MIB], [2**62], [300, 5000]])
-def test_bucket_assignment_is_torchs(limits):
-    """assign_buckets groups tensors exactly as torch's compute_bucket_assignment_by_size (reducer.cpp)."""
+def test_bucket_groups_on_meta_tensors_are_torchs_on_real_ones(limits):
+    """bucket_groups (torch's compute_bucket_assignment_by_size, reducer.cpp) groups the meta tensors of
+    the layout exactly as DDP groups the real ones: per dtype, in order, closing a bucket at its limit."""
     shapes = [(100,), (3000, 700), (4,), (64, 64), (2, 2), (512, 512), (10,), (9000, 64), (1,), (700, 700)]
     dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16,
               torch.float32, torch.float32, torch.bfloat16, torch.float32]
     tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes)]
     expected, _ = dist._compute_bucket_assignment_by_size(tensors, limits, [False] * len(tensors))
-    mine = assign_buckets([t.numel() * t.element_size() for t in tensors], [t.dtype for t in tensors], limits)
-    assert mine == [list(bucket) for bucket in expected]
+    meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip(shapes, dtypes)]
+    assert bucket_groups(meta, limits) == [list(bucket) for bucket in expected]
+    if limits == [300, 5000]:  # per dtype, in order; a bucket closes once it reaches the current limit
+        assert bucket_groups(meta, limits)[:3] == [[0], [1], [2, 4, 5]]
 
 
 @pytest.fixture
@@ -78,14 +81,14 @@ def test_construction_broadcasts_two_buckets_at_a_time_and_keeps_the_gradient_bu
     layout = ReplicaLayout(bucket_bytes=(4096, 1000), broadcast_bytes=(1024, 0, 2048, 3072))
     events = construction_events(layout)
     live, most = set(), 0
-    for kind, key, size, *_ in events:
-        (live.add if kind == "alloc" else live.discard)(key)
-        most = max(most, sum(1 for k in live if k[0] == "ddp-broadcast"))
+    for event in events:
+        (live.add if event.kind == "alloc" else live.discard)(event.storage)
+        most = max(most, sum(1 for key in live if key[0] == "ddp-broadcast"))
     assert most == 2  # comm.cpp: max_in_flight = 2; a lone tensor (0) is broadcast in place
-    assert [e[2] for e in events if e[0] == "alloc"] == [1024, 2048, 3072, 4096, rounded(1000)]
+    assert [e.num_bytes for e in events if e.kind == "alloc"] == [1024, 2048, 3072, 4096, rounded(1000)]
     assert live == {("ddp-bucket", 0), ("ddp-bucket", 1)}  # the buckets outlive construction
     # the flattened copies are freed in the order they were started
-    assert [e[1] for e in events if e[0] == "free"] == [("ddp-broadcast", 0), ("ddp-broadcast", 2), ("ddp-broadcast", 3)]
+    assert [e.storage for e in events if e.kind == "free"] == [("ddp-broadcast", 0), ("ddp-broadcast", 2), ("ddp-broadcast", 3)]
 
 
 # ---- the estimate -------------------------------------------------------------------------------------
@@ -132,10 +135,9 @@ def test_the_estimate_is_only_for_ddp():
 
 def test_estimate_dispatch_sends_ddp_to_the_replicated_model():
     from memtune.fit import ModelPredictor
-    from memtune.predict.fsdp import estimate_any
 
     model_config = tiny_llama()
-    assert DDP_BUCKETS in estimate_any(model_config, DDP, device="cpu").breakdown
+    assert DDP_BUCKETS in estimate(model_config, DDP, device="cpu").breakdown
     predictor = ModelPredictor(model_config, parameter_count(model_config), throughput.gpu_speed("H100"), device="cpu")
     predicted = predictor.memory(DDP)
     assert DDP_BUCKETS in predicted.breakdown

@@ -6,17 +6,17 @@ import pytest
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.predict.estimate import estimate
 from memtune.predict.fsdp import (
-    COMPUTE_STREAM,
     FSDP_BUFFERS,
+    SHARDED_PERIODS,
     _trace,
     cached_trace_sharded,
     estimate_sharded,
     extend_sharded,
     simulate_streams,
 )
-from memtune.predict.trace import rounded
+from memtune.predict.single import estimate_single
+from memtune.predict.trace import COMPUTE_STREAM, rounded, traced_depth
 from memtune.sources import catalog_config
 
 
@@ -31,13 +31,14 @@ def small_llama(layers: int = 6, hidden: int = 256, vocab: int = 4096):
 
 
 def allocated(trace, category: str) -> int:
-    return sum(size for kind, sid, size, _ in trace.events if kind == "alloc" and trace.categories[sid] == category)
+    return sum(event.num_bytes for event in trace.events
+               if event.kind == "alloc" and trace.categories[event.source] == category)
 
 
 def test_one_gpu_without_mixed_precision_matches_the_unsharded_estimate():
     config = TrainConfig(seq_len=128, micro_batch_size=2)
     sharded = estimate_sharded(small_llama(), config)
-    plain = estimate(small_llama(), config, device="cpu")
+    plain = estimate_single(small_llama(), config, device="cpu")
     # FSDP on one GPU still copies the unit in use (and the tied embedding/head unit, gathered from
     # the embedding's forward to its backward) into separate "unsharded" storages: a few percent more.
     assert plain.peak_allocated_bytes <= sharded.peak_allocated_bytes <= 1.10 * plain.peak_allocated_bytes
@@ -52,13 +53,13 @@ def test_weights_gradients_and_optimizer_state_shrink_with_the_number_of_gpus(nu
     for category in ("weights", "gradients", "optimizer"):
         assert allocated(one, category) > 0
         assert allocated(many, category) == pytest.approx(allocated(one, category) / num_gpus, rel=0.05), category
-    assert simulate_streams(many)[0] < simulate_streams(one)[0]
+    assert simulate_streams(many.events)[0] < simulate_streams(one.events)[0]
 
 
 def test_several_gpus_add_nccls_own_memory_to_the_fixed_memory_of_each_gpu():
     from memtune.config import DEFAULT_CONTEXT_BYTES
     from memtune.predict.ddp import estimate_replicated
-    from memtune.predict.estimate import NCCL_BYTES
+    from memtune.predict.peak import NCCL_BYTES
 
     config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16")
     assert estimate_sharded(small_llama(), config.replace(offload="parameters")).context_bytes == DEFAULT_CONTEXT_BYTES
@@ -77,9 +78,9 @@ def test_cpu_offload_keeps_parameters_gradients_and_optimizer_state_off_the_gpu(
     assert allocated(offloaded, "weights") < 0.001 * allocated(resident, "weights")  # buffers (RoPE) only
     # Each sharded gradient leaves for the host as soon as it is reduced: never two alive at once.
     live, most = {}, 0
-    for kind, sid, size, _ in offloaded.events:
-        if offloaded.categories[sid] == "gradients":
-            live.pop(sid, None) if kind == "free" else live.update({sid: size})
+    for event in offloaded.events:
+        if offloaded.categories[event.source] == "gradients":
+            live.pop(event.storage, None) if event.kind == "free" else live.update({event.storage: event.num_bytes})
             most = max(most, len(live))
     assert most == 1
     assert estimate_sharded(small_llama(), config.replace(offload="parameters")).peak_reserved_bytes < \
@@ -95,22 +96,24 @@ def test_a_layer_is_gathered_in_the_parameter_dtype_for_its_forward_and_freed_af
     runs, start = [], 0
     events = trace.events
     for index in range(1, len(events) + 1):
-        if index == len(events) or events[index][3] != events[start][3]:
+        if index == len(events) or events[index].layer != events[start].layer:
             runs.append(events[start:index])
             start = index
-    forward = [run for run in runs if run[0][3] == layer][1]
-    gathered = [(sid, size) for kind, sid, size, _ in forward
-                if kind == "alloc" and trace.categories[sid] == FSDP_BUFFERS and trace.streams[sid] == COMPUTE_STREAM]
+    forward = [run for run in runs if run[0].layer == layer][1]
+    gathered = [(event.storage, event.num_bytes) for event in forward
+                if event.kind == "alloc" and trace.categories[event.source] == FSDP_BUFFERS
+                and event.stream == COMPUTE_STREAM]
     hidden, inner, kv = model.hidden_size, model.intermediate_size, model.num_key_value_heads * model.head_dim
     shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inner, hidden), (inner, hidden),
               (hidden, inner), (hidden,), (hidden,)]
     expected = sorted(rounded(2 * (shape[0] * (shape[1] if len(shape) > 1 else 1))) for shape in shapes)
     assert sorted(size for _, size in gathered) == expected  # one bf16 storage per parameter
-    freed = {sid for kind, sid, _, _ in forward if kind == "free"}
+    freed = {event.storage for event in forward if event.kind == "free"}
     assert {sid for sid, _ in gathered} <= freed  # resharded after forward
     # The all-gather output (world size x shard, bf16) lives on FSDP's own stream.
-    all_gather = [size for kind, sid, size, _ in forward
-                  if kind == "alloc" and trace.streams[sid] != COMPUTE_STREAM and trace.categories[sid] == FSDP_BUFFERS]
+    all_gather = [event.num_bytes for event in forward
+                  if event.kind == "alloc" and event.stream != COMPUTE_STREAM
+                  and trace.categories[event.source] == FSDP_BUFFERS]
     assert rounded(sum(expected)) in all_gather or max(all_gather) >= sum(expected)
 
 
@@ -125,30 +128,29 @@ def test_a_layer_is_gathered_in_the_parameter_dtype_for_its_forward_and_freed_af
 )
 def test_extending_a_five_layer_trace_reproduces_tracing_every_layer(config):
     # One step: its optimizer step creates the state and zero_grad frees the gradients.
+    assert traced_depth(8, 1, SHARDED_PERIODS) == 5
     full = _trace(small_llama(8, hidden=128, vocab=1000), config, 1)
-    extended = extend_sharded(_trace(small_llama(5, hidden=128, vocab=1000), config, 1), 8, 1)
+    shallow = _trace(small_llama(5, hidden=128, vocab=1000), config, 1)
+    extended = extend_sharded(shallow, 8, 1)
     assert extended is not None
 
-    def signature(trace):
-        return [(kind, size, trace.streams[sid], trace.categories[sid]) for kind, sid, size, _ in trace.events]
+    def signature(events, categories):
+        return [(event.kind, event.num_bytes, event.stream, categories[event.source]) for event in events]
 
-    assert signature(extended) == signature(full)
-    assert simulate_streams(extended) == simulate_streams(full)
+    assert signature(extended, shallow.categories) == signature(full.events, full.categories)
+    assert simulate_streams(extended) == simulate_streams(full.events)
 
 
-def test_estimate_any_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(monkeypatch):
-    import importlib
+def test_estimate_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(monkeypatch):
+    from memtune.predict import estimate as estimate_module
+    from memtune.predict import fsdp, single
 
-    from memtune.predict import fsdp as sharding
-
-    estimate_module = importlib.import_module("memtune.predict.estimate")  # the package re-exports a function of that name
-
-    monkeypatch.setattr(sharding, "estimate_sharded", lambda model, config, **_: "sharded")
-    monkeypatch.setattr(estimate_module, "estimate", lambda model, config, **_: "plain")
+    monkeypatch.setattr(fsdp, "estimate_sharded", lambda model, config, **_: "sharded")
+    monkeypatch.setattr(single, "estimate_single", lambda model, config, **_: "plain")
     model = small_llama()
-    assert sharding.estimate_any(model, TrainConfig(seq_len=16, num_gpus=2)) == "sharded"
-    assert sharding.estimate_any(model, TrainConfig(seq_len=16, offload="parameters")) == "sharded"
-    assert sharding.estimate_any(model, TrainConfig(seq_len=16)) == "plain"
+    assert estimate_module.estimate(model, TrainConfig(seq_len=16, num_gpus=2)) == "sharded"
+    assert estimate_module.estimate(model, TrainConfig(seq_len=16, offload="parameters")) == "sharded"
+    assert estimate_module.estimate(model, TrainConfig(seq_len=16)) == "plain"
 
 
 def test_optimizer_only_offload_is_refused_with_the_alternative():

@@ -2,7 +2,7 @@
 
 What decides an out-of-memory error is not the bytes allocated but the segments the caching
 allocator holds (reserved) plus what it must newly request from the driver. This replays a
-stream of ("alloc", id, bytes) / ("free", id, 0) events through the same rules as
+stream of `trace.Event`s (alloc: storage, bytes; free: storage) through the same rules as
 c10/cuda/CUDACachingAllocator.cpp (default settings, one stream):
 
 - requests are rounded up to 512 bytes; those <= 1 MiB go to the small pool, larger ones to the
@@ -22,7 +22,10 @@ Known limitations: `expandable_segments:True`, `max_split_size_mb` and
 from __future__ import annotations
 
 import bisect
+from collections.abc import Hashable
 from dataclasses import dataclass
+
+from memtune.predict.trace import Event
 
 KB = 1024
 MB = 1024 * KB
@@ -176,18 +179,19 @@ class CachingAllocator:
             self.pools[small] = keep
 
 
-def simulate(events: list[tuple], capacity_bytes: int | None = None) -> SimulationResult:
-    """Replay allocation events; with `capacity_bytes`, also say whether they fit in that much memory."""
+def simulate(events: list[Event], capacity_bytes: int | None = None) -> SimulationResult:
+    """Replay allocation events (all on one stream: the caller splits streams); with `capacity_bytes`,
+    also say whether they fit in that much memory. A free of a storage never allocated is ignored."""
     allocator = CachingAllocator(capacity_bytes)
-    addresses: dict[int, int] = {}
-    for kind, event_id, size, *_ in events:
-        if kind == "alloc":
-            address = allocator.malloc(size)
+    addresses: dict[Hashable, int] = {}
+    for event in events:
+        if event.kind == "alloc":
+            address = allocator.malloc(event.num_bytes)
             if address is None:
                 return SimulationResult(allocator.peak_allocated, allocator.peak_reserved, False, allocator.flushes)
-            addresses[event_id] = address
+            addresses[event.storage] = address
         else:
-            address = addresses.pop(event_id, None)
+            address = addresses.pop(event.storage, None)
             if address is not None:
                 allocator.free(address)
     return SimulationResult(allocator.peak_allocated, allocator.peak_reserved, True, allocator.flushes)

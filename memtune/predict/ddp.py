@@ -4,8 +4,8 @@
 
 Under torch's DistributedDataParallel every GPU runs the single-GPU step on its share of the batch
 (Trainer: the plan's micro-batch per GPU, gradient accumulation under `no_sync`, autocast around the
-forward), so the per-GPU step is what `estimate.estimate` traces for the same configuration on one
-GPU. What DDP adds, read from torch's sources (torch/nn/parallel/distributed.py `_ddp_init_helper`,
+forward), so the per-GPU step is what `single.estimate_single` traces for the same configuration on
+one GPU. What DDP adds, read from torch's sources (torch/nn/parallel/distributed.py `_ddp_init_helper`,
 torch/csrc/distributed/c10d/reducer.cpp and comm.cpp; the same from torch 2.0 to 2.13, the version
 here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
 
@@ -26,8 +26,9 @@ here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
   the weights, the rebuilt ones from the second step on, the old ones freed at the end. When no
   rank keeps them it over-predicts by one gradient copy (+13.9% for Qwen2.5-1.5B 1 x 2048 x 2).
 - The construction broadcast. `_sync_module_states` broadcasts every parameter and buffer from rank 0
-  through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` groups them per dtype into
-  250 MiB buckets (a bucket closes once it reaches the limit), a bucket of several tensors is
+  through `_broadcast_coalesced`: `compute_bucket_assignment_by_size` (called here, through
+  `torch.distributed._compute_bucket_assignment_by_size`) groups them per dtype into 250 MiB buckets
+  (a bucket closes once it reaches the limit), a bucket of several tensors is
   flattened into a new tensor (`at::cat`), a lone tensor is broadcast in place, and at most two
   buckets are in flight. The copies are freed before training, but their segments stay cached, where
   the step reuses them: they are replayed too.
@@ -36,7 +37,7 @@ Events: the single-GPU trace's events with the broadcast copies and the buckets 
 weights, replayed by `allocator.simulate` (one stream: the all-reduce works in place on the buckets).
 
 Known limitations: NCCL's own buffers (communicator, channels) are outside torch's allocator, as for
-FSDP (sharding.py): `estimate.NCCL_BYTES`, measured on 2 x H200 under torch 2.11, is added to the
+FSDP (fsdp.py): `peak.NCCL_BYTES`, measured on 2 x H200 under torch 2.11, is added to the
 context. Not modelled: the shape check's small device tensors at
 construction (under 1 MiB, freed at once) and the per-forward broadcast of the model's buffers
 (broadcast_buffers=True: the rotary frequencies, a few KiB). Models with parameters that a step may
@@ -48,23 +49,19 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
-from memtune.config import TrainConfig
+import torch
+import torch.distributed as dist
+
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict import allocator
-from memtune.predict.estimate import (
-    DEFAULT_CONTEXT_BYTES,
-    DEFAULT_WORKSPACE_BYTES,
-    Estimate,
-    collective_context_bytes,
-    default_trace_device,
-    estimate_of_events,
-    full_depth_events,
-    num_layers_of,
-)
-from memtune.predict.trace import NO_LAYER, Category, rounded
+from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
+from memtune.predict.single import full_depth_events
+from memtune.predict.trace import Category, Event, Trace, num_layers_of, rounded
 
 DDP_BUCKETS = "ddp_buckets"
 """Breakdown key: DDP's gradient buckets (a second copy of the trainable parameters' gradients)."""
@@ -95,29 +92,15 @@ class ReplicaLayout:
         return sum(self.bucket_bytes)
 
 
-def assign_buckets(sizes: list[int], keys: list[Any], limits: list[int]) -> list[list[int]]:
-    """Indices grouped as torch's `compute_bucket_assignment_by_size` does (reducer.cpp): tensors join
-    the open bucket of their key (dtype, device) in order; a bucket closes once its bytes reach the
-    current limit, and the next bucket of that key takes the next limit (the last one repeats);
-    buckets are returned sorted by their smallest index."""
-    if not limits:
-        raise ValueError("assign_buckets needs at least one size limit")
-    result: list[list[int]] = []
-    open_buckets: dict[Any, tuple[list[int], int]] = {}
-    limit_index: dict[Any, int] = {}
-    for index, (size, key) in enumerate(zip(sizes, keys)):
-        indices, total = open_buckets.get(key, ([], 0))
-        indices.append(index)
-        total += size
-        position = limit_index.setdefault(key, 0)
-        if total >= limits[position]:
-            result.append(indices)
-            open_buckets.pop(key, None)
-            limit_index[key] = min(position + 1, len(limits) - 1)
-        else:
-            open_buckets[key] = (indices, total)
-    result.extend(indices for indices, _ in open_buckets.values() if indices)
-    return sorted(result, key=min)
+def bucket_groups(tensors: list[torch.Tensor], limits: list[int]) -> list[list[int]]:
+    """Indices of `tensors` grouped into buckets by torch's own `compute_bucket_assignment_by_size`
+    (reducer.cpp, exposed as `torch.distributed._compute_bucket_assignment_by_size` with this signature
+    from torch 1.x to 2.13): tensors join the open bucket of their (dtype, device) in order; a bucket
+    closes once its bytes reach the current limit, the next bucket of that key takes the next limit
+    (the last one repeats); buckets come sorted by their smallest index. Meta tensors give the same
+    groups as real ones (tests/test_replicate.py)."""
+    groups, _ = dist._compute_bucket_assignment_by_size(tensors, limits)
+    return [list(group) for group in groups]
 
 
 def _nbytes(tensor: Any) -> int:
@@ -131,24 +114,24 @@ def replica_layout(model: Any) -> ReplicaLayout:
         if param.requires_grad:
             buckets[param.dtype] = buckets.get(param.dtype, 0) + _nbytes(param)
     states = [param for param in model.parameters()] + [buffer for buffer in model.buffers()]
-    groups = assign_buckets([_nbytes(t) for t in states], [t.dtype for t in states], [BROADCAST_BUCKET_BYTES])
+    groups = bucket_groups(states, [BROADCAST_BUCKET_BYTES])
     broadcast = tuple(sum(_nbytes(states[i]) for i in group) if len(group) > 1 else 0 for group in groups)
     trainable = [param for param in model.parameters() if param.requires_grad][::-1]
-    rebuilt = assign_buckets([_nbytes(t) for t in trainable], [t.dtype for t in trainable], [1 * MIB, REBUILT_BUCKET_BYTES])
+    rebuilt = bucket_groups(trainable, [1 * MIB, REBUILT_BUCKET_BYTES])
     return ReplicaLayout(bucket_bytes=tuple(buckets.values()), broadcast_bytes=broadcast,
                          rebuilt_bucket_bytes=tuple(sum(_nbytes(trainable[i]) for i in group) for group in rebuilt))
 
 
-def construction_events(layout: ReplicaLayout) -> list[tuple]:
+def construction_events(layout: ReplicaLayout) -> list[Event]:
     """Allocation events of DDP's constructor, in its order: the broadcast (two in flight), then the buckets.
-    Events have the five fields of an extended trace; the last (the category key) is the event's id."""
-    events: list[tuple] = []
+    Each storage is its own category key: ("ddp-broadcast", n) or ("ddp-bucket", n)."""
+    events: list[Event] = []
     in_flight: deque[tuple | None] = deque()
 
     def finish_oldest() -> None:
         done = in_flight.popleft()
         if done is not None:
-            events.append(("free", done, 0, NO_LAYER))
+            events.append(Event.free(done))
 
     for number, size in enumerate(layout.broadcast_bytes):
         if len(in_flight) >= BROADCASTS_IN_FLIGHT:
@@ -156,17 +139,17 @@ def construction_events(layout: ReplicaLayout) -> list[tuple]:
         key = None
         if size:
             key = ("ddp-broadcast", number)
-            events.append(("alloc", key, rounded(size), NO_LAYER, key))
+            events.append(Event.alloc(key, rounded(size)))
         in_flight.append(key)
     while in_flight:
         finish_oldest()
     for number, size in enumerate(layout.bucket_bytes):
         key = ("ddp-bucket", number)
-        events.append(("alloc", key, rounded(size), NO_LAYER, key))
+        events.append(Event.alloc(key, rounded(size)))
     return events
 
 
-def rebuild_events(layout: ReplicaLayout) -> list[tuple]:
+def rebuild_events(layout: ReplicaLayout) -> list[Event]:
     """The rebuilt buckets, allocated when the second step starts.
 
     Measured on 2 x H200 (torch 2.11, benchmarks/allocator_history.py --ddp): rank 0 freed the
@@ -177,25 +160,24 @@ def rebuild_events(layout: ReplicaLayout) -> list[tuple]:
     """
     events = []
     for number, size in enumerate(layout.rebuilt_bucket_bytes):
-        key = ("ddp-rebuilt", number)
-        events.append(("alloc", key, rounded(size), NO_LAYER, key))
+        events.append(Event.alloc(("ddp-rebuilt", number), rounded(size)))
     return events
 
 
-def _category(categories: dict[Any, Any], key: Any) -> Any:
+def _category(categories: dict[Hashable, str], key: Hashable) -> str | None:
     """The breakdown key of a storage: Category members and plain strings alike."""
     category = categories.get(key)
     return getattr(category, "value", category)
 
 
-def after_first_optimizer_step(events: list[tuple], categories: dict[Any, Any], sid_field: int = 4) -> int:
+def after_first_optimizer_step(events: list[Event], categories: dict[Hashable, str]) -> int:
     """Index of the first event after the first optimizer step's state was made (the second step's start)."""
     optimizer = Category.OPTIMIZER.value
     last = None
     for index, event in enumerate(events):
-        if event[0] == "alloc" and _category(categories, event[sid_field]) == optimizer:
+        if event.kind == "alloc" and _category(categories, event.source) == optimizer:
             last = index
-        elif last is not None and event[0] == "alloc":
+        elif last is not None and event.kind == "alloc":
             return index
     return len(events)
 
@@ -203,7 +185,7 @@ def after_first_optimizer_step(events: list[tuple], categories: dict[Any, Any], 
 def check_replicated(train_config: TrainConfig) -> None:
     if not train_config.replicated:
         raise UsageError(f"the DDP estimate is for strategy 'ddp' over several GPUs, got {train_config.describe()}: "
-                         "use sharding.estimate_any, which picks the estimate for any configuration")
+                         "use memtune.predict.estimate.estimate, which picks the estimate for any configuration")
 
 
 def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
@@ -212,7 +194,7 @@ def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
 
 
 _LAYOUT_CACHE: dict[str, ReplicaLayout] = {}
-_EVENTS_CACHE: dict[str, tuple[list[tuple], dict[Any, Any], Any]] = {}
+_EVENTS_CACHE: dict[str, tuple[list[Event], dict[Hashable, str], Trace]] = {}
 
 
 def cached_layout(model_config: Any, train_config: TrainConfig) -> ReplicaLayout:
@@ -226,16 +208,18 @@ def cached_layout(model_config: Any, train_config: TrainConfig) -> ReplicaLayout
     return _LAYOUT_CACHE[key]
 
 
-def weights_prefix(events: list[tuple], categories: dict[Any, Any], sid_field: int = 4) -> int:
+def weights_prefix(events: list[Event], categories: dict[Hashable, str]) -> int:
     """How many leading events allocate the weights (the trace starts with the model on the device)."""
     weights = Category.WEIGHTS.value
     for index, event in enumerate(events):
-        if event[0] != "alloc" or _category(categories, event[sid_field]) != weights:
+        if event.kind != "alloc" or _category(categories, event.source) != weights:
             return index
     return len(events)
 
 
-def replicated_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[list[tuple], dict[Any, Any], Any]:
+def replicated_events(
+    model_config: Any, train_config: TrainConfig, device: str
+) -> tuple[list[Event], dict[Hashable, str], Trace]:
     """(events of one rank's DDP steps, category by storage key, the single-GPU trace), cached."""
     check_replicated(train_config)
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict(), device], sort_keys=True)
@@ -243,14 +227,15 @@ def replicated_events(model_config: Any, train_config: TrainConfig, device: str)
         trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
         layout = cached_layout(model_config, train_config)
         ddp, rebuild = construction_events(layout), rebuild_events(layout)
-        categories: dict[Any, Any] = dict(trace.categories)
+        categories: dict[Hashable, str] = dict(trace.categories)
         for event in ddp + rebuild:
-            if event[0] == "alloc":
-                categories[event[4]] = DDP_BUCKETS if event[1][0] != "ddp-broadcast" else Category.TEMPORARIES.value
+            if event.kind == "alloc":
+                broadcast = isinstance(event.source, tuple) and event.source[0] == "ddp-broadcast"
+                categories[event.source] = Category.TEMPORARIES.value if broadcast else DDP_BUCKETS
         split = weights_prefix(events, trace.categories)
         events = events[:split] + ddp + events[split:]
         step_two = after_first_optimizer_step(events, categories)
-        old_buckets = [("free", ("ddp-bucket", number), 0, NO_LAYER) for number in range(len(layout.bucket_bytes))]
+        old_buckets = [Event.free(("ddp-bucket", number)) for number in range(len(layout.bucket_bytes))]
         _EVENTS_CACHE[key] = (events[:step_two] + rebuild + events[step_two:] + old_buckets, categories, trace)
     return _EVENTS_CACHE[key]
 
@@ -269,13 +254,13 @@ def estimate_replicated(
     device = device or default_trace_device()
     events, categories, trace = replicated_events(model_config, train_config, device)
     context_bytes += collective_context_bytes(train_config)
-    return estimate_of_events(train_config, events, categories, trace_device=device, traced_layers=trace.num_layers,
-                              num_layers=num_layers_of(model_config) or trace.num_layers, started=started,
+    return estimate_of_events(train_config, events, categories, trace_device=device, traced_layers=trace.traced_layers,
+                              num_layers=num_layers_of(model_config) or trace.traced_layers, started=started,
                               context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 
 
-def fits_under(model_config: Any, estimate_: Estimate, budget_bytes: int, device: str | None = None) -> bool:
-    """Replay one rank's DDP step against a device of `budget_bytes`, releasing the cache on pressure as torch does."""
-    events, _, _ = replicated_events(model_config, estimate_.config, device or estimate_.trace_device)
-    capacity = budget_bytes - estimate_.workspace_bytes - estimate_.context_bytes
+def fits_under(model_config: Any, estimate: Estimate, usable_bytes: int, device: str | None = None) -> bool:
+    """Replay one rank's DDP step against a device of `usable_bytes`, releasing the cache on pressure as torch does."""
+    events, _, _ = replicated_events(model_config, estimate.config, device or estimate.trace_device)
+    capacity = usable_bytes - estimate.workspace_bytes - estimate.context_bytes
     return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits

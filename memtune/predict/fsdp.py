@@ -4,8 +4,8 @@
 
 Approach: run the real thing on fake tensors. One rank of an N-rank job is traced in one process:
 a "fake" process group of world size N (torch's collective-free backend) lets FSDP2's `fully_shard`
-shard the model exactly as accelerate prepares it (`distributed.apply_fsdp`), and the step is the
-same function the trial runs (`distributed.fsdp_train_step`). Every storage FSDP2 creates is then
+shard the model exactly as accelerate prepares it (`recipe.parallel.apply_fsdp`), and the step is the
+same function the trial runs (`recipe.parallel.fsdp_train_step`). Every storage FSDP2 creates is then
 seen as it is on the GPU: 1/N parameter shards, the all-gather input and output buffers, the
 gathered (unsharded) parameters of the units in use, including the implicit forward and explicit
 backward prefetch, the reduce-scatter buffers, the sharded fp32 gradients, the unsharded
@@ -25,11 +25,16 @@ Three things the plain step trace (`trace.trace_step`) does not need are added h
   device-to-host copy); a host-to-device copy of a shard (`shard.to(device)` in
   `FSDPParam.all_gather_inputs`) becomes a real device copy.
 
-Deep models are traced with five periods of layers and extended to full depth (`extend_sharded`):
-gathered parameters and prefetch buffers cross layer boundaries, which `trace.extend` would
-misplace, so frees are matched by layer distance and by position within identical layers.
+Deep models are traced with five periods of layers (`trace.traced_depth` with SHARDED_PERIODS) and
+extended to full depth (`extend_sharded`): gathered parameters and prefetch buffers cross layer
+boundaries, which `trace.extend` would misplace, so frees are matched by layer distance and by
+position within identical layers.
 
-Known limitations: NCCL's own buffers are outside torch's allocator: `estimate.NCCL_BYTES` (measured
+The counter is `trace.StorageCounter` (the plain trace's), with resizes, streams and host residency
+added (`ShardedCounter`); the events are `trace.Event`s with their stream, so that one event type and
+one `peak.estimate_of_events` serve every estimate.
+
+Known limitations: NCCL's own buffers are outside torch's allocator: `peak.NCCL_BYTES` (measured
 with 2 GPUs) is added to the context;
 the trace always runs on the CPU (CUDA emulation), whatever the machine; LoRA under FSDP is wrapped
 like the dense model, not with transformers' peft-specific wrap policy; cross-stream cache releases
@@ -42,147 +47,92 @@ import contextlib
 import gc
 import json
 import time
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
-from memtune.config import TrainConfig
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.predict import allocator
-from memtune.predict.estimate import (
-    DEFAULT_CONTEXT_BYTES,
-    DEFAULT_WORKSPACE_BYTES,
-    Estimate,
-    collective_context_bytes,
-    estimate_of_events,
-    num_layers_of,
-)
+from memtune.predict.emulation import CudaEmulation
+from memtune.predict.peak import Estimate, collective_context_bytes, estimate_of_events
 from memtune.predict.trace import (
+    COMPUTE_STREAM,
     NO_LAYER,
     Category,
-    CudaEmulation,
-    LayerTaggedDispatch,
+    Event,
+    StorageCounter,
+    Trace,
+    assume_unpacked_batches,
+    decoder_layers,
+    first_tensor,
+    layer_period,
+    meta_to_fake,
+    num_layers_of,
     rounded,
+    shallow_config,
+    traced_depth,
 )
+from memtune.recipe import step as recipe
+from memtune.recipe.parallel import apply_fsdp, check_supported, fsdp_train_step
 
 FSDP_BUFFERS = "fsdp_buffers"
 """Breakdown key: gathered (unsharded) parameters and FSDP's all-gather / reduce-scatter buffers."""
-COMPUTE_STREAM = 0
+SHARDED_PERIODS = 5
+"""Layer periods the sharded trace holds (`trace.traced_depth`): a first block, three generic ones whose
+middle one is the template, and a last one. FSDP's buffers cross one layer boundary, so the template's
+neighbours must be generic layers too (`extend_sharded`)."""
 
 
-@dataclass
-class ShardedTrace:
-    """Allocation events of one rank's sharded steps: ("alloc", id, bytes, layer) / ("free", id, 0, layer)."""
+class ShardedCounter(StorageCounter):
+    """`trace.StorageCounter` plus storage resizes (FSDP's free/re-gather), streams and host residency.
 
-    events: list[tuple[str, int, int, int]] = field(default_factory=list)
-    categories: dict[int, str] = field(default_factory=dict)
-    """Storage id -> breakdown key (a `Category` value or FSDP_BUFFERS)."""
-    streams: dict[int, int] = field(default_factory=dict)
-    """Storage id -> the stream it was allocated on (COMPUTE_STREAM = the default stream)."""
-    num_layers: int = 0
-    traced_layers: int = 0
-    """Decoder layers actually traced (fewer than num_layers when the trace was extended)."""
-    world_size: int = 1
-
-
-class _ShardedCounter(LayerTaggedDispatch):
-    """Like `trace.StorageCounter`, plus storage resizes (FSDP's free/re-gather), streams and host residency."""
+    The tied-weight in-place gradient sum (`StorageCounter.accumulate_in_place`) is left off here: on the
+    measured sharded case with a tied embedding (Llama-3.2-1B 2 x 2048, bf16-mixed, checkpointing, CPU
+    offload, 1 x H200: benchmarks/results/fsdp_2gpu_h200.json) the trace without it predicts the measured
+    7,165,515,776 allocated and 10,884,218,880 reserved bytes exactly, and turning it on changes neither.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.trace = ShardedTrace()
-        self.phase: str = Category.WEIGHTS.value
+        self.phase = Category.WEIGHTS.value
         self.host: set[int] = set()
         """Storage ids that live on the host (offload): left out of the device stream."""
         self.optimizer_ids: set[int] = set()
         """Storage ids allocated during optimizer.step (on the host when offloaded)."""
-        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its current id
-        self._live: dict[int, int] = {}  # id -> bytes, while allocated
-        self._next_id = 0
-        self._alloc_index: dict[int, int] = {}  # id -> index of its alloc event
-        self._streams: dict[int, int] = {}  # id(stream object) -> stream index
+        self._stream_index: dict[int, int] = {}  # id(stream object) -> stream index
         self._default_stream = torch.cpu.current_stream()
         self.resized: set[int] = set()
-        self.closed = False
-        """Set when the trace is complete: storages that die later (garbage collection) are not recorded."""
 
-    def _stream(self) -> int:
+    def stream(self) -> int:
+        """FSDP2 switches streams on the CPU device as on CUDA: read `torch.cpu.current_stream()`."""
         stream = torch.cpu.current_stream()
         if stream is self._default_stream:
             return COMPUTE_STREAM
-        return self._streams.setdefault(id(stream), len(self._streams) + 1)
+        return self._stream_index.setdefault(id(stream), len(self._stream_index) + 1)
 
     def _alloc(self, storage: Any, num_bytes: int, category: str | None) -> int:
-        storage_id = self._next_id
-        self._next_id += 1
-        self._ids[storage] = storage_id
-        weakref.finalize(storage, self._free, storage_id)
-        self._live[storage_id] = rounded(num_bytes)
-        self.trace.categories[storage_id] = category or self.phase
-        self.trace.streams[storage_id] = self._stream()
+        storage_id = super()._alloc(storage, num_bytes, category)
         if self.phase == Category.OPTIMIZER.value:
             self.optimizer_ids.add(storage_id)
-        self._alloc_index[storage_id] = len(self.trace.events)
-        self.trace.events.append(("alloc", storage_id, rounded(num_bytes), self.layer))
         return storage_id
-
-    def _free(self, storage_id: int) -> None:
-        if not self.closed and self._live.pop(storage_id, None) is not None:
-            self.trace.events.append(("free", storage_id, 0, self.layer))
-
-    def track(self, tensor: torch.Tensor, category: str | None = None) -> int | None:
-        if is_traceable_wrapper_subclass(tensor):  # a DTensor: its local tensor is tracked by the inner op
-            return None
-        storage = tensor.untyped_storage()
-        if storage in self._ids:
-            return self._ids[storage]
-        if storage.nbytes() == 0:
-            return None
-        return self._alloc(storage, storage.nbytes(), category)
 
     def resize(self, storage: Any, num_bytes: int) -> None:
         """A storage resized in place: FSDP2 frees (size 0) and re-allocates gathered parameters this way."""
         current = self._ids.get(storage)
         if current is not None:
             self.resized.add(current)  # its first allocation (torch.empty) was a gathered parameter too
-        if current is not None and current in self._live:
-            if rounded(num_bytes) == self._live[current]:
+        if current is not None and current in self._sizes:
+            if rounded(num_bytes) == self._sizes[current]:
                 return
             self._free(current)
         if num_bytes > 0:
             self.resized.add(self._alloc(storage, num_bytes, FSDP_BUFFERS))
 
-    def storage_ids(self, tensors: Any) -> list[int]:
-        ids = []
-        for item in tree_flatten(tensors)[0]:
-            if isinstance(item, torch.Tensor):
-                local = item.to_local() if hasattr(item, "to_local") else item
-                storage_id = self._ids.get(local.untyped_storage())
-                if storage_id is not None:
-                    ids.append(storage_id)
-        return ids
-
-    def retag(self, tensors: Any, category: str) -> None:
-        for storage_id in self.storage_ids(tensors):
-            self.trace.categories[storage_id] = category
-
-    def relayer(self, tensors: Any, layer: int) -> None:
-        """Move the alloc events of these storages into `layer` (optimizer state belongs to its parameter's layer)."""
-        for storage_id in self.storage_ids(tensors):
-            index = self._alloc_index.get(storage_id)
-            if index is not None:
-                kind, sid, size, _ = self.trace.events[index]
-                self.trace.events[index] = (kind, sid, size, layer)
-
 
 @contextlib.contextmanager
-def _watch_resizes(counter: _ShardedCounter) -> Iterator[None]:
+def _watch_resizes(counter: ShardedCounter) -> Iterator[None]:
     original = torch.UntypedStorage.resize_
 
     def resize_(storage: Any, size: int) -> Any:
@@ -200,7 +150,7 @@ def _watch_resizes(counter: _ShardedCounter) -> Iterator[None]:
 class _HostToDevice(TorchFunctionMode):
     """Offload on one fake device: `host_tensor.to(device)` is a no-op there, but on the GPU it is a copy."""
 
-    def __init__(self, counter: _ShardedCounter) -> None:
+    def __init__(self, counter: ShardedCounter) -> None:
         super().__init__()
         self.counter = counter
 
@@ -238,14 +188,7 @@ def _fake_process_group(world_size: int) -> Iterator[Any]:
         dist.destroy_process_group()
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    for item in tree_flatten(value)[0]:
-        if isinstance(item, torch.Tensor):
-            return item
-    return None
-
-
-def _tag_layers(layers: list[torch.nn.Module], counter: _ShardedCounter) -> list[Any]:
+def _tag_layers(layers: list[torch.nn.Module], counter: ShardedCounter) -> list[Any]:
     """Tag events with the decoder layer they belong to, FSDP's own work for the layer included.
 
     Registered after `fully_shard`: the pre-hook is prepended so that FSDP's all-gather of the layer
@@ -253,6 +196,7 @@ def _tag_layers(layers: list[torch.nn.Module], counter: _ShardedCounter) -> list
     pre-backward hook (tensor hooks run in order), so the backward unshard and prefetch are tagged too;
     an appended post-hook leaves the layer after FSDP has resharded it; until the next layer starts,
     events stay with the layer just left, so that every generic layer makes the same events.
+    (torch's ModTracker cannot order itself around FSDP's hooks: see trace._layer_hooks.)
     """
 
     def set_base(index: int) -> Any:
@@ -264,7 +208,7 @@ def _tag_layers(layers: list[torch.nn.Module], counter: _ShardedCounter) -> list
     def pre(index: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             counter.layer_stack.append(index)
-            hidden = _first_tensor((args, kwargs))
+            hidden = first_tensor((args, kwargs))
             if index == 0 and hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
                 hidden.register_hook(set_base(NO_LAYER))
 
@@ -272,7 +216,7 @@ def _tag_layers(layers: list[torch.nn.Module], counter: _ShardedCounter) -> list
 
     def before_fsdp(index: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            hidden = _first_tensor(output)
+            hidden = first_tensor(output)
             if hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
                 hidden.register_hook(set_base(index))
 
@@ -294,56 +238,43 @@ def _tag_layers(layers: list[torch.nn.Module], counter: _ShardedCounter) -> list
     return handles
 
 
-def traced_depth(depth: int, period: int) -> int:
-    """Five periods of layers (a first, three generic and a last block) plus the remainder, or all."""
-    shallow = 5 * period + (depth - 5 * period) % period
-    return depth if depth <= shallow else shallow
-
-
-def trace_sharded(model_config: Any, train_config: TrainConfig, steps: int = 2) -> ShardedTrace:
+def trace_sharded(model_config: Any, train_config: TrainConfig, steps: int = 2) -> Trace:
     """Events of `steps` sharded optimizer steps on one rank of `train_config.num_gpus`, at full depth.
 
-    A model deeper than five layer periods is traced at that depth and extended (`extend_sharded`);
-    if its layers do not repeat exactly, it is traced at full depth instead.
+    A model deeper than SHARDED_PERIODS layer periods is traced at that depth (`trace.traced_depth`) and
+    extended (`extend_sharded`); if its layers do not repeat exactly, it is traced at full depth instead.
+    Raises UsageError for a configuration FSDP through accelerate cannot run, RuntimeError inside an
+    initialised process group.
     """
-    from memtune.predict.estimate import shallow_config
-    from memtune.predict.trace import layer_period
-
     depth = num_layers_of(model_config)
     period = layer_period(model_config)
-    traced = traced_depth(depth, period)
+    traced = traced_depth(depth, period, SHARDED_PERIODS)
     if traced < depth:
-        extended = extend_sharded(_trace(shallow_config(model_config, traced), train_config, steps), depth, period)
-        if extended is not None:
-            return extended
+        shallow = _trace(shallow_config(model_config, traced), train_config, steps)
+        events = extend_sharded(shallow, depth, period)
+        if events is not None:
+            return Trace(events=events, categories=shallow.categories, num_layers=depth, traced_layers=traced,
+                         period=period, world_size=shallow.world_size)
     return _trace(model_config, train_config, steps)
 
 
-def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> ShardedTrace:
+def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memtune.predict.trace import (
-        StorageCounter,
-        _assume_unpacked_batches,
-        _meta_to_fake,
-        decoder_layers,
-    )
-    from memtune.recipe import step as recipe
-    from memtune.recipe.parallel import apply_fsdp, check_supported, fsdp_train_step
 
     check_supported(train_config)
     offload = train_config.offload == "parameters"
-    counter = _ShardedCounter()
+    counter = ShardedCounter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     model = recipe.build_model(model_config, train_config, "meta")
     layers = decoder_layers(model)
     counter.trace.num_layers = counter.trace.traced_layers = len(layers)
+    counter.trace.period = layer_period(model_config)
     counter.trace.world_size = train_config.num_gpus
     micro_batches = min(train_config.grad_accum_steps, 3)
-    with _fake_process_group(train_config.num_gpus) as mesh, _assume_unpacked_batches(), fake_mode:
+    with _fake_process_group(train_config.num_gpus) as mesh, assume_unpacked_batches(), fake_mode:
         # The model never exists unsharded on the device (Trainer loads it on the CPU, fully_shard
         # moves shards): shard first, then start counting with the shards already in place.
-        _meta_to_fake(model, fake_mode, torch.device("cpu"), StorageCounter(), {})
+        meta_to_fake(model, fake_mode, torch.device("cpu"))
         apply_fsdp(model, train_config, mesh=mesh, pin_memory=False)
         layer_of = {id(p): index for index, layer in enumerate(layers) for p in [*layer.parameters(), *layer.buffers()]}
         optimizer = recipe.make_optimizer(model, fused=True)
@@ -363,8 +294,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> ShardedT
             counter.retag([p.grad for p in trainable if p.grad is not None], Category.GRADIENTS.value)
             counter.phase = Category.OPTIMIZER.value
 
-        def after_step(*_: Any) -> None:
-            for param, state in optimizer.state.items():
+        def after_step(stepped: torch.optim.Optimizer, *_: Any) -> None:
+            for param, state in stepped.state.items():
                 counter.retag(list(state.values()), Category.OPTIMIZER.value)
                 counter.relayer(list(state.values()), layer_of.get(id(param), NO_LAYER))
             counter.phase = Category.TEMPORARIES.value
@@ -375,7 +306,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> ShardedT
         with counter, _watch_resizes(counter), CudaEmulation(), host_copies:
             for item in [*model.parameters(), *model.buffers()]:
                 counter.base_layer = layer_of.get(id(item), NO_LAYER)
-                storage_id = counter.track(item.to_local() if hasattr(item, "to_local") else item, Category.WEIGHTS.value)
+                local = item.to_local() if hasattr(item, "to_local") else item
+                storage_id = counter.track(local, Category.WEIGHTS.value)
                 if offload and storage_id is not None and isinstance(item, torch.nn.Parameter):
                     counter.host.add(storage_id)
             counter.base_layer = NO_LAYER
@@ -387,22 +319,25 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> ShardedT
                 del batches
             for hook in hooks:
                 hook.remove()
-            del model, optimizer, trainable, head, layers
+            trainable.clear()  # the step hooks hold the list
+            del model, optimizer, head, layers
             gc.collect()  # FSDP's state holds reference cycles: free what the model held, inside the trace
             counter.closed = True
     trace = counter.trace
     for storage_id in counter.resized:
         trace.categories[storage_id] = FSDP_BUFFERS
-    for storage_id, stream in trace.streams.items():
-        if stream != COMPUTE_STREAM and trace.categories[storage_id] != Category.GRADIENTS.value:
-            trace.categories[storage_id] = FSDP_BUFFERS
+    for event in trace.events:
+        on_fsdp_stream = event.kind == "alloc" and event.stream != COMPUTE_STREAM
+        if on_fsdp_stream and trace.categories[event.source] != Category.GRADIENTS.value:
+            trace.categories[event.source] = FSDP_BUFFERS
     if offload:
         trace.events = _offloaded(trace, counter.host | counter.optimizer_ids)
     return trace
 
 
-def extend_sharded(trace: ShardedTrace, depth: int, period: int) -> ShardedTrace | None:
-    """The events of the same sharded steps on a `depth`-layer model, from a trace of 5 periods (+ remainder).
+def extend_sharded(trace: Trace, depth: int, period: int) -> list[Event] | None:
+    """The events of the same sharded steps on a `depth`-layer model, from a trace of SHARDED_PERIODS
+    periods (+ remainder, `trace.traced_depth`).
 
     Traced blocks of `period` layers: first [0, p), generic [p, 4p) whose middle block [2p, 3p) is the
     template, last [4p, T). The template's runs of events are repeated in place, in order in forward
@@ -410,37 +345,40 @@ def extend_sharded(trace: ShardedTrace, depth: int, period: int) -> ShardedTrace
     cross one layer boundary, so a free is matched to the allocation at the same layer distance; when
     that allocation belongs to a template copy but was traced in a neighbouring generic layer, the
     storage with the same position in the template layer's matching run stands in for it (generic
-    layers make identical events, which is checked). Returns None when the layers do not repeat
-    exactly, or a free reaches further than the generic layers; the caller then traces at full depth.
+    layers make identical events, which is checked). Each copy gets a storage of its own and its real
+    layer; `Event.source` keeps the traced storage (the key of `trace.categories`). Returns None when
+    the layers do not repeat exactly, or a free reaches further than the generic layers; the caller
+    then traces at full depth.
     """
-    p, traced = period, trace.num_layers
+    p, traced = period, trace.traced_layers
     copies = (depth - traced) // p + 1  # template blocks in the extended model
-    if traced < 5 * p or (depth - traced) % p or copies < 2:
+    if traced < SHARDED_PERIODS * p or (depth - traced) % p or copies < 2:
         return None
     shift = depth - traced
     template = range(2 * p, 3 * p)
     generic = range(p, 4 * p)
 
-    visits: dict[int, list[list[tuple]]] = {}
+    visits: dict[int, list[list[Event]]] = {}
     events = trace.events
     start = 0
     for index in range(1, len(events) + 1):
-        if index == len(events) or events[index][3] != events[start][3]:
-            visits.setdefault(events[start][3], []).append(events[start:index])
+        if index == len(events) or events[index].layer != events[start].layer:
+            visits.setdefault(events[start].layer, []).append(events[start:index])
             start = index
     # position of each alloc inside the visits of its layer, and the reverse lookup
-    where: dict[int, tuple[int, int, int]] = {}
-    by_position: dict[tuple[int, int, int], int] = {}
+    where: dict[Hashable, tuple[int, int, int]] = {}
+    by_position: dict[tuple[int, int, int], Hashable] = {}
     for layer, layer_visits in visits.items():
         for number, visit in enumerate(layer_visits):
-            for position, (kind, sid, _, _) in enumerate(visit):
-                if kind == "alloc":
-                    where[sid] = (layer, number, position)
-                    by_position[(layer, number, position)] = sid
+            for position, event in enumerate(visit):
+                if event.kind == "alloc":
+                    where[event.storage] = (layer, number, position)
+                    by_position[(layer, number, position)] = event.storage
 
     def signature(layer: int) -> list[list[tuple]]:
-        return [[(kind, size, trace.streams.get(sid), trace.categories.get(sid) if kind == "alloc" else None)
-                 for kind, sid, size, _ in visit] for visit in visits.get(layer, [])]
+        return [[(event.kind, event.num_bytes, event.stream,
+                  trace.categories.get(event.source) if event.kind == "alloc" else None)
+                 for event in visit] for visit in visits.get(layer, [])]
 
     for layer in generic:
         if signature(layer) != signature(2 * p + layer % p):
@@ -458,24 +396,27 @@ def extend_sharded(trace: ShardedTrace, depth: int, period: int) -> ShardedTrace
             return 2 * p + (real_layer - 2 * p) % p
         return real_layer - shift
 
-    out = ShardedTrace(num_layers=depth, traced_layers=traced, world_size=trace.world_size)
-    keys: dict[tuple[int, int], int] = {}
+    out: list[Event] = []
+    live: dict[tuple[Hashable, int], Event] = {}  # (traced storage, real layer) -> its copy's alloc
+    next_id = 0
 
-    def emit(event: tuple, copy: int) -> bool:
-        kind, sid, size, layer = event
+    def emit(event: Event, copy: int) -> bool:
+        nonlocal next_id
+        sid, layer = event.storage, event.layer
         here = NO_LAYER if layer == NO_LAYER else real(layer, copy)
-        if kind == "alloc":
-            new_id = len(out.categories)
-            keys[(sid, here)] = new_id
-            out.categories[new_id] = trace.categories[sid]
-            out.streams[new_id] = trace.streams[sid]
-            out.events.append(("alloc", new_id, size, here))
+        if event.kind == "alloc":
+            live[(sid, here)] = copied = event._replace(storage=next_id, layer=here)
+            next_id += 1
+            out.append(copied)
             return True
         alloc_layer = where.get(sid, (NO_LAYER, 0, 0))[0]
         if alloc_layer == NO_LAYER:
             targets = [(sid, NO_LAYER)]
         elif layer == NO_LAYER:  # outside the layers (zero_grad, teardown): every copy goes
-            targets = [(sid, real(alloc_layer, c)) for c in range(copies)] if alloc_layer in template else [(sid, real(alloc_layer, 0))]
+            if alloc_layer in template:
+                targets = [(sid, real(alloc_layer, c)) for c in range(copies)]
+            else:
+                targets = [(sid, real(alloc_layer, 0))]
         else:
             origin = here + (alloc_layer - layer)
             stand_in = traced_of(origin)
@@ -487,22 +428,22 @@ def extend_sharded(trace: ShardedTrace, depth: int, period: int) -> ShardedTrace
             else:
                 return False
         for key in targets:
-            new_id = keys.pop(key, None)
-            if new_id is not None:
-                out.events.append(("free", new_id, 0, here))
+            if key in live:
+                copied = live.pop(key)
+                out.append(Event("free", copied.storage, 0, here, copied.source, copied.stream))
         return True
 
     index = 0
     while index < len(events):
-        if events[index][3] not in template:
+        if events[index].layer not in template:
             if not emit(events[index], 0):
                 return None
             index += 1
             continue
         end = index
-        while end < len(events) and events[end][3] in template:
+        while end < len(events) and events[end].layer in template:
             end += 1
-        following = next((e[3] for e in events[end:] if e[3] != NO_LAYER), None)
+        following = next((e.layer for e in events[end:] if e.layer != NO_LAYER), None)
         order = range(copies - 1, -1, -1) if following is not None and following < 2 * p else range(copies)
         for copy in order:
             for event in events[index:end]:
@@ -512,40 +453,40 @@ def extend_sharded(trace: ShardedTrace, depth: int, period: int) -> ShardedTrace
     return out
 
 
-def _offloaded(trace: ShardedTrace, host: set[int]) -> list[tuple]:
+def _offloaded(trace: Trace, host: set[int]) -> list[Event]:
     """The device's events under CPU offload: host storages left out, sharded gradients freed from the
     device as soon as they are made (FSDP copies them to the host in the same post-backward)."""
     gradients = {sid for sid, category in trace.categories.items() if category == Category.GRADIENTS.value}
-    events: list[tuple] = []
+    events: list[Event] = []
     for event in trace.events:
-        kind, storage_id, _, layer = event
-        if storage_id in host or (kind == "free" and storage_id in gradients):
+        if event.storage in host or (event.kind == "free" and event.storage in gradients):
             continue
         events.append(event)
-        if kind == "alloc" and storage_id in gradients:
-            events.append(("free", storage_id, 0, layer))
+        if event.kind == "alloc" and event.storage in gradients:
+            events.append(Event.free(event.storage, event.layer, event.stream))
     return events
 
 
 # ---- the estimate ---------------------------------------------------------------------------------
 
-_TRACE_CACHE: dict[str, ShardedTrace] = {}
+_TRACE_CACHE: dict[str, Trace] = {}
 
 
-def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> ShardedTrace:
+def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> Trace:
+    """`trace_sharded` of the configuration, cached per (model config, configuration)."""
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict()], sort_keys=True)
     if key not in _TRACE_CACHE:
         _TRACE_CACHE[key] = trace_sharded(model_config, train_config)
     return _TRACE_CACHE[key]
 
 
-def simulate_streams(trace: ShardedTrace) -> tuple[int, int]:
+def simulate_streams(events: list[Event]) -> tuple[int, int]:
     """(peak allocated, peak reserved), each stream's blocks replayed through a cache of their own."""
-    by_stream: dict[int, list[tuple]] = {}
-    for event in trace.events:
-        by_stream.setdefault(trace.streams[event[1]], []).append(event)
-    peak_allocated = allocator.simulate(trace.events).peak_allocated_bytes
-    peak_reserved = sum(allocator.simulate(events).peak_reserved_bytes for events in by_stream.values())
+    by_stream: dict[int, list[Event]] = {}
+    for event in events:
+        by_stream.setdefault(event.stream, []).append(event)
+    peak_allocated = allocator.simulate(events).peak_allocated_bytes
+    peak_reserved = sum(allocator.simulate(stream_events).peak_reserved_bytes for stream_events in by_stream.values())
     return peak_allocated, peak_reserved
 
 
@@ -568,20 +509,6 @@ def estimate_sharded(
     started = time.perf_counter()
     context_bytes += collective_context_bytes(train_config)
     trace = cached_trace_sharded(model_config, train_config)
-    return estimate_of_events(train_config, trace.events, trace.categories, peaks=simulate_streams(trace), sid_field=1,
+    return estimate_of_events(train_config, trace.events, trace.categories, peaks=simulate_streams(trace.events),
                               trace_device="cpu", traced_layers=trace.traced_layers, num_layers=trace.num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
-
-
-def estimate_any(model_config: Any, train_config: TrainConfig, **kwargs: Any) -> Estimate:
-    """The estimate for how the configuration runs: `replicate.estimate_replicated` for DDP (strategy
-    "ddp" over several GPUs), `estimate_sharded` for FSDP (num_gpus > 1 or CPU offload), else `estimate.estimate`."""
-    if train_config.replicated:
-        from memtune.predict.ddp import estimate_replicated
-
-        return estimate_replicated(model_config, train_config, **kwargs)
-    if train_config.sharded:
-        return estimate_sharded(model_config, train_config, **kwargs)
-    from memtune.predict.estimate import estimate
-
-    return estimate(model_config, train_config, **kwargs)

@@ -3,15 +3,17 @@
 The model is built from its config inside `FakeTensorMode`: tensors carry shapes, dtypes and
 devices but no data, so a 70B model costs no memory. A dispatch mode sees every aten op and
 records each new storage (rounded up to 512 bytes, as the CUDA caching allocator does) and, through a
-weak reference, the moment it is freed. The result is the same stream of allocations and frees a
-real step makes, which `allocator.simulate` turns into peak allocated and reserved memory.
+weak reference, the moment it is freed (`StorageCounter`, which the sharded trace in fsdp.py extends).
+The result is the same stream of allocations and frees a real step makes (`Event`s), which
+`allocator.simulate` turns into peak allocated and reserved memory. A deep model is traced at a few
+layers (`traced_depth`) and its events extended to full depth (`extend`).
 
 Two devices:
 - "cuda": fake CUDA tensors. Autocast, SDPA kernel choice and dropout run exactly as on the GPU.
   Needs a CUDA build of torch and a visible GPU (autograd's engine touches the device).
-- "cpu": fake CPU tensors plus `CudaEmulation`, a function mode that makes the CPU trace do what CUDA
-  would: autocast's fp32 op list, the fused SDPA kernels (flash / memory-efficient) instead of the math
-  fallback, and dropout with a 1-byte mask. This path needs no GPU (laptops, CI).
+- "cpu": fake CPU tensors plus `emulation.CudaEmulation`, a function mode that makes the CPU trace do
+  what CUDA would: autocast's fp32 op list, the fused SDPA kernels (flash / memory-efficient) instead of
+  the math fallback, and dropout with a 1-byte mask. This path needs no GPU (laptops, CI).
 
 Known limitations: allocations made inside kernels (flash-attention backward's accumulators, cuBLAS
 workspaces) are not seen; `estimate` adds them as overhead. Data-dependent ops (`.item()`) fail
@@ -21,19 +23,21 @@ under fake tensors; HF causal LMs do not use them in a training step.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import weakref
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
+from memtune.predict.emulation import CudaEmulation
 from memtune.recipe import step as recipe
 
 BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -51,67 +55,90 @@ class Category(str, Enum):
 
 
 def rounded(num_bytes: int) -> int:
+    """`num_bytes` rounded up to the allocator's 512-byte blocks (c10/cuda/CUDACachingAllocator.cpp
+    `round_size`); 0 stays 0."""
     return max(BLOCK_BYTES, math.ceil(num_bytes / BLOCK_BYTES) * BLOCK_BYTES) if num_bytes else 0
 
 
 NO_LAYER = -1
+COMPUTE_STREAM = 0
+"""The default stream, where the step's own tensors live; FSDP's copy-in and reduce-scatter streams are 1, 2, ..."""
+
+
+class Event(NamedTuple):
+    """One allocation or free in a traced step, as the caching allocator would see it."""
+
+    kind: str
+    """"alloc" or "free"."""
+    storage: Hashable
+    """Identifies the storage within its event stream: a free names the storage of an earlier alloc. An
+    extended stream gives each copy of a repeated layer's storage its own."""
+    num_bytes: int
+    """Bytes requested, rounded up to 512 (`rounded`); 0 for a free."""
+    layer: int
+    """The decoder layer running when it happened (NO_LAYER outside them)."""
+    source: Hashable
+    """The storage's id in the trace it comes from: the key of `Trace.categories` (equal to `storage` in
+    a trace's own events; the traced storage a copy was made from in an extended stream)."""
+    stream: int = COMPUTE_STREAM
+    """The stream the storage was allocated on: the caching allocator keeps free blocks per stream."""
+
+    @classmethod
+    def alloc(cls, storage: Hashable, num_bytes: int, layer: int = NO_LAYER, stream: int = COMPUTE_STREAM) -> Event:
+        """A storage's allocation, in its own category (`source` is the storage)."""
+        return cls("alloc", storage, num_bytes, layer, storage, stream)
+
+    @classmethod
+    def free(cls, storage: Hashable, layer: int = NO_LAYER, stream: int = COMPUTE_STREAM) -> Event:
+        return cls("free", storage, 0, layer, storage, stream)
 
 
 @dataclass
 class Trace:
-    """Allocation events of a traced step: ("alloc", id, bytes, layer) and ("free", id, 0, layer).
+    """The allocation events of a traced step, with the role of every storage."""
 
-    `layer` is the decoder layer whose forward or backward was running (NO_LAYER outside them);
-    `synthesize` uses it to extend a shallow trace to the model's full depth.
-    """
-
-    events: list[tuple[str, int, int, int]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    categories: dict[Hashable, str] = field(default_factory=dict)
+    """`Event.source` -> breakdown key: a `Category` or another key (FSDP's buffers, DDP's buckets)."""
     num_layers: int = 0
+    """Decoder layers of the model the events describe."""
+    traced_layers: int = 0
+    """Decoder layers actually traced (fewer than num_layers when the trace was extended)."""
     period: int = 1
     """Layers repeat with this period (2 for alternating sliding/full attention)."""
-    categories: dict[int, Category] = field(default_factory=dict)
+    world_size: int = 1
+    """GPUs of the job (one rank's events are traced)."""
     peak_allocated_bytes: int = 0
-    peak_breakdown: dict[Category, int] = field(default_factory=dict)
-    """Live bytes by category at the moment of the allocated peak."""
+    peak_breakdown: dict[str, int] = field(default_factory=dict)
+    """Live bytes by category at the moment of the allocated peak (`StorageCounter.finish`)."""
 
 
-class LayerTaggedDispatch(TorchDispatchMode):
-    """A dispatch mode that hands every tensor an op returns to `track`, and knows the decoder layer
-    running now (`layer_stack`, kept by forward hooks; `base_layer` outside any layer)."""
+class StorageCounter(TorchDispatchMode):
+    """A dispatch mode that records every new storage an op creates and, through a weakref callback,
+    when it dies: the events of `Trace`, tagged with the decoder layer running now (`layer_stack`, kept
+    by forward hooks; `base_layer` outside any layer) and the current `phase` as category.
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer_stack: list[int] = []
-        self.base_layer = NO_LAYER
-
-    @property
-    def layer(self) -> int:
-        return self.layer_stack[-1] if self.layer_stack else self.base_layer
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        out = func(*args, **(kwargs or {}))
-        for item in tree_flatten(out)[0]:
-            if isinstance(item, torch.Tensor):
-                self.track(item)
-        return out
-
-    def track(self, tensor: torch.Tensor, category: Any = None) -> Any:
-        raise NotImplementedError
-
-
-class StorageCounter(LayerTaggedDispatch):
-    """Records every new storage an op creates and, through a weakref callback, when it dies."""
+    The plain trace (`trace_step`) uses it as is; the sharded trace (fsdp.py) adds storage resizes,
+    streams and host residency. Empty storages are not recorded: the caching allocator serves a 0-byte
+    request without a block (CUDACachingAllocator.cpp `allocate`: size 0 returns an empty pointer).
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.trace = Trace()
-        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self._refs: dict[int, weakref.ref] = {}
-        self._sizes: dict[int, int] = {}
+        self.layer_stack: list[int] = []
+        self.base_layer = NO_LAYER
+        self.phase: str = Category.WEIGHTS
+        self.closed = False
+        """Set when the trace is complete: storages that die later (garbage collection) are not recorded."""
+        self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its current id
+        self._refs: dict[int, weakref.ref] = {}  # id -> the weak reference whose callback records the free
+        self._sizes: dict[int, int] = {}  # id -> bytes, while allocated
+        self._streams: dict[int, int] = {}  # id -> stream
+        self._alloc_index: dict[int, int] = {}  # id -> index of its alloc event
         self._next_id = 0
         self._live_bytes = 0
-        self.phase = Category.WEIGHTS
-        self._alloc_index: dict[int, int] = {}
+        self._peak_event = 0
         self.accumulate_in_place: set[tuple[int, ...]] = set()
         """Shapes of gradients that autograd sums in place on a real GPU but out of place on fake tensors.
 
@@ -121,6 +148,14 @@ class StorageCounter(LayerTaggedDispatch):
         one more such tensor at the end of backward than the GPU does. Measured on the H200 this holds
         under autocast (the head's gradient arrives through the cast to the compute dtype, a fresh
         tensor), not in fp32, where the traced out-of-place sum matched (tests/data/ground_truth_h200.json)."""
+
+    @property
+    def layer(self) -> int:
+        return self.layer_stack[-1] if self.layer_stack else self.base_layer
+
+    def stream(self) -> int:
+        """The stream new storages are allocated on."""
+        return COMPUTE_STREAM
 
     # -- recording ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -142,63 +177,80 @@ class StorageCounter(LayerTaggedDispatch):
             return
         storage = new.untyped_storage()
         self._ids[storage] = storage_id
-        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
+        self._refs[storage_id] = weakref.ref(storage, functools.partial(self._free, storage_id))
 
-    def track(self, tensor: torch.Tensor, category: Category | None = None) -> None:
+    def track(self, tensor: torch.Tensor, category: str | None = None) -> int | None:
+        """Record the tensor's storage if it is new; its id (None for an empty storage or a DTensor,
+        whose local tensor the inner op records)."""
+        if is_traceable_wrapper_subclass(tensor):
+            return None
         storage = tensor.untyped_storage()
         if storage in self._ids:
-            return
-        size = rounded(storage.nbytes())
+            return self._ids[storage]
+        if storage.nbytes() == 0:
+            return None
+        return self._alloc(storage, storage.nbytes(), category)
+
+    def _alloc(self, storage: Any, num_bytes: int, category: str | None) -> int:
+        size = rounded(num_bytes)
         storage_id = self._next_id
         self._next_id += 1
         self._ids[storage] = storage_id
-        self._refs[storage_id] = weakref.ref(storage, lambda ref, sid=storage_id: self._free(sid, ref))
+        self._refs[storage_id] = weakref.ref(storage, functools.partial(self._free, storage_id))
         self._sizes[storage_id] = size
+        self._streams[storage_id] = stream = self.stream()
         self.trace.categories[storage_id] = category or self.phase
         self._alloc_index[storage_id] = len(self.trace.events)
-        self.trace.events.append(("alloc", storage_id, size, self.layer))
+        self.trace.events.append(Event.alloc(storage_id, size, self.layer, stream))
         self._live_bytes += size
         if self._live_bytes > self.trace.peak_allocated_bytes:
             self.trace.peak_allocated_bytes = self._live_bytes
             self._peak_event = len(self.trace.events)
+        return storage_id
 
     def _free(self, storage_id: int, ref: weakref.ref | None = None) -> None:
-        if ref is not None and self._refs.get(storage_id) is not ref:
-            return  # the storage's bytes live on in another tensor (see `_reuse`)
+        if self.closed or (ref is not None and self._refs.get(storage_id) is not ref):
+            return  # after the trace, or the storage's bytes live on in another tensor (see `_reuse`)
         size = self._sizes.pop(storage_id, None)
         if size is None:
             return
         self._refs.pop(storage_id, None)
         self._live_bytes -= size
-        self.trace.events.append(("free", storage_id, 0, self.layer))
+        self.trace.events.append(Event.free(storage_id, self.layer, self._streams[storage_id]))
 
-    def retag(self, tensors: Any, category: Category) -> None:
-        """Re-label storages once their role is known (gradients after backward, optimizer state)."""
+    def storage_ids(self, tensors: Any) -> list[int]:
+        """The ids of the storages of these tensors (a DTensor's local shard), those recorded."""
+        ids = []
         for item in tree_flatten(tensors)[0]:
             if isinstance(item, torch.Tensor):
-                storage_id = self._ids.get(item.untyped_storage())
+                local = item.to_local() if hasattr(item, "to_local") else item
+                storage_id = self._ids.get(local.untyped_storage())
                 if storage_id is not None:
-                    self.trace.categories[storage_id] = category
+                    ids.append(storage_id)
+        return ids
+
+    def retag(self, tensors: Any, category: str) -> None:
+        """Re-label storages once their role is known (gradients after backward, optimizer state)."""
+        for storage_id in self.storage_ids(tensors):
+            self.trace.categories[storage_id] = category
 
     def relayer(self, tensors: Any, layer: int) -> None:
-        """Move the alloc events of these storages into `layer`'s region."""
-        for item in tree_flatten(tensors)[0]:
-            if isinstance(item, torch.Tensor):
-                storage_id = self._ids.get(item.untyped_storage())
-                index = self._alloc_index.get(storage_id)
-                if index is not None:
-                    kind, sid, size, _ = self.trace.events[index]
-                    self.trace.events[index] = (kind, sid, size, layer)
+        """Move the alloc events of these storages into `layer`'s region (optimizer state belongs to its
+        parameter's layer)."""
+        for storage_id in self.storage_ids(tensors):
+            index = self._alloc_index.get(storage_id)
+            if index is not None:
+                self.trace.events[index] = self.trace.events[index]._replace(layer=layer)
 
     def finish(self) -> Trace:
         """Label the live bytes at the allocated peak by their final category."""
-        live: dict[int, int] = {}
-        for kind, storage_id, size, _ in self.trace.events[: getattr(self, "_peak_event", 0)]:
-            if kind == "alloc":
-                live[storage_id] = size
+        live: dict[Hashable, int] = {}
+        for event in self.trace.events[: self._peak_event]:
+            if event.kind == "alloc":
+                live[event.storage] = event.num_bytes
             else:
-                live.pop(storage_id, None)
-        breakdown: dict[Category, int] = {}
+                live.pop(event.storage, None)
+        breakdown: dict[str, int] = {}
         for storage_id, size in live.items():
             category = self.trace.categories[storage_id]
             breakdown[category] = breakdown.get(category, 0) + size
@@ -206,114 +258,30 @@ class StorageCounter(LayerTaggedDispatch):
         return self.trace
 
 
-# -- CUDA behaviour on a CPU trace ---------------------------------------------------------------
-
-# Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list): their
-# floating inputs are cast to fp32. CPU autocast leaves them in the input dtype. The lower-precision
-# list (linear, matmul, ...) is the same for both devices and is applied by CPU autocast itself.
-_AUTOCAST_FP32 = {
-    torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softplus,
-    torch.nn.functional.cosine_similarity, torch.nn.functional.mse_loss, torch.layer_norm,
-    torch.exp, torch.log, torch.rsqrt, torch.pow, torch.logsumexp,
-    torch.Tensor.exp, torch.Tensor.log, torch.Tensor.rsqrt, torch.Tensor.pow, torch.Tensor.logsumexp,
-}
-# The "fp32_set_opt_dtype" policy: no input copy; the op is asked for an fp32 result instead,
-# unless the caller already passed a dtype.
-_AUTOCAST_FP32_DTYPE = {
-    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
-    torch.cumsum, torch.cumprod, torch.sum, torch.prod, torch.Tensor.softmax, torch.Tensor.log_softmax,
-    torch.Tensor.cumsum, torch.Tensor.sum, torch.Tensor.prod,
-}
-
-
-class CudaEmulation(TorchFunctionMode):
-    """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        if func is torch.Tensor.backward:
-            # The mode is off inside its own handler, but checkpointing recomputes the forward in
-            # backward: run the engine directly with the mode back on (Tensor.backward would recurse).
-            loss = args[0]
-            with self:
-                engine = torch.autograd.Variable._execution_engine
-                engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
-            return None
-        if func is torch.nn.functional.scaled_dot_product_attention:
-            return _fused_attention(*args, **kwargs)
-        if func is torch.nn.functional.dropout:
-            return _cuda_dropout(*args, **kwargs)
-        if torch.is_autocast_enabled("cpu"):
-            if func in _AUTOCAST_FP32:
-                args, kwargs = _to_fp32((args, kwargs))
-            elif func in _AUTOCAST_FP32_DTYPE and kwargs.get("dtype") is None and _is_low_precision(args):
-                kwargs = {**kwargs, "dtype": torch.float32}
-        return func(*args, **kwargs)
-
-
-def _is_low_precision(args: tuple) -> bool:
-    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.float16, torch.bfloat16)
-
-
-def _to_fp32(tree: Any) -> Any:
-    def cast(item: Any) -> Any:
-        if isinstance(item, torch.Tensor) and item.dtype in (torch.float16, torch.bfloat16):
-            return item.float()
-        return item
-
-    return torch.utils._pytree.tree_map(cast, tree)
-
-
-def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
-    # CUDA's fused dropout saves a 1-byte mask; the CPU kernel saves a noise tensor of the input's dtype.
-    if not training or p == 0.0:
-        return input
-    return torch.native_dropout(input, p, training)[0]
-
-
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
-    """The SDPA kernel CUDA picks (torch sdp_utils): flash for fp16/bf16 without a mask, else
-    memory-efficient, else (fp32 with grouped KV heads) the math path that saves the attention matrix."""
-    if torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        query, key, value = (t.to(dtype) for t in (query, key, value))
-    head_dim = query.shape[-1]
-    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
-    low_precision = query.dtype in (torch.float16, torch.bfloat16)
-    if low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
-        # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
-        return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal, False, scale=scale)[0]
-    if not grouped and head_dim % 8 == 0:
-        bias = attn_mask
-        if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill(~bias, float("-inf"))
-        if bias is not None:
-            bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
-        return torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, bias, True, dropout_p, is_causal, scale=scale
-        )[0]
-    return torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )[0]
-
-
-def _meta_to_fake(
-    model: torch.nn.Module, fake_mode: Any, device: torch.device, counter: StorageCounter, layer_of: dict[int, int]
+def meta_to_fake(
+    model: torch.nn.Module, fake_mode: Any, device: torch.device, counter: StorageCounter | None = None,
+    layer_of: dict[int, int] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Replace every meta parameter and buffer by a fake tensor on `device`, keeping tied weights tied.
 
-    Returns {id(fake): meta} so callers can look up what was recorded about the meta tensor.
+    With a `counter`, each new tensor is recorded as weights of its layer (`layer_of`: id of a meta
+    tensor -> layer). Returns {id(fake): meta} so callers can look up what was recorded about the meta
+    tensor. Build on the meta device first: peft's adapter layers call `.to()`, which under
+    FakeTensorMode fails with "_apply(): Couldn't swap Linear.weight".
     """
     converted: dict[int, torch.Tensor] = {}
     originals: dict[int, torch.Tensor] = {}
+    layer_of = layer_of or {}
 
     def convert(tensor: torch.Tensor, is_param: bool) -> torch.Tensor:
         if id(tensor) not in converted:
-            counter.base_layer = layer_of.get(id(tensor), NO_LAYER)
+            if counter is not None:
+                counter.base_layer = layer_of.get(id(tensor), NO_LAYER)
             fake = fake_mode.fake_tensor_converter.from_meta_and_device(fake_mode, tensor, device)
             if is_param:
                 fake = torch.nn.Parameter(fake, requires_grad=tensor.requires_grad)
-            counter.track(fake, Category.WEIGHTS)
+            if counter is not None:
+                counter.track(fake, Category.WEIGHTS)
             converted[id(tensor)] = fake
             originals[id(fake)] = tensor
         return converted[id(tensor)]
@@ -325,14 +293,16 @@ def _meta_to_fake(
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = convert(buffer, False)
-    counter.base_layer = NO_LAYER
+    if counter is not None:
+        counter.base_layer = NO_LAYER
     return originals
 
 
-def _assume_unpacked_batches() -> contextlib.AbstractContextManager:
-    """transformers checks position_ids for packed sequences, and on fake tensors (which it takes for
-    tracing) cannot read them, so it keeps a full causal mask and SDPA loses its fused causal
-    kernels. The traced batches are never packed: say so, as the real step finds out by reading."""
+def assume_unpacked_batches() -> contextlib.AbstractContextManager:
+    """transformers checks position_ids for packed sequences (masking_utils.find_packed_sequence_indices),
+    and on fake tensors (which it takes for tracing) cannot read them, so it keeps a full causal mask and
+    SDPA loses its fused causal kernels. The traced batches are never packed: say so, as the real step
+    finds out by reading."""
     from unittest import mock
 
     try:
@@ -363,7 +333,45 @@ def layer_period(model_config: Any) -> int:
     return 1
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
+# -- the depth rule ---------------------------------------------------------------------------------
+
+PLAIN_PERIODS = 3
+"""Layer periods the single-GPU trace holds: a first, a template and a last block (`extend`)."""
+
+
+def num_layers_of(model_config: Any) -> int:
+    """The model's decoder layers (config.num_hidden_layers; 0 when the config has none)."""
+    return int(getattr(model_config, "num_hidden_layers", 0) or 0)
+
+
+def traced_depth(depth: int, period: int, periods: int = PLAIN_PERIODS) -> int:
+    """How many of a model's `depth` layers are traced: `periods` periods of the layer pattern plus the
+    remainder (depth - periods * period) % period, so the traced and the full model end on the same
+    layer type; or every layer when the model is that shallow. Memory is affine in depth, and so is
+    the event stream: the extender repeats the traced template block to reach `depth`.
+
+    The single-GPU trace (`extend`) needs 3 periods. The sharded trace (fsdp.extend_sharded) needs 5,
+    because FSDP's gathered parameters, prefetch and reduce-scatter buffers cross one layer boundary:
+    its template block must have a generic (neither first nor last) block on each side.
+    """
+    shallow = periods * period + (depth - periods * period) % period
+    return depth if depth <= shallow else shallow
+
+
+def shallow_config(model_config: Any, num_layers: int) -> Any:
+    """A copy of `model_config` with only `num_layers` decoder layers (per-layer lists cut to match)."""
+    config = model_config.__class__.from_dict(model_config.to_dict())
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:num_layers]
+    return config
+
+
+# -- layer tagging -----------------------------------------------------------------------------------
+
+
+def first_tensor(value: Any) -> torch.Tensor | None:
+    """The first tensor in a nested structure of arguments or outputs, or None."""
     for item in tree_flatten(value)[0]:
         if isinstance(item, torch.Tensor):
             return item
@@ -372,7 +380,17 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list[Any]:
     """Tag events with the decoder layer running them, in forward (module hooks) and backward
-    (a pre-hook on the grad_fn of each layer's output fires when that layer's backward starts)."""
+    (a pre-hook on the grad_fn of each layer's output fires when that layer's backward starts).
+
+    Why not torch's `torch.distributed._tools.mod_tracker.ModTracker` (global module hooks, and gradient
+    hooks on a module's outputs and inputs for backward): under torch 2.13 and FakeTensorMode it gives
+    this trace's attribution exactly (every alloc and free inside forward and backward of a 3-layer
+    Llama, fp32 and bf16-mixed with checkpointing), but not the sharded trace's: its global hooks run
+    before FSDP's own, so 136 of the 960 step events (weights and optimizer state aside) of a 2-GPU,
+    3-layer step fall in another layer or outside any (FSDP's gathers and reshards, the events between
+    two layers that `fsdp.extend_sharded` needs inside one); and its attribution under torch 2.11 (the
+    GPU machine) could not be checked. Both traces keep their module hooks, whose figures are measured.
+    """
 
     def set_base(index: int) -> Any:
         def hook(*_: Any) -> None:
@@ -384,7 +402,7 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             counter.layer_stack.append(index)
             if index == 0:
-                hidden = _first_tensor((args, kwargs))
+                hidden = first_tensor((args, kwargs))
                 if hidden is not None and hidden.grad_fn is not None and torch.is_grad_enabled():
                     hidden.grad_fn.register_prehook(set_base(NO_LAYER))
 
@@ -393,7 +411,7 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
     def post(index: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             counter.layer_stack.pop()
-            hidden = _first_tensor(output)
+            hidden = first_tensor(output)
             if hidden is not None and hidden.grad_fn is not None and torch.is_grad_enabled():
                 hidden.grad_fn.register_prehook(set_base(index))
 
@@ -416,7 +434,7 @@ def _logits_hook(counter: StorageCounter) -> Any:
 
     def hook(module: torch.nn.Module, args: tuple) -> None:
         counter.phase = Category.LOGITS
-        hidden = _first_tensor(args)
+        hidden = first_tensor(args)
         if hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
             hidden.register_hook(back_to_temporaries)
 
@@ -437,7 +455,9 @@ def tied_gradient_shapes(model: Any) -> set[tuple[int, ...]]:
 
 
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
-    """Trace `steps` optimizer steps of `train_config` on fake tensors and return the allocation events."""
+    """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
+    "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
+    `model_config` (trace a `shallow_config` and `extend` for deep models)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     emulate = device == "cpu"
@@ -445,18 +465,16 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
     emulation = CudaEmulation() if emulate else contextlib.nullcontext()
-    # Build (and wrap with peft) on the meta device, then swap in fake tensors: peft's adapter
-    # layers call `.to()`, which under FakeTensorMode fails with "_apply(): Couldn't swap Linear.weight".
-    model = recipe.build_model(model_config, train_config, "meta")
+    model = recipe.build_model(model_config, train_config, "meta")  # then fake tensors: see meta_to_fake
     layers = decoder_layers(model)
-    unpacked = _assume_unpacked_batches()
-    counter.trace.num_layers = len(layers)
+    unpacked = assume_unpacked_batches()
+    counter.trace.num_layers = counter.trace.traced_layers = len(layers)
     counter.trace.period = layer_period(model_config)
     if train_config.amp != "none":
         counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, emulation:
-        param_meta = _meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
+        param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         optimizer = recipe.make_optimizer(model, fused=True)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         hooks = _layer_hooks(layers, counter)
@@ -493,44 +511,48 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     return trace
 
 
-def extend(trace: Trace, num_layers: int) -> list[tuple]:
+def extend(trace: Trace, num_layers: int) -> list[Event]:
     """The events of the same step on a model `num_layers` deep, from a trace of a shallower one.
 
-    The trace must hold at least 3 periods of layers: layers [p, 2p) are the template, repeated
-    in place (in order in forward and optimizer regions, in reverse in backward); layers >= 2p are
-    shifted up. A free refers to the copy of its allocation at the same layer distance, and a free
-    outside any layer (zero_grad) of a template allocation is repeated for every copy. Alloc events
-    gain a fifth field, the traced storage id, so categories can be looked up in `trace.categories`.
+    The trace must hold at least 3 periods of layers (`traced_depth`): layers [p, 2p) are the template,
+    repeated in place (in order in forward and optimizer regions, in reverse in backward); layers >= 2p
+    are shifted up. A free refers to the copy of its allocation at the same layer distance, and a free
+    outside any layer (zero_grad) of a template allocation is repeated for every copy. Each copy gets a
+    storage of its own; `Event.source` keeps the traced storage, the key of `trace.categories`.
+    Raises ValueError for a trace of fewer than 3 periods that must be extended.
     """
-    p, traced = trace.period, trace.num_layers
+    p, traced = trace.period, trace.traced_layers
     copies = (num_layers - traced) // p
     if copies <= 0:
-        return [(*event, event[1]) if event[0] == "alloc" else event for event in trace.events]
-    if traced < 3 * p:
-        raise ValueError(f"extending needs a trace of >= {3 * p} layers, got {traced}")
+        return list(trace.events)
+    if traced < PLAIN_PERIODS * p:
+        raise ValueError(f"extending needs a trace of >= {PLAIN_PERIODS * p} layers, got {traced}")
     template = range(p, 2 * p)
-    region = {sid: layer for kind, sid, _, layer in trace.events if kind == "alloc"}
+    region = {event.storage: event.layer for event in trace.events if event.kind == "alloc"}
 
     def shift_of(layer: int, copy: int) -> int:
         if layer in template:
             return copy * p
         return copies * p if layer >= 2 * p else 0
 
-    out: list[tuple] = []
-    live: set[tuple[int, int]] = set()
+    out: list[Event] = []
+    live: set[tuple[Hashable, int]] = set()
 
-    def emit(event: tuple[str, int, int, int], copy: int) -> None:
-        kind, sid, size, layer = event
-        if kind == "alloc":
+    def emit(event: Event, copy: int) -> None:
+        sid, layer = event.storage, event.layer
+        if event.kind == "alloc":
             key = (sid, shift_of(layer, copy))
             live.add(key)
-            out.append(("alloc", hash(key), size, layer, sid))
+            out.append(event._replace(storage=hash(key)))
             return
         alloc_layer = region.get(sid, NO_LAYER)
         if alloc_layer == NO_LAYER:
             keys = [(sid, 0)]
         elif layer == NO_LAYER or (layer not in template and alloc_layer in template):
-            keys = [(sid, c * p) for c in range(copies + 1)] if alloc_layer in template else [(sid, shift_of(alloc_layer, 0))]
+            if alloc_layer in template:
+                keys = [(sid, c * p) for c in range(copies + 1)]
+            else:
+                keys = [(sid, shift_of(alloc_layer, 0))]
         else:
             target = layer + shift_of(layer, copy) + (alloc_layer - layer)  # same distance as traced
             if alloc_layer in template:
@@ -540,20 +562,20 @@ def extend(trace: Trace, num_layers: int) -> list[tuple]:
         for key in keys:
             if key in live:
                 live.discard(key)
-                out.append(("free", hash(key), 0, layer))
+                out.append(event._replace(storage=hash(key)))
 
     events = trace.events
     index = 0
     while index < len(events):
-        if events[index][3] not in template:
+        if events[index].layer not in template:
             emit(events[index], 0)
             index += 1
             continue
         end = index
-        while end < len(events) and events[end][3] in template:
+        while end < len(events) and events[end].layer in template:
             end += 1
         run = events[index:end]
-        following = next((e[3] for e in events[end:] if e[3] != NO_LAYER), None)
+        following = next((e.layer for e in events[end:] if e.layer != NO_LAYER), None)
         descending = following is not None and following < p
         for copy in (range(copies, -1, -1) if descending else range(copies + 1)):
             for event in run:

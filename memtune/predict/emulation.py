@@ -1,0 +1,110 @@
+"""CUDA's behaviour on a CPU trace: what the same step allocates on the GPU, made to happen on fake CPU tensors.
+
+`CudaEmulation` is a torch function mode, entered around the traced step (trace.trace_step,
+fsdp.trace_sharded) when the trace runs on the CPU. It changes three things that allocate differently
+on the two devices: autocast's fp32 op list (aten/src/ATen/autocast_mode.cpp), the SDPA kernel CUDA
+picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), and dropout (CUDA's
+fused kernel saves a 1-byte mask).
+
+Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
+convolutions, other fused kernels) is traced as the CPU makes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+# Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list): their
+# floating inputs are cast to fp32. CPU autocast leaves them in the input dtype. The lower-precision
+# list (linear, matmul, ...) is the same for both devices and is applied by CPU autocast itself.
+_AUTOCAST_FP32 = {
+    torch.nn.functional.layer_norm, torch.nn.functional.group_norm, torch.nn.functional.softplus,
+    torch.nn.functional.cosine_similarity, torch.nn.functional.mse_loss, torch.layer_norm,
+    torch.exp, torch.log, torch.rsqrt, torch.pow, torch.logsumexp,
+    torch.Tensor.exp, torch.Tensor.log, torch.Tensor.rsqrt, torch.Tensor.pow, torch.Tensor.logsumexp,
+}
+# The "fp32_set_opt_dtype" policy: no input copy; the op is asked for an fp32 result instead,
+# unless the caller already passed a dtype.
+_AUTOCAST_FP32_DTYPE = {
+    torch.nn.functional.softmax, torch.nn.functional.log_softmax, torch.softmax, torch.log_softmax,
+    torch.cumsum, torch.cumprod, torch.sum, torch.prod, torch.Tensor.softmax, torch.Tensor.log_softmax,
+    torch.Tensor.cumsum, torch.Tensor.sum, torch.Tensor.prod,
+}
+
+
+class CudaEmulation(TorchFunctionMode):
+    """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            # The mode is off inside its own handler, but checkpointing recomputes the forward in
+            # backward: run the engine directly with the mode back on (Tensor.backward would recurse).
+            loss = args[0]
+            with self:
+                engine = torch.autograd.Variable._execution_engine
+                engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
+            return None
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            return _fused_attention(*args, **kwargs)
+        if func is torch.nn.functional.dropout:
+            return _cuda_dropout(*args, **kwargs)
+        if torch.is_autocast_enabled("cpu"):
+            if func in _AUTOCAST_FP32:
+                args, kwargs = _to_fp32((args, kwargs))
+            elif func in _AUTOCAST_FP32_DTYPE and kwargs.get("dtype") is None and _is_low_precision(args):
+                kwargs = {**kwargs, "dtype": torch.float32}
+        return func(*args, **kwargs)
+
+
+def _is_low_precision(args: tuple) -> bool:
+    return bool(args) and isinstance(args[0], torch.Tensor) and args[0].dtype in (torch.float16, torch.bfloat16)
+
+
+def _to_fp32(tree: Any) -> Any:
+    def cast(item: Any) -> Any:
+        if isinstance(item, torch.Tensor) and item.dtype in (torch.float16, torch.bfloat16):
+            return item.float()
+        return item
+
+    return torch.utils._pytree.tree_map(cast, tree)
+
+
+def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    # CUDA's fused dropout saves a 1-byte mask; the CPU kernel saves a noise tensor of the input's dtype.
+    if not training or p == 0.0:
+        return input
+    return torch.native_dropout(input, p, training)[0]
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
+    """The SDPA kernel CUDA picks (torch sdp_utils): flash for fp16/bf16 without a mask, else
+    memory-efficient, else (fp32 with grouped KV heads) the math path that saves the attention matrix."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        query, key, value = (t.to(dtype) for t in (query, key, value))
+    head_dim = query.shape[-1]
+    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
+    low_precision = query.dtype in (torch.float16, torch.bfloat16)
+    if low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
+        # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
+        return torch.ops.aten._scaled_dot_product_flash_attention(
+            query, key, value, dropout_p, is_causal, False, scale=scale
+        )[0]
+    if not grouped and head_dim % 8 == 0:
+        bias = attn_mask
+        if bias is not None and bias.dtype == torch.bool:
+            bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill(~bias, float("-inf"))
+        if bias is not None:
+            bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, bias, True, dropout_p, is_causal, scale=scale
+        )[0]
+    return torch.ops.aten._scaled_dot_product_attention_math(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )[0]
+
+

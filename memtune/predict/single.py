@@ -1,0 +1,85 @@
+"""Predicted peak memory of one GPU training without a wrapper: trace -> extend -> allocator -> peak.
+
+    estimate_single(model_config, TrainConfig(seq_len=1024, micro_batch_size=4, amp="bf16"))
+
+1. Trace the step on fake tensors (`trace.trace_step`) with a few decoder layers only
+   (`trace.traced_depth`: three periods of the layer pattern, a first, a repeated and a last block).
+2. Extend the trace to the model's depth by repeating the middle block (`trace.extend`); memory
+   is affine in depth, and so is the event stream.
+3. Replay the events through the caching-allocator model (`allocator.simulate`) for peak reserved.
+4. Add what the trace cannot see: cuBLAS workspaces and the CUDA context (`peak.estimate_of_events`).
+
+Traces are cached per (model config, traced depth, configuration, device), so a search reuses them;
+DDP (ddp.py) builds on the same events, as every GPU of a replica runs this step.
+Pure: no CUDA memory is used; with a GPU present the trace runs on fake CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
+from memtune.predict import allocator
+from memtune.predict.peak import Estimate, default_trace_device, estimate_of_events
+from memtune.predict.trace import (
+    Event,
+    Trace,
+    extend,
+    layer_period,
+    num_layers_of,
+    shallow_config,
+    trace_step,
+    traced_depth,
+)
+
+_TRACE_CACHE: dict[str, Trace] = {}
+_EVENTS_CACHE: dict[tuple[int, int], list[Event]] = {}
+
+
+def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
+    """The shallow trace of `train_config` (`traced_depth` layers of `model_config`), cached."""
+    depth = traced_depth(num_layers_of(model_config), layer_period(model_config))
+    key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
+                     sort_keys=True)
+    if key not in _TRACE_CACHE:
+        _TRACE_CACHE[key] = trace_step(shallow_config(model_config, depth), train_config, device=device)
+    return _TRACE_CACHE[key]
+
+
+def full_depth_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[Event]]:
+    """The cached shallow trace and its events extended to the model's depth (built once per trace)."""
+    trace = cached_trace(model_config, train_config, device)
+    depth = num_layers_of(model_config) or trace.traced_layers
+    key = (id(trace), depth)
+    if key not in _EVENTS_CACHE:
+        _EVENTS_CACHE[key] = extend(trace, depth)
+    return trace, _EVENTS_CACHE[key]
+
+
+def estimate_single(
+    model_config: Any,
+    train_config: TrainConfig,
+    *,
+    device: str | None = None,
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> Estimate:
+    """Predict the peak memory of `train_config` on one GPU (its num_gpus and strategy are not read: the
+    step as one GPU runs it). `device`: "cuda" or "cpu" trace (default: cuda when a GPU is visible)."""
+    started = time.perf_counter()
+    device = device or default_trace_device()
+    trace, events = full_depth_events(model_config, train_config, device)
+    num_layers = num_layers_of(model_config) or trace.traced_layers
+    return estimate_of_events(train_config, events, trace.categories, trace_device=device,
+                              traced_layers=trace.traced_layers, num_layers=num_layers,
+                              started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+
+
+def fits_under(model_config: Any, estimate: Estimate, usable_bytes: int, device: str | None = None) -> bool:
+    """Replay the step against a device of `usable_bytes`, releasing the cache on pressure as torch does
+    (`allocator.simulate` with a capacity): workspaces and context are taken off the capacity first."""
+    _, events = full_depth_events(model_config, estimate.config, device or estimate.trace_device)
+    capacity = usable_bytes - estimate.workspace_bytes - estimate.context_bytes
+    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
