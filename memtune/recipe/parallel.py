@@ -1,4 +1,40 @@
-"""PLACEHOLDER_PARALLEL"""
+"""FSDP2 and DDP as accelerate prepares them, and their training steps, without an Accelerator: the
+fake-tensor trace (`predict.fsdp`, `predict.ddp`), the trials (`measure.sharded`) and the launched Trainer
+(`run.launch` configs) all run the same thing. What accelerate 1.15 and transformers 5.17 / 5.24 do
+(read from their sources):
+
+- FSDP2 preparation (accelerate/utils/fsdp_utils.py:751-885, `fsdp2_prepare_model`): with mixed
+  precision on, trainable parameters are upcast to fp32 (815-820); each module whose class is in the
+  model's `_no_split_modules` (the decoder layer) becomes its own `fully_shard` unit with
+  reshard_after_forward=True; an untied input embedding gets its own unit; the final norm and the
+  LM head (plus the embedding when tied) form one unit with reshard_after_forward=False (857-879),
+  so the (tied) embedding stays gathered from its first use until its backward; the root is sharded
+  last with torch's default for the root (no reshard after forward, 881-885).
+- Mixed precision "bf16" becomes MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16,
+  output_dtype=bf16) (utils/dataclasses.py:2131-2142, set from state.py:1014-1015). In the FSDP2 path
+  accelerate does not wrap the forward in autocast (`_prepare_fsdp2`, accelerator.py:1674-1760, never
+  calls `prepare_model`), and Trainer relies on accelerate for autocast, so the step computes with
+  bf16 parameters and no autocast.
+- CPU offload is CPUOffloadPolicy(pin_memory=True) (dataclasses.py:2178-2191): sharded parameters,
+  their gradients, and therefore the optimizer state and step, live on the CPU.
+- Gradient accumulation: Trainer enters `accelerator.no_sync` for every micro-batch but the last
+  (trainer.py:1903-1915), which for FSDP2 is `set_requires_gradient_sync(False)`
+  (accelerator.py:1166-1171): unsharded gradients accumulate on the GPU until the last micro-batch.
+
+`apply_fsdp` and `fsdp_train_step` reproduce that preparation and step without an Accelerator, so the
+fake-tensor trace (`predict.fsdp`) and the trial (`measure.sharded`) run the same thing the launched Trainer runs.
+
+DDP (strategy "ddp"):
+- `Accelerator.prepare_model` (accelerator.py 1824-1835, 1883-1902) wraps the model's forward in
+  autocast when mixed precision is on (`native_amp`), then wraps the model in
+  `torch.nn.parallel.DistributedDataParallel(model, device_ids=[local rank], output_device=local rank,
+  **ddp_handler.to_kwargs())`, where to_kwargs keeps only values that differ from
+  DistributedDataParallelKwargs' defaults (utils/dataclasses.py 78-88; broadcast_buffers=True,
+  bucket_cap_mb=25, find_unused_parameters=False, gradient_as_bucket_view=False, static_graph=False).
+- Gradient accumulation: Trainer runs every micro-batch but the last under `accelerator.no_sync`,
+  which for DDP is `model.no_sync()`: no all-reduce until the last micro-batch's backward.
+`build_replicated_model` and `ddp_train_step` do the same without an Accelerator, for the trial.
+"""
 
 from __future__ import annotations
 

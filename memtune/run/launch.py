@@ -1,5 +1,5 @@
-"""Training over several GPUs (or with CPU offload) through accelerate: launcher config, launch
-command, Trainer arguments, and a trial that measures what a step takes per GPU. Two strategies:
+"""Launching a plan over several GPUs (or with CPU offload) through accelerate: the launcher config,
+the launch command and the Trainer arguments. Two strategies:
 FSDP2 full sharding (also the engine of CPU offload) and DDP (a full replica per GPU).
 
     write_accelerate_config("fsdp.yaml", train_config, model_config=config)
@@ -20,50 +20,24 @@ What accelerate 1.15.0 and transformers 5.17 / 5.24 really do (read from their s
   launcher config (transformers defaults to FSDP2 there: training_args.py:2826 in 5.24, 2784 in 5.17).
   Either way Trainer needs a process group (trainer.py:477-478 "Using fsdp only works in distributed
   training"), which torchrun provides even for one process.
-- FSDP2 preparation (accelerate/utils/fsdp_utils.py:751-885, `fsdp2_prepare_model`): with mixed
-  precision on, trainable parameters are upcast to fp32 (815-820); each module whose class is in the
-  model's `_no_split_modules` (the decoder layer) becomes its own `fully_shard` unit with
-  reshard_after_forward=True; an untied input embedding gets its own unit; the final norm and the
-  LM head (plus the embedding when tied) form one unit with reshard_after_forward=False (857-879),
-  so the (tied) embedding stays gathered from its first use until its backward; the root is sharded
-  last with torch's default for the root (no reshard after forward, 881-885).
-- Mixed precision "bf16" becomes MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16,
-  output_dtype=bf16) (utils/dataclasses.py:2131-2142, set from state.py:1014-1015). In the FSDP2 path
-  accelerate does not wrap the forward in autocast (`_prepare_fsdp2`, accelerator.py:1674-1760, never
-  calls `prepare_model`), and Trainer relies on accelerate for autocast, so the step computes with
-  bf16 parameters and no autocast.
 - One GPU: accelerate applies the FSDP plugin only for multi-device distributed types
   (state.py:986-1016); torchrun's LOCAL_RANK makes even a single CUDA process MULTI_GPU
   (state.py:769-791), so `accelerate launch` with num_processes 1 runs FSDP (offload included),
   while a plain `python` run (DistributedType.NO) or a CPU-only machine silently ignores it.
-- CPU offload is CPUOffloadPolicy(pin_memory=True) (dataclasses.py:2178-2191): sharded parameters,
-  their gradients, and therefore the optimizer state and step, live on the CPU.
-- Gradient accumulation: Trainer enters `accelerator.no_sync` for every micro-batch but the last
-  (trainer.py:1903-1915), which for FSDP2 is `set_requires_gradient_sync(False)`
-  (accelerator.py:1166-1171): unsharded gradients accumulate on the GPU until the last micro-batch.
 
-`apply_fsdp` and `fsdp_train_step` reproduce that preparation and step without an Accelerator, so the
-fake-tensor trace (`sharding`) and the trial here run the same thing the launched Trainer runs.
+How the model is wrapped and stepped (FSDP2 units, mixed precision, CPU offload, DDP) is in
+`recipe.parallel`, which the trace, the trials and this launch all follow.
 
 DDP (strategy "ddp", accelerate 1.15 / transformers 5.17-5.24):
 - The launcher config says `distributed_type: MULTI_GPU`; `accelerate launch` then starts
   num_processes workers through torchrun (commands/launch.py: `args.multi_gpu` from the config's
   distributed_type, 1229-1243; `multi_gpu_launcher`), with ACCELERATE_MIXED_PRECISION from
   `mixed_precision` and no FSDP variables (utils/launch.py `prepare_multi_gpu_env`).
-- `Accelerator.prepare_model` (accelerator.py 1824-1835, 1883-1902) wraps the model's forward in
-  autocast when mixed precision is on (`native_amp`), then wraps the model in
-  `torch.nn.parallel.DistributedDataParallel(model, device_ids=[local rank], output_device=local rank,
-  **ddp_handler.to_kwargs())`, where to_kwargs keeps only values that differ from
-  DistributedDataParallelKwargs' defaults (utils/dataclasses.py 78-88; broadcast_buffers=True,
-  bucket_cap_mb=25, find_unused_parameters=False, gradient_as_bucket_view=False, static_graph=False).
-- Trainer fills that handler (`_build_accelerator_args`, trainer.py 749-766 in 5.24): only
+- Trainer fills accelerate's DDP handler (DistributedDataParallelKwargs; `_build_accelerator_args`, trainer.py 749-766 in 5.24): only
   find_unused_parameters unless other ddp_* TrainingArguments are set, and it defaults to True for a
   model without gradient checkpointing. A causal LM uses every parameter in every step, so
   `ddp_training_arguments` sets ddp_find_unused_parameters=False: no autograd-graph search after each
-  forward, and the bucket layout `replicate` models (one bucket per dtype until the first rebuild).
-- Gradient accumulation: Trainer runs every micro-batch but the last under `accelerator.no_sync`,
-  which for DDP is `model.no_sync()`: no all-reduce until the last micro-batch's backward.
-`build_replicated_model` and `ddp_train_step` do the same without an Accelerator, for the trial.
+  forward, and the bucket layout `predict.ddp` models (one bucket per dtype until the first rebuild).
 """
 
 from __future__ import annotations
