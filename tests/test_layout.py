@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("memtune.cli", "memtune.__main__", "memtune"),
 ]
 """Lowest first. A module may import from its own layer or below, never above: the pipeline
-(source -> recipe -> predict/measure -> search -> plan -> fit -> run -> report -> cli) read bottom-up."""
+(source -> recipe -> measure -> predict -> search -> guard -> plan -> fit -> run -> report -> cli) read bottom-up."""
 
 
 def module_names() -> list[str]:
