@@ -82,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         return worker(args)
     from memtune.plan import Plan
-    from memtune.run import launch
+    from memtune.run import launch as launch_config
     from memtune.sources import resolve
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="memtune-guard-2gpu-"))
     work.mkdir(parents=True, exist_ok=True)
     plan_config, fallback = configs(args)
     model_config = resolve(args.model).config
-    accelerate_yaml = launch.write_accelerate_config(work / "accelerate_fsdp.yaml", plan_config, model_config=model_config)
+    accelerate_yaml = launch_config.write_accelerate_config(work / "accelerate_fsdp.yaml", plan_config, model_config=model_config)
     result: dict[str, Any] = {"model": args.model, "settings": {key: str(value) if isinstance(value, Path) else value
                                                                 for key, value in vars(args).items()},
                               "accelerate_config": accelerate_yaml.read_text(), "work_dir": str(work), "runs": {}}
@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def launch(name: str, plan: Any, fraction: float | None, args: argparse.Namespace, work: Path, accelerate_yaml: Path) -> dict[str, Any]:
     """One `accelerate launch` of this script's worker; returns what its ranks recorded."""
-    from memtune.run import launch
+    from memtune.run import launch as launch_config
 
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     payload = {"plan": plan.to_dict(), "memory_fraction": fraction, "fallback": configs(args)[1].to_dict()}
     (folder / "payload.json").write_text(json.dumps(payload, indent=2))
-    command = launch.launch_command(accelerate_yaml, [
+    command = launch_config.launch_command(accelerate_yaml, [
         "--worker", name, "--work-dir", str(folder), "--model", args.model, "--seq-len", str(args.seq_len),
         "--micro-batch", str(args.micro_batch), "--fallback-micro-batch", str(args.fallback_micro_batch),
         "--steps", str(args.steps), "--oom-after-steps", str(args.oom_after_steps), "--seed", str(args.seed),
