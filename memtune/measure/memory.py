@@ -10,6 +10,9 @@ from typing import Any
 
 OOM_MARKERS = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "cudaErrorMemoryAllocation")
 
+_WORKSPACE_BYTES: int | None = None
+"""Bytes the library workspaces hold, once `warm_up` has made them (None before)."""
+
 
 @dataclass
 class Measurement:

@@ -15,8 +15,6 @@ from memtune.config import TrainConfig
 from memtune.errors import NoGpuError
 from memtune.measure.memory import Measurement, is_oom, release_memory, warm_up
 
-_WORKSPACE_BYTES: int | None = None
-
 
 def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device: str = "cuda",
             accumulation_limit: int | None = 2) -> Measurement:
@@ -56,7 +54,8 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
         optimizer = recipe.make_optimizer(model)
         scaler = torch.amp.GradScaler("cuda") if train_config.amp == "fp16" else None
         for _ in range(steps):
-            batches = [recipe.random_batch(model_config, train_config, device) for _ in range(train_config.grad_accum_steps)]
+            batches = [recipe.random_batch(model_config, train_config, device)
+                       for _ in range(train_config.grad_accum_steps)]
             torch.cuda.synchronize()
             start = time.perf_counter()
             recipe.train_step(model, optimizer, batches, train_config, scaler=scaler)
