@@ -5,10 +5,12 @@ prepared as accelerate prepares it (`recipe.parallel`), the peak per GPU taken a
 from __future__ import annotations
 
 import datetime
+import functools
 import gc
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +113,7 @@ def _trial(model_config: Any, train_config: TrainConfig, steps: int, device: str
             model = build_replicated_model(model_config, train_config, device)
             optimizer = recipe.make_optimizer(model)
 
-            def step(*args: Any, **kwargs: Any) -> float:
-                return ddp_train_step(*args, device_type=device_type, **kwargs)
+            step: Callable[..., float] = functools.partial(ddp_train_step, device_type=device_type)
         else:
             mesh = init_device_mesh(device_type, (dist.get_world_size(),))
             model = build_sharded_model(model_config, train_config, device, mesh)
@@ -124,7 +125,8 @@ def _trial(model_config: Any, train_config: TrainConfig, steps: int, device: str
                 memory.release_memory()
         scaler = torch.amp.GradScaler(device_type) if train_config.amp == "fp16" else None
         for _ in range(steps):
-            batches = [recipe.random_batch(model_config, train_config, device) for _ in range(train_config.grad_accum_steps)]
+            batches = [recipe.random_batch(model_config, train_config, device)
+                       for _ in range(train_config.grad_accum_steps)]
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -163,7 +165,8 @@ def _max_over_ranks(result: Any, device: str) -> Any:
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     seconds = torch.tensor(result.step_seconds or [0.0], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    result.peak_allocated_bytes, result.peak_reserved_bytes, result.alloc_retries = (int(v) for v in values[:3].tolist())
+    peaks = (int(v) for v in values[:3].tolist())
+    result.peak_allocated_bytes, result.peak_reserved_bytes, result.alloc_retries = peaks
     result.fits = not bool(values[3].item())
     result.step_seconds = seconds.tolist() if result.step_seconds else []
     return result
