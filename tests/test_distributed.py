@@ -266,6 +266,7 @@ def _replicas_agree_worker(rank: int, world_size: int, init_method: str, out_dir
         gc.collect()
     finally:
         dist.destroy_process_group()
+    sharded.end_spawned_rank()  # DDP leaves the group's threads running: no interpreter shutdown with them
 
 
 @pytest.mark.slow

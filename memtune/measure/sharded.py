@@ -8,11 +8,13 @@ import datetime
 import functools
 import gc
 import json
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from memtune.config import TrainConfig
 from memtune.errors import NoGpuError, UsageError
@@ -173,19 +175,40 @@ def _max_over_ranks(result: Any, device: str) -> Any:
 
 
 def _spawn_worker(rank: int, world_size: int, init_method: str, payload: dict[str, Any], out_dir: str) -> None:
-    from memtune.config import TrainConfig as Config
+    """One spawned rank: the trial, rank 0's Measurement written to `out_dir/measurement.json`, then the
+    process ends at once (`end_spawned_rank`). An exception propagates as usual: torch.multiprocessing's
+    `_wrap` writes it to the file the parent raises from."""
+    import torch.distributed as dist
+
     from memtune.sources import config_from_dict
 
     _init_process_group(payload["device"], init_method, rank, world_size)
     try:
-        measured = _trial(config_from_dict(payload["model_config"]), Config.from_dict(payload["train_config"]),
+        measured = _trial(config_from_dict(payload["model_config"]), TrainConfig.from_dict(payload["train_config"]),
                           payload["steps"], payload["device"])
         if rank == 0:
             Path(out_dir, "measurement.json").write_text(json.dumps(measured.to_dict()))
     finally:
-        import torch.distributed as dist
-
         dist.destroy_process_group()
+    end_spawned_rank()
+
+
+def end_spawned_rank() -> NoReturn:
+    """End a spawned rank whose work is done (results written and closed, process group destroyed) with
+    `os._exit(0)`, skipping interpreter shutdown.
+
+    DDP and FSDP2 keep their process group referenced after `destroy_process_group`: on torch 2.13 (CPU,
+    gloo) the group's threads (`pt_gloo_runloop`, `gloo_tcp_loop`) were still running after it and after
+    `gc.collect()`, while a plain all_reduce or a device mesh alone leave none. A process that then exits
+    normally finalizes the interpreter and runs C++ static destructors with those threads alive; now and then
+    (loaded 2-core CI machine) a rank aborted at that point with "terminate called without an active
+    exception" (SIGABRT), which `torch.multiprocessing` reports as a failed trial. `os._exit` ends every thread
+    at once and runs no destructor, so there is no shutdown for them to race; stdout and stderr are flushed
+    first.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawn_trial(model_config: Any, train_config: TrainConfig, steps: int, device: str) -> Any:
