@@ -31,7 +31,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     """Plan as on a machine without a GPU, even where one is visible."""
-    monkeypatch.setattr(sys.modules["memtune.measure.probe"], "probe", lambda: ProbeResult(reason="tests plan without a GPU"))
+    monkeypatch.setattr(
+        sys.modules["memtune.measure.probe"], "probe", lambda: ProbeResult(reason="tests plan without a GPU")
+    )
 
 
 def test_fit_json_on_stdout_and_the_plan_saved(tiny_model_dir, tmp_path, capsys):
