@@ -160,6 +160,17 @@ def test_sharded_trial_with_cpu_offload_runs_on_cpu_and_leaves_no_process_group(
     assert not dist.is_initialized()
 
 
+def test_a_spawned_rank_ends_without_interpreter_shutdown():
+    """end_spawned_rank: what was printed comes out, exit status 0, and no shutdown step (atexit) runs, so no
+    process-group thread can outlive the interpreter's shutdown."""
+    import subprocess
+
+    code = ("import atexit; from memtune.measure import sharded; atexit.register(print, 'atexit ran'); "
+            "print('result written', end=''); sharded.end_spawned_rank(); print('not reached')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "result written"), done.stderr
+
+
 @pytest.mark.slow
 def test_two_gpu_trial_spawns_one_process_per_rank_on_cpu():
     measured = measure_sharded(
