@@ -74,8 +74,11 @@ def main() -> None:
         line = f"{case.name:58s} meas {row['measured_reserved_bytes'] / GIB:7.3f}"
         for path in args.paths:
             if f"{path}_reserved_bytes" in row:
-                line += (f" | {path} {row[f'{path}_reserved_bytes'] / GIB:7.3f} ({100 * row[f'{path}_reserved_error']:+5.1f}%"
-                         f" alloc {100 * row[f'{path}_allocated_error']:+5.1f}%)")
+                line += (
+                    f" | {path} {row[f'{path}_reserved_bytes'] / GIB:7.3f}"
+                    f" ({100 * row[f'{path}_reserved_error']:+5.1f}%"
+                    f" alloc {100 * row[f'{path}_allocated_error']:+5.1f}%)"
+                )
             else:
                 line += f" | {path} FAILED {row.get(f'{path}_error', '')[:60]}"
         print(line, flush=True)

@@ -118,7 +118,10 @@ def trainer_worker(plan_path: Path, out: Path) -> None:
                        callbacks=[Record()], progress=False)
     if int(os.environ.get("RANK", "0")) == 0:
         name, model, _ = TRAINER_CASE
-        measured = {"peak_allocated_bytes": summary.peak_allocated_bytes, "peak_reserved_bytes": summary.peak_reserved_bytes}
+        measured = {
+            "peak_allocated_bytes": summary.peak_allocated_bytes,
+            "peak_reserved_bytes": summary.peak_reserved_bytes,
+        }
         row = history_row(name, model, plan.train_config, measured)
         out.write_text(json.dumps({"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "actions": ACTIONS,
                                    "cases": [row]}))
@@ -199,8 +202,11 @@ def compare(path: Path) -> None:
         measured = row["measured"]
         print(f"\n{row['case']}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, "
               f"allocated {measured['peak_allocated_bytes'] / GIB:.2f}; history segments peak {history_peak / GIB:.2f}")
-        print(f"  real events through memtune's allocator: allocated {model_alloc / GIB:.2f}, reserved "
-              f"{sum(per_stream.values()) / GIB:.2f} = " + " + ".join(f"s{s}:{v / GIB:.2f}" for s, v in per_stream.items()))
+        print(
+            f"  real events through memtune's allocator: allocated {model_alloc / GIB:.2f}, reserved "
+            f"{sum(per_stream.values()) / GIB:.2f} = "
+            + " + ".join(f"s{s}:{v / GIB:.2f}" for s, v in per_stream.items())
+        )
         config = TrainConfig.from_dict(row["config"])
         trace = cached_trace_sharded(catalog_config(row["model"]), config)
         predicted_alloc, predicted_reserved = simulate_streams(trace.events)
@@ -210,7 +216,10 @@ def compare(path: Path) -> None:
         steps_real = sum(real_sizes.values())
         print(f"  allocations: real {steps_real} (3 steps + set-up), traced {sum(traced_sizes.values())} (2 steps)")
         for size in sorted(set(real_sizes) | set(traced_sizes), reverse=True)[:25]:
-            print(f"    {size / 2**20:10.1f} MiB  real {real_sizes.get(size, 0):5d}  traced {traced_sizes.get(size, 0):5d}")
+            print(
+                f"    {size / 2**20:10.1f} MiB  real {real_sizes.get(size, 0):5d}  "
+                f"traced {traced_sizes.get(size, 0):5d}"
+            )
 
 
 def main() -> None:

@@ -53,7 +53,9 @@ def load_rows(paths: list[str]) -> tuple[str, list[tuple[ModelShape, TrainConfig
                     if point["fits"] and point["tokens_per_second"]:
                         train = TrainConfig.from_dict(point["config"])
                         train = train.replace(grad_accum_steps=min(train.grad_accum_steps, limit))
-                        rows.append((shape, train, train.effective_batch_size * train.seq_len / point["tokens_per_second"]))
+                        rows.append(
+                            (shape, train, train.effective_batch_size * train.seq_len / point["tokens_per_second"])
+                        )
             continue
         for case in data["cases"]:
             if not case.get("fits") or not case.get("tokens_per_second"):
@@ -82,12 +84,12 @@ def main() -> None:
     start = np.log([getattr(base, name) for name in FITTED])
 
     def residuals(log_values: np.ndarray) -> np.ndarray:
-        speed = dataclasses.replace(base, **dict(zip(FITTED, np.exp(log_values))))
+        speed = dataclasses.replace(base, **dict(zip(FITTED, np.exp(log_values), strict=True)))
         return np.array([np.log(step_seconds(shape, train, speed) / seconds) for shape, train, seconds in rows])
 
     before = errors(base, rows)
     fit = least_squares(residuals, start)
-    speed = dataclasses.replace(base, **dict(zip(FITTED, np.exp(fit.x))))
+    speed = dataclasses.replace(base, **dict(zip(FITTED, np.exp(fit.x), strict=True)))
     after = errors(speed, rows)
     print(f"{len(rows)} measured steps on {gpu}")
     print(f"current defaults: median |error| {np.median(abs(before)):.1%}, max {np.max(abs(before)):.1%}")

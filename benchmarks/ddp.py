@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import signal
@@ -38,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +105,21 @@ def predict_memory(model: str, config: TrainConfig, device: str = "cpu") -> dict
         estimate = estimate_for(model_config(model), config, device=device)
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         return {"error": error_text(error)}
-    return {"peak_allocated_bytes": estimate.peak_allocated_bytes, "peak_reserved_bytes": estimate.peak_reserved_bytes,
-            "total_bytes": estimate.total_bytes, "workspace_bytes": estimate.workspace_bytes,
-            "context_bytes": estimate.context_bytes, "breakdown": estimate.breakdown, "trace_device": estimate.trace_device,
-            "seconds": time.perf_counter() - started}
+    return {
+        "peak_allocated_bytes": estimate.peak_allocated_bytes,
+        "peak_reserved_bytes": estimate.peak_reserved_bytes,
+        "total_bytes": estimate.total_bytes,
+        "workspace_bytes": estimate.workspace_bytes,
+        "context_bytes": estimate.context_bytes,
+        "breakdown": estimate.breakdown,
+        "trace_device": estimate.trace_device,
+        "seconds": time.perf_counter() - started,
+    }
 
 
-def predict_all(out: Path, device: str = "cpu", strategies: tuple[str, ...] = ("ddp", "fsdp"), deadline: float | None = None) -> dict:
+def predict_all(
+    out: Path, device: str = "cpu", strategies: tuple[str, ...] = ("ddp", "fsdp"), deadline: float | None = None
+) -> dict:
     rows: dict[str, Any] = {}
     for name, model, config in cases():
         if config.strategy not in strategies:
@@ -146,18 +156,15 @@ def bus_bandwidth(device: Any) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for name, num_bytes in (("all_reduce_fp32", 256 * 1024 * 1024), ("all_gather_bf16", 256 * 1024 * 1024)):
         try:
+            op: Callable[[], Any]
             if name.startswith("all_reduce"):
                 tensor = torch.ones(num_bytes // 4, dtype=torch.float32, device=device)
-
-                def op() -> None:
-                    dist.all_reduce(tensor)
+                op = functools.partial(dist.all_reduce, tensor)
                 factor = 2 * (world - 1) / world
             else:
                 shard = torch.ones(num_bytes // 2 // world, dtype=torch.bfloat16, device=device)
                 tensor = torch.empty(num_bytes // 2, dtype=torch.bfloat16, device=device)
-
-                def op() -> None:
-                    dist.all_gather_into_tensor(tensor, shard)
+                op = functools.partial(dist.all_gather_into_tensor, tensor, shard)
                 factor = (world - 1) / world
             for _ in range(3):
                 op()
@@ -168,7 +175,11 @@ def bus_bandwidth(device: Any) -> dict[str, Any]:
                 op()
             torch.cuda.synchronize()
             seconds = (time.perf_counter() - started) / repeats
-            result[name] = {"bytes": num_bytes, "seconds": seconds, "bus_bytes_per_second": factor * num_bytes / seconds}
+            result[name] = {
+                "bytes": num_bytes,
+                "seconds": seconds,
+                "bus_bytes_per_second": factor * num_bytes / seconds,
+            }
         except Exception as error:  # noqa: BLE001
             result[name] = {"error": error_text(error)}
         finally:
@@ -264,12 +275,15 @@ def trainer_check(args: argparse.Namespace) -> None:
 # ---- orchestration --------------------------------------------------------------------------------
 
 
-def run_with_timeout(command: list[str], env: dict[str, str], timeout: float, capture: bool = True) -> tuple[int | None, str]:
+def run_with_timeout(
+    command: list[str], env: dict[str, str], timeout: float, capture: bool = True
+) -> tuple[int | None, str]:
     """Run `command` in its own process group; on timeout kill the whole group (torchrun's workers too).
     Returns (exit code or None on timeout, the output's tail when captured)."""
     pipe = subprocess.PIPE if capture else None
-    process = subprocess.Popen(command, env=env, start_new_session=True, stdout=pipe, stderr=subprocess.STDOUT if capture else None,
-                               text=True)
+    process = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=pipe, stderr=subprocess.STDOUT if capture else None, text=True
+    )
     try:
         output, _ = process.communicate(timeout=timeout)
         return process.returncode, (output or "")[-3000:]
@@ -362,7 +376,10 @@ def trainer_check_run(work: Path, script: str, env: dict[str, str]) -> dict[str,
         row["prediction"] = predict_memory(name, config)
     except Exception as error:  # noqa: BLE001
         row["prediction_error"] = error_text(error)
-    print(f"[bench] trainer check: {json.dumps({k: v for k, v in row.items() if k != 'accelerate_config'})[:600]}", flush=True)
+    print(
+        f"[bench] trainer check: {json.dumps({k: v for k, v in row.items() if k != 'accelerate_config'})[:600]}",
+        flush=True,
+    )
     return row
 
 
@@ -375,7 +392,9 @@ def speed_model(gpu: str) -> dict[str, float]:
 
 
 def measured_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {key(row["case"], TrainConfig.from_dict(row["config"])): row for row in result.get("worker", {}).get("cases", [])}
+    return {
+        key(row["case"], TrainConfig.from_dict(row["config"])): row for row in result.get("worker", {}).get("cases", [])
+    }
 
 
 def gpu_identity() -> tuple[str, int | None]:
@@ -402,7 +421,9 @@ def searches(gpu: str, gpu_total: int | None) -> list[dict[str, Any]]:
     budgets = dict(SEARCH_BUDGETS)
     if gpu_total:
         budgets["card"] = gpu_total
-    policy = Policy(num_gpus=2, precision="bf16-mixed", use_adapter=False, allow_offload=False, allow_chunked_loss=False)
+    policy = Policy(
+        num_gpus=2, precision="bf16-mixed", use_adapter=False, allow_offload=False, allow_chunked_loss=False
+    )
     rows = []
     for model in MODELS:
         predictor = ModelPredictor(model_config(model), parameter_count(model_config(model)), throughput.gpu_speed(gpu),
@@ -463,41 +484,75 @@ def compare(result: dict[str, Any]) -> dict[str, Any]:
     speeds = result.get("predicted_tokens_per_second", {})
     rows, pairs = [], []
     by_case: dict[str, dict[str, Any]] = {}
-    for name, model, config in cases():
+    for name, _model, config in cases():
         k = key(name, config)
         got, predicted = measured.get(k, {}), predictions.get(k, {})
-        row = {"case": name, "strategy": config.strategy, "fits": got.get("fits"), "error": got.get("error", ""),
-               "measured_reserved_bytes": got.get("peak_reserved_bytes"), "measured_allocated_bytes": got.get("peak_allocated_bytes"),
-               "predicted_reserved_bytes": predicted.get("peak_reserved_bytes"),
-               "predicted_allocated_bytes": predicted.get("peak_allocated_bytes"),
-               "predicted_reserved_bytes_cuda_trace": cuda_predictions.get(k, {}).get("peak_reserved_bytes"),
-               "measured_tokens_per_second": got.get("tokens_per_second"), "predicted_tokens_per_second": speeds.get(k)}
+        row = {
+            "case": name,
+            "strategy": config.strategy,
+            "fits": got.get("fits"),
+            "error": got.get("error", ""),
+            "measured_reserved_bytes": got.get("peak_reserved_bytes"),
+            "measured_allocated_bytes": got.get("peak_allocated_bytes"),
+            "predicted_reserved_bytes": predicted.get("peak_reserved_bytes"),
+            "predicted_allocated_bytes": predicted.get("peak_allocated_bytes"),
+            "predicted_reserved_bytes_cuda_trace": cuda_predictions.get(k, {}).get("peak_reserved_bytes"),
+            "measured_tokens_per_second": got.get("tokens_per_second"),
+            "predicted_tokens_per_second": speeds.get(k),
+        }
         if got.get("fits"):
             row["reserved_ratio"] = ratio(row["predicted_reserved_bytes"], row["measured_reserved_bytes"])
             row["allocated_ratio"] = ratio(row["predicted_allocated_bytes"], row["measured_allocated_bytes"])
-            row["reserved_ratio_cuda_trace"] = ratio(row["predicted_reserved_bytes_cuda_trace"], row["measured_reserved_bytes"])
-            row["tokens_per_second_ratio"] = ratio(row["predicted_tokens_per_second"], row["measured_tokens_per_second"])
+            row["reserved_ratio_cuda_trace"] = ratio(
+                row["predicted_reserved_bytes_cuda_trace"], row["measured_reserved_bytes"]
+            )
+            row["tokens_per_second_ratio"] = ratio(
+                row["predicted_tokens_per_second"], row["measured_tokens_per_second"]
+            )
         rows.append(row)
         by_case.setdefault(name, {})[config.strategy] = row
     agree = 0
     for name, both in by_case.items():
         ddp, fsdp = both.get("ddp", {}), both.get("fsdp", {})
-        pair = {"case": name,
-                "measured_ddp_over_fsdp_tokens_per_second": ratio(ddp.get("measured_tokens_per_second"), fsdp.get("measured_tokens_per_second")),
-                "predicted_ddp_over_fsdp_tokens_per_second": ratio(ddp.get("predicted_tokens_per_second"), fsdp.get("predicted_tokens_per_second")),
-                "measured_ddp_over_fsdp_reserved": ratio(ddp.get("measured_reserved_bytes"), fsdp.get("measured_reserved_bytes")),
-                "predicted_ddp_over_fsdp_reserved": ratio(ddp.get("predicted_reserved_bytes"), fsdp.get("predicted_reserved_bytes"))}
-        if ddp.get("fits") and fsdp.get("fits") and pair["measured_ddp_over_fsdp_tokens_per_second"] and pair["predicted_ddp_over_fsdp_tokens_per_second"]:
-            pair["ranking_agrees"] = (pair["measured_ddp_over_fsdp_tokens_per_second"] > 1) == (pair["predicted_ddp_over_fsdp_tokens_per_second"] > 1)
+        pair = {
+            "case": name,
+            "measured_ddp_over_fsdp_tokens_per_second": ratio(
+                ddp.get("measured_tokens_per_second"), fsdp.get("measured_tokens_per_second")
+            ),
+            "predicted_ddp_over_fsdp_tokens_per_second": ratio(
+                ddp.get("predicted_tokens_per_second"), fsdp.get("predicted_tokens_per_second")
+            ),
+            "measured_ddp_over_fsdp_reserved": ratio(
+                ddp.get("measured_reserved_bytes"), fsdp.get("measured_reserved_bytes")
+            ),
+            "predicted_ddp_over_fsdp_reserved": ratio(
+                ddp.get("predicted_reserved_bytes"), fsdp.get("predicted_reserved_bytes")
+            ),
+        }
+        if (
+            ddp.get("fits")
+            and fsdp.get("fits")
+            and pair["measured_ddp_over_fsdp_tokens_per_second"]
+            and pair["predicted_ddp_over_fsdp_tokens_per_second"]
+        ):
+            pair["ranking_agrees"] = (pair["measured_ddp_over_fsdp_tokens_per_second"] > 1) == (
+                pair["predicted_ddp_over_fsdp_tokens_per_second"] > 1
+            )
             agree += pair["ranking_agrees"]
         pairs.append(pair)
     ratios = [row["reserved_ratio"] for row in rows if row.get("reserved_ratio")]
     speed_ratios = [row["tokens_per_second_ratio"] for row in rows if row.get("tokens_per_second_ratio")]
-    return {"rows": rows, "pairs": pairs,
-            "ranking_agrees": agree, "ranking_compared": sum(1 for p in pairs if "ranking_agrees" in p),
-            "median_reserved_ratio": statistics.median(ratios) if ratios else None,
-            "median_tokens_per_second_ratio": statistics.median(speed_ratios) if speed_ratios else None,
-            "fsdp_unit_residual_seconds": fsdp_unit_residuals(list(measured.values()), result.get("speed_model", {}).get("gpu", "H100"))}
+    return {
+        "rows": rows,
+        "pairs": pairs,
+        "ranking_agrees": agree,
+        "ranking_compared": sum(1 for p in pairs if "ranking_agrees" in p),
+        "median_reserved_ratio": statistics.median(ratios) if ratios else None,
+        "median_tokens_per_second_ratio": statistics.median(speed_ratios) if speed_ratios else None,
+        "fsdp_unit_residual_seconds": fsdp_unit_residuals(
+            list(measured.values()), result.get("speed_model", {}).get("gpu", "H100")
+        ),
+    }
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -511,31 +566,47 @@ def print_table(result: dict[str, Any]) -> None:
         def number(value: Any, width: int = 6, digits: int = 2) -> str:
             return f"{value:{width}.{digits}f}" if value else f"{'-':>{width}s}"
 
-        print(f"{row['case']:34s} {row['strategy']:5s} {gib(row['measured_reserved_bytes'])} {gib(row['predicted_reserved_bytes'])} "
-              f"{number(row.get('reserved_ratio'))} {gib(row['measured_allocated_bytes'])} {gib(row['predicted_allocated_bytes'])} "
-              f"{number(row['measured_tokens_per_second'], 10, 0)} {number(row['predicted_tokens_per_second'], 10, 0)} "
-              f"{number(row.get('tokens_per_second_ratio'))}"
-              + ("" if row["fits"] is not False else f"  FAILED: {row['error'][:70]}"))
+        print(
+            f"{row['case']:34s} {row['strategy']:5s} "
+            f"{gib(row['measured_reserved_bytes'])} {gib(row['predicted_reserved_bytes'])} "
+            f"{number(row.get('reserved_ratio'))} "
+            f"{gib(row['measured_allocated_bytes'])} {gib(row['predicted_allocated_bytes'])} "
+            f"{number(row['measured_tokens_per_second'], 10, 0)} {number(row['predicted_tokens_per_second'], 10, 0)} "
+            f"{number(row.get('tokens_per_second_ratio'))}"
+            + ("" if row["fits"] is not False else f"  FAILED: {row['error'][:70]}")
+        )
     print(f"\nDDP / FSDP tokens/s, measured vs predicted (ranking agrees in {comparison.get('ranking_agrees')} of "
           f"{comparison.get('ranking_compared')}):")
     for pair in comparison.get("pairs", []):
-        print(f"  {pair['case']:34s} measured {pair['measured_ddp_over_fsdp_tokens_per_second'] or 0:5.2f}x  "
-              f"predicted {pair['predicted_ddp_over_fsdp_tokens_per_second'] or 0:5.2f}x   memory DDP/FSDP measured "
-              f"{pair['measured_ddp_over_fsdp_reserved'] or 0:5.2f}x predicted {pair['predicted_ddp_over_fsdp_reserved'] or 0:5.2f}x")
+        print(
+            f"  {pair['case']:34s} measured {pair['measured_ddp_over_fsdp_tokens_per_second'] or 0:5.2f}x  "
+            f"predicted {pair['predicted_ddp_over_fsdp_tokens_per_second'] or 0:5.2f}x   memory DDP/FSDP measured "
+            f"{pair['measured_ddp_over_fsdp_reserved'] or 0:5.2f}x "
+            f"predicted {pair['predicted_ddp_over_fsdp_reserved'] or 0:5.2f}x"
+        )
     for row in result.get("searches", []):
         chosen = row.get("chosen") or {}
-        print(f"search {short(row['model'])} @ {row['budget']}: {chosen.get('description', row.get('error', 'nothing fits'))}"
-              f" -> measured {row.get('chosen_measured_tokens_per_second') or '-'} tokens/s; measured best {row.get('measured_best')}")
+        print(
+            f"search {short(row['model'])} @ {row['budget']}: "
+            f"{chosen.get('description', row.get('error', 'nothing fits'))}"
+            f" -> measured {row.get('chosen_measured_tokens_per_second') or '-'} tokens/s; "
+            f"measured best {row.get('measured_best')}"
+        )
     worker = result.get("worker", {})
     print(f"bus bandwidth: {json.dumps(worker.get('bandwidth', {}))}")
     print(f"NCCL memory per rank (outside torch's pool): {worker.get('nccl_bytes', 0) / GIB:.2f} GiB; "
           f"speed model {json.dumps(result.get('speed_model', {}))}")
     trainer = result.get("trainer", {})
     if trainer:
-        print(f"Trainer check: wrapper {trainer.get('wrapper')}, find_unused_parameters {trainer.get('find_unused_parameters')}, "
-              f"buckets {trainer.get('bucket_logging', {}).get('bucket_sizes')} (predicted {trainer.get('predicted_bucket_bytes')}), "
-              f"peak reserved {trainer.get('peak_reserved_bytes', 0) / GIB:.2f} GiB "
-              f"(predicted {trainer.get('prediction', {}).get('peak_reserved_bytes', 0) / GIB:.2f}) {trainer.get('error', '')[:200]}")
+        print(
+            f"Trainer check: wrapper {trainer.get('wrapper')}, "
+            f"find_unused_parameters {trainer.get('find_unused_parameters')}, "
+            f"buckets {trainer.get('bucket_logging', {}).get('bucket_sizes')} "
+            f"(predicted {trainer.get('predicted_bucket_bytes')}), "
+            f"peak reserved {trainer.get('peak_reserved_bytes', 0) / GIB:.2f} GiB "
+            f"(predicted {trainer.get('prediction', {}).get('peak_reserved_bytes', 0) / GIB:.2f}) "
+            f"{trainer.get('error', '')[:200]}"
+        )
     print(f"median predicted/measured: reserved {comparison.get('median_reserved_ratio')}, "
           f"tokens/s {comparison.get('median_tokens_per_second_ratio')}; wall {result.get('wall_seconds', 0):.0f}s")
 
@@ -563,7 +634,9 @@ def fsdp_unit_residuals(rows: list[dict[str, Any]], gpu: str = "H200") -> dict[s
         shape = throughput.ModelShape.of(model_config(row["model"]), parameter_count(model_config(row["model"])))
         measured = timed[len(timed) // 2]
         predicted = throughput.step_seconds(shape, config, speed)
-        residuals[f"{row.get('case', row['model'])}"] = (measured - predicted) / (throughput.fsdp_units(shape) * config.grad_accum_steps)
+        residuals[f"{row.get('case', row['model'])}"] = (measured - predicted) / (
+            throughput.fsdp_units(shape) * config.grad_accum_steps
+        )
     values = list(residuals.values())
     return {"gpu": gpu, "per_case": residuals, "median": statistics.median(values) if values else None}
 
@@ -588,7 +661,9 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
     parser.add_argument("--trainer-check", action="store_true", help="internal: under accelerate launch")
     parser.add_argument("--predict-only", action="store_true", help="CPU predictions of every case, no GPU")
-    parser.add_argument("--fit-fsdp-unit", nargs="+", metavar="FILE", help="recompute FSDP_UNIT_SECONDS from measured FSDP steps")
+    parser.add_argument(
+        "--fit-fsdp-unit", nargs="+", metavar="FILE", help="recompute FSDP_UNIT_SECONDS from measured FSDP steps"
+    )
     parser.add_argument("--gpu", default="H200", help="with --fit-fsdp-unit: the card the steps were measured on")
     parser.add_argument("--skip", nargs="*", default=[], choices=["worker", "trainer", "cuda-trace"])
     args = parser.parse_args()
@@ -599,8 +674,14 @@ def main() -> None:
     if args.fit_fsdp_unit:
         return fit_fsdp_unit(args.fit_fsdp_unit, args.gpu)
     if args.predict_only:
-        write(Path(args.out), {"environment": environment(), "predictions": predict_all(Path(args.out).with_suffix(".partial.json")),
-                               "predicted_tokens_per_second": predict_speeds(args.gpu)})
+        write(
+            Path(args.out),
+            {
+                "environment": environment(),
+                "predictions": predict_all(Path(args.out).with_suffix(".partial.json")),
+                "predicted_tokens_per_second": predict_speeds(args.gpu),
+            },
+        )
         return None
     orchestrate(args)
 

@@ -44,13 +44,34 @@ BIG_MODEL = "meta-llama/Llama-3.1-8B"
 MULTI_GPU_CASES: list[tuple[str, str, dict[str, Any], str, int]] = [
     ("qwen2.5-0.5b 4x2048", "Qwen/Qwen2.5-0.5B", dict(seq_len=2048, micro_batch_size=4), "accelerate", 3),
     ("llama-3.2-1b 2x2048", "meta-llama/Llama-3.2-1B", dict(seq_len=2048, micro_batch_size=2), "accelerate", 3),
-    ("llama-3.2-1b 2x2048 (memtune wrap)", "meta-llama/Llama-3.2-1B", dict(seq_len=2048, micro_batch_size=2), "memtune", 3),
-    ("qwen2.5-1.5b 4x2048 ckpt", "Qwen/Qwen2.5-1.5B", dict(seq_len=2048, micro_batch_size=4, gradient_checkpointing=True),
-     "accelerate", 3),
-    ("llama-3.2-1b 2x1024 accum2 ckpt", "meta-llama/Llama-3.2-1B",
-     dict(seq_len=1024, micro_batch_size=2, grad_accum_steps=2, gradient_checkpointing=True), "memtune", 3),
-    ("llama-3.1-8b 1x2048 ckpt", BIG_MODEL, dict(seq_len=2048, micro_batch_size=1, gradient_checkpointing=True),
-     "memtune", 5),
+    (
+        "llama-3.2-1b 2x2048 (memtune wrap)",
+        "meta-llama/Llama-3.2-1B",
+        dict(seq_len=2048, micro_batch_size=2),
+        "memtune",
+        3,
+    ),
+    (
+        "qwen2.5-1.5b 4x2048 ckpt",
+        "Qwen/Qwen2.5-1.5B",
+        dict(seq_len=2048, micro_batch_size=4, gradient_checkpointing=True),
+        "accelerate",
+        3,
+    ),
+    (
+        "llama-3.2-1b 2x1024 accum2 ckpt",
+        "meta-llama/Llama-3.2-1B",
+        dict(seq_len=1024, micro_batch_size=2, grad_accum_steps=2, gradient_checkpointing=True),
+        "memtune",
+        3,
+    ),
+    (
+        "llama-3.1-8b 1x2048 ckpt",
+        BIG_MODEL,
+        dict(seq_len=2048, micro_batch_size=1, gradient_checkpointing=True),
+        "memtune",
+        5,
+    ),
 ]
 # Run only when the 8B bf16-mixed case does not fit: weights, gradients and AdamW state in bf16.
 BIG_FALLBACK = ("llama-3.1-8b 1x2048 ckpt bf16 weights", BIG_MODEL,
@@ -64,7 +85,10 @@ OFFLOAD_CASES: list[tuple[str, str, dict[str, Any], int]] = [
 ]
 TRAINER_CHECKS: dict[str, tuple[str, dict[str, Any]]] = {
     "trainer-2gpu": ("Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=2, num_gpus=2)),
-    "trainer-1gpu-offload": ("Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=2, num_gpus=1, offload="parameters")),
+    "trainer-1gpu-offload": (
+        "Qwen/Qwen2.5-0.5B",
+        dict(seq_len=1024, micro_batch_size=2, num_gpus=1, offload="parameters"),
+    ),
 }
 
 
@@ -248,8 +272,14 @@ def worker(args: argparse.Namespace) -> None:
         except Exception as error:  # noqa: BLE001 - recorded; both ranks fail alike (same code, same shapes)
             row = {"fits": False, "error": f"{type(error).__name__}: {error}"[:500], "step_seconds": [],
                    "peak_allocated_bytes": 0, "peak_reserved_bytes": 0}
-        row.update(case=name, model=model, path=path, config=config.to_dict(), wall_seconds=time.perf_counter() - started,
-                   tokens_per_step=config.effective_batch_size * config.seq_len)
+        row.update(
+            case=name,
+            model=model,
+            path=path,
+            config=config.to_dict(),
+            wall_seconds=time.perf_counter() - started,
+            tokens_per_step=config.effective_batch_size * config.seq_len,
+        )
         timed = sorted(row["step_seconds"][1:] or row["step_seconds"])
         row["tokens_per_second"] = row["tokens_per_step"] / timed[len(timed) // 2] if timed else 0.0
         if rank == 0:
@@ -276,8 +306,16 @@ def trainer_check(args: argparse.Namespace) -> None:
     model = recipe.build_model(model_config(name), config, "cpu")
     data = [{"input_ids": ids, "labels": ids} for ids in
             (torch.randint(0, model.config.vocab_size, (config.seq_len,)) for _ in range(16))]
-    training_args = TrainingArguments(output_dir=tempfile.mkdtemp(), max_steps=3, per_device_train_batch_size=config.micro_batch_size,
-                                      bf16=True, report_to=[], save_strategy="no", logging_steps=1, disable_tqdm=True)
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        max_steps=3,
+        per_device_train_batch_size=config.micro_batch_size,
+        bf16=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=training_args, train_dataset=data)
     plugin = trainer.accelerator.state.fsdp_plugin
     seen = {"is_fsdp_enabled": trainer.is_fsdp_enabled, "fsdp_version": getattr(plugin, "fsdp_version", None),
@@ -287,10 +325,16 @@ def trainer_check(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     trainer.train()
     layers = trainer.model.model.layers
-    seen.update(model_is_fsdp=isinstance(trainer.model, FSDPModule), layer_is_fsdp=isinstance(layers[0], FSDPModule),
-                world_size=dist.get_world_size(), config=config.to_dict(), train_seconds=time.perf_counter() - started,
-                peak_allocated_bytes=torch.cuda.max_memory_allocated(), peak_reserved_bytes=torch.cuda.max_memory_reserved(),
-                param_device=str(next(trainer.model.parameters()).device))
+    seen.update(
+        model_is_fsdp=isinstance(trainer.model, FSDPModule),
+        layer_is_fsdp=isinstance(layers[0], FSDPModule),
+        world_size=dist.get_world_size(),
+        config=config.to_dict(),
+        train_seconds=time.perf_counter() - started,
+        peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+        peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+        param_device=str(next(trainer.model.parameters()).device),
+    )
     if dist.get_rank() == 0:
         write(Path(args.out), seen)
 
@@ -397,8 +441,10 @@ def trainer_checks(work: Path, script: str, env: dict[str, str]) -> dict[str, An
             rows[check] = {"error": "timed out after 110 s"}
         rows[check]["accelerate_config"] = yaml_path.read_text()
         rows[check]["wall_seconds"] = time.perf_counter() - started
-        print(f"[bench] {check}: {json.dumps({k: v for k, v in rows[check].items() if k != 'accelerate_config'})[:400]}",
-              flush=True)
+        print(
+            f"[bench] {check}: {json.dumps({k: v for k, v in rows[check].items() if k != 'accelerate_config'})[:400]}",
+            flush=True,
+        )
     return rows
 
 
@@ -412,13 +458,20 @@ def print_table(result: dict[str, Any]) -> None:
     def line(name: str, path: str, row: dict[str, Any], predicted: dict[str, Any]) -> None:
         measured_reserved = row.get("peak_reserved_bytes", 0)
         predicted_reserved = predicted.get("peak_reserved_bytes", 0)
-        error = f"{100 * (predicted_reserved / measured_reserved - 1):+.1f}%" if measured_reserved and predicted_reserved else "-"
-        print(f"{name:44s} {path:10s} {row.get('peak_allocated_bytes', 0) / GIB:10.2f} "
-              f"{predicted.get('peak_allocated_bytes', 0) / GIB:10.2f} {measured_reserved / GIB:10.2f} "
-              f"{predicted_reserved / GIB:10.2f} {error:>8s} {local.get(name, {}).get('peak_reserved_bytes', 0) / GIB:10.2f} "
-              f"{row.get('tokens_per_second', 0):8.0f}"
-              + ("" if row.get("fits", True) else f"  FAILED: {row.get('error', '')[:80]}")
-              + (f"  prediction failed: {predicted['error'][:80]}" if "error" in predicted else ""))
+        error = (
+            f"{100 * (predicted_reserved / measured_reserved - 1):+.1f}%"
+            if measured_reserved and predicted_reserved
+            else "-"
+        )
+        print(
+            f"{name:44s} {path:10s} {row.get('peak_allocated_bytes', 0) / GIB:10.2f} "
+            f"{predicted.get('peak_allocated_bytes', 0) / GIB:10.2f} {measured_reserved / GIB:10.2f} "
+            f"{predicted_reserved / GIB:10.2f} {error:>8s} "
+            f"{local.get(name, {}).get('peak_reserved_bytes', 0) / GIB:10.2f} "
+            f"{row.get('tokens_per_second', 0):8.0f}"
+            + ("" if row.get("fits", True) else f"  FAILED: {row.get('error', '')[:80]}")
+            + (f"  prediction failed: {predicted['error'][:80]}" if "error" in predicted else "")
+        )
 
     for row in result.get("worker", {}).get("cases", []):
         line(row["case"], row["path"], row, predictions.get(row["case"], {}))
@@ -429,8 +482,10 @@ def print_table(result: dict[str, Any]) -> None:
     single = predictions.get("llama-3.1-8b on one GPU (unsharded estimate)", {})
     if single:
         print(f"\nllama-3.1-8b on one GPU, unsharded: predicted {single['total_bytes'] / GIB:.1f} GiB per GPU")
-    print(f"NCCL memory per rank (outside torch's pool): {result.get('worker', {}).get('nccl_bytes', 0) / GIB:.2f} GiB; "
-          f"wall {result.get('wall_seconds', 0):.0f}s")
+    print(
+        f"NCCL memory per rank (outside torch's pool): {result.get('worker', {}).get('nccl_bytes', 0) / GIB:.2f} GiB; "
+        f"wall {result.get('wall_seconds', 0):.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -39,21 +39,35 @@ MODEL = "Qwen/Qwen2.5-0.5B"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, help="JSON results file (required unless --worker)")
     parser.add_argument("--model", default=MODEL, help=f"a memtune catalog model (random weights); default {MODEL}")
-    parser.add_argument("--seq-len", type=int, default=1024,
-                        help="tokens per sequence; 1024 packs the sample corpus into 79 sequences, 5 steps of 16 per epoch")
-    parser.add_argument("--micro-batch", type=int, default=8, help="the plan's micro-batch (runs out of memory under the cap)")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=1024,
+        help="tokens per sequence; 1024 packs the sample corpus into 79 sequences, 5 steps of 16 per epoch",
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=8, help="the plan's micro-batch (runs out of memory under the cap)"
+    )
     parser.add_argument("--fallback-micro-batch", type=int, default=2,
                         help="the fallback's micro-batch (fits under the cap); accumulation keeps micro x accumulation")
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run")
-    parser.add_argument("--oom-after-steps", type=int, default=2,
-                        help="optimizer steps completed before the memory cap is set (the next step runs out of memory)")
+    parser.add_argument(
+        "--oom-after-steps",
+        type=int,
+        default=2,
+        help="optimizer steps completed before the memory cap is set (the next step runs out of memory)",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--launch-timeout-seconds", type=int, default=270,
                         help="each accelerate launch is killed after this long (two launches)")
-    parser.add_argument("--work-dir", type=Path, help="folder for configs, runs and per-rank records (default: a temporary one)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="folder for configs, runs and per-rank records (default: a temporary one)"
+    )
     parser.add_argument("--worker", choices=["guarded", "direct"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is None and args.out is None:
@@ -89,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     plan_config, fallback = configs(args)
     model_config = resolve(args.model).config
-    accelerate_yaml = launch_config.write_accelerate_config(work / "accelerate_fsdp.yaml", plan_config, model_config=model_config)
+    accelerate_yaml = launch_config.write_accelerate_config(
+        work / "accelerate_fsdp.yaml", plan_config, model_config=model_config
+    )
     result: dict[str, Any] = {"model": args.model, "settings": {key: str(value) if isinstance(value, Path) else value
                                                                 for key, value in vars(args).items()},
                               "accelerate_config": accelerate_yaml.read_text(), "work_dir": str(work), "runs": {}}
@@ -113,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["checks"].get("passed") else 1
 
 
-def launch(name: str, plan: Any, fraction: float | None, args: argparse.Namespace, work: Path, accelerate_yaml: Path) -> dict[str, Any]:
+def launch(
+    name: str, plan: Any, fraction: float | None, args: argparse.Namespace, work: Path, accelerate_yaml: Path
+) -> dict[str, Any]:
     """One `accelerate launch` of this script's worker; returns what its ranks recorded."""
     from memtune.run import launch as launch_config
 
@@ -155,9 +173,24 @@ def launch(name: str, plan: Any, fraction: float | None, args: argparse.Namespac
     summary_file = folder / "run" / "run_summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
-        record["summary"] = {key: summary.get(key) for key in (
-            "status", "global_step", "max_steps", "loss_curve", "memory_bands", "peak_allocated_bytes",
-            "peak_reserved_bytes", "train_seconds", "wall_seconds", "final_train_config", "guard_events", "notes", "error")}
+        record["summary"] = {
+            key: summary.get(key)
+            for key in (
+                "status",
+                "global_step",
+                "max_steps",
+                "loss_curve",
+                "memory_bands",
+                "peak_allocated_bytes",
+                "peak_reserved_bytes",
+                "train_seconds",
+                "wall_seconds",
+                "final_train_config",
+                "guard_events",
+                "notes",
+                "error",
+            )
+        }
     print(f"[{name}] exit {returncode}{' (timed out)' if timed_out else ''} after {record['launch_seconds']} s",
           file=sys.stderr, flush=True)
     return record
@@ -175,8 +208,13 @@ def checks(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     summary = guarded.get("summary") or {}
     events = [event for event in summary.get("guard_events") or [] if event.get("kind") == "oom"]
     # The OOM messages name each rank's own GPU, so the ranks agree on what they did, not on the text.
-    rank_events = [[(event["step"], event["from_config"], event["to_config"], event["redone_micro_batches"], event["ranks"])
-                    for event in rank.get("guard_events") or []] for rank in guarded.get("ranks", {}).values()]
+    rank_events = [
+        [
+            (event["step"], event["from_config"], event["to_config"], event["redone_micro_batches"], event["ranks"])
+            for event in rank.get("guard_events") or []
+        ]
+        for rank in guarded.get("ranks", {}).values()
+    ]
     found: dict[str, Any] = {
         "guarded_completed": summary.get("status") == "completed" and summary.get("global_step") == args.steps,
         "stepped_down": bool(events) and all(event.get("to_config") for event in events),
@@ -185,7 +223,9 @@ def checks(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         "oom_step": events[0]["step"] + 1 if events else None,
     }
     direct_summary = direct.get("summary") or {}
-    found["direct_completed"] = direct_summary.get("status") == "completed" and direct_summary.get("global_step") == args.steps
+    found["direct_completed"] = (
+        direct_summary.get("status") == "completed" and direct_summary.get("global_step") == args.steps
+    )
     guarded_curve = dict((int(step), loss) for step, loss in summary.get("loss_curve") or [])
     direct_curve = dict((int(step), loss) for step, loss in direct_summary.get("loss_curve") or [])
     common = sorted(set(guarded_curve) & set(direct_curve))
@@ -215,22 +255,37 @@ def render(result: dict[str, Any]) -> None:
               f"{calibration['plan_micro_batch']}) and {format_bytes(calibration['fallback_peak_reserved_bytes'])} "
               f"(micro-batch {calibration['fallback_micro_batch']}); cap {format_bytes(calibration['cap_bytes'])} "
               f"(fraction {calibration['memory_fraction']:.4f}) after step {result['settings']['oom_after_steps']}")
-    print(f"{'run':<8} {'exit':>4} {'status':<10} {'steps':>5} {'final configuration':<44} {'peak reserved':>13} {'wall s':>7}")
+    print(
+        f"{'run':<8} {'exit':>4} {'status':<10} {'steps':>5} {'final configuration':<44} "
+        f"{'peak reserved':>13} {'wall s':>7}"
+    )
     for name, run in result["runs"].items():
         summary = run.get("summary") or {}
         final = summary.get("final_train_config")
         peak = summary.get("peak_reserved_bytes")
-        print(f"{name:<8} {run.get('returncode')!s:>4} {('timed out' if run.get('timed_out') else summary.get('status', '-')):<10} "
-              f"{summary.get('global_step', '-')!s:>5} {(TrainConfig.from_dict(final).describe() if final else '-'):<44} "
-              f"{(format_bytes(peak) if peak else '-'):>13} {summary.get('wall_seconds') or 0:>7.1f}")
+        status = "timed out" if run.get("timed_out") else summary.get("status", "-")
+        print(
+            f"{name:<8} {run.get('returncode')!s:>4} {status:<10} "
+            f"{summary.get('global_step', '-')!s:>5} {(TrainConfig.from_dict(final).describe() if final else '-'):<44} "
+            f"{(format_bytes(peak) if peak else '-'):>13} {summary.get('wall_seconds') or 0:>7.1f}"
+        )
         for event in summary.get("guard_events") or []:
             if event.get("kind") == "oom":
                 to = event.get("to_config")
-                print(f"  guard: step {event['step'] + 1} ranks {event.get('ranks')}: micro-batch "
-                      f"{event['from_config'].get('micro_batch_size')} -> {to.get('micro_batch_size') if to else 'gave up'} "
-                      f"({event.get('redone_micro_batches')} micro-batches redone)")
-    guarded = dict((int(s), l) for s, l in (result["runs"].get("guarded", {}).get("summary") or {}).get("loss_curve") or [])
-    direct = dict((int(s), l) for s, l in (result["runs"].get("direct", {}).get("summary") or {}).get("loss_curve") or [])
+                print(
+                    f"  guard: step {event['step'] + 1} ranks {event.get('ranks')}: micro-batch "
+                    f"{event['from_config'].get('micro_batch_size')} -> "
+                    f"{to.get('micro_batch_size') if to else 'gave up'} "
+                    f"({event.get('redone_micro_batches')} micro-batches redone)"
+                )
+    guarded = dict(
+        (int(step), loss)
+        for step, loss in (result["runs"].get("guarded", {}).get("summary") or {}).get("loss_curve") or []
+    )
+    direct = dict(
+        (int(step), loss)
+        for step, loss in (result["runs"].get("direct", {}).get("summary") or {}).get("loss_curve") or []
+    )
     if guarded:
         print("step  " + "  ".join(f"{step:>7}" for step in sorted(guarded)))
         print("guard " + "  ".join(f"{guarded[step]:>7.4f}" for step in sorted(guarded)))

@@ -9,10 +9,10 @@ the batch). Within one family (all but the micro-batch) micro-batches are tried 
 down; after `--fitting` of them fit (1 for fp32, whose steps are ~5x slower and never the fastest),
 smaller ones are not measured (smaller micro-batches are slower: launch overhead per micro-batch
 grows). Steps accumulate at most `--accumulation` micro-batches (memory peaks by the second; the
-optimizer's share of a step is then over-counted by the same rule for every configuration). Adapters (they change what is trained) and offload
-are outside the grid. memtune's choice is its prediction-only plan for the same budget (no trials);
-if the grid did not measure it, it is measured too. Reported: memtune's measured tokens/s over the
-grid's best that fits.
+optimizer's share of a step is then over-counted by the same rule for every configuration). Adapters
+(they change what is trained) and offload are outside the grid. memtune's choice is its prediction-only
+plan for the same budget (no trials); if the grid did not measure it, it is measured too. Reported:
+memtune's measured tokens/s over the grid's best that fits.
 """
 
 from __future__ import annotations
@@ -39,14 +39,19 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--fitting", type=int, default=3, help="fitting micro-batches measured per family (default 3)")
-    parser.add_argument("--accumulation", type=int, default=4, help="micro-batches per measured step at most (default 4)")
+    parser.add_argument(
+        "--accumulation", type=int, default=4, help="micro-batches per measured step at most (default 4)"
+    )
     parser.add_argument("--cases", type=int, nargs="*", default=None)
     parser.add_argument("--reuse", default=None, metavar="ORACLE.json",
                         help="take the grid measured by an earlier run (same card) and measure only memtune's choice "
                              "if it is not in it: for re-checking the choice after the search changed")
-    parser.add_argument("--offline", action="store_true",
-                        help="with --reuse, on a machine without a GPU: make memtune's choice on the GPU-free trace path "
-                             "(budget = cap + the context the earlier run's probe measured) and look it up in the grid")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        help="with --reuse, on a machine without a GPU: make memtune's choice on the GPU-free trace path "
+        "(budget = cap + the context the earlier run's probe measured) and look it up in the grid",
+    )
     args = parser.parse_args()
     if args.offline:
         offline(args)
@@ -104,7 +109,11 @@ def main() -> None:
               f"({best['description']})  memtune {0 if not mine else mine['tokens_per_second']:8.0f} "
               f"({'-' if not mine else mine['description']})  ratio {ratio:.3f}", flush=True)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": env, "steps": args.steps, "accumulation": args.accumulation, "cases": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps(
+                {"environment": env, "steps": args.steps, "accumulation": args.accumulation, "cases": rows}, indent=1
+            )
+        )
 
 
 def offline(args: argparse.Namespace) -> None:
@@ -125,17 +134,36 @@ def offline(args: argparse.Namespace) -> None:
         grid = next(c for c in earlier["cases"] if c["case"] == case.name)["grid"]
         source = resolve(case.model)
         started = time.perf_counter()
-        result = fit_model(source, parameter_count(source.config), case.seq_len, case.batch_size,
-                           budget_bytes=budgets[case.name], verify=False, trace_device="cpu", probe_result=ProbeResult(),
-                           policy=Policy(use_adapter=False, allow_offload=False))
+        result = fit_model(
+            source,
+            parameter_count(source.config),
+            case.seq_len,
+            case.batch_size,
+            budget_bytes=budgets[case.name],
+            verify=False,
+            trace_device="cpu",
+            probe_result=ProbeResult(),
+            policy=Policy(use_adapter=False, allow_offload=False),
+        )
         chosen = result.search.chosen
-        measured = next((p for p in grid if chosen is not None and TrainConfig.from_dict(p["config"]) == chosen.config), None)
+        measured = next(
+            (p for p in grid if chosen is not None and TrainConfig.from_dict(p["config"]) == chosen.config), None
+        )
         best = max(grid, key=lambda p: p["tokens_per_second"])
         ratio = measured["tokens_per_second"] / best["tokens_per_second"] if measured else 0.0
-        rows.append({"case": case.name, "budget_bytes": budgets[case.name], "memtune": chosen and chosen.config.to_dict(),
-                     "memtune_description": chosen and chosen.config.describe(), "measured": measured, "best": best,
-                     "memtune_over_best": ratio, "estimates": result.search.estimates,
-                     "seconds": time.perf_counter() - started})
+        rows.append(
+            {
+                "case": case.name,
+                "budget_bytes": budgets[case.name],
+                "memtune": chosen and chosen.config.to_dict(),
+                "memtune_description": chosen and chosen.config.describe(),
+                "measured": measured,
+                "best": best,
+                "memtune_over_best": ratio,
+                "estimates": result.search.estimates,
+                "seconds": time.perf_counter() - started,
+            }
+        )
         print(f"{case.name:42s} memtune {chosen and chosen.config.describe()}  grid tok/s "
               f"{0 if not measured else measured['tokens_per_second']:8.0f} (fits: {measured and measured['fits']})  "
               f"best {best['tokens_per_second']:8.0f}  ratio {ratio:.3f}", flush=True)

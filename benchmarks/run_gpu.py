@@ -104,8 +104,13 @@ def environment() -> dict[str, Any]:
            "accelerate": accelerate.__version__, "python": platform.python_version(),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")}
     if torch.cuda.is_available():
-        env.update({"gpu": torch.cuda.get_device_name(0), "gpu_total_bytes": torch.cuda.get_device_properties(0).total_memory,
-                    "cuda": torch.version.cuda})
+        env.update(
+            {
+                "gpu": torch.cuda.get_device_name(0),
+                "gpu_total_bytes": torch.cuda.get_device_properties(0).total_memory,
+                "cuda": torch.version.cuda,
+            }
+        )
     return env
 
 
@@ -121,7 +126,9 @@ def predict(model: str, config: TrainConfig, device: str) -> dict[str, Any]:
             "total_bytes": result.total_bytes, "seconds": result.seconds}
 
 
-def run_part(name: str, plan: Plan, args: argparse.Namespace, steps: int, callbacks: list, workdir: Path) -> dict[str, Any]:
+def run_part(
+    name: str, plan: Plan, args: argparse.Namespace, steps: int, callbacks: list, workdir: Path
+) -> dict[str, Any]:
     clock = StepClock()
     started = time.perf_counter()
     row: dict[str, Any] = {"plan": plan.to_dict()}
@@ -156,7 +163,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of part (a)")
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--micro-batch", type=int, default=2, help="part (a) micro-batch; part (b) uses twice as many")
-    parser.add_argument("--accum", type=int, default=8, help="part (a) accumulation; part (b) keeps the effective batch")
+    parser.add_argument(
+        "--accum", type=int, default=8, help="part (a) accumulation; part (b) keeps the effective batch"
+    )
     parser.add_argument("--cap", default="16GiB", help="part (a) memory cap (set_per_process_memory_fraction)")
     parser.add_argument("--steps-b", type=int, default=60, help="optimizer steps of part (b)")
     parser.add_argument("--cap-b-start", default="30GiB", help="part (b) cap before the drop")
@@ -203,7 +212,10 @@ def main() -> None:
                      config.replace(micro_batch_size=micro // 2, grad_accum_steps=per_device // (micro // 2),
                                     gradient_checkpointing=True)]
         plan = Plan(args.model, config, budget_bytes=parse_bytes(args.cap_b_start), fallbacks=fallbacks)
-        prediction = {"plan": predict(args.model, config, args.device), "first_fallback": predict(args.model, fallbacks[0], args.device)}
+        prediction = {
+            "plan": predict(args.model, config, args.device),
+            "first_fallback": predict(args.model, fallbacks[0], args.device),
+        }
         plan.predicted_total_bytes = prediction["plan"].get("total_bytes", 0)
         if cuda:
             set_cap(parse_bytes(args.cap_b_start))
@@ -250,14 +262,21 @@ def print_table(results: dict[str, Any]) -> None:
         prediction = row.get("prediction", {})
         prediction = prediction.get("plan", prediction)
         cap = row.get("cap_bytes")
-        cap_text = size(cap) if isinstance(cap, int) else (f"{size(cap['start'])} -> {size(cap['low'])}" if cap else "-")
-        print(f"  cap {cap_text}  peak reserved {size(row.get('peak_reserved_bytes'))}  "
-              f"predicted reserved {size(prediction.get('peak_reserved_bytes'))}  "
-              f"predicted total {size(prediction.get('total_bytes'))}  outside pool {size(row.get('outside_pool_bytes'))}")
+        cap_text = (
+            size(cap) if isinstance(cap, int) else (f"{size(cap['start'])} -> {size(cap['low'])}" if cap else "-")
+        )
+        print(
+            f"  cap {cap_text}  peak reserved {size(row.get('peak_reserved_bytes'))}  "
+            f"predicted reserved {size(prediction.get('peak_reserved_bytes'))}  "
+            f"predicted total {size(prediction.get('total_bytes'))}  outside pool {size(row.get('outside_pool_bytes'))}"
+        )
         for event in row.get("guard_events", []):
             if event["kind"] == "oom":
                 after = TrainConfig.from_dict(event["to_config"]).describe() if event["to_config"] else "gave up"
-                print(f"  guard: OOM in step {event['step'] + 1} -> {after} (redid {event['redone_micro_batches']} micro-batches)")
+                print(
+                    f"  guard: OOM in step {event['step'] + 1} -> {after} "
+                    f"(redid {event['redone_micro_batches']} micro-batches)"
+                )
             else:
                 print(f"  guard: {event['alloc_retries']} allocator retries by step {event['step']}")
         if name == "part_b":

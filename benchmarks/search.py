@@ -87,17 +87,29 @@ def run_memtune(case: Case, source, num_parameters: int, steps: int) -> dict:
     search = result.search
     chosen = search.chosen
     return {
-        "method": "memtune", "seconds": seconds - search.explain_seconds, "seconds_with_explanation": seconds,
-        "explain_seconds": search.explain_seconds, "trials": search.trials, "ooms": search.trial_ooms,
-        "estimates": search.estimates, "search_seconds": search.seconds,
+        "method": "memtune",
+        "seconds": seconds - search.explain_seconds,
+        "seconds_with_explanation": seconds,
+        "explain_seconds": search.explain_seconds,
+        "trials": search.trials,
+        "ooms": search.trial_ooms,
+        "estimates": search.estimates,
+        "search_seconds": search.seconds,
         "config": None if chosen is None else chosen.config.to_dict(),
         "description": None if chosen is None else chosen.config.describe(),
         "predicted_total_bytes": None if chosen is None else chosen.predicted_total_bytes,
         "trial_total_bytes": None if chosen is None else chosen.measured_total_bytes,
         "predicted_tokens_per_second": None if chosen is None else chosen.predicted_tokens_per_second,
-        "candidates": [{"description": c.config.describe(), "status": c.status, "predicted_total_bytes": c.predicted_total_bytes,
-                        "predicted_tokens_per_second": c.predicted_tokens_per_second}
-                       for c in search.candidates if c.status != "not evaluated"],
+        "candidates": [
+            {
+                "description": c.config.describe(),
+                "status": c.status,
+                "predicted_total_bytes": c.predicted_total_bytes,
+                "predicted_tokens_per_second": c.predicted_tokens_per_second,
+            }
+            for c in search.candidates
+            if c.status != "not evaluated"
+        ],
         "budget_bytes": budget,
     }
 
@@ -209,18 +221,26 @@ def main() -> None:
                   f"{row['tokens_per_second']:9.0f} tok/s  {row['description']}", flush=True)
         torch.cuda.set_per_process_memory_fraction(1.0, 0)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"environment": env, "steps_per_trial": args.steps, "cases": rows}, indent=1))
+        Path(args.out).write_text(
+            json.dumps({"environment": env, "steps_per_trial": args.steps, "cases": rows}, indent=1)
+        )
     summary(rows)
 
 
 def summary(rows: list[dict]) -> None:
-    print(f"\n{'case':42s} {'memtune trials/OOMs/s':>22s} {'FEBS trials/OOMs/s':>20s} {'time ratio':>10s} {'tok/s vs FEBS':>13s}")
+    print(
+        f"\n{'case':42s} {'memtune trials/OOMs/s':>22s} {'FEBS trials/OOMs/s':>20s} {'time ratio':>10s} "
+        f"{'tok/s vs FEBS':>13s}"
+    )
     for row in rows:
         m, f = row["methods"][0], row["methods"][1]
         ratio = m["seconds"] / f["seconds"] if f["seconds"] else float("nan")
         speed = m["tokens_per_second"] / f["tokens_per_second"] if f["tokens_per_second"] else float("inf")
-        print(f"{row['case']:42s} {m['trials']:>7d}/{m['ooms']}/{m['seconds']:6.1f} {f['trials']:>8d}/{f['ooms']}/{f['seconds']:6.1f} "
-              f"{ratio:10.2f} {speed:13.2f}")
+        print(
+            f"{row['case']:42s} {m['trials']:>7d}/{m['ooms']}/{m['seconds']:6.1f} "
+            f"{f['trials']:>8d}/{f['ooms']}/{f['seconds']:6.1f} "
+            f"{ratio:10.2f} {speed:13.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ from typing import Any
 
 from memtune.config import Policy, TrainConfig, format_bytes, margin_for
 from memtune.errors import UsageError
+from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
+from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
 from memtune.predict import throughput
 from memtune.predict.estimate import (
@@ -154,7 +156,6 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations."""
-    from memtune.measure import memory, verify
     from memtune.measure.probe import probe
 
     started = time.perf_counter()
@@ -190,7 +191,7 @@ def fit_model(
     if gpu is not None and verify:
         def trial(config: TrainConfig) -> memory.Measurement:
             with emulated_budget(gpu, budget_bytes):
-                return verify.measure(source.config, config, steps=trial_steps)
+                return measure_trial(source.config, config, steps=trial_steps)
 
     result.search = search(predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress)
     chosen = result.search.chosen

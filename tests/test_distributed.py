@@ -65,7 +65,15 @@ def test_unsupported_configurations_are_refused_with_every_reason():
 def test_launch_command_runs_memtune_under_accelerate_launch(tmp_path):
     path = tmp_path / "fsdp.yaml"
     assert launch_command(path, ["run", "plan.json"]) == [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "memtune", "run", "plan.json",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(path),
+        "-m",
+        "memtune",
+        "run",
+        "plan.json",
     ]
 
 
@@ -81,7 +89,9 @@ def test_the_accelerate_launcher_turns_the_written_config_into_an_fsdp2_plugin(t
     from torch.distributed.fsdp import CPUOffloadPolicy
 
     train_config = TrainConfig(seq_len=1024, amp="bf16", num_gpus=2, offload="parameters" if offload else "none")
-    path = write_accelerate_config(tmp_path / "fsdp.yaml", train_config, model_config=catalog_config("meta-llama/Llama-3.1-8B"))
+    path = write_accelerate_config(
+        tmp_path / "fsdp.yaml", train_config, model_config=catalog_config("meta-llama/Llama-3.1-8B")
+    )
     command = launch_command(path, ["run", "plan.json"])
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(command[3:]))
     assert args.use_fsdp and args.module and args.training_script == "memtune"
@@ -150,9 +160,22 @@ def test_sharded_trial_with_cpu_offload_runs_on_cpu_and_leaves_no_process_group(
     assert not dist.is_initialized()
 
 
+def test_a_spawned_rank_ends_without_interpreter_shutdown():
+    """end_spawned_rank: what was printed comes out, exit status 0, and no shutdown step (atexit) runs, so no
+    process-group thread can outlive the interpreter's shutdown."""
+    import subprocess
+
+    code = ("import atexit; from memtune.measure import sharded; atexit.register(print, 'atexit ran'); "
+            "print('result written', end=''); sharded.end_spawned_rank(); print('not reached')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (0, "result written"), done.stderr
+
+
 @pytest.mark.slow
 def test_two_gpu_trial_spawns_one_process_per_rank_on_cpu():
-    measured = measure_sharded(tiny_llama(), TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2), steps=1, device="cpu")
+    measured = measure_sharded(
+        tiny_llama(), TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2), steps=1, device="cpu"
+    )
     assert measured.fits and measured.tokens_per_step == 2 * 2 * 16 and len(measured.step_seconds) == 1
 
 
@@ -168,7 +191,11 @@ def test_verify_hands_offloaded_and_multi_gpu_configurations_to_the_sharded_tria
     assert verify.measure(model, TrainConfig(seq_len=16, num_gpus=2), steps=2).fits
     assert verify.measure(model, TrainConfig(seq_len=16, offload="parameters"), steps=1).fits
     assert verify.measure(model, TrainConfig(seq_len=16, num_gpus=2, strategy="ddp"), steps=1).fits
-    assert calls == [(2, "fsdp", "none", 2, "cuda"), (1, "fsdp", "parameters", 1, "cuda"), (2, "ddp", "none", 1, "cuda")]
+    assert calls == [
+        (2, "fsdp", "none", 2, "cuda"),
+        (1, "fsdp", "parameters", 1, "cuda"),
+        (2, "ddp", "none", 1, "cuda"),
+    ]
 
 
 @pytest.mark.gpu
@@ -201,7 +228,9 @@ def test_the_accelerate_launcher_turns_the_ddp_config_into_a_multi_gpu_launch_wi
     config = accelerate_config(train_config, model_config=catalog_config("meta-llama/Llama-3.1-8B"))
     assert config["distributed_type"] == "MULTI_GPU" and config["num_processes"] == 4 and "fsdp_config" not in config
     path = write_accelerate_config(tmp_path / "ddp.yaml", train_config)
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(launch_command(path, ["run", "plan.json"])[3:]))
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(launch_command(path, ["run", "plan.json"])[3:])
+    )
     assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
     assert int(args.num_processes) == 4 and args.module and args.training_script == "memtune"
     env = prepare_multi_gpu_env(args)
@@ -266,6 +295,7 @@ def _replicas_agree_worker(rank: int, world_size: int, init_method: str, out_dir
         gc.collect()
     finally:
         dist.destroy_process_group()
+    sharded.end_spawned_rank()  # DDP leaves the group's threads running: no interpreter shutdown with them
 
 
 @pytest.mark.slow
@@ -287,7 +317,9 @@ def test_two_gpu_ddp_trial_spawns_one_process_per_rank_on_cpu():
     assert measured.tokens_per_step == 2 * 2 * 2 * 16  # accumulation shortened to 2 micro-batches, as the estimate
 
 
-def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_about_a_mismatched_launch(tmp_path, monkeypatch):
+def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_about_a_mismatched_launch(
+    tmp_path, monkeypatch
+):
     import argparse
 
     from memtune.plan import Plan
@@ -295,12 +327,24 @@ def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_abo
 
     for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    args = argparse.Namespace(plan=str(tmp_path / "plan.json"), data=None, output_dir=None, text_field="text", max_steps=5,
-                              learning_rate=None, save_steps=200, seed=42, resume=False, json=False)
+    args = argparse.Namespace(
+        plan=str(tmp_path / "plan.json"),
+        data=None,
+        output_dir=None,
+        text_field="text",
+        max_steps=5,
+        learning_rate=None,
+        save_steps=200,
+        seed=42,
+        resume=False,
+        json=False,
+    )
     config = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=2, strategy="ddp")
     ddp = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30, train_config=config)
     command = relaunch_command(ddp, args, tmp_path / "out")
-    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and command[4].endswith("accelerate_ddp.yaml")
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"] and command[4].endswith(
+        "accelerate_ddp.yaml"
+    )
     written = Path(command[4]).read_text()
     assert "distributed_type: MULTI_GPU" in written and "num_processes: 2" in written and "fsdp" not in written
     qwen = catalog_config("Qwen/Qwen2.5-0.5B")

@@ -31,7 +31,9 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_gpu(monkeypatch):
     """Plan as on a machine without a GPU, even where one is visible."""
-    monkeypatch.setattr(sys.modules["memtune.measure.probe"], "probe", lambda: ProbeResult(reason="tests plan without a GPU"))
+    monkeypatch.setattr(
+        sys.modules["memtune.measure.probe"], "probe", lambda: ProbeResult(reason="tests plan without a GPU")
+    )
 
 
 def test_fit_json_on_stdout_and_the_plan_saved(tiny_model_dir, tmp_path, capsys):
@@ -84,3 +86,24 @@ def test_auto_fit_refuses_what_it_cannot_do(tiny_model_dir):
         memtune.auto_fit(str(tiny_model_dir), seq_len=256, batch_size=8, budget=600 * MIB, use_adapter=False,
                          allow_offload=False)
     assert error.value.shortfall_bytes > 0 and error.value.suggestions
+
+
+def test_no_verify_runs_no_trial_and_makes_no_workspace_even_with_a_gpu(tiny_model_dir, monkeypatch):
+    """`verify=False` (--no-verify) is honoured when the probe finds a GPU: no warm-up, no trial step."""
+    from memtune import fit as fit_module
+    from memtune.measure.probe import GpuInfo
+    from memtune.sources import parameter_count, resolve
+
+    gpu = GpuInfo(index=0, name="NVIDIA H200", total_bytes=140 * GIB, free_bytes=139 * GIB, used_by_others_bytes=0,
+                  other_processes=0, capability="9.0", bf16_supported=True, context_bytes=600 * MIB)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a GPU call ran although verify=False")
+
+    monkeypatch.setattr(fit_module.memory, "warm_up", forbidden)
+    monkeypatch.setattr(fit_module, "measure_trial", forbidden)
+    source = resolve(str(tiny_model_dir))
+    result = fit_module.fit_model(source, parameter_count(source.config), 128, 4, budget_bytes=GIB, verify=False,
+                                  trace_device="cpu", probe_result=ProbeResult(gpus=[gpu]))
+    assert result.search is not None and result.search.chosen is not None
+    assert result.search.trials == 0 and result.search.chosen.measurement is None

@@ -80,7 +80,11 @@ def test_one_bar_per_candidate_a_budget_line_and_the_chosen_mark(name):
 def tick_scale(svg: ElementTree.Element) -> tuple[float, float]:
     """(x of 0 GiB, pixels per GiB) from the axis tick labels."""
     axis = find_all(svg, "g", "axis")[0]
-    ticks = [(float(text.get("x")), float(text.text)) for text in axis.iter(f"{SVG}text") if re.fullmatch(r"[0-9.]+", text.text or "")]
+    ticks = [
+        (float(text.get("x")), float(text.text))
+        for text in axis.iter(f"{SVG}text")
+        if re.fullmatch(r"[0-9.]+", text.text or "")
+    ]
     (x0, v0), (x1, v1) = ticks[0], ticks[-1]
     return x0, (x1 - x0) / (v1 - v0)
 
@@ -93,7 +97,7 @@ def test_bars_end_left_of_the_usable_line_exactly_when_they_fit():
     budget_x = float(find_all(svg, "line", "budget-line")[0].get("x1"))
     assert usable_x == pytest.approx(x0 + per_gib * result.search.usable_bytes / 2**30, abs=0.1)
     assert budget_x == pytest.approx(x0 + per_gib * result.search.budget_bytes / 2**30, abs=0.1)
-    for bar, candidate in zip(find_all(svg, "g", "bar"), result.search.evaluated):
+    for bar, candidate in zip(find_all(svg, "g", "bar"), result.search.evaluated, strict=True):
         end = max(float(rect.get("x")) + float(rect.get("width")) for rect in find_all(bar, "rect", "segment"))
         assert (end <= usable_x) == (candidate.status in (FITS, VERIFIED)), candidate.config.describe()
     measured = find_all(svg, "path", "measured")
@@ -122,7 +126,9 @@ def test_the_page_is_self_contained_and_states_the_facts(tmp_path):
     assert path == tmp_path / "sub" / "fit.html" and path.is_file()
     page = path.read_text()
     assert "<script" not in page
-    assert re.findall(r"https?://[^\s\"'<]+", page) == ["http://www.w3.org/2000/svg"]  # the SVG namespace, never fetched
+    assert re.findall(r"https?://[^\s\"'<]+", page) == [
+        "http://www.w3.org/2000/svg"
+    ]  # the SVG namespace, never fetched
     assert not re.search(r"\b(src|href)=", page)
     assert "chosen: micro-batch 2 x 8 accum, bf16, checkpointing, LoRA r=16 (all-linear)" in page
     assert "LoraConfig(" in page and "not verified (no GPU)" in page and "memtune run plans/llama.json" in page
@@ -164,7 +170,9 @@ def read_png(path: Path) -> np.ndarray:
         if kind == 0:
             row = line.copy()
         elif kind == 1:  # Sub: a running sum along the row, per channel
-            row = (np.cumsum(line.reshape(width, pixel), axis=0, dtype=np.uint64) % 256).astype(np.uint8).reshape(stride)
+            row = (
+                (np.cumsum(line.reshape(width, pixel), axis=0, dtype=np.uint64) % 256).astype(np.uint8).reshape(stride)
+            )
         elif kind == 2:  # Up
             row = line + previous
         else:  # Average and Paeth depend on the byte to the left: byte by byte
@@ -202,7 +210,9 @@ def test_a_headless_browser_renders_the_figure(tmp_path):
     assert "<svg" in dom and 'class="bar chosen"' in dom and 'class="budget-line"' in dom
 
     screenshot = tmp_path / "fit.png"
-    shot = chromium(f"--screenshot={screenshot}", "--window-size=1200,900", page.as_uri(), profile=tmp_path / "profile-png")
+    shot = chromium(
+        f"--screenshot={screenshot}", "--window-size=1200,900", page.as_uri(), profile=tmp_path / "profile-png"
+    )
     assert shot.returncode == 0 and screenshot.is_file(), shot.stderr[-2000:]
     pixels = read_png(screenshot)
     assert pixels.shape[:2] == (900, 1200)
@@ -221,7 +231,8 @@ def test_a_headless_browser_renders_the_figure(tmp_path):
 
 
 def test_the_png_reader_undoes_every_filter(tmp_path):
-    """read_png against a PNG written here with known pixels, one row per filter type (None, Sub, Up, Average, Paeth)."""
+    """read_png against a PNG written here with known pixels, one row per filter type
+    (None, Sub, Up, Average, Paeth)."""
     pixels = np.random.default_rng(0).integers(0, 256, (5, 4, 3), dtype=np.uint8)
 
     def predictor(kind: int, i: int, line: list[int], above: list[int]) -> int:

@@ -58,7 +58,8 @@ def imports_of(module: str, known: set[str]) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from memtune.run import data` imports the module memtune.run.data; `from memtune.config import GIB`, memtune.config
+            # `from memtune.run import data` imports the module memtune.run.data;
+            # `from memtune.config import GIB`, memtune.config
             targets = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
                        for alias in node.names]
         for target in targets:

@@ -79,11 +79,22 @@ def fake_estimate(config: TrainConfig, **gib: float) -> Estimate:
 def full(micro: int, batch: int = 32, *, precision: str = "bf16-mixed", ckpt: bool = False, chunked: bool = False,
          offload: str = "none", adapter: Adapter | None = None, seq_len: int = 1024) -> TrainConfig:
     weights, amp = {"bf16-mixed": ("fp32", "bf16"), "fp32": ("fp32", "none"), "bf16": ("bf16", "none")}[precision]
-    return TrainConfig(seq_len=seq_len, micro_batch_size=micro, grad_accum_steps=batch // micro, weights_dtype=weights, amp=amp,
-                       gradient_checkpointing=ckpt, loss="chunked" if chunked else "standard", offload=offload, adapter=adapter)
+    return TrainConfig(
+        seq_len=seq_len,
+        micro_batch_size=micro,
+        grad_accum_steps=batch // micro,
+        weights_dtype=weights,
+        amp=amp,
+        gradient_checkpointing=ckpt,
+        loss="chunked" if chunked else "standard",
+        offload=offload,
+        adapter=adapter,
+    )
 
 
-def qwen_candidate(config: TrainConfig, status: str, tokens_per_second: float, note: str = "", extra_gib: float = 0.0) -> Candidate:
+def qwen_candidate(
+    config: TrainConfig, status: str, tokens_per_second: float, note: str = "", extra_gib: float = 0.0
+) -> Candidate:
     """A candidate of the qwen fixture; its (invented) memory grows with the micro-batch as a real one would.
     `extra_gib` is added to the weights (a bigger model, for the card fixture)."""
     candidate = Candidate(config, tokens_per_second, status=status, note=note)
@@ -92,8 +103,16 @@ def qwen_candidate(config: TrainConfig, status: str, tokens_per_second: float, n
     micro = config.micro_batch_size
     activations = micro * (0.35 if config.gradient_checkpointing else 1.6)
     logits = micro * (0.15 if config.loss == "chunked" else 1.1)
-    candidate.estimate = fake_estimate(config, weights=1.84 + extra_gib, gradients=1.84, optimizer=3.68, activations=activations,
-                                       logits=logits, temporaries=0.3 * micro, fragmentation=0.08 * micro)
+    candidate.estimate = fake_estimate(
+        config,
+        weights=1.84 + extra_gib,
+        gradients=1.84,
+        optimizer=3.68,
+        activations=activations,
+        logits=logits,
+        temporaries=0.3 * micro,
+        fragmentation=0.08 * micro,
+    )
     return candidate
 
 
@@ -118,10 +137,14 @@ def gpu_verified_result() -> FitResult:
     search.candidates = [
         qwen_candidate(full(32), TOO_BIG, 24800),
         qwen_candidate(full(16), TOO_BIG, 24600),
-        qwen_candidate(full(32, chunked=True), SKIPPED, 24100, note="needs at least as much as micro-batch 16 x 2 accum"),
+        qwen_candidate(
+            full(32, chunked=True), SKIPPED, 24100, note="needs at least as much as micro-batch 16 x 2 accum"
+        ),
         qwen_candidate(full(8), TRIAL_OOM, 23900, note=oom),
         qwen_candidate(full(8, chunked=True), TOO_BIG, 23500),
-        qwen_candidate(full(16, chunked=True), SKIPPED, 23400, note="needs at least as much as micro-batch 8 x 4 accum"),
+        qwen_candidate(
+            full(16, chunked=True), SKIPPED, 23400, note="needs at least as much as micro-batch 8 x 4 accum"
+        ),
         qwen_candidate(full(16, ckpt=True), EXTRAPOLATED, 21900, note="~23.90 GiB, from micro-batch 32"),
         chosen,
         qwen_candidate(full(4), NOT_EVALUATED, 21300),
@@ -129,8 +152,13 @@ def gpu_verified_result() -> FitResult:
         qwen_candidate(full(2), NOT_EVALUATED, 18000),
     ]
     reserved = int(chosen.estimate.peak_reserved_bytes * 1.02)  # the fixture's trial measured 2% more than predicted
-    chosen.measurement = Measurement(fits=True, peak_allocated_bytes=chosen.estimate.peak_allocated_bytes, peak_reserved_bytes=reserved,
-                                     step_seconds=[0.48, 0.38, 0.375], tokens_per_step=2 * 4 * 1024)  # 2 of 8 micro-batches
+    chosen.measurement = Measurement(
+        fits=True,
+        peak_allocated_bytes=chosen.estimate.peak_allocated_bytes,
+        peak_reserved_bytes=reserved,
+        step_seconds=[0.48, 0.38, 0.375],
+        tokens_per_step=2 * 4 * 1024,
+    )  # 2 of 8 micro-batches
     search.chosen = chosen
     search.trials, search.trial_ooms, search.estimates, search.seconds = 2, 1, 6, 31.4
     alternative_rows = [
@@ -148,11 +176,19 @@ def gpu_verified_result() -> FitResult:
     result = FitResult(qwen_source(), 494_032_768, 1024, 32, probe=ProbeResult([gpu], torch_cuda="12.8"), gpu=gpu,
                        budget_bytes=budget, budget_label=f"{gpu.name}: {budget / GIB:.2f} GiB usable", search=search,
                        plan_path=Path("plans/qwen2.5-0.5b.json"), seconds=38.2)
-    result.plan = Plan(model="qwen2.5-0.5b", train_config=chosen.config, budget_bytes=budget, margin_bytes=search.margin_bytes,
-                       predicted_total_bytes=chosen.predicted_total_bytes, predicted_tokens_per_second=21500,
-                       measured_peak_reserved_bytes=chosen.measurement.peak_reserved_bytes,
-                       measured_tokens_per_second=chosen.measurement.tokens_per_second, gpu=gpu.name,
-                       fallbacks=search.fallbacks, created="2025-01-01T00:00:00+00:00")
+    result.plan = Plan(
+        model="qwen2.5-0.5b",
+        train_config=chosen.config,
+        budget_bytes=budget,
+        margin_bytes=search.margin_bytes,
+        predicted_total_bytes=chosen.predicted_total_bytes,
+        predicted_tokens_per_second=21500,
+        measured_peak_reserved_bytes=chosen.measurement.peak_reserved_bytes,
+        measured_tokens_per_second=chosen.measurement.tokens_per_second,
+        gpu=gpu.name,
+        fallbacks=search.fallbacks,
+        created="2025-01-01T00:00:00+00:00",
+    )
     return result
 
 
@@ -183,13 +219,34 @@ def budget_lora_result() -> FitResult:
     search.chosen = chosen
     search.estimates, search.seconds = 5, 14.0
     search.alternatives = [
-        Alternative("no gradient accumulation (micro-batch 16)", full(16, 16, precision="bf16", ckpt=True, adapter=lora, seq_len=2048),
-                    int(14.2 * GIB), 9800, False),
-        Alternative("bf16-mixed instead of bf16", full(2, 16, ckpt=True, adapter=lora, seq_len=2048), int(8.9 * GIB), 8100, False),
-        Alternative("- gradient checkpointing", full(2, 16, precision="bf16", adapter=lora, seq_len=2048), int(9.6 * GIB), 11000,
-                    False),
-        Alternative("+ chunked loss", full(2, 16, precision="bf16", ckpt=True, adapter=lora, chunked=True, seq_len=2048),
-                    int(4.9 * GIB), 8700, True),
+        Alternative(
+            "no gradient accumulation (micro-batch 16)",
+            full(16, 16, precision="bf16", ckpt=True, adapter=lora, seq_len=2048),
+            int(14.2 * GIB),
+            9800,
+            False,
+        ),
+        Alternative(
+            "bf16-mixed instead of bf16",
+            full(2, 16, ckpt=True, adapter=lora, seq_len=2048),
+            int(8.9 * GIB),
+            8100,
+            False,
+        ),
+        Alternative(
+            "- gradient checkpointing",
+            full(2, 16, precision="bf16", adapter=lora, seq_len=2048),
+            int(9.6 * GIB),
+            11000,
+            False,
+        ),
+        Alternative(
+            "+ chunked loss",
+            full(2, 16, precision="bf16", ckpt=True, adapter=lora, chunked=True, seq_len=2048),
+            int(4.9 * GIB),
+            8700,
+            True,
+        ),
     ]
     result = FitResult(llama_source(), 1_235_814_400, 2048, 16, probe=ProbeResult(reason=NO_GPU_REASON),
                        budget_bytes=budget, budget_label="budget 8.00 GiB", search=search,
@@ -215,7 +272,8 @@ def nothing_fits_result() -> FitResult:
     smallest = search.candidates[2].predicted_total_bytes
     search.shortfall_bytes = smallest + search.margin_bytes - budget
     search.suggestions = [
-        "a GPU with 9.94 GiB or more (e.g. T4-16GB) with micro-batch 1 x 8 accum, bf16-mixed, checkpointing, chunked loss",
+        "a GPU with 9.94 GiB or more (e.g. T4-16GB) with micro-batch 1 x 8 accum, bf16-mixed, checkpointing, "
+        "chunked loss",
         "allow LoRA (drop --no-lora / --full-finetune-only)",
         "the whole budget: it is 4.00 GiB, with a margin of 256.00 MiB (set --margin to change it)",
     ]
@@ -299,7 +357,9 @@ def test_fit_report_matches_golden(name):
 def test_fit_report_at_other_widths_matches_golden(width):
     """80 columns (a pipe): quality notes under each configuration, no category notes; 140: every column."""
     result = gpu_verified_result()
-    check_golden(f"fit_gpu_verified_{width}.txt", rendered(lambda console: report.render_fit(result, console), width=width))
+    check_golden(
+        f"fit_gpu_verified_{width}.txt", rendered(lambda console: report.render_fit(result, console), width=width)
+    )
 
 
 @pytest.mark.parametrize("probe", [probe_result(), ProbeResult(reason=NO_GPU_REASON)], ids=["gpus", "no_gpu"])
@@ -375,8 +435,10 @@ def test_reproduce_with_the_card_that_was_named():
     result = budget_lora_result()
     result.budget_bytes, result.budget_label = KNOWN_GPUS["A10-24GB"], "A10-24GB (22.49 GiB)"
     result.plan_path = Path(words.DEFAULT_PLAN_PATH)
-    assert words.fit_commands(result) == ["memtune fit meta-llama/Llama-3.2-1B --seq-len 2048 --batch-size 16 --gpu A10-24GB",
-                                           "memtune run memtune-plan.json"]
+    assert words.fit_commands(result) == [
+        "memtune fit meta-llama/Llama-3.2-1B --seq-len 2048 --batch-size 16 --gpu A10-24GB",
+        "memtune run memtune-plan.json",
+    ]
 
 
 def test_budget_flag_parses_back():
@@ -413,7 +475,8 @@ PRIMITIVES = {"integer": int, "number": (int, float), "string": str, "boolean": 
 
 
 def documented_types(text: str) -> dict[str, dict[str, str]]:
-    """docs/json-schema.md -> {type name: {key: type}}: one `## Name` section with a `| key | type |...` table per type."""
+    """docs/json-schema.md -> {type name: {key: type}}: one `## Name` section with a `| key | type |...` table
+    per type."""
     types: dict[str, dict[str, str]] = {}
     current = None
     for line in text.splitlines():
@@ -428,7 +491,8 @@ def documented_types(text: str) -> dict[str, dict[str, str]]:
 
 
 def schema_errors(value: Any, type_: str, types: dict[str, dict[str, str]], path: str = "$") -> list[str]:
-    """Where `value` departs from `type_`: primitives, `T | null`, `array of T`, `map of T` and the documented objects."""
+    """Where `value` departs from `type_`: primitives, `T | null`, `array of T`, `map of T` and the documented
+    objects."""
     alternatives = [part.strip() for part in type_.split("|")]
     if len(alternatives) > 1:
         if value is None and "null" in alternatives:
@@ -438,11 +502,15 @@ def schema_errors(value: Any, type_: str, types: dict[str, dict[str, str]], path
     if type_.startswith("array of "):
         if not isinstance(value, list):
             return [f"{path}: expected an array, got {type(value).__name__}"]
-        return [error for i, item in enumerate(value) for error in schema_errors(item, type_[9:], types, f"{path}[{i}]")]
+        return [
+            error for i, item in enumerate(value) for error in schema_errors(item, type_[9:], types, f"{path}[{i}]")
+        ]
     if type_.startswith("map of "):
         if not isinstance(value, dict):
             return [f"{path}: expected an object, got {type(value).__name__}"]
-        return [error for key, item in value.items() for error in schema_errors(item, type_[7:], types, f"{path}.{key}")]
+        return [
+            error for key, item in value.items() for error in schema_errors(item, type_[7:], types, f"{path}.{key}")
+        ]
     if type_ in PRIMITIVES:
         ok = isinstance(value, PRIMITIVES[type_]) and not (type_ in ("integer", "number") and isinstance(value, bool))
         return [] if ok else [f"{path}: expected {type_}, got {value!r}"]
@@ -531,7 +599,8 @@ def test_a_real_search_renders_and_matches_the_schema(types):
 
 
 @pytest.mark.parametrize("config", [
-    full(4), full(2, precision="fp32", ckpt=True), full(2, precision="bf16", ckpt=True, adapter=Adapter(target_modules=("q_proj", "v_proj"))),
+    full(4), full(2, precision="fp32", ckpt=True),
+    full(2, precision="bf16", ckpt=True, adapter=Adapter(target_modules=("q_proj", "v_proj"))),
     full(2, precision="bf16", adapter=Adapter(kind="prefix")), full(1, chunked=True, offload="parameters"),
     TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="fp16"),
     TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16", num_gpus=4, strategy="ddp"),

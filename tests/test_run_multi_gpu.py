@@ -1,4 +1,5 @@
-"""`memtune run` of a 2-GPU plan (FSDP and DDP) end to end: relaunched under accelerate, trained, saved, and every rank exits."""
+"""`memtune run` of a 2-GPU plan (FSDP and DDP) end to end: relaunched under accelerate, trained, saved, and every
+rank exits."""
 
 from __future__ import annotations
 

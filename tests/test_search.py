@@ -23,8 +23,13 @@ from memtune.search.ladder import candidate_space
 
 def short(config: TrainConfig) -> str:
     """h/b/f = bf16 weights/bf16-mixed/fp32, c = checkpointing, k = chunked loss, L = LoRA, then the micro-batch."""
-    return (("h" if config.weights_dtype == "bf16" else "b" if config.amp == "bf16" else "f") + ("c" if config.gradient_checkpointing else "")
-            + ("k" if config.loss == "chunked" else "") + ("L" if config.adapter else "") + str(config.micro_batch_size))
+    return (
+        ("h" if config.weights_dtype == "bf16" else "b" if config.amp == "bf16" else "f")
+        + ("c" if config.gradient_checkpointing else "")
+        + ("k" if config.loss == "chunked" else "")
+        + ("L" if config.adapter else "")
+        + str(config.micro_batch_size)
+    )
 
 
 class FakePredictor:
@@ -85,7 +90,9 @@ SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False
 
 def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():
     predictor = FakePredictor()
-    result = search(predictor, seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=SIMPLE, explain=False)
+    result = search(
+        predictor, seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=SIMPLE, explain=False
+    )
     # Ranked: b4 1.6, b2 1.33, bc4 1.12, b1 1.0, bc2 0.93, ...; memory 14, 10, 8, 8, 7 GiB against 7.5.
     assert predictor.calls == ["b4", "b2", "bc4", "b1", "bc2"]
     assert short(result.chosen.config) == "bc2"
@@ -97,7 +104,9 @@ def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():
 
 def test_clearly_too_big_micro_batches_are_extrapolated_not_traced():
     predictor = FakePredictor()
-    result = search(predictor, seq_len=512, effective_batch_size=8, budget_bytes=int(7.5 * GIB), policy=SIMPLE, explain=False)
+    result = search(
+        predictor, seq_len=512, effective_batch_size=8, budget_bytes=int(7.5 * GIB), policy=SIMPLE, explain=False
+    )
     # Ranked: b8, b4, b2, bc8, bc4, b1, bc2. b2 (accumulating) is extrapolated from b4, the nearest traced
     # micro-batch that also accumulates: 6 + 2*2 = 10 GiB > 1.10 x 7.5. b8 (no accumulation) is not used for it.
     assert predictor.calls == ["b8", "b4", "bc8", "bc4", "b1", "bc2"]
@@ -109,7 +118,13 @@ def test_every_candidate_keeps_the_effective_batch():
     for config in candidate_space(1024, 24, Policy(num_gpus=2), with_adapter=False):
         assert config.micro_batch_size * config.grad_accum_steps * config.num_gpus == 24
     assert {c.micro_batch_size for c in candidate_space(1024, 24, Policy(), False)} == {1, 2, 3, 4, 6, 8, 12, 24}
-    assert {c.micro_batch_size for c in candidate_space(1024, 24, Policy(min_micro_batch_size=4), False)} == {4, 6, 8, 12, 24}
+    assert {c.micro_batch_size for c in candidate_space(1024, 24, Policy(min_micro_batch_size=4), False)} == {
+        4,
+        6,
+        8,
+        12,
+        24,
+    }
 
 
 def test_a_trial_oom_falls_back_to_the_next_candidate():
@@ -127,15 +142,24 @@ def test_a_trial_oom_falls_back_to_the_next_candidate():
 
 def test_the_trial_limit_is_respected():
     trial = FakeTrial(oom={"bc2", "bc1", "fc1"})
-    result = search(FakePredictor(state_gib=6.0), 512, 4, int(7.5 * GIB), Policy(**{**SIMPLE.__dict__, "max_trials": 2}),
-                    trial=trial, explain=False)
+    result = search(
+        FakePredictor(state_gib=6.0),
+        512,
+        4,
+        int(7.5 * GIB),
+        Policy(**{**SIMPLE.__dict__, "max_trials": 2}),
+        trial=trial,
+        explain=False,
+    )
     assert trial.calls == ["bc2", "bc1"]
     assert result.chosen is not None and result.chosen.status == FITS and "limit of 2 trials" in result.chosen.note
 
 
 def test_the_margin_is_respected():
     # bc2 needs 7 GiB: it fits 7.5 GiB with no margin but not with 1 GiB kept free.
-    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), Policy(**{**SIMPLE.__dict__, "margin_bytes": GIB}), explain=False)
+    result = search(
+        FakePredictor(), 512, 4, int(7.5 * GIB), Policy(**{**SIMPLE.__dict__, "margin_bytes": GIB}), explain=False
+    )
     assert short(result.chosen.config) == "bc1"
     assert result.chosen.predicted_total_bytes <= result.budget_bytes - result.margin_bytes
     assert margin_for(100 * GIB, Policy()) == 2 * GIB  # 2% by default
@@ -156,7 +180,9 @@ def test_adapters_only_when_nothing_else_fits():
     policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0)
     result = search(predictor, 512, 4, 4 * GIB, policy, explain=False)
     full = [call for call in predictor.calls if "L" not in call]
-    assert full and all(c.config.adapter is None for c in result.candidates[: len(candidate_space(512, 4, policy, False))])
+    assert full and all(
+        c.config.adapter is None for c in result.candidates[: len(candidate_space(512, 4, policy, False))]
+    )
     assert result.chosen.config.adapter == Adapter()
     # A bf16-stored base (h) ties with bf16-mixed (b) in speed and comes first: L4 needs 1 + 2*4 = 9 GiB,
     # L2 5 GiB, cL4 3 GiB.
@@ -254,8 +280,13 @@ def test_several_gpus_offer_ddp_without_offload_or_chunked_loss_and_fsdp_with_ev
     assert ddp and all(c.offload == "none" and c.loss == "standard" for c in ddp)
     assert any(c.strategy == "fsdp" and c.offload == "parameters" for c in configs)
     assert {(c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in ddp} == {
-        (c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in configs if c.strategy == "fsdp" and c.offload == "none"}
-    assert {c.strategy for c in candidate_space(1024, 8, Policy(), with_adapter=False)} == {"fsdp"}  # one GPU: no choice
+        (c.micro_batch_size, c.gradient_checkpointing, c.precision)
+        for c in configs
+        if c.strategy == "fsdp" and c.offload == "none"
+    }
+    assert {c.strategy for c in candidate_space(1024, 8, Policy(), with_adapter=False)} == {
+        "fsdp"
+    }  # one GPU: no choice
     assert {c.strategy for c in candidate_space(1024, 8, Policy(num_gpus=2, strategy="fsdp"), False)} == {"fsdp"}
 
 

@@ -115,9 +115,12 @@ class GpuSpeed:
 # Datasheet numbers: NVIDIA H100 SXM / H200 / A100 / L40S / RTX 4090 / A10 / L4 / T4 product pages.
 # NVLink: 900 GB/s (H100 SXM, H200) and 600 GB/s (A100 SXM) in both directions together, half each way.
 _CARDS = {
-    "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12, interconnect_bytes_per_second=450e9),
-    "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12, interconnect_bytes_per_second=450e9),
-    "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12, interconnect_bytes_per_second=300e9),
+    "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12,
+                 interconnect_bytes_per_second=450e9),
+    "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12,
+                 interconnect_bytes_per_second=450e9),
+    "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12,
+                 interconnect_bytes_per_second=300e9),
     "L40S": dict(bf16_flops=362e12, fp32_flops=91.6e12, memory_bytes_per_second=0.864e12),
     "A6000": dict(bf16_flops=155e12, fp32_flops=38.7e12, memory_bytes_per_second=0.768e12),
     "RTX4090": dict(bf16_flops=165e12, fp32_flops=82.6e12, memory_bytes_per_second=1.0e12),
@@ -263,7 +266,9 @@ def fsdp_units(shape: ModelShape) -> int:
     return shape.num_layers + (1 if shape.tied_embeddings else 2)
 
 
-def fsdp_micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, micro: float) -> tuple[float, float]:
+def fsdp_micro_batch_seconds(
+    shape: ModelShape, config: TrainConfig, speed: GpuSpeed, micro: float
+) -> tuple[float, float]:
     """Seconds of a micro-batch under FSDP2: (one that accumulates without syncing, the last, which also
     reduce-scatters the gradients)."""
     gpus = config.num_gpus
@@ -275,8 +280,8 @@ def fsdp_micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuS
     gathered = (2 * (shape.num_parameters - head) + head) * param_bytes
     reduced = trained_parameters(shape, config) * param_bytes  # reduce_dtype = param_dtype
     first_gather = collective_seconds(head * param_bytes, factor, speed)  # the embedding's unit, before any compute
-    last_reduce = collective_seconds(min(reduced, head * param_bytes if config.adapter is None else reduced / shape.num_layers),
-                                     factor, speed)
+    last_unit_bytes = head * param_bytes if config.adapter is None else reduced / shape.num_layers
+    last_reduce = collective_seconds(min(reduced, last_unit_bytes), factor, speed)
     gather_seconds = collective_seconds(gathered, factor, speed)
     reduce_seconds = collective_seconds(reduced, factor, speed)
     own = fsdp_units(shape) * speed.fsdp_unit_seconds

@@ -55,7 +55,7 @@ def chunked_causal_lm_loss(
     targets = shift_labels.reshape(-1).to(hidden.device)
     total = sum(
         checkpoint(_chunk_loss_sum, hidden_chunk, target_chunk, head, softcap, use_reentrant=False)
-        for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens))
+        for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)
     )
     if num_items_in_batch is None:
         num_items_in_batch = (targets != IGNORE_INDEX).sum()

@@ -67,8 +67,8 @@ def check_supported(train_config: TrainConfig) -> None:
         )
     if train_config.loss != "standard":
         problems.append(
-            f"loss {train_config.loss!r} runs the backbone and the LM head outside the root module, which FSDP2 refuses "
-            "('FSDP requires a single root module'): use loss 'standard' when sharding or offloading"
+            f"loss {train_config.loss!r} runs the backbone and the LM head outside the root module, which FSDP2 "
+            "refuses ('FSDP requires a single root module'): use loss 'standard' when sharding or offloading"
         )
     if problems:
         raise UsageError("; ".join(problems))
@@ -195,7 +195,8 @@ def apply_fsdp(model: Any, train_config: TrainConfig, *, mesh: Any = None, pin_m
 
 
 def fsdp_train_step(
-    model: Any, optimizer: Any, batches: list[Any], train_config: TrainConfig, scaler: Any = None, read_loss: bool = True
+    model: Any, optimizer: Any, batches: list[Any], train_config: TrainConfig, scaler: Any = None,
+    read_loss: bool = True,
 ) -> float:
     """One optimizer step as the Trainer runs it under FSDP2: no autocast (FSDP's policy casts), gradient
     sync only on the last micro-batch, then step and zero_grad(set_to_none=True)."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -17,6 +17,10 @@ from torch import nn
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
 from memtune.recipe.loss import chunked_causal_lm_loss
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,19 +46,21 @@ def build_model(
 
 
 def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
-    """Apply gradient checkpointing and the adapter of `train_config` to an existing model."""
-    model.train()
+    """Apply gradient checkpointing and the adapter of `train_config` to an existing model (a transformers
+    `PreTrainedModel`); returns it, or the peft model around it."""
+    causal_lm = cast("PreTrainedModel", model)
+    causal_lm.train()
     if train_config.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad (works with frozen LoRA bases).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "config"):
-        model.config.use_cache = False
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(causal_lm, "config"):
+        causal_lm.config.use_cache = False
     adapter = train_config.adapter
-    if adapter is not None:
-        import peft
+    if adapter is None:
+        return causal_lm
+    import peft
 
-        model = peft.get_peft_model(model, peft_config(train_config))
-    return model
+    return peft.get_peft_model(causal_lm, peft_config(train_config))
 
 
 def peft_config(train_config: TrainConfig) -> Any:
@@ -111,7 +117,9 @@ def forward_loss(
     """
     if train_config.loss == "standard":
         return model(input_ids=input_ids, labels=labels).loss
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # unwrap peft
+    # unwrap peft (PeftModel.get_base_model); what is left is a transformers causal LM
+    peft_model = cast("PeftModel", model) if hasattr(model, "get_base_model") else None
+    causal_lm = cast("PreTrainedModel", peft_model.get_base_model() if peft_model is not None else model)
     config = causal_lm.config
     rescaling = {name: getattr(config, name, None) for name in _LOGIT_TRANSFORMS}
     rescaling = {name: value for name, value in rescaling.items() if value not in (None, 1, 1.0)}
@@ -121,11 +129,11 @@ def forward_loss(
                          "use loss='standard' for this model")
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     extra = {}
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+    if peft_model is not None and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         # Prefix tuning enters as a cache of virtual keys/values, as PeftModelForCausalLM.forward passes it.
         batch_size, seq_len = input_ids.shape
-        virtual_tokens = model.active_peft_config.num_virtual_tokens
-        extra["cache"] = model.get_prompt(batch_size, max_cache_len=seq_len + virtual_tokens)
+        virtual_tokens = peft_model.active_peft_config.num_virtual_tokens
+        extra["cache"] = peft_model.get_prompt(batch_size, max_cache_len=seq_len + virtual_tokens)
     # last_hidden_state is after the final norm (llama, qwen2, gemma2, phi3: model.norm; gpt2: transformer.ln_f).
     hidden_states = backbone(input_ids=input_ids, **extra).last_hidden_state
     return chunked_causal_lm_loss(

@@ -21,7 +21,8 @@ from memtune.search.choose import NOT_EVALUATED
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
-    from memtune.search.choose import Candidate
+    from memtune.predict.estimate import Estimate
+    from memtune.search.choose import Candidate, SearchResult
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 WIDTH = 960
@@ -53,10 +54,17 @@ class Bar:
     measured_total_bytes: int | None = None
 
 
+def _estimate(candidate: Candidate) -> Estimate:
+    """The estimate of an evaluated candidate (`SearchResult.evaluated` holds those that have one)."""
+    if candidate.estimate is None:
+        raise ValueError(f"candidate {candidate.config.describe()} was not evaluated: it has no estimate to draw")
+    return candidate.estimate
+
+
 def _bar(candidate: Candidate, label: str, status: str, budget_bytes: int, usable_bytes: int, chosen: bool) -> Bar:
-    estimate = candidate.estimate
-    return Bar(label, status, words.breakdown_items(estimate.breakdown), estimate.total_bytes, budget_bytes, usable_bytes,
-               chosen, candidate.measured_total_bytes)
+    estimate = _estimate(candidate)
+    return Bar(label, status, words.breakdown_items(estimate.breakdown), estimate.total_bytes, budget_bytes,
+               usable_bytes, chosen, candidate.measured_total_bytes)
 
 
 def bars_of(result: FitResult) -> list[Bar]:
@@ -64,24 +72,24 @@ def bars_of(result: FitResult) -> list[Bar]:
     bars = []
     if result.card_plans:
         for card in result.card_plans:
-            search = card.search
-            chosen = search.chosen
+            card_search = card.search
+            chosen = card_search.chosen
             name = card.card.split(" (")[0]  # "24 GiB (RTX 4090, A10, L4)" -> "24 GiB": the table below has the rest
             if chosen is not None and chosen.estimate is not None:
                 bars.append(_bar(chosen, f"{name}: {chosen.config.describe()}", "fits", card.budget_bytes,
-                                 search.usable_bytes, True))
-            elif search.evaluated:
-                smallest = min(search.evaluated, key=lambda candidate: candidate.predicted_total_bytes or 0)
+                                 card_search.usable_bytes, True))
+            elif card_search.evaluated:
+                smallest = min(card_search.evaluated, key=lambda candidate: candidate.predicted_total_bytes or 0)
                 bars.append(_bar(smallest, f"{name}: smallest, {smallest.config.describe()}",
-                                 f"does not fit (short by {format_bytes(search.shortfall_bytes)})", card.budget_bytes,
-                                 search.usable_bytes, False))
+                                 f"does not fit (short by {format_bytes(card_search.shortfall_bytes)})",
+                                 card.budget_bytes, card_search.usable_bytes, False))
         return bars
     search = result.search
     if search is None:
         return bars
     for candidate in search.evaluated:
-        bars.append(_bar(candidate, candidate.config.describe(), candidate.status, search.budget_bytes, search.usable_bytes,
-                         candidate is search.chosen))
+        bars.append(_bar(candidate, candidate.config.describe(), candidate.status, search.budget_bytes,
+                         search.usable_bytes, candidate is search.chosen))
     return bars
 
 
@@ -123,11 +131,13 @@ def chart_svg(bars: list[Bar]) -> str:
 
     # legend: every category that appears, in the fixed order
     present = {category for bar in bars for category, _ in bar.breakdown}
-    legend_x = SIDE
+    legend_x: float = SIDE
     parts.append('<g class="legend">')
-    for category in [name for name in words.CATEGORY_NOTES if name in present] + sorted(present - set(words.CATEGORY_NOTES)):
+    known = [name for name in words.CATEGORY_NOTES if name in present]
+    for category in known + sorted(present - set(words.CATEGORY_NOTES)):
+        note = words.CATEGORY_NOTES.get(category, category)
         parts.append(f'<rect class="swatch category-{_e(category)}" x="{legend_x}" y="8" width="12" height="12" '
-                     f'fill="{words.category_colour(category)}"><title>{_e(words.CATEGORY_NOTES.get(category, category))}'
+                     f'fill="{words.category_colour(category)}"><title>{_e(note)}'
                      f'</title></rect><text x="{legend_x + 16}" y="18">{_e(category)}</text>')
         legend_x += 16 + CHARACTER_WIDTH * len(category) + 14
     parts.append("</g>")
@@ -155,12 +165,13 @@ def chart_svg(bars: list[Bar]) -> str:
             parts.append(f'<text class="clipped" x="{x(axis_max) - 2}" y="{bar_y + BAR_HEIGHT - 4}" text-anchor="end" '
                          f'fill="#ffffff" font-weight="bold">\u00bb</text>')
         if bar.chosen:
-            parts.append(f'<rect class="chosen-mark" x="{x(0) - 2}" y="{bar_y - 2}" width="{round(x(bar.total_bytes) - x(0) + 4, 2)}" '
+            mark_width = round(x(bar.total_bytes) - x(0) + 4, 2)
+            parts.append(f'<rect class="chosen-mark" x="{x(0) - 2}" y="{bar_y - 2}" width="{mark_width}" '
                          f'height="{BAR_HEIGHT + 4}" fill="none" stroke="#000000" stroke-width="2"/>')
         if bar.measured_total_bytes is not None:  # a triangle under the bar, pointing up at the measured peak
             measured_x = x(bar.measured_total_bytes)
-            parts.append(f'<path class="measured" d="M {measured_x} {bar_y + BAR_HEIGHT + 1} l 5 6 h -10 z" fill="#000000">'
-                         f'<title>measured {_e(format_bytes(bar.measured_total_bytes))}</title></path>')
+            parts.append(f'<path class="measured" d="M {measured_x} {bar_y + BAR_HEIGHT + 1} l 5 6 h -10 z" '
+                         f'fill="#000000"><title>measured {_e(format_bytes(bar.measured_total_bytes))}</title></path>')
         if not shared_budget:  # each card against its own memory: a margin band and a tick on its row
             usable_x, budget_x = x(bar.usable_bytes), x(bar.budget_bytes)
             parts.append(f'<rect class="margin" x="{usable_x}" y="{bar_y - 3}" width="{round(budget_x - usable_x, 2)}" '
@@ -172,7 +183,8 @@ def chart_svg(bars: list[Bar]) -> str:
         mark = ("\u2605 chosen: " if shared_budget else "\u2605 ") if bar.chosen else ""
         weight = ' font-weight="bold"' if bar.chosen else ""
         labels.append(f'<text class="bar-label" data-index="{index}" x="{SIDE}" y="{y + 12}"{weight} {HALO}>'
-                      f'{_e(mark + bar.label)} \u2014 {_e(format_bytes(bar.total_bytes))} predicted, {_e(bar.status)}</text>')
+                      f'{_e(mark + bar.label)} \u2014 {_e(format_bytes(bar.total_bytes))} predicted, '
+                      f'{_e(bar.status)}</text>')
 
     if shared_budget:
         parts.append(f'<line class="usable-line" x1="{x(usable)}" y1="{top - 4}" x2="{x(usable)}" y2="{axis_y}" '
@@ -186,7 +198,8 @@ def chart_svg(bars: list[Bar]) -> str:
     parts += ['<g class="labels">', *labels, "</g>"]  # last, so lines never cover them
 
     # the axis, in GiB
-    parts.append(f'<g class="axis"><line x1="{SIDE}" y1="{axis_y}" x2="{WIDTH - SIDE}" y2="{axis_y}" stroke="#333333"/>')
+    parts.append(f'<g class="axis"><line x1="{SIDE}" y1="{axis_y}" x2="{WIDTH - SIDE}" y2="{axis_y}" '
+                 'stroke="#333333"/>')
     ticks = round(axis_max / GIB / step)
     for tick in range(ticks + 1):
         value = tick * step
@@ -226,17 +239,16 @@ def _table(header: list[str], rows: list[tuple[list[str], str]], numeric: frozen
     return "\n".join(lines)
 
 
-def _candidates_section(result: FitResult) -> list[str]:
-    search = result.search
+def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
     rows = []
     for candidate in search.evaluated:
-        peak = candidate.predicted_total_bytes
-        rows.append(([candidate.config.describe(), format_bytes(peak), f"{peak / search.usable_bytes:.0%}", candidate.status,
-                      f"{candidate.predicted_tokens_per_second:,.0f}",
+        peak = _estimate(candidate).total_bytes
+        rows.append(([candidate.config.describe(), format_bytes(peak), f"{peak / search.usable_bytes:.0%}",
+                      candidate.status, f"{candidate.predicted_tokens_per_second:,.0f}",
                       words.quality_note(candidate.config, result.source.config, result.num_parameters)],
                      "chosen" if candidate is search.chosen else ""))
-    parts = ["<h2>candidates, fastest predicted first</h2>",
-             _table(["configuration", "predicted peak", "of usable", "status", "predicted tokens/s", "quality"], rows, frozenset({1, 2, 4}))]
+    header = ["configuration", "predicted peak", "of usable", "status", "predicted tokens/s", "quality"]
+    parts = ["<h2>candidates, fastest predicted first</h2>", _table(header, rows, frozenset({1, 2, 4}))]
     not_evaluated = sum(1 for candidate in search.candidates if candidate.status == NOT_EVALUATED)
     notes = [f"{count} more {status}, not traced: {why}." for status, count, why in words.untraced_counts(search)]
     if not_evaluated:
@@ -245,44 +257,43 @@ def _candidates_section(result: FitResult) -> list[str]:
     return parts
 
 
-def _chosen_section(result: FitResult) -> list[str]:
-    search = result.search
-    chosen = search.chosen
+def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:
     peak = chosen.predicted_total_bytes or 0
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
-            f"({_e(format_bytes(search.usable_bytes - peak))} to spare), {chosen.predicted_tokens_per_second:,.0f} tokens/s "
+            f"({_e(format_bytes(search.usable_bytes - peak))} to spare), "
+            f"{chosen.predicted_tokens_per_second:,.0f} tokens/s "
             f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}</p>"]
 
 
-def _why_section(result: FitResult) -> list[str]:
-    search = result.search
-    chosen = search.chosen
+def _why_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:
     parts = ["<h2>what to set</h2>", "<ul>"]
     parts += [f"<li>{_e(change)}</li>" for change in words.changes_to_make(chosen.config)]
     parts.append("</ul>")
     if search.alternatives:
-        rows = [([alternative.change, format_bytes(alternative.predicted_total_bytes), "yes" if alternative.fits else "no",
+        rows = [([alternative.change, format_bytes(alternative.predicted_total_bytes),
+                  "yes" if alternative.fits else "no",
                   words.relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
                   words.alternative_verdict(alternative, search)], "") for alternative in search.alternatives]
+        header = ["change", "predicted peak", "fits", "tokens/s vs chosen", "verdict"]
         parts += ["<h2>why this one: the chosen configuration with one thing changed</h2>",
-                  _table(["change", "predicted peak", "fits", "tokens/s vs chosen", "verdict"], rows, frozenset({1, 3}))]
-    heading, rows = words.verification(result)
+                  _table(header, rows, frozenset({1, 3}))]
+    heading, checks = words.verification(result)
     parts += ["<h2>verification</h2>", f"<p>{_e(heading)}</p>"]
-    if rows:
-        parts.append(_table(["", "predicted", "measured", "error"], [(list(row), "") for row in rows], frozenset({1, 2, 3})))
+    if checks:
+        parts.append(_table(["", "predicted", "measured", "error"], [(list(row), "") for row in checks],
+                            frozenset({1, 2, 3})))
     return parts
 
 
-def _nothing_fits_section(result: FitResult) -> list[str]:
-    search = result.search
+def _nothing_fits_section(search: SearchResult) -> list[str]:
     parts = [f'<p class="nothing-fits"><strong>nothing fits in {_e(format_bytes(search.usable_bytes))} usable</strong> '
              f"({_e(format_bytes(search.budget_bytes))} budget - {_e(format_bytes(search.margin_bytes))} margin)"]
     if search.shortfall_bytes:
         parts[-1] += f": the smallest candidate is short by {_e(format_bytes(search.shortfall_bytes))}"
     parts[-1] += "</p>"
     if search.suggestions:
-        parts += ["<h2>what would fit</h2>", "<ul>"] + [f"<li>{_e(item)}</li>" for item in search.suggestions] + ["</ul>"]
+        parts += ["<h2>what would fit</h2>", "<ul>", *(f"<li>{_e(item)}</li>" for item in search.suggestions), "</ul>"]
     return parts
 
 
@@ -291,13 +302,14 @@ def _cards_section(result: FitResult) -> list[str]:
     for card in result.card_plans:
         chosen = card.search.chosen
         if chosen is None:
-            rows.append(([card.card, f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})", "", "", ""], ""))
+            short = f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})"
+            rows.append(([card.card, short, "", "", ""], ""))
         else:
             rows.append(([card.card, chosen.config.describe(), format_bytes(chosen.predicted_total_bytes or 0),
                           f"{chosen.predicted_tokens_per_second:,.0f}",
                           words.quality_note(chosen.config, result.source.config, result.num_parameters)], ""))
-    return ["<h2>planned for common cards (predicted, not verified)</h2>",
-            _table(["card", "chosen configuration", "predicted peak", "predicted tokens/s", "quality"], rows, frozenset({2, 3}))]
+    header = ["card", "chosen configuration", "predicted peak", "predicted tokens/s", "quality"]
+    return ["<h2>planned for common cards (predicted, not verified)</h2>", _table(header, rows, frozenset({2, 3}))]
 
 
 def render_html(result: FitResult) -> str:
@@ -306,34 +318,35 @@ def render_html(result: FitResult) -> str:
     title = f"memtune fit: {result.source.name}"
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">', f"<title>{_e(title)}</title>",
              f"<style>{STYLE}</style>", "</head>", "<body>", f"<h1>{_e(title)}</h1>",
-             "<p>" + "<br>\n".join(_e(line) for line in
-                                    [*words.gpu_lines(result), words.model_line(result), words.task_line(result)]) + "</p>"]
+             "<p>" + "<br>\n".join(_e(line) for line in [*words.gpu_lines(result), words.model_line(result),
+                                                         words.task_line(result)]) + "</p>"]
     if result.source.note:
         parts.append(f"<p>note: {_e(result.source.note)}</p>")
     search = result.search
+    chosen = search.chosen if search is not None else None
     if not result.card_plans and search is not None:
-        parts += _chosen_section(result) if search.chosen is not None else _nothing_fits_section(result)
+        parts += _chosen_section(result, search, chosen) if chosen is not None else _nothing_fits_section(search)
     if bars:  # the picture first, where the page opens
         caption = ("Each bar is one candidate's predicted peak memory, split by category; the red line is the budget, "
-                   "the dashed line the usable budget (budget minus the safety margin, shaded). The chosen configuration "
-                   "is outlined in black (\u2605); a black triangle marks a measured peak; \u00bb marks a bar cut at the "
-                   "axis end.")
+                   "the dashed line the usable budget (budget minus the safety margin, shaded). The chosen "
+                   "configuration is outlined in black (\u2605); a black triangle marks a measured peak; \u00bb marks "
+                   "a bar cut at the axis end.")
         if result.card_plans:
-            caption = ("Each bar is the configuration chosen for one card (\u2605, outlined) or, where nothing fits, its "
-                       "smallest candidate, split by category; the red tick is that card's memory, the shaded band its "
-                       "safety margin.")
+            caption = ("Each bar is the configuration chosen for one card (\u2605, outlined) or, where nothing fits, "
+                       "its smallest candidate, split by category; the red tick is that card's memory, the shaded band "
+                       "its safety margin.")
         parts += ["<figure>", chart_svg(bars), f"<figcaption>{_e(caption)}</figcaption>", "</figure>"]
     if result.card_plans:
         parts += _cards_section(result)
     elif search is not None:
-        if search.chosen is not None:
-            parts += _why_section(result)
-        parts += _candidates_section(result)
-        if search.chosen is not None:
+        if chosen is not None:
+            parts += _why_section(result, search, chosen)
+        parts += _candidates_section(result, search)
+        if chosen is not None:
             if result.plan_path is not None:
                 parts.append(f"<p>plan saved to <code>{_e(result.plan_path)}</code></p>")
             parts += ["<h2>to reproduce</h2>", "<pre>" + _e("\n".join(words.fit_commands(result))) + "</pre>",
-                      "<pre>" + _e(words.python_snippet(search.chosen.config)) + "</pre>"]
+                      "<pre>" + _e(words.python_snippet(chosen.config)) + "</pre>"]
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 

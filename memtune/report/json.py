@@ -36,8 +36,8 @@ def render_plan_json(result: PlanResult) -> str:
 
 def render_models_json(entries: list[CatalogEntry]) -> str:
     return json.dumps(
-        [{"hub_id": e.hub_id, "aliases": list(e.aliases), "num_parameters": e.num_parameters, "num_layers": e.num_layers,
-          "hidden_size": e.hidden_size, "vocab_size": e.vocab_size} for e in entries],
+        [{"hub_id": e.hub_id, "aliases": list(e.aliases), "num_parameters": e.num_parameters,
+          "num_layers": e.num_layers, "hidden_size": e.hidden_size, "vocab_size": e.vocab_size} for e in entries],
         indent=2,
     )
 

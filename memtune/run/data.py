@@ -57,7 +57,8 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
     """The documents in a JSON Lines / JSON / text file, or in every such file under a directory."""
     path = Path(path).expanduser()
     if not path.exists():
-        raise UsageError(f"data path '{path}' does not exist: give a .jsonl, .json or .txt file, or a directory of them")
+        raise UsageError(f"data path '{path}' does not exist: "
+                         "give a .jsonl, .json or .txt file, or a directory of them")
     if path.is_dir():
         files = sorted(
             file for file in path.rglob("*")
@@ -65,8 +66,8 @@ def read_texts(path: str | Path, text_field: str = "text") -> list[str]:
             and not any(part.startswith(".") for part in file.relative_to(path).parts)
         )
         if not files:
-            raise UsageError(f"data directory '{path}' holds no .jsonl, .json or .txt files: put the training text there, "
-                             "or point --data at a file")
+            raise UsageError(f"data directory '{path}' holds no .jsonl, .json or .txt files: "
+                             "put the training text there, or point --data at a file")
         texts = [text for file in files for text in _read_file(file, text_field)]
     else:
         texts = _read_file(path, text_field)
@@ -98,7 +99,8 @@ def load_tokenizer(source: Any) -> tuple[Any, str]:
             return AutoTokenizer.from_pretrained(source.path, local_files_only=True), f"tokenizer of {source.path}"
         except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
             raise UsageError(f"could not load the tokenizer in '{source.path}' ({_first_line(error)}): save it again "
-                             "with tokenizer.save_pretrained, or remove its files to use memtune's sample tokenizer") from None
+                             "with tokenizer.save_pretrained, or remove its files to use memtune's sample "
+                             "tokenizer") from None
     if source.origin == "hub":
         try:
             return AutoTokenizer.from_pretrained(source.hub_id), f"tokenizer of {source.hub_id}"
@@ -156,7 +158,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
     try:
         content = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise UsageError(f"data file '{path}' is not UTF-8 text: give JSON Lines (.jsonl), JSON or plain text (.txt)") from None
+        raise UsageError(f"data file '{path}' is not UTF-8 text: "
+                         "give JSON Lines (.jsonl), JSON or plain text (.txt)") from None
     if path.suffix.lower() not in JSON_SUFFIXES:
         return [content] if content.strip() else []
     stripped = content.lstrip()
@@ -164,7 +167,8 @@ def _read_file(path: Path, text_field: str) -> list[str]:
         try:
             records = json.loads(content)
         except json.JSONDecodeError as error:
-            raise UsageError(f"data file '{path}' is not valid JSON ({error}): fix it, or write one object per line (.jsonl)") from None
+            raise UsageError(f"data file '{path}' is not valid JSON ({error}): "
+                             "fix it, or write one object per line (.jsonl)") from None
         return [text for number, record in enumerate(records, 1)
                 if (text := _text_of(record, text_field, path, f"item {number}"))]
     texts = []

@@ -66,7 +66,9 @@ def wrap_class_names(model_config: Any) -> list[str]:
     return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
-def accelerate_config(train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None) -> dict[str, Any]:
+def accelerate_config(
+    train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None
+) -> dict[str, Any]:
     """The accelerate launcher config (what `accelerate config` writes): data parallel (MULTI_GPU) for
     strategy "ddp", else FSDP2 full sharding (CPU offload included).
 
@@ -115,7 +117,8 @@ def write_accelerate_config(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(accelerate_config(train_config, num_gpus, model_config=model_config), sort_keys=False))
+    config = accelerate_config(train_config, num_gpus, model_config=model_config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
