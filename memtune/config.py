@@ -221,7 +221,9 @@ def parse_bytes(text: str) -> int:
                 if unit_key in ("", "g")
                 else f"memory quantity {text!r} is ambiguous: write {number}{unit.upper()}iB or {number}{unit.upper()}B"
             )
-        raise UsageError(f"memory quantity {text!r} has unknown unit {unit!r}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB")
+        raise UsageError(
+            f"memory quantity {text!r} has unknown unit {unit!r}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
+        )
     value = float(number) * _UNITS[unit_key]
     if value <= 0:
         raise UsageError(f"memory quantity {text!r} must be positive")
@@ -405,7 +407,9 @@ class Policy:
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
         if self.precision in ("bf16-mixed", "bf16") and not self.bf16_supported:
-            problems.append(f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32")
+            problems.append(
+                f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32"
+            )
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
             problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
                             f"{effective_batch_size}: the effective batch would change")
@@ -421,9 +425,14 @@ class Policy:
             problems.append(f"strategy {self.strategy!r} is unknown: ddp or fsdp")
         if self.strategy == "ddp":
             if self.num_gpus < 2:
-                problems.append(f"strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, got {self.num_gpus}")
+                problems.append(
+                    "strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, "
+                    f"got {self.num_gpus}"
+                )
             if self.offload not in (None, "none"):
-                problems.append(f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload")
+                problems.append(
+                    f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload"
+                )
             if self.loss == "chunked":
                 problems.append("strategy ddp needs the standard loss: the chunked loss calls the model past DDP's "
                                 "wrapper, whose forward arms the gradient all-reduce")

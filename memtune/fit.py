@@ -177,12 +177,15 @@ def fit_model(
         for card, size in COMMON_CARDS.items():
             if progress:
                 progress(f"planning for {card}")
-            found = search(predictor, seq_len, effective_batch_size, size, policy, trial=None, explain=False, progress=progress)
+            found = search(
+                predictor, seq_len, effective_batch_size, size, policy, trial=None, explain=False, progress=progress
+            )
             result.card_plans.append(CardPlan(card, size, found))
         result.seconds = time.perf_counter() - started
         return result
 
     if budget_bytes is None:
+        assert gpu is not None  # no GPU and no budget returned above
         budget_bytes = gpu.budget_bytes
         budget_label = f"{gpu.name}: {format_bytes(budget_bytes)} usable"
     result.budget_bytes, result.budget_label = budget_bytes, budget_label
@@ -193,7 +196,9 @@ def fit_model(
             with emulated_budget(gpu, budget_bytes):
                 return measure_trial(source.config, config, steps=trial_steps)
 
-    result.search = search(predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress)
+    result.search = search(
+        predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress
+    )
     chosen = result.search.chosen
     if chosen is not None:
         measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None

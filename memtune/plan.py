@@ -53,7 +53,9 @@ class Plan:
     """Name of the GPU the plan was made for ('' when planned for a budget only)."""
     fallbacks: list[TrainConfig] = field(default_factory=list)
     """Configurations with the same effective batch that need less memory, fastest first."""
-    created: str = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(
+        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    )
 
     @property
     def effective_batch_size(self) -> int:
@@ -86,8 +88,10 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         version = data.get("schema_version")
         if version != PLAN_SCHEMA_VERSION:
-            raise UsageError(f"plan schema_version {version!r} is not supported (this memtune reads {PLAN_SCHEMA_VERSION}); "
-                             "make the plan again with `memtune fit`")
+            raise UsageError(
+                f"plan schema_version {version!r} is not supported (this memtune reads {PLAN_SCHEMA_VERSION}); "
+                "make the plan again with `memtune fit`"
+            )
         data = {key: value for key, value in data.items() if key != "schema_version"}
         data["train_config"] = TrainConfig.from_dict(data["train_config"])
         data["fallbacks"] = [TrainConfig.from_dict(config) for config in data.get("fallbacks", [])]
@@ -107,11 +111,16 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
-            raise UsageError(f"plan file {str(path)!r} does not exist: make one with `memtune fit MODEL` (it prints where it saved it)")
+            raise UsageError(
+                f"plan file {str(path)!r} does not exist: make one with `memtune fit MODEL` "
+                "(it prints where it saved it)"
+            )
         try:
             return cls.from_json(path.read_text())
         except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise UsageError(f"plan file {str(path)!r} is not a memtune plan ({error}); make it again with `memtune fit`") from None
+            raise UsageError(
+                f"plan file {str(path)!r} is not a memtune plan ({error}); make it again with `memtune fit`"
+            ) from None
 
     # ---- adapters to Hugging Face objects ---------------------------------------------------------
 

@@ -155,8 +155,27 @@ def test_plan_refuses_ddp_where_it_cannot_run(flags, message, capsys):
 
 
 def test_fit_for_two_gpus_chooses_between_ddp_and_fsdp_without_gpus(capsys, tmp_path):
-    code, out, err = run(["fit", "gpt2", "--seq-len", "128", "--batch-size", "4", "--gpus", "2", "--gpu", "H100-80GB",
-                          "--trace-device", "cpu", "--no-verify", "--plan-out", str(tmp_path / "plan.json"), "--json"], capsys)
+    code, out, err = run(
+        [
+            "fit",
+            "gpt2",
+            "--seq-len",
+            "128",
+            "--batch-size",
+            "4",
+            "--gpus",
+            "2",
+            "--gpu",
+            "H100-80GB",
+            "--trace-device",
+            "cpu",
+            "--no-verify",
+            "--plan-out",
+            str(tmp_path / "plan.json"),
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0, err
     document = json.loads(out)
     chosen = document["search"]["chosen"]["config"]

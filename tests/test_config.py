@@ -115,7 +115,9 @@ def test_describe_names_every_memory_relevant_choice():
                          offload="optimizer", num_gpus=2)
     assert config.describe() == ("micro-batch 2 x 4 accum, bf16-mixed, checkpointing, LoRA r=8 (q_proj,v_proj), "
                                  "chunked loss, offload optimizer, 2 GPUs, FSDP")
-    assert TrainConfig(seq_len=64, num_gpus=4, strategy="ddp").describe() == "micro-batch 1 x 1 accum, fp32, 4 GPUs, DDP"
+    assert (
+        TrainConfig(seq_len=64, num_gpus=4, strategy="ddp").describe() == "micro-batch 1 x 1 accum, fp32, 4 GPUs, DDP"
+    )
     assert TrainConfig(seq_len=64, strategy="fsdp").describe() == "micro-batch 1 x 1 accum, fp32"  # one GPU: no wrapper
 
 

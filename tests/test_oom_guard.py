@@ -136,7 +136,9 @@ def test_guard_steps_down_mid_run_without_losing_or_repeating_a_step(model_dir: 
     assert [step for step, _ in summary.loss_curve] == list(range(1, 8))
     torch.testing.assert_close([loss for _, loss in summary.loss_curve],
                                [loss for _, loss in reference.loss_curve], rtol=1e-4, atol=1e-5)
-    for (name, weight), (_, expected) in zip(record.model.named_parameters(), reference_record.model.named_parameters()):
+    for (name, weight), (_, expected) in zip(
+        record.model.named_parameters(), reference_record.model.named_parameters(), strict=True
+    ):
         torch.testing.assert_close(weight, expected, rtol=1e-4, atol=1e-5, msg=name)
     # The optimizer took exactly 7 steps.
     assert {int(state["step"]) for state in record.optimizer.state_dict()["state"].values()} == {7}
@@ -160,8 +162,10 @@ class StubTrainer(GuardedTrainerMixin, types.SimpleNamespace):
 
 
 def test_guard_only_monitors_under_deepspeed_and_fsdp1() -> None:
-    for kind, trainer_flags in (("DeepSpeed", {"is_deepspeed_enabled": True}),
-                                ("FSDP1", {"is_fsdp_enabled": True, "accelerator": types.SimpleNamespace(is_fsdp2=False)})):
+    for kind, trainer_flags in (
+        ("DeepSpeed", {"is_deepspeed_enabled": True}),
+        ("FSDP1", {"is_fsdp_enabled": True, "accelerator": types.SimpleNamespace(is_fsdp2=False)}),
+    ):
         messages: list[str] = []
         guard = OomGuard(TrainConfig(seq_len=8, micro_batch_size=4), log=messages.append)
         args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=1)
@@ -177,7 +181,9 @@ def test_the_chunked_loss_is_never_a_step_down_under_ddp_or_fsdp() -> None:
     cases = {"single process": ({}, 1, True), "DDP (2 processes)": ({}, 2, False),
              "FSDP2 offload (1 process)": ({"is_fsdp_enabled": True}, 1, False)}
     for name, (flags, world_size, expected) in cases.items():
-        args = types.SimpleNamespace(per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=world_size)
+        args = types.SimpleNamespace(
+            per_device_train_batch_size=4, gradient_accumulation_steps=1, world_size=world_size
+        )
         trainer = types.SimpleNamespace(args=args, train_config=TrainConfig(seq_len=8, micro_batch_size=4), **flags)
         assert can_switch_loss(trainer) is expected, name
     # Only a Trainer with a train_config (the runner's PlanTrainer) can switch its loss.

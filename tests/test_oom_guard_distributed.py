@@ -128,12 +128,19 @@ class Faults:
 
     def _maybe_raise(self, where: str, batch: int) -> None:
         for rank, step, rule_where, micro_batch, above in self.rules:
-            if (rank, step, rule_where, micro_batch) == (self.rank, self.step, where, self.micro_batch) and batch > above:
+            if (rank, step, rule_where, micro_batch) == (
+                self.rank,
+                self.step,
+                where,
+                self.micro_batch,
+            ) and batch > above:
                 self.fired.append([self.step, where, batch])
                 if self.slow_seconds:
                     time.sleep(self.slow_seconds)
                     return
-                raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected in {where})")
+                raise torch.cuda.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate 2.00 GiB (injected in {where})"
+                )
 
 
 class MiniTrainer:
@@ -144,8 +151,13 @@ class MiniTrainer:
 
         self.model = model
         self.kind = kind
-        self.args = types.SimpleNamespace(per_device_train_batch_size=MICRO_BATCH, gradient_accumulation_steps=ACCUMULATION,
-                                          world_size=dist.get_world_size(), output_dir="", should_save=False)
+        self.args = types.SimpleNamespace(
+            per_device_train_batch_size=MICRO_BATCH,
+            gradient_accumulation_steps=ACCUMULATION,
+            world_size=dist.get_world_size(),
+            output_dir="",
+            should_save=False,
+        )
         self.state = types.SimpleNamespace(global_step=0)
         self.callback_handler = types.SimpleNamespace(callbacks=[])
         self.is_fsdp_enabled = kind == "fsdp2"
@@ -160,7 +172,9 @@ class MiniTrainer:
     def get_batch_samples(self, iterator: Any, num_batches: int) -> tuple[list[Any], None]:
         return [next(iterator) for _ in range(num_batches)], None
 
-    def training_step(self, model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: Any, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         loss = model(**inputs).loss / self.current_gradient_accumulation_steps
         loss.backward()
         return loss.detach()
@@ -215,7 +229,9 @@ def full_parameters(model: Any) -> list[list[float]]:
     return values
 
 
-def guarded_run(rank: int, kind: str, rules: list[list[Any]], output_dir: str = "", **guard_options: Any) -> dict[str, Any]:
+def guarded_run(
+    rank: int, kind: str, rules: list[list[Any]], output_dir: str = "", **guard_options: Any
+) -> dict[str, Any]:
     from memtune.config import TrainConfig
     from memtune.run.guard import GuardedTrainerMixin, OomGuard
 
@@ -300,11 +316,16 @@ def _fsdp_reset(rank: int) -> dict[str, Any]:
                 model(**inputs).loss.backward()
             except torch.cuda.OutOfMemoryError:
                 pass
-            left = {"gathered": sum(group._sharded_state == ShardedState.UNSHARDED for group in groups(model)),
-                    "busy": sum(group._training_state != TrainingState.IDLE for group in groups(model)),
-                    "unsharded_grads": sum(param._unsharded_param.grad is not None or param.unsharded_accumulated_grad is not None
-                                           for group in groups(model) for param in group.fsdp_params
-                                           if hasattr(param, "_unsharded_param"))}
+            left = {
+                "gathered": sum(group._sharded_state == ShardedState.UNSHARDED for group in groups(model)),
+                "busy": sum(group._training_state != TrainingState.IDLE for group in groups(model)),
+                "unsharded_grads": sum(
+                    param._unsharded_param.grad is not None or param.unsharded_accumulated_grad is not None
+                    for group in groups(model)
+                    for param in group.fsdp_params
+                    if hasattr(param, "_unsharded_param")
+                ),
+            }
             faults.rules = []
             found = reset_fsdp(model)
             model.zero_grad(set_to_none=True)
@@ -315,12 +336,19 @@ def _fsdp_reset(rank: int) -> dict[str, Any]:
             local_shapes = [list(param.to_local().shape) for param in model.parameters()]
             full_shapes = [list(param.shape) for param in model.parameters()]
             report[f"{reset} {where}"] = {
-                "fired": faults.fired, "left": left, "modules": found, "after_reset": after,
+                "fired": faults.fired,
+                "left": left,
+                "modules": found,
+                "after_reset": after,
                 "loss": float(loss.detach()),
-                "grads": all(param.grad is not None and bool(torch.isfinite(param.grad.to_local()).all())
-                             for param in model.parameters()),
+                "grads": all(
+                    param.grad is not None and bool(torch.isfinite(param.grad.to_local()).all())
+                    for param in model.parameters()
+                ),
                 "resharded": all(group._sharded_state == ShardedState.SHARDED for group in groups(model)),
-                "sharded_rows": all(local[0] < full[0] for local, full in zip(local_shapes, full_shapes) if full[0] > 1),
+                "sharded_rows": all(
+                    local[0] < full[0] for local, full in zip(local_shapes, full_shapes, strict=True) if full[0] > 1
+                ),
             }
     return report
 
@@ -345,8 +373,12 @@ def test_fsdp2_reset_after_oom_in_forward_and_in_backward(tmp_path: Path) -> Non
             assert seen["fired"] == [[1, where, MICRO_BATCH]], case
             # What the failed step left (the reason for the reset): a layer gathered and not IDLE, and the
             # first micro-batch's unsharded gradients still held for accumulation.
-            assert seen["left"]["gathered"] >= 1 and seen["left"]["busy"] >= 1 and seen["left"]["unsharded_grads"] > 0, case
-            assert seen["modules"] == 6  # 2 decoder layers, the embedding, the norm and the LM head (one unit), the root
+            assert (
+                seen["left"]["gathered"] >= 1 and seen["left"]["busy"] >= 1 and seen["left"]["unsharded_grads"] > 0
+            ), case
+            assert (
+                seen["modules"] == 6
+            )  # 2 decoder layers, the embedding, the norm and the LM head (one unit), the root
             assert seen["after_reset"] == {"gathered": 0, "busy": 0}, case
             assert math.isfinite(seen["loss"]), case
             assert seen["grads"] and seen["resharded"] and seen["sharded_rows"], (rank, case)
@@ -355,7 +387,7 @@ def test_fsdp2_reset_after_oom_in_forward_and_in_backward(tmp_path: Path) -> Non
 @pytest.mark.parametrize("kind", ["fsdp2", "ddp"])
 def test_every_rank_out_of_memory_steps_down_together_and_matches_an_undisturbed_run(tmp_path: Path, kind: str) -> None:
     reports = spawn(f"{kind}_all_ranks_oom", tmp_path)
-    for rank, report in enumerate(reports):
+    for report in reports:
         assert "error" not in report, report
         reference, guarded = report["reference"], report["guarded"]
         assert guarded["fired"] == [[2, "backward", 4], [3, "forward", 2]]
@@ -365,7 +397,7 @@ def test_every_rank_out_of_memory_steps_down_together_and_matches_an_undisturbed
         assert (guarded["current"]["micro_batch_size"], guarded["current"]["grad_accum_steps"]) == (1, 8)
         # No step lost or repeated: the losses and the weights of the undisturbed run (up to summation order).
         torch.testing.assert_close(guarded["losses"], reference["losses"], rtol=1e-4, atol=1e-5)
-        for weights, expected in zip(guarded["parameters"], reference["parameters"]):
+        for weights, expected in zip(guarded["parameters"], reference["parameters"], strict=True):
             torch.testing.assert_close(weights, expected, rtol=1e-4, atol=1e-5)
     assert reports[0]["guarded"]["events"] == reports[1]["guarded"]["events"]
     assert reports[0]["guarded"]["parameters"] == reports[1]["guarded"]["parameters"]
@@ -378,9 +410,14 @@ def test_out_of_memory_on_one_rank_raises_a_clear_error_on_every_rank(tmp_path: 
     for report in spawn("one_rank_oom", tmp_path, output_dir=str(output)):
         assert report["error"] == "OomOnSomeRanksError"
         message = report["message"]
-        assert "CUDA out of memory on rank 1 of 2 (not on 0) in optimizer step 2 with micro-batch 4 x 2 accum" in message
+        assert (
+            "CUDA out of memory on rank 1 of 2 (not on 0) in optimizer step 2 with micro-batch 4 x 2 accum" in message
+        )
         assert "memtune fit ... --budget" in message
-        assert "resume from checkpoint-1 with `memtune run PLAN --resume`: it continues with micro-batch 2 x 4 accum" in message
+        assert (
+            "resume from checkpoint-1 with `memtune run PLAN --resume`: it continues with micro-batch 2 x 4 accum"
+            in message
+        )
         # The Trainer's collective checkpoint save is refused instead of waiting on the broken communicator.
         assert len(report["notes"]) == 1 and report["notes"][0].startswith("save: checkpoint not saved")
     saved = json.loads((output / "checkpoint-1" / "memtune_oom_guard.json").read_text())

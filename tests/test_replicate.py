@@ -38,9 +38,9 @@ def test_bucket_groups_on_meta_tensors_are_torchs_on_real_ones(limits):
     shapes = [(100,), (3000, 700), (4,), (64, 64), (2, 2), (512, 512), (10,), (9000, 64), (1,), (700, 700)]
     dtypes = [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16,
               torch.float32, torch.float32, torch.bfloat16, torch.float32]
-    tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes)]
+    tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in zip(shapes, dtypes, strict=True)]
     expected, _ = dist._compute_bucket_assignment_by_size(tensors, limits, [False] * len(tensors))
-    meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip(shapes, dtypes)]
+    meta = [torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in zip(shapes, dtypes, strict=True)]
     assert bucket_groups(meta, limits) == [list(bucket) for bucket in expected]
     if limits == [300, 5000]:  # per dtype, in order; a bucket closes once it reaches the current limit
         assert bucket_groups(meta, limits)[:3] == [[0], [1], [2, 4, 5]]
@@ -88,7 +88,11 @@ def test_construction_broadcasts_two_buckets_at_a_time_and_keeps_the_gradient_bu
     assert [e.num_bytes for e in events if e.kind == "alloc"] == [1024, 2048, 3072, 4096, rounded(1000)]
     assert live == {("ddp-bucket", 0), ("ddp-bucket", 1)}  # the buckets outlive construction
     # the flattened copies are freed in the order they were started
-    assert [e.storage for e in events if e.kind == "free"] == [("ddp-broadcast", 0), ("ddp-broadcast", 2), ("ddp-broadcast", 3)]
+    assert [e.storage for e in events if e.kind == "free"] == [
+        ("ddp-broadcast", 0),
+        ("ddp-broadcast", 2),
+        ("ddp-broadcast", 3),
+    ]
 
 
 # ---- the estimate -------------------------------------------------------------------------------------
@@ -141,7 +145,9 @@ def test_estimate_dispatch_sends_ddp_to_the_replicated_model():
     predictor = ModelPredictor(model_config, parameter_count(model_config), throughput.gpu_speed("H100"), device="cpu")
     predicted = predictor.memory(DDP)
     assert DDP_BUCKETS in predicted.breakdown
-    assert predictor.fits(predicted, predicted.total_bytes) and not predictor.fits(predicted, predicted.total_bytes // 4)
+    assert predictor.fits(predicted, predicted.total_bytes) and not predictor.fits(
+        predicted, predicted.total_bytes // 4
+    )
 
 
 # ---- speed: DDP against FSDP ----------------------------------------------------------------------------
@@ -161,7 +167,9 @@ def test_ddp_is_predicted_faster_than_fsdp_for_a_small_model_and_keeps_the_singl
     assert one < ddp < fsdp
     # what DDP adds over one GPU is its synchronisation, nothing else
     micro, backward = throughput.micro_batch_seconds(shape, config, speed)
-    assert ddp - one == pytest.approx(throughput.ddp_sync_seconds(shape, config.replace(strategy="ddp"), speed, backward))
+    assert ddp - one == pytest.approx(
+        throughput.ddp_sync_seconds(shape, config.replace(strategy="ddp"), speed, backward)
+    )
 
 
 def test_a_slower_link_exposes_more_of_the_all_reduce():

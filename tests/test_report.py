@@ -560,7 +560,13 @@ def test_probe_json_matches_the_documented_schema(probe, types):
 
 def test_plan_json_matches_the_documented_schema(types):
     estimate = fake_estimate(full(4), weights=1, gradients=1, optimizer=2, activations=3, logits=1, temporaries=0.5)
-    result = PlanResult(qwen_source(), estimate, "budget 24.00 GiB", 494_032_768, Verdict(True, estimate.total_bytes, 24 * GIB, 491 * MIB))
+    result = PlanResult(
+        qwen_source(),
+        estimate,
+        "budget 24.00 GiB",
+        494_032_768,
+        Verdict(True, estimate.total_bytes, 24 * GIB, 491 * MIB),
+    )
     assert schema_errors(json.loads(json_report.render_plan_json(result)), "PlanDocument", types) == []
 
 
@@ -619,7 +625,9 @@ def test_a_ddp_plan_says_how_the_gpus_share_the_work(types):
     snippet = words.python_snippet(config)
     assert "ddp_find_unused_parameters=False" in snippet and "DDP over 4 GPUs (accelerate launch)" in snippet
     estimate = fake_estimate(config, weights=1, gradients=1, ddp_buckets=1, optimizer=2, activations=3, logits=1)
-    result = PlanResult(qwen_source(), estimate, "H100-80GB", 494_032_768, Verdict(True, estimate.total_bytes, 80 * GIB, 1638 * MIB))
+    result = PlanResult(
+        qwen_source(), estimate, "H100-80GB", 494_032_768, Verdict(True, estimate.total_bytes, 80 * GIB, 1638 * MIB)
+    )
     text = rendered(lambda console: report.render_plan(result, console), width=120)
     assert "4 GPUs, DDP" in text and "DDP gradient buckets" in text
     document = json.loads(json_report.render_plan_json(result))

@@ -123,7 +123,9 @@ def test_interrupt_then_resume_continues_at_the_same_step_with_the_same_losses(
                                [loss for _, loss in reference.loss_curve], rtol=1e-4, atol=1e-5)
 
 
-def test_output_directory_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(model_dir: Path, tmp_path: Path) -> None:
+def test_output_directory_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(
+    model_dir: Path, tmp_path: Path
+) -> None:
     plan = make_plan(model_dir)
     with pytest.raises(UsageError, match="holds no checkpoint-N folder"):
         run(plan, tmp_path / "empty", max_steps=2, resume=True)
@@ -140,7 +142,9 @@ def test_catalog_model_starts_from_random_weights_with_the_sample_tokenizer(
     from memtune import sources
 
     config = AutoModelForCausalLM.from_pretrained(model_dir).config
-    monkeypatch.setattr(sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "catalog", hub_id="tiny/llama"))
+    monkeypatch.setattr(
+        sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "catalog", hub_id="tiny/llama")
+    )
     summary = run(make_plan("tiny-llama"), tmp_path / "catalog", max_steps=2, data=None)
     assert summary.model_origin.startswith("random initialisation (a catalog config)")
     assert any("random initialisation" in note for note in summary.notes)
@@ -155,7 +159,9 @@ def test_hub_model_loads_its_weights_and_tokenizer_with_from_pretrained(
     from memtune import sources
 
     config = AutoModelForCausalLM.from_pretrained(model_dir).config
-    monkeypatch.setattr(sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "hub", hub_id=str(model_dir)))
+    monkeypatch.setattr(
+        sources, "resolve", lambda model, **kwargs: sources.ModelSource(model, config, "hub", hub_id=str(model_dir))
+    )
     summary = run(make_plan("someone/tiny-llama"), tmp_path / "hub", max_steps=1)
     assert summary.model_origin == f"weights from the hub ({model_dir})" and not summary.notes
     assert summary.tokenizer_origin == f"tokenizer of {model_dir}"
@@ -274,8 +280,11 @@ def test_a_plan_for_several_gpus_is_relaunched_under_accelerate(tmp_path, monkey
         monkeypatch.delenv(name, raising=False)
     args = RunOptions(plan=str(tmp_path / "plan.json"), data="train.jsonl", output_dir=str(tmp_path / "out"),
                       max_steps=50)
-    two_gpus = Plan(model="qwen2.5-0.5b", budget_bytes=80 << 30,
-                    train_config=TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="bf16", num_gpus=2))
+    two_gpus = Plan(
+        model="qwen2.5-0.5b",
+        budget_bytes=80 << 30,
+        train_config=TrainConfig(seq_len=1024, micro_batch_size=2, grad_accum_steps=4, amp="bf16", num_gpus=2),
+    )
     command = relaunch_command(two_gpus, args, tmp_path / "out")
     assert command[1:4] == ["-m", "accelerate.commands.launch", "--config_file"]
     config_text = Path(command[4]).read_text()

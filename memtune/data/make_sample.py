@@ -68,15 +68,16 @@ def _sentence_story(rng: random.Random, name: str, friend: str) -> str:
         f"On the way, {name} saw {_a(adjective)} {animal} near the {other}.",
         f"{name} carried {_a(thing)} and a bag of {food}.",
         f"At the {place}, {name} met {friend}, who looked {feeling}.",
-        f"\"Good day, {friend},\" said {name}. \"Where are you going?\"",
-        f"\"I am going to the {other},\" answered {friend}. \"I need {NUMBERS[count]} {rng.choice(OBJECTS)}s.\"",
+        f'"Good day, {friend}," said {name}. "Where are you going?"',
+        f'"I am going to the {other}," answered {friend}. "I need {NUMBERS[count]} {rng.choice(OBJECTS)}s."',
         f"They talked for a while about the {rng.choice(WEATHER)} and the price of {food}.",
         f"{friend} had lost {_a(thing)}, so {name} helped to look for it.",
         f"They found it under {_a(adjective)} {rng.choice(OBJECTS)} behind the {place}.",
         f"The {animal} followed them all the way to the {other}.",
         f"When the sun went down, {name} went home and felt {feeling}.",
         f"{name} bought {NUMBERS[count]} pounds of {food} and paid with {NUMBERS[rng.randint(1, 9)]} coins.",
-        f"The {place} was {rng.choice(ADJECTIVES)} and {rng.choice(['full of people', 'almost empty', 'very loud', 'quiet'])}.",
+        f"The {place} was {rng.choice(ADJECTIVES)} and "
+        f"{rng.choice(['full of people', 'almost empty', 'very loud', 'quiet'])}.",
     ]
     return " ".join(rng.sample(options, rng.randint(5, 9)))
 
@@ -145,7 +146,7 @@ def _weather(rng: random.Random) -> str:
 
 def _people(rng: random.Random) -> str:
     sentences = []
-    for name, job in zip(rng.sample(NAMES, 4), rng.sample(list(JOBS), 4)):
+    for name, job in zip(rng.sample(NAMES, 4), rng.sample(list(JOBS), 4), strict=True):
         sentences.append(f"{name} is the {job} of the village. The {job} {JOBS[job]}.")
         sentences.append(f"Every {rng.choice(DAYS)}, {name} goes to the {rng.choice(PLACES)}.")
     return " ".join(sentences)

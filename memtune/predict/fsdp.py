@@ -140,11 +140,13 @@ def _watch_resizes(counter: ShardedCounter) -> Iterator[None]:
         counter.resize(storage, int(size))
         return result
 
-    torch.UntypedStorage.resize_ = resize_
+    # FSDP2 frees and refills its unsharded parameters' storage with resize_ (no new tensor is made), so the
+    # counter must see the call itself; patching the method for the trace's duration is the only hook there is.
+    torch.UntypedStorage.resize_ = resize_  # type: ignore[method-assign,assignment]
     try:
         yield
     finally:
-        torch.UntypedStorage.resize_ = original
+        torch.UntypedStorage.resize_ = original  # type: ignore[method-assign]
 
 
 class _HostToDevice(TorchFunctionMode):
@@ -279,7 +281,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         layer_of = {id(p): index for index, layer in enumerate(layers) for p in [*layer.parameters(), *layer.buffers()]}
         optimizer = recipe.make_optimizer(model, fused=True)
         hooks = _tag_layers(layers, counter)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
+        head = get_head() if get_head is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
 
         def set_phase(phase: str) -> Any:

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -289,7 +289,7 @@ def meta_to_fake(
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if param is not None:
-                module._parameters[name] = convert(param, True)
+                module._parameters[name] = cast(torch.nn.Parameter, convert(param, True))  # is_param: a Parameter
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = convert(buffer, False)
@@ -476,7 +476,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     with unpacked, fake_mode, counter, emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         optimizer = recipe.make_optimizer(model, fused=True)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
+        head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
         if head is not None:
             hooks.append(head.register_forward_pre_hook(_logits_hook(counter)))

@@ -45,14 +45,32 @@ def build_model(
     return prepare_model(model, train_config)
 
 
+def set_checkpointing(model: Any, enabled: bool) -> None:
+    """Switch non-reentrant activation checkpointing of every decoder layer on or off, in place.
+
+    transformers 5.24 renamed `gradient_checkpointing_enable/disable` to `activation_checkpointing_enable/
+    disable` (the old names warn); 5.17 has only the old ones. Non-reentrant checkpointing needs no input
+    that requires grad, so it works with frozen LoRA bases. Turns the KV cache off (unused in training)."""
+    if enabled:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
 def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
     """Apply gradient checkpointing and the adapter of `train_config` to an existing model (a transformers
     `PreTrainedModel`); returns it, or the peft model around it."""
     causal_lm = cast("PreTrainedModel", model)
     causal_lm.train()
     if train_config.gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad (works with frozen LoRA bases).
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_checkpointing(causal_lm, True)
     if hasattr(causal_lm, "config"):
         causal_lm.config.use_cache = False
     adapter = train_config.adapter

@@ -11,7 +11,6 @@ docs/json-schema.md, and tests/test_report.py checks real documents against that
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +28,7 @@ from memtune.report.words import (
     breakdown_items,
     category_colour,
     changes_to_make,
+    fit_command,
     fit_commands,
     gpu_lines,
     model_line,
@@ -64,7 +64,9 @@ def render_plan(result: PlanResult, console: Console) -> None:
         f"[bold]{result.source.name}[/bold] ({result.source.origin}, {result.num_parameters / 1e9:.3g}B parameters, "
         f"{estimate.num_layers} layers)"
     )
-    console.print(f"configuration: {config.describe()}, {config.seq_len} tokens, effective batch {config.effective_batch_size}")
+    console.print(
+        f"configuration: {config.describe()}, {config.seq_len} tokens, effective batch {config.effective_batch_size}"
+    )
     table = Table(title="predicted peak memory", show_lines=False)
     table.add_column("category")
     table.add_column("bytes", justify="right")
@@ -76,7 +78,8 @@ def render_plan(result: PlanResult, console: Console) -> None:
     table.add_row("[bold]total[/bold]", f"[bold]{format_bytes(total)}[/bold]", "", "reserved + workspaces + context")
     console.print(table)
     console.print(
-        f"peak allocated {format_bytes(estimate.peak_allocated_bytes)}, peak reserved {format_bytes(estimate.peak_reserved_bytes)} "
+        f"peak allocated {format_bytes(estimate.peak_allocated_bytes)}, "
+        f"peak reserved {format_bytes(estimate.peak_reserved_bytes)} "
         f"(traced {estimate.traced_layers} of {estimate.num_layers} layers on fake {estimate.trace_device} tensors, "
         f"{estimate.seconds:.1f} s)"
     )
@@ -84,14 +87,20 @@ def render_plan(result: PlanResult, console: Console) -> None:
     if verdict is None:
         console.print("no budget given: pass --budget 24GiB or --gpu NAME to check a card")
         return
-    usable = f"{format_bytes(verdict.usable_bytes)} usable = {result.budget_label} - margin {format_bytes(verdict.margin_bytes)}"
+    margin = format_bytes(verdict.margin_bytes)
+    usable = f"{format_bytes(verdict.usable_bytes)} usable = {result.budget_label} - margin {margin}"
     if verdict.fits and verdict.spare_bytes >= 0:
         console.print(f"[green]fits[/green] {usable}: {format_bytes(verdict.spare_bytes)} to spare", highlight=False)
     elif verdict.fits:
-        console.print(f"[green]fits[/green] {usable}: the peak is {format_bytes(-verdict.spare_bytes)} over it, but the "
-                      "allocator releases its cache under pressure and the replay never runs out", highlight=False)
+        console.print(
+            f"[green]fits[/green] {usable}: the peak is {format_bytes(-verdict.spare_bytes)} over it, but the "
+            "allocator releases its cache under pressure and the replay never runs out",
+            highlight=False,
+        )
     else:
-        console.print(f"[red]does not fit[/red] {usable}: short by {format_bytes(verdict.shortfall_bytes)}", highlight=False)
+        console.print(
+            f"[red]does not fit[/red] {usable}: short by {format_bytes(verdict.shortfall_bytes)}", highlight=False
+        )
 
 
 def render_models(entries: list[CatalogEntry], console: Console) -> None:
@@ -99,8 +108,14 @@ def render_models(entries: list[CatalogEntry], console: Console) -> None:
     for column in ("hub id", "aliases", "parameters", "layers", "hidden", "vocab"):
         table.add_column(column, justify="right" if column in ("parameters", "layers", "hidden", "vocab") else "left")
     for entry in entries:
-        table.add_row(entry.hub_id, ", ".join(entry.aliases), f"{entry.num_parameters / 1e9:.3f}B", str(entry.num_layers),
-                      str(entry.hidden_size), str(entry.vocab_size))
+        table.add_row(
+            entry.hub_id,
+            ", ".join(entry.aliases),
+            f"{entry.num_parameters / 1e9:.3f}B",
+            str(entry.num_layers),
+            str(entry.hidden_size),
+            str(entry.vocab_size),
+        )
     console.print(table)
 
 
@@ -151,13 +166,14 @@ def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Ta
         table.add_column("quality", ratio=2)
     for candidate in search.evaluated:  # the rest is summarised below the table
         chosen = candidate is search.chosen
-        peak = candidate.predicted_total_bytes
+        peak = candidate.predicted_total_bytes or 0  # evaluated: it has an estimate
         configuration = Text(("> " if chosen else "") + candidate.config.describe())
         quality = quality_note(candidate.config, result.source.config, result.num_parameters, short=True)
         if not wide:
             configuration.append(f"\n  {quality}", style="dim")
-        cells = [configuration, f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})", candidate.status,
-                 f"{candidate.predicted_tokens_per_second:,.0f}"]
+        share = f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})"
+        speed = f"{candidate.predicted_tokens_per_second:,.0f}"
+        cells: list[Text | str] = [configuration, share, candidate.status, speed]
         table.add_row(*cells, *([quality] if wide else []), style="bold" if chosen else None)
     return table
 
@@ -177,6 +193,7 @@ def _candidate_footnotes(search: SearchResult) -> Iterator[str]:
 
 def _render_chosen(result: FitResult, search: SearchResult, console: Console) -> None:
     chosen = search.chosen
+    assert chosen is not None, "rendered only when the search chose a configuration"
     peak = chosen.predicted_total_bytes or 0
     console.print(Text(f"chosen: {chosen.config.describe()}", style="bold green"))
     console.print(_indented(f"predicted peak {format_bytes(peak)} of {format_bytes(search.usable_bytes)} usable "
@@ -190,7 +207,9 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
         console.print(_alternatives_table(search))
     if chosen.estimate is not None:
         console.print()
-        console.print(breakdown_bars(chosen.estimate, search.budget_bytes, search.usable_bytes, notes=console.width >= 100))
+        console.print(
+            breakdown_bars(chosen.estimate, search.budget_bytes, search.usable_bytes, notes=console.width >= 100)
+        )
     console.print()
     heading, rows = verification(result)
     console.print(heading, highlight=False)
@@ -214,6 +233,7 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
 
 def _alternatives_table(search: SearchResult) -> Table:
     chosen = search.chosen
+    assert chosen is not None, "alternatives exist only beside a chosen configuration"
     table = Table(title="why this one: the chosen configuration with one thing changed", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("change", ratio=2)
@@ -256,7 +276,12 @@ def breakdown_bars(estimate: Estimate, budget_bytes: int, usable_bytes: int, not
     stacked = Text()  # the total as one bar in the same colours: whole characters, rounded cumulatively
     cumulative = drawn = 0
     for category, size in breakdown_items(estimate.breakdown):
-        row(category, size, Text(_bar(size / budget_bytes), style=category_colour(category)), CATEGORY_NOTES.get(category, ""))
+        row(
+            category,
+            size,
+            Text(_bar(size / budget_bytes), style=category_colour(category)),
+            CATEGORY_NOTES.get(category, ""),
+        )
         cumulative += size
         end = round(min(cumulative / budget_bytes, 1.5) * BAR_WIDTH)
         stacked.append("█" * (end - drawn), style=category_colour(category))
@@ -320,10 +345,12 @@ def _render_card_plans(result: FitResult, console: Console) -> None:
     console.print()
     console.print(table)
     margins = sorted({card.search.margin_bytes for card in result.card_plans})
-    margin = format_bytes(margins[0]) if len(margins) == 1 else f"{format_bytes(margins[0])} to {format_bytes(margins[-1])}"
+    margin = (
+        format_bytes(margins[0]) if len(margins) == 1 else f"{format_bytes(margins[0])} to {format_bytes(margins[-1])}"
+    )
     console.print(f"(peak: % of the card's usable memory, its memory minus a safety margin of {margin}; "
                   "tokens/s: predicted)", highlight=False)
-    command = f"memtune fit {shlex.quote(result.source.name)} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+    command = fit_command(result)
     console.print(f"the full report for one card: {command} --budget 24GiB", highlight=False, markup=False)
 
 
@@ -355,8 +382,11 @@ def render_probe(result: ProbeResult, console: Console) -> None:
         table.add_row("our context", format_bytes(gpu.context_bytes), "CUDA context and kernels, outside torch's pool")
         if gpu.memory_fraction is not None:
             table.add_row("memory fraction", f"{gpu.memory_fraction:.0%}", "torch.cuda.set_per_process_memory_fraction")
-        table.add_row(Text("usable by us", style="bold"), Text(format_bytes(gpu.budget_bytes), style="bold"),
-                      "total - used by others" + (", capped by the memory fraction" if gpu.memory_fraction is not None else ""))
+        table.add_row(
+            Text("usable by us", style="bold"),
+            Text(format_bytes(gpu.budget_bytes), style="bold"),
+            "total - used by others" + (", capped by the memory fraction" if gpu.memory_fraction is not None else ""),
+        )
         console.print(table)
     console.print(f"torch built with CUDA {result.torch_cuda or 'unknown'}", highlight=False)
 

@@ -138,11 +138,17 @@ def python_snippet(config: TrainConfig) -> str:
                  "))"]
     elif adapter is not None:
         imports.append("from peft import PrefixTuningConfig, get_peft_model")
-        body.append(f"model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens={adapter.num_virtual_tokens}, "
-                    "task_type=\"CAUSAL_LM\"))")
+        body.append(
+            f"model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens={adapter.num_virtual_tokens}, "
+            'task_type="CAUSAL_LM"))'
+        )
     body += ["args = TrainingArguments(", "    output_dir=\"out\","]
     for name, value in ladder.trainer_arguments(config).items():
-        comment = "  # activation_checkpointing=True from transformers 5.24" if name == "gradient_checkpointing" and value else ""
+        comment = (
+            "  # activation_checkpointing=True from transformers 5.24"
+            if name == "gradient_checkpointing" and value
+            else ""
+        )
         body.append(f"    {name}={_python_argument(value)},{comment}")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
@@ -154,15 +160,23 @@ def python_snippet(config: TrainConfig) -> str:
     return "\n".join(imports + [""] + body)
 
 
+def fit_command(result: FitResult) -> str:
+    """`memtune fit MODEL --seq-len N --batch-size B`: the task of a result, without its options."""
+    name = shlex.quote(result.source.name)
+    return f"memtune fit {name} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+
+
 def fit_commands(result: FitResult) -> list[str]:
     """The command lines that make this result again (with the options that pinned or forbade a
     choice) and run its plan."""
-    command = f"memtune fit {shlex.quote(result.source.name)} --seq-len {result.seq_len} --batch-size {result.effective_batch_size}"
+    command = fit_command(result)
     if result.policy is not None:
         command += "".join(f" {flag}" for flag in policy_flags(result.policy))
     budget = result.budget_bytes
     if budget is not None and (result.gpu is None or budget != result.gpu.budget_bytes):
-        card = next((name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None)
+        card = next(
+            (name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None
+        )
         command += f" --gpu {card}" if card else f" --budget {budget_flag(budget)}"
     if result.plan_path is not None and str(result.plan_path) != DEFAULT_PLAN_PATH:
         command += f" --plan-out {shlex.quote(str(result.plan_path))}"
@@ -179,10 +193,16 @@ def gpu_lines(result: FitResult) -> list[str]:
         reason = result.probe.reason if result.probe is not None and result.probe.reason else "none is visible"
         if result.budget_bytes is None:
             return [f"no GPU: {reason}", "planned for common cards (predictions only)"]
-        return [f"no GPU: {reason}", f"planned for {result.budget_label or 'budget ' + format_bytes(result.budget_bytes)}"]
+        return [
+            f"no GPU: {reason}",
+            f"planned for {result.budget_label or 'budget ' + format_bytes(result.budget_bytes)}",
+        ]
     others = f"{format_bytes(gpu.used_by_others_bytes)} used by {gpu.other_processes} other process" \
              f"{'es' if gpu.other_processes != 1 else ''}"
-    lines = [f"GPU {gpu.index}: {gpu.name}, {format_bytes(gpu.total_bytes)} total, {format_bytes(gpu.free_bytes)} free, {others}"]
+    lines = [
+        f"GPU {gpu.index}: {gpu.name}, {format_bytes(gpu.total_bytes)} total, "
+        f"{format_bytes(gpu.free_bytes)} free, {others}"
+    ]
     budget = result.budget_bytes
     if budget is None or budget == gpu.budget_bytes:
         lines.append(f"planned for what this process may use: {format_bytes(gpu.budget_bytes)}")
@@ -218,9 +238,9 @@ def verification(result: FitResult) -> tuple[str, list[tuple[str, str, str, str]
     """The chosen configuration's evidence: a heading, and rows (quantity, predicted, measured, error)
     where a trial measured it. Errors are (predicted - measured) / measured."""
     search = result.search
-    chosen = search.chosen if search is not None else None
-    if chosen is None:
+    if search is None or search.chosen is None:
         return "", []
+    chosen = search.chosen
     trials = f"{search.trials} trial{'s' if search.trials != 1 else ''}, {search.trial_ooms} out of memory"
     measured = chosen.measured_total_bytes
     if chosen.measurement is None or not chosen.measurement.fits or measured is None:
@@ -236,10 +256,19 @@ def verification(result: FitResult) -> tuple[str, list[tuple[str, str, str, str]
     if 0 < accumulated < config.grad_accum_steps:  # verify.measure shortens long accumulations: the peak repeats
         heading += f"; each trial step ran {accumulated} of the {config.grad_accum_steps} accumulated micro-batches"
     predicted = chosen.predicted_total_bytes or 0
-    rows = [("peak memory", format_bytes(predicted), format_bytes(measured), f"{(predicted - measured) / measured:+.1%}")]
+    rows = [
+        ("peak memory", format_bytes(predicted), format_bytes(measured), f"{(predicted - measured) / measured:+.1%}")
+    ]
     speed = chosen.measurement.tokens_per_second
     if speed and search.throughput_error is not None:
-        rows.append(("tokens/s", f"{chosen.predicted_tokens_per_second:,.0f}", f"{speed:,.0f}", f"{search.throughput_error:+.1%}"))
+        rows.append(
+            (
+                "tokens/s",
+                f"{chosen.predicted_tokens_per_second:,.0f}",
+                f"{speed:,.0f}",
+                f"{search.throughput_error:+.1%}",
+            )
+        )
     return heading, rows
 
 
@@ -262,6 +291,7 @@ def untraced_counts(search: SearchResult) -> list[tuple[str, int, str]]:
 def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
     """What one rung changes: the memory it needs or saves, and its speed against the winner."""
     chosen = search.chosen
+    assert chosen is not None, "alternatives exist only beside a chosen configuration"
     delta = alternative.predicted_total_bytes - (chosen.predicted_total_bytes or 0)
     speed = (alternative.predicted_tokens_per_second / chosen.predicted_tokens_per_second - 1
              if chosen.predicted_tokens_per_second else 0.0)
@@ -274,7 +304,13 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
         return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
     if any(candidate.config == alternative.config and candidate.status == TRIAL_OOM for candidate in search.candidates):
         return f"predicted to fit, but ran out of memory in its trial ({pace})"
-    memory = f"saves {format_bytes(-delta)}" if delta < 0 else f"needs {format_bytes(delta)} more" if delta > 0 else "same memory"
+    memory = (
+        f"saves {format_bytes(-delta)}"
+        if delta < 0
+        else f"needs {format_bytes(delta)} more"
+        if delta > 0
+        else "same memory"
+    )
     verdict = f"fits ({memory}), {pace}"
     if alternative.config.adapter is not None and chosen.config.adapter is None:
         verdict += ", but trains the adapter only"

@@ -99,6 +99,7 @@ from transformers import Trainer, TrainerCallback
 from memtune.config import TrainConfig
 from memtune.errors import MemtuneError, NothingFitsError, UsageError
 from memtune.measure.memory import is_oom
+from memtune.recipe.step import set_checkpointing
 from memtune.run.agreement import (
     AGREEMENT_TIMEOUT_SECONDS,
     AgreementFailed,
@@ -409,7 +410,7 @@ class OomGuard(TrainerCallback):
     def _apply(self, config: TrainConfig) -> None:
         config = self.policy.normalized(config)
         if config.gradient_checkpointing != self.current.gradient_checkpointing:
-            _set_checkpointing(self.trainer.model, config.gradient_checkpointing)
+            set_checkpointing(self.trainer.model, config.gradient_checkpointing)
         if hasattr(self.trainer, "train_config"):
             self.trainer.train_config = config
         self.current = config
@@ -635,21 +636,6 @@ def _split(inputs: dict[str, Any], chunk: int) -> list[dict[str, Any]]:
             for key, value in inputs.items()
         })
     return pieces
-
-
-def _set_checkpointing(model: Any, enabled: bool) -> None:
-    """Switch non-reentrant activation checkpointing on or off (transformers 5.24 renamed the methods)."""
-    if enabled:
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
-    if hasattr(model, "config"):
-        model.config.use_cache = False
 
 
 def _free_memory() -> None:

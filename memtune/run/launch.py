@@ -33,11 +33,12 @@ DDP (strategy "ddp", accelerate 1.15 / transformers 5.17-5.24):
   num_processes workers through torchrun (commands/launch.py: `args.multi_gpu` from the config's
   distributed_type, 1229-1243; `multi_gpu_launcher`), with ACCELERATE_MIXED_PRECISION from
   `mixed_precision` and no FSDP variables (utils/launch.py `prepare_multi_gpu_env`).
-- Trainer fills accelerate's DDP handler (DistributedDataParallelKwargs; `_build_accelerator_args`, trainer.py 749-766 in 5.24): only
-  find_unused_parameters unless other ddp_* TrainingArguments are set, and it defaults to True for a
-  model without gradient checkpointing. A causal LM uses every parameter in every step, so
-  `ddp_training_arguments` sets ddp_find_unused_parameters=False: no autograd-graph search after each
-  forward, and the bucket layout `predict.ddp` models (one bucket per dtype until the first rebuild).
+- Trainer fills accelerate's DDP handler (DistributedDataParallelKwargs; `_build_accelerator_args`,
+  trainer.py 749-766 in 5.24): only find_unused_parameters unless other ddp_* TrainingArguments are
+  set, and it defaults to True for a model without gradient checkpointing. A causal LM uses every
+  parameter in every step, so `ddp_training_arguments` sets ddp_find_unused_parameters=False: no
+  autograd-graph search after each forward, and the bucket layout `predict.ddp` models (one bucket
+  per dtype until the first rebuild).
 """
 
 from __future__ import annotations

@@ -118,11 +118,15 @@ class PlanTrainer(GuardedTrainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if self.train_config.loss != "chunked" or return_outputs:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         labels = inputs["labels"]
         # forward_loss calls the backbone and LM head directly, past accelerate's autocast wrapper of forward.
         with self.accelerator.autocast():
-            loss = recipe.forward_loss(self.accelerator.unwrap_model(model), inputs["input_ids"], labels, self.train_config)
+            loss = recipe.forward_loss(
+                self.accelerator.unwrap_model(model), inputs["input_ids"], labels, self.train_config
+            )
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             # Trainer then expects sum / (label tokens of the whole optimizer step), as the model's own loss gives.
             counted = (labels[..., 1:] != -100).sum()
@@ -342,7 +346,7 @@ def run_plan(
 
     wall_start = time.perf_counter()
     console = console or Console(stderr=True)
-    quiet = Console(file=_Discard())
+    quiet = Console(quiet=True)
     reporter_console = console if progress else quiet
     notes: list[str] = []
 
@@ -564,20 +568,14 @@ def leave_process_group() -> None:
 # ---- internals -----------------------------------------------------------------------------------
 
 
-class _Discard:
-    def write(self, text: str) -> int:
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-
 def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, get_last_checkpoint: Callable) -> Path | None:
     last = get_last_checkpoint(str(output)) if output.is_dir() else None
     if not resume:
         if last is not None:
-            raise UsageError(f"output directory '{output}' already holds checkpoints ({Path(last).name}) of an earlier run: "
-                             "pass --resume to continue it, or choose another --output-dir")
+            raise UsageError(
+                f"output directory '{output}' already holds checkpoints ({Path(last).name}) of an earlier run: "
+                "pass --resume to continue it, or choose another --output-dir"
+            )
         return None
     if last is None:
         raise UsageError(f"--resume: output directory '{output}' holds no checkpoint-N folder; "
@@ -586,8 +584,10 @@ def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, get_last_check
     if saved.is_file():
         earlier = Plan.load(saved)
         if (earlier.model, earlier.train_config) != (plan.model, plan.train_config):
-            raise UsageError(f"--resume: '{output}' was trained with another plan ({earlier.model}: "
-                             f"{earlier.train_config.describe()}); resume it with {saved}, or choose another --output-dir")
+            raise UsageError(
+                f"--resume: '{output}' was trained with another plan ({earlier.model}: "
+                f"{earlier.train_config.describe()}); resume it with {saved}, or choose another --output-dir"
+            )
     return Path(last)
 
 
@@ -601,8 +601,10 @@ def _check_runnable(plan: Plan, max_steps: int | None, save_steps: int) -> None:
         problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.forward_loss): "
                         "make the plan again, or update memtune")
     if plan.train_config.loss == "chunked" and (_process_count() > 1 or _sharded()):
-        problems.append("the chunked loss runs only unsharded in a single process (recipe.forward_loss calls the "
-                        "model's submodules past the DDP/FSDP wrapper); make a plan with the standard loss for this launch")
+        problems.append(
+            "the chunked loss runs only unsharded in a single process (recipe.forward_loss calls the "
+            "model's submodules past the DDP/FSDP wrapper); make a plan with the standard loss for this launch"
+        )
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -620,20 +622,28 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
         messages.append(f"seq_len {config.seq_len} exceeds the {longest} positions {plan.model} was trained for")
     processes = _process_count()
     if config.num_gpus > 1 and processes != config.num_gpus:
-        messages.append(f"the plan is for {config.num_gpus} GPUs but {processes} process(es) run: the effective batch is "
-                        f"{config.micro_batch_size * config.grad_accum_steps * processes} instead of "
-                        f"{config.effective_batch_size}; start it with `accelerate launch --num_processes {config.num_gpus}`")
+        messages.append(
+            f"the plan is for {config.num_gpus} GPUs but {processes} process(es) run: the effective batch is "
+            f"{config.micro_batch_size * config.grad_accum_steps * processes} instead of "
+            f"{config.effective_batch_size}; start it with `accelerate launch --num_processes {config.num_gpus}`"
+        )
     if config.offload != "none" and not _sharded():
-        messages.append(f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
-                        "offload config (memtune.distributed); this run keeps everything on the GPU and needs more memory")
+        messages.append(
+            f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
+            "offload config (memtune.distributed); this run keeps everything on the GPU and needs more memory"
+        )
     if config.replicated and _sharded():
-        messages.append("the plan replicates the model on every GPU (DDP) but this process was launched with an FSDP or "
-                        "DeepSpeed config: it runs sharded, not as planned and verified; launch it with `memtune run` "
-                        "(it writes a MULTI_GPU accelerate config)")
+        messages.append(
+            "the plan replicates the model on every GPU (DDP) but this process was launched with an FSDP or "
+            "DeepSpeed config: it runs sharded, not as planned and verified; launch it with `memtune run` "
+            "(it writes a MULTI_GPU accelerate config)"
+        )
     if config.num_gpus > 1 and not config.replicated and processes > 1 and not _sharded():
-        messages.append(f"the plan shards over {config.num_gpus} GPUs with FSDP but this process was launched without an "
-                        "FSDP config: Trainer replicates the model on every GPU (DDP), which needs more memory than "
-                        "planned; launch it with `memtune run` (it writes the FSDP2 accelerate config)")
+        messages.append(
+            f"the plan shards over {config.num_gpus} GPUs with FSDP but this process was launched without an "
+            "FSDP config: Trainer replicates the model on every GPU (DDP), which needs more memory than "
+            "planned; launch it with `memtune run` (it writes the FSDP2 accelerate config)"
+        )
     return messages
 
 
@@ -643,7 +653,10 @@ def _process_count() -> int:
 
 def _sharded() -> bool:
     """Started by `accelerate launch` with an FSDP or DeepSpeed config (the launcher sets these)."""
-    return any(os.environ.get(name, "").lower() in ("1", "true") for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return any(
+        os.environ.get(name, "").lower() in ("1", "true")
+        for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+    )
 
 
 def _save_last_step(trainer: Trainer, stats: RunStats, guard: OomGuard, warn: Callable[[str], None]) -> None:
@@ -656,6 +669,7 @@ def _save_last_step(trainer: Trainer, stats: RunStats, guard: OomGuard, warn: Ca
         warn(f"stopped inside the optimizer update of step {step + 1}: its state may be half-written, so no "
              "checkpoint was saved; --resume continues from the latest earlier checkpoint")
         return
+    assert trainer.args.output_dir is not None  # run_plan always sets it
     folder = Path(trainer.args.output_dir) / f"checkpoint-{step}"
     if folder.is_dir():
         return

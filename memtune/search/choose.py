@@ -28,10 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from memtune.config import (
-    DEFAULT_MARGIN_FRACTION,
     GIB,
     KNOWN_GPUS,
-    MIN_MARGIN_BYTES,
     OFFLOAD_ORDER,
     STRATEGIES,
     Policy,
@@ -120,8 +118,13 @@ class Alternative:
     fits: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"change": self.change, "config": self.config.to_dict(), "predicted_total_bytes": self.predicted_total_bytes,
-                "predicted_tokens_per_second": self.predicted_tokens_per_second, "fits": self.fits}
+        return {
+            "change": self.change,
+            "config": self.config.to_dict(),
+            "predicted_total_bytes": self.predicted_total_bytes,
+            "predicted_tokens_per_second": self.predicted_tokens_per_second,
+            "fits": self.fits,
+        }
 
 
 @dataclass
@@ -284,7 +287,10 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             continue
         members = traced.get(family(config), [])
         known = min(members, key=lambda e: abs(e.config.micro_batch_size - config.micro_batch_size), default=None)
-        if known is not None and extrapolate(known, config.micro_batch_size) > EXTRAPOLATION_SLACK * result.usable_bytes:
+        if (
+            known is not None
+            and extrapolate(known, config.micro_batch_size) > EXTRAPOLATION_SLACK * result.usable_bytes
+        ):
             candidate.status = EXTRAPOLATED
             candidate.note = (f"~{format_bytes(extrapolate(known, config.micro_batch_size))}, "
                               f"from micro-batch {known.config.micro_batch_size}")
@@ -345,14 +351,19 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
     if not evaluated:
         return
     smallest = min(evaluated, key=lambda c: c.predicted_total_bytes or 0)
-    need = smallest.predicted_total_bytes + result.margin_bytes
+    smallest_bytes = smallest.predicted_total_bytes or 0
+    need = smallest_bytes + result.margin_bytes
     result.shortfall_bytes = max(0, need - result.budget_bytes)
     cards = [name for name, size in sorted(KNOWN_GPUS.items(), key=lambda item: item[1])
-             if size - max(MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * size)) >= smallest.predicted_total_bytes]
+             if size - margin_for(size, policy) >= smallest_bytes]
     if cards:
-        result.suggestions.append(f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}")
+        result.suggestions.append(
+            f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}"
+        )
     else:
-        result.suggestions.append(f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP, --gpus N)")
+        result.suggestions.append(
+            f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP, --gpus N)"
+        )
     if policy.use_adapter is False:
         result.suggestions.append("allow LoRA (drop --no-lora / --full-finetune-only)")
     config = smallest.config
@@ -360,7 +371,9 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
         shorter = config.replace(seq_len=max(1, config.seq_len // divisor))
         estimate = _predict(predictor, result, shorter)
         if judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits:
-            result.suggestions.append(f"a shorter sequence: --seq-len {shorter.seq_len} fits ({format_bytes(estimate.total_bytes)})")
+            result.suggestions.append(
+                f"a shorter sequence: --seq-len {shorter.seq_len} fits ({format_bytes(estimate.total_bytes)})"
+            )
             break
     result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
                               f"{format_bytes(result.margin_bytes)} (set --margin to change it)")
@@ -379,7 +392,11 @@ def choose_strategy(predictor: Predictor, config: TrainConfig, budget_bytes: int
         return config, predictor.memory(config), ""
     fsdp = config.replace(strategy="fsdp")
     if budget_bytes is None:
-        return fsdp, predictor.memory(fsdp), "strategy auto: FSDP, as no budget says whether a replica per GPU (DDP) fits"
+        return (
+            fsdp,
+            predictor.memory(fsdp),
+            "strategy auto: FSDP, as no budget says whether a replica per GPU (DDP) fits",
+        )
     options = [config.replace(strategy=strategy) for strategy in STRATEGIES]
     estimates = {option: predictor.memory(option) for option in options}
     speeds = {option: predictor.tokens_per_second(option) for option in options}
@@ -394,5 +411,10 @@ def choose_strategy(predictor: Predictor, config: TrainConfig, budget_bytes: int
 
 # -- planning for cards that are not here --------------------------------------------------------
 
-COMMON_CARDS = {"16 GiB (T4, V100-16GB)": 16 * GIB, "24 GiB (RTX 4090, A10, L4)": 24 * GIB, "40 GiB (A100-40GB)": 40 * GIB,
-                "48 GiB (L40S, A6000)": 48 * GIB, "80 GiB (A100-80GB, H100)": 80 * GIB}
+COMMON_CARDS = {
+    "16 GiB (T4, V100-16GB)": 16 * GIB,
+    "24 GiB (RTX 4090, A10, L4)": 24 * GIB,
+    "40 GiB (A100-40GB)": 40 * GIB,
+    "48 GiB (L40S, A6000)": 48 * GIB,
+    "80 GiB (A100-80GB, H100)": 80 * GIB,
+}

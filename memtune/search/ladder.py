@@ -76,11 +76,15 @@ class MicroBatch(Rung):
         if chosen.grad_accum_steps == 1 or policy.micro_batch_size is not None:
             return None
         micro = effective_batch_size // chosen.num_gpus
-        return f"no gradient accumulation (micro-batch {micro})", chosen.replace(micro_batch_size=micro, grad_accum_steps=1)
+        return f"no gradient accumulation (micro-batch {micro})", chosen.replace(
+            micro_batch_size=micro, grad_accum_steps=1
+        )
 
     def setting(self, config: TrainConfig) -> str | None:
-        return (f"micro-batch {config.micro_batch_size} per device, {config.grad_accum_steps} gradient accumulation "
-                f"step{'s' if config.grad_accum_steps > 1 else ''} (effective batch {config.effective_batch_size} kept)")
+        return (
+            f"micro-batch {config.micro_batch_size} per device, {config.grad_accum_steps} gradient accumulation "
+            f"step{'s' if config.grad_accum_steps > 1 else ''} (effective batch {config.effective_batch_size} kept)"
+        )
 
     def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
         return {"per_device_train_batch_size": config.micro_batch_size,
@@ -104,7 +108,8 @@ class Precision(Rung):
     SETTINGS = {
         "fp32": "precision fp32: no mixed-precision flags",
         "bf16-mixed": "precision bf16-mixed: fp32 weights, bf16 autocast (TrainingArguments bf16=True)",
-        "fp16-mixed": "precision fp16-mixed: fp32 weights, fp16 autocast and loss scaling (TrainingArguments fp16=True)",
+        "fp16-mixed": ("precision fp16-mixed: fp32 weights, fp16 autocast and loss scaling "
+                       "(TrainingArguments fp16=True)"),
         "bf16": "precision bf16: load the weights in bf16 (dtype=torch.bfloat16), no autocast",
         "fp16": "precision fp16: load the weights in fp16 (dtype=torch.float16), no autocast",
     }
@@ -157,7 +162,9 @@ class Checkpointing(Rung):
         if policy.gradient_checkpointing is not None:
             return None
         on = not chosen.gradient_checkpointing
-        return ("+ gradient checkpointing" if on else "- gradient checkpointing"), chosen.replace(gradient_checkpointing=on)
+        return ("+ gradient checkpointing" if on else "- gradient checkpointing"), chosen.replace(
+            gradient_checkpointing=on
+        )
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.gradient_checkpointing:
@@ -182,7 +189,9 @@ class Loss(Rung):
     name = "chunked loss"
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
-        values = [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
+        values = (
+            [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
+        )
         return [{"loss": value} for value in values]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
@@ -220,10 +229,17 @@ class Offload(Rung):
         return [{"offload": value} for value in values]
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
-        if policy.offload is not None or not policy.allow_offload or chosen.adapter is not None or policy.strategy == "ddp":
+        if (
+            policy.offload is not None
+            or not policy.allow_offload
+            or chosen.adapter is not None
+            or policy.strategy == "ddp"
+        ):
             return None
         flipped = "none" if chosen.offload != "none" else "parameters"
-        label = f"{'+' if flipped != 'none' else '-'} CPU offload" + (" (standard loss)" if chosen.loss != "standard" else "")
+        label = f"{'+' if flipped != 'none' else '-'} CPU offload" + (
+            " (standard loss)" if chosen.loss != "standard" else ""
+        )
         if chosen.strategy == "ddp":
             label += " (FSDP)"
         strategy = "fsdp" if flipped != "none" else chosen.strategy
@@ -343,7 +359,9 @@ def strategies(policy: Policy) -> list[str]:
 def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
     """Every combination of the rungs' options that can run, in LADDER order (the first rung varies slowest)."""
     configs = []
-    for combination in itertools.product(*(rung.options(policy, with_adapter, effective_batch_size) for rung in LADDER)):
+    for combination in itertools.product(
+        *(rung.options(policy, with_adapter, effective_batch_size) for rung in LADDER)
+    ):
         fields: dict[str, Any] = {"seq_len": seq_len}
         for setting in combination:
             fields.update(setting)
