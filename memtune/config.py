@@ -386,9 +386,9 @@ class Policy:
     """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
     None: only when no full fine-tuning configuration fits."""
     allow_offload: bool = field(default=True, metadata=option(flag="--no-offload", group=POLICY))
-    """The search may offload to the CPU (--no-offload forbids it)."""
+    """CPU offload among the search's rungs (allowed by default; --no-offload forbids it)."""
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
-    """The search may chunk the loss (--no-chunked-loss forbids it)."""
+    """The chunked loss among the search's rungs (allowed by default; --no-chunked-loss forbids it)."""
     min_micro_batch_size: int = field(default=1, metadata=option(group=POLICY))
     """Smallest micro-batch to consider."""
     margin_bytes: int | None = field(default=None, metadata=option(
@@ -403,7 +403,13 @@ class Policy:
     """At most this many candidates are tried on the GPU; the ones after are reported as not verified."""
 
     def validate(self, effective_batch_size: int) -> None:
+        """Raise UsageError naming every problem at once: unknown values, pins that contradict each other
+        or the forbidden rungs, a micro-batch that would change the effective batch."""
         problems = []
+        if self.loss == "chunked" and not self.allow_chunked_loss:
+            problems.append("--loss chunked contradicts --no-chunked-loss: keep one")
+        if self.offload not in (None, "none") and not self.allow_offload:
+            problems.append(f"--offload {self.offload} contradicts --no-offload: keep one")
         if self.precision is not None and self.precision not in PRECISIONS:
             problems.append(f"precision {self.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}")
         if self.precision in ("bf16-mixed", "bf16") and not self.bf16_supported:

@@ -136,6 +136,8 @@ class PlanOptions:
         if task.batch_size % gpus:
             problems.append(f"--batch-size {task.batch_size} is not a multiple of --gpus {gpus}: "
                             "each GPU takes an equal share")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            problems.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         micro = self.micro_batch_size or per_gpu or 1
         if task.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {task.batch_size}")
@@ -242,7 +244,7 @@ class FitOptions:
     pins: Policy = field(default_factory=Policy)
     adapters: AdapterChoice = field(default_factory=AdapterChoice, metadata=option(group=POLICY))
     verify: bool = field(default=True, metadata=option(group=VERIFY_AND_OUTPUT))
-    """Verify the winner with real trial steps on the GPU (--no-verify skips them)."""
+    """Real trial steps of the winner on the GPU (on by default; --no-verify skips them)."""
     trial_steps: int = field(default=2, metadata=option(group=VERIFY_AND_OUTPUT))
     """Optimizer steps per trial, 1 to 3."""
     plan_out: str = field(default="memtune-plan.json", metadata=option(group=VERIFY_AND_OUTPUT))

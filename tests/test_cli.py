@@ -48,6 +48,11 @@ def test_plan_does_not_fit_exit_3_with_shortfall(capsys):
         (["plan", "gpt2", "--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
         (["plan", "no-such-model-anywhere"], "not found"),
         (["plan", "gpt2", "--precision", "fp8"], "invalid choice"),
+        (["plan", "gpt2", "--batch-size", "8", "--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+        (["fit", "gpt2", "--budget", "6GiB", "--loss", "chunked", "--no-chunked-loss"],
+         "--loss chunked contradicts --no-chunked-loss"),
+        (["fit", "gpt2", "--budget", "6GiB", "--offload", "parameters", "--no-offload"],
+         "--offload parameters contradicts --no-offload"),
     ],
 )
 def test_bad_input_exit_2_with_a_message(args, message, capsys):
