@@ -6,7 +6,7 @@ Anywhere (predicts with the GPU-free path against recorded measurements):
     PYTHONPATH=. python3 benchmarks/accuracy.py --ground-truth tests/data/ground_truth_h200.json --paths cpu
 
 Measured values are deltas over the allocator's state before each trial, with cuBLAS workspaces
-created beforehand (`verify.warm_up`), so they compare with `Estimate.peak_*_bytes` directly.
+created beforehand (`measure.memory.warm_up`), so they compare with `Estimate.peak_*_bytes` directly.
 """
 
 from __future__ import annotations

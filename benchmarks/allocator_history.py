@@ -3,7 +3,7 @@
     python benchmarks/allocator_history.py --out $OUT/history.json      # on a host with 2 GPUs
 
 Runs `torchrun --nproc-per-node 2` of this script; rank 0 records `torch.cuda.memory._record_memory_history`
-(no stack traces) around `memtune.distributed.measure_sharded` for each case and writes, per case, every
+(no stack traces) around `memtune.measure.sharded.measure_sharded` for each case and writes, per case, every
 allocator event as [action, address, size, stream] with the measured peaks. `--compare FILE` (no GPU)
 replays a recorded file: the real events through memtune's allocator model, per stream, against the
 real reserved peak, and the real allocations per stream against `sharding.trace_sharded`'s, so that

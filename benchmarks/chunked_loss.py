@@ -25,7 +25,7 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memtune import verify  # noqa: E402
+from memtune.measure import memory, verify  # noqa: E402
 from memtune.config import TrainConfig  # noqa: E402
 from memtune.predict.estimate import estimate  # noqa: E402
 from memtune.recipe import loss
@@ -164,7 +164,7 @@ def main() -> None:
         from benchmarks.ground_truth import environment
 
         env = environment()
-        env["workspace_bytes"] = verify.warm_up()
+        env["workspace_bytes"] = memory.warm_up()
     print(HEADER, flush=True)
     rows = []
     for model, config in grid():

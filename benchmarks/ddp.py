@@ -8,7 +8,7 @@ It runs, in order:
    bandwidth (what throughput.py assumes: interconnect rate x collective_efficiency), the NCCL memory
    per rank, then for 3 catalog models with random weights (Qwen2.5-0.5B, Llama-3.2-1B, Qwen2.5-1.5B),
    bf16-mixed, 1024 tokens, effective batch 8 (per GPU micro-batch 4, or micro-batch 1 x 4 accumulated),
-   with and without gradient checkpointing: `distributed.measure_sharded` - the step memtune verifies
+   with and without gradient checkpointing: `measure.sharded.measure_sharded` - the step memtune verifies
    and Trainer runs - under DDP and under FSDP2: per-GPU peak allocated/reserved (max over ranks) and
    tokens/s. Meanwhile this process predicts every case on the CPU (replicate / sharding estimates).
 2. `accelerate launch --config_file <memtune's DDP config>`: HF Trainer with Plan.training_arguments for

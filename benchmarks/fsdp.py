@@ -6,7 +6,7 @@ One command on a host with 2 GPUs (about 5 minutes; writes JSON as it goes, prin
 It runs, in order:
 1. `torchrun --nproc-per-node 2 benchmarks/fsdp.py --worker`: FSDP2 full-shard steps of small models
    through accelerate's own `Accelerator.prepare` (what `accelerate launch` + Trainer do) and through
-   `memtune.distributed.measure_sharded` (memtune's copy of that preparation), then Llama-3.1-8B
+   `memtune.measure.sharded.measure_sharded` (memtune's copy of that preparation), then Llama-3.1-8B
    full fine-tuning (bf16-mixed, checkpointing) for 5 steps (50 steps through `memtune run`: see the
    README): per-GPU peak and tokens/s. Meanwhile the
    parent process computes the predictions on the CPU.
@@ -40,7 +40,7 @@ from memtune.config import GIB, TrainConfig  # noqa: E402
 BIG_MODEL = "meta-llama/Llama-3.1-8B"
 
 # (name, catalog model, TrainConfig fields, path, steps). path "accelerate": Accelerator.prepare;
-# "memtune": distributed.measure_sharded. All 2-GPU cases are bf16-mixed (one Accelerator per process).
+# "memtune": measure.sharded.measure_sharded. All 2-GPU cases are bf16-mixed (one Accelerator per process).
 MULTI_GPU_CASES: list[tuple[str, str, dict[str, Any], str, int]] = [
     ("qwen2.5-0.5b 4x2048", "Qwen/Qwen2.5-0.5B", dict(seq_len=2048, micro_batch_size=4), "accelerate", 3),
     ("llama-3.2-1b 2x2048", "meta-llama/Llama-3.2-1B", dict(seq_len=2048, micro_batch_size=2), "accelerate", 3),

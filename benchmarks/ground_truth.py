@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cases import accuracy_cases, model_config  # noqa: E402
-from memtune import verify  # noqa: E402
+from memtune.measure import memory, verify  # noqa: E402
 
 
 def environment() -> dict:
@@ -63,7 +63,7 @@ def measure_cases(cases: list, traces: str = "", trace_every: int = 8) -> list[d
     """Measure each case with `verify.measure` (3 steps); an error in one case is recorded, not raised."""
     import torch
 
-    env_workspace = verify.warm_up()
+    env_workspace = memory.warm_up()
     rows = []
     for index, case in enumerate(cases):
         record = bool(traces) and index % trace_every == 0

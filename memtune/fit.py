@@ -38,7 +38,7 @@ from memtune.sources import ModelSource
 
 
 class ModelPredictor:
-    """The default `search.Predictor`: traced memory (estimate.py) and the FLOP model (throughput.py)."""
+    """The default `search.Predictor`: traced memory (`predict.estimate`) and the FLOP model (`predict.throughput`)."""
 
     def __init__(self, model_config: Any, num_parameters: int, speed: throughput.GpuSpeed, *, device: str | None = None,
                  context_bytes: int = DEFAULT_CONTEXT_BYTES, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):

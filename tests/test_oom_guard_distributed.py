@@ -1,5 +1,5 @@
 """The OOM guard in several processes, on CPU: two real ranks on gloo (torch.multiprocessing spawn, a
-file:// store in tmp_path), a real FSDP2 model sharded as accelerate shards it (memtune.distributed.apply_fsdp)
+file:// store in tmp_path), a real FSDP2 model sharded as accelerate shards it (memtune.recipe.parallel.apply_fsdp)
 or a real DDP model, and out-of-memory errors injected with hooks on a decoder layer.
 
 A whole transformers Trainer cannot run FSDP2 on CPU (accelerate applies its FSDP plugin only to GPU

@@ -1,4 +1,4 @@
-"""The DDP memory model (replicate.py) against torch's own DDP on CPU, and the DDP/FSDP speed terms."""
+"""The DDP memory model (predict/ddp.py) against torch's own DDP on CPU, and the DDP/FSDP speed terms."""
 
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
     Either way the memory the trial took is given back before returning.
     """
     if train_config.offload != "none" or train_config.num_gpus > 1:
-        # Offload and multi-GPU run as FSDP through accelerate's preparation (distributed.measure_sharded).
+        # Offload and multi-GPU run as FSDP through accelerate's preparation (`measure.sharded.measure_sharded`).
         from memtune.measure.sharded import measure_sharded
 
         return measure_sharded(model_config, train_config, steps=steps, device=device)

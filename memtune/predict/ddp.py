@@ -15,7 +15,7 @@ here; benchmarks/ddp.py measures it under the GPU machine's 2.11):
   parameter's gradient: backward copies each gradient into its bucket view (`mul_out` by 1/N), the
   all-reduce runs in place on the bucket, and the result is copied back into `.grad`. They are made
   at construction and live as long as the wrapper. With find_unused_parameters=False (what memtune's
-  plans give Trainer, `distributed.ddp_training_arguments`) construction puts all trainable
+  plans give Trainer, `run.launch.ddp_training_arguments`) construction puts all trainable
   parameters of one dtype into a single bucket (bucket_size_limits=[sys.maxsize]); after the first
   synchronised backward the Reducer rebuilds them in gradient-ready order (1 MiB first bucket, then
   bucket_cap_mb=25 MiB). `initialize_buckets` clears the old buckets first, but whether that frees

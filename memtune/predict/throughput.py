@@ -28,7 +28,7 @@ accumulation); for another card they are scaled by its
 datasheet peak FLOPS and bandwidth. After a verification trial, the measured tokens/s of the chosen
 plan is reported next to this prediction.
 
-Several GPUs (`multi_gpu_seconds`): every GPU runs the single-GPU micro-batches on its share of the
+Several GPUs (`ddp_sync_seconds`, `fsdp_micro_batch_seconds`): every GPU runs the single-GPU micro-batches on its share of the
 batch; what the strategy adds is communication, the part of it that computation does not hide, and
 work of its own. Collectives are timed as ring algorithms over the card's GPU-GPU link:
 bytes * factor / (interconnect_bytes_per_second * collective_efficiency), factor 2 (N-1)/N for an
@@ -65,7 +65,7 @@ FSDP_UNIT_SECONDS = 2.83e-3
 """Fitted: the median, over the 6 FSDP2 2-GPU steps measured on H200 (benchmarks/results/fsdp_2gpu_h200.json:
 Qwen2.5-0.5B, Llama-3.2-1B wrapped by accelerate and by memtune, Qwen2.5-1.5B, Llama-3.2-1B accumulating,
 Llama-3.1-8B), of (measured step - this model's step without the term) / (FSDP units x micro-batches),
-measured steps read as `verify.Measurement` does (the median of the steps after the first). The six
+measured steps read as `measure.memory.Measurement` does (the median of the steps after the first). The six
 ranged from 0.36 (8B) to 6.1 ms: a rough term, which also absorbs the single-GPU model's own error on
 those steps. `python benchmarks/ddp.py --fit-fsdp-unit FILE...` recomputes it from measured FSDP steps."""
 

@@ -67,7 +67,7 @@ def chunked_causal_lm_loss(
 def _chunk_loss_sum(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None
 ) -> torch.Tensor:
-    # Call the module (not its weight) so forward hooks see each chunk: trace.py tags logits memory
+    # Call the module (not its weight) so forward hooks see each chunk: predict/trace.py tags logits memory
     # with a pre-hook on the output embedding, and peft may wrap the head.
     logits = head(hidden).float()
     if softcap is not None:

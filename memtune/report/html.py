@@ -4,7 +4,7 @@ One stacked horizontal bar per evaluated candidate, split by memory category in 
 terminal report, against the budget line and the safety margin; the chosen configuration is marked.
 With no GPU and no budget (card plans) there is one bar per card, each against its own budget.
 Below the figure, the same facts as the terminal report, as text. Computes nothing: the numbers
-and the wording come from the result objects and from report.py.
+and the wording come from the result objects and from `report.words`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Renders result objects for people (rich) and programs (JSON); the picture is in html_report.py.
+"""Renders result objects for people (rich); JSON is in `report.json`, the picture in `report.html`.
 
 Computes nothing: every number comes from the result objects (fit.FitResult, search.SearchResult,
-estimate.Estimate, verify.Measurement, probe.ProbeResult). What is shared by the terminal and the
+predict.Estimate, measure.Measurement, measure.ProbeResult). What is shared by the terminal and the
 HTML page - the wording of a configuration's changes, quality notes, the lines to reproduce - is a
 plain-string function here, so both say the same thing.
 

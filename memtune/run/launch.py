@@ -150,7 +150,7 @@ def fsdp_training_arguments(train_config: TrainConfig, *, model_config: Any = No
 def ddp_training_arguments(train_config: TrainConfig) -> dict[str, Any]:
     """TrainingArguments keyword arguments for a DDP plan: every parameter of a causal LM gets a gradient
     in every step, so DDP need not search the autograd graph for unused ones after each forward
-    (Trainer's default without gradient checkpointing), and its buckets are laid out as `replicate` models."""
+    (Trainer's default without gradient checkpointing), and its buckets are laid out as `predict.ddp` models."""
     check_supported(train_config)
     if not train_config.replicated:
         raise UsageError(f"DDP arguments are for strategy 'ddp' over several GPUs, got {train_config.describe()}")

@@ -10,7 +10,7 @@ The model: a local directory with weights or a hub id is loaded with from_pretra
 one memtune predicted and verified (memtune.recipe): `Plan.prepare` applies dtype, checkpointing and
 the adapter; `Plan.training_arguments` sets micro-batch, accumulation, autocast and fused AdamW;
 `PlanTrainer.compute_loss` uses `recipe.forward_loss` for the chunked loss. Offload and multi-GPU
-come from the accelerate config when started under `accelerate launch` (memtune.distributed); the
+come from the accelerate config when started under `accelerate launch` (`run.launch`); the
 runner builds no distribution of its own.
 
 Ctrl-C: the first finishes the current optimizer step, saves a checkpoint and stops; a second stops at
@@ -630,7 +630,7 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     if config.offload != "none" and not _sharded():
         messages.append(
             f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
-            "offload config (memtune.distributed); this run keeps everything on the GPU and needs more memory"
+            "offload config (`memtune run` writes one); this run keeps everything on the GPU and needs more memory"
         )
     if config.replicated and _sharded():
         messages.append(
