@@ -25,8 +25,8 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memtune.measure import memory, verify  # noqa: E402
 from memtune.config import TrainConfig  # noqa: E402
+from memtune.measure import memory, verify  # noqa: E402
 from memtune.predict.estimate import estimate  # noqa: E402
 from memtune.recipe import loss
 from memtune.recipe import step as recipe
