@@ -30,7 +30,8 @@ plan is reported next to this prediction.
 
 Several GPUs (`ddp_sync_seconds`, `fsdp_micro_batch_seconds`): every GPU runs the single-GPU
 micro-batches on its share of the batch; what the strategy adds is communication, the part of it
-that computation does not hide, and work of its own. Collectives are timed as ring algorithms over the card's GPU-GPU link:
+that computation does not hide, and work of its own. Collectives are timed as ring algorithms over
+the card's GPU-GPU link:
 bytes * factor / (interconnect_bytes_per_second * collective_efficiency), factor 2 (N-1)/N for an
 all-reduce and (N-1)/N for an all-gather or a reduce-scatter (NCCL's "bus bandwidth" definition).
 - DDP (gradient buckets, all-reduced as they fill during the backward of the last micro-batch; the
