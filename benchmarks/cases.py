@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 from memtune.config import Adapter, TrainConfig
 
@@ -70,4 +71,17 @@ def model_config(case: Case):
         config.num_hidden_layers = case.num_layers
         if hasattr(config, "layer_types") and config.layer_types:
             config.layer_types = config.layer_types[: case.num_layers]
+    return config
+
+
+def tiny_llama(layers: int = 2) -> Any:
+    """A Llama-3.2-1B-shaped config shrunk to hidden 64, 4 heads (2 KV), vocabulary 256 and `layers`
+    decoder layers: random weights, built and traced in a moment on the CPU (tests and benchmarks)."""
+    from memtune.sources import catalog_config
+
+    config = catalog_config("meta-llama/Llama-3.2-1B")
+    config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
+    config.num_key_value_heads, config.head_dim, config.vocab_size = 2, 16, 256
+    config.num_hidden_layers = layers
+    config.bos_token_id = config.eos_token_id = 0
     return config

@@ -20,21 +20,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.cases import tiny_llama  # noqa: E402
 from memtune.config import Adapter, TrainConfig  # noqa: E402
 from memtune.fit import ModelPredictor  # noqa: E402
 from memtune.predict import throughput  # noqa: E402
 from memtune.sources import catalog_config, parameter_count  # noqa: E402
-
-
-def tiny_llama(layers: int) -> Any:
-    """tests/models.py's tiny Llama (copied: benchmarks do not import the tests)."""
-    config = catalog_config("meta-llama/Llama-3.2-1B")
-    config.hidden_size, config.intermediate_size, config.num_attention_heads = 64, 128, 4
-    config.num_key_value_heads, config.head_dim, config.vocab_size = 2, 16, 256
-    config.num_hidden_layers = layers
-    config.bos_token_id = config.eos_token_id = 0
-    return config
-
 
 BF16 = {"weights_dtype": "fp32", "amp": "bf16"}
 GPT2, QWEN, LLAMA = "gpt2", "qwen2.5-0.5b", "meta-llama/Llama-3.2-1B"
