@@ -51,6 +51,27 @@ class Adapter:
     num_virtual_tokens: int = 20
     """Prefix tuning only: number of virtual tokens."""
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kind not in ("lora", "prefix"):
+            problems.append(f"adapter kind must be lora or prefix, got {self.kind!r}")
+        for name in ("rank", "num_virtual_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(
+                    f"{name} must be a positive integer, got {value!r}" + (" (--lora-rank)" if name == "rank" else "")
+                )
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
+        targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        if not targets or not all(isinstance(name, str) and name.strip() for name in targets):
+            problems.append(f"target_modules must be 'all-linear' or module names such as q_proj,v_proj, "
+                            f"got {self.target_modules!r} (--lora-targets)")
+        if problems:
+            raise UsageError("invalid adapter: " + "; ".join(problems))
+
     def describe(self) -> str:
         if self.kind == "prefix":
             return f"prefix tuning ({self.num_virtual_tokens} tokens)"
@@ -93,7 +114,7 @@ class TrainConfig:
         problems = []
         for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "num_gpus"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if self.weights_dtype not in DTYPE_BYTES:
             problems.append(f"weights_dtype must be one of {sorted(DTYPE_BYTES)}, got {self.weights_dtype!r}")
@@ -101,6 +122,19 @@ class TrainConfig:
             problems.append(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.strategy not in STRATEGY_NAMES:
             problems.append(f"strategy must be fsdp or ddp, got {self.strategy!r}")
+        if self.offload not in ("none", "optimizer", "parameters"):
+            problems.append(f"offload must be none, optimizer or parameters, got {self.offload!r}")
+        if self.loss not in ("standard", "chunked"):
+            problems.append(f"loss must be standard or chunked, got {self.loss!r}")
+        if self.optimizer != "adamw":
+            problems.append(f"optimizer must be adamw (AdamW, fused on CUDA), got {self.optimizer!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if self.adapter is not None and not isinstance(self.adapter, Adapter):
+            problems.append(f"adapter must be an Adapter or None, got {type(self.adapter).__name__}")
+        elif self.adapter is not None and self.adapter.kind == "prefix" and self.gradient_checkpointing:
+            problems.append("prefix tuning does not work with gradient checkpointing (peft refuses it): "
+                            "use LoRA, or turn checkpointing off")
         if self.strategy == "ddp":
             if self.offload != "none":
                 problems.append(f"strategy 'ddp' keeps a full replica on every GPU and cannot offload {self.offload!r} "
@@ -224,10 +258,10 @@ def parse_bytes(text: str) -> int:
         raise UsageError(
             f"memory quantity {text!r} has unknown unit {unit!r}: use B, KiB, MiB, GiB, TiB, KB, MB, GB or TB"
         )
-    value = float(number) * _UNITS[unit_key]
+    value = int(round(float(number) * _UNITS[unit_key]))
     if value <= 0:
-        raise UsageError(f"memory quantity {text!r} must be positive")
-    return int(round(value))
+        raise UsageError(f"memory quantity {text!r} must be positive (at least 1 byte)")
+    return value
 
 
 def format_bytes(num_bytes: int | float) -> str:
@@ -272,6 +306,10 @@ KNOWN_GPUS: dict[str, int] = {
         "H200-141GB": 143771,
     }.items()
 }
+
+
+NO_BF16_GPUS = frozenset({"T4-16GB"})
+"""Known cards without bf16 (compute capability below 8.0: T4 is 7.5); they train in fp16 or fp32."""
 
 
 def known_gpu(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> tuple[str, int]:
@@ -416,11 +454,26 @@ class Policy:
             problems.append(
                 f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32"
             )
+        counts = {"effective batch": effective_batch_size, "num_gpus": self.num_gpus,
+                  "min_micro_batch_size": self.min_micro_batch_size, "max_trials": self.max_trials}
+        if self.micro_batch_size is not None:
+            counts["micro_batch_size"] = self.micro_batch_size
+        bad = {
+            name for name, value in counts.items() if isinstance(value, bool) or not isinstance(value, int) or value < 1
+        }
+        problems += [f"{name} must be a positive integer, got {counts[name]!r}" for name in sorted(bad)]
+        if self.margin_bytes is not None and (
+            isinstance(self.margin_bytes, bool) or not isinstance(self.margin_bytes, int) or self.margin_bytes < 0
+        ):
+            problems.append(f"margin must be a number of bytes >= 0, got {self.margin_bytes!r} (--margin 2GiB)")
+        if self.use_adapter is True and self.adapter.kind == "prefix" and self.gradient_checkpointing is True:
+            problems.append("--prefix contradicts --checkpointing on: peft refuses prefix tuning with gradient "
+                            "checkpointing; use --lora, or --checkpointing off")
+        if bad:
+            raise UsageError("; ".join(problems))
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
             problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
                             f"{effective_batch_size}: the effective batch would change")
-        if self.min_micro_batch_size < 1:
-            problems.append(f"minimum micro-batch must be >= 1, got {self.min_micro_batch_size}")
         if effective_batch_size % self.num_gpus:
             problems.append(f"batch {effective_batch_size} is not a multiple of {self.num_gpus} GPUs")
         if self.loss not in (None, "standard", "chunked"):
@@ -487,7 +540,21 @@ def _adapter_flags(policy: Policy) -> list[str]:
 
 def margin_for(budget_bytes: int, policy: Policy) -> int:
     """Bytes kept free below `budget_bytes`: the policy's margin, or DEFAULT_MARGIN_FRACTION of the budget
-    but at least MIN_MARGIN_BYTES."""
-    if policy.margin_bytes is not None:
-        return policy.margin_bytes
-    return max(MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * budget_bytes))
+    but at least MIN_MARGIN_BYTES.
+
+    Raises UsageError when the margin leaves nothing of the budget (a budget of 1 byte, or --margin 10GiB
+    with --budget 6GiB): nothing could fit, and the search would run against a negative budget."""
+    margin = policy.margin_bytes if policy.margin_bytes is not None else max(
+        MIN_MARGIN_BYTES, int(DEFAULT_MARGIN_FRACTION * budget_bytes))
+    if margin >= budget_bytes:
+        raise UsageError(
+            f"the margin {format_bytes(margin)} leaves nothing of the budget {format_bytes(budget_bytes)}: "
+            f"give a budget above {format_bytes(margin)}"
+            + (
+                " or a smaller --margin"
+                if policy.margin_bytes is not None
+                else f" (the default margin is {DEFAULT_MARGIN_FRACTION:.0%} of the budget, at least "
+                f"{format_bytes(MIN_MARGIN_BYTES)})"
+            )
+        )
+    return margin

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune.config import Policy, TrainConfig, format_bytes, margin_for
+from memtune.config import NO_BF16_GPUS, Policy, TrainConfig, format_bytes, known_gpu, margin_for
 from memtune.errors import UsageError
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
@@ -32,7 +32,7 @@ from memtune.predict.estimate import (
     estimate,
     fits_under,
 )
-from memtune.search.choose import COMMON_CARDS, SearchResult, choose_strategy, search
+from memtune.search.choose import COMMON_CARDS, COMMON_CARDS_WITHOUT_BF16, SearchResult, choose_strategy, search
 from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
 
@@ -168,6 +168,9 @@ def fit_model(
     speed = throughput.gpu_speed(gpu.name if gpu else (gpu_name or "H100"))
     if gpu is not None:
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
+    elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
+        policy = _with(policy, bf16_supported=False)
+    check_sequence_length(source.config, seq_len)
     if importlib.util.find_spec("memtune.predict.fsdp") is None:
         policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
@@ -177,8 +180,16 @@ def fit_model(
         for card, size in COMMON_CARDS.items():
             if progress:
                 progress(f"planning for {card}")
+            card_policy = _with(policy, bf16_supported=False) if card in COMMON_CARDS_WITHOUT_BF16 else policy
             found = search(
-                predictor, seq_len, effective_batch_size, size, policy, trial=None, explain=False, progress=progress
+                predictor,
+                seq_len,
+                effective_batch_size,
+                size,
+                card_policy,
+                trial=None,
+                explain=False,
+                progress=progress,
             )
             result.card_plans.append(CardPlan(card, size, found))
         result.seconds = time.perf_counter() - started
@@ -218,6 +229,28 @@ def fit_model(
             result.plan_path = result.plan.save(plan_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
+"""Config fields that give a model's longest sequence, in the order transformers' configs use them."""
+MAX_SEQ_LEN = 1 << 20
+"""Sequences longer than this are refused when the config names no limit of its own (1,048,576 tokens)."""
+
+
+def check_sequence_length(model_config: Any, seq_len: int) -> None:
+    """Raise UsageError when `seq_len` exceeds the positions the model config allows (gpt2: n_positions 1024;
+    RoPE models: max_position_embeddings), or MAX_SEQ_LEN when it names none: a plan at that length would
+    be refused by `memtune run` (position index out of range) after minutes of tracing."""
+    for name in POSITION_FIELDS:
+        limit = getattr(model_config, name, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            if seq_len > limit:
+                raise UsageError(f"--seq-len {seq_len} is longer than the model allows ({name} = {limit}): "
+                                 f"use --seq-len {limit} or less, or a config with more positions")
+            return
+    if seq_len > MAX_SEQ_LEN:
+        raise UsageError(f"--seq-len {seq_len} is over {MAX_SEQ_LEN:,} tokens and the model config names no limit "
+                         f"({', '.join(POSITION_FIELDS)}): use a shorter sequence")
 
 
 def _with(policy: Policy, **changes: Any) -> Policy:
@@ -268,12 +301,23 @@ def auto_fit(
     memory would be counted twice. Raises NothingFitsError (with the shortfall and suggestions)
     when no configuration fits.
     """
-    from memtune.config import known_gpu, parse_bytes
+    from memtune.config import parse_bytes
     from memtune.errors import NothingFitsError
 
+    problems = []
     unknown = sorted(set(policy) - POLICY_OPTIONS)
     if unknown:
-        raise UsageError(f"auto_fit got unknown options {unknown}; policy options are {sorted(POLICY_OPTIONS)}")
+        problems.append(f"unknown options {unknown}; policy options are {sorted(POLICY_OPTIONS)}")
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{name} must be a positive integer, got {value!r}")
+    if budget is not None and gpu is not None:
+        problems.append(f"give budget or gpu, not both (got budget={budget!r}, gpu={gpu!r})")
+    if budget is not None and not isinstance(budget, str) and (
+            isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        problems.append(f"budget must be a quantity such as '24GiB' or a positive number of bytes, got {budget!r}")
+    if problems:
+        raise UsageError("auto_fit: " + "; ".join(problems))
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
         _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")
@@ -314,6 +358,7 @@ def plan_configuration(
     (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
     `gpu_name` (default H100). Traces on fake tensors: no GPU and no weights are needed.
     """
+    check_sequence_length(source.config, train_config.seq_len)
     speed = throughput.gpu_speed(gpu_name or "H100")
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device)
     margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, policy)

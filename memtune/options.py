@@ -267,6 +267,8 @@ class FitOptions:
         """Every problem of these options at once (empty: `policy()` builds a valid Policy)."""
         task, pins = self.task, self.pins
         problems = []
+        if self.adapters.prefix and (self.adapters.no_lora or self.adapters.full_finetune_only):
+            problems.append("--prefix contradicts --no-lora/--full-finetune-only: keep one")
         if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):
             problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
         if not 1 <= self.trial_steps <= 3:

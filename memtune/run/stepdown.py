@@ -48,11 +48,12 @@ def step_down_ladder(config: TrainConfig, loader_micro_batch: int, chunked_loss:
     sizes = [size for size in range(loader_micro_batch, 0, -1) if loader_micro_batch % size == 0]
     ladder = [config.replace(micro_batch_size=size, grad_accum_steps=per_device // size)
               for size in sizes if size < config.micro_batch_size]
-    if not config.gradient_checkpointing:
+    prefix = config.adapter is not None and config.adapter.kind == "prefix"  # peft refuses it with checkpointing
+    if not config.gradient_checkpointing and not prefix:
         ladder += [config.replace(micro_batch_size=size, grad_accum_steps=per_device // size,
                                   gradient_checkpointing=True)
                    for size in sizes if size <= config.micro_batch_size]
-    if chunked_loss and config.loss != "chunked":
+    if chunked_loss and config.loss != "chunked" and not prefix:
         ladder.append(config.replace(micro_batch_size=1, grad_accum_steps=per_device, gradient_checkpointing=True,
                                      loss="chunked"))
     return ladder

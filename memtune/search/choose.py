@@ -411,6 +411,8 @@ def choose_strategy(predictor: Predictor, config: TrainConfig, budget_bytes: int
 
 # -- planning for cards that are not here --------------------------------------------------------
 
+COMMON_CARDS_WITHOUT_BF16 = frozenset({"16 GiB (T4, V100-16GB)"})
+"""Common card sizes whose cards lack bf16 (T4: compute capability 7.5, V100: 7.0): planned in fp16 or fp32."""
 COMMON_CARDS = {
     "16 GiB (T4, V100-16GB)": 16 * GIB,
     "24 GiB (RTX 4090, A10, L4)": 24 * GIB,

@@ -158,8 +158,16 @@ class Checkpointing(Rung):
         values = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
         return [{"gradient_checkpointing": value} for value in values]
 
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        adapter = fields["adapter"]
+        if fields["gradient_checkpointing"] and adapter is not None and adapter.kind == "prefix":
+            return "prefix tuning does not work with gradient checkpointing (peft refuses it)"
+        return None
+
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.gradient_checkpointing is not None:
+            return None
+        if not chosen.gradient_checkpointing and chosen.adapter is not None and chosen.adapter.kind == "prefix":
             return None
         on = not chosen.gradient_checkpointing
         return ("+ gradient checkpointing" if on else "- gradient checkpointing"), chosen.replace(
@@ -306,6 +314,8 @@ class AdapterRung(Rung):
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.use_adapter is not None or chosen.adapter is not None:
             return None
+        if policy.adapter.kind == "prefix" and chosen.gradient_checkpointing:
+            return None  # peft refuses prefix tuning with gradient checkpointing
         return f"+ {policy.adapter.describe()}", chosen.replace(adapter=policy.adapter)
 
     def setting(self, config: TrainConfig) -> str | None:
