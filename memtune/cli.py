@@ -316,7 +316,8 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     if options.run:
         if result.plan_path is None:
             raise UsageError("--run needs a plan for one GPU or budget: give --budget or --gpu, or run on a GPU")
-        return cmd_run(options.run_options(str(result.plan_path)), out, err)
+        # with --json, stdout carries the fit document alone: the run's summary table goes to stderr
+        return cmd_run(options.run_options(str(result.plan_path)), err if task.json else out, err)
     return 0
 
 

@@ -155,8 +155,8 @@ class Plan:
     def training_arguments(self, **overrides: Any) -> TrainingArguments:
         """transformers.TrainingArguments that run the plan's step: micro-batch and accumulation,
         bf16 / fp16 autocast, non-reentrant gradient checkpointing, fused AdamW on CUDA (adamw_torch on
-        CPU), no reporting integrations. Keyword arguments override or add any TrainingArguments field
-        (output_dir, max_steps, learning_rate, ...).
+        CPU, where use_cpu=True is set too), no reporting integrations. Keyword arguments override or add any
+        TrainingArguments field (output_dir, max_steps, learning_rate, ...).
 
         The fields come from the rungs (`search.ladder.trainer_arguments`), with transformers 5.24's
         activation_checkpointing names where the installed TrainingArguments has them. Offload and
@@ -172,6 +172,10 @@ class Plan:
         fields = {field_.name for field_ in dataclasses.fields(TrainingArguments)}
         on_cpu = bool(overrides.get("use_cpu")) or not torch.cuda.is_available()
         arguments: dict[str, Any] = {"optim": "adamw_torch" if on_cpu else "adamw_torch_fused", "report_to": "none"}
+        if not torch.cuda.is_available():
+            # Without CUDA, TrainingArguments(bf16=True) refuses to build ("Your setup doesn't support bf16/gpu")
+            # unless use_cpu is set: a plan for a GPU then still runs its step on the CPU (for trying it out).
+            arguments["use_cpu"] = True
         for name, value in ladder.trainer_arguments(config).items():
             # transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs).
             renamed = name.replace("gradient_checkpointing", "activation_checkpointing")

@@ -76,3 +76,25 @@ def test_a_card_without_bf16_is_planned_without_it(capsys, tmp_path):
     assert document["search"]["chosen"]["config"]["amp"] != "bf16"
     assert all(c["config"]["amp"] != "bf16" and c["config"]["weights_dtype"] != "bf16"
                for c in document["search"]["candidates"])
+
+
+def test_an_fsdp_estimate_gives_the_users_excepthook_back():
+    import sys
+
+    from tests.models import tiny_llama
+
+    before = sys.excepthook
+    memtune.estimate(tiny_llama(), TrainConfig(seq_len=32, num_gpus=2), device="cpu")
+    assert sys.excepthook is before  # torch's init_process_group had put its "[rank0]: " hook there
+
+
+def test_training_arguments_of_a_bf16_plan_build_on_a_machine_without_cuda(tmp_path):
+    import torch
+
+    from memtune.plan import Plan
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU-only path")
+    plan = Plan(model="gpt2", train_config=TrainConfig(seq_len=128, amp="bf16"), budget_bytes=8 * GIB)
+    arguments = plan.training_arguments(output_dir=str(tmp_path))  # the README snippet, no use_cpu given
+    assert arguments.bf16 and arguments.use_cpu

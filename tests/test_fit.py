@@ -107,3 +107,14 @@ def test_no_verify_runs_no_trial_and_makes_no_workspace_even_with_a_gpu(tiny_mod
                                   trace_device="cpu", probe_result=ProbeResult(gpus=[gpu]))
     assert result.search is not None and result.search.chosen is not None
     assert result.search.trials == 0 and result.search.chosen.measurement is None
+
+
+def test_fit_json_run_keeps_stdout_one_json_document(tiny_model_dir, tmp_path, capsys):
+    """`fit --json --run`: stdout is the fit document alone; the run's summary table goes to stderr."""
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "64", "--batch-size", "2", "--budget", "1GiB",
+                 "--trace-device", "cpu", "--json", "--plan-out", str(tmp_path / "plan.json"), "--run",
+                 "--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert json.loads(captured.out)["kind"] == "fit"
+    assert "memtune run: completed" in captured.err and "memtune run:" not in captured.out

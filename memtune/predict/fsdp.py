@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import sys
 import time
 from collections.abc import Hashable, Iterator
 from typing import Any
@@ -183,11 +184,15 @@ def _fake_process_group(world_size: int) -> Iterator[Any]:
             "estimate_sharded traces with a fake process group and cannot run inside an initialised one; "
             "estimate before init_process_group or in another process"
         )
+    # init_process_group replaces sys.excepthook with one that prefixes "[rank0]: " to every line
+    # (torch/distributed/distributed_c10d.py) and destroy_process_group leaves it: put the user's back.
+    excepthook = sys.excepthook
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
         yield init_device_mesh("cpu", (world_size,))
     finally:
         dist.destroy_process_group()
+        sys.excepthook = excepthook
 
 
 def _tag_layers(layers: list[torch.nn.Module], counter: ShardedCounter) -> list[Any]:
