@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune.config import NO_BF16_GPUS, Policy, TrainConfig, format_bytes, known_gpu, margin_for
+from memtune.config import NO_BF16_GPUS, Adapter, Policy, TrainConfig, format_bytes, known_gpu, margin_for
 from memtune.errors import UsageError
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
@@ -171,6 +171,9 @@ def fit_model(
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
     check_sequence_length(source.config, seq_len)
+    check_trace_device(trace_device)
+    if policy.use_adapter is not False:
+        check_adapter_targets(source.config, policy.adapter)
     if importlib.util.find_spec("memtune.predict.fsdp") is None:
         policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
@@ -251,6 +254,44 @@ def check_sequence_length(model_config: Any, seq_len: int) -> None:
     if seq_len > MAX_SEQ_LEN:
         raise UsageError(f"--seq-len {seq_len} is over {MAX_SEQ_LEN:,} tokens and the model config names no limit "
                          f"({', '.join(POSITION_FIELDS)}): use a shorter sequence")
+
+
+def check_adapter_targets(model_config: Any, adapter: Adapter) -> None:
+    """Raise UsageError when LoRA `target_modules` (other than "all-linear") match no module of the model,
+    by peft's own matching rule (`peft.tuners.tuners_utils.check_target_module_exists`) on the model built
+    on the meta device (no memory, no weights). peft itself would fail later, inside the trace, with
+    "Target modules ... not found in the base model"."""
+    if adapter.kind != "lora" or adapter.target_modules == "all-linear":
+        return
+    import torch
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
+
+    from memtune.recipe.step import peft_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    lora = peft_config(TrainConfig(seq_len=1, adapter=adapter))
+    names = [name for name, _ in model.named_modules() if name]
+    if any(check_target_module_exists(lora, name) for name in names):
+        return
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if name and hasattr(module, "weight") and getattr(module.weight, "ndim", 0) == 2
+                     and not isinstance(module, torch.nn.Embedding)})
+    targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
+    raise UsageError(f"--lora-targets {targets} match no module of this {model_config.model_type} model: "
+                     f"its weight matrices are {', '.join(linear)} (or use all-linear)")
+
+
+def check_trace_device(device: str | None) -> None:
+    """Raise UsageError for a trace on fake CUDA tensors where torch sees no GPU: the autograd engine would
+    abort the process in C++ (hasPrimaryContext) instead of raising."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--trace-device cuda needs a CUDA GPU that torch can see (this torch "
+                             f"{torch.__version__} sees none): use --trace-device cpu, the GPU-free path")
 
 
 def _with(policy: Policy, **changes: Any) -> Policy:
@@ -359,6 +400,9 @@ def plan_configuration(
     `gpu_name` (default H100). Traces on fake tensors: no GPU and no weights are needed.
     """
     check_sequence_length(source.config, train_config.seq_len)
+    check_trace_device(trace_device)
+    if train_config.adapter is not None:
+        check_adapter_targets(source.config, train_config.adapter)
     speed = throughput.gpu_speed(gpu_name or "H100")
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device)
     margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, policy)

@@ -28,6 +28,8 @@ from memtune.search.ladder import candidate_space
     (["fit", "gpt2", "--budget", "6GiB", "--prefix", "--no-lora"], "--prefix contradicts --no-lora"),
     (["fit", "gpt2", "--budget", "6GiB", "--prefix", "--checkpointing", "on"], "peft refuses prefix tuning"),
     (["fit", "gpt2", "--budget", "6GiB", "--offload", "parameters", "--no-offload"], "contradicts --no-offload"),
+    (["plan", "gpt2", "--lora", "--lora-targets", "q_proj,v_proj"], "match no module of this gpt2 model"),
+    (["fit", "gpt2", "--budget", "6GiB", "--lora", "--lora-targets", "q_proj"], "its weight matrices are c_attn"),
 ])
 def test_cli_bad_input_exits_2_with_the_value_and_the_fix(args, message, capsys):
     code = main(args)
@@ -98,3 +100,12 @@ def test_training_arguments_of_a_bf16_plan_build_on_a_machine_without_cuda(tmp_p
     plan = Plan(model="gpt2", train_config=TrainConfig(seq_len=128, amp="bf16"), budget_bytes=8 * GIB)
     arguments = plan.training_arguments(output_dir=str(tmp_path))  # the README snippet, no use_cpu given
     assert arguments.bf16 and arguments.use_cpu
+
+
+def test_a_fake_cuda_trace_without_a_gpu_is_refused_not_aborted(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where torch sees no GPU")
+    code = main(["plan", "gpt2", "--trace-device", "cuda"])
+    assert code == 2 and "--trace-device cuda needs a CUDA GPU" in re.sub(r"\s+", " ", capsys.readouterr().err)
