@@ -403,9 +403,9 @@ def run_plan(
         reporter_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
     output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
+    check_run_inputs(plan, options)
     checkpoint = _checkpoint_to_resume(output, resume, plan,
                                        lambda message: reporter_console.print(message, highlight=False), warn)
-    _check_runnable(plan, max_steps, save_steps)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
 
     source = resolve(plan.model)
@@ -647,6 +647,7 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     the plan needs it (see `relaunch_command`): the launcher's exit code. None: run the plan in this process."""
     import subprocess
 
+    check_run_inputs(plan, options)
     output_dir = Path(options.output_dir or default_output_dir(plan))
     command = relaunch_command(plan, options, output_dir)
     if command is None:
@@ -710,12 +711,15 @@ def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, say: Callable[
     return found.latest
 
 
-def _check_runnable(plan: Plan, max_steps: int | None, save_steps: int) -> None:
-    problems = []
-    if max_steps is not None and max_steps < 1:
-        problems.append(f"--max-steps must be >= 1, got {max_steps}")
-    if save_steps < 1:
-        problems.append(f"--save-steps must be >= 1, got {save_steps}")
+def check_run_inputs(plan: Plan, options: RunOptions) -> None:
+    """Raise one UsageError with every problem of the options, the output directory (the default one
+    included) and what this process cannot run of the plan, before any work."""
+    problems = options.problems()
+    if options.output_dir is None:
+        problem = RunOptions.output_dir_problem(default_output_dir(plan))
+        if problem:
+            problems.append(problem.replace("--output-dir", "the default output directory", 1)
+                            + " with --output-dir")
     if plan.train_config.loss == "chunked" and not hasattr(recipe, "forward_loss"):
         problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.forward_loss): "
                         "make the plan again, or update memtune")
