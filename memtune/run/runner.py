@@ -51,6 +51,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 and 5.24 alike
 
 from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
@@ -139,8 +140,7 @@ class PlanTrainer(GuardedTrainer):
         `_get_output_dir`) and renamed to checkpoint-N once complete, the OOM guard's state included; then
         Trainer's rotation (save_total_limit) on the output directory. Every rank writes its part (RNG state,
         FSDP shards) before the main process renames."""
-        from transformers.trainer_utils import rotate_checkpoints
-
+        self.oom_guard.check_can_save()  # before the first barrier: after the ranks gave up it would never return
         run_dir = Path(super()._get_output_dir(trial))
         name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
         staging = run_dir / f"{SAVING_PREFIX}{name}"
