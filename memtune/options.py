@@ -10,7 +10,10 @@ configuration `memtune plan` predicts; `FitOptions` holds the search's `Policy`;
 from __future__ import annotations
 
 import dataclasses
+import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from memtune.config import (
@@ -222,6 +225,57 @@ class RunOptions:
     """Continue from the latest checkpoint-N in --output-dir at step N+1."""
     json: bool = False
     """Print the run summary as JSON instead of a table."""
+
+    def problems(self) -> list[str]:
+        """Every problem of these options at once (the plan file is checked by `Plan.load`; the default
+        output directory, which depends on the plan, by the runner)."""
+        problems = []
+        for name, minimum in (("max_steps", 1), ("save_steps", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if value is None and name == "max_steps":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"--{name.replace('_', '-')} must be an integer, got {value!r}")
+            elif value < minimum:
+                problems.append(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+        if isinstance(self.seed, int) and self.seed >= 2**32:
+            problems.append(f"--seed must be below 2**32 (numpy's seeds), got {self.seed}")
+        rate = self.learning_rate
+        if rate is not None:
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool):
+                problems.append(f"--learning-rate must be a number, got {rate!r}")
+            elif not math.isfinite(rate) or rate <= 0:
+                problems.append(f"--learning-rate must be a positive number, got {rate}: "
+                                "e.g. 2e-4 with LoRA, 2e-5 for full fine-tuning")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            problems.append(f"--text-field must name a JSON field, got {self.text_field!r}")
+        if self.output_dir is not None:
+            problem = self.output_dir_problem(self.output_dir)
+            if problem:
+                problems.append(problem)
+        return problems
+
+    @staticmethod
+    def output_dir_problem(path: str | Path) -> str | None:
+        """Why `memtune run` could not write into `path` (None: it can): a file there or above it, or a
+        place where this user may not create files (a read-only file system, no permission). Writes
+        nothing but a temporary file, deleted at once, in the folder or its nearest existing parent."""
+        path = Path(path)
+        fix = "choose a directory you can write (a new one is created)"
+        existing = path
+        try:
+            while not existing.exists():
+                existing = existing.parent
+            if not existing.is_dir():
+                if existing == path:
+                    return f"--output-dir '{path}' is a file, not a directory: {fix}"
+                return f"--output-dir '{path}' cannot be created: '{existing}' is a file; {fix}"
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as error:
+            where = "" if existing == path else f" (in '{existing}', its nearest existing parent)"
+            return f"--output-dir '{path}' is not writable{where}: {error.strerror or error}; {fix}"
+        return None
 
     def command_line(self) -> list[str]:
         """The `memtune run` arguments that give these options back: PLAN, then every option that is set."""

@@ -30,6 +30,21 @@ if TYPE_CHECKING:
     from memtune.run.guard import GuardedTrainer, OomGuard
 
 PLAN_SCHEMA_VERSION = 1
+_REQUIRED_FIELDS = ("model", "train_config", "budget_bytes")
+_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "model": ((str,), "a string"),
+    "train_config": ((dict,), "a JSON object"),
+    "budget_bytes": ((int,), "an integer"),
+    "margin_bytes": ((int,), "an integer"),
+    "predicted_total_bytes": ((int,), "an integer"),
+    "predicted_tokens_per_second": ((int, float), "a number"),
+    "measured_peak_reserved_bytes": ((int, type(None)), "an integer or null"),
+    "measured_tokens_per_second": ((int, float, type(None)), "a number or null"),
+    "gpu": ((str,), "a string"),
+    "fallbacks": ((list,), "a list"),
+    "created": ((str,), "a string"),
+}
+"""The JSON type of each field `to_dict` writes (schema_version apart)."""
 
 
 @dataclass
@@ -86,16 +101,53 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """The Plan of `to_dict`'s output. UsageError names every field that is missing, unknown or of the
+        wrong type, at once."""
+        if not isinstance(data, dict):
+            raise UsageError(f"a plan is a JSON object ({{\"model\": ..., \"train_config\": {{...}}, ...}}), "
+                             f"got a JSON {_json_type(data)}")
         version = data.get("schema_version")
         if version != PLAN_SCHEMA_VERSION:
             raise UsageError(
                 f"plan schema_version {version!r} is not supported (this memtune reads {PLAN_SCHEMA_VERSION}); "
                 "make the plan again with `memtune fit`"
             )
-        data = {key: value for key, value in data.items() if key != "schema_version"}
-        data["train_config"] = TrainConfig.from_dict(data["train_config"])
-        data["fallbacks"] = [TrainConfig.from_dict(config) for config in data.get("fallbacks", [])]
-        return cls(**data)
+        problems = []
+        missing = [name for name in _REQUIRED_FIELDS if name not in data]
+        if missing:
+            problems.append(f"missing field(s) {', '.join(missing)}")
+        unknown = sorted(set(data) - set(_FIELD_TYPES) - {"schema_version"})
+        if unknown:
+            problems.append(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_FIELD_TYPES)}")
+        for name, (types, wanted) in _FIELD_TYPES.items():
+            value = data.get(name)
+            if name in data and not (isinstance(value, types) and not isinstance(value, bool)):
+                problems.append(f"{name} must be {wanted}, got {json.dumps(value)[:60]} (a JSON {_json_type(value)})")
+        if isinstance(data.get("model"), str) and not data["model"].strip():
+            problems.append("model is empty: it names the model (a catalog name, hub id or local directory)")
+        for name in ("budget_bytes", "margin_bytes", "predicted_total_bytes"):
+            value = data.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < (1 if name == "budget_bytes" else 0):
+                problems.append(f"{name} must be {'> 0' if name == 'budget_bytes' else '>= 0'}, got {value}")
+        fallbacks: list[Any] = data["fallbacks"] if isinstance(data.get("fallbacks"), list) else []
+        configs: dict[str, Any] = {}
+        named = [("train_config", data.get("train_config"))]
+        named += [(f"fallbacks[{index}]", config) for index, config in enumerate(fallbacks)]
+        for name, value in named:
+            if not isinstance(value, dict):
+                if name != "train_config":  # train_config's type is reported above
+                    problems.append(f"{name} must be a JSON object, got a JSON {_json_type(value)}")
+                continue
+            try:
+                configs[name] = TrainConfig.from_dict(value)
+            except (UsageError, TypeError, ValueError, KeyError, AttributeError) as error:
+                problems.append(f"{name}: {error}")
+        if problems:
+            raise UsageError("; ".join(problems))
+        fields = {key: value for key, value in data.items() if key != "schema_version"}
+        fields["train_config"] = configs["train_config"]
+        fields["fallbacks"] = [configs[f"fallbacks[{index}]"] for index in range(len(fallbacks))]
+        return cls(**fields)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -109,18 +161,34 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """The plan saved in `path`; UsageError (exit 2) for a path that is no plan file, with every problem
+        of its fields at once."""
         path = Path(path)
+        remake = "make it again with `memtune fit MODEL`"
+        if path.is_dir():
+            inside = " (it holds plan.json: give that)" if (path / "plan.json").is_file() else ""
+            raise UsageError(f"plan file {str(path)!r} is a directory{inside}: give the JSON file "
+                             "`memtune fit` saved (it prints where)")
         if not path.is_file():
             raise UsageError(
                 f"plan file {str(path)!r} does not exist: make one with `memtune fit MODEL` "
                 "(it prints where it saved it)"
             )
         try:
-            return cls.from_json(path.read_text())
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"plan file {str(path)!r} is not a memtune plan ({error}); make it again with `memtune fit`"
-            ) from None
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"plan file {str(path)!r} is not text (binary data): a plan is the JSON file "
+                             f"`memtune fit` saves; {remake}") from None
+        except OSError as error:
+            raise UsageError(f"plan file {str(path)!r} cannot be read ({error.strerror})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UsageError(f"plan file {str(path)!r} is not JSON ({error}); {remake}") from None
+        try:
+            return cls.from_dict(data)
+        except UsageError as error:
+            raise UsageError(f"plan file {str(path)!r} is not a valid memtune plan: {error}; {remake}") from None
 
     # ---- adapters to Hugging Face objects ---------------------------------------------------------
 
@@ -214,3 +282,9 @@ class Plan:
 
         return GuardedTrainer(model=model, args=args if args is not None else self.training_arguments(),
                               oom_guard=oom_guard if oom_guard is not None else self.oom_guard(), **trainer_kwargs)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (what a user sees in the file)."""
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

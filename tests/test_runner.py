@@ -123,6 +123,95 @@ def test_interrupt_then_resume_continues_at_the_same_step_with_the_same_losses(
                                [loss for _, loss in reference.loss_curve], rtol=1e-4, atol=1e-5)
 
 
+# Runs `memtune run` with Trainer's RNG-state save (the last file before trainer_state.json) held at step 4:
+# it writes SAVING_MARKER and sleeps until the test kills the process.
+SLOW_SAVE = """
+import sys, time
+from pathlib import Path
+from transformers import Trainer
+from memtune.cli import main
+
+original = Trainer._save_rng_state
+
+def held_at_step_4(self, output_dir):
+    original(self, output_dir)
+    if self.state.global_step == 4:
+        Path(sys.argv[1]).write_text(str(output_dir))
+        time.sleep(300)
+
+Trainer._save_rng_state = held_at_step_4
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_while_saving_leaves_no_checkpoint_and_resume_continues_from_the_last_complete_one(
+    model_dir: Path, tmp_path: Path, uninterrupted: RunSummary
+) -> None:
+    """issue 12: a SIGKILL while checkpoint-40 was written left a folder without trainer_state.json, and --resume
+    crashed with FileNotFoundError. Now the save goes to saving-checkpoint-N first; --resume takes the newest
+    complete checkpoint, says so, and removes what was left (a legacy half-written checkpoint-N included)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    plan_path = make_plan(model_dir).save(tmp_path / "plan.json")
+    output, marker = tmp_path / "run", tmp_path / "saving"
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]),
+                                                               os.environ.get("PYTHONPATH")]))}
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SAVE, str(marker), "run", str(plan_path), "--data", str(CORPUS),
+         "--output-dir", str(output), "--max-steps", "7", "--save-steps", "2", "--learning-rate", "3e-3"],
+        env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not marker.exists():
+            process.kill()
+            pytest.fail(f"the run never reached the save of step 4: {process.communicate()[1]}")
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    assert Path(marker.read_text()) == output / "saving-checkpoint-4" / "checkpoint-4"
+    assert not (output / "checkpoint-4").exists()  # nothing that looks like a checkpoint of step 4
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    legacy = output / "checkpoint-6"  # what a save before this fix left: weights, no trainer_state.json
+    legacy.mkdir()
+    shutil.copy(output / "checkpoint-2" / "model.safetensors", legacy)
+
+    messages = io.StringIO()
+    resumed = run_plan(make_plan(model_dir), data=CORPUS, output_dir=output, max_steps=7, learning_rate=3e-3,
+                       resume=True, device="cpu", console=Console(file=messages, width=200))
+    stderr = messages.getvalue()
+    assert "resuming from checkpoint-2 (step 2)" in stderr
+    assert "skipped checkpoint-6: incomplete (no trainer_state.json" in stderr
+    assert "removed saving-checkpoint-4" in stderr
+    assert resumed.status == "completed" and resumed.resumed_from_step == 2 and resumed.global_step == 7
+    assert [step for step, _ in resumed.loss_curve] == list(range(3, 8))
+    torch.testing.assert_close([loss for _, loss in resumed.loss_curve],
+                               [loss for _, loss in uninterrupted.loss_curve[2:]], rtol=1e-4, atol=1e-5)
+    assert sorted(path.name for path in output.glob("*checkpoint-*")) == ["checkpoint-6", "checkpoint-7"]
+    assert resumed.checkpoint == str(output / "checkpoint-7")
+    assert (output / "checkpoint-6" / "trainer_state.json").is_file()
+
+
+def test_resume_refuses_a_directory_whose_checkpoints_are_all_incomplete(model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    (output / "checkpoint-40").mkdir(parents=True)
+    (output / "checkpoint-40" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UsageError, match=r"holds no complete checkpoint \(checkpoint-40: no trainer_state.json\)"):
+        run(make_plan(model_dir), output, max_steps=2, resume=True)
+    with pytest.raises(UsageError, match=r"already holds checkpoints \(checkpoint-40\)"):
+        run(make_plan(model_dir), output, max_steps=2)
+
+
 def test_output_directory_with_checkpoints_needs_resume_and_resume_needs_a_checkpoint(
     model_dir: Path, tmp_path: Path
 ) -> None:

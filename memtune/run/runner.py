@@ -15,8 +15,15 @@ runner builds no distribution of its own.
 
 Ctrl-C: the first finishes the current optimizer step, saves a checkpoint and stops; a second stops at
 once and saves the last completed step (unless it came inside the optimizer update). `resume=True`
-continues from the latest checkpoint-N in the output directory at step N + 1, with the data position,
-optimizer, schedule and the configuration the OOM guard had reached.
+continues from the newest complete checkpoint-N in the output directory at step N + 1, with the data
+position, optimizer, schedule and the configuration the OOM guard had reached.
+
+Checkpoints are atomic: `PlanTrainer._save_checkpoint` has Trainer write checkpoint-N inside a
+saving-checkpoint-N folder and renames it into place when every file is written (transformers 5.17 and
+5.24 write straight into checkpoint-N, so a process killed mid-save left a folder that looked like a
+checkpoint). A checkpoint-N counts as complete with a readable trainer_state.json and the weights or
+adapter (`checkpoint_problem`); --resume says which one it continues and removes the incomplete ones and
+leftover saving-checkpoint-N folders, saying so.
 
 Output directory: the model (or adapter) and tokenizer, checkpoint-N folders, plan.json and
 run_summary.json (steps, loss curve, peak memory per band of steps, tokens/s, wall time, the plan).
@@ -31,6 +38,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -43,6 +51,7 @@ from typing import Any
 import torch
 from rich.console import Console
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 and 5.24 alike
 
 from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
@@ -57,6 +66,13 @@ PLAN_FILE = "plan.json"
 MEMORY_BANDS = 20
 """The run's steps are cut into about this many bands; run_summary.json has the peak memory of each."""
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+CHECKPOINT_PREFIX = "checkpoint-"
+"""Trainer's PREFIX_CHECKPOINT_DIR (transformers.trainer_utils) and a dash."""
+SAVING_PREFIX = "saving-"
+"""saving-checkpoint-N: where a checkpoint is written before its rename. Trainer's rotation globs
+checkpoint-* and get_last_checkpoint matches ^checkpoint-N$: neither sees it."""
+CHECKPOINT_WEIGHTS = ("*.safetensors", "*.bin", "pytorch_model_fsdp*")
+"""A checkpoint's model or adapter: model*.safetensors, adapter_model.*, pytorch_model*.bin, FSDP shard folders."""
 
 
 @dataclass
@@ -113,7 +129,40 @@ class PlanTrainer(GuardedTrainer):
 
     def __init__(self, *args: Any, train_config: TrainConfig, **kwargs: Any):
         self.train_config = train_config
+        self._saving_into: str | None = None
         super().__init__(*args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        return self._saving_into or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's checkpoint, written into saving-checkpoint-N/checkpoint-N (Trainer takes the folder from
+        `_get_output_dir`) and renamed to checkpoint-N once complete, the OOM guard's state included; then
+        Trainer's rotation (save_total_limit) on the output directory. Every rank writes its part (RNG state,
+        FSDP shards) before the main process renames."""
+        self.oom_guard.check_can_save()  # before the first barrier: after the ranks gave up it would never return
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        staging = run_dir / f"{SAVING_PREFIX}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left by a process killed while saving
+        self.accelerator.wait_for_everyone()
+        self._saving_into = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_into = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            self.oom_guard.save_state(staging / name)
+            final = run_dir / name
+            if final.exists():
+                shutil.rmtree(final)  # an incomplete checkpoint-N of an interrupted run
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -340,7 +389,6 @@ def run_plan(
                                                    options.seed)
     from transformers import set_seed
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
-    from transformers.trainer_utils import get_last_checkpoint
 
     from memtune.sources import resolve
 
@@ -355,8 +403,9 @@ def run_plan(
         reporter_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
     output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
-    checkpoint = _checkpoint_to_resume(output, resume, plan, get_last_checkpoint)
-    _check_runnable(plan, max_steps, save_steps)
+    check_run_inputs(plan, options)
+    checkpoint = _checkpoint_to_resume(output, resume, plan,
+                                       lambda message: reporter_console.print(message, highlight=False), warn)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
 
     source = resolve(plan.model)
@@ -461,7 +510,7 @@ def run_plan(
         wall_seconds=time.perf_counter() - wall_start,
         final_train_config=guard.current.to_dict(),
         guard_events=[event.to_dict() for event in guard.events],
-        checkpoint=get_last_checkpoint(str(output)) if output.is_dir() else None,
+        checkpoint=str(latest) if (latest := find_checkpoints(output).latest) is not None else None,
         model_origin=model_origin,
         tokenizer_origin=tokenizer_origin,
         data=dataset.source,
@@ -509,6 +558,57 @@ def default_output_dir(plan: Plan) -> Path:
     return Path("memtune-runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
+@dataclass
+class Checkpoints:
+    """The checkpoint folders of an output directory."""
+
+    latest: Path | None
+    """The newest complete checkpoint-N (where --resume continues)."""
+    incomplete: list[tuple[Path, str]]
+    """checkpoint-N folders that are not complete, and why (newest first)."""
+    leftovers: list[Path]
+    """saving-checkpoint-N folders: saves that never reached their rename."""
+
+
+def find_checkpoints(output: Path) -> Checkpoints:
+    """Sort the checkpoint-N folders of `output` into the newest complete one and the incomplete ones."""
+    pattern = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+    found = Checkpoints(None, [], [])
+    if not output.is_dir():
+        return found
+    steps: list[tuple[int, Path]] = []
+    for path in output.iterdir():
+        if not path.is_dir():
+            continue
+        if path.name.startswith(SAVING_PREFIX + CHECKPOINT_PREFIX):
+            found.leftovers.append(path)
+        elif match := pattern.match(path.name):
+            steps.append((int(match.group(1)), path))
+    for _, path in sorted(steps, reverse=True):
+        why = checkpoint_problem(path)
+        if why is not None:
+            found.incomplete.append((path, why))
+        elif found.latest is None:
+            found.latest = path
+    found.leftovers.sort()
+    return found
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why a checkpoint-N folder cannot be resumed, or None when it is complete: a trainer_state.json with its
+    global_step (Trainer writes it after the weights, optimizer and RNG state) and the model or adapter."""
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        return "no trainer_state.json"
+    try:
+        int(json.loads(state.read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "trainer_state.json is unreadable"
+    if not any(any(folder.glob(pattern)) for pattern in CHECKPOINT_WEIGHTS):
+        return "no model or adapter weights"
+    return None
+
+
 # ---- options and the launcher (`memtune run` in cli.py) -------------------------------------------
 
 
@@ -547,6 +647,7 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     the plan needs it (see `relaunch_command`): the launcher's exit code. None: run the plan in this process."""
     import subprocess
 
+    check_run_inputs(plan, options)
     output_dir = Path(options.output_dir or default_output_dir(plan))
     command = relaunch_command(plan, options, output_dir)
     if command is None:
@@ -568,16 +669,24 @@ def leave_process_group() -> None:
 # ---- internals -----------------------------------------------------------------------------------
 
 
-def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, get_last_checkpoint: Callable) -> Path | None:
-    last = get_last_checkpoint(str(output)) if output.is_dir() else None
+def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, say: Callable[[str], None],
+                          warn: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint to resume (None: start afresh); with `resume`, the incomplete checkpoints
+    and leftover saving-checkpoint-N folders are removed (by the main process), each named in a warning."""
+    found = find_checkpoints(output)
     if not resume:
-        if last is not None:
+        names = [path.name for path, _ in found.incomplete] + ([found.latest.name] if found.latest else [])
+        if names:
             raise UsageError(
-                f"output directory '{output}' already holds checkpoints ({Path(last).name}) of an earlier run: "
-                "pass --resume to continue it, or choose another --output-dir"
+                f"output directory '{output}' already holds checkpoints ({', '.join(sorted(names))}) of an earlier "
+                "run: pass --resume to continue it, or choose another --output-dir"
             )
         return None
-    if last is None:
+    if found.latest is None:
+        if found.incomplete:
+            skipped = "; ".join(f"{path.name}: {why}" for path, why in found.incomplete)
+            raise UsageError(f"--resume: output directory '{output}' holds no complete checkpoint ({skipped}): "
+                             "remove those folders and run without --resume, or choose another --output-dir")
         raise UsageError(f"--resume: output directory '{output}' holds no checkpoint-N folder; "
                          "run without --resume to start, or point --output-dir at the run to continue")
     saved = output / PLAN_FILE
@@ -588,15 +697,29 @@ def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, get_last_check
                 f"--resume: '{output}' was trained with another plan ({earlier.model}: "
                 f"{earlier.train_config.describe()}); resume it with {saved}, or choose another --output-dir"
             )
-    return Path(last)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    for path, why in found.incomplete:
+        warn(f"skipped {path.name}: incomplete ({why}; the process was stopped while saving it)"
+             + (": removed it" if main_process else ""))
+    for path in found.leftovers:
+        warn(f"removed {path.name}: a checkpoint whose save was interrupted" if main_process
+             else f"skipped {path.name}: a checkpoint whose save was interrupted")
+    if main_process:
+        for path in [path for path, _ in found.incomplete] + found.leftovers:
+            shutil.rmtree(path, ignore_errors=True)
+    say(f"resuming from {found.latest.name} (step {_step_of(found.latest)})")
+    return found.latest
 
 
-def _check_runnable(plan: Plan, max_steps: int | None, save_steps: int) -> None:
-    problems = []
-    if max_steps is not None and max_steps < 1:
-        problems.append(f"--max-steps must be >= 1, got {max_steps}")
-    if save_steps < 1:
-        problems.append(f"--save-steps must be >= 1, got {save_steps}")
+def check_run_inputs(plan: Plan, options: RunOptions) -> None:
+    """Raise one UsageError with every problem of the options, the output directory (the default one
+    included) and what this process cannot run of the plan, before any work."""
+    problems = options.problems()
+    if options.output_dir is None:
+        problem = RunOptions.output_dir_problem(default_output_dir(plan))
+        if problem:
+            problems.append(problem.replace("--output-dir", "the default output directory", 1)
+                            + " with --output-dir")
     if plan.train_config.loss == "chunked" and not hasattr(recipe, "forward_loss"):
         problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.forward_loss): "
                         "make the plan again, or update memtune")
