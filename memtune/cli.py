@@ -297,6 +297,9 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     source = resolve(task.model)
     if source.note:
         err.print(f"note: {source.note}")
+    missing = options.run_options("").data_problem() if options.run else None
+    if missing:  # before minutes of search, not after
+        raise UsageError(missing)
     with report.progress_printer(err) as progress:
         result = fit_model(
             source, parameter_count(source.config), task.seq_len, task.batch_size,

@@ -255,6 +255,12 @@ class RunOptions:
                 problems.append(problem)
         return problems
 
+    def data_problem(self) -> str | None:
+        """--data that does not exist (checked before work starts, not when the command line is parsed)."""
+        if self.data is not None and not Path(self.data).exists():
+            return f"--data {self.data!r} does not exist: give a .jsonl, .json or .txt file or a folder of them"
+        return None
+
     @staticmethod
     def output_dir_problem(path: str | Path) -> str | None:
         """Why `memtune run` could not write into `path` (None: it can): a file there or above it, or a
@@ -338,6 +344,13 @@ class FitOptions:
                 self.policy().validate(task.batch_size)
             except UsageError as error:
                 problems.append(str(error))
+        if self.run:  # checked now, not after minutes of search
+            problems += self.run_options("").problems()
+        elif self.data is not None or self.output_dir is not None or self.max_steps is not None:
+            given = [flag for flag, value in (("--data", self.data), ("--output-dir", self.output_dir),
+                                              ("--max-steps", self.max_steps)) if value is not None]
+            verb = "applies" if len(given) == 1 else "apply"
+            problems.append(f"{', '.join(given)} only {verb} with --run: add --run to train now, or drop them")
         return problems + task.problems()
 
     def policy(self) -> Policy:

@@ -109,3 +109,15 @@ def test_a_fake_cuda_trace_without_a_gpu_is_refused_not_aborted(capsys):
         pytest.skip("needs a machine where torch sees no GPU")
     code = main(["plan", "gpt2", "--trace-device", "cuda"])
     assert code == 2 and "--trace-device cuda needs a CUDA GPU" in re.sub(r"\s+", " ", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "gpt2", "--budget", "6GiB", "--data", "missing.jsonl", "--max-steps", "3"],
+     "--data, --max-steps only apply with --run"),
+    (["fit", "gpt2", "--budget", "6GiB", "--run", "--data", "missing.jsonl"], "--data 'missing.jsonl' does not exist"),
+])
+def test_fit_checks_its_run_options_before_the_search(args, message, capsys):
+    code = main(args)
+    captured = capsys.readouterr()
+    assert code == 2 and message in re.sub(r"\s+", " ", captured.err)
+    assert "predicting" not in captured.err  # refused before any trace

@@ -715,6 +715,9 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
     """Raise one UsageError with every problem of the options, the output directory (the default one
     included) and what this process cannot run of the plan, before any work."""
     problems = options.problems()
+    missing = options.data_problem()
+    if missing:
+        problems.append(missing)
     if options.output_dir is None:
         problem = RunOptions.output_dir_problem(default_output_dir(plan))
         if problem:
