@@ -171,7 +171,7 @@ def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bo
     try:
         config = _hub_config(model, offline=bool(offline_reason), trust_remote_code=trust_remote_code)
     except Exception as error:
-        if "trust_remote_code" in str(error):  # transformers refused the repository's own Python
+        if isinstance(error, ValueError) and "trust_remote_code=True" in str(error):  # it refused the repo's Python
             raise UsageError(_custom_code_message(f"model '{model}'", "its config's auto_map")) from error
         raise ModelNotFoundError(_not_found_message(model, offline_reason, error)) from error
     check_causal_lm(config, f"model '{model}'")
