@@ -192,6 +192,14 @@ def check_causal_lm(config: Any, where: str) -> None:
     problem = causal_lm_problem(model_type, is_decoder=bool(getattr(config, "is_decoder", False)))
     if problem:
         raise UsageError(f"{where} {problem}. {SUPPORTED_TEXT}")
+    wrong = [f"{name}={value!r}" for name in SHAPE_FIELDS if not _positive_or_absent(value := _field(config, name))]
+    if wrong:
+        raise UsageError(f"{where} has {', '.join(wrong)}: each must be a positive integer (the model's shape); "
+                         "fix config.json")
+
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
+"""Config fields (through transformers' attribute_map: n_layer, n_embd...) that set the model's size."""
 
 
 SUPPORTED_TEXT = (
@@ -199,6 +207,20 @@ SUPPORTED_TEXT = (
     "the catalog (`memtune models`) and the model types listed in "
     "transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (llama, mistral, qwen2, gpt2, ...)"
 )
+
+
+def _field(config: Any, name: str) -> Any:
+    try:
+        return getattr(config, name, None)
+    except Exception:  # per-layer configs raise on a global read of a per-layer field: not ours to check
+        return None
+
+
+def _positive_or_absent(value: Any) -> bool:
+    """None, a positive integer, or one per layer (gemma3n's intermediate_size)."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_positive_or_absent, value))
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
 
 
 def causal_lm_problem(model_type: str, *, is_decoder: bool = False) -> str:
@@ -308,7 +330,8 @@ def _from_directory(model: str, path: Path, trust_remote_code: bool) -> ModelSou
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=custom)
     except Exception as error:  # a field of the wrong type, missing custom-code files...
-        raise UsageError(f"transformers could not build a config from {where}: {_first_line(error)}") from error
+        detail = " ".join(str(error).split()) or type(error).__name__  # validation errors explain on line 2
+        raise UsageError(f"transformers could not build a config from {where}: {detail}") from error
     check_causal_lm(config, where)
     return ModelSource(model, config, "local", path=path, trust_remote_code=custom)
 

@@ -360,3 +360,39 @@ def test_model_pointing_at_config_json_itself_names_the_directory(tmp_path):
     file = _model_dir(tmp_path, "{}") / "config.json"
     with pytest.raises(ModelNotFoundError, match=f"is a file, not a directory: .*'{tmp_path}'"):
         sources.resolve(str(file))
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"num_hidden_layers": -1}, "has num_hidden_layers=-1: each must be a positive integer"),
+    ({"num_hidden_layers": 0, "vocab_size": 0}, "has num_hidden_layers=0, vocab_size=0: each must be"),
+    ({"hidden_size": "x"}, "transformers could not build a config from"),
+    ({"hidden_size": 63, "num_attention_heads": 4}, "hidden size (63) is not a multiple of the number of attention"),
+])
+def test_impossible_shapes_are_refused_before_any_trace(tmp_path, fields, expected):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 256, **fields}
+    message = _usage_error(_model_dir(tmp_path, json.dumps(config)))
+    assert str(tmp_path / "config.json") in message and expected in message
+    assert "\n" not in message  # transformers' two-line validation errors are joined
+
+
+def test_every_decoder_only_type_of_this_transformers_passes_the_checks():
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    refused = {}
+    checked = 0
+    for model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if sources.causal_lm_problem(model_type):
+            continue  # encoders and encoder-decoders, tested above
+        try:
+            config = AutoConfig.for_model(model_type)
+        except Exception:  # a few need arguments transformers' defaults do not give
+            continue
+        checked += 1
+        try:
+            sources.check_causal_lm(config, model_type)
+        except UsageError as error:
+            refused[model_type] = str(error)
+    assert checked > 100
+    assert refused == {}
