@@ -138,6 +138,9 @@ def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bo
     for a config memtune cannot use (unreadable, not a causal LM, custom code without trust_remote_code).
     Never reads stdin.
     """
+    if not model.strip():
+        raise ModelNotFoundError(f"MODEL is empty ({model!r}): give a catalog name (`memtune models` lists them), "
+                                 "a hub id or a local directory with config.json")
     path = Path(model).expanduser()
     if path.is_dir():
         return _from_directory(model, path, trust_remote_code)

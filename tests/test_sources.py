@@ -396,3 +396,9 @@ def test_every_decoder_only_type_of_this_transformers_passes_the_checks():
             refused[model_type] = str(error)
     assert checked > 100
     assert refused == {}
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_empty_model_is_refused_rather_than_read_as_the_current_directory(model):
+    with pytest.raises(ModelNotFoundError, match="MODEL is empty"):
+        sources.resolve(model)
