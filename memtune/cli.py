@@ -270,7 +270,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
 
     task = options.task
     budget_bytes, budget_label = task.budget_and_label()
-    source = resolve(task.model)
+    source = resolve(task.model, trust_remote_code=task.trust_remote_code)
     if source.note:
         err.print(f"note: {source.note}")
     tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
@@ -294,7 +294,7 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     task = options.task
     policy = options.policy()
     budget_bytes, budget_label = task.budget_and_label()
-    source = resolve(task.model)
+    source = resolve(task.model, trust_remote_code=task.trust_remote_code)
     if source.note:
         err.print(f"note: {source.note}")
     missing = options.run_options("").data_problem() if options.run else None

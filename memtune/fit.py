@@ -298,12 +298,12 @@ def _with(policy: Policy, **changes: Any) -> Policy:
     return dataclasses.replace(policy, **changes)
 
 
-def _source_of(model_or_name: Any) -> tuple[ModelSource, int]:
+def _source_of(model_or_name: Any, trust_remote_code: bool = False) -> tuple[ModelSource, int]:
     """A ModelSource and parameter count for a MODEL name/path or a model object the user built."""
     from memtune.sources import parameter_count, resolve
 
     if isinstance(model_or_name, (str, Path)):
-        source = resolve(str(model_or_name))
+        source = resolve(str(model_or_name), trust_remote_code=trust_remote_code)
         return source, parameter_count(source.config)
     config = getattr(model_or_name, "config", None)
     if config is None or not hasattr(model_or_name, "parameters"):
@@ -327,6 +327,7 @@ def auto_fit(
     verify: bool = True,
     plan_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    trust_remote_code: bool = False,
     **policy: Any,
 ) -> Plan:
     """The fastest plan that fits, for a model name, local directory or model object. Prints nothing.
@@ -338,9 +339,10 @@ def auto_fit(
     `budget` ("24GiB", or bytes) or `gpu` (a known card name) plans for memory other than the GPU
     here. `policy` takes `Policy` fields: precision="fp32", gradient_checkpointing=True,
     micro_batch_size=4, use_adapter=False (full fine-tuning only), allow_offload=False,
-    margin_bytes=..., min_micro_batch_size=... A model object should not be on the GPU yet: its
-    memory would be counted twice. Raises NothingFitsError (with the shortfall and suggestions)
-    when no configuration fits.
+    margin_bytes=..., min_micro_batch_size=... trust_remote_code=True allows a model name or directory
+    whose config is custom code (auto_map): it runs the model's own Python. A model object should not
+    be on the GPU yet: its memory would be counted twice. Raises NothingFitsError (with the shortfall
+    and suggestions) when no configuration fits.
     """
     from memtune.config import parse_bytes
     from memtune.errors import NothingFitsError
@@ -362,7 +364,7 @@ def auto_fit(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
         _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")
-    source, num_parameters = _source_of(model_or_name)
+    source, num_parameters = _source_of(model_or_name, trust_remote_code)
     result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
                        policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)
     if result.plan is not None:

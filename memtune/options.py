@@ -59,6 +59,9 @@ class TaskOptions:
     trace_device: Literal["cpu", "cuda"] | None = field(default=None, metadata=option(
         default_text="cuda when a GPU is visible"))
     """Trace on fake CUDA tensors (needs a GPU) or on the CPU with CUDA emulation."""
+    trust_remote_code: bool = False
+    """Allow a MODEL whose config.json has an auto_map and a model_type transformers does not know (Qwen v1,
+    Baichuan): this imports and runs the model's own Python files, so only use it for code you trust."""
     json: bool = False
     """Print one JSON document instead of tables."""
 

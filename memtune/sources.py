@@ -9,6 +9,15 @@ MODEL is, in the order tried:
 4. any other hub id, through `AutoConfig.from_pretrained` (origin "hub"; offline, only the local
    Hugging Face cache is read).
 
+A path-like MODEL (starting with `.`, `/` or `~`) that is not a directory is reported as such, never
+looked up on the hub. Whatever the origin, the config must be one transformers builds a decoder-only
+causal LM from (`transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`, less the
+encoders and encoder-decoders that also appear there); anything else is a UsageError naming what was
+found. A config whose `auto_map` points at the model's own Python and whose `model_type` transformers
+does not know (Qwen v1, Baichuan) is custom code: it is loaded only with `trust_remote_code=True`
+(`--trust-remote-code`), and `trust_remote_code` is always passed explicitly, so transformers never asks
+"Do you wish to run the custom code? [y/N]" on stdin.
+
 The catalog is memtune/catalog/*.json, one model per file:
 `{"hub_id": ..., "aliases": [...], "config": {"model_type": ..., shape fields}}`. The config fields
 are copied from the published config.json, shape-relevant fields only.
@@ -26,7 +35,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from memtune.errors import ModelNotFoundError
+from memtune.errors import ModelNotFoundError, UsageError
 
 CATALOG_DIR = Path(__file__).parent / "catalog"
 HUB_PROBE_SECONDS = 3.0
@@ -48,6 +57,8 @@ class ModelSource:
     path: Path | None = None
     note: str = ""
     """Why a catalog hub id was served from the catalog rather than the hub; empty otherwise."""
+    trust_remote_code: bool = False
+    """The model's own Python (its config's `auto_map`) was allowed to run; pass it on when loading it."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +97,7 @@ def parameter_count(config: Any) -> int:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=custom_code(config))
     unique = {id(parameter): parameter for parameter in model.parameters()}
     return sum(parameter.numel() for parameter in unique.values())
 
@@ -114,21 +125,35 @@ def catalog() -> list[CatalogEntry]:
     return list(_catalog_entries())
 
 
-def resolve(model: str, *, local_files_only: bool = False) -> ModelSource:
+def custom_code(config: Any) -> bool:
+    """Whether `config` is a class from a model's own Python (loaded with trust_remote_code=True): then
+    building the model needs trust_remote_code=True too, and without it transformers would prompt."""
+    return type(config).__module__.startswith("transformers_modules")
+
+
+def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bool = False) -> ModelSource:
     """Map MODEL (local directory, catalog name or hub id) to a transformers config.
 
-    Raises ModelNotFoundError, saying why and what to use instead, when nothing matches.
+    Raises ModelNotFoundError, saying why and what to use instead, when nothing matches, and UsageError
+    for a config memtune cannot use (unreadable, not a causal LM, custom code without trust_remote_code).
+    Never reads stdin.
     """
+    if not model.strip():
+        raise ModelNotFoundError(f"MODEL is empty ({model!r}): give a catalog name (`memtune models` lists them), "
+                                 "a hub id or a local directory with config.json")
     path = Path(model).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model directory '{model}' has no config.json: point MODEL at a directory holding a "
-                "transformers config.json (as written by save_pretrained), or at a catalog name"
-            )
-        from transformers import AutoConfig
-
-        return ModelSource(model, AutoConfig.from_pretrained(path), "local", path=path)
+        return _from_directory(model, path, trust_remote_code)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"MODEL '{model}' is a file, not a directory: point MODEL at the directory holding config.json "
+            f"('{path.parent}'), or at a catalog name (`memtune models` lists them)"
+        )
+    if _path_like(model):
+        raise ModelNotFoundError(
+            f"model directory '{model}' does not exist ({path.absolute()}): check the path, or give a catalog "
+            "name (`memtune models` lists them) or a hub id such as Qwen/Qwen2.5-0.5B"
+        )
 
     key = model.strip().lower()
     entry = _catalog_index().get(key)
@@ -140,23 +165,95 @@ def resolve(model: str, *, local_files_only: bool = False) -> ModelSource:
         if offline_reason:
             return _from_catalog(model, entry, note=f"{offline_reason}; used the built-in catalog config")
         try:
-            return ModelSource(model, _hub_config(entry["hub_id"], offline=False), "hub", hub_id=entry["hub_id"])
+            config = _hub_config(entry["hub_id"], offline=False)
         except Exception as error:  # gated, renamed, rate-limited...: the catalog copy is still right
             return _from_catalog(model, entry, note=f"the hub refused ({_first_line(error)}); "
                                  "used the built-in catalog config")
+        return ModelSource(model, config, "hub", hub_id=entry["hub_id"])
 
     try:
-        config = _hub_config(model, offline=bool(offline_reason))
+        config = _hub_config(model, offline=bool(offline_reason), trust_remote_code=trust_remote_code)
     except Exception as error:
+        if isinstance(error, ValueError) and "trust_remote_code=True" in str(error):  # it refused the repo's Python
+            raise UsageError(_custom_code_message(f"model '{model}'", "its config's auto_map")) from error
         raise ModelNotFoundError(_not_found_message(model, offline_reason, error)) from error
-    return ModelSource(model, config, "hub", hub_id=model)
+    check_causal_lm(config, f"model '{model}'")
+    return ModelSource(model, config, "hub", hub_id=model, trust_remote_code=trust_remote_code)
 
 
-def close_matches(model: str, count: int = 3) -> list[str]:
-    """The `count` catalog names (hub ids or aliases) closest to `model`, one per model."""
+def check_causal_lm(config: Any, where: str) -> None:
+    """Raise UsageError unless memtune can build a decoder-only causal LM from `config`."""
+    model_type = getattr(config, "model_type", "") or ""
+    if custom_code(config):
+        auto_map = getattr(config, "auto_map", None) or {}
+        if "AutoModelForCausalLM" not in auto_map:
+            raise UsageError(
+                f"{where} has custom code (auto_map {sorted(auto_map)}) without an AutoModelForCausalLM entry: "
+                f"it is not a causal language model. {SUPPORTED_TEXT}"
+            )
+        return
+    problem = causal_lm_problem(model_type, is_decoder=bool(getattr(config, "is_decoder", False)))
+    if problem:
+        raise UsageError(f"{where} {problem}. {SUPPORTED_TEXT}")
+    wrong = [f"{name}={value!r}" for name in SHAPE_FIELDS if not _positive_or_absent(value := _field(config, name))]
+    if wrong:
+        raise UsageError(f"{where} has {', '.join(wrong)}: each must be a positive integer (the model's shape); "
+                         "fix config.json")
+
+
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size")
+"""Config fields (through transformers' attribute_map: n_layer, n_embd...) that set the model's size."""
+
+
+SUPPORTED_TEXT = (
+    "memtune supports decoder-only causal LMs that transformers builds from a config (AutoModelForCausalLM): "
+    "the catalog (`memtune models`) and the model types listed in "
+    "transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES (llama, mistral, qwen2, gpt2, ...)"
+)
+
+
+def _field(config: Any, name: str) -> Any:
+    try:
+        return getattr(config, name, None)
+    except Exception:  # per-layer configs raise on a global read of a per-layer field: not ours to check
+        return None
+
+
+def _positive_or_absent(value: Any) -> bool:
+    """None, a positive integer, or one per layer (gemma3n's intermediate_size)."""
+    if isinstance(value, (list, tuple)):
+        return all(map(_positive_or_absent, value))
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0)
+
+
+def causal_lm_problem(model_type: str, *, is_decoder: bool = False) -> str:
+    """What keeps `model_type` from being a decoder-only causal LM transformers knows; "" when nothing."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if not model_type:
+        return "has no model_type"
+    if model_type not in CONFIG_MAPPING_NAMES:
+        return (f"has model_type '{model_type}', which this transformers does not know (an older or newer "
+                "architecture, or one shipped as the model's own Python with an auto_map)")
+    causal = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_type not in causal:
+        return f"has model_type '{model_type}', which is not a causal LM (no AutoModelForCausalLM class)"
+    if model_type in modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+        return (f"has model_type '{model_type}', an encoder-decoder (only its decoder half, "
+                f"{causal[model_type]}, is a causal LM)")
+    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not is_decoder:
+        return (f"has model_type '{model_type}', an encoder (a causal LM only with \"is_decoder\": true, "
+                f"as {causal[model_type]})")
+    return ""
+
+
+def close_matches(model: str, count: int = 3, cutoff: float = 0.6) -> list[str]:
+    """Up to `count` catalog names (hub ids or aliases) close to `model`, one per model, closest first;
+    `cutoff` is difflib's similarity ratio (0.6: a typo or a missing suffix, not any name at all)."""
     spelled = {name.lower(): name for data in _catalog_files() for name in (data["hub_id"], *data.get("aliases", ()))}
     matches: dict[str, str] = {}  # hub id -> the best-matching name of that model
-    for key in difflib.get_close_matches(model.strip().lower(), list(spelled), n=len(spelled), cutoff=0.0):
+    for key in difflib.get_close_matches(model.strip().lower(), list(spelled), n=len(spelled), cutoff=cutoff):
         matches.setdefault(_catalog_index()[key]["hub_id"], spelled[key])
     return list(matches.values())[:count]
 
@@ -181,14 +278,84 @@ def _catalog_index() -> dict[str, dict[str, Any]]:
     return index
 
 
+def _path_like(model: str) -> bool:
+    """A filesystem path rather than a hub id or catalog name: hub ids never start with these."""
+    return model.startswith((".", "/", "~", "\\")) or (os.sep != "/" and os.sep in model)
+
+
+def _read_config_json(file: Path) -> dict[str, Any]:
+    """config.json as a dict, or UsageError naming the file and what is wrong with it."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"cannot read {file}: {_first_line(error)}") from error
+    fix = "write the transformers config of a causal LM there (save_pretrained writes one)"
+    if not text.strip():
+        raise UsageError(f"{file} is empty: {fix}")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UsageError(f"{file} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}): "
+                         f"{fix}") from error
+    if not isinstance(data, dict):
+        raise UsageError(f"{file} holds a JSON {type(data).__name__}, not an object with model_type and the "
+                         f"model's shape: {fix}")
+    if not data:
+        raise UsageError(f"{file} is an empty object {{}}: {fix}")
+    return data
+
+
+def _from_directory(model: str, path: Path, trust_remote_code: bool) -> ModelSource:
+    file = path / "config.json"
+    if not file.is_file():
+        raise ModelNotFoundError(
+            f"model directory '{model}' has no config.json: point MODEL at a directory holding a "
+            "transformers config.json (as written by save_pretrained), or at a catalog name"
+        )
+    data = _read_config_json(file)
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    model_type = data.get("model_type")
+    auto_map = data.get("auto_map")
+    where = str(file)
+    if not isinstance(model_type, (str, type(None))) or not isinstance(auto_map, (dict, type(None))):
+        raise UsageError(f"{where} has model_type {model_type!r} and auto_map {auto_map!r}: model_type must be "
+                         "a string and auto_map an object")
+    custom = bool(auto_map) and model_type not in CONFIG_MAPPING_NAMES
+    if custom and not trust_remote_code:
+        raise UsageError(_custom_code_message(where, f"auto_map {sorted(auto_map or {})}, model_type {model_type!r}"))
+    if not custom:
+        problem = causal_lm_problem(model_type or "", is_decoder=bool(data.get("is_decoder", False)))
+        if problem:
+            raise UsageError(f"{where} {problem}. {SUPPORTED_TEXT}")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=custom)
+    except Exception as error:  # a field of the wrong type, missing custom-code files...
+        detail = " ".join(str(error).split()) or type(error).__name__  # validation errors explain on line 2
+        raise UsageError(f"transformers could not build a config from {where}: {detail}") from error
+    check_causal_lm(config, where)
+    return ModelSource(model, config, "local", path=path, trust_remote_code=custom)
+
+
+def _custom_code_message(where: str, seen: str) -> str:
+    return (
+        f"{where} is custom code ({seen}): transformers has no built-in class for it and would run the "
+        "model's own Python files. Pass --trust-remote-code (API: trust_remote_code=True) if you trust that "
+        "code, or use a model type transformers knows (see "
+        "transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)"
+    )
+
+
 def _from_catalog(name: str, data: dict[str, Any], note: str = "") -> ModelSource:
     return ModelSource(name, config_from_dict(data["config"]), "catalog", hub_id=data["hub_id"], note=note)
 
 
-def _hub_config(hub_id: str, *, offline: bool) -> Any:
+def _hub_config(hub_id: str, *, offline: bool, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(hub_id, local_files_only=offline)
+    return AutoConfig.from_pretrained(hub_id, local_files_only=offline, trust_remote_code=trust_remote_code)
 
 
 def _offline_reason(local_files_only: bool) -> str:
@@ -231,5 +398,10 @@ def _not_found_message(model: str, offline_reason: str, error: BaseException) ->
     return (
         f"model '{model}' was not found: {why}.\n"
         f"Use instead a local directory with config.json, or a built-in catalog name; "
-        f"closest: {', '.join(close_matches(model)) or 'none'} (`memtune models` lists them all)."
+        f"{_closest_text(model)} (`memtune models` lists them all)."
     )
+
+
+def _closest_text(model: str) -> str:
+    matches = close_matches(model)
+    return f"did you mean {', '.join(matches)}?" if matches else "no catalog name is close to it"

@@ -1,4 +1,4 @@
-"""MODEL -> config: the catalog, catalog lookups, local directories and the not-found error.
+"""MODEL -> config: the catalog, catalog lookups, local directories, bad config.json files and the errors.
 
 conftest.py sets HF_HUB_OFFLINE=1 for the whole session, so nothing here reaches the network.
 """
@@ -183,7 +183,15 @@ def test_close_matches_lists_three_models_once_each():
     assert matches[0] == "qwen2.5-7b"
     hub_ids = {sources._catalog_index()[name.lower()]["hub_id"] for name in matches}
     assert len(hub_ids) == 3
-    assert len(sources.close_matches("zzzz")) == 3  # always some alternatives to offer
+    assert sources.close_matches("zzzz") == []  # nothing close: no arbitrary suggestions
+
+
+def test_a_far_name_gets_no_suggestions():
+    with pytest.raises(ModelNotFoundError) as caught:
+        sources.resolve("nonexistent-model-xyz")
+    message = str(caught.value)
+    assert "no catalog name is close" in message and "`memtune models`" in message
+    assert "mistral" not in message  # difflib's best match at cutoff 0 was mistral-7b
 
 
 def test_hub_id_outside_the_catalog_fails_fast_offline(monkeypatch):
@@ -203,7 +211,7 @@ def test_unreachable_hub_counts_as_offline(monkeypatch):
     monkeypatch.setattr(sources, "_reachable", _no_network)
     asked = []
 
-    def cache_only(hub_id, *, offline):
+    def cache_only(hub_id, *, offline, trust_remote_code=False):
         asked.append(offline)
         raise OSError("not in the cache")
 
@@ -215,3 +223,182 @@ def test_unreachable_hub_counts_as_offline(monkeypatch):
 
 def _no_network(endpoint: str) -> bool:
     return False
+
+
+# ---- config.json files memtune cannot use: a UsageError (exit 2) naming the file and the problem --------------
+
+
+def _model_dir(tmp_path, text: str):
+    (tmp_path / "config.json").write_text(text)
+    return tmp_path
+
+
+def _usage_error(model) -> str:
+    with pytest.raises(UsageError) as caught:
+        sources.resolve(str(model))
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"model_type": "llama",', "is not valid JSON (Expecting property name enclosed in double quotes at line 1"),
+    ("", "is empty"),
+    ("  \n", "is empty"),
+    ("{}", "is an empty object {}"),
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ('"llama"', "holds a JSON str, not an object"),
+    ('{"hidden_size": 64}', "has no model_type"),
+    ('{"model_type": 7}', "model_type 7 and auto_map None: model_type must be a string"),
+])
+def test_malformed_config_json_names_the_file_and_the_problem(tmp_path, text, expected):
+    message = _usage_error(_model_dir(tmp_path, text))
+    assert str(tmp_path / "config.json") in message
+    assert expected in message
+
+
+def test_config_json_that_is_a_directory_is_reported(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    message = _usage_error(tmp_path)
+    assert "has no config.json" in message
+
+
+def test_config_json_that_is_not_text_is_reported(tmp_path):
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe\x00binary")
+    message = _usage_error(tmp_path)
+    assert f"cannot read {tmp_path / 'config.json'}" in message
+
+
+@pytest.mark.parametrize("model_type", ["baichuan", "no_such_architecture"])
+def test_unknown_model_type_says_what_memtune_supports(tmp_path, model_type):
+    message = _usage_error(_model_dir(tmp_path, json.dumps({"model_type": model_type, "hidden_size": 64})))
+    assert f"model_type '{model_type}', which this transformers does not know" in message
+    assert "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES" in message and "`memtune models`" in message
+
+
+@pytest.mark.parametrize(("model_type", "kind"), [
+    ("bert", "an encoder"),
+    ("roberta", "an encoder"),
+    ("t5", "not a causal LM"),
+    ("bart", "an encoder-decoder"),
+    ("clip", "not a causal LM"),
+    ("vit", "not a causal LM"),
+])
+def test_non_causal_lm_types_say_what_was_found(tmp_path, model_type, kind):
+    message = _usage_error(_model_dir(tmp_path, json.dumps({"model_type": model_type})))
+    assert f"model_type '{model_type}'" in message and kind in message
+    assert "decoder-only causal LMs" in message
+
+
+def test_an_encoder_configured_as_a_decoder_is_a_causal_lm(tmp_path):
+    config = {"model_type": "bert", "is_decoder": True, "num_hidden_layers": 2, "hidden_size": 64,
+              "intermediate_size": 128, "num_attention_heads": 2}
+    source = sources.resolve(str(_model_dir(tmp_path, json.dumps(config))))
+    assert (source.origin, source.config.model_type, source.config.is_decoder) == ("local", "bert", True)
+
+
+QWEN_V1_AUTO_MAP = {"AutoConfig": "configuration_qwen.QWenConfig",
+                    "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"}
+
+
+def test_custom_code_needs_trust_remote_code(tmp_path):
+    directory = _model_dir(tmp_path, json.dumps({"model_type": "qwen", "auto_map": QWEN_V1_AUTO_MAP}))
+    message = _usage_error(directory)
+    assert "is custom code" in message and "model_type 'qwen'" in message
+    assert "--trust-remote-code" in message and "trust_remote_code=True" in message
+
+
+def test_custom_code_with_trust_but_without_its_files_is_a_usage_error(tmp_path):
+    directory = _model_dir(tmp_path, json.dumps({"model_type": "qwen", "auto_map": QWEN_V1_AUTO_MAP}))
+    with pytest.raises(UsageError, match="transformers could not build a config from"):
+        sources.resolve(str(directory), trust_remote_code=True)
+
+
+def test_auto_map_on_a_type_transformers_knows_uses_the_built_in_class(tmp_path):
+    config = sources.catalog_config("HuggingFaceTB/SmolLM2-135M").to_dict()
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}  # never imported
+    source = sources.resolve(str(_model_dir(tmp_path, json.dumps(config))))
+    assert source.config.model_type == "llama" and not sources.custom_code(source.config)
+    assert source.trust_remote_code is False
+
+
+def test_hub_repository_with_custom_code_asks_for_trust_remote_code(monkeypatch):
+    monkeypatch.setattr(sources, "_offline_reason", lambda local_files_only: "")
+    asked = []
+
+    def custom_repository(hub_id, *, offline, trust_remote_code=False):
+        asked.append(trust_remote_code)
+        raise ValueError(f"The repository {hub_id} contains custom code which must be executed to correctly "
+                         "load the model.\nPlease pass the argument `trust_remote_code=True` to allow custom "
+                         "code to be run.")
+
+    monkeypatch.setattr(sources, "_hub_config", custom_repository)
+    with pytest.raises(UsageError) as caught:
+        sources.resolve("Qwen/Qwen-7B")
+    assert asked == [False]  # passed explicitly: transformers never prompts
+    assert "model 'Qwen/Qwen-7B' is custom code" in str(caught.value)
+    assert "--trust-remote-code" in str(caught.value)
+
+
+def test_hub_config_that_is_not_a_causal_lm_is_refused(monkeypatch):
+    from transformers import BertConfig
+
+    monkeypatch.setattr(sources, "_offline_reason", lambda local_files_only: "")
+    monkeypatch.setattr(sources, "_hub_config", lambda hub_id, *, offline, trust_remote_code=False: BertConfig())
+    with pytest.raises(UsageError, match="model 'google-bert/bert-base-uncased' has model_type 'bert', an encoder"):
+        sources.resolve("google-bert/bert-base-uncased")
+
+
+@pytest.mark.parametrize("model", ["./nodir", "../no/such/dir", "/no/such/dir", "~/no-such-memtune-dir"])
+def test_missing_path_like_model_says_the_directory_does_not_exist(model):
+    with pytest.raises(ModelNotFoundError) as caught:
+        sources.resolve(model)
+    message = str(caught.value)
+    assert f"model directory '{model}' does not exist" in message
+    assert "hub" not in message.split("does not exist")[0]  # not treated as a hub id
+
+
+def test_model_pointing_at_config_json_itself_names_the_directory(tmp_path):
+    file = _model_dir(tmp_path, "{}") / "config.json"
+    with pytest.raises(ModelNotFoundError, match=f"is a file, not a directory: .*'{tmp_path}'"):
+        sources.resolve(str(file))
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"num_hidden_layers": -1}, "has num_hidden_layers=-1: each must be a positive integer"),
+    ({"num_hidden_layers": 0, "vocab_size": 0}, "has num_hidden_layers=0, vocab_size=0: each must be"),
+    ({"hidden_size": "x"}, "transformers could not build a config from"),
+    ({"hidden_size": 63, "num_attention_heads": 4}, "hidden size (63) is not a multiple of the number of attention"),
+])
+def test_impossible_shapes_are_refused_before_any_trace(tmp_path, fields, expected):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+              "num_hidden_layers": 2, "vocab_size": 256, **fields}
+    message = _usage_error(_model_dir(tmp_path, json.dumps(config)))
+    assert str(tmp_path / "config.json") in message and expected in message
+    assert "\n" not in message  # transformers' two-line validation errors are joined
+
+
+def test_every_decoder_only_type_of_this_transformers_passes_the_checks():
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    refused = {}
+    checked = 0
+    for model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        if sources.causal_lm_problem(model_type):
+            continue  # encoders and encoder-decoders, tested above
+        try:
+            config = AutoConfig.for_model(model_type)
+        except Exception:  # a few need arguments transformers' defaults do not give
+            continue
+        checked += 1
+        try:
+            sources.check_causal_lm(config, model_type)
+        except UsageError as error:
+            refused[model_type] = str(error)
+    assert checked > 100
+    assert refused == {}
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_empty_model_is_refused_rather_than_read_as_the_current_directory(model):
+    with pytest.raises(ModelNotFoundError, match="MODEL is empty"):
+        sources.resolve(model)

@@ -17,6 +17,7 @@ from torch import nn
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
 from memtune.recipe.loss import chunked_causal_lm_loss
+from memtune.sources import custom_code
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -39,7 +40,9 @@ def build_model(
     from transformers.initialization import no_init_weights
 
     with torch.device(device), contextlib.nullcontext() if initialise else no_init_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype])
+        # explicit, so transformers never prompts: a custom-code config exists only if the user trusted it
+        model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype],
+                                                 trust_remote_code=custom_code(model_config))
     if not initialise:
         model.tie_weights()
     return prepare_model(model, train_config)
