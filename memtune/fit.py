@@ -227,6 +227,7 @@ def fit_model(
             measured_tokens_per_second=None if measured is None else measured.tokens_per_second,
             gpu=gpu.name if gpu else (gpu_name or ""),
             fallbacks=result.search.fallbacks,
+            trust_remote_code=source.trust_remote_code,
         )
         if plan_path is not None:
             result.plan_path = result.plan.save(plan_path)

@@ -43,6 +43,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "gpu": ((str,), "a string"),
     "fallbacks": ((list,), "a list"),
     "created": ((str,), "a string"),
+    "trust_remote_code": ((bool,), "true or false"),
 }
 """The JSON type of each field `to_dict` writes (schema_version apart)."""
 
@@ -68,6 +69,8 @@ class Plan:
     """Name of the GPU the plan was made for ('' when planned for a budget only)."""
     fallbacks: list[TrainConfig] = field(default_factory=list)
     """Configurations with the same effective batch that need less memory, fastest first."""
+    trust_remote_code: bool = False
+    """The model is custom code (its own Python, `--trust-remote-code`), which `memtune run` must load too."""
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
@@ -93,6 +96,7 @@ class Plan:
             "measured_tokens_per_second": self.measured_tokens_per_second,
             "gpu": self.gpu,
             "fallbacks": [config.to_dict() for config in self.fallbacks],
+            "trust_remote_code": self.trust_remote_code,
             "created": self.created,
         }
 
@@ -121,7 +125,7 @@ class Plan:
             problems.append(f"unknown field(s) {', '.join(unknown)}; the fields are {', '.join(_FIELD_TYPES)}")
         for name, (types, wanted) in _FIELD_TYPES.items():
             value = data.get(name)
-            if name in data and not (isinstance(value, types) and not isinstance(value, bool)):
+            if name in data and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
                 problems.append(f"{name} must be {wanted}, got {json.dumps(value)[:60]} (a JSON {_json_type(value)})")
         if isinstance(data.get("model"), str) and not data["model"].strip():
             problems.append("model is empty: it names the model (a catalog name, hub id or local directory)")

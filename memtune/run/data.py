@@ -96,14 +96,18 @@ def load_tokenizer(source: Any) -> tuple[Any, str]:
         if not any((source.path / name).is_file() for name in TOKENIZER_FILES):
             return sample_tokenizer(), f"memtune's sample tokenizer ({source.path} has no tokenizer files)"
         try:
-            return AutoTokenizer.from_pretrained(source.path, local_files_only=True), f"tokenizer of {source.path}"
+            tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True,
+                                                      trust_remote_code=getattr(source, "trust_remote_code", False))
+            return tokenizer, f"tokenizer of {source.path}"
         except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
             raise UsageError(f"could not load the tokenizer in '{source.path}' ({_first_line(error)}): save it again "
                              "with tokenizer.save_pretrained, or remove its files to use memtune's sample "
                              "tokenizer") from None
     if source.origin == "hub":
         try:
-            return AutoTokenizer.from_pretrained(source.hub_id), f"tokenizer of {source.hub_id}"
+            tokenizer = AutoTokenizer.from_pretrained(source.hub_id,
+                                                      trust_remote_code=getattr(source, "trust_remote_code", False))
+            return tokenizer, f"tokenizer of {source.hub_id}"
         except Exception as error:  # noqa: BLE001 - any failure means the same thing to the user
             raise UsageError(
                 f"could not load the tokenizer of '{source.hub_id}' ({_first_line(error)}): "

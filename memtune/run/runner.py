@@ -408,7 +408,7 @@ def run_plan(
                                        lambda message: reporter_console.print(message, highlight=False), warn)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
 
-    source = resolve(plan.model)
+    source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
     if source.note:
         warn(source.note)
     for message in _launch_warnings(plan, source.config):
@@ -538,9 +538,14 @@ def load_model(source: Any, train_config: TrainConfig, device: torch.device | st
 
     dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
     if source.origin == "local" and source.path is not None and has_weights(source.path):
-        return AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype), f"weights from {source.path}", True
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=dtype, trust_remote_code=source.trust_remote_code
+        )
+        return model, f"weights from {source.path}", True
     if source.origin == "hub":
-        model = AutoModelForCausalLM.from_pretrained(source.hub_id, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.hub_id, dtype=dtype, trust_remote_code=source.trust_remote_code
+        )
         return model, f"weights from the hub ({source.hub_id})", True
     with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
         model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
@@ -638,7 +643,9 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
     if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
         return None
     name = "accelerate_ddp.yaml" if config.replicated else "accelerate_fsdp.yaml"
-    config_path = launch.write_accelerate_config(config_dir / name, config, model_config=resolve(plan.model).config)
+    config_path = launch.write_accelerate_config(
+        config_dir / name, config, model_config=resolve(plan.model, trust_remote_code=plan.trust_remote_code).config
+    )
     return launch.launch_command(config_path, ["run", *options.command_line()])
 
 
