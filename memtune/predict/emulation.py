@@ -6,6 +6,13 @@ on the two devices: autocast's fp32 op list (aten/src/ATen/autocast_mode.cpp), t
 picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), and dropout (CUDA's
 fused kernel saves a 1-byte mask).
 
+`GpuKernels` is a dispatch mode entered on both paths (the fake-CUDA one too): it stands in for kernels
+whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one: `aten._grouped_mm`, the
+mixture-of-experts matmul of transformers' "grouped_mm" experts (transformers/integrations/moe.py),
+whose meta function accepts bf16 only while the CUDA kernel runs fp32 through its per-group fallback
+(aten/src/ATen/native/cuda/GroupedBlas.cpp `_grouped_mm_fallback`): fp32 weights, and fp32 master
+weights under bf16 autocast (the op is not autocast-enabled), would fail the trace.
+
 Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
 convolutions, other fused kernels) is traced as the CPU makes it.
 """
@@ -16,6 +23,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list): their
 # floating inputs are cast to fp32. CPU autocast leaves them in the input dtype. The lower-precision
@@ -108,3 +116,41 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     )[0]
 
 
+class GpuKernels(TorchDispatchMode):
+    """Run what the GPU kernel allocates where the fake kernel refuses the inputs: a grouped matmul of
+    non-bf16 inputs. Autograd sits above this mode, so the node and what it saves are torch's own, and
+    its backward (`_grouped_mm_mat1_backward` / `_mat2_backward`, torch's derivatives.yaml) comes back
+    here as two more grouped matmuls."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._grouped_mm.default and not _bf16_pair(args):
+            return grouped_mm_output(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _bf16_pair(args: tuple) -> bool:
+    return len(args) >= 2 and all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in args[:2])
+
+
+def grouped_mm_output(
+    mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The output the CUDA grouped matmul allocates (torch/_meta_registrations.py
+    `_create_grouped_mm_output_tensor` on a CUDA build): its last dimension padded to 16 bytes.
+    The per-group fallback writes into it (`mm_out` per group) and allocates nothing else."""
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        assert offs is not None  # 2D x 2D: one output matrix per group of offs
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]
+    elif mat_a.dim() == 2:
+        size = [mat_a.size(0), mat_b.size(-1)]
+    elif mat_b.dim() == 2:
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    dtype = out_dtype or mat_a.dtype
+    alignment = max(1, 16 // dtype.itemsize)
+    padded = (size[-1] + alignment - 1) // alignment * alignment
+    stride = [size[1] * padded, padded, 1] if len(size) == 3 else [padded, 1]
+    return torch.empty_strided(size, stride, dtype=dtype, device=mat_a.device)

@@ -55,7 +55,7 @@ from torch.overrides import TorchFunctionMode
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.predict import allocator
-from memtune.predict.emulation import CudaEmulation
+from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.predict.peak import Estimate, collective_context_bytes, estimate_of_events
 from memtune.predict.trace import (
     COMPUTE_STREAM,
@@ -306,7 +306,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         hooks.append(optimizer.register_step_pre_hook(before_step))
         hooks.append(optimizer.register_step_post_hook(after_step))
         host_copies = _HostToDevice(counter) if offload else contextlib.nullcontext()
-        with counter, _watch_resizes(counter), CudaEmulation(), host_copies:
+        with counter, _watch_resizes(counter), GpuKernels(), CudaEmulation(), host_copies:
             for item in [*model.parameters(), *model.buffers()]:
                 counter.base_layer = layer_of.get(id(item), NO_LAYER)
                 local = item.to_local() if hasattr(item, "to_local") else item

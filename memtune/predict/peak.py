@@ -53,6 +53,9 @@ class Estimate:
     traced_layers: int = 0
     num_layers: int = 0
     seconds: float = 0.0
+    trace_note: str = ""
+    """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
+    for the caller to show; "" otherwise."""
 
     @property
     def total_bytes(self) -> int:
@@ -76,6 +79,7 @@ class Estimate:
             "traced_layers": self.traced_layers,
             "num_layers": self.num_layers,
             "seconds": self.seconds,
+            "trace_note": self.trace_note,
         }
 
 
@@ -105,7 +109,7 @@ def breakdown_at_peak(events: list[Event], categories: dict[Hashable, str]) -> d
 def estimate_of_events(
     train_config: TrainConfig, events: list[Event], categories: dict[Hashable, str], *, trace_device: str,
     traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
-    peaks: tuple[int, int] | None = None,
+    peaks: tuple[int, int] | None = None, trace_note: str = "",
 ) -> Estimate:
     """The Estimate of a full-depth event list, broken down at its peak. `peaks` (allocated, reserved)
     when the caller replayed the events itself (several streams); else one allocator replay.
@@ -127,4 +131,5 @@ def estimate_of_events(
         traced_layers=traced_layers,
         num_layers=num_layers,
         seconds=time.perf_counter() - started,
+        trace_note=trace_note,
     )

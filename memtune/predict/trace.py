@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
-from memtune.predict.emulation import CudaEmulation
+from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
 BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -111,6 +111,10 @@ class Trace:
     peak_allocated_bytes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=dict)
     """Live bytes by category at the moment of the allocated peak (`StorageCounter.finish`)."""
+    device: str = ""
+    """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
+    note: str = ""
+    """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
 
 
 class StorageCounter(TorchDispatchMode):
@@ -462,6 +466,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
 
     emulate = device == "cpu"
     counter = StorageCounter()
+    counter.trace.device = device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
     emulation = CudaEmulation() if emulate else contextlib.nullcontext()
@@ -473,7 +478,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     if train_config.amp != "none":
         counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
-    with unpacked, fake_mode, counter, emulation:
+    with unpacked, fake_mode, counter, GpuKernels(), emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         optimizer = recipe.make_optimizer(model, fused=True)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
