@@ -110,3 +110,36 @@ def test_plan_exits_0_with_json_on_the_cpu_path(model_type, tmp_path, capsys):
     document = json.loads(captured.out)
     assert document["estimate"]["peak_allocated_bytes"] > 0
     assert document["estimate"]["trace_device"] == "cpu"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_traces_for_several_gpus(model_type, strategy):
+    config = tiny_config(model_type)
+    train_config = TrainConfig(seq_len=16, micro_batch_size=2, amp="bf16", num_gpus=2, strategy=strategy)
+    result = estimate(config, train_config, device="cpu")
+    assert 0 < result.peak_allocated_bytes <= result.peak_reserved_bytes
+    assert result.breakdown.get("weights", 0) > 0
+
+
+def test_plan_exits_2_with_the_model_type_when_no_path_traces(tmp_path, capsys, monkeypatch):
+    """Both paths failing (here: the CPU path, on a machine without a GPU to fall back to) is exit 2 with
+    the model type, the failure and the versions on stderr, and nothing on stdout."""
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    from memtune.predict import single
+
+    def trace_step(model_config, train_config, device="cpu", steps=2):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(single, "trace_step", trace_step)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_config("opt").save_pretrained(tmp_path)
+    code = main(["plan", str(tmp_path), "--seq-len", "16", "--batch-size", "2", "--json", "--trace-device", "cpu"])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert code == 2 and captured.out == ""
+    assert "model type 'opt'" in err and "_local_scalar_dense" in err
+    assert f"torch {torch.__version__}" in err and "Traceback" not in err

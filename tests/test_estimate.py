@@ -282,3 +282,16 @@ def test_fits_under_replays_the_fallback_trace(monkeypatch):
         assert fits_under(tiny_llama(3), result, result.total_bytes, device)
         assert not fits_under(tiny_llama(3), result, result.peak_allocated_bytes // 2, device)
     assert calls == ["cuda", "cpu"]
+
+
+def test_a_failed_sharded_trace_is_a_usage_error_naming_the_model(monkeypatch):
+    from memtune.errors import UsageError
+    from memtune.predict import fsdp
+
+    def trace_sharded(model_config, train_config):
+        raise _data_dependent()
+
+    monkeypatch.setattr(fsdp, "trace_sharded", trace_sharded)
+    monkeypatch.setattr(fsdp, "_TRACE_CACHE", {})
+    with pytest.raises(UsageError, match=r"model type 'llama'.*sharded \(FSDP\) trace.*_local_scalar_dense"):
+        estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2), device="cpu")

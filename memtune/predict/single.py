@@ -28,18 +28,21 @@ import time
 from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
-from memtune.errors import MemtuneError, UsageError
+from memtune.errors import MemtuneError
 from memtune.predict import allocator
 from memtune.predict.peak import Estimate, default_trace_device, estimate_of_events
 from memtune.predict.trace import (
     Event,
     Trace,
+    describe_failure,
     extend,
     layer_period,
+    model_type_of,
     num_layers_of,
     shallow_config,
     trace_step,
     traced_depth,
+    untraceable,
 )
 
 _TRACE_CACHE: dict[str, Trace] = {}
@@ -93,34 +96,8 @@ def _trace_with_fallback(model_config: Any, train_config: TrainConfig, device: s
             trace.note = (f"the {device} trace of {model_type_of(model_config)} failed ({describe_failure(first)}); "
                           f"traced on the {other} path instead")
             return trace
-    raise UsageError(
-        f"memtune cannot trace a training step of model type {model_type_of(model_config)!r}: "
-        + "; ".join(failures) + f" (torch {_version('torch')}, transformers {_version('transformers')}). "
-        "Try --trace-device " + ("cpu" if device == "cuda" else "cuda on a GPU machine")
-        + " if not tried, or another torch/transformers version; please report the model type and this message"
-    ) from first
-
-
-def model_type_of(model_config: Any) -> str:
-    return str(getattr(model_config, "model_type", None) or type(model_config).__name__)
-
-
-def describe_failure(error: BaseException, limit: int = 200) -> str:
-    """The exception class and the first line of its message (torch's can run to a page), shortened."""
-    lines = str(error).strip().splitlines()
-    message = lines[0] if lines else ""
-    if len(message) > limit:
-        message = message[: limit - 3] + "..."
-    return f"{type(error).__name__}: {message}" if message else type(error).__name__
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "not installed"
+    hint = "" if other is not None else "--trace-device cuda on a GPU machine"
+    raise untraceable(model_config, failures, hint) from first
 
 
 def full_depth_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[Event]]:

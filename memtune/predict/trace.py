@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
+from memtune.errors import UsageError
 from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
@@ -515,6 +516,38 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
         trace = counter.finish()
         del model, optimizer, trainable
     return trace
+
+
+def model_type_of(model_config: Any) -> str:
+    return str(getattr(model_config, "model_type", None) or type(model_config).__name__)
+
+
+def describe_failure(error: BaseException, limit: int = 200) -> str:
+    """The exception class and the first line of its message (torch's can run to a page), shortened."""
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def untraceable(model_config: Any, failures: list[str], hint: str = "") -> UsageError:
+    """The error for a model no trace path can run: its type, each path's failure, torch's and
+    transformers' versions, and what to try (`hint`, besides other versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def version_of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return UsageError(
+        f"memtune cannot trace a training step of model type {model_type_of(model_config)!r}: " + "; ".join(failures)
+        + f" (torch {version_of('torch')}, transformers {version_of('transformers')}). Try "
+        + (f"{hint} or " if hint else "") + "another torch/transformers version; please report the model type "
+        "and this message"
+    )
 
 
 def extend(trace: Trace, num_layers: int) -> list[Event]:
