@@ -217,7 +217,7 @@ def test_a_failed_cuda_trace_falls_back_to_the_cpu_path_with_a_note(monkeypatch)
     assert calls == ["cuda", "cpu"]
     assert direct.trace_note == "" and direct.peak_reserved_bytes == result.peak_reserved_bytes
     assert direct.peak_allocated_bytes == result.peak_allocated_bytes
-    assert result.to_dict()["trace_note"] == note
+    assert result.to_dict()["trace_device"] == "cpu"
 
 
 def test_both_paths_failing_is_a_usage_error_naming_model_op_and_versions(monkeypatch):

@@ -55,7 +55,8 @@ class Estimate:
     seconds: float = 0.0
     trace_note: str = ""
     """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
-    for the caller to show; "" otherwise."""
+    for the caller to show on stderr; "" otherwise. Not in `to_dict` (the JSON schema documents the fields
+    there; `trace_device` says which path ran)."""
 
     @property
     def total_bytes(self) -> int:
@@ -79,7 +80,6 @@ class Estimate:
             "traced_layers": self.traced_layers,
             "num_layers": self.num_layers,
             "seconds": self.seconds,
-            "trace_note": self.trace_note,
         }
 
 

@@ -16,8 +16,9 @@ Two devices:
   the math fallback, and dropout with a 1-byte mask. This path needs no GPU (laptops, CI).
 
 Known limitations: allocations made inside kernels (flash-attention backward's accumulators, cuBLAS
-workspaces) are not seen; `estimate` adds them as overhead. Data-dependent ops (`.item()`) fail
-under fake tensors; HF causal LMs do not use them in a training step.
+workspaces) are not seen; `estimate` adds them as overhead. Data-dependent ops (`.item()`) can fail
+under fake tensors, on one path and not the other (OPT's `aten._local_scalar_dense` on fake CUDA):
+single.cached_trace then traces on the other path, and says so.
 """
 
 from __future__ import annotations
