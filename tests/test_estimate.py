@@ -295,3 +295,22 @@ def test_a_failed_sharded_trace_is_a_usage_error_naming_the_model(monkeypatch):
     monkeypatch.setattr(fsdp, "_TRACE_CACHE", {})
     with pytest.raises(UsageError, match=r"model type 'llama'.*sharded \(FSDP\) trace.*_local_scalar_dense"):
         estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2), device="cpu")
+
+
+@pytest.mark.parametrize("dtype, copies", [(torch.float16, 0), (torch.bfloat16, 1)])
+def test_cpu_emulation_softmax_to_fp32_allocates_as_cuda(dtype, copies):
+    """CUDA's softmax of an fp16 input asked for fp32 runs the fused half_to_float kernel (no fp32 copy of
+    the input); bf16 is copied to fp32 first on both devices (aten/src/ATen/native/SoftMax.cpp)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memtune.predict.emulation import CudaEmulation
+    from memtune.predict.trace import StorageCounter
+
+    counter = StorageCounter()
+    with FakeTensorMode(), counter, CudaEmulation():
+        scores = torch.empty(2, 4, 64, 64, dtype=dtype)
+        before = len(counter.trace.events)
+        probabilities = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+        allocs = [e.num_bytes for e in counter.trace.events[before:] if e.kind == "alloc"]
+    assert probabilities.dtype == torch.float32
+    assert allocs == [4 * scores.numel()] * (1 + copies)

@@ -1,10 +1,11 @@
 """CUDA's behaviour on a CPU trace: what the same step allocates on the GPU, made to happen on fake CPU tensors.
 
 `CudaEmulation` is a torch function mode, entered around the traced step (trace.trace_step,
-fsdp.trace_sharded) when the trace runs on the CPU. It changes three things that allocate differently
+fsdp.trace_sharded) when the trace runs on the CPU. It changes four things that allocate differently
 on the two devices: autocast's fp32 op list (aten/src/ATen/autocast_mode.cpp), the SDPA kernel CUDA
-picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), and dropout (CUDA's
-fused kernel saves a 1-byte mask).
+picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), dropout (CUDA's
+fused kernel saves a 1-byte mask) and an fp16 softmax with an fp32 result (CUDA's half_to_float kernel
+makes no fp32 copy of the input).
 
 `GpuKernels` is a dispatch mode entered on both paths (the fake-CUDA one too): it stands in for kernels
 whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one: `aten._grouped_mm`, the
@@ -43,6 +44,32 @@ _AUTOCAST_FP32_DTYPE = {
 }
 
 
+# softmax / log_softmax of an fp16 input asked for an fp32 result: CUDA runs the fused half_to_float
+# kernel on the fp16 input (aten/src/ATen/native/SoftMax.cpp `softmax(input, dim, dtype)`: is_cuda, Half,
+# dtype Float), the CPU first copies the input to fp32. Half only: bf16 takes the copy on both devices.
+_HALF_TO_FLOAT = {
+    torch.nn.functional.softmax: torch.ops.aten._softmax.default,
+    torch.softmax: torch.ops.aten._softmax.default,
+    torch.Tensor.softmax: torch.ops.aten._softmax.default,
+    torch.nn.functional.log_softmax: torch.ops.aten._log_softmax.default,
+    torch.log_softmax: torch.ops.aten._log_softmax.default,
+    torch.Tensor.log_softmax: torch.ops.aten._log_softmax.default,
+}
+
+
+def _half_to_float(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """CUDA's fused half_to_float softmax for `func(input, dim, dtype=float32)` on an fp16 input, else None."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.float16:
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    positional_dtype = args[2] if len(args) > 2 and func not in (torch.nn.functional.softmax,
+                                                                  torch.nn.functional.log_softmax) else None
+    dtype = kwargs.get("dtype", positional_dtype)
+    if dim is None or dtype != torch.float32:
+        return None
+    return _HALF_TO_FLOAT[func](args[0], dim, True)
+
+
 class CudaEmulation(TorchFunctionMode):
     """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
 
@@ -65,6 +92,10 @@ class CudaEmulation(TorchFunctionMode):
                 args, kwargs = _to_fp32((args, kwargs))
             elif func in _AUTOCAST_FP32_DTYPE and kwargs.get("dtype") is None and _is_low_precision(args):
                 kwargs = {**kwargs, "dtype": torch.float32}
+        if func in _HALF_TO_FLOAT:
+            fused = _half_to_float(func, args, kwargs)
+            if fused is not None:
+                return fused
         return func(*args, **kwargs)
 
 
