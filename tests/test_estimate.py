@@ -170,3 +170,147 @@ def test_the_public_estimate_follows_the_number_of_gpus_and_agrees_with_the_sear
     assert sharded.context_bytes == single.context_bytes + NCCL_BYTES
     assert sharded.config.num_gpus == 4
     assert "fsdp_buffers" in sharded.breakdown and "fsdp_buffers" not in single.breakdown
+
+
+# -- a failed trace falls back to the other path -----------------------------------------------------
+
+
+def _failing_on(devices, error_of):
+    """A trace_step that raises `error_of()` on `devices` and traces for real elsewhere; records calls."""
+    from memtune.predict import single
+
+    real = single.trace_step
+    calls = []
+
+    def trace_step(model_config, train_config, device="cpu", steps=2):
+        calls.append(device)
+        if device in devices:
+            raise error_of()
+        trace = real(model_config, train_config, device="cpu", steps=steps)  # no GPU here: "cuda" traced as cpu
+        trace.device = device
+        return trace
+
+    return trace_step, calls
+
+
+def _data_dependent():
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    return DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+
+def test_a_failed_cuda_trace_falls_back_to_the_cpu_path_with_a_note(monkeypatch):
+    from memtune.predict import single
+
+    fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    config = TrainConfig(seq_len=16, micro_batch_size=2)
+    result = estimate(tiny_llama(3), config, device="cuda")
+    assert calls == ["cuda", "cpu"]
+    assert result.trace_device == "cpu"
+    note = result.trace_note
+    assert "\n" not in note and "cuda trace of llama failed" in note and "DataDependentOutputException" in note
+    assert "_local_scalar_dense" in note and "cpu path" in note
+    # The same figures as asking for the CPU path, which is now cached without the note.
+    direct = estimate(tiny_llama(3), config, device="cpu")
+    assert calls == ["cuda", "cpu"]
+    assert direct.trace_note == "" and direct.peak_reserved_bytes == result.peak_reserved_bytes
+    assert direct.peak_allocated_bytes == result.peak_allocated_bytes
+    assert result.to_dict()["trace_device"] == "cpu"
+
+
+def test_both_paths_failing_is_a_usage_error_naming_model_op_and_versions(monkeypatch):
+    import transformers
+
+    from memtune.errors import UsageError
+    from memtune.predict import single
+
+    fake_trace, calls = _failing_on({"cuda", "cpu"}, _data_dependent)
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    with pytest.raises(UsageError) as raised:
+        estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2), device="cuda")
+    message = str(raised.value)
+    assert calls == ["cuda", "cpu"]
+    assert raised.value.exit_code == 2
+    assert "'llama'" in message and "the cuda trace failed" in message and "the cpu trace failed" in message
+    assert "aten._local_scalar_dense" in message
+    assert f"torch {torch.__version__}" in message and f"transformers {transformers.__version__}" in message
+
+
+def test_the_cpu_path_falls_back_to_fake_cuda_only_where_a_gpu_is_seen(monkeypatch):
+    from memtune.errors import UsageError
+    from memtune.predict import single
+
+    fake_trace, calls = _failing_on({"cpu"}, lambda: RuntimeError("no fake kernel for aten.some_op\nsecond line"))
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    config = TrainConfig(seq_len=16, micro_batch_size=2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UsageError, match="RuntimeError: no fake kernel for aten.some_op") as raised:
+        estimate(tiny_llama(3), config, device="cpu")
+    assert calls == ["cpu"] and "second line" not in str(raised.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = estimate(tiny_llama(3), config, device="cpu")
+    assert calls == ["cpu", "cpu", "cuda"]
+    assert result.trace_device == "cuda" and "traced on the cuda path instead" in result.trace_note
+
+
+def test_memtunes_own_errors_are_not_retried_on_the_other_path(monkeypatch):
+    from memtune.errors import UsageError
+    from memtune.predict import single
+
+    fake_trace, calls = _failing_on({"cuda", "cpu"}, lambda: UsageError("the chunked loss does not support cohere"))
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    with pytest.raises(UsageError, match="chunked loss"):
+        estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2), device="cuda")
+    assert calls == ["cuda"]
+
+
+def test_fits_under_replays_the_fallback_trace(monkeypatch):
+    from memtune.predict import single
+    from memtune.predict.estimate import fits_under
+
+    fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    config = TrainConfig(seq_len=16, micro_batch_size=2)
+    result = estimate(tiny_llama(3), config, device="cuda")
+    for device in ("cuda", None):
+        assert fits_under(tiny_llama(3), result, result.total_bytes, device)
+        assert not fits_under(tiny_llama(3), result, result.peak_allocated_bytes // 2, device)
+    assert calls == ["cuda", "cpu"]
+
+
+def test_a_failed_sharded_trace_is_a_usage_error_naming_the_model(monkeypatch):
+    from memtune.errors import UsageError
+    from memtune.predict import fsdp
+
+    def trace_sharded(model_config, train_config):
+        raise _data_dependent()
+
+    monkeypatch.setattr(fsdp, "trace_sharded", trace_sharded)
+    monkeypatch.setattr(fsdp, "_TRACE_CACHE", {})
+    with pytest.raises(UsageError, match=r"model type 'llama'.*sharded \(FSDP\) trace.*_local_scalar_dense"):
+        estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2, num_gpus=2), device="cpu")
+
+
+@pytest.mark.parametrize("dtype, copies", [(torch.float16, 0), (torch.bfloat16, 1)])
+def test_cpu_emulation_softmax_to_fp32_allocates_as_cuda(dtype, copies):
+    """CUDA's softmax of an fp16 input asked for fp32 runs the fused half_to_float kernel (no fp32 copy of
+    the input); bf16 is copied to fp32 first on both devices (aten/src/ATen/native/SoftMax.cpp)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memtune.predict.emulation import CudaEmulation
+    from memtune.predict.trace import StorageCounter
+
+    counter = StorageCounter()
+    with FakeTensorMode(), counter, CudaEmulation():
+        scores = torch.empty(2, 4, 64, 64, dtype=dtype)
+        before = len(counter.trace.events)
+        probabilities = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32)
+        allocs = [e.num_bytes for e in counter.trace.events[before:] if e.kind == "alloc"]
+    assert probabilities.dtype == torch.float32
+    assert allocs == [4 * scores.numel()] * (1 + copies)

@@ -254,7 +254,8 @@ def estimate_replicated(
     device = device or default_trace_device()
     events, categories, trace = replicated_events(model_config, train_config, device)
     context_bytes += collective_context_bytes(train_config)
-    return estimate_of_events(train_config, events, categories, trace_device=device, traced_layers=trace.traced_layers,
+    return estimate_of_events(train_config, events, categories, trace_device=trace.device or device,
+                              trace_note=trace.note, traced_layers=trace.traced_layers,
                               num_layers=num_layers_of(model_config) or trace.traced_layers, started=started,
                               context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 

@@ -1,10 +1,18 @@
 """CUDA's behaviour on a CPU trace: what the same step allocates on the GPU, made to happen on fake CPU tensors.
 
 `CudaEmulation` is a torch function mode, entered around the traced step (trace.trace_step,
-fsdp.trace_sharded) when the trace runs on the CPU. It changes three things that allocate differently
+fsdp.trace_sharded) when the trace runs on the CPU. It changes four things that allocate differently
 on the two devices: autocast's fp32 op list (aten/src/ATen/autocast_mode.cpp), the SDPA kernel CUDA
-picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), and dropout (CUDA's
-fused kernel saves a 1-byte mask).
+picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), dropout (CUDA's
+fused kernel saves a 1-byte mask) and an fp16 softmax with an fp32 result (CUDA's half_to_float kernel
+makes no fp32 copy of the input).
+
+`GpuKernels` is a dispatch mode entered on both paths (the fake-CUDA one too): it stands in for kernels
+whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one: `aten._grouped_mm`, the
+mixture-of-experts matmul of transformers' "grouped_mm" experts (transformers/integrations/moe.py),
+whose meta function accepts bf16 only while the CUDA kernel runs fp32 through its per-group fallback
+(aten/src/ATen/native/cuda/GroupedBlas.cpp `_grouped_mm_fallback`): fp32 weights, and fp32 master
+weights under bf16 autocast (the op is not autocast-enabled), would fail the trace.
 
 Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
 convolutions, other fused kernels) is traced as the CPU makes it.
@@ -16,6 +24,7 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops that CUDA autocast runs in fp32 (aten/src/ATen/autocast_mode.cpp, "fp32" list): their
 # floating inputs are cast to fp32. CPU autocast leaves them in the input dtype. The lower-precision
@@ -33,6 +42,32 @@ _AUTOCAST_FP32_DTYPE = {
     torch.cumsum, torch.cumprod, torch.sum, torch.prod, torch.Tensor.softmax, torch.Tensor.log_softmax,
     torch.Tensor.cumsum, torch.Tensor.sum, torch.Tensor.prod,
 }
+
+
+# softmax / log_softmax of an fp16 input asked for an fp32 result: CUDA runs the fused half_to_float
+# kernel on the fp16 input (aten/src/ATen/native/SoftMax.cpp `softmax(input, dim, dtype)`: is_cuda, Half,
+# dtype Float), the CPU first copies the input to fp32. Half only: bf16 takes the copy on both devices.
+_HALF_TO_FLOAT = {
+    torch.nn.functional.softmax: torch.ops.aten._softmax.default,
+    torch.softmax: torch.ops.aten._softmax.default,
+    torch.Tensor.softmax: torch.ops.aten._softmax.default,
+    torch.nn.functional.log_softmax: torch.ops.aten._log_softmax.default,
+    torch.log_softmax: torch.ops.aten._log_softmax.default,
+    torch.Tensor.log_softmax: torch.ops.aten._log_softmax.default,
+}
+
+
+def _half_to_float(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """CUDA's fused half_to_float softmax for `func(input, dim, dtype=float32)` on an fp16 input, else None."""
+    if not args or not isinstance(args[0], torch.Tensor) or args[0].dtype != torch.float16:
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    positional_dtype = args[2] if len(args) > 2 and func not in (torch.nn.functional.softmax,
+                                                                  torch.nn.functional.log_softmax) else None
+    dtype = kwargs.get("dtype", positional_dtype)
+    if dim is None or dtype != torch.float32:
+        return None
+    return _HALF_TO_FLOAT[func](args[0], dim, True)
 
 
 class CudaEmulation(TorchFunctionMode):
@@ -57,6 +92,10 @@ class CudaEmulation(TorchFunctionMode):
                 args, kwargs = _to_fp32((args, kwargs))
             elif func in _AUTOCAST_FP32_DTYPE and kwargs.get("dtype") is None and _is_low_precision(args):
                 kwargs = {**kwargs, "dtype": torch.float32}
+        if func in _HALF_TO_FLOAT:
+            fused = _half_to_float(func, args, kwargs)
+            if fused is not None:
+                return fused
         return func(*args, **kwargs)
 
 
@@ -108,3 +147,41 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     )[0]
 
 
+class GpuKernels(TorchDispatchMode):
+    """Run what the GPU kernel allocates where the fake kernel refuses the inputs: a grouped matmul of
+    non-bf16 inputs. Autograd sits above this mode, so the node and what it saves are torch's own, and
+    its backward (`_grouped_mm_mat1_backward` / `_mat2_backward`, torch's derivatives.yaml) comes back
+    here as two more grouped matmuls."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._grouped_mm.default and not _bf16_pair(args):
+            return grouped_mm_output(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _bf16_pair(args: tuple) -> bool:
+    return len(args) >= 2 and all(isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16 for t in args[:2])
+
+
+def grouped_mm_output(
+    mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The output the CUDA grouped matmul allocates (torch/_meta_registrations.py
+    `_create_grouped_mm_output_tensor` on a CUDA build): its last dimension padded to 16 bytes.
+    The per-group fallback writes into it (`mm_out` per group) and allocates nothing else."""
+    if mat_a.dim() == 2 and mat_b.dim() == 2:
+        assert offs is not None  # 2D x 2D: one output matrix per group of offs
+        size = [offs.size(0), mat_a.size(0), mat_b.size(1)]
+    elif mat_a.dim() == 2:
+        size = [mat_a.size(0), mat_b.size(-1)]
+    elif mat_b.dim() == 2:
+        size = [mat_a.size(1), mat_b.size(1)]
+    else:
+        size = [mat_a.size(0), mat_a.size(1), mat_b.size(-1)]
+    dtype = out_dtype or mat_a.dtype
+    alignment = max(1, 16 // dtype.itemsize)
+    padded = (size[-1] + alignment - 1) // alignment * alignment
+    stride = [size[1] * padded, padded, 1] if len(size) == 3 else [padded, 1]
+    return torch.empty_strided(size, stride, dtype=dtype, device=mat_a.device)

@@ -55,8 +55,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
+from memtune.errors import MemtuneError
 from memtune.predict import allocator
-from memtune.predict.emulation import CudaEmulation
+from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.predict.peak import Estimate, collective_context_bytes, estimate_of_events
 from memtune.predict.trace import (
     COMPUTE_STREAM,
@@ -67,6 +68,7 @@ from memtune.predict.trace import (
     Trace,
     assume_unpacked_batches,
     decoder_layers,
+    describe_failure,
     first_tensor,
     layer_period,
     meta_to_fake,
@@ -74,6 +76,7 @@ from memtune.predict.trace import (
     rounded,
     shallow_config,
     traced_depth,
+    untraceable,
 )
 from memtune.recipe import step as recipe
 from memtune.recipe.parallel import apply_fsdp, check_supported, fsdp_train_step
@@ -311,7 +314,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         hooks.append(optimizer.register_step_pre_hook(before_step))
         hooks.append(optimizer.register_step_post_hook(after_step))
         host_copies = _HostToDevice(counter) if offload else contextlib.nullcontext()
-        with counter, _watch_resizes(counter), CudaEmulation(), host_copies:
+        with counter, _watch_resizes(counter), GpuKernels(), CudaEmulation(), host_copies:
             for item in [*model.parameters(), *model.buffers()]:
                 counter.base_layer = layer_of.get(id(item), NO_LAYER)
                 local = item.to_local() if hasattr(item, "to_local") else item
@@ -484,7 +487,13 @@ def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> Trace:
     """`trace_sharded` of the configuration, cached per (model config, configuration)."""
     key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict()], sort_keys=True)
     if key not in _TRACE_CACHE:
-        _TRACE_CACHE[key] = trace_sharded(model_config, train_config)
+        try:
+            _TRACE_CACHE[key] = trace_sharded(model_config, train_config)
+        except MemtuneError:
+            raise
+        except Exception as error:  # the sharded trace has one path (CPU): no fallback, a clear error
+            failure = f"the sharded (FSDP) trace on the cpu path failed: {describe_failure(error)}"
+            raise untraceable(model_config, [failure], "--strategy ddp (or one GPU) without --offload") from error
     return _TRACE_CACHE[key]
 
 

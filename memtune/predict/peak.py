@@ -53,6 +53,10 @@ class Estimate:
     traced_layers: int = 0
     num_layers: int = 0
     seconds: float = 0.0
+    trace_note: str = ""
+    """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
+    for the caller to show on stderr; "" otherwise. Not in `to_dict` (the JSON schema documents the fields
+    there; `trace_device` says which path ran)."""
 
     @property
     def total_bytes(self) -> int:
@@ -105,7 +109,7 @@ def breakdown_at_peak(events: list[Event], categories: dict[Hashable, str]) -> d
 def estimate_of_events(
     train_config: TrainConfig, events: list[Event], categories: dict[Hashable, str], *, trace_device: str,
     traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
-    peaks: tuple[int, int] | None = None,
+    peaks: tuple[int, int] | None = None, trace_note: str = "",
 ) -> Estimate:
     """The Estimate of a full-depth event list, broken down at its peak. `peaks` (allocated, reserved)
     when the caller replayed the events itself (several streams); else one allocator replay.
@@ -127,4 +131,5 @@ def estimate_of_events(
         traced_layers=traced_layers,
         num_layers=num_layers,
         seconds=time.perf_counter() - started,
+        trace_note=trace_note,
     )

@@ -12,26 +12,37 @@
 Traces are cached per (model config, traced depth, configuration, device), so a search reuses them;
 DDP (ddp.py) builds on the same events, as every GPU of a replica runs this step.
 Pure: no CUDA memory is used; with a GPU present the trace runs on fake CUDA tensors.
+
+When the trace fails on the path asked for (fake CUDA refuses a data-dependent op such as OPT's
+`aten._local_scalar_dense`, or an op has no fake kernel), the other path is tried (the fake-CUDA one
+only where torch sees a GPU) and the Trace says so in one line (`Trace.note`, then
+`Estimate.trace_note`, for the caller to show); when both fail, a UsageError names the model type, the
+failures and the torch and transformers versions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
+from memtune.errors import MemtuneError
 from memtune.predict import allocator
 from memtune.predict.peak import Estimate, default_trace_device, estimate_of_events
 from memtune.predict.trace import (
     Event,
     Trace,
+    describe_failure,
     extend,
     layer_period,
+    model_type_of,
     num_layers_of,
     shallow_config,
     trace_step,
     traced_depth,
+    untraceable,
 )
 
 _TRACE_CACHE: dict[str, Trace] = {}
@@ -44,8 +55,49 @@ def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> T
     key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
                      sort_keys=True)
     if key not in _TRACE_CACHE:
-        _TRACE_CACHE[key] = trace_step(shallow_config(model_config, depth), train_config, device=device)
+        trace = _trace_with_fallback(shallow_config(model_config, depth), train_config, device)
+        _TRACE_CACHE[key] = trace
+        if trace.device != device:  # the other path's trace, without the note, for who asks for that path
+            other_key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(),
+                                    trace.device], sort_keys=True)
+            _TRACE_CACHE.setdefault(other_key, dataclasses.replace(trace, note=""))
     return _TRACE_CACHE[key]
+
+
+def other_trace_device(device: str) -> str | None:
+    """The path to try when `device`'s trace fails: the CPU emulation after fake CUDA; fake CUDA after
+    the CPU only where torch sees a GPU (without one, fake CUDA tensors cannot run autograd)."""
+    import torch
+
+    if device == "cuda":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _trace_with_fallback(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
+    """`trace_step` on `device`, else on the other path with a note; a UsageError when no path traces.
+    memtune's own errors (a configuration the recipe refuses) are the same on both paths: raised as they are."""
+    try:
+        return trace_step(model_config, train_config, device=device)
+    except MemtuneError:
+        raise
+    except Exception as error:  # any failure of the traced step: torch's fake-tensor and dispatch errors vary
+        first = error
+    other = other_trace_device(device)
+    failures = [f"the {device} trace failed: {describe_failure(first)}"]
+    if other is not None:
+        try:
+            trace = trace_step(model_config, train_config, device=other)
+        except MemtuneError:
+            raise
+        except Exception as error:
+            failures.append(f"the {other} trace failed: {describe_failure(error)}")
+        else:
+            trace.note = (f"the {device} trace of {model_type_of(model_config)} failed ({describe_failure(first)}); "
+                          f"traced on the {other} path instead")
+            return trace
+    hint = "" if other is not None else "--trace-device cuda on a GPU machine"
+    raise untraceable(model_config, failures, hint) from first
 
 
 def full_depth_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[Event]]:
@@ -72,7 +124,8 @@ def estimate_single(
     device = device or default_trace_device()
     trace, events = full_depth_events(model_config, train_config, device)
     num_layers = num_layers_of(model_config) or trace.traced_layers
-    return estimate_of_events(train_config, events, trace.categories, trace_device=device,
+    return estimate_of_events(train_config, events, trace.categories, trace_device=trace.device or device,
+                              trace_note=trace.note,
                               traced_layers=trace.traced_layers, num_layers=num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 

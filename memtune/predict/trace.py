@@ -16,8 +16,9 @@ Two devices:
   the math fallback, and dropout with a 1-byte mask. This path needs no GPU (laptops, CI).
 
 Known limitations: allocations made inside kernels (flash-attention backward's accumulators, cuBLAS
-workspaces) are not seen; `estimate` adds them as overhead. Data-dependent ops (`.item()`) fail
-under fake tensors; HF causal LMs do not use them in a training step.
+workspaces) are not seen; `estimate` adds them as overhead. Data-dependent ops (`.item()`) can fail
+under fake tensors, on one path and not the other (OPT's `aten._local_scalar_dense` on fake CUDA):
+single.cached_trace then traces on the other path, and says so.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
-from memtune.predict.emulation import CudaEmulation
+from memtune.errors import UsageError
+from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
 BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -111,6 +113,10 @@ class Trace:
     peak_allocated_bytes: int = 0
     peak_breakdown: dict[str, int] = field(default_factory=dict)
     """Live bytes by category at the moment of the allocated peak (`StorageCounter.finish`)."""
+    device: str = ""
+    """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
+    note: str = ""
+    """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
 
 
 class StorageCounter(TorchDispatchMode):
@@ -462,6 +468,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
 
     emulate = device == "cpu"
     counter = StorageCounter()
+    counter.trace.device = device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
     emulation = CudaEmulation() if emulate else contextlib.nullcontext()
@@ -473,7 +480,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     if train_config.amp != "none":
         counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
-    with unpacked, fake_mode, counter, emulation:
+    with unpacked, fake_mode, counter, GpuKernels(), emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         optimizer = recipe.make_optimizer(model, fused=True)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
@@ -510,6 +517,38 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
         trace = counter.finish()
         del model, optimizer, trainable
     return trace
+
+
+def model_type_of(model_config: Any) -> str:
+    return str(getattr(model_config, "model_type", None) or type(model_config).__name__)
+
+
+def describe_failure(error: BaseException, limit: int = 200) -> str:
+    """The exception class and the first line of its message (torch's can run to a page), shortened."""
+    lines = str(error).strip().splitlines()
+    message = lines[0] if lines else ""
+    if len(message) > limit:
+        message = message[: limit - 3] + "..."
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
+def untraceable(model_config: Any, failures: list[str], hint: str = "") -> UsageError:
+    """The error for a model no trace path can run: its type, each path's failure, torch's and
+    transformers' versions, and what to try (`hint`, besides other versions)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def version_of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return UsageError(
+        f"memtune cannot trace a training step of model type {model_type_of(model_config)!r}: " + "; ".join(failures)
+        + f" (torch {version_of('torch')}, transformers {version_of('transformers')}). Try "
+        + (f"{hint} or " if hint else "") + "another torch/transformers version; please report the model type "
+        "and this message"
+    )
 
 
 def extend(trace: Trace, num_layers: int) -> list[Event]:

@@ -1,0 +1,145 @@
+"""Every causal-LM architecture transformers builds from a config traces on the GPU-free path (CPU, fake tensors).
+
+Tiny configs (2 decoder layers, hidden 64, vocabulary 256) built with the transformers config classes,
+no download, in four configurations each: fp32, bf16-mixed, bf16 weights + LoRA, and checkpointing
+under bf16 autocast. An architecture this transformers version cannot build is skipped with the reason.
+The agreement of the two trace paths and with measurement is for the GPU machine (tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from memtune.cli import main
+from memtune.config import Adapter, TrainConfig
+from memtune.predict.estimate import estimate
+
+# hidden 64, 4 heads of 16 (2 KV heads), MLP 128, 2 layers, vocabulary 256: every special token id inside
+# it (some configs default to ids of the full vocabulary, e.g. phi3's pad_token_id 32000).
+TOKENS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 256, **TOKENS}
+WITH_HEAD_DIM = {**DECODER, "head_dim": 16}
+
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "llama": DECODER,
+    "mistral": DECODER,
+    "qwen2": DECODER,
+    "qwen3": WITH_HEAD_DIM,
+    "gemma": WITH_HEAD_DIM,
+    "gemma2": WITH_HEAD_DIM,
+    "gemma3_text": WITH_HEAD_DIM,
+    "phi3": DECODER,
+    "olmo2": DECODER,
+    "granite": DECODER,
+    "cohere": DECODER,
+    "starcoder2": DECODER,
+    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 256,
+            "word_embed_proj_dim": 64, "max_position_embeddings": 256, **TOKENS},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
+                 "vocab_size": 256, "max_position_embeddings": 256, **TOKENS},
+    "falcon": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 256, **TOKENS},
+    "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 256, "n_positions": 256, **TOKENS},
+    "mixtral": {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen3_moe": {**WITH_HEAD_DIM, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
+    "qwen2_moe": {**DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
+                  "shared_expert_intermediate_size": 64},
+    "phi": {**DECODER},
+    "stablelm": {**DECODER},
+    "olmo": {**DECODER},
+    "gptj": {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 256, "n_positions": 256, "rotary_dim": 8,
+             **TOKENS},
+}
+
+CONFIGURATIONS = {
+    "fp32": TrainConfig(seq_len=16, micro_batch_size=2),
+    "bf16-mixed": TrainConfig(seq_len=16, micro_batch_size=2, amp="bf16"),
+    "bf16+lora": TrainConfig(seq_len=16, micro_batch_size=2, weights_dtype="bf16", adapter=Adapter(rank=4)),
+    "checkpointing": TrainConfig(seq_len=16, micro_batch_size=2, amp="bf16", gradient_checkpointing=True),
+}
+
+
+def tiny_config(model_type: str) -> Any:
+    """The tiny config of `model_type`, or a skip with the reason transformers gives for not building it."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.for_model(model_type, **ARCHITECTURES[model_type])
+    except (ValueError, KeyError, ImportError) as error:
+        pytest.skip(f"transformers cannot build a {model_type} config here: {type(error).__name__}: {error}")
+
+
+@pytest.mark.parametrize("configuration", list(CONFIGURATIONS))
+@pytest.mark.parametrize("model_type", list(ARCHITECTURES))
+def test_every_architecture_traces_on_the_cpu_path(model_type, configuration):
+    config = tiny_config(model_type)
+    train_config = CONFIGURATIONS[configuration]
+    result = estimate(config, train_config, device="cpu")
+    assert result.trace_device == "cpu" and result.trace_note == ""
+    assert result.num_layers == 2 and result.traced_layers == 2
+    assert 0 < result.peak_allocated_bytes <= result.peak_reserved_bytes
+    # Weights are live at the peak; trained weights also have gradients or optimizer state there.
+    assert result.breakdown.get("weights", 0) > 0
+    assert result.breakdown.get("gradients", 0) + result.breakdown.get("optimizer", 0) > 0
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_experts_in_fp32_trace_what_the_gpu_kernel_allocates(model_type):
+    """The grouped matmul's fake kernel takes bf16 only; the GPU runs fp32 through its per-group fallback.
+    Expert weights in fp32 hold twice the bytes of bf16: the fp32 trace's weights are about twice
+    the bf16 one's (same parameters, both traced)."""
+    config = tiny_config(model_type)
+    fp32 = estimate(config, TrainConfig(seq_len=16, micro_batch_size=2), device="cpu")
+    bf16 = estimate(config, TrainConfig(seq_len=16, micro_batch_size=2, weights_dtype="bf16"), device="cpu")
+    ratio = fp32.breakdown["weights"] / bf16.breakdown["weights"]
+    assert 1.8 < ratio <= 2.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["opt", "mixtral", "gemma2", "falcon"])
+def test_plan_exits_0_with_json_on_the_cpu_path(model_type, tmp_path, capsys):
+    config = tiny_config(model_type)
+    config.save_pretrained(tmp_path)
+    code = main(["plan", str(tmp_path), "--seq-len", "16", "--batch-size", "2", "--precision", "bf16-mixed",
+                 "--json", "--trace-device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    document = json.loads(captured.out)
+    assert document["estimate"]["peak_allocated_bytes"] > 0
+    assert document["estimate"]["trace_device"] == "cpu"
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_traces_for_several_gpus(model_type, strategy):
+    config = tiny_config(model_type)
+    train_config = TrainConfig(seq_len=16, micro_batch_size=2, amp="bf16", num_gpus=2, strategy=strategy)
+    result = estimate(config, train_config, device="cpu")
+    assert 0 < result.peak_allocated_bytes <= result.peak_reserved_bytes
+    assert result.breakdown.get("weights", 0) > 0
+
+
+def test_plan_exits_2_with_the_model_type_when_no_path_traces(tmp_path, capsys, monkeypatch):
+    """Both paths failing (here: the CPU path, on a machine without a GPU to fall back to) is exit 2 with
+    the model type, the failure and the versions on stderr, and nothing on stdout."""
+    import torch
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    from memtune.predict import single
+
+    def trace_step(model_config, train_config, device="cpu", steps=2):
+        raise DataDependentOutputException(torch.ops.aten._local_scalar_dense.default)
+
+    monkeypatch.setattr(single, "trace_step", trace_step)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    tiny_config("opt").save_pretrained(tmp_path)
+    code = main(["plan", str(tmp_path), "--seq-len", "16", "--batch-size", "2", "--json", "--trace-device", "cpu"])
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # the console wraps long lines
+    assert code == 2 and captured.out == ""
+    assert "model type 'opt'" in err and "_local_scalar_dense" in err
+    assert f"torch {torch.__version__}" in err and "Traceback" not in err
