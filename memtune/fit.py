@@ -41,19 +41,27 @@ class ModelPredictor:
     """The default `search.Predictor`: traced memory (`predict.estimate`) and the FLOP model (`predict.throughput`)."""
 
     def __init__(self, model_config: Any, num_parameters: int, speed: throughput.GpuSpeed, *, device: str | None = None,
-                 context_bytes: int = DEFAULT_CONTEXT_BYTES, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES):
+                 context_bytes: int = DEFAULT_CONTEXT_BYTES, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+                 note: Callable[[str], None] | None = None):
         self.model_config = model_config
         self.shape = throughput.ModelShape.of(model_config, num_parameters)
         self.speed = speed
         self.device = device
         self.context_bytes = context_bytes
         self.workspace_bytes = workspace_bytes
+        self.note = note
+        """Told once, in words, when a trace had to fall back to the other trace path (`Estimate.trace_note`)."""
+        self._notes: set[str] = set()
         self._cache: dict[TrainConfig, Estimate] = {}
 
     def memory(self, config: TrainConfig) -> Estimate:
         if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
             self._cache[config] = estimate(self.model_config, config, device=self.device,
                                            context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
+            trace_note = self._cache[config].trace_note
+            if trace_note and self.note is not None and trace_note not in self._notes:
+                self._notes.add(trace_note)
+                self.note(f"note: {trace_note}")
         return self._cache[config]
 
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:
@@ -177,7 +185,7 @@ def fit_model(
     if importlib.util.find_spec("memtune.predict.fsdp") is None:
         policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
-                               context_bytes=context, workspace_bytes=workspace)
+                               context_bytes=context, workspace_bytes=workspace, note=progress)
 
     if budget_bytes is None and gpu is None:
         for card, size in COMMON_CARDS.items():
@@ -407,7 +415,8 @@ def plan_configuration(
     if train_config.adapter is not None:
         check_adapter_targets(source.config, train_config.adapter)
     speed = throughput.gpu_speed(gpu_name or "H100")
-    predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device)
+    predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
+                               note=None if note is None else lambda words: note(words.removeprefix("note: ")))
     margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, policy)
     if strategy_auto:
         train_config, estimate, why = choose_strategy(predictor, train_config, budget_bytes, margin_bytes=margin_bytes)

@@ -314,3 +314,18 @@ def test_cpu_emulation_softmax_to_fp32_allocates_as_cuda(dtype, copies):
         allocs = [e.num_bytes for e in counter.trace.events[before:] if e.kind == "alloc"]
     assert probabilities.dtype == torch.float32
     assert allocs == [4 * scores.numel()] * (1 + copies)
+
+
+def test_the_search_tells_a_fallback_note_once(monkeypatch):
+    """fit/plan's predictor hands the fallback note to the progress printer (stderr), once per note."""
+    from memtune.fit import ModelPredictor
+    from memtune.predict import single, throughput
+
+    fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
+    monkeypatch.setattr(single, "trace_step", fake_trace)
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    told: list[str] = []
+    predictor = ModelPredictor(tiny_llama(3), 1_000_000, throughput.gpu_speed("H100"), device="cuda", note=told.append)
+    predictor.memory(TrainConfig(seq_len=16, micro_batch_size=2))
+    predictor.memory(TrainConfig(seq_len=16, micro_batch_size=2))  # cached: not told again
+    assert len(told) == 1 and told[0].startswith("note: the cuda trace of llama failed")
