@@ -29,6 +29,7 @@ from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
     Estimate,
+    check_trace_device,
     estimate,
     fits_under,
 )
@@ -290,17 +291,6 @@ def check_adapter_targets(model_config: Any, adapter: Adapter) -> None:
     targets = adapter.target_modules if isinstance(adapter.target_modules, str) else ",".join(adapter.target_modules)
     raise UsageError(f"--lora-targets {targets} match no module of this {model_config.model_type} model: "
                      f"its weight matrices are {', '.join(linear)} (or use all-linear)")
-
-
-def check_trace_device(device: str | None) -> None:
-    """Raise UsageError for a trace on fake CUDA tensors where torch sees no GPU: the autograd engine would
-    abort the process in C++ (hasPrimaryContext) instead of raising."""
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError("--trace-device cuda needs a CUDA GPU that torch can see (this torch "
-                             f"{torch.__version__} sees none): use --trace-device cpu, the GPU-free path")
 
 
 def _with(policy: Policy, **changes: Any) -> Policy:

@@ -13,46 +13,10 @@ from typing import Any
 
 import pytest
 
+from benchmarks.cases import TINY_ARCHITECTURES as ARCHITECTURES
 from memtune.cli import main
 from memtune.config import Adapter, TrainConfig
 from memtune.predict.estimate import estimate
-
-# hidden 64, 4 heads of 16 (2 KV heads), MLP 128, 2 layers, vocabulary 256: every special token id inside
-# it (some configs default to ids of the full vocabulary, e.g. phi3's pad_token_id 32000).
-TOKENS = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-DECODER = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-           "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 256, **TOKENS}
-WITH_HEAD_DIM = {**DECODER, "head_dim": 16}
-
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "llama": DECODER,
-    "mistral": DECODER,
-    "qwen2": DECODER,
-    "qwen3": WITH_HEAD_DIM,
-    "gemma": WITH_HEAD_DIM,
-    "gemma2": WITH_HEAD_DIM,
-    "gemma3_text": WITH_HEAD_DIM,
-    "phi3": DECODER,
-    "olmo2": DECODER,
-    "granite": DECODER,
-    "cohere": DECODER,
-    "starcoder2": DECODER,
-    "opt": {"hidden_size": 64, "ffn_dim": 128, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 256,
-            "word_embed_proj_dim": 64, "max_position_embeddings": 256, **TOKENS},
-    "gpt_neox": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2,
-                 "vocab_size": 256, "max_position_embeddings": 256, **TOKENS},
-    "falcon": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 256, **TOKENS},
-    "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 256, "n_positions": 256, **TOKENS},
-    "mixtral": {**DECODER, "num_local_experts": 4, "num_experts_per_tok": 2},
-    "qwen3_moe": {**WITH_HEAD_DIM, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64},
-    "qwen2_moe": {**DECODER, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-                  "shared_expert_intermediate_size": 64},
-    "phi": {**DECODER},
-    "stablelm": {**DECODER},
-    "olmo": {**DECODER},
-    "gptj": {"n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 256, "n_positions": 256, "rotary_dim": 8,
-             **TOKENS},
-}
 
 CONFIGURATIONS = {
     "fp32": TrainConfig(seq_len=16, micro_batch_size=2),

@@ -121,3 +121,13 @@ def test_fit_checks_its_run_options_before_the_search(args, message, capsys):
     captured = capsys.readouterr()
     assert code == 2 and message in re.sub(r"\s+", " ", captured.err)
     assert "predicting" not in captured.err  # refused before any trace
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: memtune.estimate("gpt2", TrainConfig(seq_len=128)), "estimate needs a transformers config"),
+    (lambda: memtune.estimate(memtune.resolve("gpt2").config, TrainConfig(seq_len=128), device="tpu"),
+     "trace device must be cpu or cuda, got 'tpu'"),
+])
+def test_the_public_estimate_refuses_what_it_cannot_trace(call, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        call()

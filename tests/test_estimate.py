@@ -175,6 +175,13 @@ def test_the_public_estimate_follows_the_number_of_gpus_and_agrees_with_the_sear
 # -- a failed trace falls back to the other path -----------------------------------------------------
 
 
+def _simulate_cuda_path(monkeypatch):
+    """The fake trace below traces "cuda" as cpu: lift the guard that refuses a cuda trace without a GPU."""
+    from memtune.predict import estimate as estimate_module
+
+    monkeypatch.setattr(estimate_module, "check_trace_device", lambda device: None)
+
+
 def _failing_on(devices, error_of):
     """A trace_step that raises `error_of()` on `devices` and traces for real elsewhere; records calls."""
     from memtune.predict import single
@@ -204,6 +211,7 @@ def test_a_failed_cuda_trace_falls_back_to_the_cpu_path_with_a_note(monkeypatch)
 
     fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     config = TrainConfig(seq_len=16, micro_batch_size=2)
     result = estimate(tiny_llama(3), config, device="cuda")
@@ -228,6 +236,7 @@ def test_both_paths_failing_is_a_usage_error_naming_model_op_and_versions(monkey
 
     fake_trace, calls = _failing_on({"cuda", "cpu"}, _data_dependent)
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     with pytest.raises(UsageError) as raised:
         estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2), device="cuda")
@@ -245,6 +254,7 @@ def test_the_cpu_path_falls_back_to_fake_cuda_only_where_a_gpu_is_seen(monkeypat
 
     fake_trace, calls = _failing_on({"cpu"}, lambda: RuntimeError("no fake kernel for aten.some_op\nsecond line"))
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     config = TrainConfig(seq_len=16, micro_batch_size=2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -263,6 +273,7 @@ def test_memtunes_own_errors_are_not_retried_on_the_other_path(monkeypatch):
 
     fake_trace, calls = _failing_on({"cuda", "cpu"}, lambda: UsageError("the chunked loss does not support cohere"))
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     with pytest.raises(UsageError, match="chunked loss"):
         estimate(tiny_llama(3), TrainConfig(seq_len=16, micro_batch_size=2), device="cuda")
@@ -275,6 +286,7 @@ def test_fits_under_replays_the_fallback_trace(monkeypatch):
 
     fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     config = TrainConfig(seq_len=16, micro_batch_size=2)
     result = estimate(tiny_llama(3), config, device="cuda")
@@ -323,6 +335,7 @@ def test_the_search_tells_a_fallback_note_once(monkeypatch):
 
     fake_trace, calls = _failing_on({"cuda"}, _data_dependent)
     monkeypatch.setattr(single, "trace_step", fake_trace)
+    _simulate_cuda_path(monkeypatch)
     monkeypatch.setattr(single, "_TRACE_CACHE", {})
     told: list[str] = []
     predictor = ModelPredictor(tiny_llama(3), 1_000_000, throughput.gpu_speed("H100"), device="cuda", note=told.append)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
+from memtune.errors import UsageError
 from memtune.predict import ddp, fsdp, single
 from memtune.predict.peak import Estimate
 
@@ -39,14 +40,32 @@ def estimate(
     default cuda when torch sees a GPU. The sharded trace always runs on the CPU. `context_bytes` and
     `workspace_bytes` are the CUDA context and cuBLAS workspaces; NCCL's buffers are added to the context
     with several GPUs (`peak.NCCL_BYTES`). Raises UsageError for a configuration FSDP or DDP through
-    accelerate cannot run (recipe.parallel.check_supported).
+    accelerate cannot run (recipe.parallel.check_supported), for a model config that is not a transformers
+    config, and for a device other than "cpu" or "cuda" (or "cuda" where torch sees no GPU: the autograd
+    engine would abort the process in C++ instead of raising).
     """
+    check_trace_device(device)
+    if not hasattr(model_config, "to_json_string"):
+        raise UsageError(f"estimate needs a transformers config (e.g. memtune.resolve('gpt2').config), "
+                         f"got {type(model_config).__name__} {model_config!r:.60}")
     kwargs: dict[str, Any] = {"device": device, "context_bytes": context_bytes, "workspace_bytes": workspace_bytes}
     if train_config.replicated:
         return ddp.estimate_replicated(model_config, train_config, **kwargs)
     if train_config.sharded:
         return fsdp.estimate_sharded(model_config, train_config, **kwargs)
     return single.estimate_single(model_config, train_config, **kwargs)
+
+
+def check_trace_device(device: str | None) -> None:
+    """Raise UsageError unless `device` is None, "cpu", or "cuda" with a GPU torch can see."""
+    if device not in (None, "cpu", "cuda"):
+        raise UsageError(f"trace device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--trace-device cuda needs a CUDA GPU that torch can see (this torch "
+                             f"{torch.__version__} sees none): use --trace-device cpu, the GPU-free path")
 
 
 def fits_under(model_config: Any, estimate_: Estimate, usable_bytes: int, device: str | None = None) -> bool:
