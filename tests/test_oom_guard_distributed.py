@@ -63,6 +63,9 @@ def _worker(rank: int, world_size: int, init_method: str, scenario: str, options
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
+    from memtune.measure.sharded import end_spawned_rank
+
+    end_spawned_rank()  # no interpreter shutdown with gloo threads alive (it aborted now and then: SIGABRT)
 
 
 # ---- the model, the data, the faults -----------------------------------------------------------------

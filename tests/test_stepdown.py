@@ -62,7 +62,11 @@ def test_a_fallback_that_needs_a_new_optimizer_or_a_relaunch_is_skipped(field: s
     changed = {"seq_len": 4, "weights_dtype": "bf16", "amp": "bf16", "adapter": Adapter(), "offload": "optimizer",
                "num_gpus": 2, "strategy": "fsdp", "optimizer": "sgd"}[field]
     plan = PLAN.replace(num_gpus=2, grad_accum_steps=1, strategy="ddp") if field == "strategy" else PLAN
-    fallback = plan.replace(micro_batch_size=1, grad_accum_steps=plan.grad_accum_steps * 4, **{field: changed})
+    if field == "optimizer":  # TrainConfig accepts only adamw today: a fallback from a plan that names another
+        fallback = plan.replace(micro_batch_size=1, grad_accum_steps=plan.grad_accum_steps * 4)
+        object.__setattr__(fallback, "optimizer", changed)
+    else:
+        fallback = plan.replace(micro_batch_size=1, grad_accum_steps=plan.grad_accum_steps * 4, **{field: changed})
     policy = StepDownPolicy(plan, (fallback,))
     first = plan.replace(micro_batch_size=2, grad_accum_steps=plan.grad_accum_steps * 2)
     assert policy.next_config(plan) == (first, 1)  # the ladder's first
