@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -183,8 +182,6 @@ def fit_model(
     check_trace_device(trace_device)
     if policy.use_adapter is not False:
         check_adapter_targets(source.config, policy.adapter)
-    if importlib.util.find_spec("memtune.predict.fsdp") is None:
-        policy = _with(policy, allow_offload=False)  # the offload memory model is not part of this build
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                context_bytes=context, workspace_bytes=workspace, note=progress)
 

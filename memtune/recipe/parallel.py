@@ -90,7 +90,7 @@ def build_replicated_model(model_config: Any, train_config: TrainConfig, device:
 
     Built on the CPU and moved, as `memtune run` and Trainer do, so that the weights reach the GPU the
     same way. (Building on the GPU was suspected of an extra weight copy; the H200 runs showed the same
-    peaks either way: the extra copy was DDP's old buckets, see replicate.rebuild_events.)
+    peaks either way: the extra copy was DDP's old buckets, see predict.ddp.rebuild_events.)
     """
     import torch
     from torch.nn.parallel import DistributedDataParallel

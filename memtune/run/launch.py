@@ -50,6 +50,7 @@ from typing import Any
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
 from memtune.recipe.parallel import check_supported
+from memtune.search.ladder import STRATEGY
 
 FSDP_VERSION = 2
 ACCELERATE_MIXED_PRECISION = {"none": "no", "bf16": "bf16", "fp16": "fp16"}
@@ -154,4 +155,4 @@ def ddp_training_arguments(train_config: TrainConfig) -> dict[str, Any]:
     check_supported(train_config)
     if not train_config.replicated:
         raise UsageError(f"DDP arguments are for strategy 'ddp' over several GPUs, got {train_config.describe()}")
-    return {"ddp_find_unused_parameters": False}
+    return STRATEGY.trainer_arguments(train_config)

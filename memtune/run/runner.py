@@ -55,6 +55,7 @@ from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 a
 
 from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
+from memtune.fit import check_sequence_length
 from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
@@ -745,14 +746,8 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
 def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     """What this process cannot honour of the plan (raises for a sequence the model cannot take)."""
     config = plan.train_config
-    positions = getattr(model_config, "n_positions", None)  # learned position embeddings (GPT-2): a hard limit
-    if positions and config.seq_len > positions:
-        raise UsageError(f"the plan's seq_len {config.seq_len} exceeds {plan.model}'s {positions} positions: "
-                         f"make a plan with --seq-len {positions} or less")
+    check_sequence_length(model_config, config.seq_len)  # the rule plan and fit apply
     messages = []
-    longest = getattr(model_config, "max_position_embeddings", None)
-    if longest and config.seq_len > longest:
-        messages.append(f"seq_len {config.seq_len} exceeds the {longest} positions {plan.model} was trained for")
     processes = _process_count()
     if config.num_gpus > 1 and processes != config.num_gpus:
         messages.append(

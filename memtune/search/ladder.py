@@ -331,9 +331,8 @@ class AdapterRung(Rung):
 
 
 # Enumeration order of the candidate space and of the "why this one" alternatives.
-ADAPTER = AdapterRung()
-LADDER: tuple[Rung, ...] = (MicroBatch(), Precision(), Checkpointing(), Loss(), Offload(), Strategy(), ADAPTER)
-PRECISION = LADDER[1]
+PRECISION, STRATEGY, ADAPTER = Precision(), Strategy(), AdapterRung()
+LADDER: tuple[Rung, ...] = (MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, ADAPTER)
 
 
 def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
