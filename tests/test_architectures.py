@@ -62,6 +62,62 @@ def test_moe_experts_in_fp32_trace_what_the_gpu_kernel_allocates(model_type):
     assert 1.8 < ratio <= 2.0
 
 
+def test_multi_query_attention_that_only_broadcasts_runs_the_math_kernel():
+    """Falcon passes its one KV head to SDPA without enable_gqa; CUDA's fused kernels need one number of
+    heads (sdp_utils `check_batch_size_and_num_heads_dense`), so the GPU runs the math path, which saves
+    the batch x heads x seq x seq attention matrix. The CPU emulation picks the same kernel: its trace
+    of a 2 x 64-token step holds the fp32 attention weights (the fake-CUDA path measured 3-13% above the
+    emulation on the H200 before; benchmarks/results/paths_agree_h200.json)."""
+    import torch
+
+    from memtune.predict.emulation import _fused_attention
+
+    query = torch.zeros(2, 4, 64, 16, dtype=torch.bfloat16, device="meta")
+    one_head = torch.zeros(2, 1, 64, 16, dtype=torch.bfloat16, device="meta")
+    four_heads = torch.zeros(2, 4, 64, 16, dtype=torch.bfloat16, device="meta")
+    seen: list[str] = []
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        _fused_attention(query, one_head, one_head, is_causal=True)
+    assert "aten._scaled_dot_product_flash_attention.default" not in seen
+    assert "aten._safe_softmax.default" in seen  # the math path's attention weights
+    seen.clear()
+    with Ops():
+        _fused_attention(query, four_heads, four_heads, is_causal=True)
+    assert seen == ["aten._scaled_dot_product_flash_attention.default"]
+    seen.clear()
+    with Ops():
+        _fused_attention(query, one_head, one_head, is_causal=True, enable_gqa=True)
+    assert seen == ["aten._scaled_dot_product_flash_attention.default"]
+
+
+def test_mask_code_reads_a_full_batch_and_layerdrop_keeps_every_layer():
+    """transformers 5.17's mask code reads `fast_all(attention_mask)` of OPT's all-ones mask, and OPT's
+    LayerDrop reads `torch.rand([]) < layerdrop`; fake tensors have no values (emulation.FULL_BATCHES). A
+    read in the mask code is True, the LayerDrop draw never drops, and any other read still fails."""
+    import torch
+    import transformers.masking_utils as masking_utils
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+    from memtune.predict.emulation import GpuKernels
+    from memtune.predict.trace import assume_unpacked_batches
+
+    with assume_unpacked_batches(), FakeTensorMode(allow_non_fake_inputs=True), GpuKernels():
+        mask = torch.ones(2, 16, dtype=torch.bool)
+        # transformers 5.17 and 5.24 both: (padding_mask, q_length, kv_length, q_offset, kv_offset)
+        assert masking_utils._ignore_causal_mask_sdpa(mask, 16, 16, 0, 0) is True
+        assert bool(torch.rand([]) < 0.0) is False and bool(torch.rand([]) < 0.5) is False
+        with pytest.raises(DataDependentOutputException):
+            bool(mask.all())  # not in the mask code: not guessed
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", ["opt", "mixtral", "gemma2", "falcon"])
 def test_plan_exits_0_with_json_on_the_cpu_path(model_type, tmp_path, capsys):

@@ -51,6 +51,12 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
     model = optimizer = scaler = None
     try:
         model = recipe.build_model(model_config, train_config, device)
+        # Built on the GPU, a tied model allocates its LM head's own weight (vocabulary x hidden) and frees it
+        # when the weights are tied; the cache keeps that block and the step's logits land in it (1.1 GiB for
+        # Gemma-2's head, H200 history in benchmarks/results/single_history_h200.json). A model loaded with
+        # from_pretrained and moved to the GPU, as `memtune run` and Trainer load one, never allocates it:
+        # hand the block back so the trial holds what the run will.
+        release_memory()
         optimizer = recipe.make_optimizer(model)
         scaler = torch.amp.GradScaler("cuda") if train_config.amp == "fp16" else None
         for _ in range(steps):

@@ -81,7 +81,7 @@ class CachingAllocator:
         self.peak_allocated = 0
         self.peak_reserved = 0
         self.flushes = 0
-        self._next_address = 0
+        self._next_address = 1 << 62  # new segments go downwards from here (see _new_segment)
         self._next_segment = 0
 
     # -- public ------------------------------------------------------------------------------
@@ -158,8 +158,12 @@ class CachingAllocator:
             return None
         segment = self._next_segment
         self._next_segment += 1
+        # cudaMalloc hands out each new segment below the ones before it (the H200 histories of
+        # benchmarks/single_history.py: every segment address lower than the last), and best-fit breaks
+        # ties between equal free blocks by the lowest address: the newest segment's block wins. The gap
+        # keeps segments from ever touching.
+        self._next_address -= seg_bytes + ROUND_LARGE
         block = _Block(self._next_address, seg_bytes, segment, small)
-        self._next_address += seg_bytes + ROUND_LARGE  # a gap keeps segments from ever touching
         self.blocks[block.address] = block
         self.segments[segment] = seg_bytes
         self.reserved += seg_bytes

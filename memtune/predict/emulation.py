@@ -12,7 +12,8 @@ whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one:
 mixture-of-experts matmul of transformers' "grouped_mm" experts (transformers/integrations/moe.py),
 whose meta function accepts bf16 only while the CUDA kernel runs fp32 through its per-group fallback
 (aten/src/ATen/native/cuda/GroupedBlas.cpp `_grouped_mm_fallback`): fp32 weights, and fp32 master
-weights under bf16 autocast (the op is not autocast-enabled), would fail the trace.
+weights under bf16 autocast (the op is not autocast-enabled), would fail the trace. And it answers a
+read of a fake tensor's value where the real step's answer is known (`FULL_BATCHES`).
 
 Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
 convolutions, other fused kernels) is traced as the CPU makes it.
@@ -20,6 +21,7 @@ convolutions, other fused kernels) is traced as the CPU makes it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -120,23 +122,45 @@ def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
 
 
 def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
-    """The SDPA kernel CUDA picks (torch sdp_utils): flash for fp16/bf16 without a mask, else
-    memory-efficient, else (fp32 with grouped KV heads) the math path that saves the attention matrix."""
+    """What CUDA's `scaled_dot_product_attention` runs (torch aten/src/ATen/native/transformers/attention.cpp
+    and cuda/sdp_utils.cpp), on CPU fake tensors:
+
+    - under autocast the inputs are cast to the autocast dtype once and the kernel then runs with autocast
+      off (the autocast wrapper excludes its own key), so the math path's fp32 upcast of fp16/bf16 inputs
+      stays fp32, as on the GPU;
+    - a boolean mask becomes an additive one of the query's dtype first (`convert_boolean_attn_mask`:
+      `where(mask, 0, -inf)`), whichever kernel runs;
+    - the kernel: flash for fp16/bf16 without a mask, else memory-efficient, else the math path that saves
+      the attention matrix. Both fused kernels need query, key and value of one batch size and
+      (memory-efficient always, flash unless `enable_gqa`) one number of heads
+      (`check_batch_size_and_num_heads_dense`): a key/value with fewer heads that only broadcasts, as
+      Falcon's multi-query attention passes it, runs the math path.
+
+    On Hopper torch 2.11 runs cuDNN attention where this picks flash (head_dim 256, bf16): its outputs and
+    gradients have the same sizes (the H200 op logs of benchmarks/paths_diff.py), so the bytes agree."""
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         query, key, value = (t.to(dtype) for t in (query, key, value))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=query.dtype),
+                                torch.scalar_tensor(float("-inf"), dtype=query.dtype))
+    with torch.autocast("cpu", enabled=False):
+        return _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+
+def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):  # noqa: ANN001
     head_dim = query.shape[-1]
-    grouped = enable_gqa and key.shape[-3] != query.shape[-3]
+    same_batch = query.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
+    same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]
     low_precision = query.dtype in (torch.float16, torch.bfloat16)
-    if low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0:
+    if (low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0 and same_batch
+            and (same_heads or enable_gqa)):
         # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
         return torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale
         )[0]
-    if not grouped and head_dim % 8 == 0:
+    if same_batch and same_heads and head_dim % 8 == 0:
         bias = attn_mask
-        if bias is not None and bias.dtype == torch.bool:
-            bias = torch.zeros_like(bias, dtype=query.dtype).masked_fill(~bias, float("-inf"))
         if bias is not None:
             bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         return torch.ops.aten._scaled_dot_product_efficient_attention(
@@ -155,9 +179,38 @@ class GpuKernels(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and _one_bool(args) and _in_mask_code():
+            return True  # see FULL_BATCHES
+        if func is torch.ops.aten.rand.default and len(args) == 1 and tuple(args[0]) == ():
+            # See FULL_BATCHES: a constant fake scalar, which comparisons and reads see through.
+            return torch.tensor(1.0, dtype=kwargs.get("dtype") or torch.float32, device=kwargs.get("device"))
         if func is torch.ops.aten._grouped_mm.default and not _bf16_pair(args):
             return grouped_mm_output(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+FULL_BATCHES = """Two reads of values the trace answers as the real step would, which fake tensors cannot:
+
+- a boolean read of a one-element tensor inside transformers' mask code (transformers/masking_utils.py:
+  `fast_all(attention_mask)`, `_ignore_causal_mask_sdpa`, `torch.all(attention_mask == 1)`) is True: the
+  traced batches are full and unpadded, so every token is real (transformers 5.17's OPT builds an all-ones
+  mask and reads it). Such a read anywhere else still fails the trace, and says so;
+- a 0-dim `torch.rand` is the constant 1.0: LayerDrop (`torch.rand([]) < config.layerdrop`, OPT, BART,
+  Whisper) then keeps every layer, exactly so for the default layerdrop 0 and the most memory otherwise."""
+
+
+def _in_mask_code() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_globals.get("__name__") == "transformers.masking_utils":
+            return True
+        frame = frame.f_back  # type: ignore[assignment]
+    return False
+
+
+def _one_bool(args: tuple) -> bool:
+    return len(args) == 1 and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.bool \
+        and args[0].numel() == 1
 
 
 def _bf16_pair(args: tuple) -> bool:

@@ -305,19 +305,28 @@ def meta_to_fake(
 
 
 def assume_unpacked_batches() -> contextlib.AbstractContextManager:
-    """transformers checks position_ids for packed sequences (masking_utils.find_packed_sequence_indices),
-    and on fake tensors (which it takes for tracing) cannot read them, so it keeps a full causal mask and
-    SDPA loses its fused causal kernels. The traced batches are never packed: say so, as the real step
-    finds out by reading."""
+    """Make transformers' mask code decide on fake tensors as it decides on the real, full batches.
+
+    masking_utils takes a fake tensor for tracing (`is_tracing`) and then keeps a full causal mask
+    instead of reading the attention mask, so SDPA would lose its fused causal kernels where the real step
+    drops the mask: transformers 5.17's OPT builds an all-ones mask for an unpadded batch, which the GPU
+    run reads (`_ignore_causal_mask_sdpa`, `fast_all`) and skips. Here masking_utils' `is_tracing` ignores
+    fake tensors, its boolean reads are answered as the real batch answers them (emulation.FULL_BATCHES:
+    every token real), and it is told the batches are not packed (`find_packed_sequence_indices`), which it
+    would otherwise find out by reading position_ids."""
     from unittest import mock
 
     try:
         import transformers.masking_utils as masking_utils
     except ImportError:
         return contextlib.nullcontext()
-    if not hasattr(masking_utils, "find_packed_sequence_indices"):
-        return contextlib.nullcontext()
-    return mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    stack = contextlib.ExitStack()
+    if hasattr(masking_utils, "find_packed_sequence_indices"):
+        stack.enter_context(mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None))
+    is_tracing = getattr(masking_utils, "is_tracing", None)
+    if is_tracing is not None:
+        stack.enter_context(mock.patch.object(masking_utils, "is_tracing", lambda tensor=None: is_tracing(None)))
+    return stack
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

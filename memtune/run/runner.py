@@ -550,6 +550,8 @@ def load_model(source: Any, train_config: TrainConfig, device: torch.device | st
         return model, f"weights from the hub ({source.hub_id})", True
     with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
         model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the untied head weight that tie_weights freed: see measure.verify.measure
     why = "a catalog config" if source.origin == "catalog" else f"{source.path} has config.json but no weights"
     return model, (f"random initialisation ({why}): a real fine-tune needs the weights; "
                    "use a hub id or a local directory saved with save_pretrained"), False

@@ -1,0 +1,149 @@
+"""The CUDA caching allocator's own history of a one-GPU trial, against the trace: is a reserved error in
+the predicted events or in the allocator model?
+
+    PYTHONPATH=. python benchmarks/single_history.py --record --out $OUT/single_history.json   # on a GPU
+    PYTHONPATH=. python benchmarks/single_history.py --compare benchmarks/results/single_history_h200.json
+
+`--record` runs `memtune.measure.verify.measure` (3 steps) for each case under
+`torch.cuda.memory._record_memory_history` and writes every allocator event as [action, address, size]
+plus, for allocations of 64 MiB or more, the innermost Python frames that made them. `--compare` (no
+GPU) replays the real events through memtune's allocator model (`allocator.simulate`) against the
+measured reserved peak, and lists, for the real history and for memtune's trace, every new segment of
+64 MiB or more in order (its size and what asked for it): the first place the two lists part is where
+the prediction goes wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memtune.config import GIB, TrainConfig  # noqa: E402
+from memtune.predict.trace import Event  # noqa: E402
+
+CASES: list[tuple[str, str, dict[str, Any]]] = [
+    ("qwen2.5-0.5b 16x1024 bf16-mixed", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=16, amp="bf16")),
+    ("qwen2.5-0.5b 8x1024 bf16-mixed", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=8, amp="bf16")),
+    ("gemma-2-2b[6L] 2x1024 bf16+ckpt+lora", "google/gemma-2-2b",
+     dict(seq_len=1024, micro_batch_size=2, weights_dtype="bf16", gradient_checkpointing=True,
+          adapter={"kind": "lora", "rank": 16, "alpha": 32, "target_modules": "all-linear"})),
+]
+LAYERS = {"google/gemma-2-2b": 6}
+ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
+           "segment_unmap", "snapshot", "oom")
+BIG = 64 * 2**20
+
+
+def model_config_of(model: str) -> Any:
+    from memtune.sources import catalog_config
+
+    config = catalog_config(model)
+    if model in LAYERS:
+        config.num_hidden_layers = LAYERS[model]
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[: LAYERS[model]]
+    return config
+
+
+def record(out: Path) -> None:
+    import torch
+
+    from memtune.measure import memory, verify
+
+    memory.warm_up()
+    rows = []
+    for name, model, fields in CASES:
+        config = TrainConfig.from_dict({"seq_len": fields["seq_len"], **fields})
+        torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", context="alloc")
+        measured = verify.measure(model_config_of(model), config, steps=3)
+        snapshot = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        events = []
+        for entry in snapshot["device_traces"][0]:
+            action = ACTIONS.index(entry["action"]) if entry["action"] in ACTIONS else -1
+            frames = ""
+            if entry["action"] == "alloc" and entry["size"] >= BIG:
+                frames = " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}"
+                                    for f in entry.get("frames", [])[:6])
+            events.append([action, entry["addr"], entry["size"], frames])
+        rows.append({"case": name, "model": model, "config": config.to_dict(), "measured": measured.to_dict(),
+                     "events": events})
+        print(f"{name}: reserved {measured.peak_reserved_bytes / GIB:.2f} GiB, allocated "
+              f"{measured.peak_allocated_bytes / GIB:.2f} GiB, {len(events)} events", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cases": rows}))
+
+
+def real_events(events: list[list[Any]]) -> tuple[list[Event], list[tuple[int, str]]]:
+    """Allocator-model events from the history, and every new segment of BIG or more: (bytes, what asked)."""
+    out: list[Event] = []
+    live: dict[int, Event] = {}
+    last_frames = ""
+    segments = []
+    for action, address, size, frames in events:
+        name = ACTIONS[action] if action >= 0 else ""
+        if name == "alloc":
+            live[address] = Event.alloc(len(out), size)
+            out.append(live[address])
+            last_frames = frames
+        elif name == "free_completed" and address in live:
+            out.append(Event.free(live.pop(address).storage))
+        elif name == "segment_alloc" and size >= BIG:
+            segments.append((size, last_frames or "(the allocation that follows)"))
+    return out, segments
+
+
+def compare(path: Path) -> None:
+    from memtune.predict import allocator
+    from memtune.predict.single import full_depth_events
+
+    for row in json.loads(path.read_text())["cases"]:
+        events, real_segments = real_events(row["events"])
+        replay = allocator.simulate(events)
+        measured = row["measured"]
+        config = TrainConfig.from_dict(row["config"])
+        _, traced = full_depth_events(model_config_of(row["model"]), config, "cpu")
+        predicted = allocator.simulate(traced)
+        print(f"\n{row['case']}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, allocated "
+              f"{measured['peak_allocated_bytes'] / GIB:.2f}\n  real events through memtune's allocator: "
+              f"reserved {replay.peak_reserved_bytes / GIB:.2f}, allocated {replay.peak_allocated_bytes / GIB:.2f}"
+              f"\n  memtune's trace (cpu path): reserved {predicted.peak_reserved_bytes / GIB:.2f}, allocated "
+              f"{predicted.peak_allocated_bytes / GIB:.2f}")
+        print("  real segments >= 64 MiB, in order:")
+        for size, frames in real_segments:
+            print(f"    {size / 2**20:9.1f} MiB  {frames[:150]}")
+        print("  traced segments >= 64 MiB, in order:")
+        simulated = allocator.CachingAllocator()
+        addresses: dict[Any, int] = {}
+        for index, event in enumerate(traced):
+            if event.kind == "alloc":
+                before = simulated.reserved
+                addresses[event.storage] = simulated.malloc(event.num_bytes) or 0
+                if simulated.reserved - before >= BIG:
+                    print(f"    {(simulated.reserved - before) / 2**20:9.1f} MiB  event {index} of {len(traced)}, "
+                          f"layer {event.layer}, request {event.num_bytes / 2**20:.1f} MiB")
+            elif event.storage in addresses:
+                simulated.free(addresses.pop(event.storage))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--record", action="store_true", help="record the histories (needs a GPU)")
+    parser.add_argument("--out", type=Path, default=Path("single_history.json"))
+    parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
+    args = parser.parse_args()
+    if args.compare:
+        compare(args.compare)
+    elif args.record:
+        record(args.out)
+    else:
+        parser.error("give --record (on a GPU) or --compare FILE")
+
+
+if __name__ == "__main__":
+    main()
