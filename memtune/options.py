@@ -69,6 +69,9 @@ class TaskOptions:
         """(bytes to fit in, its label for reports) from --budget or --gpu; (None, "") for neither.
         Raises UsageError for a malformed quantity or an unknown card."""
         if self.budget:
+            if self.budget.lstrip().startswith("-"):
+                raise UsageError(f"--budget {self.budget!r} is negative: give the memory to fit in, "
+                                 "e.g. --budget 24GiB")
             value = parse_bytes(self.budget)
             return value, f"budget {format_bytes(value)}"
         if self.gpu:

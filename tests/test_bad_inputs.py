@@ -30,6 +30,12 @@ from memtune.search.ladder import candidate_space
     (["fit", "gpt2", "--budget", "6GiB", "--offload", "parameters", "--no-offload"], "contradicts --no-offload"),
     (["plan", "gpt2", "--lora", "--lora-targets", "q_proj,v_proj"], "match no module of this gpt2 model"),
     (["fit", "gpt2", "--budget", "6GiB", "--lora", "--lora-targets", "q_proj"], "its weight matrices are c_attn"),
+    # a value starting with '-' reaches memtune's check (argparse alone says "expected one argument")
+    (["fit", "gpt2", "--seq-len", "512", "--batch-size", "8", "--budget", "-5GiB"],
+     "--budget '-5GiB' is negative: give the memory to fit in, e.g. --budget 24GiB"),
+    (["plan", "gpt2", "--budget", "-1GB"], "--budget '-1GB' is negative"),
+    (["fit", "gpt2", "--budget", "6GiB", "--margin", "-1GiB"], "--margin '-1GiB' is negative: give a positive"),
+    (["run", "plan.json", "--learning-rate", "-1e-4"], "--learning-rate must be a positive number, got -0.0001"),
 ])
 def test_cli_bad_input_exits_2_with_the_value_and_the_fix(args, message, capsys):
     code = main(args)
