@@ -384,11 +384,14 @@ def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
         return code
     summary = runner.run_plan(plan, options, console=err)
     runner.leave_process_group()  # after a failure the error propagates instead: the launcher ends the other ranks
+    code = 0 if summary.status == "completed" else 130
+    if not runner.is_main_process():  # each rank of a multi-GPU run gets here: rank 0 alone prints the summary
+        return code
     if options.json:
         print(summary.to_json())
     else:
         report.render_run_summary(summary, out)
-    return 0 if summary.status == "completed" else 130
+    return code
 
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:

@@ -7,9 +7,14 @@ import gc
 
 import pytest
 import torch
+from transformers.utils import logging as transformers_logging
 
 from memtune.predict import trace as trace_module
 from memtune.predict.trace import StorageCounter
+
+# transformers' log handler writes to the sys.stderr of the moment it is made: make it now, not under a
+# test's capsys, whose stream is closed after that test
+transformers_logging.get_logger("transformers")
 
 
 def _interrupt(*_args, **_kwargs):
@@ -53,8 +58,6 @@ def _library_noise() -> None:
     transformers progress bar."""
     import warnings
 
-    from transformers.utils import logging as transformers_logging
-
     warnings.warn("`foo` is deprecated and will be removed in v6", FutureWarning, stacklevel=1)
     warnings.warn("peft: target modules were not all found", UserWarning, stacklevel=1)
     transformers_logging.get_logger("transformers.modeling_utils").warning("some weights were not initialized")
@@ -67,7 +70,6 @@ def _library_state() -> tuple:
     import warnings
 
     from huggingface_hub.utils import are_progress_bars_disabled
-    from transformers.utils import logging as transformers_logging
 
     return (list(warnings.filters), warnings.showwarning, transformers_logging.get_verbosity(),
             logging.getLogger("transformers").handlers[:], transformers_logging.is_progress_bar_enabled(),
@@ -121,3 +123,39 @@ def test_auto_fit_gives_the_libraries_state_back_after_an_error(monkeypatch, cap
     assert _library_state() == before
     with pytest.warns(FutureWarning):  # the user's own warnings are shown again afterwards
         warnings.warn("after the fit", FutureWarning, stacklevel=1)
+
+
+# ---- a multi-process run prints once ----------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("rank, prints", [("1", False), ("0", True)])
+def test_only_rank_0_of_a_launched_run_prints(model_dir, tmp_path, capsys, monkeypatch, rank, prints):
+    """`accelerate launch` starts `memtune run` once per GPU and sets RANK: each rank trains, rank 0 alone prints
+    progress, warnings and the summary (before, every line came once per GPU, and --json gave one document per
+    rank on stdout)."""
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from memtune.cli import cmd_run, parse
+    from memtune.config import TrainConfig
+    from memtune.plan import Plan
+
+    monkeypatch.setenv("RANK", rank)
+    plan = Plan(str(model_dir), TrainConfig(seq_len=32, micro_batch_size=2, grad_accum_steps=2),
+                budget_bytes=1 << 30)
+    plan_path = plan.save(tmp_path / "plan.json")
+    corpus = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
+    _, options = parse(["run", str(plan_path), "--data", str(corpus), "--output-dir", str(tmp_path / "out"),
+                        "--max-steps", "2", "--learning-rate", "1e-3", "--json"])
+    out, err = io.StringIO(), io.StringIO()
+    code = cmd_run(options, Console(file=out, width=120), Console(file=err, width=120))
+    printed = capsys.readouterr()
+    assert code == 0
+    assert out.getvalue() == "" and printed.err == ""
+    if prints:
+        assert "step 2/2  loss" in err.getvalue() and '"status": "completed"' in printed.out
+    else:
+        assert err.getvalue() == "" and printed.out == ""
