@@ -431,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(exit_.code or 0)
         return COMMANDS[command](options, out, err)
     except MemtuneError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        # soft_wrap: the terminal wraps; rich would cut a long path in two, which then cannot be copied
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")
