@@ -389,7 +389,7 @@ def output_file_problem(flag: str, path: str | Path) -> str | None:
     path = Path(path)
     fix = "give a file path in a folder you can write"
     if path.is_dir():
-        example = path / ('report.html' if flag == '--report' else 'memtune-plan.json')
+        example = path / ("report.html" if flag == "--report" else "memtune-plan.json")
         return f"{flag} '{path}' is a directory: give a file name in it, e.g. {flag} {example}"
     existing = path.parent
     try:
