@@ -205,7 +205,9 @@ def options_from(cls: type, namespace: argparse.Namespace, problems: list[str]) 
             try:
                 value = option.parse(value) if value else None  # --margin "" is no margin given
             except UsageError as error:
-                problems.append(str(error))
+                flag = option.flag_of(field_.name)
+                problems.append(f"{flag} {value!r} is negative: give a positive quantity, e.g. {flag} 2GiB"
+                                if value.lstrip().startswith("-") else f"{flag}: {error}")
                 continue
         values[field_.name] = value
     return cls(**values)
@@ -245,11 +247,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def attach_dash_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`argv` with each value that starts with '-' joined to its option: `--budget -5GiB` becomes
+    `--budget=-5GiB`, so that memtune's own check says what is wrong with it (argparse would read `-5GiB` as
+    an option and only say "expected one argument"; it takes `-1` as a value but not `-1e-4`).
+
+    Joined: a single-dash word that is no option name (`-h` stays an option), after an option of the
+    command that takes a value (its full name or an abbreviation argparse would accept). A word starting
+    with '--' is never a value (a forgotten value before the next option keeps argparse's message), and
+    nothing after a bare `--` is touched."""
+    subcommands = next((action.choices for action in parser._actions  # noqa: SLF001 - argparse keeps no public list
+                        if isinstance(action, argparse._SubParsersAction)), {})  # noqa: SLF001
+    command = next((word for word in argv if word in subcommands), None)
+    if command is None:
+        return list(argv)
+    actions = subcommands[command]._actions  # noqa: SLF001
+    names = {name for action in actions for name in action.option_strings}
+    takes_value = {name for action in actions for name in action.option_strings if action.nargs != 0}
+
+    def full_name(word: str) -> str | None:
+        if word in names:
+            return word
+        matches = [name for name in names if word.startswith("--") and name.startswith(word)]
+        return matches[0] if len(matches) == 1 else None
+
+    result: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            result += [word, *words]
+            break
+        if full_name(word) in takes_value:
+            value = next(words, None)
+            if value is not None and value.startswith("-") and not value.startswith("--") and value not in names:
+                result.append(f"{word}={value}")
+                continue
+            result.append(word)
+            if value is not None:
+                result.append(value)
+            continue
+        result.append(word)
+    return result
+
+
 def parse(argv: list[str] | None = None) -> tuple[str, Any]:
     """(command, its options) from the command line: a PlanOptions, FitOptions or RunOptions, or the
     argparse Namespace of probe and models. Every problem of the options is reported at once, in one
-    UsageError (exit code 2); argparse's own errors (an unknown flag or choice) exit 2 through SystemExit."""
-    namespace = build_parser().parse_args(argv)
+    UsageError (exit code 2); argparse's own errors (an unknown flag or choice) exit 2 through SystemExit.
+    A value that starts with '-' reaches its option (`attach_dash_values`), so a negative number is
+    checked like any other."""
+    parser = build_parser()
+    namespace = parser.parse_args(attach_dash_values(parser, sys.argv[1:] if argv is None else argv))
     cls = OPTIONS.get(namespace.command)
     if cls is None:
         return namespace.command, namespace
@@ -336,11 +384,14 @@ def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
         return code
     summary = runner.run_plan(plan, options, console=err)
     runner.leave_process_group()  # after a failure the error propagates instead: the launcher ends the other ranks
+    code = 0 if summary.status == "completed" else 130
+    if not runner.is_main_process():  # each rank of a multi-GPU run gets here: rank 0 alone prints the summary
+        return code
     if options.json:
         print(summary.to_json())
     else:
         report.render_run_summary(summary, out)
-    return 0 if summary.status == "completed" else 130
+    return code
 
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -380,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(exit_.code or 0)
         return COMMANDS[command](options, out, err)
     except MemtuneError as error:
-        err.print(f"[red]error:[/red] {error}", highlight=False)
+        # soft_wrap: the terminal wraps; rich would cut a long path in two, which then cannot be copied
+        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,9 @@ from memtune.predict.estimate import (
 from memtune.search.choose import COMMON_CARDS, COMMON_CARDS_WITHOUT_BF16, SearchResult, choose_strategy, search
 from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
+
+logger = logging.getLogger("memtune.fit")
+"""`auto_fit` logs here, at DEBUG, what the libraries said while it worked (`quiet_libraries`)."""
 
 
 class ModelPredictor:
@@ -337,8 +342,9 @@ def auto_fit(
     micro_batch_size=4, use_adapter=False (full fine-tuning only), allow_offload=False,
     margin_bytes=..., min_micro_batch_size=... trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
-    be on the GPU yet: its memory would be counted twice. Raises NothingFitsError (with the shortfall
-    and suggestions) when no configuration fits.
+    be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
+    stderr (`quiet_libraries`) and logged at DEBUG on the "memtune.fit" logger. Raises NothingFitsError
+    (with the shortfall and suggestions) when no configuration fits.
     """
     from memtune.config import parse_bytes
     from memtune.errors import NothingFitsError
@@ -360,9 +366,12 @@ def auto_fit(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
         _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")
-    source, num_parameters = _source_of(model_or_name, trust_remote_code)
-    result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
-                       policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)
+    with quiet_libraries() as said:
+        source, num_parameters = _source_of(model_or_name, trust_remote_code)
+        result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
+                           policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)
+    for line in said:
+        logger.debug("while fitting: %s", line)
     if result.plan is not None:
         return result.plan
     search_ = result.search
@@ -374,6 +383,53 @@ def auto_fit(
         f"nothing fits {format_bytes(search_.budget_bytes)}: short by {format_bytes(search_.shortfall_bytes)}",
         shortfall_bytes=search_.shortfall_bytes, suggestions=search_.suggestions,
     )
+
+
+class _Collect(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.WARNING)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[list[str]]:
+    """Keep what transformers, peft, torch and huggingface_hub print off stderr while `auto_fit` works (it
+    promises to print nothing), and give it back as lines: each Python warning once ("FutureWarning:
+    ..."), transformers' log records of WARNING and above ("transformers.modeling_utils: ..."). Their
+    progress bars (tqdm, e.g. "Loading checkpoint shards") are switched off.
+
+    Everything is put back on leaving, also after an error: the warnings filters and `showwarning`
+    (`warnings.catch_warnings`), the handlers of the "transformers" logger and the progress-bar switches
+    of transformers and huggingface_hub. The list is complete once the block has ended."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    lines: list[str] = []
+    library_logger = logging.getLogger("transformers")  # transformers' root logger (propagate=False)
+    handlers = library_logger.handlers[:]
+    bars = transformers_logging.is_progress_bar_enabled()
+    hub_bars_disabled = are_progress_bars_disabled()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # recorded, not shown: each kept once below
+        library_logger.handlers = [_Collect(lines)]
+        transformers_logging.disable_progress_bar()
+        disable_progress_bars()
+        try:
+            yield lines
+        finally:
+            library_logger.handlers = handlers
+            if bars:
+                transformers_logging.enable_progress_bar()  # which switches huggingface_hub's on too
+            (disable_progress_bars if hub_bars_disabled else enable_progress_bars)()
+            seen = set()
+            for warning in caught:
+                line = f"{warning.category.__name__}: {warning.message}"
+                if line not in seen:
+                    seen.add(line)
+                    lines.append(line)
 
 
 def plan_configuration(

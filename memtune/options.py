@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,9 @@ class TaskOptions:
         """(bytes to fit in, its label for reports) from --budget or --gpu; (None, "") for neither.
         Raises UsageError for a malformed quantity or an unknown card."""
         if self.budget:
+            if self.budget.lstrip().startswith("-"):
+                raise UsageError(f"--budget {self.budget!r} is negative: give the memory to fit in, "
+                                 "e.g. --budget 24GiB")
             value = parse_bytes(self.budget)
             return value, f"budget {format_bytes(value)}"
         if self.gpu:
@@ -347,6 +351,13 @@ class FitOptions:
                 self.policy().validate(task.batch_size)
             except UsageError as error:
                 problems.append(str(error))
+        # the plan is written after the search: a place it cannot go is refused now (the default path only
+        # when a budget or card is given; without them a plan is saved only where a GPU is here)
+        plan_out_given = self.plan_out != FitOptions.plan_out or task.budget or task.gpu
+        for flag, path in (("--plan-out", self.plan_out if plan_out_given else None), ("--report", self.report)):
+            problem = None if path is None else output_file_problem(flag, path)
+            if problem:
+                problems.append(problem)
         if self.run:  # checked now, not after minutes of search
             problems += self.run_options("").problems()
         elif self.data is not None or self.output_dir is not None or self.max_steps is not None:
@@ -368,6 +379,31 @@ class FitOptions:
     def run_options(self, plan_path: str) -> RunOptions:
         """`fit --run`: run the saved plan with this command's --data, --output-dir and --max-steps."""
         return RunOptions(plan=plan_path, data=self.data, output_dir=self.output_dir, max_steps=self.max_steps)
+
+
+def output_file_problem(flag: str, path: str | Path) -> str | None:
+    """Why the file `path` of option `flag` (--plan-out, --report) could not be written (None: it can): a
+    directory there, a file where one of its folders must go, or a place where this user may not create
+    files (read-only file system, no permission). Missing folders are fine: the writers create them. Writes
+    nothing but a temporary file, deleted at once, in the nearest existing folder."""
+    path = Path(path)
+    fix = "give a file path in a folder you can write"
+    if path.is_dir():
+        example = path / ("report.html" if flag == "--report" else "memtune-plan.json")
+        return f"{flag} '{path}' is a directory: give a file name in it, e.g. {flag} {example}"
+    existing = path.parent
+    try:
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            return f"{flag} '{path}' cannot be created: '{existing}' is a file; {fix}"
+        if path.exists() and not os.access(path, os.W_OK):
+            return f"{flag} '{path}' exists and is read-only; {fix}"
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"{flag} '{path}' is not writable (in '{existing}'): {error.strerror or error}; {fix}"
+    return None
 
 
 def visible_gpus() -> int:

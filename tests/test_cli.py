@@ -363,3 +363,21 @@ def test_every_documented_command_line_parses():
         words = shlex.split(line.split("#")[0].split(">")[0])[1:]
         command, options = parse(words)
         assert isinstance(options, OPTIONS[command]), line
+
+
+def test_a_value_that_starts_with_a_dash_reaches_its_option():
+    from memtune.cli import attach_dash_values, build_parser, parse
+
+    parser = build_parser()
+    assert attach_dash_values(parser, ["fit", "gpt2", "--budget", "-5GiB", "--seq-len", "-3"]) == [
+        "fit", "gpt2", "--budget=-5GiB", "--seq-len=-3"]
+    assert attach_dash_values(parser, ["run", "p.json", "--learning-rate", "-1e-4", "--text-field", "-x"]) == [
+        "run", "p.json", "--learning-rate=-1e-4", "--text-field=-x"]
+    assert attach_dash_values(parser, ["run", "p.json", "--learning-r", "-1e-4"]) == [
+        "run", "p.json", "--learning-r=-1e-4"]  # an abbreviation argparse accepts
+    # an option name, a switch's neighbour and anything after "--" stay as they are
+    for argv in (["plan", "gpt2", "--budget", "-h"], ["plan", "gpt2", "--budget", "--gpu"],
+                 ["plan", "gpt2", "--lora", "-h"], ["run", "--", "--seed", "-1"]):
+        assert attach_dash_values(parser, argv) == argv
+    _, options = parse(["run", "p.json", "--text-field", "-x"])
+    assert options.text_field == "-x"

@@ -137,6 +137,8 @@ class StorageCounter(TorchDispatchMode):
         self.phase: str = Category.WEIGHTS
         self.closed = False
         """Set when the trace is complete: storages that die later (garbage collection) are not recorded."""
+        self.interrupted: KeyboardInterrupt | None = None
+        """A Ctrl-C that arrived inside the weakref callback `_free`, raised again at the next op or `finish`."""
         self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its current id
         self._refs: dict[int, weakref.ref] = {}  # id -> the weak reference whose callback records the free
         self._sizes: dict[int, int] = {}  # id -> bytes, while allocated
@@ -165,6 +167,7 @@ class StorageCounter(TorchDispatchMode):
 
     # -- recording ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.raise_interrupt()
         out = func(*args, **(kwargs or {}))
         if (func is torch.ops.aten.add.Tensor and self.accumulate_in_place and isinstance(out, torch.Tensor)
                 and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
@@ -215,14 +218,28 @@ class StorageCounter(TorchDispatchMode):
         return storage_id
 
     def _free(self, storage_id: int, ref: weakref.ref | None = None) -> None:
-        if self.closed or (ref is not None and self._refs.get(storage_id) is not ref):
-            return  # after the trace, or the storage's bytes live on in another tensor (see `_reuse`)
-        size = self._sizes.pop(storage_id, None)
-        if size is None:
-            return
-        self._refs.pop(storage_id, None)
-        self._live_bytes -= size
-        self.trace.events.append(Event.free(storage_id, self.layer, self._streams[storage_id]))
+        """Record the death of a storage (the weakref callback of `_alloc`, or a resize to 0 bytes).
+
+        Python prints what a weakref callback raises as "Exception ignored" and drops it, so a Ctrl-C that
+        lands here would be lost and the search would run on: it is kept in `interrupted` and raised again
+        by the next op (`__torch_dispatch__`) or by `finish`."""
+        try:
+            if self.closed or (ref is not None and self._refs.get(storage_id) is not ref):
+                return  # after the trace, or the storage's bytes live on in another tensor (see `_reuse`)
+            size = self._sizes.pop(storage_id, None)
+            if size is None:
+                return
+            self._refs.pop(storage_id, None)
+            self._live_bytes -= size
+            self.trace.events.append(Event.free(storage_id, self.layer, self._streams[storage_id]))
+        except KeyboardInterrupt as interrupt:
+            self.interrupted = interrupt
+
+    def raise_interrupt(self) -> None:
+        """Raise the KeyboardInterrupt that `_free` kept, once."""
+        if self.interrupted is not None:
+            interrupt, self.interrupted = self.interrupted, None
+            raise interrupt
 
     def storage_ids(self, tensors: Any) -> list[int]:
         """The ids of the storages of these tensors (a DTensor's local shard), those recorded."""
@@ -249,7 +266,9 @@ class StorageCounter(TorchDispatchMode):
                 self.trace.events[index] = self.trace.events[index]._replace(layer=layer)
 
     def finish(self) -> Trace:
-        """Label the live bytes at the allocated peak by their final category."""
+        """Label the live bytes at the allocated peak by their final category. Raises the KeyboardInterrupt
+        that arrived in `_free` after the last op."""
+        self.raise_interrupt()
         live: dict[Hashable, int] = {}
         for event in self.trace.events[: self._peak_event]:
             if event.kind == "alloc":

@@ -383,7 +383,30 @@ def run_plan(
     summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input - an
     unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter configuration
     left), after the last completed step was saved as a checkpoint.
+
+    Output: rank 0 alone prints (`is_main_process`); on the other ranks of a launched run the libraries'
+    warnings, log records and progress bars are off too, and the libraries' progress bars (loading and
+    writing the weights) show only where memtune's own progress is live (a terminal) - see `library_output`.
     """
+    console = console or Console(stderr=True)
+    main = is_main_process()
+    with library_output(main=main, bars=progress and main and console.is_terminal):
+        return _run_plan(plan, options, changes, callbacks=callbacks, progress=progress, device=device,
+                         console=console, training_overrides=training_overrides)
+
+
+def _run_plan(
+    plan: Plan,
+    options: RunOptions | None,
+    changes: dict[str, Any],
+    *,
+    callbacks: Sequence[TrainerCallback],
+    progress: bool,
+    device: str | None,
+    console: Console,
+    training_overrides: dict[str, Any] | None,
+) -> RunSummary:
+    """`run_plan` under `library_output`."""
     options = run_options(options, changes)
     data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
     text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
@@ -394,9 +417,9 @@ def run_plan(
     from memtune.sources import resolve
 
     wall_start = time.perf_counter()
-    console = console or Console(stderr=True)
     quiet = Console(quiet=True)
-    reporter_console = console if progress else quiet
+    # every rank of a multi-GPU run runs this function: rank 0 alone prints, or each line comes once per GPU
+    reporter_console = console if progress and is_main_process() else quiet
     notes: list[str] = []
 
     def warn(message: str) -> None:
@@ -435,6 +458,7 @@ def run_plan(
         "data_seed": seed,
         "disable_tqdm": True,
         "use_cpu": use_cpu,
+        "log_level_replica": "error",  # transformers' warnings once, from the main process, not once per GPU
         **(training_overrides or {}),
     }
     args = plan.training_arguments(**overrides)
@@ -707,7 +731,7 @@ def _checkpoint_to_resume(output: Path, resume: bool, plan: Plan, say: Callable[
                 f"--resume: '{output}' was trained with another plan ({earlier.model}: "
                 f"{earlier.train_config.describe()}); resume it with {saved}, or choose another --output-dir"
             )
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = is_main_process()
     for path, why in found.incomplete:
         warn(f"skipped {path.name}: incomplete ({why}; the process was stopped while saving it)"
              + (": removed it" if main_process else ""))
@@ -777,6 +801,13 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     return messages
 
 
+def is_main_process() -> bool:
+    """Whether this process prints (progress, warnings, the summary): the only process, or rank 0 of those
+    `accelerate launch` / torchrun started (they set RANK, the global rank; each rank runs the same
+    `memtune run`, and what every rank printed came once per GPU)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _process_count() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -826,6 +857,34 @@ def _merged_loss_curve(output: Path, checkpoint: Path | None, curve: list[list[f
     except json.JSONDecodeError:
         return curve
     return [point for point in earlier if point[0] <= resumed] + curve
+
+
+@contextlib.contextmanager
+def library_output(*, main: bool, bars: bool) -> Iterator[None]:
+    """What transformers, peft, torch and huggingface_hub may print while a run works, put back as it was on
+    leaving (also after an error). `main` False (a rank other than 0): their Python warnings are ignored and
+    transformers logs errors only, so that what they say comes once, from rank 0. `bars` False: their
+    progress bars (tqdm: "Loading weights", "Writing model shards") are off, where memtune prints plain
+    progress lines (not a terminal) or nothing."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    hub_bars_disabled = are_progress_bars_disabled()
+    with warnings.catch_warnings():
+        if not main:
+            warnings.simplefilter("ignore")
+            transformers_logging.set_verbosity_error()
+        if not bars:
+            transformers_logging.disable_progress_bar()  # huggingface_hub's too
+        try:
+            yield
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+            if transformers_bars:
+                transformers_logging.enable_progress_bar()  # which switches huggingface_hub's on too
+            (disable_progress_bars if hub_bars_disabled else enable_progress_bars)()
 
 
 @contextlib.contextmanager
