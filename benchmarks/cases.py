@@ -183,7 +183,8 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     # (find_string); the other values are the published ones as I know them, not re-checked here.
     "mistral": {
         "shapes_of": "mistralai/Mistral-7B-v0.1", "published_layers": 32, "num_layers": 8,
-        "checked": "hidden, heads, KV heads, intermediate, vocabulary, max positions",
+        "checked": "hidden, heads, KV heads, intermediate, vocabulary, max positions, sliding_window, bos; "
+                   "the rest from memory (7.24B parameters at 32 layers, as published)",
         "settings": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 32768,
                      "rope_theta": 10000.0, "sliding_window": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu",
@@ -191,7 +192,7 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "qwen3": {
         "shapes_of": "Qwen/Qwen3-1.7B", "published_layers": 28, "num_layers": None,
-        "checked": "none (values from memory of the public config.json)",
+        "checked": "every key given (a copy of the config.json)",
         "settings": {"hidden_size": 2048, "intermediate_size": 6144, "num_attention_heads": 16,
                      "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
                      "max_position_embeddings": 40960, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
@@ -200,7 +201,8 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "gemma": {
         "shapes_of": "google/gemma-2b", "published_layers": 18, "num_layers": None,
-        "checked": "none (values from memory of the public config.json)",
+        "checked": "hidden, intermediate, heads, KV heads, depth (PaliGemma's gemma-2b text tower); the rest "
+                   "from memory of the public config.json",
         # hidden_act "gelu" as published; transformers maps it to gelu_pytorch_tanh with a notice.
         "settings": {"hidden_size": 2048, "intermediate_size": 16384, "num_attention_heads": 8,
                      "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256000,
@@ -210,7 +212,8 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gemma3_text": {
         "shapes_of": "google/gemma-3-1b-pt", "published_layers": 26, "num_layers": None,
         "checked": "hidden, intermediate, heads, KV heads, head_dim, rope_theta, rope_local_base_freq, "
-                   "sliding_window 512, sliding_window_pattern 6, max positions",
+                   "sliding_window 512, sliding_window_pattern 6, max positions; vocabulary, token ids and "
+                   "query_pre_attn_scalar from memory (1.0B parameters, as published)",
         "settings": {"hidden_size": 1152, "intermediate_size": 6912, "num_attention_heads": 4,
                      "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
                      "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
@@ -241,10 +244,11 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "cohere": {
         "shapes_of": "CohereForAI/aya-23-8B", "published_layers": 32, "num_layers": 8,
-        "checked": "none (values from memory of the public config.json; logit_scale 0.125 unverified)",
+        "checked": "every key given (a vendored copy of the config.json; it has no tie_word_embeddings key: "
+                   "the class default, tied, gives the published 8.0B parameters)",
         "settings": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "vocab_size": 256000, "max_position_embeddings": 8192,
-                     "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "logit_scale": 0.125, "use_qk_norm": False,
+                     "rope_theta": 10000.0, "layer_norm_eps": 1e-5, "logit_scale": 0.0625,
                      "tie_word_embeddings": True, "bos_token_id": 5, "eos_token_id": 255001, "pad_token_id": 0},
     },
     "starcoder2": {
@@ -259,7 +263,8 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "gpt_neox": {
         "shapes_of": "EleutherAI/pythia-1b", "published_layers": 16, "num_layers": None,
-        "checked": "none (values from memory of the public config.json)",
+        "checked": "the family's keys (rotary, parallel residual, vocabulary 50304, untied, token ids, from "
+                   "pythia-14m's config.json); hidden, heads, intermediate, depth from memory (1.01B parameters)",
         # rotary_pct / rotary_emb_base become rope_parameters' partial_rotary_factor / rope_theta.
         "settings": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 8, "vocab_size": 50304,
                      "max_position_embeddings": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000,
@@ -276,7 +281,7 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "opt": {
         "shapes_of": "facebook/opt-1.3b", "published_layers": 24, "num_layers": None,
-        "checked": "none (values from memory of the public config.json)",
+        "checked": "every key given (a vendored copy of the config.json; enable_bias is the class default)",
         "settings": {"hidden_size": 2048, "ffn_dim": 8192, "num_attention_heads": 32, "vocab_size": 50272,
                      "max_position_embeddings": 2048, "word_embed_proj_dim": 2048, "do_layer_norm_before": True,
                      "activation_function": "relu", "dropout": 0.1, "attention_dropout": 0.0,
@@ -285,7 +290,7 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
     },
     "mixtral": {
         "shapes_of": "mistralai/Mixtral-8x7B-v0.1", "published_layers": 32, "num_layers": 2,
-        "checked": "hidden, heads, KV heads, intermediate (another model's file of the same shapes)",
+        "checked": "every key given (a vendored copy of the config.json)",
         "settings": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
                      "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
                      "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
