@@ -4,7 +4,8 @@ Suites (benchmarks/cases.py): accuracy (the catalog matrix, the default), large 
 without memory pressure, issue 12 item 8), architectures (REAL_ARCHITECTURES: 13 architectures outside
 the catalog at published shapes, 2 configurations each), all (the three).
 
-On a GPU machine (measures, then predicts with both trace paths):
+On a GPU machine (measures, then predicts with both trace paths; the measurements are saved next to
+--out as <out stem>_ground_truth.json, ground_truth.json for the accuracy suite):
     PYTHONPATH=. python3 benchmarks/accuracy.py --suite architectures --measure --paths cuda cpu
 Anywhere (predicts with the GPU-free path against recorded measurements):
     PYTHONPATH=. python3 benchmarks/accuracy.py --ground-truth tests/data/ground_truth_h200.json --paths cpu
@@ -121,20 +122,22 @@ def main() -> None:
     parser.add_argument("--out", default="", help="result JSON (default benchmarks/results/accuracy.json for the "
                         "accuracy suite, accuracy_<suite>.json next to it otherwise)")
     parser.add_argument("--limit", type=int, default=0, help="only the first N cases of the suite")
-    parser.add_argument("--match", default="", help="only cases whose name contains this text")
+    parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT",
+                        help="only cases whose name contains one of these texts (e.g. mistral: qwen3_moe:)")
     args = parser.parse_args()
     if not args.measure and not args.ground_truth:
         parser.exit(2, "accuracy.py: give --measure (on a GPU) or --ground-truth FILE (recorded measurements)\n")
     out = Path(args.out or ("benchmarks/results/accuracy.json" if args.suite == "accuracy"
                             else f"benchmarks/results/accuracy_{args.suite}.json"))
 
-    cases = [case for case in SUITES[args.suite]() if args.match in case.name][: args.limit or None]
+    cases = [case for case in SUITES[args.suite]() if any(text in case.name for text in args.match)]
+    cases = cases[: args.limit or None]
     if args.measure:
         from benchmarks.ground_truth import environment, measure_cases
 
         measured = {"environment": environment(), "cases": measure_cases(cases)}
         out.parent.mkdir(parents=True, exist_ok=True)
-        truth_name = "ground_truth.json" if args.suite == "accuracy" else f"ground_truth_{args.suite}.json"
+        truth_name = "ground_truth.json" if args.suite == "accuracy" else f"{out.stem}_ground_truth.json"
         out.with_name(truth_name).write_text(json.dumps(measured, indent=1))
     else:
         measured = json.loads(Path(args.ground_truth).read_text())
