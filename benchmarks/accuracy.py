@@ -7,8 +7,9 @@ the catalog at published shapes, 2 configurations each), all (the three).
 On a GPU machine (measures, then predicts with both trace paths; the measurements are saved next to
 --out as <out stem>_ground_truth.json, ground_truth.json for the accuracy suite):
     PYTHONPATH=. python3 benchmarks/accuracy.py --suite architectures --measure --paths cuda cpu
-Anywhere (predicts with the GPU-free path against recorded measurements):
+Anywhere (predicts with the GPU-free path against recorded measurements, or alone without --ground-truth):
     PYTHONPATH=. python3 benchmarks/accuracy.py --ground-truth tests/data/ground_truth_h200.json --paths cpu
+    PYTHONPATH=. python3 benchmarks/accuracy.py --suite large --paths cpu --out /tmp/large.json
 
 Measured values are deltas over the allocator's state before each trial, with cuBLAS workspaces
 created beforehand (`measure.memory.warm_up`), so they compare with `Estimate.peak_*_bytes` directly.
@@ -62,7 +63,7 @@ def case_row(case: Case, truth: dict | None, paths: list[str]) -> dict:
     row: dict = {"case": case.name, "model": case.model, "model_type": case.model_type or model_type_of(case),
                  "num_layers": case.num_layers}
     if truth is None:
-        row["measured_error"] = "no measurement of this case in the ground truth"
+        row["measured_error"] = "not measured (no --measure, or no row of this case in --ground-truth)"
     elif not truth.get("fits"):
         row["measured_error"] = truth.get("error") or "did not fit (out of memory)"
     else:
@@ -108,8 +109,9 @@ def format_row(row: dict, paths: list[str]) -> str:
         error = row.get(f"{path}_reserved_error")
         line += f" {100 * error:+6.1f}%" if error is not None else f" {'':7s}"
         line += f" {row[f'{path}_seconds']:5.1f}s"
-    if "measured_error" in row and measured is None and row["measured_error"] != "did not fit (out of memory)":
-        line += f"  [measure: {row['measured_error'][:60]}]"
+    note = row.get("measured_error", "")
+    if note and not note.startswith("not measured"):
+        line += f"  [measure: {note[:60]}]"
     return line
 
 
@@ -117,7 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=list(SUITES), default="accuracy", help="which cases (default accuracy)")
     parser.add_argument("--measure", action="store_true", help="measure the suite on this machine's GPU first")
-    parser.add_argument("--ground-truth", default="", help="recorded measurements (JSON from --measure)")
+    parser.add_argument("--ground-truth", default="", help="recorded measurements (JSON from --measure); "
+                        "without it and --measure, only predictions")
     parser.add_argument("--paths", nargs="+", default=["cpu"], choices=["cpu", "cuda"])
     parser.add_argument("--out", default="", help="result JSON (default benchmarks/results/accuracy.json for the "
                         "accuracy suite, accuracy_<suite>.json next to it otherwise)")
@@ -125,8 +128,6 @@ def main() -> None:
     parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT",
                         help="only cases whose name contains one of these texts (e.g. mistral: qwen3_moe:)")
     args = parser.parse_args()
-    if not args.measure and not args.ground_truth:
-        parser.exit(2, "accuracy.py: give --measure (on a GPU) or --ground-truth FILE (recorded measurements)\n")
     out = Path(args.out or ("benchmarks/results/accuracy.json" if args.suite == "accuracy"
                             else f"benchmarks/results/accuracy_{args.suite}.json"))
 
@@ -139,8 +140,10 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         truth_name = "ground_truth.json" if args.suite == "accuracy" else f"{out.stem}_ground_truth.json"
         out.with_name(truth_name).write_text(json.dumps(measured, indent=1))
-    else:
+    elif args.ground_truth:
         measured = json.loads(Path(args.ground_truth).read_text())
+    else:  # predictions only
+        measured = {"environment": None, "cases": []}
     by_name = {row["case"]: row for row in measured["cases"]}
 
     print(f"{'case':66s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s} {'time':>6s}"

@@ -252,7 +252,7 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
                      "tie_word_embeddings": True, "bos_token_id": 5, "eos_token_id": 255001, "pad_token_id": 0},
     },
     "starcoder2": {
-        "shapes_of": "bigcode/starcoder2-3b", "published_layers": 30, "num_layers": 16,
+        "shapes_of": "bigcode/starcoder2-3b", "published_layers": 30, "num_layers": None,
         "checked": "hidden, intermediate, heads, KV heads, vocabulary, rope_theta, sliding_window, max positions, "
                    "use_bias, the three dropouts 0.1, gelu_pytorch_tanh, token ids",
         "settings": {"hidden_size": 3072, "intermediate_size": 12288, "num_attention_heads": 24,

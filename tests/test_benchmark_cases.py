@@ -89,3 +89,23 @@ def test_a_shrunk_real_architecture_case_traces_on_the_cpu_path():
     result = estimate(model_config(shrunk), shrunk.config, device="cpu")
     assert result.trace_device == "cpu"
     assert 0 < result.peak_allocated_bytes <= result.peak_reserved_bytes
+
+
+def test_a_failing_case_keeps_its_row_with_the_error():
+    """benchmarks/accuracy.py records a config or trace failure in the case's row and goes on."""
+    from benchmarks.accuracy import case_row, format_row
+
+    case = real_architecture_cases()[0]
+    broken = dataclasses.replace(case, model_type="no_such_type")
+    row = case_row(broken, {"fits": False, "error": "OutOfMemoryError: fake"}, ["cpu"])
+    assert row["cpu_error"].startswith("ValueError") and "no_such_type" in row["cpu_error"]
+    assert row["measured_error"] == "OutOfMemoryError: fake" and "cpu_reserved_bytes" not in row
+    assert "cpu FAILED ValueError" in format_row(row, ["cpu"])
+
+
+def test_summary_counts_the_cases_within_five_percent():
+    from benchmarks.accuracy import summarize
+
+    rows = [{"cpu_reserved_error": error} for error in (0.01, -0.049, 0.06, -0.2)] + [{"cpu_error": "x"}]
+    stats = summarize(rows, "cpu", "reserved")
+    assert stats["cases"] == 4 and stats["within_5pct"] == 2 and stats["max_abs_error"] == 0.2
