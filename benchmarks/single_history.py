@@ -23,44 +23,48 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memtune.config import GIB, TrainConfig  # noqa: E402
+from memtune.config import GIB  # noqa: E402
 from memtune.predict.trace import Event  # noqa: E402
 
-CASES: list[tuple[str, str, dict[str, Any]]] = [
-    ("qwen2.5-0.5b 16x1024 bf16-mixed", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=16, amp="bf16")),
-    ("qwen2.5-0.5b 8x1024 bf16-mixed", "Qwen/Qwen2.5-0.5B", dict(seq_len=1024, micro_batch_size=8, amp="bf16")),
-    ("gemma-2-2b[6L] 2x1024 bf16+ckpt+lora", "google/gemma-2-2b",
-     dict(seq_len=1024, micro_batch_size=2, weights_dtype="bf16", gradient_checkpointing=True,
-          adapter={"kind": "lora", "rank": 16, "alpha": 32, "target_modules": "all-linear"})),
+DEFAULT_CASES = [  # names of benchmarks/cases.py cases (any suite)
+    "Qwen/Qwen2.5-0.5B 16x1024 bf16-mixed",
+    "Qwen/Qwen2.5-0.5B 4x1024 fp32",
+    "google/gemma-2-2b[6L] 2x1024 bf16+ckpt+lora",
+    "gpt2 4x512 bf16-mixed",
+    "falcon:tiiuae/falcon-7b[8L] 2x1024 bf16+ckpt+lora",
 ]
-LAYERS = {"google/gemma-2-2b": 6}
 ACTIONS = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map",
            "segment_unmap", "snapshot", "oom")
 BIG = 64 * 2**20
 
 
-def model_config_of(model: str) -> Any:
-    from memtune.sources import catalog_config
+def every_case() -> dict[str, Any]:
+    """benchmarks/cases.py's cases of the accuracy, large and architectures suites, by name."""
+    from benchmarks.cases import accuracy_cases, large_batch_cases, real_architecture_cases
 
-    config = catalog_config(model)
-    if model in LAYERS:
-        config.num_hidden_layers = LAYERS[model]
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[: LAYERS[model]]
-    return config
+    return {case.name: case for case in [*accuracy_cases(), *large_batch_cases(), *real_architecture_cases()]}
 
 
-def record(out: Path) -> None:
+def cases_named(names: list[str]) -> list[Any]:
+    every = every_case()
+    unknown = [name for name in names if name not in every]
+    if unknown:
+        raise SystemExit(f"unknown case(s): {unknown}; see benchmarks/cases.py for the names")
+    return [every[name] for name in names]
+
+
+def record(out: Path, names: list[str]) -> None:
     import torch
 
+    from benchmarks.cases import model_config
     from memtune.measure import memory, verify
 
     memory.warm_up()
     rows = []
-    for name, model, fields in CASES:
-        config = TrainConfig.from_dict({"seq_len": fields["seq_len"], **fields})
+    for case in cases_named(names):
+        name, config = case.name, case.config
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", context="alloc")
-        measured = verify.measure(model_config_of(model), config, steps=3)
+        measured = verify.measure(model_config(case), config, steps=3)
         snapshot = torch.cuda.memory._snapshot()
         torch.cuda.memory._record_memory_history(enabled=None)
         events = []
@@ -71,8 +75,7 @@ def record(out: Path) -> None:
                 frames = " < ".join(f"{Path(f['filename']).name}:{f['line']}:{f['name']}"
                                     for f in entry.get("frames", [])[:6])
             events.append([action, entry["addr"], entry["size"], frames])
-        rows.append({"case": name, "model": model, "config": config.to_dict(), "measured": measured.to_dict(),
-                     "events": events})
+        rows.append({"case": name, "config": config.to_dict(), "measured": measured.to_dict(), "events": events})
         print(f"{name}: reserved {measured.peak_reserved_bytes / GIB:.2f} GiB, allocated "
               f"{measured.peak_allocated_bytes / GIB:.2f} GiB, {len(events)} events", flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,15 +102,20 @@ def real_events(events: list[list[Any]]) -> tuple[list[Event], list[tuple[int, s
 
 
 def compare(path: Path) -> None:
+    from benchmarks.cases import model_config
     from memtune.predict import allocator
     from memtune.predict.single import full_depth_events
 
+    every = every_case()
     for row in json.loads(path.read_text())["cases"]:
+        case = every.get(row["case"])
+        if case is None:
+            print(f"\n{row['case']}: not a benchmarks/cases.py case name; skipped")
+            continue
         events, real_segments = real_events(row["events"])
         replay = allocator.simulate(events)
         measured = row["measured"]
-        config = TrainConfig.from_dict(row["config"])
-        _, traced = full_depth_events(model_config_of(row["model"]), config, "cpu")
+        _, traced = full_depth_events(model_config(case), case.config, "cpu")
         predicted = allocator.simulate(traced)
         print(f"\n{row['case']}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, allocated "
               f"{measured['peak_allocated_bytes'] / GIB:.2f}\n  real events through memtune's allocator: "
@@ -136,11 +144,12 @@ def main() -> None:
     parser.add_argument("--record", action="store_true", help="record the histories (needs a GPU)")
     parser.add_argument("--out", type=Path, default=Path("single_history.json"))
     parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="case names (benchmarks/cases.py)")
     args = parser.parse_args()
     if args.compare:
         compare(args.compare)
     elif args.record:
-        record(args.out)
+        record(args.out, args.cases)
     else:
         parser.error("give --record (on a GPU) or --compare FILE")
 
