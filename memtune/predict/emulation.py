@@ -21,6 +21,7 @@ convolutions, other fused kernels) is traced as the CPU makes it.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import Any
 
@@ -166,9 +167,57 @@ def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, bias, True, dropout_p, is_causal, scale=scale
         )[0]
-    return torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )[0]
+    token = IN_ATTENTION.set(True)
+    try:
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )[0]
+    finally:
+        IN_ATTENTION.reset(token)
+
+
+IN_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("memtune_in_attention", default=False)
+"""True while `scaled_dot_product_attention` runs in the trace (`AttentionScope` on the fake-CUDA path, the
+math kernel of `_attention_kernel` on the CPU path): trace.StorageCounter then runs the math path's mask
+add in place, as the GPU does (MATH_MASK_ADD)."""
+
+MATH_MASK_ADD = """The math path adds the attention mask to the scores in place on real tensors and out of place on a
+tensor subclass (torch aten/src/ATen/native/transformers/attention.cpp `_scaled_dot_product_attention_math`:
+`if (at::areAnyTensorSubclassLike({attn, *attn_mask})) attn = attn.add(*attn_mask); else attn.add_(*attn_mask)`).
+Fake tensors are subclass-like, so the trace would hold a second batch x heads x L x S score matrix that the
+GPU never allocates, and free the first one earlier (H200 history, torch 2.11, Qwen2.5-0.5B fp32 and
+Falcon-7B bf16: no allocation between the scores' `bmm` and `_softmax`). Inside SDPA the one `aten.add.Tensor`
+of a tensor and something of its shape and dtype is that add."""
+
+
+class AttentionScope(TorchFunctionMode):
+    """Mark the calls of `scaled_dot_product_attention` on the fake-CUDA path (`IN_ATTENTION`), where torch
+    itself picks the kernel and the math path's ops reach the dispatch modes one by one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        token = IN_ATTENTION.set(True)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            IN_ATTENTION.reset(token)
+
+
+def safe_softmax_temporaries(scores: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """Allocate and free what CUDA's `_safe_softmax` allocates besides its output (torch
+    aten/src/ATen/native/transformers/attention.cpp `_safe_softmax`, CompositeExplicitAutograd, so a real
+    GPU runs its body while fake tensors take the one-output meta kernel): after `softmax`, a boolean
+    `isneginf` of the scores' shape, its `all(dim, keepdim=True)` and a 0-dim zero; `where_out` then writes
+    into the output, and the three are freed, last made first. For the math SDPA path at 4 x 1024 tokens and
+    14 heads that is a 56 MiB mask next to the two 224 MiB fp32 score matrices (H200 history, torch 2.11)."""
+    masked = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    rows_shape = list(scores.shape)
+    if rows_shape:
+        rows_shape[dim] = 1
+    masked_rows = torch.empty(rows_shape, dtype=torch.bool, device=scores.device)
+    zero = torch.empty((), dtype=out.dtype, device=out.device)
+    del zero, masked_rows, masked
 
 
 class GpuKernels(TorchDispatchMode):
@@ -186,6 +235,10 @@ class GpuKernels(TorchDispatchMode):
             return torch.tensor(1.0, dtype=kwargs.get("dtype") or torch.float32, device=kwargs.get("device"))
         if func is torch.ops.aten._grouped_mm.default and not _bf16_pair(args):
             return grouped_mm_output(*args, **kwargs)
+        if func is torch.ops.aten._safe_softmax.default:
+            out = func(*args, **kwargs)
+            safe_softmax_temporaries(args[0], args[1] if len(args) > 1 else kwargs["dim"], out)
+            return out
         return func(*args, **kwargs)
 
 

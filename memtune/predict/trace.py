@@ -39,7 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.predict.emulation import CudaEmulation, GpuKernels
+from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
 BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -119,6 +119,24 @@ class Trace:
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
 
 
+KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
+    # aten/src/ATen/native/cuda/Dropout.cu `dropout_cuda`: the mask is allocated before the output.
+    torch.ops.aten.native_dropout.default: (1, 0),
+}
+"""Ops whose CUDA kernel allocates its outputs in another order than it returns them: output indices in
+the kernel's allocation order. A fake op's outputs all exist when it returns, so the trace records them
+in this order; where two outputs go to the large pool, the order decides which free block each takes."""
+
+
+def kernel_allocation_order(func: Any, outputs: list[Any]) -> list[Any]:
+    """`outputs` (an op's flattened results) in the order its CUDA kernel allocates them
+    (`KERNEL_ALLOCATION_ORDER`; others as returned)."""
+    order = KERNEL_ALLOCATION_ORDER.get(func)
+    if order is None or len(outputs) < len(order):
+        return outputs
+    return [outputs[index] for index in order] + outputs[len(order):]
+
+
 class StorageCounter(TorchDispatchMode):
     """A dispatch mode that records every new storage an op creates and, through a weakref callback,
     when it dies: the events of `Trace`, tagged with the decoder layer running now (`layer_stack`, kept
@@ -173,7 +191,11 @@ class StorageCounter(TorchDispatchMode):
                 and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
                 and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
             self._reuse(args[0], out)
-        for item in tree_flatten(out)[0]:
+        elif (func is torch.ops.aten.add.Tensor and IN_ATTENTION.get() and len(args) == 2
+              and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor)
+              and args[0].shape == out.shape and args[0].dtype == out.dtype):
+            self._reuse(args[0], out)  # emulation.MATH_MASK_ADD: in place on the GPU
+        for item in kernel_allocation_order(func, tree_flatten(out)[0]):
             if isinstance(item, torch.Tensor):
                 self.track(item)
         return out
@@ -499,7 +521,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     counter.trace.device = device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
-    emulation = CudaEmulation() if emulate else contextlib.nullcontext()
+    emulation = CudaEmulation() if emulate else AttentionScope()
     model = recipe.build_model(model_config, train_config, "meta")  # then fake tensors: see meta_to_fake
     layers = decoder_layers(model)
     unpacked = assume_unpacked_batches()
