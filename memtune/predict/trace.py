@@ -601,13 +601,52 @@ def untraceable(model_config: Any, failures: list[str], hint: str = "") -> Usage
     )
 
 
+def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Hashable], set[Hashable]]:
+    """Storages whose life crosses from one layer into a neighbouring one at the template's edges, paired
+    (`extend`).
+
+    A storage made outside the template and freed inside it "enters" it: made in a layer before (a
+    checkpointed layer's saved input, the previous layer's output, freed by this layer's backward; a residual
+    freed by the next layer's forward) or after it (a gradient that backward passes down a layer). One made in
+    the template and freed outside it "leaves". In the extended model each copy of the template frees what its
+    neighbour made: the copy next to the traced neighbour frees the traced storage, every other copy its
+    neighbouring copy's counterpart of it, the storage made in the template at the same layer distance, in the
+    same layer of the period and of the same size (the k-th such storage with the k-th, in the order they
+    were made). Returns {entering storage: its leaving counterpart} and the leaving storages that have one;
+    groups that differ in number or sizes are left out (`extend` then frees them as before)."""
+    template = range(period, 2 * period)
+    made: dict[Hashable, tuple[int, int, int]] = {}  # storage -> (layer, bytes, index of its alloc)
+    groups: dict[tuple[bool, int, int], list[tuple[int, Hashable, int]]] = {}
+    for index, event in enumerate(events):
+        if event.kind == "alloc":
+            made[event.storage] = (event.layer, event.num_bytes, index)
+            continue
+        alloc_layer, size, made_at = made.pop(event.storage, (NO_LAYER, 0, 0))
+        if alloc_layer == NO_LAYER or event.layer == NO_LAYER or alloc_layer == event.layer:
+            continue
+        distance, phase = alloc_layer - event.layer, alloc_layer % period
+        if event.layer in template and alloc_layer not in template:
+            groups.setdefault((True, distance, phase), []).append((made_at, event.storage, size))
+        elif alloc_layer in template and event.layer not in template:
+            groups.setdefault((False, distance, phase), []).append((made_at, event.storage, size))
+    entering: dict[Hashable, Hashable] = {}
+    for (enters, distance, phase), group in groups.items():
+        inside, outside = sorted(group), sorted(groups.get((False, distance, phase), []))
+        if enters and [size for *_, size in inside] == [size for *_, size in outside]:
+            entering.update({before: after for (_, before, _), (_, after, _) in zip(inside, outside, strict=True)})
+    return entering, set(entering.values())
+
+
 def extend(trace: Trace, num_layers: int) -> list[Event]:
     """The events of the same step on a model `num_layers` deep, from a trace of a shallower one.
 
     The trace must hold at least 3 periods of layers (`traced_depth`): layers [p, 2p) are the template,
     repeated in place (in order in forward and optimizer regions, in reverse in backward); layers >= 2p
     are shifted up. A free refers to the copy of its allocation at the same layer distance, and a free
-    outside any layer (zero_grad) of a template allocation is repeated for every copy. Each copy gets a
+    outside any layer (zero_grad) of a template allocation is repeated for every copy. A storage whose life
+    crosses the template's edge into a neighbouring layer (a checkpointed layer's saved input, a residual, a
+    gradient passed down) is freed by each copy's neighbour, through its counterpart in the template
+    (`boundary_pairs`); before, the last layer freed every copy's at once and the copies freed none. Each copy gets a
     storage of its own; `Event.source` keeps the traced storage, the key of `trace.categories`.
     Raises ValueError for a trace of fewer than 3 periods that must be extended.
     """
@@ -619,6 +658,7 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
         raise ValueError(f"extending needs a trace of >= {PLAIN_PERIODS * p} layers, got {traced}")
     template = range(p, 2 * p)
     region = {event.storage: event.layer for event in trace.events if event.kind == "alloc"}
+    entering, leaving = boundary_pairs(trace.events, p)
 
     def shift_of(layer: int, copy: int) -> int:
         if layer in template:
@@ -638,6 +678,14 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
         alloc_layer = region.get(sid, NO_LAYER)
         if alloc_layer == NO_LAYER:
             keys = [(sid, 0)]
+        elif sid in entering and layer in template:
+            if alloc_layer < layer:  # made before the template: by the copy before this one, or traced before
+                keys = [(sid, 0)] if copy == 0 else [(entering[sid], (copy - 1) * p)]
+            else:  # made after it (a gradient in backward): by the copy after this one, or traced after
+                keys = [(sid, copies * p)] if copy == copies else [(entering[sid], (copy + 1) * p)]
+        elif sid in leaving and layer != NO_LAYER and layer not in template:
+            # the outermost copy's; the other copies' were freed by their neighbouring copies
+            keys = [(sid, copies * p)] if layer >= 2 * p else [(sid, 0)]
         elif layer == NO_LAYER or (layer not in template and alloc_layer in template):
             if alloc_layer in template:
                 keys = [(sid, c * p) for c in range(copies + 1)]
