@@ -412,3 +412,35 @@ def test_softmax_backward_allocates_cudas_grad_times_output_temporary():
         return counter.trace.events[start:]
 
     assert [event for event in _recorded(run) if event[1] == size] == [("alloc", size), ("alloc", size), ("free", size)]
+
+
+def _allocator_view(events) -> list[tuple[str, tuple[int, ...]]]:
+    """What the caching allocator sees of an event stream: each allocation's bytes, and each run of frees
+    between two allocations as the sorted bytes freed (the order inside a run changes no free block)."""
+    sizes, view, frees = {}, [], []
+    for event in events:
+        if event.kind == "free":
+            frees.append(sizes.get(event.storage, 0))
+            continue
+        if frees:
+            view.append(("free", tuple(sorted(frees))))
+            frees = []
+        sizes[event.storage] = event.num_bytes
+        view.append(("alloc", (event.num_bytes,)))
+    return view + ([("free", tuple(sorted(frees)))] if frees else [])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [TrainConfig(seq_len=32, micro_batch_size=2),
+     TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", gradient_checkpointing=True)],
+    ids=["fp32", "bf16-mixed+ckpt"],
+)
+def test_an_extended_trace_frees_across_layers_where_tracing_every_layer_does(config):
+    """A checkpointed layer's saved input (the previous layer's output) is freed by that layer's backward and
+    a gradient passed down a layer by the next one: each copy of the template frees its neighbour's storage,
+    so the allocator sees the stream of the full-depth trace (before, the last layer freed every copy's
+    saved input at once: Qwen2.5-0.5B 4 x 1024 fp32+ckpt was predicted 16% over the H200's 14.52 GiB)."""
+    full = trace_step(tiny_llama(8), config, device="cpu")
+    extended = extend(trace_step(tiny_llama(3), config, device="cpu"), 8)
+    assert _allocator_view(extended) == _allocator_view(full.events)
