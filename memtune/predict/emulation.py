@@ -12,11 +12,19 @@ whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one:
 mixture-of-experts matmul of transformers' "grouped_mm" experts (transformers/integrations/moe.py),
 whose meta function accepts bf16 only while the CUDA kernel runs fp32 through its per-group fallback
 (aten/src/ATen/native/cuda/GroupedBlas.cpp `_grouped_mm_fallback`): fp32 weights, and fp32 master
-weights under bf16 autocast (the op is not autocast-enabled), would fail the trace. And it answers a
-read of a fake tensor's value where the real step's answer is known (`FULL_BATCHES`).
+weights under bf16 autocast (the op is not autocast-enabled), would fail the trace. It answers a
+read of a fake tensor's value where the real step's answer is known (`FULL_BATCHES`). And it makes the
+temporaries that CUDA kernels allocate through the caching allocator and fake kernels do not: the boolean
+mask of `_safe_softmax` (`safe_softmax_temporaries`, the math SDPA path) and the `grad * output` of softmax
+backward (`softmax_backward_temporary`). Inside `AttentionScope` (fake-CUDA path) or the CPU path's math
+kernel, trace.StorageCounter adds the math path's attention mask in place, as real tensors do
+(`MATH_MASK_ADD`).
 
 Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
-convolutions, other fused kernels) is traced as the CPU makes it.
+convolutions, other fused kernels) is traced as the CPU makes it. The global-memory buffer of CUDA's
+reductions (aten/src/ATen/native/cuda/Reduce.cuh: a `sum` over the token dimensions for a bias or norm
+weight gradient, 8 bytes per input element in the H200 histories) is not made: its size follows the
+reduction's launch configuration (the GPU's multiprocessor count), and it is freed before the next op.
 """
 
 from __future__ import annotations
