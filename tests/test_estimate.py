@@ -433,14 +433,16 @@ def _allocator_view(events) -> list[tuple[str, tuple[int, ...]]]:
 @pytest.mark.parametrize(
     "config",
     [TrainConfig(seq_len=32, micro_batch_size=2),
-     TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", gradient_checkpointing=True)],
-    ids=["fp32", "bf16-mixed+ckpt"],
+     TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", gradient_checkpointing=True),
+     TrainConfig(seq_len=32, micro_batch_size=2, weights_dtype="bf16", adapter=Adapter(rank=4))],
+    ids=["fp32", "bf16-mixed+ckpt", "bf16+lora"],
 )
 def test_an_extended_trace_frees_across_layers_where_tracing_every_layer_does(config):
-    """A checkpointed layer's saved input (the previous layer's output) is freed by that layer's backward and
-    a gradient passed down a layer by the next one: each copy of the template frees its neighbour's storage,
-    so the allocator sees the stream of the full-depth trace (before, the last layer freed every copy's
-    saved input at once: Qwen2.5-0.5B 4 x 1024 fp32+ckpt was predicted 16% over the H200's 14.52 GiB)."""
+    """A checkpointed layer's saved input (the previous layer's output) is freed by that layer's backward, a
+    gradient passed down a layer by the next one, and with a frozen LoRA base the previous layer's output
+    when the next layer returns: each copy of the template frees its neighbour's storage, so the allocator
+    sees the stream of the full-depth trace (before, the last layer freed every copy's at once: Qwen2.5-0.5B
+    4 x 1024 fp32+ckpt was predicted 16% over the H200's 14.52 GiB, and 4 x 1024 bf16+lora 1.5% over)."""
     full = trace_step(tiny_llama(8), config, device="cpu")
     extended = extend(trace_step(tiny_llama(3), config, device="cpu"), 8)
     assert _allocator_view(extended) == _allocator_view(full.events)

@@ -601,6 +601,23 @@ def untraceable(model_config: Any, failures: list[str], hint: str = "") -> Usage
     )
 
 
+def between_layers_to_layer(events: list[Event]) -> list[Event]:
+    """The events with each free made between two layers given to the layer that just ran, where the
+    storage was made by the layer before that one: in forward the decoder loop drops the previous layer's
+    output when the next layer returns (`hidden_states = layer(hidden_states)`; with a frozen LoRA base
+    nothing saves it), after the layer's forward hook and before the next layer's, where no layer is
+    running (NO_LAYER). Tagged so, `extend` repeats the free with each copy of the template instead of
+    freeing every copy's storage once, after the last copy."""
+    made = {event.storage: event.layer for event in events if event.kind == "alloc"}
+    out = list(events)
+    for index in range(1, len(out)):
+        event, before = out[index], out[index - 1]
+        if (event.kind == "free" and event.layer == NO_LAYER and before.layer != NO_LAYER
+                and made.get(event.storage, NO_LAYER) == before.layer - 1 >= 0):
+            out[index] = event._replace(layer=before.layer)
+    return out
+
+
 def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Hashable], set[Hashable]]:
     """Storages whose life crosses from one layer into a neighbouring one at the template's edges, paired
     (`extend`).
@@ -657,8 +674,9 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
     if traced < PLAIN_PERIODS * p:
         raise ValueError(f"extending needs a trace of >= {PLAIN_PERIODS * p} layers, got {traced}")
     template = range(p, 2 * p)
-    region = {event.storage: event.layer for event in trace.events if event.kind == "alloc"}
-    entering, leaving = boundary_pairs(trace.events, p)
+    events = between_layers_to_layer(trace.events)
+    region = {event.storage: event.layer for event in events if event.kind == "alloc"}
+    entering, leaving = boundary_pairs(events, p)
 
     def shift_of(layer: int, copy: int) -> int:
         if layer in template:
@@ -702,7 +720,6 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
                 live.discard(key)
                 out.append(event._replace(storage=hash(key)))
 
-    events = trace.events
     index = 0
     while index < len(events):
         if events[index].layer not in template:
