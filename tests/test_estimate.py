@@ -446,3 +446,30 @@ def test_an_extended_trace_frees_across_layers_where_tracing_every_layer_does(co
     full = trace_step(tiny_llama(8), config, device="cpu")
     extended = extend(trace_step(tiny_llama(3), config, device="cpu"), 8)
     assert _allocator_view(extended) == _allocator_view(full.events)
+
+
+def test_attention_scope_marks_attention_also_when_checkpointing_recomputes_it():
+    """The fake-CUDA path's AttentionScope sets IN_ATTENTION for the length of each SDPA call: in forward and
+    in the forward that non-reentrant checkpointing runs again in backward (here on CPU tensors, where SDPA
+    runs the CPU flash kernel)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+
+    from memtune.predict.emulation import IN_ATTENTION, AttentionScope
+
+    seen = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+                seen.append(IN_ATTENTION.get())
+            return func(*args, **(kwargs or {}))
+
+    def block(query):
+        return torch.nn.functional.scaled_dot_product_attention(query, query, query).sum()
+
+    query = torch.randn(1, 2, 4, 8, requires_grad=True)
+    with Watch(), AttentionScope():
+        checkpoint(block, query, use_reentrant=False).backward()
+    assert seen == [True, True]  # the forward and its recomputation
+    assert IN_ATTENTION.get() is False and query.grad is not None

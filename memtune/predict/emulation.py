@@ -81,19 +81,22 @@ def _half_to_float(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _HALF_TO_FLOAT[func](args[0], dim, True)
 
 
+def backward_in_mode(mode: TorchFunctionMode, loss: torch.Tensor) -> None:
+    """`loss.backward()` for a function mode's handler of `Tensor.backward`: the mode is off inside its own
+    handler, but checkpointing recomputes the forward in backward, so the engine runs with the mode back on
+    (Tensor.backward itself would recurse into the handler)."""
+    with mode:
+        engine = torch.autograd.Variable._execution_engine
+        engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
+
+
 class CudaEmulation(TorchFunctionMode):
     """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         if func is torch.Tensor.backward:
-            # The mode is off inside its own handler, but checkpointing recomputes the forward in
-            # backward: run the engine directly with the mode back on (Tensor.backward would recurse).
-            loss = args[0]
-            with self:
-                engine = torch.autograd.Variable._execution_engine
-                engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
-            return None
+            return backward_in_mode(self, args[0])
         if func is torch.nn.functional.scaled_dot_product_attention:
             return _fused_attention(*args, **kwargs)
         if func is torch.nn.functional.dropout:
@@ -203,6 +206,8 @@ class AttentionScope(TorchFunctionMode):
     itself picks the kernel and the math path's ops reach the dispatch modes one by one."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.Tensor.backward:
+            return backward_in_mode(self, args[0])  # checkpointing's recomputed attention is marked too
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
         token = IN_ATTENTION.set(True)
