@@ -12,15 +12,24 @@ whose fake (meta) implementation refuses inputs the GPU kernel takes. Today one:
 mixture-of-experts matmul of transformers' "grouped_mm" experts (transformers/integrations/moe.py),
 whose meta function accepts bf16 only while the CUDA kernel runs fp32 through its per-group fallback
 (aten/src/ATen/native/cuda/GroupedBlas.cpp `_grouped_mm_fallback`): fp32 weights, and fp32 master
-weights under bf16 autocast (the op is not autocast-enabled), would fail the trace. And it answers a
-read of a fake tensor's value where the real step's answer is known (`FULL_BATCHES`).
+weights under bf16 autocast (the op is not autocast-enabled), would fail the trace. It answers a
+read of a fake tensor's value where the real step's answer is known (`FULL_BATCHES`). And it makes the
+temporaries that CUDA kernels allocate through the caching allocator and fake kernels do not: the boolean
+mask of `_safe_softmax` (`safe_softmax_temporaries`, the math SDPA path) and the `grad * output` of softmax
+backward (`softmax_backward_temporary`). Inside `AttentionScope` (fake-CUDA path) or the CPU path's math
+kernel, trace.StorageCounter adds the math path's attention mask in place, as real tensors do
+(`MATH_MASK_ADD`).
 
 Known limitations: only the ops listed here are adjusted; a kernel choice CUDA makes elsewhere (cuDNN
-convolutions, other fused kernels) is traced as the CPU makes it.
+convolutions, other fused kernels) is traced as the CPU makes it. The global-memory buffer of CUDA's
+reductions (aten/src/ATen/native/cuda/Reduce.cuh: a `sum` over the token dimensions for a bias or norm
+weight gradient, 8 bytes per input element in the H200 histories) is not made: its size follows the
+reduction's launch configuration (the GPU's multiprocessor count), and it is freed before the next op.
 """
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import Any
 
@@ -72,19 +81,22 @@ def _half_to_float(func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
     return _HALF_TO_FLOAT[func](args[0], dim, True)
 
 
+def backward_in_mode(mode: TorchFunctionMode, loss: torch.Tensor) -> None:
+    """`loss.backward()` for a function mode's handler of `Tensor.backward`: the mode is off inside its own
+    handler, but checkpointing recomputes the forward in backward, so the engine runs with the mode back on
+    (Tensor.backward itself would recurse into the handler)."""
+    with mode:
+        engine = torch.autograd.Variable._execution_engine
+        engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
+
+
 class CudaEmulation(TorchFunctionMode):
     """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         if func is torch.Tensor.backward:
-            # The mode is off inside its own handler, but checkpointing recomputes the forward in
-            # backward: run the engine directly with the mode back on (Tensor.backward would recurse).
-            loss = args[0]
-            with self:
-                engine = torch.autograd.Variable._execution_engine
-                engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
-            return None
+            return backward_in_mode(self, args[0])
         if func is torch.nn.functional.scaled_dot_product_attention:
             return _fused_attention(*args, **kwargs)
         if func is torch.nn.functional.dropout:
@@ -166,9 +178,70 @@ def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale,
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, bias, True, dropout_p, is_causal, scale=scale
         )[0]
-    return torch.ops.aten._scaled_dot_product_attention_math(
-        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-    )[0]
+    token = IN_ATTENTION.set(True)
+    try:
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+        )[0]
+    finally:
+        IN_ATTENTION.reset(token)
+
+
+IN_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("memtune_in_attention", default=False)
+"""True while `scaled_dot_product_attention` runs in the trace (`AttentionScope` on the fake-CUDA path, the
+math kernel of `_attention_kernel` on the CPU path): trace.StorageCounter then runs the math path's mask
+add in place, as the GPU does (MATH_MASK_ADD)."""
+
+MATH_MASK_ADD = """The math path adds the attention mask to the scores in place on real tensors and out of place on a
+tensor subclass (torch aten/src/ATen/native/transformers/attention.cpp `_scaled_dot_product_attention_math`:
+`if (at::areAnyTensorSubclassLike({attn, *attn_mask})) attn = attn.add(*attn_mask); else attn.add_(*attn_mask)`).
+Fake tensors are subclass-like, so the trace would hold a second batch x heads x L x S score matrix that the
+GPU never allocates, and free the first one earlier (H200 history, torch 2.11, Qwen2.5-0.5B fp32 and
+Falcon-7B bf16: no allocation between the scores' `bmm` and `_softmax`). Inside SDPA the one `aten.add.Tensor`
+of a tensor and something of its shape and dtype is that add."""
+
+
+class AttentionScope(TorchFunctionMode):
+    """Mark the calls of `scaled_dot_product_attention` on the fake-CUDA path (`IN_ATTENTION`), where torch
+    itself picks the kernel and the math path's ops reach the dispatch modes one by one."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        if func is torch.Tensor.backward:
+            return backward_in_mode(self, args[0])  # checkpointing's recomputed attention is marked too
+        if func is not torch.nn.functional.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        token = IN_ATTENTION.set(True)
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            IN_ATTENTION.reset(token)
+
+
+def safe_softmax_temporaries(scores: torch.Tensor, dim: int, out: torch.Tensor) -> None:
+    """Allocate and free what CUDA's `_safe_softmax` allocates besides its output (torch
+    aten/src/ATen/native/transformers/attention.cpp `_safe_softmax`, CompositeExplicitAutograd, so a real
+    GPU runs its body while fake tensors take the one-output meta kernel): after `softmax`, a boolean
+    `isneginf` of the scores' shape, its `all(dim, keepdim=True)` and a 0-dim zero; `where_out` then writes
+    into the output, and the three are freed, last made first. For the math SDPA path at 4 x 1024 tokens and
+    14 heads that is a 56 MiB mask next to the two 224 MiB fp32 score matrices (H200 history, torch 2.11)."""
+    masked = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
+    rows_shape = list(scores.shape)
+    if rows_shape:
+        rows_shape[dim] = 1
+    masked_rows = torch.empty(rows_shape, dtype=torch.bool, device=scores.device)
+    zero = torch.empty((), dtype=out.dtype, device=out.device)
+    del zero, masked_rows, masked
+
+
+def softmax_backward_temporary(grad: torch.Tensor, output: torch.Tensor) -> None:
+    """Allocate and free the product CUDA's softmax backward makes after its result (torch
+    aten/src/ATen/native/cuda/SoftMax.cu `softmax_backward_cuda_out`: `Tensor tmp = grad * output;` before
+    the kernel): a tensor of the gradient's shape, freed when the op returns. The fake kernel allocates
+    the result only. In Falcon-7B's math attention, 2 x 1024 tokens, 71 heads, that is 568 MiB on top of the
+    fp32 scores and their two gradients at the step's peak (H200 history, torch 2.11)."""
+    tmp = torch.empty(torch.broadcast_shapes(grad.shape, output.shape), dtype=torch.result_type(grad, output),
+                      device=grad.device)
+    del tmp
 
 
 class GpuKernels(TorchDispatchMode):
@@ -186,6 +259,14 @@ class GpuKernels(TorchDispatchMode):
             return torch.tensor(1.0, dtype=kwargs.get("dtype") or torch.float32, device=kwargs.get("device"))
         if func is torch.ops.aten._grouped_mm.default and not _bf16_pair(args):
             return grouped_mm_output(*args, **kwargs)
+        if func is torch.ops.aten._softmax_backward_data.default:
+            grad_input = func(*args, **kwargs)
+            softmax_backward_temporary(args[0], args[1])
+            return grad_input
+        if func is torch.ops.aten._safe_softmax.default:
+            out = func(*args, **kwargs)
+            safe_softmax_temporaries(args[0], args[1] if len(args) > 1 else kwargs["dim"], out)
+            return out
         return func(*args, **kwargs)
 
 

@@ -39,7 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import TrainConfig
 from memtune.errors import UsageError
-from memtune.predict.emulation import CudaEmulation, GpuKernels
+from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
 BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
@@ -119,6 +119,24 @@ class Trace:
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
 
 
+KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
+    # aten/src/ATen/native/cuda/Dropout.cu `dropout_cuda`: the mask is allocated before the output.
+    torch.ops.aten.native_dropout.default: (1, 0),
+}
+"""Ops whose CUDA kernel allocates its outputs in another order than it returns them: output indices in
+the kernel's allocation order. A fake op's outputs all exist when it returns, so the trace records them
+in this order; where two outputs go to the large pool, the order decides which free block each takes."""
+
+
+def kernel_allocation_order(func: Any, outputs: list[Any]) -> list[Any]:
+    """`outputs` (an op's flattened results) in the order its CUDA kernel allocates them
+    (`KERNEL_ALLOCATION_ORDER`; others as returned)."""
+    order = KERNEL_ALLOCATION_ORDER.get(func)
+    if order is None or len(outputs) < len(order):
+        return outputs
+    return [outputs[index] for index in order] + outputs[len(order):]
+
+
 class StorageCounter(TorchDispatchMode):
     """A dispatch mode that records every new storage an op creates and, through a weakref callback,
     when it dies: the events of `Trace`, tagged with the decoder layer running now (`layer_stack`, kept
@@ -173,7 +191,11 @@ class StorageCounter(TorchDispatchMode):
                 and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
                 and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
             self._reuse(args[0], out)
-        for item in tree_flatten(out)[0]:
+        elif (func is torch.ops.aten.add.Tensor and IN_ATTENTION.get() and len(args) == 2
+              and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor)
+              and args[0].shape == out.shape and args[0].dtype == out.dtype):
+            self._reuse(args[0], out)  # emulation.MATH_MASK_ADD: in place on the GPU
+        for item in kernel_allocation_order(func, tree_flatten(out)[0]):
             if isinstance(item, torch.Tensor):
                 self.track(item)
         return out
@@ -499,7 +521,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     counter.trace.device = device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
-    emulation = CudaEmulation() if emulate else contextlib.nullcontext()
+    emulation = CudaEmulation() if emulate else AttentionScope()
     model = recipe.build_model(model_config, train_config, "meta")  # then fake tensors: see meta_to_fake
     layers = decoder_layers(model)
     unpacked = assume_unpacked_batches()
@@ -579,13 +601,69 @@ def untraceable(model_config: Any, failures: list[str], hint: str = "") -> Usage
     )
 
 
+def between_layers_to_layer(events: list[Event]) -> list[Event]:
+    """The events with each free made between two layers given to the layer that just ran, where the
+    storage was made by the layer before that one: in forward the decoder loop drops the previous layer's
+    output when the next layer returns (`hidden_states = layer(hidden_states)`; with a frozen LoRA base
+    nothing saves it), after the layer's forward hook and before the next layer's, where no layer is
+    running (NO_LAYER). Tagged so, `extend` repeats the free with each copy of the template instead of
+    freeing every copy's storage once, after the last copy."""
+    made = {event.storage: event.layer for event in events if event.kind == "alloc"}
+    out = list(events)
+    for index in range(1, len(out)):
+        event, before = out[index], out[index - 1]
+        if (event.kind == "free" and event.layer == NO_LAYER and before.layer != NO_LAYER
+                and made.get(event.storage, NO_LAYER) == before.layer - 1 >= 0):
+            out[index] = event._replace(layer=before.layer)
+    return out
+
+
+def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Hashable], set[Hashable]]:
+    """Storages whose life crosses from one layer into a neighbouring one at the template's edges, paired
+    (`extend`).
+
+    A storage made outside the template and freed inside it "enters" it: made in a layer before (a
+    checkpointed layer's saved input, the previous layer's output, freed by this layer's backward; a residual
+    freed by the next layer's forward) or after it (a gradient that backward passes down a layer). One made in
+    the template and freed outside it "leaves". In the extended model each copy of the template frees what its
+    neighbour made: the copy next to the traced neighbour frees the traced storage, every other copy its
+    neighbouring copy's counterpart of it, the storage made in the template at the same layer distance, in the
+    same layer of the period and of the same size (the k-th such storage with the k-th, in the order they
+    were made). Returns {entering storage: its leaving counterpart} and the leaving storages that have one;
+    groups that differ in number or sizes are left out (`extend` then frees them as before)."""
+    template = range(period, 2 * period)
+    made: dict[Hashable, tuple[int, int, int]] = {}  # storage -> (layer, bytes, index of its alloc)
+    groups: dict[tuple[bool, int, int], list[tuple[int, Hashable, int]]] = {}
+    for index, event in enumerate(events):
+        if event.kind == "alloc":
+            made[event.storage] = (event.layer, event.num_bytes, index)
+            continue
+        alloc_layer, size, made_at = made.pop(event.storage, (NO_LAYER, 0, 0))
+        if alloc_layer == NO_LAYER or event.layer == NO_LAYER or alloc_layer == event.layer:
+            continue
+        distance, phase = alloc_layer - event.layer, alloc_layer % period
+        if event.layer in template and alloc_layer not in template:
+            groups.setdefault((True, distance, phase), []).append((made_at, event.storage, size))
+        elif alloc_layer in template and event.layer not in template:
+            groups.setdefault((False, distance, phase), []).append((made_at, event.storage, size))
+    entering: dict[Hashable, Hashable] = {}
+    for (enters, distance, phase), group in groups.items():
+        inside, outside = sorted(group), sorted(groups.get((False, distance, phase), []))
+        if enters and [size for *_, size in inside] == [size for *_, size in outside]:
+            entering.update({before: after for (_, before, _), (_, after, _) in zip(inside, outside, strict=True)})
+    return entering, set(entering.values())
+
+
 def extend(trace: Trace, num_layers: int) -> list[Event]:
     """The events of the same step on a model `num_layers` deep, from a trace of a shallower one.
 
     The trace must hold at least 3 periods of layers (`traced_depth`): layers [p, 2p) are the template,
     repeated in place (in order in forward and optimizer regions, in reverse in backward); layers >= 2p
     are shifted up. A free refers to the copy of its allocation at the same layer distance, and a free
-    outside any layer (zero_grad) of a template allocation is repeated for every copy. Each copy gets a
+    outside any layer (zero_grad) of a template allocation is repeated for every copy. A storage whose life
+    crosses the template's edge into a neighbouring layer (a checkpointed layer's saved input, a residual, a
+    gradient passed down) is freed by each copy's neighbour, through its counterpart in the template
+    (`boundary_pairs`); before, the last layer freed every copy's at once and the copies freed none. Each copy gets a
     storage of its own; `Event.source` keeps the traced storage, the key of `trace.categories`.
     Raises ValueError for a trace of fewer than 3 periods that must be extended.
     """
@@ -596,7 +674,9 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
     if traced < PLAIN_PERIODS * p:
         raise ValueError(f"extending needs a trace of >= {PLAIN_PERIODS * p} layers, got {traced}")
     template = range(p, 2 * p)
-    region = {event.storage: event.layer for event in trace.events if event.kind == "alloc"}
+    events = between_layers_to_layer(trace.events)
+    region = {event.storage: event.layer for event in events if event.kind == "alloc"}
+    entering, leaving = boundary_pairs(events, p)
 
     def shift_of(layer: int, copy: int) -> int:
         if layer in template:
@@ -616,6 +696,14 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
         alloc_layer = region.get(sid, NO_LAYER)
         if alloc_layer == NO_LAYER:
             keys = [(sid, 0)]
+        elif sid in entering and layer in template:
+            if alloc_layer < layer:  # made before the template: by the copy before this one, or traced before
+                keys = [(sid, 0)] if copy == 0 else [(entering[sid], (copy - 1) * p)]
+            else:  # made after it (a gradient in backward): by the copy after this one, or traced after
+                keys = [(sid, copies * p)] if copy == copies else [(entering[sid], (copy + 1) * p)]
+        elif sid in leaving and layer != NO_LAYER and layer not in template:
+            # the outermost copy's; the other copies' were freed by their neighbouring copies
+            keys = [(sid, copies * p)] if layer >= 2 * p else [(sid, 0)]
         elif layer == NO_LAYER or (layer not in template and alloc_layer in template):
             if alloc_layer in template:
                 keys = [(sid, c * p) for c in range(copies + 1)]
@@ -632,7 +720,6 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
                 live.discard(key)
                 out.append(event._replace(storage=hash(key)))
 
-    events = trace.events
     index = 0
     while index < len(events):
         if events[index].layer not in template:
