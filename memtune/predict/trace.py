@@ -27,7 +27,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple, cast
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memtune.config import TrainConfig
+from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
@@ -117,6 +117,8 @@ class Trace:
     """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
     note: str = ""
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
+    paged_bytes: int = 0
+    """Optimizer state in CUDA unified memory (paged optimizers), outside the events: see `traced_optimizer`."""
 
 
 class StorageCounter(TorchDispatchMode):
@@ -140,6 +142,9 @@ class StorageCounter(TorchDispatchMode):
         self.interrupted: KeyboardInterrupt | None = None
         """A Ctrl-C that arrived inside the weakref callback `_free`, raised again at the next op or `finish`."""
         self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its current id
+        self._excluded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storages outside the caching allocator
+        self.recording = True
+        """False inside `outside_pool`."""
         self._refs: dict[int, weakref.ref] = {}  # id -> the weak reference whose callback records the free
         self._sizes: dict[int, int] = {}  # id -> bytes, while allocated
         self._streams: dict[int, int] = {}  # id -> stream
@@ -169,6 +174,11 @@ class StorageCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         self.raise_interrupt()
         out = func(*args, **(kwargs or {}))
+        if not self.recording:
+            for item in tree_flatten(out)[0]:
+                if isinstance(item, torch.Tensor) and not is_traceable_wrapper_subclass(item):
+                    self._excluded[item.untyped_storage()] = True
+            return out
         if (func is torch.ops.aten.add.Tensor and self.accumulate_in_place and isinstance(out, torch.Tensor)
                 and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
                 and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
@@ -196,9 +206,19 @@ class StorageCounter(TorchDispatchMode):
         storage = tensor.untyped_storage()
         if storage in self._ids:
             return self._ids[storage]
-        if storage.nbytes() == 0:
+        if storage.nbytes() == 0 or storage in self._excluded:
             return None
         return self._alloc(storage, storage.nbytes(), category)
+
+    @contextlib.contextmanager
+    def outside_pool(self) -> Iterator[None]:
+        """Storages made inside are not recorded, now or later (memory outside the caching allocator: paged
+        optimizer state): ops that write into them in place are not allocations either."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def _alloc(self, storage: Any, num_bytes: int, category: str | None) -> int:
         size = rounded(num_bytes)
@@ -488,6 +508,44 @@ def tied_gradient_shapes(model: Any) -> set[tuple[int, ...]]:
     return {tuple(inputs.weight.shape)}
 
 
+PAGED_MIN_ELEMENTS = 100_000
+"""bitsandbytes pages the state of a parameter of at least this many elements (Optimizer8bit.get_state_buffer:
+`p.numel() < 1e5` stays in torch's pool)."""
+
+
+def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter: StorageCounter) -> Any:
+    """`recipe.make_optimizer` for a model of fake tensors, inside the trace's modes (fused AdamW on either path,
+    as on the GPU). Its state and step temporaries are then recorded as any op's outputs.
+
+    bitsandbytes optimizers need two things here. Their constructor computes the 8-bit quantisation maps from
+    data (`create_dynamic_map`, which fake tensors cannot run): it runs with fake mode unset, so the two maps
+    (256 fp32 each) are real CPU tensors; the first step moves them to the parameters' device, as on the GPU.
+    Paged optimizers (`PAGED_OPTIMIZERS`) put the state of every parameter of >= `PAGED_MIN_ELEMENTS` elements in
+    CUDA unified memory (cudaMallocManaged through bitsandbytes' `get_paged`), outside torch's caching
+    allocator: it is not in `torch.cuda.memory_reserved`, and the driver migrates its pages between host and
+    GPU on demand, evicting them when cudaMalloc needs the room. So it does not count towards the predicted
+    peak: it is made as ordinary fake tensors here, left out of the events, and its size is kept in
+    `Trace.paged_bytes` (the GPU holds up to that much more, evictable, when memory is free). Smaller
+    parameters' state is ordinary device memory and is counted."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
+        return recipe.make_optimizer(model, train_config, fused=True)
+    with unset_fake_temporarily():
+        optimizer = recipe.make_optimizer(model, train_config)
+    if train_config.optimizer in PAGED_OPTIMIZERS:
+        def state_buffer(param: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            if param.numel() < PAGED_MIN_ELEMENTS:
+                return torch.zeros_like(param, dtype=dtype)
+            with counter.outside_pool():
+                buffer = torch.zeros_like(param, dtype=dtype)
+            counter.trace.paged_bytes += buffer.untyped_storage().nbytes()
+            return buffer
+
+        optimizer.get_state_buffer = state_buffer
+    return optimizer
+
+
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
@@ -510,7 +568,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, GpuKernels(), emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
-        optimizer = recipe.make_optimizer(model, fused=True)
+        optimizer = traced_optimizer(model, train_config, counter)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
