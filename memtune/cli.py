@@ -26,6 +26,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
+import rich.markup
 from rich.console import Console
 
 from memtune.config import option_of
@@ -432,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](options, out, err)
     except MemtuneError as error:
         # soft_wrap: the terminal wraps; rich would cut a long path in two, which then cannot be copied
-        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        # escaped: a message's own brackets (pip install -e ".[quant]") are text, not rich markup
+        err.print(f"[red]error:[/red] {rich.markup.escape(str(error))}", highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

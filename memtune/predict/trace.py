@@ -532,7 +532,7 @@ def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter:
     if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
         return recipe.make_optimizer(model, train_config, fused=True)
     with unset_fake_temporarily():
-        optimizer = recipe.make_optimizer(model, train_config)
+        optimizer: Any = recipe.make_optimizer(model, train_config)
     if train_config.optimizer in PAGED_OPTIMIZERS:
         def state_buffer(param: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
             if param.numel() < PAGED_MIN_ELEMENTS:

@@ -119,12 +119,14 @@ def require_extra(optimizer: str) -> None:
 
 
 def bitsandbytes_available() -> bool:
-    """Whether `import bitsandbytes` works (imported lazily: it is an optional extra)."""
+    """Whether bitsandbytes is installed, found without importing it (an optional extra whose import takes
+    a second and loads native libraries: done only when one of its optimizers is built)."""
+    import importlib.util
+
     try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # ImportError, or a broken native library (OSError / RuntimeError)
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
         return False
-    return True
 
 
 # transformers.TrainingArguments' defaults (5.24), which Trainer passes to every optimizer it builds.
@@ -154,8 +156,11 @@ def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
 
         kwargs.update({"scale_parameter": False, "relative_step": False})
         return Adafactor, kwargs
-    import bitsandbytes
-
+    try:
+        import bitsandbytes
+    except Exception as error:  # ImportError, or its native library failing to load (OSError, RuntimeError)
+        raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which fails to import ({error}): "
+                         f"reinstall it with {QUANT_EXTRA_HINT}, or choose --optim adamw_torch_fused") from None
     kwargs.update(TRAINER_ADAM_KWARGS)
     kwargs.update({"optim_bits": 8 if "8bit" in optimizer else 32, "is_paged": "paged" in optimizer})
     return bitsandbytes.optim.AdamW, kwargs

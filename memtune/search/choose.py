@@ -149,6 +149,8 @@ class SearchResult:
     shortfall_bytes: int = 0
     """When nothing fits: how much more than the usable budget the smallest candidate needs."""
     suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Rungs left out because an optional package is missing (`ladder.skipped`), one line each."""
 
     @property
     def usable_bytes(self) -> int:
@@ -187,6 +189,7 @@ class SearchResult:
             "throughput_error": self.throughput_error,
             "shortfall_bytes": self.shortfall_bytes,
             "suggestions": list(self.suggestions),
+            "notes": list(self.notes),
         }
 
 
@@ -200,8 +203,8 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy))
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -238,12 +241,20 @@ def search(
     policy.validate(effective_batch_size)
     result = SearchResult(seq_len, effective_batch_size, budget_bytes, margin_for(budget_bytes, policy))
     say = progress or (lambda message: None)
+    result.notes = ladder.skipped(policy)
+    for note in result.notes:
+        say(note)
     for with_adapter in stages(policy):
-        ranked = [Candidate(config, predictor.tokens_per_second(config))
-                  for config in ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)]
-        ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep space order
-        result.candidates.extend(ranked)
-        result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+        space = ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)
+        # Within a stage, quality trades of precision (pure 16-bit training) are walked after the rest.
+        for tier in sorted({ladder.tier(config) for config in space}):
+            ranked = [Candidate(config, predictor.tokens_per_second(config))
+                      for config in space if ladder.tier(config) == tier]
+            ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
+            result.candidates.extend(ranked)
+            result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+            if result.chosen is not None:
+                break
         if result.chosen is not None:
             break
     if result.chosen is not None:
