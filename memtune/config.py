@@ -432,8 +432,8 @@ class Policy:
 
     precision: str | None = field(default=None, metadata=option(choices=tuple(PRECISIONS), group=PINS))
     """Keep this precision: fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True);
-    bf16 / fp16 = weights stored in 16 bits (with full fine-tuning: pure 16-bit training, the optimizer
-    state in 16 bits too and no fp32 master weights)."""
+    bf16 / fp16 = weights stored in 16 bits; without LoRA that is pure 16 bits training: optimizer state in
+    16 bits too, no fp32 master weights."""
     optimizer: str | None = field(default=None, metadata=option(
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS), group=PINS,
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 CATEGORY_NOTES = {
     "weights": "parameters and buffers",
     "gradients": "gradients of trained parameters",
-    "optimizer": "AdamW moments and step counters",
+    "optimizer": "optimizer state, step counters",
     "activations": "tensors saved for backward",
     "logits": "LM-head logits, loss and their gradients",
     "temporaries": "backward intermediates",

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from memtune.config import (
+    DEFAULT_OPTIMIZER,
     GIB,
     KNOWN_GPUS,
     OFFLOAD_ORDER,
@@ -285,16 +286,30 @@ def extrapolate(traced: Estimate, micro_batch_size: int) -> int:
     return int(fixed + per_sequence * micro_batch_size)
 
 
+def without_optimizer(estimate: Estimate) -> int:
+    """A lower bound of what the same step needs with another optimizer: its total less the optimizer state
+    live at its peak (another optimizer changes only that state and the step's own temporaries, and the
+    peak of a step that fits with less state is at least the rest)."""
+    return estimate.total_bytes - estimate.breakdown.get("optimizer", 0)
+
+
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
           trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
     too_big: list[TrainConfig] = []
     traced: dict[tuple[TrainConfig, bool], list[Estimate]] = {}
+    traced_twins: dict[TrainConfig, Estimate] = {}
     for candidate in ranked:
         config = candidate.config
         implied = next((failed for failed in too_big if needs_at_least(config, failed)), None)
         if implied is not None:
             candidate.status = SKIPPED
             candidate.note = f"needs at least as much as {implied.describe()}"
+            continue
+        twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER))
+        if twin is not None and config.optimizer != DEFAULT_OPTIMIZER and without_optimizer(twin) > result.usable_bytes:
+            candidate.status = SKIPPED
+            candidate.note = (f"needs more than {format_bytes(without_optimizer(twin))} without any optimizer state "
+                              f"(as {twin.config.describe()})")
             continue
         members = traced.get(family(config), [])
         known = min(members, key=lambda e: abs(e.config.micro_batch_size - config.micro_batch_size), default=None)
@@ -309,6 +324,7 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         say(f"predicting {config.describe()}")
         candidate.estimate = predictor.memory(config)
         traced.setdefault(family(config), []).append(candidate.estimate)
+        traced_twins[config] = candidate.estimate
         result.estimates += 1
         if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG

@@ -270,7 +270,10 @@ class Offload(Rung):
         if chosen.strategy == "ddp":
             label += " (FSDP)"
         strategy = "fsdp" if flipped != "none" else chosen.strategy
-        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy)
+        optimizer = chosen.optimizer
+        if flipped != "none" and optimizer in BITSANDBYTES_OPTIMIZERS:
+            label, optimizer = label + f" ({DEFAULT_OPTIMIZER})", DEFAULT_OPTIMIZER  # FSDP cannot shard them
+        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy, optimizer=optimizer)
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.offload != "none":
@@ -298,6 +301,9 @@ class Strategy(Rung):
         if policy.strategy is not None or chosen.num_gpus < 2:
             return None
         if chosen.strategy == "ddp":
+            if chosen.optimizer in BITSANDBYTES_OPTIMIZERS:  # FSDP cannot shard bitsandbytes state
+                return (f"FSDP instead of DDP (shards the model state; {DEFAULT_OPTIMIZER})",
+                        chosen.replace(strategy="fsdp", optimizer=DEFAULT_OPTIMIZER))
             return "FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")
         if policy.offload not in (None, "none"):
             return None
