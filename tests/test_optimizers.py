@@ -231,16 +231,19 @@ def test_training_arguments_pass_the_plan_optimizer(tmp_path):
 
 
 class OptimizerPredictor:
-    """Memory in GiB: 4 of weights + gradients, AdamW state 4 (8-bit: 1), activations 2 per sequence (0.5 with
-    checkpointing); 16-bit weights halve the model state. Speed: checkpointing 0.7x, 8-bit AdamW 0.98x (as the
-    throughput model ranks it: `test_the_speed_model_ranks_8bit_adamw_after_fused_adamw`), pure bf16 1.1x."""
+    """Memory in GiB: 4 of weights + gradients, AdamW state 4 (8-bit: 1; paged: 0, outside the pool), activations
+    2 per sequence (0.5 with checkpointing); 16-bit weights halve the model state. Speed: checkpointing 0.7x,
+    8-bit AdamW 0.98x, paged 0.9x (as the throughput model ranks them:
+    `test_the_speed_model_ranks_8bit_adamw_after_fused_adamw`), pure bf16 1.1x."""
+
+    STATE_GIB = {"adamw_torch_fused": 4.0, "adamw_bnb_8bit": 1.0, "paged_adamw_8bit": 0.0}
+    SPEED = {"adamw_torch_fused": 1.0, "adamw_bnb_8bit": 0.98, "paged_adamw_8bit": 0.9}
 
     def __init__(self) -> None:
         self.calls: list[TrainConfig] = []
 
     def gib(self, config: TrainConfig) -> float:
-        state = 4.0 + (1.0 if config.optimizer == "adamw_bnb_8bit" else 4.0)
-        state /= 2 if config.weights_dtype != "fp32" else 1
+        state = (4.0 + self.STATE_GIB[config.optimizer]) / (2 if config.weights_dtype != "fp32" else 1)
         return state + (0.5 if config.gradient_checkpointing else 2.0) * config.micro_batch_size
 
     def memory(self, config: TrainConfig):
@@ -248,49 +251,60 @@ class OptimizerPredictor:
 
         self.calls.append(config)
         size = int(self.gib(config) * GIB)
-        return Estimate(config, size, size, workspace_bytes=0, context_bytes=0, breakdown={"weights": size})
+        optimizer = int(self.STATE_GIB[config.optimizer] * GIB / (2 if config.weights_dtype != "fp32" else 1))
+        return Estimate(config, size, size, workspace_bytes=0, context_bytes=0,
+                        breakdown={"weights": size - optimizer, "optimizer": optimizer})
 
     def fits(self, estimate, usable_bytes: int) -> bool:
         return estimate.total_bytes <= usable_bytes
 
     def tokens_per_second(self, config: TrainConfig) -> float:
-        speed = (0.7 if config.gradient_checkpointing else 1.0) * (0.98 if config.optimizer != DEFAULT_OPTIMIZER else 1)
+        speed = (0.7 if config.gradient_checkpointing else 1.0) * self.SPEED[config.optimizer]
         return speed * (1.1 if config.weights_dtype != "fp32" else 1.0)
 
 
-POLICY = dict(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0, micro_batch_size=2,
-              precision=None)
+POLICY = dict(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0, micro_batch_size=2)
+
+
+def chosen(budget_gib: float, predictor: OptimizerPredictor | None = None, **policy) -> TrainConfig | None:
+    result = search(predictor or OptimizerPredictor(), 64, 2, int(budget_gib * GIB), Policy(**(POLICY | policy)),
+                    explain=False)
+    return None if result.chosen is None else result.chosen.config
+
+
+def described(config: TrainConfig | None) -> tuple | None:
+    return None if config is None else (config.optimizer, config.gradient_checkpointing, config.precision)
 
 
 @needs_bitsandbytes
 def test_the_search_takes_8bit_adamw_only_when_allowed_and_nothing_faster_fits():
-    def chosen(budget_gib: float, **policy) -> TrainConfig:
-        result = search(OptimizerPredictor(), 64, 2, int(budget_gib * GIB), Policy(**(POLICY | policy)), explain=False)
-        assert result.chosen is not None
-        return result.chosen.config
-
     # 12 GiB: fused AdamW without checkpointing fits (8 + 4) and is fastest.
-    assert (chosen(12).optimizer, chosen(12).gradient_checkpointing) == (DEFAULT_OPTIMIZER, False)
+    assert described(chosen(12)) == ("adamw_torch_fused", False, "bf16-mixed")
     # 10 GiB: fused AdamW fits only with checkpointing (9, 0.7x); 8-bit AdamW fits without (9, 0.98x): faster.
-    assert (chosen(10).optimizer, chosen(10).gradient_checkpointing) == ("adamw_bnb_8bit", False)
-    assert (chosen(10, allow_8bit_optimizer=False).optimizer, chosen(10, allow_8bit_optimizer=False)
-            .gradient_checkpointing) == (DEFAULT_OPTIMIZER, True)
-    # 6 GiB: nothing with fp32 master weights fits (8-bit + checkpointing: 6); pure bf16 does (4 + 1).
-    assert chosen(6).weights_dtype == "fp32" and chosen(6).optimizer == "adamw_bnb_8bit"
-    narrow = chosen(5.5)
-    assert (narrow.weights_dtype, narrow.amp) == ("bf16", "none")
-    with pytest.raises(AssertionError):
-        chosen(5.5, allow_pure_16bit=False)  # nothing fits without it
+    assert described(chosen(10)) == ("adamw_bnb_8bit", False, "bf16-mixed")
+    assert described(chosen(10, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16-mixed")
+    # 8.5 GiB: 8-bit needs checkpointing (6, 0.69x); paged 8-bit fits without (8, 0.9x): faster.
+    assert described(chosen(8.5)) == ("paged_adamw_8bit", False, "bf16-mixed")
+    # 5.5 GiB: only the paged one with checkpointing keeps fp32 master weights (5).
+    assert described(chosen(5.5)) == ("paged_adamw_8bit", True, "bf16-mixed")
+    # Without 8-bit optimizers nothing with fp32 master weights fits 5.5 GiB: pure bf16 with checkpointing does
+    # (state 4 + activations 1).
+    assert described(chosen(5.5, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16")
+    assert chosen(5.5, allow_8bit_optimizer=False, allow_pure_16bit=False) is None
+    # A pinned optimizer is the only one tried.
+    predictor = OptimizerPredictor()
+    chosen(12, predictor, optimizer="adamw_bnb_8bit")
+    assert {config.optimizer for config in predictor.calls} == {"adamw_bnb_8bit"}
 
 
 def test_pure_bf16_is_walked_after_everything_with_fp32_master_weights():
     predictor = OptimizerPredictor()
-    search(predictor, 64, 2, int(5.5 * GIB), Policy(**POLICY, allow_8bit_optimizer=False), explain=False)
+    assert described(chosen(5.5, predictor, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16")
     tiers = [ladder.tier(config) for config in predictor.calls]
     assert tiers == sorted(tiers) and tiers[-1] == 1 and 0 in tiers
     # pinned, it is the only precision and walked at once
     predictor = OptimizerPredictor()
-    search(predictor, 64, 2, 40 * GIB, Policy(**(POLICY | {"precision": "bf16"})), explain=False)
+    chosen(40, predictor, precision="bf16", allow_8bit_optimizer=False)
     assert {(c.weights_dtype, c.amp) for c in predictor.calls} == {("bf16", "none")}
 
 
@@ -303,7 +317,10 @@ def test_the_speed_model_ranks_8bit_adamw_after_fused_adamw():
         speed = throughput.gpu_speed("H100-80GB")
         base = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16")
         fused = throughput.tokens_per_second(shape, base, speed)
-        for name in ("adamw_bnb_8bit", "paged_adamw_8bit", "adamw_torch", "adafactor"):
+        eight_bit = throughput.tokens_per_second(shape, base.replace(optimizer="adamw_bnb_8bit"), speed)
+        paged = throughput.tokens_per_second(shape, base.replace(optimizer="paged_adamw_8bit"), speed)
+        assert paged < eight_bit < fused, model
+        for name in ("adamw_torch", "adafactor", "paged_adamw_32bit"):
             assert throughput.tokens_per_second(shape, base.replace(optimizer=name), speed) < fused, (model, name)
 
 

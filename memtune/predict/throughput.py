@@ -258,6 +258,8 @@ PER_TENSOR_SECONDS = {"adamw_bnb_8bit": 30e-6, "paged_adamw_8bit": 30e-6, "paged
 """Fixed cost per parameter tensor and step, where the optimizer loops over tensors in Python: bitsandbytes
 launches one kernel per tensor and synchronises the device after each (Optimizer8bit.step: sync_gpu);
 Adafactor runs ~20 small ops per tensor. Assumed (launch + sync latency), not calibrated."""
+PAGED_STATE_BYTES = {"paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+"""State bytes per parameter that paged optimizers keep in unified memory (two uint8 or two fp32 states)."""
 TENSORS_PER_LAYER = 9
 """Parameter tensors of a Llama-style decoder layer (7 projections, 2 norms)."""
 
@@ -273,7 +275,12 @@ def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -
     tensors = shape.num_layers * TENSORS_PER_LAYER + 3  # + embedding, final norm, head
     if config.adapter is not None:
         tensors = shape.num_layers * 14  # LoRA A and B of the 7 projections
-    return traffic + tensors * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
+    seconds = traffic + tensors * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
+    if config.optimizer in PAGED_STATE_BYTES:
+        # Paged state (CUDA unified memory) is chosen when the GPU is full: then the driver evicts it and the
+        # step pages it in and out again, both ways over the host link (bitsandbytes prefetches it per tensor).
+        seconds += 2 * trained * PAGED_STATE_BYTES[config.optimizer] / speed.pcie_bytes_per_second
+    return seconds
 
 
 def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed) -> float:

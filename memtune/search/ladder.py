@@ -329,6 +329,8 @@ class Optimizer(Rung):
 
     The 8-bit ones (bitsandbytes AdamW8bit, paged or not) save ~6 of AdamW's 8 state bytes per parameter
     without changing what is trained; their state is quantised blockwise (a small quality trade, flagged).
+    The paged one keeps that state in CUDA unified memory, outside the predicted peak (the driver evicts it
+    to the host when the GPU is full, and the speed model charges that traffic).
     They are offered only when bitsandbytes is installed (else skipped, with one line saying how), and
     ranked by predicted speed with the rest. Recipe: `recipe.step.make_optimizer`. Speed:
     `throughput.optimizer_seconds`."""
@@ -346,7 +348,7 @@ class Optimizer(Rung):
             return [{"optimizer": policy.optimizer}]
         names = [DEFAULT_OPTIMIZER]
         if policy.allow_8bit_optimizer and bitsandbytes_available():
-            names += ["adamw_bnb_8bit"]
+            names += ["adamw_bnb_8bit", "paged_adamw_8bit"]
         return [{"optimizer": name} for name in names]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
