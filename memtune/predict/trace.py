@@ -526,7 +526,12 @@ def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter:
     GPU on demand, evicting them when cudaMalloc needs the room. So it does not count towards the predicted
     peak: it is made as ordinary fake tensors here, left out of the events, and its size is kept in
     `Trace.paged_bytes` (the GPU holds up to that much more, evictable, when memory is free). Smaller
-    parameters' state is ordinary device memory and is counted."""
+    parameters' state is ordinary device memory and is counted.
+
+    Known limitations: foreach AdamW (adamw_torch) keeps its per-parameter `step` counters on the host; the
+    trace counts them as device memory (512 bytes per parameter tensor: ~75 KiB for a 16-layer model).
+    bitsandbytes never frees paged state (`get_paged` has no matching free), so a process that builds several
+    paged optimizers (a search's trials) keeps the earlier ones' state in unified memory."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
