@@ -21,7 +21,7 @@ from memtune.config import (
 from memtune.errors import UsageError
 from memtune.plan import Plan
 from memtune.predict import throughput
-from memtune.predict.trace import BLOCK_BYTES, Category, trace_step
+from memtune.predict.trace import BLOCK_BYTES, NO_LAYER, Category, trace_step
 from memtune.recipe import step as recipe
 from memtune.search import ladder
 from memtune.search.choose import search
@@ -189,7 +189,7 @@ def test_8bit_adamw_holds_two_bytes_per_parameter_and_the_block_maxima(name):
             expected += 2 * rounded(n) + 2 * rounded(4 * math.ceil(n / 256))  # state1/2 uint8, absmax1/2 per block
     state, trace = traced_state_bytes(name)
     assert state == expected
-    assert trace.paged_bytes == 0  # no tensor of the tiny Llama reaches bitsandbytes' paging size (1e5 elements)
+    assert trace.paged_bytes == {}  # no tensor of the tiny Llama reaches bitsandbytes' paging size (1e5 elements)
 
 
 @needs_bitsandbytes
@@ -200,9 +200,25 @@ def test_paged_state_is_left_out_of_the_pool_and_counted_apart():
     paged, trace = traced_state_bytes("paged_adamw_32bit", model_config=model_config)
     unpaged, _ = traced_state_bytes("adamw_bnb_8bit", model_config=model_config)
     params = tiny_parameters(model_config)
-    assert trace.paged_bytes == 2 * 4 * embedding
+    assert trace.paged_bytes == {NO_LAYER: 2 * 4 * embedding}  # the embedding is in no decoder layer
     assert paged == sum(2 * rounded(4 * p.numel()) for _, p in params) - 2 * rounded(4 * embedding)
     assert unpaged > paged - 2 * rounded(4 * embedding)  # the 8-bit one holds its embedding state in the pool
+
+
+@needs_bitsandbytes
+def test_the_estimate_reports_paged_state_at_full_depth():
+    from memtune.predict.estimate import estimate
+
+    model_config = tiny_llama(layers=5)  # traced at 3 layers, extended to 5
+    model_config.intermediate_size = 2048  # each MLP matrix 64 x 2048 = 131072 elements: paged
+    config = TrainConfig(seq_len=32, micro_batch_size=2, optimizer="paged_adamw_8bit")
+    predicted = estimate(model_config, config, device="cpu")
+    assert predicted.num_layers == 5 and predicted.traced_layers == 3
+    # 3 MLP matrices per layer, two uint8 states each (absmax stays in the pool), in all 5 layers
+    assert predicted.paged_bytes == 5 * 3 * 2 * 64 * 2048
+    assert predicted.to_dict()["paged_bytes"] == predicted.paged_bytes
+    fused = estimate(model_config, config.replace(optimizer="adamw_torch_fused"), device="cpu")
+    assert fused.paged_bytes == 0 and predicted.peak_reserved_bytes < fused.peak_reserved_bytes
 
 
 # ---- pure 16-bit training end to end ------------------------------------------------------------
@@ -306,6 +322,10 @@ def test_pure_bf16_is_walked_after_everything_with_fp32_master_weights():
     predictor = OptimizerPredictor()
     chosen(40, predictor, precision="bf16", allow_8bit_optimizer=False)
     assert {(c.weights_dtype, c.amp) for c in predictor.calls} == {("bf16", "none")}
+    # pinned but forbidden for full fine-tuning (--precision bf16 --no-pure-16bit): only the LoRA stage uses it
+    space = ladder.candidate_space(64, 2, Policy(precision="bf16", allow_pure_16bit=False), with_adapter=False)
+    assert space == []
+    assert ladder.candidate_space(64, 2, Policy(precision="bf16", allow_pure_16bit=False), with_adapter=True)
 
 
 def test_the_speed_model_ranks_8bit_adamw_after_fused_adamw():

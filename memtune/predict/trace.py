@@ -117,8 +117,9 @@ class Trace:
     """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
     note: str = ""
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
-    paged_bytes: int = 0
-    """Optimizer state in CUDA unified memory (paged optimizers), outside the events: see `traced_optimizer`."""
+    paged_bytes: dict[int, int] = field(default_factory=dict)
+    """Optimizer state in CUDA unified memory (paged optimizers), outside the events, by the decoder layer of
+    its parameter (NO_LAYER outside them): see `traced_optimizer`; `paged_bytes_at_depth` for the full model."""
 
 
 class StorageCounter(TorchDispatchMode):
@@ -513,7 +514,10 @@ PAGED_MIN_ELEMENTS = 100_000
 `p.numel() < 1e5` stays in torch's pool)."""
 
 
-def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter: StorageCounter) -> Any:
+def traced_optimizer(
+    model: torch.nn.Module, train_config: TrainConfig, counter: StorageCounter,
+    layer_of_param: dict[int, int] | None = None,
+) -> Any:
     """`recipe.make_optimizer` for a model of fake tensors, inside the trace's modes (fused AdamW on either path,
     as on the GPU). Its state and step temporaries are then recorded as any op's outputs.
 
@@ -525,7 +529,8 @@ def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter:
     allocator: it is not in `torch.cuda.memory_reserved`, and the driver migrates its pages between host and
     GPU on demand, evicting them when cudaMalloc needs the room. So it does not count towards the predicted
     peak: it is made as ordinary fake tensors here, left out of the events, and its size is kept in
-    `Trace.paged_bytes` (the GPU holds up to that much more, evictable, when memory is free). Smaller
+    `Trace.paged_bytes` by the layer `layer_of_param` (id of a parameter -> layer) gives its parameter (the GPU
+    holds up to that much more, evictable, when memory is free). Smaller
     parameters' state is ordinary device memory and is counted.
 
     Known limitations: foreach AdamW (adamw_torch) keeps its per-parameter `step` counters on the host; the
@@ -544,7 +549,9 @@ def traced_optimizer(model: torch.nn.Module, train_config: TrainConfig, counter:
                 return torch.zeros_like(param, dtype=dtype)
             with counter.outside_pool():
                 buffer = torch.zeros_like(param, dtype=dtype)
-            counter.trace.paged_bytes += buffer.untyped_storage().nbytes()
+            layer = (layer_of_param or {}).get(id(param), NO_LAYER)
+            paged = counter.trace.paged_bytes
+            paged[layer] = paged.get(layer, 0) + buffer.untyped_storage().nbytes()
             return buffer
 
         optimizer.get_state_buffer = state_buffer
@@ -573,7 +580,9 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, GpuKernels(), emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
-        optimizer = traced_optimizer(model, train_config, counter)
+        layer_of_param = {id(p): layer_of.get(id(meta), NO_LAYER) for p in model.parameters()
+                          if (meta := param_meta.get(id(p))) is not None}
+        optimizer = traced_optimizer(model, train_config, counter, layer_of_param)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
@@ -640,6 +649,15 @@ def untraceable(model_config: Any, failures: list[str], hint: str = "") -> Usage
         + (f"{hint} or " if hint else "") + "another torch/transformers version; please report the model type "
         "and this message"
     )
+
+
+def paged_bytes_at_depth(trace: Trace, num_layers: int) -> int:
+    """`trace.paged_bytes` of the model `num_layers` deep: the template layers [p, 2p) repeated as `extend`
+    repeats their events."""
+    p, traced = trace.period, trace.traced_layers
+    copies = max(0, (num_layers - traced) // p) if traced >= PLAIN_PERIODS * p else 0
+    template = sum(size for layer, size in trace.paged_bytes.items() if p <= layer < 2 * p)
+    return sum(trace.paged_bytes.values()) + copies * template
 
 
 def extend(trace: Trace, num_layers: int) -> list[Event]:

@@ -435,6 +435,8 @@ def precisions(policy: Policy, with_adapter: bool) -> list[str]:
     training (weights and optimizer state in bf16, fp16 on a card without bf16; a quality trade that
     `tier` walks only after everything with fp32 master weights), unless the policy forbids it."""
     if policy.precision is not None:
+        if policy.precision in ("bf16", "fp16") and not with_adapter and not policy.allow_pure_16bit:
+            return []  # pure 16-bit training is forbidden: this pin applies to the adapter stage only
         return [policy.precision]
     half = "bf16" if policy.bf16_supported else "fp16"
     if with_adapter:
