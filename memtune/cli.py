@@ -26,6 +26,7 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
+import rich.markup
 from rich.console import Console
 
 from memtune.config import option_of
@@ -59,9 +60,10 @@ EPILOG_FIT = """examples:
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing, a chunked loss, CPU offload, and with --gpus N a full replica per GPU (DDP) or FSDP
-sharding of the model state. LoRA (or --prefix) is used only when nothing else fits,
-unless you ask for it (--lora). Pin any choice (--precision fp32, --checkpointing off, ...) and it
+checkpointing, a chunked loss, CPU offload, an 8-bit AdamW (with bitsandbytes), and with --gpus N
+a full replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32
+master weights) is tried only when nothing with them fits, and LoRA (or --prefix) only when nothing
+else fits, unless you ask for them (--precision bf16, --lora). Pin any choice (--precision fp32, --checkpointing off, ...) and it
 is kept. The winner is verified with real trial steps when a GPU is here, and saved to --plan-out
 for `memtune run`.
 
@@ -432,7 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[command](options, out, err)
     except MemtuneError as error:
         # soft_wrap: the terminal wraps; rich would cut a long path in two, which then cannot be copied
-        err.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        # escaped: a message's own brackets (pip install -e ".[quant]") are text, not rich markup
+        err.print(f"[red]error:[/red] {rich.markup.escape(str(error))}", highlight=False, soft_wrap=True)
         return error.exit_code
     except KeyboardInterrupt:
         err.print("interrupted")

@@ -34,6 +34,26 @@ PRECISIONS: dict[str, tuple[DType, Amp]] = {
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+# --optim NAME: transformers' `TrainingArguments.optim` names (5.24), and what each one is.
+OPTIMIZERS: dict[str, str] = {
+    "adamw_torch_fused": "torch AdamW, fused kernel (Trainer's default); fp32 state: 8 bytes per fp32 parameter",
+    "adamw_torch": "torch AdamW, foreach kernels: the same state, and a state-sized temporary in the step",
+    "adamw_bnb_8bit": "bitsandbytes AdamW with 8-bit blockwise state: ~2 bytes per parameter (needs .[quant])",
+    "paged_adamw_8bit": "bitsandbytes 8-bit AdamW, its state paged in CUDA unified memory (needs .[quant])",
+    "paged_adamw_32bit": "bitsandbytes fp32 AdamW, its state paged in CUDA unified memory (needs .[quant])",
+    "adafactor": "transformers Adafactor (no momentum, factored second moment): far less state than AdamW",
+}
+DEFAULT_OPTIMIZER = "adamw_torch_fused"
+LEGACY_OPTIMIZERS = {"adamw": DEFAULT_OPTIMIZER}
+"""Names in plans saved before --optim existed: "adamw" was torch's fused AdamW."""
+BITSANDBYTES_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
+"""Optimizers that need the optional bitsandbytes package (`pip install -e ".[quant]"`)."""
+EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"})
+"""Optimizers whose state is quantised to 8 bits (a quality trade, forbidden by --no-8bit-optim)."""
+PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
+"""Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
+QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -97,8 +117,10 @@ class TrainConfig:
     """Recompute activations in backward (transformers' gradient_checkpointing_enable, non-reentrant)."""
     adapter: Adapter | None = None
     """LoRA / prefix tuning through peft; None trains all weights."""
-    optimizer: Literal["adamw"] = "adamw"
-    """torch.optim.AdamW (fused on CUDA, as Trainer's default adamw_torch_fused)."""
+    optimizer: str = DEFAULT_OPTIMIZER
+    """The optimizer, by its transformers `optim` name (OPTIMIZERS): built exactly as Trainer builds it
+    (`recipe.step.make_optimizer`). "adamw" (plans saved before this field had a choice) reads as
+    adamw_torch_fused."""
     offload: Offload = "none"
     """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
     loss: Loss = "standard"
@@ -111,6 +133,8 @@ class TrainConfig:
     replica on every GPU and all-reduces the gradients (DistributedDataParallel), without offload."""
 
     def __post_init__(self) -> None:
+        if self.optimizer in LEGACY_OPTIMIZERS:
+            object.__setattr__(self, "optimizer", LEGACY_OPTIMIZERS[self.optimizer])  # frozen: set once, here
         problems = []
         for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "num_gpus"):
             value = getattr(self, name)
@@ -126,8 +150,12 @@ class TrainConfig:
             problems.append(f"offload must be none, optimizer or parameters, got {self.offload!r}")
         if self.loss not in ("standard", "chunked"):
             problems.append(f"loss must be standard or chunked, got {self.loss!r}")
-        if self.optimizer != "adamw":
-            problems.append(f"optimizer must be adamw (AdamW, fused on CUDA), got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
+                            f"got {self.optimizer!r} (--optim)")
+        elif self.optimizer in BITSANDBYTES_OPTIMIZERS and isinstance(self.num_gpus, int) and self.sharded:
+            problems.append(f"optimizer {self.optimizer} keeps bitsandbytes state that FSDP cannot shard or offload: "
+                            "use adamw_torch_fused, adamw_torch or adafactor with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
@@ -169,6 +197,8 @@ class TrainConfig:
             parts.append(self.adapter.describe())
         if self.loss == "chunked":
             parts.append("chunked loss")
+        if self.optimizer != DEFAULT_OPTIMIZER:
+            parts.append(self.optimizer)
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.num_gpus > 1:
@@ -402,7 +432,12 @@ class Policy:
 
     precision: str | None = field(default=None, metadata=option(choices=tuple(PRECISIONS), group=PINS))
     """Keep this precision: fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True);
-    bf16 / fp16 = weights stored in 16 bits."""
+    bf16 / fp16 = weights stored in 16 bits; without LoRA that is pure 16 bits training: optimizer state in
+    16 bits too, no fp32 master weights."""
+    optimizer: str | None = field(default=None, metadata=option(
+        flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS), group=PINS,
+        note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
+    """Keep this optimizer (transformers' optim name)."""
     gradient_checkpointing: bool | None = field(default=None, metadata=option(
         flag="--checkpointing", words={"auto": None, "on": True, "off": False}, group=PINS))
     """Gradient checkpointing (recompute activations in backward), pinned on or off."""
@@ -427,6 +462,12 @@ class Policy:
     """CPU offload among the search's rungs (allowed by default; --no-offload forbids it)."""
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
     """The chunked loss among the search's rungs (allowed by default; --no-chunked-loss forbids it)."""
+    allow_8bit_optimizer: bool = field(default=True, metadata=option(flag="--no-8bit-optim", group=POLICY))
+    """8-bit optimizers (bitsandbytes AdamW8bit, paged or not: state quantised, a quality trade) among the
+    search's rungs (allowed by default when bitsandbytes is installed; --no-8bit-optim forbids them)."""
+    allow_pure_16bit: bool = field(default=True, metadata=option(flag="--no-pure-16bit", group=POLICY))
+    """Pure 16-bit full fine-tuning (bf16 weights and optimizer state, no fp32 master weights: a quality
+    trade, tried only when nothing with fp32 master weights fits; --no-pure-16bit forbids it)."""
     min_micro_batch_size: int = field(default=1, metadata=option(group=POLICY))
     """Smallest micro-batch to consider."""
     margin_bytes: int | None = field(default=None, metadata=option(
@@ -454,6 +495,13 @@ class Policy:
             problems.append(
                 f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32"
             )
+        if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer {self.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer in EIGHT_BIT_OPTIMIZERS and not self.allow_8bit_optimizer:
+            problems.append(f"--optim {self.optimizer} contradicts --no-8bit-optim: keep one")
+        if self.precision in ("bf16", "fp16") and self.use_adapter is False and not self.allow_pure_16bit:
+            problems.append(f"--precision {self.precision} with full fine-tuning is pure 16-bit training, which "
+                            "--no-pure-16bit forbids: keep one")
         counts = {"effective batch": effective_batch_size, "num_gpus": self.num_gpus,
                   "min_micro_batch_size": self.min_micro_batch_size, "max_trials": self.max_trials}
         if self.micro_batch_size is not None:

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Literal
 
 from memtune.config import (
+    DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
     KNOWN_GPUS,
+    OPTIMIZERS,
     POLICY,
     PRECISIONS,
     SAVE_TOTAL_LIMIT,
@@ -112,7 +114,11 @@ class PlanOptions:
     """Sequences per forward/backward; the rest is gradient accumulation. Reduce it to 4, 2, 1 if you OOM."""
     precision: str = field(default="fp32", metadata=option(choices=tuple(PRECISIONS)))
     """fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True); bf16 / fp16 = weights
-    stored in 16 bits."""
+    stored in 16 bits (pure 16-bit training without --lora: no fp32 master weights)."""
+    optimizer: str = field(default=DEFAULT_OPTIMIZER, metadata=option(
+        flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS),
+        note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
+    """The optimizer, by transformers' optim name."""
     checkpointing: bool = False
     """Gradient checkpointing (recompute activations in backward)."""
     lora: bool = False
@@ -175,7 +181,7 @@ class PlanOptions:
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
             weights_dtype=weights, amp=amp, gradient_checkpointing=self.checkpointing,
             adapter=self.lora_shape.adapter() if self.lora else None, num_gpus=gpus, offload=self.offload,
-            strategy="fsdp" if self.strategy == "auto" else self.strategy,
+            strategy="fsdp" if self.strategy == "auto" else self.strategy, optimizer=self.optimizer,
         )
 
 

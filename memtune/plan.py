@@ -226,9 +226,10 @@ class Plan:
 
     def training_arguments(self, **overrides: Any) -> TrainingArguments:
         """transformers.TrainingArguments that run the plan's step: micro-batch and accumulation,
-        bf16 / fp16 autocast, non-reentrant gradient checkpointing, fused AdamW on CUDA (adamw_torch on
-        CPU, where use_cpu=True is set too), no reporting integrations. Keyword arguments override or add any
-        TrainingArguments field (output_dir, max_steps, learning_rate, ...).
+        bf16 / fp16 autocast (none for pure 16-bit weights: those are loaded in their dtype, `prepare`),
+        non-reentrant gradient checkpointing, the plan's optimizer as `optim` (its adamw_torch_fused runs as
+        adamw_torch on the CPU, where use_cpu=True is set too), no reporting integrations. Keyword arguments
+        override or add any TrainingArguments field (output_dir, max_steps, learning_rate, ...).
 
         The fields come from the rungs (`search.ladder.trainer_arguments`), with transformers 5.24's
         activation_checkpointing names where the installed TrainingArguments has them. Offload and
@@ -243,7 +244,11 @@ class Plan:
         config = self.train_config
         fields = {field_.name for field_ in dataclasses.fields(TrainingArguments)}
         on_cpu = bool(overrides.get("use_cpu")) or not torch.cuda.is_available()
-        arguments: dict[str, Any] = {"optim": "adamw_torch" if on_cpu else "adamw_torch_fused", "report_to": "none"}
+        from memtune.recipe.step import require_extra
+
+        require_extra(config.optimizer)  # UsageError (exit 2) with the install command
+        optimizer = "adamw_torch" if on_cpu and config.optimizer == "adamw_torch_fused" else config.optimizer
+        arguments: dict[str, Any] = {"optim": optimizer, "report_to": "none"}
         if not torch.cuda.is_available():
             # Without CUDA, TrainingArguments(bf16=True) refuses to build ("Your setup doesn't support bf16/gpu")
             # unless use_cpu is set: a plan for a GPU then still runs its step on the CPU (for trying it out).

@@ -161,7 +161,7 @@ def _bad_plan(**train_config) -> str:
     (["plan", "gpt2", "--batch-size", "-1"], "--batch-size must be >= 1, got -1"),
     (["plan", "gpt2", "--strategy", "zero3"], "argument --strategy: invalid choice: 'zero3'"),
     (["plan", "gpt2", "--trace-device", "tpu"], "argument --trace-device: invalid choice: 'tpu'"),
-    (["fit", "gpt2", "--budget", "6GiB", "--optim", "bogus"], "unrecognized arguments: --optim bogus"),
+    (["fit", "gpt2", "--budget", "6GiB", "--optim", "bogus"], "argument --optim: invalid choice: 'bogus'"),
     (["plan", "gpt2", "--trial-steps", "2"], "unrecognized arguments: --trial-steps 2"),  # a fit option
     (["fit", "gpt2", "--budget", "6GiB", "--margin", "200%"], "--margin: memory quantity '200%' is malformed"),
     (["fit", "gpt2", "--budget", "6GiB", "--trial-steps", "0"], "--trial-steps must be 1, 2 or 3, got 0"),
@@ -229,7 +229,7 @@ def test_a_plan_out_in_a_read_only_place_exits_2_before_the_search(tmp_path, cap
     (lambda: memtune.auto_fit("gpt2", budget="6GiB", precision="fp8"), "precision 'fp8' is unknown"),
     (lambda: memtune.auto_fit("", budget="6GiB"), "MODEL is empty"),
     (lambda: TrainConfig(seq_len=-1), "seq_len must be a positive integer, got -1"),
-    (lambda: TrainConfig(seq_len=8, optimizer="sgd"), "optimizer must be adamw"),
+    (lambda: TrainConfig(seq_len=8, optimizer="sgd"), "optimizer must be one of adamw_torch_fused, adamw_torch"),
     (lambda: TrainConfig(seq_len=8, offload="bogus"), "offload must be none, optimizer or parameters, got 'bogus'"),
     (lambda: TrainConfig(seq_len=8, amp="fp8"), "amp must be none, bf16 or fp16, got 'fp8'"),
     (lambda: TrainConfig(seq_len=8, grad_accum_steps=0), "grad_accum_steps must be a positive integer, got 0"),

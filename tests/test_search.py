@@ -85,7 +85,8 @@ class FakeTrial:
                            tokens_per_step=config.effective_batch_size * config.seq_len)
 
 
-SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0)
+SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                allow_8bit_optimizer=False, allow_pure_16bit=False)
 
 
 def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():
@@ -177,7 +178,7 @@ def test_pinned_options_are_kept():
 def test_adapters_only_when_nothing_else_fits():
     # Full fine-tuning never fits 4 GiB (state 6 GiB); LoRA (1 GiB state) does.
     predictor = FakePredictor()
-    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0)
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0, allow_8bit_optimizer=False)
     result = search(predictor, 512, 4, 4 * GIB, policy, explain=False)
     full = [call for call in predictor.calls if "L" not in call]
     assert full and all(

@@ -113,13 +113,13 @@ def _trial(model_config: Any, train_config: TrainConfig, steps: int, device: str
             # DDP: measured from before the model is built, as the estimate starts from an empty device
             # (the weights, the construction broadcast and the buckets are in its events).
             model = build_replicated_model(model_config, train_config, device)
-            optimizer = recipe.make_optimizer(model)
+            optimizer = recipe.make_optimizer(model, train_config)
 
             step: Callable[..., float] = functools.partial(ddp_train_step, device_type=device_type)
         else:
             mesh = init_device_mesh(device_type, (dist.get_world_size(),))
             model = build_sharded_model(model_config, train_config, device, mesh)
-            optimizer = recipe.make_optimizer(model, fused=True)
+            optimizer = recipe.make_optimizer(model, train_config, fused=True)
             step = fsdp_train_step
             if cuda:
                 # Sharding moved each unit to the GPU whole before cutting it: drop that from the cache and

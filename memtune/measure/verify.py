@@ -57,7 +57,7 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
         # from_pretrained and moved to the GPU, as `memtune run` and Trainer load one, never allocates it:
         # hand the block back so the trial holds what the run will.
         release_memory()
-        optimizer = recipe.make_optimizer(model)
+        optimizer = recipe.make_optimizer(model, train_config)
         scaler = torch.amp.GradScaler("cuda") if train_config.amp == "fp16" else None
         for _ in range(steps):
             batches = [recipe.random_batch(model_config, train_config, device)

@@ -61,7 +61,7 @@ from memtune.errors import UsageError
 from memtune.predict import allocator
 from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
 from memtune.predict.single import full_depth_events
-from memtune.predict.trace import Category, Event, Trace, num_layers_of, rounded
+from memtune.predict.trace import Category, Event, Trace, num_layers_of, paged_bytes_at_depth, rounded
 
 DDP_BUCKETS = "ddp_buckets"
 """Breakdown key: DDP's gradient buckets (a second copy of the trainable parameters' gradients)."""
@@ -254,9 +254,11 @@ def estimate_replicated(
     device = device or default_trace_device()
     events, categories, trace = replicated_events(model_config, train_config, device)
     context_bytes += collective_context_bytes(train_config)
+    num_layers = num_layers_of(model_config) or trace.traced_layers
     return estimate_of_events(train_config, events, categories, trace_device=trace.device or device,
                               trace_note=trace.note, traced_layers=trace.traced_layers,
-                              num_layers=num_layers_of(model_config) or trace.traced_layers, started=started,
+                              paged_bytes=paged_bytes_at_depth(trace, num_layers),
+                              num_layers=num_layers, started=started,
                               context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 
 

@@ -23,6 +23,7 @@ from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, Train
 from memtune.errors import UsageError
 from memtune.predict import ddp, fsdp, single
 from memtune.predict.peak import Estimate
+from memtune.recipe.step import require_extra
 
 
 def estimate(
@@ -42,9 +43,11 @@ def estimate(
     with several GPUs (`peak.NCCL_BYTES`). Raises UsageError for a configuration FSDP or DDP through
     accelerate cannot run (recipe.parallel.check_supported), for a model config that is not a transformers
     config, and for a device other than "cpu" or "cuda" (or "cuda" where torch sees no GPU: the autograd
-    engine would abort the process in C++ instead of raising).
+    engine would abort the process in C++ instead of raising), and for an optimizer whose optional package
+    (bitsandbytes) is not installed, with the install command.
     """
     check_trace_device(device)
+    require_extra(train_config.optimizer)
     if not hasattr(model_config, "to_json_string"):
         raise UsageError(f"estimate needs a transformers config (e.g. memtune.resolve('gpt2').config), "
                          f"got {type(model_config).__name__} {model_config!r:.60}")

@@ -287,7 +287,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         meta_to_fake(model, fake_mode, torch.device("cpu"))
         apply_fsdp(model, train_config, mesh=mesh, pin_memory=False)
         layer_of = {id(p): index for index, layer in enumerate(layers) for p in [*layer.parameters(), *layer.buffers()]}
-        optimizer = recipe.make_optimizer(model, fused=True)
+        optimizer = recipe.make_optimizer(model, train_config, fused=True)
         hooks = _tag_layers(layers, counter)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None

@@ -53,6 +53,9 @@ class Estimate:
     traced_layers: int = 0
     num_layers: int = 0
     seconds: float = 0.0
+    paged_bytes: int = 0
+    """Optimizer state of a paged optimizer in CUDA unified memory: not in peak_reserved_bytes or total_bytes
+    (outside torch's pool; the driver evicts it to the host when the GPU needs the room)."""
     trace_note: str = ""
     """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
     for the caller to show on stderr; "" otherwise. Not in `to_dict` (the JSON schema documents the fields
@@ -80,6 +83,7 @@ class Estimate:
             "traced_layers": self.traced_layers,
             "num_layers": self.num_layers,
             "seconds": self.seconds,
+            "paged_bytes": self.paged_bytes,
         }
 
 
@@ -109,7 +113,7 @@ def breakdown_at_peak(events: list[Event], categories: dict[Hashable, str]) -> d
 def estimate_of_events(
     train_config: TrainConfig, events: list[Event], categories: dict[Hashable, str], *, trace_device: str,
     traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
-    peaks: tuple[int, int] | None = None, trace_note: str = "",
+    peaks: tuple[int, int] | None = None, trace_note: str = "", paged_bytes: int = 0,
 ) -> Estimate:
     """The Estimate of a full-depth event list, broken down at its peak. `peaks` (allocated, reserved)
     when the caller replayed the events itself (several streams); else one allocator replay.
@@ -132,4 +136,5 @@ def estimate_of_events(
         num_layers=num_layers,
         seconds=time.perf_counter() - started,
         trace_note=trace_note,
+        paged_bytes=paged_bytes,
     )

@@ -39,6 +39,7 @@ from memtune.predict.trace import (
     layer_period,
     model_type_of,
     num_layers_of,
+    paged_bytes_at_depth,
     shallow_config,
     trace_step,
     traced_depth,
@@ -125,7 +126,7 @@ def estimate_single(
     trace, events = full_depth_events(model_config, train_config, device)
     num_layers = num_layers_of(model_config) or trace.traced_layers
     return estimate_of_events(train_config, events, trace.categories, trace_device=trace.device or device,
-                              trace_note=trace.note,
+                              trace_note=trace.note, paged_bytes=paged_bytes_at_depth(trace, num_layers),
                               traced_layers=trace.traced_layers, num_layers=num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 

@@ -213,7 +213,7 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> flo
     """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer)."""
     micro, backward = micro_batch_seconds(shape, config, speed)
     trained = trained_parameters(shape, config)
-    optimizer = trained * 16 * 2 / speed.memory_bytes_per_second
+    optimizer = optimizer_seconds(shape, config, speed)
     if config.replicated:
         return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
     if not config.sharded:
@@ -230,6 +230,57 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> flo
         optimizer = trained / config.num_gpus / speed.cpu_optimizer_params_per_second
         optimizer += trained * 4 / config.num_gpus / speed.pcie_bytes_per_second
     return (config.grad_accum_steps - 1) * first + last + optimizer
+
+
+OPTIMIZER_STEP_BYTES = {
+    # bytes read + written per trained parameter by one step, with p = the weights' bytes per element:
+    # fused AdamW reads p, grad, m, v and writes p, m, v (m, v in the weights' dtype; torch _fused_adamw_):
+    # 8 x p, the 32 bytes per fp32 parameter the H200 calibration used (benchmarks/calibrate_throughput.py).
+    "adamw_torch_fused": lambda p: 8 * p,
+    # foreach AdamW: the same, plus ~6 more passes over the state (lerp, mul_, addcmul_, sqrt into a
+    # temporary, div_, add_ eps, addcdiv_ in torch/optim/adamw.py _multi_tensor_adamw).
+    "adamw_torch": lambda p: 14 * p,
+    # bitsandbytes 8-bit blockwise AdamW moves 3 p + 4 bytes, but maps every state element through its
+    # 256-entry dynamic quantisation map both ways; Dettmers et al. 2022 (8-bit Optimizers via Block-wise
+    # Quantization, Sec. 4) report it about as fast as 32-bit Adam: charged as fused AdamW until measured.
+    "adamw_bnb_8bit": lambda p: 8 * p,
+    "paged_adamw_8bit": lambda p: 8 * p,
+    # bitsandbytes 32-bit: fp32 state whatever the weights' dtype.
+    "paged_adamw_32bit": lambda p: 3 * p + 16,
+    # Adafactor (transformers.optimization): grad**2, row/column means, the rsqrt update, its RMS and clipping,
+    # in fp32: ~10 passes over a gradient-sized fp32 tensor.
+    "adafactor": lambda p: 2 * p + 40,
+}
+"""Memory traffic of one optimizer step per trained parameter. Not calibrated on measured steps yet: the
+structure of each implementation's kernels (benchmarks/lowbit.py measures them)."""
+PER_TENSOR_SECONDS = {"adamw_bnb_8bit": 30e-6, "paged_adamw_8bit": 30e-6, "paged_adamw_32bit": 30e-6,
+                      "adafactor": 150e-6}
+"""Fixed cost per parameter tensor and step, where the optimizer loops over tensors in Python: bitsandbytes
+launches one kernel per tensor and synchronises the device after each (Optimizer8bit.step: sync_gpu);
+Adafactor runs ~20 small ops per tensor. Assumed (launch + sync latency), not calibrated."""
+PAGED_STATE_BYTES = {"paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
+"""State bytes per parameter that paged optimizers keep in unified memory (two uint8 or two fp32 states)."""
+TENSORS_PER_LAYER = 9
+"""Parameter tensors of a Llama-style decoder layer (7 projections, 2 norms)."""
+
+
+def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
+    """Predicted seconds of one optimizer step on one GPU (the full replica: FSDP's caller divides by GPUs):
+    the step's memory traffic (`OPTIMIZER_STEP_BYTES`) at the card's bandwidth, plus a per-tensor cost
+    for the optimizers that loop over tensors in Python (`PER_TENSOR_SECONDS`). For fused AdamW on fp32
+    weights this is 32 bytes per parameter, as before the optimizer was a choice."""
+    trained = trained_parameters(shape, config)
+    element_bytes = 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
+    traffic = trained * OPTIMIZER_STEP_BYTES[config.optimizer](element_bytes) / speed.memory_bytes_per_second
+    tensors = shape.num_layers * TENSORS_PER_LAYER + 3  # + embedding, final norm, head
+    if config.adapter is not None:
+        tensors = shape.num_layers * 14  # LoRA A and B of the 7 projections
+    seconds = traffic + tensors * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
+    if config.optimizer in PAGED_STATE_BYTES:
+        # Paged state (CUDA unified memory) is chosen when the GPU is full: then the driver evicts it and the
+        # step pages it in and out again, both ways over the host link (bitsandbytes prefetches it per tensor).
+        seconds += 2 * trained * PAGED_STATE_BYTES[config.optimizer] / speed.pcie_bytes_per_second
+    return seconds
 
 
 def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed) -> float:

@@ -27,7 +27,7 @@ import contextlib
 import functools
 import math
 import weakref
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, NamedTuple, cast
@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memtune.config import TrainConfig
+from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
@@ -117,6 +117,9 @@ class Trace:
     """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
     note: str = ""
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
+    paged_bytes: dict[int, int] = field(default_factory=dict)
+    """Optimizer state in CUDA unified memory (paged optimizers), outside the events, by the decoder layer of
+    its parameter (NO_LAYER outside them): see `traced_optimizer`; `paged_bytes_at_depth` for the full model."""
 
 
 KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
@@ -158,6 +161,9 @@ class StorageCounter(TorchDispatchMode):
         self.interrupted: KeyboardInterrupt | None = None
         """A Ctrl-C that arrived inside the weakref callback `_free`, raised again at the next op or `finish`."""
         self._ids: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> its current id
+        self._excluded: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storages outside the caching allocator
+        self.recording = True
+        """False inside `outside_pool`."""
         self._refs: dict[int, weakref.ref] = {}  # id -> the weak reference whose callback records the free
         self._sizes: dict[int, int] = {}  # id -> bytes, while allocated
         self._streams: dict[int, int] = {}  # id -> stream
@@ -187,6 +193,11 @@ class StorageCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         self.raise_interrupt()
         out = func(*args, **(kwargs or {}))
+        if not self.recording:
+            for item in tree_flatten(out)[0]:
+                if isinstance(item, torch.Tensor) and not is_traceable_wrapper_subclass(item):
+                    self._excluded[item.untyped_storage()] = True
+            return out
         if (func is torch.ops.aten.add.Tensor and self.accumulate_in_place and isinstance(out, torch.Tensor)
                 and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
                 and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
@@ -218,9 +229,19 @@ class StorageCounter(TorchDispatchMode):
         storage = tensor.untyped_storage()
         if storage in self._ids:
             return self._ids[storage]
-        if storage.nbytes() == 0:
+        if storage.nbytes() == 0 or storage in self._excluded:
             return None
         return self._alloc(storage, storage.nbytes(), category)
+
+    @contextlib.contextmanager
+    def outside_pool(self) -> Iterator[None]:
+        """Storages made inside are not recorded, now or later (memory outside the caching allocator: paged
+        optimizer state): ops that write into them in place are not allocations either."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def _alloc(self, storage: Any, num_bytes: int, category: str | None) -> int:
         size = rounded(num_bytes)
@@ -510,6 +531,55 @@ def tied_gradient_shapes(model: Any) -> set[tuple[int, ...]]:
     return {tuple(inputs.weight.shape)}
 
 
+PAGED_MIN_ELEMENTS = 100_000
+"""bitsandbytes pages the state of a parameter of at least this many elements (Optimizer8bit.get_state_buffer:
+`p.numel() < 1e5` stays in torch's pool)."""
+
+
+def traced_optimizer(
+    model: torch.nn.Module, train_config: TrainConfig, counter: StorageCounter,
+    layer_of_param: dict[int, int] | None = None,
+) -> Any:
+    """`recipe.make_optimizer` for a model of fake tensors, inside the trace's modes (fused AdamW on either path,
+    as on the GPU). Its state and step temporaries are then recorded as any op's outputs.
+
+    bitsandbytes optimizers need two things here. Their constructor computes the 8-bit quantisation maps from
+    data (`create_dynamic_map`, which fake tensors cannot run): it runs with fake mode unset, so the two maps
+    (256 fp32 each) are real CPU tensors; the first step moves them to the parameters' device, as on the GPU.
+    Paged optimizers (`PAGED_OPTIMIZERS`) put the state of every parameter of >= `PAGED_MIN_ELEMENTS` elements in
+    CUDA unified memory (cudaMallocManaged through bitsandbytes' `get_paged`), outside torch's caching
+    allocator: it is not in `torch.cuda.memory_reserved`, and the driver migrates its pages between host and
+    GPU on demand, evicting them when cudaMalloc needs the room. So it does not count towards the predicted
+    peak: it is made as ordinary fake tensors here, left out of the events, and its size is kept in
+    `Trace.paged_bytes` by the layer `layer_of_param` (id of a parameter -> layer) gives its parameter (the GPU
+    holds up to that much more, evictable, when memory is free). Smaller
+    parameters' state is ordinary device memory and is counted.
+
+    Known limitations: foreach AdamW (adamw_torch) keeps its per-parameter `step` counters on the host; the
+    trace counts them as device memory (512 bytes per parameter tensor: ~75 KiB for a 16-layer model).
+    bitsandbytes never frees paged state (`get_paged` has no matching free), so a process that builds several
+    paged optimizers (a search's trials) keeps the earlier ones' state in unified memory."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
+        return recipe.make_optimizer(model, train_config, fused=True)
+    with unset_fake_temporarily():
+        optimizer: Any = recipe.make_optimizer(model, train_config)
+    if train_config.optimizer in PAGED_OPTIMIZERS:
+        def state_buffer(param: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            if param.numel() < PAGED_MIN_ELEMENTS:
+                return torch.zeros_like(param, dtype=dtype)
+            with counter.outside_pool():
+                buffer = torch.zeros_like(param, dtype=dtype)
+            layer = (layer_of_param or {}).get(id(param), NO_LAYER)
+            paged = counter.trace.paged_bytes
+            paged[layer] = paged.get(layer, 0) + buffer.untyped_storage().nbytes()
+            return buffer
+
+        optimizer.get_state_buffer = state_buffer
+    return optimizer
+
+
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
@@ -532,7 +602,9 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, GpuKernels(), emulation:
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
-        optimizer = recipe.make_optimizer(model, fused=True)
+        layer_of_param = {id(p): layer_of.get(id(meta), NO_LAYER) for p in model.parameters()
+                          if (meta := param_meta.get(id(p))) is not None}
+        optimizer = traced_optimizer(model, train_config, counter, layer_of_param)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
@@ -652,6 +724,15 @@ def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Has
         if enters and [size for *_, size in inside] == [size for *_, size in outside]:
             entering.update({before: after for (_, before, _), (_, after, _) in zip(inside, outside, strict=True)})
     return entering, set(entering.values())
+
+
+def paged_bytes_at_depth(trace: Trace, num_layers: int) -> int:
+    """`trace.paged_bytes` of the model `num_layers` deep: the template layers [p, 2p) repeated as `extend`
+    repeats their events."""
+    p, traced = trace.period, trace.traced_layers
+    copies = max(0, (num_layers - traced) // p) if traced >= PLAIN_PERIODS * p else 0
+    template = sum(size for layer, size in trace.paged_bytes.items() if p <= layer < 2 * p)
+    return sum(trace.paged_bytes.values()) + copies * template
 
 
 def extend(trace: Trace, num_layers: int) -> list[Event]:

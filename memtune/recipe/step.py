@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import nn
 
-from memtune.config import TrainConfig
+from memtune.config import (
+    BITSANDBYTES_OPTIMIZERS,
+    DEFAULT_OPTIMIZER,
+    EIGHT_BIT_OPTIMIZERS,
+    OPTIMIZERS,
+    QUANT_EXTRA_HINT,
+    TrainConfig,
+)
 from memtune.errors import UsageError
 from memtune.recipe.loss import chunked_causal_lm_loss
 from memtune.sources import custom_code
@@ -103,12 +110,103 @@ def peft_config(train_config: TrainConfig) -> Any:
     )
 
 
-def make_optimizer(model: nn.Module, fused: bool | None = None) -> torch.optim.Optimizer:
-    """AdamW over the trainable parameters: fused on CUDA, as transformers' default adamw_torch_fused."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if fused is None:
-        fused = bool(params) and params[0].device.type == "cuda"
-    return torch.optim.AdamW(params, lr=1e-5, fused=fused)
+def require_extra(optimizer: str) -> None:
+    """Raise UsageError (exit 2) with the install command when `optimizer` needs bitsandbytes and it cannot be
+    imported (the `quant` extra of memtune's pyproject)."""
+    if optimizer in BITSANDBYTES_OPTIMIZERS and not bitsandbytes_available():
+        raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which is not installed: {QUANT_EXTRA_HINT} "
+                         "(or pip install bitsandbytes), or choose --optim adamw_torch_fused")
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes is installed, found without importing it (an optional extra whose import takes
+    a second and loads native libraries: done only when one of its optimizers is built)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
+# transformers.TrainingArguments' defaults (5.24), which Trainer passes to every optimizer it builds.
+TRAINER_LEARNING_RATE = 5e-5
+TRAINER_ADAM_KWARGS = {"betas": (0.9, 0.999), "eps": 1e-8}
+TRAINER_WEIGHT_DECAY = 0.0
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+"""Trainer.get_decay_parameter_names's forbidden name patterns (transformers 5.24 trainer.py)."""
+
+
+def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
+    """(class, keyword arguments) of the optimizer Trainer builds for `TrainingArguments(optim=optimizer)` with
+    the default learning rate and Adam betas/eps: transformers 5.24 trainer_optimizer.py `_get_adamw_torch`,
+    `_get_bitsandbytes_optimizer`, `_get_adafactor` (tests/test_optimizers.py compares with
+    `Trainer.get_optimizer_cls_and_kwargs`). Raises UsageError for an unknown name or a missing extra."""
+    if optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+    require_extra(optimizer)
+    kwargs: dict[str, Any] = {"lr": TRAINER_LEARNING_RATE}
+    if optimizer in ("adamw_torch_fused", "adamw_torch"):
+        kwargs.update(TRAINER_ADAM_KWARGS)
+        if optimizer == "adamw_torch_fused":
+            kwargs["fused"] = True
+        return torch.optim.AdamW, kwargs
+    if optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        kwargs.update({"scale_parameter": False, "relative_step": False})
+        return Adafactor, kwargs
+    try:
+        import bitsandbytes
+    except Exception as error:  # ImportError, or its native library failing to load (OSError, RuntimeError)
+        raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which fails to import ({error}): "
+                         f"reinstall it with {QUANT_EXTRA_HINT}, or choose --optim adamw_torch_fused") from None
+    kwargs.update(TRAINER_ADAM_KWARGS)
+    kwargs.update({"optim_bits": 8 if "8bit" in optimizer else 32, "is_paged": "paged" in optimizer})
+    return bitsandbytes.optim.AdamW, kwargs
+
+
+def parameter_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Trainer.create_optimizer's two groups of trainable parameters: with weight decay, and without (biases
+    and norms); both at Trainer's default weight_decay 0.0, in the model's parameter order."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [nn.LayerNorm], _NO_DECAY_PATTERNS))
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    return [
+        {"params": [param for name, param in named if name in decay], "weight_decay": TRAINER_WEIGHT_DECAY},
+        {"params": [param for name, param in named if name not in decay], "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(
+    model: nn.Module, train_config: TrainConfig | None = None, fused: bool | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer `train_config.optimizer` names, over the trainable parameters, as transformers' Trainer
+    builds it (`optimizer_class_and_kwargs`, `parameter_groups`; for 8-bit bitsandbytes optimizers also
+    Trainer's override that keeps every nn.Embedding's weight in 32-bit state).
+
+    `fused` applies to adamw_torch_fused only: None fuses where the parameters are on CUDA (the CPU runs of
+    the tests step unfused), True/False force it (the trace fuses on fake CPU tensors too). The state of the
+    8-bit override lives in a GlobalOptimManager of this optimizer's own, not bitsandbytes' process-wide one
+    (whose parameter ids would outlive the model). Raises UsageError when bitsandbytes is needed and missing."""
+    name = train_config.optimizer if train_config is not None else DEFAULT_OPTIMIZER
+    cls, kwargs = optimizer_class_and_kwargs(name)
+    groups = parameter_groups(model)
+    if name == "adamw_torch_fused":
+        params = [p for group in groups for p in group["params"]]
+        kwargs["fused"] = (bool(params) and params[0].device.type == "cuda") if fused is None else fused
+    optimizer = cls(groups, **kwargs)
+    if name in EIGHT_BIT_OPTIMIZERS:
+        from bitsandbytes.optim import GlobalOptimManager
+
+        manager = GlobalOptimManager.__new__(GlobalOptimManager)
+        manager.initialize()
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):  # Trainer.create_optimizer (optim_bits == 8)
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+        optimizer.mng = manager
+    return optimizer
 
 
 def amp_context(train_config: TrainConfig, device_type: str) -> contextlib.AbstractContextManager:

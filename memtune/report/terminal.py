@@ -83,6 +83,9 @@ def render_plan(result: PlanResult, console: Console) -> None:
         f"(traced {estimate.traced_layers} of {estimate.num_layers} layers on fake {estimate.trace_device} tensors, "
         f"{estimate.seconds:.1f} s)"
     )
+    if estimate.paged_bytes:
+        console.print(f"paged optimizer state {format_bytes(estimate.paged_bytes)} in CUDA unified memory, not in the "
+                      "peak: the driver moves it to the host when the GPU needs the room")
     verdict = result.verdict
     if verdict is None:
         console.print("no budget given: pass --budget 24GiB or --gpu NAME to check a card")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 CATEGORY_NOTES = {
     "weights": "parameters and buffers",
     "gradients": "gradients of trained parameters",
-    "optimizer": "AdamW moments and step counters",
+    "optimizer": "optimizer state, step counters",
     "activations": "tensors saved for backward",
     "logits": "LM-head logits, loss and their gradients",
     "temporaries": "backward intermediates",
@@ -93,15 +93,20 @@ def trained_share(config: TrainConfig, model_config: Any, num_parameters: int) -
 
 def quality_note(config: TrainConfig, model_config: Any = None, num_parameters: int = 0, *, short: bool = False) -> str:
     """What the configuration costs in training quality, in a few words: "LoRA r=16: trains ~1.1% of
-    weights", "fp32: full precision". `short` leaves out the name (beside a configuration that has it)."""
+    weights", "fp32: full precision", "bf16-mixed: standard mixed precision; 8-bit AdamW: optimizer state
+    quantised ...". `short` leaves out the name (beside a configuration that has it)."""
+    optimizer = ladder.optimizer_quality(config)
     if config.adapter is None:
         note = ladder.precision_quality(config)
-        return note.split(": ", 1)[-1] if short else note
+        note = note.split(": ", 1)[-1] if short else note
+        return f"{note}; {optimizer}" if optimizer else note
     share = trained_share(config, model_config, num_parameters)
     name = f"LoRA r={config.adapter.rank}" if config.adapter.kind == "lora" else config.adapter.describe()
     note = f"trains ~{100 * share:.2g}% of weights" if share else "trains the adapter only"
     if config.weights_dtype != "fp32":
         note += f", frozen base in {config.weights_dtype}"
+    if optimizer:
+        note += f"; {optimizer}"
     return note if short else f"{name}: {note}"
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from memtune.config import (
+    DEFAULT_OPTIMIZER,
     GIB,
     KNOWN_GPUS,
     OFFLOAD_ORDER,
@@ -149,6 +150,8 @@ class SearchResult:
     shortfall_bytes: int = 0
     """When nothing fits: how much more than the usable budget the smallest candidate needs."""
     suggestions: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Rungs left out because an optional package is missing (`ladder.skipped`), one line each."""
 
     @property
     def usable_bytes(self) -> int:
@@ -187,6 +190,7 @@ class SearchResult:
             "throughput_error": self.throughput_error,
             "shortfall_bytes": self.shortfall_bytes,
             "suggestions": list(self.suggestions),
+            "notes": list(self.notes),
         }
 
 
@@ -200,8 +204,8 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy))
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -238,12 +242,20 @@ def search(
     policy.validate(effective_batch_size)
     result = SearchResult(seq_len, effective_batch_size, budget_bytes, margin_for(budget_bytes, policy))
     say = progress or (lambda message: None)
+    result.notes = ladder.skipped(policy)
+    for note in result.notes:
+        say(note)
     for with_adapter in stages(policy):
-        ranked = [Candidate(config, predictor.tokens_per_second(config))
-                  for config in ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)]
-        ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep space order
-        result.candidates.extend(ranked)
-        result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+        space = ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)
+        # Within a stage, quality trades of precision (pure 16-bit training) are walked after the rest.
+        for tier in sorted({ladder.tier(config) for config in space}):
+            ranked = [Candidate(config, predictor.tokens_per_second(config))
+                      for config in space if ladder.tier(config) == tier]
+            ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
+            result.candidates.extend(ranked)
+            result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+            if result.chosen is not None:
+                break
         if result.chosen is not None:
             break
     if result.chosen is not None:
@@ -274,16 +286,30 @@ def extrapolate(traced: Estimate, micro_batch_size: int) -> int:
     return int(fixed + per_sequence * micro_batch_size)
 
 
+def without_optimizer(estimate: Estimate) -> int:
+    """A lower bound of what the same step needs with another optimizer: its total less the optimizer state
+    live at its peak (another optimizer changes only that state and the step's own temporaries, and the
+    peak of a step that fits with less state is at least the rest)."""
+    return estimate.total_bytes - estimate.breakdown.get("optimizer", 0)
+
+
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
           trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
     too_big: list[TrainConfig] = []
     traced: dict[tuple[TrainConfig, bool], list[Estimate]] = {}
+    traced_twins: dict[TrainConfig, Estimate] = {}
     for candidate in ranked:
         config = candidate.config
         implied = next((failed for failed in too_big if needs_at_least(config, failed)), None)
         if implied is not None:
             candidate.status = SKIPPED
             candidate.note = f"needs at least as much as {implied.describe()}"
+            continue
+        twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER))
+        if twin is not None and config.optimizer != DEFAULT_OPTIMIZER and without_optimizer(twin) > result.usable_bytes:
+            candidate.status = SKIPPED
+            candidate.note = (f"needs more than {format_bytes(without_optimizer(twin))} without any optimizer state "
+                              f"(as {twin.config.describe()})")
             continue
         members = traced.get(family(config), [])
         known = min(members, key=lambda e: abs(e.config.micro_batch_size - config.micro_batch_size), default=None)
@@ -298,6 +324,7 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         say(f"predicting {config.describe()}")
         candidate.estimate = predictor.memory(config)
         traced.setdefault(family(config), []).append(candidate.estimate)
+        traced_twins[config] = candidate.estimate
         result.estimates += 1
         if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG

@@ -25,8 +25,18 @@ import itertools
 import json
 from typing import Any
 
-from memtune.config import STRATEGIES, Policy, TrainConfig, precision_config
+from memtune.config import (
+    BITSANDBYTES_OPTIMIZERS,
+    DEFAULT_OPTIMIZER,
+    EIGHT_BIT_OPTIMIZERS,
+    QUANT_EXTRA_HINT,
+    STRATEGIES,
+    Policy,
+    TrainConfig,
+    precision_config,
+)
 from memtune.errors import UsageError
+from memtune.recipe.step import bitsandbytes_available, require_extra
 
 
 class Rung:
@@ -105,6 +115,8 @@ class Precision(Rung):
         "bf16": "no fp32 master copy (small updates can be lost)",
         "fp16": "no fp32 master copy (small updates can be lost)",
     }
+    PURE_NOTE = ("pure {0} training: weights and optimizer state in {0}, no fp32 master weights "
+                 "(small updates can round away)")
     SETTINGS = {
         "fp32": "precision fp32: no mixed-precision flags",
         "bf16-mixed": "precision bf16-mixed: fp32 weights, bf16 autocast (TrainingArguments bf16=True)",
@@ -131,10 +143,17 @@ class Precision(Rung):
         return f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)
 
     def setting(self, config: TrainConfig) -> str | None:
+        if pure_16bit(config):
+            dtype = "torch.bfloat16" if config.weights_dtype == "bf16" else "torch.float16"
+            return (f"precision {config.precision}, pure 16-bit: load the weights in {config.weights_dtype} "
+                    f"(dtype={dtype}), no autocast (TrainingArguments bf16/fp16 False); the optimizer state "
+                    f"follows the weights' dtype")
         return self.SETTINGS.get(config.precision, f"precision {config.precision}")
 
     def quality(self, config: TrainConfig) -> str | None:
         note = self.NOTES.get(config.precision, config.precision)
+        if pure_16bit(config):
+            return self.PURE_NOTE.format(config.weights_dtype)
         if config.precision in ("bf16", "fp16"):
             return f"{config.precision} weights: {note}"
         return f"{config.precision}: {note}"
@@ -251,7 +270,10 @@ class Offload(Rung):
         if chosen.strategy == "ddp":
             label += " (FSDP)"
         strategy = "fsdp" if flipped != "none" else chosen.strategy
-        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy)
+        optimizer = chosen.optimizer
+        if flipped != "none" and optimizer in BITSANDBYTES_OPTIMIZERS:
+            label, optimizer = label + f" ({DEFAULT_OPTIMIZER})", DEFAULT_OPTIMIZER  # FSDP cannot shard them
+        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy, optimizer=optimizer)
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.offload != "none":
@@ -279,6 +301,9 @@ class Strategy(Rung):
         if policy.strategy is not None or chosen.num_gpus < 2:
             return None
         if chosen.strategy == "ddp":
+            if chosen.optimizer in BITSANDBYTES_OPTIMIZERS:  # FSDP cannot shard bitsandbytes state
+                return (f"FSDP instead of DDP (shards the model state; {DEFAULT_OPTIMIZER})",
+                        chosen.replace(strategy="fsdp", optimizer=DEFAULT_OPTIMIZER))
             return "FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")
         if policy.offload not in (None, "none"):
             return None
@@ -297,6 +322,59 @@ class Strategy(Rung):
         # Every parameter of a causal LM gets a gradient in every step: no search for unused ones
         # (run.launch.ddp_training_arguments says why; FSDP comes from the accelerate config instead).
         return {"ddp_find_unused_parameters": False} if config.replicated else {}
+
+
+class Optimizer(Rung):
+    """The optimizer implementation, by transformers' `optim` name (`--optim`, `--no-8bit-optim`).
+
+    The 8-bit ones (bitsandbytes AdamW8bit, paged or not) save ~6 of AdamW's 8 state bytes per parameter
+    without changing what is trained; their state is quantised blockwise (a small quality trade, flagged).
+    The paged one keeps that state in CUDA unified memory, outside the predicted peak (the driver evicts it
+    to the host when the GPU is full, and the speed model charges that traffic).
+    They are offered only when bitsandbytes is installed (else skipped, with one line saying how), and
+    ranked by predicted speed with the rest. Recipe: `recipe.step.make_optimizer`. Speed:
+    `throughput.optimizer_seconds`."""
+
+    name = "optimizer"
+    QUALITY = {
+        "adamw_bnb_8bit": "8-bit AdamW: optimizer state quantised blockwise (usually quality-neutral)",
+        "paged_adamw_8bit": "paged 8-bit AdamW: optimizer state quantised blockwise (usually quality-neutral)",
+        "adafactor": "Adafactor: no momentum, factored second moment (a different optimizer)",
+    }
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        if policy.optimizer is not None:
+            require_extra(policy.optimizer)
+            return [{"optimizer": policy.optimizer}]
+        names = [DEFAULT_OPTIMIZER]
+        if policy.allow_8bit_optimizer and bitsandbytes_available():
+            names += ["adamw_bnb_8bit", "paged_adamw_8bit"]
+        return [{"optimizer": name} for name in names]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if fields["optimizer"] in BITSANDBYTES_OPTIMIZERS and (fields["offload"] != "none" or (
+                fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
+            return "FSDP cannot shard or offload bitsandbytes optimizer state"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.optimizer is not None or chosen.optimizer == DEFAULT_OPTIMIZER:
+            return None
+        return f"{DEFAULT_OPTIMIZER} instead of {chosen.optimizer}", chosen.replace(optimizer=DEFAULT_OPTIMIZER)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.optimizer == DEFAULT_OPTIMIZER:
+            return None
+        extra = f" (needs bitsandbytes: {QUANT_EXTRA_HINT})" if config.optimizer in BITSANDBYTES_OPTIMIZERS else ""
+        return f"optimizer {config.optimizer} (TrainingArguments optim=\"{config.optimizer}\"){extra}"
+
+    def quality(self, config: TrainConfig) -> str | None:
+        return self.QUALITY.get(config.optimizer)
+
+    def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
+        # adamw_torch_fused is TrainingArguments' default from torch 2.8 on: left out, as the other defaults are
+        # (Plan.training_arguments passes optim always).
+        return {} if config.optimizer == DEFAULT_OPTIMIZER else {"optim": config.optimizer}
 
 
 class AdapterRung(Rung):
@@ -331,8 +409,10 @@ class AdapterRung(Rung):
 
 
 # Enumeration order of the candidate space and of the "why this one" alternatives.
-PRECISION, STRATEGY, ADAPTER = Precision(), Strategy(), AdapterRung()
-LADDER: tuple[Rung, ...] = (MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, ADAPTER)
+PRECISION, STRATEGY, OPTIMIZER, ADAPTER = Precision(), Strategy(), Optimizer(), AdapterRung()
+LADDER: tuple[Rung, ...] = (
+    MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER
+)
 
 
 def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
@@ -351,11 +431,35 @@ def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
 
 def precisions(policy: Policy, with_adapter: bool) -> list[str]:
     """Fastest first. A frozen base can be stored in 16 bits (how LoRA is usually run); trained
-    weights keep fp32 master copies (mixed precision), as Trainer(bf16=True) does."""
+    weights keep fp32 master copies (mixed precision), as Trainer(bf16=True) does, and then pure 16-bit
+    training (weights and optimizer state in bf16, fp16 on a card without bf16; a quality trade that
+    `tier` walks only after everything with fp32 master weights), unless the policy forbids it."""
     if policy.precision is not None:
+        if policy.precision in ("bf16", "fp16") and not with_adapter and not policy.allow_pure_16bit:
+            return []  # pure 16-bit training is forbidden: this pin applies to the adapter stage only
         return [policy.precision]
     half = "bf16" if policy.bf16_supported else "fp16"
-    return [half, f"{half}-mixed", "fp32"] if with_adapter else [f"{half}-mixed", "fp32"]
+    if with_adapter:
+        return [half, f"{half}-mixed", "fp32"]
+    return [f"{half}-mixed", "fp32"] + ([half] if policy.allow_pure_16bit else [])
+
+
+def skipped(policy: Policy) -> list[str]:
+    """One line per rung left out of the search because an optional package is missing."""
+    if policy.optimizer is None and policy.allow_8bit_optimizer and not bitsandbytes_available():
+        return [f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)"]
+    return []
+
+
+def pure_16bit(config: TrainConfig) -> bool:
+    """Full fine-tuning with 16-bit weights: no fp32 master copy, the optimizer state in 16 bits too."""
+    return config.adapter is None and config.weights_dtype != "fp32"
+
+
+def tier(config: TrainConfig) -> int:
+    """The order in which the search walks the candidates of a stage: 0 keeps fp32 master weights, 1 is pure
+    16-bit training (a quality trade tried only when nothing of tier 0 fits, unless pinned)."""
+    return 1 if pure_16bit(config) else 0
 
 
 def strategies(policy: Policy) -> list[str]:
@@ -405,6 +509,12 @@ def precision_quality(config: TrainConfig) -> str:
 
 
 def is_quality_trade(config: TrainConfig) -> bool:
-    """True when the configuration changes what is trained or drops the fp32 master weights."""
-    return config.adapter is not None or config.weights_dtype != "fp32"
+    """True when the configuration changes what is trained, drops the fp32 master weights or quantises the
+    optimizer state."""
+    return config.adapter is not None or config.weights_dtype != "fp32" or config.optimizer in EIGHT_BIT_OPTIMIZERS
+
+
+def optimizer_quality(config: TrainConfig) -> str | None:
+    """The optimizer's quality note ("8-bit AdamW: optimizer state quantised ..."), or None for AdamW."""
+    return OPTIMIZER.quality(config)
 

@@ -1,0 +1,207 @@
+"""Low-bit rungs on the GPU (issue 13): predicted vs measured peak memory of 8-bit / paged optimizers, Adafactor
+and pure 16-bit full fine-tuning (the QLoRA cases join `CASES` later).
+
+Each case is measured in a process of its own (`memtune.measure.verify.measure`, 3 steps: bitsandbytes' paged
+state is never freed, `get_paged` has no matching free, so it would stay in the next case's device memory), then
+predicted on both trace paths (`memtune.predict.estimate.estimate(config, train_config, device=...)`).
+
+On the GPU machine, with bitsandbytes installed (pip install -e ".[quant]", or its wheel carried over):
+    PYTHONPATH=. python3 benchmarks/lowbit.py                       # every case, both paths
+    PYTHONPATH=. python3 benchmarks/lowbit.py --match paged --paths cpu
+Anywhere (predictions only): add --no-measure.
+
+What is compared: measured `max_memory_reserved` (a delta over the state before the trial) with the predicted
+`peak_reserved_bytes`. Paged optimizers keep the state of every parameter of >= 1e5 elements in CUDA unified
+memory, outside torch's pool: neither number includes it (see `memtune.predict.trace.traced_optimizer`). The
+row records it apart: `paged_state_bytes` (bitsandbytes' rule applied to the model's parameters) and
+`device_used_after_bytes`, the device memory still in use after the trial gave torch's memory back (the paged
+state bitsandbytes never frees, where the driver kept it resident).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.cases import Case, model_config  # noqa: E402
+from memtune.config import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainConfig  # noqa: E402
+
+GIB = 1 << 30
+TOLERANCE = 0.05
+"""Issue 13: max |error| <= 5% of measured peak reserved (median <= 2%)."""
+
+MODELS = ["Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B"]
+MIXED = {"weights_dtype": "fp32", "amp": "bf16"}  # bf16-mixed: fp32 master weights, bf16 autocast
+PURE_BF16 = {"weights_dtype": "bf16", "amp": "none"}  # pure bf16: weights and optimizer state in bf16
+VARIANTS: list[dict] = [
+    {**MIXED, "optimizer": "adamw_torch_fused"},  # the reference every other row is compared with
+    {**MIXED, "optimizer": "adamw_bnb_8bit"},
+    {**MIXED, "optimizer": "paged_adamw_8bit"},
+    {**MIXED, "optimizer": "adafactor"},
+    {**PURE_BF16, "optimizer": "adamw_torch_fused"},
+]
+CASES: list[Case] = [
+    Case(model, None, TrainConfig(seq_len=1024, micro_batch_size=2, **variant))
+    for model in MODELS for variant in VARIANTS
+]
+"""Extend with more `Case`s (catalog name, layers or None, TrainConfig): QLoRA bases go here too."""
+
+
+def case_name(case: Case) -> str:
+    """`Case.name` and the optimizer where it is not the default (Case.name does not say it)."""
+    optimizer = case.config.optimizer
+    return case.name + ("" if optimizer == DEFAULT_OPTIMIZER else f" {optimizer}")
+
+
+def paged_state_bytes(case: Case) -> int:
+    """Bytes bitsandbytes puts in unified memory for this case: the state of every trained parameter of
+    >= 1e5 elements (Optimizer8bit.get_state_buffer): 2 uint8 states for an 8-bit one (absmax stays in the
+    pool), 2 fp32 states for a 32-bit one or a 32-bit override (Trainer keeps nn.Embedding in 32 bits)."""
+    if case.config.optimizer not in PAGED_OPTIMIZERS:
+        return 0
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(case))
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    total = 0
+    for param in model.parameters():
+        if param.numel() < 100_000:
+            continue
+        eight_bit = "8bit" in case.config.optimizer and id(param) not in embeddings
+        total += 2 * param.numel() * (1 if eight_bit else 4)
+    return total
+
+
+def measure_here(name: str) -> dict:
+    """Measure the case named `name` on this process's GPU: the measurement's fields, and device memory in use
+    after it (cudaMemGetInfo) minus before."""
+    import torch
+
+    from memtune.measure.verify import measure
+
+    case = next(case for case in CASES if case_name(case) == name)
+    free_before, _ = torch.cuda.mem_get_info()
+    result = measure(model_config(case), case.config, steps=3).to_dict()
+    free_after, _ = torch.cuda.mem_get_info()
+    result["device_used_after_bytes"] = free_before - free_after
+    return result
+
+
+def measure_isolated(case: Case) -> dict:
+    """`measure_here` in a fresh process; a crash becomes a row with the error."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        done = subprocess.run([sys.executable, __file__, "--measure-one", case_name(case), "--row-out", out.name],
+                              capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            return {"fits": False, "error": (done.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+        return json.loads(Path(out.name).read_text())
+
+
+def case_row(case: Case, measured: dict | None, paths: list[str]) -> dict:
+    """One case: measured and predicted peaks (bytes), relative errors, predict seconds; failures recorded."""
+    from memtune.predict.estimate import estimate
+
+    row: dict = {"case": case_name(case), "model": case.model, "config": case.config.to_dict(),
+                 "paged_state_bytes": paged_state_bytes(case)}
+    if measured is None:
+        row["measured_error"] = "not measured (--no-measure)"
+    elif not measured.get("fits"):
+        row["measured_error"] = measured.get("error") or "did not fit (out of memory)"
+    else:
+        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "tokens_per_second", "device_used_after_bytes"):
+            row[f"measured_{key}"] = measured.get(key)
+    for path in paths:
+        started = time.perf_counter()
+        try:
+            predicted = estimate(model_config(case), case.config, device=path)
+        except Exception as error:  # noqa: BLE001 - report and continue
+            row[f"{path}_error"] = f"{type(error).__name__}: {error}"[:300]
+            continue
+        row[f"{path}_seconds"] = time.perf_counter() - started
+        row[f"{path}_allocated_bytes"] = predicted.peak_allocated_bytes
+        row[f"{path}_reserved_bytes"] = predicted.peak_reserved_bytes
+        row[f"{path}_optimizer_bytes"] = predicted.breakdown.get("optimizer", 0)
+        row[f"{path}_ran_on"] = predicted.trace_device
+        if row.get("measured_peak_reserved_bytes"):
+            row[f"{path}_reserved_error"] = predicted.peak_reserved_bytes / row["measured_peak_reserved_bytes"] - 1
+    return row
+
+
+def summarize(rows: list[dict], path: str) -> dict:
+    """Median and largest |relative error| of predicted peak reserved on `path`, and cases within TOLERANCE."""
+    errors = [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
+    if not errors:
+        return {}
+    return {"cases": len(errors), "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
+            "within_5pct": sum(error <= TOLERANCE for error in errors),
+            "failed_traces": sum(f"{path}_error" in row for row in rows)}
+
+
+def format_row(row: dict, paths: list[str]) -> str:
+    """case | measured reserved GiB | per path: predicted GiB, error | paged GiB."""
+    measured = row.get("measured_peak_reserved_bytes")
+    line = f"{row['case'][:64]:64s} " + (f"{measured / GIB:8.2f}" if measured else f"{'-':>8s}")
+    for path in paths:
+        if f"{path}_reserved_bytes" not in row:
+            line += f" | {path} FAILED {row.get(f'{path}_error', '')[:40]}"
+            continue
+        error = row.get(f"{path}_reserved_error")
+        line += f" | {row[f'{path}_reserved_bytes'] / GIB:8.2f} " + (f"{100 * error:+6.1f}%" if error is not None
+                                                                       else f"{'':7s}")
+    paged = row["paged_state_bytes"]
+    line += f" | {paged / GIB:6.2f}" if paged else f" | {'':6s}"
+    if "measured_error" in row and not row["measured_error"].startswith("not measured"):
+        line += f"  [measure: {row['measured_error'][:50]}]"
+    return line
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--paths", nargs="+", default=["cuda", "cpu"], choices=["cuda", "cpu"])
+    parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT", help="only cases whose name has one")
+    parser.add_argument("--no-measure", action="store_true", help="predict only (no GPU needed with --paths cpu)")
+    parser.add_argument("--out", default="benchmarks/results/lowbit.json")
+    parser.add_argument("--measure-one", default="", help=argparse.SUPPRESS)  # the isolated measurement process
+    parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure_one:
+        Path(args.row_out).write_text(json.dumps(measure_here(args.measure_one)))
+        return
+
+    cases = [case for case in CASES if any(text in case_name(case) for text in args.match)]
+    environment = None
+    if not args.no_measure:
+        from benchmarks.ground_truth import environment as describe
+
+        environment = describe()
+    print(f"{'case':64s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
+          + f" | {'paged':>6s}", flush=True)
+    rows = []
+    for case in cases:
+        measured = None if args.no_measure else measure_isolated(case)
+        rows.append(case_row(case, measured, args.paths))
+        print(format_row(rows[-1], args.paths), flush=True)
+    summary = {path: summarize(rows, path) for path in args.paths}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": environment, "summary": summary, "rows": rows}, indent=1))
+    for path, stats in summary.items():
+        if stats:
+            print(f"{path}: {stats['cases']} cases, median |error| {100 * stats['median_abs_error']:.2f}%, "
+                  f"max {100 * stats['max_abs_error']:.2f}%, {stats['within_5pct']} within 5%, "
+                  f"{stats['failed_traces']} traces failed")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The optimizer rung and pure 16-bit training: names, what the recipe builds, what the trace records, the search."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from benchmarks.cases import tiny_llama
+from memtune.config import (
+    BITSANDBYTES_OPTIMIZERS,
+    DEFAULT_OPTIMIZER,
+    GIB,
+    OPTIMIZERS,
+    Policy,
+    TrainConfig,
+)
+from memtune.errors import UsageError
+from memtune.plan import Plan
+from memtune.predict import throughput
+from memtune.predict.trace import BLOCK_BYTES, NO_LAYER, Category, trace_step
+from memtune.recipe import step as recipe
+from memtune.search import ladder
+from memtune.search.choose import search
+
+needs_bitsandbytes = pytest.mark.skipif(
+    not recipe.bitsandbytes_available(), reason='bitsandbytes is not installed (pip install -e ".[quant]")'
+)
+
+
+def rounded(num_bytes: int) -> int:
+    return max(BLOCK_BYTES, math.ceil(num_bytes / BLOCK_BYTES) * BLOCK_BYTES)
+
+
+# ---- names -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_name_round_trips(name):
+    config = TrainConfig(seq_len=64, optimizer=name)
+    assert TrainConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["optimizer"] == name
+
+
+def test_adamw_of_old_plans_reads_as_fused_adamw():
+    old = TrainConfig(seq_len=64).to_dict() | {"optimizer": "adamw"}
+    assert TrainConfig.from_dict(old).optimizer == DEFAULT_OPTIMIZER == "adamw_torch_fused"
+    plan = Plan(model="gpt2", train_config=TrainConfig(seq_len=64), budget_bytes=GIB)
+    data = plan.to_dict()
+    data["train_config"]["optimizer"] = "adamw"
+    assert Plan.from_dict(data).train_config.optimizer == "adamw_torch_fused"
+
+
+def test_an_unknown_optimizer_is_refused_with_the_choices():
+    with pytest.raises(UsageError, match="optimizer must be one of adamw_torch_fused, .*got 'sgd'"):
+        TrainConfig(seq_len=64, optimizer="sgd")
+
+
+def test_bitsandbytes_optimizers_are_refused_under_fsdp():
+    with pytest.raises(UsageError, match="FSDP cannot shard or offload"):
+        TrainConfig(seq_len=64, optimizer="adamw_bnb_8bit", offload="parameters")
+    assert TrainConfig(seq_len=64, optimizer="adamw_bnb_8bit", num_gpus=2, strategy="ddp").replicated
+
+
+# ---- what the recipe builds: what Trainer builds ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_the_recipe_builds_the_optimizer_trainer_builds(name, tmp_path):
+    if name in BITSANDBYTES_OPTIMIZERS and not recipe.bitsandbytes_available():
+        pytest.skip('bitsandbytes is not installed (pip install -e ".[quant]")')
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    arguments = TrainingArguments(output_dir=str(tmp_path), optim=name, use_cpu=True, report_to="none")
+    trainer_class, trainer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments)
+    our_class, our_kwargs = recipe.optimizer_class_and_kwargs(name)
+    assert our_class is trainer_class
+    assert our_kwargs == trainer_kwargs
+    model = AutoModelForCausalLM.from_config(tiny_llama())
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # uses no Trainer state
+    groups = recipe.parameter_groups(model)
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for n, p in model.named_parameters() if n in decay]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for n, p in model.named_parameters() if n not in decay]
+
+
+def test_a_missing_bitsandbytes_is_a_usage_error_with_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    assert not recipe.bitsandbytes_available()
+    for name in sorted(BITSANDBYTES_OPTIMIZERS):
+        with pytest.raises(UsageError, match=r'which is not installed: pip install -e "\.\[quant\]"'):
+            recipe.make_optimizer(torch.nn.Linear(4, 4), TrainConfig(seq_len=8, optimizer=name))
+    assert ladder.skipped(Policy()) == [
+        '8-bit optimizers skipped: bitsandbytes is not installed (pip install -e ".[quant]" to add them)'
+    ]
+    assert {c.optimizer for c in ladder.candidate_space(64, 2, Policy(), with_adapter=False)} == {DEFAULT_OPTIMIZER}
+
+
+@pytest.mark.parametrize("command", [
+    ["plan", "gpt2", "--seq-len", "64", "--batch-size", "1", "--optim", "adamw_bnb_8bit", "--budget", "8GiB"],
+    ["fit", "gpt2", "--seq-len", "64", "--batch-size", "1", "--optim", "paged_adamw_8bit", "--budget", "8GiB",
+     "--no-verify"],
+])
+def test_the_cli_exits_2_with_the_install_hint_when_bitsandbytes_is_missing(command, monkeypatch, capsys):
+    from memtune.cli import main
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert 'pip install -e ".[quant]"' in err and "Traceback" not in err
+
+
+def test_the_optimizer_choices_are_in_the_help(capsys):
+    from memtune.cli import main
+
+    assert main(["fit", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--optim NAME" in out and "--no-8bit-optim" in out and "--no-pure-16bit" in out
+    for name in OPTIMIZERS:
+        assert f"{name}:" in out
+
+
+# ---- what the trace records: the state of each implementation on the tiny Llama -------------------
+
+
+def traced_state_bytes(name: str, weights_dtype: str = "fp32", model_config=None) -> tuple[int, object]:
+    """Optimizer state live at the traced step's peak (the second step's forward/backward), and the trace."""
+    config = TrainConfig(seq_len=32, micro_batch_size=2, optimizer=name, weights_dtype=weights_dtype)
+    trace = trace_step(model_config or tiny_llama(), config, device="cpu")
+    return trace.peak_breakdown.get(Category.OPTIMIZER.value, 0), trace
+
+
+def tiny_parameters(model_config=None) -> list[tuple[str, torch.Tensor]]:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config or tiny_llama())
+    embedding = model.get_input_embeddings().weight
+    return [("embedding" if p is embedding else "other", p) for p in model.parameters()]
+
+
+def test_fused_and_foreach_adamw_hold_two_fp32_copies_of_the_parameters():
+    params = tiny_parameters()
+    two_copies = sum(2 * rounded(4 * p.numel()) for _, p in params)
+    fused, _ = traced_state_bytes("adamw_torch_fused")
+    foreach, _ = traced_state_bytes("adamw_torch")
+    # + the fused step's `step` counter, a 0-d fp32 tensor on the device per parameter (torch/optim/adam.py
+    # _init_group: on the device when fused); foreach keeps it on the host, traced here as a CPU tensor too.
+    assert fused == two_copies + BLOCK_BYTES * len(params)
+    assert foreach == two_copies + BLOCK_BYTES * len(params)
+
+
+def test_pure_bf16_full_fine_tuning_holds_two_bf16_copies():
+    params = tiny_parameters()
+    state, trace = traced_state_bytes("adamw_torch_fused", weights_dtype="bf16")
+    assert state == sum(2 * rounded(2 * p.numel()) for _, p in params) + BLOCK_BYTES * len(params)
+    fp32_weights = trace_step(tiny_llama(), TrainConfig(seq_len=32, micro_batch_size=2), device="cpu")
+    halved = sum(rounded(4 * p.numel()) - rounded(2 * p.numel()) for _, p in params)  # fp32 buffers stay
+    assert trace.peak_breakdown[Category.WEIGHTS.value] == fp32_weights.peak_breakdown[Category.WEIGHTS.value] - halved
+
+
+def test_adafactor_state_is_factored_and_much_smaller():
+    params = tiny_parameters()
+    # transformers.optimization.Adafactor._init: a matrix keeps a row and a column mean (fp32), a vector its
+    # squared average; each parameter an RMS scalar on the device.
+    expected = sum(
+        (rounded(4 * p.shape[0]) + rounded(4 * p.shape[1]) if p.dim() == 2 else rounded(4 * p.numel())) + BLOCK_BYTES
+        for _, p in params
+    )
+    adafactor, _ = traced_state_bytes("adafactor")
+    fused, _ = traced_state_bytes("adamw_torch_fused")
+    assert adafactor == expected
+    assert adafactor < fused / 10
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("name", ["adamw_bnb_8bit", "paged_adamw_8bit"])
+def test_8bit_adamw_holds_two_bytes_per_parameter_and_the_block_maxima(name):
+    params = tiny_parameters()
+    expected = 2 * 256 * 4  # the two quantisation maps (bitsandbytes create_dynamic_map: 256 fp32 each)
+    for kind, p in params:
+        n = p.numel()
+        if kind == "embedding" or n < 4096:
+            # Trainer keeps nn.Embedding in 32-bit state; bitsandbytes keeps tensors under min_8bit_size=4096 so
+            expected += 2 * rounded(4 * n)
+        else:
+            expected += 2 * rounded(n) + 2 * rounded(4 * math.ceil(n / 256))  # state1/2 uint8, absmax1/2 per block
+    state, trace = traced_state_bytes(name)
+    assert state == expected
+    assert trace.paged_bytes == {}  # no tensor of the tiny Llama reaches bitsandbytes' paging size (1e5 elements)
+
+
+@needs_bitsandbytes
+def test_paged_state_is_left_out_of_the_pool_and_counted_apart():
+    model_config = tiny_llama()
+    model_config.vocab_size = 2048  # the (tied) embedding: 2048 x 64 = 131072 elements, paged
+    embedding = 2048 * 64
+    paged, trace = traced_state_bytes("paged_adamw_32bit", model_config=model_config)
+    unpaged, _ = traced_state_bytes("adamw_bnb_8bit", model_config=model_config)
+    params = tiny_parameters(model_config)
+    assert trace.paged_bytes == {NO_LAYER: 2 * 4 * embedding}  # the embedding is in no decoder layer
+    assert paged == sum(2 * rounded(4 * p.numel()) for _, p in params) - 2 * rounded(4 * embedding)
+    assert unpaged > paged - 2 * rounded(4 * embedding)  # the 8-bit one holds its embedding state in the pool
+
+
+@needs_bitsandbytes
+def test_the_estimate_reports_paged_state_at_full_depth():
+    from memtune.predict.estimate import estimate
+
+    model_config = tiny_llama(layers=5)  # traced at 3 layers, extended to 5
+    model_config.intermediate_size = 2048  # each MLP matrix 64 x 2048 = 131072 elements: paged
+    config = TrainConfig(seq_len=32, micro_batch_size=2, optimizer="paged_adamw_8bit")
+    predicted = estimate(model_config, config, device="cpu")
+    assert predicted.num_layers == 5 and predicted.traced_layers == 3
+    # 3 MLP matrices per layer, two uint8 states each (absmax stays in the pool), in all 5 layers
+    assert predicted.paged_bytes == 5 * 3 * 2 * 64 * 2048
+    assert predicted.to_dict()["paged_bytes"] == predicted.paged_bytes
+    fused = estimate(model_config, config.replace(optimizer="adamw_torch_fused"), device="cpu")
+    assert fused.paged_bytes == 0 and predicted.peak_reserved_bytes < fused.peak_reserved_bytes
+
+
+# ---- pure 16-bit training end to end ------------------------------------------------------------
+
+
+def test_pure_bf16_full_fine_tuning_plan_round_trip_and_training_arguments(tmp_path):
+    config = TrainConfig(seq_len=64, weights_dtype="bf16", amp="none")
+    assert config.precision == "bf16"
+    plan = Plan(model="gpt2", train_config=config, budget_bytes=GIB)
+    assert Plan.from_json(plan.to_json()).train_config == config
+    arguments = plan.training_arguments(output_dir=str(tmp_path))
+    assert arguments.bf16 is False and arguments.fp16 is False  # no autocast: the weights are loaded in bf16
+    assert ladder.tier(config) == 1 and ladder.is_quality_trade(config)
+    assert "no fp32 master weights" in ladder.precision_quality(config)
+    assert "load the weights in bf16" in " ".join(ladder.settings(config))
+    model = plan.prepare(torch.nn.Linear(4, 4), warm_up=False)
+    assert model.weight.dtype == torch.bfloat16
+
+
+def test_training_arguments_pass_the_plan_optimizer(tmp_path):
+    plan = Plan(model="gpt2", train_config=TrainConfig(seq_len=64, optimizer="adafactor"), budget_bytes=GIB)
+    assert plan.training_arguments(output_dir=str(tmp_path)).optim == "adafactor"
+
+
+# ---- the search --------------------------------------------------------------------------------
+
+
+class OptimizerPredictor:
+    """Memory in GiB: 4 of weights + gradients, AdamW state 4 (8-bit: 1; paged: 0, outside the pool), activations
+    2 per sequence (0.5 with checkpointing); 16-bit weights halve the model state. Speed: checkpointing 0.7x,
+    8-bit AdamW 0.98x, paged 0.9x (as the throughput model ranks them:
+    `test_the_speed_model_ranks_8bit_adamw_after_fused_adamw`), pure bf16 1.1x."""
+
+    STATE_GIB = {"adamw_torch_fused": 4.0, "adamw_bnb_8bit": 1.0, "paged_adamw_8bit": 0.0}
+    SPEED = {"adamw_torch_fused": 1.0, "adamw_bnb_8bit": 0.98, "paged_adamw_8bit": 0.9}
+
+    def __init__(self) -> None:
+        self.calls: list[TrainConfig] = []
+
+    def gib(self, config: TrainConfig) -> float:
+        state = (4.0 + self.STATE_GIB[config.optimizer]) / (2 if config.weights_dtype != "fp32" else 1)
+        return state + (0.5 if config.gradient_checkpointing else 2.0) * config.micro_batch_size
+
+    def memory(self, config: TrainConfig):
+        from memtune.predict.estimate import Estimate
+
+        self.calls.append(config)
+        size = int(self.gib(config) * GIB)
+        optimizer = int(self.STATE_GIB[config.optimizer] * GIB / (2 if config.weights_dtype != "fp32" else 1))
+        return Estimate(config, size, size, workspace_bytes=0, context_bytes=0,
+                        breakdown={"weights": size - optimizer, "optimizer": optimizer})
+
+    def fits(self, estimate, usable_bytes: int) -> bool:
+        return estimate.total_bytes <= usable_bytes
+
+    def tokens_per_second(self, config: TrainConfig) -> float:
+        speed = (0.7 if config.gradient_checkpointing else 1.0) * self.SPEED[config.optimizer]
+        return speed * (1.1 if config.weights_dtype != "fp32" else 1.0)
+
+
+POLICY = dict(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0, micro_batch_size=2)
+
+
+def chosen(budget_gib: float, predictor: OptimizerPredictor | None = None, **policy) -> TrainConfig | None:
+    result = search(predictor or OptimizerPredictor(), 64, 2, int(budget_gib * GIB), Policy(**(POLICY | policy)),
+                    explain=False)
+    return None if result.chosen is None else result.chosen.config
+
+
+def described(config: TrainConfig | None) -> tuple | None:
+    return None if config is None else (config.optimizer, config.gradient_checkpointing, config.precision)
+
+
+@needs_bitsandbytes
+def test_the_search_takes_8bit_adamw_only_when_allowed_and_nothing_faster_fits():
+    # 12 GiB: fused AdamW without checkpointing fits (8 + 4) and is fastest.
+    assert described(chosen(12)) == ("adamw_torch_fused", False, "bf16-mixed")
+    # 10 GiB: fused AdamW fits only with checkpointing (9, 0.7x); 8-bit AdamW fits without (9, 0.98x): faster.
+    assert described(chosen(10)) == ("adamw_bnb_8bit", False, "bf16-mixed")
+    assert described(chosen(10, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16-mixed")
+    # 8.5 GiB: 8-bit needs checkpointing (6, 0.69x); paged 8-bit fits without (8, 0.9x): faster.
+    assert described(chosen(8.5)) == ("paged_adamw_8bit", False, "bf16-mixed")
+    # 5.5 GiB: only the paged one with checkpointing keeps fp32 master weights (5).
+    assert described(chosen(5.5)) == ("paged_adamw_8bit", True, "bf16-mixed")
+    # Without 8-bit optimizers nothing with fp32 master weights fits 5.5 GiB: pure bf16 with checkpointing does
+    # (state 4 + activations 1).
+    assert described(chosen(5.5, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16")
+    assert chosen(5.5, allow_8bit_optimizer=False, allow_pure_16bit=False) is None
+    # A pinned optimizer is the only one tried.
+    predictor = OptimizerPredictor()
+    chosen(12, predictor, optimizer="adamw_bnb_8bit")
+    assert {config.optimizer for config in predictor.calls} == {"adamw_bnb_8bit"}
+
+
+def test_pure_bf16_is_walked_after_everything_with_fp32_master_weights():
+    predictor = OptimizerPredictor()
+    assert described(chosen(5.5, predictor, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16")
+    tiers = [ladder.tier(config) for config in predictor.calls]
+    assert tiers == sorted(tiers) and tiers[-1] == 1 and 0 in tiers
+    # pinned, it is the only precision and walked at once
+    predictor = OptimizerPredictor()
+    chosen(40, predictor, precision="bf16", allow_8bit_optimizer=False)
+    assert {(c.weights_dtype, c.amp) for c in predictor.calls} == {("bf16", "none")}
+    # pinned but forbidden for full fine-tuning (--precision bf16 --no-pure-16bit): only the LoRA stage uses it
+    space = ladder.candidate_space(64, 2, Policy(precision="bf16", allow_pure_16bit=False), with_adapter=False)
+    assert space == []
+    assert ladder.candidate_space(64, 2, Policy(precision="bf16", allow_pure_16bit=False), with_adapter=True)
+
+
+def test_the_speed_model_ranks_8bit_adamw_after_fused_adamw():
+    from memtune.sources import catalog_config
+
+    for model in ("meta-llama/Llama-3.2-1B", "mistralai/Mistral-7B-v0.1"):
+        model_config = catalog_config(model)
+        shape = throughput.ModelShape.of(model_config, 7_000_000_000 if "7B" in model else 1_235_814_400)
+        speed = throughput.gpu_speed("H100-80GB")
+        base = TrainConfig(seq_len=1024, micro_batch_size=2, amp="bf16")
+        fused = throughput.tokens_per_second(shape, base, speed)
+        eight_bit = throughput.tokens_per_second(shape, base.replace(optimizer="adamw_bnb_8bit"), speed)
+        paged = throughput.tokens_per_second(shape, base.replace(optimizer="paged_adamw_8bit"), speed)
+        assert paged < eight_bit < fused, model
+        for name in ("adamw_torch", "adafactor", "paged_adamw_32bit"):
+            assert throughput.tokens_per_second(shape, base.replace(optimizer=name), speed) < fused, (model, name)
+
+
+def test_the_quality_note_flags_8bit_state():
+    from memtune.report.words import quality_note
+
+    assert "optimizer state quantised" in quality_note(TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_bnb_8bit"))
+    assert "quantised" not in quality_note(TrainConfig(seq_len=64, amp="bf16"))
+    assert ladder.is_quality_trade(TrainConfig(seq_len=64, amp="bf16", optimizer="paged_adamw_8bit"))
