@@ -16,6 +16,7 @@ says how to install it.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -89,6 +90,9 @@ def prepare_for_kbit_training(model: nn.Module, train_config: TrainConfig) -> nn
     outside bitsandbytes cast to fp32, non-reentrant checkpointing when the configuration checkpoints."""
     from peft import prepare_model_for_kbit_training
 
-    return prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=train_config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        # transformers 5.24 renamed gradient_checkpointing_enable, which peft 0.21 calls (set_checkpointing's note)
+        warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=train_config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
