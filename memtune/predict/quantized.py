@@ -17,7 +17,7 @@ bitsandbytes' own `fix_4bit_weight_quant_state_from_module` rebuilds it: `Params
 under FakeTensorMode ("all __torch_dispatch__ handlers returned NotImplemented"). The 8-bit weight is a plain
 Parameter with `CB` (itself) and `SCB` attached, which `Linear8bitLt.forward` moves into its MatmulLtState.
 
-`BnbKernels` is a torch function mode, entered around the traced step on both paths, that runs bitsandbytes'
+`BnbKernels` is a dispatch mode, entered around the traced step on both paths, that runs bitsandbytes'
 ops (`torch.ops.bitsandbytes.*`) as its CUDA backend (bitsandbytes/backends/cuda/ops.py, 0.50.2) allocates:
 the registered fake kernels allocate the output only, where the CUDA `gemm_4bit` of more than 1536 tokens
 dequantises the whole weight first ([out, in] in the compute dtype) and multiplies with F.linear, and the
@@ -41,7 +41,7 @@ from unittest import mock
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memtune.config import TrainConfig
 from memtune.recipe import quant
@@ -219,36 +219,27 @@ _KERNELS: dict[str, Callable[..., Any]] = {
     "int8_scaled_mm": _int8_scaled_mm,
     "int8_mixed_scaled_mm": _int8_mixed_scaled_mm,
 }
-"""bitsandbytes op name -> its CUDA allocations; bitsandbytes calls some as `torch.ops.bitsandbytes.NAME(...)`
-(the overload packet) and some as `NAME.default(...)`: `_kernels` maps both."""
+"""bitsandbytes op name -> its CUDA allocations (the op's default overload is what a dispatch mode sees)."""
 
 
 def _kernels() -> dict[Any, Callable[..., Any]]:
-    packets = {name: getattr(torch.ops.bitsandbytes, name) for name in _KERNELS}
-    return {**{packet: _KERNELS[name] for name, packet in packets.items()},
-            **{packet.default: _KERNELS[name] for name, packet in packets.items()}}
+    return {getattr(torch.ops.bitsandbytes, name).default: kernel for name, kernel in _KERNELS.items()}
 
 
-class BnbKernels(TorchFunctionMode):
-    """Runs `torch.ops.bitsandbytes.*` as bitsandbytes' CUDA backend allocates (the functions above);
-    other functions pass through."""
+class BnbKernels(TorchDispatchMode):
+    """Runs bitsandbytes' ops (`torch.ops.bitsandbytes.*`) as its CUDA backend allocates (the functions above),
+    in place of their registered fake kernels; other ops pass through. A dispatch mode, entered above the trace's
+    StorageCounter (which records what the functions allocate) as `emulation.GpuKernels` is: it sees the ops of
+    backward and of checkpointing's recomputation too, on autograd's threads (fake CUDA) as on the caller's."""
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels = _kernels()
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kernel = self.kernels.get(func)
         if kernel is not None:
             return kernel(*args, **(kwargs or {}))
-        if func is torch.Tensor.backward:
-            # The mode is off inside its own handler, but backward dequantises and checkpointing recomputes
-            # the forward: run the engine with the mode back on, as emulation.CudaEmulation does.
-            loss = args[0]
-            with self:
-                engine = torch.autograd.Variable._execution_engine
-                engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
-            return None
         return func(*args, **(kwargs or {}))
 
 
