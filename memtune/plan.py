@@ -227,8 +227,9 @@ class Plan:
         quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
         quantization = self.train_config.quantization
         if quantization is not None and not getattr(model, f"is_loaded_in_{quantization.bits}bit", False):
-            raise UsageError(f"the plan trains a {quantization.describe()}, but the model was loaded without it: load "
-                             "it with AutoModelForCausalLM.from_pretrained(MODEL, **plan.model_kwargs())")
+            raise UsageError(f"the plan quantises the base ({quantization.describe()}), but the model was loaded "
+                             "without it: load it with AutoModelForCausalLM.from_pretrained(MODEL, "
+                             "**plan.model_kwargs())")
         if not quantized and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
             model = model.to(dtype)
         return recipe.prepare_model(model, self.train_config)

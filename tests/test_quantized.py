@@ -274,3 +274,27 @@ def test_the_gpu_benchmark_predicts_its_quantised_cases_on_the_cpu_path():
     assert [row.get("cpu_error") for row in rows] == [None, None]
     assert all(0 < row["cpu_weights_bytes"] < row["cpu_reserved_bytes"] for row in rows)
     assert rows[0]["cpu_weights_bytes"] < rows[1]["cpu_weights_bytes"]  # 4-bit weights below 8-bit
+
+
+@needs_bitsandbytes
+@pytest.mark.parametrize("bits", [4, 8])
+def test_memtune_run_loads_the_plans_quantised_base_and_prepare_refuses_a_16_bit_one(bits, tmp_path):
+    """runner.load_model passes the plan's BitsAndBytesConfig to from_pretrained (bitsandbytes quantises on the
+    CPU too); Plan.prepare then runs the k-bit preparation and LoRA, and refuses a model loaded without it."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memtune import sources
+    from memtune.plan import Plan
+    from memtune.run.runner import load_model
+
+    AutoModelForCausalLM.from_config(model_config()).save_pretrained(tmp_path)
+    plan = Plan(str(tmp_path), train_config(Quantization(bits=bits), checkpointing=True), budget_bytes=1)
+    model, _, pretrained = load_model(sources.resolve(str(tmp_path)), plan.train_config, "cpu")
+    layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
+    assert pretrained and sum(isinstance(module, layer) for module in model.modules()) == LAYERS * len(LINEARS)
+    prepared = plan.prepare(model, warm_up=False)
+    assert {p.dtype for name, p in prepared.named_parameters() if "base_layer.weight" not in name} == {torch.float32}
+    with pytest.raises(UsageError, match=r"loaded without it: load it with .*plan\.model_kwargs\(\)"):
+        plan.prepare(AutoModelForCausalLM.from_pretrained(tmp_path), warm_up=False)
