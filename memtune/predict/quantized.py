@@ -53,12 +53,9 @@ BLOCKSIZE_NESTED = 256
 """Scales per fp32 scale under double quantisation (`quantize_4bit`: quantize_blockwise(blocksize=256))."""
 CODE_4BIT_VALUES = 16
 DYNAMIC_CODE_VALUES = 256
-LLM_INT8_THRESHOLD = 6.0
-"""BitsAndBytesConfig's default llm_int8_threshold."""
 GEMM_4BIT_FUSED_MAX_TOKENS = 4
-"""bitsandbytes' `_GEMM_4BIT_CUSTOM_FLOOR_M`: up to this many rows `gemm_4bit` always runs its fused kernel."""
-GEMM_4BIT_CUSTOM_MAX_TOKENS = 1536
-"""`_gemm_4bit_custom_max_m` on CUDA: past this many rows `gemm_4bit` always dequantises and runs F.linear."""
+"""bitsandbytes' `_GEMM_4BIT_CUSTOM_FLOOR_M`: up to this many rows `gemm_4bit` always runs its fused kernel (past
+1536 rows, `_gemm_4bit_custom_max_m`, it always dequantises; between, a per-architecture table decides)."""
 
 
 def quantized_layers(model: nn.Module) -> list[nn.Module]:
@@ -130,7 +127,7 @@ def fake_quantized_weights(model: nn.Module, train_config: TrainConfig, device: 
 # -- bitsandbytes' CUDA kernels, as they allocate ----------------------------------------------------------
 
 
-def _gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Any, absmax: torch.Tensor, blocksize: int,  # noqa: N803
+def _gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Any, absmax: torch.Tensor, blocksize: int,
                quant_type: str, bias: torch.Tensor | None = None, absmax_8bit: torch.Tensor | None = None,
                absmax_code: torch.Tensor | None = None, absmax_offset: torch.Tensor | None = None) -> torch.Tensor:
     """backends/cuda/ops.py `gemm_4bit`: the fused kernel (output only) for few rows, else
@@ -151,22 +148,22 @@ def _gemm_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Any, absmax: torch.Tens
     return output
 
 
-def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,  # noqa: N803
+def _dequantize_4bit(A: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                      shape: Any, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(tuple(shape), dtype=dtype, device=A.device)
 
 
-def _dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,  # noqa: N803
+def _dequantize_blockwise(A: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int,
                           dtype: torch.dtype) -> torch.Tensor:
     return torch.empty_like(A, dtype=dtype)
 
 
-def _gemv_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Any, absmax: torch.Tensor, code: torch.Tensor,  # noqa: N803
+def _gemv_4bit(A: torch.Tensor, B: torch.Tensor, shapeB: Any, absmax: torch.Tensor, code: torch.Tensor,
                blocksize: int) -> torch.Tensor:
     return torch.empty((*A.shape[:-1], shapeB[0]), dtype=A.dtype, device=A.device)
 
 
-def _int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, ...]:  # noqa: N803
+def _int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, ...]:
     """CUDA: row scales, the int8 rows, and with a threshold the |A| >= threshold test (no outliers found)."""
     rows = A.numel() // A.shape[-1]
     row_stats = torch.empty(rows, dtype=torch.float32, device=A.device)
@@ -180,11 +177,11 @@ def _int8_vectorwise_quant(A: torch.Tensor, threshold: float = 0.0) -> tuple[tor
     return out_row, row_stats, outlier_cols  # type: ignore[return-value]
 
 
-def _int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:  # noqa: N803
+def _int8_linear_matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return torch.empty((*A.shape[:-1], B.shape[0]), dtype=torch.int32, device=A.device)
 
 
-def _int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,  # noqa: N803
+def _int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
                      dtype: torch.dtype | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA: an fp16 result, the bias added unless fp16 (fused), then cast to `dtype`."""
     out = torch.empty_like(A, dtype=torch.float16)
@@ -193,15 +190,15 @@ def _int8_mm_dequant(A: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.
     return out.to(dtype or torch.float16)
 
 
-def _int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,  # noqa: N803
+def _int8_scaled_mm(A: torch.Tensor, B: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
                     bias: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """backends/default/ops.py (CUDA runs the default): int32 product, then dequantised."""
     product = _int8_linear_matmul(A, B)
     return _int8_mm_dequant(product, row_stats, col_stats, dtype=dtype or torch.float16, bias=bias)
 
 
-def _int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor,  # noqa: N803
-                          SCB: torch.Tensor, outlier_cols: torch.Tensor | None = None,  # noqa: N803
+def _int8_mixed_scaled_mm(A: torch.Tensor, CA: torch.Tensor, CB: torch.Tensor, SCA: torch.Tensor,
+                          SCB: torch.Tensor, outlier_cols: torch.Tensor | None = None,
                           bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """backends/default/ops.py without outlier columns: an empty subA and the int8 matmul."""
     sub_a = torch.empty(0, dtype=A.dtype, device=A.device)
@@ -243,7 +240,7 @@ class BnbKernels(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _cuda_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, state: Any = None,  # noqa: N803
+def _cuda_matmul(A: torch.Tensor, B: torch.Tensor, out: torch.Tensor | None = None, state: Any = None,
                  threshold: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`bitsandbytes.matmul` as it runs for CUDA tensors: MatMul8bitLt (the CPU picks MatMul8bitFp)."""
     from bitsandbytes.autograd._functions import MatMul8bitLt, MatmulLtState
