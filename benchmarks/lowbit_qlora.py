@@ -3,7 +3,8 @@ LoRA, with the same LoRA on a bf16 base as the reference.
 
 Cases: Qwen/Qwen2.5-0.5B and meta-llama/Llama-3.2-1B (random weights at their published shapes), 2 x 1024 tokens,
 LoRA r16 on all linear layers, bf16 load dtype and bf16 autocast (Trainer bf16=True), with and without gradient
-checkpointing; the base 4-bit (nf4, double quantisation, bf16 compute), 8-bit (LLM.int8) or bf16.
+checkpointing; the base 4-bit (nf4, double quantisation, bf16 compute), 8-bit (LLM.int8) or bf16. One more:
+Llama-3.2-1B 4-bit at 4 x 1024 with checkpointing, the step issue 13 quotes as measured at 28.0 GiB through Trainer.
 
 Each case is measured in a process of its own (`memtune.measure.verify.measure`, 3 steps; `recipe.build_model`
 builds the quantised model on the GPU through transformers' BitsAndBytesConfig quantizer, recipe/quant.py), then
@@ -45,6 +46,11 @@ CASES: list[Case] = [
     Case(model, None, TrainConfig(seq_len=1024, micro_batch_size=2, weights_dtype="bf16", amp="bf16",
                                   gradient_checkpointing=checkpointing, adapter=Adapter(), quantization=base))
     for model in MODELS for base in BASES for checkpointing in (False, True)
+] + [
+    # issue 13's figure: 28.0 GiB reserved measured for this step run through Trainer (from_pretrained, fused AdamW)
+    Case("meta-llama/Llama-3.2-1B", None, TrainConfig(seq_len=1024, micro_batch_size=4, weights_dtype="bf16",
+                                                      amp="bf16", gradient_checkpointing=True, adapter=Adapter(),
+                                                      quantization=Quantization(bits=4))),
 ]
 
 
@@ -118,7 +124,7 @@ def summarize(rows: list[dict], path: str) -> dict:
 def format_row(row: dict, paths: list[str]) -> str:
     """case | measured reserved GiB | per path: predicted reserved GiB, error, weights GiB."""
     measured = row.get("measured_peak_reserved_bytes")
-    line = f"{row['case'][:90]:90s} " + (f"{measured / GIB:8.2f}" if measured else f"{'-':>8s}")
+    line = f"{row['case'][:100]:100s} " + (f"{measured / GIB:8.2f}" if measured else f"{'-':>8s}")
     for path in paths:
         if f"{path}_reserved_bytes" not in row:
             line += f" | {path} FAILED {row.get(f'{path}_error', '')[:40]}"
@@ -151,7 +157,7 @@ def main() -> None:
         from benchmarks.ground_truth import environment as describe
 
         environment = describe()
-    print(f"{'case':90s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s} {'wts':>6s}"
+    print(f"{'case':100s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s} {'wts':>6s}"
                                                    for path in args.paths), flush=True)
     rows = []
     for case in cases:

@@ -267,7 +267,7 @@ def test_the_gpu_benchmark_predicts_its_quantised_cases_on_the_cpu_path():
     from benchmarks import lowbit_qlora
 
     names = [lowbit_qlora.case_name(case) for case in lowbit_qlora.CASES]
-    assert len(set(names)) == len(names) == 12
+    assert len(set(names)) == len(names) == 13
     chosen = [case for case in lowbit_qlora.CASES
               if case.model == "Qwen/Qwen2.5-0.5B" and case.config.quantization and case.config.gradient_checkpointing]
     rows = [lowbit_qlora.case_row(case, None, ["cpu"]) for case in chosen]
