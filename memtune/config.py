@@ -99,6 +99,47 @@ class Adapter:
         return f"LoRA r={self.rank} ({targets})"
 
 
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A base model stored quantised by bitsandbytes (QLoRA), as transformers' `BitsAndBytesConfig` loads it.
+
+    The fields are BitsAndBytesConfig's without their `bnb_4bit_` prefix: bits 4 is `load_in_4bit`, 8 is
+    `load_in_8bit` (LLM.int8, threshold 6.0, transformers' default); the others are read for 4 bits only.
+    Only the adapter trains: a quantised base needs LoRA."""
+
+    bits: Literal[4, 8] = 4
+    """4 (QLoRA's nf4/fp4) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bnb_4bit_quant_type: the 4-bit data type."""
+    use_double_quant: bool = True
+    """bnb_4bit_use_double_quant: quantise the per-64-block scales again (8 bits per 256 scales)."""
+    compute_dtype: Literal["bf16", "fp16"] = "bf16"
+    """bnb_4bit_compute_dtype: the dtype a 4-bit layer dequantises to and multiplies in."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.bits, bool) or self.bits not in (4, 8):
+            problems.append(f"bits must be 4 or 8, got {self.bits!r}")
+        if self.quant_type not in QUANT_TYPES:
+            problems.append(f"quant_type must be nf4 or fp4, got {self.quant_type!r}")
+        if not isinstance(self.use_double_quant, bool):
+            problems.append(f"use_double_quant must be True or False, got {self.use_double_quant!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            problems.append(f"compute_dtype must be bf16 or fp16, got {self.compute_dtype!r}")
+        if problems:
+            raise UsageError("invalid quantization: " + "; ".join(problems))
+
+    def describe(self) -> str:
+        if self.bits == 8:
+            return "8-bit base (LLM.int8)"
+        double = ", double quant" if self.use_double_quant else ""
+        return f"4-bit {self.quant_type} base ({self.compute_dtype} compute{double})"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One candidate configuration of a training step."""
@@ -131,6 +172,10 @@ class TrainConfig:
     """How several GPUs share the work (only with num_gpus > 1): "fsdp" shards weights, gradients and
     optimizer state over them (FSDP2 full sharding; also the engine of CPU offload); "ddp" keeps a full
     replica on every GPU and all-reduces the gradients (DistributedDataParallel), without offload."""
+    quantization: Quantization | None = None
+    """A base stored in 4 or 8 bits by bitsandbytes (QLoRA; needs a LoRA adapter); None: the base in
+    weights_dtype. Its other floating weights are loaded in weights_dtype and made fp32 by peft's
+    prepare_model_for_kbit_training, as QLoRA recipes run it."""
 
     def __post_init__(self) -> None:
         if self.optimizer in LEGACY_OPTIMIZERS:
@@ -163,6 +208,8 @@ class TrainConfig:
         elif self.adapter is not None and self.adapter.kind == "prefix" and self.gradient_checkpointing:
             problems.append("prefix tuning does not work with gradient checkpointing (peft refuses it): "
                             "use LoRA, or turn checkpointing off")
+        if self.quantization is not None:
+            problems += _quantization_problems(self)
         if self.strategy == "ddp":
             if self.offload != "none":
                 problems.append(f"strategy 'ddp' keeps a full replica on every GPU and cannot offload {self.offload!r} "
@@ -195,6 +242,8 @@ class TrainConfig:
             parts.append("checkpointing")
         if self.adapter is not None:
             parts.append(self.adapter.describe())
+        if self.quantization is not None:
+            parts.append(self.quantization.describe())
         if self.loss == "chunked":
             parts.append("chunked loss")
         if self.optimizer != DEFAULT_OPTIMIZER:
@@ -233,11 +282,30 @@ class TrainConfig:
             if isinstance(adapter.get("target_modules"), list):
                 adapter = {**adapter, "target_modules": tuple(adapter["target_modules"])}
             data["adapter"] = Adapter(**adapter)
+        if isinstance(data.get("quantization"), dict):
+            data["quantization"] = Quantization(**data["quantization"])
         return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
+
+
+def _quantization_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with `config.quantization` given the rest of `config` (the quantised base trains a LoRA
+    adapter on one GPU: bitsandbytes' weights are frozen, and memtune traces no sharded quantised base)."""
+    if not isinstance(config.quantization, Quantization):
+        return [f"quantization must be a Quantization or None, got {type(config.quantization).__name__}"]
+    problems = []
+    bits = config.quantization.bits
+    if config.adapter is None or not isinstance(config.adapter, Adapter) or config.adapter.kind != "lora":
+        seen = "no adapter" if config.adapter is None else f"adapter {getattr(config.adapter, 'kind', '?')!r}"
+        problems.append(f"a quantised base ({bits}-bit) trains only a LoRA adapter (its weights are frozen), "
+                        f"got {seen}: add adapter=Adapter() (--lora), or drop the quantization")
+    if config.num_gpus != 1 or config.offload != "none":
+        problems.append(f"a quantised base ({bits}-bit) is planned on one GPU without offload, got "
+                        f"num_gpus={config.num_gpus!r}, offload={config.offload!r}: use num_gpus 1 and offload 'none'")
+    return problems
 
 
 def precision_config(name: str) -> tuple[DType, Amp]:

@@ -6,7 +6,8 @@ keep the same effective batch, in the order the OOM guard steps down through the
 
 Adapters to Hugging Face objects (heavy libraries are imported only when called):
 
-    model = plan.prepare(model)                        # dtype, checkpointing, LoRA, use_cache off
+    model = AutoModelForCausalLM.from_pretrained(plan.model, **plan.model_kwargs())   # dtype, quantisation
+    model = plan.prepare(model)                        # dtype, checkpointing, k-bit preparation, LoRA
     args = plan.training_arguments(output_dir="out")   # transformers.TrainingArguments
     trainer = plan.trainer(model=model, args=args, train_dataset=ds)   # Trainer with the OOM guard attached
 """
@@ -202,6 +203,10 @@ class Plan:
 
         Returns the model to train (a peft.PeftModel when the plan has an adapter).
 
+        A plan with a quantised base (QLoRA) takes the model `from_pretrained(MODEL, **plan.model_kwargs())` loads
+        (UsageError for one loaded without the quantisation) and runs peft's prepare_model_for_kbit_training
+        before LoRA, as the prediction does (recipe/quant.py).
+
         With a GPU (and warm_up) it also makes cuBLAS's workspaces now (`memory.warm_up`, on this process's GPU:
         LOCAL_RANK under a launcher): made in the first step, they land inside a logits-sized free
         block and split it for good (+4.7 GiB peak reserved for Qwen2.5-0.5B 8 x 1024 on an H200).
@@ -220,9 +225,27 @@ class Plan:
 
         dtype = recipe.TORCH_DTYPES[self.train_config.weights_dtype]
         quantized = getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False)
+        quantization = self.train_config.quantization
+        if quantization is not None and not getattr(model, f"is_loaded_in_{quantization.bits}bit", False):
+            raise UsageError(f"the plan quantises the base ({quantization.describe()}), but the model was loaded "
+                             "without it: load it with AutoModelForCausalLM.from_pretrained(MODEL, "
+                             "**plan.model_kwargs())")
         if not quantized and any(p.dtype != dtype for p in model.parameters() if p.is_floating_point()):
             model = model.to(dtype)
         return recipe.prepare_model(model, self.train_config)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `AutoModelForCausalLM.from_pretrained` that load the model as the plan trains it:
+        `dtype` (the weights' dtype), and for a quantised base `quantization_config`, transformers'
+        BitsAndBytesConfig (recipe/quant.py; UsageError with the install command when bitsandbytes is missing)."""
+        from memtune.recipe import quant
+        from memtune.recipe import step as recipe
+
+        kwargs: dict[str, Any] = {"dtype": recipe.TORCH_DTYPES[self.train_config.weights_dtype]}
+        if self.train_config.quantization is not None:
+            quant.require_bitsandbytes()
+            kwargs["quantization_config"] = quant.bnb_config(self.train_config.quantization)
+        return kwargs
 
     def training_arguments(self, **overrides: Any) -> TrainingArguments:
         """transformers.TrainingArguments that run the plan's step: micro-batch and accumulation,

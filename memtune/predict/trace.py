@@ -39,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
+from memtune.predict import quantized
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.recipe import step as recipe
 
@@ -342,6 +343,8 @@ def meta_to_fake(
     layer_of = layer_of or {}
 
     def convert(tensor: torch.Tensor, is_param: bool) -> torch.Tensor:
+        if not tensor.is_meta:
+            return tensor  # made fake already (a quantised layer's packed weight, predict/quantized.py)
         if id(tensor) not in converted:
             if counter is not None:
                 counter.base_layer = layer_of.get(id(tensor), NO_LAYER)
@@ -600,7 +603,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     if train_config.amp != "none":
         counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
-    with unpacked, fake_mode, counter, GpuKernels(), emulation:
+    with unpacked, fake_mode, counter, GpuKernels(), emulation, quantized.quantized_step(train_config, emulate):
+        quantized.fake_quantized_weights(model, train_config, torch.device(device), counter, layer_of)
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         layer_of_param = {id(p): layer_of.get(id(meta), NO_LAYER) for p in model.parameters()
                           if (meta := param_meta.get(id(p))) is not None}

@@ -23,6 +23,7 @@ from memtune.config import (
     TrainConfig,
 )
 from memtune.errors import UsageError
+from memtune.recipe import quant
 from memtune.recipe.loss import chunked_causal_lm_loss
 from memtune.sources import custom_code
 
@@ -52,6 +53,9 @@ def build_model(
                                                  trust_remote_code=custom_code(model_config))
     if not initialise:
         model.tie_weights()
+    if train_config.quantization is not None:
+        # as from_pretrained(quantization_config=BitsAndBytesConfig(...)) loads it (recipe/quant.py)
+        model = quant.quantize_model(model, train_config.quantization)
     return prepare_model(model, train_config)
 
 
@@ -79,6 +83,8 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
     `PreTrainedModel`); returns it, or the peft model around it."""
     causal_lm = cast("PreTrainedModel", model)
     causal_lm.train()
+    if train_config.quantization is not None:
+        causal_lm = cast("PreTrainedModel", quant.prepare_for_kbit_training(causal_lm, train_config))
     if train_config.gradient_checkpointing:
         set_checkpointing(causal_lm, True)
     if hasattr(causal_lm, "config"):

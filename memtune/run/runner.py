@@ -558,22 +558,30 @@ def _run_plan(
 
 def load_model(source: Any, train_config: TrainConfig, device: torch.device | str) -> tuple[Any, str, bool]:
     """(model, where its weights came from, whether they are pretrained) for a `sources.ModelSource`,
-    in the plan's weights dtype."""
+    in the plan's weights dtype, quantised as the plan says (transformers' BitsAndBytesConfig, recipe/quant.py)."""
     from transformers import AutoModelForCausalLM
 
+    from memtune.recipe import quant
+
     dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
+    quantization = train_config.quantization
+    extra = {} if quantization is None else {"quantization_config": quant.bnb_config(quantization)}
+    if quantization is not None:
+        quant.require_bitsandbytes()
     if source.origin == "local" and source.path is not None and has_weights(source.path):
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=source.trust_remote_code
+            source.path, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
         )
         return model, f"weights from {source.path}", True
     if source.origin == "hub":
         model = AutoModelForCausalLM.from_pretrained(
-            source.hub_id, dtype=dtype, trust_remote_code=source.trust_remote_code
+            source.hub_id, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
         )
         return model, f"weights from the hub ({source.hub_id})", True
     with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
         model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+    if quantization is not None:
+        quant.quantize_model(model, quantization)  # in place
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the untied head weight that tie_weights freed: see measure.verify.measure
     why = "a catalog config" if source.origin == "catalog" else f"{source.path} has config.json but no weights"
