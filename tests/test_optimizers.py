@@ -313,6 +313,33 @@ def test_the_search_takes_8bit_adamw_only_when_allowed_and_nothing_faster_fits()
     assert {config.optimizer for config in predictor.calls} == {"adamw_bnb_8bit"}
 
 
+class OffloadPredictor(OptimizerPredictor):
+    """OptimizerPredictor, and CPU offload: the model state leaves the GPU (1 GiB stays) at 0.2x the speed."""
+
+    def gib(self, config: TrainConfig) -> float:
+        if config.offload == "none":
+            return super().gib(config)
+        return 1.0 + (0.5 if config.gradient_checkpointing else 2.0) * config.micro_batch_size
+
+    def tokens_per_second(self, config: TrainConfig) -> float:
+        return super().tokens_per_second(config) * (0.2 if config.offload != "none" else 1.0)
+
+
+def test_pure_bf16_comes_before_offload_and_after_fp32_master_weights_on_the_gpu():
+    """5.5 GiB: nothing with fp32 master weights fits on the GPU; pure bf16 with checkpointing does (5), and
+    offload does too (2-5) but at 0.2x: pure bf16 is chosen. Forbidden, offload is."""
+    offload = dict(allow_offload=True, allow_8bit_optimizer=False)
+    assert described(chosen(5.5, OffloadPredictor(), **offload)) == ("adamw_torch_fused", True, "bf16")
+    config = chosen(5.5, OffloadPredictor(), allow_pure_16bit=False, **offload)
+    assert config is not None and config.offload != "none" and config.weights_dtype == "fp32"
+    # 12 GiB: fp32 master weights fit on the GPU: neither pure bf16 nor offload is walked
+    predictor = OffloadPredictor()
+    assert described(chosen(12, predictor, **offload)) == ("adamw_torch_fused", False, "bf16-mixed")
+    assert {ladder.tier(config) for config in predictor.calls} == {0}
+    assert [ladder.tier(TrainConfig(seq_len=8, weights_dtype=w, offload=o)) for w, o in
+            [("fp32", "none"), ("bf16", "none"), ("fp32", "optimizer"), ("bf16", "parameters")]] == [0, 1, 2, 3]
+
+
 def test_pure_bf16_is_walked_after_everything_with_fp32_master_weights():
     predictor = OptimizerPredictor()
     assert described(chosen(5.5, predictor, allow_8bit_optimizer=False)) == ("adamw_torch_fused", True, "bf16")

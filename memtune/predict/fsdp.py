@@ -334,6 +334,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
             del model, optimizer, head, layers
             gc.collect()  # FSDP's state holds reference cycles: free what the model held, inside the trace
             counter.closed = True
+            counter.raise_interrupt()  # a Ctrl-C that landed in a weakref callback during that collection
     trace = counter.trace
     for storage_id in counter.resized:
         trace.categories[storage_id] = FSDP_BUFFERS

@@ -94,10 +94,10 @@ def fake_quantized_weights(model: nn.Module, train_config: TrainConfig, device: 
     """Give every bitsandbytes layer of the meta-built `model` its quantised weight as fake tensors on `device`
     (call it inside the trace's FakeTensorMode and StorageCounter: the counter records them as weights of the
     layer `layer_of` names for the meta weight). Returns how many layers were given weights."""
-    bnb = quant.require_bitsandbytes()
     quantization = train_config.quantization
     if quantization is None:
         return 0
+    bnb = quant.require_bitsandbytes()
     weights_dtype = TORCH_DTYPES[train_config.weights_dtype]
     layers = quantized_layers(model)
     for module in layers:

@@ -247,7 +247,7 @@ def search(
         say(note)
     for with_adapter in stages(policy):
         space = ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)
-        # Within a stage, quality trades of precision (pure 16-bit training) are walked after the rest.
+        # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload.
         for tier in sorted({ladder.tier(config) for config in space}):
             ranked = [Candidate(config, predictor.tokens_per_second(config))
                       for config in space if ladder.tier(config) == tier]
