@@ -47,6 +47,10 @@ DEFAULT_OPTIMIZER = "adamw_torch_fused"
 LEGACY_OPTIMIZERS = {"adamw": DEFAULT_OPTIMIZER}
 """Names in plans saved before --optim existed: "adamw" was torch's fused AdamW."""
 BITSANDBYTES_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
+UNSHARDABLE_OPTIMIZERS = BITSANDBYTES_OPTIMIZERS | {"adafactor"}
+"""Optimizers whose state FSDP2 can neither shard nor offload: bitsandbytes' (its own CUDA state buffers), and
+transformers' Adafactor, whose factored row/column state is made from the gradient's shape as plain tensors that
+then meet FSDP2's DTensors ("aten.add_.Tensor got mixed torch.Tensor and DTensor", traced here)."""
 """Optimizers that need the optional bitsandbytes package (`pip install -e ".[quant]"`)."""
 EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"})
 """Optimizers whose state is quantised to 8 bits (a quality trade, forbidden by --no-8bit-optim)."""
@@ -198,9 +202,9 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
                             f"got {self.optimizer!r} (--optim)")
-        elif self.optimizer in BITSANDBYTES_OPTIMIZERS and isinstance(self.num_gpus, int) and self.sharded:
-            problems.append(f"optimizer {self.optimizer} keeps bitsandbytes state that FSDP cannot shard or offload: "
-                            "use adamw_torch_fused, adamw_torch or adafactor with FSDP / CPU offload")
+        elif self.optimizer in UNSHARDABLE_OPTIMIZERS and isinstance(self.num_gpus, int) and self.sharded:
+            problems.append(f"optimizer {self.optimizer} keeps state that FSDP cannot shard or offload: "
+                            "use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):

@@ -217,6 +217,23 @@ def test_alternatives_explain_the_choice():
     assert fp32.predicted_tokens_per_second < result.chosen.predicted_tokens_per_second
 
 
+def test_an_alternative_that_cannot_be_traced_leaves_the_choice_and_a_note():
+    """A trace failure while explaining the winner (e.g. an optimizer FSDP cannot run, traced for the
+    '+ CPU offload' row) costs that row, not the plan."""
+
+    class Untraceable(FakePredictor):
+        def memory(self, config: TrainConfig) -> Estimate:
+            if config.gradient_checkpointing and config.micro_batch_size == 2 and config.amp == "none":
+                raise UsageError("memtune cannot trace a training step of model type 'x': the cpu trace failed")
+            return super().memory(config)
+
+    result = search(Untraceable(), 512, 4, int(7.5 * GIB), SIMPLE, explain=True)
+    assert short(result.chosen.config) == "bc2"
+    changes = {a.change for a in result.alternatives}
+    assert "fp32 instead of bf16-mixed" not in changes and "- gradient checkpointing" in changes
+    assert any("'fp32 instead of bf16-mixed' was not predicted" in note for note in result.notes)
+
+
 def test_fallbacks_need_no_more_memory_than_the_winner():
     result = search(FakePredictor(), 512, 8, 12 * GIB, SIMPLE, explain=False)
     chosen = result.chosen.config

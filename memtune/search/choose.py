@@ -38,6 +38,7 @@ from memtune.config import (
     format_bytes,
     margin_for,
 )
+from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.ddp import DDP_BUCKETS
 from memtune.predict.estimate import Estimate
@@ -366,7 +367,11 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
     assert result.chosen is not None
     found = []
     for change, config in ladder.alternatives(result.chosen.config, policy, result.effective_batch_size):
-        estimate = _predict(predictor, result, config)
+        try:
+            estimate = _predict(predictor, result, config)
+        except UsageError as error:  # an alternative that cannot be traced explains less; the choice stands
+            result.notes.append(f"the alternative '{change}' was not predicted: {str(error).splitlines()[0][:200]}")
+            continue
         found.append(Alternative(change, config, estimate.total_bytes, predictor.tokens_per_second(config),
                                  judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits))
     return found

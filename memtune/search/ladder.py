@@ -31,6 +31,7 @@ from memtune.config import (
     EIGHT_BIT_OPTIMIZERS,
     QUANT_EXTRA_HINT,
     STRATEGIES,
+    UNSHARDABLE_OPTIMIZERS,
     Policy,
     TrainConfig,
     precision_config,
@@ -271,7 +272,7 @@ class Offload(Rung):
             label += " (FSDP)"
         strategy = "fsdp" if flipped != "none" else chosen.strategy
         optimizer = chosen.optimizer
-        if flipped != "none" and optimizer in BITSANDBYTES_OPTIMIZERS:
+        if flipped != "none" and optimizer in UNSHARDABLE_OPTIMIZERS:
             label, optimizer = label + f" ({DEFAULT_OPTIMIZER})", DEFAULT_OPTIMIZER  # FSDP cannot shard them
         return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy, optimizer=optimizer)
 
@@ -301,7 +302,7 @@ class Strategy(Rung):
         if policy.strategy is not None or chosen.num_gpus < 2:
             return None
         if chosen.strategy == "ddp":
-            if chosen.optimizer in BITSANDBYTES_OPTIMIZERS:  # FSDP cannot shard bitsandbytes state
+            if chosen.optimizer in UNSHARDABLE_OPTIMIZERS:  # FSDP cannot shard their state
                 return (f"FSDP instead of DDP (shards the model state; {DEFAULT_OPTIMIZER})",
                         chosen.replace(strategy="fsdp", optimizer=DEFAULT_OPTIMIZER))
             return "FSDP instead of DDP (shards the model state)", chosen.replace(strategy="fsdp")
@@ -352,9 +353,9 @@ class Optimizer(Rung):
         return [{"optimizer": name} for name in names]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
-        if fields["optimizer"] in BITSANDBYTES_OPTIMIZERS and (fields["offload"] != "none" or (
+        if fields["optimizer"] in UNSHARDABLE_OPTIMIZERS and (fields["offload"] != "none" or (
                 fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
-            return "FSDP cannot shard or offload bitsandbytes optimizer state"
+            return "FSDP cannot shard or offload this optimizer's state (bitsandbytes', Adafactor's)"
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
@@ -447,9 +448,13 @@ def precisions(policy: Policy, with_adapter: bool) -> list[str]:
 
 def skipped(policy: Policy) -> list[str]:
     """One line per rung left out of the search because an optional package is missing."""
+    notes = []
     if policy.optimizer is None and policy.allow_8bit_optimizer and not bitsandbytes_available():
-        return [f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)"]
-    return []
+        notes.append(f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)")
+    if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
+        notes.append(f"--precision {policy.precision} with --no-pure-16bit: full fine-tuning has no candidate, "
+                     f"only LoRA on a {policy.precision} base is searched")
+    return notes
 
 
 def pure_16bit(config: TrainConfig) -> bool:
