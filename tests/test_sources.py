@@ -402,3 +402,19 @@ def test_every_decoder_only_type_of_this_transformers_passes_the_checks():
 def test_empty_model_is_refused_rather_than_read_as_the_current_directory(model):
     with pytest.raises(ModelNotFoundError, match="MODEL is empty"):
         sources.resolve(model)
+
+
+def test_the_catalog_records_each_models_parameter_count():
+    """`memtune models` reads num_parameters from the catalog files instead of building every model."""
+    import json
+
+    from memtune.sources import CATALOG_DIR, catalog, config_from_dict, parameter_count
+
+    shapes = {entry.hub_id: entry for entry in catalog()}
+    for path in sorted(CATALOG_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        config = config_from_dict(data["config"])
+        assert data["num_parameters"] == parameter_count(config), path.name
+        entry = shapes[data["hub_id"]]  # read from the file's keys, not the config class: the same numbers
+        assert (entry.num_layers, entry.hidden_size, entry.vocab_size) == (
+            config.num_hidden_layers, config.hidden_size, config.vocab_size), path.name

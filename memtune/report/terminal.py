@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import rich.markup
 from rich import box
 from rich.console import Console
 from rich.padding import Padding
@@ -107,13 +108,17 @@ def render_plan(result: PlanResult, console: Console) -> None:
 
 
 def render_models(entries: list[CatalogEntry], console: Console) -> None:
+    """The catalog as a table that fits 80 columns: the hub id (what a user copies) is never cut or wrapped;
+    the aliases, which `memtune fit` takes as well, go on the line below it."""
     table = Table(title="built-in catalog (works offline)")
-    for column in ("hub id", "aliases", "parameters", "layers", "hidden", "vocab"):
-        table.add_column(column, justify="right" if column in ("parameters", "layers", "hidden", "vocab") else "left")
+    widest = max((len(entry.hub_id) for entry in entries), default=6)
+    table.add_column("hub id (aliases below)", min_width=widest, max_width=widest)
+    for column in ("parameters", "layers", "hidden", "vocab"):
+        table.add_column(column, justify="right", no_wrap=True)
     for entry in entries:
+        aliases = ", ".join(entry.aliases)
         table.add_row(
-            entry.hub_id,
-            ", ".join(entry.aliases),
+            entry.hub_id + (f"\n  [dim]{rich.markup.escape(aliases)}[/dim]" if aliases else ""),
             f"{entry.num_parameters / 1e9:.3f}B",
             str(entry.num_layers),
             str(entry.hidden_size),
