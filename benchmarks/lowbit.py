@@ -1,5 +1,12 @@
-"""Low-bit rungs on the GPU (issue 13): predicted vs measured peak memory of 8-bit / paged optimizers, Adafactor
-and pure 16-bit full fine-tuning (the QLoRA cases join `CASES` later).
+"""Low-bit rungs on the GPU (issue 13): predicted vs measured peak memory of 8-bit / paged optimizers, Adafactor,
+pure 16-bit full fine-tuning and quantised LoRA bases (QLoRA).
+
+Cases: Qwen/Qwen2.5-0.5B and meta-llama/Llama-3.2-1B (random weights at their published shapes), 2 x 1024 tokens:
+bf16-mixed full fine-tuning with each optimizer, pure bf16, and LoRA r16 on all linear layers (bf16 load dtype,
+bf16 autocast) over a bf16, 4-bit (nf4, double quantisation, bf16 compute) or 8-bit (LLM.int8) base, with and
+without checkpointing (`recipe.build_model` quantises through transformers' BitsAndBytesConfig quantizer,
+recipe/quant.py). One more: Llama-3.2-1B 4-bit at 4 x 1024 with checkpointing, the step issue 13 quotes as
+measured at 28.0 GiB through Trainer.
 
 Each case is measured in a process of its own (`memtune.measure.verify.measure`, 3 steps: bitsandbytes' paged
 state is never freed, `get_paged` has no matching free, so it would stay in the next case's device memory), then
@@ -32,7 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cases import Case, model_config  # noqa: E402
-from memtune.config import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, TrainConfig  # noqa: E402
+from memtune.config import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, Adapter, Quantization, TrainConfig  # noqa: E402
 
 GIB = 1 << 30
 TOLERANCE = 0.05
@@ -48,17 +55,31 @@ VARIANTS: list[dict] = [
     {**MIXED, "optimizer": "adafactor"},
     {**PURE_BF16, "optimizer": "adamw_torch_fused"},
 ]
+BASES: list[Quantization | None] = [None, Quantization(bits=4), Quantization(bits=8)]
+"""LoRA bases: bf16 (the reference), 4-bit nf4 with double quantisation and bf16 compute, 8-bit LLM.int8."""
 CASES: list[Case] = [
     Case(model, None, TrainConfig(seq_len=1024, micro_batch_size=2, **variant))
     for model in MODELS for variant in VARIANTS
+] + [
+    Case(model, None, TrainConfig(seq_len=1024, micro_batch_size=2, weights_dtype="bf16", amp="bf16",
+                                  gradient_checkpointing=checkpointing, adapter=Adapter(), quantization=base))
+    for model in MODELS for base in BASES for checkpointing in (False, True)
+] + [
+    # issue 13's figure: 28.0 GiB reserved measured for this step run through Trainer (from_pretrained, fused AdamW)
+    Case("meta-llama/Llama-3.2-1B", None, TrainConfig(seq_len=1024, micro_batch_size=4, weights_dtype="bf16",
+                                                      amp="bf16", gradient_checkpointing=True, adapter=Adapter(),
+                                                      quantization=Quantization(bits=4))),
 ]
-"""Extend with more `Case`s (catalog name, layers or None, TrainConfig): QLoRA bases go here too."""
+"""Extend with more `Case`s (catalog name, layers or None, TrainConfig)."""
 
 
 def case_name(case: Case) -> str:
-    """`Case.name` and the optimizer where it is not the default (Case.name does not say it)."""
-    optimizer = case.config.optimizer
-    return case.name + ("" if optimizer == DEFAULT_OPTIMIZER else f" {optimizer}")
+    """`Case.name` and what it does not say: the optimizer where it is not the default, and a LoRA case's base."""
+    config = case.config
+    name = case.name + ("" if config.optimizer == DEFAULT_OPTIMIZER else f" {config.optimizer}")
+    if config.adapter is not None:
+        name += f" {'bf16 base' if config.quantization is None else config.quantization.describe()}"
+    return name
 
 
 def paged_state_bytes(case: Case) -> int:
@@ -131,7 +152,10 @@ def case_row(case: Case, measured: dict | None, paths: list[str]) -> dict:
         row[f"{path}_allocated_bytes"] = predicted.peak_allocated_bytes
         row[f"{path}_reserved_bytes"] = predicted.peak_reserved_bytes
         row[f"{path}_optimizer_bytes"] = predicted.breakdown.get("optimizer", 0)
+        row[f"{path}_weights_bytes"] = predicted.breakdown.get("weights", 0)
         row[f"{path}_ran_on"] = predicted.trace_device
+        if predicted.trace_note:
+            row[f"{path}_note"] = predicted.trace_note
         if row.get("measured_peak_reserved_bytes"):
             row[f"{path}_reserved_error"] = predicted.peak_reserved_bytes / row["measured_peak_reserved_bytes"] - 1
     return row

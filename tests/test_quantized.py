@@ -263,14 +263,14 @@ def test_estimate_of_a_deep_quantised_model_extends_its_trace():
 
 @needs_bitsandbytes
 def test_the_gpu_benchmark_predicts_its_quantised_cases_on_the_cpu_path():
-    """benchmarks/lowbit_qlora.py --no-measure --paths cpu, for the two checkpointed 4-bit / 8-bit Qwen cases."""
-    from benchmarks import lowbit_qlora
+    """benchmarks/lowbit.py --no-measure --paths cpu, for the two checkpointed 4-bit / 8-bit Qwen cases."""
+    from benchmarks import lowbit
 
-    names = [lowbit_qlora.case_name(case) for case in lowbit_qlora.CASES]
-    assert len(set(names)) == len(names) == 13
-    chosen = [case for case in lowbit_qlora.CASES
+    names = [lowbit.case_name(case) for case in lowbit.CASES]
+    assert len(set(names)) == len(names) == 10 + 13
+    chosen = [case for case in lowbit.CASES
               if case.model == "Qwen/Qwen2.5-0.5B" and case.config.quantization and case.config.gradient_checkpointing]
-    rows = [lowbit_qlora.case_row(case, None, ["cpu"]) for case in chosen]
+    rows = [lowbit.case_row(case, None, ["cpu"]) for case in chosen]
     assert [row.get("cpu_error") for row in rows] == [None, None]
     assert all(0 < row["cpu_weights_bytes"] < row["cpu_reserved_bytes"] for row in rows)
     assert rows[0]["cpu_weights_bytes"] < rows[1]["cpu_weights_bytes"]  # 4-bit weights below 8-bit
