@@ -57,6 +57,8 @@ EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"})
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 """Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
 QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'
+QUANTIZED_BASE_CHOICES = ("4", "8")
+"""--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ class Quantization:
         if self.bits == 8:
             return "8-bit base (LLM.int8)"
         double = ", double quant" if self.use_double_quant else ""
-        return f"4-bit {self.quant_type} base ({self.compute_dtype} compute{double})"
+        return f"4-bit base ({self.quant_type}), {self.compute_dtype} compute{double}"
 
 
 @dataclass(frozen=True)
@@ -513,6 +515,10 @@ class Policy:
     gradient_checkpointing: bool | None = field(default=None, metadata=option(
         flag="--checkpointing", words={"auto": None, "on": True, "off": False}, group=PINS))
     """Gradient checkpointing (recompute activations in backward), pinned on or off."""
+    quantized_base: int | None = field(default=None, metadata=option(
+        flag="--qlora", choices=QUANTIZED_BASE_CHOICES, parse=int, group=PINS))
+    """Train LoRA on a base quantised to this many bits (QLoRA through bitsandbytes: 4 is nf4 with double
+    quantisation, 8 is LLM.int8), the only base the search then tries; implies LoRA, on one GPU."""
     micro_batch_size: int | None = field(default=None, metadata=option(group=PINS))
     """Keep this micro-batch (sequences per forward/backward per GPU); it must divide the batch."""
     loss: str | None = field(default=None, metadata=option(
@@ -540,6 +546,10 @@ class Policy:
     allow_pure_16bit: bool = field(default=True, metadata=option(flag="--no-pure-16bit", group=POLICY))
     """Pure 16-bit full fine-tuning (bf16 weights and optimizer state, no fp32 master weights: a quality
     trade, tried only when nothing with fp32 master weights fits; --no-pure-16bit forbids it)."""
+    allow_quantized_base: bool = field(default=True, metadata=option(flag="--no-qlora", group=POLICY))
+    """A 4-bit (nf4) or 8-bit base under LoRA (QLoRA, bitsandbytes: the base weights quantised, a quality trade)
+    among the search's rungs, tried only after every LoRA configuration on a 16/32-bit base (allowed by default
+    when bitsandbytes is installed, on one GPU; --no-qlora forbids it)."""
     min_micro_batch_size: int = field(default=1, metadata=option(group=POLICY))
     """Smallest micro-batch to consider."""
     margin_bytes: int | None = field(default=None, metadata=option(
@@ -552,6 +562,29 @@ class Policy:
     """GPUs of one data-parallel job (--gpus)."""
     max_trials: int = field(default=3, metadata=option(on_command_line=False))
     """At most this many candidates are tried on the GPU; the ones after are reported as not verified."""
+
+    def _quantized_base_problems(self) -> list[str]:
+        """What contradicts a pinned quantised base (--qlora BITS): another bit width, --no-qlora, full fine-tuning,
+        prefix tuning, several GPUs or CPU offload (TrainConfig refuses a quantised base with those)."""
+        bits = self.quantized_base
+        if bits is None:
+            return []
+        if isinstance(bits, bool) or bits not in (4, 8):
+            return [f"--qlora must be 4 or 8 (bits of the quantised base), got {bits!r}"]
+        problems = []
+        if not self.allow_quantized_base:
+            problems.append(f"--qlora {bits} contradicts --no-qlora: keep one")
+        if self.use_adapter is False:
+            problems.append(f"--qlora {bits} trains LoRA on a quantised base, which --no-lora forbids: keep one")
+        elif self.adapter.kind != "lora":
+            problems.append(f"--qlora {bits} trains a LoRA adapter (the quantised base is frozen), not prefix "
+                            "tuning: drop --prefix or --qlora")
+        if self.num_gpus != 1:
+            problems.append(f"--qlora {bits} is planned on one GPU, got --gpus {self.num_gpus}: use --gpus 1")
+        if self.offload not in (None, "none"):
+            problems.append(f"--qlora {bits} is planned without CPU offload, got --offload {self.offload}: "
+                            "drop one")
+        return problems
 
     def validate(self, effective_batch_size: int) -> None:
         """Raise UsageError naming every problem at once: unknown values, pins that contradict each other
@@ -571,6 +604,7 @@ class Policy:
             problems.append(f"optimizer {self.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
         if self.optimizer in EIGHT_BIT_OPTIMIZERS and not self.allow_8bit_optimizer:
             problems.append(f"--optim {self.optimizer} contradicts --no-8bit-optim: keep one")
+        problems += self._quantized_base_problems()
         if self.precision in ("bf16", "fp16") and self.use_adapter is False and not self.allow_pure_16bit:
             problems.append(f"--precision {self.precision} with full fine-tuning is pure 16-bit training, which "
                             "--no-pure-16bit forbids: keep one")

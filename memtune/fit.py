@@ -316,6 +316,8 @@ def _source_of(model_or_name: Any, trust_remote_code: bool = False) -> tuple[Mod
 
 
 POLICY_OPTIONS = {f.name for f in dataclasses.fields(Policy)} - {"bf16_supported", "num_gpus"}
+POLICY_ALIASES = {"allow_quantized": "allow_quantized_base"}
+"""auto_fit keywords that name a Policy field in fewer words (issue 13 asks for allow_quantized=...)."""
 
 
 def auto_fit(
@@ -340,6 +342,7 @@ def auto_fit(
     `budget` ("24GiB", or bytes) or `gpu` (a known card name) plans for memory other than the GPU
     here. `policy` takes `Policy` fields: precision="fp32", gradient_checkpointing=True,
     micro_batch_size=4, use_adapter=False (full fine-tuning only), allow_offload=False,
+    allow_quantized=False (no QLoRA base; allow_quantized_base), quantized_base=4 (only a 4-bit base, LoRA),
     margin_bytes=..., min_micro_batch_size=... trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
@@ -350,6 +353,11 @@ def auto_fit(
     from memtune.errors import NothingFitsError
 
     problems = []
+    for alias, name in POLICY_ALIASES.items():
+        if alias in policy and name in policy:
+            problems.append(f"give {alias} or {name}, not both (the same option)")
+        elif alias in policy:
+            policy[name] = policy.pop(alias)
     unknown = sorted(set(policy) - POLICY_OPTIONS)
     if unknown:
         problems.append(f"unknown options {unknown}; policy options are {sorted(POLICY_OPTIONS)}")

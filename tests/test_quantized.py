@@ -133,7 +133,7 @@ def test_a_quantised_base_is_planned_on_one_gpu_without_offload():
 
 
 def test_describe_names_the_quantised_base():
-    assert "4-bit nf4 base (bf16 compute, double quant)" in train_config(Quantization()).describe()
+    assert "4-bit base (nf4), bf16 compute, double quant" in train_config(Quantization()).describe()
     assert "8-bit base (LLM.int8)" in train_config(Quantization(bits=8)).describe()
 
 

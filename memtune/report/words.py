@@ -103,7 +103,10 @@ def quality_note(config: TrainConfig, model_config: Any = None, num_parameters: 
     share = trained_share(config, model_config, num_parameters)
     name = f"LoRA r={config.adapter.rank}" if config.adapter.kind == "lora" else config.adapter.describe()
     note = f"trains ~{100 * share:.2g}% of weights" if share else "trains the adapter only"
-    if config.weights_dtype != "fp32":
+    base = ladder.base_quality(config)
+    if base:
+        note += f"; {base}"
+    elif config.weights_dtype != "fp32":
         note += f", frozen base in {config.weights_dtype}"
     if optimizer:
         note += f"; {optimizer}"
@@ -131,7 +134,19 @@ def python_snippet(config: TrainConfig) -> str:
     """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
     adapter = config.adapter
     imports, body = ["from transformers import TrainingArguments"], []
-    if config.weights_dtype != "fp32":
+    quantization = config.quantization
+    if quantization is not None:  # QLoRA: the base loaded quantised, then peft's k-bit preparation
+        dtype = f"torch.{ladder.TORCH_DTYPE_NAMES[config.weights_dtype]}"
+        checkpointing = config.gradient_checkpointing
+        imports = ["import torch",
+                   "from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainingArguments",
+                   "from peft import prepare_model_for_kbit_training"]
+        body += [f"quantization_config = BitsAndBytesConfig({ladder.bnb_arguments(quantization)})",
+                 f"model = AutoModelForCausalLM.from_pretrained(MODEL, dtype={dtype}, "
+                 "quantization_config=quantization_config)",
+                 f"model = prepare_model_for_kbit_training(model, use_gradient_checkpointing={checkpointing}"
+                 + (', gradient_checkpointing_kwargs={"use_reentrant": False})' if checkpointing else ")")]
+    elif config.weights_dtype != "fp32":
         dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[config.weights_dtype]
         imports = ["import torch", "from transformers import AutoModelForCausalLM, TrainingArguments"]
         body.append(f"model = AutoModelForCausalLM.from_pretrained(MODEL, dtype={dtype})")

@@ -205,8 +205,8 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer))
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer, a.quantization)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer, b.quantization))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -218,7 +218,7 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
 
 def stages(policy: Policy) -> list[bool]:
     """Whether each stage trains an adapter: full fine-tuning first, adapters only if needed."""
-    if policy.use_adapter is True:
+    if policy.use_adapter is True or policy.quantized_base is not None:  # --qlora BITS implies LoRA
         return [True]
     if policy.use_adapter is False:
         return [False]
@@ -248,7 +248,8 @@ def search(
         say(note)
     for with_adapter in stages(policy):
         space = ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)
-        # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload.
+        # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
+        # adapter, a quantised base last.
         for tier in sorted({ladder.tier(config) for config in space}):
             ranked = [Candidate(config, predictor.tokens_per_second(config))
                       for config in space if ladder.tier(config) == tier]

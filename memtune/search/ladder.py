@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any
+from typing import Any, Literal
 
 from memtune.config import (
     BITSANDBYTES_OPTIMIZERS,
@@ -33,11 +33,15 @@ from memtune.config import (
     STRATEGIES,
     UNSHARDABLE_OPTIMIZERS,
     Policy,
+    Quantization,
     TrainConfig,
     precision_config,
 )
 from memtune.errors import UsageError
 from memtune.recipe.step import bitsandbytes_available, require_extra
+
+TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""How the "what to set" lines spell a dtype in Python (dtype=torch.bfloat16)."""
 
 
 class Rung:
@@ -135,7 +139,7 @@ class Precision(Rung):
         return settings
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
-        if policy.precision is not None:
+        if policy.precision is not None or chosen.quantization is not None:  # QuantizedBase.flip sets its precision
             return None
         other = "fp32" if chosen.precision != "fp32" else ("bf16-mixed" if policy.bf16_supported else "fp16-mixed")
         if chosen.adapter is not None and other == chosen.precision:
@@ -144,6 +148,10 @@ class Precision(Rung):
         return f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)
 
     def setting(self, config: TrainConfig) -> str | None:
+        if config.quantization is not None and config.weights_dtype != "fp32" and config.amp != "none":
+            return (f"precision: the weights outside bitsandbytes loaded in {config.weights_dtype} (dtype=torch."
+                    f"{TORCH_DTYPE_NAMES[config.weights_dtype]}; prepare_model_for_kbit_training makes them fp32), "
+                    f"{config.amp} autocast (TrainingArguments {config.amp}=True)")
         if pure_16bit(config):
             dtype = "torch.bfloat16" if config.weights_dtype == "bf16" else "torch.float16"
             return (f"precision {config.precision}, pure 16-bit: load the weights in {config.weights_dtype} "
@@ -152,6 +160,8 @@ class Precision(Rung):
         return self.SETTINGS.get(config.precision, f"precision {config.precision}")
 
     def quality(self, config: TrainConfig) -> str | None:
+        if config.precision not in self.NOTES and config.amp != "none":
+            return f"{config.precision}: {config.weights_dtype} weights, {config.amp} autocast"
         note = self.NOTES.get(config.precision, config.precision)
         if pure_16bit(config):
             return self.PURE_NOTE.format(config.weights_dtype)
@@ -409,10 +419,114 @@ class AdapterRung(Rung):
         return f"{adapter.describe()} (peft)"
 
 
+class QuantizedBase(Rung):
+    """The base under LoRA stored in 4 bits (nf4, double quantisation) or 8 bits (LLM.int8) by bitsandbytes:
+    QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", Sec. 3: NF4 and double
+    quantisation), `--qlora BITS` pins one, `--no-qlora` forbids both.
+
+    A quality trade walked after every LoRA configuration on a 16/32-bit base (`tier`): the frozen weights are
+    rounded to 4 or 8 bits and a step dequantises them (slower). It is offered only in the adapter stage, on one
+    GPU without offload (`TrainConfig` refuses the rest), and only when bitsandbytes is installed (else skipped,
+    with one line saying how). It loads the other weights in 16 bits and autocasts in 16 bits (Trainer
+    bf16=True; fp16 on a card without bf16), as QLoRA recipes and benchmarks/lowbit_qlora.py run it, unless
+    `--precision` is pinned. Recipe: `recipe.step.build_model` (`recipe.quant.quantize_model`,
+    `prepare_for_kbit_training`); trace: `predict.quantized`; loader: `Plan.model_kwargs` (quantization_config)."""
+
+    name = "quantised base"
+    QUALITY = {4: ("{0}: the base weights are quantised (QLoRA, Dettmers et al. 2023: nf4 + double quantisation), "
+                   "the adapter trains in {1}"),
+               8: ("{0}: the base weights are quantised to 8 bits (LLM.int8, Dettmers et al. 2022), "
+                   "the adapter trains in {1}")}
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        if not with_adapter:
+            return [{"quantization": None}]
+        if policy.quantized_base is not None:
+            if not bitsandbytes_available():
+                raise UsageError(f"--qlora {policy.quantized_base} needs bitsandbytes, which is not installed: "
+                                 f"{QUANT_EXTRA_HINT}")
+            return [quantized_fields(policy.quantized_base, policy)]
+        settings: list[dict[str, Any]] = [{"quantization": None}]
+        if policy.allow_quantized_base and bitsandbytes_available() and policy.num_gpus == 1:
+            settings += [quantized_fields(bits, policy) for bits in (4, 8)]
+        return settings
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if fields.get("quantization") is None:
+            return None
+        adapter = fields["adapter"]
+        if adapter is None or adapter.kind != "lora":
+            return "a quantised base trains only a LoRA adapter"
+        if fields["num_gpus"] != 1 or fields["offload"] != "none":
+            return "a quantised base is planned on one GPU without offload"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.quantized_base is not None or chosen.adapter is None or chosen.adapter.kind != "lora":
+            return None
+        if chosen.quantization is not None:
+            # the fastest LoRA base of the adapter stage: 16-bit weights, no autocast (`precisions`)
+            weights, amp = precision_config(policy.precision or ("bf16" if policy.bf16_supported else "fp16"))
+            return (f"{weights} base instead of the {base_words(chosen.quantization)}",
+                    chosen.replace(quantization=None, weights_dtype=weights, amp=amp))
+        if (not policy.allow_quantized_base or not bitsandbytes_available() or chosen.num_gpus != 1
+                or chosen.offload != "none"):
+            return None
+        fields = quantized_fields(4, policy)
+        return f"+ {base_words(fields['quantization'])}", chosen.replace(**fields)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        quantization = config.quantization
+        if quantization is None:
+            return None
+        return (f"{base_words(quantization)}: from_pretrained(quantization_config=BitsAndBytesConfig("
+                f"{bnb_arguments(quantization)})), "
+                f"then peft's prepare_model_for_kbit_training (needs bitsandbytes: {QUANT_EXTRA_HINT})")
+
+    def quality(self, config: TrainConfig) -> str | None:
+        quantization = config.quantization
+        if quantization is None:
+            return None
+        compute = quantization.compute_dtype if quantization.bits == 4 else (
+            config.amp if config.amp != "none" else config.weights_dtype)
+        return self.QUALITY[quantization.bits].format(base_words(quantization), compute)
+
+
+def base_words(quantization: Quantization) -> str:
+    """The quantised base in the report's words: "4-bit base (nf4)", "8-bit base"."""
+    return f"4-bit base ({quantization.quant_type})" if quantization.bits == 4 else "8-bit base"
+
+
+def bnb_arguments(quantization: Quantization) -> str:
+    """transformers' BitsAndBytesConfig arguments as Python source (what `recipe.quant.bnb_config` builds)."""
+    if quantization.bits == 8:
+        return "load_in_8bit=True"
+    return (f'load_in_4bit=True, bnb_4bit_quant_type="{quantization.quant_type}", '
+            f"bnb_4bit_use_double_quant={quantization.use_double_quant}, "
+            f"bnb_4bit_compute_dtype=torch.{TORCH_DTYPE_NAMES[quantization.compute_dtype]}")
+
+
+def quantized_fields(bits: int, policy: Policy) -> dict[str, Any]:
+    """The TrainConfig fields of a quantised base of `bits` under the policy: 4 bits nf4 with double quantisation,
+    or 8 bits, computing in bf16 (fp16 on a card without bf16); the other weights loaded in that dtype with
+    autocast in it (Trainer bf16=True), unless `--precision` is pinned."""
+    half: Literal["bf16", "fp16"] = "bf16" if policy.bf16_supported else "fp16"
+    if policy.precision is not None:
+        weights, amp = precision_config(policy.precision)
+        if "fp16" in (weights, amp):
+            half = "fp16"
+    else:
+        weights, amp = half, half
+    quantization = Quantization(bits=4, quant_type="nf4", use_double_quant=True, compute_dtype=half) if bits == 4 \
+        else Quantization(bits=8, compute_dtype=half)
+    return {"quantization": quantization, "weights_dtype": weights, "amp": amp}
+
+
 # Enumeration order of the candidate space and of the "why this one" alternatives.
 PRECISION, STRATEGY, OPTIMIZER, ADAPTER = Precision(), Strategy(), Optimizer(), AdapterRung()
+QUANTIZED_BASE = QuantizedBase()
 LADDER: tuple[Rung, ...] = (
-    MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER
+    MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER, QUANTIZED_BASE
 )
 
 
@@ -451,6 +565,10 @@ def skipped(policy: Policy) -> list[str]:
     notes = []
     if policy.optimizer is None and policy.allow_8bit_optimizer and not bitsandbytes_available():
         notes.append(f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)")
+    if (policy.quantized_base is None and policy.allow_quantized_base and policy.use_adapter is not False
+            and policy.num_gpus == 1 and not bitsandbytes_available()):
+        notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
+                     f"({QUANT_EXTRA_HINT} to add them)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
         notes.append(f"--precision {policy.precision} with --no-pure-16bit: full fine-tuning has no candidate, "
                      f"only LoRA on a {policy.precision} base is searched")
@@ -468,13 +586,17 @@ def tier(config: TrainConfig) -> int:
     0. fp32 master weights, everything on the GPU;
     1. pure 16-bit training on the GPU (a quality trade: no fp32 master weights);
     2. fp32 master weights with CPU offload;
-    3. pure 16-bit training with CPU offload.
+    3. pure 16-bit training with CPU offload;
+    4. LoRA on a quantised base (QLoRA: a quality trade walked after every LoRA configuration on a 16/32-bit
+       base; it needs no offload, and dequantising the base every step makes it slower).
 
     Pure 16-bit comes before offload: offload moves the model state over PCIe every step and runs several
     times slower (89% in the README's H200 example), while a pure 16-bit step is as fast as a mixed one or
     faster (issue 13: Mistral-7B full fine-tuning on an A100-80GB, pure fp16 with checkpointing measured
     2,775 tokens/s where memtune's offload plan predicted 583). It stays after every fp32-master configuration
     that fits on the GPU, and `--no-pure-16bit` forbids it."""
+    if config.quantization is not None:
+        return 4
     return (1 if pure_16bit(config) else 0) + (2 if config.offload != "none" else 0)
 
 
@@ -486,8 +608,9 @@ def strategies(policy: Policy) -> list[str]:
 
 
 def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
-    """Every combination of the rungs' options that can run, in LADDER order (the first rung varies slowest)."""
-    configs = []
+    """Every combination of the rungs' options that can run, in LADDER order (the first rung varies slowest), each
+    once (the quantised base's options set the precision too, so they meet every precision option alike)."""
+    configs: dict[TrainConfig, None] = {}  # ordered; a quantised base sets the precision: equal combinations once
     for combination in itertools.product(
         *(rung.options(policy, with_adapter, effective_batch_size) for rung in LADDER)
     ):
@@ -495,8 +618,8 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
         for setting in combination:
             fields.update(setting)
         if all(rung.conflict(fields) is None for rung in LADDER):
-            configs.append(TrainConfig(**fields))
-    return configs
+            configs.setdefault(TrainConfig(**fields))
+    return list(configs)
 
 
 def alternatives(chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> list[tuple[str, TrainConfig]]:
@@ -528,6 +651,11 @@ def is_quality_trade(config: TrainConfig) -> bool:
     """True when the configuration changes what is trained, drops the fp32 master weights or quantises the
     optimizer state."""
     return config.adapter is not None or config.weights_dtype != "fp32" or config.optimizer in EIGHT_BIT_OPTIMIZERS
+
+
+def base_quality(config: TrainConfig) -> str | None:
+    """The quantised base's quality note ("4-bit base (nf4): the base weights are quantised ..."), or None."""
+    return QUANTIZED_BASE.quality(config)
 
 
 def optimizer_quality(config: TrainConfig) -> str | None:
