@@ -428,7 +428,7 @@ class QuantizedBase(Rung):
     rounded to 4 or 8 bits and a step dequantises them (slower). It is offered only in the adapter stage, on one
     GPU without offload (`TrainConfig` refuses the rest), and only when bitsandbytes is installed (else skipped,
     with one line saying how). It loads the other weights in 16 bits and autocasts in 16 bits (Trainer
-    bf16=True; fp16 on a card without bf16), as QLoRA recipes and benchmarks/lowbit_qlora.py run it, unless
+    bf16=True; fp16 on a card without bf16), as QLoRA recipes and benchmarks/lowbit.py run it, unless
     `--precision` is pinned. Recipe: `recipe.step.build_model` (`recipe.quant.quantize_model`,
     `prepare_for_kbit_training`); trace: `predict.quantized`; loader: `Plan.model_kwargs` (quantization_config)."""
 
