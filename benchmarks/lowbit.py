@@ -172,16 +172,10 @@ def summarize(rows: list[dict], path: str) -> dict:
 
 
 def format_row(row: dict, paths: list[str]) -> str:
-    """case | measured reserved GiB | per path: predicted GiB, error | paged GiB."""
-    measured = row.get("measured_peak_reserved_bytes")
-    line = f"{row['case'][:64]:64s} " + (f"{measured / GIB:8.2f}" if measured else f"{'-':>8s}")
-    for path in paths:
-        if f"{path}_reserved_bytes" not in row:
-            line += f" | {path} FAILED {row.get(f'{path}_error', '')[:40]}"
-            continue
-        error = row.get(f"{path}_reserved_error")
-        line += f" | {row[f'{path}_reserved_bytes'] / GIB:8.2f} " + (f"{100 * error:+6.1f}%" if error is not None
-                                                                       else f"{'':7s}")
+    """accuracy.py's line (case | measured reserved GiB | per path: predicted GiB, error) | paged GiB."""
+    from benchmarks.accuracy import format_row as accuracy_line
+
+    line = accuracy_line({**row, "measured_reserved_bytes": row.get("measured_peak_reserved_bytes")}, paths)
     paged = row["paged_state_bytes"]
     line += f" | {paged / GIB:6.2f}" if paged else f" | {'':6s}"
     if "measured_error" in row and not row["measured_error"].startswith("not measured"):
@@ -208,7 +202,7 @@ def main() -> None:
         from benchmarks.ground_truth import environment as describe
 
         environment = describe()
-    print(f"{'case':64s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
+    print(f"{'case':66s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
           + f" | {'paged':>6s}", flush=True)
     rows = []
     for case in cases:
