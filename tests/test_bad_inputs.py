@@ -248,6 +248,8 @@ def test_more_bad_api_arguments_raise_a_usage_error(call, message):
     (lambda: memtune.estimate("gpt2", TrainConfig(seq_len=128)), "estimate needs a transformers config"),
     (lambda: memtune.estimate(memtune.resolve("gpt2").config, TrainConfig(seq_len=128), device="tpu"),
      "trace device must be cpu or cuda, got 'tpu'"),
+    (lambda: memtune.estimate(memtune.resolve("gpt2").config, "x"),
+     "estimate needs a memtune TrainConfig as train_config"),
 ])
 def test_the_public_estimate_refuses_what_it_cannot_trace(call, message):
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -40,13 +40,18 @@ def estimate(
     `device`: where the trace runs, "cuda" (fake CUDA tensors, needs a GPU) or "cpu" (CUDA emulation);
     default cuda when torch sees a GPU. The sharded trace always runs on the CPU. `context_bytes` and
     `workspace_bytes` are the CUDA context and cuBLAS workspaces; NCCL's buffers are added to the context
-    with several GPUs (`peak.NCCL_BYTES`). Raises UsageError for a configuration FSDP or DDP through
-    accelerate cannot run (recipe.parallel.check_supported), for a model config that is not a transformers
-    config, and for a device other than "cpu" or "cuda" (or "cuda" where torch sees no GPU: the autograd
-    engine would abort the process in C++ instead of raising), and for an optimizer whose optional package
-    (bitsandbytes) is not installed, with the install command.
+    with several GPUs (`peak.NCCL_BYTES`).
+
+    Raises UsageError for a configuration FSDP or DDP through accelerate cannot run
+    (recipe.parallel.check_supported); for a model config that is not a transformers config, or a
+    train_config that is not a TrainConfig; for a device other than "cpu" or "cuda" (or "cuda" where torch
+    sees no GPU: the autograd engine would abort the process in C++ instead of raising); and for an
+    optimizer whose optional package (bitsandbytes) is not installed, with the install command.
     """
     check_trace_device(device)
+    if not isinstance(train_config, TrainConfig):
+        raise UsageError(f"estimate needs a memtune TrainConfig as train_config (e.g. TrainConfig(seq_len=1024, "
+                         f"micro_batch_size=4, amp='bf16')), got {type(train_config).__name__} {train_config!r:.60}")
     require_extra(train_config.optimizer)
     if not hasattr(model_config, "to_json_string"):
         raise UsageError(f"estimate needs a transformers config (e.g. memtune.resolve('gpt2').config), "
