@@ -57,9 +57,10 @@ def summarize(rows: list[dict], path: str, key: str) -> dict:
             "within_5pct": sum(error <= TOLERANCE for error in errors)}
 
 
-def case_row(case: Case, truth: dict | None, paths: list[str]) -> dict:
-    """One case's measured and predicted peaks (bytes), relative errors and per-path predict seconds;
-    a failed measurement or trace is recorded as `measured_error` / `{path}_error`, never raised."""
+def case_row(case: Case, truth: dict | None, paths: list[str], breakdown: tuple[str, ...] = ()) -> dict:
+    """One case's measured and predicted peaks (bytes), relative errors and per-path predict seconds, and the
+    predicted bytes of each `breakdown` category at the peak (`{path}_{category}_bytes`); a failed measurement
+    or trace is recorded as `measured_error` / `{path}_error`, never raised."""
     row: dict = {"case": case.name, "model": case.model, "model_type": case.model_type or model_type_of(case),
                  "num_layers": case.num_layers}
     if truth is None:
@@ -81,6 +82,8 @@ def case_row(case: Case, truth: dict | None, paths: list[str]) -> dict:
         row[f"{path}_allocated_bytes"] = predicted.peak_allocated_bytes
         row[f"{path}_reserved_bytes"] = predicted.peak_reserved_bytes
         row[f"{path}_ran_on"] = predicted.trace_device
+        for category in breakdown:
+            row[f"{path}_{category}_bytes"] = predicted.breakdown.get(category, 0)
         if predicted.trace_note:
             row[f"{path}_note"] = predicted.trace_note
         if "measured_reserved_bytes" in row:

@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -129,35 +128,18 @@ def measure_isolated(case: Case) -> dict:
 
 
 def case_row(case: Case, measured: dict | None, paths: list[str]) -> dict:
-    """One case: measured and predicted peaks (bytes), relative errors, predict seconds; failures recorded."""
-    from memtune.predict.estimate import estimate
+    """accuracy.py's row (measured and predicted peaks, errors; failures recorded) with this benchmark's name,
+    the predicted optimizer state and weights, the paged state, and the measured tokens/s and device memory
+    left in use."""
+    from benchmarks.accuracy import case_row as accuracy_row
 
-    row: dict = {"case": case_name(case), "model": case.model, "config": case.config.to_dict(),
-                 "paged_state_bytes": paged_state_bytes(case)}
+    row = accuracy_row(case, measured, paths, breakdown=("optimizer", "weights"))
+    row.update(case=case_name(case), config=case.config.to_dict(), paged_state_bytes=paged_state_bytes(case))
     if measured is None:
         row["measured_error"] = "not measured (--no-measure)"
-    elif not measured.get("fits"):
-        row["measured_error"] = measured.get("error") or "did not fit (out of memory)"
-    else:
-        for key in ("peak_allocated_bytes", "peak_reserved_bytes", "tokens_per_second", "device_used_after_bytes"):
+    elif measured.get("fits"):
+        for key in ("tokens_per_second", "device_used_after_bytes"):
             row[f"measured_{key}"] = measured.get(key)
-    for path in paths:
-        started = time.perf_counter()
-        try:
-            predicted = estimate(model_config(case), case.config, device=path)
-        except Exception as error:  # noqa: BLE001 - report and continue
-            row[f"{path}_error"] = f"{type(error).__name__}: {error}"[:300]
-            continue
-        row[f"{path}_seconds"] = time.perf_counter() - started
-        row[f"{path}_allocated_bytes"] = predicted.peak_allocated_bytes
-        row[f"{path}_reserved_bytes"] = predicted.peak_reserved_bytes
-        row[f"{path}_optimizer_bytes"] = predicted.breakdown.get("optimizer", 0)
-        row[f"{path}_weights_bytes"] = predicted.breakdown.get("weights", 0)
-        row[f"{path}_ran_on"] = predicted.trace_device
-        if predicted.trace_note:
-            row[f"{path}_note"] = predicted.trace_note
-        if row.get("measured_peak_reserved_bytes"):
-            row[f"{path}_reserved_error"] = predicted.peak_reserved_bytes / row["measured_peak_reserved_bytes"] - 1
     return row
 
 
@@ -175,7 +157,7 @@ def format_row(row: dict, paths: list[str]) -> str:
     """accuracy.py's line (case | measured reserved GiB | per path: predicted GiB, error) | paged GiB."""
     from benchmarks.accuracy import format_row as accuracy_line
 
-    line = accuracy_line({**row, "measured_reserved_bytes": row.get("measured_peak_reserved_bytes")}, paths)
+    line = accuracy_line(row, paths)
     paged = row["paged_state_bytes"]
     line += f" | {paged / GIB:6.2f}" if paged else f" | {'':6s}"
     if "measured_error" in row and not row["measured_error"].startswith("not measured"):
