@@ -15,6 +15,7 @@ from memtune.search.choose import (
     TOO_BIG,
     TRIAL_OOM,
     VERIFIED,
+    extrapolate,
     needs_at_least,
     search,
 )
@@ -113,6 +114,21 @@ def test_clearly_too_big_micro_batches_are_extrapolated_not_traced():
     assert predictor.calls == ["b8", "b4", "bc8", "bc4", "b1", "bc2"]
     assert next(c for c in result.candidates if short(c.config) == "b2").status == EXTRAPOLATED
     assert short(result.chosen.config) == "bc2" and result.chosen.config.grad_accum_steps == 4
+
+
+def test_extrapolation_uses_two_traced_micro_batches_and_counts_fragmentation_as_growing():
+    def traced(micro: int, total_gib: float, overhead_gib: float) -> Estimate:
+        config = TrainConfig(seq_len=512, micro_batch_size=micro, grad_accum_steps=16 // micro)
+        total = int(total_gib * GIB)
+        breakdown = {"weights": 4 * GIB, "overhead": int(overhead_gib * GIB), "activations": total - 4 * GIB}
+        return Estimate(config, total, total, workspace_bytes=0, context_bytes=0, breakdown=breakdown)
+
+    # One traced micro-batch: weights fixed, everything else (overhead included) scaled: 4 + (20 - 4) / 2.
+    assert extrapolate([traced(8, 20, 6)], 4) == (12 * GIB, "from micro-batch 8")
+    # Two: the line through the two nearest micro-batches, 2 and 8 (a constant temporary stays constant).
+    bytes_, source = extrapolate([traced(16, 36, 10), traced(8, 20, 6), traced(2, 9, 1)], 4)
+    assert source == "from micro-batches 2 and 8"
+    assert bytes_ == int(9 * GIB + (20 - 9) * GIB / 6 * 2)
 
 
 def test_every_candidate_keeps_the_effective_batch():
