@@ -98,6 +98,17 @@ def test_a_missing_bitsandbytes_is_a_usage_error_with_the_install_command(monkey
     assert {c.optimizer for c in ladder.candidate_space(64, 2, Policy(), with_adapter=False)} == {DEFAULT_OPTIMIZER}
 
 
+def test_8bit_optimizers_are_offered_for_full_fine_tuning_only(monkeypatch):
+    # An adapter's optimizer state is a few MiB: quantising it is a quality trade that saves nothing.
+    monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: True)
+    full = {c.optimizer for c in ladder.candidate_space(64, 2, Policy(), with_adapter=False)}
+    assert full == {DEFAULT_OPTIMIZER, "adamw_bnb_8bit", "paged_adamw_8bit"}
+    assert {c.optimizer for c in ladder.candidate_space(64, 2, Policy(), with_adapter=True)} == {DEFAULT_OPTIMIZER}
+    pinned = Policy(optimizer="adamw_bnb_8bit")
+    monkeypatch.setattr(ladder, "require_extra", lambda name: None)
+    assert {c.optimizer for c in ladder.candidate_space(64, 2, pinned, with_adapter=True)} == {"adamw_bnb_8bit"}
+
+
 @pytest.mark.parametrize("command", [
     ["plan", "gpt2", "--seq-len", "64", "--batch-size", "1", "--optim", "adamw_bnb_8bit", "--budget", "8GiB"],
     ["fit", "gpt2", "--seq-len", "64", "--batch-size", "1", "--optim", "paged_adamw_8bit", "--budget", "8GiB",

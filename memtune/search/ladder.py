@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from typing import Any, Literal
+from typing import Any
 
 from memtune.config import (
     BITSANDBYTES_OPTIMIZERS,
@@ -36,6 +36,7 @@ from memtune.config import (
     Quantization,
     TrainConfig,
     precision_config,
+    quantized_base_fields,
 )
 from memtune.errors import UsageError
 from memtune.recipe.step import bitsandbytes_available, require_extra
@@ -342,7 +343,8 @@ class Optimizer(Rung):
     without changing what is trained; their state is quantised blockwise (a small quality trade, flagged).
     The paged one keeps that state in CUDA unified memory, outside the predicted peak (the driver evicts it
     to the host when the GPU is full, and the speed model charges that traffic).
-    They are offered only when bitsandbytes is installed (else skipped, with one line saying how), and
+    They are offered only when bitsandbytes is installed (else skipped, with one line saying how), only for
+    full fine-tuning (an adapter's state is a few MiB: quantising it saves nothing worth a quality trade), and
     ranked by predicted speed with the rest. Recipe: `recipe.step.make_optimizer`. Speed:
     `throughput.optimizer_seconds`."""
 
@@ -358,7 +360,7 @@ class Optimizer(Rung):
             require_extra(policy.optimizer)
             return [{"optimizer": policy.optimizer}]
         names = [DEFAULT_OPTIMIZER]
-        if policy.allow_8bit_optimizer and bitsandbytes_available():
+        if policy.allow_8bit_optimizer and not with_adapter and bitsandbytes_available():
             names += ["adamw_bnb_8bit", "paged_adamw_8bit"]
         return [{"optimizer": name} for name in names]
 
@@ -507,19 +509,8 @@ def bnb_arguments(quantization: Quantization) -> str:
 
 
 def quantized_fields(bits: int, policy: Policy) -> dict[str, Any]:
-    """The TrainConfig fields of a quantised base of `bits` under the policy: 4 bits nf4 with double quantisation,
-    or 8 bits, computing in bf16 (fp16 on a card without bf16); the other weights loaded in that dtype with
-    autocast in it (Trainer bf16=True), unless `--precision` is pinned."""
-    half: Literal["bf16", "fp16"] = "bf16" if policy.bf16_supported else "fp16"
-    if policy.precision is not None:
-        weights, amp = precision_config(policy.precision)
-        if "fp16" in (weights, amp):
-            half = "fp16"
-    else:
-        weights, amp = half, half
-    quantization = Quantization(bits=4, quant_type="nf4", use_double_quant=True, compute_dtype=half) if bits == 4 \
-        else Quantization(bits=8, compute_dtype=half)
-    return {"quantization": quantization, "weights_dtype": weights, "amp": amp}
+    """The TrainConfig fields of a quantised base of `bits` under the policy (`config.quantized_base_fields`)."""
+    return quantized_base_fields(bits, policy.precision, policy.bf16_supported)
 
 
 # Enumeration order of the candidate space and of the "why this one" alternatives.
