@@ -16,6 +16,7 @@ says how to install it.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -31,11 +32,25 @@ INSTALL_HINT = 'pip install -e ".[quant]"'
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def import_bitsandbytes() -> Any:
+    """`import bitsandbytes`, without the warning its CPU backend logs on a CPU with AVX512-BF16 when the optional
+    `kernels` package is missing ("Failed to load CPU gemm_4bit_forward", bitsandbytes/backends/cpu/ops.py): memtune
+    runs no 4-bit matmul on the CPU. Raises what the import raises."""
+    cpu_ops = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = cpu_ops.level
+    cpu_ops.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    finally:
+        cpu_ops.setLevel(level)
+    return bitsandbytes
+
+
 def require_bitsandbytes() -> Any:
     """The bitsandbytes module. Raises UsageError (exit 2) with the install command when it is missing or
     cannot be imported."""
     try:
-        import bitsandbytes
+        bitsandbytes = import_bitsandbytes()
     except Exception as error:  # noqa: BLE001 - ImportError, or a broken build failing at import
         raise UsageError(f"a quantised base (QLoRA) needs bitsandbytes, which cannot be imported here "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
@@ -57,10 +72,16 @@ def bnb_config(quantization: Quantization) -> Any:
     )
 
 
-def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
+def quantize_model(model: nn.Module, quantization: Quantization, device: str | torch.device | None = None,
+                   init_std: float | None = None) -> nn.Module:
     """Swap `model`'s linear layers for bitsandbytes' through transformers' quantizer, in place; on a real device
     quantise each from the layer's current weight (which is then freed). Returns the model, marked as
-    transformers marks a quantised one (`hf_quantizer`, `is_loaded_in_4bit` / `is_loaded_in_8bit`)."""
+    transformers marks a quantised one (`hf_quantizer`, `is_loaded_in_4bit` / `is_loaded_in_8bit`).
+
+    `device`: where the quantised weights go (default: where each layer's weight is). With `init_std`, each
+    weight is first moved there and drawn from N(0, init_std) (transformers' Linear init), one layer at a time:
+    a model built on the CPU without initialisation then never holds its 16-bit linear weights on the GPU,
+    as `from_pretrained(quantization_config=...)` never does (`recipe.step.build_model`)."""
     bnb = require_bitsandbytes()
     from transformers.quantizers.auto import AutoHfQuantizer
 
@@ -71,14 +92,19 @@ def quantize_model(model: nn.Module, quantization: Quantization) -> nn.Module:
         new = model.get_submodule(name)
         if new is old or old.weight.device.type == "meta":
             continue  # kept (the LM head), or built on the meta device: no weights to quantise
-        device = old.weight.device
+        target = torch.device(device) if device is not None else old.weight.device
+        weight = old.weight.data
+        if init_std is not None:
+            weight = weight.to(target).normal_(0.0, init_std)
         if isinstance(new, bnb.nn.Linear4bit):
-            new.weight = bnb.nn.Params4bit(old.weight.data, requires_grad=False, **new.weight.__dict__).to(device)
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, **new.weight.__dict__).to(target)
         else:
             settings = {key: value for key, value in new.weight.__dict__.items() if key != "SCB"}
-            new.weight = bnb.nn.Int8Params(old.weight.data.to("cpu"), requires_grad=False, **settings).to(device)
+            new.weight = bnb.nn.Int8Params(weight.to("cpu"), requires_grad=False, **settings).to(target)
         if old.bias is not None:
-            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+            new.bias = nn.Parameter(old.bias.data.to(target).zero_() if init_std is not None else old.bias.data,
+                                    requires_grad=False)
+        del weight
         del old.weight, old.bias  # free the full-precision weight now, as the loader never holds it
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)

@@ -8,6 +8,7 @@ Keeping a single definition is what makes predicted and measured peaks comparabl
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
@@ -47,6 +48,8 @@ def build_model(
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
+    if train_config.quantization is not None and torch.device(device).type != "meta":
+        return prepare_model(_build_quantized(model_config, train_config, device, initialise), train_config)
     with torch.device(device), contextlib.nullcontext() if initialise else no_init_weights():
         # explicit, so transformers never prompts: a custom-code config exists only if the user trusted it
         model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype],
@@ -57,6 +60,39 @@ def build_model(
         # as from_pretrained(quantization_config=BitsAndBytesConfig(...)) loads it (recipe/quant.py)
         model = quant.quantize_model(model, train_config.quantization)
     return prepare_model(model, train_config)
+
+
+def _build_quantized(model_config: Any, train_config: TrainConfig, device: str | torch.device,
+                     initialise: bool) -> nn.Module:
+    """The quantised base on a real device without ever holding its 16-bit linear weights there: built on the
+    CPU uninitialised, each linear layer moved, drawn and quantised one at a time (`quant.quantize_model`), then
+    the rest (embeddings, norms, the LM head) moved and initialised by the model's own `_init_weights`. The peak
+    is the quantised model plus one 16-bit layer, as when `from_pretrained(quantization_config=...)` quantises a
+    checkpoint tensor by tensor; building the 16-bit model on the GPU first needed all of it (Mistral-7B:
+    13.5 GiB, so a 4-bit trial could not even start on a 12 GiB card, H200 under a 12 GiB ballast)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    assert train_config.quantization is not None
+    with torch.device("cpu"), no_init_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype],
+                                                 trust_remote_code=custom_code(model_config))
+    model.tie_weights()
+    std = getattr(model_config, "initializer_range", None) or 0.02
+    quantized = set(dict(model.named_modules()))
+    model = quant.quantize_model(model, train_config.quantization, device=device,
+                                 init_std=std if initialise else None)
+    quantized = {name for name, module in model.named_modules() if name in quantized
+                 and type(module).__module__.startswith("bitsandbytes")}
+    model.to(device)
+    if initialise:
+        causal_lm = cast("PreTrainedModel", model)
+        with torch.no_grad():
+            for name, module in causal_lm.named_modules():
+                if name not in quantized:
+                    causal_lm._init_weights(module)
+        causal_lm.tie_weights()
+    return model
 
 
 def set_checkpointing(model: Any, enabled: bool) -> None:
@@ -94,7 +130,10 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
         return causal_lm
     import peft
 
-    return peft.get_peft_model(causal_lm, peft_config(train_config))
+    with warnings.catch_warnings():
+        # peft 0.21 reads is_gradient_checkpointing, which transformers 5.24 deprecated (set_checkpointing's note)
+        warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
+        return peft.get_peft_model(causal_lm, peft_config(train_config))
 
 
 def peft_config(train_config: TrainConfig) -> Any:
@@ -163,7 +202,7 @@ def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
         kwargs.update({"scale_parameter": False, "relative_step": False})
         return Adafactor, kwargs
     try:
-        import bitsandbytes
+        bitsandbytes = quant.import_bitsandbytes()
     except Exception as error:  # ImportError, or its native library failing to load (OSError, RuntimeError)
         raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which fails to import ({error}): "
                          f"reinstall it with {QUANT_EXTRA_HINT}, or choose --optim adamw_torch_fused") from None
