@@ -108,6 +108,16 @@ class GpuSpeed:
     241-244 GB/s of the 450 GB/s assumed, 0.54-0.66. Other hosts and cards: unmeasured."""
     fsdp_unit_seconds: float = FSDP_UNIT_SECONDS
     """FSDP2's own time per sharded unit (a decoder layer) per micro-batch, beyond its collectives."""
+    nf4_seconds_per_parameter: float = 6.31e-12
+    """A 4-bit base's extra time per quantised parameter per pass over the layers (forward, backward and the
+    checkpointed recompute each dequantise every weight: bitsandbytes' MatMul4Bit). Fitted on one H200 step:
+    Mistral-7B, LoRA r16 all-linear, 2 x 1024, checkpointing, 4-bit nf4 base 0.417 s vs bf16 base 0.285 s
+    (benchmarks/results/lowbit_mistral_lora_h200.json), over 3 passes of 6.98e9 parameters. Memory-bound:
+    scaled to other cards by their memory bandwidth."""
+    int8_seconds_per_parameter: float = 4.54e-11
+    """The same for an 8-bit LLM.int8 base (MatMul8bitLt: the input quantised to int8 in 16 bits, the int8
+    matmul, and in backward the weight dequantised whole): 1.235 s vs 0.285 s on the same step. One point (at
+    2,048 tokens per micro-batch), so how it grows with the tokens is not known; memory-bound scaling."""
 
     def scaled(self, **changes: Any) -> GpuSpeed:
         return replace(self, **changes)
@@ -130,6 +140,10 @@ _CARDS = {
     "L4": dict(bf16_flops=121e12, fp32_flops=30.3e12, memory_bytes_per_second=0.3e12),
     "T4": dict(bf16_flops=65e12, fp32_flops=8.1e12, memory_bytes_per_second=0.32e12),
 }
+
+
+H200_BANDWIDTH = _CARDS["H200"]["memory_bytes_per_second"]
+"""The card the memory-bound terms fitted on H200 steps are scaled from."""
 
 
 def gpu_speed(name: str) -> GpuSpeed:
@@ -200,6 +214,11 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     launches *= speed.checkpoint_overhead if config.gradient_checkpointing else 1.0
     launches *= speed.lora_overhead if config.adapter is not None else 1.0
     micro = compute + traffic / speed.memory_bytes_per_second + launches
+    if config.quantization is not None:
+        passes = 3 if config.gradient_checkpointing else 2
+        per_parameter = speed.nf4_seconds_per_parameter if config.quantization.bits == 4 \
+            else speed.int8_seconds_per_parameter
+        micro += passes * body * per_parameter * H200_BANDWIDTH / speed.memory_bytes_per_second
     if config.loss == "chunked":
         from memtune.recipe.loss import CHUNK_TOKENS
 
