@@ -297,6 +297,23 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
 
+def quantized_base_fields(bits: int, precision: str | None, bf16_supported: bool = True) -> dict[str, Any]:
+    """The TrainConfig fields of a quantised base of `bits` (QLoRA, `--qlora BITS` of fit and plan): 4 bits nf4
+    with double quantisation, or 8 bits (LLM.int8), computing in bf16 (fp16 on a card without bf16, or when
+    `precision` is an fp16 one); the other weights loaded in that dtype with autocast in it (Trainer bf16=True),
+    unless `precision` (a PRECISIONS name; None: not pinned) says otherwise."""
+    half: Literal["bf16", "fp16"] = "bf16" if bf16_supported else "fp16"
+    if precision is not None:
+        weights, amp = precision_config(precision)
+        if "fp16" in (weights, amp):
+            half = "fp16"
+    else:
+        weights, amp = half, half
+    quantization = Quantization(bits=4, quant_type="nf4", use_double_quant=True, compute_dtype=half) if bits == 4 \
+        else Quantization(bits=8, compute_dtype=half)
+    return {"quantization": quantization, "weights_dtype": weights, "amp": amp}
+
+
 def _quantization_problems(config: TrainConfig) -> list[str]:
     """What is wrong with `config.quantization` given the rest of `config` (the quantised base trains a LoRA
     adapter on one GPU: bitsandbytes' weights are frozen, and memtune traces no sharded quantised base)."""

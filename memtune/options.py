@@ -24,6 +24,7 @@ from memtune.config import (
     OPTIMIZERS,
     POLICY,
     PRECISIONS,
+    QUANTIZED_BASE_CHOICES,
     SAVE_TOTAL_LIMIT,
     VERIFY_AND_OUTPUT,
     Adapter,
@@ -35,6 +36,7 @@ from memtune.config import (
     option_of,
     parse_bytes,
     precision_config,
+    quantized_base_fields,
 )
 from memtune.errors import UsageError
 
@@ -123,6 +125,11 @@ class PlanOptions:
     """Gradient checkpointing (recompute activations in backward)."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
+    quantized_base: int | None = field(default=None, metadata=option(
+        flag="--qlora", choices=QUANTIZED_BASE_CHOICES, parse=int))
+    """LoRA on a base quantised to this many bits (QLoRA through bitsandbytes: 4 is nf4 with double quantisation,
+    8 is LLM.int8); implies --lora; the other weights load in bf16 with bf16 autocast unless --precision says
+    otherwise (the fp32 default is then read as bf16, as Trainer(bf16=True) runs QLoRA)."""
     lora_shape: LoraOptions = field(default_factory=LoraOptions)
     strategy: Literal["fsdp", "ddp", "auto"] = "fsdp"
     """With --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs; ddp keeps a full
@@ -177,11 +184,16 @@ class PlanOptions:
         per_gpu = self.task.batch_size // gpus
         micro = self.micro_batch_size or per_gpu or 1
         weights, amp = precision_config(self.precision)
+        quantized: dict = {}
+        if self.quantized_base is not None:
+            quantized = quantized_base_fields(self.quantized_base, None if self.precision == "fp32" else self.precision)
+            weights, amp = quantized.pop("weights_dtype"), quantized.pop("amp")
         return TrainConfig(
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
             weights_dtype=weights, amp=amp, gradient_checkpointing=self.checkpointing,
-            adapter=self.lora_shape.adapter() if self.lora else None, num_gpus=gpus, offload=self.offload,
-            strategy="fsdp" if self.strategy == "auto" else self.strategy, optimizer=self.optimizer,
+            adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
+            offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
+            optimizer=self.optimizer, **quantized,
         )
 
 

@@ -278,3 +278,22 @@ def test_the_python_snippet_loads_the_quantised_base_and_prepares_it():
     assert "prepare_model_for_kbit_training(model, use_gradient_checkpointing=True" in snippet
     assert "    fp16=True," in snippet
     compile(snippet, "snippet", "exec")  # valid Python
+
+
+def test_plan_predicts_one_quantised_base_configuration():
+    _, options = parse(["plan", "llama-3.2-1b", "--batch-size", "4", "--qlora", "4", "--checkpointing"])
+    config = options.train_config()
+    assert config.quantization == Quantization(bits=4, quant_type="nf4", use_double_quant=True, compute_dtype="bf16")
+    assert config.adapter == Adapter() and (config.weights_dtype, config.amp) == ("bf16", "bf16")
+    fp16 = parse(["plan", "llama-3.2-1b", "--qlora", "8", "--precision", "fp16-mixed"])[1].train_config()
+    assert fp16.quantization == Quantization(bits=8, compute_dtype="fp16")
+    assert (fp16.weights_dtype, fp16.amp) == ("fp32", "fp16")
+
+
+def test_plan_with_a_quantised_base_exits_2_with_the_install_hint_without_bitsandbytes(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    assert main(["plan", "gpt2", "--seq-len", "64", "--batch-size", "1", "--qlora", "4", "--budget", "8GiB"]) == 2
+    err = capsys.readouterr().err
+    assert QUANT_EXTRA_HINT in err and "Traceback" not in err
