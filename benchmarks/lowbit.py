@@ -45,6 +45,18 @@ TOLERANCE = 0.05
 """Issue 13: max |error| <= 5% of measured peak reserved (median <= 2%)."""
 
 MODELS = ["Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B"]
+SEVEN_B = "mistralai/Mistral-7B-v0.1"
+INITIALIZER_RANGE = {f"{SEVEN_B} 2x1024 bf16/bf16+ckpt+lora 8-bit base (LLM.int8)": 0.004}
+"""Cases measured with a smaller random initialisation than the config's (0.02). LLM.int8 (threshold 6.0)
+multiplies in 16 bits every input column holding a value above 6 and keeps those columns for backward: a
+random Mistral-7B at 0.02 has an MLP intermediate (silu(gate) * up, std ~1.6) above 6 somewhere in nearly all
+14,336 columns, so down_proj ran 14,300 outlier columns (+3.8 GiB, the H200 history of
+benchmarks/single_history.py), where a trained checkpoint has a handful (Dettmers et al. 2022, LLM.int8(),
+Sec. 4: outlier features in ~6 dimensions). At 0.004 the intermediate stays far below 6, as the prediction
+assumes (no outlier columns)."""
+HEAVY_PARAMETERS = 3e9
+"""Cases of models this large are measured one at a time (a 7B full fine-tune takes ~70 GB); the rest run
+`--jobs` at a time."""
 MIXED = {"weights_dtype": "fp32", "amp": "bf16"}  # bf16-mixed: fp32 master weights, bf16 autocast
 PURE_BF16 = {"weights_dtype": "bf16", "amp": "none"}  # pure bf16: weights and optimizer state in bf16
 VARIANTS: list[dict] = [
@@ -68,6 +80,17 @@ CASES: list[Case] = [
     Case("meta-llama/Llama-3.2-1B", None, TrainConfig(seq_len=1024, micro_batch_size=4, weights_dtype="bf16",
                                                       amp="bf16", gradient_checkpointing=True, adapter=Adapter(),
                                                       quantization=Quantization(bits=4))),
+] + [
+    # a 7B-class model, checkpointed: LoRA on a 4-bit and an 8-bit base, and full fine-tuning with 8-bit AdamW
+    # (paged or not, fp32 master weights) and in pure bf16
+    Case(SEVEN_B, None, TrainConfig(seq_len=1024, micro_batch_size=2, weights_dtype="bf16", amp="bf16",
+                                    gradient_checkpointing=True, adapter=Adapter(),
+                                    quantization=None if bits is None else Quantization(bits=bits)))
+    for bits in (None, 4, 8)
+] + [
+    Case(SEVEN_B, None, TrainConfig(seq_len=1024, micro_batch_size=2, gradient_checkpointing=True, **variant))
+    for variant in ({**MIXED, "optimizer": "adamw_bnb_8bit"}, {**MIXED, "optimizer": "paged_adamw_8bit"},
+                    {**PURE_BF16, "optimizer": "adamw_torch_fused"})
 ]
 """Extend with more `Case`s (catalog name, layers or None, TrainConfig)."""
 
@@ -110,8 +133,13 @@ def measure_here(name: str) -> dict:
     from memtune.measure.verify import measure
 
     case = next(case for case in CASES if case_name(case) == name)
+    config = model_config(case)
+    if name in INITIALIZER_RANGE:
+        config.initializer_range = INITIALIZER_RANGE[name]
     free_before, _ = torch.cuda.mem_get_info()
-    result = measure(model_config(case), case.config, steps=3).to_dict()
+    result = measure(config, case.config, steps=3).to_dict()
+    if name in INITIALIZER_RANGE:
+        result["initializer_range"] = INITIALIZER_RANGE[name]
     free_after, _ = torch.cuda.mem_get_info()
     result["device_used_after_bytes"] = free_before - free_after
     return result
@@ -127,6 +155,42 @@ def measure_isolated(case: Case) -> dict:
         return json.loads(Path(out.name).read_text())
 
 
+def is_heavy(case: Case) -> bool:
+    """Whether the case's model has HEAVY_PARAMETERS or more (catalog figure)."""
+    from memtune.sources import catalog
+
+    return next(entry.num_parameters for entry in catalog() if entry.hub_id == case.model) >= HEAVY_PARAMETERS
+
+
+def measure_all(cases: list[Case], jobs: int, raw: Path | None = None) -> dict[str, dict]:
+    """Every case measured in its own process, by name: small ones `jobs` at a time, then heavy ones alone.
+    With jobs > 1 the timing fields are dropped (the processes share the GPU). Each measurement is also
+    appended to `raw` (JSON lines) as it arrives, so a run cut short keeps what it measured."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    small = [case for case in cases if not is_heavy(case)]
+    heavy = [case for case in cases if is_heavy(case)]
+    results: dict[str, dict] = {}
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        for case, result in zip(small, pool.map(measure_isolated, small), strict=True):
+            if jobs > 1:
+                for key in ("tokens_per_second", "step_seconds", "device_used_after_bytes"):
+                    result.pop(key, None)
+                result["concurrent_jobs"] = jobs
+            keep(results, case, result, raw)
+    for case in heavy:
+        keep(results, case, measure_isolated(case), raw)
+    return results
+
+
+def keep(results: dict[str, dict], case: Case, result: dict, raw: Path | None) -> None:
+    results[case_name(case)] = result
+    if raw is not None:
+        with raw.open("a") as file:
+            file.write(json.dumps({"case": case_name(case), **result}) + "\n")
+    print(f"measured {case_name(case)}", file=sys.stderr, flush=True)
+
+
 def case_row(case: Case, measured: dict | None, paths: list[str]) -> dict:
     """accuracy.py's row (measured and predicted peaks, errors; failures recorded) with this benchmark's name,
     the predicted optimizer state and weights, the paged state, and the measured tokens/s and device memory
@@ -138,7 +202,7 @@ def case_row(case: Case, measured: dict | None, paths: list[str]) -> dict:
     if measured is None:
         row["measured_error"] = "not measured (--no-measure)"
     elif measured.get("fits"):
-        for key in ("tokens_per_second", "device_used_after_bytes"):
+        for key in ("tokens_per_second", "device_used_after_bytes", "initializer_range"):
             row[f"measured_{key}"] = measured.get(key)
     return row
 
@@ -170,6 +234,10 @@ def main() -> None:
     parser.add_argument("--paths", nargs="+", default=["cuda", "cpu"], choices=["cuda", "cpu"])
     parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT", help="only cases whose name has one")
     parser.add_argument("--no-measure", action="store_true", help="predict only (no GPU needed with --paths cpu)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="measure this many small cases at once, each in its own process on the same GPU: "
+                             "peaks are per-process allocator statistics, so they are unaffected; tokens/s and "
+                             "device memory left in use are then not recorded (default 1)")
     parser.add_argument("--out", default="benchmarks/results/lowbit.json")
     parser.add_argument("--measure-one", default="", help=argparse.SUPPRESS)  # the isolated measurement process
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
@@ -186,10 +254,10 @@ def main() -> None:
         environment = describe()
     print(f"{'case':66s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
           + f" | {'paged':>6s}", flush=True)
+    measured = {} if args.no_measure else measure_all(cases, args.jobs, Path(args.out).with_suffix(".measured.jsonl"))
     rows = []
     for case in cases:
-        measured = None if args.no_measure else measure_isolated(case)
-        rows.append(case_row(case, measured, args.paths))
+        rows.append(case_row(case, measured.get(case_name(case)), args.paths))
         print(format_row(rows[-1], args.paths), flush=True)
     summary = {path: summarize(rows, path) for path in args.paths}
     out = Path(args.out)

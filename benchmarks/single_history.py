@@ -39,10 +39,14 @@ BIG = 64 * 2**20
 
 
 def every_case() -> dict[str, Any]:
-    """benchmarks/cases.py's cases of the accuracy, large and architectures suites, by name."""
+    """benchmarks/cases.py's cases of the accuracy, large and architectures suites, by name, and
+    benchmarks/lowbit.py's by its names (which say the optimizer and the quantised base)."""
     from benchmarks.cases import accuracy_cases, large_batch_cases, real_architecture_cases
+    from benchmarks.lowbit import CASES as LOWBIT_CASES
+    from benchmarks.lowbit import case_name
 
-    return {case.name: case for case in [*accuracy_cases(), *large_batch_cases(), *real_architecture_cases()]}
+    cases = {case.name: case for case in [*accuracy_cases(), *large_batch_cases(), *real_architecture_cases()]}
+    return cases | {case_name(case): case for case in LOWBIT_CASES}
 
 
 def cases_named(names: list[str]) -> list[Any]:
@@ -61,8 +65,8 @@ def record(out: Path, names: list[str]) -> None:
 
     memory.warm_up()
     rows = []
-    for case in cases_named(names):
-        name, config = case.name, case.config
+    for name, case in zip(names, cases_named(names), strict=True):
+        config = case.config
         torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python", context="alloc")
         measured = verify.measure(model_config(case), config, steps=3)
         snapshot = torch.cuda.memory._snapshot()
@@ -78,8 +82,8 @@ def record(out: Path, names: list[str]) -> None:
         rows.append({"case": name, "config": config.to_dict(), "measured": measured.to_dict(), "events": events})
         print(f"{name}: reserved {measured.peak_reserved_bytes / GIB:.2f} GiB, allocated "
               f"{measured.peak_allocated_bytes / GIB:.2f} GiB, {len(events)} events", flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cases": rows}))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"cases": rows}))  # after every case: a run cut short keeps what it recorded
 
 
 def real_events(events: list[list[Any]]) -> tuple[list[Event], list[tuple[int, str]]]:
