@@ -26,6 +26,7 @@ from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
 from memtune.predict import throughput
+from memtune.predict.bound import state_lower_bound
 from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
@@ -76,6 +77,10 @@ class ModelPredictor:
 
     def tokens_per_second(self, config: TrainConfig) -> float:
         return throughput.tokens_per_second(self.shape, config, self.speed)
+
+    def state_bytes(self, config: TrainConfig) -> int:
+        """`bound.state_lower_bound`: weights + gradients + optimizer state, a floor under the traced peak."""
+        return state_lower_bound(self.shape, config)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes, policy_flags
 from memtune.search import ladder
-from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, TRIAL_OOM
+from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, STATE_ALONE, TRIAL_OOM
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
@@ -295,6 +295,7 @@ def verification(result: FitResult) -> tuple[str, list[tuple[str, str, str, str]
 UNTRACED_REASONS = {
     SKIPPED: "each needs at least as much as one above (a larger micro-batch or one technique fewer)",
     EXTRAPOLATED: "extrapolated from a traced micro-batch of the same configuration, each is clearly over",
+    STATE_ALONE: "their weights, gradients and optimizer state alone are over the budget (no trace needed)",
 }
 
 

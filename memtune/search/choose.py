@@ -59,6 +59,7 @@ besides the workspaces and context, which `extrapolate` adds as fixed."""
 NOT_EVALUATED = "not evaluated"
 TOO_BIG = "too big"
 SKIPPED = "too big (implied)"
+STATE_ALONE = "too big (state alone)"
 EXTRAPOLATED = "too big (extrapolated)"
 FITS = "fits"
 TRIAL_OOM = "out of memory in trial"
@@ -66,7 +67,9 @@ VERIFIED = "verified"
 
 
 class Predictor(Protocol):
-    """Memory and speed predictions for one model; `search` calls nothing else."""
+    """Memory and speed predictions for one model; `search` calls nothing else. A predictor may also offer
+    `state_bytes(config) -> int`, a floor under the peak found without tracing (`predict.bound`): a candidate
+    whose floor is over the usable budget is then skipped untraced."""
 
     def memory(self, config: TrainConfig) -> Estimate: ...
 
@@ -317,6 +320,7 @@ def without_optimizer(estimate: Estimate) -> int:
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
           trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
     too_big: list[TrainConfig] = []
+    state_bytes = getattr(predictor, "state_bytes", None)
     traced: dict[tuple[TrainConfig, bool], list[Estimate]] = {}
     traced_twins: dict[TrainConfig, Estimate] = {}
     for candidate in ranked:
@@ -325,6 +329,11 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         if implied is not None:
             candidate.status = SKIPPED
             candidate.note = f"needs at least as much as {implied.describe()}"
+            continue
+        floor = state_bytes(config) if state_bytes is not None else 0
+        if floor > result.usable_bytes:
+            candidate.status = STATE_ALONE
+            candidate.note = f"its weights, gradients and optimizer state alone need {format_bytes(floor)}"
             continue
         twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER))
         if twin is not None and config.optimizer != DEFAULT_OPTIMIZER and without_optimizer(twin) > result.usable_bytes:

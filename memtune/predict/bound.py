@@ -1,0 +1,48 @@
+"""A lower bound of a step's peak memory without tracing it: the model state alone.
+
+At the optimizer step the weights, every gradient and the optimizer state are alive together (torch's
+optimizers read the gradients in place and allocate their state, lazily, inside `step`), so their bytes bound
+`torch.cuda.max_memory_allocated` from below, and so the reserved memory and the fits verdict. The search uses
+it to skip, without a trace, configurations whose state alone is over the budget (a 7B model's full
+fine-tuning on a 24 GiB card): each is counted as "too big (state alone)". Every term errs low: no activations,
+no temporaries, no allocator rounding, an adapter's own parameters left out, the quantised base's 16-bit rest
+counted in 16 bits (peft's prepare_model_for_kbit_training casts it to fp32).
+"""
+
+from __future__ import annotations
+
+from memtune.config import DTYPE_BYTES, TrainConfig
+from memtune.predict.throughput import ModelShape
+
+QUANTIZED_BYTES = {4: 0.5, 8: 1.0}
+"""Bytes per weight of a bitsandbytes base: two nf4/fp4 values per byte, one int8 (block scales left out)."""
+
+
+def optimizer_state_bytes(config: TrainConfig, trained: int) -> int:
+    """Optimizer state on the GPU for `trained` parameters: AdamW's two moments in the weights' dtype (fused and
+    foreach alike, torch/optim/adamw.py: zeros_like(param)), bitsandbytes' two uint8 states, nothing in torch's
+    pool for a paged optimizer (CUDA unified memory) and, as a lower bound, for Adafactor's factored moments."""
+    if config.optimizer in ("adamw_torch_fused", "adamw_torch"):
+        element = 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
+        return 2 * trained * element
+    if config.optimizer == "adamw_bnb_8bit":
+        return 2 * trained
+    return 0
+
+
+def state_lower_bound(shape: ModelShape, config: TrainConfig) -> int:
+    """Bytes of weights + gradients + optimizer state that one GPU holds at the optimizer step of `config`;
+    0 with CPU offload (the state lives on the host). FSDP over N GPUs shards all three; DDP replicates them."""
+    if config.offload != "none":
+        return 0
+    if config.quantization is not None:
+        body = shape.matmul_parameters - shape.vocab_size * shape.hidden_size  # the LM head stays in 16 bits
+        weights = int(body * QUANTIZED_BYTES[config.quantization.bits]) + (shape.num_parameters - body) * 2
+    else:
+        weights = shape.num_parameters * DTYPE_BYTES[config.weights_dtype]
+    state = weights
+    if config.adapter is None:  # full fine-tuning: a gradient per weight, in the weights' dtype, and the state
+        state += shape.num_parameters * DTYPE_BYTES[config.weights_dtype]
+        state += optimizer_state_bytes(config, shape.num_parameters)
+    shards = config.num_gpus if config.sharded else 1
+    return state // shards
