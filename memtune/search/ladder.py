@@ -438,7 +438,9 @@ class QuantizedBase(Rung):
     QUALITY = {4: ("{0}: the base weights are quantised (QLoRA, Dettmers et al. 2023: nf4 + double quantisation), "
                    "the adapter trains in {1}"),
                8: ("{0}: the base weights are quantised to 8 bits (LLM.int8, Dettmers et al. 2022), "
-                   "the adapter trains in {1}")}
+                   "the adapter trains in {1}; its memory and time grow with the input columns holding a value "
+                   "above 6.0 (multiplied in 16 bits and kept for backward), predicted as none, as in a trained "
+                   "checkpoint (a handful); a random-weight model can have thousands")}
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
         if not with_adapter:
