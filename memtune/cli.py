@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import inspect
 import itertools
+import logging
 import sys
 import textwrap
 import types
@@ -427,6 +428,9 @@ COMMANDS: dict[str, Callable[[Any, Console, Console], int]] = {
 def main(argv: list[str] | None = None) -> int:
     out = Console()
     err = Console(stderr=True)
+    # bitsandbytes' CPU backend logs a warning on import where the optional `kernels` package is missing; peft
+    # imports bitsandbytes for any LoRA model when it is installed, and memtune runs no 4-bit matmul on the CPU
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         try:
             command, options = parse(argv)

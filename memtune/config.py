@@ -9,6 +9,7 @@ Bytes are integers everywhere; units exist only in `parse_bytes` and `format_byt
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from collections.abc import Callable, Mapping
@@ -297,6 +298,23 @@ class TrainConfig:
         return cls.from_dict(json.loads(text))
 
 
+def require_extra(optimizer: str) -> None:
+    """Raise UsageError (exit 2) with the install command when `optimizer` needs bitsandbytes and it cannot be
+    imported (the `quant` extra of memtune's pyproject)."""
+    if optimizer in BITSANDBYTES_OPTIMIZERS and not bitsandbytes_available():
+        raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which is not installed: {QUANT_EXTRA_HINT} "
+                         "(or pip install bitsandbytes), or choose --optim adamw_torch_fused")
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes is installed, found without importing it (an optional extra whose import takes
+    a second and loads native libraries: done only when one of its optimizers is built)."""
+    try:
+        return importlib.util.find_spec("bitsandbytes") is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
+
+
 def quantized_base_fields(bits: int, precision: str | None, bf16_supported: bool = True) -> dict[str, Any]:
     """The TrainConfig fields of a quantised base of `bits` (QLoRA, `--qlora BITS` of fit and plan): 4 bits nf4
     with double quantisation, or 8 bits (LLM.int8), computing in bf16 (fp16 on a card without bf16, or when
@@ -325,9 +343,16 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
         seen = "no adapter" if config.adapter is None else f"adapter {getattr(config.adapter, 'kind', '?')!r}"
         problems.append(f"a quantised base ({bits}-bit) trains only a LoRA adapter (its weights are frozen), "
                         f"got {seen}: add adapter=Adapter() (--lora), or drop the quantization")
-    if config.num_gpus != 1 or config.offload != "none":
-        problems.append(f"a quantised base ({bits}-bit) is planned on one GPU without offload, got "
-                        f"num_gpus={config.num_gpus!r}, offload={config.offload!r}: use num_gpus 1 and offload 'none'")
+    if config.num_gpus != 1:
+        problems.append(f"a quantised base ({bits}-bit) is planned on one GPU, got {config.num_gpus!r} GPUs "
+                        "(--gpus, num_gpus): use 1")
+    if config.offload != "none":
+        problems.append(f"a quantised base ({bits}-bit) is planned without CPU offload, got offload "
+                        f"{config.offload!r} (--offload): drop it")
+    if config.amp == "none":
+        problems.append(f"a quantised base ({bits}-bit) trains under autocast in its compute dtype (Trainer "
+                        "bf16=True), got none (--precision bf16 / fp16 is pure 16-bit): use --precision bf16-mixed, "
+                        "or leave --precision out with --qlora")
     return problems
 
 

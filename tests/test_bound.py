@@ -84,3 +84,35 @@ def test_the_search_skips_what_the_state_alone_rules_out_without_tracing_it():
     skipped = [c for c in result.candidates if c.status == STATE_ALONE]
     assert skipped and all(c.config.adapter is None for c in skipped)
     assert "alone need 20.00 GiB" in skipped[0].note
+
+
+def test_when_the_state_rules_out_everything_the_shortfall_is_its_floor_with_what_would_fit():
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0, allow_8bit_optimizer=False,
+                    allow_pure_16bit=False, allow_quantized_base=False)
+    result = search(Bounded(), seq_len=64, effective_batch_size=4, budget_bytes=1 * GIB, policy=policy,
+                    explain=False)
+    assert result.chosen is None and not result.evaluated
+    smallest, need, floor = result.smallest_need()
+    assert floor and need == 2 * GIB and smallest.config.adapter is not None
+    assert smallest.config.micro_batch_size == 1  # of equal floors, the one that needs least beyond its state
+    assert result.shortfall_bytes == 1 * GIB
+    assert result.suggestions[0].startswith("a GPU with more than 2.00 GiB (e.g. T4-16GB)")
+    assert any("drop --no-offload" in line for line in result.suggestions)
+
+
+def test_pinned_options_that_exclude_each_other_are_a_usage_error_naming_why(monkeypatch):
+    from memtune.errors import UsageError
+    from memtune.search import ladder
+
+    monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(ladder, "require_extra", lambda name: None)
+    policy = Policy(optimizer="paged_adamw_8bit", offload="parameters", use_adapter=False)
+    with pytest.raises(UsageError, match=r"cannot run together: FSDP cannot shard or offload this optimizer's state"):
+        search(Bounded(), seq_len=64, effective_batch_size=4, budget_bytes=8 * GIB, policy=policy, explain=False)
+
+
+def test_a_fit_over_the_usable_memory_says_why_it_still_fits():
+    from memtune.report.words import spare_words
+
+    assert spare_words(10 * GIB, 9 * GIB) == "1.00 GiB to spare"
+    assert spare_words(9 * GIB, 10 * GIB).startswith("the peak is 1.00 GiB over it, but it fits: torch's allocator")

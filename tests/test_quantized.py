@@ -128,8 +128,11 @@ def test_a_quantised_base_needs_a_lora_adapter(adapter):
 def test_a_quantised_base_is_planned_on_one_gpu_without_offload():
     with pytest.raises(UsageError) as raised:
         TrainConfig(seq_len=24, adapter=Adapter(), quantization=Quantization(bits=8), num_gpus=2, offload="optimizer")
-    assert "quantised base (8-bit) is planned on one GPU without offload, got num_gpus=2, offload='optimizer'" in str(
-        raised.value)
+    message = str(raised.value)
+    assert "quantised base (8-bit) is planned on one GPU, got 2 GPUs (--gpus, num_gpus): use 1" in message
+    assert "quantised base (8-bit) is planned without CPU offload, got offload 'optimizer' (--offload)" in message
+    with pytest.raises(UsageError, match=r"trains under autocast in its compute dtype .* got none"):
+        TrainConfig(seq_len=24, weights_dtype="bf16", amp="none", adapter=Adapter(), quantization=Quantization())
 
 
 def test_describe_names_the_quantised_base():

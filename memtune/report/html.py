@@ -261,7 +261,7 @@ def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) 
     peak = chosen.predicted_total_bytes or 0
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
-            f"({_e(format_bytes(search.usable_bytes - peak))} to spare), "
+            f"({_e(words.spare_words(search.usable_bytes, peak))}), "
             f"{chosen.predicted_tokens_per_second:,.0f} tokens/s "
             f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}</p>"]
 

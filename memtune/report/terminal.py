@@ -22,7 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memtune.config import TrainConfig, format_bytes
-from memtune.predict.estimate import Estimate
+from memtune.predict.peak import Estimate
 from memtune.report.words import (
     CATEGORY_NOTES,
     alternative_verdict,
@@ -36,6 +36,7 @@ from memtune.report.words import (
     python_snippet,
     quality_note,
     relative,
+    spare_words,
     task_line,
     untraced_counts,
     verification,
@@ -205,7 +206,7 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     peak = chosen.predicted_total_bytes or 0
     console.print(Text(f"chosen: {chosen.config.describe()}", style="bold green"))
     console.print(_indented(f"predicted peak {format_bytes(peak)} of {format_bytes(search.usable_bytes)} usable "
-                            f"({format_bytes(search.usable_bytes - peak)} to spare), "
+                            f"({spare_words(search.usable_bytes, peak)}), "
                             f"{chosen.predicted_tokens_per_second:,.0f} tokens/s predicted"))
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
     console.print("  what to set:")
@@ -319,10 +320,14 @@ def _render_nothing_fits(search: SearchResult, console: Console) -> None:
     console.print(Text(f"nothing fits in {format_bytes(search.usable_bytes)} usable "
                        f"({format_bytes(search.budget_bytes)} budget - {format_bytes(search.margin_bytes)} margin)",
                        style="bold red"))
-    if search.shortfall_bytes:
-        smallest = min(search.evaluated, key=lambda candidate: candidate.predicted_total_bytes or 0)
-        console.print(_indented(f"the smallest, {smallest.config.describe()}, needs "
-                                f"{format_bytes(smallest.predicted_total_bytes or 0)}: short by "
+    found = search.smallest_need()
+    if search.shortfall_bytes and found is not None:
+        smallest, need, floor = found
+        needs = (f"its weights, gradients and optimizer state alone need {format_bytes(need)}" if floor
+                 else f"needs {format_bytes(need)}")
+        console.print(_indented(f"the smallest, {smallest.config.describe()}, {needs}: short by at least "
+                                f"{format_bytes(search.shortfall_bytes)}" if floor else
+                                f"the smallest, {smallest.config.describe()}, {needs}: short by "
                                 f"{format_bytes(search.shortfall_bytes)}"))
     if search.suggestions:
         console.print("  what would fit:")

@@ -292,6 +292,16 @@ def verification(result: FitResult) -> tuple[str, list[tuple[str, str, str, str]
     return heading, rows
 
 
+def spare_words(usable_bytes: int, total_bytes: int) -> str:
+    """What a fitting plan leaves of the usable memory, in words; a negative spare is explained (the verdict
+    replays the step, and torch's allocator frees its cached blocks before it runs out: search/verdict.py)."""
+    spare = usable_bytes - total_bytes
+    if spare >= 0:
+        return f"{format_bytes(spare)} to spare"
+    return (f"the peak is {format_bytes(-spare)} over it, but it fits: torch's allocator frees its cached blocks "
+            "under pressure and the replayed step never runs out (a little slower when it does)")
+
+
 UNTRACED_REASONS = {
     SKIPPED: "each needs at least as much as one above (a larger micro-batch or one technique fewer)",
     EXTRAPOLATED: "extrapolated from a traced micro-batch of the same configuration, each is clearly over",
@@ -321,14 +331,16 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
     else:
         pace = f"{abs(speed):.0%} {'faster' if speed > 0 else 'slower'}" if round(speed, 2) else "same speed"
     if not alternative.fits:
-        more = f"needs {format_bytes(delta)} more" if delta > 0 else "over the usable budget"
+        more = (f"needs {format_bytes(delta)} more" if delta > 0 else
+                "runs out of memory in the replay, freeing the cache does not save it (the chosen one's peak is "
+                "higher, but it can be served after a cache release)")
         return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
     if any(candidate.config == alternative.config and candidate.status == TRIAL_OOM for candidate in search.candidates):
         return f"predicted to fit, but ran out of memory in its trial ({pace})"
     memory = (
-        f"saves {format_bytes(-delta)}"
+        f"{format_bytes(-delta)} less than the chosen"
         if delta < 0
-        else f"needs {format_bytes(delta)} more"
+        else f"{format_bytes(delta)} more than the chosen"
         if delta > 0
         else "same memory"
     )

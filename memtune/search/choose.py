@@ -35,13 +35,14 @@ from memtune.config import (
     STRATEGIES,
     Policy,
     TrainConfig,
+    bitsandbytes_available,
     format_bytes,
     margin_for,
 )
 from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
-from memtune.predict.ddp import DDP_BUCKETS
-from memtune.predict.estimate import Estimate
+from memtune.predict.events import DDP_BUCKETS
+from memtune.predict.peak import Estimate
 from memtune.search import ladder
 from memtune.search.verdict import judge
 
@@ -89,6 +90,8 @@ class Candidate:
     status: str = NOT_EVALUATED
     note: str = ""
     measurement: Measurement | None = None
+    state_bytes: int | None = None
+    """Its weights + gradients + optimizer state, where the search skipped it for them (STATE_ALONE)."""
 
     @property
     def predicted_total_bytes(self) -> int | None:
@@ -167,6 +170,20 @@ class SearchResult:
     @property
     def evaluated(self) -> list[Candidate]:
         return [c for c in self.candidates if c.estimate is not None]
+
+    def smallest_need(self) -> tuple[Candidate, int, bool] | None:
+        """(candidate, bytes, whether the bytes are only a floor) of the candidate that needs least: the smallest
+        predicted total, or, where nothing was traced, the smallest state alone (STATE_ALONE: weights +
+        gradients + optimizer state, a floor under its need). None when nothing was judged."""
+        if self.evaluated:
+            smallest = min(self.evaluated, key=lambda c: c.predicted_total_bytes or 0)
+            return smallest, smallest.predicted_total_bytes or 0, False
+        floors = [c for c in self.candidates if c.status == STATE_ALONE and c.state_bytes]
+        if not floors:
+            return None
+        # of equal floors the last (slowest: the smallest micro-batch, checkpointed) needs least beyond its state
+        smallest = min(reversed(floors), key=lambda c: c.state_bytes or 0)
+        return smallest, smallest.state_bytes or 0, True
 
     @property
     def throughput_error(self) -> float | None:
@@ -252,8 +269,14 @@ def search(
     result.notes = ladder.skipped(policy)
     for note in result.notes:
         say(note)
-    for with_adapter in stages(policy):
-        space = ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter)
+    conflicts: list[set[str]] = []
+    spaces = [ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter, conflicts)
+              for with_adapter in stages(policy)]
+    if not any(spaces):  # pinned options that exclude each other (--optim paged_adamw_8bit --offload parameters)
+        every = set.intersection(*conflicts) if conflicts else set()  # what rules out each combination
+        reasons = every or set.union(*conflicts) if conflicts else {"no combination of the options can run"}
+        raise UsageError("these options cannot run together: " + "; ".join(sorted(reasons)))
+    for space in spaces:
         # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
         # adapter, a quantised base last.
         for tier in sorted({ladder.tier(config) for config in space}):
@@ -332,7 +355,7 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             continue
         floor = state_bytes(config) if state_bytes is not None else 0
         if floor > result.usable_bytes:
-            candidate.status = STATE_ALONE
+            candidate.status, candidate.state_bytes = STATE_ALONE, floor
             candidate.note = f"its weights, gradients and optimizer state alone need {format_bytes(floor)}"
             continue
         twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER))
@@ -404,19 +427,20 @@ def _alternatives(result: SearchResult, predictor: Predictor, policy: Policy) ->
 
 
 def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Policy) -> None:
-    """Nothing fits: how far off the smallest candidate is, and what would fit instead."""
-    evaluated = result.evaluated
-    if not evaluated:
+    """Nothing fits: how far off the smallest candidate is, and what would fit instead. When none was traced
+    (the state alone of each is over the budget), the smallest state stands for it: a floor, said as one."""
+    found = result.smallest_need()
+    if found is None:
         return
-    smallest = min(evaluated, key=lambda c: c.predicted_total_bytes or 0)
-    smallest_bytes = smallest.predicted_total_bytes or 0
+    smallest, smallest_bytes, floor = found
     need = smallest_bytes + result.margin_bytes
     result.shortfall_bytes = max(0, need - result.budget_bytes)
     cards = [name for name, size in sorted(KNOWN_GPUS.items(), key=lambda item: item[1])
              if size - margin_for(size, policy) >= smallest_bytes]
     if cards:
         result.suggestions.append(
-            f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}"
+            f"a GPU with {'more than ' if floor else ''}{format_bytes(need)}{'' if floor else ' or more'} "
+            f"(e.g. {cards[0]}) with {smallest.config.describe()}"
         )
     else:
         result.suggestions.append(
@@ -424,6 +448,12 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
         )
     if policy.use_adapter is False:
         result.suggestions.append("allow LoRA (drop --no-lora / --full-finetune-only)")
+    if not policy.allow_quantized_base and bitsandbytes_available() and policy.num_gpus == 1:
+        result.suggestions.append("allow a 4-bit or 8-bit base under LoRA (drop --no-qlora)")
+    if not policy.allow_offload:
+        result.suggestions.append("allow CPU offload (drop --no-offload): slower, but the state moves to the host")
+    if floor:
+        return  # a shorter sequence does not shrink the state
     config = smallest.config
     for divisor in (2, 4):
         shorter = config.replace(seq_len=max(1, config.seq_len // divisor))

@@ -35,11 +35,12 @@ from memtune.config import (
     Policy,
     Quantization,
     TrainConfig,
+    bitsandbytes_available,
     precision_config,
     quantized_base_fields,
+    require_extra,
 )
 from memtune.errors import UsageError
-from memtune.recipe.step import bitsandbytes_available, require_extra
 
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """How the "what to set" lines spell a dtype in Python (dtype=torch.bfloat16)."""
@@ -435,12 +436,14 @@ class QuantizedBase(Rung):
     `prepare_for_kbit_training`); trace: `predict.quantized`; loader: `Plan.model_kwargs` (quantization_config)."""
 
     name = "quantised base"
+    # LLM.int8 multiplies every input column holding a value above its threshold (6.0) in 16 bits and keeps it for
+    # backward: memory and time grow with them. A trained checkpoint has a handful (Dettmers et al. 2022, Sec. 4);
+    # a random Mistral-7B at initializer_range 0.02 had ~14,300 of down_proj's 14,336 (benchmarks/lowbit.py).
     QUALITY = {4: ("{0}: the base weights are quantised (QLoRA, Dettmers et al. 2023: nf4 + double quantisation), "
                    "the adapter trains in {1}"),
                8: ("{0}: the base weights are quantised to 8 bits (LLM.int8, Dettmers et al. 2022), "
-                   "the adapter trains in {1}; its memory and time grow with the input columns holding a value "
-                   "above 6.0 (multiplied in 16 bits and kept for backward), predicted as none, as in a trained "
-                   "checkpoint (a handful); a random-weight model can have thousands")}
+                   "the adapter trains in {1}; predicted with few outlier inputs (> 6.0), as trained "
+                   "checkpoints have")}
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
         if not with_adapter:
@@ -463,6 +466,8 @@ class QuantizedBase(Rung):
             return "a quantised base trains only a LoRA adapter"
         if fields["num_gpus"] != 1 or fields["offload"] != "none":
             return "a quantised base is planned on one GPU without offload"
+        if fields["amp"] == "none":
+            return "a quantised base trains under autocast (--precision bf16-mixed, or no --precision), not pure bf16"
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
@@ -600,9 +605,11 @@ def strategies(policy: Policy) -> list[str]:
     return [policy.strategy] if policy.strategy else list(STRATEGIES)
 
 
-def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool) -> list[TrainConfig]:
+def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, with_adapter: bool,
+                    conflicts: list[set[str]] | None = None) -> list[TrainConfig]:
     """Every combination of the rungs' options that can run, in LADDER order (the first rung varies slowest), each
-    once (the quantised base's options set the precision too, so they meet every precision option alike)."""
+    once (the quantised base's options set the precision too, so they meet every precision option alike).
+    `conflicts`, when given, gets for each combination left out why it cannot run (`Rung.conflict`)."""
     configs: dict[TrainConfig, None] = {}  # ordered; a quantised base sets the precision: equal combinations once
     for combination in itertools.product(
         *(rung.options(policy, with_adapter, effective_batch_size) for rung in LADDER)
@@ -610,8 +617,11 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
         fields: dict[str, Any] = {"seq_len": seq_len}
         for setting in combination:
             fields.update(setting)
-        if all(rung.conflict(fields) is None for rung in LADDER):
+        reasons = [reason for rung in LADDER if (reason := rung.conflict(fields)) is not None]
+        if not reasons:
             configs.setdefault(TrainConfig(**fields))
+        elif conflicts is not None:
+            conflicts.append(set(reasons))
     return list(configs)
 
 
