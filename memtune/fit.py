@@ -345,10 +345,12 @@ def auto_fit(
         trainer = plan.trainer(model=model, args=plan.training_arguments(output_dir="out"), train_dataset=ds)
 
     `budget` ("24GiB", or bytes) or `gpu` (a known card name) plans for memory other than the GPU
-    here. `policy` takes `Policy` fields: precision="fp32", gradient_checkpointing=True,
-    micro_batch_size=4, use_adapter=False (full fine-tuning only), allow_offload=False,
-    allow_quantized=False (no QLoRA base; allow_quantized_base), quantized_base=4 (only a 4-bit base, LoRA),
-    margin_bytes=..., min_micro_batch_size=... trust_remote_code=True allows a model name or directory
+    here. `policy` takes `Policy` fields (the CLI's flags, named as in `memtune.Policy`): precision="fp32",
+    gradient_checkpointing=True, micro_batch_size=4, use_adapter=False (full fine-tuning only),
+    allow_offload=False, optimizer="adamw_bnb_8bit" (transformers' optim names), allow_8bit_optimizer=False,
+    allow_pure_16bit=False, allow_quantized=False (no QLoRA base; the short name of allow_quantized_base),
+    quantized_base=4 (only a 4-bit base, LoRA), margin_bytes=..., min_micro_batch_size=...
+    trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
     stderr (`quiet_libraries`) and logged at DEBUG on the "memtune.fit" logger. Raises NothingFitsError

@@ -381,3 +381,15 @@ def test_a_value_that_starts_with_a_dash_reaches_its_option():
         assert attach_dash_values(parser, argv) == argv
     _, options = parse(["run", "p.json", "--text-field", "-x"])
     assert options.text_field == "-x"
+
+
+def test_the_cli_and_the_package_start_without_torch():
+    # `memtune --help` and `memtune models` in a fraction of a second: torch (~0.8 s to import) waits for a
+    # command that traces or trains (issue 17), and `import memtune` imports its public names on first use.
+    import subprocess
+    import sys
+
+    code = ("import sys, memtune, memtune.cli; memtune.TrainConfig, memtune.parse_bytes; "
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False", done.stderr

@@ -25,7 +25,7 @@ import bisect
 from collections.abc import Hashable
 from dataclasses import dataclass
 
-from memtune.predict.trace import Event
+from memtune.predict.events import Event
 
 KB = 1024
 MB = 1024 * KB

@@ -59,12 +59,11 @@ import torch.distributed as dist
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict import allocator
+from memtune.predict.events import DDP_BUCKETS
 from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
 from memtune.predict.single import full_depth_events
 from memtune.predict.trace import Category, Event, Trace, num_layers_of, paged_bytes_at_depth, rounded
 
-DDP_BUCKETS = "ddp_buckets"
-"""Breakdown key: DDP's gradient buckets (a second copy of the trainable parameters' gradients)."""
 BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
 """DistributedDataParallel.broadcast_bucket_size: the bucket limit of the construction broadcast."""
 BROADCASTS_IN_FLIGHT = 2

@@ -15,7 +15,7 @@ from typing import Any
 
 from memtune.config import MIB, TrainConfig
 from memtune.predict import allocator
-from memtune.predict.trace import Category, Event
+from memtune.predict.events import Category, Event
 
 NCCL_BYTES = 932 * MIB
 """NCCL's own device memory per rank (communicator and channel buffers), outside torch's allocator:

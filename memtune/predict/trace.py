@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import weakref
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -41,59 +39,15 @@ from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TrainConfi
 from memtune.errors import UsageError
 from memtune.predict import quantized
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
+from memtune.predict.events import (  # noqa: E402,F401 - re-exported: the trace's own vocabulary
+    BLOCK_BYTES,
+    COMPUTE_STREAM,
+    NO_LAYER,
+    Category,
+    Event,
+    rounded,
+)
 from memtune.recipe import step as recipe
-
-BLOCK_BYTES = 512  # the caching allocator rounds every request up to a multiple of 512 bytes
-
-
-class Category(str, Enum):
-    WEIGHTS = "weights"
-    GRADIENTS = "gradients"
-    OPTIMIZER = "optimizer"
-    ACTIVATIONS = "activations"
-    LOGITS = "logits"
-    """The LM head's logits, the loss, and their gradients: large for 128k-256k vocabularies."""
-    TEMPORARIES = "temporaries"
-    OVERHEAD = "overhead"
-
-
-def rounded(num_bytes: int) -> int:
-    """`num_bytes` rounded up to the allocator's 512-byte blocks (c10/cuda/CUDACachingAllocator.cpp
-    `round_size`); 0 stays 0."""
-    return max(BLOCK_BYTES, math.ceil(num_bytes / BLOCK_BYTES) * BLOCK_BYTES) if num_bytes else 0
-
-
-NO_LAYER = -1
-COMPUTE_STREAM = 0
-"""The default stream, where the step's own tensors live; FSDP's copy-in and reduce-scatter streams are 1, 2, ..."""
-
-
-class Event(NamedTuple):
-    """One allocation or free in a traced step, as the caching allocator would see it."""
-
-    kind: str
-    """"alloc" or "free"."""
-    storage: Hashable
-    """Identifies the storage within its event stream: a free names the storage of an earlier alloc. An
-    extended stream gives each copy of a repeated layer's storage its own."""
-    num_bytes: int
-    """Bytes requested, rounded up to 512 (`rounded`); 0 for a free."""
-    layer: int
-    """The decoder layer running when it happened (NO_LAYER outside them)."""
-    source: Hashable
-    """The storage's id in the trace it comes from: the key of `Trace.categories` (equal to `storage` in
-    a trace's own events; the traced storage a copy was made from in an extended stream)."""
-    stream: int = COMPUTE_STREAM
-    """The stream the storage was allocated on: the caching allocator keeps free blocks per stream."""
-
-    @classmethod
-    def alloc(cls, storage: Hashable, num_bytes: int, layer: int = NO_LAYER, stream: int = COMPUTE_STREAM) -> Event:
-        """A storage's allocation, in its own category (`source` is the storage)."""
-        return cls("alloc", storage, num_bytes, layer, storage, stream)
-
-    @classmethod
-    def free(cls, storage: Hashable, layer: int = NO_LAYER, stream: int = COMPUTE_STREAM) -> Event:
-        return cls("free", storage, 0, layer, storage, stream)
 
 
 @dataclass

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from memtune.config import (
-    BITSANDBYTES_OPTIMIZERS,
     DEFAULT_OPTIMIZER,
     EIGHT_BIT_OPTIMIZERS,
     OPTIMIZERS,
     QUANT_EXTRA_HINT,
     TrainConfig,
+    bitsandbytes_available,  # noqa: F401 - re-exported: callers and tests reach it here
+    require_extra,
 )
 from memtune.errors import UsageError
 from memtune.recipe import quant
@@ -153,25 +154,6 @@ def peft_config(train_config: TrainConfig) -> Any:
         lora_dropout=adapter.dropout,
         target_modules=targets,
     )
-
-
-def require_extra(optimizer: str) -> None:
-    """Raise UsageError (exit 2) with the install command when `optimizer` needs bitsandbytes and it cannot be
-    imported (the `quant` extra of memtune's pyproject)."""
-    if optimizer in BITSANDBYTES_OPTIMIZERS and not bitsandbytes_available():
-        raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which is not installed: {QUANT_EXTRA_HINT} "
-                         "(or pip install bitsandbytes), or choose --optim adamw_torch_fused")
-
-
-def bitsandbytes_available() -> bool:
-    """Whether bitsandbytes is installed, found without importing it (an optional extra whose import takes
-    a second and loads native libraries: done only when one of its optimizers is built)."""
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except (ImportError, ValueError):  # a broken entry in sys.modules
-        return False
 
 
 # transformers.TrainingArguments' defaults (5.24), which Trainer passes to every optimizer it builds.

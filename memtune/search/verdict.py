@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from memtune.predict.estimate import Estimate
+from memtune.predict.peak import Estimate
 
 
 class Replay(Protocol):
