@@ -78,6 +78,12 @@ class ModelPredictor:
     def tokens_per_second(self, config: TrainConfig) -> float:
         return throughput.tokens_per_second(self.shape, config, self.speed)
 
+    def settled_tokens_per_second(self, estimate_: Estimate, usable_bytes: int) -> float:
+        """Tokens/s once the memory is known: a paged optimizer's state is evicted only as far as the pool's
+        peak and the state overflow `usable_bytes` together (`throughput.optimizer_seconds`)."""
+        overflow = max(0, estimate_.total_bytes + estimate_.paged_bytes - usable_bytes)
+        return throughput.tokens_per_second(self.shape, estimate_.config, self.speed, evicted_bytes=overflow)
+
     def state_bytes(self, config: TrainConfig) -> int:
         """`bound.state_lower_bound`: weights + gradients + optimizer state, a floor under the traced peak."""
         return state_lower_bound(self.shape, config)

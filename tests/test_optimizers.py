@@ -388,3 +388,21 @@ def test_the_quality_note_flags_8bit_state():
     assert "optimizer state quantised" in quality_note(TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_bnb_8bit"))
     assert "quantised" not in quality_note(TrainConfig(seq_len=64, amp="bf16"))
     assert ladder.is_quality_trade(TrainConfig(seq_len=64, amp="bf16", optimizer="paged_adamw_8bit"))
+
+
+def test_a_paged_optimizer_is_charged_for_paging_only_as_far_as_its_state_is_evicted():
+    from memtune.sources import catalog_config
+
+    model_config = catalog_config("meta-llama/Llama-3.2-3B")
+    shape = throughput.ModelShape.of(model_config, 3_212_749_824)
+    speed = throughput.gpu_speed("H200")
+    paged = TrainConfig(seq_len=1024, micro_batch_size=16, amp="bf16", gradient_checkpointing=True,
+                        optimizer="paged_adamw_8bit")
+    resident = throughput.tokens_per_second(shape, paged, speed, evicted_bytes=0)
+    evicted = throughput.tokens_per_second(shape, paged, speed)  # unknown room: all of it evicted
+    assert evicted < resident
+    assert throughput.tokens_per_second(shape, paged, speed, evicted_bytes=10**15) == evicted  # at most the state
+    half = throughput.tokens_per_second(shape, paged, speed, evicted_bytes=shape.num_parameters)  # 1 of 2 bytes
+    assert evicted < half < resident
+    # without paging the 8-bit step costs what the non-paged one does
+    assert resident == throughput.tokens_per_second(shape, paged.replace(optimizer="adamw_bnb_8bit"), speed)

@@ -379,3 +379,19 @@ def test_choose_strategy_takes_the_faster_that_fits():
     assert chosen.strategy == "fsdp" and predictor.calls == ["Fb2"] and "no budget" in why
     single = config.replace(num_gpus=1)
     assert choose_strategy(ShardingPredictor(), single, GIB, margin_bytes=0)[0] == single
+
+
+def test_a_paged_optimizer_that_fits_gets_its_speed_once_its_memory_is_known(monkeypatch):
+    from memtune.search import ladder
+
+    monkeypatch.setattr(ladder, "require_extra", lambda name: None)
+
+    class Settling(FakePredictor):
+        def settled_tokens_per_second(self, estimate, usable_bytes):
+            return 123.0 if estimate.config.optimizer == "paged_adamw_8bit" else -1.0
+
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                    allow_pure_16bit=False, optimizer="paged_adamw_8bit")
+    result = search(Settling(), seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=policy,
+                    explain=False)
+    assert result.chosen.config.optimizer == "paged_adamw_8bit" and result.chosen.predicted_tokens_per_second == 123.0

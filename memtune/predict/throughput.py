@@ -228,11 +228,12 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     return micro, micro * backward_share
 
 
-def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
-    """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer)."""
+def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicted_bytes: int | None = None) -> float:
+    """Predicted seconds of one optimizer step (all micro-batches of one GPU, and the optimizer).
+    `evicted_bytes`: see `optimizer_seconds`."""
     micro, backward = micro_batch_seconds(shape, config, speed)
     trained = trained_parameters(shape, config)
-    optimizer = optimizer_seconds(shape, config, speed)
+    optimizer = optimizer_seconds(shape, config, speed, evicted_bytes)
     if config.replicated:
         return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
     if not config.sharded:
@@ -283,11 +284,18 @@ TENSORS_PER_LAYER = 9
 """Parameter tensors of a Llama-style decoder layer (7 projections, 2 norms)."""
 
 
-def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
+def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,
+                      evicted_bytes: int | None = None) -> float:
     """Predicted seconds of one optimizer step on one GPU (the full replica: FSDP's caller divides by GPUs):
     the step's memory traffic (`OPTIMIZER_STEP_BYTES`) at the card's bandwidth, plus a per-tensor cost
     for the optimizers that loop over tensors in Python (`PER_TENSOR_SECONDS`). For fused AdamW on fp32
-    weights this is 32 bytes per parameter, as before the optimizer was a choice."""
+    weights this is 32 bytes per parameter, as before the optimizer was a choice.
+
+    A paged optimizer's state that the driver evicted to the host pages in and out again every step:
+    `evicted_bytes` of it (None: all of it, as when nothing is known of the card's room; 0 when the pool's
+    peak and the state fit together). H200, Llama-3.2-3B with paged_adamw_8bit on a 40 GiB ballast-capped
+    card: 13,835 tokens/s where the pool left room for the state, the 4 x 4 plan whose pool filled the card
+    slowed from 11,305 to 6,346 (benchmarks/results/lowbit_search_3b_40gib_*)."""
     trained = trained_parameters(shape, config)
     element_bytes = 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
     traffic = trained * OPTIMIZER_STEP_BYTES[config.optimizer](element_bytes) / speed.memory_bytes_per_second
@@ -296,9 +304,10 @@ def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -
         tensors = shape.num_layers * 14  # LoRA A and B of the 7 projections
     seconds = traffic + tensors * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
     if config.optimizer in PAGED_STATE_BYTES:
-        # Paged state (CUDA unified memory) is chosen when the GPU is full: then the driver evicts it and the
-        # step pages it in and out again, both ways over the host link (bitsandbytes prefetches it per tensor).
-        seconds += 2 * trained * PAGED_STATE_BYTES[config.optimizer] / speed.pcie_bytes_per_second
+        # Evicted paged state (CUDA unified memory) is paged in and out again, both ways over the host link
+        # (bitsandbytes prefetches it per tensor).
+        paged = trained * PAGED_STATE_BYTES[config.optimizer]
+        seconds += 2 * (paged if evicted_bytes is None else min(paged, evicted_bytes)) / speed.pcie_bytes_per_second
     return seconds
 
 
@@ -361,7 +370,8 @@ def fsdp_micro_batch_seconds(
     return accumulating, last
 
 
-def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> float:
-    """Predicted training throughput over all GPUs of the configuration."""
+def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,
+                      evicted_bytes: int | None = None) -> float:
+    """Predicted training throughput over all GPUs of the configuration (`evicted_bytes`: `optimizer_seconds`)."""
     tokens = config.effective_batch_size * config.seq_len
-    return tokens / step_seconds(shape, config, speed)
+    return tokens / step_seconds(shape, config, speed, evicted_bytes)

@@ -32,6 +32,7 @@ from memtune.config import (
     GIB,
     KNOWN_GPUS,
     OFFLOAD_ORDER,
+    PAGED_OPTIMIZERS,
     STRATEGIES,
     Policy,
     TrainConfig,
@@ -381,6 +382,9 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             too_big.append(config)
             continue
         candidate.status = FITS
+        settle = getattr(predictor, "settled_tokens_per_second", None)
+        if settle is not None and config.optimizer in PAGED_OPTIMIZERS:  # its paging charge depends on the room
+            candidate.predicted_tokens_per_second = settle(candidate.estimate, result.usable_bytes)
         if trial is None:
             return candidate
         if result.trials >= policy.max_trials:
