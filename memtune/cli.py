@@ -318,7 +318,7 @@ def parse(argv: list[str] | None = None) -> tuple[str, Any]:
 
 def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     from memtune.fit import plan_configuration
-    from memtune.sources import parameter_count, resolve
+    from memtune.sources import resolve, source_parameters
 
     task = options.task
     budget_bytes, budget_label = task.budget_and_label()
@@ -328,7 +328,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
     with tracing or contextlib.nullcontext():
         result = plan_configuration(
-            source, parameter_count(source.config), options.train_config(), budget_bytes, budget_label,
+            source, source_parameters(source), options.train_config(), budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
             note=lambda message: err.print(f"note: {message}", highlight=False),
         )
@@ -341,7 +341,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
 
 def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     from memtune.fit import fit_model
-    from memtune.sources import parameter_count, resolve
+    from memtune.sources import resolve, source_parameters
 
     task = options.task
     policy = options.policy()
@@ -354,7 +354,7 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
         raise UsageError(missing)
     with report.progress_printer(err) as progress:
         result = fit_model(
-            source, parameter_count(source.config), task.seq_len, task.batch_size,
+            source, source_parameters(source), task.seq_len, task.batch_size,
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,

@@ -312,11 +312,11 @@ def _with(policy: Policy, **changes: Any) -> Policy:
 
 def _source_of(model_or_name: Any, trust_remote_code: bool = False) -> tuple[ModelSource, int]:
     """A ModelSource and parameter count for a MODEL name/path or a model object the user built."""
-    from memtune.sources import parameter_count, resolve
+    from memtune.sources import resolve, source_parameters
 
     if isinstance(model_or_name, (str, Path)):
         source = resolve(str(model_or_name), trust_remote_code=trust_remote_code)
-        return source, parameter_count(source.config)
+        return source, source_parameters(source)
     config = getattr(model_or_name, "config", None)
     if config is None or not hasattr(model_or_name, "parameters"):
         raise UsageError(f"auto_fit needs a model name, a local directory or a transformers model object, "

@@ -7,6 +7,8 @@ import os
 # Set before anything imports huggingface_hub, which reads these once at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# Every test traces afresh (some patch the tracer); tests/test_cache.py turns the disk cache on in a temporary dir.
+os.environ["MEMTUNE_NO_CACHE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -29,7 +29,7 @@ from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import MemtuneError
-from memtune.predict import allocator
+from memtune.predict import allocator, cache
 from memtune.predict.peak import Estimate, default_trace_device, estimate_of_events
 from memtune.predict.trace import (
     Event,
@@ -56,7 +56,10 @@ def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> T
     key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
                      sort_keys=True)
     if key not in _TRACE_CACHE:
-        trace = _trace_with_fallback(shallow_config(model_config, depth), train_config, device)
+        trace = cache.load(key)
+        if trace is None:
+            trace = _trace_with_fallback(shallow_config(model_config, depth), train_config, device)
+            cache.store(key, trace)
         _TRACE_CACHE[key] = trace
         if trace.device != device:  # the other path's trace, without the note, for who asks for that path
             other_key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(),
