@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from memtune.config import Adapter, Policy, Quantization, TrainConfig, parse_bytes
+    from memtune.errors import NothingFitsError, UsageError
     from memtune.fit import FitResult, auto_fit, fit_model
     from memtune.measure.probe import probe
     from memtune.plan import Plan
@@ -25,11 +26,12 @@ _HOMES = {
     "TrainConfig": "memtune.config", "parse_bytes": "memtune.config", "FitResult": "memtune.fit",
     "auto_fit": "memtune.fit", "fit_model": "memtune.fit", "probe": "memtune.measure.probe", "Plan": "memtune.plan",
     "estimate": "memtune.predict.estimate", "Estimate": "memtune.predict.peak", "resolve": "memtune.sources",
+    "NothingFitsError": "memtune.errors", "UsageError": "memtune.errors",
 }
 """Where each public name lives."""
 
-__all__ = ["Adapter", "Estimate", "FitResult", "Plan", "Policy", "Quantization", "TrainConfig", "auto_fit", "estimate",
-           "fit_model", "parse_bytes", "probe", "resolve"]
+__all__ = ["Adapter", "Estimate", "FitResult", "NothingFitsError", "Plan", "Policy", "Quantization", "TrainConfig",
+           "UsageError", "auto_fit", "estimate", "fit_model", "parse_bytes", "probe", "resolve"]
 __version__ = "0.1.0"
 
 
@@ -42,4 +44,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted([*__all__, "__version__"])

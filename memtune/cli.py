@@ -316,8 +316,15 @@ def parse(argv: list[str] | None = None) -> tuple[str, Any]:
 # ---- the commands --------------------------------------------------------------------------------------
 
 
+def log_library_lines(lines: list[str]) -> None:
+    """What transformers, peft and torch warned while a command traced (`fit.quiet_libraries`: kept off stderr,
+    as they speak of the random-weight model memtune builds, not the user's run), at DEBUG on "memtune.cli"."""
+    for line in lines:
+        logging.getLogger("memtune.cli").debug("library: %s", line)
+
+
 def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
-    from memtune.fit import plan_configuration
+    from memtune.fit import plan_configuration, quiet_libraries
     from memtune.sources import resolve, source_parameters
 
     task = options.task
@@ -326,12 +333,13 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     if source.note:
         err.print(f"note: {source.note}")
     tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
-    with tracing or contextlib.nullcontext():
+    with tracing or contextlib.nullcontext(), quiet_libraries() as said:  # library chatter: see log_library_lines
         result = plan_configuration(
             source, source_parameters(source), options.train_config(), budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
             note=lambda message: err.print(f"note: {message}", highlight=False),
         )
+    log_library_lines(said)
     if task.json:
         print(json_report.render_plan_json(result))
     else:
@@ -340,7 +348,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
 
 
 def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
-    from memtune.fit import fit_model
+    from memtune.fit import fit_model, quiet_libraries
     from memtune.sources import resolve, source_parameters
 
     task = options.task
@@ -352,13 +360,14 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     missing = options.run_options("").data_problem() if options.run else None
     if missing:  # before minutes of search, not after
         raise UsageError(missing)
-    with report.progress_printer(err) as progress:
+    with report.progress_printer(err) as progress, quiet_libraries() as said:
         result = fit_model(
             source, source_parameters(source), task.seq_len, task.batch_size,
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,
         )
+    log_library_lines(said)
     if task.json:
         print(json_report.render_fit_json(result))
     else:

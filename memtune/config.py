@@ -239,12 +239,20 @@ class TrainConfig:
                 return name
         return f"{self.weights_dtype}/{self.amp}"
 
+    @property
+    def precision_words(self) -> str:
+        """`precision` for a report: a pair without a --precision name (16-bit weights under 16-bit autocast,
+        as LoRA on a bf16 base runs) in words, "bf16 weights + bf16 autocast", not "bf16/bf16"."""
+        if "/" in self.precision:
+            return f"{self.weights_dtype} weights + {self.amp} autocast"
+        return self.precision
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
         """The configuration in plain words, for reports."""
-        parts = [f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accum", self.precision]
+        parts = [f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accum", self.precision_words]
         if self.gradient_checkpointing:
             parts.append("checkpointing")
         if self.adapter is not None:
@@ -350,9 +358,9 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
         problems.append(f"a quantised base ({bits}-bit) is planned without CPU offload, got offload "
                         f"{config.offload!r} (--offload): drop it")
     if config.amp == "none":
-        problems.append(f"a quantised base ({bits}-bit) trains under autocast in its compute dtype (Trainer "
-                        "bf16=True), got none (--precision bf16 / fp16 is pure 16-bit): use --precision bf16-mixed, "
-                        "or leave --precision out with --qlora")
+        problems.append(f"a quantised base ({bits}-bit) trains under 16-bit autocast (Trainer bf16=True or "
+                        "fp16=True), got no autocast (--precision fp32, bf16 or fp16): use --precision bf16-mixed or "
+                        "fp16-mixed, or leave --precision out with --qlora")
     return problems
 
 

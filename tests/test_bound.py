@@ -96,7 +96,8 @@ def test_when_the_state_rules_out_everything_the_shortfall_is_its_floor_with_wha
     assert floor and need == 2 * GIB and smallest.config.adapter is not None
     assert smallest.config.micro_batch_size == 1  # of equal floors, the one that needs least beyond its state
     assert result.shortfall_bytes == 1 * GIB
-    assert result.suggestions[0].startswith("a GPU with more than 2.00 GiB (e.g. T4-16GB)")
+    assert result.suggestions[0].startswith("a GPU with well over 2.00 GiB (the state alone; check a card with --gpu")
+    assert not any("--margin" in line for line in result.suggestions)  # 1 GiB short: no margin closes that
     assert any("drop --no-offload" in line for line in result.suggestions)
 
 

@@ -131,7 +131,7 @@ def test_a_quantised_base_is_planned_on_one_gpu_without_offload():
     message = str(raised.value)
     assert "quantised base (8-bit) is planned on one GPU, got 2 GPUs (--gpus, num_gpus): use 1" in message
     assert "quantised base (8-bit) is planned without CPU offload, got offload 'optimizer' (--offload)" in message
-    with pytest.raises(UsageError, match=r"trains under autocast in its compute dtype .* got none"):
+    with pytest.raises(UsageError, match=r"trains under 16-bit autocast .* got no autocast"):
         TrainConfig(seq_len=24, weights_dtype="bf16", amp="none", adapter=Adapter(), quantization=Quantization())
 
 

@@ -441,10 +441,14 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
     result.shortfall_bytes = max(0, need - result.budget_bytes)
     cards = [name for name, size in sorted(KNOWN_GPUS.items(), key=lambda item: item[1])
              if size - margin_for(size, policy) >= smallest_bytes]
-    if cards:
+    if floor:  # only a lower bound: no card is named that was not checked
         result.suggestions.append(
-            f"a GPU with {'more than ' if floor else ''}{format_bytes(need)}{'' if floor else ' or more'} "
-            f"(e.g. {cards[0]}) with {smallest.config.describe()}"
+            f"a GPU with well over {format_bytes(need)} (the state alone; check a card with --gpu NAME) "
+            f"for {smallest.config.describe()}"
+        )
+    elif cards:
+        result.suggestions.append(
+            f"a GPU with {format_bytes(need)} or more (e.g. {cards[0]}) with {smallest.config.describe()}"
         )
     else:
         result.suggestions.append(
@@ -467,8 +471,9 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
                 f"a shorter sequence: --seq-len {shorter.seq_len} fits ({format_bytes(estimate.total_bytes)})"
             )
             break
-    result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
-                              f"{format_bytes(result.margin_bytes)} (set --margin to change it)")
+    if result.shortfall_bytes <= result.margin_bytes:  # a smaller margin can close it
+        result.suggestions.append(f"the whole budget: it is {format_bytes(result.budget_bytes)}, with a margin of "
+                                  f"{format_bytes(result.margin_bytes)} (set --margin to change it)")
 
 
 # -- one configuration, either strategy (memtune plan --strategy auto) ------------------------------

@@ -147,7 +147,7 @@ class Precision(Rung):
         if chosen.adapter is not None and other == chosen.precision:
             return None
         weights, amp = precision_config(other)
-        return f"{other} instead of {chosen.precision}", chosen.replace(weights_dtype=weights, amp=amp)
+        return f"{other} instead of {chosen.precision_words}", chosen.replace(weights_dtype=weights, amp=amp)
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.quantization is not None and config.weights_dtype != "fp32" and config.amp != "none":
@@ -163,7 +163,7 @@ class Precision(Rung):
 
     def quality(self, config: TrainConfig) -> str | None:
         if config.precision not in self.NOTES and config.amp != "none":
-            return f"{config.precision}: {config.weights_dtype} weights, {config.amp} autocast"
+            return f"{config.precision_words}"
         note = self.NOTES.get(config.precision, config.precision)
         if pure_16bit(config):
             return self.PURE_NOTE.format(config.weights_dtype)
@@ -467,7 +467,8 @@ class QuantizedBase(Rung):
         if fields["num_gpus"] != 1 or fields["offload"] != "none":
             return "a quantised base is planned on one GPU without offload"
         if fields["amp"] == "none":
-            return "a quantised base trains under autocast (--precision bf16-mixed, or no --precision), not pure bf16"
+            return ("a quantised base trains under 16-bit autocast: --precision bf16-mixed or fp16-mixed, or no "
+                    "--precision with --qlora")
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
