@@ -150,7 +150,8 @@ def render_fit(result: FitResult, console: Console) -> None:
         console.print("no search was run")
         return
     console.print()
-    console.print(_candidates_table(result, search, wide=console.width >= WIDE))
+    if search.evaluated:  # nothing traced (every state alone over the budget): no table, the footnotes say why
+        console.print(_candidates_table(result, search, wide=console.width >= WIDE))
     for line in _candidate_footnotes(search):
         console.print(line, highlight=False)
     console.print()
@@ -188,7 +189,8 @@ def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Ta
 
 
 def _candidate_footnotes(search: SearchResult) -> Iterator[str]:
-    yield "(> marks the chosen configuration; tokens/s are predicted)"
+    if search.evaluated:
+        yield "(> marks the chosen configuration; tokens/s are predicted)"
     for status, count, why in untraced_counts(search):
         yield f"{count} more {status}, not traced: {why}"
     for candidate in search.candidates:
