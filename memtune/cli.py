@@ -66,8 +66,8 @@ a full replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit tr
 master weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing
 else fits, and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA
 configuration, unless you ask for them (--precision bf16, --lora, --qlora 4). Pin any choice
-(--precision fp32, --checkpointing off, ...) and it is kept. The winner is verified with real trial steps when a GPU is here, and saved to --plan-out
-for `memtune run`.
+(--precision fp32, --checkpointing off, ...) and it is kept. The winner is verified with real trial
+steps when a GPU is here, and saved to --plan-out for `memtune run`.
 
 exit codes: 0 a plan fits, 1 unexpected failure, 2 bad usage or input, 3 nothing fits (the
 shortfall and what would fit are printed).

@@ -19,12 +19,12 @@ QUANTIZED_BYTES = {4: 0.5, 8: 1.0}
 
 
 def optimizer_state_bytes(config: TrainConfig, trained: int) -> int:
-    """Optimizer state on the GPU for `trained` parameters: AdamW's two moments in the weights' dtype (fused and
-    foreach alike, torch/optim/adamw.py: zeros_like(param)), bitsandbytes' two uint8 states, nothing in torch's
-    pool for a paged optimizer (CUDA unified memory) and, as a lower bound, for Adafactor's factored moments."""
+    """Optimizer state on the GPU for `trained` parameters of full fine-tuning: AdamW's two moments in the
+    weights' dtype (fused and foreach alike, torch/optim/adamw.py: zeros_like(param)), bitsandbytes' two uint8
+    states, nothing in torch's pool for a paged optimizer (CUDA unified memory) and, as a lower bound, for
+    Adafactor's factored moments."""
     if config.optimizer in ("adamw_torch_fused", "adamw_torch"):
-        element = 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
-        return 2 * trained * element
+        return 2 * trained * DTYPE_BYTES[config.weights_dtype]
     if config.optimizer == "adamw_bnb_8bit":
         return 2 * trained
     return 0

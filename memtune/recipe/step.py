@@ -80,17 +80,14 @@ def _build_quantized(model_config: Any, train_config: TrainConfig, device: str |
                                                  trust_remote_code=custom_code(model_config))
     model.tie_weights()
     std = getattr(model_config, "initializer_range", None) or 0.02
-    quantized = set(dict(model.named_modules()))
     model = quant.quantize_model(model, train_config.quantization, device=device,
                                  init_std=std if initialise else None)
-    quantized = {name for name, module in model.named_modules() if name in quantized
-                 and type(module).__module__.startswith("bitsandbytes")}
     model.to(device)
     if initialise:
         causal_lm = cast("PreTrainedModel", model)
         with torch.no_grad():
-            for name, module in causal_lm.named_modules():
-                if name not in quantized:
+            for module in causal_lm.modules():
+                if not type(module).__module__.startswith("bitsandbytes"):  # quantised layers were drawn above
                     causal_lm._init_weights(module)
         causal_lm.tie_weights()
     return model
