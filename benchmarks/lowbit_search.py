@@ -152,6 +152,9 @@ def run_memtune(scenario: Scenario) -> dict:
         else chosen.estimate.peak_reserved_bytes,
         "predicted_tokens_per_second": None if chosen is None else chosen.predicted_tokens_per_second,
         "budget_bytes": budget,
+        "trial_results": [{"description": c.config.describe(), "predicted_total_bytes": c.predicted_total_bytes,
+                           "measured": c.measurement.to_dict(), "note": c.note}
+                          for c in (search.candidates if search else []) if c.measurement is not None],
     }
 
 

@@ -146,7 +146,11 @@ class FitResult:
 
 @contextlib.contextmanager
 def emulated_budget(gpu: GpuInfo | None, budget_bytes: int) -> Iterator[None]:
-    """Cap torch's pool so a trial on a bigger GPU runs out of memory where `budget_bytes` would."""
+    """Cap torch's pool so a trial on a bigger GPU runs out of memory where `budget_bytes` would.
+
+    The fraction bounds the whole process's pool, so what the process already holds there (a notebook's
+    tensors, a benchmark's ballast) is added to the budget: the trial itself gets `budget_bytes` minus the
+    CUDA context, not that minus what was there before."""
     import torch
 
     if gpu is None or budget_bytes >= gpu.budget_bytes:
@@ -154,7 +158,8 @@ def emulated_budget(gpu: GpuInfo | None, budget_bytes: int) -> Iterator[None]:
         return
     getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
     previous = getter(gpu.index) if getter is not None else (gpu.memory_fraction or 1.0)
-    fraction = max(0.0, (budget_bytes - gpu.context_bytes) / gpu.total_bytes)
+    held = torch.cuda.memory_reserved(gpu.index)
+    fraction = min(1.0, max(0.0, (budget_bytes - gpu.context_bytes + held) / gpu.total_bytes))
     torch.cuda.set_per_process_memory_fraction(fraction, gpu.index)
     try:
         yield

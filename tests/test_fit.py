@@ -118,3 +118,24 @@ def test_fit_json_run_keeps_stdout_one_json_document(tiny_model_dir, tmp_path, c
     assert code == 0, captured.err
     assert json.loads(captured.out)["kind"] == "fit"
     assert "memtune run: completed" in captured.err and "memtune run:" not in captured.out
+
+
+def test_an_emulated_budget_adds_what_the_process_already_holds_to_the_pool_cap(monkeypatch):
+    """set_per_process_memory_fraction caps the whole process's pool: a process that already holds 100 GiB (a
+    notebook's tensors, a benchmark's ballast) and asks a trial for 12 GiB gets a cap of 112 GiB, not 12 (where
+    every trial allocation would run out of memory)."""
+    from memtune.fit import emulated_budget
+    from memtune.measure.probe import GpuInfo
+
+    fractions = []
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index=None: 100 * GIB)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, index=None: fractions.append(f))
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda index=None: 1.0, raising=False)
+    gpu = GpuInfo(index=0, name="H200", total_bytes=140 * GIB, free_bytes=40 * GIB, used_by_others_bytes=0,
+                  other_processes=0, capability="9.0", bf16_supported=True, context_bytes=GIB // 2)
+    with emulated_budget(gpu, 12 * GIB + GIB // 2):
+        assert fractions == [pytest.approx(112 / 140)]
+    assert fractions[-1] == 1.0  # the previous fraction is restored
+    with emulated_budget(gpu, 140 * GIB):  # no smaller than the card: nothing capped
+        pass
+    assert len(fractions) == 2
