@@ -65,6 +65,9 @@ VARIANTS: list[dict] = [
     {**MIXED, "optimizer": "paged_adamw_8bit"},
     {**MIXED, "optimizer": "adafactor"},
     {**PURE_BF16, "optimizer": "adamw_torch_fused"},
+    {**MIXED, "optimizer": "adamw_torch_8bit"},  # torchao's, a compiled step per parameter
+    {**MIXED, "optimizer": "adamw_torch_4bit"},
+    {**PURE_BF16, "optimizer": "adamw_torch_4bit"},
 ]
 BASES: list[Quantization | None] = [None, Quantization(bits=4), Quantization(bits=8)]
 """LoRA bases: bf16 (the reference), 4-bit nf4 with double quantisation and bf16 compute, 8-bit LLM.int8."""
@@ -238,6 +241,9 @@ def main() -> None:
                         help="measure this many small cases at once, each in its own process on the same GPU: "
                              "peaks are per-process allocator statistics, so they are unaffected; tokens/s and "
                              "device memory left in use are then not recorded (default 1)")
+    parser.add_argument("--measured", default="", metavar="JSONL",
+                        help="recorded measurements (the .measured.jsonl a GPU run wrote next to its --out): "
+                             "predict here against them instead of measuring")
     parser.add_argument("--out", default="benchmarks/results/lowbit.json")
     parser.add_argument("--measure-one", default="", help=argparse.SUPPRESS)  # the isolated measurement process
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
@@ -248,6 +254,9 @@ def main() -> None:
 
     cases = [case for case in CASES if any(text in case_name(case) for text in args.match)]
     environment = None
+    if args.measured:
+        args.no_measure = True
+        environment = {"measurements_from": args.measured}
     if not args.no_measure:
         from benchmarks.ground_truth import environment as describe
 
@@ -255,6 +264,9 @@ def main() -> None:
     print(f"{'case':66s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
           + f" | {'paged':>6s}", flush=True)
     measured = {} if args.no_measure else measure_all(cases, args.jobs, Path(args.out).with_suffix(".measured.jsonl"))
+    if args.measured:
+        recorded = [json.loads(line) for line in Path(args.measured).read_text().splitlines() if line.strip()]
+        measured = {row["case"]: row for row in recorded}
     rows = []
     for case in cases:
         rows.append(case_row(case, measured.get(case_name(case)), args.paths))

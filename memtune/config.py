@@ -43,18 +43,27 @@ OPTIMIZERS: dict[str, str] = {
     "paged_adamw_8bit": "bitsandbytes 8-bit AdamW, its state paged in CUDA unified memory (needs .[quant])",
     "paged_adamw_32bit": "bitsandbytes fp32 AdamW, its state paged in CUDA unified memory (needs .[quant])",
     "adafactor": "transformers Adafactor (no momentum, factored second moment): far less state than AdamW",
+    "adamw_torch_8bit": "torchao AdamW8bit: 8-bit blockwise state, ~2 bytes per parameter, a compiled step "
+                        "(needs .[quant])",
+    "adamw_torch_4bit": "torchao AdamW4bit: 4-bit blockwise state, ~1 byte per parameter, a compiled step "
+                        "(needs .[quant])",
 }
 DEFAULT_OPTIMIZER = "adamw_torch_fused"
 LEGACY_OPTIMIZERS = {"adamw": DEFAULT_OPTIMIZER}
 """Names in plans saved before --optim existed: "adamw" was torch's fused AdamW."""
 BITSANDBYTES_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit"})
-UNSHARDABLE_OPTIMIZERS = BITSANDBYTES_OPTIMIZERS | {"adafactor"}
-"""Optimizers whose state FSDP2 can neither shard nor offload: bitsandbytes' (its own CUDA state buffers), and
-transformers' Adafactor, whose factored row/column state is made from the gradient's shape as plain tensors that
-then meet FSDP2's DTensors ("aten.add_.Tensor got mixed torch.Tensor and DTensor", traced here)."""
 """Optimizers that need the optional bitsandbytes package (`pip install -e ".[quant]"`)."""
-EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"})
-"""Optimizers whose state is quantised to 8 bits (a quality trade, forbidden by --no-8bit-optim)."""
+TORCHAO_OPTIMIZERS = frozenset({"adamw_torch_8bit", "adamw_torch_4bit"})
+"""Optimizers that need the optional torchao package (`pip install -e ".[quant]"`): transformers builds
+torchao.optim.AdamW8bit / AdamW4bit for them (trainer_optimizer.py `_get_torchao_optimizer`)."""
+UNSHARDABLE_OPTIMIZERS = BITSANDBYTES_OPTIMIZERS | TORCHAO_OPTIMIZERS | {"adafactor"}
+"""Optimizers whose state memtune does not plan under FSDP2 or CPU offload: bitsandbytes' (its own CUDA state
+buffers, which FSDP2 can neither shard nor offload); transformers' Adafactor, whose factored row/column state is
+made from the gradient's shape as plain tensors that then meet FSDP2's DTensors ("aten.add_.Tensor got mixed
+torch.Tensor and DTensor", traced here); torchao's, which do support FSDP2's DTensors (torchao/optim/adam.py
+`_new_buffer`) but whose sharded step memtune has not traced or measured yet."""
+EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"}) | TORCHAO_OPTIMIZERS
+"""Optimizers whose state is quantised to 8 bits or fewer (a quality trade, forbidden by --no-8bit-optim)."""
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 """Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
 QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'
@@ -206,8 +215,9 @@ class TrainConfig:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
                             f"got {self.optimizer!r} (--optim)")
         elif self.optimizer in UNSHARDABLE_OPTIMIZERS and isinstance(self.num_gpus, int) and self.sharded:
-            problems.append(f"optimizer {self.optimizer} keeps state that FSDP cannot shard or offload: "
-                            "use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
+            problems.append(f"optimizer {self.optimizer} keeps state that memtune cannot plan sharded or offloaded "
+                            "(FSDP cannot shard or offload bitsandbytes' or Adafactor's state; torchao's sharded "
+                            "step is not modelled yet): use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
@@ -307,20 +317,32 @@ class TrainConfig:
 
 
 def require_extra(optimizer: str) -> None:
-    """Raise UsageError (exit 2) with the install command when `optimizer` needs bitsandbytes and it cannot be
-    imported (the `quant` extra of memtune's pyproject)."""
+    """Raise UsageError (exit 2) with the install command when `optimizer` needs bitsandbytes or torchao and it
+    cannot be imported (the `quant` extra of memtune's pyproject)."""
     if optimizer in BITSANDBYTES_OPTIMIZERS and not bitsandbytes_available():
         raise UsageError(f"optimizer {optimizer} needs bitsandbytes, which is not installed: {QUANT_EXTRA_HINT} "
                          "(or pip install bitsandbytes), or choose --optim adamw_torch_fused")
+    if optimizer in TORCHAO_OPTIMIZERS and not torchao_available():
+        raise UsageError(f"optimizer {optimizer} needs torchao, which is not installed: {QUANT_EXTRA_HINT} "
+                         "(or pip install torchao), or choose --optim adamw_torch_fused")
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        return False
 
 
 def bitsandbytes_available() -> bool:
     """Whether bitsandbytes is installed, found without importing it (an optional extra whose import takes
     a second and loads native libraries: done only when one of its optimizers is built)."""
-    try:
-        return importlib.util.find_spec("bitsandbytes") is not None
-    except (ImportError, ValueError):  # a broken entry in sys.modules
-        return False
+    return _installed("bitsandbytes")
+
+
+def torchao_available() -> bool:
+    """Whether torchao is installed, found without importing it (imported only when its optimizer is built)."""
+    return _installed("torchao")
 
 
 def quantized_base_fields(bits: int, precision: str | None, bf16_supported: bool = True) -> dict[str, Any]:
@@ -591,8 +613,9 @@ class Policy:
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
     """The chunked loss among the search's rungs (allowed by default; --no-chunked-loss forbids it)."""
     allow_8bit_optimizer: bool = field(default=True, metadata=option(flag="--no-8bit-optim", group=POLICY))
-    """8-bit optimizers (bitsandbytes AdamW8bit, paged or not: state quantised, a quality trade) among the
-    search's rungs (allowed by default when bitsandbytes is installed; --no-8bit-optim forbids them)."""
+    """Low-bit optimizers (bitsandbytes AdamW8bit, paged or not, and torchao AdamW4bit: state quantised, a
+    quality trade) among the search's rungs (allowed by default when bitsandbytes or torchao is installed;
+    --no-8bit-optim forbids them)."""
     allow_pure_16bit: bool = field(default=True, metadata=option(flag="--no-pure-16bit", group=POLICY))
     """Pure 16-bit full fine-tuning (bf16 weights and optimizer state, no fp32 master weights: a quality
     trade, tried only when nothing with fp32 master weights fits; --no-pure-16bit forbids it)."""

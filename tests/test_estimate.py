@@ -473,3 +473,28 @@ def test_attention_scope_marks_attention_also_when_checkpointing_recomputes_it()
         checkpoint(block, query, use_reentrant=False).backward()
     assert seen == [True, True]  # the forward and its recomputation
     assert IN_ATTENTION.get() is False and query.grad is not None
+
+
+def test_layer_tags_survive_a_checkpoint_that_recomputes_the_hooked_call():
+    """transformers 5.17 checkpoints a decoder layer's `__call__`, so backward recomputes the call with its
+    module hooks, and non-reentrant checkpointing stops the recomputation (early stop) before the forward
+    hook: the hooks must not push a layer then (the stack would keep one stale entry per layer and every later
+    event would be tagged with a wrong layer; the GPU machine's 28-layer Llama-3.2-3B plan came out 7 GiB high)."""
+    from types import SimpleNamespace
+
+    from torch.utils.checkpoint import checkpoint
+
+    from memtune.predict.trace import NO_LAYER, _layer_hooks
+
+    counter = SimpleNamespace(layer_stack=[], base_layer=NO_LAYER)
+    layers = [torch.nn.Linear(8, 8) for _ in range(3)]
+    handles = _layer_hooks(layers, counter)
+    hidden = torch.randn(2, 8, requires_grad=True) * 2  # a grad_fn, as an embedding's output has
+    for layer in layers:
+        hidden = checkpoint(layer, hidden, use_reentrant=False)  # the hooked module call inside the checkpoint
+    assert counter.layer_stack == []
+    hidden.sum().backward()
+    for handle in handles:
+        handle.remove()
+    assert counter.layer_stack == []  # nothing left behind by the recomputed calls
+    assert counter.base_layer == NO_LAYER  # backward left the first layer

@@ -20,13 +20,16 @@ QUANTIZED_BYTES = {4: 0.5, 8: 1.0}
 
 def optimizer_state_bytes(config: TrainConfig, trained: int) -> int:
     """Optimizer state on the GPU for `trained` parameters of full fine-tuning: AdamW's two moments in the
-    weights' dtype (fused and foreach alike, torch/optim/adamw.py: zeros_like(param)), bitsandbytes' two uint8
-    states, nothing in torch's pool for a paged optimizer (CUDA unified memory) and, as a lower bound, for
-    Adafactor's factored moments."""
+    weights' dtype (fused and foreach alike, torch/optim/adamw.py: zeros_like(param)), bitsandbytes' and
+    torchao's two 8-bit states (torchao's 4-bit ones: half a byte each; their block scales left out), nothing in
+    torch's pool for a paged optimizer (CUDA unified memory) and, as a lower bound, for Adafactor's factored
+    moments."""
     if config.optimizer in ("adamw_torch_fused", "adamw_torch"):
         return 2 * trained * DTYPE_BYTES[config.weights_dtype]
-    if config.optimizer == "adamw_bnb_8bit":
+    if config.optimizer in ("adamw_bnb_8bit", "adamw_torch_8bit"):
         return 2 * trained
+    if config.optimizer == "adamw_torch_4bit":
+        return trained  # two 4-bit moments (torchao OptimState4bit: numel / 2 uint8 codes each)
     return 0
 
 

@@ -253,31 +253,38 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicte
 
 
 OPTIMIZER_STEP_BYTES = {
-    # bytes read + written per trained parameter by one step, with p = the weights' bytes per element:
-    # fused AdamW reads p, grad, m, v and writes p, m, v (m, v in the weights' dtype; torch _fused_adamw_):
-    # 8 x p, the 32 bytes per fp32 parameter the H200 calibration used (benchmarks/calibrate_throughput.py).
+    # "Bytes" per trained parameter of one step at the card's memory bandwidth, p = the weights' bytes per
+    # element. Fused AdamW reads p, grad, m, v and writes p, m, v (m, v in the weights' dtype; torch
+    # _fused_adamw_): 8 x p, the 32 bytes per fp32 parameter the H200 calibration used
+    # (benchmarks/calibrate_throughput.py). The others are fitted to the optimizer step measured alone on an
+    # H200 (benchmarks/results/optimizer_step_h200.json: Llama-3.2-1B fp32 and bf16, Qwen2.5-0.5B fp32, time =
+    # a x parameters + b x tensors), so a constant stands for per-element compute that is not memory traffic.
     "adamw_torch_fused": lambda p: 8 * p,
-    # foreach AdamW: the same, plus ~6 more passes over the state (lerp, mul_, addcmul_, sqrt into a
-    # temporary, div_, add_ eps, addcdiv_ in torch/optim/adamw.py _multi_tensor_adamw).
-    "adamw_torch": lambda p: 14 * p,
-    # bitsandbytes 8-bit blockwise AdamW moves 3 p + 4 bytes, but maps every state element through its
-    # 256-entry dynamic quantisation map both ways; Dettmers et al. 2022 (8-bit Optimizers via Block-wise
-    # Quantization, Sec. 4) report it about as fast as 32-bit Adam: charged as fused AdamW until measured.
-    "adamw_bnb_8bit": lambda p: 8 * p,
-    "paged_adamw_8bit": lambda p: 8 * p,
-    # bitsandbytes 32-bit: fp32 state whatever the weights' dtype.
-    "paged_adamw_32bit": lambda p: 3 * p + 16,
-    # Adafactor (transformers.optimization): grad**2, row/column means, the rsqrt update, its RMS and clipping,
-    # in fp32: ~10 passes over a gradient-sized fp32 tensor.
-    "adafactor": lambda p: 2 * p + 40,
+    # foreach AdamW: ~6 more passes over the state (torch/optim/adamw.py _multi_tensor_adamw): 97-102 B per
+    # fp32 parameter measured.
+    "adamw_torch": lambda p: 24 * p,
+    # bitsandbytes 8-bit blockwise AdamW maps every state element through its 256-entry quantisation map both
+    # ways: ~133 B per parameter in fp32, 126 in bf16, nearly independent of the weights' dtype.
+    "adamw_bnb_8bit": lambda p: 2 * p + 120,
+    "paged_adamw_8bit": lambda p: 2 * p + 130,  # 137 B fitted (state resident, not evicted)
+    "paged_adamw_32bit": lambda p: 3 * p + 58,  # 70 B fitted in fp32
+    # Adafactor (transformers.optimization): grad**2, row/column means, the rsqrt update, its RMS and clipping:
+    # 33 B per fp32 parameter fitted.
+    "adafactor": lambda p: 2 * p + 25,
+    # torchao AdamW8bit / AdamW4bit: one compiled kernel per parameter reads p, grad and the two coded moments
+    # and writes p and the moments (torchao/optim/adam.py single_param_adam): 3 p + 4 (8-bit) or 3 p + 2. Their
+    # step is dominated by the per-tensor cost below; the fit gave no stable per-element term.
+    "adamw_torch_8bit": lambda p: 3 * p + 4,
+    "adamw_torch_4bit": lambda p: 3 * p + 2,
 }
-"""Memory traffic of one optimizer step per trained parameter. Not calibrated on measured steps yet: the
-structure of each implementation's kernels (benchmarks/lowbit.py measures them)."""
-PER_TENSOR_SECONDS = {"adamw_bnb_8bit": 30e-6, "paged_adamw_8bit": 30e-6, "paged_adamw_32bit": 30e-6,
-                      "adafactor": 150e-6}
-"""Fixed cost per parameter tensor and step, where the optimizer loops over tensors in Python: bitsandbytes
-launches one kernel per tensor and synchronises the device after each (Optimizer8bit.step: sync_gpu);
-Adafactor runs ~20 small ops per tensor. Assumed (launch + sync latency), not calibrated."""
+"""Cost of one optimizer step per trained parameter, in bytes at the card's memory bandwidth."""
+PER_TENSOR_SECONDS = {"adamw_bnb_8bit": 32e-6, "paged_adamw_8bit": 53e-6, "paged_adamw_32bit": 90e-6,
+                      "adafactor": 220e-6, "adamw_torch_8bit": 500e-6, "adamw_torch_4bit": 500e-6}
+"""Fixed cost per parameter tensor and step, where the optimizer loops over tensors in Python, fitted on the
+H200 with the bytes above: bitsandbytes launches one kernel per tensor and synchronises the device after each
+(Optimizer8bit.step: sync_gpu; paged ones also prefetch); Adafactor runs ~20 small ops per tensor; torchao
+calls a torch.compile'd function per tensor (Dynamo's guards and a kernel launch each: 460-630 us measured).
+Host-bound, so not scaled by the card."""
 PAGED_STATE_BYTES = {"paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
 """State bytes per parameter that paged optimizers keep in unified memory (two uint8 or two fp32 states)."""
 TENSORS_PER_LAYER = 9

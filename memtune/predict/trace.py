@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TrainConfig
+from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TORCHAO_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict import quantized
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
@@ -84,6 +84,20 @@ KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
 """Ops whose CUDA kernel allocates its outputs in another order than it returns them: output indices in
 the kernel's allocation order. A fake op's outputs all exist when it returns, so the trace records them
 in this order; where two outputs go to the large pool, the order decides which free block each takes."""
+
+
+def _plain_tensors(items: list[Any]) -> list[Any]:
+    """`items` with every traceable wrapper subclass (torchao's quantised optimizer state) replaced by the plain
+    tensors that hold its storage (`__tensor_flatten__`), recursively; DTensors (`to_local`, which the caller
+    takes) and other items as they are."""
+    out: list[Any] = []
+    for item in items:
+        if isinstance(item, torch.Tensor) and is_traceable_wrapper_subclass(item) and not hasattr(item, "to_local"):
+            names, _ = item.__tensor_flatten__()
+            out += _plain_tensors([getattr(item, name) for name in names])
+        else:
+            out.append(item)
+    return out
 
 
 def kernel_allocation_order(func: Any, outputs: list[Any]) -> list[Any]:
@@ -242,7 +256,7 @@ class StorageCounter(TorchDispatchMode):
     def storage_ids(self, tensors: Any) -> list[int]:
         """The ids of the storages of these tensors (a DTensor's local shard), those recorded."""
         ids = []
-        for item in tree_flatten(tensors)[0]:
+        for item in _plain_tensors(tree_flatten(tensors)[0]):
             if isinstance(item, torch.Tensor):
                 local = item.to_local() if hasattr(item, "to_local") else item
                 storage_id = self._ids.get(local.untyped_storage())
@@ -416,6 +430,15 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
     """Tag events with the decoder layer running them, in forward (module hooks) and backward
     (a pre-hook on the grad_fn of each layer's output fires when that layer's backward starts).
 
+    The module hooks skip calls made during backward. transformers 5.17's GradientCheckpointingLayer
+    checkpoints `__call__`, so a layer's hooks run again when backward recomputes it, and non-reentrant
+    checkpointing stops that recomputation early (torch/utils/checkpoint.py `_StopRecomputationError`) before
+    the forward hook runs: the layer stack kept one stale entry per layer and every later event went to
+    the wrong layer (Llama-3.2-3B, 16 x 1024 with checkpointing and the chunked loss: the extension of the
+    3-layer trace to 6 layers gave 18.58 GiB allocated where the 6-layer trace itself has 17.89; to 28 layers
+    with paged_adamw_8bit, 36.70 GiB reserved where the H200 measured 29.45 and 5.24's trace gives 29.45).
+    5.24 checkpoints `forward`, inside the hooks, so they never run in backward there.
+
     Why not torch's `torch.distributed._tools.mod_tracker.ModTracker` (global module hooks, and gradient
     hooks on a module's outputs and inputs for backward): under torch 2.13 and FakeTensorMode it gives
     this trace's attribution exactly (every alloc and free inside forward and backward of a 3-layer
@@ -434,6 +457,8 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
 
     def pre(index: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            if in_backward():
+                return  # a checkpointed layer recomputed in its own backward: base_layer is that layer already
             counter.layer_stack.append(index)
             if index == 0:
                 hidden = first_tensor((args, kwargs))
@@ -444,12 +469,17 @@ def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list
 
     def post(index: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if in_backward():
+                return
             counter.layer_stack.pop()
             hidden = first_tensor(output)
             if hidden is not None and hidden.grad_fn is not None and torch.is_grad_enabled():
                 hidden.grad_fn.register_prehook(set_base(index))
 
         return hook
+
+    def in_backward() -> bool:
+        return torch._C._current_graph_task_id() != -1
 
     handles = []
     for index, layer in enumerate(layers):
@@ -518,6 +548,13 @@ def traced_optimizer(
     paged optimizers (a search's trials) keeps the earlier ones' state in unified memory."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    if train_config.optimizer in TORCHAO_OPTIMIZERS:
+        from torchao.optim import subclass_4bit, subclass_8bit
+
+        with unset_fake_temporarily():  # the quantisation maps are computed from data once (lru_cache): real here
+            for module in (subclass_8bit, subclass_4bit):
+                module.get_qmap_signed(), module.get_qmap_unsigned()
+        return _state_only_step(recipe.make_optimizer(model, train_config), train_config.optimizer)
     if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
         return recipe.make_optimizer(model, train_config, fused=True)
     with unset_fake_temporarily():
@@ -534,6 +571,57 @@ def traced_optimizer(
             return buffer
 
         optimizer.get_state_buffer = state_buffer
+    return optimizer
+
+
+def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_size: int) -> None:
+    """Allocate and free what torchao's compiled update (`single_param_adam` under torch.compile, torch 2.11)
+    holds while it updates one parameter with quantised state, in its order (H200, the allocator's history of
+    a step of a 128256 x 2048 and an 8192 x 2048 parameter, fp32 and bf16 alike; `_tao_history` in
+    benchmarks/results/optimizer_step_h200.json): two new fp32 block scales (numel / block_size each) and the
+    two moments dequantised to fp32 (4 bytes per element each); for the 4-bit state also two 8-byte-per-element
+    buffers: 8 bytes per element in all for AdamW8bit, 24 for AdamW4bit, which max_memory_allocated during the
+    step confirms on whole models (8.03-8.06 and 24.0 bytes per element of the largest parameter,
+    benchmarks/optimizer_step.py)."""
+    numel, device = param.numel(), param.device
+
+    def fp32(elements: int) -> torch.Tensor:
+        return torch.empty(elements, dtype=torch.float32, device=device)
+
+    scale_m, scale_v = fp32(numel // block_size), fp32(numel // block_size)
+    moment_m, moment_v = fp32(numel), fp32(numel)
+    if optimizer_name == "adamw_torch_8bit":
+        del moment_m, moment_v, scale_m, scale_v
+        return
+    wide_m, wide_v = fp32(2 * numel), fp32(2 * numel)
+    del moment_m, wide_m, scale_m, moment_v, wide_v, scale_v
+
+
+def _state_only_step(optimizer: Any, optimizer_name: str) -> Any:
+    """A torchao AdamW8bit / AdamW4bit whose `step` makes the state the real step makes, and no update.
+
+    The real step (torchao/optim/adam.py `_AdamBase.step`) creates each parameter's two moments on its first
+    step with `_new_buffer` (an OptimState8bit / OptimState4bit of uint8 codes, one fp32 scale per block and a
+    256-entry fp32 map: parameters under 4096 elements, or not a multiple of the block, get plain zeros_like),
+    then runs `torch.compile(single_param_adam)`, which fake tensors cannot: the update writes the parameter and
+    the state in place, so memory is the state (made here by torchao's own `_new_buffer`) plus what the
+    compiled kernel holds while it runs (`_compiled_update_buffers`, one parameter at a time)."""
+
+    @torch.no_grad()
+    def step(closure: Any = None) -> None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = optimizer.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = optimizer._new_buffer(param, True)
+                    state["exp_avg_sq"] = optimizer._new_buffer(param, False)
+                if is_traceable_wrapper_subclass(state["exp_avg"]):
+                    _compiled_update_buffers(param, optimizer_name, optimizer.block_size)
+
+    optimizer.step = step
     return optimizer
 
 

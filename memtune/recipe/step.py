@@ -16,13 +16,16 @@ import torch
 from torch import nn
 
 from memtune.config import (
+    BITSANDBYTES_OPTIMIZERS,
     DEFAULT_OPTIMIZER,
     EIGHT_BIT_OPTIMIZERS,
     OPTIMIZERS,
     QUANT_EXTRA_HINT,
+    TORCHAO_OPTIMIZERS,
     TrainConfig,
     bitsandbytes_available,  # noqa: F401 - re-exported: callers and tests reach it here
     require_extra,
+    torchao_available,  # noqa: F401 - re-exported, as bitsandbytes_available
 )
 from memtune.errors import UsageError
 from memtune.recipe import quant
@@ -164,7 +167,7 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
     """(class, keyword arguments) of the optimizer Trainer builds for `TrainingArguments(optim=optimizer)` with
     the default learning rate and Adam betas/eps: transformers 5.24 trainer_optimizer.py `_get_adamw_torch`,
-    `_get_bitsandbytes_optimizer`, `_get_adafactor` (tests/test_optimizers.py compares with
+    `_get_bitsandbytes_optimizer`, `_get_adafactor`, `_get_torchao_optimizer` (tests/test_optimizers.py compares with
     `Trainer.get_optimizer_cls_and_kwargs`). Raises UsageError for an unknown name or a missing extra."""
     if optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
@@ -180,6 +183,15 @@ def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
 
         kwargs.update({"scale_parameter": False, "relative_step": False})
         return Adafactor, kwargs
+    if optimizer in TORCHAO_OPTIMIZERS:
+        try:
+            from torchao.optim import AdamW4bit, AdamW8bit
+        except Exception as error:  # ImportError, or a torchao built for another torch
+            raise UsageError(f"optimizer {optimizer} needs torchao >= 0.11, which fails to import ({error}): "
+                             f"reinstall it with {QUANT_EXTRA_HINT}, or choose --optim adamw_torch_fused") from None
+        # trainer_optimizer.py `_get_torchao_optimizer`: block_size 256 for both (AdamW4bit's own default is 128)
+        kwargs.update({"block_size": 256, "bf16_stochastic_round": False, **TRAINER_ADAM_KWARGS})
+        return (AdamW4bit if optimizer == "adamw_torch_4bit" else AdamW8bit), kwargs
     try:
         bitsandbytes = quant.import_bitsandbytes()
     except Exception as error:  # ImportError, or its native library failing to load (OSError, RuntimeError)
@@ -221,7 +233,7 @@ def make_optimizer(
         params = [p for group in groups for p in group["params"]]
         kwargs["fused"] = (bool(params) and params[0].device.type == "cuda") if fused is None else fused
     optimizer = cls(groups, **kwargs)
-    if name in EIGHT_BIT_OPTIMIZERS:
+    if name in EIGHT_BIT_OPTIMIZERS and name in BITSANDBYTES_OPTIMIZERS:
         from bitsandbytes.optim import GlobalOptimManager
 
         manager = GlobalOptimManager.__new__(GlobalOptimManager)

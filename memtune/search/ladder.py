@@ -31,6 +31,7 @@ from memtune.config import (
     EIGHT_BIT_OPTIMIZERS,
     QUANT_EXTRA_HINT,
     STRATEGIES,
+    TORCHAO_OPTIMIZERS,
     UNSHARDABLE_OPTIMIZERS,
     Policy,
     Quantization,
@@ -39,6 +40,7 @@ from memtune.config import (
     precision_config,
     quantized_base_fields,
     require_extra,
+    torchao_available,
 )
 from memtune.errors import UsageError
 
@@ -340,11 +342,12 @@ class Strategy(Rung):
 class Optimizer(Rung):
     """The optimizer implementation, by transformers' `optim` name (`--optim`, `--no-8bit-optim`).
 
-    The 8-bit ones (bitsandbytes AdamW8bit, paged or not) save ~6 of AdamW's 8 state bytes per parameter
-    without changing what is trained; their state is quantised blockwise (a small quality trade, flagged).
+    The 8-bit ones (bitsandbytes AdamW8bit, paged or not; torchao's AdamW8bit where bitsandbytes is missing) save
+    ~6 of AdamW's 8 state bytes per fp32 parameter, torchao's AdamW4bit ~7, without changing what is trained; their
+    state is quantised blockwise (a quality trade, flagged).
     The paged one keeps that state in CUDA unified memory, outside the predicted peak (the driver evicts it
     to the host when the GPU is full, and the speed model charges that traffic).
-    They are offered only when bitsandbytes is installed (else skipped, with one line saying how), only for
+    They are offered only when their package is installed (else skipped, with one line saying how), only for
     full fine-tuning (an adapter's state is a few MiB: quantising it saves nothing worth a quality trade), and
     ranked by predicted speed with the rest. Recipe: `recipe.step.make_optimizer`. Speed:
     `throughput.optimizer_seconds`."""
@@ -354,6 +357,9 @@ class Optimizer(Rung):
         "adamw_bnb_8bit": "8-bit AdamW: optimizer state quantised blockwise (usually quality-neutral)",
         "paged_adamw_8bit": "paged 8-bit AdamW: optimizer state quantised blockwise (usually quality-neutral)",
         "adafactor": "Adafactor: no momentum, factored second moment (a different optimizer)",
+        "adamw_torch_8bit": "8-bit AdamW (torchao): optimizer state quantised blockwise (usually quality-neutral)",
+        "adamw_torch_4bit": "4-bit AdamW (torchao): optimizer state quantised to 4 bits blockwise (a larger "
+                            "quality trade than 8-bit; Li et al. 2023 report it close to 32-bit AdamW)",
     }
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
@@ -361,14 +367,18 @@ class Optimizer(Rung):
             require_extra(policy.optimizer)
             return [{"optimizer": policy.optimizer}]
         names = [DEFAULT_OPTIMIZER]
-        if policy.allow_8bit_optimizer and not with_adapter and bitsandbytes_available():
-            names += ["adamw_bnb_8bit", "paged_adamw_8bit"]
+        if policy.allow_8bit_optimizer and not with_adapter:
+            if bitsandbytes_available():
+                names += ["adamw_bnb_8bit", "paged_adamw_8bit"]
+            if torchao_available():  # its 8-bit AdamW holds what bitsandbytes' does: offered only without it
+                names += ["adamw_torch_4bit"] + ([] if bitsandbytes_available() else ["adamw_torch_8bit"])
         return [{"optimizer": name} for name in names]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
         if fields["optimizer"] in UNSHARDABLE_OPTIMIZERS and (fields["offload"] != "none" or (
                 fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
-            return "FSDP cannot shard or offload this optimizer's state (bitsandbytes', Adafactor's)"
+            return ("FSDP cannot shard or offload this optimizer's state (bitsandbytes', Adafactor's; torchao's "
+                    "is not modelled)")
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
@@ -379,7 +389,9 @@ class Optimizer(Rung):
     def setting(self, config: TrainConfig) -> str | None:
         if config.optimizer == DEFAULT_OPTIMIZER:
             return None
-        extra = f" (needs bitsandbytes: {QUANT_EXTRA_HINT})" if config.optimizer in BITSANDBYTES_OPTIMIZERS else ""
+        package = ("bitsandbytes" if config.optimizer in BITSANDBYTES_OPTIMIZERS
+                   else "torchao" if config.optimizer in TORCHAO_OPTIMIZERS else "")
+        extra = f" (needs {package}: {QUANT_EXTRA_HINT})" if package else ""
         return f"optimizer {config.optimizer} (TrainingArguments optim=\"{config.optimizer}\"){extra}"
 
     def quality(self, config: TrainConfig) -> str | None:
@@ -562,8 +574,11 @@ def precisions(policy: Policy, with_adapter: bool) -> list[str]:
 def skipped(policy: Policy) -> list[str]:
     """One line per rung left out of the search because an optional package is missing."""
     notes = []
-    if policy.optimizer is None and policy.allow_8bit_optimizer and not bitsandbytes_available():
-        notes.append(f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)")
+    if policy.optimizer is None and policy.allow_8bit_optimizer:
+        if not bitsandbytes_available() and not torchao_available():
+            notes.append(f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)")
+        elif not torchao_available():
+            notes.append(f"4-bit AdamW skipped: torchao is not installed ({QUANT_EXTRA_HINT} to add it)")
     if (policy.quantized_base is None and policy.allow_quantized_base and policy.use_adapter is not False
             and policy.num_gpus == 1 and not bitsandbytes_available()):
         notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
