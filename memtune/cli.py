@@ -223,16 +223,24 @@ OPTIONS: dict[str, type] = {"plan": PlanOptions, "fit": FitOptions, "run": RunOp
 """The options dataclass of each command that has options beyond --json."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's formatter (descriptions and epilogs kept as written) that never wraps a line inside a
+    hyphenated word, so a flag named in an option's help (--no-8bit-optim) stays whole."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memtune",
         description="Predict, and avoid, CUDA out-of-memory in fine-tuning.",
         epilog="start here: memtune fit MODEL --seq-len 1024 --batch-size 32   (see memtune fit --help)\n\n"
                "exit codes: 0 fitted/ran, 1 unexpected failure, 2 bad usage or input, 3 nothing fits, 130 interrupted",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = HelpFormatter
     plan = commands.add_parser("plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
                                epilog=EPILOG_PLAN, formatter_class=raw)
     add_options(plan, PlanOptions)
@@ -389,9 +397,10 @@ def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
     """0 completed, 130 interrupted (a checkpoint is saved); errors raise MemtuneError. A plan that needs
     `accelerate launch` (several GPUs, CPU offload) runs this same command under it: its exit code."""
     from memtune.plan import Plan
+
+    plan = Plan.load(options.plan)  # a wrong path is told before the seconds of importing the Trainer
     from memtune.run import runner  # imports the Trainer: only for `run`
 
-    plan = Plan.load(options.plan)
     code = runner.relaunch(plan, options, log=lambda message: err.print(message, highlight=False))
     if code is not None:
         return code
@@ -440,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes' CPU backend logs a warning on import where the optional `kernels` package is missing; peft
     # imports bitsandbytes for any LoRA model when it is installed, and memtune runs no 4-bit matmul on the CPU
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # torchao's import logs a warning for each of its C++ extensions built for another torch or GPU (memtune uses
+    # its Python optimizers only), and torch's pytree one about an enum torchao registers
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         try:
             command, options = parse(argv)
