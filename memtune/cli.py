@@ -61,7 +61,7 @@ EPILOG_FIT = """examples:
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing, a chunked loss, CPU offload, an 8-bit AdamW (with bitsandbytes), and with --gpus N
+checkpointing, a chunked loss, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N
 a full replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32
 master weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing
 else fits, and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA

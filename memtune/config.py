@@ -613,9 +613,9 @@ class Policy:
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
     """The chunked loss among the search's rungs (allowed by default; --no-chunked-loss forbids it)."""
     allow_8bit_optimizer: bool = field(default=True, metadata=option(flag="--no-8bit-optim", group=POLICY))
-    """Low-bit optimizers (bitsandbytes AdamW8bit, paged or not, and torchao AdamW4bit: state quantised, a
-    quality trade) among the search's rungs (allowed by default when bitsandbytes or torchao is installed;
-    --no-8bit-optim forbids them)."""
+    """Low-bit optimizers (bitsandbytes AdamW8bit, paged or not; torchao AdamW8bit and AdamW4bit: state
+    quantised, a quality trade) among the search's rungs (allowed by default when bitsandbytes or torchao is
+    installed; --no-8bit-optim forbids them)."""
     allow_pure_16bit: bool = field(default=True, metadata=option(flag="--no-pure-16bit", group=POLICY))
     """Pure 16-bit full fine-tuning (bf16 weights and optimizer state, no fp32 master weights: a quality
     trade, tried only when nothing with fp32 master weights fits; --no-pure-16bit forbids it)."""

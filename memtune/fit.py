@@ -434,6 +434,11 @@ def quiet_libraries() -> Iterator[list[str]]:
     from transformers.utils import logging as transformers_logging
 
     lines: list[str] = []
+    # torchao's import logs each of its C++ extensions built for another torch or GPU, and torch's pytree an
+    # enum torchao registers: memtune uses torchao's Python optimizers only
+    quieted = {name: logging.getLogger(name).level for name in ("torchao", "torch.utils._pytree")}
+    for name in quieted:
+        logging.getLogger(name).setLevel(logging.ERROR)
     library_logger = logging.getLogger("transformers")  # transformers' root logger (propagate=False)
     handlers = library_logger.handlers[:]
     bars = transformers_logging.is_progress_bar_enabled()
@@ -447,6 +452,8 @@ def quiet_libraries() -> Iterator[list[str]]:
             yield lines
         finally:
             library_logger.handlers = handlers
+            for name, level in quieted.items():
+                logging.getLogger(name).setLevel(level)
             if bars:
                 transformers_logging.enable_progress_bar()  # which switches huggingface_hub's on too
             (disable_progress_bars if hub_bars_disabled else enable_progress_bars)()

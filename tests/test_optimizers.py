@@ -100,7 +100,8 @@ def test_a_missing_bitsandbytes_is_a_usage_error_with_the_install_command(monkey
         with pytest.raises(UsageError, match=r'which is not installed: pip install -e "\.\[quant\]"'):
             recipe.make_optimizer(torch.nn.Linear(4, 4), TrainConfig(seq_len=8, optimizer=name))
     assert ladder.skipped(Policy())[0] == (
-        '8-bit optimizers skipped: bitsandbytes is not installed (pip install -e ".[quant]" to add them)'
+        "8-bit and 4-bit optimizers skipped: neither bitsandbytes nor torchao is installed "
+        '(pip install -e ".[quant]" to add them)'
     )  # the quantised bases' line follows (tests/test_qlora_rung.py)
     assert {c.optimizer for c in ladder.candidate_space(64, 2, Policy(), with_adapter=False)} == {DEFAULT_OPTIMIZER}
 

@@ -576,7 +576,8 @@ def skipped(policy: Policy) -> list[str]:
     notes = []
     if policy.optimizer is None and policy.allow_8bit_optimizer:
         if not bitsandbytes_available() and not torchao_available():
-            notes.append(f"8-bit optimizers skipped: bitsandbytes is not installed ({QUANT_EXTRA_HINT} to add them)")
+            notes.append(f"8-bit and 4-bit optimizers skipped: neither bitsandbytes nor torchao is installed "
+                         f"({QUANT_EXTRA_HINT} to add them)")
         elif not torchao_available():
             notes.append(f"4-bit AdamW skipped: torchao is not installed ({QUANT_EXTRA_HINT} to add it)")
     if (policy.quantized_base is None and policy.allow_quantized_base and policy.use_adapter is not False
