@@ -29,19 +29,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from memtune.config import BITSANDBYTES_OPTIMIZERS, OPTIMIZERS, PAGED_OPTIMIZERS, TORCHAO_OPTIMIZERS  # noqa: E402
+from memtune.config import OPTIMIZERS, PAGED_OPTIMIZERS  # noqa: E402
 
 MODELS = ["Qwen/Qwen2.5-0.5B", "meta-llama/Llama-3.2-1B"]
 STEPS = 7
 
 
 def available(name: str) -> bool:
-    from memtune.config import bitsandbytes_available, torchao_available
+    """Whether the package `name` needs is installed (`config.require_extra`)."""
+    from memtune.config import require_extra
+    from memtune.errors import UsageError
 
-    if name in BITSANDBYTES_OPTIMIZERS:
-        return bitsandbytes_available()
-    if name in TORCHAO_OPTIMIZERS:
-        return torchao_available()
+    try:
+        require_extra(name)
+    except UsageError:
+        return False
     return True
 
 

@@ -233,7 +233,7 @@ def make_optimizer(
         params = [p for group in groups for p in group["params"]]
         kwargs["fused"] = (bool(params) and params[0].device.type == "cuda") if fused is None else fused
     optimizer = cls(groups, **kwargs)
-    if name in EIGHT_BIT_OPTIMIZERS and name in BITSANDBYTES_OPTIMIZERS:
+    if name in EIGHT_BIT_OPTIMIZERS & BITSANDBYTES_OPTIMIZERS:
         from bitsandbytes.optim import GlobalOptimManager
 
         manager = GlobalOptimManager.__new__(GlobalOptimManager)
