@@ -140,15 +140,11 @@ class StorageCounter(TorchDispatchMode):
         self._next_id = 0
         self._live_bytes = 0
         self._peak_event = 0
-        self.accumulate_in_place: set[tuple[int, ...]] = set()
-        """Shapes of gradients that autograd sums in place on a real GPU but out of place on fake tensors.
-
-        The engine adds a second gradient into the first in place (`can_accumulate_inplace`, torch's
-        autograd/input_buffer.cpp) unless the tensors are a subclass, as fake tensors are. For a tied
-        embedding/LM-head weight the two gradients are vocabulary x hidden: the fake trace would hold
-        one more such tensor at the end of backward than the GPU does. Measured on the H200 this holds
-        under autocast (the head's gradient arrives through the cast to the compute dtype, a fresh
-        tensor), not in fp32, where the traced out-of-place sum matched (tests/data/ground_truth_h200.json)."""
+        self.in_place_sums = True
+        """Record autograd's gradient sums as the GPU makes them (`_engine_sums_in_place`); ShardedCounter
+        turns it off."""
+        self._node: Any = None  # the autograd node whose ops are being recorded (backward only)
+        self._node_first_id = 0  # the first storage id made while it runs
 
     @property
     def layer(self) -> int:
@@ -161,15 +157,15 @@ class StorageCounter(TorchDispatchMode):
     # -- recording ---------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         self.raise_interrupt()
+        if self.in_place_sums:
+            self._note_node()
         out = func(*args, **(kwargs or {}))
         if not self.recording:
             for item in tree_flatten(out)[0]:
                 if isinstance(item, torch.Tensor) and not is_traceable_wrapper_subclass(item):
                     self._excluded[item.untyped_storage()] = True
             return out
-        if (func is torch.ops.aten.add.Tensor and self.accumulate_in_place and isinstance(out, torch.Tensor)
-                and tuple(out.shape) in self.accumulate_in_place and len(args) == 2
-                and all(isinstance(a, torch.Tensor) and a.shape == out.shape and a.dtype == out.dtype for a in args)):
+        if func is torch.ops.aten.add.Tensor and self._engine_sums_in_place(args, out):
             self._reuse(args[0], out)
         elif (func is torch.ops.aten.add.Tensor and IN_ATTENTION.get() and len(args) == 2
               and isinstance(out, torch.Tensor) and isinstance(args[0], torch.Tensor)
@@ -179,6 +175,45 @@ class StorageCounter(TorchDispatchMode):
             if isinstance(item, torch.Tensor):
                 self.track(item)
         return out
+
+    def _engine_sums_in_place(self, args: tuple[Any, ...], out: Any) -> bool:
+        """Whether this `add` is autograd summing two gradients of one tensor in place on a real GPU.
+
+        When a second gradient reaches a node's input, the engine adds it into the first in place if it holds
+        the first's last reference and storage, and the first is dense and not a subclass
+        (`accumulate` / `can_accumulate_inplace` in torch/csrc/autograd/input_buffer.cpp); otherwise it adds
+        out of place. Fake tensors are subclasses, so on them every such sum allocates. Here the sum counts as
+        in place when, in backward, `old + new` adds a gradient made before the running node began (so not a
+        sum inside a backward formula) whose storage is as unshared as the fresh result's and that is no view
+        and dense. That is every residual-stream sum in a decoder, and a tied embedding/LM head under
+        autocast (its head gradient comes fresh out of the cast), but not the tied weight in fp32, where the
+        head's gradient is a transposed view. On the H200 (Llama-3.2-1B bf16-mixed, benchmarks/single_history.py)
+        the GPU made no allocation for the residual sums, and with them recorded out of place the trace's
+        allocator placed one 64 MiB gradient differently and needed one 1002 MiB segment less than the GPU."""
+        if not self.in_place_sums or torch._C._current_graph_task_id() == -1:
+            return False
+        if len(args) != 2 or not isinstance(out, torch.Tensor):
+            return False
+        old, new = args
+        if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)
+                and old.shape == new.shape == out.shape and old.dtype == new.dtype == out.dtype):
+            return False
+        storage_id = self._ids.get(old.untyped_storage())
+        if storage_id is None or storage_id >= self._node_first_id or old._base is not None:
+            return False
+        if not _dense(old):
+            return False
+        use_count = torch._C._storage_Use_Count
+        return bool(use_count(old.untyped_storage()._cdata) == use_count(out.untyped_storage()._cdata))
+
+    def _note_node(self) -> None:
+        """In backward, remember where the running autograd node's own storages begin (`_engine_sums_in_place`)."""
+        if torch._C._current_graph_task_id() == -1:
+            return
+        node = torch._C._current_autograd_node()
+        if node is not self._node:
+            self._node = node
+            self._node_first_id = self._next_id
 
     def _reuse(self, old: torch.Tensor, new: torch.Tensor) -> None:
         """Record `new` as living in `old`'s storage (an in-place add on the GPU): no alloc, and the
@@ -508,16 +543,6 @@ def _logits_hook(counter: StorageCounter) -> Any:
 # -- the trace ---------------------------------------------------------------------------------
 
 
-def tied_gradient_shapes(model: Any) -> set[tuple[int, ...]]:
-    """The shape of a trained weight shared by the input embedding and the LM head (its two gradients
-    are summed in backward), or nothing."""
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if inputs is None or outputs is None or inputs.weight is not outputs.weight or not inputs.weight.requires_grad:
-        return set()
-    return {tuple(inputs.weight.shape)}
-
-
 PAGED_MIN_ELEMENTS = 100_000
 """bitsandbytes pages the state of a parameter of at least this many elements (Optimizer8bit.get_state_buffer:
 `p.numel() < 1e5` stays in torch's pool)."""
@@ -625,6 +650,18 @@ def _state_only_step(optimizer: Any, optimizer_name: str) -> Any:
     return optimizer
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some order of its dimensions is contiguous (c10 TensorImpl
+    `is_non_overlapping_and_dense`), as a transpose is and a slice or an expand is not."""
+    expected = 1
+    dims = sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride(), strict=True) if size != 1)
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
@@ -642,8 +679,6 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     unpacked = assume_unpacked_batches()
     counter.trace.num_layers = counter.trace.traced_layers = len(layers)
     counter.trace.period = layer_period(model_config)
-    if train_config.amp != "none":
-        counter.accumulate_in_place = tied_gradient_shapes(model)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, GpuKernels(), emulation, quantized.quantized_step(train_config, emulate):
         quantized.fake_quantized_weights(model, train_config, torch.device(device), counter, layer_of)
