@@ -36,7 +36,7 @@ class Case:
         layers = f"[{self.num_layers}L]" if self.num_layers else ""
         c = self.config
         lora = "+lora" if c.adapter else ""
-        ckpt = "+ckpt" if c.gradient_checkpointing else ""
+        ckpt = f"+ckpt{c.checkpoint_layers}" if c.checkpoint_layers else "+ckpt" if c.gradient_checkpointing else ""
         kind = f"{self.model_type}:" if self.settings is not None else ""
         return f"{kind}{self.model}{layers} {c.micro_batch_size}x{c.seq_len} {c.precision}{ckpt}{lora}"
 
@@ -328,3 +328,14 @@ def real_architecture_cases(seq_len: int = 1024, micro_batch_size: int = 2) -> l
         for model_type, entry in REAL_ARCHITECTURES.items()
         for config in configurations
     ]
+
+
+def prediction_arguments(parser: Any) -> None:
+    """The options of a benchmark that measures cases and predicts them on both trace paths (lowbit.py,
+    activations.py): --paths, --match, --no-measure and --measured."""
+    parser.add_argument("--paths", nargs="+", default=["cuda", "cpu"], choices=["cuda", "cpu"])
+    parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT", help="only cases whose name has one")
+    parser.add_argument("--no-measure", action="store_true", help="predict only (no GPU needed with --paths cpu)")
+    parser.add_argument("--measured", default="", metavar="JSONL",
+                        help="recorded measurements (the .measured.jsonl a GPU run wrote next to its --out): "
+                             "predict here against them instead of measuring")

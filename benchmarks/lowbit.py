@@ -37,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import Case, model_config  # noqa: E402
+from benchmarks.cases import Case, model_config, prediction_arguments  # noqa: E402
 from memtune.config import DEFAULT_OPTIMIZER, PAGED_OPTIMIZERS, Adapter, Quantization, TrainConfig  # noqa: E402
 
 GIB = 1 << 30
@@ -234,16 +234,11 @@ def format_row(row: dict, paths: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--paths", nargs="+", default=["cuda", "cpu"], choices=["cuda", "cpu"])
-    parser.add_argument("--match", nargs="+", default=[""], metavar="TEXT", help="only cases whose name has one")
-    parser.add_argument("--no-measure", action="store_true", help="predict only (no GPU needed with --paths cpu)")
+    prediction_arguments(parser)
     parser.add_argument("--jobs", type=int, default=1,
                         help="measure this many small cases at once, each in its own process on the same GPU: "
                              "peaks are per-process allocator statistics, so they are unaffected; tokens/s and "
                              "device memory left in use are then not recorded (default 1)")
-    parser.add_argument("--measured", default="", metavar="JSONL",
-                        help="recorded measurements (the .measured.jsonl a GPU run wrote next to its --out): "
-                             "predict here against them instead of measuring")
     parser.add_argument("--out", default="benchmarks/results/lowbit.json")
     parser.add_argument("--measure-one", default="", help=argparse.SUPPRESS)  # the isolated measurement process
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)

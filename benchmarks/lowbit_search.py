@@ -1,6 +1,7 @@
-"""The search where the low-bit rungs decide (issue 13): memtune's verified choice against a small measured grid.
+"""The search where the low-bit rungs (issue 13) or partial checkpointing (issue 14) decide: memtune's verified
+choice against a small measured grid.
 
-Three scenarios, each on this GPU made as small as the card it stands for: the process first takes all free
+Four scenarios, each on this GPU made as small as the card it stands for: the process first takes all free
 device memory but `cap` into a ballast tensor it never frees, so torch's pool and CUDA unified memory (where
 bitsandbytes' paged optimizers keep their state) share `cap` bytes, as on a card of that size. (A
 set_per_process_memory_fraction cap, as benchmarks/search.py uses, bounds torch's pool only: paged state would
@@ -11,6 +12,8 @@ then sit in the rest of the GPU and never be evicted.)
 - Mistral-7B on 12 GiB: a bf16 base (13.5 GiB of weights) cannot fit, so the search reaches QLoRA.
 - Llama-3.2-3B full fine-tuning (--no-lora) on 40 GiB, 16 x 1024: fp32 master weights with fused AdamW need
   ~51 GB of state, so the search reaches 8-bit AdamW / pure bf16 (offload left out, as in benchmarks/search.py).
+- Gemma-2-2B full fine-tuning on 64 GiB, 16 x 1024 (issue 14's case): no checkpointing fits only small
+  micro-batches, checkpointing every layer leaves memory unused; partial checkpointing is between.
 
 For each: `fit_model` with trial steps (memtune's choice, the wall time to the verified fit), then every grid
 configuration and memtune's choice measured under the same cap in a fresh process each (bitsandbytes' paged
@@ -45,11 +48,12 @@ def lora(micro: int, checkpointing: bool = True, bits: int | None = 4) -> TrainC
 
 
 def full(micro: int, optimizer: str, pure: bool = False, checkpointing: bool = True,
-         loss: str = "standard") -> TrainConfig:
-    """Full fine-tuning, bf16-mixed (fp32 master weights) or pure bf16, 16 sequences of 1024 per step."""
+         loss: str = "standard", layers: int | None = None) -> TrainConfig:
+    """Full fine-tuning, bf16-mixed (fp32 master weights) or pure bf16, 16 sequences of 1024 per step; `layers`:
+    checkpoint only the first ones."""
     precision = {"weights_dtype": "bf16", "amp": "none"} if pure else {"weights_dtype": "fp32", "amp": "bf16"}
     return TrainConfig(seq_len=1024, micro_batch_size=micro, grad_accum_steps=16 // micro, optimizer=optimizer,
-                       gradient_checkpointing=checkpointing, loss=loss, **precision)
+                       gradient_checkpointing=checkpointing, checkpoint_layers=layers, loss=loss, **precision)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,12 @@ SCENARIOS = [
         full(4, "paged_adamw_8bit"), full(16, "paged_adamw_8bit", loss="chunked"),
         full(4, "adamw_torch_fused", pure=True), full(8, "adamw_torch_fused", pure=True),
         full(2, "adamw_torch_fused", pure=True, checkpointing=False),
+    ]),
+    Scenario("google/gemma-2-2b", 64, Policy(allow_offload=False, use_adapter=False), [
+        full(2, "adamw_torch_fused", checkpointing=False),  # issue 14's fastest measured: 15.7k tokens/s, 63.1 GiB
+        full(16, "adamw_torch_fused", loss="chunked"),  # memtune's choice before partial checkpointing: 14.4k
+        full(8, "adamw_torch_fused"), full(4, "adamw_torch_fused", layers=13),
+        full(8, "adamw_torch_fused", layers=19), full(16, "adamw_torch_fused", loss="chunked", layers=13),
     ]),
 ]
 

@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 import rich.markup
 from rich.console import Console
 
-from memtune.config import option_of
+from memtune.config import option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError
 from memtune.options import FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
@@ -61,13 +61,14 @@ EPILOG_FIT = """examples:
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing, a chunked loss, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N
-a full replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32
-master weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing
-else fits, and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA
-configuration, unless you ask for them (--precision bf16, --lora, --qlora 4). Pin any choice
-(--precision fp32, --checkpointing off, ...) and it is kept. The winner is verified with real trial
-steps when a GPU is here, and saved to --plan-out for `memtune run`.
+checkpointing (of the fewest decoder layers that fit), a chunked loss, CPU offload, an 8-bit or
+4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full replica per GPU (DDP) or FSDP sharding
+of the model state. Pure 16-bit training (no fp32 master weights) is tried only when nothing with
+them fits, LoRA (or --prefix) only when nothing else fits, and LoRA on a 4-bit or 8-bit base (QLoRA,
+with bitsandbytes) after every other LoRA configuration, unless you ask for them (--precision bf16,
+--lora, --qlora 4). Pin any choice (--precision fp32, --checkpointing off, --checkpointing 12 for
+the first 12 layers, ...) and it is kept. The winner is verified with real trial steps when a GPU is
+here, and saved to --plan-out for `memtune run`.
 
 exit codes: 0 a plan fits, 1 unexpected failure, 2 bad usage or input, 3 nothing fits (the
 shortfall and what would fit are printed).
@@ -176,7 +177,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type, group: str | None = 
         default_text = option.default_text
         if option.words is not None:
             word = next(word for word, value in option.words.items() if value == default)
-            settings.update(choices=list(option.words), default=word)
+            settings.update(default=word)
+            if option.parse is None:
+                settings.update(choices=list(option.words))
+            else:  # words, or a value for `Option.parse` (--checkpointing 12)
+                settings.update(metavar=option.metavar)
             default_text = default_text or word
         elif kind is bool:
             settings.update(action="store_false" if default else "store_true", default=default)
@@ -203,15 +208,16 @@ def options_from(cls: type, namespace: argparse.Namespace, problems: list[str]) 
             values[field_.name] = options_from(kind, namespace, problems)
             continue
         value = getattr(namespace, field_.name)
-        if option.words is not None:
+        if option.words is not None and value in option.words:
             value = option.words[value]
         elif option.parse is not None:
             try:
                 value = option.parse(value) if value else None  # --margin "" is no margin given
             except UsageError as error:
                 flag = option.flag_of(field_.name)
+                negative = value.lstrip().startswith("-") and option.parse is parse_bytes
                 problems.append(f"{flag} {value!r} is negative: give a positive quantity, e.g. {flag} 2GiB"
-                                if value.lstrip().startswith("-") else f"{flag}: {error}")
+                                if negative else f"{flag}: {error}")
                 continue
         values[field_.name] = value
     return cls(**values)

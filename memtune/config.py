@@ -172,6 +172,10 @@ class TrainConfig:
     """Autocast compute dtype; "fp16" also uses a GradScaler."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward (transformers' gradient_checkpointing_enable, non-reentrant)."""
+    checkpoint_layers: int | None = None
+    """With gradient_checkpointing: how many decoder layers are checkpointed, counted from the first; None: all.
+    The first ones, because their backward runs last: each recomputation then happens after the layers above
+    have freed their saved activations, so it never adds to them (`recipe.step.set_checkpointing`)."""
     adapter: Adapter | None = None
     """LoRA / prefix tuning through peft; None trains all weights."""
     optimizer: str = DEFAULT_OPTIMIZER
@@ -220,6 +224,15 @@ class TrainConfig:
                             "step is not modelled yet): use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if self.checkpoint_layers is not None:
+            layers = self.checkpoint_layers
+            if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+                problems.append(f"checkpoint_layers must be a positive number of layers or None (all), got {layers!r}")
+            elif not self.gradient_checkpointing:
+                problems.append(f"checkpoint_layers={layers} needs gradient_checkpointing=True")
+            elif isinstance(self.num_gpus, int) and self.sharded:
+                problems.append(f"checkpointing {layers} of the layers is not modelled under FSDP or CPU offload yet: "
+                                "checkpoint every layer there (--checkpointing on)")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
             problems.append(f"adapter must be an Adapter or None, got {type(self.adapter).__name__}")
         elif self.adapter is not None and self.adapter.kind == "prefix" and self.gradient_checkpointing:
@@ -264,7 +277,8 @@ class TrainConfig:
         """The configuration in plain words, for reports."""
         parts = [f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accum", self.precision_words]
         if self.gradient_checkpointing:
-            parts.append("checkpointing")
+            layers = self.checkpoint_layers
+            parts.append("checkpointing" if layers is None else f"checkpointing {layers} layer{'s' * (layers > 1)}")
         if self.adapter is not None:
             parts.append(self.adapter.describe())
         if self.quantization is not None:
@@ -278,6 +292,19 @@ class TrainConfig:
         if self.num_gpus > 1:
             parts.append(f"{self.num_gpus} GPUs, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
+
+    @property
+    def checkpointing_rank(self) -> float:
+        """How much it checkpoints, comparable without the model: 0 off, k the first k layers, infinity all."""
+        if not self.gradient_checkpointing:
+            return 0.0
+        return float("inf") if self.checkpoint_layers is None else float(self.checkpoint_layers)
+
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of a model's `num_layers` decoder layers this configuration checkpoints."""
+        if not self.gradient_checkpointing:
+            return 0
+        return num_layers if self.checkpoint_layers is None else min(self.checkpoint_layers, num_layers)
 
     @property
     def replicated(self) -> bool:
@@ -555,6 +582,18 @@ class Option:
         return ("--no-" if default is True else "--") + name.replace("_", "-")
 
 
+def parse_checkpoint_layers(text: str) -> int:
+    """`--checkpointing N`: a positive number of decoder layers (auto/on/off are `Option.words`)."""
+    try:
+        layers = int(text)
+    except ValueError:
+        raise UsageError(f"expected auto, on, off or a number of layers, got {text!r} (e.g. --checkpointing 12)") \
+            from None
+    if layers < 1:
+        raise UsageError(f"a number of layers must be at least 1, got {layers} (--checkpointing off turns it off)")
+    return layers
+
+
 def option(**settings: Any) -> dict[str, Option]:
     """`field(metadata=option(flag="--margin", parse=parse_bytes))`: the field's `Option`."""
     return {OPTION: Option(**settings)}
@@ -584,9 +623,12 @@ class Policy:
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS), group=PINS,
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
     """Keep this optimizer (transformers' optim name)."""
-    gradient_checkpointing: bool | None = field(default=None, metadata=option(
-        flag="--checkpointing", words={"auto": None, "on": True, "off": False}, group=PINS))
-    """Gradient checkpointing (recompute activations in backward), pinned on or off."""
+    gradient_checkpointing: bool | int | None = field(default=None, metadata=option(
+        flag="--checkpointing", words={"auto": None, "on": True, "off": False}, parse=parse_checkpoint_layers,
+        metavar="{auto,on,off,N}", group=PINS))
+    """Gradient checkpointing (recompute activations in backward): on (every decoder layer), off, or N (the
+    first N layers only; transformers cannot name layers in TrainingArguments, so Plan.prepare / memtune run set
+    it). auto: off, or the fewest layers that fit."""
     quantized_base: int | None = field(default=None, metadata=option(
         flag="--qlora", choices=QUANTIZED_BASE_CHOICES, parse=int, group=PINS))
     """Train LoRA on a base quantised to this many bits (QLoRA through bitsandbytes: 4 is nf4 with double
@@ -693,7 +735,12 @@ class Policy:
             isinstance(self.margin_bytes, bool) or not isinstance(self.margin_bytes, int) or self.margin_bytes < 0
         ):
             problems.append(f"margin must be a number of bytes >= 0, got {self.margin_bytes!r} (--margin 2GiB)")
-        if self.use_adapter is True and self.adapter.kind == "prefix" and self.gradient_checkpointing is True:
+        checkpointing = self.gradient_checkpointing
+        if checkpointing is not None and not isinstance(checkpointing, bool) and (
+                not isinstance(checkpointing, int) or checkpointing < 1):
+            problems.append(f"--checkpointing must be auto, on, off or a positive number of layers, got "
+                            f"{checkpointing!r}")
+        if self.use_adapter is True and self.adapter.kind == "prefix" and checkpointing not in (None, False):
             problems.append("--prefix contradicts --checkpointing on: peft refuses prefix tuning with gradient "
                             "checkpointing; use --lora, or --checkpointing off")
         if bad:
@@ -739,7 +786,8 @@ def policy_flags(policy: Policy) -> list[str]:
         elif not option.on_command_line or value == default:
             continue
         elif option.words is not None:
-            word = next((word for word, meaning in option.words.items() if meaning == value), value)
+            word = next((word for word, meaning in option.words.items()
+                         if meaning == value and type(meaning) is type(value)), value)
             flags.append(f"{option.flag_of(field_.name)} {word}")
         elif isinstance(value, bool):
             flags.append(option.flag_of(field_.name, default))

@@ -70,6 +70,11 @@ class ModelPredictor:
                 self.note(f"note: {trace_note}")
         return self._cache[config]
 
+    @property
+    def num_layers(self) -> int:
+        """The model's decoder layers (`choose.fewest_checkpointed` bisects over them)."""
+        return self.shape.num_layers
+
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:
         """`estimate.fits_under`: the step replayed against a device of `usable_bytes`, releasing the
         cache under pressure as torch does (the sharded estimate's total must fit)."""

@@ -122,7 +122,9 @@ class PlanOptions:
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
     """The optimizer, by transformers' optim name."""
     checkpointing: bool = False
-    """Gradient checkpointing (recompute activations in backward)."""
+    """Gradient checkpointing (recompute activations in backward) of every decoder layer."""
+    checkpoint_layers: int | None = field(default=None, metadata=option(metavar="N", default_text="all of them"))
+    """Checkpoint only the first N decoder layers (implies --checkpointing): less recomputation, more memory."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
     quantized_base: int | None = field(default=None, metadata=option(
@@ -172,6 +174,9 @@ class PlanOptions:
                             f"{gpus}: the effective batch would change; pick a divisor such as {divisor}")
         if task.seq_len < 1:
             problems.append(f"--seq-len must be >= 1, got {task.seq_len}")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 1:
+            problems.append(f"--checkpoint-layers must be >= 1, got {self.checkpoint_layers} (leave out "
+                            "--checkpointing to checkpoint none)")
         return problems
 
     def train_config(self) -> TrainConfig:
@@ -190,7 +195,9 @@ class PlanOptions:
             weights, amp = quantized.pop("weights_dtype"), quantized.pop("amp")
         return TrainConfig(
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
-            weights_dtype=weights, amp=amp, gradient_checkpointing=self.checkpointing,
+            weights_dtype=weights, amp=amp,
+            gradient_checkpointing=self.checkpointing or self.checkpoint_layers is not None,
+            checkpoint_layers=self.checkpoint_layers,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
             optimizer=self.optimizer, **quantized,

@@ -67,6 +67,28 @@ def test_run_lowers_the_loss_and_saves_a_model_that_reloads(model_dir: Path, tmp
     assert trained_loss < untrained_loss - 1.0
 
 
+class CheckpointingFlags(TrainerCallback):
+    """Each decoder layer's `gradient_checkpointing` flag at the end of every optimizer step."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[bool]] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+        self.seen.append([layer.gradient_checkpointing for layer in layers])
+
+
+def test_a_plan_checkpointing_the_first_layer_keeps_it_so_through_the_trainer(model_dir: Path, tmp_path: Path) -> None:
+    """Trainer enables checkpointing of every layer when TrainingArguments ask for it; a plan of some layers
+    leaves that off and Plan.prepare checkpoints its layers (the 2-layer model: the first only)."""
+    flags = CheckpointingFlags()
+    plan = make_plan(model_dir, gradient_checkpointing=True, checkpoint_layers=1)
+    summary = run(plan, tmp_path / "run", max_steps=2, callbacks=[flags])
+    assert summary.status == "completed" and flags.seen == [[True, False], [True, False]]
+
+
 def test_lora_run_saves_an_adapter_that_reloads(model_dir: Path, tmp_path: Path) -> None:
     import peft
 

@@ -36,6 +36,7 @@ from memtune.predict.trace import (
     Trace,
     describe_failure,
     extend,
+    extend_events,
     layer_period,
     model_type_of,
     num_layers_of,
@@ -47,12 +48,12 @@ from memtune.predict.trace import (
 )
 
 _TRACE_CACHE: dict[str, Trace] = {}
-_EVENTS_CACHE: dict[tuple[int, int], list[Event]] = {}
+_EVENTS_CACHE: dict[tuple[int, ...], list[Event]] = {}
 
 
-def cached_trace(model_config: Any, train_config: TrainConfig, device: str) -> Trace:
-    """The shallow trace of `train_config` (`traced_depth` layers of `model_config`), cached."""
-    depth = traced_depth(num_layers_of(model_config), layer_period(model_config))
+def cached_trace(model_config: Any, train_config: TrainConfig, device: str, depth: int | None = None) -> Trace:
+    """The shallow trace of `train_config` (`traced_depth` layers of `model_config`, or `depth`), cached."""
+    depth = depth or traced_depth(num_layers_of(model_config), layer_period(model_config))
     key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
                      sort_keys=True)
     if key not in _TRACE_CACHE:
@@ -106,11 +107,42 @@ def _trace_with_fallback(model_config: Any, train_config: TrainConfig, device: s
 
 def full_depth_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[Event]]:
     """The cached shallow trace and its events extended to the model's depth (built once per trace)."""
+    num_layers = num_layers_of(model_config)
+    if 0 < train_config.checkpointed_layers(num_layers) < num_layers:
+        return partial_events(model_config, train_config, device)
     trace = cached_trace(model_config, train_config, device)
-    depth = num_layers_of(model_config) or trace.traced_layers
+    depth = num_layers or trace.traced_layers
     key = (id(trace), depth)
     if key not in _EVENTS_CACHE:
         _EVENTS_CACHE[key] = extend(trace, depth)
+    return trace, _EVENTS_CACHE[key]
+
+
+def partial_events(model_config: Any, train_config: TrainConfig, device: str) -> tuple[Trace, list[Event]]:
+    """`full_depth_events` with the first k of the model's L decoder layers checkpointed (`checkpoint_layers`).
+
+    One shallow trace holds both kinds of layer: `traced_depth(k)` checkpointed ones, then `traced_depth(L - k)`
+    others (each three periods, or all of them when there are that few). Its events are extended twice, each
+    kind by repeating a template block inside its own run of layers (`trace.extend_events`): the others first,
+    one period above their first block, then the checkpointed ones, one period above the first layer. Both
+    lengths keep their phase in the layer pattern (`traced_depth`), so a model of alternating layer types
+    still ends on the right one. Memory is affine in each run's length, as in depth."""
+    num_layers, period = num_layers_of(model_config), layer_period(model_config)
+    checkpointed = train_config.checkpointed_layers(num_layers)
+    traced_checkpointed = traced_depth(checkpointed, period)
+    traced_plain = traced_depth(num_layers - checkpointed, period)
+    traced = traced_checkpointed + traced_plain
+    trace = cached_trace(model_config, train_config.replace(checkpoint_layers=traced_checkpointed), device,
+                         depth=traced)
+    key = (id(trace), num_layers, checkpointed)
+    if key not in _EVENTS_CACHE:
+        events = trace.events
+        plain_depth = traced_checkpointed + num_layers - checkpointed
+        if traced_plain < num_layers - checkpointed:
+            events = extend_events(events, period, traced, plain_depth, start=traced_checkpointed + period)
+        if traced_checkpointed < checkpointed:
+            events = extend_events(events, period, plain_depth, num_layers, start=period)
+        _EVENTS_CACHE[key] = events
     return trace, _EVENTS_CACHE[key]
 
 

@@ -202,7 +202,8 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     forward = 2.0 * (body + head + attention)
     frozen = config.adapter is not None
     backward = forward * (1.0 if frozen else 2.0)
-    recompute = forward - 2.0 * head if config.gradient_checkpointing else 0.0
+    checkpointed = config.checkpointed_layers(shape.num_layers) / max(1, shape.num_layers)
+    recompute = (forward - 2.0 * head) * checkpointed  # the checkpointed layers' forward, once more
     chunk_recompute = 2.0 * head if config.loss == "chunked" else 0.0
     flops = tokens * (forward + backward + recompute + chunk_recompute)
 
@@ -211,11 +212,11 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     compute = flops / rate
     traffic = tokens * shape.vocab_size * speed.logits_traffic
     launches = shape.num_layers * speed.launch_seconds
-    launches *= speed.checkpoint_overhead if config.gradient_checkpointing else 1.0
+    launches *= 1.0 + (speed.checkpoint_overhead - 1.0) * checkpointed
     launches *= speed.lora_overhead if config.adapter is not None else 1.0
     micro = compute + traffic / speed.memory_bytes_per_second + launches
     if config.quantization is not None:
-        passes = 3 if config.gradient_checkpointing else 2
+        passes = 2 + checkpointed
         per_parameter = speed.nf4_seconds_per_parameter if config.quantization.bits == 4 \
             else speed.int8_seconds_per_parameter
         micro += passes * body * per_parameter * H200_BANDWIDTH / speed.memory_bytes_per_second

@@ -771,7 +771,8 @@ def between_layers_to_layer(events: list[Event]) -> list[Event]:
     return out
 
 
-def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Hashable], set[Hashable]]:
+def boundary_pairs(events: list[Event], period: int, start: int | None = None,
+                   ) -> tuple[dict[Hashable, Hashable], set[Hashable]]:
     """Storages whose life crosses from one layer into a neighbouring one at the template's edges, paired
     (`extend`).
 
@@ -783,8 +784,10 @@ def boundary_pairs(events: list[Event], period: int) -> tuple[dict[Hashable, Has
     neighbouring copy's counterpart of it, the storage made in the template at the same layer distance, in the
     same layer of the period and of the same size (the k-th such storage with the k-th, in the order they
     were made). Returns {entering storage: its leaving counterpart} and the leaving storages that have one;
-    groups that differ in number or sizes are left out (`extend` then frees them as before)."""
-    template = range(period, 2 * period)
+    groups that differ in number or sizes are left out (`extend` then frees them as before). The template is
+    layers [start, start + period), [period, 2 * period) by default."""
+    start = period if start is None else start
+    template = range(start, start + period)
     made: dict[Hashable, tuple[int, int, int]] = {}  # storage -> (layer, bytes, index of its alloc)
     groups: dict[tuple[bool, int, int], list[tuple[int, Hashable, int]]] = {}
     for index, event in enumerate(events):
@@ -829,21 +832,33 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
     storage of its own; `Event.source` keeps the traced storage, the key of `trace.categories`.
     Raises ValueError for a trace of fewer than 3 periods that must be extended.
     """
-    p, traced = trace.period, trace.traced_layers
+    return extend_events(trace.events, trace.period, trace.traced_layers, num_layers)
+
+
+def extend_events(events: list[Event], period: int, traced_layers: int, num_layers: int,
+                  start: int | None = None) -> list[Event]:
+    """`extend` on an event stream of `traced_layers` layers, repeating the template block of layers
+    [start, start + period) (default [period, 2 * period)) to reach `num_layers`: layers below it stay, layers
+    above it are shifted up. The template needs a block of its kind below and above it (partial checkpointing
+    extends twice, once inside the checkpointed layers and once inside the others: `single.partial_events`)."""
+    p, traced = period, traced_layers
+    start = p if start is None else start
     copies = (num_layers - traced) // p
     if copies <= 0:
-        return list(trace.events)
-    if traced < PLAIN_PERIODS * p:
-        raise ValueError(f"extending needs a trace of >= {PLAIN_PERIODS * p} layers, got {traced}")
-    template = range(p, 2 * p)
-    events = between_layers_to_layer(trace.events)
+        return list(events)
+    if start < p or traced < start + 2 * p:
+        raise ValueError(f"extending needs a block of {p} layer(s) below and above the template at layer {start}, "
+                         f"got a trace of {traced} layers")
+    top = start + p
+    template = range(start, top)
+    events = between_layers_to_layer(events)
     region = {event.storage: event.layer for event in events if event.kind == "alloc"}
-    entering, leaving = boundary_pairs(events, p)
+    entering, leaving = boundary_pairs(events, p, start)
 
     def shift_of(layer: int, copy: int) -> int:
         if layer in template:
             return copy * p
-        return copies * p if layer >= 2 * p else 0
+        return copies * p if layer >= top else 0
 
     out: list[Event] = []
     live: set[tuple[Hashable, int]] = set()
@@ -865,7 +880,7 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
                 keys = [(sid, copies * p)] if copy == copies else [(entering[sid], (copy + 1) * p)]
         elif sid in leaving and layer != NO_LAYER and layer not in template:
             # the outermost copy's; the other copies' were freed by their neighbouring copies
-            keys = [(sid, copies * p)] if layer >= 2 * p else [(sid, 0)]
+            keys = [(sid, copies * p)] if layer >= top else [(sid, 0)]
         elif layer == NO_LAYER or (layer not in template and alloc_layer in template):
             if alloc_layer in template:
                 keys = [(sid, c * p) for c in range(copies + 1)]
@@ -893,7 +908,7 @@ def extend(trace: Trace, num_layers: int) -> list[Event]:
             end += 1
         run = events[index:end]
         following = next((e.layer for e in events[end:] if e.layer != NO_LAYER), None)
-        descending = following is not None and following < p
+        descending = following is not None and following < start
         for copy in (range(copies, -1, -1) if descending else range(copies + 1)):
             for event in run:
                 emit(event, copy)

@@ -96,18 +96,30 @@ def _build_quantized(model_config: Any, train_config: TrainConfig, device: str |
     return model
 
 
-def set_checkpointing(model: Any, enabled: bool) -> None:
-    """Switch non-reentrant activation checkpointing of every decoder layer on or off, in place.
+def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> None:
+    """Switch non-reentrant activation checkpointing on or off, in place: of every decoder layer, or with
+    `layers` of the first `layers` decoder layers only.
 
     transformers 5.24 renamed `gradient_checkpointing_enable/disable` to `activation_checkpointing_enable/
-    disable` (the old names warn); 5.17 has only the old ones. Non-reentrant checkpointing needs no input
-    that requires grad, so it works with frozen LoRA bases. Turns the KV cache off (unused in training)."""
+    disable` (the old names warn); 5.17 has only the old ones. Both set a `gradient_checkpointing` flag on each
+    `GradientCheckpointingLayer` (modeling_utils `_set_gradient_checkpointing`), which each layer's forward reads
+    when it runs; `layers` then clears it on the decoder layers after the first `layers`, counted in module
+    order as 5.24's `every_n_layers` counts them. The first ones stay checkpointed because their backward runs
+    last: the recomputation then never overlaps the saved activations of the layers above, already freed.
+    Non-reentrant checkpointing needs no input that requires grad, so it works with frozen LoRA bases. Turns
+    the KV cache off (unused in training)."""
     if enabled:
         enable = getattr(model, "activation_checkpointing_enable", None)
         if enable is not None:
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if layers is not None:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+
+            decoder = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+            for module in decoder[layers:]:
+                module.gradient_checkpointing = False
     else:
         disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
         disable()
@@ -123,7 +135,7 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
     if train_config.quantization is not None:
         causal_lm = cast("PreTrainedModel", quant.prepare_for_kbit_training(causal_lm, train_config))
     if train_config.gradient_checkpointing:
-        set_checkpointing(causal_lm, True)
+        set_checkpointing(causal_lm, True, train_config.checkpoint_layers)
     if hasattr(causal_lm, "config"):
         causal_lm.config.use_cache = False
     adapter = train_config.adapter

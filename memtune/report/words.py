@@ -150,6 +150,14 @@ def python_snippet(config: TrainConfig) -> str:
         dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[config.weights_dtype]
         imports = ["import torch", "from transformers import AutoModelForCausalLM, TrainingArguments"]
         body.append(f"model = AutoModelForCausalLM.from_pretrained(MODEL, dtype={dtype})")
+    if config.checkpoint_layers is not None:  # TrainingArguments checkpoints every layer or none
+        imports.append("from transformers.modeling_layers import GradientCheckpointingLayer")
+        body += ['model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
+                 "  # activation_checkpointing_enable from transformers 5.24",
+                 "decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]",
+                 f"for layer in decoder_layers[{config.checkpoint_layers}:]:  # checkpoint the first "
+                 f"{config.checkpoint_layers} only",
+                 "    layer.gradient_checkpointing = False"]
     if adapter is not None and adapter.kind == "lora":
         imports.append("from peft import LoraConfig, get_peft_model")
         body += ["model = get_peft_model(model, LoraConfig(",
@@ -164,11 +172,10 @@ def python_snippet(config: TrainConfig) -> str:
         )
     body += ["args = TrainingArguments(", "    output_dir=\"out\","]
     for name, value in ladder.trainer_arguments(config).items():
-        comment = (
-            "  # activation_checkpointing=True from transformers 5.24"
-            if name == "gradient_checkpointing" and value
-            else ""
-        )
+        comment = ""
+        if name == "gradient_checkpointing":
+            comment = ("  # activation_checkpointing=True from transformers 5.24" if value else
+                       "  # True would checkpoint every layer again" if config.checkpoint_layers is not None else "")
         body.append(f"    {name}={_python_argument(value)},{comment}")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),

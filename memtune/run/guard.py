@@ -409,8 +409,9 @@ class OomGuard(TrainerCallback):
 
     def _apply(self, config: TrainConfig) -> None:
         config = self.policy.normalized(config)
-        if config.gradient_checkpointing != self.current.gradient_checkpointing:
-            set_checkpointing(self.trainer.model, config.gradient_checkpointing)
+        if (config.gradient_checkpointing, config.checkpoint_layers) != (
+                self.current.gradient_checkpointing, self.current.checkpoint_layers):
+            set_checkpointing(self.trainer.model, config.gradient_checkpointing, config.checkpoint_layers)
         if hasattr(self.trainer, "train_config"):
             self.trainer.train_config = config
         self.current = config

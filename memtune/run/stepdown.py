@@ -49,13 +49,13 @@ def step_down_ladder(config: TrainConfig, loader_micro_batch: int, chunked_loss:
     ladder = [config.replace(micro_batch_size=size, grad_accum_steps=per_device // size)
               for size in sizes if size < config.micro_batch_size]
     prefix = config.adapter is not None and config.adapter.kind == "prefix"  # peft refuses it with checkpointing
-    if not config.gradient_checkpointing and not prefix:
+    if (not config.gradient_checkpointing or config.checkpoint_layers is not None) and not prefix:
         ladder += [config.replace(micro_batch_size=size, grad_accum_steps=per_device // size,
-                                  gradient_checkpointing=True)
+                                  gradient_checkpointing=True, checkpoint_layers=None)
                    for size in sizes if size <= config.micro_batch_size]
     if chunked_loss and config.loss != "chunked" and not prefix:
         ladder.append(config.replace(micro_batch_size=1, grad_accum_steps=per_device, gradient_checkpointing=True,
-                                     loss="chunked"))
+                                     checkpoint_layers=None, loss="chunked"))
     return ladder
 
 
@@ -118,10 +118,10 @@ class StepDownPolicy:
             return False
         if candidate.loss != failed.loss and not self.can_switch_loss:
             return False
-        if candidate.gradient_checkpointing and not failed.gradient_checkpointing and not self.can_checkpoint:
+        checkpointing = candidate.checkpointing_rank > failed.checkpointing_rank
+        if checkpointing and not self.can_checkpoint:
             return False
         smaller = chunk_size(candidate.micro_batch_size, self.loader_micro_batch) < failed.micro_batch_size
-        checkpointing = candidate.gradient_checkpointing and not failed.gradient_checkpointing
         chunked = candidate.loss == "chunked" and failed.loss != "chunked"
         return smaller or checkpointing or chunked
 

@@ -234,7 +234,7 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
-        and (b.gradient_checkpointing or not a.gradient_checkpointing)
+        and a.checkpointing_rank <= b.checkpointing_rank
         and (b.loss == "chunked" or a.loss == "standard")
         and OFFLOAD_ORDER[a.offload] <= OFFLOAD_ORDER[b.offload]
     )
@@ -382,29 +382,77 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             too_big.append(config)
             continue
         candidate.status = FITS
-        settle = getattr(predictor, "settled_tokens_per_second", None)
-        if settle is not None and config.optimizer in PAGED_OPTIMIZERS:  # its paging charge depends on the room
-            candidate.predicted_tokens_per_second = settle(candidate.estimate, result.usable_bytes)
-        if trial is None:
-            return candidate
-        if result.trials >= policy.max_trials:
-            candidate.note = f"not verified: the limit of {policy.max_trials} trials was reached"
-            return candidate
-        say(f"trial steps of {config.describe()}")
-        candidate.measurement = trial(config)
-        result.trials += 1
-        measured = candidate.measured_total_bytes
-        if candidate.measurement.fits and measured is not None and measured <= result.budget_bytes:
-            candidate.status = VERIFIED
-            return candidate
-        if not candidate.measurement.fits:
-            result.trial_ooms += 1
-            candidate.note = candidate.measurement.error
-        else:
-            candidate.note = f"measured {format_bytes(measured or 0)}, over the budget"
-        candidate.status = TRIAL_OOM
-        too_big.append(config)
+        fewer = fewest_checkpointed(candidate, predictor, result, policy, say)
+        for fitting in ([fewer] if fewer is not None else []) + [candidate]:
+            settle = getattr(predictor, "settled_tokens_per_second", None)
+            if settle is not None and config.optimizer in PAGED_OPTIMIZERS:  # its paging charge depends on the room
+                assert fitting.estimate is not None
+                fitting.predicted_tokens_per_second = settle(fitting.estimate, result.usable_bytes)
+            if trial is None:
+                return fitting
+            if result.trials >= policy.max_trials:
+                fitting.note = f"not verified: the limit of {policy.max_trials} trials was reached"
+                return fitting
+            say(f"trial steps of {fitting.config.describe()}")
+            fitting.measurement = trial(fitting.config)
+            result.trials += 1
+            measured = fitting.measured_total_bytes
+            if fitting.measurement.fits and measured is not None and measured <= result.budget_bytes:
+                fitting.status = VERIFIED
+                return fitting
+            if not fitting.measurement.fits:
+                result.trial_ooms += 1
+                fitting.note = fitting.measurement.error
+            else:
+                fitting.note = f"measured {format_bytes(measured or 0)}, over the budget"
+            fitting.status = TRIAL_OOM
+            too_big.append(fitting.config)
     return None
+
+
+def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: SearchResult, policy: Policy,
+                        say: Callable[[str], None]) -> Candidate | None:
+    """For a fitting candidate that checkpoints every decoder layer, the same with the fewest layers that still
+    fit (the first k of L, `TrainConfig.checkpoint_layers`), as a new candidate listed just before it; None when
+    checkpointing is pinned, the candidate does not checkpoint every layer, its model has under 2 layers, it
+    runs under FSDP (not modelled), or only every layer fits.
+
+    The walk reaches a checkpointed candidate only after the same without checkpointing was found too big (it is
+    faster, so ranked first): k = 0 is too big and k = L fits. Memory falls with every checkpointed layer, so a
+    bisection finds the fewest in log2(L) predictions, most of them from one trace (`single.partial_events`);
+    speed falls with every recomputed layer, so it is also the fastest of them.
+
+    A k counts as fitting only when its predicted peak, without the allocator releasing its cache, stays under the
+    usable budget (`Estimate.total_bytes`), stricter than `judge`, which lets a step fit by releasing it: the
+    bisection lands at the budget's edge by design, and there a step that fits only by releasing its cache is
+    the least certain prediction (H200, Gemma-2-2B 16 x 1024 bf16-mixed, chunked loss, 64 GiB: 18 of 26 layers,
+    predicted 70.1 GiB uncapped, passed a 2-step trial with 2 cache releases and ran out of memory in a 3-step
+    run, benchmarks/results/partial_search_gemma2_64gib_edge_h200.json)."""
+    config = candidate.config
+    num_layers = int(getattr(predictor, "num_layers", 0) or 0)
+    if (policy.gradient_checkpointing is not None or not config.gradient_checkpointing
+            or config.checkpoint_layers is not None or num_layers < 2 or config.sharded):
+        return None
+    low, high, fitting = 0, num_layers, None
+    while high - low > 1:
+        middle = (low + high) // 2
+        trying = config.replace(checkpoint_layers=middle)
+        say(f"predicting {trying.describe()}")
+        estimate = predictor.memory(trying)
+        result.estimates += 1
+        if (estimate.total_bytes <= result.usable_bytes
+                and judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits):
+            high, fitting = middle, estimate
+        else:
+            low = middle
+    if fitting is None:
+        return None
+    fewer = Candidate(fitting.config, predictor.tokens_per_second(fitting.config), status=FITS, estimate=fitting)
+    fewer.note = (f"checkpoints {high} of the {num_layers} layers: the fewest that fit ({high - 1} did not), so "
+                  "the fewest recomputed")
+    candidate.note = f"fits, but checkpointing {high} of its {num_layers} layers fits too and recomputes less"
+    result.candidates.insert(result.candidates.index(candidate), fewer)
+    return fewer
 
 
 def _predict(predictor: Predictor, result: SearchResult, config: TrainConfig) -> Estimate:

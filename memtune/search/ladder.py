@@ -181,21 +181,31 @@ class Precision(Rung):
 
 
 class Checkpointing(Rung):
-    """Gradient (activation) checkpointing of every decoder layer, non-reentrant.
+    """Gradient (activation) checkpointing, non-reentrant: of every decoder layer, or of the first k.
 
-    Recipe: `recipe.step.prepare_model` (`gradient_checkpointing_enable(use_reentrant=False)`).
-    Speed: `throughput.micro_batch_seconds` (one more forward of the decoder layers in backward)."""
+    The search offers off and every layer; when every layer fits and none does not, `choose.fewest_checkpointed`
+    then finds the fewest layers that still fit (memory falls with each checkpointed layer, speed with each
+    recomputed one). `--checkpointing N` pins N layers.
+    Recipe: `recipe.step.prepare_model` (`recipe.step.set_checkpointing`). Speed: `throughput.micro_batch_seconds`
+    (one more forward of each checkpointed layer in backward)."""
 
     name = "gradient checkpointing"
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
-        values = [policy.gradient_checkpointing] if policy.gradient_checkpointing is not None else [False, True]
-        return [{"gradient_checkpointing": value} for value in values]
+        pinned = policy.gradient_checkpointing
+        if pinned is None:
+            return [{"gradient_checkpointing": False}, {"gradient_checkpointing": True}]
+        if isinstance(pinned, bool):
+            return [{"gradient_checkpointing": pinned}]
+        return [{"gradient_checkpointing": True, "checkpoint_layers": pinned}]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
         adapter = fields["adapter"]
         if fields["gradient_checkpointing"] and adapter is not None and adapter.kind == "prefix":
             return "prefix tuning does not work with gradient checkpointing (peft refuses it)"
+        if fields.get("checkpoint_layers") is not None and (fields["offload"] != "none" or (
+                fields["num_gpus"] > 1 and fields["strategy"] == "fsdp")):
+            return "checkpointing some of the layers is not modelled under FSDP or CPU offload yet"
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
@@ -205,19 +215,24 @@ class Checkpointing(Rung):
             return None
         on = not chosen.gradient_checkpointing
         return ("+ gradient checkpointing" if on else "- gradient checkpointing"), chosen.replace(
-            gradient_checkpointing=on
+            gradient_checkpointing=on, checkpoint_layers=None
         )
 
     def setting(self, config: TrainConfig) -> str | None:
+        if config.checkpoint_layers is not None:
+            return (f"gradient checkpointing of the first {config.checkpoint_layers} decoder layers, non-reentrant "
+                    "(Plan.prepare sets it: TrainingArguments cannot name layers)")
         if config.gradient_checkpointing:
             return "gradient checkpointing on, non-reentrant (gradient_checkpointing=True, use_reentrant=False)"
         return "gradient checkpointing off"
 
     def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
         # transformers 5.24 renamed these to activation_checkpointing(_kwargs); Plan.training_arguments
-        # uses the new names where the installed TrainingArguments has them.
-        arguments: dict[str, Any] = {"gradient_checkpointing": config.gradient_checkpointing}
-        if config.gradient_checkpointing:
+        # uses the new names where the installed TrainingArguments has them. Some layers only: Trainer would
+        # enable every layer when it starts, so it is left off there and `Plan.prepare` sets the layers.
+        on = config.gradient_checkpointing and config.checkpoint_layers is None
+        arguments: dict[str, Any] = {"gradient_checkpointing": on}
+        if on:
             arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         return arguments
 
@@ -643,9 +658,17 @@ def candidate_space(seq_len: int, effective_batch_size: int, policy: Policy, wit
 
 
 def alternatives(chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> list[tuple[str, TrainConfig]]:
-    """The winner with each technique switched the other way (pinned and forbidden ones excepted)."""
-    flips = (rung.flip(chosen, policy, effective_batch_size) for rung in LADDER)
-    return [flip for flip in flips if flip is not None]
+    """The winner with each technique switched the other way (pinned and forbidden ones excepted, and those the
+    winner's other settings rule out: CPU offload for a winner that checkpoints only some layers)."""
+    found = []
+    for rung in LADDER:
+        try:
+            flip = rung.flip(chosen, policy, effective_batch_size)
+        except UsageError:  # TrainConfig refused the combination
+            continue
+        if flip is not None:
+            found.append(flip)
+    return found
 
 
 def settings(config: TrainConfig) -> list[str]:
