@@ -68,6 +68,8 @@ VARIANTS: list[dict] = [
     {**MIXED, "optimizer": "adamw_torch_8bit"},  # torchao's, a compiled step per parameter
     {**MIXED, "optimizer": "adamw_torch_4bit"},
     {**PURE_BF16, "optimizer": "adamw_torch_4bit"},
+    {**PURE_BF16, "optimizer": "adamw_torch_4bit", "stochastic_rounding": True},  # what the search runs
+    {**PURE_BF16, "optimizer": "adamw_torch_8bit", "stochastic_rounding": True},
 ]
 BASES: list[Quantization | None] = [None, Quantization(bits=4), Quantization(bits=8)]
 """LoRA bases: bf16 (the reference), 4-bit nf4 with double quantisation and bf16 compute, 8-bit LLM.int8."""
@@ -102,6 +104,7 @@ def case_name(case: Case) -> str:
     """`Case.name` and what it does not say: the optimizer where it is not the default, and a LoRA case's base."""
     config = case.config
     name = case.name + ("" if config.optimizer == DEFAULT_OPTIMIZER else f" {config.optimizer}")
+    name += " stochastic rounding" if config.stochastic_rounding else ""
     if config.adapter is not None:
         name += f" {'bf16 base' if config.quantization is None else config.quantization.describe()}"
     return name

@@ -182,6 +182,12 @@ class TrainConfig:
     """The optimizer, by its transformers `optim` name (OPTIMIZERS): built exactly as Trainer builds it
     (`recipe.step.make_optimizer`). "adamw" (plans saved before this field had a choice) reads as
     adamw_torch_fused."""
+    stochastic_rounding: bool = False
+    """torchao's optimizers write bf16 weights with stochastic rounding (TrainingArguments
+    optim_args="bf16_stochastic_round=True"): an update smaller than bf16's resolution survives in expectation
+    instead of rounding away (torchao/optim/quant_utils.py `_fp32_to_bf16_sr`), at no memory cost (measured). Pure
+    bf16 full fine-tuning with adamw_torch_8bit / adamw_torch_4bit only; the search and `memtune plan` set it
+    there."""
     offload: Offload = "none"
     """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
     loss: Loss = "standard"
@@ -224,6 +230,12 @@ class TrainConfig:
                             "step is not modelled yet): use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
+        if self.stochastic_rounding and not (self.optimizer in TORCHAO_OPTIMIZERS and self.weights_dtype == "bf16"
+                                             and self.adapter is None):
+            problems.append("stochastic rounding is torchao's, for bf16 weights trained in full: it needs "
+                            "weights_dtype bf16, no adapter and adamw_torch_8bit or adamw_torch_4bit (--precision bf16 "
+                            f"--optim adamw_torch_4bit), got {self.weights_dtype} weights, {self.optimizer}"
+                            + (", an adapter" if self.adapter is not None else ""))
         if self.checkpoint_layers is not None:
             layers = self.checkpoint_layers
             if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
@@ -286,7 +298,7 @@ class TrainConfig:
         if self.loss == "chunked":
             parts.append("chunked loss")
         if self.optimizer != DEFAULT_OPTIMIZER:
-            parts.append(self.optimizer)
+            parts.append(self.optimizer + (" (stochastic rounding)" if self.stochastic_rounding else ""))
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         if self.num_gpus > 1:

@@ -26,6 +26,7 @@ from memtune.config import (
     PRECISIONS,
     QUANTIZED_BASE_CHOICES,
     SAVE_TOTAL_LIMIT,
+    TORCHAO_OPTIMIZERS,
     VERIFY_AND_OUTPUT,
     Adapter,
     Policy,
@@ -201,6 +202,9 @@ class PlanOptions:
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
             optimizer=self.optimizer, **quantized,
+            # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
+            stochastic_rounding=(self.optimizer in TORCHAO_OPTIMIZERS and weights == "bf16"
+                                 and not (self.lora or quantized)),
         )
 
 

@@ -481,3 +481,53 @@ def test_a_paged_optimizer_is_charged_for_paging_only_as_far_as_its_state_is_evi
     # Llama-3.2-1B's step alone, benchmarks/results/optimizer_step_h200.json)
     unpaged = throughput.tokens_per_second(shape, paged.replace(optimizer="adamw_bnb_8bit"), speed)
     assert 0.97 * unpaged < resident < unpaged
+
+
+# ---- torchao's stochastic rounding of bf16 weights ------------------------------------------------
+
+
+@needs_torchao
+@pytest.mark.parametrize("name", sorted(TORCHAO_OPTIMIZERS))
+def test_stochastic_rounding_builds_what_trainer_builds_from_optim_args(name, tmp_path):
+    from transformers import Trainer
+
+    config = TrainConfig(seq_len=64, weights_dtype="bf16", optimizer=name, stochastic_rounding=True)
+    arguments = Plan("gpt2", config, budget_bytes=GIB).training_arguments(output_dir=str(tmp_path), use_cpu=True)
+    assert arguments.optim_args == "bf16_stochastic_round=True"
+    trainer_class, trainer_kwargs = Trainer.get_optimizer_cls_and_kwargs(arguments)
+    our_class, our_kwargs = recipe.optimizer_class_and_kwargs(name, stochastic_rounding=True)
+    assert our_class is trainer_class and our_kwargs == trainer_kwargs and our_kwargs["bf16_stochastic_round"]
+
+
+@pytest.mark.parametrize("fields", [
+    {"weights_dtype": "bf16", "optimizer": "adamw_torch_fused"},  # not torchao's
+    {"weights_dtype": "fp32", "amp": "bf16", "optimizer": "adamw_torch_4bit"},  # fp32 master weights: nothing to round
+])
+def test_stochastic_rounding_is_refused_where_torchao_does_not_round(fields):
+    with pytest.raises(UsageError, match="stochastic rounding is torchao's, for bf16 weights trained in full"):
+        TrainConfig(seq_len=64, stochastic_rounding=True, **fields)
+
+
+def test_the_search_rounds_pure_bf16_stochastically_with_torchao_and_says_so(monkeypatch):
+    monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(ladder, "torchao_available", lambda: True)
+    space = ladder.candidate_space(64, 2, Policy(), with_adapter=False)
+    torchao = [c for c in space if c.optimizer in TORCHAO_OPTIMIZERS]
+    assert torchao and all(c.stochastic_rounding == (c.weights_dtype == "bf16") for c in torchao)
+    assert not any(c.stochastic_rounding for c in space if c.optimizer not in TORCHAO_OPTIMIZERS)
+    rounded_config = next(c for c in torchao if c.stochastic_rounding)
+    assert "stochastic rounding" in ladder.precision_quality(rounded_config)
+    assert 'optim_args="bf16_stochastic_round=True"' in " ".join(ladder.settings(rounded_config))
+    flips = dict(ladder.alternatives(rounded_config, Policy(), 2))  # each flip is a valid configuration
+    assert not flips[f"{DEFAULT_OPTIMIZER} instead of {rounded_config.optimizer}"].stochastic_rounding
+
+
+@needs_torchao
+@pytest.mark.parametrize("precision, rounds", [("bf16", True), ("bf16-mixed", False)])
+def test_plan_rounds_as_the_search_does(precision, rounds, capsys):
+    from memtune import cli
+
+    command = ["plan", "gpt2", "--seq-len", "64", "--batch-size", "2", "--precision", precision, "--json",
+               "--optim", "adamw_torch_4bit"]
+    assert cli.main(command) == 0
+    assert json.loads(capsys.readouterr().out)["estimate"]["config"]["stochastic_rounding"] is rounds

@@ -270,7 +270,7 @@ def test_the_gpu_benchmark_predicts_its_quantised_cases_on_the_cpu_path():
     from benchmarks import lowbit
 
     names = [lowbit.case_name(case) for case in lowbit.CASES]
-    assert len(set(names)) == len(names) == 16 + 13 + 6  # 8 optimizer / precision variants x 2 models, + the 7B-class
+    assert len(set(names)) == len(names) == 20 + 13 + 6  # 10 optimizer / precision variants x 2 models, + the 7B-class
     chosen = [case for case in lowbit.CASES
               if case.model == "Qwen/Qwen2.5-0.5B" and case.config.quantization and case.config.gradient_checkpointing]
     rows = [lowbit.case_row(case, None, ["cpu"]) for case in chosen]

@@ -176,8 +176,9 @@ _NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)"
 """Trainer.get_decay_parameter_names's forbidden name patterns (transformers 5.24 trainer.py)."""
 
 
-def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
-    """(class, keyword arguments) of the optimizer Trainer builds for `TrainingArguments(optim=optimizer)` with
+def optimizer_class_and_kwargs(optimizer: str, stochastic_rounding: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(class, keyword arguments) of the optimizer Trainer builds for `TrainingArguments(optim=optimizer)` (and
+    `optim_args="bf16_stochastic_round=True"` with `stochastic_rounding`, torchao's only) with
     the default learning rate and Adam betas/eps: transformers 5.24 trainer_optimizer.py `_get_adamw_torch`,
     `_get_bitsandbytes_optimizer`, `_get_adafactor`, `_get_torchao_optimizer` (tests/test_optimizers.py compares with
     `Trainer.get_optimizer_cls_and_kwargs`). Raises UsageError for an unknown name or a missing extra."""
@@ -202,7 +203,7 @@ def optimizer_class_and_kwargs(optimizer: str) -> tuple[Any, dict[str, Any]]:
             raise UsageError(f"optimizer {optimizer} needs torchao >= 0.11, which fails to import ({error}): "
                              f"reinstall it with {QUANT_EXTRA_HINT}, or choose --optim adamw_torch_fused") from None
         # trainer_optimizer.py `_get_torchao_optimizer`: block_size 256 for both (AdamW4bit's own default is 128)
-        kwargs.update({"block_size": 256, "bf16_stochastic_round": False, **TRAINER_ADAM_KWARGS})
+        kwargs.update({"block_size": 256, "bf16_stochastic_round": stochastic_rounding, **TRAINER_ADAM_KWARGS})
         return (AdamW4bit if optimizer == "adamw_torch_4bit" else AdamW8bit), kwargs
     try:
         bitsandbytes = quant.import_bitsandbytes()
@@ -239,7 +240,7 @@ def make_optimizer(
     8-bit override lives in a GlobalOptimManager of this optimizer's own, not bitsandbytes' process-wide one
     (whose parameter ids would outlive the model). Raises UsageError when bitsandbytes is needed and missing."""
     name = train_config.optimizer if train_config is not None else DEFAULT_OPTIMIZER
-    cls, kwargs = optimizer_class_and_kwargs(name)
+    cls, kwargs = optimizer_class_and_kwargs(name, train_config is not None and train_config.stochastic_rounding)
     groups = parameter_groups(model)
     if name == "adamw_torch_fused":
         params = [p for group in groups for p in group["params"]]

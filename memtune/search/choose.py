@@ -359,7 +359,7 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             candidate.status, candidate.state_bytes = STATE_ALONE, floor
             candidate.note = f"its weights, gradients and optimizer state alone need {format_bytes(floor)}"
             continue
-        twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER))
+        twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER, stochastic_rounding=False))
         if twin is not None and config.optimizer != DEFAULT_OPTIMIZER and without_optimizer(twin) > result.usable_bytes:
             candidate.status = SKIPPED
             candidate.note = (f"needs more than {format_bytes(without_optimizer(twin))} without any optimizer state "
