@@ -243,8 +243,10 @@ class TrainConfig:
             elif not self.gradient_checkpointing:
                 problems.append(f"checkpoint_layers={layers} needs gradient_checkpointing=True")
             elif isinstance(self.num_gpus, int) and self.sharded:
-                problems.append(f"checkpointing {layers} of the layers is not modelled under FSDP or CPU offload yet: "
-                                "checkpoint every layer there (--checkpointing on)")
+                problems.append(f"checkpointing only the first {layers} layers is not modelled under FSDP or CPU "
+                                "offload yet: checkpoint every layer there (fit: --checkpointing on; plan: "
+                                "--checkpointing without --checkpoint-layers), or with several GPUs use DDP "
+                                "(--strategy ddp)")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
             problems.append(f"adapter must be an Adapter or None, got {type(self.adapter).__name__}")
         elif self.adapter is not None and self.adapter.kind == "prefix" and self.gradient_checkpointing:
@@ -639,8 +641,8 @@ class Policy:
         flag="--checkpointing", words={"auto": None, "on": True, "off": False}, parse=parse_checkpoint_layers,
         metavar="{auto,on,off,N}", group=PINS))
     """Gradient checkpointing (recompute activations in backward): on (every decoder layer), off, or N (the
-    first N layers only; transformers cannot name layers in TrainingArguments, so Plan.prepare / memtune run set
-    it). auto: off, or the fewest layers that fit."""
+    first N layers only, on one GPU or with DDP; transformers cannot name layers in TrainingArguments, so
+    Plan.prepare / memtune run set it). auto: off, or the fewest layers that fit."""
     quantized_base: int | None = field(default=None, metadata=option(
         flag="--qlora", choices=QUANTIZED_BASE_CHOICES, parse=int, group=PINS))
     """Train LoRA on a base quantised to this many bits (QLoRA through bitsandbytes: 4 is nf4 with double
@@ -753,7 +755,8 @@ class Policy:
             problems.append(f"--checkpointing must be auto, on, off or a positive number of layers, got "
                             f"{checkpointing!r}")
         if self.use_adapter is True and self.adapter.kind == "prefix" and checkpointing not in (None, False):
-            problems.append("--prefix contradicts --checkpointing on: peft refuses prefix tuning with gradient "
+            word = "on" if checkpointing is True else checkpointing
+            problems.append(f"--prefix contradicts --checkpointing {word}: peft refuses prefix tuning with gradient "
                             "checkpointing; use --lora, or --checkpointing off")
         if bad:
             raise UsageError("; ".join(problems))

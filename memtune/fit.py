@@ -208,6 +208,10 @@ def fit_model(
     check_trace_device(trace_device)
     if policy.use_adapter is not False:
         check_adapter_targets(source.config, policy.adapter)
+    pinned = policy.gradient_checkpointing
+    if pinned is not None and not isinstance(pinned, bool):
+        layers = checkpoint_layers_for(source.config, pinned, "--checkpointing")
+        policy = _with(policy, gradient_checkpointing=True if layers is None else layers)
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                context_bytes=context, workspace_bytes=workspace, note=progress)
 
@@ -287,6 +291,20 @@ def check_sequence_length(model_config: Any, seq_len: int) -> None:
     if seq_len > MAX_SEQ_LEN:
         raise UsageError(f"--seq-len {seq_len} is over {MAX_SEQ_LEN:,} tokens and the model config names no limit "
                          f"({', '.join(POSITION_FIELDS)}): use a shorter sequence")
+
+
+def checkpoint_layers_for(model_config: Any, layers: int | None, flag: str) -> int | None:
+    """`layers` decoder layers to checkpoint on this model: None (all) for every one of them; UsageError (exit
+    2) for more than it has, naming `flag` (--checkpointing, --checkpoint-layers, the plan's field)."""
+    from memtune.predict.trace import num_layers_of
+
+    total = num_layers_of(model_config)
+    if layers is None or not total or layers < total:
+        return layers
+    if layers == total:
+        return None
+    raise UsageError(f"{flag} {layers}: the model has {total} decoder layers; checkpoint at most {total} "
+                     f"(all of them: --checkpointing on)")
 
 
 def check_adapter_targets(model_config: Any, adapter: Adapter) -> None:
@@ -495,6 +513,8 @@ def plan_configuration(
     check_trace_device(trace_device)
     if train_config.adapter is not None:
         check_adapter_targets(source.config, train_config.adapter)
+    train_config = train_config.replace(checkpoint_layers=checkpoint_layers_for(
+        source.config, train_config.checkpoint_layers, "--checkpoint-layers"))
     speed = throughput.gpu_speed(gpu_name or "H100")
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                note=None if note is None else lambda words: note(words.removeprefix("note: ")))

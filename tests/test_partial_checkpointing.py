@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from memtune.config import GIB, Policy, TrainConfig, policy_flags
+from memtune.config import GIB, Adapter, Policy, TrainConfig, policy_flags
 from memtune.errors import UsageError
 from memtune.predict import allocator
 from memtune.predict.peak import Estimate
@@ -201,3 +201,45 @@ def test_a_bad_number_of_layers_exits_2(capsys):
 
     assert cli.main(["fit", "gpt2", "--checkpointing", "0", "--budget", "4GiB"]) == 2
     assert "a number of layers must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [
+    ["fit", "gpt2", "--seq-len", "128", "--batch-size", "2", "--budget", "8GiB", "--no-verify", "--checkpointing",
+     "13"],
+    ["plan", "gpt2", "--seq-len", "128", "--batch-size", "2", "--checkpoint-layers", "13"],
+])
+def test_more_layers_than_the_model_has_exits_2(command, capsys):
+    from memtune import cli
+
+    assert cli.main(command) == 2
+    assert "the model has 12 decoder layers; checkpoint at most 12" in capsys.readouterr().err
+
+
+def test_as_many_layers_as_the_model_has_is_every_layer(capsys):
+    import json
+
+    from memtune import cli
+
+    assert cli.main(["plan", "gpt2", "--seq-len", "128", "--batch-size", "2", "--checkpoint-layers", "12",
+                     "--json"]) == 0
+    config = json.loads(capsys.readouterr().out)["estimate"]["config"]
+    assert config["gradient_checkpointing"] is True and config["checkpoint_layers"] is None
+
+
+def test_the_report_says_why_it_checkpoints_the_layers_it_does():
+    from transformers import GPT2Config
+
+    from memtune.report.words import checkpointing_words
+
+    config = TrainConfig(seq_len=64, gradient_checkpointing=True, checkpoint_layers=5)
+    chosen = checkpointing_words(config, GPT2Config(n_layer=12))
+    assert chosen == ("checkpointing the first 5 of 12 decoder layers: the fewest predicted to fit (4 do not); "
+                      "checkpointing all of them would recompute 7 more")
+    pinned = checkpointing_words(config, GPT2Config(n_layer=12), pinned=5)
+    assert pinned == "checkpointing the first 5 of 12 decoder layers, as --checkpointing 5 asks"
+    assert checkpointing_words(config.replace(checkpoint_layers=None), GPT2Config()) is None
+
+
+def test_a_prefix_with_some_layers_checkpointed_names_the_flag_given():
+    with pytest.raises(UsageError, match="--prefix contradicts --checkpointing 4"):
+        Policy(use_adapter=True, adapter=Adapter(kind="prefix"), gradient_checkpointing=4).validate(8)

@@ -259,11 +259,14 @@ def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
 
 def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:
     peak = chosen.predicted_total_bytes or 0
+    pinned = result.policy.gradient_checkpointing if result.policy is not None else None
+    checkpointing = words.checkpointing_words(chosen.config, result.source.config, pinned)
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
             f"({_e(words.spare_words(search.usable_bytes, peak))}), "
             f"{chosen.predicted_tokens_per_second:,.0f} tokens/s "
-            f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}</p>"]
+            f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}"
+            + (f"<br>{_e(checkpointing)}" if checkpointing else "") + "</p>"]
 
 
 def _why_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:

@@ -29,6 +29,7 @@ from memtune.report.words import (
     breakdown_items,
     category_colour,
     changes_to_make,
+    checkpointing_words,
     fit_command,
     fit_commands,
     gpu_lines,
@@ -211,6 +212,10 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
                             f"({spare_words(search.usable_bytes, peak)}), "
                             f"{chosen.predicted_tokens_per_second:,.0f} tokens/s predicted"))
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
+    pinned = result.policy.gradient_checkpointing if result.policy is not None else None
+    checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
+    if checkpointing:
+        console.print(_indented(checkpointing))
     console.print("  what to set:")
     console.print(_bullets(changes_to_make(chosen.config)))
     if search.alternatives:

@@ -130,6 +130,22 @@ def _python_argument(value: Any) -> str:
     return repr(value)
 
 
+def checkpointing_words(config: TrainConfig, model_config: Any, pinned: Any = None) -> str | None:
+    """Why the chosen configuration checkpoints the layers it does, when it checkpoints only some (None
+    otherwise): pinned (`pinned`, the policy's --checkpointing value), or the fewest the search found to fit
+    (`search.choose.fewest_checkpointed`: one fewer was predicted not to)."""
+    layers = config.checkpoint_layers
+    if layers is None:
+        return None
+    total = int(getattr(model_config, "num_hidden_layers", 0) or 0)
+    of = f" of {total}" if total else ""
+    if pinned is not None and not isinstance(pinned, bool):
+        return f"checkpointing the first {layers}{of} decoder layers, as --checkpointing {pinned} asks"
+    more = f"; checkpointing all of them would recompute {total - layers} more" if total else ""
+    return (f"checkpointing the first {layers}{of} decoder layers: the fewest predicted to fit ({layers - 1} do "
+            f"not){more}")
+
+
 def python_snippet(config: TrainConfig) -> str:
     """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
     adapter = config.adapter

@@ -55,7 +55,7 @@ from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 a
 
 from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
-from memtune.fit import check_sequence_length
+from memtune.fit import check_sequence_length, checkpoint_layers_for
 from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
@@ -780,7 +780,8 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
 def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     """What this process cannot honour of the plan (raises for a sequence the model cannot take)."""
     config = plan.train_config
-    check_sequence_length(model_config, config.seq_len)  # the rule plan and fit apply
+    check_sequence_length(model_config, config.seq_len)  # the rules plan and fit apply
+    checkpoint_layers_for(model_config, config.checkpoint_layers, "the plan's checkpoint_layers")
     messages = []
     processes = _process_count()
     if config.num_gpus > 1 and processes != config.num_gpus:

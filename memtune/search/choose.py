@@ -451,7 +451,11 @@ def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: Sear
     fewer.note = (f"checkpoints {high} of the {num_layers} layers: the fewest that fit ({high - 1} did not), so "
                   "the fewest recomputed")
     candidate.note = f"fits, but checkpointing {high} of its {num_layers} layers fits too and recomputes less"
-    result.candidates.insert(result.candidates.index(candidate), fewer)
+    # at its rank by speed (the table lists the fastest first): among the faster ones found too big, before this one
+    at = result.candidates.index(candidate)
+    while at > 0 and result.candidates[at - 1].predicted_tokens_per_second < fewer.predicted_tokens_per_second:
+        at -= 1
+    result.candidates.insert(at, fewer)
     return fewer
 
 

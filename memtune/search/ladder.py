@@ -210,7 +210,8 @@ class Checkpointing(Rung):
             return "prefix tuning does not work with gradient checkpointing (peft refuses it)"
         if fields.get("checkpoint_layers") is not None and (fields["offload"] != "none" or (
                 fields["num_gpus"] > 1 and fields["strategy"] == "fsdp")):
-            return "checkpointing some of the layers is not modelled under FSDP or CPU offload yet"
+            return ("checkpointing only some layers is not modelled under FSDP or CPU offload yet: checkpoint every "
+                    "layer (--checkpointing on), or with several GPUs use --strategy ddp")
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
