@@ -15,8 +15,9 @@ c10/cuda/CUDACachingAllocator.cpp (default settings, one stream):
 - when a new segment would exceed the device's capacity, every wholly free segment is released
   (cudaFree) and the request retried once; if it still does not fit, that is an OOM.
 
-Known limitations: `expandable_segments:True`, `max_split_size_mb` and
-`roundup_power2_divisions` are not modelled; multi-stream reuse is not modelled.
+`ExpandableAllocator` models `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (one segment per pool that
+grows by mapping pages). Known limitations: `max_split_size_mb` and `roundup_power2_divisions` are not
+modelled; multi-stream reuse is not modelled.
 """
 
 from __future__ import annotations
@@ -183,10 +184,215 @@ class CachingAllocator:
             self.pools[small] = keep
 
 
-def simulate(events: list[Event], capacity_bytes: int | None = None) -> SimulationResult:
+@dataclass
+class _Span:
+    """A piece of an expandable segment's address space: mapped (free or allocated) or not."""
+
+    address: int
+    size: int
+    mapped: bool
+    allocated: bool = False
+    prev: _Span | None = None
+    next: _Span | None = None
+
+
+class ExpandableAllocator:
+    """The caching allocator with `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (c10/cuda/
+    CUDACachingAllocator.cpp, torch 2.11): each pool (small: requests <= 1 MiB; large) has one segment of
+    virtual address space that grows by mapping pages (2 MiB small, 20 MiB large: `ExpandableSegment`'s
+    segment size) instead of allocating new segments.
+
+    - a request (rounded up to 512 bytes) takes the best-fitting free mapped block of its pool (smallest, then
+      lowest address), as without expandable segments (`get_free_block`);
+    - else `try_allocate_expandable_block`: from the lowest unmapped address, starting at the free mapped block
+      just below it if there is one, map whole pages until the run of free and new memory holds the request;
+      the new pages merge with that free block;
+    - a block is split whenever >= 512 bytes remain, in both pools (`should_split`);
+    - a freed block merges with free mapped neighbours; nothing is unmapped until memory runs out, when every
+      page wholly inside a free block is unmapped (`release_cached_blocks` -> `unmap_block`) and the request is
+      tried once more.
+    Reserved is the mapped bytes. Same interface as `CachingAllocator`."""
+
+    VIRTUAL = 1 << 46  # each pool's segment reserves far more address space than any device has
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        self.capacity = capacity_bytes
+        self.heads: dict[bool, _Span] = {}
+        self.free_blocks: dict[bool, list[tuple[int, int]]] = {True: [], False: []}  # small? -> (size, address)
+        self.spans: dict[int, _Span] = {}  # address -> span (mapped or not)
+        self.pool_of: dict[int, bool] = {}
+        self.allocated = self.reserved = self.peak_allocated = self.peak_reserved = 0
+        self.flushes = 0
+        for small, base in ((True, 1 << 48), (False, 1 << 50)):
+            head = _Span(base, self.VIRTUAL, mapped=False)
+            self.heads[small] = head
+            self.spans[base] = head
+            self.pool_of[base] = small
+
+    def malloc(self, size: int) -> int | None:
+        """Return the address of a block of at least `size` bytes, or None on OOM."""
+        size = round_size(size)
+        small = size <= SMALL_SIZE
+        block = self._take_free(size, small)
+        if block is None:
+            block = self._expand(size, small)
+        if block is None:
+            self._release_free_pages()
+            self.flushes += 1
+            block = self._expand(size, small)
+        if block is None:
+            return None
+        if block.size - size >= MIN_BLOCK:
+            self._insert_after(block, _Span(block.address + size, block.size - size, mapped=True), small)
+            block.size = size
+            self._insert_free(block.next, small)  # type: ignore[arg-type]
+        block.allocated = True
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block.address
+
+    def free(self, address: int) -> None:
+        block = self.spans[address]
+        small = self.pool_of[address]
+        block.allocated = False
+        self.allocated -= block.size
+        block = self._merge_free(block, small)
+        self._insert_free(block, small)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _insert_free(self, block: _Span, small: bool) -> None:
+        bisect.insort(self.free_blocks[small], (block.size, block.address))
+
+    def _remove_free(self, block: _Span, small: bool) -> None:
+        pool = self.free_blocks[small]
+        del pool[bisect.bisect_left(pool, (block.size, block.address))]
+
+    def _take_free(self, size: int, small: bool) -> _Span | None:
+        pool = self.free_blocks[small]
+        index = bisect.bisect_left(pool, (size, -1))
+        if index == len(pool):
+            return None
+        _, address = pool.pop(index)
+        return self.spans[address]
+
+    def _insert_after(self, block: _Span, new: _Span, small: bool) -> None:
+        new.prev, new.next = block, block.next
+        if block.next is not None:
+            block.next.prev = new
+        block.next = new
+        self.spans[new.address] = new
+        self.pool_of[new.address] = small
+
+    def _unlink(self, block: _Span) -> None:
+        if block.prev is not None:
+            block.prev.next = block.next
+        if block.next is not None:
+            block.next.prev = block.prev
+        del self.spans[block.address]
+        del self.pool_of[block.address]
+
+    def _merge_free(self, block: _Span, small: bool) -> _Span:
+        """Merge `block` (free, mapped, not in the free list) with its free mapped neighbours."""
+        after = block.next
+        if after is not None and after.mapped and not after.allocated:
+            self._remove_free(after, small)
+            block.size += after.size
+            self._unlink(after)
+        before = block.prev
+        if before is not None and before.mapped and not before.allocated:
+            self._remove_free(before, small)
+            before.size += block.size
+            self._unlink(block)
+            block = before
+        return block
+
+    def _expand(self, size: int, small: bool) -> _Span | None:
+        """`try_allocate_expandable_block`: the lowest run of free and unmapped space that holds `size`, its
+        unmapped part mapped as far as needed; None when mapping would exceed the capacity."""
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        span: _Span | None = self.heads[small]
+        while span is not None:
+            if not span.mapped:
+                start = span.prev if span.prev is not None and span.prev.mapped and not span.prev.allocated \
+                    else span
+                room = 0
+                cursor: _Span | None = start
+                while cursor is not None and room < size and not cursor.allocated:
+                    room += cursor.size
+                    cursor = cursor.next
+                if room >= size:
+                    return self._map_run(start, size, page, small)
+            span = span.next
+        return None
+
+    def _map_run(self, start: _Span, size: int, page: int, small: bool) -> _Span | None:
+        """Map from `start` until the free run there holds `size` bytes (`try_allocate_expandable_block`); the run,
+        out of the free list, or None when the capacity is reached (what was mapped stays mapped and free)."""
+        candidate: _Span | None = start
+        if not start.mapped:
+            candidate = self._map_block(start, min(start.size, size), page, small)
+        while candidate is not None and candidate.size < size:
+            following = candidate.next
+            assert following is not None and not following.mapped
+            candidate = self._map_block(following, min(size - candidate.size, following.size), page, small)
+        if candidate is not None:
+            self._remove_free(candidate, small)
+        return candidate
+
+    def _map_block(self, block: _Span, size: int, page: int, small: bool) -> _Span | None:
+        """`map_block`: map whole pages over the first `size` bytes of the unmapped `block`, then merge it with
+        free mapped neighbours; the merged block, in the free list."""
+        mapped = min(block.size, page * ((size + page - 1) // page))
+        if self.capacity is not None and self.reserved + mapped > self.capacity:
+            return None
+        if mapped < block.size:
+            self._insert_after(block, _Span(block.address + mapped, block.size - mapped, mapped=False), small)
+            block.size = mapped
+        block.mapped = True
+        self.reserved += mapped
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+        block = self._merge_free(block, small)
+        self._insert_free(block, small)
+        return block
+
+    def _release_free_pages(self) -> None:
+        """Unmap every page wholly inside a free block (`release_cached_blocks` -> `unmap_block`)."""
+        for small in (True, False):
+            page = SMALL_BUFFER if small else LARGE_BUFFER
+            for _, address in list(self.free_blocks[small]):
+                block = self.spans[address]
+                end = block.address + block.size
+                first, last = -(-block.address // page) * page, end // page * page
+                if last <= first:
+                    continue
+                self._remove_free(block, small)
+                self.reserved -= last - first
+                if first > block.address:  # a free mapped piece stays below the unmapped pages
+                    block.size = first - block.address
+                    self._insert_free(block, small)
+                    self._insert_after(block, _Span(first, last - first, mapped=False), small)
+                    middle = block.next
+                else:
+                    block.mapped, block.size = False, last - first
+                    middle = block
+                assert middle is not None
+                if last < end:  # and one above them
+                    self._insert_after(middle, _Span(last, end - last, mapped=True), small)
+                    self._insert_free(middle.next, small)  # type: ignore[arg-type]
+                for neighbour in (middle.next, middle.prev):
+                    if neighbour is not None and not neighbour.mapped:
+                        low, high = (middle, neighbour) if neighbour is middle.next else (neighbour, middle)
+                        low.size += high.size
+                        self._unlink(high)
+                        middle = low
+
+
+def simulate(events: list[Event], capacity_bytes: int | None = None, expandable: bool = False) -> SimulationResult:
     """Replay allocation events (all on one stream: the caller splits streams); with `capacity_bytes`,
-    also say whether they fit in that much memory. A free of a storage never allocated is ignored."""
-    allocator = CachingAllocator(capacity_bytes)
+    also say whether they fit in that much memory; `expandable`: the allocator with expandable segments
+    (`ExpandableAllocator`). A free of a storage never allocated is ignored."""
+    allocator: CachingAllocator | ExpandableAllocator = (
+        ExpandableAllocator(capacity_bytes) if expandable else CachingAllocator(capacity_bytes))
     addresses: dict[Hashable, int] = {}
     for event in events:
         if event.kind == "alloc":
