@@ -3,6 +3,7 @@ the predicted events or in the allocator model?
 
     PYTHONPATH=. python benchmarks/single_history.py --record --out $OUT/single_history.json   # on a GPU
     PYTHONPATH=. python benchmarks/single_history.py --compare benchmarks/results/single_history_h200.json
+    PYTHONPATH=. python benchmarks/single_history.py --compare tests/data/single_history_expandable_h200.json.gz
 
 `--record` runs `memtune.measure.verify.measure` (3 steps) for each case under
 `torch.cuda.memory._record_memory_history` and writes every allocator event as [action, address, size]
@@ -16,6 +17,7 @@ the prediction goes wrong.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -111,17 +113,21 @@ def compare(path: Path) -> None:
     from memtune.predict.single import full_depth_events
 
     every = every_case()
-    for row in json.loads(path.read_text())["cases"]:
+    text = gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
+    for row in json.loads(text)["cases"]:
         case = every.get(row["case"])
         if case is None:
             print(f"\n{row['case']}: not a benchmarks/cases.py case name; skipped")
             continue
         events, real_segments = real_events(row["events"])
-        replay = allocator.simulate(events)
+        # a history recorded with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True maps pages instead
+        expandable = any(action == ACTIONS.index("segment_map") for action, *_ in row["events"])
+        replay = allocator.simulate(events, expandable=expandable)
         measured = row["measured"]
         _, traced = full_depth_events(model_config(case), case.config, "cpu")
-        predicted = allocator.simulate(traced)
-        print(f"\n{row['case']}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, allocated "
+        predicted = allocator.simulate(traced, expandable=expandable)
+        mode = " (expandable segments)" if expandable else ""
+        print(f"\n{row['case']}{mode}: measured reserved {measured['peak_reserved_bytes'] / GIB:.2f} GiB, allocated "
               f"{measured['peak_allocated_bytes'] / GIB:.2f}\n  real events through memtune's allocator: "
               f"reserved {replay.peak_reserved_bytes / GIB:.2f}, allocated {replay.peak_allocated_bytes / GIB:.2f}"
               f"\n  memtune's trace (cpu path): reserved {predicted.peak_reserved_bytes / GIB:.2f}, allocated "
