@@ -188,6 +188,11 @@ class TrainConfig:
     instead of rounding away (torchao/optim/quant_utils.py `_fp32_to_bf16_sr`), at no memory cost (measured). Pure
     bf16 full fine-tuning with adamw_torch_8bit / adamw_torch_4bit only; the search and `memtune plan` set it
     there."""
+    expandable_segments: bool = False
+    """The caching allocator's mode: `PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True` (one segment per pool that
+    grows by mapping pages, `predict.allocator.ExpandableAllocator`) instead of a segment per cudaMalloc. It
+    changes no allocation of the step, only how the allocator lays them out (reserved memory); `memtune run` and
+    `Plan.prepare` set it."""
     offload: Offload = "none"
     """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
     loss: Loss = "standard"
@@ -303,6 +308,8 @@ class TrainConfig:
             parts.append(self.optimizer + (" (stochastic rounding)" if self.stochastic_rounding else ""))
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
+        if self.expandable_segments:
+            parts.append("expandable segments")
         if self.num_gpus > 1:
             parts.append(f"{self.num_gpus} GPUs, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
@@ -313,6 +320,11 @@ class TrainConfig:
         if not self.gradient_checkpointing:
             return 0.0
         return float("inf") if self.checkpoint_layers is None else float(self.checkpoint_layers)
+
+    def traced(self) -> TrainConfig:
+        """The configuration as far as the trace sees it: without the allocator's mode, which changes no event
+        (trace caches key on this, so both modes share one trace)."""
+        return self.replace(expandable_segments=False)
 
     def checkpointed_layers(self, num_layers: int) -> int:
         """How many of a model's `num_layers` decoder layers this configuration checkpoints."""
@@ -649,6 +661,11 @@ class Policy:
     quantisation, 8 is LLM.int8), the only base the search then tries; implies LoRA, on one GPU."""
     micro_batch_size: int | None = field(default=None, metadata=option(group=PINS))
     """Keep this micro-batch (sequences per forward/backward per GPU); it must divide the batch."""
+    expandable_segments: bool | None = field(default=None, metadata=option(
+        flag="--expandable-segments", words={"auto": None, "on": True, "off": False}, group=PINS))
+    """The caching allocator's mode: on is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (segments that grow by
+    mapping pages: usually less memory stranded between blocks, sometimes more), which memtune run sets; auto:
+    predicted both ways, the default where both fit."""
     loss: str | None = field(default=None, metadata=option(
         words={"auto": None, "standard": "standard", "chunked": "chunked"}, group=PINS))
     """Keep this loss: chunked computes the LM head and loss in chunks, never holding all fp32 logits."""

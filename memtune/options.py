@@ -126,6 +126,8 @@ class PlanOptions:
     """Gradient checkpointing (recompute activations in backward) of every decoder layer."""
     checkpoint_layers: int | None = field(default=None, metadata=option(metavar="N", default_text="all of them"))
     """Checkpoint only the first N decoder layers (implies --checkpointing): less recomputation, more memory."""
+    expandable_segments: bool = False
+    """Predict the caching allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (memtune run sets it)."""
     lora: bool = False
     """Train LoRA adapters (peft) instead of all weights."""
     quantized_base: int | None = field(default=None, metadata=option(
@@ -198,7 +200,7 @@ class PlanOptions:
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
             weights_dtype=weights, amp=amp,
             gradient_checkpointing=self.checkpointing or self.checkpoint_layers is not None,
-            checkpoint_layers=self.checkpoint_layers,
+            checkpoint_layers=self.checkpoint_layers, expandable_segments=self.expandable_segments,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
             optimizer=self.optimizer, **quantized,

@@ -219,6 +219,12 @@ class Plan:
         from memtune.measure import memory
         from memtune.recipe import step as recipe
 
+        if not memory.set_allocator_mode(self.train_config.expandable_segments):
+            import warnings
+
+            warnings.warn(f"the plan was predicted with the caching allocator's expandable_segments "
+                          f"{self.train_config.expandable_segments}, and memory was already allocated under the other "
+                          "mode: set PYTORCH_CUDA_ALLOC_CONF before CUDA starts (memtune run does)", stacklevel=2)
         if warm_up and torch.cuda.is_available():
             if "LOCAL_RANK" in os.environ:
                 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

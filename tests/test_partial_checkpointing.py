@@ -111,7 +111,8 @@ class LayeredPredictor:
 
 
 POLICY = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
-                allow_8bit_optimizer=False, allow_pure_16bit=False, precision="fp32", micro_batch_size=1)
+                allow_8bit_optimizer=False, allow_pure_16bit=False, precision="fp32", micro_batch_size=1,
+                expandable_segments=False)  # the predictions below are counted: one allocator mode
 
 
 def test_the_search_bisects_to_the_fewest_checkpointed_layers_that_fit():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, margin_for
@@ -19,7 +21,7 @@ from memtune.search.choose import (
     needs_at_least,
     search,
 )
-from memtune.search.ladder import candidate_space
+from memtune.search.ladder import candidate_space, settings
 
 
 def short(config: TrainConfig) -> str:
@@ -87,7 +89,9 @@ class FakeTrial:
 
 
 SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
-                allow_8bit_optimizer=False, allow_pure_16bit=False)
+                allow_8bit_optimizer=False, allow_pure_16bit=False, expandable_segments=False)
+"""The walks below count predictions: the allocator's mode is pinned (FakePredictor gives both modes the same
+memory; test_the_allocator_mode_is_tried_when_the_default_does_not_fit covers the mode)."""
 
 
 def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():
@@ -194,7 +198,8 @@ def test_pinned_options_are_kept():
 def test_adapters_only_when_nothing_else_fits():
     # Full fine-tuning never fits 4 GiB (state 6 GiB); LoRA (1 GiB state) does.
     predictor = FakePredictor()
-    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0, allow_8bit_optimizer=False)
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, margin_bytes=0, allow_8bit_optimizer=False,
+                    expandable_segments=False)
     result = search(predictor, 512, 4, 4 * GIB, policy, explain=False)
     full = [call for call in predictor.calls if "L" not in call]
     assert full and all(
@@ -395,3 +400,23 @@ def test_a_paged_optimizer_that_fits_gets_its_speed_once_its_memory_is_known(mon
     result = search(Settling(), seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=policy,
                     explain=False)
     assert result.chosen.config.optimizer == "paged_adamw_8bit" and result.chosen.predicted_tokens_per_second == 123.0
+
+
+class ModePredictor(FakePredictor):
+    """FakePredictor whose expandable-segments twin needs 1.5 GiB less (less memory stranded between blocks)."""
+
+    def gib(self, config: TrainConfig) -> float:
+        return super().gib(config) - (1.5 if config.expandable_segments else 0.0)
+
+
+def test_the_allocator_mode_is_tried_when_the_default_does_not_fit():
+    policy = dataclasses.replace(SIMPLE, expandable_segments=None)
+    predictor = ModePredictor()
+    # b4 14 GiB, b2 10, bc4 8, b1 8, bc2 7 (default mode); each 1.5 GiB less with expandable segments
+    result = search(predictor, seq_len=512, effective_batch_size=4, budget_bytes=int(7.5 * GIB), policy=policy,
+                    explain=False)
+    assert predictor.calls[:6] == ["b4", "b4", "b2", "b2", "bc4", "bc4"]  # each mode in turn, the default first
+    assert short(result.chosen.config) == "bc4" and result.chosen.config.expandable_segments
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in " ".join(settings(result.chosen.config))
+    both_fit = search(ModePredictor(), 512, 4, 20 * GIB, policy, explain=False)
+    assert both_fit.chosen is not None and not both_fit.chosen.config.expandable_segments

@@ -47,7 +47,7 @@ def test_plan_and_fit_agree_on_the_same_configuration(capsys, tmp_path):
         plan_code, plan = run_json(capsys, ["plan", "gpt2", *PINNED, "--checkpointing", "--trace-device", "cpu",
                                             "--budget", f"{budget}B", "--json"])
         fit_code, fit = run_json(capsys, ["fit", "gpt2", *PINNED, "--checkpointing", "on", "--loss", "standard",
-                                          "--optim", "adamw_torch_fused",
+                                          "--optim", "adamw_torch_fused", "--expandable-segments", "off",
                                           "--offload", "none", "--no-lora", "--trace-device", "cpu", "--budget",
                                           f"{budget}B", "--no-verify", "--plan-out", str(tmp_path / "plan.json"),
                                           "--json"])

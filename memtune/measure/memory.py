@@ -5,6 +5,7 @@ the memory back afterwards, and making the library workspaces before the first s
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,6 +59,34 @@ def release_memory() -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+
+
+ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
+
+
+def set_allocator_mode(expandable: bool) -> bool:
+    """Make the CUDA caching allocator use expandable segments, or not, as a plan predicted it
+    (`TrainConfig.expandable_segments`); other PYTORCH_CUDA_ALLOC_CONF settings are kept.
+
+    Before CUDA starts, the environment variable does it (also for processes started from this one). Once it has
+    started, torch's allocator-settings call (torch 2.13 `torch._C._accelerator_setAllocatorSettings`, before it
+    `torch.cuda.memory._set_allocator_settings`) switches the mode for segments made from then on; the cache is
+    emptied first, so no free segment of the other mode stays. Returns False when memory was already allocated
+    under the other mode (those blocks stay where they are)."""
+    import torch
+
+    setting = f"expandable_segments:{expandable}"
+    kept = [part for part in os.environ.get(ALLOC_CONF, "").split(",")
+            if part.strip() and not part.strip().startswith("expandable_segments")]
+    before = os.environ.get(ALLOC_CONF, "")
+    os.environ[ALLOC_CONF] = ",".join([*kept, setting])
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return True
+    was_expandable = "expandable_segments:true" in before.replace(" ", "").lower()
+    torch.cuda.empty_cache()
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(setting)
+    return was_expandable == expandable or torch.cuda.memory_allocated() == 0
 
 
 def warm_up() -> int:

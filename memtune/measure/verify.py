@@ -13,7 +13,7 @@ from typing import Any
 
 from memtune.config import TrainConfig
 from memtune.errors import NoGpuError
-from memtune.measure.memory import Measurement, is_oom, release_memory, warm_up
+from memtune.measure.memory import Measurement, is_oom, release_memory, set_allocator_mode, warm_up
 
 
 def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device: str = "cuda",
@@ -40,6 +40,7 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
 
     if not torch.cuda.is_available():
         raise NoGpuError("trial steps need a CUDA GPU and none is visible; use `memtune plan` to predict without one")
+    set_allocator_mode(train_config.expandable_segments)  # each trial in its own plan's allocator mode
     warm_up()
     release_memory()
     allocated_before = torch.cuda.memory_allocated()

@@ -221,7 +221,8 @@ def replicated_events(
 ) -> tuple[list[Event], dict[Hashable, str], Trace]:
     """(events of one rank's DDP steps, category by storage key, the single-GPU trace), cached."""
     check_replicated(train_config)
-    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict(), device], sort_keys=True)
+    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.traced().to_dict(), device],
+                     sort_keys=True)
     if key not in _EVENTS_CACHE:
         trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
         layout = cached_layout(model_config, train_config)
@@ -265,4 +266,5 @@ def fits_under(model_config: Any, estimate: Estimate, usable_bytes: int, device:
     """Replay one rank's DDP step against a device of `usable_bytes`, releasing the cache on pressure as torch does."""
     events, _, _ = replicated_events(model_config, estimate.config, device or estimate.trace_device)
     capacity = usable_bytes - estimate.workspace_bytes - estimate.context_bytes
-    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
+    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity,
+                                               expandable=estimate.config.expandable_segments).fits

@@ -488,7 +488,7 @@ _TRACE_CACHE: dict[str, Trace] = {}
 
 def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> Trace:
     """`trace_sharded` of the configuration, cached per (model config, configuration)."""
-    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.to_dict()], sort_keys=True)
+    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.traced().to_dict()], sort_keys=True)
     if key not in _TRACE_CACHE:
         try:
             _TRACE_CACHE[key] = trace_sharded(model_config, train_config)
@@ -500,13 +500,15 @@ def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> Trace:
     return _TRACE_CACHE[key]
 
 
-def simulate_streams(events: list[Event]) -> tuple[int, int]:
-    """(peak allocated, peak reserved), each stream's blocks replayed through a cache of their own."""
+def simulate_streams(events: list[Event], expandable: bool = False) -> tuple[int, int]:
+    """(peak allocated, peak reserved), each stream's blocks replayed through a cache of their own (with
+    `expandable`, a segment of their own)."""
     by_stream: dict[int, list[Event]] = {}
     for event in events:
         by_stream.setdefault(event.stream, []).append(event)
     peak_allocated = allocator.simulate(events).peak_allocated_bytes
-    peak_reserved = sum(allocator.simulate(stream_events).peak_reserved_bytes for stream_events in by_stream.values())
+    peak_reserved = sum(allocator.simulate(stream_events, expandable=expandable).peak_reserved_bytes
+                        for stream_events in by_stream.values())
     return peak_allocated, peak_reserved
 
 
@@ -529,6 +531,7 @@ def estimate_sharded(
     started = time.perf_counter()
     context_bytes += collective_context_bytes(train_config)
     trace = cached_trace_sharded(model_config, train_config)
-    return estimate_of_events(train_config, trace.events, trace.categories, peaks=simulate_streams(trace.events),
-                              trace_device="cpu", traced_layers=trace.traced_layers, num_layers=trace.num_layers,
+    peaks = simulate_streams(trace.events, train_config.expandable_segments)
+    return estimate_of_events(train_config, trace.events, trace.categories, peaks=peaks, trace_device="cpu",
+                              traced_layers=trace.traced_layers, num_layers=trace.num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)

@@ -119,7 +119,7 @@ def estimate_of_events(
     when the caller replayed the events itself (several streams); else one allocator replay.
     `started` is the `time.perf_counter()` at which the estimate began (for `Estimate.seconds`)."""
     if peaks is None:
-        simulated = allocator.simulate(events)
+        simulated = allocator.simulate(events, expandable=train_config.expandable_segments)
         peaks = simulated.peak_allocated_bytes, simulated.peak_reserved_bytes
     peak_allocated, peak_reserved = peaks
     breakdown = breakdown_at_peak(events, categories)

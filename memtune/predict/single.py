@@ -54,6 +54,7 @@ _EVENTS_CACHE: dict[tuple[int, ...], list[Event]] = {}
 def cached_trace(model_config: Any, train_config: TrainConfig, device: str, depth: int | None = None) -> Trace:
     """The shallow trace of `train_config` (`traced_depth` layers of `model_config`, or `depth`), cached."""
     depth = depth or traced_depth(num_layers_of(model_config), layer_period(model_config))
+    train_config = train_config.traced()
     key = json.dumps([model_config.to_json_string(use_diff=False), depth, train_config.to_dict(), device],
                      sort_keys=True)
     if key not in _TRACE_CACHE:
@@ -171,4 +172,5 @@ def fits_under(model_config: Any, estimate: Estimate, usable_bytes: int, device:
     (`allocator.simulate` with a capacity): workspaces and context are taken off the capacity first."""
     _, events = full_depth_events(model_config, estimate.config, device or estimate.trace_device)
     capacity = usable_bytes - estimate.workspace_bytes - estimate.context_bytes
-    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity).fits
+    return capacity > 0 and allocator.simulate(events, capacity_bytes=capacity,
+                                               expandable=estimate.config.expandable_segments).fits

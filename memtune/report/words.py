@@ -166,6 +166,9 @@ def python_snippet(config: TrainConfig) -> str:
         dtype = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[config.weights_dtype]
         imports = ["import torch", "from transformers import AutoModelForCausalLM, TrainingArguments"]
         body.append(f"model = AutoModelForCausalLM.from_pretrained(MODEL, dtype={dtype})")
+    if config.expandable_segments:  # read once, when CUDA starts
+        imports.insert(0, "import os")
+        body.insert(0, 'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before torch starts CUDA')
     if config.checkpoint_layers is not None:  # TrainingArguments checkpoints every layer or none
         imports.append("from transformers.modeling_layers import GradientCheckpointingLayer")
         body += ['model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'

@@ -56,6 +56,7 @@ from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 a
 from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes
 from memtune.errors import UsageError
 from memtune.fit import check_sequence_length, checkpoint_layers_for
+from memtune.measure import memory
 from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
@@ -408,6 +409,7 @@ def _run_plan(
 ) -> RunSummary:
     """`run_plan` under `library_output`."""
     options = run_options(options, changes)
+    memory.set_allocator_mode(plan.train_config.expandable_segments)  # before CUDA starts: the mode predicted
     data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
     text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
                                                    options.seed)

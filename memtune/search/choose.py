@@ -229,8 +229,10 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer, a.quantization)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer, b.quantization))
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer, a.quantization,
+             a.expandable_segments)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer, b.quantization,
+                b.expandable_segments))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -382,6 +384,9 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             too_big.append(config)
             continue
         candidate.status = FITS
+        steadier = steadier_allocator(candidate, ranked, predictor, result, policy, say)
+        if steadier is not None:
+            candidate = steadier
         fewer = fewest_checkpointed(candidate, predictor, result, policy, say)
         for fitting in ([fewer] if fewer is not None else []) + [candidate]:
             settle = getattr(predictor, "settled_tokens_per_second", None)
@@ -408,6 +413,33 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             fitting.status = TRIAL_OOM
             too_big.append(fitting.config)
     return None
+
+
+def steadier_allocator(candidate: Candidate, ranked: list[Candidate], predictor: Predictor, result: SearchResult,
+                       policy: Policy, say: Callable[[str], None]) -> Candidate | None:
+    """The same configuration with expandable segments, when the candidate (the default allocator) fits only because
+    the allocator would release its cache under pressure and the expandable twin fits without (`ladder.AllocatorMode`):
+    the same speed, without the releases (each a synchronising cudaFree and a retry) and without the least certain
+    kind of fit (`fewest_checkpointed` says why). None otherwise, or when the policy pins the mode."""
+    config = candidate.config
+    estimate = candidate.estimate
+    if (policy.expandable_segments is not None or config.expandable_segments or estimate is None
+            or estimate.total_bytes <= result.usable_bytes):
+        return None
+    twin = next((c for c in ranked if c.config == config.replace(expandable_segments=True)), None)
+    if twin is None or twin.status != NOT_EVALUATED:
+        return None
+    say(f"predicting {twin.config.describe()}")
+    twin.estimate = predictor.memory(twin.config)
+    result.estimates += 1
+    if twin.estimate.total_bytes > result.usable_bytes:
+        twin.status, twin.note = TOO_BIG, "needs the allocator to release its cache too"
+        return None
+    twin.status = FITS
+    twin.note = "fits without the allocator releasing its cache, where the default allocator needs it"
+    candidate.note = (f"fits only by releasing the allocator's cache (peak {format_bytes(estimate.total_bytes)} "
+                      "without); expandable segments fit without")
+    return twin
 
 
 def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: SearchResult, policy: Policy,
