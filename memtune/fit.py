@@ -35,6 +35,7 @@ from memtune.predict.estimate import (
     estimate,
     fits_under,
 )
+from memtune.predict.trace import num_layers_of
 from memtune.search.choose import COMMON_CARDS, COMMON_CARDS_WITHOUT_BF16, SearchResult, choose_strategy, search
 from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
@@ -296,7 +297,6 @@ def check_sequence_length(model_config: Any, seq_len: int) -> None:
 def checkpoint_layers_for(model_config: Any, layers: int | None, flag: str) -> int | None:
     """`layers` decoder layers to checkpoint on this model: None (all) for every one of them; UsageError (exit
     2) for more than it has, naming `flag` (--checkpointing, --checkpoint-layers, the plan's field)."""
-    from memtune.predict.trace import num_layers_of
 
     total = num_layers_of(model_config)
     if layers is None or not total or layers < total:
