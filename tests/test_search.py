@@ -420,3 +420,11 @@ def test_the_allocator_mode_is_tried_when_the_default_does_not_fit():
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in " ".join(settings(result.chosen.config))
     both_fit = search(ModePredictor(), 512, 4, 20 * GIB, policy, explain=False)
     assert both_fit.chosen is not None and not both_fit.chosen.config.expandable_segments
+
+
+def test_options_that_cannot_run_together_raise_before_any_note():
+    said: list[str] = []
+    with pytest.raises(UsageError, match="these options cannot run together: FSDP cannot shard or offload"):
+        search(FakePredictor(), 512, 4, 8 * GIB, Policy(optimizer="adafactor", offload="parameters"),
+               explain=False, progress=said.append)
+    assert said == []  # no "skipped" line ahead of the error (a fresh-user trial found one)

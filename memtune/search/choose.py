@@ -269,9 +269,6 @@ def search(
     policy.validate(effective_batch_size)
     result = SearchResult(seq_len, effective_batch_size, budget_bytes, margin_for(budget_bytes, policy))
     say = progress or (lambda message: None)
-    result.notes = ladder.skipped(policy)
-    for note in result.notes:
-        say(note)
     conflicts: list[set[str]] = []
     spaces = [ladder.candidate_space(seq_len, effective_batch_size, policy, with_adapter, conflicts)
               for with_adapter in stages(policy)]
@@ -279,6 +276,9 @@ def search(
         every = set.intersection(*conflicts) if conflicts else set()  # what rules out each combination
         reasons = every or set.union(*conflicts) if conflicts else {"no combination of the options can run"}
         raise UsageError("these options cannot run together: " + "; ".join(sorted(reasons)))
+    result.notes = ladder.skipped(policy)  # after the options are known to run: never a note before an error
+    for note in result.notes:
+        say(note)
     for space in spaces:
         # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
         # adapter, a quantised base last.
