@@ -118,11 +118,13 @@ class PlanResult:
 
 @dataclass
 class CardPlan:
-    """No GPU and no budget: the search against one common card size."""
+    """No GPU and no budget: the search against one common card size, or why that card was not planned."""
 
     card: str
     budget_bytes: int
-    search: SearchResult
+    search: SearchResult | None
+    skipped: str = ""
+    """Why the card was not planned (a pinned bf16 precision on a card without bf16); empty when it was."""
 
 
 @dataclass
@@ -146,7 +148,7 @@ class FitResult:
     @property
     def fits(self) -> bool:
         if self.card_plans:
-            return any(card.search.chosen is not None for card in self.card_plans)
+            return any(card.search is not None and card.search.chosen is not None for card in self.card_plans)
         return self.search is not None and self.search.chosen is not None
 
 
@@ -221,6 +223,10 @@ def fit_model(
             if progress:
                 progress(f"planning for {card}")
             card_policy = _with(policy, bf16_supported=False) if card in COMMON_CARDS_WITHOUT_BF16 else policy
+            if not card_policy.bf16_supported and policy.precision in ("bf16-mixed", "bf16"):
+                result.card_plans.append(CardPlan(card, size, None, skipped=(
+                    f"not planned: --precision {policy.precision} needs bf16, which these cards lack")))
+                continue
             found = search(
                 predictor,
                 seq_len,
@@ -425,7 +431,8 @@ def auto_fit(
         return result.plan
     search_ = result.search
     if search_ is None:  # no GPU and no budget: say which cards would do
-        fitting = [card.card for card in result.card_plans if card.search.chosen is not None]
+        fitting = [card.card for card in result.card_plans
+                   if card.search is not None and card.search.chosen is not None]
         raise UsageError("no GPU is visible and no budget was given: pass budget='24GiB' or gpu='A100-80GB'"
                          + (f" (it would fit on {', '.join(fitting)})" if fitting else ""))
     raise NothingFitsError(

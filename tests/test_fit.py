@@ -139,3 +139,15 @@ def test_an_emulated_budget_adds_what_the_process_already_holds_to_the_pool_cap(
     with emulated_budget(gpu, 140 * GIB):  # no smaller than the card: nothing capped
         pass
     assert len(fractions) == 2
+
+
+def test_without_a_budget_a_pinned_bf16_skips_the_cards_without_bf16(tiny_model_dir, capsys):
+    """No GPU, no budget: one plan per common card. bf16-mixed pinned: the T4/V100 class is named not planned
+    (it has no bf16), the others are planned, exit 0 (before: exit 2 on the first card)."""
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "128", "--batch-size", "4", "--precision", "bf16-mixed",
+                 "--trace-device", "cpu", "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0
+    plans = document["card_plans"]
+    assert plans[0]["search"] is None and "needs bf16, which these cards lack" in plans[0]["skipped"]
+    assert all(plan["search"]["chosen"]["config"]["amp"] == "bf16" for plan in plans[1:])

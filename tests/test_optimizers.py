@@ -531,3 +531,35 @@ def test_plan_rounds_as_the_search_does(precision, rounds, capsys):
                "--optim", "adamw_torch_4bit"]
     assert cli.main(command) == 0
     assert json.loads(capsys.readouterr().out)["estimate"]["config"]["stochastic_rounding"] is rounds
+
+
+def test_pure_bf16_that_rounds_stochastically_is_walked_before_pure_bf16_that_cannot(monkeypatch):
+    """bitsandbytes' 8-bit AdamW is faster, but on bf16 weights it rounds to nearest: the search walks every pure
+    bf16 configuration that rounds stochastically (torchao's) before it."""
+    monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(ladder, "torchao_available", lambda: True)
+    pure = TrainConfig(seq_len=64, weights_dtype="bf16")
+    assert ladder.rounding_rank(pure) == 1
+    assert ladder.rounding_rank(pure.replace(optimizer="adamw_torch_4bit", stochastic_rounding=True)) == 0
+    assert ladder.rounding_rank(TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_bnb_8bit")) == 0
+    walked: list[TrainConfig] = []
+
+    class Pure16Only:  # only pure bf16 fits; bitsandbytes ranks fastest
+        def memory(self, config):
+            from memtune.predict.peak import Estimate
+
+            walked.append(config)
+            size = GIB if config.weights_dtype == "bf16" else 100 * GIB
+            return Estimate(config, size, size, workspace_bytes=0, context_bytes=0, breakdown={"weights": size})
+
+        def fits(self, estimate, usable_bytes):
+            return estimate.total_bytes <= usable_bytes
+
+        def tokens_per_second(self, config):
+            return 2.0 if config.optimizer == "adamw_bnb_8bit" else 1.0
+
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                    micro_batch_size=2, gradient_checkpointing=False, expandable_segments=False)
+    result = search(Pure16Only(), 64, 2, 8 * GIB, policy, explain=False)
+    assert result.chosen is not None and result.chosen.config.stochastic_rounding
+    assert not any(c.weights_dtype == "bf16" and not c.stochastic_rounding for c in walked)

@@ -27,6 +27,7 @@ from memtune.measure.memory import Measurement
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.plan import Plan
 from memtune.predict.estimate import Estimate
+from memtune.report import html as html_report
 from memtune.report import json as json_report
 from memtune.report import terminal as report
 from memtune.report import words
@@ -409,6 +410,21 @@ def test_card_plans_show_each_card_or_its_shortfall():
     assert "does not fit (short by" in text
     for name in ("24 GiB (RTX 4090, A10, L4)", "80 GiB (A100-80GB, H100)"):
         assert name in text
+
+
+def test_a_card_that_cannot_run_the_pinned_precision_is_named_not_planned():
+    """No GPU, no budget and --precision bf16-mixed: the 16 GiB class (T4, V100) has no bf16. It is listed as not
+    planned, in the table, the JSON and the page, and the rest are planned (before, the pin failed the whole
+    command with exit 2)."""
+    result = cards_result()
+    result.card_plans[0] = CardPlan(result.card_plans[0].card, 16 * GIB, None,
+                                    skipped="not planned: --precision bf16-mixed needs bf16, which these cards lack")
+    text = rendered(lambda console: report.render_fit(result, console), width=250)
+    row = next(line for line in text.splitlines() if line.startswith("16 GiB (T4, V100-16GB)"))
+    assert row.split(maxsplit=4)[-1] == "not planned: --precision bf16-mixed needs bf16, which these cards lack"
+    document = json.loads(json_report.render_fit_json(result))
+    assert document["card_plans"][0]["search"] is None and document["card_plans"][0]["skipped"].startswith("not")
+    assert "not planned" in html_report.render_html(result) and result.fits
 
 
 def test_quality_notes():

@@ -418,3 +418,14 @@ def test_run_plan_takes_run_options_or_their_fields_and_names_unknown_ones() -> 
         run_options(None, {"steps": 5})
     with pytest.raises(UsageError, match="is a RunOptions"):
         run_options("train.jsonl", {})  # the old positional `data`
+
+
+def test_run_sets_the_plans_allocator_mode_and_says_when_it_overrides_the_environment(
+        model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128,expandable_segments:False")
+    summary = run(make_plan(model_dir, expandable_segments=True), tmp_path / "run", max_steps=1)
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128,expandable_segments:True"
+    assert any("said expandable_segments:false; the plan was predicted with expandable_segments:True" in note
+               for note in summary.notes)

@@ -73,6 +73,8 @@ def bars_of(result: FitResult) -> list[Bar]:
     if result.card_plans:
         for card in result.card_plans:
             card_search = card.search
+            if card_search is None:
+                continue
             chosen = card_search.chosen
             name = card.card.split(" (")[0]  # "24 GiB (RTX 4090, A10, L4)" -> "24 GiB": the table below has the rest
             if chosen is not None and chosen.estimate is not None:
@@ -260,13 +262,14 @@ def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
 def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:
     peak = chosen.predicted_total_bytes or 0
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
-    checkpointing = words.checkpointing_words(chosen.config, result.source.config, pinned)
+    reasons = [why for why in (words.checkpointing_words(chosen.config, result.source.config, pinned),
+                                words.allocator_words(search)) if why]
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
             f"({_e(words.spare_words(search.usable_bytes, peak))}), "
             f"{chosen.predicted_tokens_per_second:,.0f} tokens/s "
             f"predicted; {_e(words.quality_note(chosen.config, result.source.config, result.num_parameters))}"
-            + (f"<br>{_e(checkpointing)}" if checkpointing else "") + "</p>"]
+            + "".join(f"<br>{_e(why)}" for why in reasons) + "</p>"]
 
 
 def _why_section(result: FitResult, search: SearchResult, chosen: Candidate) -> list[str]:
@@ -303,6 +306,9 @@ def _nothing_fits_section(search: SearchResult) -> list[str]:
 def _cards_section(result: FitResult) -> list[str]:
     rows = []
     for card in result.card_plans:
+        if card.search is None:
+            rows.append(([card.card, card.skipped, "", "", ""], ""))
+            continue
         chosen = card.search.chosen
         if chosen is None:
             short = f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})"

@@ -43,7 +43,8 @@ def render_models_json(entries: list[CatalogEntry]) -> str:
 
 
 def _card_plan_dict(card: CardPlan) -> dict[str, Any]:
-    return {"card": card.card, "budget_bytes": card.budget_bytes, "search": card.search.to_dict()}
+    return {"card": card.card, "budget_bytes": card.budget_bytes,
+            "search": None if card.search is None else card.search.to_dict(), "skipped": card.skipped}
 
 
 def fit_to_dict(result: FitResult) -> dict[str, Any]:

@@ -21,10 +21,11 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
-from memtune.config import TrainConfig, format_bytes
+from memtune.config import Policy, TrainConfig, format_bytes, policy_flags
 from memtune.predict.peak import Estimate
 from memtune.report.words import (
     CATEGORY_NOTES,
+    allocator_words,
     alternative_verdict,
     breakdown_items,
     category_colour,
@@ -214,8 +215,9 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
-    if checkpointing:
-        console.print(_indented(checkpointing))
+    for why in (checkpointing, allocator_words(search)):
+        if why:
+            console.print(_indented(why))
     console.print("  what to set:")
     console.print(_bullets(changes_to_make(chosen.config)))
     if search.alternatives:
@@ -352,6 +354,9 @@ def _render_card_plans(result: FitResult, console: Console) -> None:
     if wide:
         table.add_column("quality", ratio=2)
     for card in result.card_plans:
+        if card.search is None:
+            table.add_row(card.card, card.skipped, "", "", *([""] if wide else []), style="dim")
+            continue
         chosen = card.search.chosen
         if chosen is None:
             table.add_row(card.card, f"does not fit (short by {format_bytes(card.search.shortfall_bytes)})", "", "",
@@ -364,13 +369,13 @@ def _render_card_plans(result: FitResult, console: Console) -> None:
                       f"{chosen.predicted_tokens_per_second:,.0f}", *([quality] if wide else []))
     console.print()
     console.print(table)
-    margins = sorted({card.search.margin_bytes for card in result.card_plans})
+    margins = sorted({card.search.margin_bytes for card in result.card_plans if card.search is not None})
     margin = (
         format_bytes(margins[0]) if len(margins) == 1 else f"{format_bytes(margins[0])} to {format_bytes(margins[-1])}"
     )
     console.print(f"(peak: % of the card's usable memory, its memory minus a safety margin of {margin}; "
                   "tokens/s: predicted)", highlight=False)
-    command = fit_command(result)
+    command = fit_command(result) + "".join(f" {flag}" for flag in policy_flags(result.policy or Policy()))
     console.print(f"the full report for one card: {command} --budget 24GiB", highlight=False, markup=False)
 
 

@@ -146,6 +146,22 @@ def checkpointing_words(config: TrainConfig, model_config: Any, pinned: Any = No
             f"not){more}")
 
 
+def allocator_words(search: SearchResult) -> str | None:
+    """Why the chosen configuration runs with expandable segments, when the search took them over the default
+    allocator (`search.choose.steadier_allocator`); None otherwise."""
+    chosen = search.chosen
+    if chosen is None or not chosen.config.expandable_segments or chosen.estimate is None:
+        return None
+    default = next((candidate for candidate in search.candidates
+                    if candidate.config == chosen.config.replace(expandable_segments=False)), None)
+    if default is None or default.estimate is None or default.estimate.total_bytes <= search.usable_bytes:
+        return None
+    return (f"expandable segments: with the default allocator the peak would be "
+            f"{format_bytes(default.estimate.total_bytes)}, over the {format_bytes(search.usable_bytes)} usable, "
+            f"fitting only by releasing its cache under pressure; with expandable segments it is "
+            f"{format_bytes(chosen.estimate.total_bytes)}, at the same speed")
+
+
 def python_snippet(config: TrainConfig) -> str:
     """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
     adapter = config.adapter
@@ -363,6 +379,15 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
         return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
     if any(candidate.config == alternative.config and candidate.status == TRIAL_OOM for candidate in search.candidates):
         return f"predicted to fit, but ran out of memory in its trial ({pace})"
+    if alternative.config == chosen.config.replace(expandable_segments=alternative.config.expandable_segments):
+        if alternative.config.expandable_segments:
+            return (f"fits ({format_bytes(-delta)} less than the chosen), same speed: the default allocator is kept "
+                    "where both fit without releasing the cache" if delta < 0 else
+                    f"fits ({format_bytes(delta)} more than the chosen), same speed")
+        if alternative.predicted_total_bytes > search.usable_bytes:
+            peak = format_bytes(alternative.predicted_total_bytes)
+            return (f"fits only by releasing the allocator's cache (peak {peak} without, over the usable), same "
+                    "speed: expandable segments fit without")
     memory = (
         f"{format_bytes(-delta)} less than the chosen"
         if delta < 0

@@ -526,9 +526,12 @@ class OomGuard(TrainerCallback):
             return
         self._retries_seen = retries
         times = f"{new} time{'s' if new > 1 else ''}"
+        advice = ("a plan with a smaller budget" if self.current.expandable_segments else
+                  "a plan with expandable segments (memtune fit --expandable-segments on) often helps, or one with a "
+                  "smaller budget")
         message = (f"the CUDA caching allocator had to free its cache and retry cudaMalloc {times} "
                    f"by step {step} ({retries} in all): memory is nearly full, steps slow down and an OOM may follow; "
-                   "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True often helps, or a plan with a smaller budget")
+                   f"{advice}")
         self.events.append(GuardEvent("alloc_retries", "train", step, message, self.current.to_dict(),
                                       alloc_retries=new))
         last = self._last_retry_warning_step

@@ -409,7 +409,15 @@ def _run_plan(
 ) -> RunSummary:
     """`run_plan` under `library_output`."""
     options = run_options(options, changes)
+    given = os.environ.get(memory.ALLOC_CONF, "")
     memory.set_allocator_mode(plan.train_config.expandable_segments)  # before CUDA starts: the mode predicted
+    overridden = f"expandable_segments:{not plan.train_config.expandable_segments}".lower()
+    if overridden in given.replace(" ", "").lower():
+        notes_at_start = [f"{memory.ALLOC_CONF} said {overridden}; the plan was predicted with "
+                          f"expandable_segments:{plan.train_config.expandable_segments}, so the run uses that "
+                          f"({memory.ALLOC_CONF}={os.environ[memory.ALLOC_CONF]})"]
+    else:
+        notes_at_start = []
     data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
     text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
                                                    options.seed)
@@ -428,6 +436,8 @@ def _run_plan(
         notes.append(message)
         reporter_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
 
+    for message in notes_at_start:
+        warn(message)
     output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
     check_run_inputs(plan, options)
     checkpoint = _checkpoint_to_resume(output, resume, plan,

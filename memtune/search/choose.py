@@ -281,10 +281,11 @@ def search(
         say(note)
     for space in spaces:
         # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
-        # adapter, a quantised base last.
-        for tier in sorted({ladder.tier(config) for config in space}):
+        # adapter, a quantised base last. Inside a tier, pure 16-bit rounding to nearest after the rest
+        # (`ladder.rounding_rank`).
+        for group in sorted({(ladder.tier(config), ladder.rounding_rank(config)) for config in space}):
             ranked = [Candidate(config, predictor.tokens_per_second(config))
-                      for config in space if ladder.tier(config) == tier]
+                      for config in space if (ladder.tier(config), ladder.rounding_rank(config)) == group]
             ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
             result.candidates.extend(ranked)
             result.chosen = _walk(ranked, predictor, result, policy, trial, say)
@@ -343,6 +344,11 @@ def without_optimizer(estimate: Estimate) -> int:
     return estimate.total_bytes - estimate.breakdown.get("optimizer", 0)
 
 
+def allocations_alone(estimate: Estimate) -> int:
+    """Peak allocated + workspaces + context: what no allocator mode lays out in less (reserved >= allocated)."""
+    return estimate.peak_allocated_bytes + estimate.workspace_bytes + estimate.context_bytes
+
+
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
           trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
     too_big: list[TrainConfig] = []
@@ -360,6 +366,13 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         if floor > result.usable_bytes:
             candidate.status, candidate.state_bytes = STATE_ALONE, floor
             candidate.note = f"its weights, gradients and optimizer state alone need {format_bytes(floor)}"
+            continue
+        default_allocator = traced_twins.get(config.replace(expandable_segments=False))
+        if config.expandable_segments and default_allocator is not None and (
+                allocations_alone(default_allocator) > result.usable_bytes):
+            candidate.status = SKIPPED
+            candidate.note = (f"its allocations alone need {format_bytes(allocations_alone(default_allocator))}, "
+                              "whichever the allocator's mode")
             continue
         twin = traced_twins.get(config.replace(optimizer=DEFAULT_OPTIMIZER, stochastic_rounding=False))
         if twin is not None and config.optimizer != DEFAULT_OPTIMIZER and without_optimizer(twin) > result.usable_bytes:

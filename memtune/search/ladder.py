@@ -684,6 +684,14 @@ def tier(config: TrainConfig) -> int:
     return (1 if pure_16bit(config) else 0) + (2 if config.offload != "none" else 0)
 
 
+def rounding_rank(config: TrainConfig) -> int:
+    """Within a tier, pure 16-bit training that rounds to nearest (1) is walked after every configuration that
+    keeps fp32 master weights or rounds stochastically (0): an update below 16 bits' resolution is lost there and
+    survives on average with torchao's stochastic rounding (`TrainConfig.stochastic_rounding`), the safer variant
+    issue 13 asks for; pin --optim to take a faster optimizer that cannot round so."""
+    return 1 if pure_16bit(config) and not config.stochastic_rounding else 0
+
+
 def strategies(policy: Policy) -> list[str]:
     """How the GPUs may share the work: both over several GPUs (unless pinned); one GPU has no choice."""
     if policy.num_gpus < 2:
