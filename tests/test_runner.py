@@ -429,3 +429,12 @@ def test_run_sets_the_plans_allocator_mode_and_says_when_it_overrides_the_enviro
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128,expandable_segments:True"
     assert any("said expandable_segments:false; the plan was predicted with expandable_segments:True" in note
                for note in summary.notes)
+
+
+def test_a_one_step_run_says_its_speed_was_not_measured(model_dir: Path, tmp_path: Path) -> None:
+    plan_path = make_plan(model_dir).save(tmp_path / "plan.json")
+    _, options = parse(["run", str(plan_path), "--data", str(CORPUS), "--output-dir", str(tmp_path / "one"),
+                        "--max-steps", "1"])
+    out = io.StringIO()
+    assert cmd_run(options, Console(file=out, width=120), Console(file=io.StringIO(), width=120)) == 0
+    assert "not measured (the first step is not timed: run 2 or more)" in out.getvalue()

@@ -431,7 +431,9 @@ def render_run_summary(summary: RunSummary, console: Console) -> None:
                   + (f" (resumed at {summary.resumed_from_step + 1})" if summary.resumed_from_step is not None else ""))
     if first is not None:
         table.add_row("loss", f"{first:.4f} -> {last:.4f}")
-    table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}")
+    # measured over the steps after the first (compilation, allocator warm-up): a 1-step run has none
+    table.add_row("tokens/s", f"{summary.tokens_per_second:,.0f}" if summary.tokens_per_second
+                  else "not measured (the first step is not timed: run 2 or more)")
     if summary.peak_reserved_bytes is not None:
         predicted = (f" (plan predicted {format_bytes(summary.predicted_total_bytes)} in all)"
                      if summary.predicted_total_bytes else "")
