@@ -79,3 +79,24 @@ def test_an_unwritable_cache_directory_is_skipped(tmp_path, monkeypatch):
     monkeypatch.setenv("MEMTUNE_CACHE_DIR", str(blocker))  # traces/ cannot be made under a file
     cache.store("key", {"a": 1})
     assert cache.load("key") is None
+
+
+def test_a_second_sharded_plan_reads_its_trace_from_disk(tmp_path, monkeypatch):
+    """The FSDP trace (predict/fsdp.py) is cached on disk too: a new process's second plan of the same sharded step
+    does not trace again, and predicts the same bytes."""
+    from benchmarks.cases import tiny_llama
+    from memtune.predict import fsdp
+
+    monkeypatch.delenv("MEMTUNE_NO_CACHE", raising=False)
+    monkeypatch.setenv("MEMTUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(fsdp, "_TRACE_CACHE", {})
+    traced = []
+    real = fsdp.trace_sharded
+    monkeypatch.setattr(fsdp, "trace_sharded", lambda *args: traced.append(args[1]) or real(*args))
+    config = TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16", num_gpus=2)
+    first = fsdp.estimate_sharded(tiny_llama(5), config)
+    monkeypatch.setattr(fsdp, "_TRACE_CACHE", {})  # as a new process starts
+    second = fsdp.estimate_sharded(tiny_llama(5), config)
+    assert len(traced) == 1 and list(tmp_path.glob("traces/*.pickle"))
+    assert (second.peak_allocated_bytes, second.peak_reserved_bytes) == (
+        first.peak_allocated_bytes, first.peak_reserved_bytes)

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
 """Packages whose version is part of the key: the traced ops and the model code are theirs."""
 
 

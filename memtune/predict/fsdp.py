@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import MemtuneError
-from memtune.predict import allocator
+from memtune.predict import allocator, cache
 from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.predict.peak import Estimate, collective_context_bytes, estimate_of_events
 from memtune.predict.trace import (
@@ -487,11 +487,18 @@ _TRACE_CACHE: dict[str, Trace] = {}
 
 
 def cached_trace_sharded(model_config: Any, train_config: TrainConfig) -> Trace:
-    """`trace_sharded` of the configuration, cached per (model config, configuration)."""
-    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.traced().to_dict()], sort_keys=True)
+    """`trace_sharded` of the configuration, cached per (model config, configuration), in the process and on disk
+    (`predict.cache`, as the single-GPU traces: a second plan of the same sharded step reads it)."""
+    key = json.dumps(["sharded", model_config.to_json_string(use_diff=False), train_config.traced().to_dict()],
+                     sort_keys=True)
     if key not in _TRACE_CACHE:
+        stored = cache.load(key)
+        if stored is not None:
+            _TRACE_CACHE[key] = stored
+            return stored
         try:
             _TRACE_CACHE[key] = trace_sharded(model_config, train_config)
+            cache.store(key, _TRACE_CACHE[key])
         except MemtuneError:
             raise
         except Exception as error:  # the sharded trace has one path (CPU): no fallback, a clear error
