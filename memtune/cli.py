@@ -61,14 +61,14 @@ EPILOG_FIT = """examples:
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing (of the fewest decoder layers that fit), a chunked loss, CPU offload, an 8-bit or
-4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full replica per GPU (DDP) or FSDP sharding
-of the model state. Pure 16-bit training (no fp32 master weights) is tried only when nothing with
-them fits, LoRA (or --prefix) only when nothing else fits, and LoRA on a 4-bit or 8-bit base (QLoRA,
-with bitsandbytes) after every other LoRA configuration, unless you ask for them (--precision bf16,
---lora, --qlora 4). Pin any choice (--precision fp32, --checkpointing off, --checkpointing 12 for
-the first 12 layers, ...) and it is kept. The winner is verified with real trial steps when a GPU is
-here, and saved to --plan-out for `memtune run`.
+checkpointing (of the fewest decoder layers that fit), a chunked loss, the allocator's expandable
+segments, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full
+replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32 master
+weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing else fits,
+and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA configuration,
+unless you ask for them (--precision bf16, --lora, --qlora 4). Pin any choice (--precision fp32,
+--checkpointing off, --checkpointing 12 for the first 12 layers, ...) and it is kept. The winner is
+verified with real trial steps when a GPU is here, and saved to --plan-out for `memtune run`.
 
 exit codes: 0 a plan fits, 1 unexpected failure, 2 bad usage or input, 3 nothing fits (the
 shortfall and what would fit are printed).
