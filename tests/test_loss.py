@@ -128,12 +128,32 @@ def test_forward_loss_matches_standard_through_peft(adapter):
     )
 
 
-def test_chunked_loss_refuses_models_that_rescale_their_logits():
+@pytest.mark.parametrize("model_type, rescaling", [("cohere", {"logit_scale": 0.0625}),
+                                                    ("granite", {"logits_scaling": 8.0})])
+def test_chunked_loss_rescales_the_logits_as_cohere_and_granite_do(model_type, rescaling):
+    """Cohere multiplies its logits by logit_scale and Granite divides them by logits_scaling before the loss: the
+    chunks do the same (same loss and gradients as the model's own forward)."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **rescaling)
+    standard = TrainConfig(seq_len=24, micro_batch_size=2)
+    model = recipe.build_model(config, standard, "cpu")
+    input_ids = batch()
+    assert_same_loss_and_gradients(
+        model,
+        lambda: recipe.forward_loss(model, input_ids, input_ids, standard),
+        lambda: recipe.forward_loss(model, input_ids, input_ids, standard.replace(loss="chunked")),
+    )
+
+
+def test_chunked_loss_refuses_a_rescaling_it_does_not_know():
     config = tiny("meta-llama/Llama-3.2-1B")
-    config.logits_scaling = 8.0  # Granite divides the logits by this
+    config.logits_scaling = 8.0  # a Granite field on a Llama config: where would its forward apply it?
     train_config = TrainConfig(seq_len=8, loss="chunked")
     model = recipe.build_model(config, train_config, "cpu")
-    with pytest.raises(UsageError, match="logits_scaling"):
+    with pytest.raises(UsageError, match="logits_scaling=8.0"):
         recipe.forward_loss(model, batch(shape=(1, 8)), batch(shape=(1, 8)), train_config)
 
 

@@ -38,12 +38,15 @@ def chunked_causal_lm_loss(
     chunk_tokens: int = CHUNK_TOKENS,
     softcap: float | None = None,
     num_items_in_batch: torch.Tensor | int | None = None,
+    scale: float = 1.0,
 ) -> torch.Tensor:
     """The loss of transformers' `ForCausalLMLoss` on `head(hidden_states)`, computed in chunks.
 
     hidden_states: (batch, seq, hidden), after the backbone's final norm.
     labels: (batch, seq) token ids; position t is predicted from position t-1; IGNORE_INDEX is skipped.
     softcap: the config's `final_logit_softcapping` (Gemma-2): logits -> softcap * tanh(logits / softcap).
+    scale: logits -> logits * scale in the head's dtype, before the upcast, as Cohere's forward applies its
+    `logit_scale` and Granite's divides by `logits_scaling` (modeling_cohere.py, modeling_granite.py).
     num_items_in_batch: divide the summed loss by this instead of by the number of counted tokens
     (gradient accumulation over micro-batches with different numbers of label tokens, as Trainer does).
     """
@@ -54,7 +57,7 @@ def chunked_causal_lm_loss(
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     targets = shift_labels.reshape(-1).to(hidden.device)
     total = sum(
-        checkpoint(_chunk_loss_sum, hidden_chunk, target_chunk, head, softcap, use_reentrant=False)
+        checkpoint(_chunk_loss_sum, hidden_chunk, target_chunk, head, softcap, scale, use_reentrant=False)
         for hidden_chunk, target_chunk in zip(hidden.split(chunk_tokens), targets.split(chunk_tokens), strict=True)
     )
     if num_items_in_batch is None:
@@ -65,11 +68,14 @@ def chunked_causal_lm_loss(
 
 
 def _chunk_loss_sum(
-    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None
+    hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None, scale: float
 ) -> torch.Tensor:
     # Call the module (not its weight) so forward hooks see each chunk: predict/trace.py tags logits memory
     # with a pre-hook on the output embedding, and peft may wrap the head.
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if scale != 1.0:
+        logits = logits * scale
+    logits = logits.float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -272,9 +272,6 @@ def random_batch(model_config: Any, train_config: TrainConfig, device: str | tor
 
 # Config fields of architectures whose logits are more than `lm_head(hidden)` (+ Gemma-2's softcap):
 # Cohere's logit_scale, Granite's logits_scaling. The chunked loss would silently train a different model.
-_LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling")
-
-
 def forward_loss(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, train_config: TrainConfig
 ) -> torch.Tensor:
@@ -289,12 +286,7 @@ def forward_loss(
     peft_model = cast("PeftModel", model) if hasattr(model, "get_base_model") else None
     causal_lm = cast("PreTrainedModel", peft_model.get_base_model() if peft_model is not None else model)
     config = causal_lm.config
-    rescaling = {name: getattr(config, name, None) for name in _LOGIT_TRANSFORMS}
-    rescaling = {name: value for name, value in rescaling.items() if value not in (None, 1, 1.0)}
-    if rescaling:
-        seen = ", ".join(f"{name}={value}" for name, value in rescaling.items())
-        raise UsageError(f"the chunked loss does not support {config.model_type}, whose logits are rescaled ({seen}): "
-                         "use loss='standard' for this model")
+    scale = logit_scale_of(config)
     backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     extra = {}
     if peft_model is not None and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
@@ -309,7 +301,28 @@ def forward_loss(
         causal_lm.get_output_embeddings(),
         labels,
         softcap=getattr(config, "final_logit_softcapping", None),
+        scale=scale,
     )
+
+
+def logit_scale_of(config: Any) -> float:
+    """What the model's own forward multiplies its logits by before the loss: Cohere's `logit_scale`, 1 /
+    Granite's `logits_scaling` (their modeling files, every cohere* and granite* model type), else 1. Raises
+    UsageError for another model type that names one of them: where its forward applies it is not known here."""
+    model_type = str(getattr(config, "model_type", ""))
+    logit_scale = getattr(config, "logit_scale", None)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if model_type.startswith("cohere") and logit_scale is not None:
+        return float(logit_scale)
+    if model_type.startswith("granite") and logits_scaling is not None:
+        return 1.0 / float(logits_scaling)
+    rescaling = {name: value for name, value in (("logit_scale", logit_scale), ("logits_scaling", logits_scaling))
+                 if value not in (None, 1, 1.0)}
+    if rescaling:
+        seen = ", ".join(f"{name}={value}" for name, value in rescaling.items())
+        raise UsageError(f"the chunked loss does not support {model_type}, whose config rescales its logits ({seen}) "
+                         "in a way memtune does not know: use loss='standard' for this model")
+    return 1.0
 
 
 def train_step(
