@@ -177,7 +177,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, group: str | None = 
         default_text = option.default_text
         if option.words is not None:
             word = next(word for word, value in option.words.items() if value == default)
-            settings.update(default=word)
+            settings.update(default=word, type=str.lower)  # the words are lowercase: ON means on
             if option.parse is None:
                 settings.update(choices=list(option.words))
             else:  # words, or a value for `Option.parse` (--checkpointing 12)

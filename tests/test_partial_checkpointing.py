@@ -182,6 +182,9 @@ def test_the_command_line_takes_a_number_of_layers():
     args = parser.parse_args(["fit", "gpt2", "--checkpointing", "on"])
     options = cli.options_from(cli.OPTIONS["fit"], args, problems)
     assert options.policy().gradient_checkpointing is True and "--checkpointing on" in policy_flags(options.policy())
+    shouted = cli.options_from(cli.OPTIONS["fit"], parser.parse_args(["fit", "gpt2", "--checkpointing", "ON"]),
+                               problems)
+    assert shouted.policy().gradient_checkpointing is True  # the words are taken in any case
     cli.options_from(cli.OPTIONS["fit"], parser.parse_args(["fit", "gpt2", "--checkpointing", "most"]), problems)
     assert problems and "expected auto, on, off or a number of layers, got 'most'" in problems[0]
 
