@@ -235,8 +235,8 @@ class TrainConfig:
                             "step is not modelled yet): use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
         if not isinstance(self.gradient_checkpointing, bool):
             problems.append(f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}")
-        if self.stochastic_rounding and not (self.optimizer in TORCHAO_OPTIMIZERS and self.weights_dtype == "bf16"
-                                             and self.adapter is None):
+        if self.stochastic_rounding and not rounds_stochastically(self.optimizer, self.weights_dtype,
+                                                                  self.adapter is not None):
             problems.append("stochastic rounding is torchao's, for bf16 weights trained in full: it needs "
                             "weights_dtype bf16, no adapter and adamw_torch_8bit or adamw_torch_4bit (--precision bf16 "
                             f"--optim adamw_torch_4bit), got {self.weights_dtype} weights, {self.optimizer}"
@@ -367,6 +367,12 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
+
+
+def rounds_stochastically(optimizer: str, weights_dtype: str, with_adapter: bool) -> bool:
+    """Whether torchao's stochastic rounding of bf16 weights applies (`TrainConfig.stochastic_rounding`): one of its
+    optimizers on bf16 weights trained in full. Where it applies, the search and `memtune plan` turn it on."""
+    return optimizer in TORCHAO_OPTIMIZERS and weights_dtype == "bf16" and not with_adapter
 
 
 def require_extra(optimizer: str) -> None:

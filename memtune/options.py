@@ -26,7 +26,6 @@ from memtune.config import (
     PRECISIONS,
     QUANTIZED_BASE_CHOICES,
     SAVE_TOTAL_LIMIT,
-    TORCHAO_OPTIMIZERS,
     VERIFY_AND_OUTPUT,
     Adapter,
     Policy,
@@ -38,6 +37,7 @@ from memtune.config import (
     parse_bytes,
     precision_config,
     quantized_base_fields,
+    rounds_stochastically,
 )
 from memtune.errors import UsageError
 
@@ -205,8 +205,7 @@ class PlanOptions:
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
             optimizer=self.optimizer, **quantized,
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
-            stochastic_rounding=(self.optimizer in TORCHAO_OPTIMIZERS and weights == "bf16"
-                                 and not (self.lora or quantized)),
+            stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),
         )
 
 

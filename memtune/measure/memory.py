@@ -64,6 +64,14 @@ def release_memory() -> None:
 ALLOC_CONF = "PYTORCH_CUDA_ALLOC_CONF"
 
 
+def expandable_in_environment() -> bool | None:
+    """The expandable_segments value PYTORCH_CUDA_ALLOC_CONF gives, or None where it gives none."""
+    for part in os.environ.get(ALLOC_CONF, "").replace(" ", "").lower().split(","):
+        if part.startswith("expandable_segments:"):
+            return part.removeprefix("expandable_segments:") == "true"
+    return None
+
+
 def set_allocator_mode(expandable: bool) -> bool:
     """Make the CUDA caching allocator use expandable segments, or not, as a plan predicted it
     (`TrainConfig.expandable_segments`); other PYTORCH_CUDA_ALLOC_CONF settings are kept.
@@ -76,13 +84,12 @@ def set_allocator_mode(expandable: bool) -> bool:
     import torch
 
     setting = f"expandable_segments:{expandable}"
+    was_expandable = expandable_in_environment() is True
     kept = [part for part in os.environ.get(ALLOC_CONF, "").split(",")
             if part.strip() and not part.strip().startswith("expandable_segments")]
-    before = os.environ.get(ALLOC_CONF, "")
     os.environ[ALLOC_CONF] = ",".join([*kept, setting])
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return True
-    was_expandable = "expandable_segments:true" in before.replace(" ", "").lower()
     torch.cuda.empty_cache()
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
     setter(setting)

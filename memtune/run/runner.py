@@ -409,15 +409,13 @@ def _run_plan(
 ) -> RunSummary:
     """`run_plan` under `library_output`."""
     options = run_options(options, changes)
-    given = os.environ.get(memory.ALLOC_CONF, "")
+    given = memory.expandable_in_environment()
     memory.set_allocator_mode(plan.train_config.expandable_segments)  # before CUDA starts: the mode predicted
-    overridden = f"expandable_segments:{not plan.train_config.expandable_segments}".lower()
-    if overridden in given.replace(" ", "").lower():
-        notes_at_start = [f"{memory.ALLOC_CONF} said {overridden}; the plan was predicted with "
-                          f"expandable_segments:{plan.train_config.expandable_segments}, so the run uses that "
-                          f"({memory.ALLOC_CONF}={os.environ[memory.ALLOC_CONF]})"]
-    else:
-        notes_at_start = []
+    notes_at_start = []
+    if given is not None and given != plan.train_config.expandable_segments:
+        notes_at_start.append(f"{memory.ALLOC_CONF} said expandable_segments:{str(given).lower()}; the plan was "
+                              f"predicted with expandable_segments:{plan.train_config.expandable_segments}, so the "
+                              f"run uses that ({memory.ALLOC_CONF}={os.environ[memory.ALLOC_CONF]})")
     data, output_dir, resume, max_steps = options.data, options.output_dir, options.resume, options.max_steps
     text_field, learning_rate, save_steps, seed = (options.text_field, options.learning_rate, options.save_steps,
                                                    options.seed)

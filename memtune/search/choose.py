@@ -401,8 +401,8 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         if steadier is not None:
             candidate = steadier
         fewer = fewest_checkpointed(candidate, predictor, result, policy, say)
+        settle = getattr(predictor, "settled_tokens_per_second", None)
         for fitting in ([fewer] if fewer is not None else []) + [candidate]:
-            settle = getattr(predictor, "settled_tokens_per_second", None)
             if settle is not None and config.optimizer in PAGED_OPTIMIZERS:  # its paging charge depends on the room
                 assert fitting.estimate is not None
                 fitting.predicted_tokens_per_second = settle(fitting.estimate, result.usable_bytes)

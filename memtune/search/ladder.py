@@ -40,6 +40,7 @@ from memtune.config import (
     precision_config,
     quantized_base_fields,
     require_extra,
+    rounds_stochastically,
     torchao_available,
 )
 from memtune.errors import UsageError
@@ -408,8 +409,8 @@ class Optimizer(Rung):
         # (`TrainConfig.stochastic_rounding`) and costs no memory (H200, Qwen2.5-0.5B and Llama-3.2-1B pure bf16
         # with AdamW4bit: the same peaks to the byte, results/lowbit_stochastic_rounding_h200.json; tokens/s
         # +7% / -12%, within the noise of its 2 timed steps).
-        if fields.get("stochastic_rounding", False) != (fields["optimizer"] in TORCHAO_OPTIMIZERS
-                                                 and fields["weights_dtype"] == "bf16" and fields["adapter"] is None):
+        if fields.get("stochastic_rounding", False) != rounds_stochastically(
+                fields["optimizer"], fields["weights_dtype"], fields["adapter"] is not None):
             return "torchao's optimizers round bf16 weights stochastically, and only those"
         if fields["optimizer"] in UNSHARDABLE_OPTIMIZERS and (fields["offload"] != "none" or (
                 fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
