@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from memtune.errors import UsageError
@@ -176,6 +178,12 @@ class TrainConfig:
     """With gradient_checkpointing: how many decoder layers are checkpointed, counted from the first; None: all.
     The first ones, because their backward runs last: each recomputation then happens after the layers above
     have freed their saved activations, so it never adds to them (`recipe.step.set_checkpointing`)."""
+    offload_activations: bool = False
+    """With gradient_checkpointing: keep each checkpointed decoder layer's inputs (what it saves for its recompute)
+    in pinned host memory instead of on the GPU, as transformers 5.24's `activation_checkpointing_enable(
+    offload=True)` does (`torch.autograd.graph.save_on_cpu` around the checkpoint; `recipe.step.set_checkpointing`):
+    frees checkpointed layers x tokens x hidden bytes of the GPU for a device-to-host copy in forward and one back in
+    backward, on the compute stream."""
     adapter: Adapter | None = None
     """LoRA / prefix tuning through peft; None trains all weights."""
     optimizer: str = DEFAULT_OPTIMIZER
@@ -252,6 +260,14 @@ class TrainConfig:
                                 "offload yet: checkpoint every layer there (fit: --checkpointing on; plan: "
                                 "--checkpointing without --checkpoint-layers), or with several GPUs use DDP "
                                 "(--strategy ddp)")
+        if not isinstance(self.offload_activations, bool):
+            problems.append(f"offload_activations must be True or False, got {self.offload_activations!r}")
+        elif self.offload_activations and not self.gradient_checkpointing:
+            problems.append("offload_activations keeps the inputs of checkpointed layers on the host: it needs "
+                            "gradient_checkpointing=True (fit: --checkpointing on or auto)")
+        elif self.offload_activations and isinstance(self.num_gpus, int) and self.sharded:
+            problems.append("offloading activations is not modelled under FSDP or CPU offload yet: use it on one GPU "
+                            "or with DDP (--strategy ddp)")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
             problems.append(f"adapter must be an Adapter or None, got {type(self.adapter).__name__}")
         elif self.adapter is not None and self.adapter.kind == "prefix" and self.gradient_checkpointing:
@@ -298,6 +314,8 @@ class TrainConfig:
         if self.gradient_checkpointing:
             layers = self.checkpoint_layers
             parts.append("checkpointing" if layers is None else f"checkpointing {layers} layer{'s' * (layers > 1)}")
+            if self.offload_activations:
+                parts[-1] += " (inputs on the host)"
         if self.adapter is not None:
             parts.append(self.adapter.describe())
         if self.quantization is not None:
@@ -367,6 +385,24 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
+
+
+HOST_BUDGET_FRACTION = 0.5
+"""Share of the host's available memory (MemAvailable) that offloaded activations may pin: pinned pages cannot be
+swapped, and the data loader, the checkpoint writer and the other ranks of the machine need the rest."""
+
+
+def cache_home() -> Path | None:
+    """memtune's cache directory: `$MEMTUNE_CACHE_DIR`, else `$XDG_CACHE_HOME/memtune`, else `~/.cache/memtune`;
+    None when `MEMTUNE_NO_CACHE` is set (1, true, yes, on). Traces (`predict.cache`) and the measured host copy
+    rate (`measure.probe.host_copy_rate`) are kept there."""
+    if os.environ.get("MEMTUNE_NO_CACHE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    root = os.environ.get("MEMTUNE_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "memtune"
 
 
 def rounds_stochastically(optimizer: str, weights_dtype: str, with_adapter: bool) -> bool:
@@ -667,6 +703,11 @@ class Policy:
     quantisation, 8 is LLM.int8), the only base the search then tries; implies LoRA, on one GPU."""
     micro_batch_size: int | None = field(default=None, metadata=option(group=PINS))
     """Keep this micro-batch (sequences per forward/backward per GPU); it must divide the batch."""
+    offload_activations: bool | None = field(default=None, metadata=option(
+        flag="--offload-activations", words={"auto": None, "on": True, "off": False}, group=PINS))
+    """Keep the inputs of the checkpointed layers in pinned host memory (transformers' activation_checkpointing
+    offload=True): frees layers x tokens x hidden bytes of the GPU for a copy each way per micro-batch over the
+    host link. on implies checkpointing; auto: tried after checkpointing alone, when that does not fit."""
     expandable_segments: bool | None = field(default=None, metadata=option(
         flag="--expandable-segments", words={"auto": None, "on": True, "off": False}, group=PINS))
     """The caching allocator's mode: on is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (segments that grow by
@@ -712,6 +753,9 @@ class Policy:
     """The GPU computes in bf16 (fit sets it from the probe)."""
     num_gpus: int = field(default=1, metadata=option(on_command_line=False))
     """GPUs of one data-parallel job (--gpus)."""
+    host_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
+    """Pinned host memory a step may hold (offloaded activations): fit sets HOST_BUDGET_FRACTION of the memory the
+    host has available (`measure.probe.host_available_bytes`); None: not checked."""
     max_trials: int = field(default=3, metadata=option(on_command_line=False))
     """At most this many candidates are tried on the GPU; the ones after are reported as not verified."""
 
@@ -781,6 +825,16 @@ class Policy:
             word = "on" if checkpointing is True else checkpointing
             problems.append(f"--prefix contradicts --checkpointing {word}: peft refuses prefix tuning with gradient "
                             "checkpointing; use --lora, or --checkpointing off")
+        if self.offload_activations:
+            if checkpointing is False:
+                problems.append("--offload-activations on keeps the inputs of checkpointed layers on the host: it "
+                                "contradicts --checkpointing off; use --checkpointing on, N or auto")
+            if self.use_adapter is True and self.adapter.kind == "prefix":
+                problems.append("--offload-activations on needs gradient checkpointing, which peft refuses with "
+                                "prefix tuning: use --lora, or --offload-activations off")
+            if self.offload not in (None, "none") or (self.num_gpus > 1 and self.strategy != "ddp"):
+                problems.append("--offload-activations on is not modelled under FSDP or CPU offload yet: with several "
+                                "GPUs pin --strategy ddp, and leave --offload out")
         if bad:
             raise UsageError("; ".join(problems))
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):

@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memtune.config import NO_BF16_GPUS, Adapter, Policy, TrainConfig, format_bytes, known_gpu, margin_for
+from memtune.config import (
+    HOST_BUDGET_FRACTION,
+    NO_BF16_GPUS,
+    Adapter,
+    Policy,
+    TrainConfig,
+    format_bytes,
+    known_gpu,
+    margin_for,
+)
 from memtune.errors import UsageError
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
@@ -193,7 +202,7 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations."""
-    from memtune.measure.probe import probe
+    from memtune.measure.probe import host_available_bytes, probe
 
     started = time.perf_counter()
     result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
@@ -205,6 +214,11 @@ def fit_model(
     speed = throughput.gpu_speed(gpu.name if gpu else (gpu_name or "H100"))
     if gpu is not None:
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
+        if gpu.host_copy_bytes_per_second:  # measured here: offloaded activations and state move at this rate
+            speed = speed.scaled(pcie_bytes_per_second=gpu.host_copy_bytes_per_second)
+        available = host_available_bytes()
+        if available is not None and policy.host_budget_bytes is None:
+            policy = _with(policy, host_budget_bytes=int(HOST_BUDGET_FRACTION * available))
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
     check_sequence_length(source.config, seq_len)

@@ -126,6 +126,9 @@ class PlanOptions:
     """Gradient checkpointing (recompute activations in backward) of every decoder layer."""
     checkpoint_layers: int | None = field(default=None, metadata=option(metavar="N", default_text="all of them"))
     """Checkpoint only the first N decoder layers (implies --checkpointing): less recomputation, more memory."""
+    offload_activations: bool = False
+    """Keep the checkpointed layers' inputs in pinned host memory (implies --checkpointing): less GPU memory, a
+    copy to the host and back per layer and micro-batch."""
     expandable_segments: bool = False
     """Predict the caching allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (memtune run sets it)."""
     lora: bool = False
@@ -199,8 +202,9 @@ class PlanOptions:
         return TrainConfig(
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
             weights_dtype=weights, amp=amp,
-            gradient_checkpointing=self.checkpointing or self.checkpoint_layers is not None,
-            checkpoint_layers=self.checkpoint_layers, expandable_segments=self.expandable_segments,
+            gradient_checkpointing=self.checkpointing or self.checkpoint_layers is not None or self.offload_activations,
+            checkpoint_layers=self.checkpoint_layers, offload_activations=self.offload_activations,
+            expandable_segments=self.expandable_segments,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
             optimizer=self.optimizer, **quantized,

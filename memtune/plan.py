@@ -199,8 +199,9 @@ class Plan:
 
     def prepare(self, model: nn.Module, *, warm_up: bool = True) -> nn.Module:
         """The model as the plan trains it: weights in `weights_dtype`, gradient checkpointing
-        (non-reentrant; of the first `checkpoint_layers` decoder layers only where the plan says so, which
-        TrainingArguments cannot express), use_cache off, and the LoRA / prefix adapter wrapped around it with peft.
+        (non-reentrant; of the first `checkpoint_layers` decoder layers only where the plan says so, and with their
+        inputs in pinned host memory where it offloads activations, which TrainingArguments cannot express before
+        transformers 5.24), use_cache off, and the LoRA / prefix adapter wrapped around it with peft.
 
         Returns the model to train (a peft.PeftModel when the plan has an adapter).
 

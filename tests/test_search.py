@@ -90,9 +90,11 @@ class FakeTrial:
 
 
 SIMPLE = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
-                allow_8bit_optimizer=False, allow_pure_16bit=False, expandable_segments=False)
-"""The walks below count predictions: the allocator's mode is pinned (FakePredictor gives both modes the same
-memory; test_the_allocator_mode_is_tried_when_the_default_does_not_fit covers the mode)."""
+                allow_8bit_optimizer=False, allow_pure_16bit=False, expandable_segments=False,
+                offload_activations=False)
+"""The walks below count predictions: the allocator's mode and the activation offload are pinned (FakePredictor
+gives both ways the same memory; test_the_allocator_mode_is_tried_when_the_default_does_not_fit covers the mode,
+tests/test_activation_offload.py the offload)."""
 
 
 def test_walks_candidates_fastest_first_and_stops_at_the_first_that_fits():

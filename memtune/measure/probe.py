@@ -37,6 +37,8 @@ class GpuInfo:
     memory_fraction: float | None = None
     """torch.cuda.set_per_process_memory_fraction in effect (None: not set)."""
     driver_version: str = ""
+    host_copy_bytes_per_second: float | None = None
+    """Measured pinned host<->device copy rate (`host_copy_rate`, the slower direction); None if not measured."""
 
     @property
     def budget_bytes(self) -> int:
@@ -67,6 +69,73 @@ class ProbeResult:
     def to_dict(self) -> dict[str, Any]:
         return {"available": self.available, "reason": self.reason, "torch_cuda": self.torch_cuda,
                 "gpus": [gpu.to_dict() for gpu in self.gpus]}
+
+
+def host_available_bytes() -> int | None:
+    """The host memory available to new allocations (Linux /proc/meminfo MemAvailable, bytes), None elsewhere."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+HOST_COPY_BYTES = 256 * 1024 * 1024
+"""The buffer `host_copy_rate` times: large enough that a copy runs at the link's full rate (a few ms over PCIe)."""
+
+
+def host_copy_rate(index: int = 0) -> float:
+    """Bytes per second of a pinned host<->device copy on GPU `index`: the slower of the two directions (offloaded
+    activations go out in forward and back in backward), the best of 3 timed copies of `HOST_COPY_BYTES` each way
+    (CUDA events) after one untimed. Measured once per GPU (name and PCI bus) and kept in memtune's cache directory
+    (`config.cache_home()`/host_copy_rate.json); `MEMTUNE_NO_CACHE=1` measures every time.
+    Initialises CUDA; raises RuntimeError without a GPU."""
+    import json
+
+    import torch
+
+    from memtune.config import cache_home
+
+    props = torch.cuda.get_device_properties(index)
+    key = f"{props.name} {getattr(props, 'pci_bus_id', '')}:{getattr(props, 'pci_device_id', '')}"
+    home = cache_home()
+    path = home / "host_copy_rate.json" if home is not None else None
+    known: dict[str, float] = {}
+    if path is not None and path.exists():
+        try:
+            known = {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            known = {}
+    if key in known:
+        return known[key]
+    device = torch.device("cuda", index)
+    host = torch.empty(HOST_COPY_BYTES, dtype=torch.uint8, pin_memory=True)
+    gpu = torch.empty(HOST_COPY_BYTES, dtype=torch.uint8, device=device)
+    rates = []
+    with torch.cuda.device(index):
+        for destination, source in ((host, gpu), (gpu, host)):
+            best = float("inf")
+            for attempt in range(4):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                destination.copy_(source, non_blocking=True)
+                end.record()
+                end.synchronize()
+                if attempt:
+                    best = min(best, start.elapsed_time(end) / 1e3)
+            rates.append(HOST_COPY_BYTES / best)
+    del host, gpu
+    rate = min(rates)
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({**known, key: rate}, indent=1))
+        except OSError:
+            pass  # a read-only cache only costs a measurement next time
+    return rate
 
 
 def _nvml_used(index: int) -> tuple[int, int, int, list[tuple[int, int]], str] | None:
@@ -126,6 +195,14 @@ def probe() -> ProbeResult:
             index=index, name=torch.cuda.get_device_name(index), total_bytes=total, free_bytes=free,
             used_by_others_bytes=others, other_processes=count, capability=f"{props.major}.{props.minor}",
             bf16_supported=bool(torch.cuda.is_bf16_supported()), context_bytes=context or DEFAULT_CONTEXT_BYTES,
-            memory_fraction=fraction, driver_version=driver,
+            memory_fraction=fraction, driver_version=driver, host_copy_bytes_per_second=_host_copy_rate_or_none(index),
         ))
     return result
+
+
+def _host_copy_rate_or_none(index: int) -> float | None:
+    """`host_copy_rate`, or None where it cannot be measured (no room for the buffers, pinning refused)."""
+    try:
+        return host_copy_rate(index)
+    except RuntimeError:  # torch.OutOfMemoryError and CUDA errors are RuntimeErrors
+        return None

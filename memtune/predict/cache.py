@@ -21,19 +21,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from memtune.config import cache_home
+
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "torchao")
 """Packages whose version is part of the key: the traced ops and the model code are theirs."""
 
 
 def cache_dir() -> Path | None:
-    """Where traces are kept, or None when caching is off (MEMTUNE_NO_CACHE)."""
-    if os.environ.get("MEMTUNE_NO_CACHE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return None
-    root = os.environ.get("MEMTUNE_CACHE_DIR")
-    if root:
-        return Path(root).expanduser() / "traces"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "memtune" / "traces"
+    """Where traces are kept, or None when caching is off (MEMTUNE_NO_CACHE): `config.cache_home()`/traces."""
+    home = cache_home()
+    return home / "traces" if home is not None else None
 
 
 @functools.cache

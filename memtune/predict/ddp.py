@@ -61,7 +61,7 @@ from memtune.errors import UsageError
 from memtune.predict import allocator
 from memtune.predict.events import DDP_BUCKETS
 from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
-from memtune.predict.single import full_depth_events
+from memtune.predict.single import full_depth_events, offloaded_host_bytes
 from memtune.predict.trace import Category, Event, Trace, num_layers_of, paged_bytes_at_depth, rounded
 
 BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024
@@ -258,6 +258,7 @@ def estimate_replicated(
     return estimate_of_events(train_config, events, categories, trace_device=trace.device or device,
                               trace_note=trace.note, traced_layers=trace.traced_layers,
                               paged_bytes=paged_bytes_at_depth(trace, num_layers),
+                              host_bytes=offloaded_host_bytes(model_config, train_config, trace),
                               num_layers=num_layers, started=started,
                               context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 

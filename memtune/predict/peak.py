@@ -56,6 +56,9 @@ class Estimate:
     paged_bytes: int = 0
     """Optimizer state of a paged optimizer in CUDA unified memory: not in peak_reserved_bytes or total_bytes
     (outside torch's pool; the driver evicts it to the host when the GPU needs the room)."""
+    host_bytes: int = 0
+    """Pinned host memory the step holds at once: the offloaded inputs of checkpointed layers
+    (`TrainConfig.offload_activations`), in torch's pinned blocks; 0 without. Not device memory."""
     trace_note: str = ""
     """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
     for the caller to show on stderr; "" otherwise. Not in `to_dict` (the JSON schema documents the fields
@@ -84,6 +87,7 @@ class Estimate:
             "num_layers": self.num_layers,
             "seconds": self.seconds,
             "paged_bytes": self.paged_bytes,
+            "host_bytes": self.host_bytes,
         }
 
 
@@ -113,7 +117,7 @@ def breakdown_at_peak(events: list[Event], categories: dict[Hashable, str]) -> d
 def estimate_of_events(
     train_config: TrainConfig, events: list[Event], categories: dict[Hashable, str], *, trace_device: str,
     traced_layers: int, num_layers: int, started: float, context_bytes: int, workspace_bytes: int,
-    peaks: tuple[int, int] | None = None, trace_note: str = "", paged_bytes: int = 0,
+    peaks: tuple[int, int] | None = None, trace_note: str = "", paged_bytes: int = 0, host_bytes: int = 0,
 ) -> Estimate:
     """The Estimate of a full-depth event list, broken down at its peak. `peaks` (allocated, reserved)
     when the caller replayed the events itself (several streams); else one allocator replay.
@@ -137,4 +141,5 @@ def estimate_of_events(
         seconds=time.perf_counter() - started,
         trace_note=trace_note,
         paged_bytes=paged_bytes,
+        host_bytes=host_bytes,
     )

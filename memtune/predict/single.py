@@ -37,6 +37,7 @@ from memtune.predict.trace import (
     describe_failure,
     extend,
     extend_events,
+    host_bytes_at_depth,
     layer_period,
     model_type_of,
     num_layers_of,
@@ -147,6 +148,18 @@ def partial_events(model_config: Any, train_config: TrainConfig, device: str) ->
     return trace, _EVENTS_CACHE[key]
 
 
+def offloaded_host_bytes(model_config: Any, train_config: TrainConfig, trace: Trace) -> int:
+    """The pinned host memory of the full model's offloaded activations (`trace.host_bytes_at_depth`), from the
+    trace `full_depth_events` used: all layers checkpointed, or the first k (`partial_events`' first run)."""
+    if not train_config.offload_activations:
+        return 0
+    num_layers = num_layers_of(model_config) or trace.traced_layers
+    checkpointed = train_config.checkpointed_layers(num_layers)
+    if checkpointed < num_layers:
+        return host_bytes_at_depth(trace, checkpointed, traced_depth(checkpointed, layer_period(model_config)))
+    return host_bytes_at_depth(trace, num_layers)
+
+
 def estimate_single(
     model_config: Any,
     train_config: TrainConfig,
@@ -163,6 +176,7 @@ def estimate_single(
     num_layers = num_layers_of(model_config) or trace.traced_layers
     return estimate_of_events(train_config, events, trace.categories, trace_device=trace.device or device,
                               trace_note=trace.note, paged_bytes=paged_bytes_at_depth(trace, num_layers),
+                              host_bytes=offloaded_host_bytes(model_config, train_config, trace),
                               traced_layers=trace.traced_layers, num_layers=num_layers,
                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
 

@@ -82,7 +82,8 @@ class GpuSpeed:
     """fp32 FLOP/s without TF32 (torch's default for float32 matmuls)."""
     memory_bytes_per_second: float
     pcie_bytes_per_second: float = 25e9
-    """Host<->device copy rate for offloaded state (PCIe 4/5 x16, pinned, effective)."""
+    """Host<->device copy rate for offloaded state and activations (PCIe 4/5 x16, pinned, effective): an assumption
+    unless `memtune fit` measured this GPU's (`measure.probe.host_copy_rate`, the slower direction)."""
     # Fitted to 143 measured H200 steps (benchmarks/calibrate_throughput.py on tests/data/ground_truth_h200.json
     # and benchmarks/results/oracle_h200.json): median error 10%, max 56%.
     bf16_efficiency: float = 0.5089
@@ -224,9 +225,26 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
         from memtune.recipe.loss import CHUNK_TOKENS
 
         micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
+    # Offloaded activations: each checkpointed layer's input goes to pinned host memory in forward and comes back
+    # for the recomputation, both copies on the compute stream (save_on_cpu), so nothing hides them.
+    micro += 2 * offloaded_activation_bytes(shape, config) / speed.pcie_bytes_per_second
     # Backward (recomputation included) by its share of the FLOPs: what DDP's all-reduce can hide behind.
     backward_share = (backward + recompute + chunk_recompute) / (forward + backward + recompute + chunk_recompute)
     return micro, micro * backward_share
+
+
+def offloaded_activation_bytes(shape: ModelShape, config: TrainConfig) -> int:
+    """Bytes one micro-batch copies to the host and back with `offload_activations`: each checkpointed layer's
+    input, the residual stream, tokens x hidden in the weights' dtype (fp32 under mixed precision and for a
+    quantised base, whose other weights peft makes fp32). Only the hidden states: transformers' checkpointed
+    layers take the rotary embeddings and the mask as keyword arguments, bound into the checkpointed function
+    (modeling_layers.py `GradientCheckpointingLayer`), which the checkpoint does not save (the trace's
+    `Trace.host_bytes` counts what it does save, in pinned blocks). 0 without offload."""
+    if not config.offload_activations:
+        return 0
+    element = 4 if config.quantization is not None else DTYPE_BYTES[config.weights_dtype]
+    tokens = config.micro_batch_size * config.seq_len
+    return config.checkpointed_layers(shape.num_layers) * tokens * shape.hidden_size * element
 
 
 def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicted_bytes: int | None = None) -> float:

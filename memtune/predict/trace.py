@@ -72,6 +72,10 @@ class Trace:
     """Where the step was traced: "cuda" (fake CUDA tensors) or "cpu" (CUDA emulation)."""
     note: str = ""
     """Why it was traced there when another path was asked for (single.cached_trace's fallback), else ""."""
+    host_bytes: dict[int, int] = field(default_factory=dict)
+    """Pinned host memory holding the offloaded inputs of checkpointed layers (`TrainConfig.offload_activations`)
+    at the end of one micro-batch's forward, by decoder layer, in torch's pinned blocks (`host_block`): see
+    `offload_to_host`; `host_bytes_at_depth` for the full model."""
     paged_bytes: dict[int, int] = field(default_factory=dict)
     """Optimizer state in CUDA unified memory (paged optimizers), outside the events, by the decoder layer of
     its parameter (NO_LAYER outside them): see `traced_optimizer`; `paged_bytes_at_depth` for the full model."""
@@ -461,6 +465,51 @@ def first_tensor(value: Any) -> torch.Tensor | None:
     return None
 
 
+def host_block(num_bytes: int) -> int:
+    """The pinned host block torch's caching host allocator gives a request of `num_bytes`: rounded up to a power
+    of two (aten/src/ATen/core/CachingHostAllocator.h `allocate`, below its default round threshold)."""
+    return 1 << max(0, num_bytes - 1).bit_length() if num_bytes > 0 else 0
+
+
+def offload_to_host(layers: list[torch.nn.Module], counter: StorageCounter) -> None:
+    """Make each checkpointed decoder layer's saved inputs leave the traced device, as `recipe.step.offloaded_
+    checkpoint` (torch's `save_on_cpu`) does on the GPU, and record the pinned host memory they take.
+
+    The recipe's function cannot be traced as it is: on the CPU path its host copy would be one more CPU tensor,
+    counted as device memory, and its copy back (`.to(device)`) a no-op. This one replaces each layer's
+    `_gradient_checkpointing_func` with the same checkpoint under saved-tensor hooks whose pack makes a host
+    tensor outside the caching allocator's pool (`StorageCounter.outside_pool`), so the device tensor dies as on
+    the GPU, and whose unpack allocates the device copy that the recomputation reads. `Trace.host_bytes[i]` is the
+    largest of layer i's packs over the traced micro-batches (every micro-batch's packs live from its forward to
+    its backward, one micro-batch at a time), in `host_block`s."""
+    from torch.utils.checkpoint import checkpoint
+
+    def offloaded(index: int) -> Any:
+        def checkpoint_on_host(function: Any, *args: Any, **kwargs: Any) -> Any:
+            packed = [0]
+
+            def pack(tensor: torch.Tensor) -> tuple[torch.device, torch.Tensor]:
+                with counter.outside_pool():
+                    host = torch.empty(tensor.size(), dtype=tensor.dtype, device="cpu")
+                packed[0] += host_block(host.numel() * host.element_size())
+                return tensor.device, host
+
+            def unpack(saved: tuple[torch.device, torch.Tensor]) -> torch.Tensor:
+                device, host = saved
+                return torch.empty(host.size(), dtype=host.dtype, device=device)  # the copy back: a new block
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+                output = checkpoint(function, *args, **kwargs)
+            counter.trace.host_bytes[index] = max(counter.trace.host_bytes.get(index, 0), packed[0])
+            return output
+
+        return functools.partial(checkpoint_on_host, use_reentrant=False)
+
+    for index, layer in enumerate(layers):
+        if hasattr(layer, "_gradient_checkpointing_func"):
+            layer._gradient_checkpointing_func = offloaded(index)
+
+
 def _layer_hooks(layers: list[torch.nn.Module], counter: StorageCounter) -> list[Any]:
     """Tag events with the decoder layer running them, in forward (module hooks) and backward
     (a pre-hook on the grad_fn of each layer's output fires when that layer's backward starts).
@@ -686,6 +735,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
         layer_of_param = {id(p): layer_of.get(id(meta), NO_LAYER) for p in model.parameters()
                           if (meta := param_meta.get(id(p))) is not None}
         optimizer = traced_optimizer(model, train_config, counter, layer_of_param)
+        if train_config.offload_activations:
+            offload_to_host(layers, counter)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
@@ -813,10 +864,23 @@ def boundary_pairs(events: list[Event], period: int, start: int | None = None,
 def paged_bytes_at_depth(trace: Trace, num_layers: int) -> int:
     """`trace.paged_bytes` of the model `num_layers` deep: the template layers [p, 2p) repeated as `extend`
     repeats their events."""
-    p, traced = trace.period, trace.traced_layers
-    copies = max(0, (num_layers - traced) // p) if traced >= PLAIN_PERIODS * p else 0
-    template = sum(size for layer, size in trace.paged_bytes.items() if p <= layer < 2 * p)
-    return sum(trace.paged_bytes.values()) + copies * template
+    return bytes_at_depth(trace.paged_bytes, trace.period, trace.traced_layers, num_layers)
+
+
+def host_bytes_at_depth(trace: Trace, checkpointed: int, traced_checkpointed: int | None = None) -> int:
+    """`trace.host_bytes` with `checkpointed` offloaded layers, from a trace whose first `traced_checkpointed`
+    layers (default: all traced layers) were checkpointed: their template layers [p, 2p) repeated, as
+    `single.partial_events` extends their events."""
+    traced = trace.traced_layers if traced_checkpointed is None else traced_checkpointed
+    return bytes_at_depth(trace.host_bytes, trace.period, traced, checkpointed)
+
+
+def bytes_at_depth(by_layer: dict[int, int], period: int, traced_layers: int, num_layers: int) -> int:
+    """Per-layer bytes of a trace `traced_layers` deep, at `num_layers`: layers [period, 2 period) repeated (the
+    template of `extend`), when the trace holds enough periods to have been extended."""
+    copies = max(0, (num_layers - traced_layers) // period) if traced_layers >= PLAIN_PERIODS * period else 0
+    template = sum(size for layer, size in by_layer.items() if period <= layer < 2 * period)
+    return sum(size for layer, size in by_layer.items() if layer < traced_layers) + copies * template
 
 
 def extend(trace: Trace, num_layers: int) -> list[Event]:

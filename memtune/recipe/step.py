@@ -8,6 +8,7 @@ Keeping a single definition is what makes predicted and measured peaks comparabl
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
@@ -96,9 +97,25 @@ def _build_quantized(model_config: Any, train_config: TrainConfig, device: str |
     return model
 
 
-def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> None:
+def offloaded_checkpoint(function: Any, *args: Any, **kwargs: Any) -> Any:
+    """`torch.utils.checkpoint.checkpoint` whose saved tensors (the layer's inputs: the hidden states, the rotary
+    cos/sin, ...; non-reentrant checkpointing saves nothing else) are kept in pinned host memory until the
+    recomputation: transformers 5.24's `activation_checkpointing_enable(offload=True)` (modeling_utils.py
+    `_activation_checkpointing_enable`), written out here so that 5.17 does the same. `save_on_cpu` copies each
+    tensor to a pinned buffer (torch's caching host allocator) asynchronously on the compute stream, and back when
+    the backward recomputes the layer; without CUDA the copies are plain CPU ones."""
+    from torch.autograd.graph import save_on_cpu
+    from torch.utils.checkpoint import checkpoint
+
+    with save_on_cpu(pin_memory=True, device_type="cuda"):
+        return checkpoint(function, *args, **kwargs)
+
+
+def set_checkpointing(model: Any, enabled: bool, layers: int | None = None, offload: bool = False) -> None:
     """Switch non-reentrant activation checkpointing on or off, in place: of every decoder layer, or with
-    `layers` of the first `layers` decoder layers only.
+    `layers` of the first `layers` decoder layers only; `offload` keeps the checkpointed layers' inputs in pinned
+    host memory (`offloaded_checkpoint`, set as each layer's `_gradient_checkpointing_func`, the function
+    transformers' layers call).
 
     transformers 5.24 renamed `gradient_checkpointing_enable/disable` to `activation_checkpointing_enable/
     disable` (the old names warn); 5.17 has only the old ones. Both set a `gradient_checkpointing` flag on each
@@ -114,6 +131,10 @@ def set_checkpointing(model: Any, enabled: bool, layers: int | None = None) -> N
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if offload:
+            for module in model.modules():
+                if hasattr(module, "_gradient_checkpointing_func"):
+                    module._gradient_checkpointing_func = functools.partial(offloaded_checkpoint, use_reentrant=False)
         if layers is not None:
             from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -135,7 +156,7 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
     if train_config.quantization is not None:
         causal_lm = cast("PreTrainedModel", quant.prepare_for_kbit_training(causal_lm, train_config))
     if train_config.gradient_checkpointing:
-        set_checkpointing(causal_lm, True, train_config.checkpoint_layers)
+        set_checkpointing(causal_lm, True, train_config.checkpoint_layers, train_config.offload_activations)
     if hasattr(causal_lm, "config"):
         causal_lm.config.use_cache = False
     adapter = train_config.adapter

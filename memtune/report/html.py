@@ -263,7 +263,7 @@ def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) 
     peak = chosen.predicted_total_bytes or 0
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     reasons = [why for why in (words.checkpointing_words(chosen.config, result.source.config, pinned),
-                                words.allocator_words(search)) if why]
+                                words.allocator_words(search), words.offload_words(search)) if why]
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
             f"({_e(words.spare_words(search.usable_bytes, peak))}), "

@@ -35,6 +35,7 @@ from memtune.report.words import (
     fit_commands,
     gpu_lines,
     model_line,
+    offload_words,
     python_snippet,
     quality_note,
     relative,
@@ -215,7 +216,7 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
-    for why in (checkpointing, allocator_words(search)):
+    for why in (checkpointing, allocator_words(search), offload_words(search)):
         if why:
             console.print(_indented(why))
     console.print("  what to set:")

@@ -162,6 +162,23 @@ def allocator_words(search: SearchResult) -> str | None:
             f"{format_bytes(chosen.estimate.total_bytes)}, at the same speed")
 
 
+def offload_words(search: SearchResult) -> str | None:
+    """What offloading the activations costs and saves, when the chosen configuration does (None otherwise): the
+    pinned host memory it holds and, where the search predicted it, the same without offload."""
+    chosen = search.chosen
+    if chosen is None or not chosen.config.offload_activations or chosen.estimate is None:
+        return None
+    host = f"{format_bytes(chosen.estimate.host_bytes)} of pinned host memory"
+    alone = next((candidate for candidate in search.candidates
+                  if candidate.config == chosen.config.replace(offload_activations=False)), None)
+    if alone is None or alone.estimate is None:
+        return f"activation offload: the checkpointed layers' inputs wait in {host}, copied out and back every step"
+    speed = relative(chosen.predicted_tokens_per_second, alone.predicted_tokens_per_second)
+    return (f"activation offload: the checkpointed layers' inputs wait in {host}; on the GPU the peak is "
+            f"{format_bytes(chosen.estimate.total_bytes)} instead of {format_bytes(alone.estimate.total_bytes)}, "
+            f"for a copy out and back per layer ({speed} tokens/s predicted)")
+
+
 def python_snippet(config: TrainConfig) -> str:
     """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
     adapter = config.adapter
@@ -185,11 +202,16 @@ def python_snippet(config: TrainConfig) -> str:
     if config.expandable_segments:  # read once, when CUDA starts
         imports.insert(0, "import os")
         body.insert(0, 'os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before torch starts CUDA')
+    if config.offload_activations:  # TrainingArguments of transformers 5.17 cannot offload
+        body += ['model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False}, '
+                 "offload=True)  # transformers >= 5.24; before: memtune.recipe.step.set_checkpointing(model, True, "
+                 "offload=True)"]
     if config.checkpoint_layers is not None:  # TrainingArguments checkpoints every layer or none
         imports.append("from transformers.modeling_layers import GradientCheckpointingLayer")
-        body += ['model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
-                 "  # activation_checkpointing_enable from transformers 5.24",
-                 "decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]",
+        if not config.offload_activations:
+            body.append('model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
+                        "  # activation_checkpointing_enable from transformers 5.24")
+        body += ["decoder_layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]",
                  f"for layer in decoder_layers[{config.checkpoint_layers}:]:  # checkpoint the first "
                  f"{config.checkpoint_layers} only",
                  "    layer.gradient_checkpointing = False"]
@@ -210,7 +232,8 @@ def python_snippet(config: TrainConfig) -> str:
         comment = ""
         if name == "gradient_checkpointing":
             comment = ("  # activation_checkpointing=True from transformers 5.24" if value else
-                       "  # True would checkpoint every layer again" if config.checkpoint_layers is not None else "")
+                       "  # True would checkpoint every layer again" if config.checkpoint_layers is not None else
+                       "  # True would checkpoint again without the offload" if config.offload_activations else "")
         body.append(f"    {name}={_python_argument(value)},{comment}")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),

@@ -409,9 +409,10 @@ class OomGuard(TrainerCallback):
 
     def _apply(self, config: TrainConfig) -> None:
         config = self.policy.normalized(config)
-        if (config.gradient_checkpointing, config.checkpoint_layers) != (
-                self.current.gradient_checkpointing, self.current.checkpoint_layers):
-            set_checkpointing(self.trainer.model, config.gradient_checkpointing, config.checkpoint_layers)
+        if (config.gradient_checkpointing, config.checkpoint_layers, config.offload_activations) != (
+                self.current.gradient_checkpointing, self.current.checkpoint_layers, self.current.offload_activations):
+            set_checkpointing(self.trainer.model, config.gradient_checkpointing, config.checkpoint_layers,
+                              config.offload_activations)
         if hasattr(self.trainer, "train_config"):
             self.trainer.train_config = config
         self.current = config

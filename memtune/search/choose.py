@@ -238,6 +238,7 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
         and a.micro_batch_size >= b.micro_batch_size
         and a.checkpointing_rank <= b.checkpointing_rank
         and (b.loss == "chunked" or a.loss == "standard")
+        and (b.offload_activations or not a.offload_activations)
         and OFFLOAD_ORDER[a.offload] <= OFFLOAD_ORDER[b.offload]
     )
 
@@ -392,6 +393,12 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         traced.setdefault(family(config), []).append(candidate.estimate)
         traced_twins[config] = candidate.estimate
         result.estimates += 1
+        host = candidate.estimate.host_bytes
+        if policy.host_budget_bytes is not None and host > policy.host_budget_bytes:
+            candidate.status = TOO_BIG  # for the host, not the GPU: implies nothing about the others
+            candidate.note = (f"its offloaded activations need {format_bytes(host)} of pinned host memory, over the "
+                              f"{format_bytes(policy.host_budget_bytes)} allowed")
+            continue
         if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG
             too_big.append(config)

@@ -235,13 +235,51 @@ class Checkpointing(Rung):
 
     def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
         # transformers 5.24 renamed these to activation_checkpointing(_kwargs); Plan.training_arguments
-        # uses the new names where the installed TrainingArguments has them. Some layers only: Trainer would
-        # enable every layer when it starts, so it is left off there and `Plan.prepare` sets the layers.
-        on = config.gradient_checkpointing and config.checkpoint_layers is None
+        # uses the new names where the installed TrainingArguments has them. Some layers only, or offloaded: Trainer
+        # would enable every layer, on the GPU, when it starts (5.17 has no offload key), so it is left off there and
+        # `Plan.prepare` sets the layers.
+        on = config.gradient_checkpointing and config.checkpoint_layers is None and not config.offload_activations
         arguments: dict[str, Any] = {"gradient_checkpointing": on}
         if on:
             arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         return arguments
+
+
+class ActivationOffload(Rung):
+    """The checkpointed layers' inputs kept in pinned host memory (`TrainConfig.offload_activations`): the GPU then
+    holds no activations between the forward and the backward of a checkpointed layer, for a copy to the host and
+    one back per layer and micro-batch. Tried only with checkpointing, on one GPU or with DDP; the speed model
+    charges the copies at the host link's rate, so it ranks below checkpointing alone.
+
+    Recipe: `recipe.step.set_checkpointing` (`offloaded_checkpoint`). Memory: `predict.trace.offload_to_host`
+    (device and pinned host bytes). Speed: `throughput.offloaded_activation_bytes`."""
+
+    name = "activation offload"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        pinned = policy.offload_activations
+        return [{"offload_activations": value} for value in ([pinned] if pinned is not None else [False, True])]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if not fields["offload_activations"]:
+            return None
+        if not fields["gradient_checkpointing"]:
+            return "offloading activations keeps the inputs of checkpointed layers: it needs gradient checkpointing"
+        if fields["offload"] != "none" or (fields["num_gpus"] > 1 and fields["strategy"] != "ddp"):
+            return "offloading activations is not modelled under FSDP or CPU offload yet"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if policy.offload_activations is not None or not chosen.gradient_checkpointing or chosen.sharded:
+            return None
+        on = not chosen.offload_activations
+        return ("+ activation offload" if on else "- activation offload"), chosen.replace(offload_activations=on)
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if not config.offload_activations:
+            return None
+        return ("activation offload: the checkpointed layers' inputs in pinned host memory (transformers 5.24 "
+                "activation_checkpointing_kwargs offload=True; Plan.prepare sets it on older versions too)")
 
 
 class Loss(Rung):
@@ -606,8 +644,8 @@ class AllocatorMode(Rung):
 PRECISION, STRATEGY, OPTIMIZER, ADAPTER = Precision(), Strategy(), Optimizer(), AdapterRung()
 QUANTIZED_BASE = QuantizedBase()
 LADDER: tuple[Rung, ...] = (
-    MicroBatch(), PRECISION, Checkpointing(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER, QUANTIZED_BASE,
-    AllocatorMode(),
+    MicroBatch(), PRECISION, Checkpointing(), ActivationOffload(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER,
+    QUANTIZED_BASE, AllocatorMode(),
 )
 
 
