@@ -152,7 +152,9 @@ def test_chunked_loss_refuses_a_rescaling_it_does_not_know():
     config = tiny("meta-llama/Llama-3.2-1B")
     config.logits_scaling = 8.0  # a Granite field on a Llama config: where would its forward apply it?
     train_config = TrainConfig(seq_len=8, loss="chunked")
-    model = recipe.build_model(config, train_config, "cpu")
+    with pytest.raises(UsageError, match="logits_scaling=8.0"):  # when the model is prepared, before any step
+        recipe.build_model(config, train_config, "cpu")
+    model = recipe.build_model(config, train_config.replace(loss="standard"), "cpu")
     with pytest.raises(UsageError, match="logits_scaling=8.0"):
         recipe.forward_loss(model, batch(shape=(1, 8)), batch(shape=(1, 8)), train_config)
 
