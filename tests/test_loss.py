@@ -240,7 +240,8 @@ def test_the_chunked_forward_takes_trainers_num_items_in_batch_and_falls_back_wi
     torch.testing.assert_close(chunked(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
     chunked.eval()
     reference.eval()
-    evaluated, expected = chunked(input_ids=input_ids, labels=input_ids), reference(input_ids=input_ids, labels=input_ids)
+    evaluated = chunked(input_ids=input_ids, labels=input_ids)
+    expected = reference(input_ids=input_ids, labels=input_ids)
     assert evaluated.logits is not None
     torch.testing.assert_close(evaluated.loss, expected.loss)
 

@@ -10,6 +10,7 @@ from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, margin_for
 from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.estimate import Estimate
+from memtune.search import ladder
 from memtune.search.choose import (
     EXTRAPOLATED,
     FITS,
@@ -22,7 +23,6 @@ from memtune.search.choose import (
     needs_at_least,
     search,
 )
-from memtune.search import ladder
 from memtune.search.ladder import candidate_space, settings
 
 

@@ -135,7 +135,7 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     causal_lm = causal_lm_of(model)
     if getattr(causal_lm, CHUNKED_FORWARD, None) is not None:
         return model
-    config = causal_lm.config  # type: ignore[union-attr]
+    config = causal_lm.config
     scale = logit_scale_of(config)
     softcap = getattr(config, "final_logit_softcapping", None)
     class_forward = type(causal_lm).forward
