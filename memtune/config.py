@@ -858,9 +858,6 @@ class Policy:
                 problems.append(
                     f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload"
                 )
-            if self.loss == "chunked":
-                problems.append("strategy ddp needs the standard loss: the chunked loss calls the model past DDP's "
-                                "wrapper, whose forward arms the gradient all-reduce")
         if problems:
             raise UsageError("; ".join(problems))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import sys
@@ -59,7 +60,7 @@ def test_offload_precision_and_process_count_follow_the_configuration():
 def test_unsupported_configurations_are_refused_with_every_reason():
     with pytest.raises(UsageError) as refused:
         parallel.check_supported(TrainConfig(seq_len=16, offload="optimizer", loss="chunked"))
-    assert "ZeRO-Offload" in str(refused.value) and "single root module" in str(refused.value)
+    assert "ZeRO-Offload" in str(refused.value) and "loss" not in str(refused.value)  # the chunked loss runs
 
 
 def test_launch_command_runs_memtune_under_accelerate_launch(tmp_path):
@@ -239,11 +240,12 @@ def test_the_accelerate_launcher_turns_the_ddp_config_into_a_multi_gpu_launch_wi
                                                                         if key not in __import__("os").environ)
 
 
-def test_ddp_refuses_the_chunked_loss_which_would_bypass_its_wrapper():
-    with pytest.raises(UsageError, match="past DDP's wrapper"):
-        parallel.check_supported(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
-    with pytest.raises(UsageError, match="past DDP's wrapper"):
-        accelerate_config(TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"))
+def test_ddp_and_fsdp_accept_the_chunked_loss_which_is_the_models_forward():
+    for config in (TrainConfig(seq_len=16, num_gpus=2, strategy="ddp", loss="chunked"),
+                   TrainConfig(seq_len=16, num_gpus=2, loss="chunked"),
+                   TrainConfig(seq_len=16, offload="parameters", loss="chunked")):
+        parallel.check_supported(config)  # raises nothing
+        assert accelerate_config(config)["num_processes"] == config.num_gpus
 
 
 def test_trainer_gets_the_ddp_arguments_memtune_measured(tmp_path, model_dir):
@@ -356,3 +358,92 @@ def test_memtune_run_relaunches_a_ddp_plan_with_a_multi_gpu_config_and_warns_abo
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert _launch_warnings(fsdp, qwen) == []
     assert any("launched with an FSDP or DeepSpeed config" in message for message in _launch_warnings(ddp, qwen))
+
+
+# ---- the chunked loss under DDP and FSDP2 (two gloo ranks) ---------------------------------------------
+
+
+def _chunked_equals_standard_worker(rank: int, world_size: int, init_method: str, out_dir: str, strategy: str,
+                                    tied: bool) -> None:
+    """One rank: the same random weights on every rank, a different batch per rank, two micro-batches (the first
+    without gradient sync, as Trainer's accumulation runs them), once with the standard loss and once with the
+    chunked forward (`use_chunked_loss`, chunks of 5 tokens: 7 chunks per micro-batch) on a copy of the model.
+    Writes each loss and every full (all-reduced / unsharded) gradient to rank-N.pt."""
+    import copy
+
+    import torch.distributed as dist
+
+    from memtune.recipe import step as recipe
+    from memtune.recipe.loss import use_chunked_loss
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        model_config = tiny_llama()
+        model_config.tie_word_embeddings = tied
+        config = TrainConfig(seq_len=16, micro_batch_size=2, grad_accum_steps=2, num_gpus=world_size,
+                             strategy="ddp" if strategy == "ddp" else "fsdp",
+                             offload="parameters" if strategy == "fsdp-offload" else "none")
+        torch.manual_seed(0)
+        standard = recipe.build_model(model_config, config, "cpu")
+        chunked = use_chunked_loss(copy.deepcopy(standard), chunk_tokens=5)
+        torch.manual_seed(1 + rank)
+        batches = [recipe.random_batch(model_config, config, "cpu") for _ in range(config.grad_accum_steps)]
+        batches[0][0, :3] = -100  # ignored label tokens
+        results = {}
+        for name, model in (("standard", standard), ("chunked", chunked)):
+            if strategy == "ddp":
+                wrapped = torch.nn.parallel.DistributedDataParallel(model, **parallel.DDP_KWARGS)
+            else:
+                wrapped = apply_fsdp(model, config, pin_memory=False)
+            losses = []
+            for index, input_ids in enumerate(batches):
+                synced = index == len(batches) - 1
+                if strategy == "ddp":
+                    context = contextlib.nullcontext() if synced else wrapped.no_sync()
+                else:
+                    wrapped.set_requires_gradient_sync(synced)
+                    context = contextlib.nullcontext()
+                with context:
+                    labels = input_ids.clone()
+                    output = wrapped(input_ids=input_ids.clamp(min=0), labels=labels)
+                    assert (output.logits is None) == (name == "chunked")  # the chunked forward ran
+                    loss = output.loss / len(batches)
+                    loss.backward()
+                losses.append(loss.detach())
+                del output
+            grads = {param_name: (param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad)
+                     for param_name, param in model.named_parameters()}
+            results[name] = {"losses": torch.stack(losses), "grads": grads}
+            del wrapped
+        torch.save(results, Path(out_dir, f"rank-{rank}.pt"))
+        del standard, chunked, results
+        gc.collect()
+    finally:
+        dist.destroy_process_group()
+    sharded.end_spawned_rank()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "fsdp-offload"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_two_process_chunked_loss_equals_the_standard_loss_and_its_gradients(tmp_path, strategy, tied):
+    """The chunked forward called through DDP's wrapper and FSDP2's root module (the LM head called once per
+    chunk and again in the checkpointed recomputation): on each rank, the same loss and the same synced
+    gradients, every parameter's, as the model's own loss; and the ranks hold the same gradients."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_chunked_equals_standard_worker,
+                       args=(2, f"file://{tmp_path}/store", str(tmp_path), strategy, tied),
+                       nprocs=2, start_method="spawn", join=True)
+    ranks = [torch.load(tmp_path / f"rank-{rank}.pt") for rank in range(2)]
+    for result in ranks:
+        torch.testing.assert_close(result["chunked"]["losses"], result["standard"]["losses"], rtol=1e-5, atol=1e-6)
+        expected = result["standard"]["grads"]
+        assert result["chunked"]["grads"].keys() == expected.keys() and len(expected) > 10
+        for name, grad in result["chunked"]["grads"].items():
+            assert grad is not None and expected[name] is not None, name
+            torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not torch.equal(ranks[0]["standard"]["losses"], ranks[1]["standard"]["losses"])  # different batches
+    for name, grad in ranks[0]["chunked"]["grads"].items():
+        torch.testing.assert_close(grad, ranks[1]["chunked"]["grads"][name], rtol=0, atol=0, msg=name)

@@ -152,7 +152,9 @@ def test_chunked_loss_refuses_a_rescaling_it_does_not_know():
     config = tiny("meta-llama/Llama-3.2-1B")
     config.logits_scaling = 8.0  # a Granite field on a Llama config: where would its forward apply it?
     train_config = TrainConfig(seq_len=8, loss="chunked")
-    model = recipe.build_model(config, train_config, "cpu")
+    with pytest.raises(UsageError, match="logits_scaling=8.0"):  # when the model is prepared, before any step
+        recipe.build_model(config, train_config, "cpu")
+    model = recipe.build_model(config, train_config.replace(loss="standard"), "cpu")
     with pytest.raises(UsageError, match="logits_scaling=8.0"):
         recipe.forward_loss(model, batch(shape=(1, 8)), batch(shape=(1, 8)), train_config)
 
@@ -188,3 +190,69 @@ def test_estimate_of_chunked_loss_shrinks_the_logits():
     assert before.breakdown["logits"] > 2 << 30
     assert after.breakdown.get("logits", 0) < before.breakdown["logits"] / 4
     assert after.peak_reserved_bytes < before.peak_reserved_bytes - (4 << 30)
+
+
+def _standard_and_chunked(model_config, standard: TrainConfig):
+    """The same weights built twice through `recipe.build_model`: with the standard loss and with the chunked one
+    (prepare_model makes the causal LM's forward chunked before peft wraps it)."""
+    torch.manual_seed(0)
+    reference = recipe.build_model(model_config, standard, "cpu")
+    torch.manual_seed(0)
+    chunked = recipe.build_model(model_config, standard.replace(loss="chunked"), "cpu")
+    chunked.load_state_dict(reference.state_dict())
+    return reference, chunked
+
+
+@pytest.mark.parametrize(
+    "adapter", [None, Adapter(rank=4), Adapter(kind="prefix", num_virtual_tokens=5)], ids=["full", "lora", "prefix"]
+)
+def test_the_chunked_forward_gives_the_models_loss_and_gradients_through_peft(adapter):
+    """`model(input_ids=..., labels=...)` on the model build_model returns: peft's PeftModel -> LoraModel -> the causal
+    LM's instance forward (LoRA), or the prompt cache passed on as past_key_values (prefix tuning)."""
+    standard = TrainConfig(seq_len=300, micro_batch_size=2, adapter=adapter)
+    reference, chunked = _standard_and_chunked(tiny("meta-llama/Llama-3.2-1B"), standard)
+    input_ids = batch(shape=(2, 300))  # 600 tokens: two chunks of the default size
+    labels = input_ids.clone()
+    labels[0, :7] = -100
+    reference_output = reference(input_ids=input_ids, labels=labels)
+    output = chunked(input_ids=input_ids, labels=labels)
+    assert output.logits is None and reference_output.logits is not None  # the chunked forward ran
+    expected_loss, expected_grads = loss_and_gradients(reference, lambda: reference(input_ids=input_ids,
+                                                                                    labels=labels).loss)
+    loss, grads = loss_and_gradients(chunked, lambda: chunked(input_ids=input_ids, labels=labels).loss)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_chunked_forward_takes_trainers_num_items_in_batch_and_falls_back_without_labels():
+    """Trainer passes num_items_in_batch (the forward takes **kwargs: model_accepts_loss_kwargs): the loss is the sum
+    over this micro-batch / that count, as the model's own; without labels or in eval mode the model's forward runs."""
+    import inspect
+
+    reference, chunked = _standard_and_chunked(untied_llama(), TrainConfig(seq_len=24, micro_batch_size=2))
+    assert any(p.kind == inspect.Parameter.VAR_KEYWORD for p in inspect.signature(chunked.forward).parameters.values())
+    input_ids = batch()
+    items = torch.tensor(97)  # label tokens of a whole accumulated step
+    torch.testing.assert_close(chunked(input_ids=input_ids, labels=input_ids, num_items_in_batch=items).loss,
+                               reference(input_ids=input_ids, labels=input_ids, num_items_in_batch=items).loss)
+    torch.testing.assert_close(chunked(input_ids=input_ids).logits, reference(input_ids=input_ids).logits)
+    chunked.eval()
+    reference.eval()
+    evaluated = chunked(input_ids=input_ids, labels=input_ids)
+    expected = reference(input_ids=input_ids, labels=input_ids)
+    assert evaluated.logits is not None
+    torch.testing.assert_close(evaluated.loss, expected.loss)
+
+
+def test_use_chunked_loss_is_idempotent_and_forward_loss_refuses_a_mismatch():
+    from memtune.recipe.loss import causal_lm_of, use_chunked_loss, uses_chunked_loss
+
+    train_config = TrainConfig(seq_len=24, micro_batch_size=2, loss="chunked", adapter=Adapter(rank=4))
+    model = recipe.build_model(untied_llama(), train_config, "cpu")
+    forward = causal_lm_of(model).forward
+    assert uses_chunked_loss(model) and use_chunked_loss(model) is model
+    assert causal_lm_of(model).forward == forward  # not wrapped twice
+    with pytest.raises(ValueError, match="standard loss"):
+        recipe.forward_loss(model, batch(), batch(), train_config.replace(loss="standard"))

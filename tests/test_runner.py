@@ -438,3 +438,33 @@ def test_a_one_step_run_says_its_speed_was_not_measured(model_dir: Path, tmp_pat
     out = io.StringIO()
     assert cmd_run(options, Console(file=out, width=120), Console(file=io.StringIO(), width=120)) == 0
     assert "not measured (the first step is not timed: run 2 or more)" in out.getvalue()
+
+
+# ---- the chunked loss through Trainer --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adapter", [None, Adapter(rank=4, target_modules=("q_proj", "v_proj"))], ids=["full", "lora"])
+def test_a_chunked_plan_trains_as_the_standard_one(model_dir: Path, tmp_path: Path, adapter) -> None:
+    """PlanTrainer with the chunked loss: Trainer's own compute_loss calls the model's chunked forward (Plan.prepare
+    made it so) with `num_items_in_batch` over 2 accumulated micro-batches: the same loss curve as the standard
+    loss, step by step (same seed, same data)."""
+    curves = {}
+    for loss in ("standard", "chunked"):
+        summary = run(make_plan(model_dir, loss=loss, adapter=adapter), tmp_path / loss, max_steps=3)
+        assert summary.status == "completed" and summary.final_train_config["loss"] == loss
+        curves[loss] = summary.loss_curve
+    assert [step for step, _ in curves["chunked"]] == [1, 2, 3]
+    assert [value for _, value in curves["chunked"]] == pytest.approx([value for _, value in curves["standard"]],
+                                                                      rel=1e-4)
+
+
+def test_a_chunked_plan_is_not_refused_under_ddp_or_fsdp_launches(model_dir: Path, monkeypatch) -> None:
+    from memtune.run.runner import check_run_inputs
+
+    for strategy, environment in (("ddp", {"WORLD_SIZE": "2"}),
+                                  ("fsdp", {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"})):
+        plan = make_plan(model_dir, loss="chunked", num_gpus=2, strategy=strategy)
+        with monkeypatch.context() as patch:
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            check_run_inputs(plan, RunOptions(data=str(CORPUS)))  # raises nothing

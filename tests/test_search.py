@@ -10,6 +10,7 @@ from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, margin_for
 from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.estimate import Estimate
+from memtune.search import ladder
 from memtune.search.choose import (
     EXTRAPOLATED,
     FITS,
@@ -283,10 +284,10 @@ def test_bad_policies_are_refused_with_every_problem():
     assert "does not divide the batch 6" in message and "needs bf16" in message
 
 
-def test_offload_candidates_keep_the_standard_loss():
+def test_offload_candidates_come_with_either_loss():
+    """The chunked loss is the model's forward, which FSDP's root module calls: it runs with CPU offload too."""
     configs = candidate_space(1024, 8, Policy(), with_adapter=False)
-    assert any(c.offload == "parameters" for c in configs)
-    assert all(c.loss == "standard" for c in configs if c.offload != "none")
+    assert {c.loss for c in configs if c.offload == "parameters"} == {"standard", "chunked"}
 
 
 # ---- several GPUs: a replica per GPU (DDP) or FSDP sharding ---------------------------------------------
@@ -316,11 +317,13 @@ class ShardingPredictor(FakePredictor):
 TWO_GPUS = Policy(**{**SIMPLE.__dict__, "num_gpus": 2})
 
 
-def test_several_gpus_offer_ddp_without_offload_or_chunked_loss_and_fsdp_with_everything():
+def test_several_gpus_offer_ddp_without_offload_and_fsdp_with_everything_both_with_either_loss():
     configs = candidate_space(1024, 8, Policy(num_gpus=2), with_adapter=False)
     ddp = [c for c in configs if c.strategy == "ddp"]
-    assert ddp and all(c.offload == "none" and c.loss == "standard" for c in ddp)
+    assert ddp and all(c.offload == "none" for c in ddp)
     assert any(c.strategy == "fsdp" and c.offload == "parameters" for c in configs)
+    for strategy, offload in (("ddp", "none"), ("fsdp", "none"), ("fsdp", "parameters")):
+        assert {c.loss for c in configs if (c.strategy, c.offload) == (strategy, offload)} == {"standard", "chunked"}
     assert {(c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in ddp} == {
         (c.micro_batch_size, c.gradient_checkpointing, c.precision)
         for c in configs
@@ -356,6 +359,33 @@ def test_fsdp_is_chosen_when_only_sharding_fits():
     assert not ddp.fits and ddp.config.strategy == "ddp"
 
 
+class ChunkedLossPredictor(ShardingPredictor):
+    """ShardingPredictor where the chunked loss saves 2 GiB (the logits of a large vocabulary)."""
+
+    def gib(self, config: TrainConfig) -> float:
+        return super().gib(config) - (2.0 if config.loss == "chunked" else 0.0)
+
+
+def test_two_gpus_choose_ddp_with_the_chunked_loss_when_only_it_fits_a_replica():
+    predictor = ChunkedLossPredictor()
+    policy = Policy(**{**TWO_GPUS.__dict__, "allow_chunked_loss": True})
+    # DDP bf16 micro-batch 2: 11 GiB with the standard loss, 9 GiB chunked; FSDP fits 9 GiB too, but runs slower.
+    result = search(predictor, 512, 4, 9 * GIB, policy, explain=True)
+    chosen = result.chosen.config
+    assert (chosen.strategy, chosen.loss, chosen.micro_batch_size) == ("ddp", "chunked", 2)
+    assert chosen.describe().endswith("chunked loss, 2 GPUs, DDP")
+    standard = next(a for a in result.alternatives if a.change == "- chunked loss")
+    assert not standard.fits and standard.config == chosen.replace(loss="standard")
+
+
+def test_cpu_offload_keeps_the_chunked_loss():
+    chosen = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", loss="chunked")
+    change, flipped = ladder.Offload().flip(chosen, Policy(), 2)
+    assert change == "+ CPU offload" and flipped == chosen.replace(offload="parameters")
+    change, back = ladder.Loss().flip(flipped, Policy(), 2)
+    assert change == "- chunked loss" and back == flipped.replace(loss="standard")
+
+
 def test_a_too_big_strategy_implies_nothing_about_the_other():
     ddp = TrainConfig(seq_len=512, micro_batch_size=4, amp="bf16", num_gpus=2, strategy="ddp")
     fsdp = ddp.replace(strategy="fsdp")
@@ -371,7 +401,8 @@ def test_pinned_strategy_is_kept_and_contradictions_are_refused():
     with pytest.raises(UsageError) as error:
         search(predictor, 512, 4, GIB, Policy(strategy="ddp", offload="parameters", loss="chunked"))
     message = str(error.value)
-    assert "needs --gpus 2 or more" in message and "cannot offload" in message and "standard loss" in message
+    assert "needs --gpus 2 or more" in message and "cannot offload" in message
+    assert "loss" not in message  # the chunked loss runs under DDP
 
 
 def test_choose_strategy_takes_the_faster_that_fits():

@@ -156,3 +156,23 @@ def test_estimate_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(m
 def test_optimizer_only_offload_is_refused_with_the_alternative():
     with pytest.raises(UsageError, match="offload 'parameters'"):
         estimate_sharded(small_llama(), TrainConfig(seq_len=64, offload="optimizer"))
+
+
+@pytest.mark.parametrize("num_gpus, offload", [(2, "none"), (1, "parameters")], ids=["2-gpus", "offload"])
+def test_the_chunked_loss_traces_under_fsdp_and_lowers_the_peak_of_a_large_vocabulary(num_gpus, offload):
+    """The chunked forward runs inside FSDP2's root module on fake tensors (the LM head of the tail unit called per
+    chunk and again in backward): with a 32k vocabulary for hidden 256 the full logits dominate the standard
+    loss's peak, and the chunked loss's peak and logits memory are below it."""
+    model_config = small_llama(layers=2, vocab=32000)
+    standard = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", num_gpus=num_gpus, offload=offload)
+    traces = {loss: _trace(model_config, standard.replace(loss=loss), steps=1) for loss in ("standard", "chunked")}
+    peaks = {loss: simulate_streams(trace.events)[0] for loss, trace in traces.items()}
+    assert 0 < peaks["chunked"] < 0.8 * peaks["standard"]
+    for category in ("weights", "gradients", "optimizer"):  # the model state is the same
+        assert allocated(traces["chunked"], category) == allocated(traces["standard"], category), category
+    chunked, full = estimate_sharded(model_config, standard.replace(loss="chunked")), estimate_sharded(model_config,
+                                                                                                      standard)
+    assert 0 < chunked.peak_allocated_bytes < full.peak_allocated_bytes
+    # logits and loss (the standard loss's backward is labelled temporaries, the chunked one's recomputation logits)
+    assert 0 < sum(chunked.breakdown[name] for name in ("logits", "temporaries")) < 0.7 * sum(
+        full.breakdown[name] for name in ("logits", "temporaries"))

@@ -301,7 +301,16 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         hooks.append(model.register_forward_pre_hook(set_phase(Category.ACTIVATIONS.value)))
         hooks.append(model.register_forward_hook(set_phase(Category.TEMPORARIES.value)))
         if head is not None:
-            hooks.append(head.register_forward_pre_hook(set_phase(Category.LOGITS.value)))
+
+            def logits_phase(module: Any, args: tuple) -> None:
+                # What follows is logits and loss, until the head's input has its gradient: the chunked loss calls
+                # the head again in backward (checkpoint recomputation), chunk by chunk (as trace._logits_hook).
+                counter.phase = Category.LOGITS.value
+                hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                if hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
+                    hidden.register_hook(set_phase(Category.TEMPORARIES.value))
+
+            hooks.append(head.register_forward_pre_hook(logits_phase))
 
         def before_step(*_: Any) -> None:
             counter.retag([p.grad for p in trainable if p.grad is not None], Category.GRADIENTS.value)

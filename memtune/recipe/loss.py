@@ -10,13 +10,24 @@ upcasts, applies Gemma-2's final-logit softcapping and sums its cross-entropy un
 activation checkpointing: only the chunk's input (a view of the hidden states) is saved, and its
 logits are recomputed in backward, one chunk at a time. The cost is one extra head matmul per chunk.
 The same idea as Liger-Kernel's fused linear cross-entropy, without a custom kernel.
+
+`use_chunked_loss` puts that loss inside the causal LM's own forward, as TRL and Liger do: the instance's
+`forward` is replaced, so `model(input_ids=..., labels=...)` returns the chunked loss. One call path then
+serves one GPU, DDP (whose forward arms the gradient all-reduce) and FSDP2 (whose root module's hooks
+gather and free the shards); peft's wrappers end in a call of that instance, and accelerate's autocast
+wrapper of forward (DDP, one GPU) encloses it.
 """
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from memtune.errors import UsageError
 
 IGNORE_INDEX = -100
 
@@ -79,3 +90,100 @@ def _chunk_loss_sum(
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+CHUNKED_FORWARD = "_memtune_chunked_loss"
+"""Attribute set on a causal LM whose forward `use_chunked_loss` replaced (its chunk size, in tokens)."""
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside `model`: through DistributedDataParallel's `module` and peft's
+    `get_base_model` (PeftModel -> the causal LM, also for prompt learning); `model` itself otherwise."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if get_base_model is not None else model
+
+
+def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.Module:
+    """Make the causal LM in `model` (`causal_lm_of`) compute the chunked loss in its own forward; returns `model`.
+
+    The instance's `forward` becomes one that, given labels in training mode, runs the backbone (the module
+    named by `base_model_prefix`, whose output is after the final norm), then `chunked_causal_lm_loss` on the
+    LM head module, and returns `CausalLMOutputWithPast(loss=..., logits=None)`; without labels, or in eval
+    mode, it is the class's forward. Idempotent. It keeps what the model's own forward does to the logits:
+    Gemma-2's `final_logit_softcapping`, Cohere's and Granite's scaling (`logit_scale_of`); and what callers
+    pass: peft prefix tuning's prompt cache (`past_key_values`) and other keyword arguments go to the backbone
+    (`logits_to_keep` and `return_dict` are dropped: no logits are returned), and Trainer's
+    `num_items_in_batch` (passed when the forward takes **kwargs, transformers' `model_accepts_loss_kwargs`)
+    divides the summed loss as transformers' `ForCausalLMLoss` does.
+
+    Under DDP the wrapper calls this instance, so its forward still arms the all-reduce. Under FSDP2 the LM
+    head is called once per chunk, and again in the checkpointed recomputation in backward: accelerate (and
+    `recipe.parallel.apply_fsdp`) puts the head in one unit with the final norm (and a tied embedding) that
+    stays unsharded from forward to backward (reshard_after_forward=False), so the forward calls gather
+    nothing. In backward the first chunk whose input gradient is ready runs that unit's post-backward hook
+    before the head weight's gradient is complete (its AccumulateGrad waits for every chunk): the hook finds
+    no gradient, reduces nothing and reshards; the next recomputation gathers the unit again (torch 2.13,
+    counted on CPU: 2 gathers of it per micro-batch instead of 1), and the root's final callback reduces the
+    complete gradient once. So the result is exact, at the cost of one more all-gather of the head per
+    micro-batch. tests/test_distributed.py checks the loss and every gradient against the standard loss on
+    two gloo ranks (DDP, FSDP2, FSDP2 with CPU offload; tied and untied heads).
+
+    Raises UsageError for a model whose config rescales its logits in a way not known here (`logit_scale_of`).
+    """
+    causal_lm = causal_lm_of(model)
+    if getattr(causal_lm, CHUNKED_FORWARD, None) is not None:
+        return model
+    config = causal_lm.config
+    scale = logit_scale_of(config)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    class_forward = type(causal_lm).forward
+
+    def forward(self: Any, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                num_items_in_batch: torch.Tensor | int | None = None, **kwargs: Any) -> Any:
+        if labels is None or not self.training:
+            if num_items_in_batch is not None:
+                kwargs["num_items_in_batch"] = num_items_in_batch
+            return class_forward(self, input_ids=input_ids, labels=labels, **kwargs)
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        for name in ("logits_to_keep", "return_dict"):
+            kwargs.pop(name, None)
+        outputs = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kwargs)
+        loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
+                                      chunk_tokens=chunk_tokens, softcap=softcap,
+                                      num_items_in_batch=num_items_in_batch, scale=scale)
+        return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
+                                      attentions=getattr(outputs, "attentions", None))
+
+    # A method of this instance: nn.Module.__call__ looks `forward` up on the instance first. (It and the
+    # module refer to each other; the trials' gc.collect frees the pair.)
+    causal_lm.forward = types.MethodType(forward, causal_lm)
+    setattr(causal_lm, CHUNKED_FORWARD, chunk_tokens)
+    return model
+
+
+def uses_chunked_loss(model: nn.Module) -> bool:
+    """Whether `use_chunked_loss` was applied to the causal LM in `model`."""
+    return getattr(causal_lm_of(model), CHUNKED_FORWARD, None) is not None
+
+
+def logit_scale_of(config: Any) -> float:
+    """What the model's own forward multiplies its logits by before the loss: Cohere's `logit_scale`, 1 /
+    Granite's `logits_scaling` (their modeling files, every cohere* and granite* model type), else 1. Raises
+    UsageError for another model type that names one of them: where its forward applies it is not known here."""
+    model_type = str(getattr(config, "model_type", ""))
+    logit_scale = getattr(config, "logit_scale", None)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if model_type.startswith("cohere") and logit_scale is not None:
+        return float(logit_scale)
+    if model_type.startswith("granite") and logits_scaling is not None:
+        return 1.0 / float(logits_scaling)
+    rescaling = {name: value for name, value in (("logit_scale", logit_scale), ("logits_scaling", logits_scaling))
+                 if value not in (None, 1, 1.0)}
+    if rescaling:
+        seen = ", ".join(f"{name}={value}" for name, value in rescaling.items())
+        raise UsageError(f"the chunked loss does not support {model_type}, whose config rescales its logits ({seen}) "
+                         "in a way memtune does not know: use loss='standard' for this model")
+    return 1.0

@@ -49,26 +49,16 @@ torch's defaults (accelerate drops values equal to its defaults; find_unused_par
 
 
 def check_supported(train_config: TrainConfig) -> None:
-    """Raise UsageError, naming every problem at once, for configurations FSDP or DDP through accelerate cannot run."""
+    """Raise UsageError, naming every problem at once, for configurations FSDP or DDP through accelerate cannot run.
+    Either loss runs: the chunked one is inside the model's forward (`recipe.loss.use_chunked_loss`), which DDP's
+    wrapper and FSDP2's root module call."""
     problems = []
     if train_config.replicated:
-        if train_config.loss != "standard":
-            problems.append(
-                f"loss {train_config.loss!r} calls the backbone and the LM head directly, past DDP's wrapper, whose "
-                "forward arms the gradient all-reduce: the GPUs would train apart; use loss 'standard' with DDP"
-            )
-        if problems:
-            raise UsageError("; ".join(problems))
-        return
+        return  # the chunked loss is in the model's forward (recipe.loss.use_chunked_loss): DDP's forward calls it
     if train_config.offload == "optimizer":
         problems.append(
             "offload 'optimizer' (optimizer state only on the CPU) is DeepSpeed ZeRO-Offload, which memtune does not "
             "drive; FSDP's CPU offload moves parameters, gradients and optimizer state: use offload 'parameters'"
-        )
-    if train_config.loss != "standard":
-        problems.append(
-            f"loss {train_config.loss!r} runs the backbone and the LM head outside the root module, which FSDP2 "
-            "refuses ('FSDP requires a single root module'): use loss 'standard' when sharding or offloading"
         )
     if problems:
         raise UsageError("; ".join(problems))

@@ -30,11 +30,10 @@ from memtune.config import (
 )
 from memtune.errors import UsageError
 from memtune.recipe import quant
-from memtune.recipe.loss import chunked_causal_lm_loss
+from memtune.recipe.loss import logit_scale_of, use_chunked_loss, uses_chunked_loss  # noqa: F401 - logit_scale_of re-exported
 from memtune.sources import custom_code
 
 if TYPE_CHECKING:
-    from peft import PeftModel
     from transformers import PreTrainedModel
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -149,8 +148,11 @@ def set_checkpointing(model: Any, enabled: bool, layers: int | None = None, offl
 
 
 def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
-    """Apply gradient checkpointing and the adapter of `train_config` to an existing model (a transformers
-    `PreTrainedModel`); returns it, or the peft model around it."""
+    """Apply gradient checkpointing, the loss and the adapter of `train_config` to an existing model (a
+    transformers `PreTrainedModel`); returns it, or the peft model around it. The chunked loss replaces the
+    causal LM's forward (`recipe.loss.use_chunked_loss`), so that every caller of `model(input_ids=...,
+    labels=...)` (the trace, the trials, DDP's and FSDP's wrappers, Trainer) gets it. Raises UsageError for the
+    chunked loss on a model whose logits are rescaled in a way not known (`recipe.loss.logit_scale_of`)."""
     causal_lm = cast("PreTrainedModel", model)
     causal_lm.train()
     if train_config.quantization is not None:
@@ -159,6 +161,8 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
         set_checkpointing(causal_lm, True, train_config.checkpoint_layers, train_config.offload_activations)
     if hasattr(causal_lm, "config"):
         causal_lm.config.use_cache = False
+    if train_config.loss == "chunked":
+        use_chunked_loss(causal_lm)
     adapter = train_config.adapter
     if adapter is None:
         return causal_lm
@@ -291,59 +295,24 @@ def random_batch(model_config: Any, train_config: TrainConfig, device: str | tor
     return torch.randint(0, vocab, shape, device=device)
 
 
-# Config fields of architectures whose logits are more than `lm_head(hidden)` (+ Gemma-2's softcap):
-# Cohere's logit_scale, Granite's logits_scaling. The chunked loss would silently train a different model.
 def forward_loss(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, train_config: TrainConfig
 ) -> torch.Tensor:
-    """The mean next-token loss of one micro-batch, with the loss implementation `train_config.loss` names.
+    """The mean next-token loss of one micro-batch: the model's own forward, `model(input_ids=..., labels=...)`,
+    whether `model` is the causal LM, its peft model, or a DDP / FSDP2 wrapper of either.
 
-    "standard" is the model's own forward (all logits at once). "chunked" runs the backbone, then the
-    LM head and cross-entropy a chunk of tokens at a time (`memtune.loss`); same value and gradients.
+    With `train_config.loss` "chunked" the causal LM's forward computes the LM head and cross-entropy a chunk of
+    tokens at a time (`recipe.loss.use_chunked_loss`, which `prepare_model` applies and which is applied here too
+    when missing: the OOM guard may switch to it mid-run); "standard" computes all logits at once. Same value
+    and gradients. Raises ValueError for the standard loss on a model whose forward was made chunked (it
+    cannot be undone: build the model with the standard loss).
     """
-    if train_config.loss == "standard":
-        return model(input_ids=input_ids, labels=labels).loss
-    # unwrap peft (PeftModel.get_base_model); what is left is a transformers causal LM
-    peft_model = cast("PeftModel", model) if hasattr(model, "get_base_model") else None
-    causal_lm = cast("PreTrainedModel", peft_model.get_base_model() if peft_model is not None else model)
-    config = causal_lm.config
-    scale = logit_scale_of(config)
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
-    extra = {}
-    if peft_model is not None and getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        # Prefix tuning enters as a cache of virtual keys/values, as PeftModelForCausalLM.forward passes it.
-        batch_size, seq_len = input_ids.shape
-        virtual_tokens = peft_model.active_peft_config.num_virtual_tokens
-        extra["cache"] = peft_model.get_prompt(batch_size, max_cache_len=seq_len + virtual_tokens)
-    # last_hidden_state is after the final norm (llama, qwen2, gemma2, phi3: model.norm; gpt2: transformer.ln_f).
-    hidden_states = backbone(input_ids=input_ids, **extra).last_hidden_state
-    return chunked_causal_lm_loss(
-        hidden_states,
-        causal_lm.get_output_embeddings(),
-        labels,
-        softcap=getattr(config, "final_logit_softcapping", None),
-        scale=scale,
-    )
-
-
-def logit_scale_of(config: Any) -> float:
-    """What the model's own forward multiplies its logits by before the loss: Cohere's `logit_scale`, 1 /
-    Granite's `logits_scaling` (their modeling files, every cohere* and granite* model type), else 1. Raises
-    UsageError for another model type that names one of them: where its forward applies it is not known here."""
-    model_type = str(getattr(config, "model_type", ""))
-    logit_scale = getattr(config, "logit_scale", None)
-    logits_scaling = getattr(config, "logits_scaling", None)
-    if model_type.startswith("cohere") and logit_scale is not None:
-        return float(logit_scale)
-    if model_type.startswith("granite") and logits_scaling is not None:
-        return 1.0 / float(logits_scaling)
-    rescaling = {name: value for name, value in (("logit_scale", logit_scale), ("logits_scaling", logits_scaling))
-                 if value not in (None, 1, 1.0)}
-    if rescaling:
-        seen = ", ".join(f"{name}={value}" for name, value in rescaling.items())
-        raise UsageError(f"the chunked loss does not support {model_type}, whose config rescales its logits ({seen}) "
-                         "in a way memtune does not know: use loss='standard' for this model")
-    return 1.0
+    if train_config.loss == "chunked":
+        use_chunked_loss(model)
+    elif uses_chunked_loss(model):
+        raise ValueError("forward_loss: train_config asks for the standard loss, but this model's forward computes "
+                         "the chunked one (recipe.loss.use_chunked_loss): build it with loss='standard'")
+    return model(input_ids=input_ids, labels=labels).loss
 
 
 def train_step(

@@ -591,9 +591,10 @@ class GuardedTrainer(GuardedTrainerMixin, Trainer):
 
 
 def can_switch_loss(trainer: Any) -> bool:
-    """Whether the guard may switch `trainer` to the chunked loss. The chunked loss calls the base model and
-    the head itself, around any DDP / FSDP wrapper: only a single unwrapped process may switch to it (under
-    DDP the ranks would stop averaging), and only a Trainer with a `train_config` (the runner's PlanTrainer)."""
+    """Whether the guard may switch `trainer` to the chunked loss mid-run: only a Trainer with a `train_config` (the
+    runner's PlanTrainer, whose `compute_loss` then makes the model's forward chunked), and only a single unwrapped
+    process. A plan may use the chunked loss under DDP and FSDP (it is the model's forward, which their wrappers
+    call); switching it on mid-run under them, after accelerate prepared the model, is not tested."""
     return not _wrapped(trainer) and hasattr(trainer, "train_config")
 
 

@@ -9,7 +9,8 @@ The model: a local directory with weights or a hub id is loaded with from_pretra
 (or a directory with only config.json) starts from random weights, with a warning. The step is the
 one memtune predicted and verified (memtune.recipe): `Plan.prepare` applies dtype, checkpointing and
 the adapter; `Plan.training_arguments` sets micro-batch, accumulation, autocast and fused AdamW;
-`PlanTrainer.compute_loss` uses `recipe.forward_loss` for the chunked loss. Offload and multi-GPU
+the chunked loss is the causal LM's own forward (`recipe.use_chunked_loss`, applied by `Plan.prepare`), so
+Trainer's `model(**inputs)` computes it on one GPU, under DDP and under FSDP alike. Offload and multi-GPU
 come from the accelerate config when started under `accelerate launch` (`run.launch`); the
 runner builds no distribution of its own.
 
@@ -126,12 +127,14 @@ class RunSummary:
 
 class PlanTrainer(GuardedTrainer):
     """Trainer with the OOM guard attached (`oom_guard=`, memtune.run.guard.GuardedTrainer) whose loss follows
-    `train_config.loss`: "chunked" goes through `recipe.forward_loss` (LM head and cross-entropy a chunk of
-    tokens at a time). The OOM guard may switch it mid-run."""
+    `train_config.loss`: "chunked" is the causal LM's forward made chunked (`recipe.use_chunked_loss`: LM head and
+    cross-entropy a chunk of tokens at a time). The OOM guard may switch it mid-run."""
 
     def __init__(self, *args: Any, train_config: TrainConfig, **kwargs: Any):
         self.train_config = train_config
         self._saving_into: str | None = None
+        self._autocast_chunked_forward = False
+        """The chunked forward was applied mid-run, past accelerate's autocast wrapper (`compute_loss`)."""
         super().__init__(*args, **kwargs)
 
     def _get_output_dir(self, trial: Any) -> str:
@@ -168,23 +171,19 @@ class PlanTrainer(GuardedTrainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if self.train_config.loss != "chunked" or return_outputs:
+        """Trainer's loss, `model(**inputs)`: with the chunked loss the causal LM's forward computes it
+        (`recipe.use_chunked_loss`, which `Plan.prepare` applied), under accelerate's autocast wrapper of forward
+        (one GPU, DDP) or FSDP's mixed precision, and divided by Trainer's `num_items_in_batch` as the model's own
+        loss is. When the OOM guard switches to the chunked loss mid-run (one unwrapped process,
+        `guard.can_switch_loss`), it is applied here; it then replaces the forward accelerate had wrapped in
+        autocast, so that autocast is entered here instead."""
+        if self.train_config.loss == "chunked" and not recipe.uses_chunked_loss(self.accelerator.unwrap_model(model)):
+            recipe.use_chunked_loss(self.accelerator.unwrap_model(model))
+            self._autocast_chunked_forward = True
+        with self.accelerator.autocast() if self._autocast_chunked_forward else contextlib.nullcontext():
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
-        labels = inputs["labels"]
-        # forward_loss calls the backbone and LM head directly, past accelerate's autocast wrapper of forward.
-        with self.accelerator.autocast():
-            loss = recipe.forward_loss(
-                self.accelerator.unwrap_model(model), inputs["input_ids"], labels, self.train_config
-            )
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            # Trainer then expects sum / (label tokens of the whole optimizer step), as the model's own loss gives.
-            counted = (labels[..., 1:] != -100).sum()
-            loss = loss * counted / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        return loss
 
 
 # ---- statistics (computed here, printed by ProgressReporter) ------------------------------------
@@ -775,14 +774,9 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
         if problem:
             problems.append(problem.replace("--output-dir", "the default output directory", 1)
                             + " with --output-dir")
-    if plan.train_config.loss == "chunked" and not hasattr(recipe, "forward_loss"):
-        problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.forward_loss): "
+    if plan.train_config.loss == "chunked" and not hasattr(recipe, "use_chunked_loss"):
+        problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.use_chunked_loss): "
                         "make the plan again, or update memtune")
-    if plan.train_config.loss == "chunked" and (_process_count() > 1 or _sharded()):
-        problems.append(
-            "the chunked loss runs only unsharded in a single process (recipe.forward_loss calls the "
-            "model's submodules past the DDP/FSDP wrapper); make a plan with the standard loss for this launch"
-        )
     if problems:
         raise UsageError("; ".join(problems))
 

@@ -285,7 +285,8 @@ class ActivationOffload(Rung):
 class Loss(Rung):
     """The LM head and cross-entropy computed in chunks of tokens, each recomputed in backward.
 
-    Recipe: `recipe.step.forward_loss` -> `recipe.loss.chunked_causal_lm_loss`.
+    Recipe: `recipe.step.prepare_model` -> `recipe.loss.use_chunked_loss` (the model's forward computes it, so it
+    runs under DDP's wrapper and FSDP2's root module too: with several GPUs and with CPU offload).
     Speed: `throughput.micro_batch_seconds` (the LM head's matmul once more in backward)."""
 
     name = "chunked loss"
@@ -296,15 +297,8 @@ class Loss(Rung):
         )
         return [{"loss": value} for value in values]
 
-    def conflict(self, fields: dict[str, Any]) -> str | None:
-        if fields["loss"] != "standard" and (fields["offload"] != "none" or fields["num_gpus"] > 1):
-            # FSDP needs the loss inside the root module (recipe.parallel.check_supported);
-            # DDP needs the forward through its wrapper, which arms the all-reduce.
-            return "the chunked loss runs outside the FSDP/DDP root module"
-        return None
-
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
-        if policy.loss is not None or not policy.allow_chunked_loss or chosen.num_gpus > 1 or chosen.offload != "none":
+        if policy.loss is not None or not policy.allow_chunked_loss:
             return None
         flipped = "standard" if chosen.loss == "chunked" else "chunked"
         return f"{'+' if flipped == 'chunked' else '-'} chunked loss", chosen.replace(loss=flipped)
@@ -339,16 +333,14 @@ class Offload(Rung):
         ):
             return None
         flipped = "none" if chosen.offload != "none" else "parameters"
-        label = f"{'+' if flipped != 'none' else '-'} CPU offload" + (
-            " (standard loss)" if chosen.loss != "standard" else ""
-        )
+        label = f"{'+' if flipped != 'none' else '-'} CPU offload"
         if chosen.strategy == "ddp":
             label += " (FSDP)"
         strategy = "fsdp" if flipped != "none" else chosen.strategy
         optimizer = chosen.optimizer
         if flipped != "none" and optimizer in UNSHARDABLE_OPTIMIZERS:
             label, optimizer = label + f" ({DEFAULT_OPTIMIZER})", DEFAULT_OPTIMIZER  # FSDP cannot shard them
-        return label, chosen.replace(offload=flipped, loss="standard", strategy=strategy, optimizer=optimizer)
+        return label, chosen.replace(offload=flipped, strategy=strategy, optimizer=optimizer)
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.offload != "none":
