@@ -40,20 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memtune.config import GIB, Adapter, Policy, Quantization, TrainConfig  # noqa: E402
 
 
-def lora(micro: int, checkpointing: bool = True, bits: int | None = 4) -> TrainConfig:
-    """LoRA r16 all-linear on a bf16 or quantised base, bf16 autocast, 16 sequences of 1024 per step."""
-    return TrainConfig(seq_len=1024, micro_batch_size=micro, grad_accum_steps=16 // micro, weights_dtype="bf16",
+def lora(micro: int, checkpointing: bool = True, bits: int | None = 4, seq_len: int = 1024, batch: int = 16,
+         **changes: object) -> TrainConfig:
+    """LoRA r16 all-linear on a bf16 or quantised base, bf16 autocast, `batch` sequences of `seq_len` per step."""
+    return TrainConfig(seq_len=seq_len, micro_batch_size=micro, grad_accum_steps=batch // micro, weights_dtype="bf16",
                        amp="bf16", gradient_checkpointing=checkpointing, adapter=Adapter(),
-                       quantization=None if bits is None else Quantization(bits=bits))
+                       quantization=None if bits is None else Quantization(bits=bits)).replace(**changes)
 
 
-def full(micro: int, optimizer: str, pure: bool = False, checkpointing: bool = True,
-         loss: str = "standard", layers: int | None = None) -> TrainConfig:
-    """Full fine-tuning, bf16-mixed (fp32 master weights) or pure bf16, 16 sequences of 1024 per step; `layers`:
-    checkpoint only the first ones."""
+def full(micro: int, optimizer: str = "adamw_torch_fused", pure: bool = False, checkpointing: bool = True,
+         loss: str = "standard", layers: int | None = None, seq_len: int = 1024, batch: int = 16,
+         **changes: object) -> TrainConfig:
+    """Full fine-tuning, bf16-mixed (fp32 master weights) or pure bf16, `batch` sequences of `seq_len` per step;
+    `layers`: checkpoint only the first ones."""
     precision = {"weights_dtype": "bf16", "amp": "none"} if pure else {"weights_dtype": "fp32", "amp": "bf16"}
-    return TrainConfig(seq_len=1024, micro_batch_size=micro, grad_accum_steps=16 // micro, optimizer=optimizer,
-                       gradient_checkpointing=checkpointing, checkpoint_layers=layers, loss=loss, **precision)
+    return TrainConfig(seq_len=seq_len, micro_batch_size=micro, grad_accum_steps=batch // micro, optimizer=optimizer,
+                       gradient_checkpointing=checkpointing, checkpoint_layers=layers, loss=loss,
+                       **precision).replace(**changes)
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,19 @@ class Scenario:
     cap_gib: int
     policy: Policy
     grid: list[TrainConfig] = field(hash=False)
+    seq_len: int = 1024
+    batch: int = 16
 
     @property
     def name(self) -> str:
-        return f"{self.model} 16x1024 @{self.cap_gib}GiB" + ("" if self.policy.use_adapter is not False else " full")
+        return (f"{self.model} {self.batch}x{self.seq_len} @{self.cap_gib}GiB"
+                + ("" if self.policy.use_adapter is not False else " full"))
+
+
+LONG_LORA = {"seq_len": 8192, "batch": 8, "bits": None, "loss": "chunked", "amp": "none"}
+"""Scenario 4: LoRA on a bf16 base at 8 x 8192 tokens, where the checkpointed layers' inputs are a large share."""
+QWEN_FULL = {"seq_len": 2048, "batch": 16, "loss": "chunked"}
+"""Scenario 5: Qwen2.5-1.5B full fine-tuning at 16 x 2048, where partial checkpointing and the allocator decide."""
 
 
 SCENARIOS = [
@@ -85,6 +97,16 @@ SCENARIOS = [
         full(8, "adamw_torch_fused"), full(4, "adamw_torch_fused", layers=13),
         full(8, "adamw_torch_fused", layers=19), full(16, "adamw_torch_fused", loss="chunked", layers=13),
     ]),
+    Scenario("meta-llama/Llama-3.2-1B", 10, Policy(allow_offload=False, use_adapter=True, allow_quantized_base=False), [
+        lora(4, offload_activations=True, **LONG_LORA), lora(2, **LONG_LORA),
+        lora(2, offload_activations=True, **LONG_LORA), lora(4, checkpoint_layers=8, **LONG_LORA),
+        lora(1, checkpointing=False, **LONG_LORA), lora(2, expandable_segments=True, **LONG_LORA),
+    ], seq_len=8192, batch=8),
+    Scenario("Qwen/Qwen2.5-1.5B", 32, Policy(allow_offload=False, use_adapter=False), [
+        full(16, layers=27, expandable_segments=True, **QWEN_FULL), full(16, **QWEN_FULL),
+        full(16, expandable_segments=True, **QWEN_FULL), full(8, **QWEN_FULL),
+        full(16, offload_activations=True, **QWEN_FULL), full(4, checkpointing=False, **QWEN_FULL),
+    ], seq_len=2048, batch=16),
 ]
 
 
@@ -145,7 +167,7 @@ def run_memtune(scenario: Scenario) -> dict:
     gpu = probe().gpus[0]
     budget = scenario.cap_gib * GIB + gpu.context_bytes
     source = resolve(scenario.model)
-    result = fit_model(source, parameter_count(source.config), 1024, 16, budget_bytes=budget,
+    result = fit_model(source, parameter_count(source.config), scenario.seq_len, scenario.batch, budget_bytes=budget,
                        budget_label=f"cap {scenario.cap_gib} GiB", policy=scenario.policy)
     seconds = time.perf_counter() - started
     search = result.search

@@ -48,9 +48,9 @@ def test_plan_and_fit_agree_on_the_same_configuration(capsys, tmp_path):
                                             "--budget", f"{budget}B", "--json"])
         fit_code, fit = run_json(capsys, ["fit", "gpt2", *PINNED, "--checkpointing", "on", "--loss", "standard",
                                           "--optim", "adamw_torch_fused", "--expandable-segments", "off",
-                                          "--offload", "none", "--offload-activations", "off", "--no-lora", "--trace-device", "cpu", "--budget",
-                                          f"{budget}B", "--no-verify", "--plan-out", str(tmp_path / "plan.json"),
-                                          "--json"])
+                                          "--offload", "none", "--offload-activations", "off", "--no-lora",
+                                          "--trace-device", "cpu", "--budget", f"{budget}B", "--no-verify",
+                                          "--plan-out", str(tmp_path / "plan.json"), "--json"])
         assert plan["fits"] == fit["fits"], f"budget {budget}: plan says {plan['fits']}, fit says {fit['fits']}"
         assert (plan_code == 0) == (fit_code == 0)
         assert plan["usable_bytes"] == fit["search"]["usable_bytes"]

@@ -79,7 +79,7 @@ from memtune.predict.trace import (
     untraceable,
 )
 from memtune.recipe import step as recipe
-from memtune.recipe.parallel import apply_fsdp, check_supported, fsdp_train_step
+from memtune.recipe.parallel import apply_fsdp, check_supported, final_norm, fsdp_train_step
 
 FSDP_BUFFERS = "fsdp_buffers"
 """Breakdown key: gathered (unsharded) parameters and FSDP's all-gather / reduce-scatter buffers."""
@@ -300,17 +300,18 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
 
         hooks.append(model.register_forward_pre_hook(set_phase(Category.ACTIVATIONS.value)))
         hooks.append(model.register_forward_hook(set_phase(Category.TEMPORARIES.value)))
-        if head is not None:
+        norm = final_norm(model)
+        if norm is not None:
 
-            def logits_phase(module: Any, args: tuple) -> None:
-                # What follows is logits and loss, until the head's input has its gradient: the chunked loss calls
-                # the head again in backward (checkpoint recomputation), chunk by chunk (as trace._logits_hook).
+            def logits_phase(module: Any, args: tuple, output: Any) -> None:
+                # What follows the final norm is logits and loss, until the norm's output has its gradient (as
+                # trace._logits_hook does from the head's input). Not a hook on the head: under FSDP the chunked
+                # loss multiplies by the head's gathered weight without calling it (recipe.loss._head_logits).
                 counter.phase = Category.LOGITS.value
-                hidden = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                if hidden is not None and hidden.requires_grad and torch.is_grad_enabled():
-                    hidden.register_hook(set_phase(Category.TEMPORARIES.value))
+                if isinstance(output, torch.Tensor) and output.requires_grad and torch.is_grad_enabled():
+                    output.register_hook(set_phase(Category.TEMPORARIES.value))
 
-            hooks.append(head.register_forward_pre_hook(logits_phase))
+            hooks.append(norm.register_forward_hook(logits_phase))
 
         def before_step(*_: Any) -> None:
             counter.retag([p.grad for p in trainable if p.grad is not None], Category.GRADIENTS.value)

@@ -81,15 +81,38 @@ def chunked_causal_lm_loss(
 def _chunk_loss_sum(
     hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, softcap: float | None, scale: float
 ) -> torch.Tensor:
-    # Call the module (not its weight) so forward hooks see each chunk: predict/trace.py tags logits memory
-    # with a pre-hook on the output embedding, and peft may wrap the head.
-    logits = head(hidden)
+    logits = _head_logits(head, hidden)
     if scale != 1.0:
         logits = logits * scale
     logits = logits.float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return nn.functional.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """`head(hidden)`; for a head that is part of an FSDP2 unit, the same product on its weight without calling it.
+
+    The module is called where it can be, so that forward hooks see each chunk (predict/trace.py tags logits memory
+    with a pre-hook on the output embedding) and a head that peft wraps computes as wrapped. Under FSDP2 a call per
+    chunk, and again in each checkpointed recomputation, runs the unit's hooks every time: the first chunk's
+    backward then reaches the unit's post-backward hook, which reshards it, and on torch 2.11 the next
+    recomputation finds the weight sharded (H200, 2 GPUs: "aten.mm.default got mixed torch.Tensor and DTensor";
+    torch 2.13 gathers it again). accelerate (and `recipe.parallel.apply_fsdp`) shards the head in one unit with the
+    final norm, kept unsharded from forward to backward (reshard_after_forward=False): after the norm's forward
+    the head's `weight` is the gathered parameter, and stays so until the unit's post-backward hook, which the
+    norm's backward runs after every chunk's. Liger-Kernel's fused linear cross-entropy reads the weight the same
+    way. Raises RuntimeError if the weight is still sharded (a DTensor): the unit was not gathered."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(head, FSDPModule) or not isinstance(head, nn.Linear):
+        return head(hidden)
+    weight = head.weight
+    if hasattr(weight, "device_mesh"):
+        raise RuntimeError("the LM head's weight is sharded (a DTensor) where the chunked loss needs it gathered: "
+                           "shard the final norm and the head in one unit with reshard_after_forward=False, as "
+                           "accelerate does")
+    return nn.functional.linear(hidden, weight, head.bias)
 
 
 CHUNKED_FORWARD = "_memtune_chunked_loss"
@@ -118,17 +141,11 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     `num_items_in_batch` (passed when the forward takes **kwargs, transformers' `model_accepts_loss_kwargs`)
     divides the summed loss as transformers' `ForCausalLMLoss` does.
 
-    Under DDP the wrapper calls this instance, so its forward still arms the all-reduce. Under FSDP2 the LM
-    head is called once per chunk, and again in the checkpointed recomputation in backward: accelerate (and
-    `recipe.parallel.apply_fsdp`) puts the head in one unit with the final norm (and a tied embedding) that
-    stays unsharded from forward to backward (reshard_after_forward=False), so the forward calls gather
-    nothing. In backward the first chunk whose input gradient is ready runs that unit's post-backward hook
-    before the head weight's gradient is complete (its AccumulateGrad waits for every chunk): the hook finds
-    no gradient, reduces nothing and reshards; the next recomputation gathers the unit again (torch 2.13,
-    counted on CPU: 2 gathers of it per micro-batch instead of 1), and the root's final callback reduces the
-    complete gradient once. So the result is exact, at the cost of one more all-gather of the head per
-    micro-batch. tests/test_distributed.py checks the loss and every gradient against the standard loss on
-    two gloo ranks (DDP, FSDP2, FSDP2 with CPU offload; tied and untied heads).
+    Under DDP the wrapper calls this instance, so its forward still arms the all-reduce. Under FSDP2 the chunks
+    multiply by the LM head's gathered weight without calling the head's module (`_head_logits` says why): the
+    unit of the final norm and the head is gathered once per micro-batch and its gradient reduced once, by the
+    norm's post-backward hook. tests/test_distributed.py checks the loss and every gradient against the standard
+    loss on two gloo ranks (DDP, FSDP2, FSDP2 with CPU offload; tied and untied heads).
 
     Raises UsageError for a model whose config rescales its logits in a way not known here (`logit_scale_of`).
     """

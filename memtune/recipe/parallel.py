@@ -134,7 +134,7 @@ def mixed_precision_policy(train_config: TrainConfig) -> Any:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=dtype, output_dtype=dtype)
 
 
-def _final_norm(model: Any) -> Any:
+def final_norm(model: Any) -> Any:
     """The last *Norm child of the base model, as accelerate's `_find_final_norm` (fsdp_utils.py:733-748)."""
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else model
@@ -175,7 +175,7 @@ def apply_fsdp(model: Any, train_config: TrainConfig, *, mesh: Any = None, pin_m
     tied = input_embed is not None and output_embed is not None and input_embed.weight is output_embed.weight
     if input_embed is not None and not tied and not isinstance(input_embed, FSDPModule):
         fully_shard(input_embed, **kwargs)
-    tail = [_final_norm(model), *([input_embed] if tied else []), output_embed]
+    tail = [final_norm(model), *([input_embed] if tied else []), output_embed]
     tail = [module for module in tail if module is not None and not isinstance(module, FSDPModule)]
     if tail:
         fully_shard(tail, **{**kwargs, "reshard_after_forward": False})
