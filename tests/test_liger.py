@@ -304,6 +304,7 @@ def test_search_offers_liger_only_when_installed(liger_missing, monkeypatch):
     assert [o["loss"] for o in rung.options(Policy(), False, 8)] == ["standard", "chunked"]
     assert any("Liger" in note and "[liger]" in note for note in ladder.skipped(Policy()))
     assert not any("Liger" in note for note in ladder.skipped(Policy(allow_chunked_loss=False)))
+    assert not any("Liger" in note for note in ladder.skipped(Policy(num_gpus=2, strategy="fsdp")))
     with pytest.raises(UsageError, match=r"\.\[liger\]"):
         rung.options(Policy(loss="liger"), False, 8)
 
@@ -365,3 +366,15 @@ def test_plan_prepare_refuses_liger_when_missing(liger_missing):
     plan = Plan(model="tiny", train_config=config, budget_bytes=1 << 34)
     with pytest.raises(UsageError, match=r"\.\[liger\]"):
         plan.prepare(recipe.build_model(tiny("Qwen/Qwen2.5-0.5B"), TrainConfig(seq_len=24), "cpu"), warm_up=False)
+
+
+def test_run_refuses_a_liger_plan_without_liger(liger_missing, tmp_path):
+    from memtune.options import RunOptions
+    from memtune.plan import Plan
+    from memtune.run.runner import check_run_inputs
+    from tests.test_runner import CORPUS
+
+    plan = Plan(model=str(tmp_path), train_config=TrainConfig(seq_len=24, micro_batch_size=2, loss="liger"),
+                budget_bytes=1 << 34)
+    with pytest.raises(UsageError, match=r"Liger's fused loss.*\.\[liger\]"):
+        check_run_inputs(plan, RunOptions(data=str(CORPUS), output_dir=str(tmp_path / "out")))

@@ -337,10 +337,14 @@ class Loss(Rung):
 
 
 def offers_liger(policy: Policy) -> bool:
-    """Whether the search tries Liger's fused loss: installed (`config.liger_available`) and where it is modelled
-    (one GPU, or DDP when not pinned to FSDP; never with offload pinned)."""
-    return (liger_available() and policy.offload in (None, "none")
-            and (policy.num_gpus == 1 or policy.strategy in (None, "ddp")))
+    """Whether the search tries Liger's fused loss: installed (`config.liger_available`) and `modelled_for_liger`."""
+    return liger_available() and modelled_for_liger(policy)
+
+
+def modelled_for_liger(policy: Policy) -> bool:
+    """Whether the policy leaves a configuration where Liger's fused loss is modelled: one GPU, or DDP when not pinned
+    to FSDP; never with CPU offload pinned."""
+    return policy.offload in (None, "none") and (policy.num_gpus == 1 or policy.strategy in (None, "ddp"))
 
 
 class Offload(Rung):
@@ -718,7 +722,7 @@ def skipped(policy: Policy) -> list[str]:
             and policy.num_gpus == 1 and not bitsandbytes_available()):
         notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
                      f"({QUANT_EXTRA_HINT} to add them)")
-    if policy.loss is None and policy.allow_chunked_loss and not liger_available():
+    if policy.loss is None and policy.allow_chunked_loss and not liger_available() and modelled_for_liger(policy):
         notes.append(f"Liger's fused linear cross-entropy skipped: liger-kernel (with Triton, which needs a CUDA GPU) "
                      f"is not installed ({LIGER_EXTRA_HINT} to add it)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
