@@ -23,7 +23,8 @@ from memtune.errors import UsageError
 DType = Literal["fp32", "bf16", "fp16"]
 Amp = Literal["none", "bf16", "fp16"]
 Offload = Literal["none", "optimizer", "parameters"]
-Loss = Literal["standard", "chunked"]
+Loss = Literal["standard", "chunked", "liger"]
+LOSSES = ("standard", "chunked", "liger")
 Strategy = Literal["fsdp", "ddp"]
 STRATEGY_NAMES = {"fsdp": "FSDP", "ddp": "DDP"}
 
@@ -69,6 +70,7 @@ EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"}) | TORCH
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 """Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
 QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'
+LIGER_EXTRA_HINT = 'pip install -e ".[liger]"'
 QUANTIZED_BASE_CHOICES = ("4", "8")
 """--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
 
@@ -204,7 +206,8 @@ class TrainConfig:
     offload: Offload = "none"
     """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
     loss: Loss = "standard"
-    """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits."""
+    """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits; "liger" is
+    Liger-Kernel's fused linear cross-entropy (Triton, a CUDA GPU; `recipe.loss`), on one GPU or with DDP."""
     num_gpus: int = 1
     """GPUs of one data-parallel job; the effective batch is split over them."""
     strategy: Strategy = "fsdp"
@@ -232,8 +235,11 @@ class TrainConfig:
             problems.append(f"strategy must be fsdp or ddp, got {self.strategy!r}")
         if self.offload not in ("none", "optimizer", "parameters"):
             problems.append(f"offload must be none, optimizer or parameters, got {self.offload!r}")
-        if self.loss not in ("standard", "chunked"):
-            problems.append(f"loss must be standard or chunked, got {self.loss!r}")
+        if self.loss not in LOSSES:
+            problems.append(f"loss must be standard, chunked or liger, got {self.loss!r}")
+        elif self.loss == "liger" and isinstance(self.num_gpus, int) and self.sharded:
+            problems.append("Liger's fused linear cross-entropy is not modelled under FSDP or CPU offload yet: use it "
+                            "on one GPU or with DDP (--strategy ddp), or loss 'chunked'")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
                             f"got {self.optimizer!r} (--optim)")
@@ -322,6 +328,8 @@ class TrainConfig:
             parts.append(self.quantization.describe())
         if self.loss == "chunked":
             parts.append("chunked loss")
+        if self.loss == "liger":
+            parts.append("Liger fused loss")
         if self.optimizer != DEFAULT_OPTIMIZER:
             parts.append(self.optimizer + (" (stochastic rounding)" if self.stochastic_rounding else ""))
         if self.offload != "none":
@@ -427,6 +435,21 @@ def _installed(package: str) -> bool:
         return importlib.util.find_spec(package) is not None
     except (ImportError, ValueError):  # a broken entry in sys.modules
         return False
+
+
+def liger_available() -> bool:
+    """Whether Liger-Kernel and Triton are installed (the `liger` extra), found without importing either: Liger's
+    kernels are Triton's, which run on a CUDA (or ROCm) GPU; torch's Linux CUDA wheels bring Triton with them."""
+    return _installed("liger_kernel") and _installed("triton")
+
+
+def require_liger() -> None:
+    """Raise UsageError (exit 2) with the install command when the Liger loss is asked for and Liger-Kernel or
+    Triton cannot be found (`liger_available`)."""
+    if not liger_available():
+        missing = "liger-kernel" if not _installed("liger_kernel") else "triton (Liger's kernels are Triton's)"
+        raise UsageError(f"loss liger needs {missing}, which is not installed: {LIGER_EXTRA_HINT} (or pip install "
+                         "liger-kernel, on a machine with a CUDA GPU), or choose --loss chunked")
 
 
 def bitsandbytes_available() -> bool:
@@ -714,8 +737,9 @@ class Policy:
     mapping pages: usually less memory stranded between blocks, sometimes more), which memtune run sets; auto:
     predicted both ways, the default where both fit."""
     loss: str | None = field(default=None, metadata=option(
-        words={"auto": None, "standard": "standard", "chunked": "chunked"}, group=PINS))
-    """Keep this loss: chunked computes the LM head and loss in chunks, never holding all fp32 logits."""
+        words={"auto": None, "standard": "standard", "chunked": "chunked", "liger": "liger"}, group=PINS))
+    """Keep this loss: chunked computes the LM head and loss in chunks, never holding all fp32 logits; liger is
+    Liger-Kernel's fused linear cross-entropy (needs the liger extra and a CUDA GPU; one GPU or DDP)."""
     offload: str | None = field(default=None, metadata=option(
         words={"auto": None, "none": "none", "parameters": "parameters"}, group=PINS))
     """Keep this offload: parameters is FSDP CPU offload of parameters, gradients and optimizer state (slow)."""
@@ -731,7 +755,8 @@ class Policy:
     allow_offload: bool = field(default=True, metadata=option(flag="--no-offload", group=POLICY))
     """CPU offload among the search's rungs (allowed by default; --no-offload forbids it)."""
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
-    """The chunked loss among the search's rungs (allowed by default; --no-chunked-loss forbids it)."""
+    """The chunked losses among the search's rungs: memtune's chunked loss, and Liger-Kernel's fused one where it is
+    installed (allowed by default; --no-chunked-loss forbids both)."""
     allow_8bit_optimizer: bool = field(default=True, metadata=option(flag="--no-8bit-optim", group=POLICY))
     """Low-bit optimizers (bitsandbytes AdamW8bit, paged or not; torchao AdamW8bit and AdamW4bit: state
     quantised, a quality trade) among the search's rungs (allowed by default when bitsandbytes or torchao is
@@ -786,8 +811,13 @@ class Policy:
         """Raise UsageError naming every problem at once: unknown values, pins that contradict each other
         or the forbidden rungs, a micro-batch that would change the effective batch."""
         problems = []
-        if self.loss == "chunked" and not self.allow_chunked_loss:
-            problems.append("--loss chunked contradicts --no-chunked-loss: keep one")
+        if self.loss in ("chunked", "liger") and not self.allow_chunked_loss:
+            problems.append(f"--loss {self.loss} contradicts --no-chunked-loss (which forbids both chunked losses, "
+                            "memtune's and Liger's): keep one")
+        if self.loss == "liger" and (self.offload not in (None, "none")
+                                     or (self.num_gpus > 1 and self.strategy != "ddp")):
+            problems.append("--loss liger is not modelled under FSDP or CPU offload yet: with several GPUs pin "
+                            "--strategy ddp, and leave --offload out")
         if self.offload not in (None, "none") and not self.allow_offload:
             problems.append(f"--offload {self.offload} contradicts --no-offload: keep one")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -842,8 +872,8 @@ class Policy:
                             f"{effective_batch_size}: the effective batch would change")
         if effective_batch_size % self.num_gpus:
             problems.append(f"batch {effective_batch_size} is not a multiple of {self.num_gpus} GPUs")
-        if self.loss not in (None, "standard", "chunked"):
-            problems.append(f"loss {self.loss!r} is unknown: standard or chunked")
+        if self.loss not in (None, *LOSSES):
+            problems.append(f"loss {self.loss!r} is unknown: standard, chunked or liger")
         if self.offload not in (None, *OFFLOAD_ORDER):
             problems.append(f"offload {self.offload!r} is unknown: {', '.join(OFFLOAD_ORDER)}")
         if self.strategy not in (None, *STRATEGIES):

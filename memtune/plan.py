@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memtune.config import TrainConfig
+from memtune.config import TrainConfig, require_liger
 from memtune.errors import UsageError
 from memtune.search import ladder
 
@@ -203,7 +203,8 @@ class Plan:
         inputs in pinned host memory where it offloads activations, which TrainingArguments cannot express before
         transformers 5.24), use_cache off, and the LoRA / prefix adapter wrapped around it with peft.
 
-        Returns the model to train (a peft.PeftModel when the plan has an adapter).
+        Returns the model to train (a peft.PeftModel when the plan has an adapter). Raises UsageError for a plan with
+        Liger's fused loss where liger-kernel (or Triton) is not installed.
 
         A plan with a quantised base (QLoRA) takes the model `from_pretrained(MODEL, **plan.model_kwargs())` loads
         (UsageError for one loaded without the quantisation) and runs peft's prepare_model_for_kbit_training
@@ -220,6 +221,8 @@ class Plan:
         from memtune.measure import memory
         from memtune.recipe import step as recipe
 
+        if self.train_config.loss == "liger":
+            require_liger()  # UsageError (exit 2) with the install command, before anything is built
         if not memory.set_allocator_mode(self.train_config.expandable_segments):
             import warnings
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, margin_for
+from memtune.config import GIB, MIB, Adapter, Policy, TrainConfig, liger_available, margin_for
 from memtune.errors import UsageError
 from memtune.measure.memory import Measurement
 from memtune.predict.estimate import Estimate
@@ -322,8 +322,10 @@ def test_several_gpus_offer_ddp_without_offload_and_fsdp_with_everything_both_wi
     ddp = [c for c in configs if c.strategy == "ddp"]
     assert ddp and all(c.offload == "none" for c in ddp)
     assert any(c.strategy == "fsdp" and c.offload == "parameters" for c in configs)
-    for strategy, offload in (("ddp", "none"), ("fsdp", "none"), ("fsdp", "parameters")):
-        assert {c.loss for c in configs if (c.strategy, c.offload) == (strategy, offload)} == {"standard", "chunked"}
+    liger = {"liger"} if liger_available() else set()  # Liger's fused loss: where installed, one GPU or DDP only
+    for strategy, offload, extra in (("ddp", "none", liger), ("fsdp", "none", set()), ("fsdp", "parameters", set())):
+        assert {c.loss for c in configs if (c.strategy, c.offload) == (strategy, offload)} == {"standard", "chunked",
+                                                                                                 *extra}
     assert {(c.micro_batch_size, c.gradient_checkpointing, c.precision) for c in ddp} == {
         (c.micro_batch_size, c.gradient_checkpointing, c.precision)
         for c in configs

@@ -14,7 +14,9 @@ where
   plus causal attention 2 * layers * seq_len * hidden per token forward (half of the 4*s*h of
   full attention, as flash/efficient SDPA skip the masked half); backward is 2x forward for full
   fine-tuning and 1x forward for frozen (LoRA) weights, which need no weight gradients;
-  checkpointing adds one more forward (Chen et al. 2016); a chunked loss recomputes the LM head.
+  checkpointing adds one more forward (Chen et al. 2016); a chunked loss recomputes the LM head; Liger's fused
+  loss computes the head's gradients in forward: no more FLOPs than the standard loss, less logits traffic
+  (`liger_logits_traffic`, `liger_chunk_seconds`: assumptions until measured).
 - logits_bytes: the fp32 logits, softmax and their gradient over the vocabulary are bound by
   memory bandwidth, not FLOPs.
 - launch_seconds: per-layer kernel-launch/Python overhead, independent of size. This is what makes
@@ -59,6 +61,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from memtune.config import DTYPE_BYTES, TrainConfig
+from memtune.predict.liger import liger_num_chunks
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
 """DistributedDataParallel's bucket_cap_mb default (25 MiB), which Trainer and accelerate keep."""
@@ -98,6 +101,15 @@ class GpuSpeed:
     """Launch overhead factor of LoRA (each adapted matmul adds a few small kernels)."""
     chunk_seconds: float = 0.898e-3
     """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens): its checkpointed head, upcast and loss."""
+    liger_logits_traffic: float = 10.0
+    """Liger's fused loss: bytes moved per token per vocabulary entry, in place of `logits_traffic`: 16-bit logits
+    written by the head matmul (2), read and overwritten with their gradient by the cross-entropy kernel (4), read
+    by the input- and weight-gradient matmuls (4). Not calibrated: an assumption until benchmarks/fused_loss.py is
+    measured (fp32 logits, fp32 training without autocast, count twice: see `micro_batch_seconds`)."""
+    liger_chunk_seconds: float = 60e-6
+    """Liger's fused loss, per chunk (`predict.liger.liger_chunk_size` tokens): its ~6 kernel launches (head matmul,
+    cross-entropy kernel, input-gradient matmul, cast, weight-gradient addmm, copy). Not calibrated: an assumption
+    (~10 us a launch)."""
     cpu_optimizer_params_per_second: float = 4e8
     """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
     interconnect_bytes_per_second: float = 25e9
@@ -212,6 +224,10 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     rate = speed.bf16_flops * speed.bf16_efficiency if half else speed.fp32_flops * speed.fp32_efficiency
     compute = flops / rate
     traffic = tokens * shape.vocab_size * speed.logits_traffic
+    if config.loss == "liger":
+        # Liger computes the head's input and weight gradients in forward, chunk by chunk (recipe.loss): the same
+        # matmuls as the standard loss, no recomputation; its logits stay in the head's compute dtype.
+        traffic = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
     launches = shape.num_layers * speed.launch_seconds
     launches *= 1.0 + (speed.checkpoint_overhead - 1.0) * checkpointed
     launches *= speed.lora_overhead if config.adapter is not None else 1.0
@@ -225,11 +241,16 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
         from memtune.recipe.loss import CHUNK_TOKENS
 
         micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
+    if config.loss == "liger":
+        micro += liger_num_chunks(tokens, shape.vocab_size, shape.hidden_size) * speed.liger_chunk_seconds
     # Offloaded activations: each checkpointed layer's input goes to pinned host memory in forward and comes back
     # for the recomputation, both copies on the compute stream (save_on_cpu), so nothing hides them.
     micro += 2 * offloaded_activation_bytes(shape, config) / speed.pcie_bytes_per_second
     # Backward (recomputation included) by its share of the FLOPs: what DDP's all-reduce can hide behind.
-    backward_share = (backward + recompute + chunk_recompute) / (forward + backward + recompute + chunk_recompute)
+    # Liger runs the head's backward matmuls (input and, trained, weight gradient) in forward: not in backward.
+    in_forward = (2.0 if frozen else 4.0) * head if config.loss == "liger" else 0.0
+    backward_share = (backward - in_forward + recompute + chunk_recompute) / (
+        forward + backward + recompute + chunk_recompute)
     return micro, micro * backward_share
 
 

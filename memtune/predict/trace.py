@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TORCHAO_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
-from memtune.predict import quantized
+from memtune.predict import liger, quantized
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.predict.events import (  # noqa: E402,F401 - re-exported: the trace's own vocabulary
     BLOCK_BYTES,
@@ -742,6 +742,9 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
         hooks = _layer_hooks(layers, counter)
         if head is not None:
             hooks.append(head.register_forward_pre_hook(_logits_hook(counter)))
+        if train_config.loss == "liger":  # Liger's kernels cannot run on fake tensors: its allocation-equivalent twin
+            logits_hook = _logits_hook(counter)
+            liger.substitute_liger(model, lambda hidden: logits_hook(head, (hidden,)))
         trainable = [p for p in model.parameters() if p.requires_grad]
         for _ in range(steps):
             batches = [recipe.random_batch(model_config, train_config, device)

@@ -16,6 +16,10 @@ The same idea as Liger-Kernel's fused linear cross-entropy, without a custom ker
 serves one GPU, DDP (whose forward arms the gradient all-reduce) and FSDP2 (whose root module's hooks
 gather and free the shards); peft's wrappers end in a call of that instance, and accelerate's autocast
 wrapper of forward (DDP, one GPU) encloses it.
+
+The same forward computes Liger-Kernel's fused linear cross-entropy instead when asked (`kind="liger"`,
+`liger_causal_lm_loss`): its Triton kernels compute the head, the loss and both gradients chunk by chunk in
+forward (ops/fused_linear_cross_entropy.py of liger-kernel 0.8.5), so backward only scales the stored gradients.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from memtune.config import require_liger
 from memtune.errors import UsageError
 
 IGNORE_INDEX = -100
@@ -115,8 +120,65 @@ def _head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return nn.functional.linear(hidden, weight, head.bias)
 
 
+def liger_causal_lm_loss(
+    hidden_states: torch.Tensor,
+    head: nn.Module,
+    labels: torch.Tensor,
+    softcap: float | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    scale: float = 1.0,
+    fused: Any = None,
+) -> torch.Tensor:
+    """The loss of transformers' `ForCausalLMLoss` on `head(hidden_states)`, by Liger-Kernel's fused linear
+    cross-entropy: `fused(hidden, weight, targets, bias, softcap)` (default `liger_fused_linear_cross_entropy`)
+    returns the summed loss of the flattened hidden states (tokens x hidden) against the shifted targets.
+
+    Arguments as `chunked_causal_lm_loss`. Liger applies the softcap in its kernel (`HAS_SOFTCAPPING`); it has no
+    logit scale, so `scale` multiplies the hidden states instead: (s x) W^T = s (x W^T), the same logits up to
+    rounding (the model's own forward scales the logits in the head's dtype). `fused` is what the trace replaces
+    (`predict.liger`): Liger's kernels cannot run on fake tensors.
+
+    Raises UsageError when the head is not a plain `nn.Linear` (a LoRA layer or another wrapper on the head: Liger
+    reads its weight and bias and would skip the adapter), or when Liger-Kernel or Triton is missing.
+    """
+    if not isinstance(head, nn.Linear) or hasattr(head, "base_layer"):
+        raise UsageError(f"the Liger loss reads the LM head's weight directly, but the head is a "
+                         f"{type(head).__name__} (an adapter on the head?): leave the LM head out of --lora-targets, "
+                         "or use loss 'chunked'")
+    fused = fused if fused is not None else liger_fused_linear_cross_entropy
+    shift_labels = nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if scale != 1.0:
+        hidden = hidden * scale
+    targets = shift_labels.reshape(-1).to(hidden.device)
+    total = fused(hidden, head.weight, targets, head.bias, softcap)
+    if num_items_in_batch is None:
+        num_items_in_batch = (targets != IGNORE_INDEX).sum()
+    elif torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def liger_fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                     bias: torch.Tensor | None, softcap: float | None) -> torch.Tensor:
+    """The summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (IGNORE_INDEX skipped), by
+    `liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss` (reduction "sum", no
+    z-loss, label smoothing or class weights). Imported here, at the first call (the `liger` extra). Raises
+    UsageError when Liger-Kernel or Triton is not installed."""
+    require_liger()
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+    loss_function = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+    return loss_function(weight, hidden, targets, bias)
+
+
 CHUNKED_FORWARD = "_memtune_chunked_loss"
-"""Attribute set on a causal LM whose forward `use_chunked_loss` replaced (its chunk size, in tokens)."""
+"""Attribute set on a causal LM whose forward `use_chunked_loss` replaced (its chunk size in tokens; 0 for Liger)."""
+LOSS_KIND = "_memtune_loss_kind"
+"""Attribute set with CHUNKED_FORWARD: which loss the forward computes, "chunked" or "liger" (`loss_of`)."""
+FUSED_LOSS = "_memtune_fused_loss"
+"""Attribute that, when set on the causal LM, replaces `liger_fused_linear_cross_entropy` in its Liger forward:
+the trace's stand-in (`predict.liger`), as `predict.trace.offload_to_host` replaces a layer's checkpoint function."""
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -128,8 +190,12 @@ def causal_lm_of(model: nn.Module) -> nn.Module:
     return get_base_model() if get_base_model is not None else model
 
 
-def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.Module:
+def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS, kind: str = "chunked") -> nn.Module:
     """Make the causal LM in `model` (`causal_lm_of`) compute the chunked loss in its own forward; returns `model`.
+
+    `kind` "liger": the forward computes Liger-Kernel's fused linear cross-entropy instead (`liger_causal_lm_loss`;
+    its own chunks, `chunk_tokens` unused), with the causal LM's FUSED_LOSS attribute, when set, in place of Liger
+    (the trace's stand-in). Liger is imported at the first training forward (UsageError there when missing).
 
     The instance's `forward` becomes one that, given labels in training mode, runs the backbone (the module
     named by `base_model_prefix`, whose output is after the final norm), then `chunked_causal_lm_loss` on the
@@ -147,10 +213,16 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
     norm's post-backward hook. tests/test_distributed.py checks the loss and every gradient against the standard
     loss on two gloo ranks (DDP, FSDP2, FSDP2 with CPU offload; tied and untied heads).
 
-    Raises UsageError for a model whose config rescales its logits in a way not known here (`logit_scale_of`).
+    Raises UsageError for a model whose config rescales its logits in a way not known here (`logit_scale_of`), and
+    ValueError for a model whose forward already computes the other kind (it cannot be undone).
     """
+    if kind not in ("chunked", "liger"):
+        raise ValueError(f"use_chunked_loss: kind must be 'chunked' or 'liger', got {kind!r}")
     causal_lm = causal_lm_of(model)
     if getattr(causal_lm, CHUNKED_FORWARD, None) is not None:
+        if loss_of(causal_lm) != kind:
+            raise ValueError(f"use_chunked_loss: this model's forward computes the {loss_of(causal_lm)} loss already, "
+                             f"not {kind}: build the model again")
         return model
     config = causal_lm.config
     scale = logit_scale_of(config)
@@ -168,22 +240,36 @@ def use_chunked_loss(model: nn.Module, chunk_tokens: int = CHUNK_TOKENS) -> nn.M
         for name in ("logits_to_keep", "return_dict"):
             kwargs.pop(name, None)
         outputs = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kwargs)
-        loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
-                                      chunk_tokens=chunk_tokens, softcap=softcap,
-                                      num_items_in_batch=num_items_in_batch, scale=scale)
+        if kind == "liger":
+            loss = liger_causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
+                                        softcap=softcap, num_items_in_batch=num_items_in_batch, scale=scale,
+                                        fused=getattr(self, FUSED_LOSS, None))
+        else:
+            loss = chunked_causal_lm_loss(outputs.last_hidden_state, self.get_output_embeddings(), labels,
+                                          chunk_tokens=chunk_tokens, softcap=softcap,
+                                          num_items_in_batch=num_items_in_batch, scale=scale)
         return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
                                       attentions=getattr(outputs, "attentions", None))
 
     # A method of this instance: nn.Module.__call__ looks `forward` up on the instance first. (It and the
     # module refer to each other; the trials' gc.collect frees the pair.)
     causal_lm.forward = types.MethodType(forward, causal_lm)
-    setattr(causal_lm, CHUNKED_FORWARD, chunk_tokens)
+    setattr(causal_lm, CHUNKED_FORWARD, chunk_tokens if kind == "chunked" else 0)
+    setattr(causal_lm, LOSS_KIND, kind)
     return model
 
 
 def uses_chunked_loss(model: nn.Module) -> bool:
-    """Whether `use_chunked_loss` was applied to the causal LM in `model`."""
+    """Whether `use_chunked_loss` was applied to the causal LM in `model` (either kind)."""
     return getattr(causal_lm_of(model), CHUNKED_FORWARD, None) is not None
+
+
+def loss_of(model: nn.Module) -> str:
+    """The loss the causal LM in `model` computes in its forward: "standard", "chunked" or "liger"."""
+    causal_lm = causal_lm_of(model)
+    if getattr(causal_lm, CHUNKED_FORWARD, None) is None:
+        return "standard"
+    return str(getattr(causal_lm, LOSS_KIND, "chunked"))
 
 
 def logit_scale_of(config: Any) -> float:

@@ -30,7 +30,12 @@ from memtune.config import (
 )
 from memtune.errors import UsageError
 from memtune.recipe import quant
-from memtune.recipe.loss import logit_scale_of, use_chunked_loss, uses_chunked_loss  # noqa: F401 - logit_scale_of re-exported
+from memtune.recipe.loss import (  # noqa: F401 - logit_scale_of, uses_chunked_loss re-exported
+    logit_scale_of,
+    loss_of,
+    use_chunked_loss,
+    uses_chunked_loss,
+)
 from memtune.sources import custom_code
 
 if TYPE_CHECKING:
@@ -161,8 +166,8 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
         set_checkpointing(causal_lm, True, train_config.checkpoint_layers, train_config.offload_activations)
     if hasattr(causal_lm, "config"):
         causal_lm.config.use_cache = False
-    if train_config.loss == "chunked":
-        use_chunked_loss(causal_lm)
+    if train_config.loss != "standard":
+        use_chunked_loss(causal_lm, kind=train_config.loss)
     adapter = train_config.adapter
     if adapter is None:
         return causal_lm
@@ -303,15 +308,16 @@ def forward_loss(
 
     With `train_config.loss` "chunked" the causal LM's forward computes the LM head and cross-entropy a chunk of
     tokens at a time (`recipe.loss.use_chunked_loss`, which `prepare_model` applies and which is applied here too
-    when missing: the OOM guard may switch to it mid-run); "standard" computes all logits at once. Same value
-    and gradients. Raises ValueError for the standard loss on a model whose forward was made chunked (it
-    cannot be undone: build the model with the standard loss).
+    when missing: the OOM guard may switch to it mid-run); "liger", Liger-Kernel's fused linear cross-entropy in the
+    same forward; "standard" computes all logits at once. Same value and gradients. Raises ValueError when the
+    model's forward computes another loss than `train_config.loss` (it cannot be undone: build the model again).
     """
-    if train_config.loss == "chunked":
-        use_chunked_loss(model)
-    elif uses_chunked_loss(model):
-        raise ValueError("forward_loss: train_config asks for the standard loss, but this model's forward computes "
-                         "the chunked one (recipe.loss.use_chunked_loss): build it with loss='standard'")
+    if train_config.loss != "standard" and loss_of(model) == "standard":
+        use_chunked_loss(model, kind=train_config.loss)
+    elif loss_of(model) != train_config.loss:
+        raise ValueError(f"forward_loss: train_config asks for the {train_config.loss} loss, but this model's forward "
+                         f"computes the {loss_of(model)} one (recipe.loss.use_chunked_loss): build it with "
+                         f"loss={train_config.loss!r}")
     return model(input_ids=input_ids, labels=labels).loss
 
 

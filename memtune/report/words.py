@@ -237,6 +237,7 @@ def python_snippet(config: TrainConfig) -> str:
         body.append(f"    {name}={_python_argument(value)},{comment}")
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
+                                     ("Liger's fused loss", config.loss == "liger"),
                                      (f"offload of {config.offload}", config.offload != "none"),
                                      ("FSDP over several GPUs", config.num_gpus > 1 and not config.replicated),
                                      (f"DDP over {config.num_gpus} GPUs (accelerate launch)", config.replicated)) if on]

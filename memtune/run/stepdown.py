@@ -53,7 +53,7 @@ def step_down_ladder(config: TrainConfig, loader_micro_batch: int, chunked_loss:
         ladder += [config.replace(micro_batch_size=size, grad_accum_steps=per_device // size,
                                   gradient_checkpointing=True, checkpoint_layers=None)
                    for size in sizes if size <= config.micro_batch_size]
-    if chunked_loss and config.loss != "chunked" and not prefix:
+    if chunked_loss and config.loss == "standard" and not prefix:  # not from Liger's: not surely smaller
         ladder.append(config.replace(micro_batch_size=1, grad_accum_steps=per_device, gradient_checkpointing=True,
                                      checkpoint_layers=None, loss="chunked"))
     return ladder

@@ -237,7 +237,8 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
         same
         and a.micro_batch_size >= b.micro_batch_size
         and a.checkpointing_rank <= b.checkpointing_rank
-        and (b.loss == "chunked" or a.loss == "standard")
+        # Liger's loss holds the weight gradient from forward on: not surely below the standard loss for few tokens
+        and (a.loss == b.loss or (a.loss == "standard" and b.loss == "chunked"))
         and (b.offload_activations or not a.offload_activations)
         and OFFLOAD_ORDER[a.offload] <= OFFLOAD_ORDER[b.offload]
     )

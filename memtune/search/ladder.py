@@ -29,6 +29,7 @@ from memtune.config import (
     BITSANDBYTES_OPTIMIZERS,
     DEFAULT_OPTIMIZER,
     EIGHT_BIT_OPTIMIZERS,
+    LIGER_EXTRA_HINT,
     QUANT_EXTRA_HINT,
     STRATEGIES,
     TORCHAO_OPTIMIZERS,
@@ -37,9 +38,11 @@ from memtune.config import (
     Quantization,
     TrainConfig,
     bitsandbytes_available,
+    liger_available,
     precision_config,
     quantized_base_fields,
     require_extra,
+    require_liger,
     rounds_stochastically,
     torchao_available,
 )
@@ -283,30 +286,65 @@ class ActivationOffload(Rung):
 
 
 class Loss(Rung):
-    """The LM head and cross-entropy computed in chunks of tokens, each recomputed in backward.
+    """The LM head and cross-entropy computed in chunks of tokens: memtune's chunked loss (each chunk recomputed in
+    backward) and, where Liger-Kernel is installed, Liger's fused linear cross-entropy (the head's gradients computed
+    in forward, chunk by chunk; Triton kernels: a CUDA GPU). Liger is offered on one GPU and with DDP (its FSDP2 step
+    is not modelled) when `config.liger_available` (no CUDA check here: the search is pure; `memtune run` needs the
+    GPU anyway), and noted as skipped otherwise (`skipped`). --no-chunked-loss forbids both; --loss liger pins it.
 
     Recipe: `recipe.step.prepare_model` -> `recipe.loss.use_chunked_loss` (the model's forward computes it, so it
     runs under DDP's wrapper and FSDP2's root module too: with several GPUs and with CPU offload).
-    Speed: `throughput.micro_batch_seconds` (the LM head's matmul once more in backward)."""
+    Memory: Liger's kernels cannot run on fake tensors: `predict.liger` is their allocation-equivalent twin.
+    Speed: `throughput.micro_batch_seconds` (chunked: the LM head's matmul once more in backward; Liger: no
+    recomputation, less logits traffic, a launch cost per chunk)."""
 
     name = "chunked loss"
+    WORDS = {"chunked": "chunked loss", "liger": "Liger fused loss"}
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
-        values = (
-            [policy.loss] if policy.loss else (["standard", "chunked"] if policy.allow_chunked_loss else ["standard"])
-        )
+        if policy.loss == "liger":
+            require_liger()  # UsageError (exit 2) with the install command
+        if policy.loss:
+            values = [policy.loss]
+        elif not policy.allow_chunked_loss:
+            values = ["standard"]
+        else:
+            values = ["standard", "chunked"] + (["liger"] if offers_liger(policy) else [])
         return [{"loss": value} for value in values]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        if fields["loss"] == "liger" and (fields["offload"] != "none" or (
+                fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
+            return "Liger's fused loss is not modelled under FSDP or CPU offload yet"
+        return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.loss is not None or not policy.allow_chunked_loss:
             return None
-        flipped = "standard" if chosen.loss == "chunked" else "chunked"
-        return f"{'+' if flipped == 'chunked' else '-'} chunked loss", chosen.replace(loss=flipped)
+        if chosen.loss == "standard":
+            return "+ chunked loss", chosen.replace(loss="chunked")
+        if chosen.loss == "liger":  # the other fused loss: which of the two was measured faster, or fits
+            return "chunked loss instead of Liger's", chosen.replace(loss="chunked")
+        return "- chunked loss", chosen.replace(loss="standard")
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.loss == "chunked":
             return "chunked loss: the LM head and cross-entropy in chunks of tokens (memtune run applies it)"
+        if config.loss == "liger":
+            return ("Liger fused loss: the LM head and cross-entropy by Liger-Kernel's fused linear cross-entropy "
+                    f"(memtune run applies it; needs liger-kernel: {LIGER_EXTRA_HINT})")
         return None
+
+
+def offers_liger(policy: Policy) -> bool:
+    """Whether the search tries Liger's fused loss: installed (`config.liger_available`) and `modelled_for_liger`."""
+    return liger_available() and modelled_for_liger(policy)
+
+
+def modelled_for_liger(policy: Policy) -> bool:
+    """Whether the policy leaves a configuration where Liger's fused loss is modelled: one GPU, or DDP when not pinned
+    to FSDP; never with CPU offload pinned."""
+    return policy.offload in (None, "none") and (policy.num_gpus == 1 or policy.strategy in (None, "ddp"))
 
 
 class Offload(Rung):
@@ -684,6 +722,9 @@ def skipped(policy: Policy) -> list[str]:
             and policy.num_gpus == 1 and not bitsandbytes_available()):
         notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
                      f"({QUANT_EXTRA_HINT} to add them)")
+    if policy.loss is None and policy.allow_chunked_loss and not liger_available() and modelled_for_liger(policy):
+        notes.append(f"Liger's fused linear cross-entropy skipped: liger-kernel (with Triton, which needs a CUDA GPU) "
+                     f"is not installed ({LIGER_EXTRA_HINT} to add it)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
         notes.append(f"--precision {policy.precision} with --no-pure-16bit: full fine-tuning has no candidate, "
                      f"only LoRA on a {policy.precision} base is searched")
