@@ -10,9 +10,10 @@ Models are catalog configs at full depth with random weights: Qwen2.5-0.5B (152k
 4 x 1024; bf16-mixed, no checkpointing (where the loss is the largest share of the peak). Each configuration is
 measured with `verify.measure` (3 steps) and predicted with `estimate` on fake CUDA tensors and on the CPU
 emulation (`predict.liger` stands in for Liger's kernels on both). The Liger rows check its memory model
-(allocation-equivalent stand-in) and its speed term (`throughput.GpuSpeed.liger_logits_traffic`,
-`liger_chunk_seconds`: assumptions until this is measured). `--values` first compares the Liger loss and its
-gradients with the standard loss on a 2-layer model (fp32 and bf16-mixed), so a wrong call of Liger shows here.
+(allocation-equivalent stand-in) and its speed term (`throughput.GpuSpeed.liger_logits_traffic`, an assumption, and
+`liger_weight_bytes_per_chunk`, fitted to results/fused_loss_h200.json). `--values` first compares the Liger loss
+and its gradients with the standard loss on a 2-layer model (fp32 and bf16-mixed), so a wrong call of Liger shows
+here.
 About 3 minutes on an H200.
 """
 

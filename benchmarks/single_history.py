@@ -41,14 +41,17 @@ BIG = 64 * 2**20
 
 
 def every_case() -> dict[str, Any]:
-    """benchmarks/cases.py's cases of the accuracy, large and architectures suites, by name, and
-    benchmarks/lowbit.py's by its names (which say the optimizer and the quantised base)."""
+    """benchmarks/cases.py's cases of the accuracy, large and architectures suites, by name, benchmarks/lowbit.py's
+    by its names (which say the optimizer and the quantised base), and benchmarks/activations.py's by its names."""
+    from benchmarks.activations import SUITES
+    from benchmarks.activations import case_name as activation_case_name
     from benchmarks.cases import accuracy_cases, large_batch_cases, real_architecture_cases
     from benchmarks.lowbit import CASES as LOWBIT_CASES
     from benchmarks.lowbit import case_name
 
     cases = {case.name: case for case in [*accuracy_cases(), *large_batch_cases(), *real_architecture_cases()]}
-    return cases | {case_name(case): case for case in LOWBIT_CASES}
+    activations = {activation_case_name(case): case for suite in SUITES.values() for case in suite}
+    return cases | {case_name(case): case for case in LOWBIT_CASES} | activations
 
 
 def cases_named(names: list[str]) -> list[Any]:

@@ -61,8 +61,9 @@ EPILOG_FIT = """examples:
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
-checkpointing (of the fewest decoder layers that fit), a chunked loss, the allocator's expandable
-segments, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full
+checkpointing (of the fewest decoder layers that fit; with the checkpointed layers' inputs in pinned
+host memory when that is not enough), a chunked loss (Liger's fused one too, when installed), the
+allocator's expandable segments, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full
 replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32 master
 weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing else fits,
 and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA configuration,

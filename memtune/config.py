@@ -729,8 +729,9 @@ class Policy:
     offload_activations: bool | None = field(default=None, metadata=option(
         flag="--offload-activations", words={"auto": None, "on": True, "off": False}, group=PINS))
     """Keep the inputs of the checkpointed layers in pinned host memory (transformers' activation_checkpointing
-    offload=True): frees layers x tokens x hidden bytes of the GPU for a copy each way per micro-batch over the
-    host link. on implies checkpointing; auto: tried after checkpointing alone, when that does not fit."""
+    offload=True): frees checkpointed layers x tokens x hidden x 4 bytes of the GPU (fp32 under mixed precision; 2
+    for 16-bit weights), for a copy out and back per micro-batch over the host link. on implies checkpointing, on one
+    GPU or with DDP; auto: tried with checkpointing, chosen where it is the fastest that fits."""
     expandable_segments: bool | None = field(default=None, metadata=option(
         flag="--expandable-segments", words={"auto": None, "on": True, "off": False}, group=PINS))
     """The caching allocator's mode: on is PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (segments that grow by
@@ -753,7 +754,8 @@ class Policy:
     """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
     None: only when no full fine-tuning configuration fits."""
     allow_offload: bool = field(default=True, metadata=option(flag="--no-offload", group=POLICY))
-    """CPU offload among the search's rungs (allowed by default; --no-offload forbids it)."""
+    """FSDP CPU offload of parameters, gradients and optimizer state among the search's rungs (allowed by default;
+    --no-offload forbids it; for the activations use --offload-activations off)."""
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
     """The chunked losses among the search's rungs: memtune's chunked loss, and Liger-Kernel's fused one where it is
     installed (allowed by default; --no-chunked-loss forbids both)."""
@@ -814,10 +816,12 @@ class Policy:
         if self.loss in ("chunked", "liger") and not self.allow_chunked_loss:
             problems.append(f"--loss {self.loss} contradicts --no-chunked-loss (which forbids both chunked losses, "
                             "memtune's and Liger's): keep one")
-        if self.loss == "liger" and (self.offload not in (None, "none")
-                                     or (self.num_gpus > 1 and self.strategy != "ddp")):
-            problems.append("--loss liger is not modelled under FSDP or CPU offload yet: with several GPUs pin "
-                            "--strategy ddp, and leave --offload out")
+        if self.loss == "liger" and self.offload not in (None, "none"):
+            problems.append(f"--loss liger with --offload {self.offload} (FSDP CPU offload) is not modelled yet: drop "
+                            "one of them")
+        if self.loss == "liger" and self.num_gpus > 1 and self.strategy == "fsdp":
+            problems.append("--loss liger with --strategy fsdp is not modelled yet: use --strategy ddp (or auto, which "
+                            "then plans DDP)")
         if self.offload not in (None, "none") and not self.allow_offload:
             problems.append(f"--offload {self.offload} contradicts --no-offload: keep one")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -862,9 +866,12 @@ class Policy:
             if self.use_adapter is True and self.adapter.kind == "prefix":
                 problems.append("--offload-activations on needs gradient checkpointing, which peft refuses with "
                                 "prefix tuning: use --lora, or --offload-activations off")
-            if self.offload not in (None, "none") or (self.num_gpus > 1 and self.strategy != "ddp"):
-                problems.append("--offload-activations on is not modelled under FSDP or CPU offload yet: with several "
-                                "GPUs pin --strategy ddp, and leave --offload out")
+            if self.offload not in (None, "none"):
+                problems.append(f"--offload-activations on with --offload {self.offload} (FSDP CPU offload) is not "
+                                "modelled yet: drop one of them")
+            if self.num_gpus > 1 and self.strategy == "fsdp":
+                problems.append("--offload-activations on with --strategy fsdp is not modelled yet: use --strategy ddp "
+                                "(or auto, which then plans DDP)")
         if bad:
             raise UsageError("; ".join(problems))
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):

@@ -145,6 +145,9 @@ class PlanOptions:
     faster that fits the budget."""
     offload: Literal["none", "parameters"] = "none"
     """parameters: FSDP CPU offload of parameters, gradients and optimizer state."""
+    loss: Literal["standard", "chunked", "liger"] = "standard"
+    """chunked: the LM head and cross-entropy a chunk of tokens at a time, never holding all fp32 logits (memtune's,
+    inside the model's forward); liger: Liger-Kernel's fused linear cross-entropy (pip install -e ".[liger]")."""
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `train_config()` builds)."""
@@ -206,7 +209,7 @@ class PlanOptions:
             checkpoint_layers=self.checkpoint_layers, offload_activations=self.offload_activations,
             expandable_segments=self.expandable_segments,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
-            offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy,
+            offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy, loss=self.loss,
             optimizer=self.optimizer, **quantized,
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
             stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),

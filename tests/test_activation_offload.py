@@ -191,3 +191,29 @@ def test_plan_predicts_the_offload(capsys):
     estimate = json.loads(capsys.readouterr().out)["estimate"]
     assert estimate["config"]["offload_activations"] and estimate["config"]["gradient_checkpointing"]
     assert estimate["host_bytes"] > 0
+
+
+def test_plan_takes_the_loss_and_says_the_host_memory(capsys):
+    from memtune import cli
+
+    assert cli.main(["plan", "gpt2", "--seq-len", "256", "--batch-size", "2", "--offload-activations", "--loss",
+                     "chunked", "--trace-device", "cpu"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pinned host memory" in out and "not in the GPU total" in out
+
+
+def test_several_gpus_with_the_strategy_left_to_the_search_offload_under_ddp():
+    Policy(offload_activations=True, num_gpus=2).validate(4)  # auto: the search keeps the DDP candidates
+    space = ladder.candidate_space(64, 4, Policy(offload_activations=True, num_gpus=2, use_adapter=False),
+                                   with_adapter=False)
+    assert space and all(c.strategy == "ddp" and c.gradient_checkpointing for c in space)
+    with pytest.raises(UsageError, match="--offload-activations on with --strategy fsdp"):
+        Policy(offload_activations=True, num_gpus=2, strategy="fsdp").validate(4)
+    with pytest.raises(UsageError, match="--offload-activations on with --offload parameters"):
+        Policy(offload_activations=True, offload="parameters").validate(4)
+
+
+def test_what_to_set_agrees_with_the_snippet():
+    config = TrainConfig(seq_len=64, gradient_checkpointing=True, offload_activations=True)
+    lines = " ".join(ladder.settings(config))
+    assert "gradient_checkpointing=True" not in lines and "gradient_checkpointing=False" in lines

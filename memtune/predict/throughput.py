@@ -16,7 +16,7 @@ where
   fine-tuning and 1x forward for frozen (LoRA) weights, which need no weight gradients;
   checkpointing adds one more forward (Chen et al. 2016); a chunked loss recomputes the LM head; Liger's fused
   loss computes the head's gradients in forward: no more FLOPs than the standard loss, less logits traffic
-  (`liger_logits_traffic`, `liger_chunk_seconds`: assumptions until measured).
+  (`liger_logits_traffic`, an assumption; `liger_weight_bytes_per_chunk`, fitted on the H200).
 - logits_bytes: the fp32 logits, softmax and their gradient over the vocabulary are bound by
   memory bandwidth, not FLOPs.
 - launch_seconds: per-layer kernel-launch/Python overhead, independent of size. This is what makes
@@ -106,10 +106,14 @@ class GpuSpeed:
     written by the head matmul (2), read and overwritten with their gradient by the cross-entropy kernel (4), read
     by the input- and weight-gradient matmuls (4). Not calibrated: an assumption until benchmarks/fused_loss.py is
     measured (fp32 logits, fp32 training without autocast, count twice: see `micro_batch_seconds`)."""
-    liger_chunk_seconds: float = 60e-6
-    """Liger's fused loss, per chunk (`predict.liger.liger_chunk_size` tokens): its ~6 kernel launches (head matmul,
-    cross-entropy kernel, input-gradient matmul, cast, weight-gradient addmm, copy). Not calibrated: an assumption
-    (~10 us a launch)."""
+    liger_weight_bytes_per_chunk: float = 27.0
+    """Liger's fused loss, per chunk (`predict.liger.liger_chunk_size` tokens): bytes moved per LM-head parameter at
+    the card's bandwidth. Each chunk casts the head's weight for its matmul, reads it again for the input gradient
+    and reads and writes the fp32 weight gradient (addmm into grad_weight): the weight's size in traffic, every
+    chunk, and Liger's chunks are small (32 tokens for Qwen2.5-0.5B at 4 x 1024). Fitted on the H200
+    (benchmarks/results/fused_loss_h200.json: Qwen2.5-0.5B, Llama-3.2-1B at 4 x 1024 and 4 x 2048, Gemma-2-2B at
+    4 x 1024; the per-chunk time over the standard loss's measured step scaled by the model's own ratio, 21-29
+    bytes, median 27): Liger measured 0.53-1.02x the standard loss's tokens/s and 0.59-1.02x the chunked loss's."""
     cpu_optimizer_params_per_second: float = 4e8
     """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
     interconnect_bytes_per_second: float = 25e9
@@ -242,7 +246,8 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
 
         micro += -(-tokens // CHUNK_TOKENS) * speed.chunk_seconds
     if config.loss == "liger":
-        micro += liger_num_chunks(tokens, shape.vocab_size, shape.hidden_size) * speed.liger_chunk_seconds
+        chunks = liger_num_chunks(tokens, shape.vocab_size, shape.hidden_size)
+        micro += chunks * speed.liger_weight_bytes_per_chunk * head / speed.memory_bytes_per_second
     # Offloaded activations: each checkpointed layer's input goes to pinned host memory in forward and comes back
     # for the recomputation, both copies on the compute stream (save_on_cpu), so nothing hides them.
     micro += 2 * offloaded_activation_bytes(shape, config) / speed.pcie_bytes_per_second

@@ -193,9 +193,17 @@ class StorageCounter(TorchDispatchMode):
         autocast (its head gradient comes fresh out of the cast), but not the tied weight in fp32, where the
         head's gradient is a transposed view. On the H200 (Llama-3.2-1B bf16-mixed, benchmarks/single_history.py)
         the GPU made no allocation for the residual sums, and with them recorded out of place the trace's
-        allocator placed one 64 MiB gradient differently and needed one 1002 MiB segment less than the GPU."""
-        if not self.in_place_sums or torch._C._current_graph_task_id() == -1:
-            return False
+        allocator placed one 64 MiB gradient differently and needed one 1002 MiB segment less than the GPU.
+
+        Only with grad mode off, as the engine runs a node and sums its outputs into the next node's inputs unless
+        backward builds a graph (torch/csrc/autograd/engine.cpp `evaluate_function`, under the graph task's grad
+        mode, create_graph). A checkpointed layer's recomputation runs inside backward with grad mode on, and its
+        residual add (`residual + hidden_states`, the saved layer input + the attention output) matched every other
+        condition: the trace made it in place where the GPU allocates (H200, LoRA on a bf16 base at 4 x 8192 with
+        every layer checkpointed: one hidden-sized tensor missing at the peak, Llama-3.2-1B -1.2% and Qwen2.5-1.5B
+        -8.4% of the measured peak reserved; benchmarks/results/single_history_lora8192_h200.json.gz)."""
+        if not self.in_place_sums or torch._C._current_graph_task_id() == -1 or torch.is_grad_enabled():
+            return False  # the engine sums with grad mode off; a checkpoint's recomputation runs with it on
         if len(args) != 2 or not isinstance(out, torch.Tensor):
             return False
         old, new = args

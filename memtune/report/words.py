@@ -172,7 +172,8 @@ def offload_words(search: SearchResult) -> str | None:
     alone = next((candidate for candidate in search.candidates
                   if candidate.config == chosen.config.replace(offload_activations=False)), None)
     if alone is None or alone.estimate is None:
-        return f"activation offload: the checkpointed layers' inputs wait in {host}, copied out and back every step"
+        return (f"activation offload: the checkpointed layers' inputs wait in {host}, copied out and back every "
+                "micro-batch")
     speed = relative(chosen.predicted_tokens_per_second, alone.predicted_tokens_per_second)
     return (f"activation offload: the checkpointed layers' inputs wait in {host}; on the GPU the peak is "
             f"{format_bytes(chosen.estimate.total_bytes)} instead of {format_bytes(alone.estimate.total_bytes)}, "

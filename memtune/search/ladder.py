@@ -232,6 +232,11 @@ class Checkpointing(Rung):
         if config.checkpoint_layers is not None:
             return (f"gradient checkpointing of the first {config.checkpoint_layers} decoder layers, non-reentrant "
                     "(Plan.prepare sets it: TrainingArguments cannot name layers)")
+        if config.gradient_checkpointing and config.offload_activations:
+            return ("gradient checkpointing of every decoder layer, non-reentrant, with the offload below "
+                    "(Plan.prepare sets both; leave TrainingArguments gradient_checkpointing=False, or on "
+                    "transformers 5.24 set activation_checkpointing=True with activation_checkpointing_kwargs="
+                    "{'use_reentrant': False, 'offload': True})")
         if config.gradient_checkpointing:
             return "gradient checkpointing on, non-reentrant (gradient_checkpointing=True, use_reentrant=False)"
         return "gradient checkpointing off"
@@ -281,8 +286,9 @@ class ActivationOffload(Rung):
     def setting(self, config: TrainConfig) -> str | None:
         if not config.offload_activations:
             return None
-        return ("activation offload: the checkpointed layers' inputs in pinned host memory (transformers 5.24 "
-                "activation_checkpointing_kwargs offload=True; Plan.prepare sets it on older versions too)")
+        return ("activation offload: the checkpointed layers' inputs in pinned host memory, copied out and back per "
+                "micro-batch (Plan.prepare sets it, as transformers 5.24's "
+                "activation_checkpointing_enable(offload=True))")
 
 
 class Loss(Rung):
