@@ -1,5 +1,6 @@
-"""The chunked loss with several GPUs (issue 14, item 3): predicted vs measured per-GPU peak reserved and tokens/s,
-standard and chunked loss side by side, under FSDP2 and DDP on 2 GPUs and under FSDP CPU offload on one.
+"""The fused losses with several GPUs (issue 14, item 3): predicted vs measured per-GPU peak reserved and tokens/s,
+standard, chunked and (with liger-kernel installed) Liger's loss side by side, under FSDP2 and DDP on 2 GPUs and
+under FSDP CPU offload on one.
 
 The chunked loss now runs inside the causal LM's forward (`recipe.loss.use_chunked_loss`), so the DDP and FSDP
 wrappers see it. Each case is measured by `memtune.measure.sharded.measure_sharded` (one spawned process per GPU,
@@ -27,7 +28,10 @@ from memtune.config import GIB, TrainConfig  # noqa: E402
 
 
 def cases() -> list[tuple[str, str, TrainConfig]]:
-    """(name, catalog model, configuration): each with the standard and the chunked loss."""
+    """(name, catalog model, configuration): each with the standard and the chunked loss, and Liger's fused loss
+    where liger-kernel is installed."""
+    from memtune.config import liger_available
+
     bases = [
         ("qwen2.5-0.5b 4x2048 fsdp", "Qwen/Qwen2.5-0.5B",
          TrainConfig(seq_len=2048, micro_batch_size=4, amp="bf16", num_gpus=2, strategy="fsdp")),
@@ -42,8 +46,8 @@ def cases() -> list[tuple[str, str, TrainConfig]]:
          TrainConfig(seq_len=2048, micro_batch_size=2, amp="bf16", gradient_checkpointing=True,
                      offload="parameters")),
     ]
-    return [(f"{name} {loss}", model, config.replace(loss=loss))
-            for name, model, config in bases for loss in ("standard", "chunked")]
+    losses = ("standard", "chunked", "liger") if liger_available() else ("standard", "chunked")
+    return [(f"{name} {loss}", model, config.replace(loss=loss)) for name, model, config in bases for loss in losses]
 
 
 def predict(model: str, config: TrainConfig, path: str) -> dict:

@@ -237,9 +237,6 @@ class TrainConfig:
             problems.append(f"offload must be none, optimizer or parameters, got {self.offload!r}")
         if self.loss not in LOSSES:
             problems.append(f"loss must be standard, chunked or liger, got {self.loss!r}")
-        elif self.loss == "liger" and isinstance(self.num_gpus, int) and self.sharded:
-            problems.append("Liger's fused linear cross-entropy is not modelled under FSDP or CPU offload yet: use it "
-                            "on one GPU or with DDP (--strategy ddp), or loss 'chunked'")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
                             f"got {self.optimizer!r} (--optim)")
@@ -740,7 +737,7 @@ class Policy:
     loss: str | None = field(default=None, metadata=option(
         words={"auto": None, "standard": "standard", "chunked": "chunked", "liger": "liger"}, group=PINS))
     """Keep this loss: chunked computes the LM head and loss in chunks, never holding all fp32 logits; liger is
-    Liger-Kernel's fused linear cross-entropy (needs the liger extra and a CUDA GPU; one GPU or DDP)."""
+    Liger-Kernel's fused linear cross-entropy (needs the liger extra and a CUDA GPU)."""
     offload: str | None = field(default=None, metadata=option(
         words={"auto": None, "none": "none", "parameters": "parameters"}, group=PINS))
     """Keep this offload: parameters is FSDP CPU offload of parameters, gradients and optimizer state (slow)."""
@@ -816,12 +813,6 @@ class Policy:
         if self.loss in ("chunked", "liger") and not self.allow_chunked_loss:
             problems.append(f"--loss {self.loss} contradicts --no-chunked-loss (which forbids both chunked losses, "
                             "memtune's and Liger's): keep one")
-        if self.loss == "liger" and self.offload not in (None, "none"):
-            problems.append(f"--loss liger with --offload {self.offload} (FSDP CPU offload) is not modelled yet: drop "
-                            "one of them")
-        if self.loss == "liger" and self.num_gpus > 1 and self.strategy == "fsdp":
-            problems.append("--loss liger with --strategy fsdp is not modelled yet: use --strategy ddp (or auto, which "
-                            "then plans DDP)")
         if self.offload not in (None, "none") and not self.allow_offload:
             problems.append(f"--offload {self.offload} contradicts --no-offload: keep one")
         if self.precision is not None and self.precision not in PRECISIONS:

@@ -265,12 +265,11 @@ def test_liger_is_predicted_below_the_standard_loss_for_a_large_vocabulary():
 # -- config, policy, CLI --------------------------------------------------------------------------------
 
 
-def test_train_config_accepts_liger_on_one_gpu_and_ddp_only():
+def test_train_config_accepts_liger_on_one_gpu_ddp_and_fsdp():
     assert TrainConfig(seq_len=256, loss="liger").describe().endswith("Liger fused loss")
     TrainConfig(seq_len=256, loss="liger", num_gpus=2, strategy="ddp")
-    for bad in ({"num_gpus": 2}, {"offload": "parameters"}):
-        with pytest.raises(UsageError, match="not modelled under FSDP"):
-            TrainConfig(seq_len=256, loss="liger", **bad)
+    TrainConfig(seq_len=256, loss="liger", num_gpus=2)
+    TrainConfig(seq_len=256, loss="liger", offload="parameters")
     with pytest.raises(UsageError, match="standard, chunked or liger"):
         TrainConfig(seq_len=256, loss="fused")
 
@@ -279,12 +278,9 @@ def test_policy_refuses_liger_contradictions():
     Policy(loss="liger").validate(8)
     with pytest.raises(UsageError, match="--loss liger contradicts --no-chunked-loss"):
         Policy(loss="liger", allow_chunked_loss=False).validate(8)
-    with pytest.raises(UsageError, match="--loss liger with --strategy fsdp is not modelled"):
-        Policy(loss="liger", num_gpus=2, strategy="fsdp").validate(8)
-    with pytest.raises(UsageError, match="--loss liger with --offload parameters"):
-        Policy(loss="liger", offload="parameters").validate(8)
+    Policy(loss="liger", num_gpus=2, strategy="fsdp").validate(8)
+    Policy(loss="liger", offload="parameters").validate(8)
     Policy(loss="liger", num_gpus=2, strategy="ddp").validate(8)
-    Policy(loss="liger", num_gpus=2).validate(8)  # auto: the search keeps the DDP candidates
     with pytest.raises(UsageError, match="standard, chunked or liger"):
         Policy(loss="fused").validate(8)
 
@@ -307,7 +303,6 @@ def test_search_offers_liger_only_when_installed(liger_missing, monkeypatch):
     assert [o["loss"] for o in rung.options(Policy(), False, 8)] == ["standard", "chunked"]
     assert any("Liger" in note and "[liger]" in note for note in ladder.skipped(Policy()))
     assert not any("Liger" in note for note in ladder.skipped(Policy(allow_chunked_loss=False)))
-    assert not any("Liger" in note for note in ladder.skipped(Policy(num_gpus=2, strategy="fsdp")))
     with pytest.raises(UsageError, match=r"\.\[liger\]"):
         rung.options(Policy(loss="liger"), False, 8)
 
@@ -317,11 +312,11 @@ def test_search_offers_liger_when_installed(liger_installed):
     assert [o["loss"] for o in rung.options(Policy(), False, 8)] == ["standard", "chunked", "liger"]
     assert [o["loss"] for o in rung.options(Policy(allow_chunked_loss=False), False, 8)] == ["standard"]
     assert [o["loss"] for o in rung.options(Policy(loss="liger"), False, 8)] == ["liger"]
-    assert "liger" not in [o["loss"] for o in rung.options(Policy(num_gpus=2, strategy="fsdp"), False, 8)]
+    assert "liger" in [o["loss"] for o in rung.options(Policy(num_gpus=2, strategy="fsdp"), False, 8)]
     assert not any("Liger" in note for note in ladder.skipped(Policy()))
     space = ladder.candidate_space(256, 8, Policy(num_gpus=2), with_adapter=False)
     assert {c.loss for c in space} == {"standard", "chunked", "liger"}
-    assert all(c.strategy == "ddp" and c.offload == "none" for c in space if c.loss == "liger")
+    assert {c.strategy for c in space if c.loss == "liger"} == {"ddp", "fsdp"}
 
 
 def test_flip_and_setting_of_liger():
@@ -381,3 +376,20 @@ def test_run_refuses_a_liger_plan_without_liger(liger_missing, tmp_path):
                 budget_bytes=1 << 34)
     with pytest.raises(UsageError, match=r"Liger's fused loss.*\.\[liger\]"):
         check_run_inputs(plan, RunOptions(data=str(CORPUS), output_dir=str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize("num_gpus, offload", [(2, "none"), (1, "parameters")], ids=["2-gpus", "offload"])
+def test_the_sharded_trace_stands_in_for_liger(num_gpus, offload):
+    """Under FSDP2 Liger reads the head's gathered weight (with the final norm's unit, as the chunked loss does):
+    the sharded trace runs the stand-in and its peak is below the standard loss's, the model state the same."""
+    from transformers import LlamaConfig
+
+    from memtune.predict.fsdp import estimate_sharded
+
+    model_config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2)
+    standard = TrainConfig(seq_len=512, micro_batch_size=2, amp="bf16", num_gpus=num_gpus, offload=offload)
+    full, fused = (estimate_sharded(model_config, standard.replace(loss=loss)) for loss in ("standard", "liger"))
+    assert 0 < fused.peak_allocated_bytes < full.peak_allocated_bytes
+    for category in ("weights", "optimizer"):
+        assert fused.breakdown.get(category) == full.breakdown.get(category), category

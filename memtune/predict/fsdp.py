@@ -56,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import MemtuneError
-from memtune.predict import allocator, cache
+from memtune.predict import allocator, cache, liger
 from memtune.predict.emulation import CudaEmulation, GpuKernels
 from memtune.predict.peak import Estimate, collective_context_bytes, estimate_of_events
 from memtune.predict.trace import (
@@ -288,6 +288,8 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         # moves shards): shard first, then start counting with the shards already in place.
         meta_to_fake(model, fake_mode, torch.device("cpu"))
         apply_fsdp(model, train_config, mesh=mesh, pin_memory=False)
+        if train_config.loss == "liger":  # Liger's kernels cannot run on fake tensors: its allocation-equivalent twin
+            liger.substitute_liger(model)
         layer_of = {id(p): index for index, layer in enumerate(layers) for p in [*layer.parameters(), *layer.buffers()]}
         optimizer = recipe.make_optimizer(model, train_config, fused=True)
         hooks = _tag_layers(layers, counter)

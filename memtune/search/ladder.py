@@ -294,15 +294,16 @@ class ActivationOffload(Rung):
 class Loss(Rung):
     """The LM head and cross-entropy computed in chunks of tokens: memtune's chunked loss (each chunk recomputed in
     backward) and, where Liger-Kernel is installed, Liger's fused linear cross-entropy (the head's gradients computed
-    in forward, chunk by chunk; Triton kernels: a CUDA GPU). Liger is offered on one GPU and with DDP (its FSDP2 step
-    is not modelled) when `config.liger_available` (no CUDA check here: the search is pure; `memtune run` needs the
-    GPU anyway), and noted as skipped otherwise (`skipped`). --no-chunked-loss forbids both; --loss liger pins it.
+    in forward, chunk by chunk; Triton kernels: a CUDA GPU). Liger is offered when `config.liger_available` (no CUDA
+    check here: the search is pure; `memtune run` needs the GPU anyway), on one GPU, with DDP and under FSDP2 (it
+    reads the LM head's weight, gathered with the final norm's unit, as the chunked loss does there), and noted as
+    skipped otherwise (`skipped`). --no-chunked-loss forbids both; --loss liger pins it.
 
     Recipe: `recipe.step.prepare_model` -> `recipe.loss.use_chunked_loss` (the model's forward computes it, so it
     runs under DDP's wrapper and FSDP2's root module too: with several GPUs and with CPU offload).
     Memory: Liger's kernels cannot run on fake tensors: `predict.liger` is their allocation-equivalent twin.
     Speed: `throughput.micro_batch_seconds` (chunked: the LM head's matmul once more in backward; Liger: no
-    recomputation, less logits traffic, a launch cost per chunk)."""
+    recomputation, less logits traffic, the head's weight moved once per chunk)."""
 
     name = "chunked loss"
     WORDS = {"chunked": "chunked loss", "liger": "Liger fused loss"}
@@ -317,12 +318,6 @@ class Loss(Rung):
         else:
             values = ["standard", "chunked"] + (["liger"] if offers_liger(policy) else [])
         return [{"loss": value} for value in values]
-
-    def conflict(self, fields: dict[str, Any]) -> str | None:
-        if fields["loss"] == "liger" and (fields["offload"] != "none" or (
-                fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
-            return "Liger's fused loss is not modelled under FSDP or CPU offload yet"
-        return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.loss is not None or not policy.allow_chunked_loss:
@@ -343,14 +338,8 @@ class Loss(Rung):
 
 
 def offers_liger(policy: Policy) -> bool:
-    """Whether the search tries Liger's fused loss: installed (`config.liger_available`) and `modelled_for_liger`."""
-    return liger_available() and modelled_for_liger(policy)
-
-
-def modelled_for_liger(policy: Policy) -> bool:
-    """Whether the policy leaves a configuration where Liger's fused loss is modelled: one GPU, or DDP when not pinned
-    to FSDP; never with CPU offload pinned."""
-    return policy.offload in (None, "none") and (policy.num_gpus == 1 or policy.strategy in (None, "ddp"))
+    """Whether the search tries Liger's fused loss: installed (`config.liger_available`)."""
+    return liger_available()
 
 
 class Offload(Rung):
@@ -728,7 +717,7 @@ def skipped(policy: Policy) -> list[str]:
             and policy.num_gpus == 1 and not bitsandbytes_available()):
         notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
                      f"({QUANT_EXTRA_HINT} to add them)")
-    if policy.loss is None and policy.allow_chunked_loss and not liger_available() and modelled_for_liger(policy):
+    if policy.loss is None and policy.allow_chunked_loss and not liger_available():
         notes.append(f"Liger's fused linear cross-entropy skipped: liger-kernel (with Triton, which needs a CUDA GPU) "
                      f"is not installed ({LIGER_EXTRA_HINT} to add it)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
