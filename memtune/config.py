@@ -207,7 +207,8 @@ class TrainConfig:
     """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
     loss: Loss = "standard"
     """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits; "liger" is
-    Liger-Kernel's fused linear cross-entropy (Triton, a CUDA GPU; `recipe.loss`), on one GPU or with DDP."""
+    Liger-Kernel's fused linear cross-entropy (Triton, a CUDA GPU; `recipe.loss`). Both run in the model's forward,
+    so on one GPU, with DDP and under FSDP2."""
     num_gpus: int = 1
     """GPUs of one data-parallel job; the effective batch is split over them."""
     strategy: Strategy = "fsdp"

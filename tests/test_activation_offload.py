@@ -217,3 +217,23 @@ def test_what_to_set_agrees_with_the_snippet():
     config = TrainConfig(seq_len=64, gradient_checkpointing=True, offload_activations=True)
     lines = " ".join(ladder.settings(config))
     assert "gradient_checkpointing=True" not in lines and "gradient_checkpointing=False" in lines
+
+
+def test_every_ddp_rank_pins_its_own_copy():
+    """The host budget is the machine's: a 2-GPU DDP candidate pins twice one rank's bytes."""
+    policy = Policy(**{**POLICY.__dict__, "host_budget_bytes": 6 * GIB, "num_gpus": 2, "strategy": "ddp"})
+    result = choose.search(OffloadPredictor(), 1024, 2, 12 * GIB, policy, explain=False)
+    refused = next(c for c in result.candidates if c.config.offload_activations)
+    assert refused.status == choose.TOO_BIG and "8.00 GiB of pinned host memory (all ranks)" in refused.note
+
+
+def test_the_oom_guard_may_step_down_to_the_offload():
+    from memtune.run.stepdown import StepDownPolicy
+
+    plan = TrainConfig(seq_len=64, micro_batch_size=2, gradient_checkpointing=True)
+    offloaded = plan.replace(offload_activations=True)
+    policy = StepDownPolicy(plan, fallbacks=(offloaded,), loader_micro_batch=2, per_device_batch=2,
+                            can_checkpoint=True)
+    assert policy.usable(offloaded, plan)
+    assert not StepDownPolicy(plan, fallbacks=(offloaded,), loader_micro_batch=2, per_device_batch=2).usable(
+        offloaded, plan)

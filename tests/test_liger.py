@@ -393,3 +393,12 @@ def test_the_sharded_trace_stands_in_for_liger(num_gpus, offload):
     assert 0 < fused.peak_allocated_bytes < full.peak_allocated_bytes
     for category in ("weights", "optimizer"):
         assert fused.breakdown.get(category) == full.breakdown.get(category), category
+
+
+def test_liger_is_not_combined_with_lora_on_the_head(liger_installed):
+    from memtune.config import Adapter
+
+    on_head = Policy(use_adapter=True, adapter=Adapter(target_modules=("q_proj", "lm_head")))
+    space = ladder.candidate_space(256, 8, on_head, with_adapter=True)
+    assert space and "liger" not in {c.loss for c in space}
+    assert "liger" in {c.loss for c in ladder.candidate_space(256, 8, Policy(use_adapter=True), with_adapter=True)}

@@ -293,8 +293,6 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         layer_of = {id(p): index for index, layer in enumerate(layers) for p in [*layer.parameters(), *layer.buffers()]}
         optimizer = recipe.make_optimizer(model, train_config, fused=True)
         hooks = _tag_layers(layers, counter)
-        get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
-        head = get_head() if get_head is not None else None
         trainable = [p for p in model.parameters() if p.requires_grad]
 
         def set_phase(phase: str) -> Any:
@@ -345,7 +343,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
             for hook in hooks:
                 hook.remove()
             trainable.clear()  # the step hooks hold the list
-            del model, optimizer, head, layers
+            del model, optimizer, layers
             gc.collect()  # FSDP's state holds reference cycles: free what the model held, inside the trace
             counter.closed = True
             counter.raise_interrupt()  # a Ctrl-C that landed in a weakref callback during that collection

@@ -112,12 +112,19 @@ def _head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
     if not isinstance(head, FSDPModule) or not isinstance(head, nn.Linear):
         return head(hidden)
+    return nn.functional.linear(hidden, gathered_weight(head), head.bias)
+
+
+def gathered_weight(head: nn.Module) -> torch.Tensor:
+    """The LM head's weight as a plain tensor: under FSDP2 the gathered parameter, which the final norm's unit holds
+    from its forward to its post-backward hook (`_head_logits`). Raises RuntimeError if it is still a shard (a
+    DTensor): the head was sharded in a unit of its own, or reshards after forward."""
     weight = head.weight
     if hasattr(weight, "device_mesh"):
-        raise RuntimeError("the LM head's weight is sharded (a DTensor) where the chunked loss needs it gathered: "
+        raise RuntimeError("the LM head's weight is sharded (a DTensor) where the fused loss needs it gathered: "
                            "shard the final norm and the head in one unit with reshard_after_forward=False, as "
                            "accelerate does")
-    return nn.functional.linear(hidden, weight, head.bias)
+    return weight
 
 
 def liger_causal_lm_loss(
@@ -151,7 +158,7 @@ def liger_causal_lm_loss(
     if scale != 1.0:
         hidden = hidden * scale
     targets = shift_labels.reshape(-1).to(hidden.device)
-    total = fused(hidden, head.weight, targets, head.bias, softcap)
+    total = fused(hidden, gathered_weight(head), targets, head.bias, softcap)
     if num_items_in_batch is None:
         num_items_in_batch = (targets != IGNORE_INDEX).sum()
     elif torch.is_tensor(num_items_in_batch):
@@ -164,9 +171,12 @@ def liger_fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor,
     """The summed cross-entropy of `hidden @ weight.T (+ bias)` against `targets` (IGNORE_INDEX skipped), by
     `liger_kernel.transformers.fused_linear_cross_entropy.LigerFusedLinearCrossEntropyLoss` (reduction "sum", no
     z-loss, label smoothing or class weights). Imported here, at the first call (the `liger` extra). Raises
-    UsageError when Liger-Kernel or Triton is not installed."""
-    require_liger()
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    UsageError when Liger-Kernel or Triton is not installed (`config.require_liger`'s words)."""
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        require_liger()  # the UsageError with the install command
+        raise
 
     loss_function = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
     return loss_function(weight, hidden, targets, bias)

@@ -50,11 +50,11 @@ torch's defaults (accelerate drops values equal to its defaults; find_unused_par
 
 def check_supported(train_config: TrainConfig) -> None:
     """Raise UsageError, naming every problem at once, for configurations FSDP or DDP through accelerate cannot run.
-    Either loss runs: the chunked one is inside the model's forward (`recipe.loss.use_chunked_loss`), which DDP's
-    wrapper and FSDP2's root module call."""
+    Every loss runs: the chunked and Liger ones are inside the model's forward (`recipe.loss.use_chunked_loss`),
+    which DDP's wrapper and FSDP2's root module call."""
     problems = []
     if train_config.replicated:
-        return  # the chunked loss is in the model's forward (recipe.loss.use_chunked_loss): DDP's forward calls it
+        return  # the fused losses are in the model's forward (recipe.loss.use_chunked_loss): DDP's forward calls it
     if train_config.offload == "optimizer":
         problems.append(
             "offload 'optimizer' (optimizer state only on the CPU) is DeepSpeed ZeRO-Offload, which memtune does not "

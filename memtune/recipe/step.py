@@ -102,12 +102,13 @@ def _build_quantized(model_config: Any, train_config: TrainConfig, device: str |
 
 
 def offloaded_checkpoint(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """`torch.utils.checkpoint.checkpoint` whose saved tensors (the layer's inputs: the hidden states, the rotary
-    cos/sin, ...; non-reentrant checkpointing saves nothing else) are kept in pinned host memory until the
-    recomputation: transformers 5.24's `activation_checkpointing_enable(offload=True)` (modeling_utils.py
-    `_activation_checkpointing_enable`), written out here so that 5.17 does the same. `save_on_cpu` copies each
-    tensor to a pinned buffer (torch's caching host allocator) asynchronously on the compute stream, and back when
-    the backward recomputes the layer; without CUDA the copies are plain CPU ones."""
+    """`torch.utils.checkpoint.checkpoint` whose saved tensors (the layer's positional inputs, the hidden states:
+    transformers binds the keyword arguments, rotary cos/sin and mask, into the checkpointed function; non-reentrant
+    checkpointing saves nothing else) are kept in pinned host memory until the recomputation: transformers 5.24's
+    `activation_checkpointing_enable(offload=True)` (modeling_utils.py `_activation_checkpointing_enable`), written
+    out here so that 5.17 does the same and the trace can put its twin in the same place (`trace.offload_to_host`).
+    `save_on_cpu` copies each tensor to a pinned buffer (torch's caching host allocator) asynchronously on the
+    compute stream, and back when the backward recomputes the layer; without CUDA the copies are plain CPU ones."""
     from torch.autograd.graph import save_on_cpu
     from torch.utils.checkpoint import checkpoint
 
@@ -307,8 +308,8 @@ def forward_loss(
     whether `model` is the causal LM, its peft model, or a DDP / FSDP2 wrapper of either.
 
     With `train_config.loss` "chunked" the causal LM's forward computes the LM head and cross-entropy a chunk of
-    tokens at a time (`recipe.loss.use_chunked_loss`, which `prepare_model` applies and which is applied here too
-    when missing: the OOM guard may switch to it mid-run); "liger", Liger-Kernel's fused linear cross-entropy in the
+    tokens at a time (`recipe.loss.use_chunked_loss`, which `prepare_model` applies; applied here when missing, for a
+    model built without it); "liger", Liger-Kernel's fused linear cross-entropy in the
     same forward; "standard" computes all logits at once. Same value and gradients. Raises ValueError when the
     model's forward computes another loss than `train_config.loss` (it cannot be undone: build the model again).
     """

@@ -92,7 +92,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
         console.print(f"paged optimizer state {format_bytes(estimate.paged_bytes)} in CUDA unified memory, not in the "
                       "peak: the driver moves it to the host when the GPU needs the room")
     if estimate.host_bytes:
-        console.print(f"pinned host memory {format_bytes(estimate.host_bytes)}: the offloaded inputs of the "
+        console.print(f"pinned host memory {format_bytes(estimate.host_bytes)} per GPU: the offloaded inputs of the "
                       "checkpointed layers, not in the GPU total (torch's pinned blocks, powers of two)")
     verdict = result.verdict
     if verdict is None:

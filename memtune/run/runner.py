@@ -54,7 +54,7 @@ from rich.console import Console
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 and 5.24 alike
 
-from memtune.config import LIGER_EXTRA_HINT, SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, liger_available
+from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, require_liger
 from memtune.errors import UsageError
 from memtune.fit import check_sequence_length, checkpoint_layers_for
 from memtune.measure import memory
@@ -774,12 +774,11 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
         if problem:
             problems.append(problem.replace("--output-dir", "the default output directory", 1)
                             + " with --output-dir")
-    if plan.train_config.loss == "liger" and not liger_available():
-        problems.append(f"the plan uses Liger's fused loss, but liger-kernel (with Triton) is not installed: "
-                        f"{LIGER_EXTRA_HINT}, or make the plan again with --loss chunked")
-    if plan.train_config.loss == "chunked" and not hasattr(recipe, "use_chunked_loss"):
-        problems.append("the plan uses the chunked loss, which this memtune's recipe lacks (recipe.use_chunked_loss): "
-                        "make the plan again, or update memtune")
+    if plan.train_config.loss == "liger":
+        try:
+            require_liger()
+        except UsageError as error:
+            problems.append(f"the plan uses Liger's fused loss: {error}")
     if problems:
         raise UsageError("; ".join(problems))
 

@@ -109,7 +109,8 @@ class StepDownPolicy:
 
     def usable(self, candidate: TrainConfig, failed: TrainConfig) -> bool:
         """Same effective batch, changes only what can change mid-run, and lighter than `failed` somewhere:
-        a smaller micro-batch as run (`chunk_size`), checkpointing switched on, or the chunked loss switched on."""
+        a smaller micro-batch as run (`chunk_size`), checkpointing switched on, the checkpointed layers' inputs
+        offloaded (set with checkpointing, `can_checkpoint`), or the chunked loss switched on."""
         if candidate.micro_batch_size * candidate.grad_accum_steps != self.per_device_batch:
             return False
         if any(getattr(candidate, name) != getattr(self.plan_config, name) for name in FIXED_FIELDS):
@@ -123,7 +124,8 @@ class StepDownPolicy:
             return False
         smaller = chunk_size(candidate.micro_batch_size, self.loader_micro_batch) < failed.micro_batch_size
         chunked = candidate.loss == "chunked" and failed.loss != "chunked"
-        return smaller or checkpointing or chunked
+        offloaded = candidate.offload_activations and not failed.offload_activations and self.can_checkpoint
+        return smaller or checkpointing or chunked or offloaded
 
     def normalized(self, config: TrainConfig) -> TrainConfig:
         """`config` with the micro-batch the guard really runs (a divisor of the loader's micro-batch) and

@@ -394,11 +394,12 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         traced.setdefault(family(config), []).append(candidate.estimate)
         traced_twins[config] = candidate.estimate
         result.estimates += 1
-        host = candidate.estimate.host_bytes
+        # every DDP rank of the machine pins its own copy of the offloaded inputs
+        host = candidate.estimate.host_bytes * (config.num_gpus if config.replicated else 1)
         if policy.host_budget_bytes is not None and host > policy.host_budget_bytes:
             candidate.status = TOO_BIG  # for the host, not the GPU: implies nothing about the others
-            candidate.note = (f"its offloaded activations need {format_bytes(host)} of pinned host memory, over the "
-                              f"{format_bytes(policy.host_budget_bytes)} allowed")
+            candidate.note = (f"its offloaded activations need {format_bytes(host)} of pinned host memory "
+                              f"(all ranks), over the {format_bytes(policy.host_budget_bytes)} allowed")
             continue
         if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG

@@ -48,6 +48,9 @@ from memtune.config import (
 )
 from memtune.errors import UsageError
 
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+"""Module names of the LM head in transformers' causal LMs (Llama-style, GPT-NeoX, and a few others): a LoRA target
+among them adapts the head, which Liger's loss cannot see (`recipe.loss.liger_causal_lm_loss`)."""
 TORCH_DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 """How the "what to set" lines spell a dtype in Python (dtype=torch.bfloat16)."""
 
@@ -316,8 +319,16 @@ class Loss(Rung):
         elif not policy.allow_chunked_loss:
             values = ["standard"]
         else:
-            values = ["standard", "chunked"] + (["liger"] if offers_liger(policy) else [])
+            values = ["standard", "chunked"] + (["liger"] if liger_available() else [])
         return [{"loss": value} for value in values]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        adapter = fields["adapter"]
+        if fields["loss"] == "liger" and adapter is not None and adapter.kind == "lora" and any(
+                name in HEAD_NAMES for name in (adapter.target_modules if not isinstance(adapter.target_modules, str)
+                                                else (adapter.target_modules,))):
+            return "Liger's loss reads the LM head's weight directly, past a LoRA adapter on the head"
+        return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.loss is not None or not policy.allow_chunked_loss:
@@ -337,9 +348,6 @@ class Loss(Rung):
         return None
 
 
-def offers_liger(policy: Policy) -> bool:
-    """Whether the search tries Liger's fused loss: installed (`config.liger_available`)."""
-    return liger_available()
 
 
 class Offload(Rung):
