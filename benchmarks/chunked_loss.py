@@ -67,14 +67,20 @@ def run_case(model: str, config: TrainConfig, device: str, measure: bool, predic
             row["predict_error"] = f"{type(error).__name__}: {error}"[:300]
         row["predict_seconds"] = time.perf_counter() - started
     if measure:
-        started = time.perf_counter()
-        try:
-            measured = verify.measure(model_config, config, steps=3)
-            row.update({f"measured_{key}": value for key, value in measured.to_dict().items()})
-        except Exception as error:  # noqa: BLE001
-            row["measure_error"] = f"{type(error).__name__}: {error}"[:300]
-        row["measure_seconds"] = time.perf_counter() - started
+        measure_into(row, model_config, config)
     return row
+
+
+def measure_into(row: dict, model_config: object, config: TrainConfig) -> None:
+    """3 measured steps of `config` (`verify.measure`) into `row` as measured_* keys (measure_error on a failure),
+    and measure_seconds."""
+    started = time.perf_counter()
+    try:
+        measured = verify.measure(model_config, config, steps=3)
+        row.update({f"measured_{key}": value for key, value in measured.to_dict().items()})
+    except Exception as error:  # noqa: BLE001 - one broken case must not lose the others
+        row["measure_error"] = f"{type(error).__name__}: {error}"[:300]
+    row["measure_seconds"] = time.perf_counter() - started
 
 
 def sweep(device: str, measure: bool) -> Iterator[dict]:

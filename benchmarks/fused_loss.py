@@ -28,8 +28,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.chunked_loss import measure_into  # noqa: E402
 from memtune.config import TrainConfig, liger_available  # noqa: E402
-from memtune.measure import memory, verify  # noqa: E402
+from memtune.measure import memory  # noqa: E402
 from memtune.predict import throughput  # noqa: E402
 from memtune.predict.estimate import estimate  # noqa: E402
 from memtune.predict.liger import liger_chunk_size  # noqa: E402
@@ -69,13 +70,7 @@ def run_case(model: str, config: TrainConfig, trace_devices: tuple[str, ...], me
             row[f"predict_error_{device}"] = f"{type(error).__name__}: {error}"[:300]
         row[f"predict_seconds_{device}"] = time.perf_counter() - started
     if measure:
-        started = time.perf_counter()
-        try:
-            measured = verify.measure(model_config, config, steps=3)
-            row.update({f"measured_{key}": value for key, value in measured.to_dict().items()})
-        except Exception as error:  # noqa: BLE001
-            row["measure_error"] = f"{type(error).__name__}: {error}"[:300]
-        row["measure_seconds"] = time.perf_counter() - started
+        measure_into(row, model_config, config)
     return row
 
 
