@@ -114,8 +114,13 @@ class GpuSpeed:
     (benchmarks/results/fused_loss_h200.json: Qwen2.5-0.5B, Llama-3.2-1B at 4 x 1024 and 4 x 2048, Gemma-2-2B at
     4 x 1024; the per-chunk time over the standard loss's measured step scaled by the model's own ratio, 21-29
     bytes, median 27): Liger measured 0.53-1.02x the standard loss's tokens/s and 0.59-1.02x the chunked loss's."""
-    cpu_optimizer_params_per_second: float = 4e8
-    """CPU AdamW rate for offloaded optimizer state. Not calibrated: an assumption from torch's CPU AdamW."""
+    cpu_optimizer_params_per_second: float = 1.7e10
+    """CPU AdamW rate for offloaded optimizer state (FSDP2 CPU offload: torch's fused AdamW on the host's cores).
+    Fitted on the H200 host (16 cores): Llama-3.2-1B and -3B, 2 x 2048, checkpointing, offload on one GPU, measured
+    steps 0.53 and 1.30 s (results/fsdp_2gpu_h200.json), the rest of the step predicted at the measured 55.2 GB/s host
+    rate; the two give 20 and 17 billion parameters/s, the lower kept. The assumption it replaces, 4e8, predicted
+    those steps 6.7-7.0x too slow (1,151 tokens/s for 7,602 measured, results/loss_2gpu_h200.json). Other hosts'
+    memory bandwidth differs: unmeasured."""
     interconnect_bytes_per_second: float = 25e9
     """GPU-to-GPU rate, one direction: datasheet NVLink rates for SXM cards (_CARDS); for PCIe cards the
     host copy rate above. An assumption (cards of one host, no NVLink bridge, no network)."""
@@ -144,7 +149,7 @@ class GpuSpeed:
 # NVLink: 900 GB/s (H100 SXM, H200) and 600 GB/s (A100 SXM) in both directions together, half each way.
 _CARDS = {
     "H200": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=4.8e12,
-                 interconnect_bytes_per_second=450e9),
+                 interconnect_bytes_per_second=450e9, pcie_bytes_per_second=55e9),  # host link measured: 55.2 GB/s
     "H100": dict(bf16_flops=989e12, fp32_flops=67e12, memory_bytes_per_second=3.35e12,
                  interconnect_bytes_per_second=450e9),
     "A100": dict(bf16_flops=312e12, fp32_flops=19.5e12, memory_bytes_per_second=2.0e12,
