@@ -649,3 +649,15 @@ def test_a_ddp_plan_says_how_the_gpus_share_the_work(types):
     document = json.loads(json_report.render_plan_json(result))
     assert document["estimate"]["config"]["strategy"] == "ddp"
     assert schema_errors(document, "PlanDocument", types) == []
+
+
+def test_the_why_table_says_when_an_alternative_fits_only_by_releasing_the_cache():
+    from memtune.config import GIB, TrainConfig
+    from memtune.report.words import fits_word
+    from memtune.search.choose import Alternative, SearchResult
+
+    search = SearchResult(seq_len=64, effective_batch_size=1, budget_bytes=10 * GIB, margin_bytes=GIB)
+    config = TrainConfig(seq_len=64)
+    assert fits_word(Alternative("a", config, 8 * GIB, 1.0, fits=True), search) == "yes"
+    assert fits_word(Alternative("b", config, int(9.5 * GIB), 1.0, fits=True), search) == "on release"
+    assert fits_word(Alternative("c", config, 12 * GIB, 1.0, fits=False), search) == "no"

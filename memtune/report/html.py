@@ -278,7 +278,7 @@ def _why_section(result: FitResult, search: SearchResult, chosen: Candidate) -> 
     parts.append("</ul>")
     if search.alternatives:
         rows = [([alternative.change, format_bytes(alternative.predicted_total_bytes),
-                  "yes" if alternative.fits else "no",
+                  words.fits_word(alternative, search),
                   words.relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
                   words.alternative_verdict(alternative, search)], "") for alternative in search.alternatives]
         header = ["change", "predicted peak", "fits", "tokens/s vs chosen", "verdict"]

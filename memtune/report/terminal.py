@@ -33,6 +33,7 @@ from memtune.report.words import (
     checkpointing_words,
     fit_command,
     fit_commands,
+    fits_word,
     gpu_lines,
     model_line,
     offload_words,
@@ -267,7 +268,7 @@ def _alternatives_table(search: SearchResult) -> Table:
         table.add_row(
             alternative.change,
             format_bytes(alternative.predicted_total_bytes),
-            "yes" if alternative.fits else "no",
+            fits_word(alternative, search),
             relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
             alternative_verdict(alternative, search),
         )

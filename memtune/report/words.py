@@ -386,6 +386,14 @@ def untraced_counts(search: SearchResult) -> list[tuple[str, int, str]]:
     return [(status, len(members), UNTRACED_REASONS.get(status, members[0].note)) for status, members in groups.items()]
 
 
+def fits_word(alternative: Alternative, search: SearchResult) -> str:
+    """The "fits" column of "why this one": yes, no, or "on release" for a step that fits only because the allocator
+    releases its cache under pressure (its peak without pressure is over the usable budget)."""
+    if not alternative.fits:
+        return "no"
+    return "on release" if alternative.predicted_total_bytes > search.usable_bytes else "yes"
+
+
 def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
     """What one rung changes: the memory it needs or saves, and its speed against the winner."""
     chosen = search.chosen
