@@ -30,8 +30,7 @@ from memtune.config import (
 )
 from memtune.errors import UsageError
 from memtune.recipe import quant
-from memtune.recipe.loss import (  # noqa: F401 - logit_scale_of, uses_chunked_loss re-exported
-    logit_scale_of,
+from memtune.recipe.loss import (  # noqa: F401 - uses_chunked_loss re-exported (run.runner)
     loss_of,
     use_chunked_loss,
     uses_chunked_loss,
