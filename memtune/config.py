@@ -67,6 +67,8 @@ torch.Tensor and DTensor", traced here); torchao's, which do support FSDP2's DTe
 `_new_buffer`) but whose sharded step memtune has not traced or measured yet."""
 EIGHT_BIT_OPTIMIZERS = frozenset({"adamw_bnb_8bit", "paged_adamw_8bit"}) | TORCHAO_OPTIMIZERS
 """Optimizers whose state is quantised to 8 bits or fewer (a quality trade, forbidden by --no-8bit-optim)."""
+FOUR_BIT_OPTIMIZERS = frozenset({"adamw_torch_4bit"})
+"""Optimizers whose state is quantised to 4 bits: a larger quality trade than 8 bits (`search.ladder.quality_rank`)."""
 PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 """Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
 QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'

@@ -539,9 +539,9 @@ def test_pure_bf16_that_rounds_stochastically_is_walked_before_pure_bf16_that_ca
     monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: True)
     monkeypatch.setattr(ladder, "torchao_available", lambda: True)
     pure = TrainConfig(seq_len=64, weights_dtype="bf16")
-    assert ladder.rounding_rank(pure) == 1
-    assert ladder.rounding_rank(pure.replace(optimizer="adamw_torch_4bit", stochastic_rounding=True)) == 0
-    assert ladder.rounding_rank(TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_bnb_8bit")) == 0
+    assert ladder.quality_rank(pure) == (1, 0)
+    assert ladder.quality_rank(pure.replace(optimizer="adamw_torch_4bit", stochastic_rounding=True)) == (0, 1)
+    assert ladder.quality_rank(TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_bnb_8bit")) == (0, 0)
     walked: list[TrainConfig] = []
 
     class Pure16Only:  # only pure bf16 fits; bitsandbytes ranks fastest
@@ -563,3 +563,45 @@ def test_pure_bf16_that_rounds_stochastically_is_walked_before_pure_bf16_that_ca
     result = search(Pure16Only(), 64, 2, 8 * GIB, policy, explain=False)
     assert result.chosen is not None and result.chosen.config.stochastic_rounding
     assert not any(c.weights_dtype == "bf16" and not c.stochastic_rounding for c in walked)
+
+
+@pytest.mark.parametrize("bitsandbytes", [False, True])
+def test_4bit_optimizer_state_is_walked_after_8bit_state_of_about_the_same_speed(bitsandbytes, monkeypatch):
+    """torchao's AdamW4bit predicted a hair faster than the 8-bit AdamW on offer (torchao's, or bitsandbytes' where
+    installed): the 8-bit one is walked and chosen first; 4-bit only when no 8-bit state fits."""
+    monkeypatch.setattr(ladder, "bitsandbytes_available", lambda: bitsandbytes)
+    monkeypatch.setattr(ladder, "torchao_available", lambda: True)
+    eight_bit = "adamw_bnb_8bit" if bitsandbytes else "adamw_torch_8bit"
+    speed = {DEFAULT_OPTIMIZER: 1.2, eight_bit: 1.0, "adamw_torch_4bit": 1.001, "paged_adamw_8bit": 0.9}
+
+    class StateFits:  # fused AdamW is too big, and 8-bit state too unless `eight_bit_fits`
+        def __init__(self, eight_bit_fits: bool) -> None:
+            self.eight_bit_fits, self.walked = eight_bit_fits, []
+
+        def memory(self, config):
+            from memtune.predict.peak import Estimate
+
+            self.walked.append(config.optimizer)
+            fits = config.optimizer == "adamw_torch_4bit" or (config.optimizer != DEFAULT_OPTIMIZER
+                                                               and self.eight_bit_fits)
+            size = 2 * GIB if fits else 100 * GIB  # 1 GiB of weights, the rest optimizer state
+            return Estimate(config, size, size, workspace_bytes=0, context_bytes=0,
+                            breakdown={"weights": GIB, "optimizer": size - GIB})
+
+        def fits(self, estimate, usable_bytes):
+            return estimate.total_bytes <= usable_bytes
+
+        def tokens_per_second(self, config):
+            return speed[config.optimizer]
+
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                    micro_batch_size=2, gradient_checkpointing=False, expandable_segments=False,
+                    precision="bf16-mixed")
+    predictor = StateFits(eight_bit_fits=True)
+    result = search(predictor, 64, 2, 8 * GIB, policy, explain=False)
+    assert result.chosen is not None and result.chosen.config.optimizer == eight_bit
+    assert predictor.walked == [DEFAULT_OPTIMIZER, eight_bit]
+    predictor = StateFits(eight_bit_fits=False)
+    result = search(predictor, 64, 2, 8 * GIB, policy, explain=False)
+    assert result.chosen is not None and result.chosen.config.optimizer == "adamw_torch_4bit"
+    assert predictor.walked[-1] == "adamw_torch_4bit" and predictor.walked.count("adamw_torch_4bit") == 1

@@ -283,11 +283,11 @@ def search(
         say(note)
     for space in spaces:
         # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
-        # adapter, a quantised base last. Inside a tier, pure 16-bit rounding to nearest after the rest
-        # (`ladder.rounding_rank`).
-        for group in sorted({(ladder.tier(config), ladder.rounding_rank(config)) for config in space}):
+        # adapter, a quantised base last. Inside a tier, pure 16-bit rounding to nearest after the rest, and 4-bit
+        # optimizer state after 8-bit (`ladder.quality_rank`).
+        for group in sorted({(ladder.tier(config), ladder.quality_rank(config)) for config in space}):
             ranked = [Candidate(config, predictor.tokens_per_second(config))
-                      for config in space if (ladder.tier(config), ladder.rounding_rank(config)) == group]
+                      for config in space if (ladder.tier(config), ladder.quality_rank(config)) == group]
             ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
             result.candidates.extend(ranked)
             result.chosen = _walk(ranked, predictor, result, policy, trial, say)
