@@ -9,13 +9,14 @@ import sys
 import pytest
 import torch
 
-from benchmarks.cases import tiny_llama
+from benchmarks.cases import TINY_ARCHITECTURES, tiny_llama
 from memtune.config import (
     BITSANDBYTES_OPTIMIZERS,
     DEFAULT_OPTIMIZER,
     GIB,
     OPTIMIZERS,
     TORCHAO_OPTIMIZERS,
+    Adapter,
     Policy,
     TrainConfig,
 )
@@ -453,6 +454,48 @@ def test_the_speed_model_ranks_8bit_adamw_after_fused_adamw():
         assert paged < eight_bit < fused, model
         for name in ("adamw_torch", "adafactor", "paged_adamw_32bit", "adamw_torch_8bit", "adamw_torch_4bit"):
             assert throughput.tokens_per_second(shape, base.replace(optimizer=name), speed) < fused, (model, name)
+
+
+def meta_parameter_tensors(model_config) -> int:
+    """Parameter tensors of the model transformers builds from `model_config`, tied ones once (on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    return len({id(parameter) for parameter in model.parameters()})
+
+
+@pytest.mark.parametrize("model_type, flags", [(model_type, {}) for model_type in TINY_ARCHITECTURES] + [
+    ("llama", {"attention_bias": True, "mlp_bias": True}), ("llama", {"tie_word_embeddings": True}),
+    ("gpt_neox", {"attention_bias": False}), ("qwen3", {"attention_bias": True}),
+])
+def test_the_speed_model_counts_the_parameter_tensors_transformers_builds(model_type, flags):
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.for_model(model_type, **(TINY_ARCHITECTURES[model_type] | flags))
+    except (ValueError, KeyError, ImportError) as error:
+        pytest.skip(f"transformers cannot build a {model_type} config here: {error}")
+    assert throughput.parameter_tensors(model_config) == meta_parameter_tensors(model_config)
+
+
+def test_the_optimizer_step_pays_per_tensor_for_qwen2s_biases_and_per_lora_target():
+    """Qwen2 is Llama's layout plus q/k/v biases: 12 tensors a layer, not 9; a per-tensor optimizer pays for each."""
+    from transformers import AutoConfig
+
+    llama, qwen2 = (AutoConfig.for_model(name, **TINY_ARCHITECTURES[name]) for name in ("llama", "qwen2"))
+    shapes = {name: throughput.ModelShape.of(config, 100_000) for name, config in (("llama", llama), ("qwen2", qwen2))}
+    assert shapes["llama"].parameter_tensors == meta_parameter_tensors(llama) == 2 * 9 + 3
+    assert shapes["qwen2"].parameter_tensors == meta_parameter_tensors(qwen2) == 2 * 12 + 3
+    speed = throughput.gpu_speed("H200")
+    config = TrainConfig(seq_len=64, amp="bf16", optimizer="adamw_torch_8bit")
+    extra = throughput.optimizer_seconds(shapes["qwen2"], config, speed) - throughput.optimizer_seconds(
+        shapes["llama"], config, speed)
+    assert extra == pytest.approx(2 * 3 * throughput.PER_TENSOR_SECONDS["adamw_torch_8bit"])
+    # LoRA: A and B of each targeted module in each layer, whatever the base's biases
+    lora = config.replace(adapter=Adapter(rank=4, target_modules=("q_proj", "v_proj")))
+    assert throughput.trained_tensors(shapes["qwen2"], lora) == throughput.trained_tensors(shapes["llama"], lora) == 8
+    assert throughput.trained_tensors(shapes["qwen2"], lora.replace(adapter=Adapter(rank=4))) == 2 * 2 * 7
 
 
 def test_the_quality_note_flags_8bit_state():

@@ -186,6 +186,9 @@ class ModelShape:
     hidden_size: int
     vocab_size: int
     tied_embeddings: bool
+    parameter_tensors: int | None = None
+    """Parameter tensors of the model, tied ones once: what a full fine-tune's optimizer loops over
+    (`parameter_tensors`); None: a Llama layout is assumed (9 per layer, embedding, final norm and head)."""
 
     @property
     def matmul_parameters(self) -> int:
@@ -201,7 +204,41 @@ class ModelShape:
             hidden_size=int(model_config.hidden_size),
             vocab_size=int(model_config.vocab_size),
             tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
+            parameter_tensors=parameter_tensors(model_config),
         )
+
+
+LAYER_TENSORS = {
+    "llama": 9, "mistral": 9, "mixtral": 9, "granite": 9, "gemma": 9, "qwen2": 12, "qwen3": 11, "qwen3_moe": 11,
+    "qwen2_moe": 16, "gemma2": 11, "gemma3_text": 13, "olmo": 7, "olmo2": 11, "cohere": 8, "phi3": 6, "phi": 14,
+    "stablelm": 11, "starcoder2": 16, "opt": 16, "gpt_neox": 10, "falcon": 6, "gpt2": 12, "gptj": 10,
+}
+"""Parameter tensors (weights, biases, norms) of one decoder layer by `model_type`, without the biases that
+`attention_bias` / `mlp_bias` switch on, as transformers 5.24 builds them (counted on the meta device:
+tests/test_optimizers.py). Llama: 7 projections and 2 RMSNorms; Qwen2: the same and q/k/v biases; Gemma2: 4
+norms; Phi-3: fused qkv_proj and gate_up_proj; GPT-2: 4 Conv1D and 2 LayerNorms, each with a bias. Another
+model_type is counted as Llama."""
+OUTER_TENSORS = {"gpt2": 4, "opt": 4, "gpt_neox": 3, "falcon": 3, "starcoder2": 3, "phi": 3, "stablelm": 3,
+                 "gptj": 3, "olmo": 1}
+"""Parameter tensors outside the layers and the LM head (default 2: the embedding and the final norm's weight);
+GPT-2 and OPT add position embeddings, LayerNorms add a bias, OLMo's final norm has no parameters."""
+HEAD_TENSORS = {"phi": 2, "gptj": 2}
+"""Parameter tensors of an untied LM head (default 1; Phi and GPT-J give it a bias)."""
+ATTENTION_BIAS_TENSORS = {"gpt_neox": 2}
+"""Biases that `attention_bias=True` adds per layer (default 4: q, k, v, o; GPT-NeoX: query_key_value, dense)."""
+
+
+def parameter_tensors(model_config: Any) -> int:
+    """Parameter tensors of the causal LM `model_config` describes, tied ones once, from its config fields (no model
+    is built: `sources.source_parameters` reads a catalog model's count from its file). What an optimizer that loops
+    over tensors pays per step (`PER_TENSOR_SECONDS`)."""
+    model_type = getattr(model_config, "model_type", "")
+    per_layer = LAYER_TENSORS.get(model_type, 9)
+    per_layer += ATTENTION_BIAS_TENSORS.get(model_type, 4) * bool(getattr(model_config, "attention_bias", False))
+    per_layer += 3 * bool(getattr(model_config, "mlp_bias", False))  # gate, up, down
+    tied = bool(getattr(model_config, "tie_word_embeddings", False))
+    outer = OUTER_TENSORS.get(model_type, 2) + (0 if tied else HEAD_TENSORS.get(model_type, 1))
+    return int(model_config.num_hidden_layers) * per_layer + outer
 
 
 def trained_parameters(shape: ModelShape, config: TrainConfig) -> int:
@@ -338,7 +375,7 @@ Host-bound, so not scaled by the card."""
 PAGED_STATE_BYTES = {"paged_adamw_8bit": 2, "paged_adamw_32bit": 8}
 """State bytes per parameter that paged optimizers keep in unified memory (two uint8 or two fp32 states)."""
 TENSORS_PER_LAYER = 9
-"""Parameter tensors of a Llama-style decoder layer (7 projections, 2 norms)."""
+"""Parameter tensors of a Llama-style decoder layer (7 projections, 2 norms): where a shape does not count them."""
 
 
 def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,
@@ -356,16 +393,28 @@ def optimizer_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,
     trained = trained_parameters(shape, config)
     element_bytes = 4 if config.adapter is not None else DTYPE_BYTES[config.weights_dtype]
     traffic = trained * OPTIMIZER_STEP_BYTES[config.optimizer](element_bytes) / speed.memory_bytes_per_second
-    tensors = shape.num_layers * TENSORS_PER_LAYER + 3  # + embedding, final norm, head
-    if config.adapter is not None:
-        tensors = shape.num_layers * 14  # LoRA A and B of the 7 projections
-    seconds = traffic + tensors * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
+    seconds = traffic + trained_tensors(shape, config) * PER_TENSOR_SECONDS.get(config.optimizer, 0.0)
     if config.optimizer in PAGED_STATE_BYTES:
         # Evicted paged state (CUDA unified memory) is paged in and out again, both ways over the host link
         # (bitsandbytes prefetches it per tensor).
         paged = trained * PAGED_STATE_BYTES[config.optimizer]
         seconds += 2 * (paged if evicted_bytes is None else min(paged, evicted_bytes)) / speed.pcie_bytes_per_second
     return seconds
+
+
+def trained_tensors(shape: ModelShape, config: TrainConfig) -> int:
+    """Parameter tensors the optimizer updates: every one of the model (`ModelShape.parameter_tensors`), LoRA's A
+    and B of each targeted module in each layer ("all-linear": 7 projections, a Llama layer's), or peft's one
+    prefix embedding (PrefixEncoder without a projection)."""
+    adapter = config.adapter
+    if adapter is None:
+        if shape.parameter_tensors is not None:
+            return shape.parameter_tensors
+        return shape.num_layers * TENSORS_PER_LAYER + 3  # + embedding, final norm, head
+    if adapter.kind == "prefix":
+        return 1
+    targets = 7 if isinstance(adapter.target_modules, str) else len(adapter.target_modules)
+    return shape.num_layers * 2 * targets
 
 
 def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed) -> float:
