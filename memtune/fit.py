@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from typing import Any
 
 from memtune.config import (
     HOST_BUDGET_FRACTION,
+    KNOWN_GPUS,
     NO_BF16_GPUS,
     Adapter,
     Policy,
@@ -28,6 +30,8 @@ from memtune.config import (
     format_bytes,
     known_gpu,
     margin_for,
+    option_of,
+    parse_bytes,
 )
 from memtune.errors import UsageError
 from memtune.measure import memory
@@ -374,6 +378,56 @@ def _source_of(model_or_name: Any, trust_remote_code: bool = False) -> tuple[Mod
     return ModelSource(name=name, config=config, origin="object"), sum(p.numel() for p in base.parameters())
 
 
+API_SWITCHES = {"--lora": "use_adapter=True", "--no-lora": "use_adapter=False",
+                "--prefix": 'adapter=Adapter(kind="prefix")'}
+"""The CLI's adapter switches (cli's AdapterChoice) as auto_fit keyword arguments."""
+API_KEYWORDS = {  # flag: (the keyword in words, the keyword argument with the value)
+    "--seq-len": ("seq_len", "seq_len={}"), "--batch-size": ("batch_size", "batch_size={}"),
+    "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'),
+    "--lora-rank": ("the adapter's rank", "adapter=Adapter(rank={})"),
+    "--lora-targets": ("the adapter's target_modules", 'adapter=Adapter(target_modules="{}")'),
+}
+"""The CLI's options that are auto_fit's own keywords or `Adapter` fields."""
+FLAG = re.compile(r"--[a-z0-9][a-z0-9-]*(?: [^\s,;:()]+)?")
+"""A flag and the word after it (its value, where it is one)."""
+
+
+def api_words(message: str) -> str:
+    """A UsageError's message in auto_fit's words: each CLI flag it names becomes the keyword argument, with the
+    value after it where the flag takes that value ("or choose --optim adamw_torch_fused" -> 'or choose
+    optimizer="adamw_torch_fused"', "--no-8bit-optim" -> "allow_8bit_optimizer=False", "--checkpointing on" ->
+    "gradient_checkpointing=True"). The Policy flags come from the fields' `Option`s, as the CLI parser's do
+    (`config.policy_flags` goes the other way); a word after a flag that is not one of its values stays a word
+    ("set --margin to change it" -> "set margin_bytes to change it")."""
+    fields = {option_of(f).flag_of(f.name, f.default): f for f in dataclasses.fields(Policy)}
+
+    def keyword(found: re.Match[str]) -> str:
+        flag, _, value = found.group().partition(" ")
+        rest = f" {value}" if value else ""
+        if flag in API_SWITCHES:
+            return API_SWITCHES[flag] + rest
+        field_ = fields.get(flag)
+        if field_ is None and flag in API_KEYWORDS:
+            name, with_value = API_KEYWORDS[flag]
+            known = value[:1].isdigit() or (flag == "--gpu" and value.lower() in map(str.lower, KNOWN_GPUS))
+            return with_value.format(value) if known else name + rest
+        if field_ is None:
+            return found.group()
+        option = option_of(field_)
+        if field_.default is True:  # a --no-... switch
+            return f"{field_.name}=False{rest}"
+        if option.words is not None and value in option.words:
+            meaning = option.words[value]
+            return f"{field_.name}=" + (f'"{meaning}"' if isinstance(meaning, str) else str(meaning))
+        if option.choices is not None and value in option.choices:
+            return f"{field_.name}=" + (value if option.parse is int else f'"{value}"')
+        if value[:1].isdigit():
+            return f"{field_.name}={option.parse(value) if option.parse is parse_bytes else value}"
+        return f"{field_.name}{rest}"
+
+    return FLAG.sub(keyword, message)
+
+
 POLICY_OPTIONS = {f.name for f in dataclasses.fields(Policy)} - {"bf16_supported", "num_gpus"}
 POLICY_ALIASES = {"allow_quantized": "allow_quantized_base"}
 """auto_fit keywords that name a Policy field in fewer words (issue 13 asks for allow_quantized=...)."""
@@ -410,7 +464,6 @@ def auto_fit(
     stderr (`quiet_libraries`) and logged at DEBUG on the "memtune.fit" logger. Raises NothingFitsError
     (with the shortfall and suggestions) when no configuration fits.
     """
-    from memtune.config import parse_bytes
     from memtune.errors import NothingFitsError
 
     problems = []
@@ -435,10 +488,15 @@ def auto_fit(
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
         _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")
-    with quiet_libraries() as said:
-        source, num_parameters = _source_of(model_or_name, trust_remote_code)
-        result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes, gpu_name=gpu,
-                           policy=Policy(**policy), verify=verify, plan_path=plan_path, progress=progress)
+    try:
+        with quiet_libraries() as said:
+            source, num_parameters = _source_of(model_or_name, trust_remote_code)
+            result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes,
+                               gpu_name=gpu, policy=Policy(**policy), verify=verify, plan_path=plan_path,
+                               progress=progress)
+    except UsageError as error:  # the checks below the API speak the CLI's words: say its keywords instead
+        error.args = (api_words(str(error)), *error.args[1:])
+        raise
     for line in said:
         logger.debug("while fitting: %s", line)
     if result.plan is not None:

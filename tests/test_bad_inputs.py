@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -243,6 +244,23 @@ def test_more_bad_api_arguments_raise_a_usage_error(call, message):
     with pytest.raises(UsageError) as raised:
         call()
     assert message in str(raised.value)
+
+
+@pytest.mark.parametrize("keywords, said, flag", [
+    ({"optimizer": "adamw_bnb_8bit"}, 'or choose optimizer="adamw_torch_fused"', "--optim"),  # no bitsandbytes
+    ({"seq_len": 4096}, "seq_len=4096 is longer than the model allows (max_position_embeddings = 1024): use "
+     "seq_len=1024 or less",
+     "--seq-len"),
+    ({"optimizer": "adamw_torch_fused", "allow_8bit_optimizer": False, "quantized_base": 4, "use_adapter": False},
+     "quantized_base=4 trains LoRA on a quantised base, which use_adapter=False forbids", "--no-lora"),
+])
+def test_auto_fit_names_its_keywords_where_the_cli_names_flags(keywords, said, flag, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` now raises ImportError
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(UsageError) as raised:
+        memtune.auto_fit("gpt2", **({"seq_len": 64, "batch_size": 1, "budget": "8GiB", "verify": False} | keywords))
+    message = re.sub(r"\s+", " ", str(raised.value))
+    assert said in message and flag not in message and " --" not in message
 
 
 @pytest.mark.parametrize("call,message", [
