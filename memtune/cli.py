@@ -31,7 +31,7 @@ import rich.markup
 from rich.console import Console
 
 from memtune.config import option_of, parse_bytes
-from memtune.errors import MemtuneError, UsageError
+from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
 from memtune.report import json as json_report
@@ -324,7 +324,7 @@ def parse(argv: list[str] | None = None) -> tuple[str, Any]:
     options = options_from(cls, namespace, problems)
     problems += options.problems() if hasattr(options, "problems") else []
     if problems:
-        raise UsageError("; ".join(problems))
+        raise UsageError(listed("", problems))
     return namespace.command, options
 
 

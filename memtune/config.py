@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memtune.errors import UsageError
+from memtune.errors import UsageError, listed
 
 DType = Literal["fp32", "bf16", "fp16"]
 Amp = Literal["none", "bf16", "fp16"]
@@ -112,7 +112,7 @@ class Adapter:
             problems.append(f"target_modules must be 'all-linear' or module names such as q_proj,v_proj, "
                             f"got {self.target_modules!r} (--lora-targets)")
         if problems:
-            raise UsageError("invalid adapter: " + "; ".join(problems))
+            raise UsageError(listed("invalid adapter", problems))
 
     def describe(self) -> str:
         if self.kind == "prefix":
@@ -153,7 +153,7 @@ class Quantization:
         if self.compute_dtype not in COMPUTE_DTYPES:
             problems.append(f"compute_dtype must be bf16 or fp16, got {self.compute_dtype!r}")
         if problems:
-            raise UsageError("invalid quantization: " + "; ".join(problems))
+            raise UsageError(listed("invalid quantization", problems))
 
     def describe(self) -> str:
         if self.bits == 8:
@@ -289,7 +289,7 @@ class TrainConfig:
                 problems.append("strategy 'ddp' replicates the model over several GPUs: it needs num_gpus >= 2 "
                                 "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
         if problems:
-            raise UsageError("invalid training configuration: " + "; ".join(problems))
+            raise UsageError(listed("invalid training configuration", problems))
 
     @property
     def effective_batch_size(self) -> int:
@@ -867,7 +867,7 @@ class Policy:
                 problems.append("--offload-activations on with --strategy fsdp is not modelled yet: use --strategy ddp "
                                 "(or auto, which then plans DDP)")
         if bad:
-            raise UsageError("; ".join(problems))
+            raise UsageError(listed("", problems))
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
             problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
                             f"{effective_batch_size}: the effective batch would change")
@@ -890,7 +890,7 @@ class Policy:
                     f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload"
                 )
         if problems:
-            raise UsageError("; ".join(problems))
+            raise UsageError(listed("", problems))
 
 
 def policy_flags(policy: Policy) -> list[str]:

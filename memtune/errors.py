@@ -15,6 +15,19 @@ class UsageError(MemtuneError):
     exit_code = 2
 
 
+def listed(heading: str, problems: list[str]) -> str:
+    """Problems found together (torchtune's config validation reports every one) as one message: a single one
+    after the heading on one line ("invalid adapter: rank must be ..."), several one per line under it:
+
+        invalid training configuration:
+          - micro_batch_size must be a positive integer, got 0
+          - offload must be none, optimizer or parameters, got 'bogus'
+    """
+    if len(problems) == 1:
+        return f"{heading}: {problems[0]}" if heading else problems[0]
+    return (heading or "invalid options") + ":\n" + "\n".join(f"  - {problem}" for problem in problems)
+
+
 class ModelNotFoundError(UsageError):
     """MODEL is neither a reachable hub id, a local directory with config.json, nor a catalog name."""
 

@@ -33,7 +33,7 @@ from memtune.config import (
     option_of,
     parse_bytes,
 )
-from memtune.errors import UsageError
+from memtune.errors import UsageError, listed
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.measure.verify import measure as measure_trial
@@ -484,7 +484,7 @@ def auto_fit(
             isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         problems.append(f"budget must be a quantity such as '24GiB' or a positive number of bytes, got {budget!r}")
     if problems:
-        raise UsageError("auto_fit: " + "; ".join(problems))
+        raise UsageError(listed("auto_fit", problems))
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
     if gpu is not None:
         _, budget_bytes = known_gpu(gpu, flag="gpu", budget_flag="budget")

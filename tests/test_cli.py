@@ -393,3 +393,14 @@ def test_the_cli_and_the_package_start_without_torch():
             "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False", done.stderr
+
+
+def test_several_bad_options_are_listed_one_per_line(capsys):
+    code = main(["fit", "gpt2", "--budget", "6GiB", "--loss", "chunked", "--no-chunked-loss",
+                 "--offload", "parameters", "--no-offload"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = err.splitlines()
+    assert lines[0] == "error: invalid options:"
+    assert lines[1].startswith("  - --loss chunked contradicts --no-chunked-loss")
+    assert lines[2] == "  - --offload parameters contradicts --no-offload: keep one"

@@ -75,7 +75,7 @@ def test_validation_collects_every_problem_at_once():
                     "weights_dtype must be one of ['bf16', 'fp16', 'fp32'], got 'fp64'",
                     "amp must be none, bf16 or fp16, got 'int8'"):
         assert problem in message
-    assert message.count(";") == 5
+    assert message.count("\n  - ") == 6  # one per line
 
 
 def test_validation_also_runs_when_replacing_a_field():

@@ -40,7 +40,7 @@ from memtune.config import (
     format_bytes,
     margin_for,
 )
-from memtune.errors import UsageError
+from memtune.errors import UsageError, listed
 from memtune.measure.memory import Measurement
 from memtune.predict.events import DDP_BUCKETS
 from memtune.predict.peak import Estimate
@@ -277,7 +277,7 @@ def search(
     if not any(spaces):  # pinned options that exclude each other (--optim paged_adamw_8bit --offload parameters)
         every = set.intersection(*conflicts) if conflicts else set()  # what rules out each combination
         reasons = every or set.union(*conflicts) if conflicts else {"no combination of the options can run"}
-        raise UsageError("these options cannot run together: " + "; ".join(sorted(reasons)))
+        raise UsageError(listed("these options cannot run together", sorted(reasons)))
     result.notes = ladder.skipped(policy)  # after the options are known to run: never a note before an error
     for note in result.notes:
         say(note)
