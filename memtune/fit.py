@@ -283,6 +283,7 @@ def fit_model(
             budget_bytes=budget_bytes,
             margin_bytes=result.search.margin_bytes,
             predicted_total_bytes=chosen.predicted_total_bytes or 0,
+            predicted_host_bytes=0 if chosen.estimate is None else chosen.estimate.host_bytes,
             predicted_tokens_per_second=chosen.predicted_tokens_per_second,
             measured_peak_reserved_bytes=None if measured is None else measured.peak_reserved_bytes,
             measured_tokens_per_second=None if measured is None else measured.tokens_per_second,

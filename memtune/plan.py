@@ -38,6 +38,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "budget_bytes": ((int,), "an integer"),
     "margin_bytes": ((int,), "an integer"),
     "predicted_total_bytes": ((int,), "an integer"),
+    "predicted_host_bytes": ((int,), "an integer"),
     "predicted_tokens_per_second": ((int, float), "a number"),
     "measured_peak_reserved_bytes": ((int, type(None)), "an integer or null"),
     "measured_tokens_per_second": ((int, float, type(None)), "a number or null"),
@@ -62,6 +63,9 @@ class Plan:
     """Safety margin kept free below the budget."""
     predicted_total_bytes: int = 0
     """Predicted peak reserved + workspaces + CUDA context."""
+    predicted_host_bytes: int = 0
+    """Pinned host memory the step holds per GPU (the offloaded activations, `Estimate.host_bytes`): not in
+    predicted_total_bytes; 0 without activation offload (and in plans written before this field existed)."""
     predicted_tokens_per_second: float = 0.0
     measured_peak_reserved_bytes: int | None = None
     """Peak reserved in the verification trial (None: not verified on a GPU)."""
@@ -92,6 +96,7 @@ class Plan:
             "budget_bytes": self.budget_bytes,
             "margin_bytes": self.margin_bytes,
             "predicted_total_bytes": self.predicted_total_bytes,
+            "predicted_host_bytes": self.predicted_host_bytes,
             "predicted_tokens_per_second": self.predicted_tokens_per_second,
             "measured_peak_reserved_bytes": self.measured_peak_reserved_bytes,
             "measured_tokens_per_second": self.measured_tokens_per_second,
@@ -130,7 +135,7 @@ class Plan:
                 problems.append(f"{name} must be {wanted}, got {json.dumps(value)[:60]} (a JSON {_json_type(value)})")
         if isinstance(data.get("model"), str) and not data["model"].strip():
             problems.append("model is empty: it names the model (a catalog name, hub id or local directory)")
-        for name in ("budget_bytes", "margin_bytes", "predicted_total_bytes"):
+        for name in ("budget_bytes", "margin_bytes", "predicted_total_bytes", "predicted_host_bytes"):
             value = data.get(name)
             if isinstance(value, int) and not isinstance(value, bool) and value < (1 if name == "budget_bytes" else 0):
                 problems.append(f"{name} must be {'> 0' if name == 'budget_bytes' else '>= 0'}, got {value}")

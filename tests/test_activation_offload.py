@@ -237,3 +237,21 @@ def test_the_oom_guard_may_step_down_to_the_offload():
     assert policy.usable(offloaded, plan)
     assert not StepDownPolicy(plan, fallbacks=(offloaded,), loader_micro_batch=2, per_device_batch=2).usable(
         offloaded, plan)
+
+
+def test_the_plan_file_records_the_pinned_host_memory(capsys, tmp_path):
+    from memtune import cli
+    from memtune.plan import Plan
+
+    path = tmp_path / "plan.json"
+    assert cli.main(["fit", "gpt2", "--seq-len", "256", "--batch-size", "2", "--budget", "8GiB", "--no-verify",
+                     "--offload-activations", "on", "--checkpointing", "on", "--trace-device", "cpu", "--json",
+                     "--plan-out", str(path)]) == 0
+    document = json.loads(capsys.readouterr().out)
+    chosen = document["search"]["chosen"]["estimate"]
+    saved = json.loads(path.read_text())
+    assert saved["predicted_host_bytes"] == chosen["host_bytes"] > 0
+    assert document["plan"]["predicted_host_bytes"] == chosen["host_bytes"]
+    assert Plan.load(path).predicted_host_bytes == chosen["host_bytes"]
+    del saved["predicted_host_bytes"]  # a plan written before the field existed
+    assert Plan.from_dict(saved).predicted_host_bytes == 0
