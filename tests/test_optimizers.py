@@ -23,7 +23,16 @@ from memtune.config import (
 from memtune.errors import UsageError
 from memtune.plan import Plan
 from memtune.predict import throughput
-from memtune.predict.trace import BLOCK_BYTES, NO_LAYER, Category, trace_step
+from memtune.predict.trace import (
+    AUTOTUNE_FLUSH_BYTES,
+    AUTOTUNED_ARGUMENTS,
+    BLOCK_BYTES,
+    NO_LAYER,
+    Category,
+    Event,
+    budget_autotune_clones,
+    trace_step,
+)
 from memtune.recipe import step as recipe
 from memtune.search import ladder
 from memtune.search.choose import search
@@ -270,10 +279,11 @@ def test_torchao_4bit_adamw_is_offered_beside_bitsandbytes_and_its_8bit_one_only
 @needs_torchao
 @pytest.mark.parametrize(("name", "code_bytes", "temporary_per_element"),
                          [("adamw_torch_8bit", 1.0, 8), ("adamw_torch_4bit", 0.5, 24)])
-def test_torchao_state_and_its_compiled_update_buffers(name, code_bytes, temporary_per_element):
+def test_torchao_state_and_its_compiled_update_buffers(name, code_bytes, temporary_per_element, monkeypatch):
     # torchao/optim/adam.py `_new_buffer`: a parameter of >= 4096 elements that is a multiple of the block (256,
     # Trainer's block_size) gets coded state (uint8 codes, one fp32 scale per block, a 256-entry fp32 map), the
     # rest zeros_like; a step holds the fp32 buffers of `trace._compiled_update_buffers` per coded parameter.
+    monkeypatch.setattr("memtune.predict.trace.AUTOTUNE_FLUSH_BYTES", BLOCK_BYTES)  # the peak stays in backward
     model_config = tiny_llama()
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     from transformers import AutoModelForCausalLM
@@ -299,10 +309,46 @@ def test_torchao_state_and_its_compiled_update_buffers(name, code_bytes, tempora
     per_step = {4 * n: 2} | ({8 * n: 2} if temporary_per_element == 24 else {})  # fp32 buffers per parameter
     assert sum(size * count for size, count in per_step.items()) == temporary_per_element * n
     in_step = [e.num_bytes for e in trace.events if e.kind == "alloc" and e.num_bytes >= 4 * n
-               and trace.categories[e.storage] == Category.OPTIMIZER.value]
+               and trace.categories[e.storage] == Category.OPTIMIZER.value
+               and e.storage not in trace.autotune_clones]
     steps = 2
     assert {size: in_step.count(size) for size in set(in_step)} == {
         size: count * coded.count(n) * steps for size, count in per_step.items()}
+
+
+@needs_torchao
+@pytest.mark.parametrize("name", sorted(TORCHAO_OPTIMIZERS))
+def test_the_compiled_update_autotunes_once_per_parameter_size_in_the_first_step(name):
+    # Inductor benchmarks a kernel's configs at its first launch only, cloning its in-place arguments
+    # (trace._autotune): once per coded parameter size, never in the second step.
+    model_config = tiny_llama()
+    model_config.intermediate_size = 256
+    trace = traced_state_bytes(name, model_config=model_config)[1]
+    kernels_with_arguments = sum(1 for group in AUTOTUNED_ARGUMENTS[name] for kernel in group if kernel)
+    coded_sizes = {64 * 256, 64 * 64}  # the embedding and MLP matrices, the attention projections
+    groups = {group for group, _ in trace.autotune_clones.values()}
+    assert len(groups) == kernels_with_arguments * len(coded_sizes)
+    clone_events = [i for i, e in enumerate(trace.events) if e.kind == "alloc" and e.storage in trace.autotune_clones]
+    second_step = max(i for i, e in enumerate(trace.events) if e.kind == "alloc"
+                      and trace.categories[e.storage] == Category.ACTIVATIONS.value)
+    assert clone_events and max(clone_events) < second_step  # all in the first step's optimizer phase
+    flush = [e for e in trace.events if e.kind == "alloc" and e.num_bytes == AUTOTUNE_FLUSH_BYTES]
+    assert len(flush) == sum(len(group) for group in AUTOTUNED_ARGUMENTS[name]) * 2 * len(coded_sizes)
+
+
+def test_autotune_clones_are_made_only_while_they_fit_under_the_peak_so_far():
+    # triton_heuristics.py `copy_args_to_cpu_if_needed`: budget = peak allocated - allocated; each in-place
+    # argument in order is cloned on the GPU while it fits, else copied to the host. A 600-byte budget here
+    # (1000 peak, 400 live) takes the 512-byte clone, not the next 512-byte one (only 88 left), nor the
+    # 1024-byte one; every call of that kernel decides alike.
+    events = [Event.alloc("big", 1000), Event.free("big"), Event.alloc("held", 400)]
+    for call in range(2):
+        events += [Event.alloc(f"a{call}", 512), Event.alloc(f"b{call}", 1024), Event.alloc(f"c{call}", 512)]
+        events += [Event.free(f"c{call}"), Event.free(f"b{call}"), Event.free(f"a{call}")]
+    clones = {f"{name}{call}": (0, position) for call in range(2) for position, name in enumerate("abc")}
+    kept = budget_autotune_clones(events, clones)
+    assert [e.storage for e in kept if e.storage in clones] == ["a0", "a0", "a1", "a1"]
+    assert budget_autotune_clones(events, {}) == events
 
 
 # ---- pure 16-bit training end to end ------------------------------------------------------------

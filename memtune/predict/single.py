@@ -34,6 +34,7 @@ from memtune.predict.peak import Estimate, default_trace_device, estimate_of_eve
 from memtune.predict.trace import (
     Event,
     Trace,
+    budget_autotune_clones,
     describe_failure,
     extend,
     extend_events,
@@ -116,7 +117,7 @@ def full_depth_events(model_config: Any, train_config: TrainConfig, device: str)
     depth = num_layers or trace.traced_layers
     key = (id(trace), depth)
     if key not in _EVENTS_CACHE:
-        _EVENTS_CACHE[key] = extend(trace, depth)
+        _EVENTS_CACHE[key] = budget_autotune_clones(extend(trace, depth), trace.autotune_clones)
     return trace, _EVENTS_CACHE[key]
 
 
@@ -144,7 +145,7 @@ def partial_events(model_config: Any, train_config: TrainConfig, device: str) ->
             events = extend_events(events, period, traced, plain_depth, start=traced_checkpointed + period)
         if traced_checkpointed < checkpointed:
             events = extend_events(events, period, plain_depth, num_layers, start=period)
-        _EVENTS_CACHE[key] = events
+        _EVENTS_CACHE[key] = budget_autotune_clones(events, trace.autotune_clones)
     return trace, _EVENTS_CACHE[key]
 
 

@@ -79,6 +79,10 @@ class Trace:
     paged_bytes: dict[int, int] = field(default_factory=dict)
     """Optimizer state in CUDA unified memory (paged optimizers), outside the events, by the decoder layer of
     its parameter (NO_LAYER outside them): see `traced_optimizer`; `paged_bytes_at_depth` for the full model."""
+    autotune_clones: dict[Hashable, tuple[int, int]] = field(default_factory=dict)
+    """Storages that are Inductor's autotuning clones of a compiled kernel's in-place arguments, each as (the
+    kernel's first launch, the argument's position): made only while they fit under the peak so far
+    (`budget_autotune_clones`, applied to the full model's events)."""
 
 
 KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
@@ -636,7 +640,7 @@ def traced_optimizer(
         with unset_fake_temporarily():  # the quantisation maps are computed from data once (lru_cache): real here
             for module in (subclass_8bit, subclass_4bit):
                 module.get_qmap_signed(), module.get_qmap_unsigned()
-        return _state_only_step(recipe.make_optimizer(model, train_config), train_config.optimizer)
+        return _state_only_step(recipe.make_optimizer(model, train_config), train_config.optimizer, counter)
     if train_config.optimizer not in BITSANDBYTES_OPTIMIZERS:
         return recipe.make_optimizer(model, train_config, fused=True)
     with unset_fake_temporarily():
@@ -656,7 +660,29 @@ def traced_optimizer(
     return optimizer
 
 
-def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_size: int) -> None:
+AUTOTUNED_ARGUMENTS: dict[str, tuple[list[list[tuple[float, bool]]], list[list[tuple[float, bool]]]]] = {
+    "adamw_torch_8bit": ([[], [(1, False), (1, False), (0, True), (0, True), (1, False), (1, False)]],
+                         [[(4 / 256, False)]]),
+    "adamw_torch_4bit": ([[(0, True), (0, True)], [(0.5, False)]], [[(4 / 128, False)]]),
+}
+"""The Triton kernels of torchao's compiled update (`single_param_adam`, torch 2.11, torchao 0.18) that autotune
+at their first launch, in launch order: the first ones, then those that launch after the first moment is freed
+(`_compiled_update_buffers` says where). Each kernel's mutated arguments are (bytes per element of the parameter,
+True where the argument has the parameter's own dtype instead): AdamW8bit's first kernel writes nothing in place
+(it only holds the flush buffer), its update kernel the two moments' uint8 codes (1 byte per element, twice each)
+and two parameter-sized tensors, its last one fp32 scales (one per 256-element block); AdamW4bit's write two
+parameter-sized tensors, then the 4-bit codes, then one fp32 scale per 128-element block. Recorded on the H200
+with fp32 and bf16 parameters of every Llama-3.2-1B shape, with and without stochastic rounding, with the memory
+allocated when each kernel benchmarked (benchmarks/inductor_autotune.py, results/inductor_autotune_h200.json)."""
+AUTOTUNE_CONFIGS = 2
+"""Configs each of those kernels benchmarks (Inductor's pointwise/reduction heuristics gave 2 for every one)."""
+AUTOTUNE_FLUSH_BYTES = 60 * 2**20
+"""The benchmarker's L2 flush buffer (torch/_inductor/runtime/benchmarking.py `benchmark_gpu`: the device's L2
+size in int32s): the H200's 60 MiB, where the rule was measured. Other cards' L2 is 40-126 MiB."""
+
+
+def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_size: int,
+                             counter: StorageCounter | None = None, first_launch: bool = False) -> None:
     """Allocate and free what torchao's compiled update (`single_param_adam` under torch.compile, torch 2.11)
     holds while it updates one parameter with quantised state, in its order (H200, the allocator's history of
     a step of a 128256 x 2048 and an 8192 x 2048 parameter, fp32 and bf16 alike; `_tao_history` in
@@ -664,22 +690,82 @@ def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_siz
     two moments dequantised to fp32 (4 bytes per element each); for the 4-bit state also two 8-byte-per-element
     buffers: 8 bytes per element in all for AdamW8bit, 24 for AdamW4bit, which max_memory_allocated during the
     step confirms on whole models (8.03-8.06 and 24.0 bytes per element of the largest parameter,
-    benchmarks/optimizer_step.py)."""
+    benchmarks/optimizer_step.py). They are freed in the recorded order: AdamW8bit both moments then both
+    scales; AdamW4bit each moment's moment, wide buffer and scale in turn.
+
+    At the `first_launch` of the compiled update for a parameter size its kernels autotune (`_autotune`): the
+    first ones (`AUTOTUNED_ARGUMENTS`) while AdamW8bit's buffers are held (the whole-model histories of
+    Llama-3.2-1B, results/single_history_torchao8_h200.json) and before AdamW4bit's are made (Qwen2.5-0.5B,
+    results/single_history_qwen_tao4_h200.json.gz; the Llama-shaped parameters stepped alone autotuned them with the
+    buffers held, which predicts the Llama steps equally well and Qwen's 5.6% high), the last one after the first
+    moment is freed (all of benchmarks/inductor_autotune.py's recordings)."""
     numel, device = param.numel(), param.device
+    first, after_first_moment = AUTOTUNED_ARGUMENTS[optimizer_name]
+    autotune = first_launch and counter is not None
 
     def fp32(elements: int) -> torch.Tensor:
         return torch.empty(elements, dtype=torch.float32, device=device)
 
+    if optimizer_name == "adamw_torch_8bit":
+        scale_m, scale_v = fp32(numel // block_size), fp32(numel // block_size)
+        moment_m, moment_v = fp32(numel), fp32(numel)
+        if autotune:
+            _autotune(param, first, counter)
+        del moment_m, moment_v
+        if autotune:
+            _autotune(param, after_first_moment, counter)
+        del scale_m, scale_v
+        return
+    if autotune:
+        _autotune(param, first, counter)
     scale_m, scale_v = fp32(numel // block_size), fp32(numel // block_size)
     moment_m, moment_v = fp32(numel), fp32(numel)
-    if optimizer_name == "adamw_torch_8bit":
-        del moment_m, moment_v, scale_m, scale_v
-        return
     wide_m, wide_v = fp32(2 * numel), fp32(2 * numel)
-    del moment_m, wide_m, scale_m, moment_v, wide_v, scale_v
+    del moment_m, wide_m
+    if autotune:
+        _autotune(param, after_first_moment, counter)
+    del scale_m, moment_v, wide_v, scale_v
 
 
-def _state_only_step(optimizer: Any, optimizer_name: str) -> Any:
+def _autotune(param: torch.Tensor, kernels: list[list[tuple[float, bool]]], counter: StorageCounter | None) -> None:
+    """What Inductor allocates when the compiled kernels of one update launch for the first time (a cold cache:
+    the winning config is then cached on disk by the kernel's source, `autotune_local_cache`, and a later
+    process does not benchmark; H200, Llama-3.2-1B with AdamW8bit: 19.48 GiB reserved cold, 17.77 warm).
+
+    torch/_inductor/runtime/triton_heuristics.py `CachingAutotuner.benchmark_all_configs` benchmarks each config
+    (`bench`); `benchmark_gpu` (runtime/benchmarking.py) makes one warm-up call, allocates the L2 flush buffer
+    and times more calls; each call clones the kernel's mutated arguments in order (`maybe_clone_args`) and
+    frees them when it returns (in reverse: Python drops a list's items from the end). Only arguments that fit
+    under the peak so far are cloned, the rest are copied to the host (`copy_args_to_cpu_if_needed`: budget =
+    max_memory_allocated - memory_allocated): that budget depends on the whole model's peak, so the clones are
+    recorded here with their positions (`Trace.autotune_clones`) and `budget_autotune_clones` keeps, in the
+    full model's events, those that fit. Repeated calls reuse the same blocks: two per config are traced."""
+    assert counter is not None
+    numel, dtype = param.numel(), param.dtype
+    for arguments in kernels:
+        group = len({kernel for kernel, _ in counter.trace.autotune_clones.values()})
+        for _ in range(AUTOTUNE_CONFIGS):
+            flush = None
+            for _ in range(2):  # the warm-up call, then the timed ones with the flush buffer held
+                clones = []
+                for position, (per_element, own_dtype) in enumerate(arguments):
+                    clone = (torch.empty(numel, dtype=dtype, device=param.device) if own_dtype
+                             else torch.empty(max(1, int(numel * per_element)), dtype=torch.uint8,
+                                              device=param.device))
+                    storage_id = counter.track(clone, Category.TEMPORARIES)
+                    if storage_id is not None:
+                        counter.trace.autotune_clones[storage_id] = (group, position)
+                    clones.append(clone)
+                counter.retag(clones, Category.TEMPORARIES)
+                while clones:
+                    clones.pop()
+                if flush is None:
+                    flush = torch.empty(AUTOTUNE_FLUSH_BYTES, dtype=torch.uint8, device=param.device)
+                    counter.retag([flush], Category.TEMPORARIES)
+            del flush
+
+
+def _state_only_step(optimizer: Any, optimizer_name: str, counter: StorageCounter | None = None) -> Any:
     """A torchao AdamW8bit / AdamW4bit whose `step` makes the state the real step makes, and no update.
 
     The real step (torchao/optim/adam.py `_AdamBase.step`) creates each parameter's two moments on its first
@@ -687,7 +773,10 @@ def _state_only_step(optimizer: Any, optimizer_name: str) -> Any:
     256-entry fp32 map: parameters under 4096 elements, or not a multiple of the block, get plain zeros_like),
     then runs `torch.compile(single_param_adam)`, which fake tensors cannot: the update writes the parameter and
     the state in place, so memory is the state (made here by torchao's own `_new_buffer`) plus what the
-    compiled kernel holds while it runs (`_compiled_update_buffers`, one parameter at a time)."""
+    compiled kernel holds while it runs (`_compiled_update_buffers`, one parameter at a time), and at the first
+    update of each parameter size (the compiled code is specialised to it: `dynamic=False`), its kernels'
+    autotuning (`_autotune`)."""
+    launched: set[tuple[int, torch.dtype]] = set()
 
     @torch.no_grad()
     def step(closure: Any = None) -> None:
@@ -701,10 +790,54 @@ def _state_only_step(optimizer: Any, optimizer_name: str) -> Any:
                     state["exp_avg"] = optimizer._new_buffer(param, True)
                     state["exp_avg_sq"] = optimizer._new_buffer(param, False)
                 if is_traceable_wrapper_subclass(state["exp_avg"]):
-                    _compiled_update_buffers(param, optimizer_name, optimizer.block_size)
+                    size = (param.numel(), param.dtype)
+                    _compiled_update_buffers(param, optimizer_name, optimizer.block_size, counter,
+                                             first_launch=size not in launched)
+                    launched.add(size)
 
     optimizer.step = step
     return optimizer
+
+
+def budget_autotune_clones(events: list[Event], clones: dict[Hashable, tuple[int, int]]) -> list[Event]:
+    """`events` without the autotuning clones (`Trace.autotune_clones`) that Inductor copies to the host instead:
+    at each kernel's first clone, its budget is the peak allocated so far minus what is allocated, and its
+    arguments take it in order, each cloned on the GPU while it fits (triton_heuristics.py
+    `copy_args_to_cpu_if_needed`). So the clones never raise the allocated peak; they change reserved memory
+    when they land in new segments. Applied to the full model's events, whose peak decides."""
+    if not clones:
+        return events
+    sizes = {clones[event.source]: event.num_bytes for event in events
+             if event.kind == "alloc" and event.source in clones}
+    kept: dict[int, set[int]] = {}
+    dropped: set[Hashable] = set()
+    live_sizes: dict[Hashable, int] = {}
+    out: list[Event] = []
+    live = peak = 0
+    for event in events:
+        if event.kind == "alloc":
+            key = clones.get(event.source)
+            if key is not None:
+                group, position = key
+                if group not in kept:
+                    budget, kept[group] = peak - live, set()
+                    for (other, index), size in sorted(sizes.items()):
+                        if other == group and size <= budget:
+                            kept[group].add(index)
+                            budget -= size
+                if position not in kept[group]:
+                    dropped.add(event.storage)
+                    continue
+            live_sizes[event.storage] = event.num_bytes
+            live += event.num_bytes
+            peak = max(peak, live)
+        elif event.storage in dropped:
+            dropped.discard(event.storage)
+            continue
+        else:
+            live -= live_sizes.pop(event.storage, 0)
+        out.append(event)
+    return out
 
 
 def _dense(tensor: torch.Tensor) -> bool:
