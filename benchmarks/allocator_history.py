@@ -2,12 +2,12 @@
 
     python benchmarks/allocator_history.py --out $OUT/history.json      # on a host with 2 GPUs
 
-Runs `torchrun --nproc-per-node 2` of this script; rank 0 records `torch.cuda.memory._record_memory_history`
-(no stack traces) around `memtune.measure.sharded.measure_sharded` for each case and writes, per case, every
-allocator event as [action, address, size, stream] with the measured peaks. `--compare FILE` (no GPU)
-replays a recorded file: the real events through memtune's allocator model, per stream, against the
-real reserved peak, and the real allocations per stream against `sharding.trace_sharded`'s, so that
-an error in the predicted events and an error in the allocator model can be told apart.
+Runs `torchrun --nproc-per-node 2` of this script (1 for `--offload-1gpu`); rank 0 records
+`torch.cuda.memory._record_memory_history` (no stack traces) around `memtune.measure.sharded.measure_sharded`
+for each case and writes, per case, every allocator event as [action, address, size, stream] with the measured
+peaks. `--compare FILE` (no GPU) replays a recorded file: the real events through memtune's allocator model, per
+stream, against the real reserved peak, and the real allocations per stream against `sharding.trace_sharded`'s,
+so that an error in the predicted events and an error in the allocator model can be told apart.
 
 `--trainer` records the same during `memtune run`'s Trainer (accelerate launch, FSDP2) instead, for
 TRAINER_CASE: history from train begin, peaks as the run summary reports them.
@@ -16,6 +16,7 @@ TRAINER_CASE: history from train begin, peaks as the run summary reports them.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import subprocess
@@ -53,6 +54,13 @@ DDP_CHECK = [  # configurations the DDP model was not fitted to (benchmarks/ddp.
      dict(seq_len=2048, micro_batch_size=2, gradient_checkpointing=True, strategy="ddp")),
     ("qwen2.5-1.5b 1x2048 accum2 ddp", "Qwen/Qwen2.5-1.5B",
      dict(seq_len=2048, micro_batch_size=1, grad_accum_steps=2, strategy="ddp")),
+]
+
+
+OFFLOAD_1GPU = [  # issue 14: FSDP2 CPU offload on one GPU measured exact with the chunked loss, +11% with Liger's
+    (f"llama-3.2-1b 2x2048 ckpt offload 1gpu {loss}", "meta-llama/Llama-3.2-1B",
+     dict(seq_len=2048, micro_batch_size=2, gradient_checkpointing=True, offload="parameters", num_gpus=1, loss=loss))
+    for loss in ("chunked", "liger")
 ]
 
 
@@ -148,10 +156,11 @@ def launch_trainer(out: Path) -> None:
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
-def launch(out: Path, extra: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(Path(__file__).resolve()),
-               "--worker", "--out", str(out), *extra]
+def launch(out: Path, extra: list[str], gpus: int = 2) -> None:
+    path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(gpus),
+               str(Path(__file__).resolve()), "--worker", "--out", str(out), *extra]
     subprocess.run(command, env=env, timeout=300, check=False)
 
 
@@ -191,7 +200,7 @@ def compare(path: Path) -> None:
     from memtune.predict.trace import rounded
     from memtune.sources import catalog_config
 
-    data = json.loads(path.read_text())
+    data = json.loads(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_text())
     for row in data["cases"]:
         events, history_peak = real_events(row["events"])
         by_stream: dict[int, list[Event]] = {}
@@ -228,6 +237,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help="internal: one torchrun rank")
     parser.add_argument("--ddp", action="store_true", help="record DDP_CASE on every rank instead of CASES")
     parser.add_argument("--ddp-check", action="store_true", help="DDP_CHECK instead of CASES (rank 0 records)")
+    parser.add_argument("--offload-1gpu", action="store_true", help="OFFLOAD_1GPU on one GPU instead of CASES")
     parser.add_argument("--compare", type=Path, help="replay a recorded file (no GPU)")
     parser.add_argument("--trainer", action="store_true", help="record memtune run's Trainer instead of the trial")
     parser.add_argument("--trainer-worker", type=Path, metavar="PLAN", help="internal: one accelerate rank")
@@ -239,9 +249,10 @@ def main() -> None:
     if args.trainer:
         return launch_trainer(Path(args.out))
     if args.worker:
-        cases = [DDP_CASE] if args.ddp else DDP_CHECK if args.ddp_check else None
+        cases = [DDP_CASE] if args.ddp else DDP_CHECK if args.ddp_check else OFFLOAD_1GPU if args.offload_1gpu else None
         return worker(Path(args.out), cases, every_rank=args.ddp)
-    launch(Path(args.out), ["--ddp"] * args.ddp + ["--ddp-check"] * args.ddp_check)
+    flags = ["--ddp"] * args.ddp + ["--ddp-check"] * args.ddp_check + ["--offload-1gpu"] * args.offload_1gpu
+    launch(Path(args.out), flags, gpus=1 if args.offload_1gpu else 2)
 
 
 if __name__ == "__main__":

@@ -92,16 +92,16 @@ neighbours must be generic layers too (`extend_sharded`)."""
 class ShardedCounter(StorageCounter):
     """`trace.StorageCounter` plus storage resizes (FSDP's free/re-gather), streams and host residency.
 
-    Autograd's in-place gradient sums (`StorageCounter.in_place_sums`) are left off here: the sharded trace was
-    validated without them (the measured sharded case with a tied embedding, Llama-3.2-1B 2 x 2048, bf16-mixed,
-    checkpointing, CPU offload, 1 x H200, benchmarks/results/fsdp_2gpu_h200.json: 7,165,515,776 allocated and
-    10,884,218,880 reserved bytes predicted exactly), and FSDP's gradient hooks hold references to gradients
-    that the single-GPU rule does not see.
+    Autograd's in-place gradient sums (`StorageCounter.in_place_sums`) apply here as on one GPU. They matter where
+    a tied embedding's two gradients meet and the LM head's is not a view: Liger's fused loss returns its
+    grad_weight as a fresh tensor, which the engine sums into in place (H200, Llama-3.2-1B 2 x 2048 with
+    checkpointing and CPU offload on 1 GPU: +11.05% reserved, +2.2% allocated with the sums out of place, -0.04%
+    and exact with them; benchmarks/results/history_offload_1gpu_liger_h200.json.gz). Every other measured sharded
+    case is unchanged by the rule (results/fsdp_2gpu_h200.json, loss_2gpu_h200.json).
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self.in_place_sums = False
         self.phase = Category.WEIGHTS.value
         self.host: set[int] = set()
         """Storage ids that live on the host (offload): left out of the device stream."""

@@ -149,8 +149,7 @@ class StorageCounter(TorchDispatchMode):
         self._live_bytes = 0
         self._peak_event = 0
         self.in_place_sums = True
-        """Record autograd's gradient sums as the GPU makes them (`_engine_sums_in_place`); ShardedCounter
-        turns it off."""
+        """Record autograd's gradient sums as the GPU makes them (`_engine_sums_in_place`)."""
         self._node: Any = None  # the autograd node whose ops are being recorded (backward only)
         self._node_first_id = 0  # the first storage id made while it runs
 
