@@ -812,6 +812,9 @@ class Policy:
     def validate(self, effective_batch_size: int) -> None:
         """Raise UsageError naming every problem at once: unknown values, pins that contradict each other
         or the forbidden rungs, a micro-batch that would change the effective batch."""
+        if not isinstance(self.adapter, Adapter):
+            raise UsageError(f"adapter must be an Adapter, e.g. Adapter(kind=\"prefix\") or Adapter(rank=16), "
+                             f"got {self.adapter!r}")
         problems = []
         if self.loss in ("chunked", "liger") and not self.allow_chunked_loss:
             problems.append(f"--loss {self.loss} contradicts --no-chunked-loss (which forbids both chunked losses, "
@@ -847,8 +850,8 @@ class Policy:
         checkpointing = self.gradient_checkpointing
         if checkpointing is not None and not isinstance(checkpointing, bool) and (
                 not isinstance(checkpointing, int) or checkpointing < 1):
-            problems.append(f"--checkpointing must be auto, on, off or a positive number of layers, got "
-                            f"{checkpointing!r}")
+            problems.append(f"--checkpointing must be auto, on, off or a positive number of layers (in Python: None, "
+                            f"True, False or an int), got {checkpointing!r}")
         if self.use_adapter is True and self.adapter.kind == "prefix" and checkpointing not in (None, False):
             word = "on" if checkpointing is True else checkpointing
             problems.append(f"--prefix contradicts --checkpointing {word}: peft refuses prefix tuning with gradient "

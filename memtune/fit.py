@@ -225,6 +225,7 @@ def fit_model(
             policy = _with(policy, host_budget_bytes=int(HOST_BUDGET_FRACTION * available))
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
+    policy.validate(effective_batch_size)  # before the checks below read its fields
     check_sequence_length(source.config, seq_len)
     check_trace_device(trace_device)
     if policy.use_adapter is not False:

@@ -263,6 +263,18 @@ def test_auto_fit_names_its_keywords_where_the_cli_names_flags(keywords, said, f
     assert said in message and flag not in message and " --" not in message
 
 
+@pytest.mark.parametrize("keywords, said", [
+    ({"gradient_checkpointing": "auto"}, "(in Python: None, True, False or an int), got 'auto'"),
+    ({"gradient_checkpointing": "on"}, "got 'on'"),
+    ({"adapter": "prefix"}, 'adapter must be an Adapter, e.g. Adapter(kind="prefix")'),
+])
+def test_auto_fit_refuses_policy_values_of_the_wrong_type_before_reading_them(keywords, said):
+    # the fresh-user trial: these raised TypeError / AttributeError from the model checks that read the policy
+    with pytest.raises(UsageError) as raised:
+        memtune.auto_fit("gpt2", **({"seq_len": 64, "batch_size": 1, "budget": "8GiB", "verify": False} | keywords))
+    assert said in str(raised.value)
+
+
 @pytest.mark.parametrize("call,message", [
     (lambda: memtune.estimate("gpt2", TrainConfig(seq_len=128)), "estimate needs a transformers config"),
     (lambda: memtune.estimate(memtune.resolve("gpt2").config, TrainConfig(seq_len=128), device="tpu"),

@@ -654,6 +654,38 @@ def test_pure_bf16_that_rounds_stochastically_is_walked_before_pure_bf16_that_ca
     assert not any(c.weights_dtype == "bf16" and not c.stochastic_rounding for c in walked)
 
 
+def test_the_explanation_says_what_a_faster_alternative_that_rounds_to_nearest_gives_up(monkeypatch):
+    """The fresh-user trial: with --precision bf16 the search chose torchao's 8-bit AdamW (stochastic rounding), and
+    "why this one" showed fused AdamW 90% faster with no word of why it was not taken."""
+    from memtune.predict.peak import Estimate
+    from memtune.report.words import alternative_verdict
+    from memtune.search.choose import Alternative
+
+    monkeypatch.setattr(ladder, "torchao_available", lambda: True)
+
+    class OnlyTorchao8bit:
+        def memory(self, config):
+            size = GIB if config.optimizer == "adamw_torch_8bit" else 100 * GIB
+            return Estimate(config, size, size, workspace_bytes=0, context_bytes=0, breakdown={"weights": size})
+
+        def fits(self, estimate, usable_bytes):
+            return estimate.total_bytes <= usable_bytes
+
+        def tokens_per_second(self, config):
+            return 1.0
+
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                    micro_batch_size=2, gradient_checkpointing=False, expandable_segments=False, precision="bf16")
+    result = search(OnlyTorchao8bit(), 64, 2, 8 * GIB, policy, explain=False)
+    assert result.chosen is not None and result.chosen.config.stochastic_rounding
+    chosen = result.chosen.config
+    nearest = chosen.replace(optimizer=DEFAULT_OPTIMIZER, stochastic_rounding=False)
+    said = alternative_verdict(Alternative("adamw_torch_fused instead", nearest, 2 * GIB, 2.0, True), result)
+    assert "but rounds bf16 weights to nearest" in said
+    mixed = chosen.replace(weights_dtype="fp32", amp="bf16", stochastic_rounding=False)
+    assert "rounds" not in alternative_verdict(Alternative("bf16-mixed", mixed, 2 * GIB, 2.0, True), result)
+
+
 @pytest.mark.parametrize("bitsandbytes", [False, True])
 def test_4bit_optimizer_state_is_walked_after_8bit_state_of_about_the_same_speed(bitsandbytes, monkeypatch):
     """torchao's AdamW4bit predicted a hair faster than the 8-bit AdamW on offer (torchao's, or bitsandbytes' where

@@ -431,4 +431,7 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
     verdict = f"fits ({memory}), {pace}"
     if alternative.config.adapter is not None and chosen.config.adapter is None:
         verdict += ", but trains the adapter only"
+    elif ladder.quality_rank(alternative.config)[0] > ladder.quality_rank(chosen.config)[0]:
+        verdict += (", but rounds bf16 weights to nearest: updates below bf16's resolution are lost (the chosen "
+                    "rounds stochastically; pin --optim to take it)")
     return verdict
