@@ -1,0 +1,821 @@
+"""Predicted per-GPU peak memory of DeepSpeed ZeRO stage 1, 2 or 3 (with CPU / NVMe offload) training steps.
+
+    estimate_zero(model_config, TrainConfig(seq_len=2048, amp="bf16", num_gpus=2, strategy="deepspeed", zero=Zero(3)))
+
+As `ddp.py`: every rank runs the single-GPU step on its micro-batch, so the single-GPU trace
+(`single.full_depth_events`) gives the activations, logits, temporaries and the order in which backward
+produces the gradients. Its model states (weights, gradients, optimizer state and the optimizer's
+temporaries) are replaced by what ZeRO holds, and ZeRO's own buffers are inserted as events where
+DeepSpeed allocates them; the result is replayed per stream (`fsdp.simulate_streams`).
+
+Every rule below was read in DeepSpeed 0.19.8's source (`deepspeed/runtime/...`; file:line as in
+/work/notes/deepspeed_design.md, the memo of issue 15) and the N=1 rules were measured on one H200 to
+< 0.5 MiB on a 134M-parameter model (tests/test_zero.py reproduces those figures from these rules). Notation:
+T trainable and P all parameters (elements), N ranks, b bytes of the 16-bit model dtype, rbs the reduce bucket
+(elements: every DeepSpeed bucket knob counts elements).
+
+ZeRO-1/2 (`zero/stage_1_and_2.py`): the trainable parameters flattened into one bf16 buffer `T*b` (503-524;
+the model's own copies are freed after: an init transient), fp32 master `4T/N` (559-561), Adam's two moments
+`8T/N` made inside the first step; in backward the IPG bucket `rbs*b` (x2 with overlap_comm, 3256-3281) from
+the first gradient hook to the end of backward (924-932), `grads_in_partition` `b*T/N` at the first flush
+(2186-2198); ZeRO-1 keeps every autograd gradient until backward ends and buckets them then (958-981); the
+step's flat bf16 copy `b*T/N` and fp32 gradient `4T/N` (3117-3141). Under optimizer offload: no master, Adam
+or gradient partition on the GPU, a staging buffer `L*b` (659-661) and two fp32 copies of each parameter's
+partition slice at the flush (1873-1912).
+
+ZeRO-3 (`zero/stage3.py`, `partition_parameters.py`, `partitioned_param_coordinator.py`): parameter
+partitions `b*P/N` (967-972), the small parameters (numel <= persistence threshold) kept gathered, one
+persistent IPG bucket `rbs*b` (780-784), gradient partitions `b*T/N` (786-801), master and Adam `12T/N`
+(1157-1170); parameters gathered per module (a flat all-gather buffer and per-parameter copies:
+partition_parameters.py:795, 1343-1361), prefetched up to min(max_live, prefetch_bucket) from the second step
+(coordinator 452-481), kept while reused within max_reuse_distance (632-660); at each bucket flush a `torch.cat`
+copy of the bucket (comm/coalesced_collectives.py:100-122); the step per sub-group `(b+4)*S` (2683-2735).
+
+Known limitations (not modelled): gradient accumulation's later micro-batches (their IPG bucket and
+flushes: only the micro-batch whose backward allocates the gradients in the trace gets them; with
+grad_accum_steps > 1 ZeRO-1/2 offload also pins per-parameter accumulators on the host, which host_bytes
+counts); the ZeRO-3 gather granularity inside a decoder layer (its modules' gathers are spread evenly over the
+layer's events, the trace has no module marks); the re-gather of checkpointed layers' recomputation; at most two
+reductions in flight (`max_param_reduce_events`, stage3.py:462: one cat copy at a time here); torch AdamW's
+foreach temporaries (`torch_adam`: DeepSpeed's FusedAdam makes none); NCCL's buffers (`peak.NCCL_BYTES`);
+LoRA/QLoRA under ZeRO (only inferred in the memo: QLoRA is refused); N >= 2 is not measured.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, DTYPE_BYTES, TrainConfig
+from memtune.errors import UsageError
+from memtune.predict.events import NO_LAYER, Category, Event, rounded
+from memtune.predict.fsdp import simulate_streams
+from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
+from memtune.predict.single import full_depth_events, offloaded_host_bytes
+from memtune.predict.trace import Trace, decoder_layers, model_type_of, num_layers_of, paged_bytes_at_depth
+
+DEEPSPEED_VERSION = "0.19.8"
+"""The DeepSpeed whose source the rules were read from and measured with."""
+
+ZERO_BUCKETS = "zero_buckets"
+"""Breakdown key: ZeRO's IPG reduce bucket(s) and the reduce-scatter's copy of a bucket."""
+ZERO_GATHERED = "zero_gathered"
+"""Breakdown key: ZeRO-3's gathered (all-gathered or host-copied) full parameters and the all-gather buffer."""
+
+ALLGATHER_STREAM = 1
+"""ZeRO-3's all-gather stream (partitioned_param_coordinator: `__allgather_stream`); the gathered parameters'
+blocks live in its pool (inferred: the copies are made on it)."""
+REDUCE_STREAM = 2
+"""ZeRO-3's `reduce_and_partition_stream` (stage3.py:340-341), a stream of its own only with overlap_comm."""
+
+ALIGNMENT_ELEMENTS = 2
+"""stage_1_and_2.py `nccl_start_alignment_factor` = 2 (4-byte alignment for 16-bit elements): the flat buffer is
+padded to a multiple of N x this (503-524)."""
+MAX_PARAM_REDUCE_EVENTS = 2
+"""stage3.py:462: reductions in flight at once (documented; one is modelled)."""
+ZERO3_OFFLOAD_TRANSIENT_FP32 = 8
+"""ZeRO-3 under optimizer offload: bytes per element of a parameter's fp32 transients at the flush besides its
+16-bit copy (2024-2028, 1443-1457 locate one fp32 copy; the H200 measured (b + 8) per element: one more fp32
+copy than located, probably the norm's)."""
+ZERO2_OFFLOAD_TRANSIENT_COPIES = 2
+"""ZeRO-1/2 under optimizer offload: fp32 copies of a parameter's partition slice alive together at the flush
+(`set_norm_for_param_grad_in_gpu` 1873-1886 and `async_inplace_copy_grad_to_fp32_buffer_from_gpu` 1888-1912;
+measured together on the H200)."""
+NVME_OPTIMIZER_BUFFERS = 4
+"""offload_optimizer.buffer_count (offload_config.py:67): pinned swap buffers of the largest sub-group, fp32."""
+NVME_PARAM_BUFFERS = 5
+"""offload_param.buffer_count (offload_config.py:33)."""
+NVME_PARAM_BUFFER_ELEMENTS = 100_000_000
+"""offload_param.buffer_size (offload_config.py:36), elements."""
+
+
+@dataclass(frozen=True)
+class ZeroKnobs:
+    """The knobs of DeepSpeed's `zero_optimization` the memory depends on, as numbers (elements for sizes).
+    Defaults are DeepSpeed 0.19.8's (`runtime/zero/config.py`, line of each field)."""
+
+    stage: int
+    reduce_bucket_elements: int = 500_000_000  # config.py:113
+    overlap_comm: bool | None = None  # config.py:138; None -> stage == 3 (384-386)
+    contiguous_gradients: bool = True  # config.py:102
+    prefetch_bucket_elements: int = 50_000_000  # config.py:222
+    param_persistence_threshold: int = 100_000  # config.py:228
+    max_live_parameters: int = 1_000_000_000  # config.py:245
+    max_reuse_distance: int = 1_000_000_000  # config.py:251
+    sub_group_size: int = 1_000_000_000  # config.py:182
+    offload_optimizer: str = "none"  # "none", "cpu" or "nvme"
+    offload_parameters: str = "none"  # "none", "cpu" or "nvme" (ZeRO-3 only)
+    foreach_optimizer: bool = False
+    """torch's foreach AdamW (adamw_torch) steps the partition without offload: one state-sized fp32 temporary
+    (its `_foreach_sqrt` of exp_avg_sq; OPTIMIZERS' description); fused AdamW and DeepSpeed's CPU Adam make none."""
+
+    @property
+    def overlaps(self) -> bool:
+        """overlap_comm as DeepSpeed resolves it: unset means True for stage 3 only (config.py:384-386)."""
+        return self.stage == 3 if self.overlap_comm is None else self.overlap_comm
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.offload_optimizer != "none"
+
+    @property
+    def offloads_parameters(self) -> bool:
+        return self.stage == 3 and self.offload_parameters != "none"
+
+
+@dataclass(frozen=True)
+class ZeroParam:
+    """One parameter as ZeRO sees it."""
+
+    numel: int
+    element_bytes: int
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class ZeroModule:
+    """A module with parameters of its own, in forward order: the unit ZeRO-3 gathers."""
+
+    unit: int
+    """The decoder layer it belongs to; BEFORE_LAYERS (embeddings) or AFTER_LAYERS (final norm, head) outside."""
+    params: tuple[int, ...]
+    """Indices into ZeroLayout.params (a tied weight appears in two modules)."""
+
+
+BEFORE_LAYERS = -2
+AFTER_LAYERS = -3
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """The model's parameters and the data-parallel size: what every ZeRO rule is a function of."""
+
+    params: tuple[ZeroParam, ...]
+    num_ranks: int
+    bytes_per_element: int
+    """b: the 16-bit (or fp32) dtype DeepSpeed trains the model in."""
+    modules: tuple[ZeroModule, ...] = ()
+
+    @property
+    def trainable_elements(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable)
+
+    @property
+    def total_elements(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def largest_trainable(self) -> int:
+        return max((p.numel for p in self.params if p.trainable), default=0)
+
+    def partition(self, elements: int) -> int:
+        """One rank's share of `elements`: ceil(elements / N)."""
+        return -(-elements // self.num_ranks)
+
+
+# -- model-state sizes (bytes), each a rule of the memo ---------------------------------------------------------
+
+def flat_bit16_bytes(layout: ZeroLayout) -> int:
+    """ZeRO-1/2 `bit16_groups_flat`: all trainable parameters flattened, padded to a multiple of
+    N x ALIGNMENT_ELEMENTS elements (stage_1_and_2.py:503-524)."""
+    multiple = layout.num_ranks * ALIGNMENT_ELEMENTS
+    return -(-layout.trainable_elements // multiple) * multiple * layout.bytes_per_element
+
+
+def master_bytes(layout: ZeroLayout) -> int:
+    """fp32 master partition `4T/N` (stage_1_and_2.py:559-561; stage3.py:1157-1170)."""
+    return 4 * layout.partition(layout.trainable_elements)
+
+
+def adam_moment_bytes(layout: ZeroLayout) -> int:
+    """One of Adam's two fp32 moments over the partition, `4T/N`: exp_avg and exp_avg_sq, made inside the first
+    step by FusedAdam / torch AdamW (8T/N together)."""
+    return 4 * layout.partition(layout.trainable_elements)
+
+
+def gradient_partition_bytes(layout: ZeroLayout) -> int:
+    """`grads_in_partition` (ZeRO-1/2, stage_1_and_2.py:2186-2198) or `grad_partitions_flat_buffer` (ZeRO-3,
+    stage3.py:786-801): `b*T/N`."""
+    return layout.bytes_per_element * layout.partition(layout.trainable_elements)
+
+
+def ipg_bucket_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
+    """One IPG bucket: `reduce_bucket_size * b` (stage_1_and_2.py:3256-3281; stage3.py:780-784)."""
+    return knobs.reduce_bucket_elements * layout.bytes_per_element
+
+
+def ipg_bucket_count(knobs: ZeroKnobs) -> int:
+    """Buckets allocated: ZeRO-1/2 double-buffer with overlap_comm (stage_1_and_2.py:3273-3279); ZeRO-3 keeps
+    one, whatever overlap_comm (stage3.py:780-784). ZeRO-1 allocates it whenever its gradient hooks exist
+    (partition_gradients, overlap_comm or contiguous_gradients, 713-715)."""
+    if knobs.stage == 3:
+        return 1
+    if knobs.stage == 1 and not (knobs.overlaps or knobs.contiguous_gradients):
+        return 0
+    return 2 if knobs.overlaps else 1
+
+
+def sub_groups(layout: ZeroLayout, knobs: ZeroKnobs) -> list[int]:
+    """ZeRO-3's optimizer sub-groups of the partition, elements each (stage3.py sub_group_size); ZeRO-1/2: one."""
+    partition = layout.partition(layout.trainable_elements)
+    if knobs.stage != 3 or partition <= knobs.sub_group_size:
+        return [partition]
+    full, rest = divmod(partition, knobs.sub_group_size)
+    return [knobs.sub_group_size] * full + ([rest] if rest else [])
+
+
+def persistent_params(layout: ZeroLayout, knobs: ZeroKnobs) -> set[int]:
+    """ZeRO-3's parameters that stay gathered once fetched: numel <= stage3_param_persistence_threshold
+    (parameter_offload.py:316-330; partition_parameters.py:1292-1297)."""
+    return {index for index, p in enumerate(layout.params) if p.numel <= knobs.param_persistence_threshold}
+
+
+def gathers_cost_memory(layout: ZeroLayout, knobs: ZeroKnobs) -> bool:
+    """Whether ZeRO-3's gathers allocate: with N > 1, or a host-to-device copy under parameter offload. N = 1
+    without offload gathers nothing (`_no_gather_coalesced`, partition_parameters.py:904-914)."""
+    return knobs.stage == 3 and (layout.num_ranks > 1 or knobs.offloads_parameters)
+
+
+def model_state_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> dict[str, int]:
+    """The persistent GPU model states of one rank after the first step, by breakdown key (no gathered
+    parameters, no transients): the figure the memo's formulas give."""
+    b, trainable = layout.bytes_per_element, layout.trainable_elements
+    frozen = sum(p.numel * p.element_bytes for p in layout.params if not p.trainable)
+    states = {Category.WEIGHTS.value: 0, Category.OPTIMIZER.value: 0, Category.GRADIENTS.value: 0, ZERO_BUCKETS: 0}
+    if knobs.stage in (1, 2):
+        states[Category.WEIGHTS.value] = flat_bit16_bytes(layout) + frozen
+        if knobs.offloads_optimizer:
+            states[Category.GRADIENTS.value] = layout.largest_trainable * b  # staging buffer, 659-661
+        else:
+            states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
+        return states
+    if not knobs.offloads_parameters:
+        states[Category.WEIGHTS.value] = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params)
+    states[ZERO_BUCKETS] = ipg_bucket_bytes(layout, knobs)
+    if not knobs.offloads_optimizer:
+        states[Category.GRADIENTS.value] = b * layout.partition(trainable)
+        states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
+    return states
+
+
+def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) -> int:
+    """Host RAM one rank's ZeRO holds under offload (pinned and not), from the memo (§2.1 host, §2.2 host):
+    ZeRO-1/2 optimizer offload `(16+b)T/N + L*b` (+ `b*T/N` of pinned per-parameter accumulators with
+    grad_accum_steps > 1, 1822-1826; NVMe is treated as CPU there, 219-222); ZeRO-3 `(16+b)T/N` under
+    optimizer offload to the CPU, the pinned swap pool `4 x 4 x min(sub_group, T/N)` + `b*T/N` to NVMe;
+    parameter offload adds `b*P/N` to the CPU, or the pinned pool 5 x 1e8 x b to NVMe. 0 without offload."""
+    b = layout.bytes_per_element
+    trainable = layout.partition(layout.trainable_elements)
+    total = 0
+    if knobs.offloads_optimizer:
+        if knobs.stage in (1, 2):
+            total += (16 + b) * trainable + layout.largest_trainable * b
+            if grad_accum_steps > 1:
+                total += b * trainable
+        elif knobs.offload_optimizer == "nvme":
+            total += NVME_OPTIMIZER_BUFFERS * 4 * min(knobs.sub_group_size, trainable) + b * trainable
+        else:
+            total += (16 + b) * trainable
+    if knobs.offloads_parameters:
+        if knobs.offload_parameters == "nvme":
+            total += NVME_PARAM_BUFFERS * NVME_PARAM_BUFFER_ELEMENTS * b
+        else:
+            total += b * layout.partition(layout.total_elements)
+    return total
+
+
+def nvme_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
+    """Bytes one rank swaps to NVMe (ZeRO-3 ZeRO-Infinity): fp32 master, both moments and the fp32 gradient
+    `16T/N` (optimizer_utils.py:102-111) and the 16-bit parameters `b*P/N`; ZeRO-1/2 have no swapper."""
+    if knobs.stage != 3:
+        return 0
+    total = 0
+    if knobs.offload_optimizer == "nvme":
+        total += 16 * layout.partition(layout.trainable_elements)
+    if knobs.offload_parameters == "nvme":
+        total += layout.bytes_per_element * layout.partition(layout.total_elements)
+    return total
+
+
+# -- events --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Keys:
+    """Fresh storage keys and the breakdown key of each."""
+
+    categories: dict[Hashable, str] = field(default_factory=dict)
+    count: int = 0
+
+    def alloc(self, category: str, num_bytes: int, stream: int = 0, layer: int = NO_LAYER) -> Event:
+        self.count += 1
+        key = ("zero", self.count)
+        self.categories[key] = category
+        return Event.alloc(key, rounded(num_bytes), layer, stream)
+
+
+def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: _Keys) -> tuple[list[Event], set[int]]:
+    """What `deepspeed.initialize` leaves on the GPU, in its order, with the init transients; and the ZeRO-3
+    persistent parameters (fetched at their first use)."""
+    b, events = layout.bytes_per_element, []
+    weights, grads, optimizer = Category.WEIGHTS.value, Category.GRADIENTS.value, Category.OPTIMIZER.value
+    if knobs.stage in (1, 2):
+        # The model moved to the GPU (engine.py:2077-2094), then flattened: both held a moment (453, 511-525).
+        moved = [keys.alloc(weights, p.numel * p.element_bytes) for p in layout.params]
+        events += moved + [keys.alloc(weights, flat_bit16_bytes(layout))]
+        events += [Event.free(e.storage) for e, p in zip(moved, layout.params, strict=True) if p.trainable]
+        if knobs.offloads_optimizer:
+            events.append(keys.alloc(grads, layout.largest_trainable * b))  # temp_grad_buffer_for_gpu_offload
+        else:
+            events.append(keys.alloc(optimizer, master_bytes(layout)))
+        return events, set()
+    if not knobs.offloads_parameters:  # zero.Init partitions each parameter, then defragments (967-972)
+        parts = [keys.alloc(weights, layout.partition(p.numel) * p.element_bytes) for p in layout.params]
+        flat = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params)
+        events += parts + [keys.alloc(weights, flat)] + [Event.free(e.storage) for e in parts]
+    events.append(keys.alloc(ZERO_BUCKETS, ipg_bucket_bytes(layout, knobs)))
+    if not knobs.offloads_optimizer:
+        events.append(keys.alloc(grads, gradient_partition_bytes(layout)))
+        events += [keys.alloc(optimizer, 4 * size) for size in sub_groups(layout, knobs)]
+        buffer = keys.alloc(grads, 4 * max(sub_groups(layout, knobs)))  # init-only gradient_buffer, 1304-1368
+        events += [buffer, Event.free(buffer.storage)]
+    return events, persistent_params(layout, knobs)
+
+
+def step_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: _Keys, first: bool,
+                gradient_partition: Event | None) -> list[Event]:
+    """The optimizer step's GPU allocations (none under optimizer offload: the CPU Adam runs on pinned host
+    buffers, 3078-3097). ZeRO-1/2 (3099-3145): flat bf16 copy, its fp32 cast, the copy freed,
+    `grads_in_partition` freed, Adam's moments made (first step), the fp32 gradient freed. ZeRO-3 per sub-group
+    (2683-2735): the same without freeing the persistent gradient partitions."""
+    if knobs.offloads_optimizer:
+        return []
+    b, optimizer, events = layout.bytes_per_element, Category.OPTIMIZER.value, []
+    for size in sub_groups(layout, knobs):  # made inside optimizer.step(): the trace's optimizer category
+        copy, fp32 = keys.alloc(optimizer, b * size), keys.alloc(optimizer, 4 * size)
+        events += [copy, fp32, Event.free(copy.storage)]
+        if gradient_partition is not None:
+            events.append(Event.free(gradient_partition.storage))
+            gradient_partition = None
+        if first:
+            events += [keys.alloc(optimizer, 4 * size) for _ in range(2)]
+        if knobs.foreach_optimizer:
+            temporary = keys.alloc(optimizer, 4 * size)
+            events += [temporary, Event.free(temporary.storage)]
+        events.append(Event.free(fp32.storage))
+    return events
+
+
+@dataclass
+class Reducer:
+    """The gradient path of one rank through backward and the step: ZeRO's gradient hooks replayed on the
+    trace's gradients (each `Event` of category gradients, in production order)."""
+
+    layout: ZeroLayout
+    knobs: ZeroKnobs
+    keys: _Keys
+    buckets: list[Event] = field(default_factory=list)
+    in_bucket: list[int] = field(default_factory=list)
+    """Elements of each gradient in the current bucket."""
+    pending: list[Event] = field(default_factory=list)
+    """ZeRO-1 without reduction in backward: gradients kept until backward ends."""
+    partition: Event | None = None
+    steps: int = 0
+
+    @property
+    def reduces_in_backward(self) -> bool:
+        """ZeRO-2, ZeRO-3, and ZeRO-1 with overlap_comm reduce in the hooks (stage_1_and_2.py:2290)."""
+        return self.knobs.stage != 1 or self.knobs.overlaps
+
+    def _elements(self, gradient: Event) -> int:
+        return max(1, gradient.num_bytes // self.layout.bytes_per_element)
+
+    def gradient(self, event: Event) -> Iterator[Event]:
+        """A gradient produced by autograd: the first one sets up the bucket(s); it is copied into the bucket
+        (a full bucket flushed first) and freed, or kept to the end of backward (ZeRO-1)."""
+        if self.knobs.stage != 3 and not self.buckets:
+            self.buckets = [self.keys.alloc(ZERO_BUCKETS, ipg_bucket_bytes(self.layout, self.knobs))
+                            for _ in range(ipg_bucket_count(self.knobs))]
+            yield from self.buckets
+        yield event
+        if not self.reduces_in_backward:
+            self.pending.append(event)
+            return
+        yield from self._add(event)
+
+    def _add(self, gradient: Event) -> Iterator[Event]:
+        elements = self._elements(gradient)
+        if self.in_bucket and sum(self.in_bucket) + elements > self.knobs.reduce_bucket_elements:
+            yield from self.flush()
+        self.in_bucket.append(elements)
+        yield Event.free(gradient.storage)
+
+    def flush(self) -> Iterator[Event]:
+        """Reduce the bucket: ZeRO-1/2 copy this rank's part into `grads_in_partition` (made at the first
+        flush), or under offload two fp32 copies of each parameter's slice; ZeRO-3 `torch.cat` the bucket
+        (unless it is one tensor divisible by N) and partition it, under offload with `(b+8)` bytes per
+        element of each parameter's partition on the way to the host."""
+        if not self.in_bucket:
+            return
+        layout, b = self.layout, self.layout.bytes_per_element
+        temporaries = Category.TEMPORARIES.value
+        if self.knobs.stage == 3:
+            stream = REDUCE_STREAM if self.knobs.overlaps else 0
+            single = len(self.in_bucket) == 1 and self.in_bucket[0] % layout.num_ranks == 0
+            elements = -(-sum(self.in_bucket) // layout.num_ranks) * layout.num_ranks
+            cat = None if single else self.keys.alloc(ZERO_BUCKETS, elements * b, stream)
+            if cat is not None:
+                yield cat
+            if self.knobs.offloads_optimizer:
+                for numel in self.in_bucket:
+                    copy = self.keys.alloc(temporaries, (b + ZERO3_OFFLOAD_TRANSIENT_FP32) * layout.partition(numel))
+                    yield from (copy, Event.free(copy.storage))
+            if cat is not None:
+                yield Event.free(cat.storage, stream=stream)
+        elif self.knobs.offloads_optimizer:
+            slice_limit = layout.partition(layout.trainable_elements)
+            for numel in self.in_bucket:
+                copies = [self.keys.alloc(temporaries, 4 * min(numel, slice_limit))
+                          for _ in range(ZERO2_OFFLOAD_TRANSIENT_COPIES)]
+                yield from copies
+                yield from (Event.free(copy.storage) for copy in copies)
+        elif self.partition is None:
+            self.partition = self.keys.alloc(Category.GRADIENTS.value, gradient_partition_bytes(layout))
+            yield self.partition
+        self.in_bucket = []
+
+    def backward_end(self) -> Iterator[Event]:
+        """The backward epilogue: ZeRO-1 buckets its kept gradients now (958-981), the last bucket is flushed,
+        ZeRO-1/2 release their IPG buckets (924-932)."""
+        for gradient in self.pending[::-1]:  # the parameters' order: the reverse of backward's
+            yield from self._add(gradient)
+        self.pending = []
+        yield from self.flush()
+        yield from (Event.free(bucket.storage) for bucket in self.buckets)
+        self.buckets = []
+
+    def step(self) -> Iterator[Event]:
+        self.steps += 1
+        yield from step_events(self.layout, self.knobs, self.keys, self.steps == 1, self.partition)
+        self.partition = None
+
+
+# -- ZeRO-3's gathers ----------------------------------------------------------------------------------------
+
+@dataclass
+class GatherVisit:
+    """One module's run as ZeRO-3's coordinator sees it: the parameter groups all-gathered before it (its own
+    missing ones, then a prefetch) and the parameters released after it."""
+
+    module: int
+    gathered: list[list[int]]
+    released: list[int]
+
+
+def gather_schedule(layout: ZeroLayout, knobs: ZeroKnobs, visits: list[int], available: set[int],
+                    persistent: set[int], complete_trace: bool) -> list[GatherVisit]:
+    """A numel-only replica of partitioned_param_coordinator.py for one step's module `visits` (indices into
+    layout.modules, forward then backward). `available` (parameter indices gathered now) is updated in place.
+
+    - fetch_sub_module (310-420): the module's parameters not available are gathered.
+    - From the second step (`complete_trace`, the order recorded in the first: 422): a prefetch walks the
+      recorded parameter uses after this module, gathering those not available until it holds
+      min(max_live_parameters - available elements, prefetch_bucket_size) elements (452-481); a use it walks
+      past of a parameter already available keeps that parameter until then (the skipped-reuse rule).
+    - release_sub_module / __params_to_release (497-500, 632-660): after the module, its non-persistent
+      parameters are released, unless (complete trace) a module within the next max_reuse_distance elements
+      of the recorded order uses them. The first step releases all of them.
+    """
+    numel = [p.numel for p in layout.params]
+    uses = [(k, param) for k, module in enumerate(visits) for param in layout.modules[module].params]
+    position, keep_until, plan = 0, dict[int, int](), []
+    for k, module in enumerate(visits):
+        params = list(dict.fromkeys(layout.modules[module].params))
+        fetch = [p for p in params if p not in available]
+        available.update(fetch)
+        groups = [fetch] if fetch else []
+        if complete_trace:
+            while position < len(uses) and uses[position][0] <= k:
+                position += 1
+            budget = min(knobs.max_live_parameters - sum(numel[p] for p in available), knobs.prefetch_bucket_elements)
+            prefetch, prefetching = [], 0
+            while position < len(uses) and prefetching < budget:
+                step_id, param = uses[position]
+                position += 1
+                if param not in available:
+                    prefetch.append(param)
+                    available.add(param)
+                    prefetching += numel[param]
+                keep_until[param] = max(keep_until.get(param, -1), step_id)
+            if prefetch:
+                groups.append(prefetch)
+        release = {p for p in params if p not in persistent}
+        if complete_trace:
+            release = {p for p in release if keep_until.get(p, -1) <= k}
+            traversed = 0
+            for later in visits[k + 1:]:
+                if traversed >= knobs.max_reuse_distance:
+                    break
+                for param in layout.modules[later].params:
+                    release.discard(param)
+                    traversed += numel[param]
+        available.difference_update(release)
+        plan.append(GatherVisit(module, groups, sorted(release)))
+    return plan
+
+
+def gather_events(layout: ZeroLayout, visit: GatherVisit, live: dict[int, Hashable], keys: _Keys,
+                  layer: int) -> tuple[list[Event], list[Event]]:
+    """(events before the module runs, events after it) for one visit: each group's flat all-gather buffer
+    `sum(ceil(numel/N) * N) * b` (partition_parameters.py:1343-1361, N > 1 only), each parameter's own copy
+    (`torch.cat` of its pieces, 795, or the host-to-device copy under parameter offload), the flat buffer freed;
+    after the module, the released parameters freed. `live` maps a gathered parameter to its storage."""
+    before: list[Event] = []
+    for group in visit.gathered:
+        flat = None
+        if layout.num_ranks > 1:
+            elements = sum(layout.partition(layout.params[p].numel) * layout.num_ranks * layout.params[p].element_bytes
+                           for p in group)
+            flat = keys.alloc(ZERO_GATHERED, elements, ALLGATHER_STREAM, layer)
+            before.append(flat)
+        for param in group:
+            copy = keys.alloc(ZERO_GATHERED, layout.params[param].numel * layout.params[param].element_bytes,
+                              ALLGATHER_STREAM, layer)
+            live[param] = copy.storage
+            before.append(copy)
+        if flat is not None:
+            before.append(Event.free(flat.storage, layer, ALLGATHER_STREAM))
+    after = [Event.free(live.pop(param), layer, ALLGATHER_STREAM) for param in visit.released if param in live]
+    return before, after
+
+
+def _runs(events: list[Event], start: int, end: int, layer: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(first run, last run) of consecutive events of decoder `layer` in events[start:end], as [from, to) pairs:
+    its forward and its backward in the trace (the layer hooks tag both)."""
+    where = [index for index in range(start, end) if events[index].layer == layer]
+    if not where:
+        return None
+    first_end = where[0]
+    while first_end < end and events[first_end].layer == layer:
+        first_end += 1
+    last_start = where[-1]
+    while last_start > start and events[last_start - 1].layer == layer:
+        last_start -= 1
+    return (where[0], first_end), (last_start, where[-1] + 1)
+
+
+def module_regions(layout: ZeroLayout, events: list[Event], start: int, end: int) -> list[tuple[int, int, int]]:
+    """One step's module visits in the trace as (module index, from, to): the embeddings before layer 0's forward,
+    each decoder layer's modules over its forward run, the final norm and head over the first half of the events
+    between the last layer's forward and its backward, and back in reverse (the head over the second half). A
+    region holding several modules is split evenly by events (the trace has no module marks)."""
+    by_unit: dict[int, list[int]] = {}
+    for index, zero_module in enumerate(layout.modules):
+        by_unit.setdefault(zero_module.unit, []).append(index)
+    layers = sorted(unit for unit in by_unit if unit >= 0)
+    runs = {layer: _runs(events, start, end, layer) for layer in layers}
+    forward: list[tuple[int, int, int]] = []  # (unit, from, to)
+    backward: list[tuple[int, int, int]] = []
+    found = [layer for layer in layers if runs[layer] is not None]
+    if not found:
+        forward = [(unit, start, start) for unit in (BEFORE_LAYERS, *layers, AFTER_LAYERS)]
+        backward = [(unit, end, end) for unit in (AFTER_LAYERS, *layers[::-1], BEFORE_LAYERS)]
+    else:
+        first, last = runs[found[0]], runs[found[-1]]
+        assert first is not None and last is not None
+        forward.append((BEFORE_LAYERS, start, first[0][0]))
+        for layer in layers:
+            run = runs[layer]
+            forward.append((layer, *run[0]) if run else (layer, forward[-1][2], forward[-1][2]))
+        middle = (last[0][1] + last[1][0]) // 2
+        forward.append((AFTER_LAYERS, last[0][1], middle))
+        backward.append((AFTER_LAYERS, middle, last[1][0]))
+        for layer in layers[::-1]:
+            run = runs[layer]
+            backward.append((layer, *run[1]) if run else (layer, backward[-1][2], backward[-1][2]))
+        backward.append((BEFORE_LAYERS, first[1][1], end))
+    regions: list[tuple[int, int, int]] = []
+    for direction, units in ((1, forward), (-1, backward)):
+        for unit, begin, finish in units:
+            modules = by_unit.get(unit, [])[::direction]
+            for j, module in enumerate(modules):
+                size = finish - begin
+                regions.append((module, begin + j * size // len(modules), begin + (j + 1) * size // len(modules)))
+    return regions
+
+
+# -- the step's events -----------------------------------------------------------------------------------------
+
+def _category(categories: dict[Hashable, str], event: Event) -> str | None:
+    category = categories.get(event.source)
+    return getattr(category, "value", category)
+
+
+def step_positions(events: list[Event], categories: dict[Hashable, str]) -> list[tuple[int, int]]:
+    """(end of backward, optimizer step) as event indices, per traced step: the step at the first free of a
+    gradient (optimizer.zero_grad, after the step's own events), backward's end at the first allocation after the
+    step's last gradient (the epilogue runs once backward's nodes are done and their temporaries freed)."""
+    gradients, positions, last = Category.GRADIENTS.value, [], None
+    storages: set[Hashable] = set()
+    for index, event in enumerate(events):
+        if event.kind == "alloc" and _category(categories, event) == gradients:
+            last = index
+            storages.add(event.storage)
+        elif event.kind == "free" and event.storage in storages and last is not None:
+            end = next((j for j in range(last + 1, index) if events[j].kind == "alloc"), index)
+            positions.append((end, index))
+            last = None
+    return positions
+
+
+def zero_events(events: list[Event], categories: dict[Hashable, str], layout: ZeroLayout,
+                knobs: ZeroKnobs) -> tuple[list[Event], dict[Hashable, str]]:
+    """One rank's ZeRO steps from the single-GPU step's events (weights, gradients and optimizer state by their
+    categories): the weights and optimizer events dropped, ZeRO's initialisation in place of the weights,
+    each gradient passed through ZeRO's hooks (`Reducer`), the backward epilogue and the step at the trace's
+    points, and under ZeRO-3 the gathers and releases of every module (`gather_schedule`). Returns (events,
+    breakdown key by storage)."""
+    keys = _Keys()
+    weights, optimizer, gradients = Category.WEIGHTS.value, Category.OPTIMIZER.value, Category.GRADIENTS.value
+    inserts: dict[int, list[tuple[tuple[int, int, int], Any]]] = {}
+
+    def insert(index: int, order: tuple[int, int, int], item: Any) -> None:
+        inserts.setdefault(index, []).append((order, item))
+
+    first_weight = next((i for i, e in enumerate(events) if e.kind == "alloc" and _category(categories, e) == weights),
+                        0)
+    init, persistent = init_events(layout, knobs, keys)
+    insert(first_weight, (-1, 0, 0), init)
+    start = first_weight
+    while start < len(events) and events[start].kind == "alloc" and _category(categories, events[start]) == weights:
+        start += 1
+    positions = step_positions(events, categories)
+    if gathers_cost_memory(layout, knobs):
+        available: set[int] = set()
+        live: dict[int, Hashable] = {}
+        for step, (_, step_at) in enumerate(positions):
+            regions = module_regions(layout, events, start, step_at)
+            schedule = gather_schedule(layout, knobs, [module for module, _, _ in regions], available, persistent,
+                                       complete_trace=step > 0)
+            for seq, ((module, begin, finish), visit) in enumerate(zip(regions, schedule, strict=True)):
+                layer = layout.modules[module].unit if layout.modules[module].unit >= 0 else NO_LAYER
+                before, after = gather_events(layout, visit, live, keys, layer)
+                insert(begin, (step, 0, 2 * seq), before)
+                insert(finish, (step, 0, 2 * seq + 1), after)
+            start = step_at
+    for step, (backward_end, step_at) in enumerate(positions):
+        insert(backward_end, (step, 1, 0), "backward_end")
+        insert(step_at, (step, 2, 0), "step")
+    reducer = Reducer(layout, knobs, keys)
+    out: list[Event] = []
+    dropped: set[Hashable] = set()
+
+    def run_inserts(index: int) -> None:
+        for _, item in sorted(inserts.get(index, []), key=lambda pair: pair[0]):
+            if item == "backward_end":
+                out.extend(reducer.backward_end())
+            elif item == "step":
+                out.extend(reducer.step())
+            else:
+                out.extend(item)
+
+    for index, event in enumerate(events):
+        run_inserts(index)
+        category = _category(categories, event)
+        if event.kind == "alloc" and category in (weights, optimizer):
+            dropped.add(event.storage)
+        elif event.kind == "alloc" and category == gradients:
+            dropped.add(event.storage)  # its free is the reducer's
+            out.extend(reducer.gradient(event))
+        elif event.kind != "free" or event.storage not in dropped:
+            out.append(event)
+    run_inserts(len(events))
+    return out, {**categories, **keys.categories}
+
+
+# -- from a model and a TrainConfig ----------------------------------------------------------------------------
+
+def knobs_of(train_config: TrainConfig, hidden_size: int) -> ZeroKnobs:
+    """The ZeroKnobs of a DeepSpeed `train_config`: its `zero` with every size resolved for the model
+    (`Zero.resolved`: the numbers memtune writes into DeepSpeed's JSON) and its offload in ZeRO's words."""
+    zero = train_config.zero
+    if zero is None or not train_config.deepspeed:
+        raise UsageError(f"the ZeRO estimate is for strategy 'deepspeed' with zero=Zero(...), got "
+                         f"{train_config.describe()}: use memtune.predict.estimate.estimate for any configuration")
+    sizes = zero.resolved(hidden_size)
+    offload = zero.offload_device if train_config.offload != "none" else "none"
+    return ZeroKnobs(
+        stage=zero.stage, reduce_bucket_elements=sizes["reduce_bucket_size"], overlap_comm=zero.overlap_comm,
+        contiguous_gradients=zero.contiguous_gradients or offload != "none",  # forced under offload, 300
+        prefetch_bucket_elements=sizes["stage3_prefetch_bucket_size"],
+        param_persistence_threshold=sizes["stage3_param_persistence_threshold"],
+        max_live_parameters=sizes["stage3_max_live_parameters"], max_reuse_distance=sizes["stage3_max_reuse_distance"],
+        sub_group_size=sizes["sub_group_size"], offload_optimizer=offload,
+        offload_parameters=offload if train_config.offload == "parameters" else "none",
+        foreach_optimizer=train_config.optimizer == "adamw_torch" and offload == "none")
+
+
+def model_bytes_per_element(train_config: TrainConfig) -> int:
+    """b: DeepSpeed trains the model in the autocast dtype when bf16 / fp16 is enabled (memtune's JSON enables it
+    from `amp`; engine.py casts the module), else in the weights' dtype."""
+    return DTYPE_BYTES[train_config.amp if train_config.amp != "none" else train_config.weights_dtype]
+
+
+def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
+    """The step each rank runs, traced on one GPU: the model in DeepSpeed's dtype without autocast (DeepSpeed's
+    bf16 / fp16 mode casts the module; accelerate applies no autocast under DeepSpeed), no wrapper, no offload."""
+    dtype = train_config.amp if train_config.amp != "none" else train_config.weights_dtype
+    return train_config.replace(num_gpus=1, strategy="fsdp", zero=None, offload="none", weights_dtype=dtype,
+                                amp="none", stochastic_rounding=False)
+
+
+def layout_of(model: Any, num_ranks: int, bytes_per_element: int) -> ZeroLayout:
+    """The ZeroLayout of a model (meta tensors are fine): its parameters (deduplicated, in order, floating ones in
+    DeepSpeed's dtype) and, in registration order, every module with parameters of its own, placed in its decoder
+    layer or before / after them."""
+    params = list(model.parameters())
+    index = {id(p): i for i, p in enumerate(params)}
+    layer_of = {id(module): number for number, layer in enumerate(decoder_layers(model)) for module in layer.modules()}
+    modules, seen_layer = [], False
+    for module in model.modules():
+        unit = layer_of.get(id(module))
+        seen_layer = seen_layer or unit is not None
+        own = tuple(index[id(p)] for p in module.parameters(recurse=False) if id(p) in index)
+        if own:
+            modules.append(ZeroModule(unit if unit is not None else AFTER_LAYERS if seen_layer else BEFORE_LAYERS, own))
+    zero_params = tuple(ZeroParam(p.numel(), bytes_per_element if p.is_floating_point() else p.element_size(),
+                                  p.requires_grad) for p in params)
+    return ZeroLayout(zero_params, num_ranks, bytes_per_element, tuple(modules))
+
+
+_LAYOUT_CACHE: dict[str, ZeroLayout] = {}
+_EVENTS_CACHE: dict[str, tuple[list[Event], dict[Hashable, str], Trace, ZeroLayout, ZeroKnobs]] = {}
+
+
+def cached_layout(model_config: Any, train_config: TrainConfig) -> ZeroLayout:
+    """`layout_of` the full-depth model built on the meta device (the adapter applied), cached."""
+    from memtune.recipe import step as recipe
+
+    single = single_gpu_config(train_config)
+    key = json.dumps([model_config.to_json_string(use_diff=False), single.weights_dtype,
+                      single.to_dict()["adapter"], train_config.num_gpus], sort_keys=True)
+    if key not in _LAYOUT_CACHE:
+        model = recipe.build_model(model_config, single, "meta")
+        _LAYOUT_CACHE[key] = layout_of(model, train_config.num_gpus, model_bytes_per_element(train_config))
+    return _LAYOUT_CACHE[key]
+
+
+def hidden_size_of(model_config: Any) -> int:
+    """H for Zero.resolved's "auto" sizes, as transformers reads it: hidden_size, a text_config's, or the largest of
+    hidden_sizes (integrations/deepspeed.py:232-242)."""
+    for config in (model_config, getattr(model_config, "text_config", None)):
+        size = getattr(config, "hidden_size", None)
+        if isinstance(size, int):
+            return size
+    sizes = getattr(model_config, "hidden_sizes", None)
+    if sizes:
+        return int(max(sizes))
+    raise UsageError(f"the DeepSpeed estimate needs the model's hidden_size for ZeRO's bucket sizes; "
+                     f"{model_type_of(model_config)} config has none: set Zero's bucket sizes explicitly")
+
+
+def zero_step_events(model_config: Any, train_config: TrainConfig, device: str
+                     ) -> tuple[list[Event], dict[Hashable, str], Trace, ZeroLayout, ZeroKnobs]:
+    """(one rank's events, breakdown key by storage, the single-GPU trace, the layout, the knobs), cached."""
+    key = json.dumps([model_config.to_json_string(use_diff=False), train_config.traced().to_dict(), device],
+                     sort_keys=True)
+    if key not in _EVENTS_CACHE:
+        knobs = knobs_of(train_config, hidden_size_of(model_config))
+        trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
+        layout = cached_layout(model_config, train_config)
+        zero, categories = zero_events(events, trace.categories, layout, knobs)
+        _EVENTS_CACHE[key] = (zero, categories, trace, layout, knobs)
+    return _EVENTS_CACHE[key]
+
+
+def estimate_zero(
+    model_config: Any,
+    train_config: TrainConfig,
+    *,
+    device: str | None = None,
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+) -> Estimate:
+    """Predict the per-GPU peak of `train_config` (strategy "deepspeed", ZeRO stage 1-3, `num_gpus` ranks, optional
+    CPU / NVMe offload) as DeepSpeed 0.19.8 runs it, replayed per stream (`fsdp.simulate_streams`); host_bytes is
+    ZeRO's host RAM per rank (`host_bytes`) plus offloaded activations. Raises UsageError for a configuration
+    that is not a DeepSpeed one."""
+    started = time.perf_counter()
+    device = device or default_trace_device()
+    events, categories, trace, layout, knobs = zero_step_events(model_config, train_config, device)
+    peaks = simulate_streams(events, train_config.expandable_segments)
+    num_layers = num_layers_of(model_config) or trace.traced_layers
+    host = host_bytes(layout, knobs, train_config.grad_accum_steps) + offloaded_host_bytes(
+        model_config, single_gpu_config(train_config), trace)
+    return estimate_of_events(train_config, events, categories, peaks=peaks, trace_device=trace.device or device,
+                              trace_note=trace.note, traced_layers=trace.traced_layers, num_layers=num_layers,
+                              paged_bytes=paged_bytes_at_depth(trace, num_layers), host_bytes=host, started=started,
+                              context_bytes=context_bytes + collective_context_bytes(train_config),
+                              workspace_bytes=workspace_bytes)
