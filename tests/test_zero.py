@@ -306,3 +306,35 @@ def test_rules_reproduce_the_h200_probe(name):
     assert init == pytest.approx(measured_init, abs=1.0)
     assert backward + WORKSPACE_MIB == pytest.approx(measured_backward, abs=1.0)
     assert step + WORKSPACE_MIB == pytest.approx(measured_step, abs=1.0)
+
+
+def test_event_layers_number_the_extended_layers():
+    """`extend` keeps the template's layer tag on its copies; event_layers numbers them: a 4-layer Llama traced at 3
+    runs layers 0, 1, 2, 3 in forward and 3, 2, 1, 0 in backward."""
+    from itertools import groupby
+
+    from memtune.predict import single
+
+    model_config = tiny_llama(4)
+    trace, events = single.full_depth_events(model_config, zero.single_gpu_config(deepspeed_config(3, 2)), "cpu")
+    assert trace.traced_layers == 3
+    layers = zero.event_layers(trace, events, 4)
+    backward_end, _ = zero.step_positions(events, trace.categories)[0]
+    start = next(i for i, event in enumerate(events) if trace.categories[event.source] != WEIGHTS)
+    runs = [layer for layer, _ in groupby(layers[start:backward_end]) if layer >= 0]
+    assert runs == [0, 1, 2, 3, 3, 2, 1, 0]
+
+
+def test_zero3_gathers_one_module_in_step_one_and_keep_reused_layers_from_step_two():
+    """At N=2, ZeRO-3's gathered parameters: from the second step every parameter stays gathered from its forward to
+    its backward (max_reuse_distance 1e9 > the model), so all of them are gathered at once; with
+    max_reuse_distance 0 and no prefetch, never more than a few modules'."""
+    model_config = tiny_llama(4)
+    numels, largest = parameter_counts(model_config)
+    everything = sum(rounded(2 * n) for n in numels)
+    events, categories, *_ = zero.zero_step_events(model_config, deepspeed_config(3, 2), "cpu")
+    assert category_peak(events, categories, zero.ZERO_GATHERED) >= everything
+    events, categories, *_ = zero.zero_step_events(
+        model_config, deepspeed_config(3, 2, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0), "cpu")
+    persistent = sum(rounded(2 * n) for n in numels if n <= 10 * model_config.hidden_size)
+    assert category_peak(events, categories, zero.ZERO_GATHERED) <= persistent + 4 * rounded(2 * largest)

@@ -551,22 +551,54 @@ def gather_events(layout: ZeroLayout, visit: GatherVisit, live: dict[int, Hashab
     return before, after
 
 
-def _runs(events: list[Event], start: int, end: int, layer: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(first run, last run) of consecutive events of decoder `layer` in events[start:end], as [from, to) pairs:
-    its forward and its backward in the trace (the layer hooks tag both)."""
-    where = [index for index in range(start, end) if events[index].layer == layer]
+def _runs(layers: list[int], start: int, end: int, layer: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """(first run, last run) of consecutive events of decoder `layer` in layers[start:end] (each event's layer), as
+    [from, to) pairs: its forward and its backward in the trace (the layer hooks tag both)."""
+    where = [index for index in range(start, end) if layers[index] == layer]
     if not where:
         return None
     first_end = where[0]
-    while first_end < end and events[first_end].layer == layer:
+    while first_end < end and layers[first_end] == layer:
         first_end += 1
     last_start = where[-1]
-    while last_start > start and events[last_start - 1].layer == layer:
+    while last_start > start and layers[last_start - 1] == layer:
         last_start -= 1
     return (where[0], first_end), (last_start, where[-1] + 1)
 
 
-def module_regions(layout: ZeroLayout, events: list[Event], start: int, end: int) -> list[tuple[int, int, int]]:
+def event_layers(trace: Trace, events: list[Event], num_layers: int) -> list[int]:
+    """The decoder layer each event of `events` (the trace extended to `num_layers` by `trace.extend`) runs in.
+
+    `extend` keeps the template's layer tag on every copy of it and names each copy's storage
+    `hash((traced storage, layer shift))`: an allocation's shift gives its layer, and an event of a template tag
+    runs in the layer of the last allocation of that tag. Events outside the layers keep NO_LAYER; a stream that was
+    not extended (or extended twice, under partial checkpointing) keeps its tags."""
+    period, traced = trace.period, trace.traced_layers
+    copies = (num_layers - traced) // period
+    if copies <= 0 or len(events) == len(trace.events):
+        return [event.layer for event in events]
+    template = range(period, 2 * period)
+
+    def shift_of(layer: int, copy: int) -> int:  # as extend_events', for its default template
+        if layer in template:
+            return copy * period
+        return copies * period if layer >= 2 * period else 0
+
+    true_layer: dict[Hashable, int] = {}
+    for event in trace.events:
+        if event.kind == "alloc" and event.layer >= 0:
+            for copy in range(copies + 1) if event.layer in template else (0,):
+                shift = shift_of(event.layer, copy)
+                true_layer[hash((event.storage, shift))] = event.layer + shift
+    layers, current = [], dict[int, int]()
+    for event in events:
+        if event.layer >= 0 and event.kind == "alloc" and event.storage in true_layer:
+            current[event.layer] = true_layer[event.storage]
+        layers.append(current.get(event.layer, event.layer) if event.layer >= 0 else event.layer)
+    return layers
+
+
+def module_regions(layout: ZeroLayout, event_layer: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
     """One step's module visits in the trace as (module index, from, to): the embeddings before layer 0's forward,
     each decoder layer's modules over its forward run, the final norm and head over the first half of the events
     between the last layer's forward and its backward, and back in reverse (the head over the second half). A
@@ -575,7 +607,7 @@ def module_regions(layout: ZeroLayout, events: list[Event], start: int, end: int
     for index, zero_module in enumerate(layout.modules):
         by_unit.setdefault(zero_module.unit, []).append(index)
     layers = sorted(unit for unit in by_unit if unit >= 0)
-    runs = {layer: _runs(events, start, end, layer) for layer in layers}
+    runs = {layer: _runs(event_layer, start, end, layer) for layer in layers}
     forward: list[tuple[int, int, int]] = []  # (unit, from, to)
     backward: list[tuple[int, int, int]] = []
     found = [layer for layer in layers if runs[layer] is not None]
@@ -630,13 +662,17 @@ def step_positions(events: list[Event], categories: dict[Hashable, str]) -> list
     return positions
 
 
-def zero_events(events: list[Event], categories: dict[Hashable, str], layout: ZeroLayout,
-                knobs: ZeroKnobs) -> tuple[list[Event], dict[Hashable, str]]:
+def zero_events(events: list[Event], categories: dict[Hashable, str], layout: ZeroLayout, knobs: ZeroKnobs,
+                layers: list[int] | None = None) -> tuple[list[Event], dict[Hashable, str]]:
     """One rank's ZeRO steps from the single-GPU step's events (weights, gradients and optimizer state by their
     categories): the weights and optimizer events dropped, ZeRO's initialisation in place of the weights,
     each gradient passed through ZeRO's hooks (`Reducer`), the backward epilogue and the step at the trace's
-    points, and under ZeRO-3 the gathers and releases of every module (`gather_schedule`). Returns (events,
-    breakdown key by storage)."""
+    points, and under ZeRO-3 the gathers and releases of every module (`gather_schedule`) in the regions of
+    their decoder layers (`layers`: each event's, `event_layers`; default the events' own tags). The last module of
+    backward is released after the backward epilogue: inferred from the H200 probe with parameters offloaded
+    (memo §6: the epilogue's flush held one more gathered layer, 32 MiB, at both bucket sizes), not read in the
+    source. Returns (events, breakdown key by storage)."""
+    layers = [event.layer for event in events] if layers is None else layers
     keys = _Keys()
     weights, optimizer, gradients = Category.WEIGHTS.value, Category.OPTIMIZER.value, Category.GRADIENTS.value
     inserts: dict[int, list[tuple[tuple[int, int, int], Any]]] = {}
@@ -655,15 +691,18 @@ def zero_events(events: list[Event], categories: dict[Hashable, str], layout: Ze
     if gathers_cost_memory(layout, knobs):
         available: set[int] = set()
         live: dict[int, Hashable] = {}
-        for step, (_, step_at) in enumerate(positions):
-            regions = module_regions(layout, events, start, step_at)
+        for step, (backward_end, step_at) in enumerate(positions):
+            regions = module_regions(layout, layers, start, backward_end)  # the optimizer's events lie after
             schedule = gather_schedule(layout, knobs, [module for module, _, _ in regions], available, persistent,
                                        complete_trace=step > 0)
             for seq, ((module, begin, finish), visit) in enumerate(zip(regions, schedule, strict=True)):
                 layer = layout.modules[module].unit if layout.modules[module].unit >= 0 else NO_LAYER
                 before, after = gather_events(layout, visit, live, keys, layer)
                 insert(begin, (step, 0, 2 * seq), before)
-                insert(finish, (step, 0, 2 * seq + 1), after)
+                if seq == len(regions) - 1:  # backward's last module is released after the epilogue (below)
+                    insert(backward_end, (step, 1, 1), after)
+                else:
+                    insert(finish, (step, 0, 2 * seq + 1), after)
             start = step_at
     for step, (backward_end, step_at) in enumerate(positions):
         insert(backward_end, (step, 1, 0), "backward_end")
@@ -790,7 +829,8 @@ def zero_step_events(model_config: Any, train_config: TrainConfig, device: str
         knobs = knobs_of(train_config, hidden_size_of(model_config))
         trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
         layout = cached_layout(model_config, train_config)
-        zero, categories = zero_events(events, trace.categories, layout, knobs)
+        layers = event_layers(trace, events, num_layers_of(model_config) or trace.traced_layers)
+        zero, categories = zero_events(events, trace.categories, layout, knobs, layers)
         _EVENTS_CACHE[key] = (zero, categories, trace, layout, knobs)
     return _EVENTS_CACHE[key]
 
