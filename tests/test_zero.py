@@ -338,3 +338,35 @@ def test_zero3_gathers_one_module_in_step_one_and_keep_reused_layers_from_step_t
         model_config, deepspeed_config(3, 2, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0), "cpu")
     persistent = sum(rounded(2 * n) for n in numels if n <= 10 * model_config.hidden_size)
     assert category_peak(events, categories, zero.ZERO_GATHERED) <= persistent + 4 * rounded(2 * largest)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_gradient_accumulation_runs_the_hooks_every_micro_batch(stage):
+    """With grad_accum_steps 2 the trace's second micro-batch accumulates fresh gradients into `.grad`; step_marks
+    finds them (as many as the first micro-batch's, of the same sizes), each micro-batch of ZeRO-1/2 allocates its
+    IPG bucket again, ZeRO-2/3 reduce them in the hooks, and the states after the step are as with one micro-batch."""
+    model_config = tiny_llama()
+    config = deepspeed_config(stage, 2, overlap_comm=False).replace(grad_accum_steps=2)
+    from memtune.predict import single
+
+    trace, events = single.full_depth_events(model_config, zero.single_gpu_config(config), "cpu")
+    marks = zero.step_marks(events, trace.categories, zero.event_layers(trace, events, 2))
+    assert len(marks) == 2 and all(len(mark.gradients) == 2 for mark in marks)
+    for mark in marks:
+        first, second = mark.gradients
+        assert [events[i].num_bytes for i in first] == [events[i].num_bytes for i in second]
+        assert mark.backward_ends[0] < second[0] < mark.backward_ends[1] <= mark.step_at
+    def bucket_allocations(config: TrainConfig) -> tuple[list[Event], dict[Hashable, str], int]:
+        out, categories, *_ = zero.zero_step_events(model_config, config, "cpu")
+        return out, categories, sum(1 for e in out if e.kind == "alloc"
+                                    and categories.get(e.source) == zero.ZERO_BUCKETS)
+
+    out, categories, accumulated = bucket_allocations(config)
+    _, _, single_micro_batch = bucket_allocations(config.replace(grad_accum_steps=1))
+    if stage < 3:
+        assert (accumulated, single_micro_batch) == (4, 2)  # one bucket per micro-batch, 2 steps
+    else:  # one persistent bucket; each micro-batch's flushes copy it (reduce-scatter's cat)
+        assert accumulated - 1 == 2 * (single_micro_batch - 1)
+    numels, _ = parameter_counts(model_config)
+    held = {key: size for key, size in live_by_category(out, categories).items() if key in STATE_KEYS}
+    assert held == memo_states(numels, stage, 2, "none", model_config.hidden_size ** 2)

@@ -18,10 +18,10 @@ ZeRO-1/2 (`zero/stage_1_and_2.py`): the trainable parameters flattened into one 
 the model's own copies are freed after: an init transient), fp32 master `4T/N` (559-561), Adam's two moments
 `8T/N` made inside the first step; in backward the IPG bucket `rbs*b` (x2 with overlap_comm, 3256-3281) from
 the first gradient hook to the end of backward (924-932), `grads_in_partition` `b*T/N` at the first flush
-(2186-2198); ZeRO-1 keeps every autograd gradient until backward ends and buckets them then (958-981); the
-step's flat bf16 copy `b*T/N` and fp32 gradient `4T/N` (3117-3141). Under optimizer offload: no master, Adam
-or gradient partition on the GPU, a staging buffer `L*b` (659-661) and two fp32 copies of each parameter's
-partition slice at the flush (1873-1912).
+(2186-2198); ZeRO-1 keeps every autograd gradient to the accumulation boundary and buckets them then
+(958-981); the step's flat bf16 copy `b*T/N` and fp32 gradient `4T/N` (3117-3141). Under optimizer offload: no
+master, Adam or gradient partition on the GPU, a staging buffer `L*b` (659-661) and two fp32 copies of each
+parameter's partition slice at the flush (1873-1912).
 
 ZeRO-3 (`zero/stage3.py`, `partition_parameters.py`, `partitioned_param_coordinator.py`): parameter
 partitions `b*P/N` (967-972), the small parameters (numel <= persistence threshold) kept gathered, one
@@ -31,14 +31,21 @@ partition_parameters.py:795, 1343-1361), prefetched up to min(max_live, prefetch
 (coordinator 452-481), kept while reused within max_reuse_distance (632-660); at each bucket flush a `torch.cat`
 copy of the bucket (comm/coalesced_collectives.py:100-122); the step per sub-group `(b+4)*S` (2683-2735).
 
-Known limitations (not modelled): gradient accumulation's later micro-batches (their IPG bucket and
-flushes: only the micro-batch whose backward allocates the gradients in the trace gets them; with
-grad_accum_steps > 1 ZeRO-1/2 offload also pins per-parameter accumulators on the host, which host_bytes
-counts); the ZeRO-3 gather granularity inside a decoder layer (its modules' gathers are spread evenly over the
-layer's events, the trace has no module marks); the re-gather of checkpointed layers' recomputation; at most two
-reductions in flight (`max_param_reduce_events`, stage3.py:462: one cat copy at a time here); torch AdamW's
-foreach temporaries (`torch_adam`: DeepSpeed's FusedAdam makes none); NCCL's buffers (`peak.NCCL_BYTES`);
-LoRA/QLoRA under ZeRO (only inferred in the memo: QLoRA is refused); N >= 2 is not measured.
+Gradient accumulation: the trace's later micro-batch adds fresh gradients into `.grad`; they are found by size
+and layer (`step_marks`) and go through the hooks as the first micro-batch's do (ZeRO-1 accumulates them and
+reduces at the boundary only); ZeRO-3's coordinator replays each micro-batch.
+
+Outside the events: cuBLAS workspaces and the CUDA context as for one GPU, NCCL's buffers with N > 1
+(`peak.NCCL_BYTES`, measured for torch's DDP/FSDP, not for DeepSpeed's communicator).
+
+Known limitations (not modelled): the ZeRO-3 gather granularity inside a decoder layer (its modules' gathers
+are spread evenly over the layer's events: the trace has no module marks); the re-gather of checkpointed
+layers' recomputation (a layer is gathered once for its backward); ZeRO-1/2 offload's per-micro-batch copies
+through the staging buffer (the buffer is counted); at most two reductions in flight (stage3.py:462: one cat
+copy at a time here); torch AdamW's foreach step is one state-sized fp32 temporary (memtune's description of
+adamw_torch, not read in torch for a flat partition); the init transient of ZeRO-3 without zero.Init (the full
+model on the GPU before partitioning: memtune's runner loads under zero.Init); LoRA under ZeRO is only inferred
+in the memo (frozen weights as loaded for ZeRO-1/2, partitioned for ZeRO-3); N >= 2 is not measured.
 """
 
 from __future__ import annotations
@@ -392,13 +399,18 @@ class Reducer:
     def _elements(self, gradient: Event) -> int:
         return max(1, gradient.num_bytes // self.layout.bytes_per_element)
 
-    def gradient(self, event: Event) -> Iterator[Event]:
-        """A gradient produced by autograd: the first one sets up the bucket(s); it is copied into the bucket
-        (a full bucket flushed first) and freed, or kept to the end of backward (ZeRO-1)."""
+    def hook(self) -> Iterator[Event]:
+        """A gradient hook: the first one of a micro-batch sets up the bucket(s) (ZeRO-1/2, `setup_buckets` from
+        `process_gradients`, 2284-2291; ZeRO-3's one is persistent)."""
         if self.knobs.stage != 3 and not self.buckets:
             self.buckets = [self.keys.alloc(ZERO_BUCKETS, ipg_bucket_bytes(self.layout, self.knobs))
                             for _ in range(ipg_bucket_count(self.knobs))]
             yield from self.buckets
+
+    def gradient(self, event: Event) -> Iterator[Event]:
+        """A gradient produced by autograd: copied into the bucket (a full bucket flushed first) and freed, or, where
+        nothing is reduced in backward (ZeRO-1), kept to the gradient-accumulation boundary as `.grad`."""
+        yield from self.hook()
         yield event
         if not self.reduces_in_backward:
             self.pending.append(event)
@@ -446,13 +458,15 @@ class Reducer:
             yield self.partition
         self.in_bucket = []
 
-    def backward_end(self) -> Iterator[Event]:
-        """The backward epilogue: ZeRO-1 buckets its kept gradients now (958-981), the last bucket is flushed,
-        ZeRO-1/2 release their IPG buckets (924-932)."""
-        for gradient in self.pending[::-1]:  # the parameters' order: the reverse of backward's
-            yield from self._add(gradient)
-        self.pending = []
-        yield from self.flush()
+    def backward_end(self, boundary: bool = True) -> Iterator[Event]:
+        """The backward epilogue: the last bucket is flushed and ZeRO-1/2 release their IPG buckets (924-932), every
+        micro-batch; ZeRO-1 (no reduction in backward) buckets its accumulated gradients at the accumulation
+        `boundary` only (`reduce_gradients` from the engine's allreduce_gradients, 958-981)."""
+        if boundary or self.reduces_in_backward:
+            for gradient in self.pending[::-1]:  # the parameters' order: the reverse of backward's
+                yield from self._add(gradient)
+            self.pending = []
+            yield from self.flush()
         yield from (Event.free(bucket.storage) for bucket in self.buckets)
         self.buckets = []
 
@@ -646,9 +660,10 @@ def _category(categories: dict[Hashable, str], event: Event) -> str | None:
 
 
 def step_positions(events: list[Event], categories: dict[Hashable, str]) -> list[tuple[int, int]]:
-    """(end of backward, optimizer step) as event indices, per traced step: the step at the first free of a
-    gradient (optimizer.zero_grad, after the step's own events), backward's end at the first allocation after the
-    step's last gradient (the epilogue runs once backward's nodes are done and their temporaries freed)."""
+    """(end of the first micro-batch's backward, optimizer step) as event indices, per traced step: the step at the
+    first free of a gradient (optimizer.zero_grad, after the step's own events), backward's end at the first
+    allocation after the step's last gradient (the epilogue runs once backward's nodes are done and their
+    temporaries freed)."""
     gradients, positions, last = Category.GRADIENTS.value, [], None
     storages: set[Hashable] = set()
     for index, event in enumerate(events):
@@ -660,6 +675,46 @@ def step_positions(events: list[Event], categories: dict[Hashable, str]) -> list
             positions.append((end, index))
             last = None
     return positions
+
+
+@dataclass
+class StepMarks:
+    """Where one traced optimizer step's micro-batches produce their gradients and end their backward."""
+
+    gradients: list[list[int]]
+    """Per micro-batch, the indices of the allocations of its parameters' gradients: the first micro-batch's are
+    the `.grad`s (category gradients); a later one's are the fresh gradients autograd adds into them (temporaries
+    in the trace, matched to the first micro-batch's by size and layer, in order)."""
+    backward_ends: list[int]
+    """Per micro-batch, the first allocation after its last gradient."""
+    step_at: int
+
+
+def step_marks(events: list[Event], categories: dict[Hashable, str], layers: list[int]) -> list[StepMarks]:
+    """`StepMarks` of each traced step (a trace runs min(grad_accum_steps, 2) micro-batches per step)."""
+    marks, start = [], 0
+    gradients, optimizer, temporaries = (Category.GRADIENTS.value, Category.OPTIMIZER.value,
+                                         Category.TEMPORARIES.value)
+    for first_end, step_at in step_positions(events, categories):
+        first = [i for i in range(start, step_at)
+                 if events[i].kind == "alloc" and _category(categories, events[i]) == gradients]
+        optimizer_at = next((i for i in range(first_end, step_at)
+                             if events[i].kind == "alloc" and _category(categories, events[i]) == optimizer), step_at)
+        signature = [(events[i].num_bytes, layers[i]) for i in first]
+        micro, ends, current = [first], [first_end], list[int]()
+        for i in range(first[-1] + 1, optimizer_at):
+            event = events[i]
+            if (event.kind == "alloc" and _category(categories, event) == temporaries
+                    and (event.num_bytes, layers[i]) == signature[len(current)]):
+                current.append(i)
+                if len(current) == len(signature):
+                    micro.append(current)
+                    ends.append(next((j for j in range(i + 1, optimizer_at) if events[j].kind == "alloc"),
+                                     optimizer_at))
+                    current = []
+        marks.append(StepMarks(micro, ends, step_at))
+        start = step_at
+    return marks
 
 
 def zero_events(events: list[Event], categories: dict[Hashable, str], layout: ZeroLayout, knobs: ZeroKnobs,
@@ -675,46 +730,52 @@ def zero_events(events: list[Event], categories: dict[Hashable, str], layout: Ze
     layers = [event.layer for event in events] if layers is None else layers
     keys = _Keys()
     weights, optimizer, gradients = Category.WEIGHTS.value, Category.OPTIMIZER.value, Category.GRADIENTS.value
-    inserts: dict[int, list[tuple[tuple[int, int, int], Any]]] = {}
+    inserts: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
 
-    def insert(index: int, order: tuple[int, int, int], item: Any) -> None:
+    def insert(index: int, order: tuple[int, ...], item: Any) -> None:
         inserts.setdefault(index, []).append((order, item))
 
     first_weight = next((i for i, e in enumerate(events) if e.kind == "alloc" and _category(categories, e) == weights),
                         0)
     init, persistent = init_events(layout, knobs, keys)
-    insert(first_weight, (-1, 0, 0), init)
+    insert(first_weight, (-1, 0, 0, 0), init)
     start = first_weight
     while start < len(events) and events[start].kind == "alloc" and _category(categories, events[start]) == weights:
         start += 1
-    positions = step_positions(events, categories)
+    marks = step_marks(events, categories, layers)
     if gathers_cost_memory(layout, knobs):
         available: set[int] = set()
         live: dict[int, Hashable] = {}
-        for step, (backward_end, step_at) in enumerate(positions):
-            regions = module_regions(layout, layers, start, backward_end)  # the optimizer's events lie after
-            schedule = gather_schedule(layout, knobs, [module for module, _, _ in regions], available, persistent,
-                                       complete_trace=step > 0)
-            for seq, ((module, begin, finish), visit) in enumerate(zip(regions, schedule, strict=True)):
-                layer = layout.modules[module].unit if layout.modules[module].unit >= 0 else NO_LAYER
-                before, after = gather_events(layout, visit, live, keys, layer)
-                insert(begin, (step, 0, 2 * seq), before)
-                if seq == len(regions) - 1:  # backward's last module is released after the epilogue (below)
-                    insert(backward_end, (step, 1, 1), after)
-                else:
-                    insert(finish, (step, 0, 2 * seq + 1), after)
-            start = step_at
-    for step, (backward_end, step_at) in enumerate(positions):
-        insert(backward_end, (step, 1, 0), "backward_end")
-        insert(step_at, (step, 2, 0), "step")
+        for step, mark in enumerate(marks):
+            for micro, backward_end in enumerate(mark.backward_ends):
+                regions = module_regions(layout, layers, start, backward_end)  # the optimizer's events lie after
+                schedule = gather_schedule(layout, knobs, [module for module, _, _ in regions], available,
+                                           persistent, complete_trace=step > 0 or micro > 0)
+                for seq, ((module, begin, finish), visit) in enumerate(zip(regions, schedule, strict=True)):
+                    layer = layout.modules[module].unit if layout.modules[module].unit >= 0 else NO_LAYER
+                    before, after = gather_events(layout, visit, live, keys, layer)
+                    insert(begin, (step, micro, 0, 2 * seq), before)
+                    if seq == len(regions) - 1:  # backward's last module is released after the epilogue (below)
+                        insert(backward_end, (step, micro, 1, 1), after)
+                    else:
+                        insert(finish, (step, micro, 0, 2 * seq + 1), after)
+                start = backward_end
+            start = mark.step_at
+    later_gradients: set[int] = set()
+    for step, mark in enumerate(marks):
+        for micro, backward_end in enumerate(mark.backward_ends):
+            boundary = micro == len(mark.backward_ends) - 1
+            insert(backward_end, (step, micro, 1, 0), "boundary_end" if boundary else "backward_end")
+        insert(mark.step_at, (step, len(mark.backward_ends), 2, 0), "step")
+        later_gradients.update(i for micro in mark.gradients[1:] for i in micro)
     reducer = Reducer(layout, knobs, keys)
     out: list[Event] = []
     dropped: set[Hashable] = set()
 
     def run_inserts(index: int) -> None:
         for _, item in sorted(inserts.get(index, []), key=lambda pair: pair[0]):
-            if item == "backward_end":
-                out.extend(reducer.backward_end())
+            if item in ("backward_end", "boundary_end"):
+                out.extend(reducer.backward_end(boundary=item == "boundary_end"))
             elif item == "step":
                 out.extend(reducer.step())
             else:
@@ -728,6 +789,12 @@ def zero_events(events: list[Event], categories: dict[Hashable, str], layout: Ze
         elif event.kind == "alloc" and category == gradients:
             dropped.add(event.storage)  # its free is the reducer's
             out.extend(reducer.gradient(event))
+        elif index in later_gradients and reducer.reduces_in_backward:
+            dropped.add(event.storage)  # a later micro-batch's fresh gradient goes through the hooks too
+            out.extend(reducer.gradient(event))
+        elif index in later_gradients:  # ZeRO-1 accumulates it into .grad as the trace does
+            out.extend(reducer.hook())
+            out.append(event)
         elif event.kind != "free" or event.storage not in dropped:
             out.append(event)
     run_inserts(len(events))
