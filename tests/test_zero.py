@@ -1,6 +1,7 @@
-"""The DeepSpeed ZeRO memory model (predict/zero.py): its model states against the memo's formulas on a tiny Llama,
-the order of the stages, offload, the IPG bucket, the ZeRO-3 coordinator replica, and the 1 x H200 probe's
-measured peaks reproduced from the rules alone (/work/notes/deepspeed_design.md §6)."""
+"""The DeepSpeed ZeRO memory model (predict/zero.py, zero_layout.py, zero_gather.py): its model states against the
+memo's formulas on a tiny Llama, the order of the stages, offload, the IPG bucket, gradient accumulation, LoRA,
+the ZeRO-3 coordinator replica, and the 1 x H200 probe's measured peaks reproduced from the rules alone
+(/work/notes/deepspeed_design.md §6)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ import torch
 from benchmarks.cases import tiny_llama
 from memtune.config import TrainConfig, Zero
 from memtune.errors import UsageError
-from memtune.predict import zero
+from memtune.predict import zero, zero_gather, zero_layout
 from memtune.predict.estimate import estimate
 from memtune.predict.events import Category, Event, rounded
 
 MIB = 1 << 20
 WEIGHTS, GRADIENTS, OPTIMIZER = Category.WEIGHTS.value, Category.GRADIENTS.value, Category.OPTIMIZER.value
-STATE_KEYS = (WEIGHTS, GRADIENTS, OPTIMIZER, zero.ZERO_BUCKETS)
+STATE_KEYS = (WEIGHTS, GRADIENTS, OPTIMIZER, zero_layout.ZERO_BUCKETS)
 
 
 def deepspeed_config(stage: int, num_gpus: int = 1, offload: str = "none", **knobs: object) -> TrainConfig:
@@ -76,7 +77,7 @@ def memo_states(numels: list[int], stage: int, num_gpus: int, offload: str, buck
         if offload != "none":
             return {WEIGHTS: rounded(flat), GRADIENTS: rounded(max(numels) * b)}
         return {WEIGHTS: rounded(flat), OPTIMIZER: 3 * rounded(4 * part)}
-    states = {zero.ZERO_BUCKETS: rounded(bucket_elements * b)}
+    states = {zero_layout.ZERO_BUCKETS: rounded(bucket_elements * b)}
     if offload != "parameters":
         states[WEIGHTS] = rounded(sum(-(-n // num_gpus) * b for n in numels))
     if offload == "none":
@@ -146,12 +147,12 @@ def test_ipg_bucket_follows_reduce_bucket_size(stage, overlap, buckets):
     for elements in (4096, 20000):
         events, categories, *_ = zero.zero_step_events(
             model_config, deepspeed_config(stage, 2, reduce_bucket_size=elements, overlap_comm=overlap), "cpu")
-        peak = category_peak(events, categories, zero.ZERO_BUCKETS)
+        peak = category_peak(events, categories, zero_layout.ZERO_BUCKETS)
         if stage < 3:
             assert peak == buckets * rounded(elements * 2)
         else:
             assert rounded(elements * 2) < peak <= 2 * rounded(elements * 2)
-            assert live_by_category(events, categories)[zero.ZERO_BUCKETS] == rounded(elements * 2)
+            assert live_by_category(events, categories)[zero_layout.ZERO_BUCKETS] == rounded(elements * 2)
 
 
 def test_estimate_dispatches_deepspeed_to_zero():
@@ -165,39 +166,40 @@ def test_estimate_dispatches_deepspeed_to_zero():
 
 # ---- ZeRO-3's coordinator ------------------------------------------------------------------------------------
 
-def three_layers() -> zero.ZeroLayout:
-    params = tuple(zero.ZeroParam(1000, 2, True) for _ in range(3)) + (zero.ZeroParam(10, 2, True),)
-    modules = tuple(zero.ZeroModule(i, (i,)) for i in range(3)) + (zero.ZeroModule(2, (3,)),)
-    return zero.ZeroLayout(params, 2, 2, modules)
+def three_layers() -> zero_layout.ZeroLayout:
+    params = tuple(zero_layout.ZeroParam(1000, 2, True) for _ in range(3)) + (zero_layout.ZeroParam(10, 2, True),)
+    modules = tuple(zero_layout.ZeroModule(i, (i,)) for i in range(3)) + (zero_layout.ZeroModule(2, (3,)),)
+    return zero_layout.ZeroLayout(params, 2, 2, modules)
 
 
 def test_first_step_releases_every_module_and_later_steps_keep_reused_ones():
     """Step 1 (no recorded trace) releases each module's parameters after it; from step 2 a parameter used again
     within max_reuse_distance elements stays gathered (the forward's layers into backward); the small one persists."""
     layout, visits = three_layers(), [0, 1, 2, 3, 3, 2, 1, 0]
-    knobs = zero.ZeroKnobs(stage=3, prefetch_bucket_elements=0, param_persistence_threshold=10)
+    knobs = zero_layout.ZeroKnobs(stage=3, prefetch_bucket_elements=0, param_persistence_threshold=10)
     available: set[int] = set()
-    persistent = zero.persistent_params(layout, knobs)
-    first = zero.gather_schedule(layout, knobs, visits, available, persistent, complete_trace=False)
+    persistent = zero_layout.persistent_params(layout, knobs)
+    first = zero_gather.gather_schedule(layout, knobs, visits, available, persistent, complete_trace=False)
     assert [v.released for v in first] == [[0], [1], [2], [], [], [2], [1], [0]]
     assert available == {3}
-    second = zero.gather_schedule(layout, knobs, visits, available, persistent, complete_trace=True)
+    second = zero_gather.gather_schedule(layout, knobs, visits, available, persistent, complete_trace=True)
     assert [v.released for v in second][:3] == [[], [], []]  # all reused in backward within 1e9 elements
     assert [v.gathered for v in second][3:] == [[], [], [], [], []]
-    near = zero.ZeroKnobs(stage=3, prefetch_bucket_elements=0, param_persistence_threshold=10, max_reuse_distance=1500)
-    third = zero.gather_schedule(layout, near, visits, set(persistent), persistent, complete_trace=True)
+    near = zero_layout.ZeroKnobs(stage=3, prefetch_bucket_elements=0, param_persistence_threshold=10,
+                                 max_reuse_distance=1500)
+    third = zero_gather.gather_schedule(layout, near, visits, set(persistent), persistent, complete_trace=True)
     assert [v.released for v in third][:3] == [[0], [1], []]  # only layer 2 is used again within 1500 elements
 
 
 def test_prefetch_is_capped_by_the_prefetch_bucket_and_max_live():
     layout, visits = three_layers(), [0, 1, 2, 2, 1, 0]
-    prefetch = zero.ZeroKnobs(stage=3, prefetch_bucket_elements=1500, param_persistence_threshold=0,
+    prefetch = zero_layout.ZeroKnobs(stage=3, prefetch_bucket_elements=1500, param_persistence_threshold=0,
                               max_reuse_distance=0)
-    plan = zero.gather_schedule(layout, prefetch, visits, set(), set(), complete_trace=True)
+    plan = zero_gather.gather_schedule(layout, prefetch, visits, set(), set(), complete_trace=True)
     assert plan[0].gathered == [[0], [1, 2]]  # prefetch stops once it holds >= 1500 elements
-    capped = zero.ZeroKnobs(stage=3, prefetch_bucket_elements=1500, param_persistence_threshold=0,
+    capped = zero_layout.ZeroKnobs(stage=3, prefetch_bucket_elements=1500, param_persistence_threshold=0,
                             max_reuse_distance=0, max_live_parameters=1000)
-    assert zero.gather_schedule(layout, capped, visits, set(), set(), complete_trace=True)[0].gathered == [[0]]
+    assert zero_gather.gather_schedule(layout, capped, visits, set(), set(), complete_trace=True)[0].gathered == [[0]]
 
 
 # ---- the 1 x H200 probe (memo §6), from the rules alone ---------------------------------------------------------
@@ -298,9 +300,9 @@ def probe_phases(events: list[Event]) -> tuple[float, float, float]:
 def test_rules_reproduce_the_h200_probe(name):
     """The memo's rules, replayed on the probe's step, give the measured allocated figures to 1 MiB (the probe's
     activations, ~0.5 MiB, are sketched): after init, and the second step's backward and optimizer-step peaks."""
-    layout = zero.ZeroLayout(tuple(zero.ZeroParam(PROBE_ELEMENTS, 2, True) for _ in range(PROBE_LAYERS)), 1, 2,
-                             tuple(zero.ZeroModule(i, (i,)) for i in range(PROBE_LAYERS)))
-    events, categories = zero.zero_events(*probe_trace(), layout, zero.ZeroKnobs(**PROBE_KNOBS[name]))
+    params = tuple(zero_layout.ZeroParam(PROBE_ELEMENTS, 2, True) for _ in range(PROBE_LAYERS))
+    layout = zero_layout.ZeroLayout(params, 1, 2, tuple(zero_layout.ZeroModule(i, (i,)) for i in range(PROBE_LAYERS)))
+    events, categories = zero.zero_events(*probe_trace(), layout, zero_layout.ZeroKnobs(**PROBE_KNOBS[name]))
     init, backward, step = probe_phases(events)
     measured_init, measured_backward, measured_step = PROBE_MEASURED[name]
     assert init == pytest.approx(measured_init, abs=1.0)
@@ -318,7 +320,7 @@ def test_event_layers_number_the_extended_layers():
     model_config = tiny_llama(4)
     trace, events = single.full_depth_events(model_config, zero.single_gpu_config(deepspeed_config(3, 2)), "cpu")
     assert trace.traced_layers == 3
-    layers = zero.event_layers(trace, events, 4)
+    layers = zero_gather.event_layers(trace, events, 4)
     backward_end, _ = zero.step_positions(events, trace.categories)[0]
     start = next(i for i, event in enumerate(events) if trace.categories[event.source] != WEIGHTS)
     runs = [layer for layer, _ in groupby(layers[start:backward_end]) if layer >= 0]
@@ -333,11 +335,11 @@ def test_zero3_gathers_one_module_in_step_one_and_keep_reused_layers_from_step_t
     numels, largest = parameter_counts(model_config)
     everything = sum(rounded(2 * n) for n in numels)
     events, categories, *_ = zero.zero_step_events(model_config, deepspeed_config(3, 2), "cpu")
-    assert category_peak(events, categories, zero.ZERO_GATHERED) >= everything
+    assert category_peak(events, categories, zero_layout.ZERO_GATHERED) >= everything
     events, categories, *_ = zero.zero_step_events(
         model_config, deepspeed_config(3, 2, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0), "cpu")
     persistent = sum(rounded(2 * n) for n in numels if n <= 10 * model_config.hidden_size)
-    assert category_peak(events, categories, zero.ZERO_GATHERED) <= persistent + 4 * rounded(2 * largest)
+    assert category_peak(events, categories, zero_layout.ZERO_GATHERED) <= persistent + 4 * rounded(2 * largest)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -350,7 +352,7 @@ def test_gradient_accumulation_runs_the_hooks_every_micro_batch(stage):
     from memtune.predict import single
 
     trace, events = single.full_depth_events(model_config, zero.single_gpu_config(config), "cpu")
-    marks = zero.step_marks(events, trace.categories, zero.event_layers(trace, events, 2))
+    marks = zero.step_marks(events, trace.categories, zero_gather.event_layers(trace, events, 2))
     assert len(marks) == 2 and all(len(mark.gradients) == 2 for mark in marks)
     for mark in marks:
         first, second = mark.gradients
@@ -359,7 +361,7 @@ def test_gradient_accumulation_runs_the_hooks_every_micro_batch(stage):
     def bucket_allocations(config: TrainConfig) -> tuple[list[Event], dict[Hashable, str], int]:
         out, categories, *_ = zero.zero_step_events(model_config, config, "cpu")
         return out, categories, sum(1 for e in out if e.kind == "alloc"
-                                    and categories.get(e.source) == zero.ZERO_BUCKETS)
+                                    and categories.get(e.source) == zero_layout.ZERO_BUCKETS)
 
     out, categories, accumulated = bucket_allocations(config)
     _, _, single_micro_batch = bucket_allocations(config.replace(grad_accum_steps=1))
@@ -370,3 +372,47 @@ def test_gradient_accumulation_runs_the_hooks_every_micro_batch(stage):
     numels, _ = parameter_counts(model_config)
     held = {key: size for key, size in live_by_category(out, categories).items() if key in STATE_KEYS}
     assert held == memo_states(numels, stage, 2, "none", model_config.hidden_size ** 2)
+
+
+def test_lora_keeps_the_frozen_base_whole_under_zero_1_2_and_partitions_it_under_zero_3():
+    """LoRA (memo §5, inferred there): ZeRO-1/2 flatten and partition only the adapters, the frozen base stays as
+    loaded on every GPU; ZeRO-3 partitions every parameter; master and Adam are the adapters' 12T/N either way."""
+    from memtune.config import Adapter
+
+    model_config = tiny_llama()
+    for stage in (2, 3):
+        config = deepspeed_config(stage, 2).replace(adapter=Adapter(rank=4))
+        events, categories, _, layout, _ = zero.zero_step_events(model_config, config, "cpu")
+        trainable = [p.numel for p in layout.params if p.trainable]
+        frozen = [p.numel for p in layout.params if not p.trainable]
+        assert 0 < sum(trainable) < sum(frozen) // 10
+        held = live_by_category(events, categories)
+        if stage == 2:
+            flat = -(-sum(trainable) // 4) * 4 * 2
+            assert held[WEIGHTS] == rounded(flat) + sum(rounded(2 * n) for n in frozen)
+        else:
+            assert held[WEIGHTS] == rounded(sum(-(-n // 2) * 2 for n in trainable + frozen))
+        assert held[OPTIMIZER] == 3 * rounded(4 * -(-sum(trainable) // 2))
+
+
+def test_nvme_offload_host_and_disk_bytes():
+    """ZeRO-Infinity (ZeRO-3 to NVMe, memo §2.2 host): the pinned swap pool 4 x fp32 x min(sub_group, T/N) plus the
+    bf16 gradient partitions on the host, 16T/N on the NVMe drive; parameters to NVMe add the 5 x 1e8 x b pool on
+    the host and b*P/N on the drive. ZeRO-1/2 have no swapper."""
+    layout = zero_layout.ZeroLayout(tuple(zero_layout.ZeroParam(n, 2, True) for n in (3_000_000, 1_000_000)), 2, 2)
+    optimizer = zero_layout.ZeroKnobs(stage=3, offload_optimizer="nvme", sub_group_size=1_000_000)
+    assert zero_layout.host_bytes(layout, optimizer) == 4 * 4 * 1_000_000 + 2 * 2_000_000
+    assert zero_layout.nvme_bytes(layout, optimizer) == 16 * 2_000_000
+    both = zero_layout.ZeroKnobs(stage=3, offload_optimizer="nvme", offload_parameters="nvme", sub_group_size=1_000_000)
+    assert zero_layout.host_bytes(layout, both) == 4 * 4 * 1_000_000 + 2 * 2_000_000 + 5 * 100_000_000 * 2
+    assert zero_layout.nvme_bytes(layout, both) == 16 * 2_000_000 + 2 * 2_000_000
+    assert zero_layout.nvme_bytes(layout, zero_layout.ZeroKnobs(stage=2, offload_optimizer="nvme")) == 0
+
+
+def test_fits_under_compares_the_total():
+    from memtune.predict.estimate import fits_under
+
+    model_config = tiny_llama()
+    found = estimate(model_config, deepspeed_config(2, 2), device="cpu")
+    assert fits_under(model_config, found, found.total_bytes)
+    assert not fits_under(model_config, found, found.total_bytes - 1)

@@ -6,7 +6,8 @@ As `ddp.py`: every rank runs the single-GPU step on its micro-batch, so the sing
 (`single.full_depth_events`) gives the activations, logits, temporaries and the order in which backward
 produces the gradients. Its model states (weights, gradients, optimizer state and the optimizer's
 temporaries) are replaced by what ZeRO holds, and ZeRO's own buffers are inserted as events where
-DeepSpeed allocates them; the result is replayed per stream (`fsdp.simulate_streams`).
+DeepSpeed allocates them; the result is replayed per stream (`fsdp.simulate_streams`). The sizes are
+`zero_layout`'s rules, ZeRO-3's gathers `zero_gather`'s replica of its coordinator; this module puts them in order.
 
 Every rule below was read in DeepSpeed 0.19.8's source (`deepspeed/runtime/...`; file:line as in
 /work/notes/deepspeed_design.md, the memo of issue 15) and the N=1 rules were measured on one H200 to
@@ -58,272 +59,37 @@ from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, DTYPE_BYTES, TrainConfig
 from memtune.errors import UsageError
-from memtune.predict.events import NO_LAYER, Category, Event, rounded
+from memtune.predict.events import NO_LAYER, Category, Event
 from memtune.predict.fsdp import simulate_streams
 from memtune.predict.peak import Estimate, collective_context_bytes, default_trace_device, estimate_of_events
 from memtune.predict.single import full_depth_events, offloaded_host_bytes
 from memtune.predict.trace import Trace, decoder_layers, model_type_of, num_layers_of, paged_bytes_at_depth
-
-DEEPSPEED_VERSION = "0.19.8"
-"""The DeepSpeed whose source the rules were read from and measured with."""
-
-ZERO_BUCKETS = "zero_buckets"
-"""Breakdown key: ZeRO's IPG reduce bucket(s) and the reduce-scatter's copy of a bucket."""
-ZERO_GATHERED = "zero_gathered"
-"""Breakdown key: ZeRO-3's gathered (all-gathered or host-copied) full parameters and the all-gather buffer."""
-
-ALLGATHER_STREAM = 1
-"""ZeRO-3's all-gather stream (partitioned_param_coordinator: `__allgather_stream`); the gathered parameters'
-blocks live in its pool (inferred: the copies are made on it)."""
-REDUCE_STREAM = 2
-"""ZeRO-3's `reduce_and_partition_stream` (stage3.py:340-341), a stream of its own only with overlap_comm."""
-
-ALIGNMENT_ELEMENTS = 2
-"""stage_1_and_2.py `nccl_start_alignment_factor` = 2 (4-byte alignment for 16-bit elements): the flat buffer is
-padded to a multiple of N x this (503-524)."""
-MAX_PARAM_REDUCE_EVENTS = 2
-"""stage3.py:462: reductions in flight at once (documented; one is modelled)."""
-ZERO3_OFFLOAD_TRANSIENT_FP32 = 8
-"""ZeRO-3 under optimizer offload: bytes per element of a parameter's fp32 transients at the flush besides its
-16-bit copy (2024-2028, 1443-1457 locate one fp32 copy; the H200 measured (b + 8) per element: one more fp32
-copy than located, probably the norm's)."""
-ZERO2_OFFLOAD_TRANSIENT_COPIES = 2
-"""ZeRO-1/2 under optimizer offload: fp32 copies of a parameter's partition slice alive together at the flush
-(`set_norm_for_param_grad_in_gpu` 1873-1886 and `async_inplace_copy_grad_to_fp32_buffer_from_gpu` 1888-1912;
-measured together on the H200)."""
-NVME_OPTIMIZER_BUFFERS = 4
-"""offload_optimizer.buffer_count (offload_config.py:67): pinned swap buffers of the largest sub-group, fp32."""
-NVME_PARAM_BUFFERS = 5
-"""offload_param.buffer_count (offload_config.py:33)."""
-NVME_PARAM_BUFFER_ELEMENTS = 100_000_000
-"""offload_param.buffer_size (offload_config.py:36), elements."""
-
-
-@dataclass(frozen=True)
-class ZeroKnobs:
-    """The knobs of DeepSpeed's `zero_optimization` the memory depends on, as numbers (elements for sizes).
-    Defaults are DeepSpeed 0.19.8's (`runtime/zero/config.py`, line of each field)."""
-
-    stage: int
-    reduce_bucket_elements: int = 500_000_000  # config.py:113
-    overlap_comm: bool | None = None  # config.py:138; None -> stage == 3 (384-386)
-    contiguous_gradients: bool = True  # config.py:102
-    prefetch_bucket_elements: int = 50_000_000  # config.py:222
-    param_persistence_threshold: int = 100_000  # config.py:228
-    max_live_parameters: int = 1_000_000_000  # config.py:245
-    max_reuse_distance: int = 1_000_000_000  # config.py:251
-    sub_group_size: int = 1_000_000_000  # config.py:182
-    offload_optimizer: str = "none"  # "none", "cpu" or "nvme"
-    offload_parameters: str = "none"  # "none", "cpu" or "nvme" (ZeRO-3 only)
-    foreach_optimizer: bool = False
-    """torch's foreach AdamW (adamw_torch) steps the partition without offload: one state-sized fp32 temporary
-    (its `_foreach_sqrt` of exp_avg_sq; OPTIMIZERS' description); fused AdamW and DeepSpeed's CPU Adam make none."""
-
-    @property
-    def overlaps(self) -> bool:
-        """overlap_comm as DeepSpeed resolves it: unset means True for stage 3 only (config.py:384-386)."""
-        return self.stage == 3 if self.overlap_comm is None else self.overlap_comm
-
-    @property
-    def offloads_optimizer(self) -> bool:
-        return self.offload_optimizer != "none"
-
-    @property
-    def offloads_parameters(self) -> bool:
-        return self.stage == 3 and self.offload_parameters != "none"
-
-
-@dataclass(frozen=True)
-class ZeroParam:
-    """One parameter as ZeRO sees it."""
-
-    numel: int
-    element_bytes: int
-    trainable: bool
-
-
-@dataclass(frozen=True)
-class ZeroModule:
-    """A module with parameters of its own, in forward order: the unit ZeRO-3 gathers."""
-
-    unit: int
-    """The decoder layer it belongs to; BEFORE_LAYERS (embeddings) or AFTER_LAYERS (final norm, head) outside."""
-    params: tuple[int, ...]
-    """Indices into ZeroLayout.params (a tied weight appears in two modules)."""
-
-
-BEFORE_LAYERS = -2
-AFTER_LAYERS = -3
-
-
-@dataclass(frozen=True)
-class ZeroLayout:
-    """The model's parameters and the data-parallel size: what every ZeRO rule is a function of."""
-
-    params: tuple[ZeroParam, ...]
-    num_ranks: int
-    bytes_per_element: int
-    """b: the 16-bit (or fp32) dtype DeepSpeed trains the model in."""
-    modules: tuple[ZeroModule, ...] = ()
-
-    @property
-    def trainable_elements(self) -> int:
-        return sum(p.numel for p in self.params if p.trainable)
-
-    @property
-    def total_elements(self) -> int:
-        return sum(p.numel for p in self.params)
-
-    @property
-    def largest_trainable(self) -> int:
-        return max((p.numel for p in self.params if p.trainable), default=0)
-
-    def partition(self, elements: int) -> int:
-        """One rank's share of `elements`: ceil(elements / N)."""
-        return -(-elements // self.num_ranks)
-
-
-# -- model-state sizes (bytes), each a rule of the memo ---------------------------------------------------------
-
-def flat_bit16_bytes(layout: ZeroLayout) -> int:
-    """ZeRO-1/2 `bit16_groups_flat`: all trainable parameters flattened, padded to a multiple of
-    N x ALIGNMENT_ELEMENTS elements (stage_1_and_2.py:503-524)."""
-    multiple = layout.num_ranks * ALIGNMENT_ELEMENTS
-    return -(-layout.trainable_elements // multiple) * multiple * layout.bytes_per_element
-
-
-def master_bytes(layout: ZeroLayout) -> int:
-    """fp32 master partition `4T/N` (stage_1_and_2.py:559-561; stage3.py:1157-1170)."""
-    return 4 * layout.partition(layout.trainable_elements)
-
-
-def adam_moment_bytes(layout: ZeroLayout) -> int:
-    """One of Adam's two fp32 moments over the partition, `4T/N`: exp_avg and exp_avg_sq, made inside the first
-    step by FusedAdam / torch AdamW (8T/N together)."""
-    return 4 * layout.partition(layout.trainable_elements)
-
-
-def gradient_partition_bytes(layout: ZeroLayout) -> int:
-    """`grads_in_partition` (ZeRO-1/2, stage_1_and_2.py:2186-2198) or `grad_partitions_flat_buffer` (ZeRO-3,
-    stage3.py:786-801): `b*T/N`."""
-    return layout.bytes_per_element * layout.partition(layout.trainable_elements)
-
-
-def ipg_bucket_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
-    """One IPG bucket: `reduce_bucket_size * b` (stage_1_and_2.py:3256-3281; stage3.py:780-784)."""
-    return knobs.reduce_bucket_elements * layout.bytes_per_element
-
-
-def ipg_bucket_count(knobs: ZeroKnobs) -> int:
-    """Buckets allocated: ZeRO-1/2 double-buffer with overlap_comm (stage_1_and_2.py:3273-3279); ZeRO-3 keeps
-    one, whatever overlap_comm (stage3.py:780-784). ZeRO-1 allocates it whenever its gradient hooks exist
-    (partition_gradients, overlap_comm or contiguous_gradients, 713-715)."""
-    if knobs.stage == 3:
-        return 1
-    if knobs.stage == 1 and not (knobs.overlaps or knobs.contiguous_gradients):
-        return 0
-    return 2 if knobs.overlaps else 1
-
-
-def sub_groups(layout: ZeroLayout, knobs: ZeroKnobs) -> list[int]:
-    """ZeRO-3's optimizer sub-groups of the partition, elements each (stage3.py sub_group_size); ZeRO-1/2: one."""
-    partition = layout.partition(layout.trainable_elements)
-    if knobs.stage != 3 or partition <= knobs.sub_group_size:
-        return [partition]
-    full, rest = divmod(partition, knobs.sub_group_size)
-    return [knobs.sub_group_size] * full + ([rest] if rest else [])
-
-
-def persistent_params(layout: ZeroLayout, knobs: ZeroKnobs) -> set[int]:
-    """ZeRO-3's parameters that stay gathered once fetched: numel <= stage3_param_persistence_threshold
-    (parameter_offload.py:316-330; partition_parameters.py:1292-1297)."""
-    return {index for index, p in enumerate(layout.params) if p.numel <= knobs.param_persistence_threshold}
-
-
-def gathers_cost_memory(layout: ZeroLayout, knobs: ZeroKnobs) -> bool:
-    """Whether ZeRO-3's gathers allocate: with N > 1, or a host-to-device copy under parameter offload. N = 1
-    without offload gathers nothing (`_no_gather_coalesced`, partition_parameters.py:904-914)."""
-    return knobs.stage == 3 and (layout.num_ranks > 1 or knobs.offloads_parameters)
-
-
-def model_state_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> dict[str, int]:
-    """The persistent GPU model states of one rank after the first step, by breakdown key (no gathered
-    parameters, no transients): the figure the memo's formulas give."""
-    b, trainable = layout.bytes_per_element, layout.trainable_elements
-    frozen = sum(p.numel * p.element_bytes for p in layout.params if not p.trainable)
-    states = {Category.WEIGHTS.value: 0, Category.OPTIMIZER.value: 0, Category.GRADIENTS.value: 0, ZERO_BUCKETS: 0}
-    if knobs.stage in (1, 2):
-        states[Category.WEIGHTS.value] = flat_bit16_bytes(layout) + frozen
-        if knobs.offloads_optimizer:
-            states[Category.GRADIENTS.value] = layout.largest_trainable * b  # staging buffer, 659-661
-        else:
-            states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
-        return states
-    if not knobs.offloads_parameters:
-        states[Category.WEIGHTS.value] = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params)
-    states[ZERO_BUCKETS] = ipg_bucket_bytes(layout, knobs)
-    if not knobs.offloads_optimizer:
-        states[Category.GRADIENTS.value] = b * layout.partition(trainable)
-        states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
-    return states
-
-
-def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) -> int:
-    """Host RAM one rank's ZeRO holds under offload (pinned and not), from the memo (§2.1 host, §2.2 host):
-    ZeRO-1/2 optimizer offload `(16+b)T/N + L*b` (+ `b*T/N` of pinned per-parameter accumulators with
-    grad_accum_steps > 1, 1822-1826; NVMe is treated as CPU there, 219-222); ZeRO-3 `(16+b)T/N` under
-    optimizer offload to the CPU, the pinned swap pool `4 x 4 x min(sub_group, T/N)` + `b*T/N` to NVMe;
-    parameter offload adds `b*P/N` to the CPU, or the pinned pool 5 x 1e8 x b to NVMe. 0 without offload."""
-    b = layout.bytes_per_element
-    trainable = layout.partition(layout.trainable_elements)
-    total = 0
-    if knobs.offloads_optimizer:
-        if knobs.stage in (1, 2):
-            total += (16 + b) * trainable + layout.largest_trainable * b
-            if grad_accum_steps > 1:
-                total += b * trainable
-        elif knobs.offload_optimizer == "nvme":
-            total += NVME_OPTIMIZER_BUFFERS * 4 * min(knobs.sub_group_size, trainable) + b * trainable
-        else:
-            total += (16 + b) * trainable
-    if knobs.offloads_parameters:
-        if knobs.offload_parameters == "nvme":
-            total += NVME_PARAM_BUFFERS * NVME_PARAM_BUFFER_ELEMENTS * b
-        else:
-            total += b * layout.partition(layout.total_elements)
-    return total
-
-
-def nvme_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
-    """Bytes one rank swaps to NVMe (ZeRO-3 ZeRO-Infinity): fp32 master, both moments and the fp32 gradient
-    `16T/N` (optimizer_utils.py:102-111) and the 16-bit parameters `b*P/N`; ZeRO-1/2 have no swapper."""
-    if knobs.stage != 3:
-        return 0
-    total = 0
-    if knobs.offload_optimizer == "nvme":
-        total += 16 * layout.partition(layout.trainable_elements)
-    if knobs.offload_parameters == "nvme":
-        total += layout.bytes_per_element * layout.partition(layout.total_elements)
-    return total
-
+from memtune.predict.zero_gather import StorageKeys, event_layers, gather_events, gather_schedule, module_regions
+from memtune.predict.zero_layout import (
+    AFTER_LAYERS,
+    BEFORE_LAYERS,
+    REDUCE_STREAM,
+    ZERO2_OFFLOAD_TRANSIENT_COPIES,
+    ZERO3_OFFLOAD_TRANSIENT_FP32,
+    ZERO_BUCKETS,
+    ZeroKnobs,
+    ZeroLayout,
+    ZeroModule,
+    ZeroParam,
+    flat_bit16_bytes,
+    gathers_cost_memory,
+    gradient_partition_bytes,
+    host_bytes,
+    ipg_bucket_bytes,
+    ipg_bucket_count,
+    master_bytes,
+    persistent_params,
+    sub_groups,
+)
 
 # -- events --------------------------------------------------------------------------------------------------
 
-@dataclass
-class _Keys:
-    """Fresh storage keys and the breakdown key of each."""
-
-    categories: dict[Hashable, str] = field(default_factory=dict)
-    count: int = 0
-
-    def alloc(self, category: str, num_bytes: int, stream: int = 0, layer: int = NO_LAYER) -> Event:
-        self.count += 1
-        key = ("zero", self.count)
-        self.categories[key] = category
-        return Event.alloc(key, rounded(num_bytes), layer, stream)
-
-
-def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: _Keys) -> tuple[list[Event], set[int]]:
+def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: StorageKeys) -> tuple[list[Event], set[int]]:
     """What `deepspeed.initialize` leaves on the GPU, in its order, with the init transients; and the ZeRO-3
     persistent parameters (fetched at their first use)."""
     b, events = layout.bytes_per_element, []
@@ -351,7 +117,7 @@ def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: _Keys) -> tuple[list
     return events, persistent_params(layout, knobs)
 
 
-def step_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: _Keys, first: bool,
+def step_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: StorageKeys, first: bool,
                 gradient_partition: Event | None) -> list[Event]:
     """The optimizer step's GPU allocations (none under optimizer offload: the CPU Adam runs on pinned host
     buffers, 3078-3097). ZeRO-1/2 (3099-3145): flat bf16 copy, its fp32 cast, the copy freed,
@@ -382,7 +148,7 @@ class Reducer:
 
     layout: ZeroLayout
     knobs: ZeroKnobs
-    keys: _Keys
+    keys: StorageKeys
     buckets: list[Event] = field(default_factory=list)
     in_bucket: list[int] = field(default_factory=list)
     """Elements of each gradient in the current bucket."""
@@ -476,182 +242,6 @@ class Reducer:
         self.partition = None
 
 
-# -- ZeRO-3's gathers ----------------------------------------------------------------------------------------
-
-@dataclass
-class GatherVisit:
-    """One module's run as ZeRO-3's coordinator sees it: the parameter groups all-gathered before it (its own
-    missing ones, then a prefetch) and the parameters released after it."""
-
-    module: int
-    gathered: list[list[int]]
-    released: list[int]
-
-
-def gather_schedule(layout: ZeroLayout, knobs: ZeroKnobs, visits: list[int], available: set[int],
-                    persistent: set[int], complete_trace: bool) -> list[GatherVisit]:
-    """A numel-only replica of partitioned_param_coordinator.py for one step's module `visits` (indices into
-    layout.modules, forward then backward). `available` (parameter indices gathered now) is updated in place.
-
-    - fetch_sub_module (310-420): the module's parameters not available are gathered.
-    - From the second step (`complete_trace`, the order recorded in the first: 422): a prefetch walks the
-      recorded parameter uses after this module, gathering those not available until it holds
-      min(max_live_parameters - available elements, prefetch_bucket_size) elements (452-481); a use it walks
-      past of a parameter already available keeps that parameter until then (the skipped-reuse rule).
-    - release_sub_module / __params_to_release (497-500, 632-660): after the module, its non-persistent
-      parameters are released, unless (complete trace) a module within the next max_reuse_distance elements
-      of the recorded order uses them. The first step releases all of them.
-    """
-    numel = [p.numel for p in layout.params]
-    uses = [(k, param) for k, module in enumerate(visits) for param in layout.modules[module].params]
-    position, keep_until, plan = 0, dict[int, int](), []
-    for k, module in enumerate(visits):
-        params = list(dict.fromkeys(layout.modules[module].params))
-        fetch = [p for p in params if p not in available]
-        available.update(fetch)
-        groups = [fetch] if fetch else []
-        if complete_trace:
-            while position < len(uses) and uses[position][0] <= k:
-                position += 1
-            budget = min(knobs.max_live_parameters - sum(numel[p] for p in available), knobs.prefetch_bucket_elements)
-            prefetch, prefetching = [], 0
-            while position < len(uses) and prefetching < budget:
-                step_id, param = uses[position]
-                position += 1
-                if param not in available:
-                    prefetch.append(param)
-                    available.add(param)
-                    prefetching += numel[param]
-                keep_until[param] = max(keep_until.get(param, -1), step_id)
-            if prefetch:
-                groups.append(prefetch)
-        release = {p for p in params if p not in persistent}
-        if complete_trace:
-            release = {p for p in release if keep_until.get(p, -1) <= k}
-            traversed = 0
-            for later in visits[k + 1:]:
-                if traversed >= knobs.max_reuse_distance:
-                    break
-                for param in layout.modules[later].params:
-                    release.discard(param)
-                    traversed += numel[param]
-        available.difference_update(release)
-        plan.append(GatherVisit(module, groups, sorted(release)))
-    return plan
-
-
-def gather_events(layout: ZeroLayout, visit: GatherVisit, live: dict[int, Hashable], keys: _Keys,
-                  layer: int) -> tuple[list[Event], list[Event]]:
-    """(events before the module runs, events after it) for one visit: each group's flat all-gather buffer
-    `sum(ceil(numel/N) * N) * b` (partition_parameters.py:1343-1361, N > 1 only), each parameter's own copy
-    (`torch.cat` of its pieces, 795, or the host-to-device copy under parameter offload), the flat buffer freed;
-    after the module, the released parameters freed. `live` maps a gathered parameter to its storage."""
-    before: list[Event] = []
-    for group in visit.gathered:
-        flat = None
-        if layout.num_ranks > 1:
-            elements = sum(layout.partition(layout.params[p].numel) * layout.num_ranks * layout.params[p].element_bytes
-                           for p in group)
-            flat = keys.alloc(ZERO_GATHERED, elements, ALLGATHER_STREAM, layer)
-            before.append(flat)
-        for param in group:
-            copy = keys.alloc(ZERO_GATHERED, layout.params[param].numel * layout.params[param].element_bytes,
-                              ALLGATHER_STREAM, layer)
-            live[param] = copy.storage
-            before.append(copy)
-        if flat is not None:
-            before.append(Event.free(flat.storage, layer, ALLGATHER_STREAM))
-    after = [Event.free(live.pop(param), layer, ALLGATHER_STREAM) for param in visit.released if param in live]
-    return before, after
-
-
-def _runs(layers: list[int], start: int, end: int, layer: int) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """(first run, last run) of consecutive events of decoder `layer` in layers[start:end] (each event's layer), as
-    [from, to) pairs: its forward and its backward in the trace (the layer hooks tag both)."""
-    where = [index for index in range(start, end) if layers[index] == layer]
-    if not where:
-        return None
-    first_end = where[0]
-    while first_end < end and layers[first_end] == layer:
-        first_end += 1
-    last_start = where[-1]
-    while last_start > start and layers[last_start - 1] == layer:
-        last_start -= 1
-    return (where[0], first_end), (last_start, where[-1] + 1)
-
-
-def event_layers(trace: Trace, events: list[Event], num_layers: int) -> list[int]:
-    """The decoder layer each event of `events` (the trace extended to `num_layers` by `trace.extend`) runs in.
-
-    `extend` keeps the template's layer tag on every copy of it and names each copy's storage
-    `hash((traced storage, layer shift))`: an allocation's shift gives its layer, and an event of a template tag
-    runs in the layer of the last allocation of that tag. Events outside the layers keep NO_LAYER; a stream that was
-    not extended (or extended twice, under partial checkpointing) keeps its tags."""
-    period, traced = trace.period, trace.traced_layers
-    copies = (num_layers - traced) // period
-    if copies <= 0 or len(events) == len(trace.events):
-        return [event.layer for event in events]
-    template = range(period, 2 * period)
-
-    def shift_of(layer: int, copy: int) -> int:  # as extend_events', for its default template
-        if layer in template:
-            return copy * period
-        return copies * period if layer >= 2 * period else 0
-
-    true_layer: dict[Hashable, int] = {}
-    for event in trace.events:
-        if event.kind == "alloc" and event.layer >= 0:
-            for copy in range(copies + 1) if event.layer in template else (0,):
-                shift = shift_of(event.layer, copy)
-                true_layer[hash((event.storage, shift))] = event.layer + shift
-    layers, current = [], dict[int, int]()
-    for event in events:
-        if event.layer >= 0 and event.kind == "alloc" and event.storage in true_layer:
-            current[event.layer] = true_layer[event.storage]
-        layers.append(current.get(event.layer, event.layer) if event.layer >= 0 else event.layer)
-    return layers
-
-
-def module_regions(layout: ZeroLayout, event_layer: list[int], start: int, end: int) -> list[tuple[int, int, int]]:
-    """One step's module visits in the trace as (module index, from, to): the embeddings before layer 0's forward,
-    each decoder layer's modules over its forward run, the final norm and head over the first half of the events
-    between the last layer's forward and its backward, and back in reverse (the head over the second half). A
-    region holding several modules is split evenly by events (the trace has no module marks)."""
-    by_unit: dict[int, list[int]] = {}
-    for index, zero_module in enumerate(layout.modules):
-        by_unit.setdefault(zero_module.unit, []).append(index)
-    layers = sorted(unit for unit in by_unit if unit >= 0)
-    runs = {layer: _runs(event_layer, start, end, layer) for layer in layers}
-    forward: list[tuple[int, int, int]] = []  # (unit, from, to)
-    backward: list[tuple[int, int, int]] = []
-    found = [layer for layer in layers if runs[layer] is not None]
-    if not found:
-        forward = [(unit, start, start) for unit in (BEFORE_LAYERS, *layers, AFTER_LAYERS)]
-        backward = [(unit, end, end) for unit in (AFTER_LAYERS, *layers[::-1], BEFORE_LAYERS)]
-    else:
-        first, last = runs[found[0]], runs[found[-1]]
-        assert first is not None and last is not None
-        forward.append((BEFORE_LAYERS, start, first[0][0]))
-        for layer in layers:
-            run = runs[layer]
-            forward.append((layer, *run[0]) if run else (layer, forward[-1][2], forward[-1][2]))
-        middle = (last[0][1] + last[1][0]) // 2
-        forward.append((AFTER_LAYERS, last[0][1], middle))
-        backward.append((AFTER_LAYERS, middle, last[1][0]))
-        for layer in layers[::-1]:
-            run = runs[layer]
-            backward.append((layer, *run[1]) if run else (layer, backward[-1][2], backward[-1][2]))
-        backward.append((BEFORE_LAYERS, first[1][1], end))
-    regions: list[tuple[int, int, int]] = []
-    for direction, units in ((1, forward), (-1, backward)):
-        for unit, begin, finish in units:
-            modules = by_unit.get(unit, [])[::direction]
-            for j, module in enumerate(modules):
-                size = finish - begin
-                regions.append((module, begin + j * size // len(modules), begin + (j + 1) * size // len(modules)))
-    return regions
-
-
 # -- the step's events -----------------------------------------------------------------------------------------
 
 def _category(categories: dict[Hashable, str], event: Event) -> str | None:
@@ -728,7 +318,7 @@ def zero_events(events: list[Event], categories: dict[Hashable, str], layout: Ze
     (memo §6: the epilogue's flush held one more gathered layer, 32 MiB, at both bucket sizes), not read in the
     source. Returns (events, breakdown key by storage)."""
     layers = [event.layer for event in events] if layers is None else layers
-    keys = _Keys()
+    keys = StorageKeys()
     weights, optimizer, gradients = Category.WEIGHTS.value, Category.OPTIMIZER.value, Category.GRADIENTS.value
     inserts: dict[int, list[tuple[tuple[int, ...], Any]]] = {}
 
