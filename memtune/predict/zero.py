@@ -486,7 +486,11 @@ def zero_step_events(model_config: Any, train_config: TrainConfig, device: str
         knobs = knobs_of(train_config, hidden_size_of(model_config))
         trace, events = full_depth_events(model_config, single_gpu_config(train_config), device)
         layout = cached_layout(model_config, train_config)
-        layers = event_layers(trace, events, num_layers_of(model_config) or trace.traced_layers)
+        num_layers = num_layers_of(model_config) or trace.traced_layers
+        if 0 < train_config.checkpointed_layers(num_layers) < num_layers:  # extended twice: the tags as they are
+            layers = [event.layer for event in events]
+        else:
+            layers = event_layers(trace, events, num_layers)
         zero, categories = zero_events(events, trace.categories, layout, knobs, layers)
         _EVENTS_CACHE[key] = (zero, categories, trace, layout, knobs)
     return _EVENTS_CACHE[key]
