@@ -250,3 +250,43 @@ def test_training_arguments_of_a_deepspeed_plan_hand_trainer_the_json(tmp_path):
     path = write_deepspeed_config(tmp_path / "x.json", plan.train_config)
     given = plan.training_arguments(output_dir=str(tmp_path), use_cpu=False, deepspeed=str(path))
     assert given.deepspeed == str(path)  # an explicit deepspeed= wins
+
+
+def test_a_deepspeed_plan_run_without_its_launcher_is_warned_about(monkeypatch):
+    from memtune.run.runner import _launch_warnings
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    model_config = catalog_config("qwen2.5-0.5b")
+    plan = Plan(model="qwen2.5-0.5b", budget_bytes=1 << 30, train_config=ZERO2_OFFLOAD.replace(seq_len=512))
+    messages = _launch_warnings(plan, model_config)
+    assert any("not launched with a DeepSpeed accelerate config" in message for message in messages)
+    assert not any("FSDP" in message for message in messages)  # its offload is DeepSpeed's, not FSDP's
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert _launch_warnings(plan, model_config) == []
+
+
+# ---- end to end on the CPU (DeepSpeed's CPU accelerator, gloo) --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_memtune_run_trains_a_zero3_plan_under_accelerate_launch(model_dir, tmp_path, monkeypatch):
+    """`memtune run` relaunches itself under `accelerate launch` with the DeepSpeed yaml and JSON it writes, and
+    Trainer runs ZeRO-3 for 2 optimizer steps (DeepSpeed's CPU accelerator here; the first run JIT-builds its shared
+    memory op, ~40 s)."""
+    pytest.importorskip("deepspeed")
+    from memtune.cli import main
+
+    for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    plan = Plan(model=str(model_dir), budget_bytes=1 << 30,
+                train_config=TrainConfig(seq_len=64, micro_batch_size=2, strategy="deepspeed", zero=Zero(stage=3)))
+    output = tmp_path / "out"
+    corpus = Path(__file__).parent / "data" / "tiny_corpus.jsonl"
+    code = main(["run", str(plan.save(tmp_path / "plan.json")), "--data", str(corpus), "--output-dir", str(output),
+                 "--max-steps", "2"])
+    assert code == 0
+    summary = json.loads((output / "run_summary.json").read_text())
+    assert summary["status"] == "completed" and summary["global_step"] == 2, summary
+    assert [step for step, _ in summary["loss_curve"]] == [1, 2]
+    assert (output / DEEPSPEED_CONFIG_FILE).is_file() and (output / "checkpoint-2" / "global_step2").is_dir()

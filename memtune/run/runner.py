@@ -711,8 +711,7 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     if command is None:
         return None
     config = plan.train_config
-    engine = (config.zero.describe(config.offload) if config.zero is not None else "DDP" if config.replicated
-              else "FSDP")
+    engine = "DeepSpeed" if config.deepspeed else "DDP" if config.replicated else "FSDP"
     log(f"the plan needs {engine} ({plan.train_config.describe()}): launching {' '.join(command)}")
     return subprocess.run(command, check=False).returncode
 
