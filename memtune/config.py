@@ -682,6 +682,10 @@ def _zero_problems(config: TrainConfig) -> list[str]:
         if zero.nvme_path is None:
             problems.append("offload_device 'nvme' needs nvme_path, a directory on a local NVMe drive "
                             "(Zero(nvme_path='/local_nvme')), got None")
+    if config.weights_dtype != "fp32" and config.amp != config.weights_dtype:
+        problems.append(f"DeepSpeed keeps fp32 master weights and computes in the dtype of its bf16 / fp16 mode, "
+                        f"got {config.weights_dtype} weights with amp {config.amp!r} (pure 16-bit training has no "
+                        "DeepSpeed mode): use precision bf16-mixed (or bf16 weights with bf16 autocast)")
     if config.optimizer not in DEEPSPEED_OPTIMIZERS:
         problems.append(f"a DeepSpeed plan runs DeepSpeed's AdamW (fp32 state), got optimizer {config.optimizer}: "
                         "use adamw_torch_fused or adamw_torch")

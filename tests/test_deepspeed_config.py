@@ -267,3 +267,10 @@ def test_missing_deepspeed_gives_the_install_hint(monkeypatch):
         require_deepspeed(deepspeed())
     assert DEEPSPEED_EXTRA_HINT in str(error.value) and "\n" not in str(error.value)
     require_deepspeed(TrainConfig(seq_len=512))  # other strategies never need it
+
+
+def test_deepspeed_has_no_pure_16_bit_mode():
+    text = problems_of(strategy="deepspeed", zero=Zero(), weights_dtype="bf16", amp="none")
+    assert "DeepSpeed keeps fp32 master weights and computes in the dtype of its bf16 / fp16 mode, got bf16 " \
+           "weights with amp 'none'" in text
+    assert deepspeed(weights_dtype="bf16", amp="bf16").amp == "bf16"  # a bf16 base under bf16 autocast runs
