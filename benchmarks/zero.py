@@ -3,15 +3,14 @@ optimizer offload, on Qwen2.5-0.5B and Llama-3.2-1B (catalog configs, random wei
 torchrun where the machine has them.
 
 Each case is measured in its own `torchrun` job (one process per GPU) through DeepSpeed's engine as memtune's run
-path sets it up: the DeepSpeed JSON of `memtune.run.launch.deepspeed_config` when that writer exists (else the same
-blocks written here, memo §4), every "auto" filled as Trainer fills it, ZeRO-3 models built under zero.Init
-(transformers' HfDeepSpeedConfig alive before the model, as Trainer's TrainingArguments make it), torch's AdamW
-passed in without offload (what Trainer builds) and DeepSpeed's CPU Adam from the JSON with it. The cuBLAS
-workspaces are made first (`measure.memory.warm_up`) and, with what was allocated before the model, taken off the
-figures, as memtune's own trials do. Three steps; the compared figure is the largest over ranks of the peak
-reserved (and allocated) of steps 2 and 3: ZeRO-3's
-prefetch and reuse follow the trace recorded in step 1, so step 1 is not representative (memo §6). Predictions:
-`memtune.predict.estimate.estimate` on both trace paths.
+path sets it up: the DeepSpeed JSON of `memtune.run.launch.deepspeed_config`, every "auto" filled as Trainer fills
+it, ZeRO-3 models built under zero.Init (transformers' HfDeepSpeedConfig alive before the model, as Trainer's
+TrainingArguments make it), torch's AdamW passed in without offload (what Trainer builds) and DeepSpeed's CPU Adam
+from the JSON with it. The cuBLAS workspaces are made first (`measure.memory.warm_up`) and, with what was allocated
+before the model, taken off the figures, as memtune's own trials do. Three steps; the compared figure is the largest
+over ranks of the peak reserved (and allocated) of steps 2 and 3: ZeRO-3's prefetch and reuse follow the trace
+recorded in step 1, so step 1 is not representative (memo §6). Predictions: `memtune.predict.estimate.estimate` on
+both trace paths, with the host RAM ZeRO holds per rank (`Estimate.host_bytes`) beside the measured RSS.
 
 GPU machine (DeepSpeed is not installed there; carry the wheels of /work/main/.whl named in the memo §0/§7):
     pip install --no-deps --target /tmp/dssite deepspeed-0.19.8-py3-none-any.whl hjson-*.whl pydantic-*.whl \
@@ -77,44 +76,16 @@ def predict(model: str, config: TrainConfig, path: str) -> dict:
 # -- the measured side (GPU, DeepSpeed) ---------------------------------------------------------------------------
 
 def deepspeed_json(config: TrainConfig, model_config: Any) -> dict:
-    """The DeepSpeed JSON of the run path with Trainer's "auto"s filled (micro-batch, accumulation 1, clipping 1.0 as
-    TrainingArguments' max_grad_norm, AdamW's lr/betas/eps/weight decay as its defaults)."""
-    try:
-        from memtune.run.launch import deepspeed_config  # type: ignore[attr-defined]
+    """The DeepSpeed JSON of the run path (`memtune.run.launch.deepspeed_config`, every ZeRO knob a number) with
+    Trainer's "auto"s filled: the micro-batch, accumulation 1, clipping 1.0 (TrainingArguments' max_grad_norm),
+    AdamW's lr / betas / eps / weight decay (its defaults, lr 1e-5)."""
+    from memtune.run.launch import deepspeed_config
 
-        written = deepspeed_config(config, model_config=model_config)
-    except ImportError:  # the run path's writer is not in this checkout: the memo's §4 blocks
-        written = fallback_json(config, model_config)
-    filled = {"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": 1,
-              "train_batch_size": config.micro_batch_size * config.num_gpus, "gradient_clipping": 1.0}
-    written.update(filled)
+    written = deepspeed_config(config, model_config=model_config)
+    written.update({"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": 1,
+                    "train_batch_size": config.micro_batch_size * config.num_gpus, "gradient_clipping": 1.0})
     if "optimizer" in written:
         written["optimizer"]["params"] = {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
-    return written
-
-
-def fallback_json(config: TrainConfig, model_config: Any) -> dict:
-    """memo §4: every knob a number (Zero.resolved), offload blocks pinned, the AdamW block only with offload."""
-    zero = config.zero
-    assert zero is not None
-    sizes = zero.resolved(model_config.hidden_size)
-    optimization: dict[str, Any] = {"stage": zero.stage, "overlap_comm": zero.overlap_comm,
-                                    "contiguous_gradients": zero.contiguous_gradients,
-                                    "reduce_bucket_size": sizes["reduce_bucket_size"]}
-    if zero.stage == 3:
-        optimization.update({name: sizes[name] for name in (
-            "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "stage3_max_live_parameters",
-            "stage3_max_reuse_distance", "sub_group_size")})
-    else:
-        optimization["allgather_bucket_size"] = sizes["allgather_bucket_size"]
-    if config.offload != "none":
-        optimization["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if config.offload == "parameters":
-            optimization["offload_param"] = {"device": "cpu", "pin_memory": True}
-    written: dict[str, Any] = {"bf16": {"enabled": config.amp == "bf16"}, "fp16": {"enabled": config.amp == "fp16"},
-                               "zero_optimization": optimization}
-    if config.offload != "none":
-        written["optimizer"] = {"type": "AdamW", "params": {}}
     return written
 
 
