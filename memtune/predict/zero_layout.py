@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memtune.predict.events import Category
-
 DEEPSPEED_VERSION = "0.19.8"
 """The DeepSpeed whose source the rules were read from and measured with."""
 
@@ -190,28 +188,6 @@ def gathers_cost_memory(layout: ZeroLayout, knobs: ZeroKnobs) -> bool:
     """Whether ZeRO-3's gathers allocate: with N > 1, or a host-to-device copy under parameter offload. N = 1
     without offload gathers nothing (`_no_gather_coalesced`, partition_parameters.py:904-914)."""
     return knobs.stage == 3 and (layout.num_ranks > 1 or knobs.offloads_parameters)
-
-
-def model_state_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> dict[str, int]:
-    """The persistent GPU model states of one rank after the first step, by breakdown key (no gathered
-    parameters, no transients): the figure the memo's formulas give."""
-    b, trainable = layout.bytes_per_element, layout.trainable_elements
-    frozen = sum(p.numel * p.element_bytes for p in layout.params if not p.trainable)
-    states = {Category.WEIGHTS.value: 0, Category.OPTIMIZER.value: 0, Category.GRADIENTS.value: 0, ZERO_BUCKETS: 0}
-    if knobs.stage in (1, 2):
-        states[Category.WEIGHTS.value] = flat_bit16_bytes(layout) + frozen
-        if knobs.offloads_optimizer:
-            states[Category.GRADIENTS.value] = layout.largest_trainable * b  # staging buffer, 659-661
-        else:
-            states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
-        return states
-    if not knobs.offloads_parameters:
-        states[Category.WEIGHTS.value] = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params)
-    states[ZERO_BUCKETS] = ipg_bucket_bytes(layout, knobs)
-    if not knobs.offloads_optimizer:
-        states[Category.GRADIENTS.value] = b * layout.partition(trainable)
-        states[Category.OPTIMIZER.value] = master_bytes(layout) + 2 * adam_moment_bytes(layout)
-    return states
 
 
 def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) -> int:
