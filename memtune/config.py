@@ -25,8 +25,8 @@ Amp = Literal["none", "bf16", "fp16"]
 Offload = Literal["none", "optimizer", "parameters"]
 Loss = Literal["standard", "chunked", "liger"]
 LOSSES = ("standard", "chunked", "liger")
-Strategy = Literal["fsdp", "ddp"]
-STRATEGY_NAMES = {"fsdp": "FSDP", "ddp": "DDP"}
+Strategy = Literal["fsdp", "ddp", "deepspeed"]
+STRATEGY_NAMES = {"fsdp": "FSDP", "ddp": "DDP", "deepspeed": "DeepSpeed"}
 
 # --precision NAME -> (dtype the weights are stored in, autocast compute dtype).
 PRECISIONS: dict[str, tuple[DType, Amp]] = {
@@ -73,6 +73,11 @@ PAGED_OPTIMIZERS = frozenset({"paged_adamw_8bit", "paged_adamw_32bit"})
 """Optimizers whose large state tensors live in CUDA unified memory (cudaMallocManaged), outside torch's pool."""
 QUANT_EXTRA_HINT = 'pip install -e ".[quant]"'
 LIGER_EXTRA_HINT = 'pip install -e ".[liger]"'
+DEEPSPEED_EXTRA_HINT = 'pip install -e ".[deepspeed]"'
+DEEPSPEED_OPTIMIZERS = frozenset({"adamw_torch_fused", "adamw_torch"})
+"""Optimizers a DeepSpeed plan runs: its JSON names DeepSpeed's AdamW (`run.launch.deepspeed_config`), which
+DeepSpeed builds as torch's AdamW without offload and as DeepSpeedCPUAdam with it (DeepSpeed 0.19.8
+runtime/engine.py:2377-2397): the same fp32 Adam state as these two. Others are refused, not silently swapped."""
 QUANTIZED_BASE_CHOICES = ("4", "8")
 """--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
 
@@ -162,6 +167,110 @@ class Quantization:
         return f"4-bit base ({self.quant_type}), {self.compute_dtype} compute{double}"
 
 
+ZERO_STAGES = (1, 2, 3)
+ZERO_OFFLOAD_DEVICES = ("cpu", "nvme")
+ZERO_BUCKET_KNOBS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                     "stage3_param_persistence_threshold", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+                     "sub_group_size")
+"""Zero's size knobs, named as in DeepSpeed's JSON "zero_optimization" block; all count elements."""
+
+
+@dataclass(frozen=True)
+class Zero:
+    """DeepSpeed ZeRO (strategy "deepspeed"): which model states are partitioned over the data-parallel ranks, where
+    `TrainConfig.offload` puts them, and the communication buffers' sizes.
+
+    Every size knob counts ELEMENTS (parameters), not bytes, as DeepSpeed does (runtime/zero/config.py): a bucket of
+    `reduce_bucket_size` elements holds `reduce_bucket_size x 2` bytes of bf16 gradients. None means the value
+    transformers' "auto" gives it for the model (`transformers/integrations/deepspeed.py:202-242`, the same in
+    accelerate 1.15 accelerator.py:2295-2326) where "auto" exists, else DeepSpeed 0.19.8's default; `resolved`
+    turns every knob into a number, and the launched JSON carries those numbers, so the predicted and the run
+    configurations agree by construction."""
+
+    stage: int = 3
+    """1: optimizer state partitioned; 2: gradients too; 3: parameters too (DeepSpeed's `zero_optimization.stage`)."""
+    offload_device: Literal["cpu", "nvme"] = "cpu"
+    """Where `TrainConfig.offload`'s state goes: offload "optimizer" becomes DeepSpeed's offload_optimizer,
+    "parameters" offload_param + offload_optimizer (ZeRO-3 only). "nvme" (ZeRO-Infinity) is ZeRO-3 only: ZeRO-1/2
+    accept the setting and silently use the CPU (the memo's reading of stage_1_and_2.py). Unused without offload."""
+    nvme_path: str | None = None
+    """A directory on a fast local NVMe drive for offload_device "nvme" (DeepSpeed's `nvme_path`); required there."""
+    overlap_comm: bool = True
+    """Overlap gradient reduction with backward. DeepSpeed's default is False for ZeRO-1/2 and True for ZeRO-3
+    (runtime/zero/config.py:138, 384-386); memtune writes it explicitly. ZeRO-1/2 then hold two reduce buckets."""
+    contiguous_gradients: bool = True
+    """Copy gradients into one contiguous partition as they are reduced (less fragmentation; DeepSpeed default)."""
+    reduce_bucket_size: int | None = None
+    """Elements reduced at a time (the IPG bucket: x2 bytes in bf16, x2 again with overlap_comm for ZeRO-1/2).
+    None: hidden_size^2 (transformers' "auto"; DeepSpeed's own default is 5e8)."""
+    allgather_bucket_size: int | None = None
+    """ZeRO-1/2: elements all-gathered at a time after the step. None: DeepSpeed's default 5e8 (no "auto"); no
+    buffer of that size is allocated on torch with all_gather_into_tensor (runtime/utils.py:1019-1022)."""
+    stage3_prefetch_bucket_size: int | None = None
+    """ZeRO-3: elements of parameters gathered ahead of their use. None: int(0.9 hidden_size^2) ("auto")."""
+    stage3_param_persistence_threshold: int | None = None
+    """ZeRO-3: parameters of at most this many elements stay gathered on every GPU. None: 10 hidden_size ("auto")."""
+    stage3_max_live_parameters: int | None = None
+    """ZeRO-3: cap, in elements, on gathered parameters when prefetching. None: DeepSpeed's default 1e9."""
+    stage3_max_reuse_distance: int | None = None
+    """ZeRO-3: a gathered parameter whose next use is within this many elements of gathers stays gathered.
+    None: DeepSpeed's default 1e9."""
+    sub_group_size: int | None = None
+    """ZeRO-3: elements per optimizer sub-group (the step's fp32 transients are per sub-group). None: DeepSpeed's
+    default 1e9."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if isinstance(self.stage, bool) or self.stage not in ZERO_STAGES:
+            problems.append(f"stage must be 1, 2 or 3, got {self.stage!r}")
+        if self.offload_device not in ZERO_OFFLOAD_DEVICES:
+            problems.append(f"offload_device must be cpu or nvme, got {self.offload_device!r}")
+        if self.nvme_path is not None and (not isinstance(self.nvme_path, str) or not self.nvme_path.strip()):
+            problems.append(f"nvme_path must be a directory path or None, got {self.nvme_path!r}")
+        for name in ("overlap_comm", "contiguous_gradients"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ZERO_BUCKET_KNOBS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                                      or (value == 0 and name == "reduce_bucket_size")):
+                least = "a positive" if name == "reduce_bucket_size" else "a non-negative"
+                problems.append(f"{name} must be {least} number of elements or None (auto), got {value!r}")
+        if problems:
+            raise UsageError(listed("invalid zero", problems))
+
+    def resolved(self, hidden_size: int) -> dict[str, int]:
+        """Every size knob as a number of elements for a model of `hidden_size`: the field where set, else what
+        transformers 5.24 writes for "auto" (integrations/deepspeed.py:232-242: reduce_bucket_size
+        hidden_size * hidden_size, stage3_prefetch_bucket_size int(0.9 * hidden_size * hidden_size),
+        stage3_param_persistence_threshold 10 * hidden_size), else DeepSpeed 0.19.8's default
+        (runtime/zero/config.py: allgather_bucket_size 5e8 line 132, stage3_max_live_parameters 1e9 line 245,
+        stage3_max_reuse_distance 1e9 line 251, sub_group_size 1e9 line 182). Raises UsageError for a
+        hidden_size that is not a positive integer."""
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size < 1:
+            raise UsageError(f"Zero.resolved needs the model's hidden_size as a positive integer, got {hidden_size!r}")
+        defaults = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "allgather_bucket_size": int(5e8),
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "stage3_max_live_parameters": int(1e9),
+            "stage3_max_reuse_distance": int(1e9),
+            "sub_group_size": int(1e9),
+        }
+        values = {name: getattr(self, name) for name in ZERO_BUCKET_KNOBS}
+        return {name: defaults[name] if value is None else value for name, value in values.items()}
+
+    def describe(self, offload: str = "none") -> str:
+        """The ZeRO stage in words, with where `offload` ("none", "optimizer" or "parameters") puts the state."""
+        place = "NVMe" if self.offload_device == "nvme" else "CPU"
+        if offload == "optimizer":
+            return f"DeepSpeed ZeRO-{self.stage} ({place} optimizer offload)"
+        if offload == "parameters":
+            return f"DeepSpeed ZeRO-{self.stage} ({place} parameter + optimizer offload)"
+        return f"DeepSpeed ZeRO-{self.stage}"
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One candidate configuration of a training step."""
@@ -206,7 +315,8 @@ class TrainConfig:
     changes no allocation of the step, only how the allocator lays them out (reserved memory); `memtune run` and
     `Plan.prepare` set it."""
     offload: Offload = "none"
-    """What lives on the CPU between uses: nothing, the optimizer state, or parameters too."""
+    """What lives on the CPU between uses: nothing, the optimizer state, or parameters too. Under strategy
+    "deepspeed" it is ZeRO's offload_optimizer / offload_param + offload_optimizer, to `zero.offload_device`."""
     loss: Loss = "standard"
     """"chunked" computes the LM-head and cross-entropy in chunks, never holding all fp32 logits; "liger" is
     Liger-Kernel's fused linear cross-entropy (Triton, a CUDA GPU; `recipe.loss`). Both run in the model's forward,
@@ -216,7 +326,11 @@ class TrainConfig:
     strategy: Strategy = "fsdp"
     """How several GPUs share the work (only with num_gpus > 1): "fsdp" shards weights, gradients and
     optimizer state over them (FSDP2 full sharding; also the engine of CPU offload); "ddp" keeps a full
-    replica on every GPU and all-reduces the gradients (DistributedDataParallel), without offload."""
+    replica on every GPU and all-reduces the gradients (DistributedDataParallel), without offload.
+    "deepspeed" runs DeepSpeed ZeRO as `zero` says, on one GPU or several (ZeRO-Offload on one GPU is common);
+    it needs the `deepspeed` extra (`require_deepspeed`)."""
+    zero: Zero | None = None
+    """The DeepSpeed ZeRO settings: set exactly when strategy is "deepspeed"."""
     quantization: Quantization | None = None
     """A base stored in 4 or 8 bits by bitsandbytes (QLoRA; needs a LoRA adapter); None: the base in
     weights_dtype. Its other floating weights are loaded in weights_dtype and made fp32 by peft's
@@ -235,7 +349,7 @@ class TrainConfig:
         if self.amp not in ("none", "bf16", "fp16"):
             problems.append(f"amp must be none, bf16 or fp16, got {self.amp!r}")
         if self.strategy not in STRATEGY_NAMES:
-            problems.append(f"strategy must be fsdp or ddp, got {self.strategy!r}")
+            problems.append(f"strategy must be fsdp, ddp or deepspeed, got {self.strategy!r}")
         if self.offload not in ("none", "optimizer", "parameters"):
             problems.append(f"offload must be none, optimizer or parameters, got {self.offload!r}")
         if self.loss not in LOSSES:
@@ -288,6 +402,7 @@ class TrainConfig:
             if isinstance(self.num_gpus, int) and self.num_gpus == 1:
                 problems.append("strategy 'ddp' replicates the model over several GPUs: it needs num_gpus >= 2 "
                                 "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
+        problems += _zero_problems(self)
         if problems:
             raise UsageError(listed("invalid training configuration", problems))
 
@@ -332,11 +447,13 @@ class TrainConfig:
             parts.append("Liger fused loss")
         if self.optimizer != DEFAULT_OPTIMIZER:
             parts.append(self.optimizer + (" (stochastic rounding)" if self.stochastic_rounding else ""))
-        if self.offload != "none":
+        if self.offload != "none" and self.zero is None:  # under DeepSpeed the offload is in ZeRO's words
             parts.append(f"offload {self.offload}")
         if self.expandable_segments:
             parts.append("expandable segments")
-        if self.num_gpus > 1:
+        if self.zero is not None:
+            parts.append(self.zero.describe(self.offload) + (f" on {self.num_gpus} GPUs" if self.num_gpus > 1 else ""))
+        elif self.num_gpus > 1:
             parts.append(f"{self.num_gpus} GPUs, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
 
@@ -365,8 +482,15 @@ class TrainConfig:
 
     @property
     def sharded(self) -> bool:
-        """Run by FSDP2: sharded over several GPUs, or CPU offload (FSDP with one GPU too)."""
-        return not self.replicated and (self.num_gpus > 1 or self.offload != "none")
+        """Run by FSDP2: sharded over several GPUs, or CPU offload (FSDP with one GPU too). Never a DeepSpeed plan
+        (`deepspeed`), which ZeRO partitions its own way."""
+        return (self.strategy != "deepspeed" and not self.replicated
+                and (self.num_gpus > 1 or self.offload != "none"))
+
+    @property
+    def deepspeed(self) -> bool:
+        """Run by DeepSpeed ZeRO (strategy "deepspeed", settings in `zero`), on any number of GPUs."""
+        return self.strategy == "deepspeed"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -388,6 +512,12 @@ class TrainConfig:
             data["adapter"] = Adapter(**adapter)
         if isinstance(data.get("quantization"), dict):
             data["quantization"] = Quantization(**data["quantization"])
+        if isinstance(data.get("zero"), dict):
+            unknown = sorted(set(data["zero"]) - {f.name for f in dataclasses.fields(Zero)})
+            if unknown:
+                raise UsageError(f"unknown zero keys {unknown}; known keys are "
+                                 f"{sorted(f.name for f in dataclasses.fields(Zero))}")
+            data["zero"] = Zero(**data["zero"])
         return cls(**data)
 
     @classmethod
@@ -428,6 +558,28 @@ def require_extra(optimizer: str) -> None:
     if optimizer in TORCHAO_OPTIMIZERS and not torchao_available():
         raise UsageError(f"optimizer {optimizer} needs torchao, which is not installed: {QUANT_EXTRA_HINT} "
                          "(or pip install torchao), or choose --optim adamw_torch_fused")
+
+
+def deepspeed_available() -> bool:
+    """Whether DeepSpeed is installed (the `deepspeed` extra), found without importing it (its import takes seconds
+    and probes the accelerator; done only when a DeepSpeed plan runs)."""
+    return _installed("deepspeed")
+
+
+def require_deepspeed(config: TrainConfig) -> None:
+    """Raise UsageError (exit 2) with the install command when `config` is a DeepSpeed plan and DeepSpeed cannot be
+    found (`deepspeed_available`)."""
+    if config.deepspeed and not deepspeed_available():
+        raise UsageError(f"strategy deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip "
+                         "install 'deepspeed>=0.19'), or choose strategy fsdp")
+
+
+def require_predicted(config: TrainConfig) -> None:
+    """Raise UsageError (exit 2) for a configuration memtune cannot predict yet: a DeepSpeed plan (issue 15), whose
+    ZeRO partitions and buckets the single-GPU, DDP and FSDP estimates do not model."""
+    if config.deepspeed:
+        raise UsageError(f"DeepSpeed plans are not predicted yet, got {config.describe()}: predict and search with "
+                         "strategy fsdp or ddp; a DeepSpeed plan can still be run (memtune run)")
 
 
 def _installed(package: str) -> bool:
@@ -501,6 +653,45 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
         problems.append(f"a quantised base ({bits}-bit) trains under 16-bit autocast (Trainer bf16=True or "
                         "fp16=True), got no autocast (--precision fp32, bf16 or fp16): use --precision bf16-mixed or "
                         "fp16-mixed, or leave --precision out with --qlora")
+    return problems
+
+
+def _zero_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with `config.zero` given the rest of `config`: set exactly for strategy "deepspeed"; offload
+    "parameters" and NVMe are ZeRO-3's (DeepSpeed's offload_param is stage 3 only, and ZeRO-1/2 put an NVMe
+    offload_optimizer on the CPU without a word); NVMe needs a path; the optimizer must be the AdamW the DeepSpeed
+    JSON names (DEEPSPEED_OPTIMIZERS)."""
+    zero = config.zero
+    if zero is not None and not isinstance(zero, Zero):
+        return [f"zero must be a Zero or None, got {type(zero).__name__}"]
+    if config.strategy != "deepspeed":
+        if zero is None:
+            return []
+        return [f"zero (DeepSpeed ZeRO-{zero.stage}) needs strategy 'deepspeed', got strategy {config.strategy!r}: "
+                "set strategy='deepspeed', or drop zero"]
+    if zero is None:
+        return ["strategy 'deepspeed' needs its ZeRO settings: add zero=Zero(stage=3) (stage 1, 2 or 3)"]
+    problems = []
+    if config.offload == "parameters" and zero.stage != 3:
+        problems.append(f"offload 'parameters' under DeepSpeed is ZeRO-3's offload_param, got ZeRO stage {zero.stage}: "
+                        "use Zero(stage=3), or offload 'optimizer'")
+    if zero.offload_device == "nvme" and config.offload != "none":
+        if zero.stage != 3:
+            problems.append(f"NVMe offload is ZeRO-3's (ZeRO-Infinity): ZeRO stage {zero.stage} would silently keep "
+                            "the state on the CPU: use Zero(stage=3), or offload_device 'cpu'")
+        if zero.nvme_path is None:
+            problems.append("offload_device 'nvme' needs nvme_path, a directory on a local NVMe drive "
+                            "(Zero(nvme_path='/local_nvme')), got None")
+    if config.weights_dtype != "fp32" and config.amp != config.weights_dtype:
+        problems.append(f"DeepSpeed keeps fp32 master weights and computes in the dtype of its bf16 / fp16 mode, "
+                        f"got {config.weights_dtype} weights with amp {config.amp!r} (pure 16-bit training has no "
+                        "DeepSpeed mode): use precision bf16-mixed (or bf16 weights with bf16 autocast)")
+    if config.optimizer not in DEEPSPEED_OPTIMIZERS:
+        problems.append(f"a DeepSpeed plan runs DeepSpeed's AdamW (fp32 state), got optimizer {config.optimizer}: "
+                        "use adamw_torch_fused or adamw_torch")
+    if config.quantization is not None:
+        problems.append("a quantised base (QLoRA) is not planned under DeepSpeed: drop the quantization, or use "
+                        "strategy fsdp / one GPU")
     return problems
 
 

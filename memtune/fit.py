@@ -32,6 +32,7 @@ from memtune.config import (
     margin_for,
     option_of,
     parse_bytes,
+    require_predicted,
 )
 from memtune.errors import UsageError, listed
 from memtune.measure import memory
@@ -75,6 +76,8 @@ class ModelPredictor:
         self._cache: dict[TrainConfig, Estimate] = {}
 
     def memory(self, config: TrainConfig) -> Estimate:
+        """The predicted step of `config`. Raises UsageError for a DeepSpeed plan (not predicted yet)."""
+        require_predicted(config)
         if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
             self._cache[config] = estimate(self.model_config, config, device=self.device,
                                            context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memtune.config import TrainConfig, require_liger
+from memtune.config import TrainConfig, require_deepspeed, require_liger
 from memtune.errors import UsageError
 from memtune.search import ladder
 
@@ -273,7 +273,10 @@ class Plan:
         The fields come from the rungs (`search.ladder.trainer_arguments`), with transformers 5.24's
         activation_checkpointing names where the installed TrainingArguments has them. Offload and
         multi-GPU sharding are not TrainingArguments: they come from the accelerate config `accelerate
-        launch` is started with (`run.launch`). A DDP plan also sets ddp_find_unused_parameters=False.
+        launch` is started with (`run.launch`). A DDP plan also sets ddp_find_unused_parameters=False. A DeepSpeed
+        plan sets `deepspeed` to its JSON as a dict (`run.launch.deepspeed_config`; the hidden-size knobs left
+        "auto" for Trainer to fill from the model) unless `deepspeed` is among the overrides (a path or a dict);
+        UsageError with the install command when DeepSpeed is missing.
         """
         import dataclasses
 
@@ -296,6 +299,12 @@ class Plan:
             # transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs).
             renamed = name.replace("gradient_checkpointing", "activation_checkpointing")
             arguments[renamed if renamed in fields else name] = value
+        if config.deepspeed:
+            from memtune.run.launch import deepspeed_training_arguments
+
+            require_deepspeed(config)  # before TrainingArguments imports it
+            if "deepspeed" not in overrides:
+                arguments.update(deepspeed_training_arguments(config))
         arguments.update(overrides)
         return TrainingArguments(**arguments)
 

@@ -147,7 +147,7 @@ def test_ddp_with_offload_or_one_gpu_is_refused_with_every_reason():
     message = str(caught.value)
     assert "cannot offload 'parameters'" in message and "use strategy 'fsdp'" in message
     assert "needs num_gpus >= 2" in message
-    with pytest.raises(UsageError, match="strategy must be fsdp or ddp, got 'zero3'"):
+    with pytest.raises(UsageError, match="strategy must be fsdp, ddp or deepspeed, got 'zero3'"):
         TrainConfig(seq_len=8, num_gpus=2, strategy="zero3")
 
 

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from memtune.config import TrainConfig
-from memtune.errors import NoGpuError
+from memtune.errors import NoGpuError, UsageError
 from memtune.measure.memory import Measurement, is_oom, release_memory, set_allocator_mode, warm_up
 
 
@@ -27,8 +27,12 @@ def measure(model_config: Any, train_config: TrainConfig, steps: int = 3, device
     (the optimizer's share is over-counted: a conservative tokens/s). None runs the full step.
 
     An out-of-memory error is caught and reported as `fits=False`; any other error propagates.
-    Either way the memory the trial took is given back before returning.
+    Either way the memory the trial took is given back before returning. A DeepSpeed plan raises UsageError:
+    trials do not run DeepSpeed yet.
     """
+    if train_config.deepspeed:
+        raise UsageError(f"trial steps do not run DeepSpeed plans yet, got {train_config.describe()}: run the plan "
+                         "(memtune run) or measure strategy fsdp / ddp")
     if train_config.offload != "none" or train_config.num_gpus > 1:
         # Offload and multi-GPU run as FSDP through accelerate's preparation (`measure.sharded.measure_sharded`).
         from memtune.measure.sharded import measure_sharded

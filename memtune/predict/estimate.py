@@ -3,13 +3,17 @@
     estimate(model_config, TrainConfig(seq_len=1024, micro_batch_size=4, amp="bf16"))
     estimate(model_config, TrainConfig(seq_len=2048, amp="bf16", num_gpus=4))                  # FSDP shard
     estimate(model_config, TrainConfig(seq_len=2048, amp="bf16", num_gpus=4, strategy="ddp"))  # DDP replica
+    estimate(model_config, TrainConfig(seq_len=2048, amp="bf16", num_gpus=2, strategy="deepspeed",
+                                       zero=Zero(stage=3)))                                     # ZeRO rank
 
 `TrainConfig` says how the step runs, and the estimate follows it:
 - one GPU without offload: `single.estimate_single` (the step traced, extended, replayed);
 - strategy "ddp" over several GPUs (`TrainConfig.replicated`): `ddp.estimate_replicated`, the one-GPU
   step plus DDP's broadcast and gradient buckets;
 - FSDP over several GPUs, or CPU offload on any number (`TrainConfig.sharded`): `fsdp.estimate_sharded`,
-  one rank's sharded step on a fake process group.
+  one rank's sharded step on a fake process group;
+- strategy "deepspeed" (`TrainConfig.deepspeed`, ZeRO stage 1-3 with or without offload, any number of GPUs):
+  `zero.estimate_zero`, the one-GPU step with ZeRO's partitions, buckets and gathers in place of its model states.
 
 `fits_under` asks the same question against a usable size, by the same dispatch. Pure: no CUDA memory
 is used; the traces run on fake tensors.
@@ -21,7 +25,7 @@ from typing import Any
 
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import UsageError
-from memtune.predict import ddp, fsdp, single
+from memtune.predict import ddp, fsdp, single, zero
 from memtune.predict.peak import Estimate
 from memtune.recipe.step import require_extra
 
@@ -57,6 +61,8 @@ def estimate(
         raise UsageError(f"estimate needs a transformers config (e.g. memtune.resolve('gpt2').config), "
                          f"got {type(model_config).__name__} {model_config!r:.60}")
     kwargs: dict[str, Any] = {"device": device, "context_bytes": context_bytes, "workspace_bytes": workspace_bytes}
+    if train_config.deepspeed:
+        return zero.estimate_zero(model_config, train_config, **kwargs)
     if train_config.replicated:
         return ddp.estimate_replicated(model_config, train_config, **kwargs)
     if train_config.sharded:
@@ -80,9 +86,11 @@ def fits_under(model_config: Any, estimate_: Estimate, usable_bytes: int, device
     """Whether the step of `estimate_.config` fits a device with `usable_bytes` for it, dispatched as
     `estimate`: one GPU and DDP replay their events against that capacity, releasing the cache under
     pressure as torch does (so a step whose unconstrained peak reserved is above it can still fit);
-    the sharded estimate is a sum of per-stream peaks with no single stream to replay, so its total
-    must fit: `Estimate.total_bytes <= usable_bytes`."""
+    the sharded and the DeepSpeed estimates are sums of per-stream peaks with no single stream to replay, so
+    their total must fit: `Estimate.total_bytes <= usable_bytes`."""
     config = estimate_.config
+    if config.deepspeed:
+        return estimate_.total_bytes <= usable_bytes
     if config.replicated:
         return ddp.fits_under(model_config, estimate_, usable_bytes, device)
     if config.sharded:

@@ -239,8 +239,11 @@ def python_snippet(config: TrainConfig) -> str:
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
                                      ("Liger's fused loss", config.loss == "liger"),
-                                     (f"offload of {config.offload}", config.offload != "none"),
-                                     ("FSDP over several GPUs", config.num_gpus > 1 and not config.replicated),
+                                     (f"offload of {config.offload}",
+                                      config.offload != "none" and not config.deepspeed),
+                                     ("FSDP over several GPUs", config.num_gpus > 1 and config.sharded),
+                                     (f"DeepSpeed ZeRO-{config.zero.stage if config.zero else '?'} (accelerate launch)",
+                                      config.deepspeed),
                                      (f"DDP over {config.num_gpus} GPUs (accelerate launch)", config.replicated)) if on]
     if missing:
         body.append(f"# no TrainingArguments flag for {' and '.join(missing)}: `memtune run PLAN` applies it")

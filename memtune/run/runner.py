@@ -54,7 +54,7 @@ from rich.console import Console
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import rotate_checkpoints  # transformers 5.17 and 5.24 alike
 
-from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, require_liger
+from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, require_deepspeed, require_liger
 from memtune.errors import UsageError
 from memtune.fit import check_sequence_length, checkpoint_layers_for
 from memtune.measure import memory
@@ -470,6 +470,11 @@ def _run_plan(
         "log_level_replica": "error",  # transformers' warnings once, from the main process, not once per GPU
         **(training_overrides or {}),
     }
+    if config.deepspeed and "deepspeed" not in overrides:
+        # every ZeRO knob as a number for this model, as the launcher's JSON has them (run.launch.deepspeed_config)
+        from memtune.run.launch import deepspeed_config
+
+        overrides["deepspeed"] = deepspeed_config(config, model_config=source.config)
     args = plan.training_arguments(**overrides)
     set_seed(seed)
     # Several processes or offload: build on the CPU, as from_pretrained does, and let the launcher's
@@ -675,8 +680,8 @@ def run_options(options: RunOptions | None, changes: dict[str, Any]) -> RunOptio
 
 def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[str] | None:
     """`accelerate launch` of this same `memtune run` when the plan needs a launcher - several GPUs (DDP or
-    FSDP, as its strategy says) or CPU offload (FSDP) - and this process was not started by one; None
-    when this process can run the plan itself. `options` may be any object with RunOptions' attributes."""
+    FSDP, as its strategy says), CPU offload (FSDP) or DeepSpeed (always) - and this process was not started by
+    one; None when this process can run the plan itself. `options` may be any object with RunOptions' attributes."""
     from memtune.run import launch
     from memtune.sources import resolve
 
@@ -684,9 +689,11 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
         options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
     config = plan.train_config
-    if (config.num_gpus == 1 and config.offload == "none") or _sharded() or _process_count() > 1:
+    if (config.num_gpus == 1 and config.offload == "none" and not config.deepspeed) or _sharded() \
+            or _process_count() > 1:
         return None
-    name = "accelerate_ddp.yaml" if config.replicated else "accelerate_fsdp.yaml"
+    name = ("accelerate_deepspeed.yaml" if config.deepspeed else "accelerate_ddp.yaml" if config.replicated
+            else "accelerate_fsdp.yaml")  # a DeepSpeed plan's JSON is written beside it (launch.DEEPSPEED_CONFIG_FILE)
     config_path = launch.write_accelerate_config(
         config_dir / name, config, model_config=resolve(plan.model, trust_remote_code=plan.trust_remote_code).config
     )
@@ -703,7 +710,8 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     command = relaunch_command(plan, options, output_dir)
     if command is None:
         return None
-    engine = "DDP" if plan.train_config.replicated else "FSDP"
+    config = plan.train_config
+    engine = "DeepSpeed" if config.deepspeed else "DDP" if config.replicated else "FSDP"
     log(f"the plan needs {engine} ({plan.train_config.describe()}): launching {' '.join(command)}")
     return subprocess.run(command, check=False).returncode
 
@@ -774,6 +782,10 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
         if problem:
             problems.append(problem.replace("--output-dir", "the default output directory", 1)
                             + " with --output-dir")
+    try:
+        require_deepspeed(plan.train_config)
+    except UsageError as error:
+        problems.append(f"the plan runs DeepSpeed: {error}")
     if plan.train_config.loss == "liger":
         try:
             require_liger()
@@ -796,7 +808,7 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
             f"{config.micro_batch_size * config.grad_accum_steps * processes} instead of "
             f"{config.effective_batch_size}; start it with `accelerate launch --num_processes {config.num_gpus}`"
         )
-    if config.offload != "none" and not _sharded():
+    if config.offload != "none" and not _sharded() and not config.deepspeed:
         messages.append(
             f"the plan offloads {config.offload} to the CPU, which needs `accelerate launch` with an FSDP "
             "offload config (`memtune run` writes one); this run keeps everything on the GPU and needs more memory"
@@ -807,7 +819,12 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
             "DeepSpeed config: it runs sharded, not as planned and verified; launch it with `memtune run` "
             "(it writes a MULTI_GPU accelerate config)"
         )
-    if config.num_gpus > 1 and not config.replicated and processes > 1 and not _sharded():
+    if config.deepspeed and not _deepspeed_launched():
+        messages.append(
+            f"the plan runs {config.zero.describe(config.offload) if config.zero else 'DeepSpeed'} but this process "
+            "was not launched with a DeepSpeed accelerate config: launch it with `memtune run` (it writes one)"
+        )
+    if config.num_gpus > 1 and config.sharded and processes > 1 and not _sharded():
         messages.append(
             f"the plan shards over {config.num_gpus} GPUs with FSDP but this process was launched without an "
             "FSDP config: Trainer replicates the model on every GPU (DDP), which needs more memory than "
@@ -825,6 +842,11 @@ def is_main_process() -> bool:
 
 def _process_count() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _deepspeed_launched() -> bool:
+    """Started by `accelerate launch` with a DeepSpeed config (the launcher sets ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
 
 
 def _sharded() -> bool:

@@ -1,0 +1,220 @@
+"""DeepSpeed ZeRO (issue 15): predicted vs measured per-GPU peak memory of ZeRO-2 and ZeRO-3, with and without CPU
+optimizer offload, on Qwen2.5-0.5B and Llama-3.2-1B (catalog configs, random weights, bf16) on 1 GPU, and on 2 with
+torchrun where the machine has them.
+
+Each case is measured in its own `torchrun` job (one process per GPU) through DeepSpeed's engine as memtune's run
+path sets it up: the DeepSpeed JSON of `memtune.run.launch.deepspeed_config`, every "auto" filled as Trainer fills
+it, ZeRO-3 models built under zero.Init (transformers' HfDeepSpeedConfig alive before the model, as Trainer's
+TrainingArguments make it), torch's AdamW passed in without offload (what Trainer builds) and DeepSpeed's CPU Adam
+from the JSON with it. The cuBLAS workspaces are made first (`measure.memory.warm_up`) and, with what was allocated
+before the model, taken off the figures, as memtune's own trials do. Three steps; the compared figure is the largest
+over ranks of the peak reserved (and allocated) of steps 2 and 3: ZeRO-3's prefetch and reuse follow the trace
+recorded in step 1, so step 1 is not representative (memo §6). Predictions: `memtune.predict.estimate.estimate` on
+both trace paths, with the host RAM ZeRO holds per rank (`Estimate.host_bytes`) beside the measured RSS.
+
+GPU machine (DeepSpeed is not installed there; carry the wheels of /work/main/.whl named in the memo §0/§7):
+    pip install --no-deps --target /tmp/dssite deepspeed-0.19.8-py3-none-any.whl hjson-*.whl pydantic-*.whl \
+        pydantic_core-*cp312*.whl annotated_types-*.whl typing_inspection-*.whl
+    PYTHONPATH=/tmp/dssite:. python3 benchmarks/zero.py --out $OUT/zero_h200.json
+(the first offload case JIT-builds DeepSpeedCPUAdam with g++, ~40 s; TORCH_EXTENSIONS_DIR keeps it.)
+Predictions only (no GPU, no DeepSpeed): PYTHONPATH=. python3 benchmarks/zero.py --no-measure --paths cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from memtune.config import GIB, TrainConfig, Zero  # noqa: E402
+
+STEPS = 3
+
+
+def cases(gpu_counts: list[int]) -> list[tuple[str, str, TrainConfig]]:
+    """(name, catalog model, configuration): ZeRO-2 and ZeRO-3, without and with CPU optimizer offload, per model and
+    GPU count; one ZeRO-2 offload case at DeepSpeed's own reduce_bucket_size 5e8 (954 MiB of IPG bucket)."""
+    models = [("qwen2.5-0.5b 4x2048", "Qwen/Qwen2.5-0.5B", 4), ("llama-3.2-1b 2x2048", "meta-llama/Llama-3.2-1B", 2)]
+    out = []
+    for label, model, batch in models:
+        for gpus in gpu_counts:
+            for stage in (2, 3):
+                for offload in ("none", "optimizer"):
+                    config = TrainConfig(seq_len=2048, micro_batch_size=batch, amp="bf16", strategy="deepspeed",
+                                         num_gpus=gpus, offload=offload, zero=Zero(stage=stage))
+                    where = " cpu-opt" if offload != "none" else ""
+                    out.append((f"{label} z{stage}{where} {gpus}gpu", model, config))
+        out.append((f"{label} z2 cpu-opt rbs5e8 1gpu", model,
+                    TrainConfig(seq_len=2048, micro_batch_size=batch, amp="bf16", strategy="deepspeed", num_gpus=1,
+                                offload="optimizer", zero=Zero(stage=2, reduce_bucket_size=500_000_000))))
+    return out
+
+
+def predict(model: str, config: TrainConfig, path: str) -> dict:
+    from memtune.predict.estimate import estimate
+    from memtune.sources import catalog_config
+
+    started = time.perf_counter()
+    try:
+        found = estimate(catalog_config(model), config, device=path)
+    except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+    return {"peak_reserved_bytes": found.peak_reserved_bytes, "peak_allocated_bytes": found.peak_allocated_bytes,
+            "total_bytes": found.total_bytes, "host_bytes": found.host_bytes, "breakdown": found.breakdown,
+            "seconds": time.perf_counter() - started}
+
+
+# -- the measured side (GPU, DeepSpeed) ---------------------------------------------------------------------------
+
+def deepspeed_json(config: TrainConfig, model_config: Any) -> dict:
+    """The DeepSpeed JSON of the run path (`memtune.run.launch.deepspeed_config`, every ZeRO knob a number) with
+    Trainer's "auto"s filled: the micro-batch, accumulation 1, clipping 1.0 (TrainingArguments' max_grad_norm),
+    AdamW's lr / betas / eps / weight decay (its defaults, lr 1e-5)."""
+    from memtune.run.launch import deepspeed_config
+
+    written = deepspeed_config(config, model_config=model_config)
+    written.update({"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": 1,
+                    "train_batch_size": config.micro_batch_size * config.num_gpus, "gradient_clipping": 1.0})
+    if "optimizer" in written:
+        written["optimizer"]["params"] = {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+    return written
+
+
+def worker(case_path: str, result_path: str) -> None:
+    """One rank of a measured case (started by torchrun): DeepSpeed's engine, STEPS steps, each step's peaks."""
+    import deepspeed
+    import psutil
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from memtune.measure import memory
+    from memtune.recipe import step as recipe
+    from memtune.sources import catalog_config
+
+    case = json.loads(Path(case_path).read_text())
+    config, model_config = TrainConfig.from_dict(case["config"]), catalog_config(case["model"])
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed()
+    workspace_bytes = memory.warm_up()  # the cuBLAS workspaces, in segments of their own: outside the prediction
+    allocated_before, reserved_before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    written = deepspeed_json(config, model_config)
+    zero3 = HfDeepSpeedConfig(written) if config.zero is not None and config.zero.stage == 3 else None  # zero.Init
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = None
+    if config.offload == "none":  # Trainer's own AdamW, wrapped by ZeRO
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=config.optimizer == "adamw_torch_fused")
+    started = time.perf_counter()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=written,
+                                      model_parameters=model.parameters() if optimizer is None else None)
+    init_seconds = time.perf_counter() - started
+    after_init = torch.cuda.memory_allocated() - allocated_before
+    peaks = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(STEPS):
+        input_ids = recipe.random_batch(model_config, config, "cuda")
+        loss = recipe.forward_loss(engine, input_ids, input_ids, config)
+        engine.backward(loss)
+        engine.step()
+        torch.cuda.synchronize()
+        peaks.append({"allocated": torch.cuda.max_memory_allocated() - allocated_before,
+                      "reserved": torch.cuda.max_memory_reserved() - reserved_before})
+        torch.cuda.reset_peak_memory_stats()
+    result = {"rank": rank, "init_seconds": init_seconds, "workspace_bytes": workspace_bytes,
+              "allocated_after_init": after_init, "steps": peaks,
+              "rss_bytes": psutil.Process().memory_info().rss, "deepspeed": deepspeed.__version__,
+              "torch": torch.__version__, "json": written}
+    Path(f"{result_path}.{rank}").write_text(json.dumps(result))
+    del zero3
+
+
+def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -> dict:
+    """Run the case under torchrun (num_gpus processes); the largest rank's step-2+ peaks."""
+    with tempfile.TemporaryDirectory() as folder:
+        case_path, result_path = Path(folder) / "case.json", Path(folder) / "result"
+        case_path.write_text(json.dumps({"name": name, "model": model, "config": config.to_dict()}))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={config.num_gpus}",
+                   __file__, "--worker", str(case_path), str(result_path)]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds)
+        except subprocess.TimeoutExpired:
+            return {"fits": False, "error": f"timed out after {timeout_seconds} s"}
+        ranks = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("result.*"))]
+        if done.returncode != 0 or len(ranks) != config.num_gpus:
+            oom = "out of memory" in done.stderr.lower()
+            return {"fits": False, "oom": oom, "error": done.stderr[-1500:]}
+    steady = [step for rank in ranks for step in rank["steps"][1:]]
+    return {"fits": True, "peak_reserved_bytes": max(step["reserved"] for step in steady),
+            "peak_allocated_bytes": max(step["allocated"] for step in steady),
+            "first_step_reserved_bytes": max(rank["steps"][0]["reserved"] for rank in ranks),
+            "rss_bytes": max(rank["rss_bytes"] for rank in ranks), "ranks": ranks,
+            "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], sys.argv[3])
+        return
+    import torch
+
+    gpus_here = torch.cuda.device_count()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/zero.json")
+    parser.add_argument("--paths", nargs="+", default=["cuda", "cpu"] if gpus_here else ["cpu"],
+                        choices=["cuda", "cpu"])
+    parser.add_argument("--gpus", nargs="+", type=int, default=[n for n in (1, 2) if n <= max(gpus_here, 1)],
+                        help="GPU counts to plan and measure (2 needs two GPUs to measure)")
+    parser.add_argument("--no-measure", action="store_true", help="predictions only (no GPU, no DeepSpeed)")
+    parser.add_argument("--match", default="", help="only cases whose name has this text")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per measured case")
+    args = parser.parse_args()
+    rows = []
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{'case':40s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
+          + " | host GiB", flush=True)
+    for name, model, config in cases(args.gpus):
+        if args.match not in name:
+            continue
+        row: dict = {"case": name, "model": model, "config": config.to_dict()}
+        for path in args.paths:
+            row[path] = predict(model, config, path)
+        if not args.no_measure:
+            row["measured"] = measure(name, model, config, args.timeout)
+        measured = row.get("measured", {})
+        line = f"{name:40s} {measured.get('peak_reserved_bytes', 0) / GIB:8.2f}"
+        for path in args.paths:
+            predicted = row[path].get("peak_reserved_bytes")
+            if predicted and measured.get("fits"):
+                row[f"{path}_reserved_error"] = (predicted - measured["peak_reserved_bytes"]) / measured[
+                    "peak_reserved_bytes"]
+            error = row.get(f"{path}_reserved_error")
+            shown = f"{100 * error:+6.2f}%" if error is not None else f"{'-':>7s}"
+            line += f" | {(predicted or 0) / GIB:8.2f} {shown}"
+        line += f" | {row[args.paths[0]].get('host_bytes', 0) / GIB:8.2f}"
+        print(line, flush=True)
+        rows.append(row)
+        out.write_text(json.dumps({"steps": STEPS, "rows": rows}, indent=1))
+    for path in args.paths:
+        errors = [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
+        if errors:
+            print(f"{path}: {len(errors)} cases, median |error| {100 * statistics.median(errors):.2f}%, "
+                  f"max {100 * max(errors):.2f}%")
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

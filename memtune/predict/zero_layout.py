@@ -1,0 +1,229 @@
+"""DeepSpeed ZeRO's knobs and a model's parameters as ZeRO sees them, and the bytes each of ZeRO's model states and
+buffers takes: the size rules of DeepSpeed 0.19.8 (file:line in /work/notes/deepspeed_design.md, issue 15's memo),
+each a function. `zero.py` places them in a step's events; `zero_gather.py` replays ZeRO-3's gathers.
+Notation: T trainable and P all parameters (elements), N ranks, b bytes per element of the model's dtype, rbs
+the reduce bucket (elements: every DeepSpeed bucket knob counts elements)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEEPSPEED_VERSION = "0.19.8"
+"""The DeepSpeed whose source the rules were read from and measured with."""
+
+ZERO_BUCKETS = "zero_buckets"
+"""Breakdown key: ZeRO's IPG reduce bucket(s) and the reduce-scatter's copy of a bucket."""
+ZERO_GATHERED = "zero_gathered"
+"""Breakdown key: ZeRO-3's gathered (all-gathered or host-copied) full parameters and the all-gather buffer."""
+
+ALLGATHER_STREAM = 1
+"""ZeRO-3's all-gather stream (partitioned_param_coordinator: `__allgather_stream`); the gathered parameters'
+blocks live in its pool (inferred: the copies are made on it)."""
+REDUCE_STREAM = 2
+"""ZeRO-3's `reduce_and_partition_stream` (stage3.py:340-341), a stream of its own only with overlap_comm."""
+
+ALIGNMENT_ELEMENTS = 2
+"""stage_1_and_2.py `nccl_start_alignment_factor` = 2 (4-byte alignment for 16-bit elements): the flat buffer is
+padded to a multiple of N x this (503-524)."""
+MAX_PARAM_REDUCE_EVENTS = 2
+"""stage3.py:462: reductions in flight at once (documented; one is modelled)."""
+ZERO3_OFFLOAD_TRANSIENT_FP32 = 8
+"""ZeRO-3 under optimizer offload: bytes per element of a parameter's fp32 transients at the flush besides its
+16-bit copy (2024-2028, 1443-1457 locate one fp32 copy; the H200 measured (b + 8) per element: one more fp32
+copy than located, probably the norm's)."""
+ZERO2_OFFLOAD_TRANSIENT_COPIES = 2
+"""ZeRO-1/2 under optimizer offload: fp32 copies of a parameter's partition slice alive together at the flush
+(`set_norm_for_param_grad_in_gpu` 1873-1886 and `async_inplace_copy_grad_to_fp32_buffer_from_gpu` 1888-1912;
+measured together on the H200)."""
+NVME_OPTIMIZER_BUFFERS = 4
+"""offload_optimizer.buffer_count (offload_config.py:67): pinned swap buffers of the largest sub-group, fp32."""
+NVME_PARAM_BUFFERS = 5
+"""offload_param.buffer_count (offload_config.py:33)."""
+NVME_PARAM_BUFFER_ELEMENTS = 100_000_000
+"""offload_param.buffer_size (offload_config.py:36), elements."""
+
+
+@dataclass(frozen=True)
+class ZeroKnobs:
+    """The knobs of DeepSpeed's `zero_optimization` the memory depends on, as numbers (elements for sizes).
+    Defaults are DeepSpeed 0.19.8's (`runtime/zero/config.py`, line of each field)."""
+
+    stage: int
+    reduce_bucket_elements: int = 500_000_000  # config.py:113
+    overlap_comm: bool | None = None  # config.py:138; None -> stage == 3 (384-386)
+    contiguous_gradients: bool = True  # config.py:102
+    prefetch_bucket_elements: int = 50_000_000  # config.py:222
+    param_persistence_threshold: int = 100_000  # config.py:228
+    max_live_parameters: int = 1_000_000_000  # config.py:245
+    max_reuse_distance: int = 1_000_000_000  # config.py:251
+    sub_group_size: int = 1_000_000_000  # config.py:182
+    offload_optimizer: str = "none"  # "none", "cpu" or "nvme"
+    offload_parameters: str = "none"  # "none", "cpu" or "nvme" (ZeRO-3 only)
+    foreach_optimizer: bool = False
+    """torch's foreach AdamW (adamw_torch) steps the partition without offload: one state-sized fp32 temporary
+    (its `_foreach_sqrt` of exp_avg_sq; OPTIMIZERS' description); fused AdamW and DeepSpeed's CPU Adam make none."""
+
+    @property
+    def overlaps(self) -> bool:
+        """overlap_comm as DeepSpeed resolves it: unset means True for stage 3 only (config.py:384-386)."""
+        return self.stage == 3 if self.overlap_comm is None else self.overlap_comm
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.offload_optimizer != "none"
+
+    @property
+    def offloads_parameters(self) -> bool:
+        return self.stage == 3 and self.offload_parameters != "none"
+
+
+@dataclass(frozen=True)
+class ZeroParam:
+    """One parameter as ZeRO sees it."""
+
+    numel: int
+    element_bytes: int
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class ZeroModule:
+    """A module with parameters of its own, in forward order: the unit ZeRO-3 gathers."""
+
+    unit: int
+    """The decoder layer it belongs to; BEFORE_LAYERS (embeddings) or AFTER_LAYERS (final norm, head) outside."""
+    params: tuple[int, ...]
+    """Indices into ZeroLayout.params (a tied weight appears in two modules)."""
+
+
+BEFORE_LAYERS = -2
+AFTER_LAYERS = -3
+
+
+@dataclass(frozen=True)
+class ZeroLayout:
+    """The model's parameters and the data-parallel size: what every ZeRO rule is a function of."""
+
+    params: tuple[ZeroParam, ...]
+    num_ranks: int
+    bytes_per_element: int
+    """b: the 16-bit (or fp32) dtype DeepSpeed trains the model in."""
+    modules: tuple[ZeroModule, ...] = ()
+
+    @property
+    def trainable_elements(self) -> int:
+        return sum(p.numel for p in self.params if p.trainable)
+
+    @property
+    def total_elements(self) -> int:
+        return sum(p.numel for p in self.params)
+
+    @property
+    def largest_trainable(self) -> int:
+        return max((p.numel for p in self.params if p.trainable), default=0)
+
+    def partition(self, elements: int) -> int:
+        """One rank's share of `elements`: ceil(elements / N)."""
+        return -(-elements // self.num_ranks)
+
+
+# -- model-state sizes (bytes), each a rule of the memo ---------------------------------------------------------
+
+def flat_bit16_bytes(layout: ZeroLayout) -> int:
+    """ZeRO-1/2 `bit16_groups_flat`: all trainable parameters flattened, padded to a multiple of
+    N x ALIGNMENT_ELEMENTS elements (stage_1_and_2.py:503-524)."""
+    multiple = layout.num_ranks * ALIGNMENT_ELEMENTS
+    return -(-layout.trainable_elements // multiple) * multiple * layout.bytes_per_element
+
+
+def master_bytes(layout: ZeroLayout) -> int:
+    """fp32 master partition `4T/N` (stage_1_and_2.py:559-561; stage3.py:1157-1170)."""
+    return 4 * layout.partition(layout.trainable_elements)
+
+
+def adam_moment_bytes(layout: ZeroLayout) -> int:
+    """One of Adam's two fp32 moments over the partition, `4T/N`: exp_avg and exp_avg_sq, made inside the first
+    step by FusedAdam / torch AdamW (8T/N together)."""
+    return 4 * layout.partition(layout.trainable_elements)
+
+
+def gradient_partition_bytes(layout: ZeroLayout) -> int:
+    """`grads_in_partition` (ZeRO-1/2, stage_1_and_2.py:2186-2198) or `grad_partitions_flat_buffer` (ZeRO-3,
+    stage3.py:786-801): `b*T/N`."""
+    return layout.bytes_per_element * layout.partition(layout.trainable_elements)
+
+
+def ipg_bucket_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
+    """One IPG bucket: `reduce_bucket_size * b` (stage_1_and_2.py:3256-3281; stage3.py:780-784)."""
+    return knobs.reduce_bucket_elements * layout.bytes_per_element
+
+
+def ipg_bucket_count(knobs: ZeroKnobs) -> int:
+    """Buckets allocated: ZeRO-1/2 double-buffer with overlap_comm (stage_1_and_2.py:3273-3279); ZeRO-3 keeps
+    one, whatever overlap_comm (stage3.py:780-784). ZeRO-1 allocates it whenever its gradient hooks exist
+    (partition_gradients, overlap_comm or contiguous_gradients, 713-715)."""
+    if knobs.stage == 3:
+        return 1
+    if knobs.stage == 1 and not (knobs.overlaps or knobs.contiguous_gradients):
+        return 0
+    return 2 if knobs.overlaps else 1
+
+
+def sub_groups(layout: ZeroLayout, knobs: ZeroKnobs) -> list[int]:
+    """ZeRO-3's optimizer sub-groups of the partition, elements each (stage3.py sub_group_size); ZeRO-1/2: one."""
+    partition = layout.partition(layout.trainable_elements)
+    if knobs.stage != 3 or partition <= knobs.sub_group_size:
+        return [partition]
+    full, rest = divmod(partition, knobs.sub_group_size)
+    return [knobs.sub_group_size] * full + ([rest] if rest else [])
+
+
+def persistent_params(layout: ZeroLayout, knobs: ZeroKnobs) -> set[int]:
+    """ZeRO-3's parameters that stay gathered once fetched: numel <= stage3_param_persistence_threshold
+    (parameter_offload.py:316-330; partition_parameters.py:1292-1297)."""
+    return {index for index, p in enumerate(layout.params) if p.numel <= knobs.param_persistence_threshold}
+
+
+def gathers_cost_memory(layout: ZeroLayout, knobs: ZeroKnobs) -> bool:
+    """Whether ZeRO-3's gathers allocate: with N > 1, or a host-to-device copy under parameter offload. N = 1
+    without offload gathers nothing (`_no_gather_coalesced`, partition_parameters.py:904-914)."""
+    return knobs.stage == 3 and (layout.num_ranks > 1 or knobs.offloads_parameters)
+
+
+def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) -> int:
+    """Host RAM one rank's ZeRO holds under offload (pinned and not), from the memo (§2.1 host, §2.2 host):
+    ZeRO-1/2 optimizer offload `(16+b)T/N + L*b` (+ `b*T/N` of pinned per-parameter accumulators with
+    grad_accum_steps > 1, 1822-1826; NVMe is treated as CPU there, 219-222); ZeRO-3 `(16+b)T/N` under
+    optimizer offload to the CPU, the pinned swap pool `4 x 4 x min(sub_group, T/N)` + `b*T/N` to NVMe;
+    parameter offload adds `b*P/N` to the CPU, or the pinned pool 5 x 1e8 x b to NVMe. 0 without offload."""
+    b = layout.bytes_per_element
+    trainable = layout.partition(layout.trainable_elements)
+    total = 0
+    if knobs.offloads_optimizer:
+        if knobs.stage in (1, 2):
+            total += (16 + b) * trainable + layout.largest_trainable * b
+            if grad_accum_steps > 1:
+                total += b * trainable
+        elif knobs.offload_optimizer == "nvme":
+            total += NVME_OPTIMIZER_BUFFERS * 4 * min(knobs.sub_group_size, trainable) + b * trainable
+        else:
+            total += (16 + b) * trainable
+    if knobs.offloads_parameters:
+        if knobs.offload_parameters == "nvme":
+            total += NVME_PARAM_BUFFERS * NVME_PARAM_BUFFER_ELEMENTS * b
+        else:
+            total += b * layout.partition(layout.total_elements)
+    return total
+
+
+def nvme_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:
+    """Bytes one rank swaps to NVMe (ZeRO-3 ZeRO-Infinity): fp32 master, both moments and the fp32 gradient
+    `16T/N` (optimizer_utils.py:102-111) and the 16-bit parameters `b*P/N`; ZeRO-1/2 have no swapper."""
+    if knobs.stage != 3:
+        return 0
+    total = 0
+    if knobs.offload_optimizer == "nvme":
+        total += 16 * layout.partition(layout.trainable_elements)
+    if knobs.offload_parameters == "nvme":
+        total += layout.bytes_per_element * layout.partition(layout.total_elements)
+    return total
