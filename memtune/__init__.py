@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from memtune.config import Adapter, Policy, Quantization, TrainConfig, parse_bytes
+    from memtune.config import Adapter, Policy, Quantization, TrainConfig, Zero, parse_bytes
     from memtune.errors import NothingFitsError, UsageError
     from memtune.fit import FitResult, auto_fit, fit_model
     from memtune.measure.probe import probe
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "Adapter": "memtune.config", "Policy": "memtune.config", "Quantization": "memtune.config",
-    "TrainConfig": "memtune.config", "parse_bytes": "memtune.config", "FitResult": "memtune.fit",
+    "TrainConfig": "memtune.config", "Zero": "memtune.config", "parse_bytes": "memtune.config",
+    "FitResult": "memtune.fit",
     "auto_fit": "memtune.fit", "fit_model": "memtune.fit", "probe": "memtune.measure.probe", "Plan": "memtune.plan",
     "estimate": "memtune.predict.estimate", "Estimate": "memtune.predict.peak", "resolve": "memtune.sources",
     "NothingFitsError": "memtune.errors", "UsageError": "memtune.errors",
@@ -31,7 +32,7 @@ _HOMES = {
 """Where each public name lives."""
 
 __all__ = ["Adapter", "Estimate", "FitResult", "NothingFitsError", "Plan", "Policy", "Quantization", "TrainConfig",
-           "UsageError", "auto_fit", "estimate", "fit_model", "parse_bytes", "probe", "resolve"]
+           "UsageError", "Zero", "auto_fit", "estimate", "fit_model", "parse_bytes", "probe", "resolve"]
 __version__ = "0.1.0"
 
 

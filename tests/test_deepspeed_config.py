@@ -274,3 +274,9 @@ def test_deepspeed_has_no_pure_16_bit_mode():
     assert "DeepSpeed keeps fp32 master weights and computes in the dtype of its bf16 / fp16 mode, got bf16 " \
            "weights with amp 'none'" in text
     assert deepspeed(weights_dtype="bf16", amp="bf16").amp == "bf16"  # a bf16 base under bf16 autocast runs
+
+
+def test_zero_is_public():
+    import memtune
+
+    assert memtune.Zero is Zero and "Zero" in memtune.__all__
