@@ -12,7 +12,8 @@ over ranks of the peak reserved (and allocated) of steps 2 and 3: ZeRO-3's prefe
 recorded in step 1, so step 1 is not representative (memo §6). Predictions: `memtune.predict.estimate.estimate` on
 both trace paths, with the host RAM ZeRO holds per rank (`Estimate.host_bytes`) beside the measured RSS.
 
-GPU machine (DeepSpeed is not installed there; carry the wheels of /work/main/.whl named in the memo §0/§7):
+GPU machine (DeepSpeed is not installed there; carry the wheels of .whl/ named in
+docs/deepspeed-zero.md §7):
     pip install --no-deps --target /tmp/dssite deepspeed-0.19.8-py3-none-any.whl hjson-*.whl pydantic-*.whl \
         pydantic_core-*cp312*.whl annotated_types-*.whl typing_inspection-*.whl
     PYTHONPATH=/tmp/dssite:. python3 benchmarks/zero.py --out $OUT/zero_h200.json

@@ -1,7 +1,7 @@
 """The DeepSpeed ZeRO memory model (predict/zero.py, zero_layout.py, zero_gather.py): its model states against the
 memo's formulas on a tiny Llama, the order of the stages, offload, the IPG bucket, gradient accumulation, LoRA,
 the ZeRO-3 coordinator replica, and the 1 x H200 probe's measured peaks reproduced from the rules alone
-(/work/notes/deepspeed_design.md §6)."""
+(docs/deepspeed-zero.md §6)."""
 
 from __future__ import annotations
 
@@ -212,8 +212,8 @@ WORKSPACE_MIB = 64.0
 """Allocated from the first backward on in every probe run: two 32 MiB cuBLAS workspaces (memo §6, inferred there);
 memtune counts them in workspace_bytes, outside the events, so they are added to the prediction here."""
 
-# Measured on 1 x H200 (torch 2.11, DeepSpeed 0.19.8), copied from the RESULT lines of
-# /work/notes/deepspeed_probe_h200.log (MiB): allocated after init, then the second step's backward peak and
+# Measured on 1 x H200 (torch 2.11, DeepSpeed 0.19.8) by benchmarks/deepspeed_probe.py, copied from the RESULT lines
+# of benchmarks/results/deepspeed_probe_h200.txt (MiB): allocated after init, then the second step's backward peak and
 # optimizer-step peak (`phases` bwd_end_peak[1] and step_end_peak[1]).
 PROBE_MEASURED = {
     "z1": (768.0, 3066.1, 2880.1),

@@ -10,7 +10,7 @@ DeepSpeed allocates them; the result is replayed per stream (`fsdp.simulate_stre
 `zero_layout`'s rules, ZeRO-3's gathers `zero_gather`'s replica of its coordinator; this module puts them in order.
 
 Every rule below was read in DeepSpeed 0.19.8's source (`deepspeed/runtime/...`; file:line as in
-/work/notes/deepspeed_design.md, the memo of issue 15) and the N=1 rules were measured on one H200 to
+docs/deepspeed-zero.md, the memo of issue 15) and the N=1 rules were measured on one H200 to
 < 0.5 MiB on a 134M-parameter model (tests/test_zero.py reproduces those figures from these rules). Notation:
 T trainable and P all parameters (elements), N ranks, b bytes of the 16-bit model dtype, rbs the reduce bucket
 (elements: every DeepSpeed bucket knob counts elements).

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO's knobs and a model's parameters as ZeRO sees them, and the bytes each of ZeRO's model states and
-buffers takes: the size rules of DeepSpeed 0.19.8 (file:line in /work/notes/deepspeed_design.md, issue 15's memo),
+buffers takes: the size rules of DeepSpeed 0.19.8 (file:line in docs/deepspeed-zero.md, issue 15's memo),
 each a function. `zero.py` places them in a step's events; `zero_gather.py` replays ZeRO-3's gathers.
 Notation: T trainable and P all parameters (elements), N ranks, b bytes per element of the model's dtype, rbs
 the reduce bucket (elements: every DeepSpeed bucket knob counts elements)."""

@@ -40,7 +40,7 @@ DDP (strategy "ddp", accelerate 1.15 / transformers 5.17-5.24):
   autograd-graph search after each forward, and the bucket layout `predict.ddp` models (one bucket
   per dtype until the first rebuild).
 
-DeepSpeed (strategy "deepspeed", DeepSpeed 0.19.8 / accelerate 1.15 / transformers 5.24; /work/notes memo of issue 15):
+DeepSpeed (strategy "deepspeed", DeepSpeed 0.19.8 / accelerate 1.15 / transformers 5.24; docs/deepspeed-zero.md):
 - The launcher config says `distributed_type: DEEPSPEED` with `deepspeed_config.deepspeed_config_file` (the JSON of
   `deepspeed_config`) and `zero3_init_flag` (ZeRO-3: from_pretrained partitions while loading, zero.Init). With a
   config file, accelerate refuses the yaml keys the JSON owns (gradient_accumulation_steps, gradient_clipping,
