@@ -83,6 +83,22 @@ def wrap_class_names(model_config: Any) -> list[str]:
     return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
+def _one_machine(distributed_type: str, num_processes: int) -> dict[str, Any]:
+    """The launcher keys every strategy shares: `num_processes` processes on this machine's GPUs."""
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": distributed_type,
+        "num_machines": 1,
+        "machine_rank": 0,
+        "num_processes": num_processes,
+        "gpu_ids": "all",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "use_cpu": False,
+        "main_training_function": "main",
+    }
+
+
 def accelerate_config(
     train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None
 ) -> dict[str, Any]:
@@ -97,18 +113,9 @@ def accelerate_config(
     check_supported(train_config)
     num_processes = num_gpus or train_config.num_gpus
     common: dict[str, Any] = {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "MULTI_GPU" if train_config.replicated else "FSDP",
+        **_one_machine("MULTI_GPU" if train_config.replicated else "FSDP", num_processes),
         "mixed_precision": ACCELERATE_MIXED_PRECISION[train_config.amp],
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": num_processes,
-        "gpu_ids": "all",
-        "rdzv_backend": "static",
-        "same_network": True,
-        "use_cpu": False,
         "downcast_bf16": "no",
-        "main_training_function": "main",
     }
     if train_config.replicated:
         if num_processes < 2:
@@ -247,20 +254,11 @@ def deepspeed_accelerate_config(train_config: TrainConfig, deepspeed_config_file
     if not train_config.deepspeed or train_config.zero is None:
         raise UsageError(f"a DeepSpeed launcher config is for strategy 'deepspeed', got {train_config.describe()}")
     return {
-        "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "DEEPSPEED",
+        **_one_machine("DEEPSPEED", num_gpus or train_config.num_gpus),
         "deepspeed_config": {
             "deepspeed_config_file": str(Path(deepspeed_config_file).resolve()),
             "zero3_init_flag": train_config.zero.stage == 3,
         },
-        "num_machines": 1,
-        "machine_rank": 0,
-        "num_processes": num_gpus or train_config.num_gpus,
-        "gpu_ids": "all",
-        "rdzv_backend": "static",
-        "same_network": True,
-        "use_cpu": False,
-        "main_training_function": "main",
     }
 
 
