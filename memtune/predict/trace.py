@@ -680,8 +680,8 @@ AUTOTUNE_FLUSH_BYTES = 60 * 2**20
 size in int32s): the H200's 60 MiB, where the rule was measured. Other cards' L2 is 40-126 MiB."""
 
 
-def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_size: int,
-                             counter: StorageCounter | None = None, first_launch: bool = False) -> None:
+def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_size: int, counter: StorageCounter,
+                             first_launch: bool) -> None:
     """Allocate and free what torchao's compiled update (`single_param_adam` under torch.compile, torch 2.11)
     holds while it updates one parameter with quantised state, in its order (H200, the allocator's history of
     a step of a 128256 x 2048 and an 8192 x 2048 parameter, fp32 and bf16 alike; `_tao_history` in
@@ -700,7 +700,6 @@ def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_siz
     moment is freed (all of benchmarks/inductor_autotune.py's recordings)."""
     numel, device = param.numel(), param.device
     first, after_first_moment = AUTOTUNED_ARGUMENTS[optimizer_name]
-    autotune = first_launch and counter is not None
 
     def fp32(elements: int) -> torch.Tensor:
         return torch.empty(elements, dtype=torch.float32, device=device)
@@ -708,25 +707,25 @@ def _compiled_update_buffers(param: torch.Tensor, optimizer_name: str, block_siz
     if optimizer_name == "adamw_torch_8bit":
         scale_m, scale_v = fp32(numel // block_size), fp32(numel // block_size)
         moment_m, moment_v = fp32(numel), fp32(numel)
-        if autotune:
+        if first_launch:
             _autotune(param, first, counter)
         del moment_m, moment_v
-        if autotune:
+        if first_launch:
             _autotune(param, after_first_moment, counter)
         del scale_m, scale_v
         return
-    if autotune:
+    if first_launch:
         _autotune(param, first, counter)
     scale_m, scale_v = fp32(numel // block_size), fp32(numel // block_size)
     moment_m, moment_v = fp32(numel), fp32(numel)
     wide_m, wide_v = fp32(2 * numel), fp32(2 * numel)
     del moment_m, wide_m
-    if autotune:
+    if first_launch:
         _autotune(param, after_first_moment, counter)
     del scale_m, moment_v, wide_v, scale_v
 
 
-def _autotune(param: torch.Tensor, kernels: list[list[tuple[float, bool]]], counter: StorageCounter | None) -> None:
+def _autotune(param: torch.Tensor, kernels: list[list[tuple[float, bool]]], counter: StorageCounter) -> None:
     """What Inductor allocates when the compiled kernels of one update launch for the first time (a cold cache:
     the winning config is then cached on disk by the kernel's source, `autotune_local_cache`, and a later
     process does not benchmark; H200, Llama-3.2-1B with AdamW8bit: 19.48 GiB reserved cold, 17.77 warm).
@@ -739,7 +738,6 @@ def _autotune(param: torch.Tensor, kernels: list[list[tuple[float, bool]]], coun
     max_memory_allocated - memory_allocated): that budget depends on the whole model's peak, so the clones are
     recorded here with their positions (`Trace.autotune_clones`) and `budget_autotune_clones` keeps, in the
     full model's events, those that fit. Repeated calls reuse the same blocks: two per config are traced."""
-    assert counter is not None
     numel, dtype = param.numel(), param.dtype
     for arguments in kernels:
         group = len({kernel for kernel, _ in counter.trace.autotune_clones.values()})
@@ -764,7 +762,7 @@ def _autotune(param: torch.Tensor, kernels: list[list[tuple[float, bool]]], coun
             del flush
 
 
-def _state_only_step(optimizer: Any, optimizer_name: str, counter: StorageCounter | None = None) -> Any:
+def _state_only_step(optimizer: Any, optimizer_name: str, counter: StorageCounter) -> Any:
     """A torchao AdamW8bit / AdamW4bit whose `step` makes the state the real step makes, and no update.
 
     The real step (torchao/optim/adam.py `_AdamBase.step`) creates each parameter's two moments on its first
