@@ -116,25 +116,38 @@ def main() -> None:
         if not args.no_measure:
             row["measured"] = measure(model, config)
         measured = row.get("measured", {})
-        line = f"{name:48s} {measured.get('peak_reserved_bytes', 0) / GIB:8.2f}"
-        for path in args.paths:
-            predicted = row[path].get("peak_reserved_bytes")
-            if predicted and measured.get("fits"):
-                row[f"{path}_reserved_error"] = (predicted - measured["peak_reserved_bytes"]) / measured[
-                    "peak_reserved_bytes"]
-            error = row.get(f"{path}_reserved_error")
-            shown = f"{100 * error:+6.2f}%" if error is not None else f"{'-':>7s}"
-            line += f" | {(predicted or 0) / GIB:8.2f} {shown}"
+        line = f"{name:48s} {reserved_columns(row, args.paths)}"
         line += f" | {measured.get('tokens_per_second') or 0:9,.0f} {row['predicted_tokens_per_second']:9,.0f}"
         print(line, flush=True)
         rows.append(row)
         out.write_text(json.dumps({"host_copy_rate": host_copy_rate, "rows": rows}, indent=1))
-    for path in args.paths:
+    print_summary(rows, args.paths)
+    print(f"wrote {out}", file=sys.stderr)
+
+
+def reserved_columns(row: dict, paths: list[str]) -> str:
+    """The measured peak reserved (GiB) and, per trace path, the predicted one with its error; each error is also
+    kept in the row as `<path>_reserved_error` (a fraction of the measured peak)."""
+    measured = row.get("measured", {})
+    line = f"{measured.get('peak_reserved_bytes', 0) / GIB:8.2f}"
+    for path in paths:
+        predicted = row[path].get("peak_reserved_bytes")
+        if predicted and measured.get("fits"):
+            row[f"{path}_reserved_error"] = (predicted - measured["peak_reserved_bytes"]) / measured[
+                "peak_reserved_bytes"]
+        error = row.get(f"{path}_reserved_error")
+        shown = f"{100 * error:+6.2f}%" if error is not None else f"{'-':>7s}"
+        line += f" | {(predicted or 0) / GIB:8.2f} {shown}"
+    return line
+
+
+def print_summary(rows: list[dict], paths: list[str]) -> None:
+    """Per trace path: the cases compared, the median and the largest |error| of peak reserved."""
+    for path in paths:
         errors = [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
         if errors:
             print(f"{path}: {len(errors)} cases, median |error| {100 * statistics.median(errors):.2f}%, "
                   f"max {100 * max(errors):.2f}%")
-    print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

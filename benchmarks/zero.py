@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.loss_2gpu import print_summary, reserved_columns  # noqa: E402
 from memtune.config import GIB, TrainConfig, Zero  # noqa: E402
 
 STEPS = 3
@@ -195,25 +195,12 @@ def main() -> None:
             row[path] = predict(model, config, path)
         if not args.no_measure:
             row["measured"] = measure(name, model, config, args.timeout)
-        measured = row.get("measured", {})
-        line = f"{name:40s} {measured.get('peak_reserved_bytes', 0) / GIB:8.2f}"
-        for path in args.paths:
-            predicted = row[path].get("peak_reserved_bytes")
-            if predicted and measured.get("fits"):
-                row[f"{path}_reserved_error"] = (predicted - measured["peak_reserved_bytes"]) / measured[
-                    "peak_reserved_bytes"]
-            error = row.get(f"{path}_reserved_error")
-            shown = f"{100 * error:+6.2f}%" if error is not None else f"{'-':>7s}"
-            line += f" | {(predicted or 0) / GIB:8.2f} {shown}"
+        line = f"{name:40s} {reserved_columns(row, args.paths)}"
         line += f" | {row[args.paths[0]].get('host_bytes', 0) / GIB:8.2f}"
         print(line, flush=True)
         rows.append(row)
         out.write_text(json.dumps({"steps": STEPS, "rows": rows}, indent=1))
-    for path in args.paths:
-        errors = [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
-        if errors:
-            print(f"{path}: {len(errors)} cases, median |error| {100 * statistics.median(errors):.2f}%, "
-                  f"max {100 * max(errors):.2f}%")
+    print_summary(rows, args.paths)
     print(f"wrote {out}", file=sys.stderr)
 
 
