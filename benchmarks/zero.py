@@ -19,6 +19,8 @@ docs/deepspeed-zero.md §7):
     PYTHONPATH=/tmp/dssite:. python3 benchmarks/zero.py --out $OUT/zero_h200.json
 (the first offload case JIT-builds DeepSpeedCPUAdam with g++, ~40 s; TORCH_EXTENSIONS_DIR keeps it.)
 Predictions only (no GPU, no DeepSpeed): PYTHONPATH=. python3 benchmarks/zero.py --no-measure --paths cpu
+With MEMTUNE_ZERO_HISTORY=FOLDER, rank 0 records every allocator event from the model's build to the last step
+(`torch.cuda.memory._record_memory_history`) into FOLDER/<case>.json.gz, for replaying the reserved figure offline.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def worker(case_path: str, result_path: str) -> None:
     deepspeed.init_distributed()
     workspace_bytes = memory.warm_up()  # the cuBLAS workspaces, in segments of their own: outside the prediction
     allocated_before, reserved_before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    history = os.environ.get("MEMTUNE_ZERO_HISTORY")  # a folder: every allocator event of rank 0, model build on
+    if history and rank == 0:
+        torch.cuda.memory._record_memory_history(context=None, max_entries=3_000_000)
     written = deepspeed_json(config, model_config)
     zero3 = HfDeepSpeedConfig(written) if config.zero is not None and config.zero.stage == 3 else None  # zero.Init
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
@@ -138,7 +143,32 @@ def worker(case_path: str, result_path: str) -> None:
               "rss_bytes": psutil.Process().memory_info().rss, "deepspeed": deepspeed.__version__,
               "torch": torch.__version__, "json": written}
     Path(f"{result_path}.{rank}").write_text(json.dumps(result))
+    if history and rank == 0:
+        write_history(Path(history), case["name"], case["model"], config, result)
     del zero3
+
+
+def write_history(folder: Path, name: str, model: str, config: TrainConfig, result: dict) -> None:
+    """Stop recording; the case's allocator events as [action, address, size, stream] in allocator_history.py's
+    format (its `--compare` reads them), gzipped, one file per case."""
+    import gzip
+
+    import torch
+
+    from benchmarks.allocator_history import ACTIONS
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    trace = snapshot["device_traces"][torch.cuda.current_device()]
+    events = [[ACTIONS.index(e["action"]) if e["action"] in ACTIONS else -1, e["addr"], e["size"], e["stream"]]
+              for e in trace]
+    steady = result["steps"][1:]
+    measured = {"peak_reserved_bytes": max(step["reserved"] for step in steady),
+                "peak_allocated_bytes": max(step["allocated"] for step in steady)}
+    row = {"case": name, "model": model, "config": config.to_dict(), "measured": measured, "events": events}
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(), "actions": ACTIONS, "cases": [row]}
+    (folder / (name.replace(" ", "_") + ".json.gz")).write_bytes(gzip.compress(json.dumps(data).encode()))
 
 
 def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -> dict:
