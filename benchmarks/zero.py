@@ -195,6 +195,25 @@ def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) ->
             "seconds": time.perf_counter() - started}
 
 
+def host_column(row: dict, earlier: list[dict], path: str) -> str:
+    """For an offload case: the host RAM ZeRO took, measured as the process RSS less that of the same model's
+    no-offload case at the same stage and GPU count (an earlier row), against the predicted `host_bytes`; the
+    error is kept in the row as `host_error`."""
+    measured, predicted = row.get("measured", {}), row[path].get("host_bytes")
+    if not predicted or not measured.get("fits"):
+        return ""
+    config = row["config"]
+    twins = [r for r in earlier if r["model"] == row["model"] and r["config"]["offload"] == "none"
+             and r["config"]["zero"]["stage"] == config["zero"]["stage"]
+             and r["config"]["num_gpus"] == config["num_gpus"]
+             and r.get("measured", {}).get("fits")]
+    if not twins:
+        return ""
+    taken = measured["rss_bytes"] - twins[0]["measured"]["rss_bytes"]
+    row["host_measured_bytes"], row["host_error"] = taken, (predicted - taken) / taken
+    return f" vs {taken / GIB:6.2f} measured ({100 * row['host_error']:+.1f}%)"
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         worker(sys.argv[2], sys.argv[3])
@@ -211,7 +230,13 @@ def main() -> None:
     parser.add_argument("--no-measure", action="store_true", help="predictions only (no GPU, no DeepSpeed)")
     parser.add_argument("--match", default="", help="only cases whose name has this text")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measured case")
+    parser.add_argument("--measured", default="",
+                        help="a JSON this script wrote on the GPU: predict again here against its measurements")
     args = parser.parse_args()
+    recorded = {}
+    if args.measured:
+        args.no_measure = True
+        recorded = {row["case"]: row["measured"] for row in json.loads(Path(args.measured).read_text())["rows"]}
     rows = []
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -225,12 +250,17 @@ def main() -> None:
             row[path] = predict(model, config, path)
         if not args.no_measure:
             row["measured"] = measure(name, model, config, args.timeout)
+        elif name in recorded:
+            row["measured"] = recorded[name]
         line = f"{name:40s} {reserved_columns(row, args.paths)}"
-        line += f" | {row[args.paths[0]].get('host_bytes', 0) / GIB:8.2f}"
+        line += f" | {row[args.paths[0]].get('host_bytes', 0) / GIB:8.2f}{host_column(row, rows, args.paths[0])}"
         print(line, flush=True)
         rows.append(row)
         out.write_text(json.dumps({"steps": STEPS, "rows": rows}, indent=1))
     print_summary(rows, args.paths)
+    host_errors = [abs(row["host_error"]) for row in rows if "host_error" in row]
+    if host_errors:
+        print(f"host RAM: {len(host_errors)} offload cases, max |error| {100 * max(host_errors):.2f}%")
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -56,6 +56,18 @@ def category_peak(events: list[Event], categories: dict[Hashable, str], *keys: s
     return peak
 
 
+def power_of_two(num_bytes: int) -> int:
+    """The smallest power of two >= num_bytes (torch's pinned host allocator rounds each request to it)."""
+    size = 1
+    while size < num_bytes:
+        size *= 2
+    return size
+
+
+def test_pinned_buffers_round_up_to_a_power_of_two():
+    assert [zero_layout.pinned_bytes(n) for n in (0, 1, 4096, 4097, 3 * 2**30)] == [0, 1, 4096, 8192, 4 * 2**30]
+
+
 def parameter_counts(model_config) -> tuple[list[int], int]:
     """(every parameter's numel, the largest), counted on a meta model built here with transformers itself."""
     from transformers import AutoModelForCausalLM
@@ -125,14 +137,21 @@ def test_stages_at_two_gpus_hold_less_in_turn():
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_offload_moves_the_optimizer_to_the_host(stage):
     """Optimizer offload takes master + Adam (12T/N) off the GPU and puts the memo's host formula in host_bytes:
-    (16+b)T/N, with the L*b staging buffer for ZeRO-1/2."""
+    (16+b)T/N, with the L*b staging buffer for ZeRO-1/2, each pinned buffer rounded up to a power of two as torch's
+    host allocator does (ZeRO-1/2 pin master, gradient, bf16 staging and L*b; ZeRO-3 the fp32 gradient and the bf16
+    gradient partitions)."""
     model_config = tiny_llama()
     numels, largest = parameter_counts(model_config)
     part = -(-sum(numels) // 2)
     on_gpu = estimate(model_config, deepspeed_config(stage, 2), device="cpu")
     offloaded = estimate(model_config, deepspeed_config(stage, 2, "optimizer"), device="cpu")
     assert on_gpu.host_bytes == 0
-    assert offloaded.host_bytes == (16 + 2) * part + (largest * 2 if stage < 3 else 0)
+    if stage < 3:
+        expected = 8 * part + 2 * power_of_two(4 * part) + power_of_two(2 * part) + power_of_two(2 * largest)
+    else:
+        expected = 12 * part + power_of_two(4 * part) + power_of_two(2 * part)
+    assert offloaded.host_bytes == expected
+    assert expected >= (16 + 2) * part  # the memo's unrounded formula is the floor
     events, categories, *_ = zero.zero_step_events(model_config, deepspeed_config(stage, 2, "optimizer"), "cpu")
     assert OPTIMIZER not in live_by_category(events, categories)
     assert category_peak(events, categories, OPTIMIZER) == 0  # no GPU allocation in the offloaded step
@@ -401,10 +420,11 @@ def test_nvme_offload_host_and_disk_bytes():
     the host and b*P/N on the drive. ZeRO-1/2 have no swapper."""
     layout = zero_layout.ZeroLayout(tuple(zero_layout.ZeroParam(n, 2, True) for n in (3_000_000, 1_000_000)), 2, 2)
     optimizer = zero_layout.ZeroKnobs(stage=3, offload_optimizer="nvme", sub_group_size=1_000_000)
-    assert zero_layout.host_bytes(layout, optimizer) == 4 * 4 * 1_000_000 + 2 * 2_000_000
+    pool, gradients = 4 * power_of_two(4 * 1_000_000), power_of_two(2 * 2_000_000)
+    assert zero_layout.host_bytes(layout, optimizer) == pool + gradients
     assert zero_layout.nvme_bytes(layout, optimizer) == 16 * 2_000_000
     both = zero_layout.ZeroKnobs(stage=3, offload_optimizer="nvme", offload_parameters="nvme", sub_group_size=1_000_000)
-    assert zero_layout.host_bytes(layout, both) == 4 * 4 * 1_000_000 + 2 * 2_000_000 + 5 * 100_000_000 * 2
+    assert zero_layout.host_bytes(layout, both) == pool + gradients + 5 * power_of_two(100_000_000 * 2)
     assert zero_layout.nvme_bytes(layout, both) == 16 * 2_000_000 + 2 * 2_000_000
     assert zero_layout.nvme_bytes(layout, zero_layout.ZeroKnobs(stage=2, offload_optimizer="nvme")) == 0
 
@@ -416,3 +436,42 @@ def test_fits_under_compares_the_total():
     found = estimate(model_config, deepspeed_config(2, 2), device="cpu")
     assert fits_under(model_config, found, found.total_bytes)
     assert not fits_under(model_config, found, found.total_bytes - 1)
+
+
+@pytest.mark.parametrize("overlap_comm", [True, False])
+@pytest.mark.parametrize("offload", ["none", "optimizer"])
+def test_the_reduction_allocates_on_the_reduction_stream_with_overlap_comm(overlap_comm, offload):
+    """ZeRO-2's reduction (grads_in_partition, or the offload's fp32 copies) runs under `reduction_stream` with
+    overlap_comm (stage_1_and_2.py reduce_ipg_grads), so its blocks live in that stream's pool, freed on it; without
+    overlap_comm on the compute stream. The H200 histories of issue 15 showed the blocks there."""
+    events, categories, _, layout, _ = zero.zero_step_events(
+        tiny_llama(), deepspeed_config(2, 1, offload, overlap_comm=overlap_comm), "cpu")
+    stream = zero_layout.REDUCE_STREAM if overlap_comm else 0
+    flushed = GRADIENTS if offload == "none" else Category.TEMPORARIES.value
+    part = rounded(2 * layout.partition(layout.trainable_elements))
+    reduced = [e for e in events if e.kind == "alloc" and e.stream == stream and e.layer != -2
+               and key_of(categories, e) == flushed
+               and (offload != "none" or e.num_bytes == part)]
+    assert reduced
+    allocs = {e.storage: e.stream for e in events if e.kind == "alloc"}
+    assert all(e.stream == allocs[e.storage] for e in events if e.kind == "free" and e.storage in allocs)
+    if overlap_comm:
+        assert not any(e.stream == stream for e in events if e.kind == "alloc" and
+                       key_of(categories, e) in (WEIGHTS, OPTIMIZER))
+
+
+def test_zero2_init_clones_the_partition_and_zeroes_a_gradient_for_the_master():
+    """Without offload, `deepspeed.initialize` makes the fp32 master as `.detach().clone().to(fp32)` (a bf16 clone
+    freed after: stage_1_and_2.py:559-561) and `initialize_optimizer_states` gives it a zero fp32 .grad it drops
+    again (934-951): two transients before the first step, which decide which cached blocks the step reuses."""
+    events, categories, _, layout, _ = zero.zero_step_events(tiny_llama(), deepspeed_config(2), "cpu")
+    part = layout.partition(layout.trainable_elements)
+    optimizer_allocs = [e.num_bytes for e in events if e.kind == "alloc"
+                        and key_of(categories, e) == OPTIMIZER]
+    assert optimizer_allocs[:3] == [rounded(2 * part), rounded(4 * part), rounded(4 * part)]
+
+
+def key_of(categories: dict[Hashable, str], event: Event) -> str | None:
+    """The breakdown key of an event's storage (a Category's value or a ZeRO key), None when uncategorised."""
+    category = categories.get(event.source)
+    return getattr(category, "value", category)

@@ -102,7 +102,12 @@ def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: StorageKeys) -> tupl
         if knobs.offloads_optimizer:
             events.append(keys.alloc(grads, layout.largest_trainable * b))  # temp_grad_buffer_for_gpu_offload
         else:
-            events.append(keys.alloc(optimizer, master_bytes(layout)))
+            # The master partition is `.detach().clone().to(fp32)` of the bf16 partition: the clone is a transient
+            # (559-561); `initialize_optimizer_states` gives it a zero fp32 .grad and drops it again (934-951).
+            clone = keys.alloc(optimizer, gradient_partition_bytes(layout))
+            events += [clone, keys.alloc(optimizer, master_bytes(layout)), Event.free(clone.storage)]
+            zeros = keys.alloc(optimizer, master_bytes(layout))
+            events += [zeros, Event.free(zeros.storage)]
         return events, set()
     if not knobs.offloads_parameters:  # zero.Init partitions each parameter, then defragments (967-972)
         parts = [keys.alloc(weights, layout.partition(p.numel) * p.element_bytes) for p in layout.params]
@@ -130,7 +135,7 @@ def step_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: StorageKeys, first: 
         copy, fp32 = keys.alloc(optimizer, b * size), keys.alloc(optimizer, 4 * size)
         events += [copy, fp32, Event.free(copy.storage)]
         if gradient_partition is not None:
-            events.append(Event.free(gradient_partition.storage))
+            events.append(Event.free(gradient_partition.storage, stream=gradient_partition.stream))
             gradient_partition = None
         if first:
             events += [keys.alloc(optimizer, 4 * size) for _ in range(2)]
@@ -199,8 +204,11 @@ class Reducer:
             return
         layout, b = self.layout, self.layout.bytes_per_element
         temporaries = Category.TEMPORARIES.value
+        # With overlap_comm the whole reduction runs on the reduction stream, so its blocks live in that stream's
+        # pool (stage_1_and_2.py `reduce_ipg_grads` 2239-2249, stage3.py `__reduce_and_partition_ipg_grads`); the
+        # H200 histories of issue 15 show grads_in_partition and the offload copies there.
+        stream = REDUCE_STREAM if self.knobs.overlaps else 0
         if self.knobs.stage == 3:
-            stream = REDUCE_STREAM if self.knobs.overlaps else 0
             single = len(self.in_bucket) == 1 and self.in_bucket[0] % layout.num_ranks == 0
             elements = -(-sum(self.in_bucket) // layout.num_ranks) * layout.num_ranks
             cat = None if single else self.keys.alloc(ZERO_BUCKETS, elements * b, stream)
@@ -208,19 +216,20 @@ class Reducer:
                 yield cat
             if self.knobs.offloads_optimizer:
                 for numel in self.in_bucket:
-                    copy = self.keys.alloc(temporaries, (b + ZERO3_OFFLOAD_TRANSIENT_FP32) * layout.partition(numel))
-                    yield from (copy, Event.free(copy.storage))
+                    copy = self.keys.alloc(temporaries, (b + ZERO3_OFFLOAD_TRANSIENT_FP32) * layout.partition(numel),
+                                           stream)
+                    yield from (copy, Event.free(copy.storage, stream=stream))
             if cat is not None:
                 yield Event.free(cat.storage, stream=stream)
         elif self.knobs.offloads_optimizer:
             slice_limit = layout.partition(layout.trainable_elements)
             for numel in self.in_bucket:
-                copies = [self.keys.alloc(temporaries, 4 * min(numel, slice_limit))
+                copies = [self.keys.alloc(temporaries, 4 * min(numel, slice_limit), stream)
                           for _ in range(ZERO2_OFFLOAD_TRANSIENT_COPIES)]
                 yield from copies
-                yield from (Event.free(copy.storage) for copy in copies)
+                yield from (Event.free(copy.storage, stream=stream) for copy in copies)
         elif self.partition is None:
-            self.partition = self.keys.alloc(Category.GRADIENTS.value, gradient_partition_bytes(layout))
+            self.partition = self.keys.alloc(Category.GRADIENTS.value, gradient_partition_bytes(layout), stream)
             yield self.partition
         self.in_bucket = []
 

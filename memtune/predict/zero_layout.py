@@ -190,29 +190,49 @@ def gathers_cost_memory(layout: ZeroLayout, knobs: ZeroKnobs) -> bool:
     return knobs.stage == 3 and (layout.num_ranks > 1 or knobs.offloads_parameters)
 
 
+def pinned_bytes(num_bytes: int) -> int:
+    """Host RAM one pinned buffer of `num_bytes` takes: torch's CachingHostAllocator rounds every request up to a
+    power of two (`roundSize` in ATen/core/CachingHostAllocator.h; pinned_max_round_threshold defaults to no limit),
+    and cudaHostAlloc'd pages are resident. DeepSpeed pins through `tensor.pin_memory()`, i.e. this allocator."""
+    return 1 << (num_bytes - 1).bit_length() if num_bytes > 0 else 0
+
+
 def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) -> int:
-    """Host RAM one rank's ZeRO holds under offload (pinned and not), from the memo (§2.1 host, §2.2 host):
-    ZeRO-1/2 optimizer offload `(16+b)T/N + L*b` (+ `b*T/N` of pinned per-parameter accumulators with
-    grad_accum_steps > 1, 1822-1826; NVMe is treated as CPU there, 219-222); ZeRO-3 `(16+b)T/N` under
-    optimizer offload to the CPU, the pinned swap pool `4 x 4 x min(sub_group, T/N)` + `b*T/N` to NVMe;
-    parameter offload adds `b*P/N` to the CPU, or the pinned pool 5 x 1e8 x b to NVMe. 0 without offload."""
+    """Host RAM (bytes) one rank's ZeRO holds under offload with pin_memory (memtune's DeepSpeed JSON sets it),
+    each pinned buffer rounded up by `pinned_bytes`; 0 without offload. From the memo (§2.1 host, §2.2 host):
+
+    - ZeRO-1/2 optimizer offload: pinned fp32 master `4T/N` (stage_1_and_2.py:559-566), pinned fp32 gradient
+      `4T/N` (934-941), pinned bf16 staging `bT/N` (566-575), pinned `L*b` (653-658), Adam `8T/N` unpinned; with
+      grad_accum_steps > 1 a pinned accumulator per parameter of the partition (1822-1826; counted for every
+      trainable parameter: exact at N=1, an upper bound above). NVMe is treated as CPU there (219-222).
+    - ZeRO-3 optimizer offload to the CPU: fp32 master `4T/N` and Adam `8T/N` unpinned (stage3.py:1157-1160), a
+      pinned fp32 gradient per sub-group (1337-1342), the pinned flat bf16 gradient partitions `bT/N` (791-795);
+      to NVMe the pinned swap pool `4 x 4 x min(sub_group, T/N)` + `bT/N`.
+    - Parameter offload adds the pinned `b*P/N` to the CPU, or the pinned pool 5 x 1e8 x b to NVMe.
+
+    Measured on one H200 (issue 15, benchmarks/results/zero_h200.json, process RSS less the no-offload run's):
+    ZeRO-2 and ZeRO-3 CPU optimizer offload on Qwen2.5-0.5B and Llama-3.2-1B within 2%; without the rounding,
+    Llama-3.2-1B ZeRO-2 was 28% low."""
     b = layout.bytes_per_element
     trainable = layout.partition(layout.trainable_elements)
     total = 0
     if knobs.offloads_optimizer:
         if knobs.stage in (1, 2):
-            total += (16 + b) * trainable + layout.largest_trainable * b
+            total += 2 * pinned_bytes(4 * trainable) + pinned_bytes(b * trainable) + 8 * trainable
+            total += pinned_bytes(layout.largest_trainable * b)
             if grad_accum_steps > 1:
-                total += b * trainable
+                total += sum(pinned_bytes(b * p.numel) for p in layout.params if p.trainable)
         elif knobs.offload_optimizer == "nvme":
-            total += NVME_OPTIMIZER_BUFFERS * 4 * min(knobs.sub_group_size, trainable) + b * trainable
+            total += NVME_OPTIMIZER_BUFFERS * pinned_bytes(4 * min(knobs.sub_group_size, trainable))
+            total += pinned_bytes(b * trainable)
         else:
-            total += (16 + b) * trainable
+            total += 12 * trainable + sum(pinned_bytes(4 * size) for size in sub_groups(layout, knobs))
+            total += pinned_bytes(b * trainable)
     if knobs.offloads_parameters:
         if knobs.offload_parameters == "nvme":
-            total += NVME_PARAM_BUFFERS * NVME_PARAM_BUFFER_ELEMENTS * b
+            total += NVME_PARAM_BUFFERS * pinned_bytes(NVME_PARAM_BUFFER_ELEMENTS * b)
         else:
-            total += b * layout.partition(layout.total_elements)
+            total += pinned_bytes(b * layout.partition(layout.total_elements))
     return total
 
 
