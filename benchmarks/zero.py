@@ -38,7 +38,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.loss_2gpu import print_summary, reserved_columns  # noqa: E402
-from memtune.config import GIB, TrainConfig, Zero  # noqa: E402
+from memtune.config import GIB, Adapter, TrainConfig, Zero  # noqa: E402
 
 STEPS = 3
 
@@ -60,6 +60,42 @@ def cases(gpu_counts: list[int]) -> list[tuple[str, str, TrainConfig]]:
                     TrainConfig(seq_len=2048, micro_batch_size=batch, amp="bf16", strategy="deepspeed", num_gpus=1,
                                 offload="optimizer", zero=Zero(stage=2, reduce_bucket_size=500_000_000))))
     return out
+
+
+def validation_cases() -> list[tuple[str, str, TrainConfig]]:
+    """Cases measured after the rules were set from `cases()` (1 GPU): a third model with checkpointing and gradient
+    accumulation, ZeRO-1, LoRA under ZeRO-2 and ZeRO-3."""
+    def zero(stage: int, model_batch: int, **fields: object) -> TrainConfig:
+        return TrainConfig(seq_len=2048, micro_batch_size=model_batch, amp="bf16", strategy="deepspeed", num_gpus=1,
+                           zero=Zero(stage=stage), **fields)  # type: ignore[arg-type]
+
+    qwen15, llama1 = "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B"
+    return [
+        ("qwen2.5-1.5b 4x2048 ckpt z3 1gpu", qwen15, zero(3, 4, gradient_checkpointing=True)),
+        ("qwen2.5-1.5b 4x2048 ckpt z2 cpu-opt ga2 1gpu", qwen15,
+         zero(2, 4, gradient_checkpointing=True, offload="optimizer", grad_accum_steps=2)),
+        ("qwen2.5-1.5b 2x2048 z1 1gpu", qwen15, zero(1, 2)),
+        ("qwen2.5-0.5b 4x2048 z2 ga2 1gpu", "Qwen/Qwen2.5-0.5B", zero(2, 4, grad_accum_steps=2)),
+        ("llama-3.2-1b 4x2048 lora z2 1gpu", llama1, zero(2, 4, adapter=Adapter())),
+        ("llama-3.2-1b 4x2048 lora z3 1gpu", llama1, zero(3, 4, adapter=Adapter())),
+    ]
+
+
+def heldout_cases() -> list[tuple[str, str, TrainConfig]]:
+    """Cases measured only after every rule was set from `cases()` and `validation_cases()` (1 GPU): combinations
+    none of those had."""
+    def zero(stage: int, model_batch: int, **fields: object) -> TrainConfig:
+        return TrainConfig(seq_len=2048, micro_batch_size=model_batch, amp="bf16", strategy="deepspeed", num_gpus=1,
+                           zero=Zero(stage=stage), **fields)  # type: ignore[arg-type]
+
+    return [
+        ("qwen2.5-1.5b 2x2048 ckpt z3 cpu-opt ga2 1gpu", "Qwen/Qwen2.5-1.5B",
+         zero(3, 2, gradient_checkpointing=True, offload="optimizer", grad_accum_steps=2)),
+        ("llama-3.2-1b 2x2048 ckpt lora z2 ga2 1gpu", "meta-llama/Llama-3.2-1B",
+         zero(2, 2, gradient_checkpointing=True, adapter=Adapter(), grad_accum_steps=2)),
+        ("qwen2.5-0.5b 4x2048 z1 cpu-opt 1gpu", "Qwen/Qwen2.5-0.5B", zero(1, 4, offload="optimizer")),
+        ("llama-3.2-1b 2x2048 z3 ga2 1gpu", "meta-llama/Llama-3.2-1B", zero(3, 2, grad_accum_steps=2)),
+    ]
 
 
 def predict(model: str, config: TrainConfig, path: str) -> dict:
@@ -85,8 +121,10 @@ def deepspeed_json(config: TrainConfig, model_config: Any) -> dict:
     from memtune.run.launch import deepspeed_config
 
     written = deepspeed_config(config, model_config=model_config)
-    written.update({"train_micro_batch_size_per_gpu": config.micro_batch_size, "gradient_accumulation_steps": 1,
-                    "train_batch_size": config.micro_batch_size * config.num_gpus, "gradient_clipping": 1.0})
+    written.update({"train_micro_batch_size_per_gpu": config.micro_batch_size,
+                    "gradient_accumulation_steps": config.grad_accum_steps,
+                    "train_batch_size": config.micro_batch_size * config.grad_accum_steps * config.num_gpus,
+                    "gradient_clipping": 1.0})
     if "optimizer" in written:
         written["optimizer"]["params"] = {"lr": 1e-5, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
     return written
@@ -109,6 +147,7 @@ def worker(case_path: str, result_path: str) -> None:
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local_rank)
     deepspeed.init_distributed()
+    rss_start = psutil.Process().memory_info().rss
     workspace_bytes = memory.warm_up()  # the cuBLAS workspaces, in segments of their own: outside the prediction
     allocated_before, reserved_before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     history = os.environ.get("MEMTUNE_ZERO_HISTORY")  # a folder: every allocator event of rank 0, model build on
@@ -119,28 +158,37 @@ def worker(case_path: str, result_path: str) -> None:
     model = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.adapter is not None:  # as memtune's recipe (and Trainer) wrap it: peft around the built model
+        import peft
+
+        model.config.use_cache = False
+        model = peft.get_peft_model(model, recipe.peft_config(config))
+    model.train()  # as Trainer does (dropout on)
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = None
     if config.offload == "none":  # Trainer's own AdamW, wrapped by ZeRO
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=config.optimizer == "adamw_torch_fused")
+        optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=config.optimizer == "adamw_torch_fused")
     started = time.perf_counter()
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=written,
-                                      model_parameters=model.parameters() if optimizer is None else None)
+                                      model_parameters=trainable if optimizer is None else None)
     init_seconds = time.perf_counter() - started
     after_init = torch.cuda.memory_allocated() - allocated_before
     peaks = []
     torch.cuda.reset_peak_memory_stats()
     for _ in range(STEPS):
-        input_ids = recipe.random_batch(model_config, config, "cuda")
-        loss = recipe.forward_loss(engine, input_ids, input_ids, config)
-        engine.backward(loss)
-        engine.step()
+        for _ in range(config.grad_accum_steps):  # DeepSpeed steps the optimizer at the accumulation boundary
+            input_ids = recipe.random_batch(model_config, config, "cuda")
+            loss = recipe.forward_loss(engine, input_ids, input_ids, config)
+            engine.backward(loss)
+            engine.step()
         torch.cuda.synchronize()
         peaks.append({"allocated": torch.cuda.max_memory_allocated() - allocated_before,
                       "reserved": torch.cuda.max_memory_reserved() - reserved_before})
         torch.cuda.reset_peak_memory_stats()
     result = {"rank": rank, "init_seconds": init_seconds, "workspace_bytes": workspace_bytes,
               "allocated_after_init": after_init, "steps": peaks,
-              "rss_bytes": psutil.Process().memory_info().rss, "deepspeed": deepspeed.__version__,
+              "rss_bytes": psutil.Process().memory_info().rss, "rss_start_bytes": rss_start,
+              "deepspeed": deepspeed.__version__,
               "torch": torch.__version__, "json": written}
     Path(f"{result_path}.{rank}").write_text(json.dumps(result))
     if history and rank == 0:
@@ -191,14 +239,15 @@ def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) ->
     return {"fits": True, "peak_reserved_bytes": max(step["reserved"] for step in steady),
             "peak_allocated_bytes": max(step["allocated"] for step in steady),
             "first_step_reserved_bytes": max(rank["steps"][0]["reserved"] for rank in ranks),
-            "rss_bytes": max(rank["rss_bytes"] for rank in ranks), "ranks": ranks,
+            "rss_bytes": max(rank["rss_bytes"] for rank in ranks),
+            "rss_start_bytes": max(rank.get("rss_start_bytes", 0) for rank in ranks), "ranks": ranks,
             "seconds": time.perf_counter() - started}
 
 
 def host_column(row: dict, earlier: list[dict], path: str) -> str:
     """For an offload case: the host RAM ZeRO took, measured as the process RSS less that of the same model's
-    no-offload case at the same stage and GPU count (an earlier row), against the predicted `host_bytes`; the
-    error is kept in the row as `host_error`."""
+    no-offload case at the same stage and GPU count (an earlier row), or without one less the worker's RSS at its
+    start, against the predicted `host_bytes`; the error is kept in the row as `host_error`."""
     measured, predicted = row.get("measured", {}), row[path].get("host_bytes")
     if not predicted or not measured.get("fits"):
         return ""
@@ -207,9 +256,12 @@ def host_column(row: dict, earlier: list[dict], path: str) -> str:
              and r["config"]["zero"]["stage"] == config["zero"]["stage"]
              and r["config"]["num_gpus"] == config["num_gpus"]
              and r.get("measured", {}).get("fits")]
-    if not twins:
+    if twins:
+        taken = measured["rss_bytes"] - twins[0]["measured"]["rss_bytes"]
+    elif measured.get("rss_start_bytes"):  # no twin: the growth from the worker's start (CUDA context made)
+        taken = measured["rss_bytes"] - measured["rss_start_bytes"]
+    else:
         return ""
-    taken = measured["rss_bytes"] - twins[0]["measured"]["rss_bytes"]
     row["host_measured_bytes"], row["host_error"] = taken, (predicted - taken) / taken
     return f" vs {taken / GIB:6.2f} measured ({100 * row['host_error']:+.1f}%)"
 
@@ -230,6 +282,9 @@ def main() -> None:
     parser.add_argument("--no-measure", action="store_true", help="predictions only (no GPU, no DeepSpeed)")
     parser.add_argument("--match", default="", help="only cases whose name has this text")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per measured case")
+    parser.add_argument("--validation", action="store_true",
+                        help="the cases measured after the rules were set (validation_cases) instead of cases()")
+    parser.add_argument("--heldout", action="store_true", help="heldout_cases() instead of cases()")
     parser.add_argument("--measured", default="",
                         help="a JSON this script wrote on the GPU: predict again here against its measurements")
     args = parser.parse_args()
@@ -242,7 +297,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'case':40s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
           + " | host GiB", flush=True)
-    for name, model, config in cases(args.gpus):
+    chosen = validation_cases() if args.validation else heldout_cases() if args.heldout else cases(args.gpus)
+    for name, model, config in chosen:
         if args.match not in name:
             continue
         row: dict = {"case": name, "model": model, "config": config.to_dict()}

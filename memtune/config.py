@@ -97,6 +97,10 @@ class Adapter:
     """peft target_modules: "all-linear" or module names such as ("q_proj", "v_proj")."""
     num_virtual_tokens: int = 20
     """Prefix tuning only: number of virtual tokens."""
+    autocast_adapter_dtype: bool = True
+    """peft's `get_peft_model(autocast_adapter_dtype=...)`: True keeps the adapter's weights in fp32 over a 16-bit
+    base (peft's default, which also makes each adapted layer keep an fp32 copy of its input for backward); False
+    leaves them in the base's dtype, as DeepSpeed ZeRO-1/2 leave them after casting the whole module."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -110,6 +114,8 @@ class Adapter:
                 )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.autocast_adapter_dtype, bool):
+            problems.append(f"autocast_adapter_dtype must be true or false, got {self.autocast_adapter_dtype!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules

@@ -51,6 +51,7 @@ in the memo (frozen weights as loaded for ZeRO-1/2, partitioned for ZeRO-3); N >
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Hashable, Iterator
@@ -109,16 +110,35 @@ def init_events(layout: ZeroLayout, knobs: ZeroKnobs, keys: StorageKeys) -> tupl
             zeros = keys.alloc(optimizer, master_bytes(layout))
             events += [zeros, Event.free(zeros.storage)]
         return events, set()
-    if not knobs.offloads_parameters:  # zero.Init partitions each parameter, then defragments (967-972)
-        parts = [keys.alloc(weights, layout.partition(p.numel) * p.element_bytes) for p in layout.params]
-        flat = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params)
-        events += parts + [keys.alloc(weights, flat)] + [Event.free(e.storage) for e in parts]
+    if not knobs.offloads_parameters:
+        # zero.Init partitions each parameter as the model is built; `_create_fp16_partitions_with_defragmentation`
+        # (913-972) moves the trainable partitions to the host, empties the cache and copies them back into one
+        # flat buffer (runtime/zero/utils.py `defragment`): what is cached afterwards is the frozen parameters'
+        # partitions (LoRA's base) and the flat buffer, each in segments of their own.
+        events += [keys.alloc(weights, layout.partition(p.numel) * p.element_bytes)
+                   for p in layout.params if not p.trainable]
+        flat = sum(layout.partition(p.numel) * p.element_bytes for p in layout.params if p.trainable)
+        events.append(keys.alloc(weights, flat))
+    # `_setup_for_real_optimizer` (761-800): the fp32 partitions, the optimizer states' init, the IPG bucket, then the
+    # flat gradient partitions; the H200 histories of issue 15 show this order.
+    if not knobs.offloads_optimizer:
+        # `_create_fp32_partitions` (1157-1170): per sub-group `converted = fp16.to(fp32)` and its `.clone()`; each
+        # `converted` lives until the next one is made (the loop variable), the last until the function returns.
+        previous: Event | None = None
+        for size in sub_groups(layout, knobs):
+            converted = keys.alloc(optimizer, 4 * size)
+            events.append(converted)
+            if previous is not None:
+                events.append(Event.free(previous.storage))
+            events.append(keys.alloc(optimizer, 4 * size))
+            previous = converted
+        if previous is not None:
+            events.append(Event.free(previous.storage))
+        buffer = keys.alloc(grads, 4 * max(sub_groups(layout, knobs)))  # init-only gradient_buffer, 1304-1368
+        events += [buffer, Event.free(buffer.storage)]
     events.append(keys.alloc(ZERO_BUCKETS, ipg_bucket_bytes(layout, knobs)))
     if not knobs.offloads_optimizer:
         events.append(keys.alloc(grads, gradient_partition_bytes(layout)))
-        events += [keys.alloc(optimizer, 4 * size) for size in sub_groups(layout, knobs)]
-        buffer = keys.alloc(grads, 4 * max(sub_groups(layout, knobs)))  # init-only gradient_buffer, 1304-1368
-        events += [buffer, Event.free(buffer.storage)]
     return events, persistent_params(layout, knobs)
 
 
@@ -160,6 +180,10 @@ class Reducer:
     pending: list[Event] = field(default_factory=list)
     """ZeRO-1 without reduction in backward: gradients kept until backward ends."""
     partition: Event | None = None
+    held: Event | None = None
+    """ZeRO-1/2 with gradient accumulation: the previous micro-batch's grads_in_partition, which `.grad` views keep
+    alive after `_release_ipg_buffers` dropped it (924-932) until this micro-batch's flushes have copied every
+    gradient into the new one (2184-2200)."""
     steps: int = 0
 
     @property
@@ -244,6 +268,11 @@ class Reducer:
             yield from self.flush()
         yield from (Event.free(bucket.storage) for bucket in self.buckets)
         self.buckets = []
+        if self.held is not None:
+            yield Event.free(self.held.storage, stream=self.held.stream)
+            self.held = None
+        if not boundary and self.partition is not None:  # the next micro-batch's first flush makes a new one
+            self.held, self.partition = self.partition, None
 
     def step(self) -> Iterator[Event]:
         self.steps += 1
@@ -430,10 +459,16 @@ def model_bytes_per_element(train_config: TrainConfig) -> int:
 
 def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
     """The step each rank runs, traced on one GPU: the model in DeepSpeed's dtype without autocast (DeepSpeed's
-    bf16 / fp16 mode casts the module; accelerate applies no autocast under DeepSpeed), no wrapper, no offload."""
+    bf16 / fp16 mode casts the module; accelerate applies no autocast under DeepSpeed), no wrapper, no offload.
+    An adapter keeps peft's fp32 weights under ZeRO-3 only: the engine casts every parameter of a model not built
+    under zero.Init (ZeRO-1/2) and none of one that was (engine.py `_cast_module_mixed_precision`, 1851-1862);
+    measured on the H200 (issue 15): Llama-3.2-1B LoRA keeps fp32 inputs of its adapted layers under ZeRO-3 only."""
     dtype = train_config.amp if train_config.amp != "none" else train_config.weights_dtype
+    adapter = train_config.adapter
+    if adapter is not None and train_config.zero is not None and train_config.zero.stage != 3:
+        adapter = dataclasses.replace(adapter, autocast_adapter_dtype=False)
     return train_config.replace(num_gpus=1, strategy="fsdp", zero=None, offload="none", weights_dtype=dtype,
-                                amp="none", stochastic_rounding=False)
+                                amp="none", stochastic_rounding=False, adapter=adapter)
 
 
 def layout_of(model: Any, num_ranks: int, bytes_per_element: int) -> ZeroLayout:

@@ -170,12 +170,20 @@ def ipg_bucket_count(knobs: ZeroKnobs) -> int:
 
 
 def sub_groups(layout: ZeroLayout, knobs: ZeroKnobs) -> list[int]:
-    """ZeRO-3's optimizer sub-groups of the partition, elements each (stage3.py sub_group_size); ZeRO-1/2: one."""
+    """ZeRO-3's optimizer sub-groups of the partition, elements each: whole parameters in order, a sub-group closed
+    once it reaches sub_group_size (stage3.py `_create_fp16_sub_groups`, 1210-1233), so a sub-group can exceed it
+    by part of a parameter; ZeRO-1/2: one."""
     partition = layout.partition(layout.trainable_elements)
     if knobs.stage != 3 or partition <= knobs.sub_group_size:
         return [partition]
-    full, rest = divmod(partition, knobs.sub_group_size)
-    return [knobs.sub_group_size] * full + ([rest] if rest else [])
+    groups, size = [], 0
+    for param in layout.params:
+        if param.trainable:
+            size += layout.partition(param.numel)
+            if size >= knobs.sub_group_size:
+                groups.append(size)
+                size = 0
+    return groups + ([size] if size else [])
 
 
 def persistent_params(layout: ZeroLayout, knobs: ZeroKnobs) -> set[int]:

@@ -176,7 +176,8 @@ def prepare_model(model: nn.Module, train_config: TrainConfig) -> nn.Module:
     with warnings.catch_warnings():
         # peft 0.21 reads is_gradient_checkpointing, which transformers 5.24 deprecated (set_checkpointing's note)
         warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6", category=FutureWarning)
-        return peft.get_peft_model(causal_lm, peft_config(train_config))
+        return peft.get_peft_model(causal_lm, peft_config(train_config),
+                                   autocast_adapter_dtype=adapter.autocast_adapter_dtype)
 
 
 def peft_config(train_config: TrainConfig) -> Any:
