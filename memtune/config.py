@@ -1085,8 +1085,8 @@ class Policy:
             raise UsageError(listed("", problems))
         if self.num_nodes > 1:  # search.ladder builds its candidates for the GPUs of one machine (num_gpus)
             problems.append(f"the search plans one machine, got --nodes {self.num_nodes}: predict a configuration "
-                            f"over {self.num_nodes} machines with `memtune plan MODEL --nodes {self.num_nodes} --gpus "
-                            f"{self.num_gpus} ...`, or fit with --nodes 1")
+                            f"over {self.num_nodes} machines with `memtune plan` (it writes their launch files too), "
+                            "or search with --nodes 1")
         world_size = self.num_gpus * self.num_nodes
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * world_size):
             problems.append(f"micro-batch {self.micro_batch_size} x {world_size} GPU(s) does not divide the batch "

@@ -405,7 +405,7 @@ API_SWITCHES = {"--lora": "use_adapter=True", "--no-lora": "use_adapter=False",
 """The CLI's adapter switches (cli's AdapterChoice) as auto_fit keyword arguments."""
 API_KEYWORDS = {  # flag: (the keyword in words, the keyword argument with the value)
     "--seq-len": ("seq_len", "seq_len={}"), "--batch-size": ("batch_size", "batch_size={}"),
-    "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'),
+    "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'), "--nodes": ("nodes", "nodes={}"),
     "--lora-rank": ("the adapter's rank", "adapter=Adapter(rank={})"),
     "--lora-targets": ("the adapter's target_modules", 'adapter=Adapter(target_modules="{}")'),
 }
