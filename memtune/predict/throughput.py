@@ -339,7 +339,7 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicte
         return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
     if not config.sharded:
         return config.grad_accum_steps * micro + optimizer
-    # FSDP2: sharded over num_gpus (or one GPU with CPU offload).
+    # FSDP2: sharded over world_size GPUs, every machine's (or one GPU with CPU offload).
     first, last = fsdp_micro_batch_seconds(shape, config, speed, micro)
     optimizer /= config.world_size  # each GPU steps its shard
     if config.offload != "none":

@@ -25,6 +25,14 @@ What accelerate 1.15.0 and transformers 5.17 / 5.24 really do (read from their s
   (state.py:769-791), so `accelerate launch` with num_processes 1 runs FSDP (offload included),
   while a plain `python` run (DistributedType.NO) or a CPU-only machine silently ignores it.
 
+Several machines (`TrainConfig.num_nodes`, `memtune plan --nodes M --gpus N --out DIR`, `write_launch_files`): the
+engines distribute, memtune writes their configs. accelerate's `num_processes` counts every machine's processes and
+its launcher starts num_processes // num_machines on each, through torchrun with --nnodes, --node-rank (the
+config's machine_rank) and --master-addr/--master-port (main_process_ip/port; utils/launch.py:210-224), or for
+DeepSpeed with deepspeed_multinode_launcher "standard" the same way (commands/launch.py:1060-1082). One config per
+machine differs only in machine_rank; main_process_ip is a placeholder to fill in (`MAIN_PROCESS_IP`), or given on
+`accelerate launch`'s command line (--machine_rank, --main_process_ip override the file), as the SLURM script does.
+
 How the model is wrapped and stepped (FSDP2 units, mixed precision, CPU offload, DDP) is in
 `recipe.parallel`, which the trace, the trials and this launch all follow.
 
