@@ -657,9 +657,12 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
         seen = "no adapter" if config.adapter is None else f"adapter {getattr(config.adapter, 'kind', '?')!r}"
         problems.append(f"a quantised base ({bits}-bit) trains only a LoRA adapter (its weights are frozen), "
                         f"got {seen}: add adapter=Adapter() (--lora), or drop the quantization")
-    if config.num_gpus != 1 or config.num_nodes != 1:
-        problems.append(f"a quantised base ({bits}-bit) is planned on one GPU, got {config.num_gpus!r} GPUs x "
-                        f"{config.num_nodes!r} nodes (--gpus, --nodes): use 1 of each")
+    if config.num_gpus != 1:
+        problems.append(f"a quantised base ({bits}-bit) is planned on one GPU, got {config.num_gpus!r} GPUs "
+                        "(--gpus, num_gpus): use 1")
+    if config.num_nodes != 1:
+        problems.append(f"a quantised base ({bits}-bit) is planned on one machine, got {config.num_nodes!r} "
+                        "(--nodes, num_nodes): use 1")
     if config.offload != "none":
         problems.append(f"a quantised base ({bits}-bit) is planned without CPU offload, got offload "
                         f"{config.offload!r} (--offload): drop it")

@@ -67,7 +67,7 @@ def test_num_nodes_must_be_a_positive_integer(value):
 def test_a_quantised_base_stays_on_one_machine():
     from memtune.config import Adapter, quantized_base_fields
 
-    with pytest.raises(UsageError, match=r"planned on one GPU, got 1 GPUs x 2 nodes .*use 1 of each"):
+    with pytest.raises(UsageError, match=r"planned on one machine, got 2 \(--nodes, num_nodes\): use 1"):
         TrainConfig(seq_len=128, adapter=Adapter(), num_nodes=2, **quantized_base_fields(4, None))
 
 
@@ -89,7 +89,7 @@ def test_the_policy_splits_the_batch_over_every_machine_and_the_search_refuses_s
      ["--batch-size 12 is not a multiple of 8 GPUs (--nodes 2 x --gpus 4)"]),
     (["--nodes", "2", "--gpus", "2", "--inter-node-gbps", "0"],
      ["--inter-node-gbps must be a positive rate in Gb/s, got 0.0", "e.g. 400"]),
-    (["--nodes", "2", "--gpus", "2", "--qlora", "4"], ["planned on one GPU, got 2 GPUs x 2 nodes", "use 1 of each"]),
+    (["--nodes", "2", "--gpus", "1", "--qlora", "4"], ["planned on one machine, got 2 (--nodes, num_nodes): use 1"]),
 ])
 def test_plan_refuses_bad_nodes_with_exit_2(args, words, capsys):
     base = ["plan", "gpt2", "--seq-len", "128", "--batch-size", "8", "--budget", "16GiB", "--trace-device", "cpu"]
