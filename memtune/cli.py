@@ -25,6 +25,7 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import rich.markup
@@ -43,6 +44,7 @@ EPILOG_PLAN = """examples:
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 16 --micro-batch-size 1 --lora --precision bf16 --budget 24GiB --json
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 8 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --gpus 4
   memtune plan qwen2.5-1.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu H100-80GB --gpus 4 --strategy auto
+  memtune plan meta-llama/Llama-3.1-8B --seq-len 4096 --batch-size 32 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --nodes 2 --gpus 8 --out launch/
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -352,13 +354,23 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
         result = plan_configuration(
             source, source_parameters(source), options.train_config(), budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
-            note=lambda message: err.print(f"note: {message}", highlight=False),
+            note=lambda message: err.print(f"note: {message}", highlight=False), inter_node_gbps=task.inter_node_gbps,
         )
     log_library_lines(said)
     if task.json:
         print(json_report.render_plan_json(result))
     else:
         report.render_plan(result, out)
+    if options.out is not None:
+        from memtune.run import launch
+
+        plan_path = result.plan(task.gpu, task.trust_remote_code).save(Path(options.out) / "plan.json")
+        files = launch.write_launch_files(options.out, result.estimate.config, plan_path, model_config=source.config)
+        shown = err if task.json else out  # with --json, stdout carries the plan document alone
+        shown.print(f"plan saved to {plan_path}; launch files for {files.directory.name}/:", highlight=False,
+                    soft_wrap=True)
+        for step in files.steps:
+            shown.print(f"  {rich.markup.escape(step)}", highlight=False, soft_wrap=True)
     return 3 if result.fits is False else 0
 
 

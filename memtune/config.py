@@ -328,7 +328,10 @@ class TrainConfig:
     Liger-Kernel's fused linear cross-entropy (Triton, a CUDA GPU; `recipe.loss`). Both run in the model's forward,
     so on one GPU, with DDP and under FSDP2."""
     num_gpus: int = 1
-    """GPUs of one data-parallel job; the effective batch is split over them."""
+    """GPUs of one data-parallel job on each machine; the effective batch is split over `world_size` GPUs."""
+    num_nodes: int = 1
+    """Machines of `num_gpus` GPUs each (--nodes): the job spans `world_size` = num_nodes x num_gpus GPUs, over
+    which the strategy shards or replicates; above 1 it needs a strategy that spans GPUs (not a quantised base)."""
     strategy: Strategy = "fsdp"
     """How several GPUs share the work (only with num_gpus > 1): "fsdp" shards weights, gradients and
     optimizer state over them (FSDP2 full sharding; also the engine of CPU offload); "ddp" keeps a full
@@ -346,7 +349,8 @@ class TrainConfig:
         if self.optimizer in LEGACY_OPTIMIZERS:
             object.__setattr__(self, "optimizer", LEGACY_OPTIMIZERS[self.optimizer])  # frozen: set once, here
         problems = []
-        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "num_gpus"):
+        counts = isinstance(self.num_gpus, int) and isinstance(self.num_nodes, int)  # `sharded` can be read
+        for name in ("seq_len", "micro_batch_size", "grad_accum_steps", "num_gpus", "num_nodes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
@@ -363,7 +367,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)} (transformers' optim names), "
                             f"got {self.optimizer!r} (--optim)")
-        elif self.optimizer in UNSHARDABLE_OPTIMIZERS and isinstance(self.num_gpus, int) and self.sharded:
+        elif self.optimizer in UNSHARDABLE_OPTIMIZERS and counts and self.sharded:
             problems.append(f"optimizer {self.optimizer} keeps state that memtune cannot plan sharded or offloaded "
                             "(FSDP cannot shard or offload bitsandbytes' or Adafactor's state; torchao's sharded "
                             "step is not modelled yet): use adamw_torch_fused or adamw_torch with FSDP / CPU offload")
@@ -381,7 +385,7 @@ class TrainConfig:
                 problems.append(f"checkpoint_layers must be a positive number of layers or None (all), got {layers!r}")
             elif not self.gradient_checkpointing:
                 problems.append(f"checkpoint_layers={layers} needs gradient_checkpointing=True")
-            elif isinstance(self.num_gpus, int) and self.sharded:
+            elif counts and self.sharded:
                 problems.append(f"checkpointing only the first {layers} layers is not modelled under FSDP or CPU "
                                 "offload yet: checkpoint every layer there (fit: --checkpointing on; plan: "
                                 "--checkpointing without --checkpoint-layers), or with several GPUs use DDP "
@@ -391,7 +395,7 @@ class TrainConfig:
         elif self.offload_activations and not self.gradient_checkpointing:
             problems.append("offload_activations keeps the inputs of checkpointed layers on the host: it needs "
                             "gradient_checkpointing=True (fit: --checkpointing on or auto)")
-        elif self.offload_activations and isinstance(self.num_gpus, int) and self.sharded:
+        elif self.offload_activations and counts and self.sharded:
             problems.append("offloading activations is not modelled under FSDP or CPU offload yet: use it on one GPU "
                             "or with DDP (--strategy ddp)")
         if self.adapter is not None and not isinstance(self.adapter, Adapter):
@@ -405,7 +409,7 @@ class TrainConfig:
             if self.offload != "none":
                 problems.append(f"strategy 'ddp' keeps a full replica on every GPU and cannot offload {self.offload!r} "
                                 "to the CPU: use strategy 'fsdp' (CPU offload shards through FSDP) or offload 'none'")
-            if isinstance(self.num_gpus, int) and self.num_gpus == 1:
+            if counts and self.world_size == 1:
                 problems.append("strategy 'ddp' replicates the model over several GPUs: it needs num_gpus >= 2 "
                                 "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
         problems += _zero_problems(self)
@@ -413,8 +417,13 @@ class TrainConfig:
             raise UsageError(listed("invalid training configuration", problems))
 
     @property
+    def world_size(self) -> int:
+        """GPUs of the whole job: num_nodes machines x num_gpus each (the ranks the strategy shards over)."""
+        return self.num_nodes * self.num_gpus
+
+    @property
     def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps * self.num_gpus
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
 
     @property
     def precision(self) -> str:
@@ -458,10 +467,15 @@ class TrainConfig:
         if self.expandable_segments:
             parts.append("expandable segments")
         if self.zero is not None:
-            parts.append(self.zero.describe(self.offload) + (f" on {self.num_gpus} GPUs" if self.num_gpus > 1 else ""))
-        elif self.num_gpus > 1:
-            parts.append(f"{self.num_gpus} GPUs, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
+            parts.append(self.zero.describe(self.offload) + (f" on {self.gpus_words}" if self.world_size > 1 else ""))
+        elif self.world_size > 1:
+            parts.append(f"{self.gpus_words}, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
+
+    @property
+    def gpus_words(self) -> str:
+        """"8 GPUs", or "2 nodes x 8 GPUs" over several machines."""
+        return f"{self.num_nodes} nodes x {self.num_gpus} GPUs" if self.num_nodes > 1 else f"{self.num_gpus} GPUs"
 
     @property
     def checkpointing_rank(self) -> float:
@@ -484,14 +498,14 @@ class TrainConfig:
     @property
     def replicated(self) -> bool:
         """Data parallel with a full replica per GPU (DDP): the per-GPU step is the single-GPU step."""
-        return self.num_gpus > 1 and self.strategy == "ddp"
+        return self.world_size > 1 and self.strategy == "ddp"
 
     @property
     def sharded(self) -> bool:
         """Run by FSDP2: sharded over several GPUs, or CPU offload (FSDP with one GPU too). Never a DeepSpeed plan
         (`deepspeed`), which ZeRO partitions its own way."""
         return (self.strategy != "deepspeed" and not self.replicated
-                and (self.num_gpus > 1 or self.offload != "none"))
+                and (self.world_size > 1 or self.offload != "none"))
 
     @property
     def deepspeed(self) -> bool:
@@ -652,6 +666,9 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
     if config.num_gpus != 1:
         problems.append(f"a quantised base ({bits}-bit) is planned on one GPU, got {config.num_gpus!r} GPUs "
                         "(--gpus, num_gpus): use 1")
+    if config.num_nodes != 1:
+        problems.append(f"a quantised base ({bits}-bit) is planned on one machine, got {config.num_nodes!r} "
+                        "(--nodes, num_nodes): use 1")
     if config.offload != "none":
         problems.append(f"a quantised base ({bits}-bit) is planned without CPU offload, got offload "
                         f"{config.offload!r} (--offload): drop it")
@@ -797,6 +814,11 @@ KNOWN_GPUS: dict[str, int] = {
         "H200-141GB": 143771,
     }.items()
 }
+
+
+DEFAULT_INTER_NODE_GBPS = 400.0
+"""Network rate of one machine, Gb/s one way, that a plan over several machines (--nodes) assumes unless
+--inter-node-gbps says otherwise: one 400 Gb/s InfiniBand NDR or RoCE port (ConnectX-7). Not measured by memtune."""
 
 
 NO_BF16_GPUS = frozenset({"T4-16GB"})
@@ -976,7 +998,9 @@ class Policy:
     bf16_supported: bool = field(default=True, metadata=option(on_command_line=False))
     """The GPU computes in bf16 (fit sets it from the probe)."""
     num_gpus: int = field(default=1, metadata=option(on_command_line=False))
-    """GPUs of one data-parallel job (--gpus)."""
+    """GPUs of one data-parallel job (--gpus), on each machine."""
+    num_nodes: int = field(default=1, metadata=option(on_command_line=False))
+    """Machines of num_gpus GPUs each (--nodes; auto_fit's nodes=)."""
     host_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
     """Pinned host memory a step may hold (offloaded activations): fit sets HOST_BUDGET_FRACTION of the memory the
     host has available (`measure.probe.host_available_bytes`); None: not checked."""
@@ -1032,7 +1056,7 @@ class Policy:
         if self.precision in ("bf16", "fp16") and self.use_adapter is False and not self.allow_pure_16bit:
             problems.append(f"--precision {self.precision} with full fine-tuning is pure 16-bit training, which "
                             "--no-pure-16bit forbids: keep one")
-        counts = {"effective batch": effective_batch_size, "num_gpus": self.num_gpus,
+        counts = {"effective batch": effective_batch_size, "num_gpus": self.num_gpus, "num_nodes": self.num_nodes,
                   "min_micro_batch_size": self.min_micro_batch_size, "max_trials": self.max_trials}
         if self.micro_batch_size is not None:
             counts["micro_batch_size"] = self.micro_batch_size
@@ -1068,11 +1092,16 @@ class Policy:
                                 "(or auto, which then plans DDP)")
         if bad:
             raise UsageError(listed("", problems))
-        if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * self.num_gpus):
-            problems.append(f"micro-batch {self.micro_batch_size} x {self.num_gpus} GPU(s) does not divide the batch "
+        if self.num_nodes > 1:  # search.ladder builds its candidates for the GPUs of one machine (num_gpus)
+            problems.append(f"the search plans one machine, got --nodes {self.num_nodes}: predict a configuration "
+                            f"over {self.num_nodes} machines with `memtune plan` (it writes their launch files too), "
+                            "or search with --nodes 1")
+        world_size = self.num_gpus * self.num_nodes
+        if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * world_size):
+            problems.append(f"micro-batch {self.micro_batch_size} x {world_size} GPU(s) does not divide the batch "
                             f"{effective_batch_size}: the effective batch would change")
-        if effective_batch_size % self.num_gpus:
-            problems.append(f"batch {effective_batch_size} is not a multiple of {self.num_gpus} GPUs")
+        if effective_batch_size % world_size:
+            problems.append(f"batch {effective_batch_size} is not a multiple of {world_size} GPUs")
         if self.loss not in (None, *LOSSES):
             problems.append(f"loss {self.loss!r} is unknown: standard, chunked or liger")
         if self.offload not in (None, *OFFLOAD_ORDER):
@@ -1103,6 +1132,8 @@ def policy_flags(policy: Policy) -> list[str]:
             flags += _adapter_flags(policy)
         elif field_.name == "num_gpus":  # TaskOptions.gpus
             flags += [f"--gpus {value}"] if value != 1 else []
+        elif field_.name == "num_nodes":  # TaskOptions.nodes
+            flags += [f"--nodes {value}"] if value != 1 else []
         elif not option.on_command_line or value == default:
             continue
         elif option.words is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from memtune.config import (
+    DEFAULT_INTER_NODE_GBPS,
     HOST_BUDGET_FRACTION,
     KNOWN_GPUS,
     NO_BF16_GPUS,
@@ -122,6 +123,10 @@ class PlanResult:
     num_parameters: int
     verdict: Verdict | None = None
     """None when no budget was given."""
+    tokens_per_second: float | None = None
+    """Predicted tokens/s over all GPUs (`predict.throughput`); over several machines it rests on `inter_node_gbps`."""
+    inter_node_gbps: float | None = None
+    """The network rate of each machine the throughput assumed (Gb/s, --inter-node-gbps); None on one machine."""
 
     @property
     def budget_bytes(self) -> int | None:
@@ -130,6 +135,18 @@ class PlanResult:
     @property
     def fits(self) -> bool | None:
         return None if self.verdict is None else self.verdict.fits
+
+    def plan(self, gpu_name: str | None = None, trust_remote_code: bool = False) -> Plan:
+        """The predicted configuration as a plan file's Plan (`memtune plan --out`: what `memtune run` launches on
+        each machine), not verified on a GPU. Raises UsageError without a budget (the OOM guard steps down from
+        it)."""
+        if self.verdict is None:
+            raise UsageError("a plan to run needs the memory it was planned for: give --budget or --gpu")
+        return Plan(model=self.source.name, train_config=self.estimate.config, budget_bytes=self.verdict.budget_bytes,
+                    margin_bytes=self.verdict.margin_bytes, predicted_total_bytes=self.estimate.total_bytes,
+                    predicted_host_bytes=self.estimate.host_bytes,
+                    predicted_tokens_per_second=self.tokens_per_second or 0.0, gpu=gpu_name or "",
+                    trust_remote_code=trust_remote_code)
 
 
 @dataclass
@@ -388,7 +405,7 @@ API_SWITCHES = {"--lora": "use_adapter=True", "--no-lora": "use_adapter=False",
 """The CLI's adapter switches (cli's AdapterChoice) as auto_fit keyword arguments."""
 API_KEYWORDS = {  # flag: (the keyword in words, the keyword argument with the value)
     "--seq-len": ("seq_len", "seq_len={}"), "--batch-size": ("batch_size", "batch_size={}"),
-    "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'),
+    "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'), "--nodes": ("nodes", "nodes={}"),
     "--lora-rank": ("the adapter's rank", "adapter=Adapter(rank={})"),
     "--lora-targets": ("the adapter's target_modules", 'adapter=Adapter(target_modules="{}")'),
 }
@@ -434,8 +451,9 @@ def api_words(message: str) -> str:
 
 
 POLICY_OPTIONS = {f.name for f in dataclasses.fields(Policy)} - {"bf16_supported", "num_gpus"}
-POLICY_ALIASES = {"allow_quantized": "allow_quantized_base"}
-"""auto_fit keywords that name a Policy field in fewer words (issue 13 asks for allow_quantized=...)."""
+POLICY_ALIASES = {"allow_quantized": "allow_quantized_base", "nodes": "num_nodes"}
+"""auto_fit keywords that name a Policy field in fewer words (issue 13 asks for allow_quantized=..., issue 15 for
+nodes=...)."""
 
 
 def auto_fit(
@@ -584,6 +602,7 @@ def plan_configuration(
     gpu_name: str | None = None,
     policy: Policy = Policy(),
     note: Callable[[str], None] | None = None,
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
 ) -> PlanResult:
     """`memtune plan`: the predicted memory of one configuration and its verdict against `budget_bytes`
     less the policy's margin (`search.verdict.judge`: what `memtune fit` decides for the same
@@ -591,7 +610,9 @@ def plan_configuration(
 
     strategy_auto: with several GPUs, predict DDP and FSDP and keep the faster that fits
     (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
-    `gpu_name` (default H100). Traces on fake tensors: no GPU and no weights are needed.
+    `gpu_name` (default H100) and, over several machines (`TrainConfig.num_nodes`), `inter_node_gbps` per machine
+    (an assumption, `predict.throughput`), then also reported. Traces on fake tensors: no GPU and no weights are
+    needed.
     """
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
@@ -599,7 +620,7 @@ def plan_configuration(
         check_adapter_targets(source.config, train_config.adapter)
     train_config = train_config.replace(checkpoint_layers=checkpoint_layers_for(
         source.config, train_config.checkpoint_layers, "--checkpoint-layers"))
-    speed = throughput.gpu_speed(gpu_name or "H100")
+    speed = throughput.gpu_speed(gpu_name or "H100").scaled(inter_node_bytes_per_second=inter_node_gbps * 1e9 / 8)
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
                                note=None if note is None else lambda words: note(words.removeprefix("note: ")))
     margin_bytes = 0 if budget_bytes is None else margin_for(budget_bytes, policy)
@@ -610,4 +631,8 @@ def plan_configuration(
     else:
         estimate = predictor.memory(train_config)
     verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
-    return PlanResult(source, estimate, budget_label, num_parameters, verdict)
+    result = PlanResult(source, estimate, budget_label, num_parameters, verdict,
+                        tokens_per_second=predictor.tokens_per_second(estimate.config))
+    if train_config.num_nodes > 1:
+        result.inter_node_gbps = inter_node_gbps
+    return result

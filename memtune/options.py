@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from memtune.config import (
+    DEFAULT_INTER_NODE_GBPS,
     DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
     KNOWN_GPUS,
@@ -62,6 +63,12 @@ class TaskOptions:
         default_text="fit: the GPUs visible here, or 1; plan: 1"))
     """GPUs to train on; above 1, --batch-size is split over them (see --strategy); with --budget or --gpu
     they need not be present."""
+    nodes: int = field(default=1, metadata=option(metavar="M"))
+    """Machines of --gpus GPUs each: plan for M x N GPUs (per-GPU memory, throughput over the inter-node link) and,
+    with plan --out DIR, write the launch files for each machine; fit searches one machine (--nodes 1)."""
+    inter_node_gbps: float = field(default=DEFAULT_INTER_NODE_GBPS, metadata=option(metavar="GBITS"))
+    """With --nodes above 1: the network rate of each machine, in Gb/s one way (an assumption, not measured:
+    a typical 400 Gb/s InfiniBand or RoCE port; a DGX-class node with one 400 Gb/s port per GPU has 8 x 400 = 3200)."""
     trace_device: Literal["cpu", "cuda"] | None = field(default=None, metadata=option(
         default_text="cuda when a GPU is visible"))
     """Trace on fake CUDA tensors (needs a GPU) or on the CPU with CUDA emulation."""
@@ -86,12 +93,25 @@ class TaskOptions:
         return None, ""
 
     def problems(self) -> list[str]:
-        """What is wrong with the budget (the other checks depend on the command)."""
+        """What is wrong with the budget, --nodes and --inter-node-gbps (the other checks depend on the command)."""
+        problems = []
         try:
             self.budget_and_label()
         except UsageError as error:
-            return [str(error)]
-        return []
+            problems.append(str(error))
+        if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
+            problems.append(f"--nodes must be a whole number of machines >= 1, got {self.nodes!r}: e.g. --nodes 2 "
+                            "--gpus 8 for 16 GPUs on 2 machines")
+        rate = self.inter_node_gbps
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+            problems.append(f"--inter-node-gbps must be a positive rate in Gb/s, got {rate!r}: e.g. 400 (one 400 Gb/s "
+                            "InfiniBand or RoCE port per machine)")
+        return problems
+
+    @property
+    def world_size(self) -> int:
+        """GPUs in all: --nodes x --gpus (1 where --gpus is not given)."""
+        return max(1, self.nodes) * (1 if self.gpus is None else self.gpus)
 
 
 @dataclass(frozen=True)
@@ -148,10 +168,19 @@ class PlanOptions:
     loss: Literal["standard", "chunked", "liger"] = "standard"
     """chunked: the LM head and cross-entropy a chunk of tokens at a time, never holding all fp32 logits (memtune's,
     inside the model's forward); liger: Liger-Kernel's fused linear cross-entropy (pip install -e ".[liger]")."""
+    out: str | None = field(default=None, metadata=option(metavar="DIR"))
+    """Write the launch files of a plan over several GPUs or machines into DIR: an accelerate config per machine
+    (its machine_rank; main_process_ip/port to fill in), a torchrun line and a SLURM sbatch script."""
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `train_config()` builds)."""
         problems = self._shape_problems() + self.task.problems()
+        if self.out is not None:
+            problem = RunOptions.output_dir_problem(self.out)
+            problems += [] if problem is None else [problem.replace("--output-dir", "--out", 1)]
+            if not (self.task.budget or self.task.gpu):
+                problems.append(f"--out {self.out} writes a plan to run, which needs the memory it is planned for: "
+                                "add --gpu NAME (e.g. --gpu H100-80GB) or --budget 80GiB")
         if not problems:
             try:
                 self.train_config()
@@ -166,10 +195,13 @@ class PlanOptions:
         if gpus < 1:
             problems.append(f"--gpus must be >= 1, got {gpus}")
             gpus = 1
-        per_gpu = task.batch_size // gpus
-        if task.batch_size % gpus:
-            problems.append(f"--batch-size {task.batch_size} is not a multiple of --gpus {gpus}: "
-                            "each GPU takes an equal share")
+        nodes = task.nodes if isinstance(task.nodes, int) and task.nodes > 1 else 1
+        per_gpu = task.batch_size // (nodes * gpus)
+        if task.batch_size % (nodes * gpus):
+            where = f"--gpus {gpus}" if nodes == 1 else f"{nodes * gpus} GPUs (--nodes {nodes} x --gpus {gpus})"
+            problems.append(f"--batch-size {task.batch_size} is not a multiple of {where}: each GPU takes an equal "
+                            "share")
+        gpus *= nodes  # every GPU of every machine, in the messages below
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             problems.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         micro = self.micro_batch_size or per_gpu or 1
@@ -195,7 +227,7 @@ class PlanOptions:
         if problems:
             raise UsageError("; ".join(problems))
         gpus = 1 if self.task.gpus is None else self.task.gpus
-        per_gpu = self.task.batch_size // gpus
+        per_gpu = self.task.batch_size // self.task.world_size
         micro = self.micro_batch_size or per_gpu or 1
         weights, amp = precision_config(self.precision)
         quantized: dict = {}
@@ -209,6 +241,7 @@ class PlanOptions:
             checkpoint_layers=self.checkpoint_layers, offload_activations=self.offload_activations,
             expandable_segments=self.expandable_segments,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
+            num_nodes=self.task.nodes,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy, loss=self.loss,
             optimizer=self.optimizer, **quantized,
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
@@ -410,7 +443,7 @@ class FitOptions:
         gpus = self.task.gpus
         if gpus is None:
             gpus = 1 if (self.task.budget or self.task.gpu) else visible_gpus()
-        return dataclasses.replace(self.pins, num_gpus=gpus, adapter=self.adapters.adapter(),
+        return dataclasses.replace(self.pins, num_gpus=gpus, num_nodes=self.task.nodes, adapter=self.adapters.adapter(),
                                    use_adapter=self.adapters.use_adapter())
 
     def run_options(self, plan_path: str) -> RunOptions:

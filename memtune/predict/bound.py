@@ -47,5 +47,5 @@ def state_lower_bound(shape: ModelShape, config: TrainConfig) -> int:
     if config.adapter is None:  # full fine-tuning: a gradient per weight, in the weights' dtype, and the state
         state += shape.num_parameters * DTYPE_BYTES[config.weights_dtype]
         state += optimizer_state_bytes(config, shape.num_parameters)
-    shards = config.num_gpus if config.sharded else 1
+    shards = config.world_size if config.sharded else 1
     return state // shards

@@ -188,8 +188,8 @@ def check_replicated(train_config: TrainConfig) -> None:
 
 
 def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
-    """The configuration each GPU runs under DDP: the same step, on one GPU."""
-    return train_config.replace(num_gpus=1, strategy="fsdp")
+    """The configuration each GPU runs under DDP: the same step, on one GPU (of one machine)."""
+    return train_config.replace(num_gpus=1, num_nodes=1, strategy="fsdp")
 
 
 _LAYOUT_CACHE: dict[str, ReplicaLayout] = {}

@@ -251,7 +251,8 @@ def _tag_layers(layers: list[torch.nn.Module], counter: ShardedCounter) -> list[
 
 
 def trace_sharded(model_config: Any, train_config: TrainConfig, steps: int = 2) -> Trace:
-    """Events of `steps` sharded optimizer steps on one rank of `train_config.num_gpus`, at full depth.
+    """Events of `steps` sharded optimizer steps on one rank of `train_config.world_size` (all machines' GPUs), at
+    full depth.
 
     A model deeper than SHARDED_PERIODS layer periods is traced at that depth (`trace.traced_depth`) and
     extended (`extend_sharded`); if its layers do not repeat exactly, it is traced at full depth instead.
@@ -281,9 +282,9 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
     layers = decoder_layers(model)
     counter.trace.num_layers = counter.trace.traced_layers = len(layers)
     counter.trace.period = layer_period(model_config)
-    counter.trace.world_size = train_config.num_gpus
+    counter.trace.world_size = train_config.world_size  # FSDP2 shards over every rank of every machine
     micro_batches = min(train_config.grad_accum_steps, 3)
-    with _fake_process_group(train_config.num_gpus) as mesh, assume_unpacked_batches(), fake_mode:
+    with _fake_process_group(train_config.world_size) as mesh, assume_unpacked_batches(), fake_mode:
         # The model never exists unsharded on the device (Trainer loads it on the CPU, fully_shard
         # moves shards): shard first, then start counting with the shards already in place.
         meta_to_fake(model, fake_mode, torch.device("cpu"))
@@ -537,7 +538,7 @@ def estimate_sharded(
     context_bytes: int = DEFAULT_CONTEXT_BYTES,
     workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
 ) -> Estimate:
-    """Predict the per-GPU peak of `train_config` trained with FSDP2 full sharding over `num_gpus` GPUs
+    """Predict the per-GPU peak of `train_config` trained with FSDP2 full sharding over `world_size` GPUs
     (CPU offload with `offload="parameters"`), as `accelerate launch` + Trainer run it.
 
     `device` is accepted for symmetry with `estimate.estimate`; the sharded trace always runs on the

@@ -26,7 +26,7 @@ versions are unmeasured."""
 
 def collective_context_bytes(train_config: TrainConfig) -> int:
     """What the process group adds to each GPU's fixed memory: NCCL_BYTES with several GPUs, else 0."""
-    return NCCL_BYTES if train_config.num_gpus > 1 else 0
+    return NCCL_BYTES if train_config.world_size > 1 else 0
 
 
 def default_trace_device() -> str:

@@ -48,6 +48,17 @@ all-reduce and (N-1)/N for an all-gather or a reduce-scatter (NCCL's "bus bandwi
   the first and last units being the embedding-sized ones. Plus `fsdp_unit_seconds` per unit and
   micro-batch (hooks, copy-in/copy-out, stream waits); the optimizer steps 1/N of the parameters.
 
+Several machines (`TrainConfig.num_nodes` > 1): the collectives span world_size = nodes x GPUs ranks, so the
+factors above take world_size for N, and a ring that leaves a machine carries, across the machine's network
+ports together, the same factor x bytes that each GPU's link carries (NCCL runs one ring per channel, each
+crossing the network once per machine): the slowest link sets the time, min(GPU-GPU link, the machine's network
+rate `inter_node_bytes_per_second`), at the same `collective_efficiency`. The network rate is an ASSUMPTION,
+not measured by memtune: 400 Gb/s per machine by default (one InfiniBand NDR / RoCE ConnectX-7 port,
+`config.DEFAULT_INTER_NODE_GBPS`; --inter-node-gbps overrides it, e.g. 3200 for a DGX-class node with a
+400 Gb/s port per GPU). Not modelled: NCCL's tree and NVLink SHARP algorithms (faster all-reduce across
+machines at scale), congestion, and network latency (~microseconds per hop, small beside these messages).
+One machine is timed exactly as before.
+
 Assumed, not calibrated: `interconnect_bytes_per_second` (datasheet NVLink rates per direction; PCIe
 cards: the host copy rate) and that DDP adds nothing per layer. Measured on one 2 x H200 host:
 `collective_efficiency` (NCCL bus bandwidth / link rate). Fitted:
@@ -60,7 +71,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from memtune.config import DTYPE_BYTES, TrainConfig
+from memtune.config import DEFAULT_INTER_NODE_GBPS, DTYPE_BYTES, TrainConfig
 from memtune.predict.liger import liger_num_chunks
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
@@ -128,6 +139,9 @@ class GpuSpeed:
     """Share of the link rate NCCL's ring collectives reach on large messages (bus bandwidth / link rate).
     Measured once, on 2 x H200 (benchmarks/ddp.py, 256 MiB messages): all-reduce 289-296 GB/s, all-gather
     241-244 GB/s of the 450 GB/s assumed, 0.54-0.66. Other hosts and cards: unmeasured."""
+    inter_node_bytes_per_second: float = DEFAULT_INTER_NODE_GBPS * 1e9 / 8
+    """Network rate of one machine, one direction, for plans over several machines (`TrainConfig.num_nodes`): an
+    assumption (module docstring), `--inter-node-gbps` x 1e9 / 8."""
     fsdp_unit_seconds: float = FSDP_UNIT_SECONDS
     """FSDP2's own time per sharded unit (a decoder layer) per micro-batch, beyond its collectives."""
     nf4_seconds_per_parameter: float = 6.31e-12
@@ -325,17 +339,17 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicte
         return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
     if not config.sharded:
         return config.grad_accum_steps * micro + optimizer
-    # FSDP2: sharded over num_gpus (or one GPU with CPU offload).
+    # FSDP2: sharded over world_size GPUs, every machine's (or one GPU with CPU offload).
     first, last = fsdp_micro_batch_seconds(shape, config, speed, micro)
-    optimizer /= config.num_gpus  # each GPU steps its shard
+    optimizer /= config.world_size  # each GPU steps its shard
     if config.offload != "none":
         # FSDP CPU offload: parameters are copied in for forward and backward of every micro-batch,
         # gradients copied out, and AdamW runs on the CPU.
-        weight_bytes = shape.num_parameters * DTYPE_BYTES[config.weights_dtype] / config.num_gpus
+        weight_bytes = shape.num_parameters * DTYPE_BYTES[config.weights_dtype] / config.world_size
         copies = 2 * weight_bytes / speed.pcie_bytes_per_second
         first, last = first + copies, last + copies
-        optimizer = trained / config.num_gpus / speed.cpu_optimizer_params_per_second
-        optimizer += trained * 4 / config.num_gpus / speed.pcie_bytes_per_second
+        optimizer = trained / config.world_size / speed.cpu_optimizer_params_per_second
+        optimizer += trained * 4 / config.world_size / speed.pcie_bytes_per_second
     return (config.grad_accum_steps - 1) * first + last + optimizer
 
 
@@ -417,10 +431,14 @@ def trained_tensors(shape: ModelShape, config: TrainConfig) -> int:
     return shape.num_layers * 2 * targets
 
 
-def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed) -> float:
+def collective_seconds(num_bytes: float, factor: float, speed: GpuSpeed, num_nodes: int = 1) -> float:
     """A ring collective moving `factor` x `num_bytes` over each GPU's link (factor 2(N-1)/N for an
-    all-reduce, (N-1)/N for an all-gather or reduce-scatter)."""
-    return factor * num_bytes / (speed.interconnect_bytes_per_second * speed.collective_efficiency)
+    all-reduce, (N-1)/N for an all-gather or reduce-scatter, N the ranks of all machines). Over several machines
+    the machine's network carries the same, and the slower of the two links sets the time (module docstring)."""
+    link = speed.interconnect_bytes_per_second
+    if num_nodes > 1:
+        link = min(link, speed.inter_node_bytes_per_second)
+    return factor * num_bytes / (link * speed.collective_efficiency)
 
 
 def gradient_bytes_per_parameter(config: TrainConfig) -> int:
@@ -432,16 +450,16 @@ def gradient_bytes_per_parameter(config: TrainConfig) -> int:
 def ddp_sync_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, backward_seconds: float) -> float:
     """What DDP adds to a step: the all-reduce the last micro-batch's backward cannot hide, and the
     Reducer's copies of every gradient into its bucket and back (read + write each, memory-bound)."""
-    gpus = config.num_gpus
+    gpus, nodes = config.world_size, config.num_nodes
     per_parameter = gradient_bytes_per_parameter(config)
     gradient_bytes = trained_parameters(shape, config) * per_parameter
     ring = 2 * (gpus - 1) / gpus
-    all_reduce = collective_seconds(gradient_bytes, ring, speed)
+    all_reduce = collective_seconds(gradient_bytes, ring, speed, nodes)
     # The last bucket holds the parameters used first in forward, whose gradients are ready last: the
     # input embedding for full fine-tuning (one bucket of its own when larger than the cap).
     first_used = shape.vocab_size * shape.hidden_size * per_parameter if config.adapter is None else 0
     last_bucket = min(gradient_bytes, max(DDP_BUCKET_BYTES, first_used))
-    exposed = max(all_reduce - backward_seconds, collective_seconds(last_bucket, ring, speed))
+    exposed = max(all_reduce - backward_seconds, collective_seconds(last_bucket, ring, speed, nodes))
     copies = 4 * gradient_bytes / speed.memory_bytes_per_second
     return exposed + copies
 
@@ -457,7 +475,7 @@ def fsdp_micro_batch_seconds(
 ) -> tuple[float, float]:
     """Seconds of a micro-batch under FSDP2: (one that accumulates without syncing, the last, which also
     reduce-scatters the gradients)."""
-    gpus = config.num_gpus
+    gpus, nodes = config.world_size, config.num_nodes
     factor = (gpus - 1) / gpus
     param_bytes = 2 if config.amp != "none" else DTYPE_BYTES[config.weights_dtype]  # MixedPrecisionPolicy param_dtype
     head = shape.vocab_size * shape.hidden_size
@@ -465,11 +483,11 @@ def fsdp_micro_batch_seconds(
     # with the LM head stays gathered from forward to backward; frozen (LoRA base) weights are gathered too.
     gathered = (2 * (shape.num_parameters - head) + head) * param_bytes
     reduced = trained_parameters(shape, config) * param_bytes  # reduce_dtype = param_dtype
-    first_gather = collective_seconds(head * param_bytes, factor, speed)  # the embedding's unit, before any compute
+    first_gather = collective_seconds(head * param_bytes, factor, speed, nodes)  # the embedding's unit, first
     last_unit_bytes = head * param_bytes if config.adapter is None else reduced / shape.num_layers
-    last_reduce = collective_seconds(min(reduced, last_unit_bytes), factor, speed)
-    gather_seconds = collective_seconds(gathered, factor, speed)
-    reduce_seconds = collective_seconds(reduced, factor, speed)
+    last_reduce = collective_seconds(min(reduced, last_unit_bytes), factor, speed, nodes)
+    gather_seconds = collective_seconds(gathered, factor, speed, nodes)
+    reduce_seconds = collective_seconds(reduced, factor, speed, nodes)
     own = fsdp_units(shape) * speed.fsdp_unit_seconds
     accumulating = micro + own + max(gather_seconds - micro, first_gather)
     last = micro + own + max(gather_seconds + reduce_seconds - micro, first_gather + last_reduce)

@@ -467,8 +467,8 @@ def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
     adapter = train_config.adapter
     if adapter is not None and train_config.zero is not None and train_config.zero.stage != 3:
         adapter = dataclasses.replace(adapter, autocast_adapter_dtype=False)
-    return train_config.replace(num_gpus=1, strategy="fsdp", zero=None, offload="none", weights_dtype=dtype,
-                                amp="none", stochastic_rounding=False, adapter=adapter)
+    return train_config.replace(num_gpus=1, num_nodes=1, strategy="fsdp", zero=None, offload="none",
+                                weights_dtype=dtype, amp="none", stochastic_rounding=False, adapter=adapter)
 
 
 def layout_of(model: Any, num_ranks: int, bytes_per_element: int) -> ZeroLayout:
@@ -500,10 +500,10 @@ def cached_layout(model_config: Any, train_config: TrainConfig) -> ZeroLayout:
 
     single = single_gpu_config(train_config)
     key = json.dumps([model_config.to_json_string(use_diff=False), single.weights_dtype,
-                      single.to_dict()["adapter"], train_config.num_gpus], sort_keys=True)
+                      single.to_dict()["adapter"], train_config.world_size], sort_keys=True)
     if key not in _LAYOUT_CACHE:
         model = recipe.build_model(model_config, single, "meta")
-        _LAYOUT_CACHE[key] = layout_of(model, train_config.num_gpus, model_bytes_per_element(train_config))
+        _LAYOUT_CACHE[key] = layout_of(model, train_config.world_size, model_bytes_per_element(train_config))
     return _LAYOUT_CACHE[key]
 
 

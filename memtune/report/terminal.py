@@ -95,6 +95,10 @@ def render_plan(result: PlanResult, console: Console) -> None:
     if estimate.host_bytes:
         console.print(f"pinned host memory {format_bytes(estimate.host_bytes)} per GPU: the offloaded inputs of the "
                       "checkpointed layers, not in the GPU total (torch's pinned blocks, powers of two)")
+    if result.inter_node_gbps is not None and result.tokens_per_second:
+        console.print(f"throughput {result.tokens_per_second:,.0f} tokens/s predicted over {config.gpus_words}, "
+                      f"assuming {result.inter_node_gbps:g} Gb/s of network per machine (an assumption, not measured: "
+                      "--inter-node-gbps)", highlight=False)
     verdict = result.verdict
     if verdict is None:
         console.print("no budget given: pass --budget 24GiB or --gpu NAME to check a card")

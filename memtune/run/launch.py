@@ -25,6 +25,14 @@ What accelerate 1.15.0 and transformers 5.17 / 5.24 really do (read from their s
   (state.py:769-791), so `accelerate launch` with num_processes 1 runs FSDP (offload included),
   while a plain `python` run (DistributedType.NO) or a CPU-only machine silently ignores it.
 
+Several machines (`TrainConfig.num_nodes`, `memtune plan --nodes M --gpus N --out DIR`, `write_launch_files`): the
+engines distribute, memtune writes their configs. accelerate's `num_processes` counts every machine's processes and
+its launcher starts num_processes // num_machines on each, through torchrun with --nnodes, --node-rank (the
+config's machine_rank) and --master-addr/--master-port (main_process_ip/port; utils/launch.py:210-224), or for
+DeepSpeed with deepspeed_multinode_launcher "standard" the same way (commands/launch.py:1060-1082). One config per
+machine differs only in machine_rank; main_process_ip is a placeholder to fill in (`MAIN_PROCESS_IP`), or given on
+`accelerate launch`'s command line (--machine_rank, --main_process_ip override the file), as the SLURM script does.
+
 How the model is wrapped and stepped (FSDP2 units, mixed precision, CPU offload, DDP) is in
 `recipe.parallel`, which the trace, the trials and this launch all follow.
 
@@ -58,7 +66,9 @@ DeepSpeed (strategy "deepspeed", DeepSpeed 0.19.8 / accelerate 1.15 / transforme
 
 from __future__ import annotations
 
+import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,13 +93,24 @@ def wrap_class_names(model_config: Any) -> list[str]:
     return list(getattr(model_class, "_no_split_modules", None) or [])
 
 
-def _one_machine(distributed_type: str, num_processes: int) -> dict[str, Any]:
-    """The launcher keys every strategy shares: `num_processes` processes on this machine's GPUs."""
-    return {
+MAIN_PROCESS_IP = "FILL_IN_IP_OF_MACHINE_0"
+"""The placeholder written for `main_process_ip` over several machines: the address of machine_rank 0 that every
+machine reaches (accelerate passes it to torchrun as --master-addr, utils/launch.py:213-224)."""
+MAIN_PROCESS_PORT = 29500
+"""`main_process_port` over several machines: torchrun's default port; any free port, the same on every machine."""
+
+
+def _machines(distributed_type: str, num_processes: int, num_machines: int = 1,
+              machine_rank: int = 0) -> dict[str, Any]:
+    """The launcher keys every strategy shares: `num_processes` processes in all (accelerate's num_processes counts
+    every machine's: it starts num_processes // num_machines on each, accelerate 1.15 utils/launch.py:113, 217), on
+    `num_machines` machines, this file being machine `machine_rank`'s. Over several machines the rendezvous is
+    accelerate's static one at main_process_ip:main_process_port (written as placeholders to fill in)."""
+    keys: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed_type,
-        "num_machines": 1,
-        "machine_rank": 0,
+        "num_machines": num_machines,
+        "machine_rank": machine_rank,
         "num_processes": num_processes,
         "gpu_ids": "all",
         "rdzv_backend": "static",
@@ -97,23 +118,28 @@ def _one_machine(distributed_type: str, num_processes: int) -> dict[str, Any]:
         "use_cpu": False,
         "main_training_function": "main",
     }
+    if num_machines > 1:
+        keys.update(main_process_ip=MAIN_PROCESS_IP, main_process_port=MAIN_PROCESS_PORT)
+    return keys
 
 
 def accelerate_config(
-    train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None
+    train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None, machine_rank: int = 0
 ) -> dict[str, Any]:
     """The accelerate launcher config (what `accelerate config` writes): data parallel (MULTI_GPU) for
     strategy "ddp", else FSDP2 full sharding (CPU offload included).
 
-    `num_gpus` defaults to `train_config.num_gpus`. With `model_config`, the decoder layer class is
+    `num_gpus` (GPUs per machine) defaults to `train_config.num_gpus`; a plan over `train_config.num_nodes` machines
+    gets the file of machine `machine_rank` (`_machines`). With `model_config`, the decoder layer class is
     named explicitly; without it accelerate falls back to the model's `_no_split_modules`.
     """
     if train_config.deepspeed:
         raise UsageError("a DeepSpeed plan's launcher config names its JSON: use deepspeed_accelerate_config")
     check_supported(train_config)
-    num_processes = num_gpus or train_config.num_gpus
+    num_processes = (num_gpus or train_config.num_gpus) * train_config.num_nodes
     common: dict[str, Any] = {
-        **_one_machine("MULTI_GPU" if train_config.replicated else "FSDP", num_processes),
+        **_machines("MULTI_GPU" if train_config.replicated else "FSDP", num_processes, train_config.num_nodes,
+                    machine_rank),
         "mixed_precision": ACCELERATE_MIXED_PRECISION[train_config.amp],
         "downcast_bf16": "no",
     }
@@ -136,19 +162,21 @@ def accelerate_config(
 
 
 def write_accelerate_config(
-    path: str | Path, train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None
+    path: str | Path, train_config: TrainConfig, num_gpus: int | None = None, *, model_config: Any = None,
+    machine_rank: int = 0,
 ) -> Path:
-    """Write `accelerate_config(...)` as YAML to `path` and return the path. A DeepSpeed plan also gets its JSON,
-    DEEPSPEED_CONFIG_FILE beside the YAML (`write_deepspeed_config`), which the YAML names."""
+    """Write `accelerate_config(...)` (machine `machine_rank`'s, over several machines) as YAML to `path` and return
+    the path. A DeepSpeed plan also gets its JSON, DEEPSPEED_CONFIG_FILE beside the YAML (`write_deepspeed_config`),
+    which the YAML names."""
     import yaml
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if train_config.deepspeed:
         json_path = write_deepspeed_config(path.parent / DEEPSPEED_CONFIG_FILE, train_config, model_config=model_config)
-        config = deepspeed_accelerate_config(train_config, json_path, num_gpus)
+        config = deepspeed_accelerate_config(train_config, json_path, num_gpus, machine_rank=machine_rank)
     else:
-        config = accelerate_config(train_config, num_gpus, model_config=model_config)
+        config = accelerate_config(train_config, num_gpus, model_config=model_config, machine_rank=machine_rank)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -246,19 +274,26 @@ def write_deepspeed_config(path: str | Path, train_config: TrainConfig, *, model
 
 
 def deepspeed_accelerate_config(train_config: TrainConfig, deepspeed_config_file: str | Path,
-                                num_gpus: int | None = None) -> dict[str, Any]:
+                                num_gpus: int | None = None, *, machine_rank: int = 0) -> dict[str, Any]:
     """The accelerate launcher config of a DeepSpeed plan: distributed_type DEEPSPEED, the JSON at
     `deepspeed_config_file` (written absolute, so the launch may start elsewhere), zero3_init_flag for ZeRO-3,
-    `num_gpus` (default `train_config.num_gpus`) processes; none of the keys the JSON owns (module docstring).
-    Raises UsageError for a plan whose strategy is not "deepspeed"."""
+    `num_gpus` (default `train_config.num_gpus`) processes per machine; none of the keys the JSON owns (module
+    docstring). Over several machines, machine `machine_rank`'s file, with deepspeed_multinode_launcher "standard":
+    accelerate then starts each machine's processes through torchrun, as for FSDP and DDP (commands/launch.py:1060-1082
+    `deepspeed_launcher`, utils/launch.py:488-493), instead of DeepSpeed's pdsh launcher, which needs a hostfile and
+    ssh between the machines. Raises UsageError for a plan whose strategy is not "deepspeed"."""
     if not train_config.deepspeed or train_config.zero is None:
         raise UsageError(f"a DeepSpeed launcher config is for strategy 'deepspeed', got {train_config.describe()}")
+    deepspeed: dict[str, Any] = {
+        "deepspeed_config_file": str(Path(deepspeed_config_file).resolve()),
+        "zero3_init_flag": train_config.zero.stage == 3,
+    }
+    if train_config.num_nodes > 1:
+        deepspeed["deepspeed_multinode_launcher"] = "standard"
     return {
-        **_one_machine("DEEPSPEED", num_gpus or train_config.num_gpus),
-        "deepspeed_config": {
-            "deepspeed_config_file": str(Path(deepspeed_config_file).resolve()),
-            "zero3_init_flag": train_config.zero.stage == 3,
-        },
+        **_machines("DEEPSPEED", (num_gpus or train_config.num_gpus) * train_config.num_nodes, train_config.num_nodes,
+                    machine_rank),
+        "deepspeed_config": deepspeed,
     }
 
 
@@ -302,3 +337,146 @@ def ddp_training_arguments(train_config: TrainConfig) -> dict[str, Any]:
     if not train_config.replicated:
         raise UsageError(f"DDP arguments are for strategy 'ddp' over several GPUs, got {train_config.describe()}")
     return STRATEGY.trainer_arguments(train_config)
+
+
+# ---- several machines: the files a user runs on each -----------------------------------------------
+
+
+LAUNCH_ENVIRONMENT_PREFIXES = ("ACCELERATE_", "FSDP_")
+"""The environment `accelerate launch` gives its processes for a config (the strategy's settings), which a plain
+torchrun launch must set itself; MASTER_ADDR/PORT and the ranks come from torchrun's own options."""
+
+
+@dataclass(frozen=True)
+class LaunchFiles:
+    """What `write_launch_files` wrote into `directory`, and what the user must fill in and run."""
+
+    directory: Path
+    accelerate_configs: tuple[Path, ...]
+    """One accelerate config per machine: machine_rank 0, 1, ... in file order."""
+    torchrun_script: Path
+    """Sets accelerate's environment for the config and runs torchrun; reads NODE_RANK and MASTER_ADDR."""
+    sbatch_script: Path
+    """A SLURM batch script: one `accelerate launch` per machine through srun, rank and address from SLURM."""
+    instructions: Path
+    torchrun_line: str
+    steps: tuple[str, ...]
+    """What to fill in and run, one line each (also at the top of `instructions`)."""
+
+
+def launch_environment(config_path: str | Path, args: list[str]) -> dict[str, str]:
+    """The environment variables `accelerate launch --config_file CONFIG -m memtune ARGS` sets for its processes
+    (`LAUNCH_ENVIRONMENT_PREFIXES`, and OMP_NUM_THREADS), computed by accelerate's own launcher code (accelerate 1.15
+    commands/launch.py `_validate_launch_command`, utils/launch.py `prepare_multi_gpu_env` /
+    `prepare_deepspeed_cmd_env`), not rewritten here: a torchrun launch with them runs what accelerate would."""
+    # accelerate ships no type information (no py.typed)
+    from accelerate.commands.launch import (  # type: ignore[import-untyped]
+        _validate_launch_command,
+        launch_command_parser,
+    )
+    from accelerate.utils.launch import (  # type: ignore[import-untyped]
+        prepare_deepspeed_cmd_env,
+        prepare_multi_gpu_env,
+    )
+
+    parsed = launch_command_parser().parse_args(["--config_file", str(config_path), "-m", "memtune", *args])
+    parsed, defaults, mixed_precision_from_config = _validate_launch_command(parsed)
+    if parsed.use_deepspeed:  # as accelerate's launch_command does before deepspeed_launcher (launch.py:1393-1398)
+        fields = list(defaults.deepspeed_config.keys()) if defaults else []
+        fields += ["mixed_precision"] if mixed_precision_from_config else []
+        parsed.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        environment = prepare_deepspeed_cmd_env(parsed)[1]
+    else:
+        environment = prepare_multi_gpu_env(parsed)
+    return {name: value for name, value in sorted(environment.items())
+            if name.startswith(LAUNCH_ENVIRONMENT_PREFIXES) or name == "OMP_NUM_THREADS"}
+
+
+def write_launch_files(directory: str | Path, train_config: TrainConfig, plan_path: str | Path, *,
+                       model_config: Any = None) -> LaunchFiles:
+    """Write into `directory` the files that launch the saved plan at `plan_path` (`memtune run PLAN`) on each of
+    `train_config.num_nodes` machines of `num_gpus` GPUs: the engines distribute it, memtune only writes their
+    configs.
+
+    - accelerate_machine{R}.yaml for each machine R: `accelerate_config` (or the DeepSpeed one, with its JSON
+      beside) with num_machines, machine_rank R and num_processes = every machine's GPUs; main_process_ip is the
+      placeholder MAIN_PROCESS_IP, main_process_port MAIN_PROCESS_PORT: fill in machine 0's address;
+    - torchrun.sh: accelerate's environment for that config (`launch_environment`) and the torchrun line
+      (--nnodes, --nproc-per-node, --node-rank $NODE_RANK, --master-addr $MASTER_ADDR, --master-port);
+    - memtune.sbatch: SLURM, one task per machine (srun), each running `accelerate launch` with its own config,
+      --machine_rank $SLURM_NODEID and the first node of the job as main process;
+    - LAUNCH.txt: what to fill in and how to start it (`LaunchFiles.steps`).
+
+    The paths written are absolute: the directory must be at the same path on every machine (a shared file
+    system, or a copy). Raises UsageError for a plan that runs as one process (one GPU, no offload, no DeepSpeed:
+    `memtune run PLAN` needs no launcher)."""
+    if train_config.world_size == 1 and train_config.offload == "none" and not train_config.deepspeed:
+        raise UsageError(f"a plan on one GPU without offload runs as `memtune run PLAN`, no launcher: got "
+                         f"{train_config.describe()}; give --gpus N (and --nodes M) for launch files")
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = str(Path(plan_path).resolve())
+    nodes, gpus = train_config.num_nodes, train_config.num_gpus
+    configs = tuple(write_accelerate_config(directory / f"accelerate_machine{rank}.yaml", train_config,
+                                            model_config=model_config, machine_rank=rank) for rank in range(nodes))
+    run = ["run", plan]
+    environment = launch_environment(configs[0], run)
+    port = MAIN_PROCESS_PORT
+    torchrun_line = (f"torchrun --nnodes={nodes} --nproc-per-node={gpus} --node-rank=$NODE_RANK "
+                     f"--master-addr=$MASTER_ADDR --master-port=${{MASTER_PORT:-{port}}} "
+                     f"-m memtune run {shlex.quote(plan)}")
+    single = nodes == 1
+    torchrun = ["#!/bin/bash",
+                f"# memtune: {train_config.describe()} -- run this on each of the {nodes} machine(s).",
+                "# The variables below are what `accelerate launch` sets for accelerate_machine0.yaml (computed by",
+                "# accelerate's own launcher code), so a plain torchrun runs the same strategy.",
+                "set -euo pipefail",
+                ': "${NODE_RANK:=0}"' if single else
+                f': "${{NODE_RANK:?set NODE_RANK to the rank of this machine, 0 to {nodes - 1}}}"',
+                ': "${MASTER_ADDR:=127.0.0.1}"' if single else
+                ': "${MASTER_ADDR:?set MASTER_ADDR to the address of machine 0 (NODE_RANK=0)}"',
+                *(f"export {name}={shlex.quote(value)}" for name, value in environment.items()),
+                f"exec {torchrun_line}", ""]
+    torchrun_script = directory / "torchrun.sh"
+    torchrun_script.write_text("\n".join(torchrun))
+    torchrun_script.chmod(0o755)
+    # srun's bash -c takes one single-quoted command: the paths inside it in double quotes
+    launch_line = (f'exec accelerate launch --config_file "{directory}/accelerate_machine${{SLURM_NODEID}}.yaml" '
+                   '--machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" '
+                   f'-m memtune run "{plan}"')
+    sbatch = ["#!/bin/bash",
+              "#SBATCH --job-name=memtune",
+              f"#SBATCH --nodes={nodes}",
+              "#SBATCH --ntasks-per-node=1",
+              f"#SBATCH --gpus-per-node={gpus}",
+              "#SBATCH --exclusive",
+              f"# memtune: {train_config.describe()}",
+              "# One task per machine: each runs `accelerate launch`, which starts that machine's GPU processes.",
+              "set -euo pipefail",
+              'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+              f"export MASTER_PORT={port}",
+              f"srun --kill-on-bad-exit=1 bash -c '{launch_line}'", ""]
+    sbatch_script = directory / "memtune.sbatch"
+    sbatch_script.write_text("\n".join(sbatch))
+    where = "" if single else (" - on every machine at this same path (a shared file system, or a copy), with the "
+                               "plan, the model and the data")
+    steps = (
+        f"files in {directory}{where}",
+        *([] if single else [
+            f"fill in main_process_ip: {MAIN_PROCESS_IP} -> the address of machine 0 that every machine reaches, in "
+            f"each accelerate_machine*.yaml (main_process_port {port}: any free port of machine 0, the same in "
+            "every file)"]),
+        *(f"machine {rank}: accelerate launch --config_file {config} -m memtune run {shlex.quote(plan)}"
+          for rank, config in enumerate(configs)),
+        "or with torchrun, on each machine: "
+        + ("" if single else f"NODE_RANK=<0..{nodes - 1}> MASTER_ADDR=<address of machine 0> ")
+        + f"bash {torchrun_script}",
+        f"or with SLURM, once: sbatch {sbatch_script} (rank and address come from SLURM)",
+        "add --data FILE --output-dir DIR (on a shared file system) to `memtune run` as usual",
+    )
+    instructions = directory / "LAUNCH.txt"
+    instructions.write_text("\n".join([f"memtune launch files: {train_config.describe()}, "
+                                       f"{nodes} machine(s) x {gpus} GPU(s)", *steps,
+                                       "", "torchrun line (torchrun.sh sets accelerate's environment first):",
+                                       torchrun_line, ""]))
+    return LaunchFiles(directory, configs, torchrun_script, sbatch_script, instructions, torchrun_line, steps)
