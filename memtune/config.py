@@ -41,7 +41,7 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
 """transformers' attn_implementation values memtune plans (`--attn`): torch's SDPA (the kernel the card picks,
 `predict.emulation.sdpa_backend`), eager (the attention matrix in the model's dtype, softmax in fp32), the
-flash-attn package's kernels (sm80+), torch's flex attention."""
+flash-attn package's kernels (sm80+), torch's flex attention (traced on fake CUDA only)."""
 
 # --optim NAME: transformers' `TrainingArguments.optim` names (5.24), and what each one is.
 OPTIMIZERS: dict[str, str] = {
@@ -1038,7 +1038,9 @@ class Policy:
                                                            default_text="the model config's own, else sdpa"))
     """The attention implementation (transformers' attn_implementation), traced as it runs: sdpa takes the kernel
     the card has (flash needs sm80+, else memory-efficient, else math); eager holds the attention matrix;
-    flash_attention_2 needs the flash-attn package and an sm80+ card."""
+    flash_attention_2 needs the flash-attn package and an sm80+ card (traced as torch's flash kernel, the same
+    FlashAttention-2 code); flex_attention traces on fake CUDA only (its backward has no CPU kernel): plan it on a
+    GPU machine."""
     optimizer: str | None = field(default=None, metadata=option(
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS), group=PINS,
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))

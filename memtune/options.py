@@ -137,7 +137,9 @@ class PlanOptions:
                                                            default_text="the model config's own, else sdpa"))
     """The attention implementation (transformers' attn_implementation), traced as it runs: sdpa takes the kernel
     the card has (flash needs sm80+, else memory-efficient, else math); eager holds the attention matrix;
-    flash_attention_2 needs the flash-attn package and an sm80+ card."""
+    flash_attention_2 needs the flash-attn package and an sm80+ card (traced as torch's flash kernel, the same
+    FlashAttention-2 code); flex_attention traces on fake CUDA only (its backward has no CPU kernel): plan it on a
+    GPU machine."""
     optimizer: str = field(default=DEFAULT_OPTIMIZER, metadata=option(
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS),
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))

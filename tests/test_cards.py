@@ -173,9 +173,10 @@ def test_flash_attention_2_is_traced_as_torchs_flash_kernel_and_run_as_itself():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fake-CUDA path needs a GPU")
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_both_trace_paths_agree(attn):
-    config = TrainConfig(seq_len=256, micro_batch_size=2, amp="bf16", attn=attn)
+@pytest.mark.parametrize("attn, amp, capability", [("eager", "bf16", None), ("sdpa", "bf16", None),
+                                                   ("eager", "fp16", "7.5"), ("sdpa", "fp16", "7.5")])
+def test_both_trace_paths_agree(attn, amp, capability):
+    config = TrainConfig(seq_len=256, micro_batch_size=2, amp=amp, attn=attn, gpu_capability=capability)
     peaks = [simulate(trace_step(tiny_llama(2), config, device=device).events).peak_allocated_bytes
              for device in ("cpu", "cuda")]
     assert peaks[0] == peaks[1]
@@ -239,3 +240,21 @@ def test_fit_predicts_every_configuration_with_its_attention():
     estimate = predictor.memory(TrainConfig(seq_len=64, amp="fp16"))
     assert (estimate.config.attn, estimate.config.gpu_capability) == ("eager", "7.5")
     assert Policy(attn="eager").attn == "eager"
+
+
+def test_the_runner_loads_the_model_with_the_plans_attention():
+    from memtune.run.runner import load_model
+    from memtune.sources import ModelSource
+
+    source = ModelSource("tiny", tiny_llama(1), "catalog")
+    model, _, pretrained = load_model(source, TrainConfig(seq_len=8, attn="eager"), "cpu")
+    assert model.config._attn_implementation == "eager" and not pretrained
+
+
+def test_auto_fit_plans_the_attention_asked_for_on_the_cards_kernels_and_dtype():
+    import memtune
+
+    plan = memtune.auto_fit("gpt2", seq_len=128, batch_size=2, gpu="T4-16GB", verify=False, attn="eager")
+    config = plan.train_config
+    assert (config.attn, config.gpu_capability) == ("eager", "7.5")
+    assert "bf16" not in (config.amp, config.weights_dtype)  # the T4 has no bf16: fp16 or fp32
