@@ -264,8 +264,13 @@ def fit_model(
                 result.card_plans.append(CardPlan(card, size, None, skipped=(
                     f"not planned: --precision {policy.precision} needs bf16, which these cards lack")))
                 continue
+            card_predictor = predictor
+            if card in COMMON_CARDS_WITHOUT_BF16:  # T4 (7.5) and V100 (7.0): the same SDPA kernels, no flash
+                card_predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
+                                                context_bytes=context, workspace_bytes=workspace, note=progress,
+                                                on_card=attention_fields(policy.attn, "7.0"))
             found = search(
-                predictor,
+                card_predictor,
                 seq_len,
                 effective_batch_size,
                 size,

@@ -258,3 +258,15 @@ def test_auto_fit_plans_the_attention_asked_for_on_the_cards_kernels_and_dtype()
     config = plan.train_config
     assert (config.attn, config.gpu_capability) == ("eager", "7.5")
     assert "bf16" not in (config.amp, config.weights_dtype)  # the T4 has no bf16: fp16 or fp32
+
+
+def test_the_benchmark_predicts_each_emulated_card_with_its_capability_in_fp16():
+    from benchmarks.cards import cases, format_row, with_errors
+
+    emulated = [case for case in cases() if case.card is not None]
+    assert {case.card for case in emulated} == {"T4-16GB", "V100-32GB"}
+    for case in emulated:
+        assert (case.config.gpu_capability, case.config.amp) == (gpu_card(case.card).capability, "fp16")
+    assert {case.config.attn for case in cases() if case.card is None} == {"sdpa", "eager"}
+    row = with_errors({"case": "x", "measured_reserved_bytes": 100, "cpu_reserved_bytes": 103}, ["cpu"])
+    assert row["cpu_reserved_error"] == pytest.approx(0.03) and "+3.00%" in format_row(row, ["cpu"])
