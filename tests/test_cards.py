@@ -83,7 +83,9 @@ def test_the_speed_model_takes_a_known_cards_datasheet_rates():
     ("8.0", torch.float16, 64, False, True, "flash"),          # flash takes grouped KV heads
     ("7.5", torch.float16, 64, False, False, "efficient"),     # T4: no flash below sm80
     ("7.0", torch.float16, 64, True, False, "efficient"),      # V100
-    ("7.0", torch.float32, 12, False, False, "efficient"),     # fp32: head_dim a multiple of 4
+    ("8.0", torch.float32, 12, False, False, "efficient"),     # fp32 on sm80+: head_dim a multiple of 4
+    ("8.0", torch.float32, 10, False, False, "math"),
+    ("7.0", torch.float32, 10, False, False, "efficient"),     # fp32 below sm80: no tensor cores, any head_dim
     ("7.0", torch.float16, 12, False, False, "math"),          # 16-bit: a multiple of 8
     ("7.5", torch.float16, 64, False, True, "math"),           # mem-efficient takes no grouped KV heads
     ("7.0", torch.bfloat16, 64, False, False, "math"),         # no bf16 kernels below sm80

@@ -113,7 +113,8 @@ def sdpa_backend(capability: str | None, dtype: torch.dtype, head_dim: int, has_
       attention mask (`check_for_attn_mask`), one batch size and one number of heads unless `enable_gqa`
       (`check_batch_size_and_num_heads_dense`); it keeps the output and the logsumexp (batch x heads x L fp32);
     - mem-efficient (`use_mem_efficient_attention`): sm50 or newer, fp32/fp16 (bf16 from sm80), head_dim a
-      multiple of 8 for 16-bit inputs and of 4 for fp32 (`check_head_dim_size_mem_efficient`), an additive mask
+      multiple of `_gemm_alignment` (`check_head_dim_size_mem_efficient`: 8 for 16-bit inputs from sm70, 4 for
+      fp32 from sm80), an additive mask
       allowed, one batch size and one number of heads (grouped KV heads only broadcast: not taken); it keeps the
       logsumexp too;
     - math (`_scaled_dot_product_attention_math`): anything else. It materialises the batch x heads x L x S
@@ -125,9 +126,18 @@ def sdpa_backend(capability: str | None, dtype: torch.dtype, head_dim: int, has_
     if (card >= (8, 0) and sixteen_bit and not has_mask and head_dim <= 256 and head_dim % 8 == 0 and same_batch
             and (same_heads or enable_gqa)):
         return "flash"
-    if card >= (5, 0) and same_batch and same_heads and head_dim % (8 if sixteen_bit else 4) == 0:
+    if card >= (5, 0) and same_batch and same_heads and head_dim % _gemm_alignment(card, sixteen_bit) == 0:
         return "efficient"
     return "math"
+
+
+def _gemm_alignment(card: tuple[int, int], sixteen_bit: bool) -> int:
+    """The head_dim multiple the memory-efficient kernel needs (sdp_utils.cpp `minimum_gemm_alignment`): 4 from
+    sm80, raised to 128 bits of elements where tensor cores run (sm80+, or 16-bit inputs from sm70); else 1."""
+    alignment = 4 if card >= (8, 0) else 1
+    if card >= (8, 0) or (card >= (7, 0) and sixteen_bit):
+        alignment = max(alignment, 128 // (16 if sixteen_bit else 32))
+    return alignment
 
 
 def card_sdpa_backends(capability: str | None) -> list[Any]:
