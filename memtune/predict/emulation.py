@@ -114,9 +114,8 @@ def sdpa_backend(capability: str | None, dtype: torch.dtype, head_dim: int, has_
       (`check_batch_size_and_num_heads_dense`); it keeps the output and the logsumexp (batch x heads x L fp32);
     - mem-efficient (`use_mem_efficient_attention`): sm50 or newer, fp32/fp16 (bf16 from sm80), head_dim a
       multiple of `_gemm_alignment` (`check_head_dim_size_mem_efficient`: 8 for 16-bit inputs from sm70, 4 for
-      fp32 from sm80), an additive mask
-      allowed, one batch size and one number of heads (grouped KV heads only broadcast: not taken); it keeps the
-      logsumexp too;
+      fp32 from sm80), an additive mask allowed, one batch size and one number of heads (grouped KV heads: not
+      taken, `check_batch_size_and_num_heads_dense<false>`); it keeps the logsumexp too;
     - math (`_scaled_dot_product_attention_math`): anything else. It materialises the batch x heads x L x S
       scores in forward (in fp32 for 16-bit inputs) and keeps the softmax for backward."""
     card = _capability(capability)
