@@ -38,6 +38,11 @@ PRECISIONS: dict[str, tuple[DType, Amp]] = {
 }
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+"""transformers' attn_implementation values memtune plans (`--attn`): torch's SDPA (the kernel the card picks,
+`predict.emulation.sdpa_backend`), eager (the attention matrix in the model's dtype, softmax in fp32), the
+flash-attn package's kernels (sm80+), torch's flex attention (traced on fake CUDA only)."""
+
 # --optim NAME: transformers' `TrainingArguments.optim` names (5.24), and what each one is.
 OPTIMIZERS: dict[str, str] = {
     "adamw_torch_fused": "torch AdamW, fused kernel (Trainer's default); fp32 state: 8 bytes per fp32 parameter",
@@ -344,6 +349,12 @@ class TrainConfig:
     """A base stored in 4 or 8 bits by bitsandbytes (QLoRA; needs a LoRA adapter); None: the base in
     weights_dtype. Its other floating weights are loaded in weights_dtype and made fp32 by peft's
     prepare_model_for_kbit_training, as QLoRA recipes run it."""
+    attn: str | None = None
+    """The attention implementation the model is built with (transformers' `attn_implementation`): one of
+    ATTN_IMPLEMENTATIONS; None: the model config's own (`_attn_implementation`), else transformers' default (sdpa)."""
+    gpu_capability: str | None = None
+    """Compute capability ("major.minor", e.g. "7.0") of the card the step runs on: which SDPA kernels exist there
+    (`predict.emulation.sdpa_backend`); None: 9.0, the H100/H200 memtune's estimates are measured on."""
 
     def __post_init__(self) -> None:
         if self.optimizer in LEGACY_OPTIMIZERS:
@@ -405,6 +416,12 @@ class TrainConfig:
                             "use LoRA, or turn checkpointing off")
         if self.quantization is not None:
             problems += _quantization_problems(self)
+        if self.attn is not None and self.attn not in ATTN_IMPLEMENTATIONS:
+            problems.append(f"attn must be one of {', '.join(ATTN_IMPLEMENTATIONS)} or None (the model's own), "
+                            f"got {self.attn!r}")
+        if self.gpu_capability is not None and not re.fullmatch(r"\d+\.\d+", str(self.gpu_capability)):
+            problems.append(f"gpu_capability must be a compute capability major.minor such as 8.0, "
+                            f"got {self.gpu_capability!r}")
         if self.strategy == "ddp":
             if self.offload != "none":
                 problems.append(f"strategy 'ddp' keeps a full replica on every GPU and cannot offload {self.offload!r} "
@@ -466,6 +483,8 @@ class TrainConfig:
             parts.append(f"offload {self.offload}")
         if self.expandable_segments:
             parts.append("expandable segments")
+        if self.attn not in (None, "sdpa"):
+            parts.append(f"{self.attn} attention")
         if self.zero is not None:
             parts.append(self.zero.describe(self.offload) + (f" on {self.gpus_words}" if self.world_size > 1 else ""))
         elif self.world_size > 1:
@@ -797,23 +816,10 @@ DEFAULT_CONTEXT_BYTES = 610 * MIB
 DEFAULT_WORKSPACE_BYTES = 65 * MIB
 
 
-# Total memory of common cards in MiB, as nvidia-smi reports it (what `--gpu NAME` plans against).
-KNOWN_GPUS: dict[str, int] = {
-    name: mib * MIB
-    for name, mib in {
-        "T4-16GB": 15360,
-        "A10-24GB": 23028,
-        "L4-24GB": 23034,
-        "RTX3090-24GB": 24576,
-        "RTX4090-24GB": 24564,
-        "A100-40GB": 40960,
-        "L40S-48GB": 46068,
-        "A6000-48GB": 49140,
-        "A100-80GB": 81920,
-        "H100-80GB": 81559,
-        "H200-141GB": 143771,
-    }.items()
-}
+# Known cards: what `--gpu NAME` plans against. Total memory in MiB as nvidia-smi (rocm-smi for the MI300X) reports
+# it; compute capability as torch.cuda.get_device_capability reports it (it decides which SDPA kernels exist,
+# `predict.emulation.sdpa_backend`); peak dense tensor-core rates (no sparsity) and memory bandwidth from the vendor
+# datasheet named in each row's comment (the speed model, `predict.throughput.gpu_speed`).
 
 
 DEFAULT_INTER_NODE_GBPS = 400.0
@@ -821,17 +827,144 @@ DEFAULT_INTER_NODE_GBPS = 400.0
 --inter-node-gbps says otherwise: one 400 Gb/s InfiniBand NDR or RoCE port (ConnectX-7). Not measured by memtune."""
 
 
-NO_BF16_GPUS = frozenset({"T4-16GB"})
-"""Known cards without bf16 (compute capability below 8.0: T4 is 7.5); they train in fp16 or fp32."""
+@dataclass(frozen=True)
+class GpuCard:
+    """One card of `GPU_CARDS`. Bytes are integers; rates are per second."""
+
+    name: str
+    total_bytes: int
+    """Memory the driver reports (nvidia-smi's total); what a plan's budget starts from."""
+    capability: str
+    """CUDA compute capability, "major.minor" (ROCm: what torch reports for the gfx target)."""
+    bf16_supported: bool
+    """bf16 tensor cores (sm80+): without them bf16 autocast does not run and memtune plans fp16 instead."""
+    half_flops: float
+    """Peak dense 16-bit tensor-core FLOP/s with fp32 accumulation (bf16 where the card has it, else fp16)."""
+    fp32_flops: float
+    """Peak fp32 (non-tensor) FLOP/s."""
+    memory_bytes_per_second: float
+    """Device memory bandwidth."""
+    note: str = ""
+    """Said next to the card in `--help` and reports ("ROCm: predicted only")."""
+
+    @property
+    def usable_bytes(self) -> int:
+        """What a process can use before any plan: the total less the CUDA context memtune assumes without a probe
+        (`DEFAULT_CONTEXT_BYTES`); the plan's margin comes off this too."""
+        return self.total_bytes - DEFAULT_CONTEXT_BYTES
+
+    @property
+    def flash_capable(self) -> bool:
+        """torch's flash SDPA kernel runs here: sm80 or newer (torch aten/src/ATen/native/transformers/cuda/
+        sdp_utils.cpp `check_sm_version` for flash; the ROCm build's AOTriton kernels on gfx942 too)."""
+        return capability_tuple(self.capability) >= (8, 0)
+
+
+def capability_tuple(capability: str) -> tuple[int, int]:
+    """"8.6" -> (8, 6). Raises UsageError for text that is not "major.minor"."""
+    major, _, minor = capability.partition(".")
+    if not (major.isdigit() and minor.isdigit()):
+        raise UsageError(f"compute capability {capability!r} is not major.minor, e.g. 8.0")
+    return int(major), int(minor)
+
+
+def _card(name: str, mib: int, capability: str, half_tflops: float, fp32_tflops: float, tb_per_second: float,
+          note: str = "") -> GpuCard:
+    return GpuCard(name, mib * MIB, capability, capability_tuple(capability) >= (8, 0), half_tflops * 1e12,
+                   fp32_tflops * 1e12, tb_per_second * 1e12, note)
+
+
+GPU_CARDS: dict[str, GpuCard] = {card.name: card for card in (
+    # NVIDIA T4 datasheet: 65 TFLOPS fp16 tensor (mixed precision), 8.1 fp32, 320 GB/s; Turing sm75, no bf16
+    _card("T4-16GB", 15360, "7.5", 65, 8.1, 0.32),
+    # NVIDIA V100 datasheet (SXM2): 125 TFLOPS tensor (fp16), 15.7 fp32, 900 GB/s; Volta sm70, no bf16
+    _card("V100-16GB", 16160, "7.0", 125, 15.7, 0.9),
+    _card("V100-32GB", 32510, "7.0", 125, 15.7, 0.9),
+    # NVIDIA A10 datasheet: 125 TFLOPS bf16 tensor dense (250 sparse), 31.2 fp32, 600 GB/s; sm86
+    _card("A10-24GB", 23028, "8.6", 125, 31.2, 0.6),
+    # AWS EC2 G5 (A10G): no NVIDIA datasheet; AWS lists 600 GB/s, 31.2 TFLOPS fp32; its tensor rate is rated as
+    # the A10's (the same GA102 part at lower clocks, so a little optimistic); sm86
+    _card("A10G-24GB", 23028, "8.6", 125, 31.2, 0.6),
+    # NVIDIA L4 datasheet: 242 TFLOPS bf16 with sparsity (121 dense), 30.3 fp32, 300 GB/s; Ada sm89
+    _card("L4-24GB", 23034, "8.9", 121, 30.3, 0.3),
+    # NVIDIA Ampere GA102 whitepaper (RTX 3090): 71 TFLOPS fp16/bf16 tensor with fp32 accumulate, 35.6 fp32,
+    # 936 GB/s; sm86
+    _card("RTX-3090", 24576, "8.6", 71, 35.6, 0.936),
+    # NVIDIA Ada Lovelace whitepaper (RTX 4090): 165.2 TFLOPS bf16 tensor with fp32 accumulate, 82.6 fp32,
+    # 1008 GB/s; sm89
+    _card("RTX-4090", 24564, "8.9", 165.2, 82.6, 1.008),
+    # NVIDIA Blackwell (RTX 5090) whitepaper: 209.5 TFLOPS fp16/bf16 tensor with fp32 accumulate dense, 104.8
+    # fp32, 1792 GB/s; sm120
+    _card("RTX-5090", 32607, "12.0", 209.5, 104.8, 1.792),
+    # NVIDIA RTX A6000 datasheet: 309.7 TFLOPS tensor with sparsity (154.8 dense), 38.7 fp32, 768 GB/s; sm86
+    _card("A6000-48GB", 49140, "8.6", 154.8, 38.7, 0.768),
+    # NVIDIA A100 datasheet: 312 TFLOPS bf16 tensor dense, 19.5 fp32; 1555 GB/s (40GB), 2039 GB/s (80GB SXM); sm80
+    _card("A100-40GB", 40960, "8.0", 312, 19.5, 1.555),
+    _card("A100-80GB", 81920, "8.0", 312, 19.5, 2.039),
+    # NVIDIA L40S datasheet: 733 TFLOPS bf16 with sparsity (362 dense), 91.6 fp32, 864 GB/s; sm89
+    _card("L40S", 46068, "8.9", 362, 91.6, 0.864),
+    # NVIDIA H100 datasheet (SXM): 1979 TFLOPS bf16 with sparsity (989 dense), 67 fp32, 3.35 TB/s; sm90
+    _card("H100-80GB", 81559, "9.0", 989, 67, 3.35),
+    # NVIDIA H200 datasheet (SXM): 989 TFLOPS bf16 dense, 67 fp32, 4.8 TB/s; sm90
+    _card("H200", 143771, "9.0", 989, 67, 4.8),
+    # NVIDIA HGX B200 datasheet, per GPU: 2.25 PFLOPS fp16/bf16 dense (4.5 sparse), 75 TFLOPS fp32, 8 TB/s; sm100
+    _card("B200", 183359, "10.0", 2250, 75, 8.0),
+    # AMD Instinct MI300X datasheet: 1307.4 TFLOPS bf16 dense, 163.4 fp32 (vector), 5.3 TB/s; gfx942 (torch
+    # reports 9.4). Planned as torch's ROCm build would run it; memtune's trials and its OOM guard are CUDA's.
+    _card("MI300X", 196288, "9.4", 1307.4, 163.4, 5.3, note="ROCm: predicted only"),
+)}
+"""The known cards by canonical name, by generation (`gpu_card` finds one by name or alias)."""
+
+
+GPU_ALIASES = {"RTX3090-24GB": "RTX-3090", "RTX4090-24GB": "RTX-4090", "RTX5090-32GB": "RTX-5090",
+               "L40S-48GB": "L40S", "H200-141GB": "H200", "B200-180GB": "B200", "MI300X-192GB": "MI300X"}
+"""Other names `--gpu` accepts (the names of earlier memtune versions among them)."""
+
+
+KNOWN_GPUS: dict[str, int] = {name: card.total_bytes for name, card in GPU_CARDS.items()}
+"""Total bytes of each known card by canonical name (what `--gpu NAME` plans against)."""
+
+
+NO_BF16_GPUS = frozenset(name for name, card in GPU_CARDS.items() if not card.bf16_supported)
+"""Known cards without bf16 (compute capability below 8.0: T4 7.5, V100 7.0); they train in fp16 or fp32."""
+
+
+def gpu_card(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> GpuCard:
+    """The known card called `name` (canonical or `GPU_ALIASES`), matched case-insensitively.
+    Raises UsageError naming the known cards."""
+    names = {known.lower(): known for known in GPU_CARDS}
+    names.update({alias.lower(): canonical for alias, canonical in GPU_ALIASES.items()})
+    if name.lower() not in names:
+        raise UsageError(f"unknown {flag} {name!r}: choose one of {', '.join(GPU_CARDS)}, or give {budget_flag}")
+    return GPU_CARDS[names[name.lower()]]
+
+
+def attention_problems(attn: str | None, card: GpuCard | None = None) -> list[str]:
+    """What stops `--attn attn` here (the package) and, with `card`, on that card: flash_attention_2 needs the
+    flash-attn package (transformers' `is_flash_attn_2_available`) and compute capability 8.0 or newer (flash-attn
+    2 supports Ampere, Ada and Hopper: its README); the others run wherever torch does."""
+    problems = []
+    if attn is not None and attn not in ATTN_IMPLEMENTATIONS:
+        problems.append(f"--attn {attn!r} is unknown: choose one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        problems.append("--attn flash_attention_2 needs the flash-attn package, which is not installed here: "
+                        "pip install flash-attn --no-build-isolation (CUDA, sm80+), or use --attn sdpa (torch's own "
+                        "flash kernel, the same memory on sm80+)")
+    return problems + attention_card_problems(attn, card)
+
+
+def attention_card_problems(attn: str | None, card: GpuCard | None) -> list[str]:
+    """`attention_problems`' part for the card: flash_attention_2 below sm80."""
+    if attn == "flash_attention_2" and card is not None and not card.flash_capable:
+        return [f"--attn flash_attention_2 needs compute capability 8.0 or newer; {card.name} has "
+                f"{card.capability}: use --attn sdpa (torch's memory-efficient kernel there) or eager"]
+    return []
 
 
 def known_gpu(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> tuple[str, int]:
-    """(canonical name, total bytes) of a card in KNOWN_GPUS, matched case-insensitively."""
-    names = {known.lower(): known for known in KNOWN_GPUS}
-    if name.lower() not in names:
-        raise UsageError(f"unknown {flag} {name!r}: choose one of {', '.join(KNOWN_GPUS)}, or give {budget_flag}")
-    canonical = names[name.lower()]
-    return canonical, KNOWN_GPUS[canonical]
+    """(canonical name, total bytes) of a card in KNOWN_GPUS, matched case-insensitively (`gpu_card`)."""
+    card = gpu_card(name, flag, budget_flag)
+    return card.name, card.total_bytes
 
 
 # ---- what the user allows: the search's policy ----------------------------------------------------
@@ -929,6 +1062,13 @@ class Policy:
     """Keep this precision: fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True);
     bf16 / fp16 = weights stored in 16 bits; without LoRA that is pure 16 bits training: optimizer state in
     16 bits too, no fp32 master weights."""
+    attn: str | None = field(default=None, metadata=option(choices=ATTN_IMPLEMENTATIONS, group=PINS,
+                                                           default_text="the model config's own, else sdpa"))
+    """The attention implementation (transformers' attn_implementation), traced as it runs: sdpa takes the kernel
+    the card has (flash needs sm80+, else memory-efficient, else math); eager holds the attention matrix;
+    flash_attention_2 needs the flash-attn package and an sm80+ card (traced as torch's flash kernel, the same
+    FlashAttention-2 code); flex_attention traces on fake CUDA only (its backward has no CPU kernel): plan it on a
+    GPU machine."""
     optimizer: str | None = field(default=None, metadata=option(
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS), group=PINS,
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
@@ -1048,6 +1188,7 @@ class Policy:
             problems.append(
                 f"precision {self.precision} needs bf16, which this GPU does not support: use fp16-mixed or fp32"
             )
+        problems += attention_problems(self.attn)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer {self.optimizer!r} is unknown: choose one of {', '.join(OPTIMIZERS)}")
         if self.optimizer in EIGHT_BIT_OPTIMIZERS and not self.allow_8bit_optimizer:

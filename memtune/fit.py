@@ -29,6 +29,7 @@ from memtune.config import (
     Policy,
     TrainConfig,
     format_bytes,
+    gpu_card,
     known_gpu,
     margin_for,
     option_of,
@@ -59,13 +60,22 @@ logger = logging.getLogger("memtune.fit")
 """`auto_fit` logs here, at DEBUG, what the libraries said while it worked (`quiet_libraries`)."""
 
 
+def attention_fields(attn: str | None, capability: str | None) -> dict[str, Any]:
+    """The TrainConfig fields of fit's --attn and of the card planned for (its compute capability: which SDPA
+    kernels it has), set on every configuration the search predicts, tries and saves."""
+    return {"attn": attn, "gpu_capability": capability}
+
+
 class ModelPredictor:
     """The default `search.Predictor`: traced memory (`predict.estimate`) and the FLOP model (`predict.throughput`)."""
 
     def __init__(self, model_config: Any, num_parameters: int, speed: throughput.GpuSpeed, *, device: str | None = None,
                  context_bytes: int = DEFAULT_CONTEXT_BYTES, workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
-                 note: Callable[[str], None] | None = None):
+                 note: Callable[[str], None] | None = None, on_card: dict[str, Any] | None = None):
         self.model_config = model_config
+        self.on_card = on_card or {}
+        """TrainConfig fields every configuration is predicted with: fit's --attn and the card's compute capability
+        (`attention_fields`)."""
         self.shape = throughput.ModelShape.of(model_config, num_parameters)
         self.speed = speed
         self.device = device
@@ -79,6 +89,7 @@ class ModelPredictor:
     def memory(self, config: TrainConfig) -> Estimate:
         """The predicted step of `config`. Raises UsageError for a DeepSpeed plan (not predicted yet)."""
         require_predicted(config)
+        config = config.replace(**self.on_card)
         if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
             self._cache[config] = estimate(self.model_config, config, device=self.device,
                                            context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
@@ -245,6 +256,10 @@ def fit_model(
             policy = _with(policy, host_budget_bytes=int(HOST_BUDGET_FRACTION * available))
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
+        if progress and policy.precision is None:  # pinned bf16 is refused by policy.validate: exit 2
+            progress(f"note: {known_gpu(gpu_name)[0]} has no bf16: planning fp16-mixed / fp16 instead of bf16")
+    on_card = attention_fields(policy.attn, gpu.capability if gpu else
+                               (gpu_card(gpu_name).capability if gpu_name else None))
     policy.validate(effective_batch_size)  # before the checks below read its fields
     check_sequence_length(source.config, seq_len)
     check_trace_device(trace_device)
@@ -255,7 +270,7 @@ def fit_model(
         layers = checkpoint_layers_for(source.config, pinned, "--checkpointing")
         policy = _with(policy, gradient_checkpointing=True if layers is None else layers)
     predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
-                               context_bytes=context, workspace_bytes=workspace, note=progress)
+                               context_bytes=context, workspace_bytes=workspace, note=progress, on_card=on_card)
 
     if budget_bytes is None and gpu is None:
         for card, size in COMMON_CARDS.items():
@@ -266,8 +281,13 @@ def fit_model(
                 result.card_plans.append(CardPlan(card, size, None, skipped=(
                     f"not planned: --precision {policy.precision} needs bf16, which these cards lack")))
                 continue
+            card_predictor = predictor
+            if card in COMMON_CARDS_WITHOUT_BF16:  # T4 (7.5) and V100 (7.0): the same SDPA kernels, no flash
+                card_predictor = ModelPredictor(source.config, num_parameters, speed, device=trace_device,
+                                                context_bytes=context, workspace_bytes=workspace, note=progress,
+                                                on_card=attention_fields(policy.attn, "7.0"))
             found = search(
-                predictor,
+                card_predictor,
                 seq_len,
                 effective_batch_size,
                 size,
@@ -290,7 +310,7 @@ def fit_model(
     if gpu is not None and verify:
         def trial(config: TrainConfig) -> memory.Measurement:
             with emulated_budget(gpu, budget_bytes):
-                return measure_trial(source.config, config, steps=trial_steps)
+                return measure_trial(source.config, config.replace(**on_card), steps=trial_steps)
 
     result.search = search(
         predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress
@@ -300,7 +320,7 @@ def fit_model(
         measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
         result.plan = Plan(
             model=source.name,
-            train_config=chosen.config,
+            train_config=chosen.config.replace(**on_card),
             budget_bytes=budget_bytes,
             margin_bytes=result.search.margin_bytes,
             predicted_total_bytes=chosen.predicted_total_bytes or 0,

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Literal
 
 from memtune.config import (
+    ATTN_IMPLEMENTATIONS,
     DEFAULT_INTER_NODE_GBPS,
     DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
-    KNOWN_GPUS,
+    GPU_CARDS,
+    NO_BF16_GPUS,
     OPTIMIZERS,
     POLICY,
     PRECISIONS,
@@ -29,9 +31,13 @@ from memtune.config import (
     SAVE_TOTAL_LIMIT,
     VERIFY_AND_OUTPUT,
     Adapter,
+    GpuCard,
     Policy,
     TrainConfig,
+    attention_card_problems,
+    attention_problems,
     format_bytes,
+    gpu_card,
     known_gpu,
     option,
     option_of,
@@ -57,8 +63,11 @@ class TaskOptions:
     """Effective batch in sequences per optimizer step (micro-batch x accumulation x GPUs), kept exactly."""
     budget: str | None = field(default=None, metadata=option(exclusive="budget"))
     """Memory to fit in instead of the GPU's free memory, e.g. 24GiB, 24GB (=24e9 bytes), 24000MiB."""
-    gpu: str | None = field(default=None, metadata=option(exclusive="budget", note=f"one of {', '.join(KNOWN_GPUS)}"))
-    """Plan for a known card instead of --budget."""
+    gpu: str | None = field(default=None, metadata=option(exclusive="budget", note="one of " + ", ".join(
+        f"{name} ({card.note})" if card.note else name for name, card in GPU_CARDS.items())))
+    """Plan for a known card instead of --budget: its memory, and the attention kernels and dtypes its compute
+    capability has (no flash SDPA below sm80; no bf16 on T4 and V100, where fit plans fp16 instead and a pinned
+    bf16 precision is refused)."""
     gpus: int | None = field(default=None, metadata=option(
         default_text="fit: the GPUs visible here, or 1; plan: 1"))
     """GPUs to train on; above 1, --batch-size is split over them (see --strategy); with --budget or --gpu
@@ -91,6 +100,10 @@ class TaskOptions:
             name, total_bytes = known_gpu(self.gpu)
             return total_bytes, f"{name} ({format_bytes(total_bytes)})"
         return None, ""
+
+    def card(self) -> GpuCard | None:
+        """The known card of --gpu, None without one. Raises UsageError for an unknown name."""
+        return gpu_card(self.gpu) if self.gpu else None
 
     def problems(self) -> list[str]:
         """What is wrong with the budget, --nodes and --inter-node-gbps (the other checks depend on the command)."""
@@ -137,7 +150,16 @@ class PlanOptions:
     """Sequences per forward/backward; the rest is gradient accumulation. Reduce it to 4, 2, 1 if you OOM."""
     precision: str = field(default="fp32", metadata=option(choices=tuple(PRECISIONS)))
     """fp32; bf16-mixed / fp16-mixed = fp32 weights + autocast (Trainer bf16=True); bf16 / fp16 = weights
-    stored in 16 bits (pure 16-bit training without --lora: no fp32 master weights)."""
+    stored in 16 bits (pure 16-bit training without --lora: no fp32 master weights). bf16 needs a card with bf16
+    (sm80+): with --gpu T4-16GB or a V100, bf16-mixed / bf16 exit with code 2 (the precision is what you asked
+    for, so plan does not change it); use fp16-mixed there."""
+    attn: str | None = field(default=None, metadata=option(choices=ATTN_IMPLEMENTATIONS,
+                                                           default_text="the model config's own, else sdpa"))
+    """The attention implementation (transformers' attn_implementation), traced as it runs: sdpa takes the kernel
+    the card has (flash needs sm80+, else memory-efficient, else math); eager holds the attention matrix;
+    flash_attention_2 needs the flash-attn package and an sm80+ card (traced as torch's flash kernel, the same
+    FlashAttention-2 code); flex_attention traces on fake CUDA only (its backward has no CPU kernel): plan it on a
+    GPU machine."""
     optimizer: str = field(default=DEFAULT_OPTIMIZER, metadata=option(
         flag="--optim", metavar="NAME", choices=tuple(OPTIMIZERS),
         note="; ".join(f"{name}: {words}" for name, words in OPTIMIZERS.items())))
@@ -181,6 +203,12 @@ class PlanOptions:
             if not (self.task.budget or self.task.gpu):
                 problems.append(f"--out {self.out} writes a plan to run, which needs the memory it is planned for: "
                                 "add --gpu NAME (e.g. --gpu H100-80GB) or --budget 80GiB")
+        if not problems:
+            card = self.task.card()
+            problems += attention_problems(self.attn, card)
+            if card is not None and card.name in NO_BF16_GPUS and "bf16" in self.precision:
+                problems.append(f"--precision {self.precision} needs bf16, which {card.name} (compute capability "
+                                f"{card.capability}) does not have: use --precision fp16-mixed (or fp16, fp32)")
         if not problems:
             try:
                 self.train_config()
@@ -231,8 +259,10 @@ class PlanOptions:
         micro = self.micro_batch_size or per_gpu or 1
         weights, amp = precision_config(self.precision)
         quantized: dict = {}
-        if self.quantized_base is not None:
-            quantized = quantized_base_fields(self.quantized_base, None if self.precision == "fp32" else self.precision)
+        card = self.task.card()
+        if self.quantized_base is not None:  # its default bf16 becomes fp16 on a card without bf16
+            quantized = quantized_base_fields(self.quantized_base, None if self.precision == "fp32" else self.precision,
+                                              bf16_supported=card is None or card.bf16_supported)
             weights, amp = quantized.pop("weights_dtype"), quantized.pop("amp")
         return TrainConfig(
             seq_len=self.task.seq_len, micro_batch_size=micro, grad_accum_steps=max(1, per_gpu // micro),
@@ -246,6 +276,7 @@ class PlanOptions:
             optimizer=self.optimizer, **quantized,
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
             stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),
+            attn=self.attn, gpu_capability=None if card is None else card.capability,
         )
 
 
@@ -419,6 +450,7 @@ class FitOptions:
         if not problems:
             try:
                 self.policy().validate(task.batch_size)
+                problems += attention_card_problems(pins.attn, task.card())  # the package: validate said it
             except UsageError as error:
                 problems.append(str(error))
         # the plan is written after the search: a place it cannot go is refused now (the default path only

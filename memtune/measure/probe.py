@@ -31,7 +31,10 @@ class GpuInfo:
     """Used by other processes (nvml used minus this process's own usage)."""
     other_processes: int
     capability: str
+    """CUDA compute capability "major.minor" (torch.cuda.get_device_properties; ROCm: the gfx target's): which SDPA
+    kernels run here (no flash below 8.0), so fit traces with it (`TrainConfig.gpu_capability`)."""
     bf16_supported: bool
+    """torch.cuda.is_bf16_supported(): without it fit plans fp16 instead of bf16."""
     context_bytes: int
     """This process's device memory outside torch's pool: CUDA context and kernels (measured)."""
     memory_fraction: float | None = None

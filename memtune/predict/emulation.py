@@ -3,7 +3,8 @@
 `CudaEmulation` is a torch function mode, entered around the traced step (trace.trace_step,
 fsdp.trace_sharded) when the trace runs on the CPU. It changes four things that allocate differently
 on the two devices: autocast's fp32 op list (aten/src/ATen/autocast_mode.cpp), the SDPA kernel CUDA
-picks (flash or memory-efficient instead of the math fallback, torch sdp_utils), dropout (CUDA's
+picks on the card planned for (`sdpa_backend`: flash, memory-efficient or the math fallback by compute
+capability, dtype, head_dim and mask, torch sdp_utils), dropout (CUDA's
 fused kernel saves a 1-byte mask) and an fp16 softmax with an fp32 result (CUDA's half_to_float kernel
 makes no fp32 copy of the input).
 
@@ -90,15 +91,80 @@ def backward_in_mode(mode: TorchFunctionMode, loss: torch.Tensor) -> None:
         engine.run_backward((loss,), (torch.ones_like(loss),), False, False, (), True, True)
 
 
+DEFAULT_CAPABILITY = "9.0"
+"""The compute capability traced when the card is not named (TrainConfig.gpu_capability None): Hopper, the H100/H200
+that memtune's estimates are measured on."""
+
+
+def _capability(capability: str | None) -> tuple[int, int]:
+    major, _, minor = (capability or DEFAULT_CAPABILITY).partition(".")
+    return int(major), int(minor or 0)
+
+
+def sdpa_backend(capability: str | None, dtype: torch.dtype, head_dim: int, has_mask: bool, *,
+                 same_batch: bool = True, same_heads: bool = True, enable_gqa: bool = False) -> str:
+    """The kernel CUDA's `scaled_dot_product_attention` runs: "flash", "efficient" or "math", tried in that order as
+    torch does (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp `select_sdp_backend`, the default priority
+    flash > mem-efficient > math; cuDNN, tried on Hopper by torch 2.11, makes the flash kernel's outputs and is
+    counted as flash). `capability` is "major.minor" (None: `DEFAULT_CAPABILITY`).
+
+    - flash (`use_flash_attention`): sm80 or newer (`check_sm_version`), fp16 or bf16 inputs
+      (`check_flash_attention_dtype`), head_dim <= 256 and a multiple of 8 (`check_head_dim_size_flash`), no
+      attention mask (`check_for_attn_mask`), one batch size and one number of heads unless `enable_gqa`
+      (`check_batch_size_and_num_heads_dense`); it keeps the output and the logsumexp (batch x heads x L fp32);
+    - mem-efficient (`use_mem_efficient_attention`): sm50 or newer, fp32/fp16 (bf16 from sm80), head_dim a
+      multiple of `_gemm_alignment` (`check_head_dim_size_mem_efficient`: 8 for 16-bit inputs from sm70, 4 for
+      fp32 from sm80), an additive mask allowed, one batch size and one number of heads (grouped KV heads: not
+      taken, `check_batch_size_and_num_heads_dense<false>`); it keeps the logsumexp too;
+    - math (`_scaled_dot_product_attention_math`): anything else. It materialises the batch x heads x L x S
+      scores in forward (in fp32 for 16-bit inputs) and keeps the softmax for backward."""
+    card = _capability(capability)
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if dtype == torch.bfloat16 and card < (8, 0):
+        return "math"  # no bf16 kernels below sm80 (a bf16 request on such a card is planned as fp16 instead)
+    if (card >= (8, 0) and sixteen_bit and not has_mask and head_dim <= 256 and head_dim % 8 == 0 and same_batch
+            and (same_heads or enable_gqa)):
+        return "flash"
+    if card >= (5, 0) and same_batch and same_heads and head_dim % _gemm_alignment(card, sixteen_bit) == 0:
+        return "efficient"
+    return "math"
+
+
+def _gemm_alignment(card: tuple[int, int], sixteen_bit: bool) -> int:
+    """The head_dim multiple the memory-efficient kernel needs (sdp_utils.cpp `minimum_gemm_alignment`): 4 from
+    sm80, raised to 128 bits of elements where tensor cores run (sm80+, or 16-bit inputs from sm70); else 1."""
+    alignment = 4 if card >= (8, 0) else 1
+    if card >= (8, 0) or (card >= (7, 0) and sixteen_bit):
+        alignment = max(alignment, 128 // (16 if sixteen_bit else 32))
+    return alignment
+
+
+def card_sdpa_backends(capability: str | None) -> list[Any]:
+    """The SDPA backends (torch.nn.attention.SDPBackend) that exist on a card of `capability`, for
+    `torch.nn.attention.sdpa_kernel` on the fake-CUDA path, where torch picks among them as it would there: below
+    sm80 no flash (nor cuDNN), so a trace on an H200 picks what a T4 or V100 picks (`sdpa_backend`)."""
+    from torch.nn.attention import SDPBackend
+
+    backends = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if _capability(capability) >= (8, 0):
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, *backends]
+    return backends
+
+
 class CudaEmulation(TorchFunctionMode):
-    """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA."""
+    """Make a trace on CPU fake tensors allocate what the same step allocates on CUDA, on a card of compute
+    capability `capability` ("major.minor"; None: `DEFAULT_CAPABILITY`): its SDPA kernel (`sdpa_backend`)."""
+
+    def __init__(self, capability: str | None = None) -> None:
+        super().__init__()
+        self.capability = capability
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         if func is torch.Tensor.backward:
             return backward_in_mode(self, args[0])
         if func is torch.nn.functional.scaled_dot_product_attention:
-            return _fused_attention(*args, **kwargs)
+            return _fused_attention(*args, capability=self.capability, **kwargs)
         if func is torch.nn.functional.dropout:
             return _cuda_dropout(*args, **kwargs)
         if torch.is_autocast_enabled("cpu"):
@@ -133,7 +199,8 @@ def _cuda_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, in
     return torch.native_dropout(input, p, training)[0]
 
 
-def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):  # noqa: ANN001
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,  # noqa: ANN001
+                     *, capability=None):  # noqa: ANN001
     """What CUDA's `scaled_dot_product_attention` runs (torch aten/src/ATen/native/transformers/attention.cpp
     and cuda/sdp_utils.cpp), on CPU fake tensors:
 
@@ -142,11 +209,11 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
       stays fp32, as on the GPU;
     - a boolean mask becomes an additive one of the query's dtype first (`convert_boolean_attn_mask`:
       `where(mask, 0, -inf)`), whichever kernel runs;
-    - the kernel: flash for fp16/bf16 without a mask, else memory-efficient, else the math path that saves
-      the attention matrix. Both fused kernels need query, key and value of one batch size and
-      (memory-efficient always, flash unless `enable_gqa`) one number of heads
-      (`check_batch_size_and_num_heads_dense`): a key/value with fewer heads that only broadcasts, as
-      Falcon's multi-query attention passes it, runs the math path.
+    - the kernel the card of `capability` picks (`sdpa_backend`): flash for fp16/bf16 without a mask on sm80+,
+      else memory-efficient, else the math path that saves the attention matrix. Both fused kernels need query,
+      key and value of one batch size and (memory-efficient always, flash unless `enable_gqa`) one number of
+      heads: a key/value with fewer heads that only broadcasts, as Falcon's multi-query attention passes it, runs
+      the math path.
 
     On Hopper torch 2.11 runs cuDNN attention where this picks flash (head_dim 256, bf16): its outputs and
     gradients have the same sizes (the H200 op logs of benchmarks/paths_diff.py), so the bytes agree."""
@@ -157,21 +224,20 @@ def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         attn_mask = torch.where(attn_mask, torch.scalar_tensor(0.0, dtype=query.dtype),
                                 torch.scalar_tensor(float("-inf"), dtype=query.dtype))
     with torch.autocast("cpu", enabled=False):
-        return _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, capability)
 
 
-def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):  # noqa: ANN001
-    head_dim = query.shape[-1]
+def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, capability):  # noqa: ANN001
     same_batch = query.dim() == 4 and query.shape[0] == key.shape[0] == value.shape[0]
     same_heads = query.shape[-3] == key.shape[-3] == value.shape[-3]
-    low_precision = query.dtype in (torch.float16, torch.bfloat16)
-    if (low_precision and attn_mask is None and head_dim <= 256 and head_dim % 8 == 0 and same_batch
-            and (same_heads or enable_gqa)):
+    backend = sdpa_backend(capability, query.dtype, query.shape[-1], attn_mask is not None, same_batch=same_batch,
+                           same_heads=same_heads, enable_gqa=enable_gqa)
+    if backend == "flash":
         # Flash takes grouped KV heads natively; its outputs are the attention output and logsumexp.
         return torch.ops.aten._scaled_dot_product_flash_attention(
             query, key, value, dropout_p, is_causal, False, scale=scale
         )[0]
-    if same_batch and same_heads and head_dim % 8 == 0:
+    if backend == "efficient":
         bias = attn_mask
         if bias is not None:
             bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
@@ -203,16 +269,25 @@ of a tensor and something of its shape and dtype is that add."""
 
 class AttentionScope(TorchFunctionMode):
     """Mark the calls of `scaled_dot_product_attention` on the fake-CUDA path (`IN_ATTENTION`), where torch
-    itself picks the kernel and the math path's ops reach the dispatch modes one by one."""
+    itself picks the kernel and the math path's ops reach the dispatch modes one by one. Torch picks among the
+    kernels a card of `capability` has (`card_sdpa_backends`, through `torch.nn.attention.sdpa_kernel`), so the
+    GPU running the trace stands in for an older one."""
+
+    def __init__(self, capability: str | None = None) -> None:
+        super().__init__()
+        self.capability = capability
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        from torch.nn.attention import sdpa_kernel
+
         if func is torch.Tensor.backward:
             return backward_in_mode(self, args[0])  # checkpointing's recomputed attention is marked too
         if func is not torch.nn.functional.scaled_dot_product_attention:
             return func(*args, **(kwargs or {}))
         token = IN_ATTENTION.set(True)
         try:
-            return func(*args, **(kwargs or {}))
+            with sdpa_kernel(card_sdpa_backends(self.capability)):
+                return func(*args, **(kwargs or {}))
         finally:
             IN_ATTENTION.reset(token)
 

@@ -327,7 +327,7 @@ def _trace(model_config: Any, train_config: TrainConfig, steps: int) -> Trace:
         hooks.append(optimizer.register_step_pre_hook(before_step))
         hooks.append(optimizer.register_step_post_hook(after_step))
         host_copies = _HostToDevice(counter) if offload else contextlib.nullcontext()
-        with counter, _watch_resizes(counter), GpuKernels(), CudaEmulation(), host_copies:
+        with counter, _watch_resizes(counter), GpuKernels(), CudaEmulation(train_config.gpu_capability), host_copies:
             for item in [*model.parameters(), *model.buffers()]:
                 counter.base_layer = layer_of.get(id(item), NO_LAYER)
                 local = item.to_local() if hasattr(item, "to_local") else item

@@ -71,7 +71,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from memtune.config import DEFAULT_INTER_NODE_GBPS, DTYPE_BYTES, TrainConfig
+from memtune.config import DEFAULT_INTER_NODE_GBPS, DTYPE_BYTES, GpuCard, TrainConfig, gpu_card
+from memtune.errors import UsageError
 from memtune.predict.liger import liger_num_chunks
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
@@ -183,12 +184,25 @@ H200_BANDWIDTH = _CARDS["H200"]["memory_bytes_per_second"]
 
 
 def gpu_speed(name: str) -> GpuSpeed:
-    """The speed model for a card, by (a part of) its name; unknown cards get the H100's."""
-    key = name.upper().replace(" ", "").replace("NVIDIA", "").replace("GEFORCE", "")
+    """The speed model for a card, by (a part of) its name; unknown cards get the H100's. A name `--gpu` knows
+    (`config.GPU_CARDS`, aliases too) takes that card's datasheet rates; its links come from its family here."""
+    key = name.upper().replace(" ", "").replace("NVIDIA", "").replace("GEFORCE", "").replace("-", "")
+    try:
+        known: GpuCard | None = gpu_card(name)
+    except UsageError:
+        known = None
     for card, rates in _CARDS.items():
         if card in key:
-            return GpuSpeed(name=card, **rates)
-    return GpuSpeed(name=f"{name} (rated as H100)", **_CARDS["H100"])
+            speed = GpuSpeed(name=card, **rates)
+            break
+    else:
+        if known is None:
+            return GpuSpeed(name=f"{name} (rated as H100)", **_CARDS["H100"])
+        speed = GpuSpeed(name=known.name, **_CARDS["H100"])  # links as the H100's: NVLink, PCIe
+    if known is None:
+        return speed
+    return speed.scaled(name=known.name, bf16_flops=known.half_flops, fp32_flops=known.fp32_flops,
+                        memory_bytes_per_second=known.memory_bytes_per_second)
 
 
 @dataclass(frozen=True)

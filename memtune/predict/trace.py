@@ -860,7 +860,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     counter.trace.device = device
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     amp_device = "cpu" if emulate else "cuda"
-    emulation = CudaEmulation() if emulate else AttentionScope()
+    capability = train_config.gpu_capability  # the card's SDPA kernels (emulation.sdpa_backend)
+    emulation = CudaEmulation(capability) if emulate else AttentionScope(capability)
     model = recipe.build_model(model_config, train_config, "meta")  # then fake tensors: see meta_to_fake
     layers = decoder_layers(model)
     unpacked = assume_unpacked_batches()

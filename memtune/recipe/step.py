@@ -61,13 +61,31 @@ def build_model(
     with torch.device(device), contextlib.nullcontext() if initialise else no_init_weights():
         # explicit, so transformers never prompts: a custom-code config exists only if the user trusted it
         model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype],
-                                                 trust_remote_code=custom_code(model_config))
+                                                 trust_remote_code=custom_code(model_config),
+                                                 **attention_arguments(train_config, device))
     if not initialise:
         model.tie_weights()
     if train_config.quantization is not None:
         # as from_pretrained(quantization_config=BitsAndBytesConfig(...)) loads it (recipe/quant.py)
         model = quant.quantize_model(model, train_config.quantization)
     return prepare_model(model, train_config)
+
+
+TRACED_AS = {"flash_attention_2": "sdpa"}
+"""Attention implementations whose kernels cannot run on fake tensors, and what stands in for them in a trace:
+flash-attn's `flash_attn_func` keeps the output and the logsumexp, as torch's flash SDPA kernel (torch vendors
+the same FlashAttention-2 code, aten/src/ATen/native/transformers/cuda/flash_attn), which is what the sdpa trace
+picks on the sm80+ card flash-attn needs with the unpadded batches memtune traces."""
+
+
+def attention_arguments(train_config: TrainConfig, device: str | torch.device) -> dict[str, str]:
+    """The `attn_implementation=` keyword for transformers' from_config / from_pretrained: {} for None (the model
+    config's own, else transformers' default); on the meta or a fake device the stand-in `TRACED_AS` names."""
+    if train_config.attn is None:
+        return {}
+    if torch.device(device).type == "meta":
+        return {"attn_implementation": TRACED_AS.get(train_config.attn, train_config.attn)}
+    return {"attn_implementation": train_config.attn}
 
 
 def _build_quantized(model_config: Any, train_config: TrainConfig, device: str | torch.device,
@@ -84,7 +102,8 @@ def _build_quantized(model_config: Any, train_config: TrainConfig, device: str |
     assert train_config.quantization is not None
     with torch.device("cpu"), no_init_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=TORCH_DTYPES[train_config.weights_dtype],
-                                                 trust_remote_code=custom_code(model_config))
+                                                 trust_remote_code=custom_code(model_config),
+                                                 **attention_arguments(train_config, device))
     model.tie_weights()
     std = getattr(model_config, "initializer_range", None) or 0.02
     model = quant.quantize_model(model, train_config.quantization, device=device,

@@ -580,6 +580,7 @@ def load_model(source: Any, train_config: TrainConfig, device: torch.device | st
     dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
     quantization = train_config.quantization
     extra = {} if quantization is None else {"quantization_config": quant.bnb_config(quantization)}
+    extra.update(recipe.attention_arguments(train_config, device))  # the plan's --attn, as it was traced
     if quantization is not None:
         quant.require_bitsandbytes()
     if source.origin == "local" and source.path is not None and has_weights(source.path):
@@ -593,7 +594,8 @@ def load_model(source: Any, train_config: TrainConfig, device: torch.device | st
         )
         return model, f"weights from the hub ({source.hub_id})", True
     with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype,
+                                                 **recipe.attention_arguments(train_config, device))
     if quantization is not None:
         quant.quantize_model(model, quantization)  # in place
     if torch.device(device).type == "cuda":
