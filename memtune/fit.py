@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,14 +33,13 @@ from memtune.config import (
     margin_for,
     option_of,
     parse_bytes,
-    require_predicted,
 )
 from memtune.errors import UsageError, listed
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
-from memtune.predict import throughput
+from memtune.predict import throughput, zero, zero_layout
 from memtune.predict.bound import state_lower_bound
 from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
@@ -76,9 +76,8 @@ class ModelPredictor:
         self._cache: dict[TrainConfig, Estimate] = {}
 
     def memory(self, config: TrainConfig) -> Estimate:
-        """The predicted step of `config`. Raises UsageError for a DeepSpeed plan (not predicted yet)."""
-        require_predicted(config)
-        if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
+        """The predicted step of `config` (one GPU, DDP, FSDP2 or DeepSpeed ZeRO: `predict.estimate` dispatches)."""
+        if config not in self._cache:
             self._cache[config] = estimate(self.model_config, config, device=self.device,
                                            context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
             trace_note = self._cache[config].trace_note
@@ -105,6 +104,14 @@ class ModelPredictor:
         peak and the state overflow `usable_bytes` together (`throughput.optimizer_seconds`)."""
         overflow = max(0, estimate_.total_bytes + estimate_.paged_bytes - usable_bytes)
         return throughput.tokens_per_second(self.shape, estimate_.config, self.speed, evicted_bytes=overflow)
+
+    def nvme_bytes(self, config: TrainConfig) -> int:
+        """Bytes one rank of a DeepSpeed ZeRO-3 plan swaps to NVMe (`zero_layout.nvme_bytes`: fp32 master, moments and
+        gradient, and the 16-bit parameters where they are offloaded); 0 for any other plan."""
+        if config.zero is None or config.offload == "none" or config.zero.offload_device != "nvme":
+            return 0
+        layout = zero.cached_layout(self.model_config, config)
+        return zero_layout.nvme_bytes(layout, zero.knobs_of(config, zero.hidden_size_of(self.model_config)))
 
     def state_bytes(self, config: TrainConfig) -> int:
         """`bound.state_lower_bound`: weights + gradients + optimizer state, a floor under the traced peak."""
@@ -229,6 +236,8 @@ def fit_model(
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
     policy.validate(effective_batch_size)  # before the checks below read its fields
+    if policy.nvme_path is not None and policy.nvme_budget_bytes is None:
+        policy = _with(policy, nvme_budget_bytes=nvme_free_bytes(policy.nvme_path))
     check_sequence_length(source.config, seq_len)
     check_trace_device(trace_device)
     if policy.use_adapter is not False:
@@ -299,6 +308,16 @@ def fit_model(
             result.plan_path = result.plan.save(plan_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def nvme_free_bytes(nvme_path: str) -> int:
+    """Free bytes on the file system of `nvme_path` (shutil.disk_usage), which DeepSpeed's NVMe offload swaps to.
+    Raises UsageError (exit 2) when the path is not an existing directory."""
+    path = Path(nvme_path).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--nvme-path {nvme_path!r} is not an existing directory: give a directory on a local NVMe "
+                         "drive (DeepSpeed swaps the offloaded state into it), e.g. --nvme-path /local_nvme")
+    return shutil.disk_usage(path).free
 
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
