@@ -481,7 +481,9 @@ def auto_fit(
     gradient_checkpointing=True, micro_batch_size=4, use_adapter=False (full fine-tuning only),
     allow_offload=False, optimizer="adamw_bnb_8bit" (transformers' optim names), allow_8bit_optimizer=False,
     allow_pure_16bit=False, allow_quantized=False (no QLoRA base; the short name of allow_quantized_base),
-    quantized_base=4 (only a 4-bit base, LoRA), margin_bytes=..., min_micro_batch_size=...
+    quantized_base=4 (only a 4-bit base, LoRA), strategy="deepspeed" (DeepSpeed ZeRO; with zero_stage=3,
+    offload="optimizer" or "parameters", offload_device="nvme" with nvme_path="/local_nvme"; needs the deepspeed
+    extra, which the search otherwise tries where installed), margin_bytes=..., min_micro_batch_size=...
     trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off

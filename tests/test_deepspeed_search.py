@@ -8,6 +8,8 @@ runs without DeepSpeed; the fake predictor keeps the walk's sequence exact."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from memtune import config as config_module
@@ -17,6 +19,7 @@ from memtune.config import DEEPSPEED_EXTRA_HINT, GIB, Policy, TrainConfig, Zero
 from memtune.errors import UsageError
 from memtune.predict import throughput
 from memtune.predict.estimate import Estimate
+from memtune.report import terminal
 from memtune.search import ladder
 from memtune.search.choose import FITS, TOO_BIG, search
 from tests.models import tiny_llama
@@ -149,6 +152,7 @@ def test_without_deepspeed_the_rung_is_skipped_with_a_hint(without_deepspeed):
     result = search(ZeroPredictor(), 512, 8, 64 * GIB, Policy(num_gpus=2, **QUIET), explain=False)
     hint = [note for note in result.notes if note.startswith("DeepSpeed ZeRO skipped")]
     assert hint == [f"DeepSpeed ZeRO skipped: deepspeed is not installed ({DEEPSPEED_EXTRA_HINT} to add it)"]
+    assert hint[0] in list(terminal._candidate_footnotes(result))  # the report's lines under the candidates
 
 
 def test_a_pinned_strategy_deepspeed_without_deepspeed_is_refused_with_the_install_hint(without_deepspeed):
@@ -191,7 +195,7 @@ def test_host_ram_refuses_zero_offload_that_does_not_fit_the_machine(with_deepsp
                                "10.00 GiB allowed (50% of what the host has available)")
     assert (result.chosen.config.strategy, result.chosen.config.offload) == ("fsdp", "parameters")
     # with room on the host the same ZeRO plan is chosen
-    roomy = search(ZeroPredictor(), 512, 8, 3.5 * GIB, Policy(**{**policy.__dict__, "host_budget_bytes": 64 * GIB}),
+    roomy = search(ZeroPredictor(), 512, 8, 3.5 * GIB, dataclasses.replace(policy, host_budget_bytes=64 * GIB),
                    explain=False)
     assert zero_of(roomy.chosen.config) == (3, "optimizer", "cpu")
 
@@ -239,6 +243,31 @@ def test_alternatives_flip_the_zero_stage_and_the_engine(with_deepspeed):
     assert {"ZeRO-3 instead of ZeRO-2", "FSDP2 instead of DeepSpeed ZeRO-2", "+ ZeRO CPU optimizer offload"} <= changes
     fsdp = search(ZeroPredictor(), 512, 8, 9.5 * GIB, policy)
     assert "DeepSpeed ZeRO-3 instead of FSDP2" in {alternative.change for alternative in fsdp.alternatives}
+
+
+@pytest.mark.skipif(not config_module.deepspeed_available(),
+                    reason=f"DeepSpeed is not installed ({DEEPSPEED_EXTRA_HINT}); the tests above declare it installed")
+def test_installed_deepspeed_is_offered_without_any_patch():
+    space = ladder.candidate_space(512, 8, Policy(num_gpus=2, micro_batch_size=4, **QUIET), False)
+    assert {zero_of(config) for config in space if config.deepspeed} >= {(2, "none", "cpu"), (3, "none", "cpu")}
+
+
+def test_the_search_on_a_tiny_llama_predicts_zero_and_takes_the_fastest_fit(with_deepspeed):
+    from memtune.fit import ModelPredictor
+    from memtune.search.choose import walk_group
+
+    predictor = ModelPredictor(tiny_llama(), 10**6, throughput.gpu_speed("H200"), device="cpu")
+    policy = Policy(num_gpus=2, micro_batch_size=2, **QUIET)
+    result = search(predictor, 64, 4, 8 * GIB, policy, explain=False)
+    chosen = result.chosen
+    first_group = [config for config in ladder.candidate_space(64, 4, policy, False)
+                   if walk_group(config) == walk_group(chosen.config)]
+    assert any(config.deepspeed for config in first_group) and chosen.estimate is not None
+    # everything fits this tiny model: the first walked, the fastest predicted of DDP, FSDP2, ZeRO-2 and ZeRO-3
+    assert chosen.predicted_tokens_per_second == max(predictor.tokens_per_second(config) for config in first_group)
+    # pinned, the ZeRO plan is predicted by predict.zero (its buckets are in the breakdown, its ranks in the context)
+    pinned = search(predictor, 64, 4, 8 * GIB, dataclasses.replace(policy, strategy="deepspeed"), explain=False)
+    assert pinned.chosen.config.deepspeed and pinned.chosen.estimate.config == pinned.chosen.config
 
 
 # ---- words ---------------------------------------------------------------------------------------------------------
@@ -340,3 +369,40 @@ def test_auto_fit_speaks_keywords_for_deepspeed_errors(without_deepspeed):
 
     with pytest.raises(UsageError, match='strategy="deepspeed" needs DeepSpeed'):
         memtune.auto_fit("gpt2", budget="24GiB", verify=False, strategy="deepspeed")
+
+
+def test_the_fit_report_names_the_engine_its_host_memory_and_the_host_refusals(with_deepspeed):
+    from io import StringIO
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from memtune.fit import FitResult
+    from memtune.sources import ModelSource
+
+    policy = Policy(num_gpus=2, micro_batch_size=1, host_budget_bytes=18 * GIB, **QUIET)
+    # 3.5 GiB: ZeRO-3 + optimizer offload (16.76 GiB of host state) fits the host; parameters too (18.63) would not
+    result = search(ZeroPredictor(), 512, 8, 3.5 * GIB, policy)
+    assert zero_of(result.chosen.config) == (3, "optimizer", "cpu")
+    model = SimpleNamespace(num_hidden_layers=16, hidden_size=2048, vocab_size=128256, tie_word_embeddings=True)
+    fit = FitResult(ModelSource("tiny", model, "catalog"), 1_235_814_400, 512, 8, budget_bytes=int(3.5 * GIB),
+                    budget_label="budget 3.50 GiB", search=result, policy=policy)
+
+    def rendered(fit: FitResult) -> str:
+        console = Console(file=StringIO(), width=200)
+        terminal.render_fit(fit, console)
+        return " ".join(console.file.getvalue().split())
+
+    text = rendered(fit)
+    assert ("DeepSpeed ZeRO-3, CPU optimizer offload (as DeepSpeed 0.19.8 allocates): 8.38 GiB of pinned host memory "
+            "per GPU (16.76 GiB for the 2 GPUs), not in the GPU total") in text
+    assert "DeepSpeed ZeRO-3, CPU optimizer offload, on 2 GPUs (DeepSpeed 0.19.8's rules" in text
+    changes = {alternative.change for alternative in result.alternatives}
+    assert {"ZeRO-2 instead of ZeRO-3", "- ZeRO offload", "FSDP2 instead of DeepSpeed ZeRO-3, CPU optimizer offload"} \
+        <= changes
+    # a 10 GiB host: the ZeRO plan is refused for the host, and the report says so under the candidates
+    tight = dataclasses.replace(policy, host_budget_bytes=10 * GIB)
+    refused = dataclasses.replace(fit, search=search(ZeroPredictor(), 512, 8, 3.5 * GIB, tight), policy=tight)
+    assert refused.search.chosen.config.strategy == "fsdp"
+    assert ("DeepSpeed ZeRO-3 (CPU optimizer offload) on 2 GPUs: fits the GPU, but ZeRO's offloaded state needs 16.76 "
+            "GiB of pinned host memory (all ranks), over the 10.00 GiB allowed") in rendered(refused)
