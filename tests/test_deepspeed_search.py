@@ -9,19 +9,24 @@ runs without DeepSpeed; the fake predictor keeps the walk's sequence exact."""
 from __future__ import annotations
 
 import dataclasses
+from io import StringIO
+from types import SimpleNamespace
 
 import pytest
+from rich.console import Console
 
 from memtune import config as config_module
 from memtune import options as options_module
 from memtune.cli import main
 from memtune.config import DEEPSPEED_EXTRA_HINT, GIB, Policy, TrainConfig, Zero
 from memtune.errors import UsageError
+from memtune.fit import FitResult
 from memtune.predict import throughput
 from memtune.predict.estimate import Estimate
 from memtune.report import terminal
 from memtune.search import ladder
 from memtune.search.choose import FITS, TOO_BIG, search
+from memtune.sources import ModelSource
 from tests.models import tiny_llama
 
 
@@ -153,6 +158,10 @@ def test_without_deepspeed_the_rung_is_skipped_with_a_hint(without_deepspeed):
     hint = [note for note in result.notes if note.startswith("DeepSpeed ZeRO skipped")]
     assert hint == [f"DeepSpeed ZeRO skipped: deepspeed is not installed ({DEEPSPEED_EXTRA_HINT} to add it)"]
     assert hint[0] in list(terminal._candidate_footnotes(result))  # the report's lines under the candidates
+    console = Console(file=StringIO(), width=300)
+    terminal.render_fit(FitResult(ModelSource("tiny", SimpleNamespace(num_hidden_layers=2), "catalog"), 10**6, 512,
+                                  8, budget_bytes=64 * GIB, search=result), console)
+    assert hint[0] in console.file.getvalue()  # printed as text: its brackets are no markup
 
 
 def test_a_pinned_strategy_deepspeed_without_deepspeed_is_refused_with_the_install_hint(without_deepspeed):
@@ -372,14 +381,6 @@ def test_auto_fit_speaks_keywords_for_deepspeed_errors(without_deepspeed):
 
 
 def test_the_fit_report_names_the_engine_its_host_memory_and_the_host_refusals(with_deepspeed):
-    from io import StringIO
-    from types import SimpleNamespace
-
-    from rich.console import Console
-
-    from memtune.fit import FitResult
-    from memtune.sources import ModelSource
-
     policy = Policy(num_gpus=2, micro_batch_size=1, host_budget_bytes=18 * GIB, **QUIET)
     # 3.5 GiB: ZeRO-3 + optimizer offload (16.76 GiB of host state) fits the host; parameters too (18.63) would not
     result = search(ZeroPredictor(), 512, 8, 3.5 * GIB, policy)

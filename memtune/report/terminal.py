@@ -163,7 +163,7 @@ def render_fit(result: FitResult, console: Console) -> None:
     if search.evaluated:  # nothing traced (every state alone over the budget): no table, the footnotes say why
         console.print(_candidates_table(result, search, wide=console.width >= WIDE))
     for line in _candidate_footnotes(search):
-        console.print(line, highlight=False)
+        console.print(Text(line))  # plain text: a note's brackets (pip install -e ".[deepspeed]") are no markup
     console.print()
     if search.chosen is None:
         _render_nothing_fits(search, console)

@@ -464,7 +464,7 @@ class Strategy(Rung):
             return (f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
                     "ddp_find_unused_parameters=False; memtune run sets it up)")
         if config.num_gpus > 1 and not config.deepspeed:  # DeepSpeed's line is ZeroRung's
-            return (f"{config.num_gpus} GPUs, sharded with FSDP2 (fully_shard, torch >= 2.6) through accelerate "
+            return (f"{config.num_gpus} GPUs, sharded with FSDP2 (torch's fully_shard) through accelerate "
                     "(fsdp_version 2; memtune run sets it up)")
         return None
 
