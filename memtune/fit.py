@@ -50,7 +50,14 @@ from memtune.predict.estimate import (
     fits_under,
 )
 from memtune.predict.trace import num_layers_of
-from memtune.search.choose import COMMON_CARDS, COMMON_CARDS_WITHOUT_BF16, SearchResult, choose_strategy, search
+from memtune.search.choose import (
+    COMMON_CARDS,
+    COMMON_CARDS_WITHOUT_BF16,
+    SearchResult,
+    choose_strategy,
+    host_problem,
+    search,
+)
 from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
 
@@ -216,7 +223,7 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations."""
-    from memtune.measure.probe import host_available_bytes, probe
+    from memtune.measure.probe import probe
 
     started = time.perf_counter()
     result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
@@ -230,9 +237,8 @@ def fit_model(
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
         if gpu.host_copy_bytes_per_second:  # measured here: offloaded activations and state move at this rate
             speed = speed.scaled(pcie_bytes_per_second=gpu.host_copy_bytes_per_second)
-        available = host_available_bytes()
-        if available is not None and policy.host_budget_bytes is None:
-            policy = _with(policy, host_budget_bytes=int(HOST_BUDGET_FRACTION * available))
+        if policy.host_budget_bytes is None:
+            policy = _with(policy, host_budget_bytes=host_budget_here())
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
     policy.validate(effective_batch_size)  # before the checks below read its fields
@@ -630,5 +636,18 @@ def plan_configuration(
             note(why)
     else:
         estimate = predictor.memory(train_config)
+    if note is not None and estimate.host_bytes:
+        problem = host_problem(estimate.config, estimate, Policy(host_budget_bytes=host_budget_here()), 0)
+        if problem:
+            note(f"on this machine {problem}: the plan needs a host with more memory, or less offloaded")
     verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
     return PlanResult(source, estimate, budget_label, num_parameters, verdict)
+
+
+def host_budget_here() -> int | None:
+    """HOST_BUDGET_FRACTION of the memory this machine has available (`measure.probe.host_available_bytes`): what
+    pinned host memory a plan may hold here; None where it cannot be read."""
+    from memtune.measure.probe import host_available_bytes
+
+    available = host_available_bytes()
+    return None if available is None else int(HOST_BUDGET_FRACTION * available)

@@ -353,9 +353,25 @@ def test_cli_plan_predicts_a_deepspeed_configuration(with_deepspeed, tmp_path, c
     assert main(["plan", str(model), "--seq-len", "64", "--batch-size", "4", "--precision", "bf16-mixed",
                  "--strategy", "deepspeed", "--zero-stage", "3", "--offload", "optimizer", "--budget", "8GiB",
                  "--trace-device", "cpu"]) == 0
-    out = " ".join(capsys.readouterr().out.split())  # the table wraps at the console's width
+    captured = capsys.readouterr()
+    out = " ".join(captured.out.split())  # the table wraps at the console's width
     assert "DeepSpeed ZeRO-3 (CPU optimizer offload)" in out
     assert "host memory" in out and "DeepSpeed ZeRO-3, CPU optimizer offload's offloaded state" in out
+    assert "on this machine" not in captured.err  # a few MiB of host state: room enough here
+
+
+def test_cli_plan_notes_a_zero_plan_over_this_machines_host_memory(with_deepspeed, tmp_path, capsys, monkeypatch):
+    import memtune.fit
+
+    monkeypatch.setattr(memtune.fit, "host_budget_here", lambda: 1024)  # a host with 2 KiB available
+    model = tmp_path / "tiny"
+    model.mkdir()
+    tiny_llama().save_pretrained(model)
+    assert main(["plan", str(model), "--seq-len", "64", "--batch-size", "4", "--precision", "bf16-mixed",
+                 "--strategy", "deepspeed", "--offload", "optimizer", "--trace-device", "cpu"]) == 0
+    error = " ".join(capsys.readouterr().err.split())
+    assert "note: on this machine ZeRO's offloaded state needs" in error
+    assert "of pinned host memory (all ranks), over the 1.00 KiB allowed" in error
 
 
 def test_auto_fit_plans_zero_offload_on_one_gpu(with_deepspeed):
