@@ -494,7 +494,8 @@ def zero_step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, m
     DeepSpeed 0.19.8 does (docs/deepspeed-zero.md), timed with this module's collective and copy rates:
     - collectives (N > 1, `collective_seconds`): ZeRO-2 reduce-scatters the gradients (b·T) in every backward,
       through its reduce bucket, hidden behind backward but for the last bucket; ZeRO-1 reduces at the accumulation
-      boundary, not hidden; both all-gather the updated 16-bit partitions (b·T) after the step. ZeRO-3 gathers the
+      boundary, not hidden; both all-gather the updated 16-bit partitions (b·T) after the step; each reduction also
+      copies the gradients into its bucket and out (memory-bound, as DDP's Reducer). ZeRO-3 gathers the
       parameters for forward and again for backward and reduce-scatters the gradients in every micro-batch, as FSDP2
       does (the same bytes and overlap as `fsdp_micro_batch_seconds`), and its per-module hooks are charged
       FSDP2's fitted `fsdp_unit_seconds` per unit (an assumption: ZeRO-3's coordinator is not timed);
@@ -523,16 +524,20 @@ def zero_step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, m
     after_step = 0.0
     if gpus > 1:
         reduce = collective_seconds(trained * b, factor, speed)
+        # each reduction copies the gradients into the reduce bucket and the reduced share out of it (ZeRO-1/2:
+        # into grads_in_partition; ZeRO-3: reduce_scatter_coalesced's cat): read + write each, memory-bound work on
+        # the GPU that no collective hides, charged as DDP's Reducer copies are (`ddp_sync_seconds`)
+        copies = 4 * trained * b / speed.memory_bytes_per_second
         if zero.stage == 3:
             gathered = (2 * (shape.num_parameters - head) + head) * b
             first = collective_seconds(head * b, factor, speed)
-            own = fsdp_units(shape) * speed.fsdp_unit_seconds
+            own = fsdp_units(shape) * speed.fsdp_unit_seconds + copies
             accumulating = last = micro + own + max(collective_seconds(gathered, factor, speed) + reduce - micro, first)
         elif zero.stage == 2:
             last_bucket = collective_seconds(min(trained, shape.hidden_size * shape.hidden_size) * b, factor, speed)
-            accumulating = last = micro + max(reduce - backward, last_bucket)
+            accumulating = last = micro + copies + max(reduce - backward, last_bucket)
         else:
-            last = micro + reduce
+            last = micro + copies + reduce
         if zero.stage < 3:
             after_step = collective_seconds(trained * b, factor, speed)
     partition = trained / gpus
