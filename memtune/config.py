@@ -1071,7 +1071,7 @@ class Policy:
                 problems.append("--offload-activations on needs gradient checkpointing, which peft refuses with "
                                 "prefix tuning: use --lora, or --offload-activations off")
             if self.offload not in (None, "none"):
-                problems.append(f"--offload-activations on with --offload {self.offload} (FSDP CPU offload) is not "
+                problems.append(f"--offload-activations on with --offload {self.offload} (CPU offload) is not "
                                 "modelled yet: drop one of them")
             if self.num_gpus > 1 and self.strategy == "fsdp":
                 problems.append("--offload-activations on with --strategy fsdp is not modelled yet: use --strategy ddp "
