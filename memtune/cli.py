@@ -66,7 +66,10 @@ fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precisio
 checkpointing (of the fewest decoder layers that fit; with the checkpointed layers' inputs in pinned
 host memory when that is not enough), a chunked loss (Liger's fused one too, when installed), the
 allocator's expandable segments, CPU offload, an 8-bit or 4-bit AdamW (bitsandbytes, torchao), and with --gpus N a full
-replica per GPU (DDP) or FSDP sharding of the model state. Pure 16-bit training (no fp32 master
+replica per GPU (DDP) or FSDP2 sharding of the model state; where DeepSpeed is installed, DeepSpeed
+ZeRO-2 and ZeRO-3 too, with the optimizer (and ZeRO-3's parameters) offloaded to the CPU, also on one
+GPU (--strategy deepspeed --zero-stage 3 --offload optimizer pins one; --offload-device nvme
+--nvme-path DIR for ZeRO-Infinity when the host RAM is not enough). Pure 16-bit training (no fp32 master
 weights) is tried only when nothing with them fits, LoRA (or --prefix) only when nothing else fits,
 and LoRA on a 4-bit or 8-bit base (QLoRA, with bitsandbytes) after every other LoRA configuration,
 unless you ask for them (--precision bf16, --lora, --qlora 4). Pin any choice (--precision fp32,

@@ -85,6 +85,8 @@ DeepSpeed builds as torch's AdamW without offload and as DeepSpeedCPUAdam with i
 runtime/engine.py:2377-2397): the same fp32 Adam state as these two. Others are refused, not silently swapped."""
 QUANTIZED_BASE_CHOICES = ("4", "8")
 """--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
+ZERO_STAGE_CHOICES = ("1", "2", "3")
+"""--zero-stage K: the DeepSpeed ZeRO stages (Zero.stage)."""
 
 
 @dataclass(frozen=True)
@@ -613,14 +615,6 @@ def require_deepspeed(config: TrainConfig) -> None:
                          "install 'deepspeed>=0.19'), or choose strategy fsdp")
 
 
-def require_predicted(config: TrainConfig) -> None:
-    """Raise UsageError (exit 2) for a configuration memtune cannot predict yet: a DeepSpeed plan (issue 15), whose
-    ZeRO partitions and buckets the single-GPU, DDP and FSDP estimates do not model."""
-    if config.deepspeed:
-        raise UsageError(f"DeepSpeed plans are not predicted yet, got {config.describe()}: predict and search with "
-                         "strategy fsdp or ddp; a DeepSpeed plan can still be run (memtune run)")
-
-
 def _installed(package: str) -> bool:
     try:
         return importlib.util.find_spec(package) is not None
@@ -983,7 +977,10 @@ OFFLOAD_ORDER = {"none": 0, "optimizer": 1, "parameters": 2}
 
 
 STRATEGIES = ("ddp", "fsdp")
-"""Over several GPUs, fastest first when both fit (ties keep this order)."""
+"""Over several GPUs, fastest first when both fit (ties keep this order). DeepSpeed ZeRO, where installed, is
+offered beside them by the search (`search.ladder.strategies`)."""
+STRATEGY_WORDS = ("ddp", "fsdp", "deepspeed")
+"""The values of --strategy (Policy.strategy) besides auto."""
 
 
 # ---- command-line options: how a field appears on the command line --------------------------------
@@ -1101,20 +1098,36 @@ class Policy:
     """Keep this loss: chunked computes the LM head and loss in chunks, never holding all fp32 logits; liger is
     Liger-Kernel's fused linear cross-entropy (needs the liger extra and a CUDA GPU)."""
     offload: str | None = field(default=None, metadata=option(
-        words={"auto": None, "none": "none", "parameters": "parameters"}, group=PINS))
-    """Keep this offload: parameters is FSDP CPU offload of parameters, gradients and optimizer state (slow)."""
+        words={"auto": None, "none": "none", "optimizer": "optimizer", "parameters": "parameters"}, group=PINS))
+    """Keep this offload: parameters is FSDP2 CPU offload of parameters, gradients and optimizer state (slow), or
+    under DeepSpeed ZeRO-3's offload_param + offload_optimizer; optimizer is DeepSpeed's offload_optimizer alone
+    (ZeRO-Offload: the optimizer state and its step on the CPU)."""
     strategy: str | None = field(default=None, metadata=option(
-        words={"auto": None, "ddp": "ddp", "fsdp": "fsdp"}, group=PINS))
-    """How several GPUs share the work: ddp keeps a full replica on each GPU (no parameter gathering), fsdp
-    shards weights, gradients and optimizer state; auto tries both and keeps the fastest that fits."""
+        words={"auto": None, "ddp": "ddp", "fsdp": "fsdp", "deepspeed": "deepspeed"}, group=PINS))
+    """How the GPUs share the work: ddp keeps a full replica on each GPU (no parameter gathering), fsdp
+    shards weights, gradients and optimizer state (FSDP2), deepspeed runs DeepSpeed ZeRO (see --zero-stage; also on
+    one GPU with --offload optimizer or parameters; needs the deepspeed extra); auto tries them and keeps the fastest
+    that fits (DeepSpeed only where it is installed)."""
+    zero_stage: int | None = field(default=None, metadata=option(
+        flag="--zero-stage", choices=ZERO_STAGE_CHOICES, parse=int, group=PINS,
+        default_text="the search tries ZeRO-2 and ZeRO-3"))
+    """DeepSpeed ZeRO stage: 1 partitions the optimizer state over the GPUs, 2 the gradients too, 3 the parameters
+    too (the only stage that can offload parameters or use NVMe); implies --strategy deepspeed."""
+    offload_device: str | None = field(default=None, metadata=option(
+        flag="--offload-device", words={"auto": None, "cpu": "cpu", "nvme": "nvme"}, group=PINS))
+    """Where DeepSpeed puts the offloaded state: cpu (host RAM, pinned) or nvme (ZeRO-Infinity, ZeRO-3, at
+    --nvme-path); auto: the CPU, and NVMe only when --nvme-path is given and the host RAM is not enough."""
+    nvme_path: str | None = field(default=None, metadata=option(flag="--nvme-path", metavar="DIR", group=PINS))
+    """A directory on a fast local NVMe drive for DeepSpeed's NVMe offload (its free space is checked)."""
     adapter: Adapter = field(default_factory=Adapter, metadata=option(on_command_line=False))
     """The adapter of the LoRA / prefix rung (rank, targets): --prefix, --lora-rank, --lora-targets."""
     use_adapter: bool | None = field(default=None, metadata=option(on_command_line=False))
     """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
     None: only when no full fine-tuning configuration fits."""
     allow_offload: bool = field(default=True, metadata=option(flag="--no-offload", group=POLICY))
-    """FSDP CPU offload of parameters, gradients and optimizer state among the search's rungs (allowed by default;
-    --no-offload forbids it; for the activations use --offload-activations off)."""
+    """CPU offload among the search's rungs: FSDP2's of parameters, gradients and optimizer state, and where DeepSpeed
+    is installed ZeRO-Offload (optimizer, or ZeRO-3 parameters too) (allowed by default; --no-offload forbids it; for
+    the activations use --offload-activations off)."""
     allow_chunked_loss: bool = field(default=True, metadata=option(flag="--no-chunked-loss", group=POLICY))
     """The chunked losses among the search's rungs: memtune's chunked loss, and Liger-Kernel's fused one where it is
     installed (allowed by default; --no-chunked-loss forbids both)."""
@@ -1142,8 +1155,11 @@ class Policy:
     num_nodes: int = field(default=1, metadata=option(on_command_line=False))
     """Machines of num_gpus GPUs each (--nodes; auto_fit's nodes=)."""
     host_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
-    """Pinned host memory a step may hold (offloaded activations): fit sets HOST_BUDGET_FRACTION of the memory the
-    host has available (`measure.probe.host_available_bytes`); None: not checked."""
+    """Host memory a step may hold, all ranks of the machine together (offloaded activations, DeepSpeed's offloaded
+    state: both pinned): fit sets HOST_BUDGET_FRACTION of the memory the host has available
+    (`measure.probe.host_available_bytes`); None: not checked."""
+    nvme_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
+    """Free bytes at `nvme_path` (fit sets it from shutil.disk_usage); None: not checked."""
     max_trials: int = field(default=3, metadata=option(on_command_line=False))
     """At most this many candidates are tried on the GPU; the ones after are reported as not verified."""
 
@@ -1226,7 +1242,7 @@ class Policy:
                 problems.append("--offload-activations on needs gradient checkpointing, which peft refuses with "
                                 "prefix tuning: use --lora, or --offload-activations off")
             if self.offload not in (None, "none"):
-                problems.append(f"--offload-activations on with --offload {self.offload} (FSDP CPU offload) is not "
+                problems.append(f"--offload-activations on with --offload {self.offload} (CPU offload) is not "
                                 "modelled yet: drop one of them")
             if self.num_gpus > 1 and self.strategy == "fsdp":
                 problems.append("--offload-activations on with --strategy fsdp is not modelled yet: use --strategy ddp "
@@ -1247,20 +1263,72 @@ class Policy:
             problems.append(f"loss {self.loss!r} is unknown: standard, chunked or liger")
         if self.offload not in (None, *OFFLOAD_ORDER):
             problems.append(f"offload {self.offload!r} is unknown: {', '.join(OFFLOAD_ORDER)}")
-        if self.strategy not in (None, *STRATEGIES):
-            problems.append(f"strategy {self.strategy!r} is unknown: ddp or fsdp")
+        if self.strategy not in (None, *STRATEGY_WORDS):
+            problems.append(f"strategy {self.strategy!r} is unknown: ddp, fsdp or deepspeed")
         if self.strategy == "ddp":
             if self.num_gpus < 2:
                 problems.append(
                     "strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, "
                     f"got {self.num_gpus}"
                 )
-            if self.offload not in (None, "none"):
+            if self.offload not in (None, "none", "optimizer"):  # optimizer: DeepSpeed's, said below
                 problems.append(
                     f"strategy ddp cannot offload {self.offload} to the CPU: pin --strategy fsdp for CPU offload"
                 )
+        problems += self._deepspeed_problems()
         if problems:
             raise UsageError(listed("", problems))
+
+    def _deepspeed_problems(self) -> list[str]:
+        """What contradicts the DeepSpeed pins (--strategy deepspeed, --zero-stage, --offload optimizer,
+        --offload-device, --nvme-path), or the rest of the policy with them; DeepSpeed missing for a pinned
+        --strategy deepspeed or --zero-stage (the install hint, `require_deepspeed`'s words)."""
+        problems = []
+        stage, device = self.zero_stage, self.offload_device
+        if stage is not None and (isinstance(stage, bool) or stage not in (1, 2, 3)):
+            return [f"--zero-stage must be 1, 2 or 3, got {stage!r}"]
+        if device not in (None, "cpu", "nvme"):
+            return [f"--offload-device must be cpu or nvme, got {device!r}"]
+        deepspeed_pins = [flag for flag, given in (
+            (f"--zero-stage {stage}", stage is not None), ("--offload optimizer", self.offload == "optimizer"),
+            (f"--offload-device {device}", device is not None), ("--nvme-path", self.nvme_path is not None)) if given]
+        if self.strategy in ("ddp", "fsdp") and deepspeed_pins:
+            problems.append(f"{', '.join(deepspeed_pins)} {'is' if len(deepspeed_pins) == 1 else 'are'} DeepSpeed's, "
+                            f"which --strategy {self.strategy} contradicts: use --strategy deepspeed (or auto)"
+                            + (", or --offload parameters (FSDP2 CPU offload)" if self.offload == "optimizer" else ""))
+        wants_deepspeed = self.strategy == "deepspeed" or (bool(deepspeed_pins) and self.strategy is None)
+        if wants_deepspeed and not deepspeed_available():
+            what = f"--strategy {self.strategy}" if self.strategy == "deepspeed" else deepspeed_pins[0]
+            problems.append(f"{what} needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip install "
+                            "'deepspeed>=0.19'), or choose --strategy fsdp")
+        if self.offload == "parameters" and stage in (1, 2):
+            problems.append(f"--offload parameters under DeepSpeed is ZeRO-3's offload_param, got --zero-stage "
+                            f"{stage}: use --zero-stage 3, or --offload optimizer")
+        if device == "nvme":
+            if self.nvme_path is None:
+                problems.append("--offload-device nvme needs --nvme-path, a directory on a local NVMe drive "
+                                "(e.g. --nvme-path /local_nvme)")
+            if stage in (1, 2):
+                problems.append(f"--offload-device nvme is ZeRO-3's (ZeRO-Infinity), got --zero-stage {stage}: use "
+                                "--zero-stage 3, or --offload-device cpu")
+            if self.offload == "none" or not self.allow_offload:
+                seen = "--offload none" if self.offload == "none" else "--no-offload"
+                problems.append(f"--offload-device nvme puts offloaded state on NVMe, which {seen} forbids: keep one")
+        if device == "cpu" and self.nvme_path is not None:
+            problems.append("--nvme-path is for --offload-device nvme, got --offload-device cpu: drop one")
+        if self.nvme_path is not None and (not isinstance(self.nvme_path, str) or not self.nvme_path.strip()):
+            problems.append(f"--nvme-path must name a directory, got {self.nvme_path!r}")
+        if wants_deepspeed:
+            if self.optimizer is not None and self.optimizer not in DEEPSPEED_OPTIMIZERS:
+                problems.append(f"a DeepSpeed plan runs DeepSpeed's AdamW (fp32 state), got --optim {self.optimizer}: "
+                                f"use --optim adamw_torch_fused or adamw_torch, or another --strategy")
+            if self.quantized_base is not None:
+                problems.append(f"--qlora {self.quantized_base} is not planned under DeepSpeed: drop --qlora or "
+                                "choose another --strategy")
+            if self.precision in ("bf16", "fp16") and self.use_adapter is False:
+                problems.append(f"--precision {self.precision} (pure 16-bit) has no DeepSpeed mode: DeepSpeed keeps "
+                                "fp32 master weights; use --precision bf16-mixed")
+        return problems
 
 
 def policy_flags(policy: Policy) -> list[str]:

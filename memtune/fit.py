@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,14 +35,13 @@ from memtune.config import (
     margin_for,
     option_of,
     parse_bytes,
-    require_predicted,
 )
 from memtune.errors import UsageError, listed
 from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
-from memtune.predict import throughput
+from memtune.predict import throughput, zero, zero_layout
 from memtune.predict.bound import state_lower_bound
 from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
@@ -52,7 +52,14 @@ from memtune.predict.estimate import (
     fits_under,
 )
 from memtune.predict.trace import num_layers_of
-from memtune.search.choose import COMMON_CARDS, COMMON_CARDS_WITHOUT_BF16, SearchResult, choose_strategy, search
+from memtune.search.choose import (
+    COMMON_CARDS,
+    COMMON_CARDS_WITHOUT_BF16,
+    SearchResult,
+    choose_strategy,
+    host_problem,
+    search,
+)
 from memtune.search.verdict import Verdict, judge
 from memtune.sources import ModelSource
 
@@ -87,10 +94,9 @@ class ModelPredictor:
         self._cache: dict[TrainConfig, Estimate] = {}
 
     def memory(self, config: TrainConfig) -> Estimate:
-        """The predicted step of `config`. Raises UsageError for a DeepSpeed plan (not predicted yet)."""
-        require_predicted(config)
+        """The predicted step of `config` (one GPU, DDP, FSDP2 or DeepSpeed ZeRO: `predict.estimate` dispatches)."""
         config = config.replace(**self.on_card)
-        if config not in self._cache:  # single GPU, DDP or FSDP: the estimate for how it runs
+        if config not in self._cache:
             self._cache[config] = estimate(self.model_config, config, device=self.device,
                                            context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
             trace_note = self._cache[config].trace_note
@@ -117,6 +123,14 @@ class ModelPredictor:
         peak and the state overflow `usable_bytes` together (`throughput.optimizer_seconds`)."""
         overflow = max(0, estimate_.total_bytes + estimate_.paged_bytes - usable_bytes)
         return throughput.tokens_per_second(self.shape, estimate_.config, self.speed, evicted_bytes=overflow)
+
+    def nvme_bytes(self, config: TrainConfig) -> int:
+        """Bytes one rank of a DeepSpeed ZeRO-3 plan swaps to NVMe (`zero_layout.nvme_bytes`: fp32 master, moments and
+        gradient, and the 16-bit parameters where they are offloaded); 0 for any other plan."""
+        if config.zero is None or config.offload == "none" or config.zero.offload_device != "nvme":
+            return 0
+        layout = zero.cached_layout(self.model_config, config)
+        return zero_layout.nvme_bytes(layout, zero.knobs_of(config, zero.hidden_size_of(self.model_config)))
 
     def state_bytes(self, config: TrainConfig) -> int:
         """`bound.state_lower_bound`: weights + gradients + optimizer state, a floor under the traced peak."""
@@ -237,7 +251,7 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations."""
-    from memtune.measure.probe import host_available_bytes, probe
+    from memtune.measure.probe import probe
 
     started = time.perf_counter()
     result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
@@ -251,9 +265,8 @@ def fit_model(
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
         if gpu.host_copy_bytes_per_second:  # measured here: offloaded activations and state move at this rate
             speed = speed.scaled(pcie_bytes_per_second=gpu.host_copy_bytes_per_second)
-        available = host_available_bytes()
-        if available is not None and policy.host_budget_bytes is None:
-            policy = _with(policy, host_budget_bytes=int(HOST_BUDGET_FRACTION * available))
+        if policy.host_budget_bytes is None:
+            policy = _with(policy, host_budget_bytes=host_budget_here())
     elif gpu_name is not None and known_gpu(gpu_name)[0] in NO_BF16_GPUS:
         policy = _with(policy, bf16_supported=False)
         if progress and policy.precision is None:  # pinned bf16 is refused by policy.validate: exit 2
@@ -261,6 +274,8 @@ def fit_model(
     on_card = attention_fields(policy.attn, gpu.capability if gpu else
                                (gpu_card(gpu_name).capability if gpu_name else None))
     policy.validate(effective_batch_size)  # before the checks below read its fields
+    if policy.nvme_path is not None and policy.nvme_budget_bytes is None:
+        policy = _with(policy, nvme_budget_bytes=nvme_free_bytes(policy.nvme_path))
     check_sequence_length(source.config, seq_len)
     check_trace_device(trace_device)
     if policy.use_adapter is not False:
@@ -336,6 +351,16 @@ def fit_model(
             result.plan_path = result.plan.save(plan_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def nvme_free_bytes(nvme_path: str) -> int:
+    """Free bytes on the file system of `nvme_path` (shutil.disk_usage), which DeepSpeed's NVMe offload swaps to.
+    Raises UsageError (exit 2) when the path is not an existing directory."""
+    path = Path(nvme_path).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"--nvme-path {nvme_path!r} is not an existing directory: give a directory on a local NVMe "
+                         "drive (DeepSpeed swaps the offloaded state into it), e.g. --nvme-path /local_nvme")
+    return shutil.disk_usage(path).free
 
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx", "seq_length")
@@ -500,7 +525,9 @@ def auto_fit(
     gradient_checkpointing=True, micro_batch_size=4, use_adapter=False (full fine-tuning only),
     allow_offload=False, optimizer="adamw_bnb_8bit" (transformers' optim names), allow_8bit_optimizer=False,
     allow_pure_16bit=False, allow_quantized=False (no QLoRA base; the short name of allow_quantized_base),
-    quantized_base=4 (only a 4-bit base, LoRA), margin_bytes=..., min_micro_batch_size=...
+    quantized_base=4 (only a 4-bit base, LoRA), strategy="deepspeed" (DeepSpeed ZeRO; with zero_stage=3,
+    offload="optimizer" or "parameters", offload_device="nvme" with nvme_path="/local_nvme"; needs the deepspeed
+    extra, which the search otherwise tries where installed), margin_bytes=..., min_micro_batch_size=...
     trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
@@ -650,9 +677,22 @@ def plan_configuration(
             note(why)
     else:
         estimate = predictor.memory(train_config)
+    if note is not None and estimate.host_bytes:
+        problem = host_problem(estimate.config, estimate, Policy(host_budget_bytes=host_budget_here()), 0)
+        if problem:
+            note(f"on this machine {problem}: the plan needs a host with more memory, or less offloaded")
     verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
     result = PlanResult(source, estimate, budget_label, num_parameters, verdict,
                         tokens_per_second=predictor.tokens_per_second(estimate.config))
     if train_config.num_nodes > 1:
         result.inter_node_gbps = inter_node_gbps
     return result
+
+
+def host_budget_here() -> int | None:
+    """HOST_BUDGET_FRACTION of the memory this machine has available (`measure.probe.host_available_bytes`): what
+    pinned host memory a plan may hold here; None where it cannot be read."""
+    from memtune.measure.probe import host_available_bytes
+
+    available = host_available_bytes()
+    return None if available is None else int(HOST_BUDGET_FRACTION * available)

@@ -19,6 +19,7 @@ from typing import Literal
 
 from memtune.config import (
     ATTN_IMPLEMENTATIONS,
+    DEEPSPEED_EXTRA_HINT,
     DEFAULT_INTER_NODE_GBPS,
     DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
@@ -30,12 +31,15 @@ from memtune.config import (
     QUANTIZED_BASE_CHOICES,
     SAVE_TOTAL_LIMIT,
     VERIFY_AND_OUTPUT,
+    ZERO_STAGE_CHOICES,
     Adapter,
     GpuCard,
     Policy,
     TrainConfig,
+    Zero,
     attention_card_problems,
     attention_problems,
+    deepspeed_available,
     format_bytes,
     gpu_card,
     known_gpu,
@@ -181,12 +185,22 @@ class PlanOptions:
     8 is LLM.int8); implies --lora; the other weights load in bf16 with bf16 autocast unless --precision says
     otherwise (the fp32 default is then read as bf16, as Trainer(bf16=True) runs QLoRA)."""
     lora_shape: LoraOptions = field(default_factory=LoraOptions)
-    strategy: Literal["fsdp", "ddp", "auto"] = "fsdp"
-    """With --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs; ddp keeps a full
+    strategy: Literal["fsdp", "ddp", "deepspeed", "auto"] = "fsdp"
+    """With --gpus N: fsdp shards weights, gradients and optimizer state over the GPUs (FSDP2); ddp keeps a full
     replica on each GPU (faster, needs the whole training state per GPU); auto predicts both and takes the
-    faster that fits the budget."""
-    offload: Literal["none", "parameters"] = "none"
-    """parameters: FSDP CPU offload of parameters, gradients and optimizer state."""
+    faster that fits the budget. deepspeed: DeepSpeed ZeRO (--zero-stage), on one GPU or several (needs the
+    deepspeed extra)."""
+    zero_stage: int | None = field(default=None, metadata=option(
+        choices=ZERO_STAGE_CHOICES, parse=int, default_text="3 with --strategy deepspeed"))
+    """With --strategy deepspeed, the DeepSpeed ZeRO stage: 1 partitions the optimizer state over the GPUs, 2 the
+    gradients too, 3 the parameters too."""
+    offload: Literal["none", "optimizer", "parameters"] = "none"
+    """parameters: FSDP2 CPU offload of parameters, gradients and optimizer state (under DeepSpeed: ZeRO-3's
+    offload_param + offload_optimizer); optimizer: DeepSpeed's offload_optimizer (ZeRO-Offload)."""
+    offload_device: Literal["cpu", "nvme"] = "cpu"
+    """Where DeepSpeed puts the offloaded state: cpu, or nvme (ZeRO-Infinity, ZeRO-3, at --nvme-path)."""
+    nvme_path: str | None = field(default=None, metadata=option(metavar="DIR"))
+    """A directory on a local NVMe drive for --offload-device nvme."""
     loss: Literal["standard", "chunked", "liger"] = "standard"
     """chunked: the LM head and cross-entropy a chunk of tokens at a time, never holding all fp32 logits (memtune's,
     inside the model's forward); liger: Liger-Kernel's fused linear cross-entropy (pip install -e ".[liger]")."""
@@ -246,7 +260,33 @@ class PlanOptions:
         if self.checkpoint_layers is not None and self.checkpoint_layers < 1:
             problems.append(f"--checkpoint-layers must be >= 1, got {self.checkpoint_layers} (leave out "
                             "--checkpointing to checkpoint none)")
-        return problems
+        return problems + self._deepspeed_problems()
+
+    def _deepspeed_problems(self) -> list[str]:
+        """DeepSpeed's options without --strategy deepspeed, and DeepSpeed missing (the install hint)."""
+        pins = [flag for flag, given in (
+            (f"--zero-stage {self.zero_stage}", self.zero_stage is not None),
+            ("--offload optimizer", self.offload == "optimizer"),
+            (f"--offload-device {self.offload_device}", self.offload_device != "cpu"),
+            ("--nvme-path", self.nvme_path is not None)) if given]
+        if self.strategy != "deepspeed":
+            if not pins:
+                return []
+            return [f"{', '.join(pins)} {'is' if len(pins) == 1 else 'are'} DeepSpeed's, got --strategy "
+                    f"{self.strategy}: add --strategy deepspeed"
+                    + (", or use --offload parameters (FSDP2 CPU offload)" if self.offload == "optimizer" else "")]
+        if not deepspeed_available():
+            return [f"--strategy deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip "
+                    "install 'deepspeed>=0.19'), or choose --strategy fsdp"]
+        if self.nvme_path is not None and self.offload_device != "nvme":
+            return ["--nvme-path is for --offload-device nvme: add --offload-device nvme, or drop --nvme-path"]
+        return []
+
+    def zero(self) -> Zero | None:
+        """The ZeRO settings of --strategy deepspeed (stage 3 unless --zero-stage says otherwise); None otherwise."""
+        if self.strategy != "deepspeed":
+            return None
+        return Zero(stage=self.zero_stage or 3, offload_device=self.offload_device, nvme_path=self.nvme_path)
 
     def train_config(self) -> TrainConfig:
         """The configuration to predict (`strategy` auto starts from FSDP). Raises UsageError listing every
@@ -272,7 +312,8 @@ class PlanOptions:
             expandable_segments=self.expandable_segments,
             adapter=self.lora_shape.adapter() if self.lora or quantized else None, num_gpus=gpus,
             num_nodes=self.task.nodes,
-            offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy, loss=self.loss,
+            offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy, zero=self.zero(),
+            loss=self.loss,
             optimizer=self.optimizer, **quantized,
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
             stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO as a TrainConfig strategy (issue 15): the `Zero` settings, their validation, JSON round trip,
-the "auto" sizes `Zero.resolved` gives, and the guards that keep DeepSpeed plans off the FSDP / single-GPU paths."""
+the "auto" sizes `Zero.resolved` gives, and the guards that keep DeepSpeed plans off the FSDP / single-GPU paths
+(the search's ZeRO rung: tests/test_deepspeed_search.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from memtune.config import (
     TrainConfig,
     Zero,
     require_deepspeed,
-    require_predicted,
 )
 from memtune.errors import UsageError
 
@@ -189,20 +189,17 @@ def test_fsdp_only_rules_do_not_fire_for_deepspeed():
     assert config.checkpoint_layers == 3
 
 
-def test_deepspeed_plans_are_not_predicted_yet():
-    with pytest.raises(UsageError, match="DeepSpeed plans are not predicted yet"):
-        require_predicted(deepspeed())
-    require_predicted(TrainConfig(seq_len=512, num_gpus=2))  # FSDP: predicted
-
-
-def test_model_predictor_refuses_deepspeed():
+def test_model_predictor_predicts_deepspeed():
+    # the refusal of issue 15's first step is gone: fit's predictor dispatches a DeepSpeed plan to predict.zero
     from memtune.fit import ModelPredictor
+    from memtune.predict import throughput
+    from tests.models import tiny_llama
 
-    predictor = ModelPredictor.__new__(ModelPredictor)  # memory() checks before it traces anything
-    predictor._cache = {}
-    with pytest.raises(UsageError, match="DeepSpeed plans are not predicted yet"):
-        predictor.memory(deepspeed())
-    assert predictor._cache == {}
+    predictor = ModelPredictor(tiny_llama(), 10**6, throughput.gpu_speed("H200"), device="cpu")
+    config = deepspeed(seq_len=64, offload="optimizer")
+    estimate = predictor.memory(config)
+    assert estimate.config == config and estimate.total_bytes > 0 and estimate.host_bytes > 0
+    assert predictor.memory(config) is estimate  # cached
 
 
 def test_trials_refuse_deepspeed():

@@ -59,6 +59,9 @@ not measured by memtune: 400 Gb/s per machine by default (one InfiniBand NDR / R
 machines at scale), congestion, and network latency (~microseconds per hop, small beside these messages).
 One machine is timed exactly as before.
 
+DeepSpeed ZeRO (`zero_step_seconds`): the same collectives and host copies, from what DeepSpeed does; its
+assumptions are listed there; not calibrated.
+
 Assumed, not calibrated: `interconnect_bytes_per_second` (datasheet NVLink rates per direction; PCIe
 cards: the host copy rate) and that DDP adds nothing per layer. Measured on one 2 x H200 host:
 `collective_efficiency` (NCCL bus bandwidth / link rate). Fitted:
@@ -133,6 +136,10 @@ class GpuSpeed:
     rate; the two give 20 and 17 billion parameters/s, the lower kept. The assumption it replaces, 4e8, predicted
     those steps 6.7-7.0x too slow (1,151 tokens/s for 7,602 measured, results/loss_2gpu_h200.json). Other hosts'
     memory bandwidth differs: unmeasured."""
+    nvme_bytes_per_second: float = 3e9
+    """Rate of DeepSpeed's NVMe offload (ZeRO-Infinity swapping through its async I/O op), each direction: an
+    assumption, unmeasured (the GPU machine had no libaio, docs/deepspeed-zero.md §6): a PCIe 4 x4 NVMe drive reads
+    5-7 GB/s sequentially, and the swapper reaches part of it."""
     interconnect_bytes_per_second: float = 25e9
     """GPU-to-GPU rate, one direction: datasheet NVLink rates for SXM cards (_CARDS); for PCIe cards the
     host copy rate above. An assumption (cards of one host, no NVLink bridge, no network)."""
@@ -349,6 +356,8 @@ def step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, evicte
     micro, backward = micro_batch_seconds(shape, config, speed)
     trained = trained_parameters(shape, config)
     optimizer = optimizer_seconds(shape, config, speed, evicted_bytes)
+    if config.deepspeed:
+        return zero_step_seconds(shape, config, speed, micro, backward, optimizer)
     if config.replicated:
         return config.grad_accum_steps * micro + ddp_sync_seconds(shape, config, speed, backward) + optimizer
     if not config.sharded:
@@ -506,6 +515,80 @@ def fsdp_micro_batch_seconds(
     accumulating = micro + own + max(gather_seconds - micro, first_gather)
     last = micro + own + max(gather_seconds + reduce_seconds - micro, first_gather + last_reduce)
     return accumulating, last
+
+
+def zero_step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, micro: float, backward: float,
+                      optimizer: float) -> float:
+    """Predicted seconds of one optimizer step under DeepSpeed ZeRO (strategy "deepspeed"), given the single-GPU
+    `micro`-batch seconds (of which `backward`) and the GPU optimizer step of the full replica (`optimizer`).
+
+    Every rank runs the single-GPU micro-batches in DeepSpeed's 16-bit dtype (b bytes); ZeRO adds, from what
+    DeepSpeed 0.19.8 does (docs/deepspeed-zero.md), timed with this module's collective and copy rates:
+    - collectives (N > 1, `collective_seconds`): ZeRO-2 reduce-scatters the gradients (b·T) in every backward,
+      through its reduce bucket, hidden behind backward but for the last bucket; ZeRO-1 reduces at the accumulation
+      boundary, not hidden; both all-gather the updated 16-bit partitions (b·T) after the step; each reduction also
+      copies the gradients into its bucket and out (memory-bound, as DDP's Reducer). ZeRO-3 gathers the
+      parameters for forward and again for backward and reduce-scatters the gradients in every micro-batch, as FSDP2
+      does (the same bytes and overlap as `fsdp_micro_batch_seconds`), and its per-module hooks are charged
+      FSDP2's fitted `fsdp_unit_seconds` per unit (an assumption: ZeRO-3's coordinator is not timed);
+    - the optimizer steps 1/N of the trained parameters on the GPU; under offload (ZeRO-Offload) it runs on the
+      CPU instead, DeepSpeedCPUAdam at `cpu_optimizer_params_per_second` (fitted to torch's CPU AdamW under FSDP2
+      offload on the H200 host; DeepSpeed's vectorised CPU Adam is assumed no slower: Ren et al. 2021,
+      "ZeRO-Offload", report it several times faster than PyTorch's CPU Adam), after each micro-batch's gradient
+      partition was copied to the host in fp32 (4·T/N over the host link: DeepSpeed accumulates offloaded
+      gradients on the CPU) and before the updated 16-bit partition comes back (b·T/N); none of these copies is
+      assumed hidden;
+    - ZeRO-3 parameter offload copies each rank's 16-bit partition (b·P/N) to the GPU for forward and again for
+      backward, every micro-batch (the updated partition stays on the host);
+    - NVMe (ZeRO-Infinity) reads and writes the optimizer's fp32 state and gradient (16·T/N) each step, and the
+      offloaded parameters' partitions each time they are copied in, at `nvme_bytes_per_second` (assumed).
+    Not calibrated: no DeepSpeed step has been timed against this model yet (only memory was measured,
+    benchmarks/results/zero_h200.json); a dedicated calibration is out of its scope."""
+    zero = config.zero
+    if zero is None:
+        raise ValueError(f"zero_step_seconds is for a DeepSpeed configuration, got {config.describe()}")
+    gpus = config.num_gpus
+    b = DTYPE_BYTES[config.amp] if config.amp != "none" else DTYPE_BYTES[config.weights_dtype]
+    trained = trained_parameters(shape, config)
+    head = shape.vocab_size * shape.hidden_size
+    factor = (gpus - 1) / gpus
+    accumulating = last = micro
+    after_step = 0.0
+    if gpus > 1:
+        reduce = collective_seconds(trained * b, factor, speed)
+        # each reduction copies the gradients into the reduce bucket and the reduced share out of it (ZeRO-1/2:
+        # into grads_in_partition; ZeRO-3: reduce_scatter_coalesced's cat): read + write each, memory-bound work on
+        # the GPU that no collective hides, charged as DDP's Reducer copies are (`ddp_sync_seconds`)
+        copies = 4 * trained * b / speed.memory_bytes_per_second
+        if zero.stage == 3:
+            gathered = (2 * (shape.num_parameters - head) + head) * b
+            first = collective_seconds(head * b, factor, speed)
+            own = fsdp_units(shape) * speed.fsdp_unit_seconds + copies
+            accumulating = last = micro + own + max(collective_seconds(gathered, factor, speed) + reduce - micro, first)
+        elif zero.stage == 2:
+            last_bucket = collective_seconds(min(trained, shape.hidden_size * shape.hidden_size) * b, factor, speed)
+            accumulating = last = micro + copies + max(reduce - backward, last_bucket)
+        else:
+            last = micro + copies + reduce
+        if zero.stage < 3:
+            after_step = collective_seconds(trained * b, factor, speed)
+    partition = trained / gpus
+    step = optimizer / gpus
+    if config.offload != "none":
+        gradients_out = 4 * partition / speed.pcie_bytes_per_second
+        accumulating, last = accumulating + gradients_out, last + gradients_out
+        step = partition / speed.cpu_optimizer_params_per_second
+        if zero.offload_device == "nvme":
+            step += 2 * 16 * partition / speed.nvme_bytes_per_second
+    if config.offload == "parameters":
+        parameters_in = 2 * b * shape.num_parameters / gpus
+        seconds = parameters_in / speed.pcie_bytes_per_second
+        if zero.offload_device == "nvme":
+            seconds += parameters_in / speed.nvme_bytes_per_second
+        accumulating, last = accumulating + seconds, last + seconds
+    elif config.offload == "optimizer":
+        step += b * partition / speed.pcie_bytes_per_second
+    return (config.grad_accum_steps - 1) * accumulating + last + after_step + step
 
 
 def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from memtune.config import GIB, format_bytes
 from memtune.report import words
-from memtune.search.choose import NOT_EVALUATED
+from memtune.search.choose import NOT_EVALUATED, TOO_BIG
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
@@ -255,6 +255,9 @@ def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
     notes = [f"{count} more {status}, not traced: {why}." for status, count, why in words.untraced_counts(search)]
     if not_evaluated:
         notes.append(f"{not_evaluated} slower configurations not evaluated: the search stops at the fastest that fits.")
+    notes += [f"{candidate.config.describe()}: fits the GPU, but {candidate.note}." for candidate in search.candidates
+              if candidate.status == TOO_BIG and words.host_refusal(candidate)]
+    notes += list(search.notes)
     parts += [f"<p>{_e(note)}</p>" for note in notes]
     return parts
 
@@ -263,7 +266,8 @@ def _chosen_section(result: FitResult, search: SearchResult, chosen: Candidate) 
     peak = chosen.predicted_total_bytes or 0
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     reasons = [why for why in (words.checkpointing_words(chosen.config, result.source.config, pinned),
-                                words.allocator_words(search), words.offload_words(search)) if why]
+                                words.allocator_words(search), words.offload_words(search),
+                                words.zero_words(search)) if why]
     return [f'<p class="chosen-verdict"><strong>chosen: {_e(chosen.config.describe())}</strong><br>'
             f"predicted peak {_e(format_bytes(peak))} of {_e(format_bytes(search.usable_bytes))} usable "
             f"({_e(words.spare_words(search.usable_bytes, peak))}), "

@@ -35,6 +35,8 @@ from memtune.report.words import (
     fit_commands,
     fits_word,
     gpu_lines,
+    host_memory_words,
+    host_refusal,
     model_line,
     offload_words,
     python_snippet,
@@ -44,8 +46,9 @@ from memtune.report.words import (
     task_line,
     untraced_counts,
     verification,
+    zero_words,
 )
-from memtune.search.choose import NOT_EVALUATED, TRIAL_OOM
+from memtune.search.choose import NOT_EVALUATED, TOO_BIG, TRIAL_OOM
 from memtune.sources import CatalogEntry
 
 if TYPE_CHECKING:
@@ -92,9 +95,9 @@ def render_plan(result: PlanResult, console: Console) -> None:
     if estimate.paged_bytes:
         console.print(f"paged optimizer state {format_bytes(estimate.paged_bytes)} in CUDA unified memory, not in the "
                       "peak: the driver moves it to the host when the GPU needs the room")
-    if estimate.host_bytes:
-        console.print(f"pinned host memory {format_bytes(estimate.host_bytes)} per GPU: the offloaded inputs of the "
-                      "checkpointed layers, not in the GPU total (torch's pinned blocks, powers of two)")
+    host = host_memory_words(estimate)
+    if host:
+        console.print(host)
     if result.inter_node_gbps is not None and result.tokens_per_second:
         console.print(f"throughput {result.tokens_per_second:,.0f} tokens/s predicted over {config.gpus_words}, "
                       f"assuming {result.inter_node_gbps:g} Gb/s of network per machine (an assumption, not measured: "
@@ -164,7 +167,7 @@ def render_fit(result: FitResult, console: Console) -> None:
     if search.evaluated:  # nothing traced (every state alone over the budget): no table, the footnotes say why
         console.print(_candidates_table(result, search, wide=console.width >= WIDE))
     for line in _candidate_footnotes(search):
-        console.print(line, highlight=False)
+        console.print(Text(line))  # plain text: a note's brackets (pip install -e ".[deepspeed]") are no markup
     console.print()
     if search.chosen is None:
         _render_nothing_fits(search, console)
@@ -207,6 +210,9 @@ def _candidate_footnotes(search: SearchResult) -> Iterator[str]:
     for candidate in search.candidates:
         if candidate.status == TRIAL_OOM and candidate.note:
             yield f"trial of {candidate.config.describe()}: {candidate.note}"
+        if candidate.status == TOO_BIG and host_refusal(candidate):
+            yield f"{candidate.config.describe()}: fits the GPU, but {candidate.note}"
+    yield from search.notes  # rungs skipped for a missing package, alternatives not predicted
     not_evaluated = sum(1 for candidate in search.candidates if candidate.status == NOT_EVALUATED)
     if not_evaluated:
         yield (f"{not_evaluated} slower configuration{'s' if not_evaluated != 1 else ''} not evaluated: "
@@ -224,7 +230,7 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
-    for why in (checkpointing, allocator_words(search), offload_words(search)):
+    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search)):
         if why:
             console.print(_indented(why))
     console.print("  what to set:")

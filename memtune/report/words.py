@@ -14,6 +14,7 @@ from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, STATE_AL
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
+    from memtune.predict.peak import Estimate
     from memtune.search.choose import Alternative, Candidate, SearchResult
 
 
@@ -178,6 +179,40 @@ def offload_words(search: SearchResult) -> str | None:
     return (f"activation offload: the checkpointed layers' inputs wait in {host}; on the GPU the peak is "
             f"{format_bytes(chosen.estimate.total_bytes)} instead of {format_bytes(alone.estimate.total_bytes)}, "
             f"for a copy out and back per layer ({speed} tokens/s predicted)")
+
+
+def zero_words(search: SearchResult) -> str | None:
+    """The engine of a DeepSpeed winner and the host memory its offload holds (None for any other winner):
+    "DeepSpeed ZeRO-3, CPU optimizer offload (DeepSpeed 0.19.8's rules): 2.25 GiB of pinned host memory per GPU"."""
+    chosen = search.chosen
+    if chosen is None or not chosen.config.deepspeed:
+        return None
+    config = chosen.config
+    line = f"{ladder.zero_words(config)} (as DeepSpeed {ladder.DEEPSPEED_VERSION} allocates)"
+    if chosen.estimate is not None and chosen.estimate.host_bytes:
+        gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs)" \
+            if config.num_gpus > 1 else ""
+        line += (f": {format_bytes(chosen.estimate.host_bytes)} of pinned host memory per GPU{gpus}, not in the GPU "
+                 "total")
+    return line
+
+
+def host_refusal(candidate: Candidate) -> bool:
+    """Whether a "too big" candidate was refused for the host, not the GPU (`choose.host_problem`'s note)."""
+    return "of pinned host memory" in candidate.note or "NVMe offload needs" in candidate.note
+
+
+def host_memory_words(estimate: Estimate) -> str | None:
+    """What the host memory of `estimate` holds, for `memtune plan` (None when it holds none)."""
+    if not estimate.host_bytes:
+        return None
+    held = format_bytes(estimate.host_bytes)
+    if estimate.config.deepspeed:
+        return (f"host memory {held} per GPU: {ladder.zero_words(estimate.config)}'s offloaded state (pinned, as "
+                f"DeepSpeed {ladder.DEEPSPEED_VERSION} allocates it) with any offloaded activations, not in the GPU "
+                "total")
+    return (f"pinned host memory {held} per GPU: the offloaded inputs of the checkpointed layers, not in the GPU total "
+            "(torch's pinned blocks, powers of two)")
 
 
 def python_snippet(config: TrainConfig) -> str:

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from memtune.config import (
     DEFAULT_OPTIMIZER,
     GIB,
+    HOST_BUDGET_FRACTION,
     KNOWN_GPUS,
     OFFLOAD_ORDER,
     PAGED_OPTIMIZERS,
@@ -229,10 +230,10 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.optimizer, a.quantization,
-             a.expandable_segments)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.optimizer, b.quantization,
-                b.expandable_segments))
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.zero, a.optimizer,
+             a.quantization, a.expandable_segments)
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.zero, b.optimizer,
+                b.quantization, b.expandable_segments))
     return (
         same
         and a.micro_batch_size >= b.micro_batch_size
@@ -283,11 +284,12 @@ def search(
         say(note)
     for space in spaces:
         # Within a stage, by `ladder.tier`: fp32 master weights on the GPU, pure 16-bit, then offload; with an
-        # adapter, a quantised base last. Inside a tier, pure 16-bit rounding to nearest after the rest, and 4-bit
-        # optimizer state after 8-bit (`ladder.quality_rank`).
-        for group in sorted({(ladder.tier(config), ladder.quality_rank(config)) for config in space}):
+        # adapter, a quantised base last. Inside a tier, state offloaded to NVMe after the CPU (`ladder.storage_rank`),
+        # pure 16-bit rounding to nearest after the rest, and 4-bit optimizer state after 8-bit
+        # (`ladder.quality_rank`).
+        for group in sorted({walk_group(config) for config in space}):
             ranked = [Candidate(config, predictor.tokens_per_second(config))
-                      for config in space if (ladder.tier(config), ladder.quality_rank(config)) == group]
+                      for config in space if walk_group(config) == group]
             ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
             result.candidates.extend(ranked)
             result.chosen = _walk(ranked, predictor, result, policy, trial, say)
@@ -307,6 +309,36 @@ def search(
         _explain_shortfall(result, predictor, policy)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def walk_group(config: TrainConfig) -> tuple[int, int, tuple[int, int]]:
+    """The order in which `search` walks groups of candidates, each group fastest first: `ladder.tier`, then
+    `ladder.storage_rank`, then `ladder.quality_rank`."""
+    return ladder.tier(config), ladder.storage_rank(config), ladder.quality_rank(config)
+
+
+def host_ranks(config: TrainConfig) -> int:
+    """Ranks of one machine that each hold the host memory of `Estimate.host_bytes`: every DDP rank pins its own
+    offloaded inputs, every DeepSpeed rank its own ZeRO state (`predict.zero_layout.host_bytes` is per rank); 1
+    otherwise."""
+    return config.num_gpus if config.replicated or config.deepspeed else 1
+
+
+def host_problem(config: TrainConfig, estimate: Estimate, policy: Policy, nvme_bytes: int) -> str:
+    """Why `config` cannot run on this machine's host although its GPU memory may fit: the pinned host memory of all
+    its ranks over `policy.host_budget_bytes`, or the bytes it swaps to NVMe (`nvme_bytes`, one rank's) over the free
+    space at --nvme-path (`policy.nvme_budget_bytes`). "" when neither, or when neither budget is known."""
+    host = estimate.host_bytes * host_ranks(config)
+    if policy.host_budget_bytes is not None and host > policy.host_budget_bytes:
+        what = "ZeRO's offloaded state needs" if config.deepspeed else "its offloaded activations need"
+        return (f"{what} {format_bytes(host)} of pinned host memory (all ranks), over the "
+                f"{format_bytes(policy.host_budget_bytes)} allowed ({HOST_BUDGET_FRACTION:.0%} of what the host has "
+                "available)")
+    disk = nvme_bytes * config.num_gpus
+    if policy.nvme_budget_bytes is not None and disk > policy.nvme_budget_bytes:
+        return (f"its NVMe offload needs {format_bytes(disk)} at {policy.nvme_path} (all ranks), over the "
+                f"{format_bytes(policy.nvme_budget_bytes)} free there")
+    return ""
 
 
 def family(config: TrainConfig) -> tuple[TrainConfig, bool]:
@@ -394,16 +426,15 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         traced.setdefault(family(config), []).append(candidate.estimate)
         traced_twins[config] = candidate.estimate
         result.estimates += 1
-        # every DDP rank of the machine pins its own copy of the offloaded inputs
-        host = candidate.estimate.host_bytes * (config.num_gpus if config.replicated else 1)
-        if policy.host_budget_bytes is not None and host > policy.host_budget_bytes:
-            candidate.status = TOO_BIG  # for the host, not the GPU: implies nothing about the others
-            candidate.note = (f"its offloaded activations need {format_bytes(host)} of pinned host memory "
-                              f"(all ranks), over the {format_bytes(policy.host_budget_bytes)} allowed")
-            continue
         if not judge(predictor, candidate.estimate, result.budget_bytes, result.margin_bytes).fits:
             candidate.status = TOO_BIG
             too_big.append(config)
+            continue
+        nvme = getattr(predictor, "nvme_bytes", None)
+        problem = host_problem(config, candidate.estimate, policy, nvme(config) if nvme is not None else 0)
+        if problem:
+            candidate.status = TOO_BIG  # for the host, not the GPU: implies nothing about the others
+            candidate.note = problem
             continue
         candidate.status = FITS
         steadier = steadier_allocator(candidate, ranked, predictor, result, policy, say)
@@ -416,6 +447,9 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
                 assert fitting.estimate is not None
                 fitting.predicted_tokens_per_second = settle(fitting.estimate, result.usable_bytes)
             if trial is None:
+                return fitting
+            if fitting.config.deepspeed:  # measure.verify's trial steps run one process without DeepSpeed
+                fitting.note = "not verified: trial steps do not run DeepSpeed plans yet (memtune run does)"
                 return fitting
             if result.trials >= policy.max_trials:
                 fitting.note = f"not verified: the limit of {policy.max_trials} trials was reached"

@@ -21,12 +21,15 @@ this one" alternatives: candidates with equal predicted speed keep that order.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
-from typing import Any
+from typing import Any, Literal
 
 from memtune.config import (
     BITSANDBYTES_OPTIMIZERS,
+    DEEPSPEED_EXTRA_HINT,
+    DEEPSPEED_OPTIMIZERS,
     DEFAULT_OPTIMIZER,
     EIGHT_BIT_OPTIMIZERS,
     FOUR_BIT_OPTIMIZERS,
@@ -38,7 +41,9 @@ from memtune.config import (
     Policy,
     Quantization,
     TrainConfig,
+    Zero,
     bitsandbytes_available,
+    deepspeed_available,
     liger_available,
     precision_config,
     quantized_base_fields,
@@ -352,21 +357,30 @@ class Loss(Rung):
 
 
 class Offload(Rung):
-    """FSDP2 CPU offload of parameters, gradients and optimizer state (also with one GPU).
+    """CPU offload: FSDP2's of parameters, gradients and optimizer state (also with one GPU), or under DeepSpeed
+    ZeRO's offload_optimizer ("optimizer", ZeRO-Offload: the state and its step on the CPU) or ZeRO-3's
+    offload_param + offload_optimizer ("parameters"), to the CPU or NVMe (`Zero.offload_device`, `ZeroRung`).
 
-    Recipe: `recipe.parallel.apply_fsdp` (CPUOffloadPolicy). Speed: `throughput.fsdp_micro_batch_seconds`
-    (host-device copies and the optimizer step on the CPU)."""
+    Recipe: `recipe.parallel.apply_fsdp` (CPUOffloadPolicy); DeepSpeed's from the JSON `run.launch.deepspeed_config`
+    writes. Speed: `throughput.fsdp_micro_batch_seconds` and `throughput.zero_step_seconds` (host-device copies and
+    the optimizer step on the CPU)."""
 
     name = "CPU offload"
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
         if policy.offload:
             values = [policy.offload]
+        elif policy.allow_offload and not with_adapter:
+            # "optimizer" is DeepSpeed's alone (`Strategy.conflict` leaves it out of FSDP)
+            values = ["none", "optimizer", "parameters"] if deepspeed_offered(policy, with_adapter) \
+                else ["none", "parameters"]
         else:
-            values = ["none", "parameters"] if policy.allow_offload and not with_adapter else ["none"]
+            values = ["none"]
         return [{"offload": value} for value in values]
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if chosen.deepspeed:
+            return self._zero_flip(chosen, policy)
         if (
             policy.offload is not None
             or not policy.allow_offload
@@ -384,31 +398,57 @@ class Offload(Rung):
             label, optimizer = label + f" ({DEFAULT_OPTIMIZER})", DEFAULT_OPTIMIZER  # FSDP cannot shard them
         return label, chosen.replace(offload=flipped, strategy=strategy, optimizer=optimizer)
 
+    @staticmethod
+    def _zero_flip(chosen: TrainConfig, policy: Policy) -> tuple[str, TrainConfig] | None:
+        """A DeepSpeed winner with its offload the other way: without (on one GPU, no DeepSpeed at all: ZeRO there
+        partitions nothing), or with the optimizer state on the CPU."""
+        if policy.offload is not None or not policy.allow_offload or chosen.adapter is not None or chosen.zero is None:
+            return None
+        if chosen.offload != "none":
+            if chosen.num_gpus == 1:
+                if policy.strategy == "deepspeed":
+                    return None
+                return "- ZeRO-Offload (one GPU, no DeepSpeed)", chosen.replace(strategy="fsdp", zero=None,
+                                                                               offload="none")
+            zero = dataclasses.replace(chosen.zero, offload_device="cpu", nvme_path=None)
+            return "- ZeRO offload", chosen.replace(offload="none", zero=zero)
+        return "+ ZeRO CPU optimizer offload", chosen.replace(offload="optimizer")
+
     def setting(self, config: TrainConfig) -> str | None:
-        if config.offload != "none":
-            return f"offload {config.offload} to CPU (FSDP CPU offload through accelerate; memtune run sets it up)"
+        if config.offload != "none" and not config.deepspeed:  # DeepSpeed's is in ZeroRung's line
+            return f"offload {config.offload} to CPU (FSDP2 CPU offload through accelerate; memtune run sets it up)"
         return None
 
 
 class Strategy(Rung):
-    """How several GPUs share the work: a full replica per GPU (DDP) or FSDP2 full sharding.
+    """How the GPUs share the work: a full replica per GPU (DDP), FSDP2 full sharding, or DeepSpeed ZeRO (where
+    installed; its settings are `ZeroRung`'s).
 
-    Recipe: `recipe.parallel.build_replicated_model` / `apply_fsdp`. Speed: `throughput.ddp_sync_seconds`
-    and `throughput.fsdp_micro_batch_seconds` (the collectives)."""
+    Recipe: `recipe.parallel.build_replicated_model` / `apply_fsdp`; DeepSpeed through `accelerate launch` with
+    the JSON of `run.launch.deepspeed_config`. Speed: `throughput.ddp_sync_seconds`,
+    `throughput.fsdp_micro_batch_seconds` and `throughput.zero_step_seconds` (the collectives)."""
 
     name = "strategy"
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
-        return [{"strategy": strategy, "num_gpus": policy.num_gpus} for strategy in strategies(policy)]
+        names = strategies(policy) + (["deepspeed"] if deepspeed_offered(policy, with_adapter) else [])
+        return [{"strategy": strategy, "num_gpus": policy.num_gpus} for strategy in names]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
         if fields["strategy"] == "ddp" and fields["offload"] != "none":
             return "a replica per GPU has nothing to offload through: FSDP does that"
+        if fields["strategy"] != "deepspeed" and fields["offload"] == "optimizer":
+            return ("the optimizer state alone is offloaded by DeepSpeed (ZeRO-Offload); FSDP2 offloads parameters, "
+                    "gradients and optimizer state together")
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if policy.strategy is not None or chosen.num_gpus < 2:
             return None
+        if chosen.deepspeed:  # the engine beside it: FSDP2 with the same offload (parameters: FSDP2's CPU offload)
+            offload = "none" if chosen.offload == "none" else "parameters"
+            label = f"FSDP2 instead of {zero_words(chosen)}"
+            return label, chosen.replace(strategy="fsdp", zero=None, offload=offload)
         if chosen.strategy == "ddp":
             if chosen.optimizer in UNSHARDABLE_OPTIMIZERS:  # FSDP cannot shard their state
                 return (f"FSDP instead of DDP (shards the model state; {DEFAULT_OPTIMIZER})",
@@ -423,14 +463,141 @@ class Strategy(Rung):
         if config.replicated:
             return (f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
                     "ddp_find_unused_parameters=False; memtune run sets it up)")
-        if config.num_gpus > 1:
-            return f"{config.num_gpus} GPUs, sharded with FSDP through accelerate"
+        if config.num_gpus > 1 and not config.deepspeed:  # DeepSpeed's line is ZeroRung's
+            return (f"{config.num_gpus} GPUs, sharded with FSDP2 (torch's fully_shard) through accelerate "
+                    "(fsdp_version 2; memtune run sets it up)")
         return None
 
     def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
         # Every parameter of a causal LM gets a gradient in every step: no search for unused ones
         # (run.launch.ddp_training_arguments says why; FSDP comes from the accelerate config instead).
         return {"ddp_find_unused_parameters": False} if config.replicated else {}
+
+
+DEEPSPEED_VERSION = "0.19.8"
+"""The DeepSpeed release whose source the ZeRO estimate follows and that was measured (docs/deepspeed-zero.md)."""
+SEARCHED_ZERO_STAGES = (2, 3)
+"""The ZeRO stages the search tries unless --zero-stage pins one: ZeRO-1 keeps every gradient whole to the
+accumulation boundary (the memo, §2.1), never below ZeRO-2's memory, and not faster by the speed model."""
+
+
+class ZeroRung(Rung):
+    """DeepSpeed ZeRO's settings (`TrainConfig.zero`): the stage and where offloaded state goes, for strategy
+    "deepspeed" (`Strategy`); offered where DeepSpeed is installed (else skipped, with one line saying how,
+    `skipped`), beside DDP and FSDP2 over several GPUs, and on one GPU with offload only (ZeRO-Offload: ZeRO on one
+    GPU partitions nothing, so without offload it only adds its buffers). Stages 2 and 3 (`SEARCHED_ZERO_STAGES`),
+    each with and without the optimizer offloaded, ZeRO-3 with the parameters too (`Offload`); to the CPU, and to
+    NVMe (ZeRO-Infinity, ZeRO-3) only with --nvme-path, walked after every CPU one (`storage_rank`): NVMe only when
+    the host RAM is not enough (`choose._walk` checks both). The bucket sizes are transformers' "auto" values
+    (`Zero.resolved`).
+
+    Recipe: `run.launch.deepspeed_config` (the JSON, through accelerate launch). Memory: `predict.zero`. Speed:
+    `throughput.zero_step_seconds`."""
+
+    name = "DeepSpeed ZeRO"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        settings: list[dict[str, Any]] = [] if deepspeed_pinned(policy) else [{"zero": None}]
+        if deepspeed_offered(policy, with_adapter):
+            settings += [{"zero": zero} for zero in zero_settings(policy)]
+        return settings or [{"zero": None}]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        zero: Zero | None = fields.get("zero")
+        if (zero is not None) != (fields["strategy"] == "deepspeed"):
+            return "ZeRO's settings go with strategy deepspeed, and only with it"
+        if zero is None:
+            return None
+        offload = fields["offload"]
+        if fields["num_gpus"] == 1 and offload == "none":
+            return ("ZeRO on one GPU partitions nothing: without offload it only adds its buffers to the plain step "
+                    "(memtune plan --strategy deepspeed --offload none predicts it)")
+        if offload == "parameters" and zero.stage != 3:
+            return "DeepSpeed offloads parameters at ZeRO stage 3 only (offload_param)"
+        if zero.offload_device == "nvme" and (offload == "none" or zero.stage != 3):
+            return "NVMe offload is ZeRO-3's (ZeRO-Infinity), and needs something offloaded"
+        if fields["weights_dtype"] != "fp32" and fields["amp"] != fields["weights_dtype"]:
+            return "DeepSpeed keeps fp32 master weights: pure 16-bit training has no DeepSpeed mode"
+        if fields["optimizer"] not in DEEPSPEED_OPTIMIZERS:
+            return "a DeepSpeed plan runs DeepSpeed's AdamW (adamw_torch_fused or adamw_torch)"
+        if fields.get("quantization") is not None:
+            return "a quantised base (QLoRA) is not planned under DeepSpeed"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        zero = chosen.zero
+        if zero is not None:  # the other stage, where it can hold the same offload
+            if policy.zero_stage is not None or chosen.offload == "parameters" or zero.offload_device == "nvme":
+                return None
+            stage = 2 if zero.stage == 3 else 3
+            return (f"ZeRO-{stage} instead of ZeRO-{zero.stage}",
+                    chosen.replace(zero=dataclasses.replace(zero, stage=stage)))
+        # not DeepSpeed: ZeRO-3 with the same offload, where the search would offer it
+        if (policy.strategy is not None or not deepspeed_offered(policy, chosen.adapter is not None)
+                or (chosen.num_gpus == 1 and chosen.offload == "none")):
+            return None
+        engine = "DDP" if chosen.replicated else "FSDP2" if chosen.sharded else "no wrapper"
+        return f"DeepSpeed ZeRO-3 instead of {engine}", chosen.replace(strategy="deepspeed", zero=Zero(stage=3))
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.zero is None:
+            return None
+        gpus = f"{config.num_gpus} GPUs" if config.num_gpus > 1 else "one GPU"
+        path = f" at {config.zero.nvme_path}" if config.offload != "none" and config.zero.offload_device == "nvme" \
+            else ""
+        return (f"{zero_words(config)}{path}, on {gpus} (DeepSpeed {DEEPSPEED_VERSION}'s rules; the ZeRO JSON with "
+                f"explicit bucket sizes through accelerate launch: memtune run writes both; needs deepspeed: "
+                f"{DEEPSPEED_EXTRA_HINT})")
+
+
+def zero_words(config: TrainConfig) -> str:
+    """A DeepSpeed configuration's engine in the report's words: "DeepSpeed ZeRO-3, CPU optimizer offload"."""
+    zero = config.zero
+    if zero is None:
+        return ""
+    place = "NVMe" if zero.offload_device == "nvme" else "CPU"
+    offload = {"optimizer": f", {place} optimizer offload",
+               "parameters": f", {place} parameter + optimizer offload"}.get(config.offload, "")
+    return f"DeepSpeed ZeRO-{zero.stage}{offload}"
+
+
+def deepspeed_pinned(policy: Policy) -> bool:
+    """The policy asks for DeepSpeed: --strategy deepspeed, or one of its own options (--zero-stage,
+    --offload-device, --nvme-path, --offload optimizer) with --strategy auto."""
+    if policy.strategy is not None:
+        return policy.strategy == "deepspeed"
+    return (policy.zero_stage is not None or policy.offload_device is not None or policy.nvme_path is not None
+            or policy.offload == "optimizer")
+
+
+def deepspeed_offered(policy: Policy, with_adapter: bool) -> bool:
+    """Whether the search tries DeepSpeed ZeRO: pinned (`deepspeed_pinned`; `Policy.validate` has refused it where
+    DeepSpeed is missing), or strategy auto with DeepSpeed installed, no quantised base, and over several GPUs, or on
+    one GPU where offload may be tried (full fine-tuning, offload allowed)."""
+    if deepspeed_pinned(policy):
+        return True
+    if policy.strategy is not None or not deepspeed_available() or policy.quantized_base is not None:
+        return False
+    if policy.num_gpus > 1:
+        return True
+    return policy.allow_offload and not with_adapter and policy.offload != "none"
+
+
+def zero_settings(policy: Policy) -> list[Zero]:
+    """The ZeRO settings the search tries: each stage (`SEARCHED_ZERO_STAGES`, or the pinned one) to the CPU, and to
+    NVMe at --nvme-path where it is given (ZeRO-3 only: `ZeroRung.conflict`)."""
+    stages = [policy.zero_stage] if policy.zero_stage is not None else list(SEARCHED_ZERO_STAGES)
+    devices: list[Literal["cpu", "nvme"]] = ["cpu", "nvme"] if policy.nvme_path is not None else ["cpu"]
+    if policy.offload_device is not None:
+        devices = ["nvme" if policy.offload_device == "nvme" else "cpu"]
+    return [Zero(stage=stage, offload_device=device, nvme_path=policy.nvme_path if device == "nvme" else None)
+            for stage in stages for device in devices]
+
+
+def storage_rank(config: TrainConfig) -> int:
+    """1 for state offloaded to NVMe (ZeRO-Infinity), else 0: the search walks NVMe plans after every other plan of
+    their tier, so NVMe is chosen only when the host RAM (or the GPU) is not enough for the CPU ones."""
+    return int(config.zero is not None and config.offload != "none" and config.zero.offload_device == "nvme")
 
 
 class Optimizer(Rung):
@@ -678,8 +845,8 @@ class AllocatorMode(Rung):
 PRECISION, STRATEGY, OPTIMIZER, ADAPTER = Precision(), Strategy(), Optimizer(), AdapterRung()
 QUANTIZED_BASE = QuantizedBase()
 LADDER: tuple[Rung, ...] = (
-    MicroBatch(), PRECISION, Checkpointing(), ActivationOffload(), Loss(), Offload(), STRATEGY, OPTIMIZER, ADAPTER,
-    QUANTIZED_BASE, AllocatorMode(),
+    MicroBatch(), PRECISION, Checkpointing(), ActivationOffload(), Loss(), Offload(), STRATEGY, ZeroRung(), OPTIMIZER,
+    ADAPTER, QUANTIZED_BASE, AllocatorMode(),
 )
 
 
@@ -729,6 +896,11 @@ def skipped(policy: Policy) -> list[str]:
     if policy.loss is None and policy.allow_chunked_loss and not liger_available():
         notes.append(f"Liger's fused linear cross-entropy skipped: liger-kernel (with Triton, which needs a CUDA GPU) "
                      f"is not installed ({LIGER_EXTRA_HINT} to add it)")
+    if (policy.strategy is None and not deepspeed_pinned(policy) and not deepspeed_available()
+            and policy.quantized_base is None
+            and (policy.num_gpus > 1 or (policy.allow_offload and policy.offload != "none"
+                                         and policy.use_adapter is not True))):
+        notes.append(f"DeepSpeed ZeRO skipped: deepspeed is not installed ({DEEPSPEED_EXTRA_HINT} to add it)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
         notes.append(f"--precision {policy.precision} with --no-pure-16bit: full fine-tuning has no candidate, "
                      f"only LoRA on a {policy.precision} base is searched")
@@ -778,7 +950,10 @@ def quality_rank(config: TrainConfig) -> tuple[int, int]:
 
 
 def strategies(policy: Policy) -> list[str]:
-    """How the GPUs may share the work: both over several GPUs (unless pinned); one GPU has no choice."""
+    """How the GPUs may share the work without DeepSpeed (`deepspeed_offered` adds it): DDP and FSDP over several
+    GPUs (unless pinned); one GPU has no choice; none when DeepSpeed is pinned (`deepspeed_pinned`)."""
+    if deepspeed_pinned(policy):
+        return []
     if policy.num_gpus < 2:
         return ["fsdp"]  # TrainConfig's default: no wrapper on one GPU (FSDP only for CPU offload)
     return [policy.strategy] if policy.strategy else list(STRATEGIES)
