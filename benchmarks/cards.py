@@ -159,7 +159,11 @@ def main() -> None:
     selected = [case for case in cases() if args.match in case.name]
     header = f"{'case':52s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in paths)
     print(header, flush=True)
-    rows = []
+    rows: list[dict] = []
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summary: dict = {}
     for case in selected:
         row: dict = {"case": case.name, "model": case.model, "card": case.card, "config": case.config.to_dict()}
         if not args.no_measure:
@@ -168,14 +172,12 @@ def main() -> None:
             row.update(predict_case(case, path))
         rows.append(with_errors(row, paths))
         print(format_row(row, paths), flush=True)
-    errors = {path: [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
-              for path in paths}
-    summary = {path: {"cases": len(found), "max_abs_error": max(found, default=None)} for path, found in errors.items()}
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": device, "torch": torch.__version__, "summary": summary, "rows": rows},
-                              indent=1))
+        errors = {path: [abs(row[f"{path}_reserved_error"]) for row in rows if f"{path}_reserved_error" in row]
+                  for path in paths}
+        summary = {path: {"cases": len(found), "max_abs_error": max(found, default=None)}
+                   for path, found in errors.items()}
+        out.write_text(json.dumps({"device": device, "torch": torch.__version__, "summary": summary, "rows": rows},
+                                  indent=1))  # after every case: a run cut short keeps what it measured
     for path, stats in summary.items():
         if stats["cases"]:
             print(f"{path}: {stats['cases']} measured cases, max |error| of peak reserved "

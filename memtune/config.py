@@ -108,6 +108,10 @@ class Adapter:
     """peft's `get_peft_model(autocast_adapter_dtype=...)`: True keeps the adapter's weights in fp32 over a 16-bit
     base (peft's default, which also makes each adapted layer keep an fp32 copy of its input for backward); False
     leaves them in the base's dtype, as DeepSpeed ZeRO-1/2 leave them after casting the whole module."""
+    base_saves_input: bool = False
+    """The frozen base's linear layers keep their input for backward, as under DeepSpeed ZeRO-3, whose F.linear
+    saves it whether the weight trains or not (zero_optimization.memory_efficient_linear, on by default). Set by
+    memtune's ZeRO-3 prediction for its trace; a plan never needs it (DeepSpeed does it in the run)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -121,8 +125,9 @@ class Adapter:
                 )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
             problems.append(f"alpha must be a positive number, got {self.alpha!r}")
-        if not isinstance(self.autocast_adapter_dtype, bool):
-            problems.append(f"autocast_adapter_dtype must be true or false, got {self.autocast_adapter_dtype!r}")
+        for name in ("autocast_adapter_dtype", "base_saves_input"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             problems.append(f"dropout must be in [0, 1), got {self.dropout!r}")
         targets = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules

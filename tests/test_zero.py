@@ -477,3 +477,44 @@ def key_of(categories: dict[Hashable, str], event: Event) -> str | None:
     """The breakdown key of an event's storage (a Category's value or a ZeRO key), None when uncategorised."""
     category = categories.get(event.source)
     return getattr(category, "value", category)
+
+
+def test_zero3_linear_keeps_a_frozen_layers_input_and_gives_the_same_gradients():
+    """Under `recipe.linear_context` with `Adapter.base_saves_input` (what memtune's ZeRO-3 prediction sets), F.linear
+    is DeepSpeed ZeRO-3's: a frozen layer's input is saved for backward (torch's own linear saves only the weight
+    then), and the input's gradient is unchanged. Outside the context F.linear is torch's again."""
+    from memtune.config import Adapter
+    from memtune.recipe import step as recipe
+
+    layer = torch.nn.Linear(8, 4)
+    layer.requires_grad_(False)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    expected_output = layer(x)
+    (expected,) = torch.autograd.grad(expected_output.sum(), x)
+    config = deepspeed_config(3).replace(adapter=Adapter(base_saves_input=True))
+    with recipe.linear_context(config):
+        output = layer(x)
+    assert torch.nn.functional.linear is not recipe._linear_saving_input
+    assert any(saved is x for saved in output.grad_fn.saved_tensors)
+    addmm = expected_output.grad_fn.next_functions[0][0]  # torch's: view <- addmm, which drops a frozen mat2's mat1
+    assert type(addmm).__name__ == "AddmmBackward0" and addmm._saved_mat1 is None
+    (got,) = torch.autograd.grad(output.sum(), x)
+    torch.testing.assert_close(output, expected_output)
+    torch.testing.assert_close(got, expected)
+
+
+def test_zero3_lora_trace_holds_the_base_layers_inputs_zero2_does_not():
+    """ZeRO-3 + LoRA: the trace keeps the frozen base layers' inputs (ZeRO-3's F.linear) and peft's fp32 adapters;
+    ZeRO-2 casts the adapters to the model dtype. So at the same micro-batch ZeRO-3 holds more activations."""
+    from memtune.config import Adapter
+
+    model_config = tiny_llama()
+    peaks = {}
+    for stage in (2, 3):
+        config = deepspeed_config(stage).replace(adapter=Adapter(rank=4))
+        single = zero.single_gpu_config(config)
+        assert single.adapter.base_saves_input == (stage == 3)
+        assert single.adapter.autocast_adapter_dtype == (stage == 3)
+        events, categories, *_ = zero.zero_step_events(model_config, config, "cpu")
+        peaks[stage] = category_peak(events, categories, Category.ACTIVATIONS.value)
+    assert peaks[3] > peaks[2]

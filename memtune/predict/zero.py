@@ -462,11 +462,15 @@ def single_gpu_config(train_config: TrainConfig) -> TrainConfig:
     bf16 / fp16 mode casts the module; accelerate applies no autocast under DeepSpeed), no wrapper, no offload.
     An adapter keeps peft's fp32 weights under ZeRO-3 only: the engine casts every parameter of a model not built
     under zero.Init (ZeRO-1/2) and none of one that was (engine.py `_cast_module_mixed_precision`, 1851-1862);
-    measured on the H200 (issue 15): Llama-3.2-1B LoRA keeps fp32 inputs of its adapted layers under ZeRO-3 only."""
+    measured on the H200 (issue 15): Llama-3.2-1B LoRA keeps fp32 inputs of its adapted layers under ZeRO-3 only.
+    Under ZeRO-3 the frozen base layers also keep their inputs: zero.Init replaces F.linear by DeepSpeed's, which
+    saves them (`Adapter.base_saves_input`, traced by `recipe.linear_context`)."""
     dtype = train_config.amp if train_config.amp != "none" else train_config.weights_dtype
     adapter = train_config.adapter
     if adapter is not None and train_config.zero is not None and train_config.zero.stage != 3:
         adapter = dataclasses.replace(adapter, autocast_adapter_dtype=False)
+    elif adapter is not None and train_config.zero is not None:  # ZeRO-3's F.linear (recipe.linear_context)
+        adapter = dataclasses.replace(adapter, base_saves_input=True)
     return train_config.replace(num_gpus=1, num_nodes=1, strategy="fsdp", zero=None, offload="none",
                                 weights_dtype=dtype, amp="none", stochastic_rounding=False, adapter=adapter)
 

@@ -314,6 +314,61 @@ def amp_context(train_config: TrainConfig, device_type: str) -> contextlib.Abstr
     return torch.autocast(device_type=device_type, dtype=TORCH_DTYPES[train_config.amp])
 
 
+class _LinearSavingInput(torch.autograd.Function):
+    """F.linear as DeepSpeed ZeRO-3 replaces it (deepspeed/runtime/zero/linear.py `LinearFunctionForZeroStage3`,
+    installed by zero.Init while `zero_optimization.memory_efficient_linear` is on, its default): the same product,
+    but the input and weight are saved for backward whether the weight is trainable or not."""
+
+    @staticmethod
+    def forward(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if input.dim() == 2 and bias is not None:
+            return torch.addmm(bias, input, weight.t())
+        output = input.matmul(weight.t())
+        if bias is not None:
+            output += bias
+        return output
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, weight, bias = inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None
+        ctx.save_for_backward(input, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        input, weight, bias = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = None
+        dim = grad_output.dim()
+        if ctx.needs_input_grad[0]:
+            grad_input = grad_output.matmul(weight)
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad_output.reshape(-1, grad_output.shape[-1]).t().matmul(input.reshape(-1, input.shape[-1]))
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum(list(range(dim - 1)))
+        return grad_input, grad_weight, grad_bias
+
+
+def _linear_saving_input(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return _LinearSavingInput.apply(input, weight, bias)
+
+
+@contextlib.contextmanager
+def linear_context(train_config: TrainConfig) -> Iterator[None]:
+    """Within it, every `torch.nn.functional.linear` keeps its input for backward even under a frozen weight, as
+    DeepSpeed ZeRO-3 makes it (`_LinearSavingInput`), when the plan's adapter says its frozen base runs so
+    (`Adapter.base_saves_input`, set by memtune's ZeRO-3 prediction); otherwise nothing changes. For the trace:
+    DeepSpeed itself patches the function in a real run."""
+    adapter = train_config.adapter
+    if adapter is None or not adapter.base_saves_input:
+        yield
+        return
+    original = torch.nn.functional.linear
+    torch.nn.functional.linear = _linear_saving_input
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = original
+
+
 def random_batch(model_config: Any, train_config: TrainConfig, device: str | torch.device) -> torch.Tensor:
     vocab = int(getattr(model_config, "vocab_size", 32000))
     shape = (train_config.micro_batch_size, train_config.seq_len)
