@@ -18,10 +18,12 @@ over the state after cuBLAS's workspaces were made and before the model was buil
 Predicted: `estimate(config, train_config)` (the run: training then evaluation in one trace) and its
 `Estimate.evaluation` (evaluation's own peak), on both trace paths (fake CUDA and the CPU emulation).
 
-On the GPU machine (about 2 minutes on one H200):
+On the GPU machine (about 3 minutes on one H200; 5 cases, each run in its own process):
     PYTHONPATH=. python3 benchmarks/eval_step.py --out $OUT/eval_step_h200.json
 Predictions only (any machine; the fake-CUDA path only where a GPU is visible):
     PYTHONPATH=. python3 benchmarks/eval_step.py --no-measure --out /tmp/eval_step_predicted.json
+The Trainer flow of every case on a tiny Llama on the CPU (nothing measured):
+    PYTHONPATH=. python3 benchmarks/eval_step.py --dry-run
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ LORA = {"seq_len": 2048, "micro_batch_size": 1, "weights_dtype": "bf16", "amp": 
 """LoRA r16 all-linear on a bf16 base under bf16 autocast (Trainer bf16=True), micro-batch 1 x 2048 tokens."""
 CASES: dict[str, TrainConfig] = {
     "lora eval 16 keep 32 seqs": TrainConfig(**LORA, eval_batch_size=16, eval_logits="keep", eval_sequences=32),
-    "lora eval 8 keep 24 seqs": TrainConfig(**LORA, eval_batch_size=8, eval_logits="keep", eval_sequences=24),
+    "lora eval 4 keep 24 seqs": TrainConfig(**LORA, eval_batch_size=4, eval_logits="keep", eval_sequences=24),
     "lora eval 16 loss only": TrainConfig(**LORA, eval_batch_size=16, eval_logits="none", eval_sequences=32),
     "lora eval 16 accumulate_cpu": TrainConfig(**LORA, eval_batch_size=16, eval_logits="accumulate_cpu",
                                                eval_sequences=32),
@@ -55,46 +57,70 @@ CASES: dict[str, TrainConfig] = {
 }
 """name: the configuration, its eval fields included. The kept logits are fp32 (accelerate's convert_outputs_to_fp32
 under autocast): 2048 tokens x 151,936 x 4 bytes = 1.16 GiB per sequence, and the last concatenation holds the old
-and the new container at once. 24 sequences at 8 take 3 eval steps: more than `eval_step.TRACED_EVAL_STEPS`."""
+and the new container at once. 24 sequences at 4 take 6 eval steps, each concatenation larger than the last: the
+earlier containers' segments stay cached (predicted 117 GiB reserved for 57 GiB allocated)."""
 TRAIN_STEPS = 2
 
 
-def run_one(name: str) -> dict[str, Any]:
+def run_one(name: str, dry_run: bool = False) -> dict[str, Any]:
     """Train TRAIN_STEPS steps of case `name` through Trainer with one evaluation after the last; measured peaks
-    (bytes, over the state before the model was built): the run's and evaluation's own."""
+    (bytes, over the state before the model was built): the run's and evaluation's own. `dry_run`: the same run of
+    a tiny Llama at 64 tokens on the CPU, no memory measured (checks the flow anywhere)."""
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
-    from memtune.measure.memory import warm_up
     from memtune.plan import Plan
     from memtune.sources import catalog_config
 
     train_config = CASES[name]
-    plan = Plan(MODEL, train_config, budget_bytes=torch.cuda.get_device_properties(0).total_memory)
-    warm_up()
-    torch.cuda.reset_peak_memory_stats()
-    reserved_before = torch.cuda.memory_reserved()
-    allocated_before = torch.cuda.memory_allocated()
-    measured: dict[str, Any] = {}
+    measured: dict[str, Any] = {"evaluated": False}
+    if dry_run:
+        from benchmarks.cases import tiny_llama
+
+        config = tiny_llama(2)
+        train_config = train_config.replace(seq_len=64)
+        plan = Plan(MODEL, train_config, budget_bytes=GIB)
+
+        def peak(kind: str) -> int:
+            return 0
+
+        def reset() -> None:
+            pass
+    else:
+        from memtune.measure.memory import warm_up
+
+        config = catalog_config(MODEL)
+        plan = Plan(MODEL, train_config, budget_bytes=torch.cuda.get_device_properties(0).total_memory)
+        warm_up()
+        torch.cuda.reset_peak_memory_stats()
+        before = {"reserved": torch.cuda.memory_reserved(), "allocated": torch.cuda.memory_allocated()}
+
+        def peak(kind: str) -> int:
+            current = torch.cuda.max_memory_reserved() if kind == "reserved" else torch.cuda.max_memory_allocated()
+            return current - before[kind]
+
+        def reset() -> None:
+            torch.cuda.reset_peak_memory_stats()
 
     class Peaks(TrainerCallback):
         """At the last step's end (Trainer evaluates right after it): training's peaks, then reset the counters."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == TRAIN_STEPS:
-                measured["train_peak_reserved_bytes"] = torch.cuda.max_memory_reserved() - reserved_before
-                measured["train_peak_allocated_bytes"] = torch.cuda.max_memory_allocated() - allocated_before
-                torch.cuda.reset_peak_memory_stats()
+                measured["train_peak_reserved_bytes"] = peak("reserved")
+                measured["train_peak_allocated_bytes"] = peak("allocated")
+                reset()
 
         def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            measured["eval_peak_reserved_bytes"] = torch.cuda.max_memory_reserved() - reserved_before
-            measured["eval_peak_allocated_bytes"] = torch.cuda.max_memory_allocated() - allocated_before
-            measured["eval_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
+            measured["evaluated"] = True
+            measured["eval_peak_reserved_bytes"] = peak("reserved")
+            measured["eval_peak_allocated_bytes"] = peak("allocated")
+            if not dry_run:
+                measured["eval_alloc_retries"] = torch.cuda.memory_stats().get("num_alloc_retries", 0)
 
     torch.manual_seed(0)
-    config = catalog_config(MODEL)
     dtype = torch.bfloat16 if train_config.weights_dtype == "bf16" else torch.float32
-    with torch.device("cuda"):
+    with torch.device("cpu" if dry_run else "cuda"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model = plan.prepare(model)
     generator = torch.Generator().manual_seed(0)
@@ -109,7 +135,7 @@ def run_one(name: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as output:
         args = plan.training_arguments(output_dir=output, max_steps=TRAIN_STEPS, eval_strategy="steps",
                                        eval_steps=TRAIN_STEPS, save_strategy="no", logging_strategy="no",
-                                       dataloader_num_workers=0)
+                                       disable_tqdm=True, dataloader_num_workers=0)
         trainer = Trainer(model=model, args=args, callbacks=[Peaks()],
                           train_dataset=sequences(TRAIN_STEPS * train_config.effective_batch_size),
                           eval_dataset=sequences(train_config.eval_sequences or train_config.eval_batch_size or 1),
@@ -182,11 +208,19 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/eval_step.json")
     parser.add_argument("--match", default="", help="only cases whose name has this text")
     parser.add_argument("--no-measure", action="store_true", help="predict only (no GPU run)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run each case's Trainer flow on a tiny Llama on the CPU (no memory measured), then exit")
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         Path(args.row_out).write_text(json.dumps(run_one(args.one)))
+        return
+    if args.dry_run:
+        for name in CASES:
+            if args.match in name:
+                done = run_one(name, dry_run=True)
+                print(f"{name}: evaluated {done['evaluated']}, {done['training_arguments']}")
         return
 
     import torch
@@ -199,16 +233,24 @@ def main() -> None:
         if args.match not in name:
             continue
         row: dict[str, Any] = {"case": name, "config": train_config.to_dict()}
-        if not args.no_measure:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                done = subprocess.run([sys.executable, __file__, "--one", name, "--row-out", out.name],
-                                      capture_output=True, text=True, timeout=300)
-                if done.returncode == 0:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            # the GPU run in its own process (a clean allocator) while this one predicts (fake tensors, no GPU memory)
+            child = None if args.no_measure else subprocess.Popen(
+                [sys.executable, __file__, "--one", name, "--row-out", out.name],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for device in devices:
+                row[device] = predict(train_config, device)
+            if child is not None:
+                try:
+                    _, stderr = child.communicate(timeout=240)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    _, stderr = child.communicate()
+                if child.returncode == 0:
                     row["measured"] = json.loads(Path(out.name).read_text())
                 else:
-                    row["measured_error"] = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+                    row["measured_error"] = (stderr.strip().splitlines() or ["no output"])[-1][:300]
         for device in devices:
-            row[device] = predict(train_config, device)
             errors(row, device)
         rows.append(row)
     print_table(rows, devices)

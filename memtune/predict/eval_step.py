@@ -20,9 +20,13 @@ step does (trainer.py `evaluation_loop` and `prediction_step`, accelerate 1.15):
    after every step; otherwise the step's `losses, logits, labels` stay referenced by the loop's variables until
    the next step returns.
 
-Tracing every step of a large eval set would repeat the same forward; `TRACED_EVAL_STEPS` steps are traced and,
-with logits kept over more steps, the containers start with the earlier steps' logits as one tensor each (their
-size at the last steps, where the peak is). Known limitations: the allocator's cache release after each
+Without logits kept on the GPU every step after the first allocates the same: `TRACED_EVAL_STEPS` steps are traced.
+With logits kept ("keep") each step's concatenation needs a larger block than any before it, so the allocator's
+history matters (segments of earlier containers stay cached and later forwards reuse them): every step is traced,
+up to `MAX_TRACED_KEPT_STEPS`; beyond that the containers start with the earlier steps' logits as one tensor each
+(their size at the last steps, where the peak is), which leaves out the cached segments of those earlier steps (a
+history that large outgrows any GPU, where torch releases the cache and retries, as `evaluation.estimate_evaluation`
+replays with a device size). Known limitations: the allocator's cache release after each
 "accumulate_cpu" step (`torch.cuda.empty_cache()`) is not replayed (it lowers reserved memory, never the peak);
 the small tensors of `pad_across_processes` and the last training batch still referenced are left out; a
 compute_metrics that runs on the GPU is not seen (Trainer calls it on host arrays).
@@ -38,7 +42,10 @@ from memtune.config import TrainConfig
 from memtune.recipe import step as recipe
 
 TRACED_EVAL_STEPS = 2
-"""Eval steps traced: the second one runs with the first one's tensors still referenced (the steady state)."""
+"""Eval steps traced without logits kept on the GPU: the second one runs with the first one's tensors still
+referenced (the steady state)."""
+MAX_TRACED_KEPT_STEPS = 8
+"""Eval steps traced at most with logits kept on the GPU ("keep"); more steps start from one preallocated container."""
 EVAL_CATEGORY = "evaluation"
 """The breakdown key of what an eval step allocates (activations, logits, loss)."""
 KEPT_LOGITS_CATEGORY = "eval logits kept"
@@ -80,16 +87,16 @@ def _concat(kept: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
 def trace_evaluation(model: torch.nn.Module, model_config: Any, train_config: TrainConfig, device: str,
                      amp_device: str, counter: Any) -> None:
     """Run Trainer's evaluation loop (module docstring) on the traced `model` inside the trace's modes, after its
-    training steps: `TRACED_EVAL_STEPS` eval steps of `train_config.eval_batch_size` sequences (fewer when the eval
-    set has fewer steps). `counter` is the trace's `StorageCounter`: the first storage it makes here is kept in
-    `Trace.eval_first_storage`, and every eval storage is tagged `EVAL_CATEGORY` or `KEPT_LOGITS_CATEGORY`."""
+    training steps: eval steps of `train_config.eval_batch_size` sequences (how many: module docstring). `counter`
+    is the trace's `StorageCounter`: the first storage it makes here is kept in `Trace.eval_first_storage`, and
+    every eval storage is tagged `EVAL_CATEGORY` or `KEPT_LOGITS_CATEGORY`."""
     batch_size = train_config.eval_batch_size
     if batch_size is None:
         return
     eval_config = train_config.replace(micro_batch_size=batch_size)
     steps = train_config.eval_steps
-    traced_steps = min(steps, TRACED_EVAL_STEPS)
     keep_logits = train_config.eval_logits != "none"
+    traced_steps = min(steps, MAX_TRACED_KEPT_STEPS if train_config.eval_logits == "keep" else TRACED_EVAL_STEPS)
     counter.trace.eval_first_storage = counter._next_id
     counter.phase = KEPT_LOGITS_CATEGORY
     all_losses = all_preds = all_labels = None
