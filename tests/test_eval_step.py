@@ -248,3 +248,18 @@ def test_the_help_says_the_auto_rule():
     words = " ".join(shown.split())
     assert "--eval-batch-size auto|N" in words
     assert "auto: the largest of 1, 2, 4, ... and 8x the micro-batch" in words
+
+
+def test_a_long_eval_set_starts_from_one_container_with_the_same_allocated_peak(monkeypatch):
+    from memtune.predict import eval_step
+
+    config = tiny_llama(3)
+    train_config = with_eval(batch=2, logits="keep", sequences=12)  # 6 eval steps
+    peaks = {}
+    for traced in (6, 2):  # every step, then the last two on a container holding the first four steps' logits
+        monkeypatch.setattr(eval_step, "MAX_TRACED_KEPT_STEPS", traced)
+        trace = trace_step(config, train_config, device="cpu")
+        peaks[traced] = replay(trace.events, eval_start(trace.events, trace.eval_first_storage))
+    assert peaks[2].eval_allocated_bytes == peaks[6].eval_allocated_bytes
+    # the six concatenations of growing size leave their segments cached: more reserved than one container
+    assert peaks[6].eval_reserved_bytes >= peaks[2].eval_reserved_bytes
