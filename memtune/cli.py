@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 import rich.markup
 from rich.console import Console
 
-from memtune.config import option_of, parse_bytes
+from memtune.config import Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
@@ -355,7 +355,6 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     train_config = options.train_config()
     with tracing or contextlib.nullcontext(), quiet_libraries() as said:  # library chatter: see log_library_lines
         if options.evaluation.auto and budget_bytes is not None:  # PlanOptions.problems: auto needs a budget
-            from memtune.config import Policy, margin_for
             from memtune.predict.evaluation import with_eval_batch
 
             train_config = with_eval_batch(source.config, train_config,

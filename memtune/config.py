@@ -79,19 +79,19 @@ DEEPSPEED_OPTIMIZERS = frozenset({"adamw_torch_fused", "adamw_torch"})
 DeepSpeed builds as torch's AdamW without offload and as DeepSpeedCPUAdam with it (DeepSpeed 0.19.8
 runtime/engine.py:2377-2397): the same fp32 Adam state as these two. Others are refused, not silently swapped."""
 QUANTIZED_BASE_CHOICES = ("4", "8")
+"""--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
 EvalLogits = Literal["none", "accumulate_cpu", "keep"]
 EVAL_LOGITS: dict[str, str] = {
     "none": "loss only (TrainingArguments prediction_loss_only=True): no logits kept; compute_metrics then gets none",
     "accumulate_cpu": "logits moved to the host after every eval step (eval_accumulation_steps=1)",
     "keep": "logits of the whole eval set kept on the GPU, as Trainer does with compute_metrics and neither setting",
 }
+"""What Trainer's evaluation loop does with each eval step's logits (`TrainConfig.eval_logits`; transformers 5.24
+trainer.py `evaluation_loop`)."""
 EVAL_BATCH_FACTOR = 8
 """--eval-batch-size auto tries eval batches up to this many times the training micro-batch
 (`predict.evaluation.eval_batch_candidates`): evaluation saves no activations for backward, so it takes larger
 batches, but past a few times the micro-batch the forward gains little speed while the logits it holds grow."""
-"""What Trainer's evaluation loop does with each eval step's logits (`TrainConfig.eval_logits`; transformers 5.24
-trainer.py `evaluation_loop`)."""
-"""--qlora BITS: the quantised bases the search can pin (Quantization.bits)."""
 
 
 @dataclass(frozen=True)
@@ -493,10 +493,6 @@ class TrainConfig:
         (trace caches key on this, so both modes share one trace). The eval fields stay: they add the evaluation
         loop to the traced events (`predict.eval_step`)."""
         return self.replace(expandable_segments=False)
-
-    def without_evaluation(self) -> TrainConfig:
-        """The training step alone: no evaluation planned."""
-        return self.replace(eval_batch_size=None, eval_logits="none", eval_sequences=None)
 
     @property
     def eval_steps(self) -> int:
