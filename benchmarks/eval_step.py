@@ -50,7 +50,7 @@ CASES: dict[str, TrainConfig] = {
     "lora eval 4 keep 24 seqs": TrainConfig(**LORA, eval_batch_size=4, eval_logits="keep", eval_sequences=24),
     "lora eval 16 loss only": TrainConfig(**LORA, eval_batch_size=16, eval_logits="none", eval_sequences=32),
     "lora eval 16 accumulate_cpu": TrainConfig(**LORA, eval_batch_size=16, eval_logits="accumulate_cpu",
-                                               eval_sequences=32),
+                                               eval_sequences=16),
     "full bf16-mixed eval 8 loss only": TrainConfig(seq_len=2048, micro_batch_size=1, weights_dtype="fp32",
                                                     amp="bf16", gradient_checkpointing=True, eval_batch_size=8,
                                                     eval_logits="none", eval_sequences=16),
