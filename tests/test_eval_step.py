@@ -263,3 +263,33 @@ def test_a_long_eval_set_starts_from_one_container_with_the_same_allocated_peak(
     assert peaks[2].eval_allocated_bytes == peaks[6].eval_allocated_bytes
     # the six concatenations of growing size leave their segments cached: more reserved than one container
     assert peaks[6].eval_reserved_bytes >= peaks[2].eval_reserved_bytes
+
+
+def test_the_logits_trainer_keeps_have_the_dtype_the_trace_keeps(tmp_path):
+    """accelerate's convert_outputs_to_fp32 makes them fp32 under bf16 autocast (a bf16 LoRA base here), which the
+    trace's containers assume (`eval_step.logits_dtype`): Trainer's own evaluation on the CPU says which dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from memtune.config import Adapter
+    from memtune.predict.eval_step import logits_dtype
+
+    train_config = TrainConfig(seq_len=32, weights_dtype="bf16", amp="bf16", adapter=Adapter(), eval_batch_size=2,
+                               eval_logits="keep", eval_sequences=4)
+    plan = Plan("tiny", train_config, budget_bytes=GIB)
+    model = plan.prepare(AutoModelForCausalLM.from_config(tiny_llama(2), dtype=torch.bfloat16))
+    seen = []
+
+    class Recording(Trainer):
+        def prediction_step(self, *args, **kwargs):
+            output = super().prediction_step(*args, **kwargs)
+            seen.append(output[1].dtype)
+            return output
+
+    generator = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids.clone()}
+            for ids in (torch.randint(0, VOCAB, (32,), generator=generator) for _ in range(4))]
+    args = plan.training_arguments(output_dir=str(tmp_path), max_steps=2, eval_strategy="steps", eval_steps=2,
+                                   save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+    Recording(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=lambda p: {}).train()
+    assert seen == [logits_dtype(model, train_config)] * 2 == [torch.float32] * 2
