@@ -31,7 +31,7 @@ from typing import Any, Literal, Union
 import rich.markup
 from rich.console import Console
 
-from memtune.config import option_of, parse_bytes
+from memtune.config import Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
@@ -45,6 +45,7 @@ EPILOG_PLAN = """examples:
   memtune plan meta-llama/Llama-3.1-8B --seq-len 2048 --batch-size 8 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --gpus 4
   memtune plan qwen2.5-1.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu H100-80GB --gpus 4 --strategy auto
   memtune plan meta-llama/Llama-3.1-8B --seq-len 4096 --batch-size 32 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --nodes 2 --gpus 8 --out launch/
+  memtune plan qwen2.5-0.5b --seq-len 2048 --batch-size 8 --micro-batch-size 1 --lora --precision bf16 --gpu RTX4090-24GB --eval-batch-size auto --eval-data eval.jsonl --eval-logits keep
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -349,13 +350,22 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
 
     task = options.task
     budget_bytes, budget_label = task.budget_and_label()
+    missing = options.evaluation.data_problem()
+    if missing:  # before the model is resolved and traced
+        raise UsageError(missing)
     source = resolve(task.model, trust_remote_code=task.trust_remote_code)
     if source.note:
         err.print(f"note: {source.note}")
     tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
+    train_config = options.train_config()
     with tracing or contextlib.nullcontext(), quiet_libraries() as said:  # library chatter: see log_library_lines
+        if options.evaluation.auto and budget_bytes is not None:  # PlanOptions.problems: auto needs a budget
+            from memtune.predict.evaluation import with_eval_batch
+
+            train_config = with_eval_batch(source.config, train_config,
+                                           budget_bytes - margin_for(budget_bytes, Policy()), device=task.trace_device)
         result = plan_configuration(
-            source, source_parameters(source), options.train_config(), budget_bytes, budget_label,
+            source, source_parameters(source), train_config, budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
             note=lambda message: err.print(f"note: {message}", highlight=False), inter_node_gbps=task.inter_node_gbps,
         )

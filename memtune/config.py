@@ -88,6 +88,19 @@ QUANTIZED_BASE_CHOICES = ("4", "8")
 ZERO_STAGE_CHOICES = ("1", "2", "3")
 """--zero-stage K: the DeepSpeed ZeRO stages (Zero.stage)."""
 
+EvalLogits = Literal["none", "accumulate_cpu", "keep"]
+EVAL_LOGITS: dict[str, str] = {
+    "none": "loss only (TrainingArguments prediction_loss_only=True): no logits kept; compute_metrics then gets none",
+    "accumulate_cpu": "logits moved to the host after every eval step (eval_accumulation_steps=1)",
+    "keep": "logits of the whole eval set kept on the GPU, as Trainer does with compute_metrics and neither setting",
+}
+"""What Trainer's evaluation loop does with each eval step's logits (`TrainConfig.eval_logits`; transformers 5.24
+trainer.py `evaluation_loop`)."""
+EVAL_BATCH_FACTOR = 8
+"""--eval-batch-size auto tries eval batches up to this many times the training micro-batch
+(`predict.evaluation.eval_batch_candidates`): evaluation saves no activations for backward, so it takes larger
+batches, but past a few times the micro-batch the forward gains little speed while the logits it holds grow."""
+
 
 @dataclass(frozen=True)
 class Adapter:
@@ -362,6 +375,15 @@ class TrainConfig:
     gpu_capability: str | None = None
     """Compute capability ("major.minor", e.g. "7.0") of the card the step runs on: which SDPA kernels exist there
     (`predict.emulation.sdpa_backend`); None: 9.0, the H100/H200 memtune's estimates are measured on."""
+    eval_batch_size: int | None = None
+    """Sequences per evaluation step (TrainingArguments per_device_eval_batch_size), run mid-training by Trainer with
+    the weights, optimizer state and cached segments of training alive (`predict.eval_step`); None: no evaluation
+    planned. The predicted peak is then that of training and evaluation together."""
+    eval_logits: EvalLogits = "none"
+    """What evaluation keeps of each step's logits (`EVAL_LOGITS`): "none", "accumulate_cpu" or "keep"."""
+    eval_sequences: int | None = None
+    """Sequences of the eval set (with eval_logits "keep": how many steps' logits are held at once); None: one
+    eval batch."""
 
     def __post_init__(self) -> None:
         if self.optimizer in LEGACY_OPTIMIZERS:
@@ -437,6 +459,7 @@ class TrainConfig:
                 problems.append("strategy 'ddp' replicates the model over several GPUs: it needs num_gpus >= 2 "
                                 "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
         problems += _zero_problems(self)
+        problems += _eval_problems(self)
         if problems:
             raise UsageError(listed("invalid training configuration", problems))
 
@@ -492,6 +515,8 @@ class TrainConfig:
             parts.append("expandable segments")
         if self.attn not in (None, "sdpa"):
             parts.append(f"{self.attn} attention")
+        if self.eval_batch_size is not None:
+            parts.append(f"eval batch {self.eval_batch_size} (logits: {self.eval_logits})")
         if self.zero is not None:
             parts.append(self.zero.describe(self.offload) + (f" on {self.gpus_words}" if self.world_size > 1 else ""))
         elif self.world_size > 1:
@@ -512,8 +537,17 @@ class TrainConfig:
 
     def traced(self) -> TrainConfig:
         """The configuration as far as the trace sees it: without the allocator's mode, which changes no event
-        (trace caches key on this, so both modes share one trace)."""
+        (trace caches key on this, so both modes share one trace). The eval fields stay: they add the evaluation
+        loop to the traced events (`predict.eval_step`)."""
         return self.replace(expandable_segments=False)
+
+    @property
+    def eval_steps(self) -> int:
+        """Eval steps over the eval set: ceil(eval_sequences / eval_batch_size), 1 when the set's size is
+        unknown, 0 without evaluation."""
+        if self.eval_batch_size is None:
+            return 0
+        return max(1, -(-(self.eval_sequences or self.eval_batch_size) // self.eval_batch_size))
 
     def checkpointed_layers(self, num_layers: int) -> int:
         """How many of a model's `num_layers` decoder layers this configuration checkpoints."""
@@ -694,6 +728,25 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
         problems.append(f"a quantised base ({bits}-bit) trains under 16-bit autocast (Trainer bf16=True or "
                         "fp16=True), got no autocast (--precision fp32, bf16 or fp16): use --precision bf16-mixed or "
                         "fp16-mixed, or leave --precision out with --qlora")
+    return problems
+
+
+def _eval_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with the eval fields of `config` (TrainConfig's checks, collected with the others)."""
+    problems = []
+    for name in ("eval_batch_size", "eval_sequences"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            problems.append(f"{name} must be a positive integer or None, got {value!r}")
+    if config.eval_logits not in EVAL_LOGITS:
+        problems.append(f"eval_logits must be one of {', '.join(EVAL_LOGITS)}, got {config.eval_logits!r}")
+    if config.eval_batch_size is not None and (config.strategy == "deepspeed" or config.offload != "none"
+                                               or (config.num_gpus > 1 and config.strategy != "ddp")):
+        problems.append("evaluation is planned on one GPU or with DDP only (FSDP, CPU offload and DeepSpeed's "
+                        "evaluation are not modelled yet): drop --eval-batch-size, or use --strategy ddp")
+    elif config.eval_batch_size is not None and config.num_gpus > 1 and config.eval_logits != "none":
+        problems.append(f"eval_logits {config.eval_logits!r} with {config.num_gpus} GPUs: Trainer gathers every "
+                        "rank's logits onto each GPU, which is not modelled yet: use --eval-logits none")
     return problems
 
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from memtune.config import (
     ATTN_IMPLEMENTATIONS,
@@ -23,6 +23,8 @@ from memtune.config import (
     DEFAULT_INTER_NODE_GBPS,
     DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
+    EVAL_BATCH_FACTOR,
+    EVAL_LOGITS,
     GPU_CARDS,
     NO_BF16_GPUS,
     OPTIMIZERS,
@@ -145,6 +147,90 @@ class LoraOptions:
         return Adapter(rank=self.lora_rank, alpha=2 * self.lora_rank, target_modules=targets)
 
 
+EVALUATION = "evaluation (Trainer.evaluate mid-training)"
+EVAL_BYTES_PER_TOKEN = 3
+"""Bytes of --eval-data per token when counting its sequences from its size: English text takes ~4 bytes per
+BPE token (GPT-2, Llama); 3 counts more sequences than it holds, so the logits kept are not underestimated."""
+
+
+def parse_eval_batch_size(text: str) -> int | str:
+    """`--eval-batch-size auto|N`: "auto" or a positive number of sequences."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(text)
+    except ValueError:
+        raise UsageError(f"expected auto or a number of sequences, got {text!r} (e.g. --eval-batch-size 8)") from None
+    if size < 1:
+        raise UsageError(f"an eval batch must be at least 1 sequence, got {size} (leave the option out to plan "
+                         "no evaluation)")
+    return size
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Trainer's evaluation during training: its batch and what it keeps of the logits (`TrainConfig.eval_*`)."""
+
+    eval_batch_size: int | str | None = field(default=None, metadata=option(
+        metavar="auto|N", parse=parse_eval_batch_size, group=EVALUATION, default_text="no evaluation planned",
+        note=f"auto: the largest of 1, 2, 4, ... and {EVAL_BATCH_FACTOR}x the micro-batch (never above "
+             f"{EVAL_BATCH_FACTOR}x the micro-batch or the eval set) whose evaluation fits the budget with "
+             "training's weights, optimizer state and cached memory alive; needs --budget or --gpu"))
+    """Sequences per evaluation step (per_device_eval_batch_size); the predicted peak is then that of training and
+    evaluation together"""
+    eval_data: str | None = field(default=None, metadata=option(
+        metavar="FILE", group=EVALUATION, default_text="one eval batch",
+        note=f"only its size is read: ~{EVAL_BYTES_PER_TOKEN} bytes per token, so sequences = bytes / "
+             f"({EVAL_BYTES_PER_TOKEN} x --seq-len), rounded up"))
+    """Eval text (a file or a folder of them): how many sequences the eval set has, which bounds the logits kept
+    with --eval-logits keep"""
+    eval_logits: Literal["none", "accumulate_cpu", "keep"] = field(default="none", metadata=option(
+        group=EVALUATION, note="; ".join(f"{name}: {words}" for name, words in EVAL_LOGITS.items())))
+    """What evaluation keeps of each step's logits (set in the plan's TrainingArguments)"""
+
+    def problems(self) -> list[str]:
+        """Every problem of these options at once."""
+        problems = []
+        if self.eval_batch_size is None:
+            given = [flag for flag, value in (("--eval-data", self.eval_data),
+                                              ("--eval-logits", None if self.eval_logits == "none" else 1))
+                     if value is not None]
+            if given:
+                problems.append(f"{', '.join(given)} only apply with --eval-batch-size: add --eval-batch-size auto "
+                                "or a number, or drop them")
+        return problems
+
+    def data_problem(self) -> str | None:
+        """--eval-data that does not exist (checked before work starts, not when the command line is parsed, as
+        `RunOptions.data_problem`)."""
+        if self.eval_data is not None and not Path(self.eval_data).exists():
+            return f"--eval-data {self.eval_data!r} does not exist: give the eval text file or a folder of them"
+        return None
+
+    @property
+    def auto(self) -> bool:
+        """--eval-batch-size auto: the eval batch is chosen for the budget."""
+        return self.eval_batch_size == "auto"
+
+    def eval_sequences(self, seq_len: int) -> int | None:
+        """Sequences of --eval-data at `seq_len` tokens, from its size in bytes (`EVAL_BYTES_PER_TOKEN`); None
+        without --eval-data or when it does not exist (`data_problem` says so). A folder counts every file under it."""
+        if self.eval_data is None or self.data_problem():
+            return None
+        path = Path(self.eval_data)
+        files = [path] if path.is_file() else [item for item in path.rglob("*") if item.is_file()]
+        num_bytes = sum(item.stat().st_size for item in files)
+        return max(1, -(-num_bytes // (EVAL_BYTES_PER_TOKEN * seq_len)))
+
+    def fields(self, seq_len: int, micro_batch_size: int) -> dict[str, Any]:
+        """The TrainConfig eval fields these options give (auto starts from the micro-batch: the caller chooses)."""
+        if self.eval_batch_size is None:
+            return {}
+        batch = micro_batch_size if self.auto else int(self.eval_batch_size)
+        return {"eval_batch_size": batch, "eval_logits": self.eval_logits,
+                "eval_sequences": self.eval_sequences(seq_len)}
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """`memtune plan`: the one configuration whose peak memory is predicted."""
@@ -204,13 +290,17 @@ class PlanOptions:
     loss: Literal["standard", "chunked", "liger"] = "standard"
     """chunked: the LM head and cross-entropy a chunk of tokens at a time, never holding all fp32 logits (memtune's,
     inside the model's forward); liger: Liger-Kernel's fused linear cross-entropy (pip install -e ".[liger]")."""
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
     out: str | None = field(default=None, metadata=option(metavar="DIR"))
     """Write the launch files of a plan over several GPUs or machines into DIR: an accelerate config per machine
     (its machine_rank; main_process_ip/port to fill in), a torchrun line and a SLURM sbatch script."""
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `train_config()` builds)."""
-        problems = self._shape_problems() + self.task.problems()
+        problems = self._shape_problems() + self.task.problems() + self.evaluation.problems()
+        if self.evaluation.auto and not (self.task.budget or self.task.gpu):
+            problems.append("--eval-batch-size auto chooses the eval batch for a budget: add --budget or --gpu, "
+                            "or give a number (e.g. --eval-batch-size 8)")
         if self.out is not None:
             problem = RunOptions.output_dir_problem(self.out)
             problems += [] if problem is None else [problem.replace("--output-dir", "--out", 1)]
@@ -314,7 +404,7 @@ class PlanOptions:
             num_nodes=self.task.nodes,
             offload=self.offload, strategy="fsdp" if self.strategy == "auto" else self.strategy, zero=self.zero(),
             loss=self.loss,
-            optimizer=self.optimizer, **quantized,
+            optimizer=self.optimizer, **quantized, **self.evaluation.fields(self.task.seq_len, micro),
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
             stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),
             attn=self.attn, gpu_capability=None if card is None else card.capability,

@@ -276,7 +276,8 @@ class Plan:
         launch` is started with (`run.launch`). A DDP plan also sets ddp_find_unused_parameters=False. A DeepSpeed
         plan sets `deepspeed` to its JSON as a dict (`run.launch.deepspeed_config`; the hidden-size knobs left
         "auto" for Trainer to fill from the model) unless `deepspeed` is among the overrides (a path or a dict);
-        UsageError with the install command when DeepSpeed is missing.
+        UsageError with the install command when DeepSpeed is missing. The evaluation fields come from the plan's
+        eval batch and logits (`evaluation_arguments`).
         """
         import dataclasses
 
@@ -299,6 +300,7 @@ class Plan:
             # transformers 5.24 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs).
             renamed = name.replace("gradient_checkpointing", "activation_checkpointing")
             arguments[renamed if renamed in fields else name] = value
+        arguments.update(evaluation_arguments(config))
         if config.deepspeed:
             from memtune.run.launch import deepspeed_training_arguments
 
@@ -345,3 +347,22 @@ def _json_type(value: Any) -> str:
     """The JSON name of a parsed value's type (what a user sees in the file)."""
     names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def evaluation_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The TrainingArguments fields of the plan's evaluation (transformers 5.24 trainer.py `evaluation_loop`):
+
+    - per_device_eval_batch_size: the planned eval batch; without evaluation planned, the training micro-batch
+      (Trainer's default of 8 OOMs where the micro-batch had to be lowered; a forward under no_grad at the
+      micro-batch holds less than the training step, whose activations are saved for backward);
+    - eval_logits "none": prediction_loss_only=True (Trainer.evaluate sets it anyway without compute_metrics);
+      "accumulate_cpu": eval_accumulation_steps=1 (the logits go to the host after every step); "keep":
+      prediction_loss_only=False and no accumulation (every step's logits stay on the GPU).
+    Nothing but the eval batch is set when no evaluation is planned."""
+    if config.eval_batch_size is None:
+        return {"per_device_eval_batch_size": config.micro_batch_size}
+    arguments: dict[str, Any] = {"per_device_eval_batch_size": config.eval_batch_size,
+                                 "prediction_loss_only": config.eval_logits == "none"}
+    if config.eval_logits == "accumulate_cpu":
+        arguments["eval_accumulation_steps"] = 1
+    return arguments

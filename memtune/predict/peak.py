@@ -15,6 +15,7 @@ from typing import Any
 
 from memtune.config import MIB, TrainConfig
 from memtune.predict import allocator
+from memtune.predict.eval_peak import EvalEstimate
 from memtune.predict.events import Category, Event
 
 NCCL_BYTES = 932 * MIB
@@ -63,6 +64,10 @@ class Estimate:
     """One line when the trace ran on the other path than asked (the asked one failed: single.cached_trace),
     for the caller to show on stderr; "" otherwise. Not in `to_dict` (the JSON schema documents the fields
     there; `trace_device` says which path ran)."""
+    evaluation: EvalEstimate | None = None
+    """Trainer's evaluation mid-training when the configuration plans one (`TrainConfig.eval_batch_size`; one GPU):
+    its own peak, from the same events (`eval_peak`). The peaks above are then those of training and evaluation
+    together, the run's. None without evaluation."""
 
     @property
     def total_bytes(self) -> int:
@@ -88,6 +93,7 @@ class Estimate:
             "seconds": self.seconds,
             "paged_bytes": self.paged_bytes,
             "host_bytes": self.host_bytes,
+            "evaluation": None if self.evaluation is None else self.evaluation.to_dict(),
         }
 
 

@@ -10,7 +10,9 @@
 4. Add what the trace cannot see: cuBLAS workspaces and the CUDA context (`peak.estimate_of_events`).
 
 Traces are cached per (model config, traced depth, configuration, device), so a search reuses them;
-DDP (ddp.py) builds on the same events, as every GPU of a replica runs this step.
+DDP (ddp.py) builds on the same events, as every GPU of a replica runs this step. A configuration with an eval
+batch traces Trainer's evaluation after the steps (`eval_step`): the peak is then the run's, and
+`Estimate.evaluation` evaluation's own (`eval_peak`).
 Pure: no CUDA memory is used; with a GPU present the trace runs on fake CUDA tensors.
 
 When the trace fails on the path asked for (fake CUDA refuses a data-dependent op such as OPT's
@@ -30,6 +32,7 @@ from typing import Any
 from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
 from memtune.errors import MemtuneError
 from memtune.predict import allocator, cache
+from memtune.predict.eval_peak import eval_estimate_of_events
 from memtune.predict.peak import Estimate, default_trace_device, estimate_of_events
 from memtune.predict.trace import (
     Event,
@@ -175,11 +178,16 @@ def estimate_single(
     device = device or default_trace_device()
     trace, events = full_depth_events(model_config, train_config, device)
     num_layers = num_layers_of(model_config) or trace.traced_layers
-    return estimate_of_events(train_config, events, trace.categories, trace_device=trace.device or device,
-                              trace_note=trace.note, paged_bytes=paged_bytes_at_depth(trace, num_layers),
-                              host_bytes=offloaded_host_bytes(model_config, train_config, trace),
-                              traced_layers=trace.traced_layers, num_layers=num_layers,
-                              started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+    found = estimate_of_events(train_config, events, trace.categories, trace_device=trace.device or device,
+                               trace_note=trace.note, paged_bytes=paged_bytes_at_depth(trace, num_layers),
+                               host_bytes=offloaded_host_bytes(model_config, train_config, trace),
+                               traced_layers=trace.traced_layers, num_layers=num_layers,
+                               started=started, context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+    if train_config.eval_batch_size is not None:  # the events hold Trainer's evaluation after the steps (eval_step)
+        found.evaluation = eval_estimate_of_events(train_config, events, trace.categories, trace.eval_first_storage,
+                                                   trace_device=found.trace_device, context_bytes=context_bytes,
+                                                   workspace_bytes=workspace_bytes)
+    return found
 
 
 def fits_under(model_config: Any, estimate: Estimate, usable_bytes: int, device: str | None = None) -> bool:

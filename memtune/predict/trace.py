@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TORCHAO_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
-from memtune.predict import liger, quantized
+from memtune.predict import eval_step, liger, quantized
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.predict.events import (  # noqa: E402,F401 - re-exported: the trace's own vocabulary
     BLOCK_BYTES,
@@ -83,6 +83,9 @@ class Trace:
     """Storages that are Inductor's autotuning clones of a compiled kernel's in-place arguments, each as (the
     kernel's first launch, the argument's position): made only while they fit under the peak so far
     (`budget_autotune_clones`, applied to the full model's events)."""
+    eval_first_storage: int | None = None
+    """The first storage Trainer's evaluation loop made (`eval_step.trace_evaluation`, after the training steps when
+    `TrainConfig.eval_batch_size` is set): every storage from this id on is evaluation's; None without evaluation."""
 
 
 KERNEL_ALLOCATION_ORDER: dict[Any, tuple[int, ...]] = {
@@ -852,7 +855,8 @@ def _dense(tensor: torch.Tensor) -> bool:
 def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
-    `model_config` (trace a `shallow_config` and `extend` for deep models)."""
+    `model_config` (trace a `shallow_config` and `extend` for deep models). With `train_config.eval_batch_size`
+    set, Trainer's evaluation loop follows the steps (`eval_step.trace_evaluation`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     emulate = device == "cpu"
@@ -907,6 +911,8 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
                 counter.relayer(list(state.values()), layer_of.get(id(param_meta.get(id(param))), NO_LAYER))
             optimizer.zero_grad(set_to_none=True)
             del batches, input_ids
+        if train_config.eval_batch_size is not None:  # Trainer.evaluate mid-training: after a step, grads freed
+            eval_step.trace_evaluation(model, model_config, train_config, device, amp_device, counter)
         for hook in hooks:
             hook.remove()
         counter.retag([p for p in model.parameters()], Category.WEIGHTS)

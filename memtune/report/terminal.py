@@ -31,6 +31,7 @@ from memtune.report.words import (
     category_colour,
     changes_to_make,
     checkpointing_words,
+    evaluation_line,
     fit_command,
     fit_commands,
     fits_word,
@@ -92,6 +93,8 @@ def render_plan(result: PlanResult, console: Console) -> None:
         f"(traced {estimate.traced_layers} of {estimate.num_layers} layers on fake {estimate.trace_device} tensors, "
         f"{estimate.seconds:.1f} s)"
     )
+    if evaluation_line(estimate):
+        console.print(evaluation_line(estimate), highlight=False)
     if estimate.paged_bytes:
         console.print(f"paged optimizer state {format_bytes(estimate.paged_bytes)} in CUDA unified memory, not in the "
                       "peak: the driver moves it to the host when the GPU needs the room")
@@ -230,7 +233,8 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     console.print(_indented(f"quality: {quality_note(chosen.config, result.source.config, result.num_parameters)}"))
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
-    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search)):
+    evaluation = None if chosen.estimate is None else evaluation_line(chosen.estimate)
+    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search), evaluation):
         if why:
             console.print(_indented(why))
     console.print("  what to set:")

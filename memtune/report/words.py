@@ -9,6 +9,7 @@ import shlex
 from typing import TYPE_CHECKING, Any
 
 from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes, policy_flags
+from memtune.plan import evaluation_arguments
 from memtune.search import ladder
 from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, STATE_ALONE, TRIAL_OOM
 
@@ -28,6 +29,8 @@ CATEGORY_NOTES = {
     "overhead": "allocator fragmentation, cuBLAS workspaces, CUDA context",
     "fsdp_buffers": "FSDP all-gather and reduce-scatter buffers",
     "ddp_buckets": "DDP gradient buckets (a second copy of the gradients, all-reduced)",
+    "evaluation": "an eval step's forward under no_grad: activations, logits, loss",
+    "eval logits kept": "Trainer's eval containers on the GPU: logits, labels and losses of the steps so far",
 }
 
 
@@ -271,6 +274,8 @@ def python_snippet(config: TrainConfig) -> str:
                        "  # True would checkpoint every layer again" if config.checkpoint_layers is not None else
                        "  # True would checkpoint again without the offload" if config.offload_activations else "")
         body.append(f"    {name}={_python_argument(value)},{comment}")
+    if config.eval_batch_size is not None:
+        body += [f"    {name}={_python_argument(value)}," for name, value in evaluation_arguments(config).items()]
     body.append(")")
     missing = [name for name, on in (("the chunked loss", config.loss == "chunked"),
                                      ("Liger's fused loss", config.loss == "liger"),
@@ -283,6 +288,22 @@ def python_snippet(config: TrainConfig) -> str:
     if missing:
         body.append(f"# no TrainingArguments flag for {' and '.join(missing)}: `memtune run PLAN` applies it")
     return "\n".join(imports + [""] + body)
+
+
+def evaluation_line(estimate: Estimate) -> str | None:
+    """One line on the planned evaluation (`Estimate.evaluation`): the eval batch, what it keeps of the logits and
+    its predicted peak next to training's; None when no evaluation is planned."""
+    evaluation = estimate.evaluation
+    if evaluation is None:
+        return None
+    config = evaluation.config
+    kept = {"none": "loss only", "accumulate_cpu": "logits to the host every step",
+            "keep": f"logits kept over {config.eval_sequences or config.eval_batch_size} sequences"}[config.eval_logits]
+    larger = "evaluation is the peak" if evaluation.peak_reserved_bytes > evaluation.train_peak_reserved_bytes \
+        else "training is the peak"
+    return (f"evaluation: eval batch {config.eval_batch_size} ({kept}), eval peak "
+            f"{format_bytes(evaluation.total_bytes)} (reserved {format_bytes(evaluation.peak_reserved_bytes)}, "
+            f"training's {format_bytes(evaluation.train_peak_reserved_bytes)}): {larger}")
 
 
 def fit_command(result: FitResult) -> str:
