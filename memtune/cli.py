@@ -400,12 +400,16 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     missing = options.run_options("").data_problem() if options.run else None
     if missing:  # before minutes of search, not after
         raise UsageError(missing)
+    evaluation = options.evaluation.fields(task.seq_len, 1)  # the eval batch for the micro-batch chosen: auto
+    if evaluation and options.evaluation.auto:
+        evaluation["eval_batch_size"] = "auto"
     with report.progress_printer(err) as progress, quiet_libraries() as said:
         result = fit_model(
             source, source_parameters(source), task.seq_len, task.batch_size,
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,
+            evaluation=evaluation or None,
         )
     log_library_lines(said)
     if task.json:

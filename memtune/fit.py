@@ -249,8 +249,12 @@ def fit_model(
     plan_path: str | Path | None = None,
     probe_result: ProbeResult | None = None,
     progress: Callable[[str], None] | None = None,
+    evaluation: dict[str, Any] | None = None,
 ) -> FitResult:
-    """Choose, verify and save the plan. See the module docstring for the three situations."""
+    """Choose, verify and save the plan. See the module docstring for the three situations.
+
+    `evaluation`: the TrainConfig eval fields (`EvalOptions.fields`; eval_batch_size None for auto is given as
+    "auto") added to the chosen plan once the search is done (`plan_evaluation`)."""
     from memtune.measure.probe import probe
 
     started = time.perf_counter()
@@ -333,12 +337,17 @@ def fit_model(
     chosen = result.search.chosen
     if chosen is not None:
         measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
+        train_config, predicted_total = chosen.config.replace(**on_card), chosen.predicted_total_bytes or 0
+        if evaluation:
+            train_config, predicted_total = plan_evaluation(
+                source.config, train_config, evaluation, budget_bytes - result.search.margin_bytes, predicted_total,
+                device=trace_device, context_bytes=context, workspace_bytes=workspace, progress=progress)
         result.plan = Plan(
             model=source.name,
-            train_config=chosen.config.replace(**on_card),
+            train_config=train_config,
             budget_bytes=budget_bytes,
             margin_bytes=result.search.margin_bytes,
-            predicted_total_bytes=chosen.predicted_total_bytes or 0,
+            predicted_total_bytes=predicted_total,
             predicted_host_bytes=0 if chosen.estimate is None else chosen.estimate.host_bytes,
             predicted_tokens_per_second=chosen.predicted_tokens_per_second,
             measured_peak_reserved_bytes=None if measured is None else measured.peak_reserved_bytes,
@@ -351,6 +360,56 @@ def fit_model(
             result.plan_path = result.plan.save(plan_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def plan_evaluation(
+    model_config: Any,
+    train_config: TrainConfig,
+    evaluation: dict[str, Any],
+    usable_bytes: int,
+    predicted_total_bytes: int,
+    *,
+    device: str | None = None,
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+    workspace_bytes: int = DEFAULT_WORKSPACE_BYTES,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[TrainConfig, int]:
+    """The chosen plan with Trainer's evaluation added (`fit --eval-batch-size auto|N`), and the predicted total
+    (bytes) of training and evaluation together. `evaluation` holds the TrainConfig eval fields, eval_batch_size
+    "auto" to choose it (`predict.evaluation.with_eval_batch`: the largest that fits `usable_bytes`). The search
+    itself plans the training step; evaluation runs after it with the same weights and optimizer state, so it is
+    predicted for the configuration chosen. A configuration evaluation is not predicted for (FSDP, CPU offload,
+    DeepSpeed) keeps no eval fields, with a note. Raises NothingFitsError (exit 3) when evaluation does not fit:
+    at eval batch 1 for auto, or at the batch given."""
+    from memtune.errors import NothingFitsError
+    from memtune.predict.evaluation import estimate_evaluation, with_eval_batch
+
+    fields = dict(evaluation)
+    auto = fields.get("eval_batch_size") == "auto"
+    if auto:
+        fields["eval_batch_size"] = train_config.micro_batch_size
+    try:
+        config = train_config.replace(**fields)
+    except UsageError as error:
+        if progress:
+            progress(f"note: evaluation is not planned for the chosen {train_config.describe()}: {error}")
+        return train_config, predicted_total_bytes
+    if auto:
+        config = with_eval_batch(model_config, config, usable_bytes, device=device, context_bytes=context_bytes,
+                                 workspace_bytes=workspace_bytes)
+    found = estimate_evaluation(model_config, config, device=device, usable_bytes=usable_bytes,
+                                context_bytes=context_bytes, workspace_bytes=workspace_bytes)
+    if found.fits is False:
+        raise NothingFitsError(
+            f"evaluation at --eval-batch-size {config.eval_batch_size} needs {format_bytes(found.total_bytes)} beside "
+            f"the chosen training plan, {format_bytes(usable_bytes)} usable: use --eval-batch-size auto or a smaller "
+            "one, or --eval-logits none", shortfall_bytes=found.total_bytes - usable_bytes,
+            suggestions=["--eval-batch-size auto", "--eval-logits none"])
+    if progress:
+        progress(f"evaluation: eval batch {config.eval_batch_size} (logits: {config.eval_logits}), peak "
+                 f"{format_bytes(found.total_bytes)} predicted (training's {format_bytes(predicted_total_bytes)}); "
+                 "the trial measures the training steps only")
+    return config, max(predicted_total_bytes, found.total_bytes)
 
 
 def nvme_free_bytes(nvme_path: str) -> int:

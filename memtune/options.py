@@ -561,11 +561,15 @@ class FitOptions:
     max_steps: int | None = field(default=None, metadata=option(group=VERIFY_AND_OUTPUT,
                                                                 default_text="one pass over the data"))
     """With --run: optimizer steps."""
+    evaluation: EvalOptions = field(default_factory=EvalOptions)
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `policy()` builds a valid Policy)."""
         task, pins = self.task, self.pins
-        problems = []
+        problems = self.evaluation.problems()
+        missing = self.evaluation.data_problem()
+        if missing:
+            problems.append(missing)
         if self.adapters.prefix and (self.adapters.no_lora or self.adapters.full_finetune_only):
             problems.append("--prefix contradicts --no-lora/--full-finetune-only: keep one")
         if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):

@@ -293,3 +293,29 @@ def test_the_logits_trainer_keeps_have_the_dtype_the_trace_keeps(tmp_path):
                                    save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
     Recording(model=model, args=args, train_dataset=data, eval_dataset=data, compute_metrics=lambda p: {}).train()
     assert seen == [logits_dtype(model, train_config)] * 2 == [torch.float32] * 2
+
+
+def test_fit_adds_evaluation_to_the_chosen_plan(tmp_path, capsys):
+    """`fit --eval-batch-size N --eval-logits accumulate_cpu`: the search plans training; evaluation is then predicted
+    for the chosen configuration and saved in the plan (its TrainingArguments, the reproduce line, the snippet)."""
+    plan_path = tmp_path / "plan.json"
+    code = main(["fit", "gpt2", "--seq-len", "128", "--batch-size", "4", "--budget", "8GiB", "--trace-device", "cpu",
+                 "--eval-batch-size", "4", "--eval-logits", "accumulate_cpu", "--plan-out", str(plan_path)])
+    captured = capsys.readouterr()
+    assert code == 0
+    plan = Plan.load(plan_path)
+    assert (plan.train_config.eval_batch_size, plan.train_config.eval_logits) == (4, "accumulate_cpu")
+    arguments = plan.training_arguments(output_dir=str(tmp_path / "out"))
+    assert (arguments.per_device_eval_batch_size, arguments.eval_accumulation_steps) == (4, 1)
+    assert "--eval-batch-size 4 --eval-logits accumulate_cpu" in captured.out
+    assert "per_device_eval_batch_size=4" in captured.out
+    assert "evaluation: eval batch 4" in " ".join(captured.err.split())
+
+
+def test_fit_says_when_the_eval_batch_given_does_not_fit_beside_the_chosen_plan():
+    """`plan_evaluation` with an eval batch that does not fit: NothingFitsError (exit 3) naming the fixes."""
+    from memtune.fit import plan_evaluation
+
+    with pytest.raises(NothingFitsError, match="--eval-batch-size auto"):
+        plan_evaluation(tiny_llama(), TRAIN, {"eval_batch_size": 64, "eval_logits": "keep", "eval_sequences": 64},
+                        64 * 2**20, 0, device="cpu")

@@ -359,7 +359,8 @@ def render_html(result: FitResult) -> str:
             if result.plan_path is not None:
                 parts.append(f"<p>plan saved to <code>{_e(result.plan_path)}</code></p>")
             parts += ["<h2>to reproduce</h2>", "<pre>" + _e("\n".join(words.fit_commands(result))) + "</pre>",
-                      "<pre>" + _e(words.python_snippet(chosen.config)) + "</pre>"]
+                      "<pre>" + _e(words.python_snippet(result.plan.train_config if result.plan is not None
+                                                        else chosen.config)) + "</pre>"]
     parts += ["</body>", "</html>", ""]
     return "\n".join(parts)
 

@@ -264,7 +264,8 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     for command in fit_commands(result):
         console.print(f"  {command}", highlight=False, markup=False, soft_wrap=True)
     console.print("or in Python (MODEL and model are yours):")
-    snippet = "\n".join("  " + line if line else "" for line in python_snippet(chosen.config).splitlines())
+    planned = result.plan.train_config if result.plan is not None else chosen.config  # with evaluation, if planned
+    snippet = "\n".join("  " + line if line else "" for line in python_snippet(planned).splitlines())
     console.print(Text(snippet), soft_wrap=True)
 
 

@@ -324,6 +324,9 @@ def fit_commands(result: FitResult) -> list[str]:
             (name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None
         )
         command += f" --gpu {card}" if card else f" --budget {budget_flag(budget)}"
+    planned = result.plan.train_config if result.plan is not None else None
+    if planned is not None and planned.eval_batch_size is not None:  # the batch chosen, the logits as asked
+        command += f" --eval-batch-size {planned.eval_batch_size} --eval-logits {planned.eval_logits}"
     if result.plan_path is not None and str(result.plan_path) != DEFAULT_PLAN_PATH:
         command += f" --plan-out {shlex.quote(str(result.plan_path))}"
     commands = [command]
