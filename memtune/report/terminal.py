@@ -49,7 +49,7 @@ from memtune.report.words import (
     verification,
     zero_words,
 )
-from memtune.search.choose import NOT_EVALUATED, TOO_BIG, TRIAL_OOM
+from memtune.search.choose import FITS, NOT_EVALUATED, TOO_BIG, TRIAL_OOM
 from memtune.sources import CatalogEntry
 
 if TYPE_CHECKING:
@@ -182,8 +182,9 @@ def render_fit(result: FitResult, console: Console) -> None:
 
 def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Table:
     """Evaluated candidates; the quality note has a column on a wide console, else a line under the configuration."""
-    table = Table(title=f"candidates, fastest predicted first (usable {format_bytes(search.usable_bytes)} = budget "
-                        f"{format_bytes(search.budget_bytes)} - margin {format_bytes(search.margin_bytes)})",
+    table = Table(title=f"candidates in the order tried, by tier, fastest first within one (usable "
+                        f"{format_bytes(search.usable_bytes)} = budget {format_bytes(search.budget_bytes)} - margin "
+                        f"{format_bytes(search.margin_bytes)})",
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("configuration", ratio=3)
     table.add_column("predicted peak (of usable)", justify="right", width=17)
@@ -200,7 +201,10 @@ def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Ta
             configuration.append(f"\n  {quality}", style="dim")
         share = f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})"
         speed = f"{candidate.predicted_tokens_per_second:,.0f}"
-        cells: list[Text | str] = [configuration, share, candidate.status, speed]
+        status = candidate.status
+        if status == FITS and peak > search.usable_bytes:  # as "why this one" says it (`fits_word`)
+            status = "fits on release"
+        cells: list[Text | str] = [configuration, share, status, speed]
         table.add_row(*cells, *([quality] if wide else []), style="bold" if chosen else None)
     return table
 
