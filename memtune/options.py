@@ -362,8 +362,9 @@ class PlanOptions:
         if self.strategy != "deepspeed":
             if not pins:
                 return []
+            default = " (plan's default)" if self.strategy == PlanOptions.strategy else ""
             return [f"{', '.join(pins)} {'is' if len(pins) == 1 else 'are'} DeepSpeed's, got --strategy "
-                    f"{self.strategy}: add --strategy deepspeed"
+                    f"{self.strategy}{default}: add --strategy deepspeed"
                     + (", or use --offload parameters (FSDP2 CPU offload)" if self.offload == "optimizer" else "")]
         if not deepspeed_available():
             return [f"--strategy deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip "
