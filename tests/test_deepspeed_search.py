@@ -328,7 +328,7 @@ def test_cli_plan_and_fit_refuse_strategy_deepspeed_without_deepspeed(without_de
 
 def test_cli_refuses_deepspeed_options_without_strategy_deepspeed(with_deepspeed, capsys):
     assert main(["plan", "gpt2", "--zero-stage", "2"]) == 2
-    assert "--zero-stage 2 is DeepSpeed's, got --strategy fsdp: add --strategy deepspeed" in capsys.readouterr().err
+    assert "--zero-stage 2 is DeepSpeed's, got --strategy fsdp (plan's default): add --strategy deepspeed" in capsys.readouterr().err
     assert main(["fit", "gpt2", "--budget", "24GiB", "--strategy", "fsdp", "--offload", "optimizer"]) == 2
     error = capsys.readouterr().err
     assert "--offload optimizer is DeepSpeed's, which --strategy fsdp contradicts" in error
