@@ -35,6 +35,7 @@ from memtune.report.words import (
     fit_command,
     fit_commands,
     fits_word,
+    fsdp_offload_words,
     gpu_lines,
     host_memory_words,
     host_refusal,
@@ -238,7 +239,8 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
     evaluation = None if chosen.estimate is None else evaluation_line(chosen.estimate)
-    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search), evaluation):
+    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search),
+                fsdp_offload_words(search), evaluation):
         if why:
             console.print(_indented(why))
     console.print("  what to set:")

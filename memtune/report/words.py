@@ -200,9 +200,22 @@ def zero_words(search: SearchResult) -> str | None:
     return line
 
 
+def fsdp_offload_words(search: SearchResult) -> str | None:
+    """The host memory an FSDP2 CPU-offload winner holds (None for any other winner)."""
+    chosen = search.chosen
+    if chosen is None or chosen.config.deepspeed or chosen.config.offload == "none" or chosen.estimate is None:
+        return None
+    config = chosen.config
+    gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs)" \
+        if config.num_gpus > 1 else ""
+    return (f"FSDP2 CPU offload: {format_bytes(chosen.estimate.host_bytes)} of host memory per GPU{gpus} for the "
+            "offloaded shards (weights and gradients pinned, optimizer state), not in the GPU total; give "
+            "--host-memory SIZE to check it against the RAM of the machine you plan for")
+
+
 def host_refusal(candidate: Candidate) -> bool:
     """Whether a "too big" candidate was refused for the host, not the GPU (`choose.host_problem`'s note)."""
-    return "of pinned host memory" in candidate.note or "NVMe offload needs" in candidate.note
+    return "of host memory (all ranks)" in candidate.note or "NVMe offload needs" in candidate.note
 
 
 def host_memory_words(estimate: Estimate) -> str | None:
@@ -214,6 +227,9 @@ def host_memory_words(estimate: Estimate) -> str | None:
         return (f"host memory {held} per GPU: {ladder.zero_words(estimate.config)}'s offloaded state (pinned, as "
                 f"DeepSpeed {ladder.DEEPSPEED_VERSION} allocates it) with any offloaded activations, not in the GPU "
                 "total")
+    if estimate.config.offload != "none":
+        return (f"host memory {held} per GPU: FSDP2's offloaded shards (weights and gradients pinned, optimizer "
+                "state) with any offloaded activations, not in the GPU total")
     return (f"pinned host memory {held} per GPU: the offloaded inputs of the checkpointed layers, not in the GPU total "
             "(torch's pinned blocks, powers of two)")
 
