@@ -46,6 +46,7 @@ EPILOG_PLAN = """examples:
   memtune plan qwen2.5-1.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu H100-80GB --gpus 4 --strategy auto
   memtune plan meta-llama/Llama-3.1-8B --seq-len 4096 --batch-size 32 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --nodes 2 --gpus 8 --out launch/
   memtune plan qwen2.5-0.5b --seq-len 2048 --batch-size 8 --micro-batch-size 1 --lora --precision bf16 --gpu RTX4090-24GB --eval-batch-size auto --eval-data eval.jsonl --eval-logits keep
+  memtune plan qwen2.5-0.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu A100-80GB --data train.jsonl --packing none
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -61,6 +62,8 @@ EPILOG_FIT = """examples:
   memtune fit ./my-model-dir --batch-size 16 --json > fit.json             # stdout carries only the JSON
   memtune fit qwen2.5-0.5b                                                 # no GPU, no budget: which common cards fit
   memtune fit qwen2.5-1.5b --seq-len 2048 --batch-size 32 --gpu H100-80GB --gpus 2   # DDP or FSDP over 2 GPUs
+  memtune fit ./my-model-dir --seq-len 4096 --batch-size 16 --gpu A100-80GB --data train.jsonl --packing bfd
+                                                                           # plan for the data's worst batch
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient

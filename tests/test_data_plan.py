@@ -217,3 +217,41 @@ def documented_types_now() -> dict[str, dict[str, str]]:
     from tests.test_report import SCHEMA_DOC
 
     return documented_types(SCHEMA_DOC.read_text())
+
+
+def test_fit_data_searches_at_the_worst_row_and_records_the_data(tmp_path, capsys):
+    """fit --data --packing none: the search, the saved plan and the JSON use the longest document's length."""
+    corpus = str(data_module.SAMPLE_CORPUS_PATH)
+    plan_path = tmp_path / "plan.json"
+    code = main(["fit", "gpt2", "--seq-len", "1024", "--batch-size", "8", "--budget", "12GiB", "--no-verify",
+                 "--trace-device", "cpu", "--data", corpus, "--packing", "none", "--plan-out", str(plan_path),
+                 "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    document = json.loads(captured.out)
+    longest = max(token_lengths(data_module.sample_tokenizer(), data_module.read_texts(corpus)))
+    chosen = document["plan"]["train_config"]
+    assert chosen["seq_len"] == longest and json.loads(plan_path.read_text())["train_config"]["seq_len"] == longest
+    assert document["seq_len"] == 1024  # the task as given: the reproduce line's --seq-len
+    assert document["data"]["micro_batch_size"] == chosen["micro_batch_size"]
+    assert (document["data"]["worst_batch_rows"], document["data"]["worst_batch_row_tokens"]) == (
+        chosen["micro_batch_size"], longest)
+    assert schema_errors(document, "FitDocument", documented_types_now()) == []
+
+
+def test_the_html_page_has_the_data_section(longtail):
+    from memtune.fit import FitResult
+    from memtune.report import html
+
+    data = plan_data(resolve("gpt2"), longtail, 256, "bfd").with_micro_batch(4)
+    page = html.render_html(FitResult(resolve("gpt2"), 124_439_808, 256, 8, data=data))
+    stats = data.lengths
+    assert f"lengths in tokens: p50 {stats.p50_tokens:,}, p90 {stats.p90_tokens:,}" in page
+    assert f"worst batch 4 x {data.row_tokens:,} tokens" in page
+
+
+def test_without_a_chosen_micro_batch_the_worst_row_is_given_per_micro_batch():
+    from memtune.report.words import data_lines
+
+    lines = data_lines(plan_lengths(LENGTHS, 4096, "none", source="x.jsonl", tokenizer="t"))
+    assert lines[-1] == "  batching: none; worst batch micro-batch x 2,000 tokens per row"

@@ -327,6 +327,8 @@ def fit_commands(result: FitResult) -> list[str]:
         command += f" --gpu {card}" if card else f" --budget {budget_flag(budget)}"
     if result.data is not None:  # the data the plan was made for
         command += f" --data {shlex.quote(result.data.source)} --packing {result.data.packing}"
+        if result.data.text_field != "text":
+            command += f" --text-field {shlex.quote(result.data.text_field)}"
     planned = result.plan.train_config if result.plan is not None else None
     if planned is not None and planned.eval_batch_size is not None:  # the batch chosen, the logits as asked
         command += f" --eval-batch-size {planned.eval_batch_size} --eval-logits {planned.eval_logits}"
@@ -393,7 +395,11 @@ def data_lines(data: DataPlan) -> list[str]:
     lines.append(f"  longer than --seq-len {data.seq_len:,}: {data.over_seq_len:,} of {stats.num_sequences:,} ({fate})")
     rows, row_tokens = data.worst_batch()
     micro = data.micro_batch_size or 1
-    if data.packing == "padding-free":
+    if data.micro_batch_size is None:  # no configuration chosen (one search per card): the shape per micro-batch
+        lines.append(f"  batching: {data.packing}; worst batch micro-batch x {data.row_tokens:,} tokens per row"
+                     + (" (padding-free: one row of as many tokens, block-diagonal mask not traced)"
+                        if data.packing == "padding-free" else ""))
+    elif data.packing == "padding-free":
         lines.append(f"  batching: padding-free; worst batch 1 x {row_tokens:,} tokens (the {micro} longest "
                      f"documents, budget {micro} x {data.seq_len:,}), traced as {micro} x {data.row_tokens:,}")
         lines.append(f"  not traced: under SDPA, transformers builds a {row_tokens:,} x {row_tokens:,} block-diagonal "

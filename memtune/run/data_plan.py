@@ -134,6 +134,8 @@ class DataPlan:
 
     source: str
     """The data file or folder read."""
+    text_field: str
+    """The JSON field the text was read from (--text-field)."""
     tokenizer: str
     """Where the tokenizer came from (`run.data.load_tokenizer`)."""
     packing: str
@@ -188,7 +190,8 @@ class DataPlan:
     def to_dict(self) -> dict[str, Any]:
         rows, row_tokens = self.worst_batch()
         return {
-            "source": self.source, "tokenizer": self.tokenizer, "packing": self.packing, "seq_len": self.seq_len,
+            "source": self.source, "text_field": self.text_field, "tokenizer": self.tokenizer,
+            "packing": self.packing, "seq_len": self.seq_len,
             **dataclasses.asdict(self.lengths),
             "over_seq_len": self.over_seq_len, "truncated_sequences": self.truncated_sequences,
             "row_tokens": self.row_tokens, "micro_batch_size": self.micro_batch_size,
@@ -200,7 +203,7 @@ LONGEST_KEPT = 4096
 """Longest documents a DataPlan keeps for the padding-free worst batch (no micro-batch is larger)."""
 
 
-def plan_lengths(lengths: Sequence[int], seq_len: int, packing: str, *, source: str = "",
+def plan_lengths(lengths: Sequence[int], seq_len: int, packing: str, *, source: str = "", text_field: str = "text",
                  tokenizer: str = "") -> DataPlan:
     """The DataPlan of documents of `lengths` tokens batched by `packing` at `seq_len`. Raises UsageError for an
     unknown packing mode or no documents."""
@@ -214,7 +217,7 @@ def plan_lengths(lengths: Sequence[int], seq_len: int, packing: str, *, source: 
         row_tokens = max(bfd_row_lengths(lengths, seq_len))
     else:  # none, padding-free
         row_tokens = truncated[0]
-    return DataPlan(source=source, tokenizer=tokenizer, packing=packing, seq_len=seq_len,
+    return DataPlan(source=source, text_field=text_field, tokenizer=tokenizer, packing=packing, seq_len=seq_len,
                     lengths=LengthStats.of(lengths), over_seq_len=sum(1 for n in lengths if n > seq_len),
                     row_tokens=row_tokens, longest_tokens=tuple(truncated[:LONGEST_KEPT]))
 
@@ -240,4 +243,4 @@ def plan_data(source: Any, data: str | Path, seq_len: int, packing: str = DEFAUL
             note(f"{error}; counting tokens with memtune's sample tokenizer instead (longer sequences than the "
                  "model's own tokenizer gives)")
     lengths = token_lengths(tokenizer, texts, progress)
-    return plan_lengths(lengths, seq_len, packing, source=str(data), tokenizer=where)
+    return plan_lengths(lengths, seq_len, packing, source=str(data), text_field=text_field, tokenizer=where)
