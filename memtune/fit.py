@@ -52,6 +52,7 @@ from memtune.predict.estimate import (
     fits_under,
 )
 from memtune.predict.trace import num_layers_of
+from memtune.run.data_plan import DataPlan
 from memtune.search.choose import (
     COMMON_CARDS,
     COMMON_CARDS_WITHOUT_BF16,
@@ -152,6 +153,8 @@ class PlanResult:
     """Predicted tokens/s over all GPUs (`predict.throughput`); over several machines it rests on `inter_node_gbps`."""
     inter_node_gbps: float | None = None
     """The network rate of each machine the throughput assumed (Gb/s, --inter-node-gbps); None on one machine."""
+    data: DataPlan | None = None
+    """The training data's lengths and worst batch (`--data`), at the micro-batch predicted; None without --data."""
 
     @property
     def budget_bytes(self) -> int | None:
@@ -201,6 +204,8 @@ class FitResult:
     card_plans: list[CardPlan] = field(default_factory=list)
     policy: Policy | None = None
     """The policy as the user gave it (pins and forbidden rungs), for the reproduce line."""
+    data: DataPlan | None = None
+    """The training data's lengths and worst batch (`--data`), at the chosen micro-batch; None without --data."""
     seconds: float = 0.0
 
     @property
@@ -250,15 +255,20 @@ def fit_model(
     probe_result: ProbeResult | None = None,
     progress: Callable[[str], None] | None = None,
     evaluation: dict[str, Any] | None = None,
+    data: DataPlan | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations.
 
     `evaluation`: the TrainConfig eval fields (`EvalOptions.fields`; eval_batch_size None for auto is given as
-    "auto") added to the chosen plan once the search is done (`plan_evaluation`)."""
+    "auto") added to the chosen plan once the search is done (`plan_evaluation`).
+    `data`: the training data's batches (`run.data_plan`, `--data`): the search, the trials and the plan use the
+    worst batch's row length (`DataPlan.row_tokens`, at most `seq_len`) instead of `seq_len`; `seq_len` stays the
+    task's (the reproduce line's --seq-len)."""
     from memtune.measure.probe import probe
 
     started = time.perf_counter()
-    result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
+    result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy, data=data)
+    seq_len = traced_seq_len(seq_len, data)
     result.probe = probe_result if probe_result is not None else probe()
     gpu = result.probe.gpus[0] if result.probe.available else None
     result.gpu = gpu
@@ -335,6 +345,8 @@ def fit_model(
         predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress
     )
     chosen = result.search.chosen
+    if chosen is not None and data is not None:
+        result.data = data.with_micro_batch(chosen.config.micro_batch_size)
     if chosen is not None:
         measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
         train_config, predicted_total = chosen.config.replace(**on_card), chosen.predicted_total_bytes or 0
@@ -360,6 +372,13 @@ def fit_model(
             result.plan_path = result.plan.save(plan_path)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def traced_seq_len(seq_len: int, data: DataPlan | None) -> int:
+    """The sequence length a step is traced and searched at: the worst batch's row length of the training data
+    (`DataPlan.row_tokens`: --seq-len for concat, the longest truncated document for none and padding-free, the
+    fullest packed row for bfd), else `seq_len` (every batch micro-batch x seq_len, as `memtune run` packs)."""
+    return seq_len if data is None else data.row_tokens
 
 
 def plan_evaluation(
@@ -709,6 +728,7 @@ def plan_configuration(
     policy: Policy = Policy(),
     note: Callable[[str], None] | None = None,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
+    data: DataPlan | None = None,
 ) -> PlanResult:
     """`memtune plan`: the predicted memory of one configuration and its verdict against `budget_bytes`
     less the policy's margin (`search.verdict.judge`: what `memtune fit` decides for the same
@@ -718,8 +738,10 @@ def plan_configuration(
     (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
     `gpu_name` (default H100) and, over several machines (`TrainConfig.num_nodes`), `inter_node_gbps` per machine
     (an assumption, `predict.throughput`), then also reported. Traces on fake tensors: no GPU and no weights are
-    needed.
+    needed. `data` (`--data`): the step is traced at the worst batch's row length (`traced_seq_len`) and the result
+    records the data's lengths and worst batch at the micro-batch predicted.
     """
+    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data))
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
     if train_config.adapter is not None:
@@ -742,7 +764,8 @@ def plan_configuration(
             note(f"on this machine {problem}: the plan needs a host with more memory, or less offloaded")
     verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
     result = PlanResult(source, estimate, budget_label, num_parameters, verdict,
-                        tokens_per_second=predictor.tokens_per_second(estimate.config))
+                        tokens_per_second=predictor.tokens_per_second(estimate.config),
+                        data=None if data is None else data.with_micro_batch(estimate.config.micro_batch_size))
     if train_config.num_nodes > 1:
         result.inter_node_gbps = inter_node_gbps
     return result

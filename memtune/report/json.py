@@ -27,6 +27,7 @@ def plan_to_dict(result: PlanResult) -> dict[str, Any]:
         "usable_bytes": None if result.verdict is None else result.verdict.usable_bytes,
         "fits": result.fits,
         "estimate": result.estimate.to_dict(),
+        "data": None if result.data is None else result.data.to_dict(),
     }
 
 
@@ -76,6 +77,7 @@ def fit_to_dict(result: FitResult) -> dict[str, Any]:
         "plan": None if result.plan is None else result.plan.to_dict(),
         "plan_path": None if result.plan_path is None else str(result.plan_path),
         "card_plans": [_card_plan_dict(card) for card in result.card_plans],
+        "data": None if result.data is None else result.data.to_dict(),
         "seconds": result.seconds,
     }
 

@@ -11,13 +11,15 @@ docs/json-schema.md, and tests/test_report.py checks real documents against that
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import rich.markup
 from rich import box
 from rich.console import Console
 from rich.padding import Padding
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -31,6 +33,7 @@ from memtune.report.words import (
     category_colour,
     changes_to_make,
     checkpointing_words,
+    data_lines,
     evaluation_line,
     fit_command,
     fit_commands,
@@ -78,6 +81,9 @@ def render_plan(result: PlanResult, console: Console) -> None:
     console.print(
         f"configuration: {config.describe()}, {config.seq_len} tokens, effective batch {config.effective_batch_size}"
     )
+    if result.data is not None:
+        for line in data_lines(result.data):
+            console.print(line, highlight=False, markup=False)
     table = Table(title="predicted peak memory", show_lines=False)
     table.add_column("category")
     table.add_column("bytes", justify="right")
@@ -160,6 +166,9 @@ def render_fit(result: FitResult, console: Console) -> None:
     if result.source.note:
         console.print(f"note: {result.source.note}", highlight=False)
     console.print(task_line(result), highlight=False)
+    if result.data is not None:
+        for line in data_lines(result.data):
+            console.print(line, highlight=False, markup=False)
     if result.card_plans:
         _render_card_plans(result, console)
         return
@@ -516,3 +525,25 @@ class ProgressPrinter:
 
 def progress_printer(console: Console, *, plain_lines: bool = True) -> ProgressPrinter:
     return ProgressPrinter(console, plain_lines=plain_lines)
+
+
+@contextlib.contextmanager
+def tokenizing_progress(console: Console) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar of the documents tokenised (`run.data_plan.token_lengths`' `progress(done, total)`) on a
+    terminal, gone when done; None off a terminal, so logs get no animation.
+
+        with report.tokenizing_progress(err) as progress:
+            data = plan_data(source, path, seq_len, progress=progress)
+    """
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("tokenising the data"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("tokenising", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance
