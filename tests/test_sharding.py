@@ -145,12 +145,15 @@ def test_estimate_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(m
     from memtune.predict import estimate as estimate_module
     from memtune.predict import fsdp, single
 
-    monkeypatch.setattr(fsdp, "estimate_sharded", lambda model, config, **_: "sharded")
-    monkeypatch.setattr(single, "estimate_single", lambda model, config, **_: "plain")
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(fsdp, "estimate_sharded", lambda model, config, **_: SimpleNamespace(by="fsdp", host_bytes=0))
+    monkeypatch.setattr(single, "estimate_single", lambda model, config, **_: SimpleNamespace(by="single", host_bytes=0))
     model = small_llama()
-    assert estimate_module.estimate(model, TrainConfig(seq_len=16, num_gpus=2)) == "sharded"
-    assert estimate_module.estimate(model, TrainConfig(seq_len=16, offload="parameters")) == "sharded"
-    assert estimate_module.estimate(model, TrainConfig(seq_len=16)) == "plain"
+    assert estimate_module.estimate(model, TrainConfig(seq_len=16, num_gpus=2)).by == "fsdp"
+    offloaded = estimate_module.estimate(model, TrainConfig(seq_len=16, offload="parameters"))
+    assert offloaded.by == "fsdp" and offloaded.host_bytes > 0  # the offloaded shards, added after the trace
+    assert estimate_module.estimate(model, TrainConfig(seq_len=16)).by == "single"
 
 
 def test_optimizer_only_offload_is_refused_with_the_alternative():
