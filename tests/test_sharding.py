@@ -142,13 +142,16 @@ def test_extending_a_five_layer_trace_reproduces_tracing_every_layer(config):
 
 
 def test_estimate_sends_sharded_and_offloaded_configurations_to_the_fsdp_model(monkeypatch):
+    from types import SimpleNamespace
+
     from memtune.predict import estimate as estimate_module
     from memtune.predict import fsdp, single
 
-    from types import SimpleNamespace
+    def by(name: str):
+        return lambda model, config, **_: SimpleNamespace(by=name, host_bytes=0)
 
-    monkeypatch.setattr(fsdp, "estimate_sharded", lambda model, config, **_: SimpleNamespace(by="fsdp", host_bytes=0))
-    monkeypatch.setattr(single, "estimate_single", lambda model, config, **_: SimpleNamespace(by="single", host_bytes=0))
+    monkeypatch.setattr(fsdp, "estimate_sharded", by("fsdp"))
+    monkeypatch.setattr(single, "estimate_single", by("single"))
     model = small_llama()
     assert estimate_module.estimate(model, TrainConfig(seq_len=16, num_gpus=2)).by == "fsdp"
     offloaded = estimate_module.estimate(model, TrainConfig(seq_len=16, offload="parameters"))
