@@ -101,7 +101,7 @@ configuration left (the last step is saved), 130 interrupted (checkpoint saved).
 @functools.cache
 def _classes_in(filename: str) -> dict[str, ast.ClassDef]:
     """{qualified name: its ClassDef} of every class of a Python file outside a function, the file parsed once per
-    process: `inspect.getsource` parses the whole module again for each class (0.3 s of every `memtune --help`
+    process: `inspect.getsource` parses the whole module again for each class (0.2-0.3 s of every `memtune --help`
     on a 2-core machine, for the 11 options dataclasses). {} when the file cannot be read."""
     try:
         tree = ast.parse(Path(filename).read_text(encoding="utf-8"))

@@ -11,8 +11,8 @@ MODEL is, in the order tried:
 4. any other hub id, through `AutoConfig.from_pretrained` (origin "hub"; offline, only the local
    Hugging Face cache is read).
 
-The hub's reachability is probed (`_reachable`: one TCP connect, at most HUB_PROBE_SECONDS) only past
-steps 1-2 (and 3 with `shapes_only=True`), and once per process and endpoint.
+The hub's reachability is probed (`_reachable`: one TCP connect, at most HUB_PROBE_SECONDS) only for a
+name that steps 1 and 2 (and with `shapes_only=True` step 3) do not answer, once per process and endpoint.
 
 A path-like MODEL (starting with `.`, `/` or `~`) that is not a directory is reported as such, never
 looked up on the hub. Whatever the origin, the config must be one transformers builds a decoder-only
