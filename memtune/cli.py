@@ -17,6 +17,7 @@ import argparse
 import ast
 import contextlib
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -34,9 +35,9 @@ from rich.console import Console
 from memtune.config import Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import DataOptions, FitOptions, PlanOptions, RunOptions
-from memtune.report import html as html_report
-from memtune.report import json as json_report
-from memtune.report import terminal as report
+
+# memtune.report (and through it the search and the plan) is imported by the commands that render: `memtune
+# --help` builds the parser only. Nothing here imports torch, transformers or peft (tests/test_startup.py).
 
 EPILOG_PLAN = """examples:
   memtune plan gpt2 --seq-len 512 --batch-size 8 --budget 16GiB
@@ -100,6 +101,44 @@ configuration left (the last step is saved), 130 interrupted (checkpoint saved).
 # ---- options dataclass -> argparse ------------------------------------------------------------------
 
 
+@functools.cache
+def _classes_in(filename: str) -> dict[str, ast.ClassDef]:
+    """{qualified name: its ClassDef} of every class of a Python file outside a function, the file parsed once per
+    process: `inspect.getsource` parses the whole module again for each class (0.2-0.3 s of every `memtune --help`
+    on a 2-core machine, for the 11 options dataclasses). {} when the file cannot be read."""
+    try:
+        tree = ast.parse(Path(filename).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return {}
+    found: dict[str, ast.ClassDef] = {}
+
+    def visit(statements: list[ast.stmt], prefix: str) -> None:
+        for node in statements:
+            if isinstance(node, ast.ClassDef):
+                found[prefix + node.name] = node
+                visit(node.body, f"{prefix}{node.name}.")
+
+    visit(tree.body, "")
+    return found
+
+
+def _class_node(klass: type) -> ast.ClassDef | None:
+    """The ClassDef of `klass`, from its module's file (cached), else from `inspect.getsource` (a class defined
+    inside a function); None when there is no source (a frozen application)."""
+    try:
+        filename = inspect.getsourcefile(klass)
+    except TypeError:  # a built-in class
+        return None
+    node = _classes_in(filename).get(klass.__qualname__) if filename else None
+    if node is not None:
+        return node
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
+    except (OSError, TypeError):
+        return None
+    return body if isinstance(body, ast.ClassDef) else None
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """{field name: its attribute docstring, on one line} of a dataclass and its dataclass bases: the
     string literal under each field, as Sphinx autodoc and LitGPT's jsonargparse read them."""
@@ -107,11 +146,8 @@ def field_docs(cls: type) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        try:
-            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0]
-        except (OSError, TypeError):  # no source (a frozen application): the options keep no help
-            continue
-        statements = body.body if isinstance(body, ast.ClassDef) else []
+        body = _class_node(klass)  # None without source (a frozen application): the options keep no help
+        statements = body.body if body is not None else []
         for node, after in itertools.pairwise(statements):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
                     and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
@@ -351,6 +387,7 @@ def read_data(options: DataOptions, source: Any, seq_len: int, err: Console) -> 
     """The DataPlan of --data (`run.data_plan.plan_data`), with a progress bar on a terminal; None without --data."""
     if options.data is None:
         return None
+    from memtune.report import terminal as report
     from memtune.run.data_plan import plan_data
 
     with report.tokenizing_progress(err) as progress:
@@ -360,6 +397,8 @@ def read_data(options: DataOptions, source: Any, seq_len: int, err: Console) -> 
 
 def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     from memtune.fit import plan_configuration, quiet_libraries
+    from memtune.report import json as json_report
+    from memtune.report import terminal as report
     from memtune.sources import resolve, source_parameters
 
     task = options.task
@@ -368,7 +407,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
                if problem]
     if missing:  # before the model is resolved and traced
         raise UsageError(listed("", missing))
-    source = resolve(task.model, trust_remote_code=task.trust_remote_code)
+    source = resolve(task.model, trust_remote_code=task.trust_remote_code, shapes_only=True)
     if source.note:
         err.print(f"note: {source.note}")
     data = read_data(options.training_data, source, task.seq_len, err)
@@ -406,12 +445,15 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
 
 def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     from memtune.fit import fit_model, quiet_libraries
+    from memtune.report import html as html_report
+    from memtune.report import json as json_report
+    from memtune.report import terminal as report
     from memtune.sources import resolve, source_parameters
 
     task = options.task
     policy = options.policy()
     budget_bytes, budget_label = task.budget_and_label()
-    source = resolve(task.model, trust_remote_code=task.trust_remote_code)
+    source = resolve(task.model, trust_remote_code=task.trust_remote_code, shapes_only=True)
     if source.note:
         err.print(f"note: {source.note}")
     missing = options.training_data.data_problem()
@@ -453,6 +495,7 @@ def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
     from memtune.plan import Plan
 
     plan = Plan.load(options.plan)  # a wrong path is told before the seconds of importing the Trainer
+    from memtune.report import terminal as report
     from memtune.run import runner  # imports the Trainer: only for `run`
 
     code = runner.relaunch(plan, options, log=lambda message: err.print(message, highlight=False))
@@ -472,6 +515,8 @@ def cmd_run(options: RunOptions, out: Console, err: Console) -> int:
 
 def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
     from memtune.measure.probe import probe
+    from memtune.report import json as json_report
+    from memtune.report import terminal as report
 
     result = probe()
     if args.json:
@@ -482,6 +527,8 @@ def cmd_probe(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_models(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from memtune.report import json as json_report
+    from memtune.report import terminal as report
     from memtune.sources import catalog
 
     entries = catalog()

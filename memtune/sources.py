@@ -3,11 +3,16 @@
 MODEL is, in the order tried:
 1. a local directory with config.json (origin "local");
 2. a short catalog alias such as `qwen2.5-0.5b` (origin "catalog", never touches the network);
-3. a catalog hub id such as `Qwen/Qwen2.5-0.5B`, matched case-insensitively: the hub's config wins
-   when the hub answers (origin "hub"); offline, gated or unreachable, the catalog copy is used
-   (origin "catalog", with the reason in `note`);
+3. a catalog hub id such as `Qwen/Qwen2.5-0.5B`, matched case-insensitively: with `shapes_only=True`
+   (`memtune plan` and `fit`, which need the shapes alone) the catalog copy, never touching the network;
+   otherwise (`memtune run`, which loads the weights) the hub's config wins when the hub answers (origin
+   "hub"); offline, gated or unreachable, the catalog copy is used (origin "catalog", with the reason in
+   `note`);
 4. any other hub id, through `AutoConfig.from_pretrained` (origin "hub"; offline, only the local
    Hugging Face cache is read).
+
+The hub's reachability is probed (`_reachable`: one TCP connect, at most HUB_PROBE_SECONDS) only for a
+name that steps 1 and 2 (and with `shapes_only=True` step 3) do not answer, once per process and endpoint.
 
 A path-like MODEL (starting with `.`, `/` or `~`) that is not a directory is reported as such, never
 looked up on the hub. Whatever the origin, the config must be one transformers builds a decoder-only
@@ -156,8 +161,13 @@ def custom_code(config: Any) -> bool:
     return type(config).__module__.startswith("transformers_modules")
 
 
-def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bool = False) -> ModelSource:
+def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bool = False,
+            shapes_only: bool = False) -> ModelSource:
     """Map MODEL (local directory, catalog name or hub id) to a transformers config.
+
+    `shapes_only`: the caller needs the model's shapes alone (a prediction, not the weights), so a catalog
+    hub id is served from the catalog (its fields are copied from the published config.json) with no hub
+    lookup and no reachability probe, like an alias.
 
     Raises ModelNotFoundError, saying why and what to use instead, when nothing matches, and UsageError
     for a config memtune cannot use (unreadable, not a causal LM, custom code without trust_remote_code).
@@ -182,7 +192,7 @@ def resolve(model: str, *, local_files_only: bool = False, trust_remote_code: bo
 
     key = model.strip().lower()
     entry = _catalog_index().get(key)
-    if entry is not None and key != entry["hub_id"].lower():  # an alias: never the network
+    if entry is not None and (shapes_only or key != entry["hub_id"].lower()):  # an alias: never the network
         return _from_catalog(model, entry)
 
     offline_reason = _offline_reason(local_files_only)
