@@ -512,7 +512,7 @@ def _source_of(model_or_name: Any, trust_remote_code: bool = False) -> tuple[Mod
     from memtune.sources import resolve, source_parameters
 
     if isinstance(model_or_name, (str, Path)):
-        source = resolve(str(model_or_name), trust_remote_code=trust_remote_code)
+        source = resolve(str(model_or_name), trust_remote_code=trust_remote_code, shapes_only=True)
         return source, source_parameters(source)
     config = getattr(model_or_name, "config", None)
     if config is None or not hasattr(model_or_name, "parameters"):
