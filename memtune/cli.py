@@ -292,16 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    raw = HelpFormatter
+    raw = HelpFormatter  # allow_abbrev=False: a flag of one command is not read as the prefix of another's
     plan = commands.add_parser("plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
-                               epilog=EPILOG_PLAN, formatter_class=raw)
+                               epilog=EPILOG_PLAN, formatter_class=raw, allow_abbrev=False)
     add_options(plan, PlanOptions)
     fit = commands.add_parser("fit", help="find the fastest training configuration that fits, verify it, save the plan",
-                              epilog=EPILOG_FIT, formatter_class=raw)
+                              epilog=EPILOG_FIT, formatter_class=raw, allow_abbrev=False)
     add_options(fit, FitOptions)
     run = commands.add_parser(
         "run", help="train with a saved plan (HF Trainer), with the OOM guard; Ctrl-C checkpoints, --resume continues",
-        epilog=EPILOG_RUN, formatter_class=raw,
+        epilog=EPILOG_RUN, formatter_class=raw, allow_abbrev=False,  # fit --out is no --output-dir
     )
     add_options(run, RunOptions)
     probe = commands.add_parser("probe", help="what the GPU here has: total, free, other processes, bf16, CUDA context")

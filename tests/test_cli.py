@@ -404,3 +404,9 @@ def test_several_bad_options_are_listed_one_per_line(capsys):
     assert lines[0] == "error: invalid options:"
     assert lines[1].startswith("  - --loss chunked contradicts --no-chunked-loss")
     assert lines[2] == "  - --offload parameters contradicts --no-offload: keep one"
+
+
+def test_a_flag_is_never_read_as_the_prefix_of_another(capsys):
+    """`fit --out X` is no `--output-dir X` (argparse's abbreviations are off): plan has --out, fit has --plan-out."""
+    assert main(["fit", "gpt2", "--budget", "4GiB", "--out", "x"]) == 2
+    assert "unrecognized arguments: --out x" in capsys.readouterr().err
