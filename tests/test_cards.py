@@ -272,3 +272,17 @@ def test_the_benchmark_predicts_each_emulated_card_with_its_capability_in_fp16()
     assert {case.config.attn for case in cases() if case.card is None} == {"sdpa", "eager"}
     row = with_errors({"case": "x", "measured_reserved_bytes": 100, "cpu_reserved_bytes": 103}, ["cpu"])
     assert row["cpu_reserved_error"] == pytest.approx(0.03) and "+3.00%" in format_row(row, ["cpu"])
+
+
+def test_the_plan_report_names_the_attention_kernel_the_trace_assumed():
+    """`report.words.attention_words`: sdpa's kernel on the card planned for (a grouped-KV model runs math on a T4,
+    with the reason), flash on a Hopper card, and the implementation itself when it is not sdpa."""
+    from memtune.report.words import attention_words
+    from memtune.sources import catalog_config
+
+    qwen = catalog_config("Qwen/Qwen2.5-0.5B")  # 14 heads, 2 KV heads: grouped
+    fp16 = TrainConfig(seq_len=128, micro_batch_size=1, amp="fp16")
+    t4 = attention_words(fp16.replace(gpu_capability="7.5"), qwen)
+    assert "math" in t4 and "grouped KV heads" in t4 and "7.5" in t4
+    assert "flash kernel at compute capability 9.0" in attention_words(fp16, qwen)
+    assert attention_words(fp16.replace(attn="eager"), qwen) == "attention: eager"

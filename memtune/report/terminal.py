@@ -29,6 +29,7 @@ from memtune.report.words import (
     CATEGORY_NOTES,
     allocator_words,
     alternative_verdict,
+    attention_words,
     breakdown_items,
     category_colour,
     changes_to_make,
@@ -84,6 +85,7 @@ def render_plan(result: PlanResult, console: Console) -> None:
     if result.data is not None:
         for line in data_lines(result.data):
             console.print(line, highlight=False, markup=False)
+    console.print(attention_words(config, result.source.config), highlight=False)
     table = Table(title="predicted peak memory", show_lines=False)
     table.add_column("category")
     table.add_column("bytes", justify="right")

@@ -201,6 +201,32 @@ def zero_words(search: SearchResult) -> str | None:
     return line
 
 
+def attention_words(config: TrainConfig, model_config: Any) -> str:
+    """Which attention the step runs, as the trace assumed it: the implementation (--attn, else the config's own,
+    else sdpa) and, for sdpa, the kernel torch picks on the card planned for (`predict.emulation.sdpa_backend`: a
+    causal mask passed as is_causal, grouped KV heads passed with enable_gqa as transformers does)."""
+    import torch
+
+    from memtune.predict.emulation import DEFAULT_CAPABILITY, sdpa_backend
+
+    attn = config.attn or getattr(model_config, "_attn_implementation", None) or "sdpa"
+    if attn != "sdpa":
+        return f"attention: {attn}"
+    heads = int(getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "n_head", 0) or 1)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    hidden = int(getattr(model_config, "hidden_size", 0) or getattr(model_config, "n_embd", 0) or 0)
+    head_dim = int(getattr(model_config, "head_dim", None) or (hidden // heads if hidden else 64))
+    compute = config.amp if config.amp != "none" else config.weights_dtype
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute, torch.float32)
+    capability = config.gpu_capability or DEFAULT_CAPABILITY
+    kernel = sdpa_backend(capability, dtype, head_dim, False, same_heads=kv_heads == heads,
+                          enable_gqa=kv_heads != heads)
+    names = {"flash": "flash", "efficient": "memory-efficient", "math": "math (keeps the attention scores)"}
+    why = (": the memory-efficient kernel takes no grouped KV heads and flash needs compute capability 8.0"
+           if kernel == "math" and kv_heads != heads else "")
+    return f"attention: sdpa, torch's {names[kernel]} kernel at compute capability {capability}{why}"
+
+
 def fsdp_offload_words(search: SearchResult) -> str | None:
     """The host memory an FSDP2 CPU-offload winner holds (None for any other winner)."""
     chosen = search.chosen
