@@ -987,7 +987,14 @@ def gpu_card(name: str, flag: str = "--gpu", budget_flag: str = "--budget") -> G
     names = {known.lower(): known for known in GPU_CARDS}
     names.update({alias.lower(): canonical for alias, canonical in GPU_ALIASES.items()})
     if name.lower() not in names:
-        raise UsageError(f"unknown {flag} {name!r}: choose one of {', '.join(GPU_CARDS)}, or give {budget_flag}")
+        import difflib
+
+        squashed = {key.replace("-", ""): canonical for key, canonical in names.items()}
+        near = squashed.get(name.lower().replace("-", "")) or next(
+            iter(difflib.get_close_matches(name.lower(), list(names), n=1)), None)
+        hint = f"did you mean {names.get(near, near)}? " if near else ""
+        raise UsageError(f"unknown {flag} {name!r}: {hint}choose one of {', '.join(GPU_CARDS)}, or give "
+                         f"{budget_flag}")
     return GPU_CARDS[names[name.lower()]]
 
 

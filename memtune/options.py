@@ -196,7 +196,8 @@ class EvalOptions:
                                               ("--eval-logits", None if self.eval_logits == "none" else 1))
                      if value is not None]
             if given:
-                problems.append(f"{', '.join(given)} only apply with --eval-batch-size: add --eval-batch-size auto "
+                verb = "applies" if len(given) == 1 else "apply"
+                problems.append(f"{', '.join(given)} only {verb} with --eval-batch-size: add --eval-batch-size auto "
                                 "or a number, or drop them")
         return problems
 
@@ -662,7 +663,7 @@ class FitOptions:
                      if value is not None]
             verb = "applies" if len(given) == 1 else "apply"
             problems.append(f"{', '.join(given)} only {verb} with --run: add --run to train now, or drop them")
-        return problems + task.problems()
+        return list(dict.fromkeys(problems + task.problems()))  # one problem found by two checks is said once
 
     def policy(self) -> Policy:
         """The search's policy: the pins and forbidden rungs, the adapter choice and the GPUs (those visible

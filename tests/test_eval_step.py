@@ -201,7 +201,7 @@ def test_eval_sequences_are_counted_from_the_eval_files_size(tmp_path):
     (["--eval-batch-size", "0"], "an eval batch must be at least 1 sequence, got 0"),
     (["--eval-batch-size", "auto"], "--eval-batch-size auto chooses the eval batch for a budget: add --budget"),
     (["--eval-batch-size", "4", "--eval-data", "no/such/file.jsonl"], "--eval-data 'no/such/file.jsonl' does not"),
-    (["--eval-logits", "keep"], "--eval-logits only apply with --eval-batch-size"),
+    (["--eval-logits", "keep"], "--eval-logits only applies with --eval-batch-size"),
 ])
 def test_bad_eval_options_exit_2_with_the_value_and_the_fix(args, message, capsys):
     code = main(["plan", "gpt2", "--seq-len", "64", "--trace-device", "cpu", *args])
