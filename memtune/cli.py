@@ -33,7 +33,7 @@ from rich.console import Console
 
 from memtune.config import Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
-from memtune.options import FitOptions, PlanOptions, RunOptions
+from memtune.options import DataOptions, FitOptions, PlanOptions, RunOptions
 from memtune.report import html as html_report
 from memtune.report import json as json_report
 from memtune.report import terminal as report
@@ -46,6 +46,7 @@ EPILOG_PLAN = """examples:
   memtune plan qwen2.5-1.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu H100-80GB --gpus 4 --strategy auto
   memtune plan meta-llama/Llama-3.1-8B --seq-len 4096 --batch-size 32 --micro-batch-size 1 --precision bf16-mixed --checkpointing --gpu H100-80GB --nodes 2 --gpus 8 --out launch/
   memtune plan qwen2.5-0.5b --seq-len 2048 --batch-size 8 --micro-batch-size 1 --lora --precision bf16 --gpu RTX4090-24GB --eval-batch-size auto --eval-data eval.jsonl --eval-logits keep
+  memtune plan qwen2.5-0.5b --seq-len 2048 --batch-size 16 --micro-batch-size 4 --precision bf16-mixed --gpu A100-80GB --data train.jsonl --packing none
 
 MODEL is a catalog name (see `memtune models`), a hub id, or a local directory with config.json.
 Memory depends on shapes only: nothing is downloaded beyond config.json and no GPU is needed.
@@ -61,6 +62,8 @@ EPILOG_FIT = """examples:
   memtune fit ./my-model-dir --batch-size 16 --json > fit.json             # stdout carries only the JSON
   memtune fit qwen2.5-0.5b                                                 # no GPU, no budget: which common cards fit
   memtune fit qwen2.5-1.5b --seq-len 2048 --batch-size 32 --gpu H100-80GB --gpus 2   # DDP or FSDP over 2 GPUs
+  memtune fit ./my-model-dir --seq-len 4096 --batch-size 16 --gpu A100-80GB --data train.jsonl --packing bfd
+                                                                           # plan for the data's worst batch
 
 The search keeps the effective batch (--batch-size = micro-batch x accumulation x GPUs) and tries,
 fastest predicted first: micro-batch/accumulation, bf16 (or fp16) mixed precision, gradient
@@ -344,18 +347,31 @@ def log_library_lines(lines: list[str]) -> None:
         logging.getLogger("memtune.cli").debug("library: %s", line)
 
 
+def read_data(options: DataOptions, source: Any, seq_len: int, err: Console) -> Any:
+    """The DataPlan of --data (`run.data_plan.plan_data`), with a progress bar on a terminal; None without --data."""
+    if options.data is None:
+        return None
+    from memtune.run.data_plan import plan_data
+
+    with report.tokenizing_progress(err) as progress:
+        return plan_data(source, options.data, seq_len, options.packing, options.text_field, progress=progress,
+                         note=lambda message: err.print(f"note: {message}", highlight=False))
+
+
 def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
     from memtune.fit import plan_configuration, quiet_libraries
     from memtune.sources import resolve, source_parameters
 
     task = options.task
     budget_bytes, budget_label = task.budget_and_label()
-    missing = options.evaluation.data_problem()
+    missing = [problem for problem in (options.evaluation.data_problem(), options.training_data.data_problem())
+               if problem]
     if missing:  # before the model is resolved and traced
-        raise UsageError(missing)
+        raise UsageError(listed("", missing))
     source = resolve(task.model, trust_remote_code=task.trust_remote_code)
     if source.note:
         err.print(f"note: {source.note}")
+    data = read_data(options.training_data, source, task.seq_len, err)
     tracing = err.status("tracing one training step on fake tensors...", spinner="dots") if err.is_terminal else None
     train_config = options.train_config()
     with tracing or contextlib.nullcontext(), quiet_libraries() as said:  # library chatter: see log_library_lines
@@ -368,6 +384,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
             source, source_parameters(source), train_config, budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
             note=lambda message: err.print(f"note: {message}", highlight=False), inter_node_gbps=task.inter_node_gbps,
+            data=data,
         )
     log_library_lines(said)
     if task.json:
@@ -397,9 +414,10 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
     source = resolve(task.model, trust_remote_code=task.trust_remote_code)
     if source.note:
         err.print(f"note: {source.note}")
-    missing = options.run_options("").data_problem() if options.run else None
+    missing = options.training_data.data_problem()
     if missing:  # before minutes of search, not after
         raise UsageError(missing)
+    data = read_data(options.training_data, source, task.seq_len, err)
     evaluation = options.evaluation.fields(task.seq_len, 1)  # the eval batch for the micro-batch chosen: auto
     if evaluation and options.evaluation.auto:
         evaluation["eval_batch_size"] = "auto"
@@ -409,7 +427,7 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,
-            evaluation=evaluation or None,
+            evaluation=evaluation or None, data=data,
         )
     log_library_lines(said)
     if task.json:

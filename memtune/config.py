@@ -1212,10 +1212,13 @@ class Policy:
     """GPUs of one data-parallel job (--gpus), on each machine."""
     num_nodes: int = field(default=1, metadata=option(on_command_line=False))
     """Machines of num_gpus GPUs each (--nodes; auto_fit's nodes=)."""
-    host_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
-    """Host memory a step may hold, all ranks of the machine together (offloaded activations, DeepSpeed's offloaded
-    state: both pinned): fit sets HOST_BUDGET_FRACTION of the memory the host has available
-    (`measure.probe.host_available_bytes`); None: not checked."""
+    host_budget_bytes: int | None = field(default=None, metadata=option(
+        flag="--host-memory", parse=parse_bytes, group=POLICY,
+        default_text="on a GPU machine, part of the RAM it has available; else not checked"))
+    """Host RAM the training may hold, all ranks of the machine together (offloaded activations, FSDP2's and
+    DeepSpeed's offloaded state), in bytes (on the command line a quantity such as 64GiB: give the RAM of the
+    machine you plan for). Without it fit takes HOST_BUDGET_FRACTION of what this machine has available where it
+    has a GPU (`measure.probe.host_available_bytes`), and checks nothing on a machine without one."""
     nvme_budget_bytes: int | None = field(default=None, metadata=option(on_command_line=False))
     """Free bytes at `nvme_path` (fit sets it from shutil.disk_usage); None: not checked."""
     max_trials: int = field(default=3, metadata=option(on_command_line=False))

@@ -53,6 +53,7 @@ from memtune.predict.estimate import (
     fits_under,
 )
 from memtune.predict.trace import num_layers_of
+from memtune.run.data_plan import DataPlan
 from memtune.run.launch import MAIN_PROCESS_IP, LaunchFiles, write_launch_files
 from memtune.search.choose import (
     COMMON_CARDS,
@@ -154,6 +155,8 @@ class PlanResult:
     """Predicted tokens/s over all GPUs (`predict.throughput`); over several machines it rests on `inter_node_gbps`."""
     inter_node_gbps: float | None = None
     """The network rate of each machine the throughput assumed (Gb/s, --inter-node-gbps); None on one machine."""
+    data: DataPlan | None = None
+    """The training data's lengths and worst batch (`--data`), at the micro-batch predicted; None without --data."""
 
     @property
     def budget_bytes(self) -> int | None:
@@ -203,6 +206,8 @@ class FitResult:
     card_plans: list[CardPlan] = field(default_factory=list)
     policy: Policy | None = None
     """The policy as the user gave it (pins and forbidden rungs), for the reproduce line."""
+    data: DataPlan | None = None
+    """The training data's lengths and worst batch (`--data`), at the chosen micro-batch; None without --data."""
     seconds: float = 0.0
     inter_node_gbps: float | None = None
     """Over several machines (--nodes): the network rate of each machine the throughput assumed (Gb/s one way,
@@ -259,6 +264,7 @@ def fit_model(
     progress: Callable[[str], None] | None = None,
     evaluation: dict[str, Any] | None = None,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
+    data: DataPlan | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations.
 
@@ -268,11 +274,16 @@ def fit_model(
     Several machines (`policy.num_nodes` > 1, --nodes): the search splits the effective batch over every GPU of every
     machine and times the collectives over `inter_node_gbps` per machine (Gb/s one way, an assumption, said in the
     search's notes); trial steps (this machine only) are skipped; a saved plan gets its launch files in the plan's
-    folder (`run.launch.write_launch_files`), with what to fill in among the notes."""
+    folder (`run.launch.write_launch_files`), with what to fill in among the notes.
+
+    `data`: the training data's batches (`run.data_plan`, `--data`): the search, the trials and the plan use the
+    worst batch's row length (`DataPlan.row_tokens`, at most `seq_len`) instead of `seq_len`; `seq_len` stays the
+    task's (the reproduce line's --seq-len)."""
     from memtune.measure.probe import probe
 
     started = time.perf_counter()
-    result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy)
+    result = FitResult(source, num_parameters, seq_len, effective_batch_size, policy=policy, data=data)
+    seq_len = traced_seq_len(seq_len, data)
     result.probe = probe_result if probe_result is not None else probe()
     gpu = result.probe.gpus[0] if result.probe.available else None
     result.gpu = gpu
@@ -357,6 +368,8 @@ def fit_model(
     if several_machines:
         result.search.notes.append(network_note(policy, inter_node_gbps))
     chosen = result.search.chosen
+    if chosen is not None and data is not None:
+        result.data = data.with_micro_batch(chosen.config.micro_batch_size)
     if chosen is not None:
         measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
         train_config, predicted_total = chosen.config.replace(**on_card), chosen.predicted_total_bytes or 0
@@ -403,6 +416,13 @@ def launch_note(files: LaunchFiles, plan_path: Path) -> str:
             f"then on each machine R, 0 to {machines - 1}: accelerate launch --config_file "
             f"{files.directory}/accelerate_machine{{R}}.yaml -m memtune run {shlex.quote(str(plan_path.resolve()))} "
             f"(or {files.torchrun_script.name}, or SLURM: {files.sbatch_script.name})")
+
+
+def traced_seq_len(seq_len: int, data: DataPlan | None) -> int:
+    """The sequence length a step is traced and searched at: the worst batch's row length of the training data
+    (`DataPlan.row_tokens`: --seq-len for concat, the longest truncated document for none and padding-free, the
+    fullest packed row for bfd), else `seq_len` (every batch micro-batch x seq_len, as `memtune run` packs)."""
+    return seq_len if data is None else data.row_tokens
 
 
 def plan_evaluation(
@@ -761,6 +781,7 @@ def plan_configuration(
     policy: Policy = Policy(),
     note: Callable[[str], None] | None = None,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
+    data: DataPlan | None = None,
 ) -> PlanResult:
     """`memtune plan`: the predicted memory of one configuration and its verdict against `budget_bytes`
     less the policy's margin (`search.verdict.judge`: what `memtune fit` decides for the same
@@ -770,8 +791,10 @@ def plan_configuration(
     (`search.choose.choose_strategy`); `note` is told why. The throughput model uses the speed of
     `gpu_name` (default H100) and, over several machines (`TrainConfig.num_nodes`), `inter_node_gbps` per machine
     (an assumption, `predict.throughput`), then also reported. Traces on fake tensors: no GPU and no weights are
-    needed.
+    needed. `data` (`--data`): the step is traced at the worst batch's row length (`traced_seq_len`) and the result
+    records the data's lengths and worst batch at the micro-batch predicted.
     """
+    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data))
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
     if train_config.adapter is not None:
@@ -794,7 +817,8 @@ def plan_configuration(
             note(f"on this machine {problem}: the plan needs a host with more memory, or less offloaded")
     verdict = None if budget_bytes is None else judge(predictor, estimate, budget_bytes, margin_bytes)
     result = PlanResult(source, estimate, budget_label, num_parameters, verdict,
-                        tokens_per_second=predictor.tokens_per_second(estimate.config))
+                        tokens_per_second=predictor.tokens_per_second(estimate.config),
+                        data=None if data is None else data.with_micro_batch(estimate.config.micro_batch_size))
     if train_config.num_nodes > 1:
         result.inter_node_gbps = inter_node_gbps
     return result

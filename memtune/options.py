@@ -231,6 +231,65 @@ class EvalOptions:
                 "eval_sequences": self.eval_sequences(seq_len)}
 
 
+TRAINING_DATA = "training data (plan for the worst batch the loader makes)"
+PACKING_MODES: dict[str, str] = {
+    "concat": "documents concatenated and cut into --seq-len blocks, every batch micro-batch x seq-len (what memtune "
+              "run does)",
+    "none": "one document per row, truncated at --seq-len and padded to the longest in the batch",
+    "bfd": "TRL's best-fit-decreasing packing (pack_dataset), each packed row <= --seq-len",
+    "padding-free": "documents of a batch concatenated without padding, position_ids reset per document (TRL's "
+                    "padding_free), at most micro-batch x seq-len tokens",
+}
+"""The batching modes of --packing (run.data_plan says what each produces and what is traced)."""
+Packing = Literal["concat", "none", "bfd", "padding-free"]
+DEFAULT_PACKING: Packing = "concat"
+"""What `memtune run` does (`run.data.PackedDataset`)."""
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """The training data `plan` and `fit` plan for (`run.data_plan`), and that `fit --run` trains on."""
+
+    data: str | None = field(default=None, metadata=option(
+        metavar="FILE|DIR", group=TRAINING_DATA,
+        default_text="no data read: every batch is micro-batch x --seq-len; fit --run trains on memtune's sample "
+                     "corpus"))
+    """Training text (.jsonl, .json, .txt or a folder of them): tokenised with the model's tokenizer (a local
+    directory's own, else memtune's shipped one), its length percentiles and truncated count reported, and the plan
+    made for the worst batch of --packing; with fit --run, also what is trained on"""
+    text_field: str = field(default="text", metadata=option(group=TRAINING_DATA))
+    """The JSON field that holds the text."""
+    packing: Packing = field(default=DEFAULT_PACKING, metadata=option(
+        group=TRAINING_DATA, note="; ".join(f"{name}: {words}" for name, words in PACKING_MODES.items())))
+    """How the loader batches the documents (with --data)"""
+
+    def problems(self, run: bool = False) -> list[str]:
+        """Every problem of these options at once (a missing path is `data_problem`'s, checked before work starts).
+        `run`: fit --run, which trains with `memtune run`'s concat packing only."""
+        problems = []
+        if self.packing not in PACKING_MODES:
+            problems.append(f"--packing {self.packing!r} is not a batching mode: use one of "
+                            f"{', '.join(PACKING_MODES)} (default {DEFAULT_PACKING}, what memtune run does)")
+        elif self.packing != DEFAULT_PACKING and self.data is None:
+            problems.append(f"--packing {self.packing} plans the worst batch of the data's lengths: add --data FILE, "
+                            "or drop --packing")
+        elif self.packing != DEFAULT_PACKING and run:
+            problems.append(f"--run trains with memtune run, which packs by concatenation only (--packing concat), "
+                            f"got --packing {self.packing}: drop --run to plan {self.packing} batches, or use "
+                            "--packing concat")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            problems.append(f"--text-field must name a JSON field, got {self.text_field!r}")
+        return problems
+
+    def data_problem(self) -> str | None:
+        """--data that does not exist (checked before work starts, not when the command line is parsed, as
+        `RunOptions.data_problem`)."""
+        if self.data is not None and not Path(self.data).exists():
+            return (f"--data {self.data!r} does not exist: give a .jsonl, .json or .txt file or a folder of them, "
+                    "or leave --data out")
+        return None
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """`memtune plan`: the one configuration whose peak memory is predicted."""
@@ -291,13 +350,15 @@ class PlanOptions:
     """chunked: the LM head and cross-entropy a chunk of tokens at a time, never holding all fp32 logits (memtune's,
     inside the model's forward); liger: Liger-Kernel's fused linear cross-entropy (pip install -e ".[liger]")."""
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+    training_data: DataOptions = field(default_factory=DataOptions)
     out: str | None = field(default=None, metadata=option(metavar="DIR"))
     """Write the launch files of a plan over several GPUs or machines into DIR: an accelerate config per machine
     (its machine_rank; main_process_ip/port to fill in), a torchrun line and a SLURM sbatch script."""
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `train_config()` builds)."""
-        problems = self._shape_problems() + self.task.problems() + self.evaluation.problems()
+        problems = (self._shape_problems() + self.task.problems() + self.evaluation.problems()
+                    + self.training_data.problems())
         if self.evaluation.auto and not (self.task.budget or self.task.gpu):
             problems.append("--eval-batch-size auto chooses the eval batch for a budget: add --budget or --gpu, "
                             "or give a number (e.g. --eval-batch-size 8)")
@@ -362,8 +423,9 @@ class PlanOptions:
         if self.strategy != "deepspeed":
             if not pins:
                 return []
+            default = " (plan's default)" if self.strategy == PlanOptions.strategy else ""
             return [f"{', '.join(pins)} {'is' if len(pins) == 1 else 'are'} DeepSpeed's, got --strategy "
-                    f"{self.strategy}: add --strategy deepspeed"
+                    f"{self.strategy}{default}: add --strategy deepspeed"
                     + (", or use --offload parameters (FSDP2 CPU offload)" if self.offload == "optimizer" else "")]
         if not deepspeed_available():
             return [f"--strategy deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip "
@@ -552,9 +614,6 @@ class FitOptions:
     """Also write the report as a self-contained HTML page."""
     run: bool = field(default=False, metadata=option(group=VERIFY_AND_OUTPUT))
     """Train with the plan right away (same as `memtune run PLAN`)."""
-    data: str | None = field(default=None, metadata=option(metavar="FILE", group=VERIFY_AND_OUTPUT,
-                                                           default_text="memtune's sample corpus"))
-    """With --run: training text (.jsonl, .txt or a folder)."""
     output_dir: str | None = field(default=None, metadata=option(metavar="DIR", group=VERIFY_AND_OUTPUT,
                                                                  default_text="memtune-runs/<model name>"))
     """With --run: where the model and checkpoints go."""
@@ -562,11 +621,12 @@ class FitOptions:
                                                                 default_text="one pass over the data"))
     """With --run: optimizer steps."""
     evaluation: EvalOptions = field(default_factory=EvalOptions)
+    training_data: DataOptions = field(default_factory=DataOptions)
 
     def problems(self) -> list[str]:
         """Every problem of these options at once (empty: `policy()` builds a valid Policy)."""
         task, pins = self.task, self.pins
-        problems = self.evaluation.problems()
+        problems = self.evaluation.problems() + self.training_data.problems(run=self.run)
         missing = self.evaluation.data_problem()
         if missing:
             problems.append(missing)
@@ -597,9 +657,9 @@ class FitOptions:
                 problems.append(problem)
         if self.run:  # checked now, not after minutes of search
             problems += self.run_options("").problems()
-        elif self.data is not None or self.output_dir is not None or self.max_steps is not None:
-            given = [flag for flag, value in (("--data", self.data), ("--output-dir", self.output_dir),
-                                              ("--max-steps", self.max_steps)) if value is not None]
+        elif self.output_dir is not None or self.max_steps is not None:  # --data plans the data without --run
+            given = [flag for flag, value in (("--output-dir", self.output_dir), ("--max-steps", self.max_steps))
+                     if value is not None]
             verb = "applies" if len(given) == 1 else "apply"
             problems.append(f"{', '.join(given)} only {verb} with --run: add --run to train now, or drop them")
         return problems + task.problems()
@@ -614,8 +674,9 @@ class FitOptions:
                                    use_adapter=self.adapters.use_adapter())
 
     def run_options(self, plan_path: str) -> RunOptions:
-        """`fit --run`: run the saved plan with this command's --data, --output-dir and --max-steps."""
-        return RunOptions(plan=plan_path, data=self.data, output_dir=self.output_dir, max_steps=self.max_steps)
+        """`fit --run`: run the saved plan with this command's --data, --text-field, --output-dir and --max-steps."""
+        return RunOptions(plan=plan_path, data=self.training_data.data, text_field=self.training_data.text_field,
+                          output_dir=self.output_dir, max_steps=self.max_steps)
 
 
 def output_file_problem(flag: str, path: str | Path) -> str | None:

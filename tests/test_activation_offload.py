@@ -11,6 +11,7 @@ from memtune.config import GIB, Policy, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict import allocator
 from memtune.search import choose, ladder
+from tests.models import tiny_llama
 
 
 def small_llama(layers: int = 6, hidden: int = 256):
@@ -156,7 +157,7 @@ def test_the_search_keeps_the_host_s_memory_in_mind():
     result = choose.search(OffloadPredictor(), 1024, 1, 12 * GIB, policy, explain=False)
     assert result.chosen is None
     refused = next(c for c in result.candidates if c.config.offload_activations)
-    assert refused.status == choose.TOO_BIG and "4.00 GiB of pinned host memory" in refused.note
+    assert refused.status == choose.TOO_BIG and "4.00 GiB of host memory (all ranks)" in refused.note
 
 
 def test_offload_is_not_a_candidate_without_checkpointing_or_under_fsdp():
@@ -224,7 +225,7 @@ def test_every_ddp_rank_pins_its_own_copy():
     policy = Policy(**{**POLICY.__dict__, "host_budget_bytes": 6 * GIB, "num_gpus": 2, "strategy": "ddp"})
     result = choose.search(OffloadPredictor(), 1024, 2, 12 * GIB, policy, explain=False)
     refused = next(c for c in result.candidates if c.config.offload_activations)
-    assert refused.status == choose.TOO_BIG and "8.00 GiB of pinned host memory (all ranks)" in refused.note
+    assert refused.status == choose.TOO_BIG and "8.00 GiB of host memory (all ranks)" in refused.note
 
 
 def test_the_oom_guard_may_step_down_to_the_offload():
@@ -255,3 +256,19 @@ def test_the_plan_file_records_the_pinned_host_memory(capsys, tmp_path):
     assert Plan.load(path).predicted_host_bytes == chosen["host_bytes"]
     del saved["predicted_host_bytes"]  # a plan written before the field existed
     assert Plan.from_dict(saved).predicted_host_bytes == 0
+
+
+def test_fsdp_cpu_offload_counts_its_offloaded_shards_in_host_memory():
+    """FSDP2 CPU offload keeps every shard of the weights and, for trained ones, of the gradients (both pinned, each
+    rounded up to a power of two) and AdamW's two moments on the host: fp32 full fine-tuning holds at least 16 bytes
+    per parameter there (what the search checks against --host-memory), split over the GPUs."""
+    from memtune.predict.estimate import fsdp_offload_host_bytes
+    from memtune.predict.zero import cached_layout
+
+    model_config = tiny_llama()
+    one = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16", offload="parameters")
+    params = sum(param.numel for param in cached_layout(model_config, one).params)
+    host = fsdp_offload_host_bytes(model_config, one)
+    assert 16 * params <= host <= 32 * params
+    assert fsdp_offload_host_bytes(model_config, one.replace(offload="none")) == 0
+    assert fsdp_offload_host_bytes(model_config, one.replace(num_gpus=2)) < host

@@ -140,8 +140,8 @@ def test_a_fake_cuda_trace_without_a_gpu_is_refused_not_aborted(capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["fit", "gpt2", "--budget", "6GiB", "--data", "missing.jsonl", "--max-steps", "3"],
-     "--data, --max-steps only apply with --run"),
+    (["fit", "gpt2", "--budget", "6GiB", "--data", "train.jsonl", "--max-steps", "3"],
+     "--max-steps only applies with --run"),  # --data alone plans for the data (tests/test_data_plan.py)
     (["fit", "gpt2", "--budget", "6GiB", "--run", "--data", "missing.jsonl"], "--data 'missing.jsonl' does not exist"),
 ])
 def test_fit_checks_its_run_options_before_the_search(args, message, capsys):

@@ -200,8 +200,8 @@ def test_host_ram_refuses_zero_offload_that_does_not_fit_the_machine(with_deepsp
     result = search(ZeroPredictor(), 512, 8, 3.5 * GIB, policy, explain=False)
     refused = [c for c in result.candidates if c.note.startswith("ZeRO's offloaded state")]
     assert [zero_of(c.config) for c in refused] == [(3, "optimizer", "cpu")] and refused[0].status == TOO_BIG
-    assert refused[0].note == ("ZeRO's offloaded state needs 16.76 GiB of pinned host memory (all ranks), over the "
-                               "10.00 GiB allowed (50% of what the host has available)")
+    assert refused[0].note == ("ZeRO's offloaded state needs 16.76 GiB of host memory (all ranks), over the "
+                               "10.00 GiB allowed (--host-memory; by default 50% of what a GPU machine has available)")
     assert (result.chosen.config.strategy, result.chosen.config.offload) == ("fsdp", "parameters")
     # with room on the host the same ZeRO plan is chosen
     roomy = search(ZeroPredictor(), 512, 8, 3.5 * GIB, dataclasses.replace(policy, host_budget_bytes=64 * GIB),
@@ -328,7 +328,8 @@ def test_cli_plan_and_fit_refuse_strategy_deepspeed_without_deepspeed(without_de
 
 def test_cli_refuses_deepspeed_options_without_strategy_deepspeed(with_deepspeed, capsys):
     assert main(["plan", "gpt2", "--zero-stage", "2"]) == 2
-    assert "--zero-stage 2 is DeepSpeed's, got --strategy fsdp: add --strategy deepspeed" in capsys.readouterr().err
+    assert ("--zero-stage 2 is DeepSpeed's, got --strategy fsdp (plan's default): add --strategy deepspeed"
+            in capsys.readouterr().err)
     assert main(["fit", "gpt2", "--budget", "24GiB", "--strategy", "fsdp", "--offload", "optimizer"]) == 2
     error = capsys.readouterr().err
     assert "--offload optimizer is DeepSpeed's, which --strategy fsdp contradicts" in error
@@ -371,7 +372,7 @@ def test_cli_plan_notes_a_zero_plan_over_this_machines_host_memory(with_deepspee
                  "--strategy", "deepspeed", "--offload", "optimizer", "--trace-device", "cpu"]) == 0
     error = " ".join(capsys.readouterr().err.split())
     assert "note: on this machine ZeRO's offloaded state needs" in error
-    assert "of pinned host memory (all ranks), over the 1.00 KiB allowed" in error
+    assert "of host memory (all ranks), over the 1.00 KiB allowed" in error
 
 
 def test_auto_fit_plans_zero_offload_on_one_gpu(with_deepspeed):
@@ -422,4 +423,4 @@ def test_the_fit_report_names_the_engine_its_host_memory_and_the_host_refusals(w
     refused = dataclasses.replace(fit, search=search(ZeroPredictor(), 512, 8, 3.5 * GIB, tight), policy=tight)
     assert refused.search.chosen.config.strategy == "fsdp"
     assert ("DeepSpeed ZeRO-3 (CPU optimizer offload) on 2 GPUs: fits the GPU, but ZeRO's offloaded state needs 16.76 "
-            "GiB of pinned host memory (all ranks), over the 10.00 GiB allowed") in rendered(refused)
+            "GiB of host memory (all ranks), over the 10.00 GiB allowed") in rendered(refused)

@@ -518,3 +518,29 @@ def test_zero3_lora_trace_holds_the_base_layers_inputs_zero2_does_not():
         events, categories, *_ = zero.zero_step_events(model_config, config, "cpu")
         peaks[stage] = category_peak(events, categories, Category.ACTIVATIONS.value)
     assert peaks[3] > peaks[2]
+
+
+@pytest.mark.parametrize("fields", [{"gradient_checkpointing": True}, {"loss": "chunked"}])
+def test_zero3_lora_traces_with_recomputation(fields):
+    """ZeRO-3's F.linear stays in place through backward, where checkpointing (and the chunked loss) run the forward
+    again: the recomputation saves the same tensors as the first forward (torch.utils.checkpoint checks it)."""
+    from memtune.config import Adapter
+
+    config = deepspeed_config(3).replace(adapter=Adapter(rank=4), **fields)
+    events, categories, *_ = zero.zero_step_events(tiny_llama(), config, "cpu")
+    assert category_peak(events, categories, Category.ACTIVATIONS.value) > 0
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_the_state_floor_of_a_zero_plan_is_below_its_prediction_and_partitioned(stage):
+    """`bound.state_lower_bound` of a ZeRO plan: per GPU, partitioned by stage (not the full model state, which made
+    the search drop ZeRO plans that fit), and never above the predicted peak allocated."""
+    from memtune.predict.bound import state_lower_bound
+    from memtune.predict.throughput import ModelShape
+
+    model_config = tiny_llama()
+    numels, _ = parameter_counts(model_config)
+    shape = ModelShape.of(model_config, sum(numels))
+    one, four = deepspeed_config(stage, 1), deepspeed_config(stage, 4)
+    assert state_lower_bound(shape, four) < state_lower_bound(shape, one)
+    assert state_lower_bound(shape, four) <= estimate(model_config, four, device="cpu").peak_allocated_bytes

@@ -35,7 +35,8 @@ def optimizer_state_bytes(config: TrainConfig, trained: int) -> int:
 
 def state_lower_bound(shape: ModelShape, config: TrainConfig) -> int:
     """Bytes of weights + gradients + optimizer state that one GPU holds at the optimizer step of `config`;
-    0 with CPU offload (the state lives on the host). FSDP over N GPUs shards all three; DDP replicates them."""
+    0 with CPU offload (the state lives on the host). FSDP over N GPUs shards all three; DDP replicates them;
+    DeepSpeed ZeRO partitions them by stage (`zero_state_lower_bound`)."""
     if config.offload != "none":
         return 0
     if config.quantization is not None:
@@ -43,9 +44,27 @@ def state_lower_bound(shape: ModelShape, config: TrainConfig) -> int:
         weights = int(body * QUANTIZED_BYTES[config.quantization.bits]) + (shape.num_parameters - body) * 2
     else:
         weights = shape.num_parameters * DTYPE_BYTES[config.weights_dtype]
+    if config.deepspeed and config.zero is not None:
+        return zero_state_lower_bound(shape, config)
     state = weights
     if config.adapter is None:  # full fine-tuning: a gradient per weight, in the weights' dtype, and the state
         state += shape.num_parameters * DTYPE_BYTES[config.weights_dtype]
         state += optimizer_state_bytes(config, shape.num_parameters)
     shards = config.world_size if config.sharded else 1
     return state // shards
+
+
+def zero_state_lower_bound(shape: ModelShape, config: TrainConfig) -> int:
+    """`state_lower_bound` of a DeepSpeed ZeRO plan without offload, per GPU over N = world size ranks: the 16-bit
+    weights b*P (ZeRO-3: b*P/N), the gradients b*T (ZeRO-2 and 3: b*T/N) and the fp32 master and Adam moments
+    12*T/N (ZeRO's own rules, docs/deepspeed-zero.md §2; DeepSpeed's estimate_zero2/3_model_states_mem_needs give
+    the same terms). b is the dtype DeepSpeed casts the model to (the autocast dtype), T the trained parameters
+    (LoRA's adapters counted as none: a floor)."""
+    assert config.zero is not None
+    b = DTYPE_BYTES[config.amp if config.amp != "none" else config.weights_dtype]
+    ranks, stage = config.world_size, config.zero.stage
+    params = shape.num_parameters
+    trained = params if config.adapter is None else 0
+    weights = b * params // (ranks if stage == 3 else 1)
+    gradients = b * trained // (ranks if stage >= 2 else 1)
+    return weights + gradients + 12 * trained // ranks

@@ -66,8 +66,35 @@ def estimate(
     if train_config.replicated:
         return ddp.estimate_replicated(model_config, train_config, **kwargs)
     if train_config.sharded:
-        return fsdp.estimate_sharded(model_config, train_config, **kwargs)
+        found = fsdp.estimate_sharded(model_config, train_config, **kwargs)
+        found.host_bytes += fsdp_offload_host_bytes(model_config, train_config)
+        return found
     return single.estimate_single(model_config, train_config, **kwargs)
+
+
+def fsdp_offload_host_bytes(model_config: Any, train_config: TrainConfig) -> int:
+    """Host RAM (bytes) one rank holds under FSDP2 CPU offload (`offload="parameters"`; 0 otherwise): every
+    parameter's shard in the weights' dtype, pinned (FSDP2's CPUOffloadPolicy, pin_memory=True as accelerate sets
+    it: torch/distributed/fsdp/_fully_shard/_fsdp_param.py pins the sharded data), each trained parameter's gradient
+    shard, copied to the host with non_blocking=True (torch's pinned host allocator: `zero_layout.pinned_bytes`
+    rounds each to a power of two), and the optimizer state of the trained shards on the host, unpinned
+    (`bound.optimizer_state_bytes`: AdamW's two moments in the weights' dtype). Shards are ceil(numel / world size).
+    From FSDP2's source, not measured on a GPU yet."""
+    if not train_config.sharded or train_config.offload != "parameters":
+        return 0
+    from memtune.config import DTYPE_BYTES
+    from memtune.predict.bound import optimizer_state_bytes
+    from memtune.predict.zero_layout import pinned_bytes
+
+    layout = zero.cached_layout(model_config, train_config)  # the parameters of the model as built (adapter too)
+    width, ranks = DTYPE_BYTES[train_config.weights_dtype], train_config.world_size
+    total = 0
+    for param in layout.params:
+        shard = -(-param.numel // ranks)
+        total += pinned_bytes(shard * width)
+        if param.trainable:
+            total += pinned_bytes(shard * width) + optimizer_state_bytes(train_config, shard)
+    return total
 
 
 def check_trace_device(device: str | None) -> None:

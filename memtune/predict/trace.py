@@ -896,10 +896,12 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             step_config = train_config.replace(grad_accum_steps=len(batches))
             for input_ids in batches:
                 counter.phase = Category.ACTIVATIONS
-                with recipe.amp_context(train_config, amp_device), recipe.linear_context(train_config):
-                    loss = recipe.forward_loss(model, input_ids, input_ids, train_config) / step_config.grad_accum_steps
-                counter.phase = Category.TEMPORARIES
-                loss.backward()
+                with recipe.linear_context(train_config):  # through backward too: a recomputed forward runs there
+                    with recipe.amp_context(train_config, amp_device):
+                        loss = recipe.forward_loss(model, input_ids, input_ids, train_config)
+                        loss = loss / step_config.grad_accum_steps
+                    counter.phase = Category.TEMPORARIES
+                    loss.backward()
                 counter.base_layer = NO_LAYER
                 counter.retag([p.grad for p in trainable if p.grad is not None], Category.GRADIENTS)
                 del loss

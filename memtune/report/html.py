@@ -335,6 +335,8 @@ def render_html(result: FitResult) -> str:
                                                          words.task_line(result)]) + "</p>"]
     if result.source.note:
         parts.append(f"<p>note: {_e(result.source.note)}</p>")
+    if result.data is not None:  # the same lines as the terminal's data section
+        parts.append("<p>" + "<br>\n".join(_e(line.strip()) for line in words.data_lines(result.data)) + "</p>")
     search = result.search
     chosen = search.chosen if search is not None else None
     if not result.card_plans and search is not None:

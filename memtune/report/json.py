@@ -29,6 +29,7 @@ def plan_to_dict(result: PlanResult) -> dict[str, Any]:
         "estimate": result.estimate.to_dict(),
         "tokens_per_second": result.tokens_per_second,
         "inter_node_gbps": result.inter_node_gbps,
+        "data": None if result.data is None else result.data.to_dict(),
     }
 
 
@@ -78,6 +79,7 @@ def fit_to_dict(result: FitResult) -> dict[str, Any]:
         "plan": None if result.plan is None else result.plan.to_dict(),
         "plan_path": None if result.plan_path is None else str(result.plan_path),
         "card_plans": [_card_plan_dict(card) for card in result.card_plans],
+        "data": None if result.data is None else result.data.to_dict(),
         "seconds": result.seconds,
         "inter_node_gbps": result.inter_node_gbps,
         "launch_files": None if result.launch_files is None else list(result.launch_files.steps),

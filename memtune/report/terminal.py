@@ -11,13 +11,15 @@ docs/json-schema.md, and tests/test_report.py checks real documents against that
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import rich.markup
 from rich import box
 from rich.console import Console
 from rich.padding import Padding
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -31,10 +33,12 @@ from memtune.report.words import (
     category_colour,
     changes_to_make,
     checkpointing_words,
+    data_lines,
     evaluation_line,
     fit_command,
     fit_commands,
     fits_word,
+    fsdp_offload_words,
     gpu_lines,
     host_memory_words,
     host_refusal,
@@ -49,7 +53,7 @@ from memtune.report.words import (
     verification,
     zero_words,
 )
-from memtune.search.choose import NOT_EVALUATED, TOO_BIG, TRIAL_OOM
+from memtune.search.choose import FITS, NOT_EVALUATED, TOO_BIG, TRIAL_OOM
 from memtune.sources import CatalogEntry
 
 if TYPE_CHECKING:
@@ -77,6 +81,9 @@ def render_plan(result: PlanResult, console: Console) -> None:
     console.print(
         f"configuration: {config.describe()}, {config.seq_len} tokens, effective batch {config.effective_batch_size}"
     )
+    if result.data is not None:
+        for line in data_lines(result.data):
+            console.print(line, highlight=False, markup=False)
     table = Table(title="predicted peak memory", show_lines=False)
     table.add_column("category")
     table.add_column("bytes", justify="right")
@@ -159,6 +166,9 @@ def render_fit(result: FitResult, console: Console) -> None:
     if result.source.note:
         console.print(f"note: {result.source.note}", highlight=False)
     console.print(task_line(result), highlight=False)
+    if result.data is not None:
+        for line in data_lines(result.data):
+            console.print(line, highlight=False, markup=False)
     if result.card_plans:
         _render_card_plans(result, console)
         return
@@ -182,8 +192,9 @@ def render_fit(result: FitResult, console: Console) -> None:
 
 def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Table:
     """Evaluated candidates; the quality note has a column on a wide console, else a line under the configuration."""
-    table = Table(title=f"candidates, fastest predicted first (usable {format_bytes(search.usable_bytes)} = budget "
-                        f"{format_bytes(search.budget_bytes)} - margin {format_bytes(search.margin_bytes)})",
+    table = Table(title=f"candidates in the order tried, by tier, fastest first within one (usable "
+                        f"{format_bytes(search.usable_bytes)} = budget {format_bytes(search.budget_bytes)} - margin "
+                        f"{format_bytes(search.margin_bytes)})",
                   title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("configuration", ratio=3)
     table.add_column("predicted peak (of usable)", justify="right", width=17)
@@ -200,7 +211,10 @@ def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Ta
             configuration.append(f"\n  {quality}", style="dim")
         share = f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})"
         speed = f"{candidate.predicted_tokens_per_second:,.0f}"
-        cells: list[Text | str] = [configuration, share, candidate.status, speed]
+        status = candidate.status
+        if status == FITS and peak > search.usable_bytes:  # as "why this one" says it (`fits_word`)
+            status = "fits on release"
+        cells: list[Text | str] = [configuration, share, status, speed]
         table.add_row(*cells, *([quality] if wide else []), style="bold" if chosen else None)
     return table
 
@@ -234,7 +248,8 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     pinned = result.policy.gradient_checkpointing if result.policy is not None else None
     checkpointing = checkpointing_words(chosen.config, result.source.config, pinned)
     evaluation = None if chosen.estimate is None else evaluation_line(chosen.estimate)
-    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search), evaluation):
+    for why in (checkpointing, allocator_words(search), offload_words(search), zero_words(search),
+                fsdp_offload_words(search), evaluation):
         if why:
             console.print(_indented(why))
     console.print("  what to set:")
@@ -510,3 +525,25 @@ class ProgressPrinter:
 
 def progress_printer(console: Console, *, plain_lines: bool = True) -> ProgressPrinter:
     return ProgressPrinter(console, plain_lines=plain_lines)
+
+
+@contextlib.contextmanager
+def tokenizing_progress(console: Console) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar of the documents tokenised (`run.data_plan.token_lengths`' `progress(done, total)`) on a
+    terminal, gone when done; None off a terminal, so logs get no animation.
+
+        with report.tokenizing_progress(err) as progress:
+            data = plan_data(source, path, seq_len, progress=progress)
+    """
+    if not console.is_terminal:
+        yield None
+        return
+    columns = (TextColumn("tokenising the data"), BarColumn(), MofNCompleteColumn(), TextColumn("documents"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("tokenising", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield advance

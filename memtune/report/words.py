@@ -16,6 +16,7 @@ from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, STATE_AL
 if TYPE_CHECKING:
     from memtune.fit import FitResult
     from memtune.predict.peak import Estimate
+    from memtune.run.data_plan import DataPlan
     from memtune.search.choose import Alternative, Candidate, SearchResult
 
 
@@ -200,9 +201,22 @@ def zero_words(search: SearchResult) -> str | None:
     return line
 
 
+def fsdp_offload_words(search: SearchResult) -> str | None:
+    """The host memory an FSDP2 CPU-offload winner holds (None for any other winner)."""
+    chosen = search.chosen
+    if chosen is None or chosen.config.deepspeed or chosen.config.offload == "none" or chosen.estimate is None:
+        return None
+    config = chosen.config
+    gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs)" \
+        if config.num_gpus > 1 else ""
+    return (f"FSDP2 CPU offload: {format_bytes(chosen.estimate.host_bytes)} of host memory per GPU{gpus} for the "
+            "offloaded shards (weights and gradients pinned, optimizer state), not in the GPU total; give "
+            "--host-memory SIZE to check it against the RAM of the machine you plan for")
+
+
 def host_refusal(candidate: Candidate) -> bool:
     """Whether a "too big" candidate was refused for the host, not the GPU (`choose.host_problem`'s note)."""
-    return "of pinned host memory" in candidate.note or "NVMe offload needs" in candidate.note
+    return "of host memory (all ranks)" in candidate.note or "NVMe offload needs" in candidate.note
 
 
 def host_memory_words(estimate: Estimate) -> str | None:
@@ -214,6 +228,9 @@ def host_memory_words(estimate: Estimate) -> str | None:
         return (f"host memory {held} per GPU: {ladder.zero_words(estimate.config)}'s offloaded state (pinned, as "
                 f"DeepSpeed {ladder.DEEPSPEED_VERSION} allocates it) with any offloaded activations, not in the GPU "
                 "total")
+    if estimate.config.offload != "none":
+        return (f"host memory {held} per GPU: FSDP2's offloaded shards (weights and gradients pinned, optimizer "
+                "state) with any offloaded activations, not in the GPU total")
     return (f"pinned host memory {held} per GPU: the offloaded inputs of the checkpointed layers, not in the GPU total "
             "(torch's pinned blocks, powers of two)")
 
@@ -324,6 +341,10 @@ def fit_commands(result: FitResult) -> list[str]:
             (name for name, size in KNOWN_GPUS.items() if size == budget and result.budget_label.startswith(name)), None
         )
         command += f" --gpu {card}" if card else f" --budget {budget_flag(budget)}"
+    if result.data is not None:  # the data the plan was made for
+        command += f" --data {shlex.quote(result.data.source)} --packing {result.data.packing}"
+        if result.data.text_field != "text":
+            command += f" --text-field {shlex.quote(result.data.text_field)}"
     planned = result.plan.train_config if result.plan is not None else None
     if planned is not None and planned.eval_batch_size is not None:  # the batch chosen, the logits as asked
         command += f" --eval-batch-size {planned.eval_batch_size} --eval-logits {planned.eval_logits}"
@@ -375,6 +396,37 @@ def model_line(result: FitResult) -> str:
     if vocab:
         parts.append(f"vocab {vocab:,}")
     return f"model: {source.name} ({', '.join(parts)})"
+
+
+def data_lines(data: DataPlan) -> list[str]:
+    """The data section (`--data`): the documents' token lengths, how many --seq-len cuts, the batching mode and the
+    worst batch the plan is made for, and what of it is not traced."""
+    stats = data.lengths
+    lines = [f"data: {data.source}: {stats.num_sequences:,} documents, {stats.total_tokens:,} tokens; tokenizer: "
+             f"{data.tokenizer}",
+             f"  lengths in tokens: p50 {stats.p50_tokens:,}, p90 {stats.p90_tokens:,}, p99 {stats.p99_tokens:,}, "
+             f"max {stats.max_tokens:,}"]
+    fate = ("split over blocks, nothing dropped" if data.packing == "concat"
+            else f"truncated: {data.truncated_sequences:,} lose their tail")
+    lines.append(f"  longer than --seq-len {data.seq_len:,}: {data.over_seq_len:,} of {stats.num_sequences:,} ({fate})")
+    rows, row_tokens = data.worst_batch()
+    micro = data.micro_batch_size or 1
+    if data.micro_batch_size is None:  # no configuration chosen (one search per card): the shape per micro-batch
+        lines.append(f"  batching: {data.packing}; worst batch micro-batch x {data.row_tokens:,} tokens per row"
+                     + (" (padding-free: one row of as many tokens, block-diagonal mask not traced)"
+                        if data.packing == "padding-free" else ""))
+    elif data.packing == "padding-free":
+        lines.append(f"  batching: padding-free; worst batch 1 x {row_tokens:,} tokens (the {micro} longest "
+                     f"documents, budget {micro} x {data.seq_len:,}), traced as {micro} x {data.row_tokens:,}")
+        lines.append(f"  not traced: under SDPA, transformers builds a {row_tokens:,} x {row_tokens:,} block-diagonal "
+                     f"mask from the position_ids ({format_bytes(data.mask_bytes)}) and SDPA then runs its "
+                     "memory-efficient kernel, not flash; with --attn flash_attention_2 there is no mask")
+    else:
+        words = {"concat": "documents concatenated into --seq-len blocks",
+                 "none": "one document per row, padded to the longest in the batch",
+                 "bfd": "best-fit-decreasing packed rows (TRL), the fullest row"}[data.packing]
+        lines.append(f"  batching: {data.packing} ({words}); worst batch {rows} x {row_tokens:,} tokens, traced as is")
+    return lines
 
 
 def task_line(result: FitResult) -> str:

@@ -319,9 +319,10 @@ def walk_group(config: TrainConfig) -> tuple[int, int, tuple[int, int]]:
 
 def host_ranks(config: TrainConfig) -> int:
     """Ranks of one machine that each hold the host memory of `Estimate.host_bytes`: every DDP rank pins its own
-    offloaded inputs, every DeepSpeed rank its own ZeRO state (`predict.zero_layout.host_bytes` is per rank); 1
-    otherwise."""
-    return config.num_gpus if config.replicated or config.deepspeed else 1
+    offloaded inputs, every DeepSpeed rank its own ZeRO state (`predict.zero_layout.host_bytes` is per rank), every
+    FSDP2 rank its offloaded shards (`predict.estimate.fsdp_offload_host_bytes`); 1 otherwise."""
+    sharded_offload = config.sharded and config.offload != "none"
+    return config.num_gpus if config.replicated or config.deepspeed or sharded_offload else 1
 
 
 def host_problem(config: TrainConfig, estimate: Estimate, policy: Policy, nvme_bytes: int) -> str:
@@ -330,10 +331,12 @@ def host_problem(config: TrainConfig, estimate: Estimate, policy: Policy, nvme_b
     space at --nvme-path (`policy.nvme_budget_bytes`). "" when neither, or when neither budget is known."""
     host = estimate.host_bytes * host_ranks(config)
     if policy.host_budget_bytes is not None and host > policy.host_budget_bytes:
-        what = "ZeRO's offloaded state needs" if config.deepspeed else "its offloaded activations need"
-        return (f"{what} {format_bytes(host)} of pinned host memory (all ranks), over the "
-                f"{format_bytes(policy.host_budget_bytes)} allowed ({HOST_BUDGET_FRACTION:.0%} of what the host has "
-                "available)")
+        what = ("ZeRO's offloaded state needs" if config.deepspeed else
+                "FSDP2's offloaded shards (weights, gradients, optimizer state) need" if config.offload != "none" else
+                "its offloaded activations need")
+        return (f"{what} {format_bytes(host)} of host memory (all ranks), over the "
+                f"{format_bytes(policy.host_budget_bytes)} allowed (--host-memory; by default "
+                f"{HOST_BUDGET_FRACTION:.0%} of what a GPU machine has available)")
     disk = nvme_bytes * config.num_gpus
     if policy.nvme_budget_bytes is not None and disk > policy.nvme_budget_bytes:
         return (f"its NVMe offload needs {format_bytes(disk)} at {policy.nvme_path} (all ranks), over the "
