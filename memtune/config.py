@@ -1312,21 +1312,21 @@ class Policy:
             if self.offload not in (None, "none"):
                 problems.append(f"--offload-activations on with --offload {self.offload} (CPU offload) is not "
                                 "modelled yet: drop one of them")
-            if self.num_gpus > 1 and self.strategy == "fsdp":
+            if self.num_gpus * self.num_nodes > 1 and self.strategy == "fsdp":
                 problems.append("--offload-activations on with --strategy fsdp is not modelled yet: use --strategy ddp "
                                 "(or auto, which then plans DDP)")
         if bad:
             raise UsageError(listed("", problems))
-        if self.num_nodes > 1:  # search.ladder builds its candidates for the GPUs of one machine (num_gpus)
-            problems.append(f"the search plans one machine, got --nodes {self.num_nodes}: predict a configuration "
-                            f"over {self.num_nodes} machines with `memtune plan` (it writes their launch files too), "
-                            "or search with --nodes 1")
-        world_size = self.num_gpus * self.num_nodes
+        world_size = self.num_gpus * self.num_nodes  # the search splits the batch over every GPU of every machine
         if self.micro_batch_size is not None and effective_batch_size % (self.micro_batch_size * world_size):
             problems.append(f"micro-batch {self.micro_batch_size} x {world_size} GPU(s) does not divide the batch "
                             f"{effective_batch_size}: the effective batch would change")
         if effective_batch_size % world_size:
-            problems.append(f"batch {effective_batch_size} is not a multiple of {world_size} GPUs")
+            gpus = f" (--nodes {self.num_nodes} x --gpus {self.num_gpus})" if self.num_nodes > 1 else ""
+            lower = effective_batch_size // world_size * world_size
+            multiples = " or ".join(f"--batch-size {size}" for size in (lower, lower + world_size) if size > 0)
+            problems.append(f"batch {effective_batch_size} is not a multiple of {world_size} GPUs{gpus}: each GPU "
+                            f"takes an equal share; use {multiples}")
         if self.loss not in (None, *LOSSES):
             problems.append(f"loss {self.loss!r} is unknown: standard, chunked or liger")
         if self.offload not in (None, *OFFLOAD_ORDER):
@@ -1334,10 +1334,10 @@ class Policy:
         if self.strategy not in (None, *STRATEGY_WORDS):
             problems.append(f"strategy {self.strategy!r} is unknown: ddp, fsdp or deepspeed")
         if self.strategy == "ddp":
-            if self.num_gpus < 2:
+            if world_size < 2:
                 problems.append(
-                    "strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more, "
-                    f"got {self.num_gpus}"
+                    "strategy ddp replicates the model over several GPUs: it needs --gpus 2 or more (or --nodes 2 "
+                    f"or more), got {self.num_gpus}"
                 )
             if self.offload not in (None, "none", "optimizer"):  # optimizer: DeepSpeed's, said below
                 problems.append(

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import logging
 import re
+import shlex
 import shutil
 import time
 import warnings
@@ -53,6 +54,7 @@ from memtune.predict.estimate import (
 )
 from memtune.predict.trace import num_layers_of
 from memtune.run.data_plan import DataPlan
+from memtune.run.launch import MAIN_PROCESS_IP, LaunchFiles, write_launch_files
 from memtune.search.choose import (
     COMMON_CARDS,
     COMMON_CARDS_WITHOUT_BF16,
@@ -207,6 +209,12 @@ class FitResult:
     data: DataPlan | None = None
     """The training data's lengths and worst batch (`--data`), at the chosen micro-batch; None without --data."""
     seconds: float = 0.0
+    inter_node_gbps: float | None = None
+    """Over several machines (--nodes): the network rate of each machine the throughput assumed (Gb/s one way,
+    --inter-node-gbps, not measured); None on one machine."""
+    launch_files: LaunchFiles | None = None
+    """Over several machines: the launch files written next to the saved plan (`run.launch.write_launch_files`:
+    one accelerate config per machine, torchrun and SLURM scripts, LAUNCH.txt), None otherwise."""
 
     @property
     def fits(self) -> bool:
@@ -255,12 +263,19 @@ def fit_model(
     probe_result: ProbeResult | None = None,
     progress: Callable[[str], None] | None = None,
     evaluation: dict[str, Any] | None = None,
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
     data: DataPlan | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations.
 
     `evaluation`: the TrainConfig eval fields (`EvalOptions.fields`; eval_batch_size None for auto is given as
     "auto") added to the chosen plan once the search is done (`plan_evaluation`).
+
+    Several machines (`policy.num_nodes` > 1, --nodes): the search splits the effective batch over every GPU of every
+    machine and times the collectives over `inter_node_gbps` per machine (Gb/s one way, an assumption, said in the
+    search's notes); trial steps (this machine only) are skipped; a saved plan gets its launch files in the plan's
+    folder (`run.launch.write_launch_files`), with what to fill in among the notes.
+
     `data`: the training data's batches (`run.data_plan`, `--data`): the search, the trials and the plan use the
     worst batch's row length (`DataPlan.row_tokens`, at most `seq_len`) instead of `seq_len`; `seq_len` stays the
     task's (the reproduce line's --seq-len)."""
@@ -275,6 +290,10 @@ def fit_model(
     context = gpu.context_bytes if gpu else DEFAULT_CONTEXT_BYTES
     workspace = memory.warm_up() if gpu and verify else DEFAULT_WORKSPACE_BYTES
     speed = throughput.gpu_speed(gpu.name if gpu else (gpu_name or "H100"))
+    several_machines = policy.num_nodes > 1
+    if several_machines:  # as plan_configuration: the collectives cross the network at this rate (an assumption)
+        speed = speed.scaled(inter_node_bytes_per_second=inter_node_gbps * 1e9 / 8)
+        result.inter_node_gbps = inter_node_gbps
     if gpu is not None:
         policy = _with(policy, bf16_supported=gpu.bf16_supported and policy.bf16_supported)
         if gpu.host_copy_bytes_per_second:  # measured here: offloaded activations and state move at this rate
@@ -325,6 +344,8 @@ def fit_model(
                 explain=False,
                 progress=progress,
             )
+            if several_machines:
+                found.notes.append(network_note(policy, inter_node_gbps))
             result.card_plans.append(CardPlan(card, size, found))
         result.seconds = time.perf_counter() - started
         return result
@@ -344,6 +365,8 @@ def fit_model(
     result.search = search(
         predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress
     )
+    if several_machines:
+        result.search.notes.append(network_note(policy, inter_node_gbps))
     chosen = result.search.chosen
     if chosen is not None and data is not None:
         result.data = data.with_micro_batch(chosen.config.micro_batch_size)
@@ -370,8 +393,29 @@ def fit_model(
         )
         if plan_path is not None:
             result.plan_path = result.plan.save(plan_path)
+            if train_config.num_nodes > 1:
+                result.launch_files = write_launch_files(result.plan_path.parent, train_config, result.plan_path,
+                                                         model_config=source.config)
+                result.search.notes.append(launch_note(result.launch_files, result.plan_path))
     result.seconds = time.perf_counter() - started
     return result
+
+
+def network_note(policy: Policy, inter_node_gbps: float) -> str:
+    """The network assumption of a search over several machines, in words (a note of the search)."""
+    return (f"tokens/s over {policy.num_nodes} machines of {policy.num_gpus} GPU{'s' * (policy.num_gpus > 1)} assume "
+            f"{inter_node_gbps:g} Gb/s of network per machine, one way (an assumption, not measured: "
+            "--inter-node-gbps); the per-GPU memory does not depend on it")
+
+
+def launch_note(files: LaunchFiles, plan_path: Path) -> str:
+    """What to fill in and run on each machine, in one line (all of `files.steps` are in its LAUNCH.txt)."""
+    machines = len(files.accelerate_configs)
+    return (f"launch files for {machines} machines in {files.directory} (every step: {files.instructions.name}): fill "
+            f"in main_process_ip ({MAIN_PROCESS_IP}) with the address of machine 0 in each accelerate_machine*.yaml, "
+            f"then on each machine R, 0 to {machines - 1}: accelerate launch --config_file "
+            f"{files.directory}/accelerate_machine{{R}}.yaml -m memtune run {shlex.quote(str(plan_path.resolve()))} "
+            f"(or {files.torchrun_script.name}, or SLURM: {files.sbatch_script.name})")
 
 
 def traced_seq_len(seq_len: int, data: DataPlan | None) -> int:
@@ -529,6 +573,7 @@ API_SWITCHES = {"--lora": "use_adapter=True", "--no-lora": "use_adapter=False",
 API_KEYWORDS = {  # flag: (the keyword in words, the keyword argument with the value)
     "--seq-len": ("seq_len", "seq_len={}"), "--batch-size": ("batch_size", "batch_size={}"),
     "--budget": ("budget", 'budget="{}"'), "--gpu": ("gpu", 'gpu="{}"'), "--nodes": ("nodes", "nodes={}"),
+    "--inter-node-gbps": ("inter_node_gbps", "inter_node_gbps={}"),
     "--lora-rank": ("the adapter's rank", "adapter=Adapter(rank={})"),
     "--lora-targets": ("the adapter's target_modules", 'adapter=Adapter(target_modules="{}")'),
 }
@@ -590,6 +635,7 @@ def auto_fit(
     plan_path: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
+    inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
     **policy: Any,
 ) -> Plan:
     """The fastest plan that fits, for a model name, local directory or model object. Prints nothing.
@@ -606,6 +652,9 @@ def auto_fit(
     quantized_base=4 (only a 4-bit base, LoRA), strategy="deepspeed" (DeepSpeed ZeRO; with zero_stage=3,
     offload="optimizer" or "parameters", offload_device="nvme" with nvme_path="/local_nvme"; needs the deepspeed
     extra, which the search otherwise tries where installed), margin_bytes=..., min_micro_batch_size=...
+    nodes=M plans M machines of num_gpus GPUs each (the batch split over all of them); inter_node_gbps is then the
+    network rate of each machine the speed model assumes (Gb/s one way, default 400; not measured), and a plan saved
+    at plan_path gets its launch files beside it (`run.launch.write_launch_files`).
     trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
@@ -631,6 +680,10 @@ def auto_fit(
     if budget is not None and not isinstance(budget, str) and (
             isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         problems.append(f"budget must be a quantity such as '24GiB' or a positive number of bytes, got {budget!r}")
+    rate = inter_node_gbps
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0 or rate == float("inf"):
+        problems.append(f"inter_node_gbps must be a positive rate in Gb/s, got {rate!r}: e.g. 400 (one 400 Gb/s "
+                        "InfiniBand or RoCE port per machine)")
     if problems:
         raise UsageError(listed("auto_fit", problems))
     budget_bytes = parse_bytes(budget) if isinstance(budget, str) else budget
@@ -641,7 +694,7 @@ def auto_fit(
             source, num_parameters = _source_of(model_or_name, trust_remote_code)
             result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes,
                                gpu_name=gpu, policy=Policy(**policy), verify=verify, plan_path=plan_path,
-                               progress=progress)
+                               progress=progress, inter_node_gbps=float(inter_node_gbps))
     except UsageError as error:  # the checks below the API speak the CLI's words: say its keywords instead
         error.args = (api_words(str(error)), *error.args[1:])
         raise

@@ -71,13 +71,14 @@ def test_a_quantised_base_stays_on_one_machine():
         TrainConfig(seq_len=128, adapter=Adapter(), num_nodes=2, **quantized_base_fields(4, None))
 
 
-def test_the_policy_splits_the_batch_over_every_machine_and_the_search_refuses_several():
+def test_the_policy_splits_the_batch_over_every_machine():
     with pytest.raises(UsageError) as refused:
         Policy(num_gpus=8, num_nodes=2).validate(24)
     message = str(refused.value)
-    assert "batch 24 is not a multiple of 16 GPUs" in message
-    assert "the search plans one machine, got --nodes 2" in message and "`memtune plan`" in message
+    assert "batch 24 is not a multiple of 16 GPUs (--nodes 2 x --gpus 8)" in message
+    assert "use --batch-size 16 or --batch-size 32" in message
     Policy(num_gpus=8, num_nodes=1).validate(24)
+    Policy(num_gpus=8, num_nodes=2).validate(32)  # the search plans several machines (tests/test_fit_nodes.py)
 
 
 # ---- the command line: exit 2 with the value seen and the fix ---------------------------------------------
@@ -106,20 +107,6 @@ def test_plan_out_needs_a_budget(tmp_path, capsys):
                         "--out", str(tmp_path)], capsys)
     assert code == 2
     assert "--out" in err and "add --gpu NAME" in " ".join(err.split())
-
-
-def test_fit_searches_one_machine_and_says_to_use_plan(capsys):
-    code, _, err = run(["fit", "gpt2", "--seq-len", "128", "--batch-size", "8", "--budget", "16GiB",
-                        "--nodes", "2", "--gpus", "2", "--no-verify"], capsys)
-    assert code == 2
-    assert "the search plans one machine, got --nodes 2" in " ".join(err.split()) and "`memtune plan`" in err
-
-
-def test_auto_fit_takes_nodes_and_refuses_several_machines():
-    from memtune.fit import auto_fit
-
-    with pytest.raises(UsageError, match="the search plans one machine, got nodes=2: .* or search with nodes=1"):
-        auto_fit("gpt2", seq_len=64, batch_size=4, budget="4GiB", verify=False, nodes=2)
 
 
 # ---- memory: the world size shards ---------------------------------------------------------------------------

@@ -27,6 +27,8 @@ def plan_to_dict(result: PlanResult) -> dict[str, Any]:
         "usable_bytes": None if result.verdict is None else result.verdict.usable_bytes,
         "fits": result.fits,
         "estimate": result.estimate.to_dict(),
+        "tokens_per_second": result.tokens_per_second,
+        "inter_node_gbps": result.inter_node_gbps,
         "data": None if result.data is None else result.data.to_dict(),
     }
 
@@ -79,6 +81,8 @@ def fit_to_dict(result: FitResult) -> dict[str, Any]:
         "card_plans": [_card_plan_dict(card) for card in result.card_plans],
         "data": None if result.data is None else result.data.to_dict(),
         "seconds": result.seconds,
+        "inter_node_gbps": result.inter_node_gbps,
+        "launch_files": None if result.launch_files is None else list(result.launch_files.steps),
     }
 
 

@@ -39,6 +39,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import threading
@@ -683,7 +684,9 @@ def run_options(options: RunOptions | None, changes: dict[str, Any]) -> RunOptio
 def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[str] | None:
     """`accelerate launch` of this same `memtune run` when the plan needs a launcher - several GPUs (DDP or
     FSDP, as its strategy says), CPU offload (FSDP) or DeepSpeed (always) - and this process was not started by
-    one; None when this process can run the plan itself. `options` may be any object with RunOptions' attributes."""
+    one; None when this process can run the plan itself. `options` may be any object with RunOptions' attributes.
+    Raises UsageError for a plan over several machines in a process no launcher started (`several_machines_problem`:
+    each machine starts its own processes from the launch files)."""
     from memtune.run import launch
     from memtune.sources import resolve
 
@@ -691,6 +694,9 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
         options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
     config = plan.train_config
+    problem = several_machines_problem(plan, options.plan)
+    if problem:
+        raise UsageError(problem)
     if (config.num_gpus == 1 and config.offload == "none" and not config.deepspeed) or _sharded() \
             or _process_count() > 1:
         return None
@@ -700,6 +706,31 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
         config_dir / name, config, model_config=resolve(plan.model, trust_remote_code=plan.trust_remote_code).config
     )
     return launch.launch_command(config_path, ["run", *options.command_line()])
+
+
+def several_machines_problem(plan: Plan, plan_path: str | Path | None) -> str | None:
+    """Why this process cannot run a plan over several machines (`TrainConfig.num_nodes` > 1): it was not started
+    by a launcher (`accelerate launch` / torchrun set WORLD_SIZE, or an FSDP / DeepSpeed config), so `memtune run`
+    would have to start the other machines' processes, which it cannot (the engines distribute; memtune writes their
+    launch files: `run.launch.write_launch_files`). None for a plan on one machine or a launched process. The
+    instruction names the launch files beside `plan_path` where they are (fit and plan --out write them there)."""
+    config = plan.train_config
+    if config.num_nodes == 1 or _sharded() or _process_count() > 1:
+        return None
+    folder = Path(plan_path).resolve().parent if plan_path else None
+    shown = shlex.quote(str(Path(plan_path).resolve())) if plan_path else "PLAN"
+    if folder is not None and (folder / "accelerate_machine0.yaml").is_file():
+        where = (f"with the launch files in {folder} (fill in main_process_ip in each accelerate_machine*.yaml "
+                 f"first; {folder / 'LAUNCH.txt'} says how, also for torchrun and SLURM): on each machine R, 0 to "
+                 f"{config.num_nodes - 1}: accelerate launch --config_file {folder}/accelerate_machine{{R}}.yaml "
+                 f"-m memtune run {shown}")
+    else:
+        where = (f"write its launch files with `memtune plan MODEL ... --nodes {config.num_nodes} --gpus "
+                 f"{config.num_gpus} --out DIR` (or `memtune fit ... --nodes {config.num_nodes}`, which writes them "
+                 "next to the plan), then on each machine R: accelerate launch --config_file "
+                 "DIR/accelerate_machine{R}.yaml -m memtune run PLAN")
+    return (f"the plan spans {config.num_nodes} machines ({config.gpus_words}) and `memtune run` starts the "
+            f"processes of one machine only: start it on every machine through its launch files instead; {where}")
 
 
 def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int | None:
@@ -793,6 +824,9 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
             require_liger()
         except UsageError as error:
             problems.append(f"the plan uses Liger's fused loss: {error}")
+    machines = several_machines_problem(plan, options.plan)
+    if machines:
+        problems.append(machines)
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -804,11 +838,13 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
     checkpoint_layers_for(model_config, config.checkpoint_layers, "the plan's checkpoint_layers")
     messages = []
     processes = _process_count()
-    if config.num_gpus > 1 and processes != config.num_gpus:
+    if config.world_size > 1 and processes != config.world_size:
+        start = (f"`accelerate launch --num_processes {config.num_gpus}`" if config.num_nodes == 1 else
+                 f"the launch files of its {config.num_nodes} machines (accelerate_machine{{R}}.yaml beside the plan)")
         messages.append(
-            f"the plan is for {config.num_gpus} GPUs but {processes} process(es) run: the effective batch is "
+            f"the plan is for {config.gpus_words} but {processes} process(es) run: the effective batch is "
             f"{config.micro_batch_size * config.grad_accum_steps * processes} instead of "
-            f"{config.effective_batch_size}; start it with `accelerate launch --num_processes {config.num_gpus}`"
+            f"{config.effective_batch_size}; start it with {start}"
         )
     if config.offload != "none" and not _sharded() and not config.deepspeed:
         messages.append(
@@ -826,9 +862,9 @@ def _launch_warnings(plan: Plan, model_config: Any) -> list[str]:
             f"the plan runs {config.zero.describe(config.offload) if config.zero else 'DeepSpeed'} but this process "
             "was not launched with a DeepSpeed accelerate config: launch it with `memtune run` (it writes one)"
         )
-    if config.num_gpus > 1 and config.sharded and processes > 1 and not _sharded():
+    if config.world_size > 1 and config.sharded and processes > 1 and not _sharded():
         messages.append(
-            f"the plan shards over {config.num_gpus} GPUs with FSDP but this process was launched without an "
+            f"the plan shards over {config.gpus_words} with FSDP but this process was launched without an "
             "FSDP config: Trainer replicates the model on every GPU (DDP), which needs more memory than "
             "planned; launch it with `memtune run` (it writes the FSDP2 accelerate config)"
         )

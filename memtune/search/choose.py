@@ -230,9 +230,9 @@ def needs_at_least(a: TrainConfig, b: TrainConfig) -> bool:
     Only within one strategy: a DDP replica usually needs far more than FSDP's shards, but not surely
     (FSDP keeps gathered units, prefetch and reduce-scatter buffers on streams of their own, and
     computes in the amp dtype instead of under autocast), so one never implies the other."""
-    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.strategy, a.zero, a.optimizer,
+    same = ((a.seq_len, a.weights_dtype, a.amp, a.adapter, a.num_gpus, a.num_nodes, a.strategy, a.zero, a.optimizer,
              a.quantization, a.expandable_segments)
-            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.strategy, b.zero, b.optimizer,
+            == (b.seq_len, b.weights_dtype, b.amp, b.adapter, b.num_gpus, b.num_nodes, b.strategy, b.zero, b.optimizer,
                 b.quantization, b.expandable_segments))
     return (
         same
@@ -454,6 +454,10 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             if fitting.config.deepspeed:  # measure.verify's trial steps run one process without DeepSpeed
                 fitting.note = "not verified: trial steps do not run DeepSpeed plans yet (memtune run does)"
                 return fitting
+            if fitting.config.num_nodes > 1:  # trial steps run the GPUs of this machine only
+                fitting.note = (f"not verified: trial steps run on this machine, the plan spans "
+                                f"{fitting.config.num_nodes} (its run on them does)")
+                return fitting
             if result.trials >= policy.max_trials:
                 fitting.note = f"not verified: the limit of {policy.max_trials} trials was reached"
                 return fitting
@@ -595,11 +599,12 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
         )
     else:
         result.suggestions.append(
-            f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP, --gpus N)"
+            f"{format_bytes(need)} is more than any single card: shard over several GPUs (FSDP, --gpus N, and over "
+            "several machines --nodes M)"
         )
     if policy.use_adapter is False:
         result.suggestions.append("allow LoRA (drop --no-lora / --full-finetune-only)")
-    if not policy.allow_quantized_base and bitsandbytes_available() and policy.num_gpus == 1:
+    if not policy.allow_quantized_base and bitsandbytes_available() and ladder.world_size(policy) == 1:
         result.suggestions.append("allow a 4-bit or 8-bit base under LoRA (drop --no-qlora)")
     if not policy.allow_offload:
         result.suggestions.append("allow CPU offload (drop --no-offload): slower, but the state moves to the host")
@@ -624,11 +629,12 @@ def _explain_shortfall(result: SearchResult, predictor: Predictor, policy: Polic
 
 def choose_strategy(predictor: Predictor, config: TrainConfig, budget_bytes: int | None, *,
                     margin_bytes: int) -> tuple[TrainConfig, Estimate, str]:
-    """Of DDP and FSDP for `config` (several GPUs, no offload, standard loss), the faster predicted one
+    """Of DDP and FSDP for `config` (several GPUs of the job, `TrainConfig.world_size`: also one GPU on each of several
+    machines; no offload, standard loss), the faster predicted one
     that fits `budget_bytes` less `margin_bytes` (`verdict.judge`); FSDP when neither fits or no budget is
     given (then DDP is not predicted).
     Returns the configuration, its estimate, and why it was chosen in words ("" when there was no choice)."""
-    if config.num_gpus < 2 or config.offload != "none" or config.loss != "standard":
+    if config.world_size < 2 or config.offload != "none" or config.loss != "standard":
         return config, predictor.memory(config), ""
     fsdp = config.replace(strategy="fsdp")
     if budget_bytes is None:

@@ -93,7 +93,8 @@ class Rung:
 
 
 class MicroBatch(Rung):
-    """Micro-batch x gradient accumulation (x GPUs) = the effective batch, kept exactly.
+    """Micro-batch x gradient accumulation (x every GPU of every machine: `world_size`) = the effective batch, kept
+    exactly.
 
     Recipe: `recipe.step.train_step` runs `grad_accum_steps` micro-batches per optimizer step.
     Speed: `throughput.step_seconds` (per-micro-batch overhead and the kernels' efficiency at its size)."""
@@ -101,13 +102,13 @@ class MicroBatch(Rung):
     name = "micro-batch"
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
-        return [{"micro_batch_size": micro, "grad_accum_steps": effective_batch_size // (micro * policy.num_gpus)}
+        return [{"micro_batch_size": micro, "grad_accum_steps": effective_batch_size // (micro * world_size(policy))}
                 for micro in micro_batch_sizes(effective_batch_size, policy)]
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
         if chosen.grad_accum_steps == 1 or policy.micro_batch_size is not None:
             return None
-        micro = effective_batch_size // chosen.num_gpus
+        micro = effective_batch_size // chosen.world_size
         return f"no gradient accumulation (micro-batch {micro})", chosen.replace(
             micro_batch_size=micro, grad_accum_steps=1
         )
@@ -222,7 +223,7 @@ class Checkpointing(Rung):
         if fields["gradient_checkpointing"] and adapter is not None and adapter.kind == "prefix":
             return "prefix tuning does not work with gradient checkpointing (peft refuses it)"
         if fields.get("checkpoint_layers") is not None and (fields["offload"] != "none" or (
-                fields["num_gpus"] > 1 and fields["strategy"] == "fsdp")):
+                fields_world_size(fields) > 1 and fields["strategy"] == "fsdp")):
             return ("checkpointing only some layers is not modelled under FSDP or CPU offload yet: checkpoint every "
                     "layer (--checkpointing on), or with several GPUs use --strategy ddp")
         return None
@@ -282,7 +283,7 @@ class ActivationOffload(Rung):
             return None
         if not fields["gradient_checkpointing"]:
             return "offloading activations keeps the inputs of checkpointed layers: it needs gradient checkpointing"
-        if fields["offload"] != "none" or (fields["num_gpus"] > 1 and fields["strategy"] != "ddp"):
+        if fields["offload"] != "none" or (fields_world_size(fields) > 1 and fields["strategy"] != "ddp"):
             return "offloading activations is not modelled under FSDP or CPU offload yet"
         return None
 
@@ -405,7 +406,7 @@ class Offload(Rung):
         if policy.offload is not None or not policy.allow_offload or chosen.adapter is not None or chosen.zero is None:
             return None
         if chosen.offload != "none":
-            if chosen.num_gpus == 1:
+            if chosen.world_size == 1:
                 if policy.strategy == "deepspeed":
                     return None
                 return "- ZeRO-Offload (one GPU, no DeepSpeed)", chosen.replace(strategy="fsdp", zero=None,
@@ -432,7 +433,8 @@ class Strategy(Rung):
 
     def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
         names = strategies(policy) + (["deepspeed"] if deepspeed_offered(policy, with_adapter) else [])
-        return [{"strategy": strategy, "num_gpus": policy.num_gpus} for strategy in names]
+        return [{"strategy": strategy, "num_gpus": policy.num_gpus, "num_nodes": policy.num_nodes}
+                for strategy in names]
 
     def conflict(self, fields: dict[str, Any]) -> str | None:
         if fields["strategy"] == "ddp" and fields["offload"] != "none":
@@ -443,7 +445,7 @@ class Strategy(Rung):
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
-        if policy.strategy is not None or chosen.num_gpus < 2:
+        if policy.strategy is not None or chosen.world_size < 2:
             return None
         if chosen.deepspeed:  # the engine beside it: FSDP2 with the same offload (parameters: FSDP2's CPU offload)
             offload = "none" if chosen.offload == "none" else "parameters"
@@ -461,11 +463,11 @@ class Strategy(Rung):
 
     def setting(self, config: TrainConfig) -> str | None:
         if config.replicated:
-            return (f"{config.num_gpus} GPUs, a full replica on each (DDP through accelerate launch, "
-                    "ddp_find_unused_parameters=False; memtune run sets it up)")
-        if config.num_gpus > 1 and not config.deepspeed:  # DeepSpeed's line is ZeroRung's
-            return (f"{config.num_gpus} GPUs, sharded with FSDP2 (torch's fully_shard) through accelerate "
-                    "(fsdp_version 2; memtune run sets it up)")
+            return (f"{config.gpus_words}, a full replica on each (DDP through accelerate launch, "
+                    f"ddp_find_unused_parameters=False; {launcher_words(config)})")
+        if config.world_size > 1 and not config.deepspeed:  # DeepSpeed's line is ZeroRung's
+            return (f"{config.gpus_words}, sharded with FSDP2 (torch's fully_shard) through accelerate "
+                    f"(fsdp_version 2; {launcher_words(config)})")
         return None
 
     def trainer_arguments(self, config: TrainConfig) -> dict[str, Any]:
@@ -509,7 +511,7 @@ class ZeroRung(Rung):
         if zero is None:
             return None
         offload = fields["offload"]
-        if fields["num_gpus"] == 1 and offload == "none":
+        if fields_world_size(fields) == 1 and offload == "none":
             return ("ZeRO on one GPU partitions nothing: without offload it only adds its buffers to the plain step "
                     "(memtune plan --strategy deepspeed --offload none predicts it)")
         if offload == "parameters" and zero.stage != 3:
@@ -534,7 +536,7 @@ class ZeroRung(Rung):
                     chosen.replace(zero=dataclasses.replace(zero, stage=stage)))
         # not DeepSpeed: ZeRO-3 with the same offload, where the search would offer it
         if (policy.strategy is not None or not deepspeed_offered(policy, chosen.adapter is not None)
-                or (chosen.num_gpus == 1 and chosen.offload == "none")):
+                or (chosen.world_size == 1 and chosen.offload == "none")):
             return None
         engine = "DDP" if chosen.replicated else "FSDP2" if chosen.sharded else "no wrapper"
         return f"DeepSpeed ZeRO-3 instead of {engine}", chosen.replace(strategy="deepspeed", zero=Zero(stage=3))
@@ -542,11 +544,13 @@ class ZeroRung(Rung):
     def setting(self, config: TrainConfig) -> str | None:
         if config.zero is None:
             return None
-        gpus = f"{config.num_gpus} GPUs" if config.num_gpus > 1 else "one GPU"
+        gpus = config.gpus_words if config.world_size > 1 else "one GPU"
         path = f" at {config.zero.nvme_path}" if config.offload != "none" and config.zero.offload_device == "nvme" \
             else ""
+        writes = ("memtune run writes both" if config.num_nodes == 1
+                  else "both are in the launch files written next to the plan")
         return (f"{zero_words(config)}{path}, on {gpus} (DeepSpeed {DEEPSPEED_VERSION}'s rules; the ZeRO JSON with "
-                f"explicit bucket sizes through accelerate launch: memtune run writes both; needs deepspeed: "
+                f"explicit bucket sizes through accelerate launch: {writes}; needs deepspeed: "
                 f"{DEEPSPEED_EXTRA_HINT})")
 
 
@@ -578,7 +582,7 @@ def deepspeed_offered(policy: Policy, with_adapter: bool) -> bool:
         return True
     if policy.strategy is not None or not deepspeed_available() or policy.quantized_base is not None:
         return False
-    if policy.num_gpus > 1:
+    if world_size(policy) > 1:
         return True
     return policy.allow_offload and not with_adapter and policy.offload != "none"
 
@@ -652,7 +656,7 @@ class Optimizer(Rung):
                 fields["optimizer"], fields["weights_dtype"], fields["adapter"] is not None):
             return "torchao's optimizers round bf16 weights stochastically, and only those"
         if fields["optimizer"] in UNSHARDABLE_OPTIMIZERS and (fields["offload"] != "none" or (
-                fields["num_gpus"] > 1 and fields["strategy"] != "ddp")):
+                fields_world_size(fields) > 1 and fields["strategy"] != "ddp")):
             return ("FSDP cannot shard or offload this optimizer's state (bitsandbytes', Adafactor's; torchao's "
                     "is not modelled)")
         return None
@@ -747,7 +751,7 @@ class QuantizedBase(Rung):
                                  f"{QUANT_EXTRA_HINT}")
             return [quantized_fields(policy.quantized_base, policy)]
         settings: list[dict[str, Any]] = [{"quantization": None}]
-        if policy.allow_quantized_base and bitsandbytes_available() and policy.num_gpus == 1:
+        if policy.allow_quantized_base and bitsandbytes_available() and world_size(policy) == 1:
             settings += [quantized_fields(bits, policy) for bits in (4, 8)]
         return settings
 
@@ -757,8 +761,8 @@ class QuantizedBase(Rung):
         adapter = fields["adapter"]
         if adapter is None or adapter.kind != "lora":
             return "a quantised base trains only a LoRA adapter"
-        if fields["num_gpus"] != 1 or fields["offload"] != "none":
-            return "a quantised base is planned on one GPU without offload"
+        if fields_world_size(fields) != 1 or fields["offload"] != "none":
+            return "a quantised base is planned on one GPU of one machine, without offload"
         if fields["amp"] == "none":
             return ("a quantised base trains under 16-bit autocast: --precision bf16-mixed or fp16-mixed, or no "
                     "--precision with --qlora")
@@ -772,7 +776,7 @@ class QuantizedBase(Rung):
             weights, amp = precision_config(policy.precision or ("bf16" if policy.bf16_supported else "fp16"))
             return (f"{weights} base instead of the {base_words(chosen.quantization)}",
                     chosen.replace(quantization=None, weights_dtype=weights, amp=amp))
-        if (not policy.allow_quantized_base or not bitsandbytes_available() or chosen.num_gpus != 1
+        if (not policy.allow_quantized_base or not bitsandbytes_available() or chosen.world_size != 1
                 or chosen.offload != "none"):
             return None
         fields = quantized_fields(4, policy)
@@ -850,13 +854,34 @@ LADDER: tuple[Rung, ...] = (
 )
 
 
+def world_size(policy: Policy) -> int:
+    """GPUs of the whole job the policy plans: --nodes machines x --gpus each (`TrainConfig.world_size`). The
+    effective batch is split over all of them, and from 2 on a strategy spans them, also with --gpus 1 --nodes 2."""
+    return policy.num_gpus * policy.num_nodes
+
+
+def fields_world_size(fields: dict[str, Any]) -> int:
+    """`TrainConfig.world_size` of a combination of field values before TrainConfig checks them (`Rung.conflict`)."""
+    return int(fields["num_gpus"]) * int(fields.get("num_nodes", 1))
+
+
+def launcher_words(config: TrainConfig) -> str:
+    """Who starts a plan's processes, for the "what to set" lines: `memtune run` on one machine; over several, the
+    launch files written next to the plan (`run.launch.write_launch_files`), one `accelerate launch` per machine."""
+    if config.num_nodes == 1:
+        return "memtune run sets it up"
+    return (f"on each of the {config.num_nodes} machines: accelerate launch --config_file "
+            "accelerate_machine{R}.yaml, written next to the plan")
+
+
 def micro_batch_sizes(effective_batch_size: int, policy: Policy) -> list[int]:
-    """Micro-batches that keep the effective batch exactly (divisors), largest first.
+    """Micro-batches that keep the effective batch exactly (divisors of the per-GPU batch, effective batch / the
+    world size), largest first.
 
     Raises UsageError when `policy.min_micro_batch_size` leaves none."""
     if policy.micro_batch_size is not None:
         return [policy.micro_batch_size]
-    per_gpu = effective_batch_size // policy.num_gpus
+    per_gpu = effective_batch_size // world_size(policy)
     sizes = [m for m in range(per_gpu, 0, -1) if per_gpu % m == 0 and m >= policy.min_micro_batch_size]
     if not sizes:
         raise UsageError(f"no micro-batch >= {policy.min_micro_batch_size} divides the per-GPU batch {per_gpu}: "
@@ -890,7 +915,7 @@ def skipped(policy: Policy) -> list[str]:
         elif not torchao_available():
             notes.append(f"4-bit AdamW skipped: torchao is not installed ({QUANT_EXTRA_HINT} to add it)")
     if (policy.quantized_base is None and policy.allow_quantized_base and policy.use_adapter is not False
-            and policy.num_gpus == 1 and not bitsandbytes_available()):
+            and world_size(policy) == 1 and not bitsandbytes_available()):
         notes.append(f"quantised bases (QLoRA, 4-bit / 8-bit under LoRA) skipped: bitsandbytes is not installed "
                      f"({QUANT_EXTRA_HINT} to add them)")
     if policy.loss is None and policy.allow_chunked_loss and not liger_available():
@@ -898,7 +923,7 @@ def skipped(policy: Policy) -> list[str]:
                      f"is not installed ({LIGER_EXTRA_HINT} to add it)")
     if (policy.strategy is None and not deepspeed_pinned(policy) and not deepspeed_available()
             and policy.quantized_base is None
-            and (policy.num_gpus > 1 or (policy.allow_offload and policy.offload != "none"
+            and (world_size(policy) > 1 or (policy.allow_offload and policy.offload != "none"
                                          and policy.use_adapter is not True))):
         notes.append(f"DeepSpeed ZeRO skipped: deepspeed is not installed ({DEEPSPEED_EXTRA_HINT} to add it)")
     if policy.precision in ("bf16", "fp16") and not policy.allow_pure_16bit and policy.use_adapter is not False:
@@ -951,10 +976,11 @@ def quality_rank(config: TrainConfig) -> tuple[int, int]:
 
 def strategies(policy: Policy) -> list[str]:
     """How the GPUs may share the work without DeepSpeed (`deepspeed_offered` adds it): DDP and FSDP over several
-    GPUs (unless pinned); one GPU has no choice; none when DeepSpeed is pinned (`deepspeed_pinned`)."""
+    GPUs of the job (`world_size`: --gpus 1 --nodes 2 is two GPUs; unless pinned); one GPU has no choice; none when
+    DeepSpeed is pinned (`deepspeed_pinned`)."""
     if deepspeed_pinned(policy):
         return []
-    if policy.num_gpus < 2:
+    if world_size(policy) < 2:
         return ["fsdp"]  # TrainConfig's default: no wrapper on one GPU (FSDP only for CPU offload)
     return [policy.strategy] if policy.strategy else list(STRATEGIES)
 
