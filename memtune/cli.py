@@ -469,7 +469,7 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,
-            evaluation=evaluation or None, data=data,
+            evaluation=evaluation or None, data=data, inter_node_gbps=task.inter_node_gbps,
         )
     log_library_lines(said)
     if task.json:

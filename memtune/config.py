@@ -744,7 +744,7 @@ def _eval_problems(config: TrainConfig) -> list[str]:
                                                or (config.num_gpus > 1 and config.strategy != "ddp")):
         problems.append("evaluation is planned on one GPU or with DDP only (FSDP, CPU offload and DeepSpeed's "
                         "evaluation are not modelled yet): drop --eval-batch-size, or use --strategy ddp")
-    elif config.eval_batch_size is not None and config.num_gpus > 1 and config.eval_logits != "none":
+    elif config.eval_batch_size is not None and config.world_size > 1 and config.eval_logits != "none":
         problems.append(f"eval_logits {config.eval_logits!r} with {config.num_gpus} GPUs: Trainer gathers every "
                         "rank's logits onto each GPU, which is not modelled yet: use --eval-logits none")
     return problems

@@ -80,7 +80,7 @@ class TaskOptions:
     they need not be present."""
     nodes: int = field(default=1, metadata=option(metavar="M"))
     """Machines of --gpus GPUs each: plan for M x N GPUs (per-GPU memory, throughput over the inter-node link) and,
-    with plan --out DIR, write the launch files for each machine; fit searches one machine (--nodes 1)."""
+    plan --out DIR and fit write the launch files for each machine next to the plan."""
     inter_node_gbps: float = field(default=DEFAULT_INTER_NODE_GBPS, metadata=option(metavar="GBITS"))
     """With --nodes above 1: the network rate of each machine, in Gb/s one way (an assumption, not measured:
     a typical 400 Gb/s InfiniBand or RoCE port; a DGX-class node with one 400 Gb/s port per GPU has 8 x 400 = 3200)."""

@@ -194,8 +194,8 @@ def zero_words(search: SearchResult) -> str | None:
     config = chosen.config
     line = f"{ladder.zero_words(config)} (as DeepSpeed {ladder.DEEPSPEED_VERSION} allocates)"
     if chosen.estimate is not None and chosen.estimate.host_bytes:
-        gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs)" \
-            if config.num_gpus > 1 else ""
+        gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs of a " \
+            "machine)" if config.num_gpus > 1 else ""
         line += (f": {format_bytes(chosen.estimate.host_bytes)} of pinned host memory per GPU{gpus}, not in the GPU "
                  "total")
     return line
@@ -377,8 +377,11 @@ def fit_commands(result: FitResult) -> list[str]:
     if result.plan_path is not None and str(result.plan_path) != DEFAULT_PLAN_PATH:
         command += f" --plan-out {shlex.quote(str(result.plan_path))}"
     commands = [command]
-    if result.plan_path is not None:
+    if result.plan_path is not None and (result.plan is None or result.plan.train_config.num_nodes == 1):
         commands.append(f"memtune run {shlex.quote(str(result.plan_path))}")
+    elif result.plan_path is not None:  # `memtune run` refuses it: each machine launches its own config
+        commands.append(f"on machine R: accelerate launch --config_file accelerate_machineR.yaml -m memtune run "
+                        f"{shlex.quote(str(result.plan_path))} (see LAUNCH.txt next to the plan)")
     return commands
 
 
