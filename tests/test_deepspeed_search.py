@@ -413,7 +413,7 @@ def test_the_fit_report_names_the_engine_its_host_memory_and_the_host_refusals(w
 
     text = rendered(fit)
     assert ("DeepSpeed ZeRO-3, CPU optimizer offload (as DeepSpeed 0.19.8 allocates): 8.38 GiB of pinned host memory "
-            "per GPU (16.76 GiB for the 2 GPUs), not in the GPU total") in text
+            "per GPU (16.76 GiB for the 2 GPUs of a machine), not in the GPU total") in text
     assert "DeepSpeed ZeRO-3, CPU optimizer offload, on 2 GPUs (DeepSpeed 0.19.8's rules" in text
     changes = {alternative.change for alternative in result.alternatives}
     assert {"ZeRO-2 instead of ZeRO-3", "- ZeRO offload", "FSDP2 instead of DeepSpeed ZeRO-3, CPU optimizer offload"} \
