@@ -60,7 +60,8 @@ def predict(model: str, config: TrainConfig, path: str) -> dict:
     except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
         return {"error": f"{type(error).__name__}: {error}"[:300]}
     return {"peak_reserved_bytes": found.peak_reserved_bytes, "peak_allocated_bytes": found.peak_allocated_bytes,
-            "breakdown": found.breakdown, "seconds": time.perf_counter() - started}
+            "total_bytes": found.total_bytes, "host_bytes": found.host_bytes, "breakdown": found.breakdown,
+            "seconds": time.perf_counter() - started}
 
 
 def predicted_tokens_per_second(model: str, config: TrainConfig, gpu: str, host_copy_rate: float | None) -> float:

@@ -37,7 +37,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.loss_2gpu import print_summary, reserved_columns  # noqa: E402
+from benchmarks.loss_2gpu import predict, print_summary, reserved_columns  # noqa: E402
 from memtune.config import GIB, Adapter, TrainConfig, Zero  # noqa: E402
 
 STEPS = 3
@@ -96,20 +96,6 @@ def heldout_cases() -> list[tuple[str, str, TrainConfig]]:
         ("qwen2.5-0.5b 4x2048 z1 cpu-opt 1gpu", "Qwen/Qwen2.5-0.5B", zero(1, 4, offload="optimizer")),
         ("llama-3.2-1b 2x2048 z3 ga2 1gpu", "meta-llama/Llama-3.2-1B", zero(3, 2, grad_accum_steps=2)),
     ]
-
-
-def predict(model: str, config: TrainConfig, path: str) -> dict:
-    from memtune.predict.estimate import estimate
-    from memtune.sources import catalog_config
-
-    started = time.perf_counter()
-    try:
-        found = estimate(catalog_config(model), config, device=path)
-    except Exception as error:  # noqa: BLE001 - recorded, the benchmark goes on
-        return {"error": f"{type(error).__name__}: {error}"[:300]}
-    return {"peak_reserved_bytes": found.peak_reserved_bytes, "peak_allocated_bytes": found.peak_allocated_bytes,
-            "total_bytes": found.total_bytes, "host_bytes": found.host_bytes, "breakdown": found.breakdown,
-            "seconds": time.perf_counter() - started}
 
 
 # -- the measured side (GPU, DeepSpeed) ---------------------------------------------------------------------------
