@@ -211,3 +211,17 @@ def test_a_tied_embeddings_fresh_head_gradient_is_summed_in_place_under_fsdp(mon
 
     original = fsdp.ShardedCounter.__init__
     assert head_sized_allocations(in_place=True) == head_sized_allocations(in_place=False) - 1
+
+
+@pytest.mark.parametrize("num_gpus, offload", [(2, "none"), (1, "parameters")], ids=["2-gpus", "offload"])
+def test_lora_with_an_untied_head_traces_the_chunked_loss_under_fsdp(num_gpus, offload):
+    """A peft model has no final norm accelerate can find (`_find_final_norm` looks at the PeftModel's children), so
+    an untied LM head is sharded in a unit of its own, which nothing gathers before the chunked loss: the loss then
+    calls the head, whose hooks gather it (it raised "the LM head's weight is sharded" before)."""
+    from memtune.config import Adapter
+
+    model_config = small_llama()
+    model_config.tie_word_embeddings = False
+    config = TrainConfig(seq_len=64, micro_batch_size=1, amp="bf16", num_gpus=num_gpus, offload=offload,
+                         adapter=Adapter(), loss="chunked")
+    assert estimate_sharded(model_config, config).peak_allocated_bytes > 0

@@ -107,12 +107,14 @@ def _head_logits(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     final norm, kept unsharded from forward to backward (reshard_after_forward=False): after the norm's forward
     the head's `weight` is the gathered parameter, and stays so until the unit's post-backward hook, which the
     norm's backward runs after every chunk's. Liger-Kernel's fused linear cross-entropy reads the weight the same
-    way. Raises RuntimeError if the weight is still sharded (a DTensor): the unit was not gathered."""
+    way. A head still sharded there is a unit of its own: accelerate (`_find_final_norm`) finds no final norm in a
+    peft model, so an untied head under LoRA is sharded alone, and nothing before it gathers it; it is called then,
+    its own hooks gathering it for each chunk and recomputation."""
     from torch.distributed.fsdp import FSDPModule
 
-    if not isinstance(head, FSDPModule) or not isinstance(head, nn.Linear):
+    if not isinstance(head, FSDPModule) or not isinstance(head, nn.Linear) or hasattr(head.weight, "device_mesh"):
         return head(hidden)
-    return nn.functional.linear(hidden, gathered_weight(head), head.bias)
+    return nn.functional.linear(hidden, head.weight, head.bias)
 
 
 def gathered_weight(head: nn.Module) -> torch.Tensor:
