@@ -433,6 +433,9 @@ class PlanOptions:
                     "install 'deepspeed>=0.19'), or choose --strategy fsdp"]
         if self.nvme_path is not None and self.offload_device != "nvme":
             return ["--nvme-path is for --offload-device nvme: add --offload-device nvme, or drop --nvme-path"]
+        if self.nvme_path is not None and not Path(self.nvme_path).expanduser().is_dir():  # as fit.nvme_free_bytes
+            return [f"--nvme-path {self.nvme_path!r} is not an existing directory: give a directory on a local NVMe "
+                    "drive (DeepSpeed swaps the offloaded state into it), e.g. --nvme-path /local_nvme"]
         return []
 
     def zero(self) -> Zero | None:

@@ -340,10 +340,13 @@ def test_cli_refuses_deepspeed_options_without_strategy_deepspeed(with_deepspeed
         in capsys.readouterr().err
 
 
-def test_fit_refuses_an_nvme_path_that_is_not_a_directory(with_deepspeed, tmp_path, capsys):
+def test_fit_and_plan_refuse_an_nvme_path_that_is_not_a_directory(with_deepspeed, tmp_path, capsys):
     missing = tmp_path / "no-such-dir"
     assert main(["fit", "gpt2", "--budget", "24GiB", "--offload-device", "nvme", "--nvme-path", str(missing),
                  "--no-verify"]) == 2
+    assert f"--nvme-path '{missing}' is not an existing directory" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--budget", "24GiB", "--strategy", "deepspeed", "--offload", "optimizer",
+                 "--offload-device", "nvme", "--nvme-path", str(missing)]) == 2
     assert f"--nvme-path '{missing}' is not an existing directory" in capsys.readouterr().err
 
 
