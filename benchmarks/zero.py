@@ -62,13 +62,15 @@ def cases(gpu_counts: list[int]) -> list[tuple[str, str, TrainConfig]]:
     return out
 
 
+def zero(stage: int, micro_batch_size: int, **fields: object) -> TrainConfig:
+    """A one-GPU ZeRO case at 2048 tokens, bf16 (DeepSpeed's bf16 mode), with `fields` on top."""
+    return TrainConfig(seq_len=2048, micro_batch_size=micro_batch_size, amp="bf16", strategy="deepspeed", num_gpus=1,
+                       zero=Zero(stage=stage), **fields)  # type: ignore[arg-type]
+
+
 def validation_cases() -> list[tuple[str, str, TrainConfig]]:
     """Cases measured after the rules were set from `cases()` (1 GPU): a third model with checkpointing and gradient
     accumulation, ZeRO-1, LoRA under ZeRO-2 and ZeRO-3."""
-    def zero(stage: int, model_batch: int, **fields: object) -> TrainConfig:
-        return TrainConfig(seq_len=2048, micro_batch_size=model_batch, amp="bf16", strategy="deepspeed", num_gpus=1,
-                           zero=Zero(stage=stage), **fields)  # type: ignore[arg-type]
-
     qwen15, llama1 = "Qwen/Qwen2.5-1.5B", "meta-llama/Llama-3.2-1B"
     return [
         ("qwen2.5-1.5b 4x2048 ckpt z3 1gpu", qwen15, zero(3, 4, gradient_checkpointing=True)),
@@ -84,10 +86,6 @@ def validation_cases() -> list[tuple[str, str, TrainConfig]]:
 def heldout_cases() -> list[tuple[str, str, TrainConfig]]:
     """Cases measured only after every rule was set from `cases()` and `validation_cases()` (1 GPU): combinations
     none of those had."""
-    def zero(stage: int, model_batch: int, **fields: object) -> TrainConfig:
-        return TrainConfig(seq_len=2048, micro_batch_size=model_batch, amp="bf16", strategy="deepspeed", num_gpus=1,
-                           zero=Zero(stage=stage), **fields)  # type: ignore[arg-type]
-
     return [
         ("qwen2.5-1.5b 2x2048 ckpt z3 cpu-opt ga2 1gpu", "Qwen/Qwen2.5-1.5B",
          zero(3, 2, gradient_checkpointing=True, offload="optimizer", grad_accum_steps=2)),

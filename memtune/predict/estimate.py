@@ -23,10 +23,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, TrainConfig
+from memtune.config import DEFAULT_CONTEXT_BYTES, DEFAULT_WORKSPACE_BYTES, DTYPE_BYTES, TrainConfig
 from memtune.errors import UsageError
 from memtune.predict import ddp, fsdp, single, zero
+from memtune.predict.bound import optimizer_state_bytes
 from memtune.predict.peak import Estimate
+from memtune.predict.zero_layout import pinned_bytes
 from memtune.recipe.step import require_extra
 
 
@@ -82,10 +84,6 @@ def fsdp_offload_host_bytes(model_config: Any, train_config: TrainConfig) -> int
     From FSDP2's source, not measured on a GPU yet."""
     if not train_config.sharded or train_config.offload != "parameters":
         return 0
-    from memtune.config import DTYPE_BYTES
-    from memtune.predict.bound import optimizer_state_bytes
-    from memtune.predict.zero_layout import pinned_bytes
-
     layout = zero.cached_layout(model_config, train_config)  # the parameters of the model as built (adapter too)
     width, ranks = DTYPE_BYTES[train_config.weights_dtype], train_config.world_size
     total = 0

@@ -194,11 +194,17 @@ def zero_words(search: SearchResult) -> str | None:
     config = chosen.config
     line = f"{ladder.zero_words(config)} (as DeepSpeed {ladder.DEEPSPEED_VERSION} allocates)"
     if chosen.estimate is not None and chosen.estimate.host_bytes:
-        gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs of a " \
-            "machine)" if config.num_gpus > 1 else ""
-        line += (f": {format_bytes(chosen.estimate.host_bytes)} of pinned host memory per GPU{gpus}, not in the GPU "
-                 "total")
+        line += (f": {format_bytes(chosen.estimate.host_bytes)} of pinned host memory per GPU"
+                 f"{machine_share(chosen.estimate.host_bytes, config)}, not in the GPU total")
     return line
+
+
+def machine_share(host_bytes: int, config: TrainConfig) -> str:
+    """" (X for the N GPUs of a machine)": the host memory of one machine's ranks, each holding `host_bytes`; ""
+    on one GPU."""
+    if config.num_gpus <= 1:
+        return ""
+    return f" ({format_bytes(host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs of a machine)"
 
 
 def attention_words(config: TrainConfig, model_config: Any) -> str:
@@ -232,11 +238,9 @@ def fsdp_offload_words(search: SearchResult) -> str | None:
     chosen = search.chosen
     if chosen is None or chosen.config.deepspeed or chosen.config.offload == "none" or chosen.estimate is None:
         return None
-    config = chosen.config
-    gpus = f" ({format_bytes(chosen.estimate.host_bytes * config.num_gpus)} for the {config.num_gpus} GPUs)" \
-        if config.num_gpus > 1 else ""
-    return (f"FSDP2 CPU offload: {format_bytes(chosen.estimate.host_bytes)} of host memory per GPU{gpus} for the "
-            "offloaded shards (weights and gradients pinned, optimizer state), not in the GPU total; give "
+    host = chosen.estimate.host_bytes
+    return (f"FSDP2 CPU offload: {format_bytes(host)} of host memory per GPU{machine_share(host, chosen.config)} "
+            "for the offloaded shards (weights and gradients pinned, optimizer state), not in the GPU total; give "
             "--host-memory SIZE to check it against the RAM of the machine you plan for")
 
 
