@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,6 +95,35 @@ def heldout_cases() -> list[tuple[str, str, TrainConfig]]:
         ("qwen2.5-0.5b 4x2048 z1 cpu-opt 1gpu", "Qwen/Qwen2.5-0.5B", zero(1, 4, offload="optimizer")),
         ("llama-3.2-1b 2x2048 z3 ga2 1gpu", "meta-llama/Llama-3.2-1B", zero(3, 2, grad_accum_steps=2)),
     ]
+
+
+def nvme_cases(nvme_path: str) -> list[tuple[str, str, TrainConfig]]:
+    """ZeRO-Infinity on 1 GPU (`--nvme DIR`): ZeRO-3 without offload (the host twin), the optimizer state on NVMe,
+    and the parameters too, at `nvme_path`. DeepSpeed's async_io op needs libaio (headers and library) to build."""
+    on_nvme = Zero(stage=3, offload_device="nvme", nvme_path=nvme_path)
+    out = []
+    for label, model, batch in (("qwen2.5-0.5b 4x2048", "Qwen/Qwen2.5-0.5B", 4),
+                                ("llama-3.2-1b 2x2048", "meta-llama/Llama-3.2-1B", 2)):
+        out.append((f"{label} z3 1gpu", model, zero(3, batch)))
+        out.append((f"{label} z3 nvme-opt 1gpu", model, zero(3, batch, offload="optimizer").replace(zero=on_nvme)))
+        out.append((f"{label} z3 nvme-param 1gpu", model, zero(3, batch, offload="parameters").replace(zero=on_nvme)))
+    return out
+
+
+def nvme_predicted(model: str, config: TrainConfig) -> int:
+    """What memtune's plan checks against the drive's free space (`fit.ModelPredictor.nvme_bytes`' rule)."""
+    from memtune.predict import zero as zero_predict
+    from memtune.predict import zero_layout
+    from memtune.sources import catalog_config
+
+    model_config = catalog_config(model)
+    layout = zero_predict.cached_layout(model_config, config)
+    return zero_layout.nvme_bytes(layout, zero_predict.knobs_of(config, zero_predict.hidden_size_of(model_config)))
+
+
+def disk_bytes(folder: str) -> int:
+    """Bytes of the files under `folder` (DeepSpeed's swap files), 0 when it does not exist."""
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file())
 
 
 # -- the measured side (GPU, DeepSpeed) ---------------------------------------------------------------------------
@@ -172,6 +202,7 @@ def worker(case_path: str, result_path: str) -> None:
     result = {"rank": rank, "init_seconds": init_seconds, "workspace_bytes": workspace_bytes,
               "allocated_after_init": after_init, "steps": peaks,
               "rss_bytes": psutil.Process().memory_info().rss, "rss_start_bytes": rss_start,
+              "nvme_disk_bytes": disk_bytes(config.zero.nvme_path) if config.zero and config.zero.nvme_path else 0,
               "deepspeed": deepspeed.__version__,
               "torch": torch.__version__, "json": written}
     Path(f"{result_path}.{rank}").write_text(json.dumps(result))
@@ -204,7 +235,17 @@ def write_history(folder: Path, name: str, model: str, config: TrainConfig, resu
 
 
 def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -> dict:
-    """Run the case under torchrun (num_gpus processes); the largest rank's step-2+ peaks."""
+    """Run the case under torchrun (num_gpus processes); the largest rank's step-2+ peaks. An NVMe case's swap
+    folder is emptied afterwards (the next case would otherwise find the disk full)."""
+    try:
+        return _measure(name, model, config, timeout_seconds)
+    finally:
+        if config.zero is not None and config.zero.nvme_path:
+            shutil.rmtree(config.zero.nvme_path, ignore_errors=True)
+            Path(config.zero.nvme_path).mkdir(parents=True, exist_ok=True)
+
+
+def _measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         case_path, result_path = Path(folder) / "case.json", Path(folder) / "result"
         case_path.write_text(json.dumps({"name": name, "model": model, "config": config.to_dict()}))
@@ -225,6 +266,7 @@ def measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) ->
             "first_step_reserved_bytes": max(rank["steps"][0]["reserved"] for rank in ranks),
             "rss_bytes": max(rank["rss_bytes"] for rank in ranks),
             "rss_start_bytes": max(rank.get("rss_start_bytes", 0) for rank in ranks), "ranks": ranks,
+            "nvme_disk_bytes": sum(rank.get("nvme_disk_bytes", 0) for rank in ranks),
             "seconds": time.perf_counter() - started}
 
 
@@ -269,6 +311,8 @@ def main() -> None:
     parser.add_argument("--validation", action="store_true",
                         help="the cases measured after the rules were set (validation_cases) instead of cases()")
     parser.add_argument("--heldout", action="store_true", help="heldout_cases() instead of cases()")
+    parser.add_argument("--nvme", default="", metavar="DIR",
+                        help="nvme_cases(DIR) instead of cases(): ZeRO-3 with offload to NVMe at DIR (needs libaio)")
     parser.add_argument("--measured", default="",
                         help="a JSON this script wrote on the GPU: predict again here against its measurements")
     args = parser.parse_args()
@@ -281,19 +325,26 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"{'case':40s} {'measured':>8s}" + "".join(f" | {path + ' GiB':>8s} {'error':>7s}" for path in args.paths)
           + " | host GiB", flush=True)
-    chosen = validation_cases() if args.validation else heldout_cases() if args.heldout else cases(args.gpus)
+    chosen = (validation_cases() if args.validation else heldout_cases() if args.heldout
+              else nvme_cases(args.nvme) if args.nvme else cases(args.gpus))
     for name, model, config in chosen:
         if args.match not in name:
             continue
         row: dict = {"case": name, "model": model, "config": config.to_dict()}
         for path in args.paths:
             row[path] = predict(model, config, path)
+        if config.zero is not None and config.zero.offload_device == "nvme" and config.offload != "none":
+            row["nvme_predicted_bytes"] = nvme_predicted(model, config)
         if not args.no_measure:
             row["measured"] = measure(name, model, config, args.timeout)
         elif name in recorded:
             row["measured"] = recorded[name]
         line = f"{name:40s} {reserved_columns(row, args.paths)}"
         line += f" | {row[args.paths[0]].get('host_bytes', 0) / GIB:8.2f}{host_column(row, rows, args.paths[0])}"
+        if "nvme_predicted_bytes" in row:
+            on_disk = row.get("measured", {}).get("nvme_disk_bytes")
+            line += f" | NVMe {row['nvme_predicted_bytes'] / GIB:.2f} GiB predicted" + (
+                f", {on_disk / GIB:.2f} on disk" if on_disk is not None else "")
         print(line, flush=True)
         rows.append(row)
         out.write_text(json.dumps({"steps": STEPS, "rows": rows}, indent=1))
