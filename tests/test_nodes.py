@@ -230,6 +230,7 @@ def test_torchrun_line_and_sbatch_script(config, tmp_path):
     sbatch = files.sbatch_script.read_text()
     assert f"#SBATCH --nodes={config.num_nodes}" in sbatch and f"#SBATCH --gpus-per-node={config.num_gpus}" in sbatch
     assert "srun" in sbatch and "accelerate launch" in sbatch and '--machine_rank "$SLURM_NODEID"' in sbatch
+    assert '--cpus-per-task="$SLURM_CPUS_ON_NODE"' in sbatch  # not srun's one CPU per task
     for path in (files.torchrun_script, files.sbatch_script):
         assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
     assert launch.MAIN_PROCESS_IP in files.instructions.read_text()

@@ -451,11 +451,13 @@ def write_launch_files(directory: str | Path, train_config: TrainConfig, plan_pa
               f"#SBATCH --gpus-per-node={gpus}",
               "#SBATCH --exclusive",
               f"# memtune: {train_config.describe()}",
-              "# One task per machine: each runs `accelerate launch`, which starts that machine's GPU processes.",
+              "# One task per machine: each runs `accelerate launch`, which starts that machine's GPU processes. srun",
+              "# gives a task one CPU unless told (Slurm 22.05+ does not pass sbatch's CPUs on to srun): every CPU",
+              "# of the machine goes to its task, for the GPU processes and their data loaders.",
               "set -euo pipefail",
               'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
               f"export MASTER_PORT={port}",
-              f"srun --kill-on-bad-exit=1 bash -c '{launch_line}'", ""]
+              f"srun --kill-on-bad-exit=1 --cpus-per-task=\"$SLURM_CPUS_ON_NODE\" bash -c '{launch_line}'", ""]
     sbatch_script = directory / "memtune.sbatch"
     sbatch_script.write_text("\n".join(sbatch))
     where = "" if single else (" - on every machine at this same path (a shared file system, or a copy), with the "
