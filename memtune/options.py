@@ -20,6 +20,7 @@ from typing import Any, Literal
 from memtune.config import (
     ATTN_IMPLEMENTATIONS,
     DEEPSPEED_EXTRA_HINT,
+    DEEPSPEED_OPTIMIZERS,
     DEFAULT_INTER_NODE_GBPS,
     DEFAULT_OPTIMIZER,
     DEFAULT_SAVE_STEPS,
@@ -428,6 +429,25 @@ class PlanOptions:
             return [f"{', '.join(pins)} {'is' if len(pins) == 1 else 'are'} DeepSpeed's, got --strategy "
                     f"{self.strategy}{default}: add --strategy deepspeed"
                     + (", or use --offload parameters (FSDP2 CPU offload)" if self.offload == "optimizer" else "")]
+        stage = self.zero_stage or 3
+        problems = []
+        if self.offload == "parameters" and stage != 3:
+            problems.append(f"--offload parameters under DeepSpeed is ZeRO-3's offload_param, got --zero-stage "
+                            f"{stage}: use --zero-stage 3, or --offload optimizer")
+        if self.offload_device == "nvme" and self.offload == "none":
+            problems.append("--offload-device nvme says where offloaded state goes, and nothing is offloaded: add "
+                            "--offload optimizer (or parameters), or drop --offload-device")
+        elif self.offload_device == "nvme" and stage != 3:
+            problems.append(f"--offload-device nvme is ZeRO-3's (ZeRO-Infinity), got --zero-stage {stage}: use "
+                            "--zero-stage 3, or --offload-device cpu")
+        if self.offload_device == "nvme" and self.nvme_path is None:
+            problems.append("--offload-device nvme needs --nvme-path, a directory on a local NVMe drive "
+                            "(e.g. --nvme-path /local_nvme)")
+        if self.optimizer not in DEEPSPEED_OPTIMIZERS:
+            problems.append(f"a DeepSpeed plan runs DeepSpeed's AdamW (fp32 state), got --optim {self.optimizer}: "
+                            "use --optim adamw_torch_fused or adamw_torch")
+        if problems:
+            return problems
         if not deepspeed_available():
             return [f"--strategy deepspeed needs DeepSpeed, which is not installed: {DEEPSPEED_EXTRA_HINT} (or pip "
                     "install 'deepspeed>=0.19'), or choose --strategy fsdp"]

@@ -29,17 +29,20 @@ from memtune.search.choose import FITS, TOO_BIG, search
 from memtune.sources import ModelSource
 from tests.models import tiny_llama
 
+DEEPSPEED_READERS = (config_module, ladder, options_module)
+"""The modules that ask `deepspeed_available`."""
+
 
 @pytest.fixture
 def with_deepspeed(monkeypatch):
     """DeepSpeed declared installed wherever memtune asks (found by name, never imported by the search)."""
-    for module in (config_module, ladder, options_module):
+    for module in DEEPSPEED_READERS:
         monkeypatch.setattr(module, "deepspeed_available", lambda: True)
 
 
 @pytest.fixture
 def without_deepspeed(monkeypatch):
-    for module in (config_module, ladder, options_module):
+    for module in DEEPSPEED_READERS:
         monkeypatch.setattr(module, "deepspeed_available", lambda: False)
 
 
@@ -427,3 +430,25 @@ def test_the_fit_report_names_the_engine_its_host_memory_and_the_host_refusals(w
     assert refused.search.chosen.config.strategy == "fsdp"
     assert ("DeepSpeed ZeRO-3 (CPU optimizer offload) on 2 GPUs: fits the GPU, but ZeRO's offloaded state needs 16.76 "
             "GiB of host memory (all ranks), over the 10.00 GiB allowed") in rendered(refused)
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--zero-stage", "2", "--offload", "parameters"],
+     "--offload parameters under DeepSpeed is ZeRO-3's offload_param, got --zero-stage 2: use --zero-stage 3"),
+    (["--zero-stage", "2", "--offload", "optimizer", "--offload-device", "nvme", "--nvme-path", "."],
+     "--offload-device nvme is ZeRO-3's (ZeRO-Infinity), got --zero-stage 2: use --zero-stage 3"),
+    (["--offload-device", "nvme", "--nvme-path", "."], "--offload-device nvme says where offloaded state goes, and "
+     "nothing is offloaded: add --offload optimizer"),
+    (["--offload", "optimizer", "--offload-device", "nvme"], "--offload-device nvme needs --nvme-path"),
+    (["--optim", "paged_adamw_8bit"], "got --optim paged_adamw_8bit: use --optim adamw_torch_fused"),
+])
+@pytest.mark.parametrize("installed", [True, False])
+def test_cli_plan_names_deepspeed_problems_in_flags(flags, words, installed, monkeypatch, capsys):
+    """`memtune plan --strategy deepspeed` refuses what DeepSpeed cannot run in the CLI's words (not TrainConfig's
+    Zero(stage=3)), whether DeepSpeed is installed or not; nothing is silently ignored (--offload-device nvme
+    without anything offloaded used to plan the GPU alone)."""
+    for module in DEEPSPEED_READERS:
+        monkeypatch.setattr(module, "deepspeed_available", lambda: installed)
+    assert main(["plan", "gpt2", "--strategy", "deepspeed", *flags]) == 2
+    error = capsys.readouterr().err
+    assert words in error and "Zero(" not in error and "Traceback" not in error
