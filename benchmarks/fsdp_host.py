@@ -5,8 +5,9 @@
 Each case runs in a fresh process: CUDA and the cuBLAS workspaces first (`measure.memory.warm_up`), then memtune's
 own trial of the plan (`measure.sharded.measure_sharded`: the model built and prepared as accelerate prepares it,
 FSDP2 with CPUOffloadPolicy(pin_memory=True) for offload "parameters", 3 steps). The measured host RAM of an offload
-case is its process's resident set after the steps less that of the same model and precision without offload
-(the twin, FSDP2 on the GPU): what building the model, the libraries and the CUDA context take is in both.
+case is its process's resident set after the optimizer step of steps 2-3 (read inside the trial: once it returns,
+the optimizer state is freed and glibc gives large blocks back to the system) less that of the same model and
+precision without offload (the twin, FSDP2 on the GPU): what the libraries and the CUDA context take is in both.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -43,17 +45,25 @@ def cases() -> list[tuple[str, str, TrainConfig, str]]:
 def worker(case_path: str, result_path: str) -> None:
     import psutil
 
-    from memtune.measure import memory
-    from memtune.measure.sharded import measure_sharded
+    from memtune.measure import memory, sharded
     from memtune.sources import catalog_config
 
     case = json.loads(Path(case_path).read_text())
     memory.warm_up()
     start = psutil.Process().memory_info().rss
-    found = measure_sharded(catalog_config(case["model"]), TrainConfig.from_dict(case["config"]), steps=3)
+    after_steps: list[int] = []
+    original = sharded.fsdp_train_step
+
+    def step_then_rss(*args: Any, **kwargs: Any) -> Any:  # the trial frees the state before it returns: read it here
+        done = original(*args, **kwargs)
+        after_steps.append(psutil.Process().memory_info().rss)
+        return done
+
+    sharded.fsdp_train_step = step_then_rss
+    found = sharded.measure_sharded(catalog_config(case["model"]), TrainConfig.from_dict(case["config"]), steps=3)
     Path(result_path).write_text(json.dumps({
-        "fits": found.fits, "error": found.error, "rss_start_bytes": start,
-        "rss_bytes": psutil.Process().memory_info().rss, "peak_reserved_bytes": found.peak_reserved_bytes,
+        "fits": found.fits, "error": found.error, "rss_start_bytes": start, "rss_after_steps": after_steps,
+        "rss_bytes": max(after_steps[1:] or after_steps or [0]), "peak_reserved_bytes": found.peak_reserved_bytes,
         "tokens_per_second": found.tokens_per_second}))
 
 

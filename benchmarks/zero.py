@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -259,7 +260,8 @@ def _measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -
         ranks = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("result.*"))]
         if done.returncode != 0 or len(ranks) != config.num_gpus:
             oom = "out of memory" in done.stderr.lower()
-            return {"fits": False, "oom": oom, "error": done.stderr[-1500:]}
+            raised = [line for line in done.stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+            return {"fits": False, "oom": oom, "raised": raised[-3:], "error": done.stderr[-1500:]}
     steady = [step for rank in ranks for step in rank["steps"][1:]]
     return {"fits": True, "peak_reserved_bytes": max(step["reserved"] for step in steady),
             "peak_allocated_bytes": max(step["allocated"] for step in steady),

@@ -79,8 +79,16 @@ def test_zero3_json_writes_every_stage3_knob_as_a_number_and_lets_trainer_build_
 def test_zero3_nvme_parameter_offload_json():
     zero = deepspeed_config(ZERO3_NVME, model_config=catalog_config(LLAMA_8B))["zero_optimization"]
     place = {"device": "nvme", "pin_memory": True, "nvme_path": "/local_nvme"}
-    assert zero["offload_optimizer"] == place and zero["offload_param"] == place
+    # the swap buffer holds the largest partition, the 128256 x 4096 embedding: DeepSpeed's default 1e8 elements
+    # fails its assertion (partitioned_param_swapper.py:357; Qwen2.5-0.5B's embedding did on the H200)
+    assert zero["offload_optimizer"] == place and zero["offload_param"] == {**place, "buffer_size": 128256 * 4096}
     assert zero["stage3_max_reuse_distance"] == 0
+
+
+def test_nvme_parameter_swap_buffer_is_the_default_where_every_partition_fits():
+    two = deepspeed_plan(num_gpus=8, zero=Zero(offload_device="nvme", nvme_path="/nvme"), offload="parameters")
+    zero = deepspeed_config(two, model_config=catalog_config("Qwen/Qwen2.5-0.5B"))["zero_optimization"]
+    assert zero["offload_param"]["buffer_size"] == 100_000_000  # 151936 x 896 / 8 ranks < 1e8
 
 
 def test_without_the_model_config_the_hidden_size_knobs_are_left_to_trainer():

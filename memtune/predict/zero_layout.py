@@ -40,7 +40,8 @@ NVME_OPTIMIZER_BUFFERS = 4
 NVME_PARAM_BUFFERS = 5
 """offload_param.buffer_count (offload_config.py:33)."""
 NVME_PARAM_BUFFER_ELEMENTS = 100_000_000
-"""offload_param.buffer_size (offload_config.py:36), elements."""
+"""offload_param.buffer_size (offload_config.py:36), elements: DeepSpeed's default; memtune writes
+`nvme_param_buffer_elements` instead."""
 
 
 @dataclass(frozen=True)
@@ -238,10 +239,20 @@ def host_bytes(layout: ZeroLayout, knobs: ZeroKnobs, grad_accum_steps: int = 1) 
             total += pinned_bytes(b * trainable)
     if knobs.offloads_parameters:
         if knobs.offload_parameters == "nvme":
-            total += NVME_PARAM_BUFFERS * pinned_bytes(NVME_PARAM_BUFFER_ELEMENTS * b)
+            total += NVME_PARAM_BUFFERS * pinned_bytes(nvme_param_buffer_elements(layout) * b)
         else:
             total += pinned_bytes(b * layout.partition(layout.total_elements))
     return total
+
+
+def nvme_param_buffer_elements(layout: ZeroLayout) -> int:
+    """offload_param.buffer_size (elements) that memtune writes for parameters offloaded to NVMe: DeepSpeed's
+    default 1e8, or one rank's partition of the largest parameter where that is larger. Each partition is swapped
+    in through one buffer, and DeepSpeed asserts it fits (runtime/swap_tensor/partitioned_param_swapper.py:357,
+    "More elements ... than buffer size"): with the default, Qwen2.5-0.5B's 136M-element embedding failed on the
+    H200 (benchmarks/zero.py --nvme)."""
+    largest = max((layout.partition(p.numel) for p in layout.params), default=0)
+    return max(NVME_PARAM_BUFFER_ELEMENTS, largest)
 
 
 def nvme_bytes(layout: ZeroLayout, knobs: ZeroKnobs) -> int:

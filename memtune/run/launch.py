@@ -213,9 +213,11 @@ def deepspeed_config(train_config: TrainConfig, *, model_config: Any = None) -> 
     ZeRO-1/2 get allgather_bucket_size, ZeRO-3 its stage3_* knobs, sub_group_size and
     stage3_gather_16bit_weights_on_model_save (Trainer then saves a loadable checkpoint). offload "optimizer"
     gives offload_optimizer, "parameters" offload_param too, on `zero.offload_device` with pinned host
-    buffers (and nvme_path for NVMe). bf16 / fp16 follow the plan's autocast dtype, as the TrainingArguments
-    `Plan.training_arguments` writes (Trainer raises on a mismatch); batch, accumulation and clipping are "auto"
-    (Trainer fills them). The optimizer block is written with offload only (module docstring).
+    buffers (and nvme_path for NVMe; parameters on NVMe get a swap buffer_size that holds their largest partition,
+    `zero_layout.nvme_param_buffer_elements`, when `model_config` is given). bf16 / fp16 follow the plan's
+    autocast dtype, as the TrainingArguments `Plan.training_arguments` writes (Trainer raises on a mismatch);
+    batch, accumulation and clipping are "auto" (Trainer fills them). The optimizer block is written with offload
+    only (module docstring).
 
     Raises UsageError for a plan whose strategy is not "deepspeed"."""
     zero = train_config.zero
@@ -248,6 +250,12 @@ def deepspeed_config(train_config: TrainConfig, *, model_config: Any = None) -> 
         optimization["offload_optimizer"] = dict(place)
         if train_config.offload == "parameters":
             optimization["offload_param"] = dict(place)
+            if zero.offload_device == "nvme" and model_config is not None:  # each partition fits one swap buffer
+                from memtune.predict import zero as zero_predict
+                from memtune.predict.zero_layout import nvme_param_buffer_elements
+
+                layout = zero_predict.cached_layout(model_config, train_config)
+                optimization["offload_param"]["buffer_size"] = nvme_param_buffer_elements(layout)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
