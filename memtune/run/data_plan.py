@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from memtune.errors import UsageError
-from memtune.options import DEFAULT_PACKING, PACKING_MODES
+from memtune.options import DEFAULT_PACKING
 from memtune.run import data as data_module
 
 TRL_PACK_BATCH = 1000
@@ -53,11 +53,8 @@ TOKENIZE_CHUNK = 1000
 """Documents tokenised per call (and per progress-bar step)."""
 
 
-def check_packing(packing: str) -> None:
-    """Raise UsageError (exit 2) for a --packing value that is not one of PACKING_MODES, naming the value seen."""
-    if packing not in PACKING_MODES:
-        raise UsageError(f"--packing {packing!r} is not a batching mode: use one of {', '.join(PACKING_MODES)} "
-                         f"(default {DEFAULT_PACKING}, what memtune run does)")
+check_packing = data_module.check_packing
+"""Raise UsageError (exit 2) for a --packing value that is not one of PACKING_MODES (`run.data.check_packing`)."""
 
 
 def percentile(sorted_values: Sequence[int], percent: float) -> int:
