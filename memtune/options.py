@@ -704,7 +704,8 @@ class FitOptions:
         """`fit --run`: run the saved plan with this command's --data, --text-field, --packing, --output-dir and
         --max-steps."""
         return RunOptions(plan=plan_path, data=self.training_data.data, text_field=self.training_data.text_field,
-                          packing=self.training_data.packing, output_dir=self.output_dir, max_steps=self.max_steps)
+                          packing=None if self.training_data.packing == DEFAULT_PACKING else self.training_data.packing,
+                          output_dir=self.output_dir, max_steps=self.max_steps)
 
 
 def output_file_problem(flag: str, path: str | Path) -> str | None:

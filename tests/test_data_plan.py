@@ -104,6 +104,7 @@ def test_bfd_packs_as_trl_documents_it():
     data = plan_lengths([70, 60, 20], 100, "bfd").with_micro_batch(3)
     assert data.row_tokens == 90 and data.worst_batch() == (3, 90)
     assert bfd_row_lengths([0, 3], 4) == [3]  # empty documents are dropped, as TRL does
+    assert data.mask_bytes == 3 * 90 * 90  # rows x N x N: the run's restarting position_ids make SDPA a mask too
 
 
 def test_bfd_packs_each_map_batch_apart():
