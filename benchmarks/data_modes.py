@@ -6,10 +6,10 @@ longest document, ~3,500 tokens of memtune's sample tokenizer - catalog models c
 the two modes differ), the first DOCUMENTS[mode] documents, so that an epoch is 20-60 optimizer steps:
 
 - none: one document per row, padded to the longest of the micro-batch: worst batch MICRO x the longest document;
-- bfd: TRL's best-fit-decreasing rows of up to SEQ_LEN tokens, padded to the longest row of the micro-batch, position_ids
-  restarting per document: worst batch MICRO x SEQ_LEN (the rows are full). The modes differ most there: padding-free's
-  worst batch (the MICRO longest documents in one row) is at most none's tokens, and Trainer's shuffle makes it only by
-  chance (run/data_plan.py), so its epoch would not test the prediction.
+- bfd: TRL's best-fit-decreasing rows of up to SEQ_LEN tokens, padded to the longest row of the micro-batch,
+  position_ids restarting per document: worst batch MICRO x SEQ_LEN (the rows are full). The modes differ most there:
+  padding-free's worst batch (the MICRO longest documents in one row) is at most none's tokens, and Trainer's shuffle
+  makes it only by chance (run/data_plan.py), so its epoch would not test the prediction.
 
 Each case, as a user runs it (LoRA r16 on a bf16 base with random weights, bf16 autocast, micro-batch MICRO):
     predicted: memtune plan MODEL --seq-len SEQ_LEN --micro-batch-size MICRO --data FILE --packing MODE ... (the path
@@ -153,8 +153,8 @@ def with_errors(row: dict[str, Any]) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A short table: worst batch, measured and predicted peak reserved (GiB), the errors (%)."""
-    lines = [f"{'model':14s} {'mode':5s} {'worst':>11s} {'steps':>5s} {'measured':>8s} {'predicted':>9s} {'|error|':>7s}"
-             f" {'+mask':>7s} {'+bias':>7s}"]
+    lines = [f"{'model':14s} {'mode':5s} {'worst':>11s} {'steps':>5s} {'measured':>8s} {'predicted':>9s} "
+             f"{'|error|':>7s} {'+mask':>7s} {'+bias':>7s}"]
 
     def percent(value: float | None) -> str:
         return "-" if value is None else f"{100 * value:+.2f}%"
@@ -162,8 +162,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         measured = row.get("measured_reserved_bytes")
         error = row.get("error")
+        batch_rows, batch_tokens = row.get("worst_batch", (0, 0))
         lines.append(
-            f"{row['model']:14s} {row['mode']:5s} {'%d x %d' % tuple(row.get('worst_batch', (0, 0))):>11s} "
+            f"{row['model']:14s} {row['mode']:5s} {f'{batch_rows} x {batch_tokens}':>11s} "
             f"{row.get('steps', '-')!s:>5s} {measured / GIB if measured else float('nan'):8.2f} "
             f"{row.get('predicted_reserved_bytes', 0) / GIB:9.2f} "
             f"{'-' if error is None else f'{100 * abs(error):.2f}%':>7s} {percent(row.get('error_with_mask')):>7s} "

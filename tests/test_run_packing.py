@@ -230,3 +230,7 @@ def test_bfd_without_trl_exits_2_with_the_install_hint(tmp_path, capsys, monkeyp
     err = words(capsys.readouterr().err)
     assert code == 2 and "trl" in err and "not installed: install TRL with pip install -e \".[trl]\"" in err
     assert "Traceback" not in err
+    with pytest.raises(UsageError, match=r'install TRL with pip install -e "\.\[trl\]"'):  # before the search
+        parse(["fit", "gpt2", "--budget", "8GiB", "--run", "--data", "x.jsonl", "--packing", "bfd"])
+    _, fit = parse(["fit", "gpt2", "--budget", "8GiB", "--data", "x.jsonl", "--packing", "bfd"])
+    assert fit.problems() == []  # planning bfd needs no TRL (run.data_plan.bfd_row_lengths)

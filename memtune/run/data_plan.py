@@ -35,9 +35,10 @@ attention is traced per row. Known limitation, not traced: under SDPA, transform
 block-diagonal bool mask of rows x 1 x N x N bytes (`DataPlan.mask_bytes`, reported beside the prediction), and an
 explicit mask keeps SDPA off its flash kernel (the memory-efficient kernel runs instead, which takes the mask as an
 additive bias in the compute dtype; `benchmarks/data_modes.py` measures what that costs). With flash_attention_2,
-padding-free runs the varlen kernel with no mask: the traced shape is then what runs. The N x N mask could not be traced without the trace taking
-position_ids (memtune's traced step feeds input_ids and labels only), and one row of N tokens would also be refused
-by models whose positions are fewer than N (gpt2: 1,024) although the real positions restart per document.
+padding-free runs the varlen kernel with no mask: the traced shape is then what runs. The N x N mask could not be
+traced without the trace taking position_ids (memtune's traced step feeds input_ids and labels only), and one row of N
+tokens would also be refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions
+restart per document.
 """
 
 from __future__ import annotations
