@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from benchmarks import make_longtail
 from memtune.cli import main, parse
@@ -147,9 +148,13 @@ def test_the_run_trains_on_the_planned_batches(packing, longtail, tokenizer, mod
         return collate_and_keep
 
     monkeypatch.setattr(data_module, "collator_for", recording)
-    plan = Plan(str(model_dir), TrainConfig(seq_len=data.row_tokens, micro_batch_size=micro), budget_bytes=1 << 30)
-    summary = run_plan(plan, data=str(longtail), packing=packing, output_dir=tmp_path / "out", device="cpu",
-                       progress=False, save_steps=10**6)
+    received: list[torch.Tensor | None] = []
+    # where documents share a row, the chunked loss's forward (position_ids through **kwargs) is the harder path
+    loss = "chunked" if packing in ("bfd", "padding-free") else "standard"
+    config = TrainConfig(seq_len=data.row_tokens, micro_batch_size=micro, loss=loss)
+    summary = run_plan(Plan(str(model_dir), config, budget_bytes=1 << 30), data=str(longtail), packing=packing,
+                       output_dir=tmp_path / "out", device="cpu", progress=False, save_steps=10**6,
+                       callbacks=[PositionsSeen(received)])
     dataset = data_module.build_dataset(tokenizer, data.row_tokens, longtail, packing=packing)
     assert summary.status == "completed" and summary.num_sequences == len(dataset)
     assert summary.global_step == -(-len(dataset) // micro) == len(seen)
@@ -166,9 +171,29 @@ def test_the_run_trains_on_the_planned_batches(packing, longtail, tokenizer, mod
         assert worst_tokens == rows * width
         real = sorted(length for batch in seen for length in _row_lengths(batch, packing))
         assert real == sorted(dataset.row_lengths())  # every row once, unpadded as planned
-    if packing == "bfd":
-        for batch in seen:
-            assert "position_ids" in batch and (batch["position_ids"][:, 0] == 0).all()
+    if packing in ("bfd", "padding-free"):  # the backbone gets the restarting position_ids Trainer collated
+        assert len(received) == len(seen)
+        for batch, positions in zip(seen, received, strict=True):
+            assert positions is not None and torch.equal(positions, batch["position_ids"])
+        assert any(int((positions == 0).sum()) > positions.shape[0] for positions in received)  # documents share rows
+    else:
+        assert all(positions is None for positions in received)  # default positions, no mask: the traced step
+
+
+class PositionsSeen(TrainerCallback):
+    """Records the position_ids the model's backbone (the decoder stack) receives in each training forward."""
+
+    def __init__(self, received: list):
+        self.received = received
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers import LlamaModel
+
+        backbone = next(module for module in model.modules() if isinstance(module, LlamaModel))
+        backbone.register_forward_pre_hook(
+            lambda module, positional, keywords: self.received.append(
+                None if keywords.get("position_ids") is None else keywords["position_ids"].detach().cpu().clone()),
+            with_kwargs=True)
 
 
 def _row_lengths(batch: dict[str, torch.Tensor], packing: str) -> list[int]:

@@ -472,6 +472,9 @@ def _run_plan(
         "disable_tqdm": True,
         "use_cpu": use_cpu,
         "log_level_replica": "error",  # transformers' warnings once, from the main process, not once per GPU
+        # the datasets hold model inputs only (run.data); Trainer's column removal reads the forward's signature, and
+        # the chunked loss's forward takes position_ids through **kwargs: the bfd rows' position_ids were dropped
+        "remove_unused_columns": False,
         **(training_overrides or {}),
     }
     if config.deepspeed and "deepspeed" not in overrides:
