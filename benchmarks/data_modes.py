@@ -21,8 +21,9 @@ position_ids, not traced) and `bias_bytes`, what the memory-efficient SDPA kerne
 converted to an additive bf16 bias per attention layer for the backward (rows x N x N rounded up to 16 x 2 bytes x
 layers; a hypothesis this run tests: compare "pred+mask" and "pred+mask+bias" with the measurement).
 
-On the GPU machine (about 3 minutes on one H200: 6 predictions on fake CUDA tensors, then 6 runs in their own
-processes; TRL for bfd - `pip install -e ".[trl]"`, or its folder on PYTHONPATH):
+On the GPU machine (about 2-3 minutes on one H200: 6 predictions on fake CUDA tensors; each case's run starts in a
+process of its own when its prediction is made, at most --parallel 3 at once - 3 bfd runs together need ~80 GiB;
+TRL for bfd - `pip install -e ".[trl]"`, or trl, datasets, dill and multiprocess wheels on PYTHONPATH):
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --out $OUT/data_modes_h200.json
 Predictions only (any machine, the CPU trace path):
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --predict-only --out /tmp/data_modes_predicted.json
@@ -127,17 +128,28 @@ def measure(plan_path: Path, corpus: Path, mode: str, output_dir: Path) -> dict[
             "guard_events": summary.guard_events, "run_seconds": time.perf_counter() - started}
 
 
-def measure_in_process(plan: dict[str, Any], corpus: Path, mode: str, folder: Path, name: str) -> dict[str, Any]:
-    """`measure` in a fresh Python process (a clean CUDA caching allocator per case)."""
-    plan_path = folder / f"{name}.plan.json"
-    plan_path.write_text(json.dumps(plan))
-    out = folder / f"{name}.measured.json"
-    command = [sys.executable, __file__, "--measure", str(plan_path), "--corpus", str(corpus), "--mode", mode,
-               "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    if done.returncode != 0 or not out.exists():
-        return {"measured_error": (done.stderr or done.stdout)[-1500:]}
-    return json.loads(out.read_text())
+class Measurement:
+    """`measure` of one case in a fresh Python process (a clean CUDA caching allocator per case), started at once and
+    read by `result`. The peaks are the process's own, so cases may run side by side on one GPU while they fit."""
+
+    def __init__(self, plan: dict[str, Any], corpus: Path, mode: str, folder: Path, name: str):
+        plan_path = folder / f"{name}.plan.json"
+        plan_path.write_text(json.dumps(plan))
+        self.out = folder / f"{name}.measured.json"
+        command = [sys.executable, __file__, "--measure", str(plan_path), "--corpus", str(corpus), "--mode", mode,
+                   "--out", str(self.out)]
+        self.log = folder / f"{name}.log"  # a file, not a pipe: a full pipe would stop the run
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def result(self) -> dict[str, Any]:
+        self.process.wait(timeout=400)
+        if self.process.returncode != 0 or not self.out.exists():
+            return {"measured_error": self.log.read_text(errors="replace")[-1500:]}
+        return json.loads(self.out.read_text())
 
 
 def with_errors(row: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +193,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=("none", "bfd", "padding-free", "concat"))
     parser.add_argument("--out", default="benchmarks/results/data_modes.json")
+    parser.add_argument("--parallel", type=int, default=3,
+                        help="cases measured at once, each in its own process (their peaks are their own)")
     parser.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # the per-case child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -199,6 +213,7 @@ def main() -> None:
     trace_device = "cuda" if measuring else "cpu"
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    running: list[tuple[dict[str, Any], Measurement]] = []
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         corpora = {mode: write_corpus(mode, folder) for mode in args.modes}
@@ -210,10 +225,18 @@ def main() -> None:
                     row.update(predict(model, mode, corpora[mode], trace_device))
                 except Exception as error:  # noqa: BLE001 - report and go on
                     row["predicted_error"] = f"{type(error).__name__}: {error}"[:500]
+                rows.append(row)
+                print(f"predicted {model} {mode}: {row.get('predicted_reserved_bytes', 0) / GIB:.2f} GiB",
+                      file=sys.stderr, flush=True)
                 if measuring and "plan" in row:
-                    row.update(measure_in_process(row["plan"], corpora[mode], mode, folder, f"{model}-{mode}"))
-                rows.append(with_errors(row))
-                print(table(rows).splitlines()[-1 if not row.get("error") else -2], file=sys.stderr, flush=True)
+                    while sum(not measurement.done() for _, measurement in running) >= args.parallel:
+                        time.sleep(0.5)
+                    running.append((row, Measurement(row["plan"], corpora[mode], mode, folder, f"{model}-{mode}")))
+        for row, measurement in running:
+            row.update(measurement.result())
+            with_errors(row)
+            print(f"measured {row['model']} {row['mode']}: {row.get('measured_reserved_bytes') or 0:,} bytes",
+                  file=sys.stderr, flush=True)
     document = {"benchmark": "data_modes", "seconds": time.perf_counter() - started, "seq_len": SEQ_LEN,
                 "micro_batch_size": MICRO, "max_chars": MAX_CHARS, "seed": SEED, "trace_device": trace_device,
                 "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if measuring else None, "cases": rows}
