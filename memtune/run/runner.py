@@ -697,7 +697,8 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
 
     if not isinstance(options, RunOptions):
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
-        options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
+        # an argparse Namespace; a field it lacks (one added later, e.g. packing) keeps its default
+        options = RunOptions(**{name: getattr(options, name) for name in names if hasattr(options, name)})
     config = plan.train_config
     problem = several_machines_problem(plan, options.plan)
     if problem:
