@@ -235,8 +235,8 @@ class EvalOptions:
 
 TRAINING_DATA = "training data (plan for the worst batch the loader makes)"
 PACKING_MODES: dict[str, str] = {
-    "concat": "documents concatenated and cut into --seq-len blocks, every batch micro-batch x seq-len (what memtune "
-              "run does)",
+    "concat": "documents concatenated and cut into --seq-len blocks, every batch micro-batch x seq-len (memtune run's "
+              "default)",
     "none": "one document per row, truncated at --seq-len and padded to the longest in the batch",
     "bfd": "TRL's best-fit-decreasing packing (pack_dataset), each packed row <= --seq-len",
     "padding-free": "documents of a batch concatenated without padding, position_ids reset per document (TRL's "
@@ -245,7 +245,23 @@ PACKING_MODES: dict[str, str] = {
 """The batching modes of --packing (run.data_plan says what each produces and what is traced)."""
 Packing = Literal["concat", "none", "bfd", "padding-free"]
 DEFAULT_PACKING: Packing = "concat"
-"""What `memtune run` does (`run.data.PackedDataset`)."""
+"""What `memtune run` does without --packing (`run.data.PackedDataset`)."""
+
+
+TRL_INSTALL_HINT = 'pip install -e ".[trl]"'
+
+
+def trl_problem() -> str | None:
+    """Why `memtune run --packing bfd` cannot run here (None: it can): it packs with TRL's own pack_dataset, and TRL
+    (with `datasets`) is not installed. Looks the packages up without importing them."""
+    import importlib.util
+
+    missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not installed: install TRL with {TRL_INSTALL_HINT}, or choose "
+            "--packing padding-free, none or concat")
 
 
 @dataclass(frozen=True)
@@ -267,7 +283,7 @@ class DataOptions:
 
     def problems(self, run: bool = False) -> list[str]:
         """Every problem of these options at once (a missing path is `data_problem`'s, checked before work starts).
-        `run`: fit --run, which trains with `memtune run`'s concat packing only."""
+        `run`: fit --run, which trains with the same --packing (`RunOptions.packing`)."""
         problems = []
         if self.packing not in PACKING_MODES:
             problems.append(f"--packing {self.packing!r} is not a batching mode: use one of "
@@ -275,10 +291,8 @@ class DataOptions:
         elif self.packing != DEFAULT_PACKING and self.data is None:
             problems.append(f"--packing {self.packing} plans the worst batch of the data's lengths: add --data FILE, "
                             "or drop --packing")
-        elif self.packing != DEFAULT_PACKING and run:
-            problems.append(f"--run trains with memtune run, which packs by concatenation only (--packing concat), "
-                            f"got --packing {self.packing}: drop --run to plan {self.packing} batches, or use "
-                            "--packing concat")
+        elif self.packing == "bfd" and run and (missing := trl_problem()):
+            problems.append(missing)
         if not isinstance(self.text_field, str) or not self.text_field:
             problems.append(f"--text-field must name a JSON field, got {self.text_field!r}")
         return problems
@@ -536,6 +550,10 @@ class RunOptions:
     """Where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go."""
     text_field: str = "text"
     """The JSON field that holds the text."""
+    packing: Packing | None = field(default=None, metadata=option(
+        default_text=DEFAULT_PACKING, note="; ".join(f"{name}: {words}" for name, words in PACKING_MODES.items())))
+    """How the documents are batched: give the mode `memtune plan|fit --data --packing` planned (the plan's seq_len is
+    then the worst row's length, and the run cuts at it: the same batches). bfd needs TRL"""
     max_steps: int | None = field(default=None, metadata=option(default_text="one pass over the data"))
     """Optimizer steps in all, earlier runs of a resumed directory included."""
     learning_rate: float | None = field(default=None, metadata=option(
@@ -574,6 +592,11 @@ class RunOptions:
                                 "e.g. 2e-4 with LoRA, 2e-5 for full fine-tuning")
         if not isinstance(self.text_field, str) or not self.text_field:
             problems.append(f"--text-field must name a JSON field, got {self.text_field!r}")
+        if self.packing is not None and self.packing not in PACKING_MODES:
+            problems.append(f"--packing {self.packing!r} is not a batching mode: use one of "
+                            f"{', '.join(PACKING_MODES)} (default {DEFAULT_PACKING})")
+        elif self.packing == "bfd" and (missing := trl_problem()):
+            problems.append(missing)
         if self.output_dir is not None:
             problem = self.output_dir_problem(self.output_dir)
             if problem:
@@ -698,8 +721,10 @@ class FitOptions:
                                    use_adapter=self.adapters.use_adapter())
 
     def run_options(self, plan_path: str) -> RunOptions:
-        """`fit --run`: run the saved plan with this command's --data, --text-field, --output-dir and --max-steps."""
+        """`fit --run`: run the saved plan with this command's --data, --text-field, --packing, --output-dir and
+        --max-steps."""
         return RunOptions(plan=plan_path, data=self.training_data.data, text_field=self.training_data.text_field,
+                          packing=None if self.training_data.packing == DEFAULT_PACKING else self.training_data.packing,
                           output_dir=self.output_dir, max_steps=self.max_steps)
 
 

@@ -104,6 +104,7 @@ def test_bfd_packs_as_trl_documents_it():
     data = plan_lengths([70, 60, 20], 100, "bfd").with_micro_batch(3)
     assert data.row_tokens == 90 and data.worst_batch() == (3, 90)
     assert bfd_row_lengths([0, 3], 4) == [3]  # empty documents are dropped, as TRL does
+    assert data.mask_bytes == 3 * 90 * 90  # rows x N x N: the run's restarting position_ids make SDPA a mask too
 
 
 def test_bfd_packs_each_map_batch_apart():
@@ -113,15 +114,17 @@ def test_bfd_packs_each_map_batch_apart():
 
 
 def test_bfd_agrees_with_trl_where_it_is_installed():
+    """The planned rows are those of TRL's own pack_dataset, which `memtune run --packing bfd` runs (`pack_bfd`)."""
     pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
-    from trl.data_utils import pack_dataset
+    pytest.importorskip("datasets")
+    import torch
 
     rng = np.random.default_rng(0)
     lengths = [int(n) for n in np.minimum(rng.lognormal(4, 1.3, size=2500), 5000).astype(int) + 1]
-    dataset = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
-    packed = pack_dataset(dataset, seq_length=512, strategy="bfd")
-    assert sorted(len(row) for row in packed["input_ids"]) == sorted(bfd_row_lengths(lengths, 512))
+    offsets = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int64)
+    corpus = data_module.TokenizedCorpus(torch.ones(int(offsets[-1]), dtype=torch.int32), offsets)
+    packed = data_module.pack_bfd(corpus, 512)
+    assert sorted(packed.row_lengths()) == sorted(bfd_row_lengths(lengths, 512))
 
 
 def test_padding_free_is_one_row_of_the_longest_documents():
@@ -163,8 +166,8 @@ def test_a_missing_data_path_exits_2_before_any_trace(command, capsys):
     (["plan", "gpt2", "--packing", "greedy"],
      "argument --packing: invalid choice: 'greedy' (choose from 'concat', 'none', 'bfd', 'padding-free')"),
     (["plan", "gpt2", "--packing", "bfd"], "--packing bfd plans the worst batch of the data's lengths: add --data"),
-    (["fit", "gpt2", "--budget", "8GiB", "--run", "--data", "x.jsonl", "--packing", "none"],
-     "--run trains with memtune run, which packs by concatenation only (--packing concat), got --packing none"),
+    (["fit", "gpt2", "--budget", "8GiB", "--packing", "none"],
+     "--packing none plans the worst batch of the data's lengths: add --data FILE, or drop --packing"),
 ])
 def test_a_bad_packing_exits_2_with_the_value_and_the_fix(args, message, capsys):
     code = main(args)

@@ -20,17 +20,25 @@ one), and plans for the *worst* batch of the batching mode, not the average one:
   `padding_free=True`), each document truncated at seq_len: the batch is 1 x the sum of its documents' lengths, at
   most the token budget micro_batch x seq_len; the worst batch holds the micro_batch longest documents.
 
+`memtune run --packing MODE` makes these batches (`run.data`; bfd padded to the longest row of the micro-batch, as
+planned, with position_ids restarting per document). Trainer shuffles the rows (a seeded random sampler), so the worst
+batch planned is the largest batch any order could make: for none and bfd that is a full micro-batch holding the
+longest row, which every epoch has (unless that row lands in a last, partial micro-batch); a padding-free epoch holds
+the micro_batch longest documents together only by chance, so its measured peak may stay below the plan.
+
 What is traced (`DataPlan.row_tokens`, the TrainConfig's seq_len): micro_batch rows of the worst row's length. For
 concat, none and bfd (padded) that is the worst batch's own shape. For padding-free (and TRL's padding-free bfd) the
 real batch is one row of N <= micro_batch x row_tokens tokens; the trace holds the same or more tokens in
 micro_batch rows, so every per-token activation (linear layers, norms, MLP, logits, loss) is counted, but the
 attention is traced per row. Known limitation, not traced: under SDPA, transformers (masking_utils,
-`find_packed_sequence_indices`) turns the restarting position_ids into a materialised block-diagonal bool mask of
-1 x 1 x N x N bytes (`DataPlan.mask_bytes`, reported beside the prediction), and an explicit mask keeps SDPA off its
-flash kernel (the memory-efficient kernel runs instead). With flash_attention_2, padding-free runs the varlen kernel
-with no mask: the traced shape is then what runs. The N x N mask could not be traced without the trace taking
-position_ids (memtune's traced step feeds input_ids and labels only), and one row of N tokens would also be refused
-by models whose positions are fewer than N (gpt2: 1,024) although the real positions restart per document.
+`find_packed_sequence_indices`) turns the restarting position_ids of padding-free and bfd batches into a materialised
+block-diagonal bool mask of rows x 1 x N x N bytes (`DataPlan.mask_bytes`, reported beside the prediction), and an
+explicit mask keeps SDPA off its flash kernel (the memory-efficient kernel runs instead, which takes the mask as an
+additive bias in the compute dtype; `benchmarks/data_modes.py` measures what that costs). With flash_attention_2,
+padding-free runs the varlen kernel with no mask: the traced shape is then what runs. The N x N mask could not be
+traced without the trace taking position_ids (memtune's traced step feeds input_ids and labels only), and one row of N
+tokens would also be refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions
+restart per document.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from memtune.errors import UsageError
-from memtune.options import DEFAULT_PACKING, PACKING_MODES
+from memtune.options import DEFAULT_PACKING
 from memtune.run import data as data_module
 
 TRL_PACK_BATCH = 1000
@@ -53,11 +61,8 @@ TOKENIZE_CHUNK = 1000
 """Documents tokenised per call (and per progress-bar step)."""
 
 
-def check_packing(packing: str) -> None:
-    """Raise UsageError (exit 2) for a --packing value that is not one of PACKING_MODES, naming the value seen."""
-    if packing not in PACKING_MODES:
-        raise UsageError(f"--packing {packing!r} is not a batching mode: use one of {', '.join(PACKING_MODES)} "
-                         f"(default {DEFAULT_PACKING}, what memtune run does)")
+check_packing = data_module.check_packing
+"""Raise UsageError (exit 2) for a --packing value that is not one of PACKING_MODES (`run.data.check_packing`)."""
 
 
 def percentile(sorted_values: Sequence[int], percent: float) -> int:
@@ -180,12 +185,13 @@ class DataPlan:
 
     @property
     def mask_bytes(self) -> int:
-        """padding-free under SDPA: the block-diagonal bool mask (1 x 1 x N x N, one byte each) transformers builds
-        from the position_ids for the worst batch of N tokens; not traced (module docstring). 0 for other modes."""
-        if self.packing != "padding-free" or self.micro_batch_size is None:
+        """padding-free and bfd under SDPA: the block-diagonal bool mask (rows x 1 x N x N, one byte each) transformers
+        builds from the restarting position_ids for the worst batch of rows x N tokens; not traced (module docstring).
+        0 for concat and none (their batches carry no position_ids and no attention_mask: `run.data`)."""
+        if self.packing not in ("padding-free", "bfd") or self.micro_batch_size is None:
             return 0
-        tokens = self.padding_free_tokens(self.micro_batch_size)
-        return tokens * tokens
+        rows, tokens = self.worst_batch()
+        return rows * tokens * tokens
 
     def to_dict(self) -> dict[str, Any]:
         rows, row_tokens = self.worst_batch()

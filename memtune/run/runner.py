@@ -1,7 +1,8 @@
-"""Run a plan: the model with its weights, the data packed into blocks, the Hugging Face Trainer set
+"""Run a plan: the model with its weights, the data batched by --packing (run.data), the Hugging Face Trainer set
 up as the plan says, the OOM guard, progress on stderr, checkpoints, Ctrl-C and --resume.
 
-    memtune run PLAN [--data FILE] [--output-dir DIR] [--resume] [--text-field text] [--max-steps N]
+    memtune run PLAN [--data FILE] [--packing concat|none|bfd|padding-free] [--output-dir DIR] [--resume]
+                     [--text-field text] [--max-steps N]
 
 (cli.py parses that into a `config.RunOptions` and calls `relaunch`, then `run_plan`.)
 
@@ -59,7 +60,7 @@ from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, require_
 from memtune.errors import UsageError
 from memtune.fit import check_sequence_length, checkpoint_layers_for
 from memtune.measure import memory
-from memtune.options import RunOptions
+from memtune.options import DEFAULT_PACKING, RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module
@@ -449,10 +450,12 @@ def _run_plan(
         warn(message)
     tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
     config = plan.train_config
+    packing = options.packing or DEFAULT_PACKING
     dataset = data_module.build_dataset(tokenizer, config.seq_len, data, text_field,
-                                        vocab_size=getattr(source.config, "vocab_size", None))
+                                        vocab_size=getattr(source.config, "vocab_size", None), packing=packing)
     if len(dataset) < config.micro_batch_size * config.grad_accum_steps:
-        warn(f"the data makes {len(dataset)} sequences of {config.seq_len} tokens, fewer than one effective batch "
+        rows = f"sequences of {config.seq_len} tokens" if packing == "concat" else f"{packing} rows"
+        warn(f"the data makes {len(dataset)} {rows}, fewer than one effective batch "
              f"({config.effective_batch_size}): every optimizer step reuses them")
 
     overrides: dict[str, Any] = {
@@ -469,6 +472,9 @@ def _run_plan(
         "disable_tqdm": True,
         "use_cpu": use_cpu,
         "log_level_replica": "error",  # transformers' warnings once, from the main process, not once per GPU
+        # the datasets hold model inputs only (run.data); Trainer's column removal reads the forward's signature, and
+        # the chunked loss's forward takes position_ids through **kwargs: the bfd rows' position_ids were dropped
+        "remove_unused_columns": False,
         **(training_overrides or {}),
     }
     if config.deepspeed and "deepspeed" not in overrides:
@@ -499,12 +505,11 @@ def _run_plan(
     if args.should_save:
         plan.save(output / PLAN_FILE)
 
-    from transformers import default_data_collator
-
     with _quiet_deprecations():
         trainer = PlanTrainer(
             model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-            data_collator=default_data_collator, callbacks=[stats, guard, stop, reporter, *callbacks],
+            data_collator=data_module.collator_for(packing, tokenizer),
+            callbacks=[stats, guard, stop, reporter, *callbacks],
             train_config=config, oom_guard=guard,
         )
     for printer in (PrinterCallback, ProgressCallback):  # they print to stdout / tqdm; the reporter replaces them
@@ -692,7 +697,8 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
 
     if not isinstance(options, RunOptions):
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
-        options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
+        # an argparse Namespace; a field it lacks (one added later, e.g. packing) keeps its default
+        options = RunOptions(**{name: getattr(options, name) for name in names if hasattr(options, name)})
     config = plan.train_config
     problem = several_machines_problem(plan, options.plan)
     if problem:

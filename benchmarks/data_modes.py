@@ -1,0 +1,250 @@
+"""The data modes on a GPU (issue 16, item 1): memtune's predicted peak for a data plan vs the peak measured over a
+whole epoch of `memtune run --packing MODE`, for 3 models x 2 packing modes on a long-tailed corpus.
+
+The corpus: `benchmarks/make_longtail.py`'s generator (seed 16; documents up to MAX_CHARS characters, so that the
+longest document, ~3,500 tokens of memtune's sample tokenizer - catalog models carry none -, stays under SEQ_LEN and
+the two modes differ), the first DOCUMENTS[mode] documents, so that an epoch is 20-60 optimizer steps:
+
+- none: one document per row, padded to the longest of the micro-batch: worst batch MICRO x the longest document;
+- bfd: TRL's best-fit-decreasing rows of up to SEQ_LEN tokens, padded to the longest row of the micro-batch,
+  position_ids restarting per document: worst batch MICRO x SEQ_LEN (the rows are full). The modes differ most there:
+  padding-free's worst batch (the MICRO longest documents in one row) is at most none's tokens, and Trainer's shuffle
+  makes it only by chance (run/data_plan.py), so its epoch would not test the prediction.
+
+Each case, as a user runs it (LoRA r16 on a bf16 base with random weights, bf16 autocast, micro-batch MICRO):
+    predicted: memtune plan MODEL --seq-len SEQ_LEN --micro-batch-size MICRO --data FILE --packing MODE ... (the path
+               `cli.cmd_plan` takes: `run.data_plan.plan_data`, then `fit.plan_configuration` traces the worst batch)
+    measured:  memtune run PLAN --data FILE --packing MODE, one epoch (`run.runner.run_plan`, in a process of its own);
+               the run's peak reserved over every step (run_summary.json's peak_reserved_bytes).
+Also reported: `DataPlan.mask_bytes` (bfd under SDPA: the rows x 1 x N x N bool mask transformers builds from the
+position_ids, not traced) and `bias_bytes`, what the memory-efficient SDPA kernel would keep if it saves the mask
+converted to an additive bf16 bias per attention layer for the backward (rows x N x N rounded up to 16 x 2 bytes x
+layers; a hypothesis this run tests: compare "pred+mask" and "pred+mask+bias" with the measurement).
+
+On the GPU machine (about 2-3 minutes on one H200: 6 predictions on fake CUDA tensors; each case's run starts in a
+process of its own when its prediction is made, at most --parallel 3 at once - 3 bfd runs together need ~80 GiB;
+TRL for bfd - `pip install -e ".[trl]"`, or trl, datasets, dill and multiprocess wheels on PYTHONPATH):
+    PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --out $OUT/data_modes_h200.json
+Predictions only (any machine, the CPU trace path):
+    PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --predict-only --out /tmp/data_modes_predicted.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import make_longtail  # noqa: E402
+from memtune.config import Adapter, TrainConfig  # noqa: E402
+
+GIB = 1 << 30
+MODELS = ("qwen2.5-0.5b", "smollm2-360m", "llama-3.2-1b")
+MODES = ("none", "bfd")
+SEQ_LEN = 4096
+MICRO = 2
+MAX_CHARS = 8000
+DOCUMENTS = {"none": 80, "bfd": 1200}
+"""Documents per mode: an epoch of ~40 steps (none: 80 rows; bfd: ~66 full rows of 4,096 tokens), at MICRO 2."""
+SEED = make_longtail.SEED
+BUDGET_BYTES = 130 * GIB
+"""What the plan is judged against (the run's OOM guard steps down only under it): more than any case needs."""
+
+
+def train_config() -> TrainConfig:
+    """LoRA r16 all-linear on a bf16 base, bf16 autocast, MICRO x SEQ_LEN (the data plan sets the traced length)."""
+    return TrainConfig(seq_len=SEQ_LEN, micro_batch_size=MICRO, weights_dtype="bf16", amp="bf16", adapter=Adapter())
+
+
+def write_corpus(mode: str, folder: Path) -> Path:
+    """The first DOCUMENTS[mode] documents of the long-tailed corpus, as JSON Lines."""
+    documents = make_longtail.make_documents(DOCUMENTS[mode], SEED, max_chars=MAX_CHARS)
+    return make_longtail.write_jsonl(documents, folder / f"longtail_{mode}.jsonl")
+
+
+def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str, Any]:
+    """memtune plan's prediction for the data plan (the path `memtune plan --data --packing` takes), with the plan file
+    `memtune run` gets and the data plan's worst batch."""
+    from memtune.fit import plan_configuration
+    from memtune.run.data_plan import plan_data
+    from memtune.sources import resolve, source_parameters
+
+    started = time.perf_counter()
+    source = resolve(model, shapes_only=True)
+    data = plan_data(source, corpus, SEQ_LEN, mode)
+    result = plan_configuration(source, source_parameters(source), train_config(), BUDGET_BYTES, "benchmark budget",
+                                trace_device=trace_device, data=data)
+    data = result.data or data.with_micro_batch(MICRO)
+    rows, row_tokens = data.worst_batch()
+    layers = int(source.config.num_hidden_layers)
+    bias_bytes = 0 if data.mask_bytes == 0 else layers * rows * row_tokens * (16 * math.ceil(row_tokens / 16)) * 2
+    return {
+        "predicted_reserved_bytes": result.estimate.peak_reserved_bytes,
+        "predicted_allocated_bytes": result.estimate.peak_allocated_bytes,
+        "predicted_total_bytes": result.estimate.total_bytes,
+        "traced_seq_len": result.estimate.config.seq_len,
+        "worst_batch": [rows, row_tokens], "mask_bytes": data.mask_bytes, "bias_bytes": bias_bytes,
+        "data": data.to_dict(), "trace_device": trace_device, "predict_seconds": time.perf_counter() - started,
+        "plan": result.plan().to_dict(),
+    }
+
+
+def measure(plan_path: Path, corpus: Path, mode: str, output_dir: Path) -> dict[str, Any]:
+    """One epoch of `memtune run PLAN --data CORPUS --packing MODE` (run_plan), no checkpoints; the summary's peaks and
+    the largest batch Trainer fed (rows x tokens)."""
+    from memtune.plan import Plan
+    from memtune.run import data as data_module
+    from memtune.run.runner import run_plan
+
+    largest = [0, 0]
+    make = data_module.collator_for
+
+    def recording(packing: str, tokenizer: Any) -> Any:
+        collate = make(packing, tokenizer)
+
+        def collate_and_note(items: list) -> dict:
+            batch = collate(items)
+            rows, tokens = batch["input_ids"].shape
+            if rows * tokens > largest[0] * largest[1]:
+                largest[:] = [int(rows), int(tokens)]
+            return batch
+        return collate_and_note
+
+    data_module.collator_for = recording  # this process runs one case; the batches are only looked at
+    started = time.perf_counter()
+    summary = run_plan(Plan.load(plan_path), data=str(corpus), packing=mode, output_dir=output_dir, progress=False,
+                       save_steps=10**9, training_overrides={"save_strategy": "no"})
+    return {"measured_reserved_bytes": summary.peak_reserved_bytes,
+            "measured_allocated_bytes": summary.peak_allocated_bytes, "steps": summary.global_step,
+            "rows": summary.num_sequences, "largest_batch": largest, "status": summary.status,
+            "guard_events": summary.guard_events, "run_seconds": time.perf_counter() - started}
+
+
+class Measurement:
+    """`measure` of one case in a fresh Python process (a clean CUDA caching allocator per case), started at once and
+    read by `result`. The peaks are the process's own, so cases may run side by side on one GPU while they fit."""
+
+    def __init__(self, plan: dict[str, Any], corpus: Path, mode: str, folder: Path, name: str):
+        plan_path = folder / f"{name}.plan.json"
+        plan_path.write_text(json.dumps(plan))
+        self.out = folder / f"{name}.measured.json"
+        command = [sys.executable, __file__, "--measure", str(plan_path), "--corpus", str(corpus), "--mode", mode,
+                   "--out", str(self.out)]
+        self.log = folder / f"{name}.log"  # a file, not a pipe: a full pipe would stop the run
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+    def done(self) -> bool:
+        return self.process.poll() is not None
+
+    def result(self) -> dict[str, Any]:
+        self.process.wait(timeout=400)
+        if self.process.returncode != 0 or not self.out.exists():
+            return {"measured_error": self.log.read_text(errors="replace")[-1500:]}
+        return json.loads(self.out.read_text())
+
+
+def with_errors(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with the relative errors (predicted / measured - 1) of the prediction, and of it plus the mask terms."""
+    measured = row.get("measured_reserved_bytes")
+    if measured and "predicted_reserved_bytes" in row:
+        predicted = row["predicted_reserved_bytes"]
+        row["error"] = predicted / measured - 1
+        row["error_with_mask"] = (predicted + row["mask_bytes"]) / measured - 1
+        row["error_with_mask_and_bias"] = (predicted + row["mask_bytes"] + row["bias_bytes"]) / measured - 1
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A short table: worst batch, measured and predicted peak reserved (GiB), the errors (%)."""
+    lines = [f"{'model':14s} {'mode':5s} {'worst':>11s} {'steps':>5s} {'measured':>8s} {'predicted':>9s} "
+             f"{'|error|':>7s} {'+mask':>7s} {'+bias':>7s}"]
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:+.2f}%"
+
+    for row in rows:
+        measured = row.get("measured_reserved_bytes")
+        error = row.get("error")
+        batch_rows, batch_tokens = row.get("worst_batch", (0, 0))
+        lines.append(
+            f"{row['model']:14s} {row['mode']:5s} {f'{batch_rows} x {batch_tokens}':>11s} "
+            f"{row.get('steps', '-')!s:>5s} {measured / GIB if measured else float('nan'):8.2f} "
+            f"{row.get('predicted_reserved_bytes', 0) / GIB:9.2f} "
+            f"{'-' if error is None else f'{100 * abs(error):.2f}%':>7s} {percent(row.get('error_with_mask')):>7s} "
+            f"{percent(row.get('error_with_mask_and_bias')):>7s}")
+    errors = [abs(row["error"]) for row in rows if row.get("error") is not None]
+    if errors:
+        lines.append(f"max |error| {100 * max(errors):.2f}% over {len(errors)} cases (target <= 5%)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--predict-only", action="store_true", help="predict on the CPU trace path, measure nothing")
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=("none", "bfd", "padding-free", "concat"))
+    parser.add_argument("--out", default="benchmarks/results/data_modes.json")
+    parser.add_argument("--parallel", type=int, default=3,
+                        help="cases measured at once, each in its own process (their peaks are their own)")
+    parser.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # the per-case child process
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.measure:
+        with tempfile.TemporaryDirectory() as output_dir:
+            result = measure(Path(args.measure), Path(args.corpus), args.mode, Path(output_dir))
+        Path(args.out).write_text(json.dumps(result))
+        return
+
+    import torch
+
+    measuring = not args.predict_only
+    if measuring and not torch.cuda.is_available():
+        sys.exit("no CUDA GPU here: run with --predict-only, or on the GPU machine")
+    trace_device = "cuda" if measuring else "cpu"
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    running: list[tuple[dict[str, Any], Measurement]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        corpora = {mode: write_corpus(mode, folder) for mode in args.modes}
+        for model in args.models:
+            for mode in args.modes:
+                row: dict[str, Any] = {"model": model, "mode": mode, "seq_len": SEQ_LEN, "micro_batch_size": MICRO,
+                                       "documents": DOCUMENTS.get(mode, DOCUMENTS["none"])}
+                try:
+                    row.update(predict(model, mode, corpora[mode], trace_device))
+                except Exception as error:  # noqa: BLE001 - report and go on
+                    row["predicted_error"] = f"{type(error).__name__}: {error}"[:500]
+                rows.append(row)
+                print(f"predicted {model} {mode}: {row.get('predicted_reserved_bytes', 0) / GIB:.2f} GiB",
+                      file=sys.stderr, flush=True)
+                if measuring and "plan" in row:
+                    while sum(not measurement.done() for _, measurement in running) >= args.parallel:
+                        time.sleep(0.5)
+                    running.append((row, Measurement(row["plan"], corpora[mode], mode, folder, f"{model}-{mode}")))
+        for row, measurement in running:
+            row.update(measurement.result())
+            with_errors(row)
+            print(f"measured {row['model']} {row['mode']}: {row.get('measured_reserved_bytes') or 0:,} bytes",
+                  file=sys.stderr, flush=True)
+    document = {"benchmark": "data_modes", "seconds": time.perf_counter() - started, "seq_len": SEQ_LEN,
+                "micro_batch_size": MICRO, "max_chars": MAX_CHARS, "seed": SEED, "trace_device": trace_device,
+                "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if measuring else None, "cases": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+    print(table(rows))
+    print(f"written to {args.out} ({document['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
