@@ -1519,6 +1519,10 @@ def policy_flags(policy: Policy) -> list[str]:
             flags += [f"--gpus {value}"] if value != 1 else []
         elif field_.name == "num_nodes":  # TaskOptions.nodes
             flags += [f"--nodes {value}"] if value != 1 else []
+        elif field_.name in ("trainer", "sft_batches", "precompute_ref_log_probs"):  # TaskOptions' trainer options
+            if value != default:
+                word = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+                flags.append(f"--{field_.name.replace('_', '-')} {word}")
         elif not option.on_command_line or value == default:
             continue
         elif option.words is not None:
