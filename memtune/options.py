@@ -555,6 +555,11 @@ class RunOptions:
     """Where checkpoints, the trained model or adapter, the tokenizer and run_summary.json go."""
     text_field: str = "text"
     """The JSON field that holds the text."""
+    trainer: Literal["causal-lm", "sft", "dpo"] | None = field(default=None, metadata=option(
+        default_text="the plan's"))
+    """The trainer the plan was made for (memtune plan/fit --trainer); sft and dpo run TRL's trainers (pip install
+    -e ".[trl]") on prompt/completion or prompt/chosen/rejected JSON Lines (default: memtune's generated samples).
+    Another trainer than the plan's is refused: its memory differs."""
     max_steps: int | None = field(default=None, metadata=option(default_text="one pass over the data"))
     """Optimizer steps in all, earlier runs of a resumed directory included."""
     learning_rate: float | None = field(default=None, metadata=option(
