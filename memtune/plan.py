@@ -320,7 +320,8 @@ class Plan:
         """TRL's SFTConfig that runs the plan's SFT step: `training_arguments`' fields (micro-batch, accumulation,
         precision, checkpointing, optimizer), max_length = seq_len, and the batch layout the plan traced
         (`TrainConfig.sft_batches`: packed is packing=True with TRL's default bfd strategy, which turns padding-free
-        on; padding-free is padding_free=True). Keyword arguments override or add any SFTConfig field
+        on; padding-free is padding_free=True with max_length None, which SFTTrainer needs without packing: the data
+        must then come truncated to seq_len tokens). Keyword arguments override or add any SFTConfig field
         (output_dir, max_steps, dataset_text_field, completion_only_loss, ...). Raises UsageError (exit 2) with the
         install command when TRL is missing, and for a plan of another trainer."""
         require_trl("Plan.sft_config")
@@ -328,7 +329,10 @@ class Plan:
         from trl import SFTConfig
 
         batches = self.train_config.sft_batches
-        arguments = {"max_length": self.train_config.seq_len, "packing": batches == "packed",
+        # padding-free without packing: SFTTrainer refuses a max_length it would not enforce; the rows must come
+        # at most seq_len tokens long (the plan traced micro-batch x seq_len tokens in the flattened row)
+        max_length = None if batches == "padding-free" else self.train_config.seq_len
+        arguments = {"max_length": max_length, "packing": batches == "packed",
                      "padding_free": batches != "padded", **overrides}
         return SFTConfig(**self._trainer_fields(SFTConfig, arguments))
 

@@ -133,12 +133,12 @@ def test_configs_are_accepted_by_trls_own_classes():
     assert isinstance(dpo, trl.DPOConfig)
     assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps, dpo.max_length) == (2, 4, 256)
     assert dpo.precompute_ref_log_probs and dpo.bf16 and dpo.loss_type == ["sigmoid"]
-    for batches, packing, padding_free in (("padded", False, False), ("packed", True, True),
-                                           ("padding-free", False, True)):
+    for batches, packing, padding_free, max_length in (("padded", False, False, 128), ("packed", True, True, 128),
+                                                       ("padding-free", False, True, None)):
         sft = Plan(model="x", budget_bytes=2**33, train_config=TrainConfig(
             seq_len=128, micro_batch_size=4, trainer="sft", sft_batches=batches)).sft_config(output_dir="out")
         assert isinstance(sft, trl.SFTConfig)
-        assert (sft.packing, sft.padding_free, sft.max_length) == (packing, padding_free, 128)
+        assert (sft.packing, sft.padding_free, sft.max_length) == (packing, padding_free, max_length)
     with pytest.raises(UsageError, match="plan again with --trainer sft"):
         Plan(model="x", budget_bytes=2**33, train_config=TrainConfig(seq_len=8)).sft_config()
 

@@ -170,9 +170,9 @@ def _tiles(picked: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtyp
     del buffer, chunk
 
 
-def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside a peft model (`get_base_model`), or the model itself: where TRL adds its
-    fused head."""
+def causal_lm_of(model: torch.nn.Module) -> Any:
+    """The transformers causal LM (a PreTrainedModel) inside a peft model (`get_base_model`), or the model itself:
+    where TRL adds its fused head."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
 

@@ -71,7 +71,7 @@ def guarded_trainer_class(trainer: str) -> type:
     if trainer == "sft":
         return type("GuardedSFTTrainer", (GuardedTrainerMixin, SFTTrainer), {})
 
-    class GuardedDPOTrainer(GuardedTrainerMixin, DPOTrainer):  # type: ignore[misc]
+    class GuardedDPOTrainer(GuardedTrainerMixin, DPOTrainer):
         """DPOTrainer whose batches the guard sees by pair (module docstring)."""
 
         _paired: frozenset[str] = frozenset()
@@ -97,7 +97,7 @@ def guarded_trainer_class(trainer: str) -> type:
 def load_rows(path: Path, trainer: str) -> Any:
     """The JSON Lines / JSON file `path` as a datasets.Dataset, checked for one of the trainer's formats
     (`REQUIRED_FIELDS`). Raises UsageError naming the fields found and the ones needed."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # type: ignore[import-not-found]  # with TRL: the trl extra
 
     dataset = load_dataset("json", data_files=str(path), split="train")
     columns = set(dataset.column_names)
@@ -119,10 +119,10 @@ def _model(source: Any, config: TrainConfig, device: str) -> tuple[Any, str]:
     attention = recipe.attention_arguments(config, device)
     if source.origin == "hub" or (source.origin == "local" and source.path is not None
                                   and any(source.path.glob("*.safetensors"))):
-        where = source.hub_id if source.origin == "hub" else source.path
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=source.trust_remote_code,
-                                                     **attention)
-        return model.to(device), f"weights from {where}"
+        where = str(source.hub_id if source.origin == "hub" else source.path)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
+                                                           trust_remote_code=source.trust_remote_code, **attention)
+        return loaded.to(device), f"weights from {where}"
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, **attention)
     return model, "random initialisation (a catalog config): a real fine-tune needs the weights"
