@@ -701,7 +701,8 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
 
     if not isinstance(options, RunOptions):
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
-        options = RunOptions(**{name: getattr(options, name) for name in names})  # an argparse Namespace
+        # an argparse Namespace; fields it lacks (added since it was written) keep their defaults
+        options = RunOptions(**{name: getattr(options, name) for name in names if hasattr(options, name)})
     config = plan.train_config
     problem = several_machines_problem(plan, options.plan)
     if problem:
