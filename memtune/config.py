@@ -88,6 +88,26 @@ QUANTIZED_BASE_CHOICES = ("4", "8")
 ZERO_STAGE_CHOICES = ("1", "2", "3")
 """--zero-stage K: the DeepSpeed ZeRO stages (Zero.stage)."""
 
+Trainer = Literal["causal-lm", "sft", "dpo"]
+TRAINERS: dict[str, str] = {
+    "causal-lm": "memtune's causal-LM step (the model's own forward and loss), as transformers' Trainer runs it",
+    "sft": "TRL's SFTTrainer: its fused LM head (per-token log-probs, entropy and top-1 in vocabulary tiles, never "
+           "the full logits) and the next-token loss on the labelled tokens",
+    "dpo": "TRL's DPOTrainer: chosen and rejected sequences in one batch of twice the micro-batch, the policy's "
+           "forward and backward and the reference's forward (a frozen copy, the adapter disabled, or precomputed)",
+}
+"""--trainer NAME: whose training step is planned (`TrainConfig.trainer`); TRL 1.16's trainers, read from
+trl/trainer/sft_trainer.py, dpo_trainer.py and utils.py `add_fused_lm_head`."""
+SftBatches = Literal["padded", "packed", "padding-free"]
+SFT_BATCHES: dict[str, str] = {
+    "padded": "micro-batch rows of seq-len tokens (SFTConfig packing=False, padding_free=False)",
+    "packed": "sequences packed into rows of seq-len tokens, flattened padding-free into one row per micro-batch "
+              "(SFTConfig packing=True with its default packing_strategy bfd, which turns padding_free on)",
+    "padding-free": "the micro-batch's sequences flattened into one row without padding (SFTConfig padding_free=True)",
+}
+"""--sft-batches MODE of --trainer sft (`TrainConfig.sft_batches`)."""
+TRL_EXTRA_HINT = 'pip install -e ".[trl]"'
+
 EvalLogits = Literal["none", "accumulate_cpu", "keep"]
 EVAL_LOGITS: dict[str, str] = {
     "none": "loss only (TrainingArguments prediction_loss_only=True): no logits kept; compute_metrics then gets none",
@@ -384,6 +404,15 @@ class TrainConfig:
     eval_sequences: int | None = None
     """Sequences of the eval set (with eval_logits "keep": how many steps' logits are held at once); None: one
     eval batch."""
+    trainer: Trainer = "causal-lm"
+    """Whose step is planned (`TRAINERS`): memtune's causal-LM step, TRL's SFTTrainer or DPOTrainer (the step traced
+    by `predict.trl_step`; run by `run.trl_run`, which needs the trl extra)."""
+    sft_batches: SftBatches = "padded"
+    """With trainer "sft": how the micro-batch is laid out (`SFT_BATCHES`); packed and padding-free batches are one
+    row of micro_batch_size x seq_len tokens."""
+    precompute_ref_log_probs: bool = False
+    """With trainer "dpo": the reference's log-probs computed once before training (DPOConfig
+    precompute_ref_log_probs=True), so no reference model is held and no reference forward runs in the step."""
 
     def __post_init__(self) -> None:
         if self.optimizer in LEGACY_OPTIMIZERS:
@@ -460,6 +489,7 @@ class TrainConfig:
                                 "(one GPU trains without a wrapper: keep the default strategy 'fsdp')")
         problems += _zero_problems(self)
         problems += _eval_problems(self)
+        problems += _trainer_problems(self)
         if problems:
             raise UsageError(listed("invalid training configuration", problems))
 
@@ -517,11 +547,34 @@ class TrainConfig:
             parts.append(f"{self.attn} attention")
         if self.eval_batch_size is not None:
             parts.append(f"eval batch {self.eval_batch_size} (logits: {self.eval_logits})")
+        if self.trainer != "causal-lm":
+            parts.append(self.trainer_words)
         if self.zero is not None:
             parts.append(self.zero.describe(self.offload) + (f" on {self.gpus_words}" if self.world_size > 1 else ""))
         elif self.world_size > 1:
             parts.append(f"{self.gpus_words}, {STRATEGY_NAMES.get(self.strategy, self.strategy)}")
         return ", ".join(parts)
+
+    @property
+    def trainer_words(self) -> str:
+        """The trainer in a report's words: "TRL SFT (packed)", "TRL DPO (reference: adapter disabled)"."""
+        if self.trainer == "sft":
+            return "TRL SFT" + ("" if self.sft_batches == "padded" else f" ({self.sft_batches})")
+        if self.trainer == "dpo":
+            return f"TRL DPO (reference: {self.reference})"
+        return "causal LM"
+
+    @property
+    def reference(self) -> str:
+        """Where TRL's DPOTrainer gets the reference log-probs in this step (dpo_trainer.py `__init__` and
+        `_compute_loss`): "precomputed log-probs", "adapter disabled" (the policy's own base, peft's disable_adapter,
+        when an adapter trains and no ref_model is given), "full copy" (a frozen second model); "" for other
+        trainers."""
+        if self.trainer != "dpo":
+            return ""
+        if self.precompute_ref_log_probs:
+            return "precomputed log-probs"
+        return "adapter disabled" if self.adapter is not None else "full copy"
 
     @property
     def gpus_words(self) -> str:
@@ -729,6 +782,54 @@ def _quantization_problems(config: TrainConfig) -> list[str]:
                         "fp16=True), got no autocast (--precision fp32, bf16 or fp16): use --precision bf16-mixed or "
                         "fp16-mixed, or leave --precision out with --qlora")
     return problems
+
+
+def _trainer_problems(config: TrainConfig) -> list[str]:
+    """What is wrong with the trainer fields of `config` (TrainConfig's checks, collected with the others): TRL's
+    steps are traced on one GPU or with DDP (`predict.trl_step`), with their own fused LM head."""
+    if config.trainer not in TRAINERS:
+        return [f"trainer must be one of {', '.join(TRAINERS)}, got {config.trainer!r} (--trainer)"]
+    problems = []
+    if config.sft_batches not in SFT_BATCHES:
+        problems.append(f"sft_batches must be one of {', '.join(SFT_BATCHES)}, got {config.sft_batches!r} "
+                        "(--sft-batches)")
+    elif config.sft_batches != "padded" and config.trainer != "sft":
+        problems.append(f"sft_batches {config.sft_batches!r} is SFTTrainer's: it needs --trainer sft, got "
+                        f"{config.trainer}")
+    if not isinstance(config.precompute_ref_log_probs, bool):
+        problems.append(f"precompute_ref_log_probs must be True or False, got {config.precompute_ref_log_probs!r}")
+    elif config.precompute_ref_log_probs and config.trainer != "dpo":
+        problems.append(f"precomputed reference log-probs are DPOTrainer's: they need --trainer dpo, got "
+                        f"{config.trainer}")
+    if config.trainer == "causal-lm":
+        return problems
+    if config.loss != "standard":
+        problems.append(f"--trainer {config.trainer} computes its loss with TRL's fused LM head (vocabulary tiles, "
+                        f"never the full logits), got loss {config.loss!r}: use the standard loss")
+    if config.eval_batch_size is not None:
+        problems.append(f"evaluation inside --trainer {config.trainer} is not modelled yet: drop --eval-batch-size")
+    if config.adapter is not None and config.adapter.kind == "prefix":
+        problems.append(f"prefix tuning under --trainer {config.trainer} is not modelled (TRL pads the labels for "
+                        "its virtual tokens): use LoRA")
+    if config.strategy == "deepspeed" or config.offload != "none" or (config.world_size > 1
+                                                                        and config.strategy != "ddp"):
+        problems.append(f"--trainer {config.trainer} is planned on one GPU or with DDP (FSDP, CPU offload and "
+                        "DeepSpeed are not modelled for TRL's trainers yet): use --strategy ddp or one GPU")
+    return problems
+
+
+def trl_available() -> bool:
+    """Whether TRL is importable (the `trl` extra), found without importing it (imported only to run or to build
+    its configs: `require_trl`)."""
+    return _installed("trl")
+
+
+def require_trl(what: str) -> None:
+    """Raise UsageError (exit 2) with the install command when TRL cannot be found; `what` names what needs it
+    ("memtune run --trainer dpo", "Plan.sft_config")."""
+    if not trl_available():
+        raise UsageError(f"{what} needs TRL, which is not installed: {TRL_EXTRA_HINT} (or pip install 'trl>=1.0'); "
+                         "planning with --trainer does not need it")
 
 
 def _eval_problems(config: TrainConfig) -> list[str]:
@@ -1189,6 +1290,13 @@ class Policy:
     use_adapter: bool | None = field(default=None, metadata=option(on_command_line=False))
     """True: always train the adapter (--lora); False: never (--no-lora, --full-finetune-only);
     None: only when no full fine-tuning configuration fits."""
+    trainer: str = field(default="causal-lm", metadata=option(on_command_line=False))
+    """Whose step is searched (TaskOptions.trainer, --trainer): TrainConfig.trainer of every candidate."""
+    sft_batches: str = field(default="padded", metadata=option(on_command_line=False))
+    """With trainer "sft": TrainConfig.sft_batches of every candidate (--sft-batches)."""
+    precompute_ref_log_probs: bool | None = field(default=None, metadata=option(on_command_line=False))
+    """With trainer "dpo": pinned on or off (--precompute-ref-log-probs on/off); None: the search tries the reference
+    live first, then precomputed (`search.ladder.Reference`)."""
     allow_offload: bool = field(default=True, metadata=option(flag="--no-offload", group=POLICY))
     """CPU offload among the search's rungs: FSDP2's of parameters, gradients and optimizer state, and where DeepSpeed
     is installed ZeRO-Offload (optimizer, or ZeRO-3 parameters too) (allowed by default; --no-offload forbids it; for
@@ -1411,6 +1519,10 @@ def policy_flags(policy: Policy) -> list[str]:
             flags += [f"--gpus {value}"] if value != 1 else []
         elif field_.name == "num_nodes":  # TaskOptions.nodes
             flags += [f"--nodes {value}"] if value != 1 else []
+        elif field_.name in ("trainer", "sft_batches", "precompute_ref_log_probs"):  # TaskOptions' trainer options
+            if value != default:
+                word = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+                flags.append(f"--{field_.name.replace('_', '-')} {word}")
         elif not option.on_command_line or value == default:
             continue
         elif option.words is not None:

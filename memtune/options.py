@@ -33,6 +33,8 @@ from memtune.config import (
     PRECISIONS,
     QUANTIZED_BASE_CHOICES,
     SAVE_TOTAL_LIMIT,
+    SFT_BATCHES,
+    TRAINERS,
     VERIFY_AND_OUTPUT,
     ZERO_STAGE_CHOICES,
     Adapter,
@@ -88,6 +90,19 @@ class TaskOptions:
     trace_device: Literal["cpu", "cuda"] | None = field(default=None, metadata=option(
         default_text="cuda when a GPU is visible"))
     """Trace on fake CUDA tensors (needs a GPU) or on the CPU with CUDA emulation."""
+    trainer: Literal["causal-lm", "sft", "dpo"] = field(default="causal-lm", metadata=option(
+        note="; ".join(f"{name}: {words}" for name, words in TRAINERS.items())))
+    """Whose training step to plan: memtune's causal-LM step (Trainer), or TRL's SFTTrainer / DPOTrainer (planned
+    without TRL; memtune run --trainer needs pip install -e ".[trl]"). With dpo, --seq-len is the length of each
+    prompt+completion and the micro-batch counts pairs: a step runs 2 x micro-batch sequences."""
+    sft_batches: Literal["padded", "packed", "padding-free"] = field(default="padded", metadata=option(
+        note="; ".join(f"{name}: {words}" for name, words in SFT_BATCHES.items())))
+    """With --trainer sft: the batch layout of the traced step (with --data, --packing plans the data's batches)."""
+    precompute_ref_log_probs: bool | None = field(default=None, metadata=option(
+        flag="--precompute-ref-log-probs", words={"auto": None, "on": True, "off": False},
+        default_text="auto: plan keeps the reference, fit tries it, then precomputed"))
+    """With --trainer dpo: compute the reference's log-probs once before training (DPOConfig
+    precompute_ref_log_probs): no reference model on the GPU and no reference forward per step."""
     trust_remote_code: bool = False
     """Allow a MODEL whose config.json has an auto_map and a model_type transformers does not know (Qwen v1,
     Baichuan): this imports and runs the model's own Python files, so only use it for code you trust."""
@@ -122,11 +137,33 @@ class TaskOptions:
         if isinstance(self.nodes, bool) or not isinstance(self.nodes, int) or self.nodes < 1:
             problems.append(f"--nodes must be a whole number of machines >= 1, got {self.nodes!r}: e.g. --nodes 2 "
                             "--gpus 8 for 16 GPUs on 2 machines")
+        problems += self.trainer_problems()
         rate = self.inter_node_gbps
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
             problems.append(f"--inter-node-gbps must be a positive rate in Gb/s, got {rate!r}: e.g. 400 (one 400 Gb/s "
                             "InfiniBand or RoCE port per machine)")
         return problems
+
+    def trainer_problems(self) -> list[str]:
+        """--trainer, --sft-batches and --precompute-ref-log-probs: unknown values, each option without its trainer."""
+        if self.trainer not in TRAINERS:
+            return [f"--trainer must be one of {', '.join(TRAINERS)}, got {self.trainer!r}"]
+        problems = []
+        if self.sft_batches not in SFT_BATCHES:
+            problems.append(f"--sft-batches must be one of {', '.join(SFT_BATCHES)}, got {self.sft_batches!r}")
+        elif self.sft_batches != "padded" and self.trainer != "sft":
+            problems.append(f"--sft-batches {self.sft_batches} is SFTTrainer's batch layout, got --trainer "
+                            f"{self.trainer}: add --trainer sft, or drop --sft-batches")
+        if self.precompute_ref_log_probs is not None and self.trainer != "dpo":
+            word = "on" if self.precompute_ref_log_probs else "off"
+            problems.append(f"--precompute-ref-log-probs {word} is DPOTrainer's, got --trainer {self.trainer}: add "
+                            "--trainer dpo, or drop it")
+        return problems
+
+    def trainer_fields(self) -> dict[str, Any]:
+        """The TrainConfig / Policy fields of --trainer, --sft-batches and --precompute-ref-log-probs (auto: None)."""
+        return {"trainer": self.trainer, "sft_batches": self.sft_batches,
+                "precompute_ref_log_probs": self.precompute_ref_log_probs}
 
     @property
     def world_size(self) -> int:
@@ -508,6 +545,8 @@ class PlanOptions:
             # as the search does (ladder.Optimizer.conflict): torchao's optimizers round bf16 weights stochastically
             stochastic_rounding=rounds_stochastically(self.optimizer, weights, bool(self.lora or quantized)),
             attn=self.attn, gpu_capability=None if card is None else card.capability,
+            trainer=self.task.trainer, sft_batches=self.task.sft_batches,
+            precompute_ref_log_probs=bool(self.task.precompute_ref_log_probs),  # plan: auto keeps the reference
         )
 
 
@@ -554,6 +593,11 @@ class RunOptions:
         default_text=DEFAULT_PACKING, note="; ".join(f"{name}: {words}" for name, words in PACKING_MODES.items())))
     """How the documents are batched: give the mode `memtune plan|fit --data --packing` planned (the plan's seq_len is
     then the worst row's length, and the run cuts at it: the same batches). bfd needs TRL"""
+    trainer: Literal["causal-lm", "sft", "dpo"] | None = field(default=None, metadata=option(
+        default_text="the plan's"))
+    """The trainer the plan was made for (memtune plan/fit --trainer); sft and dpo run TRL's trainers (pip install
+    -e ".[trl]") on prompt/completion or prompt/chosen/rejected JSON Lines (default: memtune's generated samples).
+    Another trainer than the plan's is refused: its memory differs."""
     max_steps: int | None = field(default=None, metadata=option(default_text="one pass over the data"))
     """Optimizer steps in all, earlier runs of a resumed directory included."""
     learning_rate: float | None = field(default=None, metadata=option(
@@ -681,6 +725,9 @@ class FitOptions:
             problems.append("--prefix contradicts --no-lora/--full-finetune-only: keep one")
         if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):
             problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
+        if task.trainer != "causal-lm" and self.verify and _cuda_visible():
+            problems.append(f"fit's trial steps run memtune's causal-LM step, not TRL's {task.trainer} step: add "
+                            "--no-verify (the plan is predicted; memtune run --trainer runs TRL with the OOM guard)")
         if not 1 <= self.trial_steps <= 3:
             problems.append(f"--trial-steps must be 1, 2 or 3, got {self.trial_steps}")
         if pins.micro_batch_size is not None and pins.micro_batch_size < 1:
@@ -718,7 +765,7 @@ class FitOptions:
         if gpus is None:
             gpus = 1 if (self.task.budget or self.task.gpu) else visible_gpus()
         return dataclasses.replace(self.pins, num_gpus=gpus, num_nodes=self.task.nodes, adapter=self.adapters.adapter(),
-                                   use_adapter=self.adapters.use_adapter())
+                                   use_adapter=self.adapters.use_adapter(), **self.task.trainer_fields())
 
     def run_options(self, plan_path: str) -> RunOptions:
         """`fit --run`: run the saved plan with this command's --data, --text-field, --packing, --output-dir and
@@ -751,6 +798,13 @@ def output_file_problem(flag: str, path: str | Path) -> str | None:
     except OSError as error:
         return f"{flag} '{path}' is not writable (in '{existing}'): {error.strerror or error}; {fix}"
     return None
+
+
+def _cuda_visible() -> bool:
+    """Whether torch sees a CUDA GPU (where fit verifies with trial steps)."""
+    import torch  # only `fit --trainer sft|dpo` with verification needs it
+
+    return torch.cuda.is_available()
 
 
 def visible_gpus() -> int:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from memtune.config import TrainConfig, require_deepspeed, require_liger
+from memtune.config import TrainConfig, require_deepspeed, require_liger, require_trl
 from memtune.errors import UsageError
 from memtune.search import ladder
 
@@ -279,13 +279,19 @@ class Plan:
         UsageError with the install command when DeepSpeed is missing. The evaluation fields come from the plan's
         eval batch and logits (`evaluation_arguments`).
         """
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**self._trainer_fields(TrainingArguments, overrides))
+
+    def _trainer_fields(self, arguments_class: type, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of `training_arguments` for `arguments_class` (TrainingArguments or TRL's configs,
+        which derive from it), overrides applied."""
         import dataclasses
 
         import torch
-        from transformers import TrainingArguments
 
         config = self.train_config
-        fields = {field_.name for field_ in dataclasses.fields(TrainingArguments)}
+        fields = {field_.name for field_ in dataclasses.fields(arguments_class)}
         on_cpu = bool(overrides.get("use_cpu")) or not torch.cuda.is_available()
         from memtune.recipe.step import require_extra
 
@@ -308,7 +314,46 @@ class Plan:
             if "deepspeed" not in overrides:
                 arguments.update(deepspeed_training_arguments(config))
         arguments.update(overrides)
-        return TrainingArguments(**arguments)
+        return arguments
+
+    def sft_config(self, **overrides: Any) -> Any:
+        """TRL's SFTConfig that runs the plan's SFT step: `training_arguments`' fields (micro-batch, accumulation,
+        precision, checkpointing, optimizer), max_length = seq_len, and the batch layout the plan traced
+        (`TrainConfig.sft_batches`: packed is packing=True with TRL's default bfd strategy, which turns padding-free
+        on; padding-free is padding_free=True with max_length None, which SFTTrainer needs without packing: the data
+        must then come truncated to seq_len tokens). Keyword arguments override or add any SFTConfig field
+        (output_dir, max_steps, dataset_text_field, completion_only_loss, ...). Raises UsageError (exit 2) with the
+        install command when TRL is missing, and for a plan of another trainer."""
+        require_trl("Plan.sft_config")
+        self._require_trainer("sft")
+        from trl import SFTConfig
+
+        batches = self.train_config.sft_batches
+        # padding-free without packing: SFTTrainer refuses a max_length it would not enforce; the rows must come
+        # at most seq_len tokens long (the plan traced micro-batch x seq_len tokens in the flattened row)
+        max_length = None if batches == "padding-free" else self.train_config.seq_len
+        arguments = {"max_length": max_length, "packing": batches == "packed",
+                     "padding_free": batches != "padded", **overrides}
+        return SFTConfig(**self._trainer_fields(SFTConfig, arguments))
+
+    def dpo_config(self, **overrides: Any) -> Any:
+        """TRL's DPOConfig that runs the plan's DPO step: `training_arguments`' fields (per_device_train_batch_size
+        counts preference pairs: each step runs chosen and rejected), max_length = seq_len (prompt and completion),
+        precompute_ref_log_probs as planned, loss_type sigmoid (no loss_type changes the planned peak:
+        `predict.trl_step`). Keyword arguments override or add any DPOConfig field. Raises UsageError (exit 2) with
+        the install command when TRL is missing, and for a plan of another trainer."""
+        require_trl("Plan.dpo_config")
+        self._require_trainer("dpo")
+        from trl import DPOConfig
+
+        arguments = {"max_length": self.train_config.seq_len, "loss_type": ["sigmoid"],
+                     "precompute_ref_log_probs": self.train_config.precompute_ref_log_probs, **overrides}
+        return DPOConfig(**self._trainer_fields(DPOConfig, arguments))
+
+    def _require_trainer(self, trainer: str) -> None:
+        if self.train_config.trainer != trainer:
+            raise UsageError(f"this plan is for --trainer {self.train_config.trainer}, not {trainer}: plan again with "
+                             f"--trainer {trainer} (its memory differs)")
 
     def lora_config(self) -> Any:
         """The peft config of the plan's adapter (peft.LoraConfig, or PrefixTuningConfig for prefix

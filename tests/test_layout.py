@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, ...]] = [
      "memtune.run.data", "memtune.run.data_plan"),
     ("memtune.plan",),
     ("memtune.fit",),
-    ("memtune.run.runner",),
+    ("memtune.run.runner", "memtune.run.trl_run"),
     ("memtune.report",),
     ("memtune.cli", "memtune.__main__", "memtune"),
 ]

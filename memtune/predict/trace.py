@@ -37,7 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memtune.config import BITSANDBYTES_OPTIMIZERS, PAGED_OPTIMIZERS, TORCHAO_OPTIMIZERS, TrainConfig
 from memtune.errors import UsageError
-from memtune.predict import eval_step, liger, quantized
+from memtune.predict import eval_step, liger, quantized, trl_step
 from memtune.predict.emulation import IN_ATTENTION, AttentionScope, CudaEmulation, GpuKernels
 from memtune.predict.events import (  # noqa: E402,F401 - re-exported: the trace's own vocabulary
     BLOCK_BYTES,
@@ -872,17 +872,28 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     counter.trace.num_layers = counter.trace.traced_layers = len(layers)
     counter.trace.period = layer_period(model_config)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
+    reference = _reference_model(model_config, train_config)  # on meta: built outside the modes, as the policy
+    reference_layer_of = {} if reference is None else {
+        id(t): index for index, layer in enumerate(decoder_layers(reference))
+        for t in [*layer.parameters(), *layer.buffers()]}
     with unpacked, fake_mode, counter, GpuKernels(), emulation, quantized.quantized_step(train_config, emulate):
         quantized.fake_quantized_weights(model, train_config, torch.device(device), counter, layer_of)
         param_meta = meta_to_fake(model, fake_mode, torch.device(device), counter, layer_of)
         layer_of_param = {id(p): layer_of.get(id(meta), NO_LAYER) for p in model.parameters()
                           if (meta := param_meta.get(id(p))) is not None}
         optimizer = traced_optimizer(model, train_config, counter, layer_of_param)
+        if reference is not None:
+            meta_to_fake(reference, fake_mode, torch.device(device), counter, reference_layer_of)
+        if train_config.trainer != "causal-lm" and train_config.adapter is not None and \
+                train_config.gradient_checkpointing:  # TRL: "enable input gradients" for PEFT with checkpointing
+            trl_step.causal_lm_of(model).enable_input_require_grads()
         if train_config.offload_activations:
             offload_to_host(layers, counter)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head
         head = get_head() if get_head is not None else None
         hooks = _layer_hooks(layers, counter)
+        if reference is not None:  # the reference's layers share the policy's indices: `extend` repeats both
+            hooks += _layer_hooks(decoder_layers(reference), counter)
         if head is not None:
             hooks.append(head.register_forward_pre_hook(_logits_hook(counter)))
         if train_config.loss == "liger":  # Liger's kernels cannot run on fake tensors: its allocation-equivalent twin
@@ -890,15 +901,20 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             liger.substitute_liger(model, lambda hidden: logits_hook(head, (hidden,)))
         trainable = [p for p in model.parameters() if p.requires_grad]
         for _ in range(steps):
-            batches = [recipe.random_batch(model_config, train_config, device)
-                       for _ in range(min(train_config.grad_accum_steps, 2))]
+            make_batch = recipe.random_batch if train_config.trainer == "causal-lm" else trl_step.trl_batch
+            batches = [make_batch(model_config, train_config, device) for _ in range(min(train_config.grad_accum_steps,
+                                                                                         2))]
             counter.retag(batches, Category.ACTIVATIONS)
             step_config = train_config.replace(grad_accum_steps=len(batches))
             for input_ids in batches:
                 counter.phase = Category.ACTIVATIONS
                 with recipe.linear_context(train_config):  # through backward too: a recomputed forward runs there
                     with recipe.amp_context(train_config, amp_device):
-                        loss = recipe.forward_loss(model, input_ids, input_ids, train_config)
+                        if train_config.trainer == "causal-lm":
+                            loss = recipe.forward_loss(model, input_ids, input_ids, train_config)
+                        else:  # TRL's fused head has no module call: the category hook is called at its start
+                            loss = trl_step.trl_loss(model, reference, input_ids, train_config,
+                                                     lambda hidden: _logits_hook(counter)(head, (hidden,)))
                         loss = loss / step_config.grad_accum_steps
                     counter.phase = Category.TEMPORARIES
                     loss.backward()
@@ -919,8 +935,24 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             hook.remove()
         counter.retag([p for p in model.parameters()], Category.WEIGHTS)
         trace = counter.finish()
-        del model, optimizer, trainable
+        del model, optimizer, trainable, reference
     return trace
+
+
+def _reference_model(model_config: Any, train_config: TrainConfig) -> torch.nn.Module | None:
+    """DPOTrainer's separate reference model on the meta device (`trace_step` makes it fake, its weights recorded by
+    decoder layer so that `extend` repeats them with the policy's), or None where the step has none
+    (`TrainConfig.reference`): a frozen copy of the policy's architecture in the policy's weights dtype
+    (dpo_trainer.py builds it with `dtype=self.model.dtype`), in eval mode, without gradients, checkpointing or
+    adapter."""
+    if train_config.reference != "full copy":
+        return None
+    plain = train_config.replace(adapter=None, gradient_checkpointing=False, checkpoint_layers=None,
+                                 offload_activations=False, trainer="causal-lm")
+    reference = recipe.build_model(model_config, plain, "meta")
+    reference.requires_grad_(False)
+    reference.eval()
+    return reference
 
 
 def model_type_of(model_config: Any) -> str:

@@ -392,6 +392,15 @@ def run_plan(
     """
     console = console or Console(stderr=True)
     main = is_main_process()
+    if plan.train_config.trainer != "causal-lm" or (options is not None and options.trainer not in (None, "causal-lm")):
+        from memtune.run import trl_run  # TRL's SFTTrainer / DPOTrainer: their own module
+
+        options = run_options(options, changes)
+        if options.trainer not in (None, plan.train_config.trainer):
+            raise UsageError(f"--trainer {options.trainer} differs from the plan's {plan.train_config.trainer}: plan "
+                             f"again with --trainer {options.trainer} (its memory differs)")
+        return RunSummary(**trl_run.run_trl(plan, options, device=device, training_overrides=training_overrides,
+                                            log=lambda message: console.print(message, highlight=False)))
     with library_output(main=main, bars=progress and main and console.is_terminal):
         return _run_plan(plan, options, changes, callbacks=callbacks, progress=progress, device=device,
                          console=console, training_overrides=training_overrides)
@@ -697,7 +706,7 @@ def relaunch_command(plan: Plan, options: RunOptions, config_dir: Path) -> list[
 
     if not isinstance(options, RunOptions):
         names = [field_.name for field_ in dataclasses.fields(RunOptions)]
-        # an argparse Namespace; a field it lacks (one added later, e.g. packing) keeps its default
+        # an argparse Namespace; fields it lacks (added since it was written) keep their defaults
         options = RunOptions(**{name: getattr(options, name) for name in names if hasattr(options, name)})
     config = plan.train_config
     problem = several_machines_problem(plan, options.plan)

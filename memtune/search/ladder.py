@@ -845,12 +845,58 @@ class AllocatorMode(Rung):
                 "(memtune run and Plan.prepare set it)")
 
 
+class Reference(Rung):
+    """The trainer whose step is searched (`Policy.trainer`, `--trainer`: one option) and, for TRL's DPOTrainer,
+    where the reference's log-probs come from: computed live in every step (a frozen copy of the model, or the
+    policy's base with the adapter disabled under LoRA), then precomputed once before training
+    (`precompute_ref_log_probs`: no reference on the GPU, no reference forward; DPOTrainer builds a temporary
+    reference for it, whose forward under no_grad runs before the optimizer state exists). Recipe: `Plan.dpo_config`;
+    trace: `predict.trl_step`. TRL's trainers compute their loss with their own fused LM head, so the chunked and
+    Liger losses conflict with them, and they are planned on one GPU or with DDP."""
+
+    name = "reference log-probs"
+
+    def options(self, policy: Policy, with_adapter: bool, effective_batch_size: int) -> list[dict[str, Any]]:
+        trainer = {"trainer": policy.trainer, "sft_batches": policy.sft_batches}
+        if policy.trainer != "dpo":
+            return [trainer]
+        pinned = policy.precompute_ref_log_probs
+        return [{**trainer, "precompute_ref_log_probs": value}
+                for value in ([pinned] if pinned is not None else [False, True])]
+
+    def conflict(self, fields: dict[str, Any]) -> str | None:
+        trainer = fields.get("trainer", "causal-lm")
+        if trainer == "causal-lm":
+            return None
+        if fields.get("loss", "standard") != "standard":
+            return f"--trainer {trainer} computes its loss with TRL's fused LM head (no chunked or Liger loss)"
+        if (fields.get("strategy") == "deepspeed" or fields.get("offload", "none") != "none"
+                or (fields_world_size(fields) > 1 and fields.get("strategy") != "ddp")):
+            return f"--trainer {trainer} is planned on one GPU or with DDP (no FSDP, offload or DeepSpeed)"
+        return None
+
+    def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
+        if chosen.trainer != "dpo" or policy.precompute_ref_log_probs is not None:
+            return None
+        on = not chosen.precompute_ref_log_probs
+        return (("+ precomputed reference log-probs" if on else "- precomputed reference log-probs"),
+                chosen.replace(precompute_ref_log_probs=on))
+
+    def setting(self, config: TrainConfig) -> str | None:
+        if config.trainer == "dpo":
+            return (f"DPO reference: {config.reference} (plan.dpo_config(): DPOConfig(precompute_ref_log_probs="
+                    f"{config.precompute_ref_log_probs}))")
+        if config.trainer == "sft":
+            return f"SFT batches: {config.sft_batches} (plan.sft_config(): SFTConfig)"
+        return None
+
+
 # Enumeration order of the candidate space and of the "why this one" alternatives.
 PRECISION, STRATEGY, OPTIMIZER, ADAPTER = Precision(), Strategy(), Optimizer(), AdapterRung()
 QUANTIZED_BASE = QuantizedBase()
 LADDER: tuple[Rung, ...] = (
     MicroBatch(), PRECISION, Checkpointing(), ActivationOffload(), Loss(), Offload(), STRATEGY, ZeroRung(), OPTIMIZER,
-    ADAPTER, QUANTIZED_BASE, AllocatorMode(),
+    ADAPTER, QUANTIZED_BASE, AllocatorMode(), Reference(),
 )
 
 

@@ -1,0 +1,205 @@
+"""`memtune run` for a plan of TRL's SFTTrainer or DPOTrainer (`TrainConfig.trainer` "sft" / "dpo"): the plan's
+model, TRL's trainer with the plan's config (`Plan.sft_config` / `Plan.dpo_config`) and memtune's OOM guard
+(`run.guard.GuardedTrainerMixin`), on prompt-completion or preference JSON Lines (default: the samples generated
+by memtune/data/make_trl_data.py).
+
+The model is built as `Plan.prepare` builds it; for DPO under LoRA the adapter is left to DPOTrainer
+(`peft_config=`), so that its reference is the policy's base with the adapter disabled, as memtune traced it (given
+a ready peft model, DPOTrainer would add a second, frozen "ref" adapter instead); DPO of a full model gets a frozen
+copy as `ref_model`, in the policy's dtype (what DPOTrainer builds itself from a hub id), unless the plan
+precomputes the reference log-probs.
+
+The OOM guard cuts a micro-batch into smaller ones after an OOM. A DPO batch holds each pair's chosen row in its
+first half and its rejected row in its second (`DataCollatorForPreference`): `GuardedDPOTrainer` hands the guard a
+view of the batch by pair ([pairs, 2, ...]) so that a piece keeps both rows of its pairs, and turns each piece back
+into DPOTrainer's layout. A padding-free SFT batch is one row: the guard cannot cut it (it then steps down through
+the other techniques of the plan's fallbacks).
+
+Returns the fields of `run.runner.RunSummary` (which builds it: this module sits below the runner and does not
+import it). Raises UsageError (exit 2) with the install command when TRL is missing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memtune.config import TrainConfig, require_trl
+from memtune.errors import UsageError
+from memtune.options import RunOptions
+from memtune.plan import Plan
+from memtune.run import data as data_module
+from memtune.run.guard import GuardedTrainerMixin
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+SAMPLE_DATA = {"sft": DATA_DIR / "sample_instructions.jsonl", "dpo": DATA_DIR / "sample_preferences.jsonl"}
+"""What `memtune run --trainer sft|dpo` trains on without --data (memtune/data/make_trl_data.py writes them)."""
+REQUIRED_FIELDS = {"sft": (("prompt", "completion"), ("messages",), ("text",)),
+                   "dpo": (("prompt", "chosen", "rejected"), ("chosen", "rejected"))}
+"""The dataset formats each trainer takes (TRL's dataset formats: prompt-completion, conversational, language
+modeling; preference with an explicit or implicit prompt)."""
+
+
+def as_pairs(inputs: dict[str, Any]) -> tuple[dict[str, Any], frozenset[str]]:
+    """A DPO batch ([chosen rows; rejected rows]) as views by pair, [pairs, 2, ...], and the keys so viewed
+    (per-pair tensors such as ref_chosen_logps stay as they are)."""
+    input_ids = inputs.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.shape[0] % 2:
+        return inputs, frozenset()
+    rows = int(input_ids.shape[0])
+    paired = frozenset(key for key, value in inputs.items()
+                       if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows)
+    return {key: value.view(2, rows // 2, *value.shape[1:]).transpose(0, 1) if key in paired else value
+            for key, value in inputs.items()}, paired
+
+
+def from_pairs(inputs: dict[str, Any], paired: frozenset[str]) -> dict[str, Any]:
+    """`as_pairs` undone on a piece of the batch: [chosen rows; rejected rows] again, contiguous."""
+    return {key: value.transpose(0, 1).reshape(-1, *value.shape[2:]) if key in paired else value
+            for key, value in inputs.items()}
+
+
+def guarded_trainer_class(trainer: str) -> type:
+    """TRL's SFTTrainer or DPOTrainer with memtune's OOM guard (`GuardedTrainerMixin`; DPO's batches by pair)."""
+    from trl import DPOTrainer, SFTTrainer
+
+    if trainer == "sft":
+        return type("GuardedSFTTrainer", (GuardedTrainerMixin, SFTTrainer), {})
+
+    class GuardedDPOTrainer(GuardedTrainerMixin, DPOTrainer):
+        """DPOTrainer whose batches the guard sees by pair (module docstring)."""
+
+        _paired: frozenset[str] = frozenset()
+
+        def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+            samples, num_items = DPOTrainer.get_batch_samples(self, *args, **kwargs)
+            viewed = []
+            for sample in samples:
+                view, self._paired = as_pairs(sample)
+                viewed.append(view)
+            self.oom_guard.start_optimizer_step(viewed)
+            return viewed, num_items
+
+        def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
+            def run(model_: Any, piece: Any, items: Any) -> torch.Tensor:
+                return DPOTrainer.training_step(self, model_, from_pairs(piece, self._paired), items)
+
+            return self.oom_guard.training_step(run, model, inputs, num_items_in_batch)
+
+    return GuardedDPOTrainer
+
+
+def load_rows(path: Path, trainer: str) -> Any:
+    """The JSON Lines / JSON file `path` as a datasets.Dataset, checked for one of the trainer's formats
+    (`REQUIRED_FIELDS`). Raises UsageError naming the fields found and the ones needed."""
+    from datasets import load_dataset  # type: ignore[import-not-found]  # with TRL: the trl extra
+
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    columns = set(dataset.column_names)
+    if not any(set(fields) <= columns for fields in REQUIRED_FIELDS[trainer]):
+        wanted = " or ".join("+".join(fields) for fields in REQUIRED_FIELDS[trainer])
+        raise UsageError(f"--data {str(path)!r} has the fields {sorted(columns)}; --trainer {trainer} needs {wanted} "
+                         f"(e.g. {SAMPLE_DATA[trainer].name}, shipped with memtune)")
+    return dataset
+
+
+def _model(source: Any, config: TrainConfig, device: str) -> tuple[Any, str]:
+    """(model in the plan's weights dtype, where its weights came from): the hub's or a local directory's weights,
+    else random ones from the config (catalog names)."""
+    from transformers import AutoModelForCausalLM
+
+    from memtune.recipe import step as recipe
+
+    dtype = recipe.TORCH_DTYPES[config.weights_dtype]
+    attention = recipe.attention_arguments(config, device)
+    if source.origin == "hub" or (source.origin == "local" and source.path is not None
+                                  and any(source.path.glob("*.safetensors"))):
+        where = str(source.hub_id if source.origin == "hub" else source.path)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
+                                                           trust_remote_code=source.trust_remote_code, **attention)
+        return loaded.to(device), f"weights from {where}"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, **attention)
+    return model, "random initialisation (a catalog config): a real fine-tune needs the weights"
+
+
+def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: Any = print,
+            training_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train with TRL's trainer as the plan says (module docstring); returns `RunSummary`'s fields. Raises
+    UsageError for TRL missing, data in another format, or a QLoRA DPO plan (not run yet)."""
+    config = plan.train_config
+    require_trl(f"memtune run --trainer {config.trainer}")
+    if config.trainer == "dpo" and config.quantization is not None:
+        raise UsageError("memtune run does not run DPO on a quantised base yet (DPOTrainer would add a second "
+                         "adapter as its reference): plan it without --qlora")
+    from memtune.sources import resolve
+
+    wall_start = time.perf_counter()
+    data_path = Path(options.data) if options.data else SAMPLE_DATA[config.trainer]
+    dataset = load_rows(data_path, config.trainer)
+    source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
+    tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
+    use_cpu = device == "cpu" or not torch.cuda.is_available()
+    output = Path(options.output_dir or Path("memtune-runs") / Path(plan.model).name)
+    overrides: dict[str, Any] = {
+        "output_dir": str(output), "max_steps": options.max_steps if options.max_steps is not None else -1,
+        "num_train_epochs": 1, "logging_steps": 1, "save_strategy": "no", "seed": options.seed,
+        "learning_rate": options.learning_rate or (2e-4 if config.adapter else 2e-5), "disable_tqdm": True,
+        "use_cpu": use_cpu, **(training_overrides or {}),
+    }
+    args = plan.sft_config(**overrides) if config.trainer == "sft" else plan.dpo_config(**overrides)
+    model, model_origin = _model(source, config, "cpu" if use_cpu else "cuda")
+    trainer_kwargs: dict[str, Any] = {}
+    if config.trainer == "dpo" and config.adapter is not None:
+        # DPOTrainer wraps the adapter itself, so that its reference is the base with the adapter disabled
+        model = dataclasses.replace(plan, train_config=config.replace(adapter=None)).prepare(model)
+        trainer_kwargs["peft_config"] = plan.lora_config()
+    else:
+        reference = None
+        if config.reference == "full copy":
+            reference = copy.deepcopy(model).requires_grad_(False).eval()
+        model = plan.prepare(model)
+        trainer_kwargs["ref_model"] = reference if config.trainer == "dpo" else None
+        if config.trainer == "sft":
+            trainer_kwargs.pop("ref_model")
+    if torch.cuda.is_available() and not use_cpu:
+        torch.cuda.reset_peak_memory_stats()
+    guard = plan.oom_guard(log=log)
+    trainer = guarded_trainer_class(config.trainer)(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, oom_guard=guard, **trainer_kwargs)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for printer in (PrinterCallback, ProgressCallback):  # stdout carries the summary alone, as the runner's run
+        trainer.remove_callback(printer)
+    status, error, started = "completed", "", time.perf_counter()
+    try:
+        trainer.train()
+    except KeyboardInterrupt:
+        status = "interrupted"
+    train_seconds = time.perf_counter() - started
+    cuda = torch.cuda.is_available() and not use_cpu
+    if status == "completed":
+        trainer.save_model(str(output))
+    steps = int(trainer.state.global_step)
+    tokens_per_step = config.effective_batch_size * config.seq_len * (2 if config.trainer == "dpo" else 1)
+    return {
+        "output_dir": str(output), "status": status, "global_step": steps, "max_steps": int(trainer.state.max_steps),
+        "resumed_from_step": None,
+        "loss_curve": [[entry["step"], entry["loss"]] for entry in trainer.state.log_history if "loss" in entry],
+        "memory_bands": [],
+        "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None,
+        "predicted_total_bytes": plan.predicted_total_bytes, "tokens_per_step": tokens_per_step,
+        "tokens_per_second": steps * tokens_per_step / train_seconds if train_seconds > 0 else 0.0,
+        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
+        "final_train_config": guard.current.to_dict(), "guard_events": [event.to_dict() for event in guard.events],
+        "checkpoint": None, "model_origin": model_origin, "tokenizer_origin": tokenizer_origin,
+        "data": str(data_path), "num_sequences": len(dataset), "num_tokens": 0,
+        "device": "cpu" if use_cpu else "cuda", "plan": plan.to_dict(),
+        "notes": [f"TRL {config.trainer.upper()} run (run.trl_run): no checkpoints or --resume yet"], "error": error,
+    }

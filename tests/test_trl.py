@@ -1,0 +1,158 @@
+"""TRL's trainers (issue 18): --trainer sft|dpo planned without TRL, the DPO reference's weights in the trace,
+Plan.sft_config / dpo_config accepted by TRL's own classes, and exit 2 with the install command without TRL."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from memtune import config as config_module
+from memtune.cli import main
+from memtune.config import Adapter, TrainConfig
+from memtune.errors import UsageError
+from memtune.plan import Plan
+from memtune.predict.estimate import estimate
+from memtune.predict.trace import trace_step
+from memtune.run import trl_run
+from tests.models import tiny_llama
+
+
+def weight_bytes(model_config, train_config) -> int:
+    """Weights at the peak of the full-depth prediction (the trace's are extended with the layers)."""
+    return estimate(model_config, train_config, device="cpu").breakdown["weights"]
+
+
+def test_dpo_trace_counts_two_models_only_with_a_full_reference():
+    model_config = tiny_llama(layers=8)  # traced at 3 layers and extended: the reference's layers are repeated too
+    base = TrainConfig(seq_len=32, micro_batch_size=2, amp="bf16")
+    policy = weight_bytes(model_config, base)
+    assert weight_bytes(model_config, base.replace(trainer="sft")) == policy
+    assert weight_bytes(model_config, base.replace(trainer="dpo")) == 2 * policy  # a frozen full copy
+    assert weight_bytes(model_config, base.replace(trainer="dpo", precompute_ref_log_probs=True)) == policy
+    lora = base.replace(adapter=Adapter(rank=4))
+    assert weight_bytes(model_config, lora.replace(trainer="dpo")) == weight_bytes(model_config, lora)  # adapter off
+
+
+def test_dpo_step_runs_twice_the_sequences_and_the_reference_forward_adds_to_the_peak():
+    model_config = tiny_llama(layers=2)
+    base = TrainConfig(seq_len=64, micro_batch_size=2, amp="bf16", adapter=Adapter(rank=4))
+    sft = trace_step(model_config, base.replace(trainer="sft"), device="cpu")
+    dpo = trace_step(model_config, base.replace(trainer="dpo"), device="cpu")
+    precomputed = trace_step(model_config, base.replace(trainer="dpo", precompute_ref_log_probs=True), device="cpu")
+    assert dpo.peak_allocated_bytes > precomputed.peak_allocated_bytes > sft.peak_allocated_bytes
+
+
+def test_trl_head_never_holds_the_full_logits():
+    """TRL's fused head projects [4096 tokens, 32768 vocabulary] tiles: with a large vocabulary the SFT step holds far
+    less than the causal-LM step's fp32 logits."""
+    model_config = tiny_llama(layers=2)
+    model_config.vocab_size = 65536
+    base = TrainConfig(seq_len=512, micro_batch_size=8, amp="bf16")
+    logits_bytes = 8 * 512 * 65536 * 4
+    causal = trace_step(model_config, base, device="cpu").peak_allocated_bytes
+    sft = trace_step(model_config, base.replace(trainer="sft"), device="cpu").peak_allocated_bytes
+    assert causal - sft > logits_bytes // 2
+
+
+def test_trainer_fields_round_trip_and_are_described():
+    train_config = TrainConfig(seq_len=128, trainer="dpo", precompute_ref_log_probs=True)
+    assert TrainConfig.from_dict(json.loads(train_config.to_json())) == train_config
+    assert "TRL DPO (reference: precomputed log-probs)" in train_config.describe()
+    assert "TRL SFT (packed)" in TrainConfig(seq_len=8, trainer="sft", sft_batches="packed").describe()
+    assert "TRL" not in TrainConfig(seq_len=8).describe()
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"sft_batches": "packed"}, "needs --trainer sft"),
+    ({"precompute_ref_log_probs": True}, "need --trainer dpo"),
+    ({"trainer": "sft", "loss": "chunked"}, "fused LM head"),
+    ({"trainer": "ppo"}, "trainer must be one of"),
+])
+def test_trainer_fields_refused_where_they_do_not_apply(fields, message):
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(seq_len=8, **fields)
+
+
+def test_plan_trainer_dpo_predicts_without_trl(capsys, monkeypatch):
+    monkeypatch.setattr(config_module, "trl_available", lambda: False)
+    code = main(["plan", "HuggingFaceTB/SmolLM2-135M", "--trainer", "dpo", "--lora", "--seq-len", "64",
+                 "--batch-size", "2", "--budget", "8GiB", "--trace-device", "cpu", "--json"])
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0 and document["estimate"]["config"]["trainer"] == "dpo"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--sft-batches", "packed"], "--sft-batches packed is SFTTrainer's"),
+    (["--trainer", "sft", "--precompute-ref-log-probs", "on"], "--precompute-ref-log-probs on is DPOTrainer's"),
+])
+def test_trainer_options_without_their_trainer_exit_2(args, message, capsys):
+    code = main(["plan", "gpt2", "--seq-len", "64", "--batch-size", "2", "--trace-device", "cpu", *args])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_without_trl_the_configs_and_the_run_exit_2_with_the_install_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(config_module, "trl_available", lambda: False)
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33,
+                train_config=TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4)))
+    with pytest.raises(UsageError, match=r'pip install -e "\.\[trl\]"'):
+        plan.dpo_config()
+    with pytest.raises(UsageError, match=r'pip install -e "\.\[trl\]"'):
+        Plan(model=plan.model, budget_bytes=plan.budget_bytes,
+             train_config=TrainConfig(seq_len=64, trainer="sft")).sft_config()
+    path = plan.save(tmp_path / "plan.json")
+    code = main(["run", str(path), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and 'pip install -e ".[trl]"' in err and "Traceback" not in err
+
+
+def test_run_refuses_another_trainer_than_the_plans(tmp_path, capsys):
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33, train_config=TrainConfig(seq_len=64))
+    path = plan.save(tmp_path / "plan.json")
+    code = main(["run", str(path), "--trainer", "dpo", "--output-dir", str(tmp_path / "out")])
+    assert code == 2 and "differs from the plan's causal-lm" in capsys.readouterr().err
+
+
+def test_dpo_batches_split_by_pair_for_the_guard():
+    chosen, rejected = torch.arange(6).view(3, 2), 10 + torch.arange(6).view(3, 2)
+    batch = {"input_ids": torch.cat([chosen, rejected]), "ref_chosen_logps": torch.zeros(3)}
+    pairs, paired = trl_run.as_pairs(batch)
+    assert paired == {"input_ids"} and pairs["input_ids"].shape == (3, 2, 2)
+    piece = {key: value[1:3] for key, value in pairs.items()}  # what the guard's split makes
+    back = trl_run.from_pairs(piece, paired)
+    assert torch.equal(back["input_ids"], torch.cat([chosen[1:3], rejected[1:3]]))
+
+
+def test_configs_are_accepted_by_trls_own_classes():
+    trl = pytest.importorskip("trl")
+    adapter = Adapter(rank=4)
+    dpo = Plan(model="x", budget_bytes=2**33, train_config=TrainConfig(
+        seq_len=256, micro_batch_size=2, grad_accum_steps=4, amp="bf16", gradient_checkpointing=True,
+        adapter=adapter, trainer="dpo", precompute_ref_log_probs=True)).dpo_config(output_dir="out")
+    assert isinstance(dpo, trl.DPOConfig)
+    assert (dpo.per_device_train_batch_size, dpo.gradient_accumulation_steps, dpo.max_length) == (2, 4, 256)
+    assert dpo.precompute_ref_log_probs and dpo.bf16 and dpo.loss_type == ["sigmoid"]
+    for batches, packing, padding_free, max_length in (("padded", False, False, 128), ("packed", True, True, 128),
+                                                       ("padding-free", False, True, None)):
+        sft = Plan(model="x", budget_bytes=2**33, train_config=TrainConfig(
+            seq_len=128, micro_batch_size=4, trainer="sft", sft_batches=batches)).sft_config(output_dir="out")
+        assert isinstance(sft, trl.SFTConfig)
+        assert (sft.packing, sft.padding_free, sft.max_length) == (packing, padding_free, max_length)
+    with pytest.raises(UsageError, match="plan again with --trainer sft"):
+        Plan(model="x", budget_bytes=2**33, train_config=TrainConfig(seq_len=8)).sft_config()
+
+
+def test_shipped_trl_samples_are_what_the_generator_writes():
+    import importlib.util
+
+    from memtune.run.trl_run import DATA_DIR
+
+    spec = importlib.util.spec_from_file_location("make_trl_data", DATA_DIR / "make_trl_data.py")
+    assert spec is not None and spec.loader is not None
+    make_trl_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_trl_data)
+    instructions, preferences = make_trl_data.make()
+    assert [json.loads(line) for line in make_trl_data.INSTRUCTIONS_PATH.read_text().splitlines()] == instructions
+    assert [json.loads(line) for line in make_trl_data.PREFERENCES_PATH.read_text().splitlines()] == preferences
+    assert all(row["chosen"] != row["rejected"] for row in preferences)
