@@ -31,7 +31,7 @@ FITTED = {
     # coefficient: (lower, upper) bound of the fit
     "bf16_efficiency": (0.3, 0.75),  # the best dense bf16 GEMMs on an H100/H200 reach ~700-750 of 989 TFLOP/s
     "fp32_efficiency": (0.3, 0.95),
-    "logits_traffic": (1.0, 400.0),
+    "logits_traffic": (16.0, 400.0),  # at least the fp32 logits and their gradient, each written and read once
     "traffic_factor": (1.0, 4.0),  # bytes cannot move faster than the card's bandwidth
     "kernel_seconds": (2e-6, 60e-6),
     "chunk_seconds": (1e-6, 5e-3),

@@ -7,7 +7,8 @@ the loss and of offloading to the CPU.
 
 One micro-batch of `t` tokens takes
 
-    max(flops / (peak_flops[dtype] * efficiency) + bytes / memory_bandwidth,  kernels * kernel_seconds)
+    max(layer_flops / (peak_flops[dtype] * efficiency) + layer_bytes / memory_bandwidth,  kernels * kernel_seconds)
+      + head_flops / (peak_flops[dtype] * efficiency) + logits_bytes / memory_bandwidth
 
 where flops, the layers' bytes and kernels are counted on the model itself (`flop_count`, `predict.flops`: torch's
 FlopCounterMode on the trace's fake-tensor step, torch/utils/flop_counter.py, causal attention corrected for the
@@ -19,12 +20,13 @@ kernel the card runs; a shallow model of each layer type, scaled to the depth):
   fails (or a shape is built without `count`), the closed form stands in: 2 * (matmul parameters) per token forward
   (Kaplan et al. 2020, "Scaling Laws", Sec. 2.1), causal attention 2 * layers * seq_len * hidden, backward 2x
   forward (1x for frozen weights), a Llama layer's traffic and kernels (`flops.closed_form`).
-- bytes: the fp32 logits, softmax and their gradient over the vocabulary (`logits_traffic` per token per entry),
-  and what the layers' elementwise kernels read and write (norms, activations, casts, rotary embeddings, eager
-  attention's s^2 scores; `flops.TRAFFIC`), times `traffic_factor`.
+- layer_bytes: what the layers' elementwise kernels read and write (norms, activations, casts, rotary embeddings,
+  eager attention's s^2 scores; `flops.TRAFFIC`), times `traffic_factor`; logits_bytes: the fp32 logits, softmax
+  and their gradient over the vocabulary (`logits_traffic` per token per entry).
 - kernels: every kernel the layers launch, each costing the host `kernel_seconds` (dispatch, autocast, the
   model's Python): the GPU waits for the host when the kernels are small. This is what makes small micro-batches
-  slow; the step takes the longer of the two, the host running ahead of the GPU.
+  slow; the layers take the longer of the two, the host running ahead of the GPU. The LM head and the loss are a
+  few large kernels, timed by their work.
 The optimizer step reads and writes ~16 bytes per trained parameter (fused AdamW, fp32 state).
 
 The coefficients were fitted (benchmarks/calibrate_throughput.py) to 143 measured steps on an
@@ -86,10 +88,10 @@ from memtune.predict.liger import liger_num_chunks
 
 SPEED_ERROR_BAND = 0.25
 """The speed model's expected relative error of tokens/s: the 80th percentile of |predicted / measured - 1| over the
-143 H200 steps it was fitted to (benchmarks/calibrate_throughput.py: 25.4%; median 9.1%, max 55.7%). On 66 steps of
+143 H200 steps it was fitted to (benchmarks/calibrate_throughput.py: 25.9%; median 9.0%, max 54.6%). On 66 steps of
 11 architectures it was not fitted to (benchmarks/results/speed_heldout_h200.json, benchmarks/speed_error.py) the
-80th percentile was 17.0% (median 9.3%, max 42.2%). Two candidates whose predicted tokens/s differ by less than this
-are too close to call on the prediction alone."""
+80th percentile was 18.8% (median 7.5%, max 41.6%). Two candidates whose predicted tokens/s differ by less than
+this are too close to call on the prediction alone."""
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
 """DistributedDataParallel's bucket_cap_mb default (25 MiB), which Trainer and accelerate keep."""
@@ -117,23 +119,24 @@ class GpuSpeed:
     unless `memtune fit` measured this GPU's (`measure.probe.host_copy_rate`, the slower direction)."""
     # Fitted to 143 measured H200 steps (benchmarks/calibrate_throughput.py on tests/data/ground_truth_h200.json
     # and benchmarks/results/oracle_h200.json, FLOPs, traffic and kernels counted by predict.flops): median |error|
-    # 9.1%, 80th percentile 25.4% (SPEED_ERROR_BAND), max 55.7%. bf16_efficiency sits at the fit's upper bound.
+    # 9.0%, 80th percentile 25.9% (SPEED_ERROR_BAND), max 54.6%. bf16_efficiency and logits_traffic sit at the fit's
+    # bounds: the calibration's small models, mostly launch-bound, do not identify them.
     bf16_efficiency: float = 0.75
-    """Share of the dense bf16 peak the step's matmuls reach. The calibration's small models cannot identify it (their
-    steps are bound by kernel launches): held at 0.75, what the best H100/H200 GEMMs reach."""
-    fp32_efficiency: float = 0.7073
-    logits_traffic: float = 77.72
-    """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient)."""
-    traffic_factor: float = 2.573
+    """Share of the dense bf16 peak the step's matmuls reach: held at 0.75, what the best H100/H200 GEMMs reach."""
+    fp32_efficiency: float = 0.7025
+    logits_traffic: float = 16.0
+    """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient): held at 16, the fp32 logits
+    and their gradient each written and read once."""
+    traffic_factor: float = 2.495
     """Multiplies the bytes the layers' elementwise kernels move (`flops.TRAFFIC`): 1 / the share of the card's
-    bandwidth they reach (~39%: small, unfused kernels)."""
-    kernel_seconds: float = 3.53e-5
-    """Host time per kernel launched (`FlopCount.launches_forward`): PyTorch's dispatch, autocast and transformers'
-    Python around each op, independent of size. The step takes the longer of the GPU's work and the host's launches:
-    what makes small micro-batches slow."""
-    chunk_seconds: float = 1e-6
-    """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens) beyond its counted head recompute: its upcast and loss
-    (fitted to the bound: nothing measurable once the recompute and the logits traffic are counted)."""
+    bandwidth they reach (~40%: small, unfused kernels)."""
+    kernel_seconds: float = 3.431e-5
+    """Host time per kernel the layers launch (`FlopCount.launches_forward`): PyTorch's dispatch, autocast and
+    transformers' Python around each op, independent of size. The layers take the longer of the GPU's work and the
+    host's launches: what makes small micro-batches slow."""
+    chunk_seconds: float = 2.861e-4
+    """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens) beyond its counted head recompute: its launches, upcast and
+    loss."""
     liger_logits_traffic: float = 10.0
     """Liger's fused loss: bytes moved per token per vocabulary entry, in place of `logits_traffic`: 16-bit logits
     written by the head matmul (2), read and overwritten with their gradient by the cross-entropy kernel (4), read
@@ -338,24 +341,25 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     checkpointed = config.checkpointed_layers(shape.num_layers) / max(1, shape.num_layers)
     recompute = count.layers_forward * checkpointed  # the checkpointed layers' forward, once more (Chen et al. 2016)
     chunk_recompute = count.head_forward if config.loss == "chunked" else 0.0  # the head, in the chunk's backward
-    flops_ = tokens * (forward + backward + recompute + chunk_recompute)
+    layer_flops = tokens * (count.layers_forward + count.layers_backward + recompute)
+    head_flops = tokens * (count.head_forward + count.head_backward + chunk_recompute)
 
     half = config.amp != "none" or config.weights_dtype != "fp32"
     rate = speed.bf16_flops * speed.bf16_efficiency if half else speed.fp32_flops * speed.fp32_efficiency
-    compute = flops_ / rate
-    traffic = tokens * shape.vocab_size * speed.logits_traffic
+    logits = tokens * shape.vocab_size * speed.logits_traffic
     if config.loss == "liger":
         # Liger computes the head's input and weight gradients in forward, chunk by chunk (recipe.loss): the same
         # matmuls as the standard loss, no recomputation; its logits stay in the head's compute dtype.
-        traffic = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
+        logits = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
     # the layers' elementwise kernels (flops.TRAFFIC): per token, and autocast's weight casts per micro-batch; the
     # recomputed forward moves its bytes again
     layer_bytes = (tokens * (count.bytes_forward * (1 + checkpointed) + count.bytes_backward)
                    + count.fixed_bytes_forward * (1 + checkpointed) + count.fixed_bytes_backward)
-    traffic += speed.traffic_factor * layer_bytes
-    # The host launches the kernels ahead of the GPU; whichever of the two is slower sets the pace.
+    layers = layer_flops / rate + speed.traffic_factor * layer_bytes / speed.memory_bytes_per_second
+    # The host launches the layers' kernels ahead of the GPU; whichever of the two is slower sets their pace. The
+    # LM head and the loss over the vocabulary are a few large kernels the GPU works through after them.
     launches = (count.launches_forward * (1 + checkpointed) + count.launches_backward) * speed.kernel_seconds
-    micro = max(compute + traffic / speed.memory_bytes_per_second, launches)
+    micro = max(layers, launches) + head_flops / rate + logits / speed.memory_bytes_per_second
     if config.quantization is not None:
         passes = 2 + checkpointed
         per_parameter = speed.nf4_seconds_per_parameter if config.quantization.bits == 4 \
