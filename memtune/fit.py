@@ -86,7 +86,9 @@ class ModelPredictor:
         self.on_card = on_card or {}
         """TrainConfig fields every configuration is predicted with: fit's --attn and the card's compute capability
         (`attention_fields`)."""
-        self.shape = throughput.ModelShape.of(model_config, num_parameters)
+        # FLOPs counted on the model (predict.flops); the closed form, with a note, where the count fails
+        self.shape = throughput.ModelShape.of(model_config, num_parameters, count=True,
+                                              note=None if note is None else lambda text: note(f"note: {text}"))
         self.speed = speed
         self.device = device
         self.context_bytes = context_bytes

@@ -1,4 +1,4 @@
-"""Predicted training speed (tokens/s) of a configuration: a FLOP + memory-traffic model.
+"""Predicted training speed (tokens/s) of a configuration: a FLOP + memory-traffic + kernel-launch model.
 
 The search ranks configurations that fit by this number, so what matters most is the *ratio*
 between two configurations of the same model: fp32 vs bf16 tensor cores, the recomputation of
@@ -7,28 +7,33 @@ the loss and of offloading to the CPU.
 
 One micro-batch of `t` tokens takes
 
-    flops / (peak_flops[dtype] * efficiency)  +  logits_bytes / memory_bandwidth  +  layers * launch_seconds
+    max(layer_flops / (peak_flops[dtype] * efficiency) + layer_bytes / memory_bandwidth,  kernels * kernel_seconds)
+      + head_flops / (peak_flops[dtype] * efficiency) + logits_bytes / memory_bandwidth
 
-where
-- flops: 2 * (matmul parameters) per token forward (Kaplan et al. 2020, "Scaling Laws", Sec. 2.1),
-  plus causal attention 2 * layers * seq_len * hidden per token forward (half of the 4*s*h of
-  full attention, as flash/efficient SDPA skip the masked half); backward is 2x forward for full
-  fine-tuning and 1x forward for frozen (LoRA) weights, which need no weight gradients;
-  checkpointing adds one more forward (Chen et al. 2016); a chunked loss recomputes the LM head; Liger's fused
-  loss computes the head's gradients in forward: no more FLOPs than the standard loss, less logits traffic
-  (`liger_logits_traffic`, an assumption; `liger_weight_bytes_per_chunk`, fitted on the H200).
-- logits_bytes: the fp32 logits, softmax and their gradient over the vocabulary are bound by
-  memory bandwidth, not FLOPs.
-- launch_seconds: per-layer kernel-launch/Python overhead, independent of size. This is what makes
-  small micro-batches slow: on the H200 data, a utilisation curve t/(t + t_half) and a per-layer
-  activation-traffic term both fitted to zero once this term was there, so they were dropped.
+where flops, the layers' bytes and kernels are counted on the model itself (`flop_count`, `predict.flops`: torch's
+FlopCounterMode on the trace's fake-tensor step, torch/utils/flop_counter.py, causal attention corrected for the
+kernel the card runs; a shallow model of each layer type, scaled to the depth):
+- flops: forward and backward as the step runs them (no weight gradients for frozen LoRA weights); checkpointing
+  adds the checkpointed layers' forward once more (Chen et al. 2016); a chunked loss recomputes the LM head; Liger's
+  fused loss computes the head's gradients in forward: no more FLOPs than the standard loss, less logits traffic
+  (`liger_logits_traffic`, an assumption; `liger_weight_bytes_per_chunk`, fitted on the H200). Where the count
+  fails (or a shape is built without `count`), the closed form stands in: 2 * (matmul parameters) per token forward
+  (Kaplan et al. 2020, "Scaling Laws", Sec. 2.1), causal attention 2 * layers * seq_len * hidden, backward 2x
+  forward (1x for frozen weights), a Llama layer's traffic and kernels (`flops.closed_form`).
+- layer_bytes: what the layers' elementwise kernels read and write (norms, activations, casts, rotary embeddings,
+  eager attention's s^2 scores; `flops.TRAFFIC`), times `traffic_factor`; logits_bytes: the fp32 logits, softmax
+  and their gradient over the vocabulary (`logits_traffic` per token per entry).
+- kernels: every kernel the layers launch, each costing the host `kernel_seconds` (dispatch, autocast, the
+  model's Python): the GPU waits for the host when the kernels are small. This is what makes small micro-batches
+  slow; the layers take the longer of the two, the host running ahead of the GPU. The LM head and the loss are a
+  few large kernels, timed by their work.
 The optimizer step reads and writes ~16 bytes per trained parameter (fused AdamW, fp32 state).
 
 The coefficients were fitted (benchmarks/calibrate_throughput.py) to 143 measured steps on an
 NVIDIA H200 (the accuracy cases and the oracle grid: fp32/bf16, checkpointing, LoRA, chunked loss,
-accumulation); for another card they are scaled by its
-datasheet peak FLOPS and bandwidth. After a verification trial, the measured tokens/s of the chosen
-plan is reported next to this prediction.
+accumulation); for another card they are scaled by its datasheet peak FLOPS and bandwidth (`kernel_seconds`,
+host-bound, is not). Its expected error is `SPEED_ERROR_BAND`. After a verification trial, the measured tokens/s
+of the chosen plan is reported next to this prediction.
 
 Several GPUs (`ddp_sync_seconds`, `fsdp_micro_batch_seconds`): every GPU runs the single-GPU
 micro-batches on its share of the batch; what the strategy adds is communication, the part of it
@@ -71,12 +76,22 @@ benchmarks/ddp.py measures DDP and FSDP side by side (and the all-reduce bandwid
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from memtune.config import DEFAULT_INTER_NODE_GBPS, DTYPE_BYTES, GpuCard, TrainConfig, gpu_card
 from memtune.errors import UsageError
+from memtune.predict import flops
+from memtune.predict.flops import FlopCount
 from memtune.predict.liger import liger_num_chunks
+
+SPEED_ERROR_BAND = 0.25
+"""The speed model's expected relative error of tokens/s: the 80th percentile of |predicted / measured - 1| over the
+143 H200 steps it was fitted to (benchmarks/calibrate_throughput.py: 25.9%; median 9.0%, max 54.6%). On 66 steps of
+11 architectures it was not fitted to (benchmarks/results/speed_heldout_h200.json, benchmarks/speed_error.py) the
+80th percentile was 18.8% (median 7.5%, max 41.6%). Two candidates whose predicted tokens/s differ by less than
+this are too close to call on the prediction alone."""
 
 DDP_BUCKET_BYTES = 25 * 1024 * 1024
 """DistributedDataParallel's bucket_cap_mb default (25 MiB), which Trainer and accelerate keep."""
@@ -103,19 +118,25 @@ class GpuSpeed:
     """Host<->device copy rate for offloaded state and activations (PCIe 4/5 x16, pinned, effective): an assumption
     unless `memtune fit` measured this GPU's (`measure.probe.host_copy_rate`, the slower direction)."""
     # Fitted to 143 measured H200 steps (benchmarks/calibrate_throughput.py on tests/data/ground_truth_h200.json
-    # and benchmarks/results/oracle_h200.json): median error 10%, max 56%.
-    bf16_efficiency: float = 0.5089
-    fp32_efficiency: float = 0.7482
-    logits_traffic: float = 66.62
-    """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient)."""
-    launch_seconds: float = 2.28e-3
-    """Per layer per micro-batch (forward + backward): kernel launches and Python, independent of size."""
-    checkpoint_overhead: float = 1.768
-    """Launch overhead factor of gradient checkpointing (the forward runs twice)."""
-    lora_overhead: float = 1.51
-    """Launch overhead factor of LoRA (each adapted matmul adds a few small kernels)."""
-    chunk_seconds: float = 0.898e-3
-    """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens): its checkpointed head, upcast and loss."""
+    # and benchmarks/results/oracle_h200.json, FLOPs, traffic and kernels counted by predict.flops): median |error|
+    # 9.0%, 80th percentile 25.9% (SPEED_ERROR_BAND), max 54.6%. bf16_efficiency and logits_traffic sit at the fit's
+    # bounds: the calibration's small models, mostly launch-bound, do not identify them.
+    bf16_efficiency: float = 0.75
+    """Share of the dense bf16 peak the step's matmuls reach: held at 0.75, what the best H100/H200 GEMMs reach."""
+    fp32_efficiency: float = 0.7025
+    logits_traffic: float = 16.0
+    """Bytes moved per token per vocabulary entry (fp32 logits, softmax, their gradient): held at 16, the fp32 logits
+    and their gradient each written and read once."""
+    traffic_factor: float = 2.495
+    """Multiplies the bytes the layers' elementwise kernels move (`flops.TRAFFIC`): 1 / the share of the card's
+    bandwidth they reach (~40%: small, unfused kernels)."""
+    kernel_seconds: float = 3.431e-5
+    """Host time per kernel the layers launch (`FlopCount.launches_forward`): PyTorch's dispatch, autocast and
+    transformers' Python around each op, independent of size. The layers take the longer of the GPU's work and the
+    host's launches: what makes small micro-batches slow."""
+    chunk_seconds: float = 2.861e-4
+    """Per loss chunk (memtune.loss.CHUNK_TOKENS tokens) beyond its counted head recompute: its launches, upcast and
+    loss."""
     liger_logits_traffic: float = 10.0
     """Liger's fused loss: bytes moved per token per vocabulary entry, in place of `logits_traffic`: 16-bit logits
     written by the head matmul (2), read and overwritten with their gradient by the cross-entropy kernel (4), read
@@ -224,6 +245,10 @@ class ModelShape:
     parameter_tensors: int | None = None
     """Parameter tensors of the model, tied ones once: what a full fine-tune's optimizer loops over
     (`parameter_tensors`); None: a Llama layout is assumed (9 per layer, embedding, final norm and head)."""
+    model_config: Any = field(default=None, compare=False, hash=False, repr=False)
+    """The transformers config, when FLOPs are counted on the model (`flop_count`); None: the closed form."""
+    note: Callable[[str], None] | None = field(default=None, compare=False, hash=False, repr=False)
+    """Told, once per count, when the count failed and the closed form stood in."""
 
     @property
     def matmul_parameters(self) -> int:
@@ -232,7 +257,10 @@ class ModelShape:
         return self.num_parameters if self.tied_embeddings else self.num_parameters - embedding
 
     @classmethod
-    def of(cls, model_config: Any, num_parameters: int) -> ModelShape:
+    def of(cls, model_config: Any, num_parameters: int, *, count: bool = False,
+           note: Callable[[str], None] | None = None) -> ModelShape:
+        """The shape of `model_config`; `count`: FLOPs counted on the model (`predict.flops`), told `note` when the
+        count fails."""
         return cls(
             num_parameters=num_parameters,
             num_layers=int(model_config.num_hidden_layers),
@@ -240,6 +268,8 @@ class ModelShape:
             vocab_size=int(model_config.vocab_size),
             tied_embeddings=bool(getattr(model_config, "tie_word_embeddings", False)),
             parameter_tensors=parameter_tensors(model_config),
+            model_config=model_config if count else None,
+            note=note,
         )
 
 
@@ -287,32 +317,49 @@ def trained_parameters(shape: ModelShape, config: TrainConfig) -> int:
     return 12 * shape.num_layers * shape.hidden_size * config.adapter.rank
 
 
+def flop_count(shape: ModelShape, config: TrainConfig) -> FlopCount:
+    """FLOPs, traffic and kernels per token of `config`'s micro-batch: counted on the model (`predict.flops`) when
+    the shape carries its config (`ModelShape.of(..., count=True)`), else, or when the count fails, the closed form
+    (`flops.closed_form`)."""
+    def fallback(note: str = "") -> FlopCount:
+        return flops.closed_form(shape.num_layers, shape.hidden_size, shape.vocab_size, shape.matmul_parameters,
+                                 config.seq_len, config.adapter is not None, note=note,
+                                 autocast_casts=config.amp != "none" and config.weights_dtype == "fp32")
+
+    if shape.model_config is None:
+        return fallback()
+    return flops.flop_count(shape.model_config, config, fallback, note=shape.note)
+
+
 def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> tuple[float, float]:
     """(seconds of one micro-batch's forward and backward on one GPU, the backward's share of them)."""
     tokens = config.micro_batch_size * config.seq_len
     head = shape.vocab_size * shape.hidden_size
     body = shape.matmul_parameters - head
-    attention = shape.num_layers * config.seq_len * shape.hidden_size  # 2*L*s*h per token forward, /2 for x2 below
-    forward = 2.0 * (body + head + attention)
-    frozen = config.adapter is not None
-    backward = forward * (1.0 if frozen else 2.0)
+    count = flop_count(shape, config)
+    forward, backward = count.forward, count.backward
     checkpointed = config.checkpointed_layers(shape.num_layers) / max(1, shape.num_layers)
-    recompute = (forward - 2.0 * head) * checkpointed  # the checkpointed layers' forward, once more
-    chunk_recompute = 2.0 * head if config.loss == "chunked" else 0.0
-    flops = tokens * (forward + backward + recompute + chunk_recompute)
+    recompute = count.layers_forward * checkpointed  # the checkpointed layers' forward, once more (Chen et al. 2016)
+    chunk_recompute = count.head_forward if config.loss == "chunked" else 0.0  # the head, in the chunk's backward
+    layer_flops = tokens * (count.layers_forward + count.layers_backward + recompute)
+    head_flops = tokens * (count.head_forward + count.head_backward + chunk_recompute)
 
     half = config.amp != "none" or config.weights_dtype != "fp32"
     rate = speed.bf16_flops * speed.bf16_efficiency if half else speed.fp32_flops * speed.fp32_efficiency
-    compute = flops / rate
-    traffic = tokens * shape.vocab_size * speed.logits_traffic
+    logits = tokens * shape.vocab_size * speed.logits_traffic
     if config.loss == "liger":
         # Liger computes the head's input and weight gradients in forward, chunk by chunk (recipe.loss): the same
         # matmuls as the standard loss, no recomputation; its logits stay in the head's compute dtype.
-        traffic = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
-    launches = shape.num_layers * speed.launch_seconds
-    launches *= 1.0 + (speed.checkpoint_overhead - 1.0) * checkpointed
-    launches *= speed.lora_overhead if config.adapter is not None else 1.0
-    micro = compute + traffic / speed.memory_bytes_per_second + launches
+        logits = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
+    # the layers' elementwise kernels (flops.TRAFFIC): per token, and autocast's weight casts per micro-batch; the
+    # recomputed forward moves its bytes again
+    layer_bytes = (tokens * (count.bytes_forward * (1 + checkpointed) + count.bytes_backward)
+                   + count.fixed_bytes_forward * (1 + checkpointed) + count.fixed_bytes_backward)
+    layers = layer_flops / rate + speed.traffic_factor * layer_bytes / speed.memory_bytes_per_second
+    # The host launches the layers' kernels ahead of the GPU; whichever of the two is slower sets their pace. The
+    # LM head and the loss over the vocabulary are a few large kernels the GPU works through after them.
+    launches = (count.launches_forward * (1 + checkpointed) + count.launches_backward) * speed.kernel_seconds
+    micro = max(layers, launches) + head_flops / rate + logits / speed.memory_bytes_per_second
     if config.quantization is not None:
         passes = 2 + checkpointed
         per_parameter = speed.nf4_seconds_per_parameter if config.quantization.bits == 4 \
@@ -330,7 +377,7 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     micro += 2 * offloaded_activation_bytes(shape, config) / speed.pcie_bytes_per_second
     # Backward (recomputation included) by its share of the FLOPs: what DDP's all-reduce can hide behind.
     # Liger runs the head's backward matmuls (input and, trained, weight gradient) in forward: not in backward.
-    in_forward = (2.0 if frozen else 4.0) * head if config.loss == "liger" else 0.0
+    in_forward = count.head_backward if config.loss == "liger" else 0.0
     backward_share = (backward - in_forward + recompute + chunk_recompute) / (
         forward + backward + recompute + chunk_recompute)
     return micro, micro * backward_share
