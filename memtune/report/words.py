@@ -18,6 +18,7 @@ from memtune.search.choose import (
     NOT_EVALUATED,
     SKIPPED,
     STATE_ALONE,
+    TOO_BIG,
     TRIAL_OOM,
     speed_error_band,
 )
@@ -564,6 +565,8 @@ def alternative_verdict(alternative: Alternative, search: SearchResult, referenc
         pace = f"{abs(speed):.0%} {'faster' if speed > 0 else 'slower'}" if round(speed, 2) else "same speed"
     if not alternative.fits:
         more = (f"needs {format_bytes(delta)} more" if delta > 0 else
+                (f"{format_bytes(-delta)} less than {reference}" if delta else "the same memory") + ", still too big"
+                if chosen.status == TOO_BIG else
                 "runs out of memory in the replay, freeing the cache does not save it (the chosen one's peak is "
                 "higher, but it can be served after a cache release)")
         return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
