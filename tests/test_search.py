@@ -629,3 +629,14 @@ def test_the_explanation_can_come_after_the_search_and_reuses_its_traces():
     calls, alternatives = len(predictor.calls), list(result.alternatives)
     explain_choice(result, predictor, SIMPLE)  # twice: nothing more
     assert len(predictor.calls) == calls and result.alternatives == alternatives
+
+
+def test_an_allocator_twin_of_the_leader_is_not_measured_as_its_runner_up():
+    """bc2 with expandable segments is predicted as fast as bc2 (the same kernels): not a second opinion worth a
+    trial (`choose.techniques`); nothing else is within the default 10% band (f4: 0.80 against 0.93)."""
+    predictor, trial = FakePredictor(), SpeedTrial({"bc2": 9_000.0})
+    policy = dataclasses.replace(SIMPLE, expandable_segments=None)
+    result = search(predictor, 512, 4, int(7.5 * GIB), policy, trial=trial, explain=False)
+    assert trial.calls == ["bc2"] and not result.chosen.config.expandable_segments and not result.measured_both
+    twin = next(c for c in result.candidates if c.config == result.chosen.config.replace(expandable_segments=True))
+    assert twin.status == NOT_EVALUATED

@@ -555,13 +555,19 @@ def speed_error_band() -> float:
     return float(getattr(throughput, "SPEED_ERROR_BAND", DEFAULT_SPEED_ERROR_BAND))
 
 
+def techniques(config: TrainConfig) -> TrainConfig:
+    """`config` without what the walk settles itself once a candidate fits (the allocator's mode, `steadier_allocator`;
+    the number of checkpointed layers, `fewest_checkpointed`): two configurations equal here run the same kernels."""
+    return config.replace(expandable_segments=False, checkpoint_layers=None)
+
+
 def measure_both(leader: Candidate, ranked: list[Candidate], predictor: Predictor, result: SearchResult,
                  policy: Policy, trial: Trial | None, say: Callable[[str], None], state: WalkState) -> Candidate:
     """The verified `leader` of the walk, or the next candidate that fits when the two are too close to call and the
     runner-up is measured faster.
 
     Too close to call: the runner-up (the next candidate of the same group predicted to fit, found by walking on from
-    the leader with the same `state`, without trials) is predicted at least (1 - `speed_error_band()`) of the
+    the leader with the same `state`, without trials, among those that differ from it in more than `techniques`) is predicted at least (1 - `speed_error_band()`) of the
     leader's tokens/s. Then it gets trial steps too, within `policy.max_trials`, and of the two that ran within the
     budget the one measured faster is chosen; `result.measured_both` holds both, the faster first, and their notes
     give both figures. Nothing happens without `trial`, when the leader is not verified, or when no trial is left:
@@ -574,7 +580,8 @@ def measure_both(leader: Candidate, ranked: list[Candidate], predictor: Predicto
         return leader
     floor = (1.0 - speed_error_band()) * leader.predicted_tokens_per_second
     close = [candidate for candidate in ranked
-             if candidate.status == NOT_EVALUATED and candidate.predicted_tokens_per_second >= floor]
+             if candidate.status == NOT_EVALUATED and candidate.predicted_tokens_per_second >= floor
+             and techniques(candidate.config) != techniques(leader.config)]
     runner_up = _walk(close, predictor, result, policy, None, say, state) if close else None
     if runner_up is None or runner_up.predicted_tokens_per_second < floor:
         return leader
