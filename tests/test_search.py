@@ -640,3 +640,16 @@ def test_an_allocator_twin_of_the_leader_is_not_measured_as_its_runner_up():
     assert trial.calls == ["bc2"] and not result.chosen.config.expandable_segments and not result.measured_both
     twin = next(c for c in result.candidates if c.config == result.chosen.config.replace(expandable_segments=True))
     assert twin.status == NOT_EVALUATED
+
+
+def test_the_other_allocator_mode_is_extrapolated_from_the_default_modes_allocations():
+    """Micro-batch 2 with expandable segments has no trace of its own mode, and its default-allocator twin was
+    extrapolated, not traced: the line through the default mode's allocations (a floor for either mode) is over the
+    budget, so it is not traced either."""
+    predictor = LinePredictor()
+    policy = dataclasses.replace(ONE_FAMILY, margin_bytes=GIB // 2, expandable_segments=None)
+    result = search(predictor, 512, 16, int(9.75 * GIB), policy, explain=False)
+    assert predictor.calls == ["16", "8", "4", "1"]
+    twin = next(c for c in result.candidates
+                if c.config.micro_batch_size == 2 and c.config.expandable_segments)
+    assert twin.status == EXTRAPOLATED and "whichever the allocator's mode, from micro-batches 4 and 8" in twin.note

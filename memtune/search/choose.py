@@ -388,9 +388,10 @@ def family(config: TrainConfig) -> tuple[TrainConfig, bool]:
     return config.replace(micro_batch_size=1, grad_accum_steps=1), config.grad_accum_steps > 1
 
 
-def extrapolate(members: list[Estimate], micro_batch_size: int) -> tuple[int, str]:
-    """Total bytes at another micro-batch of the same family (`members`: traced estimates), and where the
-    figure came from in words.
+def extrapolate(members: list[Estimate], micro_batch_size: int,
+                bytes_of: Callable[[Estimate], int] | None = None) -> tuple[int, str]:
+    """Total bytes (or `bytes_of` each estimate, e.g. `allocations_alone`) at another micro-batch of the same family
+    (`members`: traced estimates), and where the figure came from in words.
 
     With two traced micro-batches, the line through the two nearest: memory is affine in the micro-batch
     (the intercept holds the state and whatever does not grow with it, such as a dequantised weight or the
@@ -398,16 +399,17 @@ def extrapolate(members: list[Estimate], micro_batch_size: int) -> tuple[int, st
     by the micro-batch; a constant temporary then scales too, which underestimates a smaller micro-batch (it is
     traced: that costs time, never a fit). Counting the allocator's fragmentation as fixed overestimated one:
     Mistral-7B on a 4-bit base at 4 x 2048 came out at ~19.6 GiB from micro-batch 8, traced at 16.1 GiB."""
+    size = bytes_of or (lambda estimate: estimate.total_bytes)
     nearest = sorted(members, key=lambda e: abs(e.config.micro_batch_size - micro_batch_size))[:2]
     if len(nearest) == 2:
         (a, b) = sorted(nearest, key=lambda e: e.config.micro_batch_size)
-        slope = (b.total_bytes - a.total_bytes) / (b.config.micro_batch_size - a.config.micro_batch_size)
-        return (int(a.total_bytes + slope * (micro_batch_size - a.config.micro_batch_size)),
+        slope = (size(b) - size(a)) / (b.config.micro_batch_size - a.config.micro_batch_size)
+        return (int(size(a) + slope * (micro_batch_size - a.config.micro_batch_size)),
                 f"from micro-batches {a.config.micro_batch_size} and {b.config.micro_batch_size}")
     traced = nearest[0]
     fixed = (sum(traced.breakdown.get(category, 0) for category in FIXED_CATEGORIES)
              + traced.workspace_bytes + traced.context_bytes)
-    per_sequence = (traced.total_bytes - fixed) / traced.config.micro_batch_size
+    per_sequence = (size(traced) - fixed) / traced.config.micro_batch_size
     return int(fixed + per_sequence * micro_batch_size), f"from micro-batch {traced.config.micro_batch_size}"
 
 
@@ -480,6 +482,15 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
             if extrapolated > extrapolation_limit(len(members), result):
                 candidate.status = EXTRAPOLATED
                 candidate.note = f"~{format_bytes(extrapolated)}, {source}"
+                continue
+        default_family = family(config.replace(expandable_segments=False))
+        defaults = traced.get(default_family, []) if config.expandable_segments else []
+        if defaults and not members:  # no trace of its own mode yet: the default mode's allocations bound both
+            extrapolated, source = extrapolate(defaults, config.micro_batch_size, allocations_alone)
+            if extrapolated > extrapolation_limit(len(defaults), result):
+                candidate.status = EXTRAPOLATED
+                candidate.note = (f"its allocations alone ~{format_bytes(extrapolated)} whichever the allocator's "
+                                  f"mode, {source} of the default allocator")
                 continue
         say(f"predicting {config.describe()}")
         candidate.estimate = predictor.memory(config)
@@ -567,11 +578,11 @@ def measure_both(leader: Candidate, ranked: list[Candidate], predictor: Predicto
     runner-up is measured faster.
 
     Too close to call: the runner-up (the next candidate of the same group predicted to fit, found by walking on from
-    the leader with the same `state`, without trials, among those that differ from it in more than `techniques`) is predicted at least (1 - `speed_error_band()`) of the
-    leader's tokens/s. Then it gets trial steps too, within `policy.max_trials`, and of the two that ran within the
-    budget the one measured faster is chosen; `result.measured_both` holds both, the faster first, and their notes
-    give both figures. Nothing happens without `trial`, when the leader is not verified, or when no trial is left:
-    the prediction decides.
+    the leader with the same `state`, without trials, among those that differ from it in more than `techniques`) is
+    predicted at least (1 - `speed_error_band()`) of the leader's tokens/s. Then it gets trial steps too, within
+    `policy.max_trials`, and of the two that ran within the budget the one measured faster is chosen;
+    `result.measured_both` holds both, the faster first, and their notes give both figures. Nothing happens without
+    `trial`, when the leader is not verified, or when no trial is left: the prediction decides.
 
     The walk on stops at the first candidate predicted below the band: candidates are ranked fastest first, so it
     traces only candidates within it. Known limitation: trial steps accumulate at most 2 micro-batches
