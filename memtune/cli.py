@@ -474,7 +474,8 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
             plan_path=options.plan_out, progress=progress,
             evaluation=evaluation or None, data=data, inter_node_gbps=task.inter_node_gbps, explain=options.explain,
             # the choice on stderr as soon as the plan is saved, before the seconds of the explanation
-            on_chosen=(lambda line: err.print(line, highlight=False, markup=False)) if options.explain else None,
+            on_chosen=(lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
+            if options.explain else None,
         )
     log_library_lines(said)
     if task.json:

@@ -52,7 +52,6 @@ from memtune.config import (
 )
 from memtune.errors import UsageError, listed
 from memtune.measure.memory import Measurement
-from memtune.predict import throughput
 from memtune.predict.events import DDP_BUCKETS
 from memtune.predict.peak import Estimate
 from memtune.search import ladder
@@ -562,7 +561,10 @@ def _verify(fitting: Candidate, trial: Trial, result: SearchResult, say: Callabl
 
 def speed_error_band() -> float:
     """The speed model's error band, a fraction of tokens/s: `throughput.SPEED_ERROR_BAND` where the speed model
-    states one, else DEFAULT_SPEED_ERROR_BAND."""
+    states one, else DEFAULT_SPEED_ERROR_BAND. Imported here: the throughput model imports torch (through
+    `predict.liger`), which `memtune models` and `--help` do not load (tests/test_startup.py)."""
+    from memtune.predict import throughput
+
     return float(getattr(throughput, "SPEED_ERROR_BAND", DEFAULT_SPEED_ERROR_BAND))
 
 
@@ -582,12 +584,14 @@ def measure_both(leader: Candidate, ranked: list[Candidate], predictor: Predicto
     predicted at least (1 - `speed_error_band()`) of the leader's tokens/s. Then it gets trial steps too, within
     `policy.max_trials`, and of the two that ran within the budget the one measured faster is chosen;
     `result.measured_both` holds both, the faster first, and their notes give both figures. Nothing happens without
-    `trial`, when the leader is not verified, or when no trial is left: the prediction decides.
+    `trial`, when the leader is not verified, or when no trial is left: the prediction decides. Nor after a trial ran
+    out of memory: the predictions at the budget's edge are then in doubt, and a second measurement is a speed-up
+    worth less than another OOM (issue 17's target: 0 OOMs).
 
     The walk on stops at the first candidate predicted below the band: candidates are ranked fastest first, so it
     traces only candidates within it. Known limitation: trial steps accumulate at most 2 micro-batches
     (`measure.verify.measure`), so a runner-up with more accumulation has its optimizer's share over-counted."""
-    if trial is None or leader.status != VERIFIED or result.trials >= policy.max_trials:
+    if trial is None or leader.status != VERIFIED or result.trials >= policy.max_trials or result.trial_ooms:
         return leader
     floor = (1.0 - speed_error_band()) * leader.predicted_tokens_per_second
     close = [candidate for candidate in ranked
