@@ -1,7 +1,9 @@
 """memtune fit, cold and warm, beside accelerate's find_executable_batch_size, and the measured best that fits.
 
-    PYTHONPATH=. python3 benchmarks/search.py --out benchmarks/results/search_h200.json      # one GPU, ~6-8 min
-    PYTHONPATH=. python3 benchmarks/search.py --dry-run --cases 2 --out /tmp/search_cpu.json  # no GPU: predictions only
+    PYTHONPATH=. python3 benchmarks/search.py --out benchmarks/results/search_cold_warm_h200.json   # one GPU, 6-8 min
+    PYTHONPATH=. python3 benchmarks/search.py --dry-run --cases 2 --out /tmp/search_cpu.json       # no GPU: predictions
+
+(results/search_h200.json holds the earlier runs' format, which benchmarks/oracle.py --offline reads: keep it.)
 
 Each case (model, sequence length, effective batch, cap) emulates a smaller GPU on this one with
 torch.cuda.set_per_process_memory_fraction(cap / total); the cap bounds torch's pool, as a card of `cap` + CUDA context
