@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python3 benchmarks/oracle.py --out benchmarks/results/oracle_h100.json
 
-For each case of benchmarks/search.py (same caps, set_per_process_memory_fraction), measure real
+For each case (`CASES`: the catalog cases benchmarks/search.py ran before issue 17; same caps,
+set_per_process_memory_fraction), measure real
 steps (memtune.verify.measure) of the configurations that keep the effective batch:
 {bf16-mixed, fp32} x {checkpointing off, on} x {standard, chunked loss} x micro-batch (divisors of
 the batch). Within one family (all but the micro-batch) micro-batches are tried from the largest
@@ -25,8 +26,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.search import CASES, set_cap  # noqa: E402
+from benchmarks.search import Case, set_cap  # noqa: E402
 from memtune.config import GIB, TrainConfig  # noqa: E402
+
+CASES = [
+    Case("gpt2-medium", 1024, 32, 8),
+    Case("smollm2-360m", 2048, 16, 8),
+    Case("qwen2.5-0.5b", 1024, 32, 16),
+    Case("gpt2-large", 1024, 16, 16),
+    Case("llama-3.2-1b", 1024, 32, 24),
+    Case("qwen2.5-1.5b", 1024, 16, 40),
+]
+"""The grid's cases (benchmarks/results/oracle_*.json are indexed by them). benchmarks/search.py now measures an
+oracle of its own for its cases, architectures outside the catalog among them."""
 
 
 def grid_families(case) -> list[TrainConfig]:

@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 import rich.markup
 from rich.console import Console
 
-from memtune.config import Policy, margin_for, option_of, parse_bytes
+from memtune.config import VERIFY_AND_OUTPUT, Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import DataOptions, FitOptions, PlanOptions, RunOptions
 
@@ -296,9 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
                                epilog=EPILOG_PLAN, formatter_class=raw, allow_abbrev=False)
     add_options(plan, PlanOptions)
+    plan.add_argument("--no-explain", dest="explain", action="store_false", help="no such table (the default)")
     fit = commands.add_parser("fit", help="find the fastest training configuration that fits, verify it, save the plan",
                               epilog=EPILOG_FIT, formatter_class=raw, allow_abbrev=False)
     add_options(fit, FitOptions)
+    output = next(group for group in fit._action_groups if group.title == VERIFY_AND_OUTPUT)  # noqa: SLF001
+    output.add_argument("--explain", dest="explain", action="store_true", help="the \"why this one\" table (the default)")
     run = commands.add_parser(
         "run", help="train with a saved plan (HF Trainer), with the OOM guard; Ctrl-C checkpoints, --resume continues",
         epilog=EPILOG_RUN, formatter_class=raw, allow_abbrev=False,  # fit --out is no --output-dir
@@ -423,7 +426,7 @@ def cmd_plan(options: PlanOptions, out: Console, err: Console) -> int:
             source, source_parameters(source), train_config, budget_bytes, budget_label,
             strategy_auto=options.strategy == "auto", trace_device=task.trace_device, gpu_name=task.gpu,
             note=lambda message: err.print(f"note: {message}", highlight=False), inter_node_gbps=task.inter_node_gbps,
-            data=data,
+            data=data, explain=options.explain,
         )
     log_library_lines(said)
     if task.json:
@@ -469,7 +472,10 @@ def cmd_fit(options: FitOptions, out: Console, err: Console) -> int:
             budget_bytes=budget_bytes, budget_label=budget_label, gpu_name=task.gpu, policy=policy,
             verify=options.verify, trial_steps=options.trial_steps, trace_device=task.trace_device,
             plan_path=options.plan_out, progress=progress,
-            evaluation=evaluation or None, data=data, inter_node_gbps=task.inter_node_gbps,
+            evaluation=evaluation or None, data=data, inter_node_gbps=task.inter_node_gbps, explain=options.explain,
+            # the choice on stderr as soon as the plan is saved, before the seconds of the explanation
+            on_chosen=(lambda line: err.print(line, highlight=False, markup=False, soft_wrap=True))
+            if options.explain else None,
         )
     log_library_lines(said)
     if task.json:

@@ -58,8 +58,13 @@ from memtune.run.launch import MAIN_PROCESS_IP, LaunchFiles, write_launch_files
 from memtune.search.choose import (
     COMMON_CARDS,
     COMMON_CARDS_WITHOUT_BF16,
+    FITS,
+    TOO_BIG,
+    VERIFIED,
+    Candidate,
     SearchResult,
     choose_strategy,
+    explain_choice,
     host_problem,
     search,
 )
@@ -159,6 +164,9 @@ class PlanResult:
     """The network rate of each machine the throughput assumed (Gb/s, --inter-node-gbps); None on one machine."""
     data: DataPlan | None = None
     """The training data's lengths and worst batch (`--data`), at the micro-batch predicted; None without --data."""
+    explanation: SearchResult | None = None
+    """`memtune plan --explain`: the configuration as the one candidate of a search (`chosen`), with its alternatives
+    (the configuration with one thing changed, `search.choose.explain_choice`) against the budget; None otherwise."""
 
     @property
     def budget_bytes(self) -> int | None:
@@ -267,8 +275,15 @@ def fit_model(
     evaluation: dict[str, Any] | None = None,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
     data: DataPlan | None = None,
+    explain: bool = True,
+    on_chosen: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Choose, verify and save the plan. See the module docstring for the three situations.
+
+    `explain`: predict the alternatives that explain the choice (`search.choose.explain_choice`, the "why this one"
+    table) once the plan is saved and the choice told to `on_chosen` (`chosen_words`: the configuration, verified or
+    not, and the plan's path): they never delay the plan file. Their seconds are `SearchResult.explain_seconds`; each
+    alternative is told to `progress` in one line. Not for the common-card plans (no GPU, no budget).
 
     `evaluation`: the TrainConfig eval fields (`EvalOptions.fields`; eval_batch_size None for auto is given as
     "auto") added to the chosen plan once the search is done (`plan_evaluation`).
@@ -365,7 +380,7 @@ def fit_model(
                 return measure_trial(source.config, config.replace(**on_card), steps=trial_steps)
 
     result.search = search(
-        predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, progress=progress
+        predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, explain=False, progress=progress
     )
     if several_machines:
         result.search.notes.append(network_note(policy, inter_node_gbps))
@@ -399,8 +414,30 @@ def fit_model(
                 result.launch_files = write_launch_files(result.plan_path.parent, train_config, result.plan_path,
                                                          model_config=source.config)
                 result.search.notes.append(launch_note(result.launch_files, result.plan_path))
+        if on_chosen is not None:
+            on_chosen(chosen_words(result))
+        if explain:
+            tell = progress or (lambda message: None)
+            tell("explaining the choice: predicting it with one thing changed")
+            explain_choice(result.search, predictor, policy)
+            for alternative in result.search.alternatives:
+                fits = "fits" if alternative.fits else "too big"
+                tell(f"why this one: {alternative.change}: {format_bytes(alternative.predicted_total_bytes)} "
+                     f"({fits}), {alternative.predicted_tokens_per_second:,.0f} tokens/s predicted")
     result.seconds = time.perf_counter() - started
     return result
+
+
+def chosen_words(result: FitResult) -> str:
+    """The choice in one progress line, told before the explanation is predicted: the configuration, whether trial
+    steps verified it (with the measured tokens/s) and where the plan was saved."""
+    assert result.search is not None and result.search.chosen is not None
+    chosen = result.search.chosen
+    measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
+    verified = (f"verified, {measured.tokens_per_second:,.0f} tokens/s measured" if chosen.status == VERIFIED
+                and measured is not None else f"{chosen.predicted_tokens_per_second:,.0f} tokens/s predicted")
+    saved = f"; plan saved to {result.plan_path}" if result.plan_path is not None else ""
+    return f"chosen: {chosen.config.describe()} ({verified}){saved}"
 
 
 def network_note(policy: Policy, inter_node_gbps: float) -> str:
@@ -638,6 +675,7 @@ def auto_fit(
     progress: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
+    explain: bool = False,
     **policy: Any,
 ) -> Plan:
     """The fastest plan that fits, for a model name, local directory or model object. Prints nothing.
@@ -657,6 +695,8 @@ def auto_fit(
     nodes=M plans M machines of num_gpus GPUs each (the batch split over all of them); inter_node_gbps is then the
     network rate of each machine the speed model assumes (Gb/s one way, default 400; not measured), and a plan saved
     at plan_path gets its launch files beside it (`run.launch.write_launch_files`).
+    explain=True also predicts the alternatives that explain the choice (after the plan is made: seconds more), each
+    told to `progress` in one line; off by default, as the plan does not keep them.
     trust_remote_code=True allows a model name or directory
     whose config is custom code (auto_map): it runs the model's own Python. A model object should not
     be on the GPU yet: its memory would be counted twice. What the libraries warn meanwhile is kept off
@@ -696,7 +736,7 @@ def auto_fit(
             source, num_parameters = _source_of(model_or_name, trust_remote_code)
             result = fit_model(source, num_parameters, seq_len, batch_size, budget_bytes=budget_bytes,
                                gpu_name=gpu, policy=Policy(**policy), verify=verify, plan_path=plan_path,
-                               progress=progress, inter_node_gbps=float(inter_node_gbps))
+                               progress=progress, inter_node_gbps=float(inter_node_gbps), explain=explain)
     except UsageError as error:  # the checks below the API speak the CLI's words: say its keywords instead
         error.args = (api_words(str(error)), *error.args[1:])
         raise
@@ -784,6 +824,7 @@ def plan_configuration(
     note: Callable[[str], None] | None = None,
     inter_node_gbps: float = DEFAULT_INTER_NODE_GBPS,
     data: DataPlan | None = None,
+    explain: bool = False,
 ) -> PlanResult:
     """`memtune plan`: the predicted memory of one configuration and its verdict against `budget_bytes`
     less the policy's margin (`search.verdict.judge`: what `memtune fit` decides for the same
@@ -794,8 +835,12 @@ def plan_configuration(
     `gpu_name` (default H100) and, over several machines (`TrainConfig.num_nodes`), `inter_node_gbps` per machine
     (an assumption, `predict.throughput`), then also reported. Traces on fake tensors: no GPU and no weights are
     needed. `data` (`--data`): the step is traced at the worst batch's row length (`traced_seq_len`) and the result
-    records the data's lengths and worst batch at the micro-batch predicted.
+    records the data's lengths and worst batch at the micro-batch predicted. `explain` (needs a budget): also predict
+    the configuration with each technique of the ladder switched the other way (`PlanResult.explanation`), after the
+    verdict; raises UsageError without a budget.
     """
+    if explain and budget_bytes is None:
+        raise UsageError("--explain compares each change against a budget: give --budget or --gpu, or drop --explain")
     train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data))
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
@@ -823,7 +868,23 @@ def plan_configuration(
                         data=None if data is None else data.with_micro_batch(estimate.config.micro_batch_size))
     if train_config.num_nodes > 1:
         result.inter_node_gbps = inter_node_gbps
+    if explain and verdict is not None and budget_bytes is not None:
+        result.explanation = plan_explanation(predictor, estimate, verdict, budget_bytes, policy)
     return result
+
+
+def plan_explanation(predictor: ModelPredictor, estimate_: Estimate, verdict: Verdict, budget_bytes: int,
+                     policy: Policy) -> SearchResult:
+    """`memtune plan --explain`: the planned configuration as the chosen one of a search of one candidate, with the
+    alternatives (`search.choose.explain_choice`: each technique of the ladder switched the other way, pinned ones
+    excepted) predicted against `budget_bytes` less the verdict's margin."""
+    config = estimate_.config
+    planned = Candidate(config, predictor.tokens_per_second(config), estimate=estimate_,
+                        status=FITS if verdict.fits else TOO_BIG)
+    found = SearchResult(config.seq_len, config.effective_batch_size, budget_bytes, verdict.margin_bytes,
+                         candidates=[planned], chosen=planned, estimates=1)
+    explain_choice(found, predictor, _with(policy, num_gpus=config.num_gpus, num_nodes=config.num_nodes))
+    return found
 
 
 def host_budget_here() -> int | None:

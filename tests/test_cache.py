@@ -57,6 +57,25 @@ def test_a_changed_library_version_or_memtune_source_misses(disk_cache, monkeypa
     assert len(traced) == 2
 
 
+def test_a_changed_model_config_misses_and_the_same_config_rebuilt_hits(disk_cache, monkeypatch):
+    """The key holds the model config's values, not the object: a config read again from disk hits, one that
+    differs in a single field (a wider MLP, an untied head) misses."""
+    from benchmarks.cases import tiny_llama
+
+    _, traced = disk_cache
+    single.cached_trace(tiny_llama(2), CONFIG, "cpu")
+    for change in ({"intermediate_size": 192}, {"tie_word_embeddings": not tiny_llama(2).tie_word_embeddings}):
+        forget(monkeypatch)
+        changed = tiny_llama(2)
+        for name, value in change.items():
+            setattr(changed, name, value)
+        single.cached_trace(changed, CONFIG, "cpu")
+    assert len(traced) == 3
+    forget(monkeypatch)
+    single.cached_trace(tiny_llama(2), CONFIG, "cpu")  # a new object with the first values
+    assert len(traced) == 3
+
+
 def test_a_broken_entry_is_traced_again_and_the_cache_can_be_off(disk_cache, monkeypatch):
     from benchmarks.cases import tiny_llama
 

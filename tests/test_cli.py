@@ -410,3 +410,18 @@ def test_a_flag_is_never_read_as_the_prefix_of_another(capsys):
     """`fit --out X` is no `--output-dir X` (argparse's abbreviations are off): plan has --out, fit has --plan-out."""
     assert main(["fit", "gpt2", "--budget", "4GiB", "--out", "x"]) == 2
     assert "unrecognized arguments: --out x" in capsys.readouterr().err
+
+
+def test_plan_explain_adds_the_what_if_table_and_needs_a_budget(capsys):
+    args = ["plan", "gpt2", "--seq-len", "128", "--batch-size", "4", "--trace-device", "cpu"]
+    code, out, err = run([*args, "--budget", "16GiB", "--explain"], capsys)
+    assert code == 0
+    assert "what if: this configuration with one thing changed" in out and "explained in" in out
+    code, out, err = run([*args, "--budget", "16GiB", "--explain", "--json"], capsys)
+    document = json.loads(out)
+    assert document["alternatives"] and document["explain_seconds"] > 0
+    assert {alternative["change"] for alternative in document["alternatives"]}
+    code, out, err = run([*args, "--budget", "16GiB", "--json"], capsys)  # off by default
+    assert json.loads(out)["alternatives"] == [] and json.loads(out)["explain_seconds"] is None
+    code, out, err = run([*args, "--explain"], capsys)
+    assert code == 2 and "--explain compares each change against a budget" in err

@@ -151,3 +151,54 @@ def test_without_a_budget_a_pinned_bf16_skips_the_cards_without_bf16(tiny_model_
     plans = document["card_plans"]
     assert plans[0]["search"] is None and "needs bf16, which these cards lack" in plans[0]["skipped"]
     assert all(plan["search"]["chosen"]["config"]["amp"] == "bf16" for plan in plans[1:])
+
+
+def test_the_plan_is_saved_and_the_choice_told_before_the_explanation(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The "why this one" alternatives are predicted after the plan file is written and the choice is on stderr
+    (`fit.fit_model`'s `on_chosen`); their seconds are the search's explain_seconds."""
+    from memtune import fit as fit_module
+
+    plan_path = tmp_path / "plan.json"
+    seen = []
+    real = fit_module.explain_choice
+
+    def explaining(search, predictor, policy):
+        seen.append((plan_path.is_file(), capsys.readouterr().err))
+        real(search, predictor, policy)
+
+    monkeypatch.setattr(fit_module, "explain_choice", explaining)
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "128", "--batch-size", "4", "--budget", "1GiB",
+                 "--trace-device", "cpu", "--json", "--plan-out", str(plan_path)])
+    document = json.loads(capsys.readouterr().out)
+    assert code == 0 and len(seen) == 1
+    saved, told = seen[0]
+    assert saved and f"chosen: {document['search']['chosen']['description']}" in told
+    assert f"plan saved to {plan_path}" in told
+    assert document["search"]["alternatives"] and document["search"]["explain_seconds"] > 0
+
+
+def test_no_explain_predicts_no_alternatives(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from memtune import fit as fit_module
+
+    monkeypatch.setattr(fit_module, "explain_choice", lambda *args: pytest.fail("explained with --no-explain"))
+    code = main(["fit", str(tiny_model_dir), "--seq-len", "128", "--batch-size", "4", "--budget", "1GiB",
+                 "--trace-device", "cpu", "--json", "--no-explain", "--plan-out", str(tmp_path / "plan.json")])
+    captured = capsys.readouterr()
+    document = json.loads(captured.out)
+    assert code == 0 and document["search"]["alternatives"] == [] and document["search"]["explain_seconds"] == 0
+    assert "chosen:" not in captured.err  # told early only when an explanation follows
+
+
+def test_auto_fit_explains_only_when_asked(tiny_model_dir, monkeypatch):
+    from memtune import fit as fit_module
+
+    explained = []
+    real = fit_module.explain_choice
+    monkeypatch.setattr(fit_module, "explain_choice", lambda *args: explained.append(1) or real(*args))
+    memtune.auto_fit(str(tiny_model_dir), seq_len=128, batch_size=4, budget="1GiB")
+    assert explained == []
+    lines: list[str] = []
+    plan = memtune.auto_fit(str(tiny_model_dir), seq_len=128, batch_size=4, budget="1GiB", explain=True,
+                            progress=lines.append)
+    assert explained == [1] and plan.effective_batch_size == 4
+    assert any(line.startswith("why this one: ") for line in lines)

@@ -155,7 +155,8 @@ def test_every_candidate_keeps_the_effective_batch():
 def test_a_trial_oom_falls_back_to_the_next_candidate():
     predictor, trial = FakePredictor(), FakeTrial(oom={"bc2"})
     result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
-    # bc2 is predicted to fit but runs out of memory; f4 (20 GiB) is too big; bc1 (6.5 GiB) is verified.
+    # bc2 is predicted to fit but runs out of memory; f4 (20 GiB) is too big; bc1 (6.5 GiB) is verified. f2, within
+    # 10% of bc1's speed (0.67 vs 0.70), is not looked at: after an OOM no runner-up is measured (`measure_both`).
     assert predictor.calls == ["b4", "b2", "bc4", "b1", "bc2", "f4", "bc1"]
     assert trial.calls == ["bc2", "bc1"]
     assert short(result.chosen.config) == "bc1" and result.chosen.status == VERIFIED
@@ -473,3 +474,182 @@ def test_options_that_cannot_run_together_raise_before_any_note():
         search(FakePredictor(), 512, 4, 8 * GIB, Policy(optimizer="adafactor", offload="parameters"),
                explain=False, progress=said.append)
     assert said == []  # no "skipped" line ahead of the error (a fresh-user trial found one)
+
+
+# -- too close to call: measure both -----------------------------------------------------------------------------
+
+
+class SpeedTrial(FakeTrial):
+    """A trial that fits (FakePredictor's memory) and measures the tokens/s named in `speeds` (by `short`)."""
+
+    def __init__(self, speeds: dict[str, float], oom: set[str] = frozenset()):
+        super().__init__(oom=oom)
+        self.speeds = speeds
+
+    def __call__(self, config: TrainConfig) -> Measurement:
+        measurement = super().__call__(config)
+        if measurement.fits:
+            tokens = config.effective_batch_size * config.seq_len
+            measurement.tokens_per_step = tokens
+            measurement.step_seconds = [1.0, tokens / self.speeds[short(config)]]
+        return measurement
+
+
+WIDE_BAND = 0.3
+"""FakePredictor ranks bc2 (0.93), f4 (0.80), bc1 (0.70), f2 (0.67): within 30% of bc2, f4 is too big (20 GiB) and
+bc1 (6.5 GiB) fits 7.5 GiB: the runner-up."""
+
+
+@pytest.fixture
+def wide_band(monkeypatch):
+    from memtune.predict import throughput
+
+    monkeypatch.setattr(throughput, "SPEED_ERROR_BAND", WIDE_BAND, raising=False)
+
+
+def test_too_close_to_call_both_are_measured_and_the_faster_measured_is_chosen(wide_band):
+    predictor, trial = FakePredictor(), SpeedTrial({"bc2": 9_000.0, "bc1": 10_000.0})
+    result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
+    assert predictor.calls == ["b4", "b2", "bc4", "b1", "bc2", "f4", "bc1"]
+    assert trial.calls == ["bc2", "bc1"] and result.trials == 2 and result.trial_ooms == 0
+    bc2 = next(c for c in result.candidates if short(c.config) == "bc2")
+    assert short(result.chosen.config) == "bc1" and result.chosen.status == VERIFIED and bc2.status == VERIFIED
+    assert result.measured_both == [result.chosen, bc2]
+    assert result.chosen.note.startswith("measured faster: 10,000 tokens/s measured, 9,000 for")
+    assert bc2.note.startswith("measured slower: 9,000 tokens/s measured, 10,000 for")
+    assert result.to_dict()["measured_both"][0]["config"] == result.chosen.config.to_dict()
+
+
+def test_too_close_to_call_keeps_the_leader_when_it_is_measured_faster(wide_band):
+    trial = SpeedTrial({"bc2": 10_000.0, "bc1": 9_000.0})
+    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
+    assert trial.calls == ["bc2", "bc1"]
+    assert short(result.chosen.config) == "bc2" and [short(c.config) for c in result.measured_both] == ["bc2", "bc1"]
+
+
+def test_a_runner_up_that_runs_out_of_memory_leaves_the_leader(wide_band):
+    trial = SpeedTrial({"bc2": 9_000.0}, oom={"bc1"})
+    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
+    assert trial.calls == ["bc2", "bc1"] and result.trial_ooms == 1
+    assert short(result.chosen.config) == "bc2" and result.chosen.status == VERIFIED and not result.measured_both
+    assert next(c for c in result.candidates if short(c.config) == "bc1").status == TRIAL_OOM
+
+
+def test_measuring_both_stays_within_the_trial_limit(wide_band):
+    trial = SpeedTrial({"bc2": 9_000.0, "bc1": 10_000.0})
+    policy = dataclasses.replace(SIMPLE, max_trials=1)
+    result = search(FakePredictor(), 512, 4, int(7.5 * GIB), policy, trial=trial, explain=False)
+    assert trial.calls == ["bc2"] and short(result.chosen.config) == "bc2" and not result.measured_both
+
+
+def test_without_trials_or_outside_the_band_the_prediction_decides(wide_band, monkeypatch):
+    from memtune.predict import throughput
+
+    predictor = FakePredictor()
+    result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, explain=False)  # no trial: nothing more is traced
+    assert predictor.calls == ["b4", "b2", "bc4", "b1", "bc2"] and short(result.chosen.config) == "bc2"
+    monkeypatch.setattr(throughput, "SPEED_ERROR_BAND", 0.05)  # f4 (0.80) is 14% below bc2 (0.93): not close
+    predictor, trial = FakePredictor(), SpeedTrial({"bc2": 9_000.0, "bc1": 10_000.0})
+    result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, trial=trial, explain=False)
+    assert predictor.calls == ["b4", "b2", "bc4", "b1", "bc2"] and trial.calls == ["bc2"]
+    assert short(result.chosen.config) == "bc2" and not result.measured_both
+
+
+def test_the_speed_error_band_defaults_until_the_speed_model_states_one(monkeypatch):
+    from memtune.predict import throughput
+    from memtune.search.choose import DEFAULT_SPEED_ERROR_BAND, speed_error_band
+
+    monkeypatch.delattr(throughput, "SPEED_ERROR_BAND", raising=False)
+    assert speed_error_band() == DEFAULT_SPEED_ERROR_BAND == 0.10
+    monkeypatch.setattr(throughput, "SPEED_ERROR_BAND", 0.15, raising=False)
+    assert speed_error_band() == 0.15
+
+
+# -- the extrapolation rule ----------------------------------------------------------------------------------------
+
+
+class LinePredictor(FakePredictor):
+    """Memory 8 GiB + 1 GiB per sequence, all of it in "activations" (so the one-point extrapolation, which scales
+    all but the fixed categories, underestimates a smaller micro-batch); larger micro-batches are faster."""
+
+    def gib(self, config: TrainConfig) -> float:
+        return 8.0 + config.micro_batch_size
+
+    def memory(self, config: TrainConfig) -> Estimate:
+        self.calls.append(str(config.micro_batch_size))
+        size = int(self.gib(config) * GIB)
+        return Estimate(config, size, size, workspace_bytes=0, context_bytes=0, breakdown={"activations": size})
+
+
+ONE_FAMILY = dataclasses.replace(SIMPLE, precision="bf16-mixed", gradient_checkpointing=False)
+
+
+@pytest.mark.parametrize(("budget_gib", "margin_gib", "traced", "chosen"), [
+    # usable 9.25: micro-batch 2 is 10 GiB on the line through 4 (12) and 8 (16), over the 9.75 budget: not traced
+    # (under the one-point slack, 1.10 x 9.25 = 10.2 GiB, it would be)
+    (9.75, 0.5, ["16", "8", "4", "1"], 1),
+    # usable 9.75: 10 GiB is within the margin of the 10.25 budget: traced (too big), then 1 (9 GiB) fits
+    (10.25, 0.5, ["16", "8", "4", "2", "1"], 1),
+])
+def test_a_third_micro_batch_is_traced_only_within_the_margin_of_the_budget(budget_gib, margin_gib, traced, chosen):
+    predictor = LinePredictor()
+    policy = dataclasses.replace(ONE_FAMILY, margin_bytes=int(margin_gib * GIB))
+    result = search(predictor, 512, 16, int(budget_gib * GIB), policy, explain=False)
+    # 16 (24 GiB) is a family of its own (no accumulation); 8 is the first of 8, 4, 2, 1 (accumulating); 4 is
+    # extrapolated from 8 alone to 8 GiB (under 1.10 x usable: traced, 12 GiB); from then on two points.
+    assert predictor.calls == traced
+    assert result.chosen.config.micro_batch_size == chosen
+    two_point = [c for c in result.candidates if c.status == EXTRAPOLATED]
+    assert all("from micro-batches 4 and 8" in c.note for c in two_point)
+
+
+def test_the_extrapolation_limit_is_the_budget_with_two_traced_micro_batches_and_a_slack_with_one():
+    from memtune.search.choose import EXTRAPOLATION_SLACK, SearchResult, extrapolation_limit
+
+    result = SearchResult(512, 16, budget_bytes=10 * GIB, margin_bytes=GIB)
+    assert extrapolation_limit(2, result) == 10 * GIB == extrapolation_limit(3, result)
+    assert extrapolation_limit(1, result) == EXTRAPOLATION_SLACK * 9 * GIB
+
+
+# -- the explanation, after the choice -----------------------------------------------------------------------------
+
+
+def test_the_explanation_can_come_after_the_search_and_reuses_its_traces():
+    from memtune.search.choose import explain_choice
+
+    predictor = FakePredictor()
+    result = search(predictor, 512, 4, int(7.5 * GIB), SIMPLE, explain=False)
+    searched, traced = result.seconds, list(predictor.calls)
+    assert result.alternatives == [] and result.explain_seconds == 0.0
+    explain_choice(result, predictor, SIMPLE)
+    assert result.alternatives and result.explain_seconds > 0
+    assert result.seconds == pytest.approx(searched + result.explain_seconds)
+    already = [c for c in traced if c in {short(a.config) for a in result.alternatives}]
+    assert already and not set(already) & set(predictor.calls[len(traced):])  # not traced again
+    calls, alternatives = len(predictor.calls), list(result.alternatives)
+    explain_choice(result, predictor, SIMPLE)  # twice: nothing more
+    assert len(predictor.calls) == calls and result.alternatives == alternatives
+
+
+def test_an_allocator_twin_of_the_leader_is_not_measured_as_its_runner_up():
+    """bc2 with expandable segments is predicted as fast as bc2 (the same kernels): not a second opinion worth a
+    trial (`choose.techniques`); nothing else is within the default 10% band (f4: 0.80 against 0.93)."""
+    predictor, trial = FakePredictor(), SpeedTrial({"bc2": 9_000.0})
+    policy = dataclasses.replace(SIMPLE, expandable_segments=None)
+    result = search(predictor, 512, 4, int(7.5 * GIB), policy, trial=trial, explain=False)
+    assert trial.calls == ["bc2"] and not result.chosen.config.expandable_segments and not result.measured_both
+    twin = next(c for c in result.candidates if c.config == result.chosen.config.replace(expandable_segments=True))
+    assert twin.status == NOT_EVALUATED
+
+
+def test_the_other_allocator_mode_is_extrapolated_from_the_default_modes_allocations():
+    """Micro-batch 2 with expandable segments has no trace of its own mode, and its default-allocator twin was
+    extrapolated, not traced: the line through the default mode's allocations (a floor for either mode) is over the
+    budget, so it is not traced either."""
+    predictor = LinePredictor()
+    policy = dataclasses.replace(ONE_FAMILY, margin_bytes=GIB // 2, expandable_segments=None)
+    result = search(predictor, 512, 16, int(9.75 * GIB), policy, explain=False)
+    assert predictor.calls == ["16", "8", "4", "1"]
+    twin = next(c for c in result.candidates
+                if c.config.micro_batch_size == 2 and c.config.expandable_segments)
+    assert twin.status == EXTRAPOLATED and "whichever the allocator's mode, from micro-batches 4 and 8" in twin.note

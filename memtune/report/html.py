@@ -90,8 +90,8 @@ def bars_of(result: FitResult) -> list[Bar]:
     if search is None:
         return bars
     for candidate in search.evaluated:
-        bars.append(_bar(candidate, candidate.config.describe(), candidate.status, search.budget_bytes,
-                         search.usable_bytes, candidate is search.chosen))
+        bars.append(_bar(candidate, candidate.config.describe(), words.status_word(candidate, search),
+                         search.budget_bytes, search.usable_bytes, candidate is search.chosen))
     return bars
 
 
@@ -246,7 +246,7 @@ def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
     for candidate in search.evaluated:
         peak = _estimate(candidate).total_bytes
         rows.append(([candidate.config.describe(), format_bytes(peak), f"{peak / search.usable_bytes:.0%}",
-                      candidate.status, f"{candidate.predicted_tokens_per_second:,.0f}",
+                      words.status_word(candidate, search), f"{candidate.predicted_tokens_per_second:,.0f}",
                       words.quality_note(candidate.config, result.source.config, result.num_parameters)],
                      "chosen" if candidate is search.chosen else ""))
     header = ["configuration", "predicted peak", "of usable", "status", "predicted tokens/s", "quality"]
@@ -257,6 +257,8 @@ def _candidates_section(result: FitResult, search: SearchResult) -> list[str]:
         notes.append(f"{not_evaluated} slower configurations not evaluated: the search stops at the fastest that fits.")
     notes += [f"{candidate.config.describe()}: fits the GPU, but {candidate.note}." for candidate in search.candidates
               if candidate.status == TOO_BIG and words.host_refusal(candidate)]
+    if search.measured_both:
+        notes.append(words.measured_both_words(search) + ".")
     notes += list(search.notes)
     parts += [f"<p>{_e(note)}</p>" for note in notes]
     return parts

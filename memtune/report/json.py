@@ -30,6 +30,8 @@ def plan_to_dict(result: PlanResult) -> dict[str, Any]:
         "tokens_per_second": result.tokens_per_second,
         "inter_node_gbps": result.inter_node_gbps,
         "data": None if result.data is None else result.data.to_dict(),
+        "alternatives": [] if result.explanation is None else [a.to_dict() for a in result.explanation.alternatives],
+        "explain_seconds": None if result.explanation is None else result.explanation.explain_seconds,
     }
 
 

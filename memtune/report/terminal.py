@@ -43,12 +43,15 @@ from memtune.report.words import (
     gpu_lines,
     host_memory_words,
     host_refusal,
+    measured_both_words,
     model_line,
     offload_words,
     python_snippet,
     quality_note,
     relative,
+    searched_words,
     spare_words,
+    status_word,
     task_line,
     untraced_counts,
     verification,
@@ -132,6 +135,13 @@ def render_plan(result: PlanResult, console: Console) -> None:
         console.print(
             f"[red]does not fit[/red] {usable}: short by {format_bytes(verdict.shortfall_bytes)}", highlight=False
         )
+    explanation = result.explanation
+    if explanation is not None and explanation.alternatives:
+        console.print()
+        console.print(_alternatives_table(explanation, "what if: this configuration with one thing changed",
+                                          "this one"))
+        console.print(f"explained in {explanation.explain_seconds:.1f} s: {len(explanation.alternatives)} "
+                      "alternatives predicted", style="dim", highlight=False)
 
 
 def render_models(entries: list[CatalogEntry], console: Console) -> None:
@@ -188,8 +198,7 @@ def render_fit(result: FitResult, console: Console) -> None:
         _render_nothing_fits(search, console)
     else:
         _render_chosen(result, search, console)
-    console.print(f"searched in {search.seconds:.1f} s: {search.estimates} memory predictions, {search.trials} trials",
-                  style="dim", highlight=False)
+    console.print(searched_words(search), style="dim", highlight=False)
 
 
 def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Table:
@@ -213,7 +222,7 @@ def _candidates_table(result: FitResult, search: SearchResult, wide: bool) -> Ta
             configuration.append(f"\n  {quality}", style="dim")
         share = f"{format_bytes(peak)} ({peak / search.usable_bytes:.0%})"
         speed = f"{candidate.predicted_tokens_per_second:,.0f}"
-        status = candidate.status
+        status = status_word(candidate, search)
         if status == FITS and peak > search.usable_bytes:  # as "why this one" says it (`fits_word`)
             status = "fits on release"
         cells: list[Text | str] = [configuration, share, status, speed]
@@ -231,6 +240,8 @@ def _candidate_footnotes(search: SearchResult) -> Iterator[str]:
             yield f"trial of {candidate.config.describe()}: {candidate.note}"
         if candidate.status == TOO_BIG and host_refusal(candidate):
             yield f"{candidate.config.describe()}: fits the GPU, but {candidate.note}"
+    if search.measured_both:
+        yield measured_both_words(search)
     yield from search.notes  # rungs skipped for a missing package, alternatives not predicted
     not_evaluated = sum(1 for candidate in search.candidates if candidate.status == NOT_EVALUATED)
     if not_evaluated:
@@ -286,11 +297,11 @@ def _render_chosen(result: FitResult, search: SearchResult, console: Console) ->
     console.print(Text(snippet), soft_wrap=True)
 
 
-def _alternatives_table(search: SearchResult) -> Table:
+def _alternatives_table(search: SearchResult, title: str = "why this one: the chosen configuration with one thing "
+                        "changed", reference: str = "the chosen") -> Table:
     chosen = search.chosen
     assert chosen is not None, "alternatives exist only beside a chosen configuration"
-    table = Table(title="why this one: the chosen configuration with one thing changed", title_justify="left",
-                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     table.add_column("change", ratio=2)
     table.add_column("predicted peak", justify="right", no_wrap=True)
     table.add_column("fits", no_wrap=True)
@@ -302,7 +313,7 @@ def _alternatives_table(search: SearchResult) -> Table:
             format_bytes(alternative.predicted_total_bytes),
             fits_word(alternative, search),
             relative(alternative.predicted_tokens_per_second, chosen.predicted_tokens_per_second),
-            alternative_verdict(alternative, search),
+            alternative_verdict(alternative, search, reference),
         )
     return table
 

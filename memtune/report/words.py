@@ -11,7 +11,17 @@ from typing import TYPE_CHECKING, Any
 from memtune.config import GIB, KNOWN_GPUS, MIB, TrainConfig, format_bytes, policy_flags
 from memtune.plan import evaluation_arguments
 from memtune.search import ladder
-from memtune.search.choose import EXTRAPOLATED, NOT_EVALUATED, SKIPPED, STATE_ALONE, TRIAL_OOM
+from memtune.search.choose import (
+    EXTRAPOLATED,
+    MEASURED_FASTER,
+    MEASURED_SLOWER,
+    NOT_EVALUATED,
+    SKIPPED,
+    STATE_ALONE,
+    TOO_BIG,
+    TRIAL_OOM,
+    speed_error_band,
+)
 
 if TYPE_CHECKING:
     from memtune.fit import FitResult
@@ -541,8 +551,9 @@ def fits_word(alternative: Alternative, search: SearchResult) -> str:
     return "on release" if alternative.predicted_total_bytes > search.usable_bytes else "yes"
 
 
-def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
-    """What one rung changes: the memory it needs or saves, and its speed against the winner."""
+def alternative_verdict(alternative: Alternative, search: SearchResult, reference: str = "the chosen") -> str:
+    """What one rung changes: the memory it needs or saves, and its speed against the winner (`reference`: how the
+    verdict names it; `memtune plan --explain` says "this one")."""
     chosen = search.chosen
     assert chosen is not None, "alternatives exist only beside a chosen configuration"
     delta = alternative.predicted_total_bytes - (chosen.predicted_total_bytes or 0)
@@ -554,6 +565,8 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
         pace = f"{abs(speed):.0%} {'faster' if speed > 0 else 'slower'}" if round(speed, 2) else "same speed"
     if not alternative.fits:
         more = (f"needs {format_bytes(delta)} more" if delta > 0 else
+                (f"{format_bytes(-delta)} less than {reference}" if delta else "the same memory") + ", still too big"
+                if chosen.status == TOO_BIG else
                 "runs out of memory in the replay, freeing the cache does not save it (the chosen one's peak is "
                 "higher, but it can be served after a cache release)")
         return f"does not fit: {more}" + (f" (it would be {pace})" if round(speed, 2) else "")
@@ -561,17 +574,17 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
         return f"predicted to fit, but ran out of memory in its trial ({pace})"
     if alternative.config == chosen.config.replace(expandable_segments=alternative.config.expandable_segments):
         if alternative.config.expandable_segments:
-            return (f"fits ({format_bytes(-delta)} less than the chosen), same speed: the default allocator is kept "
+            return (f"fits ({format_bytes(-delta)} less than {reference}), same speed: the default allocator is kept "
                     "where both fit without releasing the cache" if delta < 0 else
-                    f"fits ({format_bytes(delta)} more than the chosen), same speed")
+                    f"fits ({format_bytes(delta)} more than {reference}), same speed")
         if alternative.predicted_total_bytes > search.usable_bytes:
             peak = format_bytes(alternative.predicted_total_bytes)
             return (f"fits only by releasing the allocator's cache (peak {peak} without, over the usable), same "
                     "speed: expandable segments fit without")
     memory = (
-        f"{format_bytes(-delta)} less than the chosen"
+        f"{format_bytes(-delta)} less than {reference}"
         if delta < 0
-        else f"{format_bytes(delta)} more than the chosen"
+        else f"{format_bytes(delta)} more than {reference}"
         if delta > 0
         else "same memory"
     )
@@ -582,3 +595,35 @@ def alternative_verdict(alternative: Alternative, search: SearchResult) -> str:
         verdict += (", but rounds bf16 weights to nearest: updates below bf16's resolution are lost (the chosen "
                     "rounds stochastically; pin --optim to take it)")
     return verdict
+
+
+def status_word(candidate: Candidate, search: SearchResult) -> str:
+    """A candidate's status in the candidates table: "measured faster" / "measured slower" for the two measured
+    because their predictions were too close to call (`SearchResult.measured_both`), else its status."""
+    if search.measured_both and candidate is search.measured_both[0]:
+        return MEASURED_FASTER
+    if search.measured_both and candidate is search.measured_both[1]:
+        return MEASURED_SLOWER
+    return candidate.status
+
+
+def measured_both_words(search: SearchResult) -> str:
+    """Why two candidates were measured and which won, with both figures; "" when only one was."""
+    if not search.measured_both:
+        return ""
+    faster, slower = search.measured_both
+    assert faster.measurement is not None and slower.measurement is not None
+    return (f"too close to call by prediction ({faster.predicted_tokens_per_second:,.0f} and "
+            f"{slower.predicted_tokens_per_second:,.0f} tokens/s, within the speed model's {speed_error_band():.0%}): "
+            f"both measured, {faster.config.describe()} {MEASURED_FASTER} at "
+            f"{faster.measurement.tokens_per_second:,.0f} tokens/s, {slower.config.describe()} "
+            f"{slower.measurement.tokens_per_second:,.0f}")
+
+
+def searched_words(search: SearchResult) -> str:
+    """The search's cost in one line, the explanation's seconds apart (`SearchResult.explain_seconds`)."""
+    line = f"searched in {search.seconds:.1f} s: {search.estimates} memory predictions, {search.trials} trials"
+    if search.explain_seconds:
+        line += (f" (of which {search.explain_seconds:.1f} s explaining the choice, {len(search.alternatives)} "
+                 "alternatives, after the plan was saved)")
+    return line

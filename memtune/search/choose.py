@@ -15,6 +15,15 @@ How the choice is made, cheaply:
 3. The first candidate predicted to fit under budget - margin is, by construction, the fastest
    that fits. With a GPU it is then verified by real trial steps; if the trial runs out of memory
    the walk goes on from there (at most `max_trials` trials).
+4. Too close to call: when the next candidate that fits is predicted within the speed model's error band
+   (`speed_error_band`) of the verified one, it is verified too and the one measured faster is chosen
+   (`measure_both`); without trials the prediction decides.
+5. The explanation (the winner with one technique changed, `explain_choice`) comes after the choice: `memtune fit`
+   saves the plan first.
+
+Within a family (the same configuration but for the micro-batch), memory is affine in the micro-batch:
+after two traced micro-batches the others are extrapolated (`extrapolate`), and a third is traced only where
+its extrapolated peak is within the margin of the budget or below (`extrapolation_limit`).
 
 Pure: memory predictions, speed predictions and trials are injected (`Predictor`, `trial`), so the
 walk is tested on a CPU with fakes that assert the exact sequence of candidates.
@@ -50,9 +59,13 @@ from memtune.search.verdict import judge
 
 EXTRAPOLATION_SLACK = 1.10
 """A candidate whose memory, extrapolated from the traced micro-batches of the same family (`extrapolate`),
-exceeds the usable budget by more than this factor is not traced. Memory is affine in the micro-batch (state is
-fixed, activations scale), and the slack covers the allocator's rounding; a wrong skip can only
-cost speed, never a fit that was not checked."""
+exceeds the usable budget by more than this factor is not traced, where only one micro-batch of the family was
+traced (`extrapolation_limit`: with two, the budget itself). Memory is affine in the micro-batch (state is
+fixed, activations scale), and the slack covers the allocator's rounding and the cruder one-point figure; a wrong
+skip can only cost speed, never a fit that was not checked."""
+DEFAULT_SPEED_ERROR_BAND = 0.10
+"""The speed model's error band (fraction of tokens/s) where `predict.throughput` names none
+(`throughput.SPEED_ERROR_BAND`, when present, is the one used: `speed_error_band`)."""
 FIXED_CATEGORIES = ("weights", "gradients", "optimizer", DDP_BUCKETS)
 """Breakdown categories that do not grow with the micro-batch. Not "overhead": it holds the allocator's
 fragmentation, which grows with the activations (Mistral-7B, 4-bit base, micro-batch 8: most of its overhead),
@@ -67,6 +80,8 @@ EXTRAPOLATED = "too big (extrapolated)"
 FITS = "fits"
 TRIAL_OOM = "out of memory in trial"
 VERIFIED = "verified"
+MEASURED_FASTER = "measured faster"
+MEASURED_SLOWER = "measured slower"
 
 
 class Predictor(Protocol):
@@ -152,13 +167,16 @@ class SearchResult:
     alternatives: list[Alternative] = field(default_factory=list)
     fallbacks: list[TrainConfig] = field(default_factory=list)
     """Configurations with the same effective batch that need no more memory than the winner, fastest first."""
+    measured_both: list[Candidate] = field(default_factory=list)
+    """The two candidates verified because their predicted tokens/s were too close to call (`measure_both`), the
+    one measured faster first; empty otherwise."""
     trials: int = 0
     trial_ooms: int = 0
     estimates: int = 0
     seconds: float = 0.0
-    """Wall time of the whole search, explanation included."""
+    """Wall time of the whole search, explanation included (once `explain_choice` has run)."""
     explain_seconds: float = 0.0
-    """Of which: predicting the alternatives that explain the choice (after the winner was verified)."""
+    """Of which: predicting the alternatives that explain the choice (`explain_choice`, after the choice)."""
     shortfall_bytes: int = 0
     """When nothing fits: how much more than the usable budget the smallest candidate needs."""
     suggestions: list[str] = field(default_factory=list)
@@ -207,6 +225,7 @@ class SearchResult:
             "candidates": [c.to_dict() for c in self.candidates if c.status != NOT_EVALUATED],
             "candidates_not_evaluated": sum(1 for c in self.candidates if c.status == NOT_EVALUATED),
             "alternatives": [a.to_dict() for a in self.alternatives],
+            "measured_both": [c.to_dict() for c in self.measured_both],
             "fallbacks": [config.to_dict() for config in self.fallbacks],
             "trials": self.trials,
             "trial_ooms": self.trial_ooms,
@@ -267,7 +286,10 @@ def search(
     explain: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> SearchResult:
-    """Find the fastest configuration predicted to fit `budget_bytes` - margin, verified by `trial` if given."""
+    """Find the fastest configuration predicted to fit `budget_bytes` - margin, verified by `trial` if given.
+
+    `explain`: predict the alternatives that explain the choice before returning (`explain_choice`); a caller that
+    saves the plan first (`fit.fit_model`) passes False and calls `explain_choice` afterwards."""
     started = time.perf_counter()
     policy.validate(effective_batch_size)
     result = SearchResult(seq_len, effective_batch_size, budget_bytes, margin_for(budget_bytes, policy))
@@ -292,8 +314,10 @@ def search(
                       for config in space if walk_group(config) == group]
             ranked.sort(key=lambda candidate: -candidate.predicted_tokens_per_second)  # stable: ties keep order
             result.candidates.extend(ranked)
-            result.chosen = _walk(ranked, predictor, result, policy, trial, say)
+            state = WalkState()
+            result.chosen = _walk(ranked, predictor, result, policy, trial, say, state)
             if result.chosen is not None:
+                result.chosen = measure_both(result.chosen, ranked, predictor, result, policy, trial, say, state)
                 break
         if result.chosen is not None:
             break
@@ -301,14 +325,26 @@ def search(
         chosen = result.chosen.config
         result.fallbacks = [c.config for c in result.candidates
                             if c.config != chosen and needs_at_least(chosen, c.config) and c.status != TRIAL_OOM][:4]
-        if explain:
-            explaining = time.perf_counter()
-            result.alternatives = _alternatives(result, predictor, policy)
-            result.explain_seconds = time.perf_counter() - explaining
     else:
         _explain_shortfall(result, predictor, policy)
     result.seconds = time.perf_counter() - started
+    if explain:
+        explain_choice(result, predictor, policy)
     return result
+
+
+def explain_choice(result: SearchResult, predictor: Predictor, policy: Policy = Policy()) -> None:
+    """Predict the alternatives that explain the choice (`SearchResult.alternatives`: the winner with each technique
+    of the ladder switched the other way) and add their wall time to `result.seconds` and `result.explain_seconds`.
+    Nothing to do when nothing was chosen or they were predicted already. Off the critical path: `memtune fit`
+    saves and reports the plan before it calls this (`fit.fit_model`); traces the search made are reused."""
+    if result.chosen is None or result.alternatives:
+        return
+    explaining = time.perf_counter()
+    result.alternatives = _alternatives(result, predictor, policy)
+    seconds = time.perf_counter() - explaining
+    result.explain_seconds += seconds
+    result.seconds += seconds
 
 
 def walk_group(config: TrainConfig) -> tuple[int, int, tuple[int, int]]:
@@ -351,9 +387,10 @@ def family(config: TrainConfig) -> tuple[TrainConfig, bool]:
     return config.replace(micro_batch_size=1, grad_accum_steps=1), config.grad_accum_steps > 1
 
 
-def extrapolate(members: list[Estimate], micro_batch_size: int) -> tuple[int, str]:
-    """Total bytes at another micro-batch of the same family (`members`: traced estimates), and where the
-    figure came from in words.
+def extrapolate(members: list[Estimate], micro_batch_size: int,
+                bytes_of: Callable[[Estimate], int] | None = None) -> tuple[int, str]:
+    """Total bytes (or `bytes_of` each estimate, e.g. `allocations_alone`) at another micro-batch of the same family
+    (`members`: traced estimates), and where the figure came from in words.
 
     With two traced micro-batches, the line through the two nearest: memory is affine in the micro-batch
     (the intercept holds the state and whatever does not grow with it, such as a dequantised weight or the
@@ -361,16 +398,17 @@ def extrapolate(members: list[Estimate], micro_batch_size: int) -> tuple[int, st
     by the micro-batch; a constant temporary then scales too, which underestimates a smaller micro-batch (it is
     traced: that costs time, never a fit). Counting the allocator's fragmentation as fixed overestimated one:
     Mistral-7B on a 4-bit base at 4 x 2048 came out at ~19.6 GiB from micro-batch 8, traced at 16.1 GiB."""
+    size = bytes_of or (lambda estimate: estimate.total_bytes)
     nearest = sorted(members, key=lambda e: abs(e.config.micro_batch_size - micro_batch_size))[:2]
     if len(nearest) == 2:
         (a, b) = sorted(nearest, key=lambda e: e.config.micro_batch_size)
-        slope = (b.total_bytes - a.total_bytes) / (b.config.micro_batch_size - a.config.micro_batch_size)
-        return (int(a.total_bytes + slope * (micro_batch_size - a.config.micro_batch_size)),
+        slope = (size(b) - size(a)) / (b.config.micro_batch_size - a.config.micro_batch_size)
+        return (int(size(a) + slope * (micro_batch_size - a.config.micro_batch_size)),
                 f"from micro-batches {a.config.micro_batch_size} and {b.config.micro_batch_size}")
     traced = nearest[0]
     fixed = (sum(traced.breakdown.get(category, 0) for category in FIXED_CATEGORIES)
              + traced.workspace_bytes + traced.context_bytes)
-    per_sequence = (traced.total_bytes - fixed) / traced.config.micro_batch_size
+    per_sequence = (size(traced) - fixed) / traced.config.micro_batch_size
     return int(fixed + per_sequence * micro_batch_size), f"from micro-batch {traced.config.micro_batch_size}"
 
 
@@ -386,12 +424,32 @@ def allocations_alone(estimate: Estimate) -> int:
     return estimate.peak_allocated_bytes + estimate.workspace_bytes + estimate.context_bytes
 
 
+def extrapolation_limit(traced_micro_batches: int, result: SearchResult) -> float:
+    """Bytes above which a candidate's peak extrapolated from `traced_micro_batches` traced members of its family
+    (`extrapolate`) marks it too big untraced. With two or more, the budget: the line through two traced
+    micro-batches is trusted, so a third trace is spent only where the figure is within the margin of the budget or
+    below (issue 17: "trace two points per family and extrapolate the rest, verified by a third trace only where
+    the extrapolated value is within the margin of the budget"). With one, EXTRAPOLATION_SLACK x the usable budget
+    (the one-point figure scales a constant temporary too)."""
+    if traced_micro_batches >= 2:
+        return float(result.budget_bytes)
+    return EXTRAPOLATION_SLACK * result.usable_bytes
+
+
+@dataclass
+class WalkState:
+    """What a walk over one group of candidates has learnt, kept for a second walk over the rest of the group
+    (`measure_both`): the configurations too big, and the estimates traced by family and by configuration."""
+
+    too_big: list[TrainConfig] = field(default_factory=list)
+    traced: dict[tuple[TrainConfig, bool], list[Estimate]] = field(default_factory=dict)
+    traced_twins: dict[TrainConfig, Estimate] = field(default_factory=dict)
+
+
 def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, policy: Policy,
-          trial: Trial | None, say: Callable[[str], None]) -> Candidate | None:
-    too_big: list[TrainConfig] = []
+          trial: Trial | None, say: Callable[[str], None], state: WalkState) -> Candidate | None:
+    too_big, traced, traced_twins = state.too_big, state.traced, state.traced_twins
     state_bytes = getattr(predictor, "state_bytes", None)
-    traced: dict[tuple[TrainConfig, bool], list[Estimate]] = {}
-    traced_twins: dict[TrainConfig, Estimate] = {}
     for candidate in ranked:
         config = candidate.config
         implied = next((failed for failed in too_big if needs_at_least(config, failed)), None)
@@ -420,9 +478,18 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
         members = traced.get(family(config), [])
         if members:
             extrapolated, source = extrapolate(members, config.micro_batch_size)
-            if extrapolated > EXTRAPOLATION_SLACK * result.usable_bytes:
+            if extrapolated > extrapolation_limit(len(members), result):
                 candidate.status = EXTRAPOLATED
                 candidate.note = f"~{format_bytes(extrapolated)}, {source}"
+                continue
+        default_family = family(config.replace(expandable_segments=False))
+        defaults = traced.get(default_family, []) if config.expandable_segments else []
+        if defaults and not members:  # no trace of its own mode yet: the default mode's allocations bound both
+            extrapolated, source = extrapolate(defaults, config.micro_batch_size, allocations_alone)
+            if extrapolated > extrapolation_limit(len(defaults), result):
+                candidate.status = EXTRAPOLATED
+                candidate.note = (f"its allocations alone ~{format_bytes(extrapolated)} whichever the allocator's "
+                                  f"mode, {source} of the default allocator")
                 continue
         say(f"predicting {config.describe()}")
         candidate.estimate = predictor.memory(config)
@@ -451,31 +518,104 @@ def _walk(ranked: list[Candidate], predictor: Predictor, result: SearchResult, p
                 fitting.predicted_tokens_per_second = settle(fitting.estimate, result.usable_bytes)
             if trial is None:
                 return fitting
-            if fitting.config.deepspeed:  # measure.verify's trial steps run one process without DeepSpeed
-                fitting.note = "not verified: trial steps do not run DeepSpeed plans yet (memtune run does)"
+            unverifiable = not_verifiable(fitting.config, result, policy)
+            if unverifiable:
+                fitting.note = unverifiable
                 return fitting
-            if fitting.config.num_nodes > 1:  # trial steps run the GPUs of this machine only
-                fitting.note = (f"not verified: trial steps run on this machine, the plan spans "
-                                f"{fitting.config.num_nodes} (its run on them does)")
+            if _verify(fitting, trial, result, say):
                 return fitting
-            if result.trials >= policy.max_trials:
-                fitting.note = f"not verified: the limit of {policy.max_trials} trials was reached"
-                return fitting
-            say(f"trial steps of {fitting.config.describe()}")
-            fitting.measurement = trial(fitting.config)
-            result.trials += 1
-            measured = fitting.measured_total_bytes
-            if fitting.measurement.fits and measured is not None and measured <= result.budget_bytes:
-                fitting.status = VERIFIED
-                return fitting
-            if not fitting.measurement.fits:
-                result.trial_ooms += 1
-                fitting.note = fitting.measurement.error
-            else:
-                fitting.note = f"measured {format_bytes(measured or 0)}, over the budget"
-            fitting.status = TRIAL_OOM
             too_big.append(fitting.config)
     return None
+
+
+def not_verifiable(config: TrainConfig, result: SearchResult, policy: Policy) -> str:
+    """Why `config` gets no trial steps, as the candidate's note ("not verified: ..."); "" when it can have them."""
+    if config.deepspeed:  # measure.verify's trial steps run one process without DeepSpeed
+        return "not verified: trial steps do not run DeepSpeed plans yet (memtune run does)"
+    if config.num_nodes > 1:  # trial steps run the GPUs of this machine only
+        return (f"not verified: trial steps run on this machine, the plan spans "
+                f"{config.num_nodes} (its run on them does)")
+    if result.trials >= policy.max_trials:
+        return f"not verified: the limit of {policy.max_trials} trials was reached"
+    return ""
+
+
+def _verify(fitting: Candidate, trial: Trial, result: SearchResult, say: Callable[[str], None]) -> bool:
+    """Run `trial` on a candidate predicted to fit: True (VERIFIED) when it ran within the budget, else False with
+    the candidate marked TRIAL_OOM and why in its note (an OOM counted in `result.trial_ooms`)."""
+    say(f"trial steps of {fitting.config.describe()}")
+    fitting.measurement = trial(fitting.config)
+    result.trials += 1
+    measured = fitting.measured_total_bytes
+    if fitting.measurement.fits and measured is not None and measured <= result.budget_bytes:
+        fitting.status = VERIFIED
+        return True
+    if not fitting.measurement.fits:
+        result.trial_ooms += 1
+        fitting.note = fitting.measurement.error
+    else:
+        fitting.note = f"measured {format_bytes(measured or 0)}, over the budget"
+    fitting.status = TRIAL_OOM
+    return False
+
+
+def speed_error_band() -> float:
+    """The speed model's error band, a fraction of tokens/s: `throughput.SPEED_ERROR_BAND` where the speed model
+    states one, else DEFAULT_SPEED_ERROR_BAND. Imported here: the throughput model imports torch (through
+    `predict.liger`), which `memtune models` and `--help` do not load (tests/test_startup.py)."""
+    from memtune.predict import throughput
+
+    return float(getattr(throughput, "SPEED_ERROR_BAND", DEFAULT_SPEED_ERROR_BAND))
+
+
+def techniques(config: TrainConfig) -> TrainConfig:
+    """`config` without what the walk settles itself once a candidate fits (the allocator's mode, `steadier_allocator`;
+    the number of checkpointed layers, `fewest_checkpointed`): two configurations equal here run the same kernels."""
+    return config.replace(expandable_segments=False, checkpoint_layers=None)
+
+
+def measure_both(leader: Candidate, ranked: list[Candidate], predictor: Predictor, result: SearchResult,
+                 policy: Policy, trial: Trial | None, say: Callable[[str], None], state: WalkState) -> Candidate:
+    """The verified `leader` of the walk, or the next candidate that fits when the two are too close to call and the
+    runner-up is measured faster.
+
+    Too close to call: the runner-up (the next candidate of the same group predicted to fit, found by walking on from
+    the leader with the same `state`, without trials, among those that differ from it in more than `techniques`) is
+    predicted at least (1 - `speed_error_band()`) of the leader's tokens/s. Then it gets trial steps too, within
+    `policy.max_trials`, and of the two that ran within the budget the one measured faster is chosen;
+    `result.measured_both` holds both, the faster first, and their notes give both figures. Nothing happens without
+    `trial`, when the leader is not verified, or when no trial is left: the prediction decides. Nor after a trial ran
+    out of memory: the predictions at the budget's edge are then in doubt, and a second measurement is a speed-up
+    worth less than another OOM (issue 17's target: 0 OOMs).
+
+    The walk on stops at the first candidate predicted below the band: candidates are ranked fastest first, so it
+    traces only candidates within it. Known limitation: trial steps accumulate at most 2 micro-batches
+    (`measure.verify.measure`), so a runner-up with more accumulation has its optimizer's share over-counted."""
+    if trial is None or leader.status != VERIFIED or result.trials >= policy.max_trials or result.trial_ooms:
+        return leader
+    floor = (1.0 - speed_error_band()) * leader.predicted_tokens_per_second
+    close = [candidate for candidate in ranked
+             if candidate.status == NOT_EVALUATED and candidate.predicted_tokens_per_second >= floor
+             and techniques(candidate.config) != techniques(leader.config)]
+    runner_up = _walk(close, predictor, result, policy, None, say, state) if close else None
+    if runner_up is None or runner_up.predicted_tokens_per_second < floor:
+        return leader
+    unverifiable = not_verifiable(runner_up.config, result, policy)
+    if unverifiable or not _verify(runner_up, trial, result, say):
+        runner_up.note = runner_up.note or unverifiable
+        return leader
+    assert leader.measurement is not None and runner_up.measurement is not None
+    leader_speed, runner_up_speed = leader.measurement.tokens_per_second, runner_up.measurement.tokens_per_second
+    faster, slower = (runner_up, leader) if runner_up_speed > leader_speed else (leader, runner_up)  # a tie: leader
+    result.measured_both = [faster, slower]
+    band = speed_error_band()
+    for one, other, word in ((faster, slower, MEASURED_FASTER), (slower, faster, MEASURED_SLOWER)):
+        assert one.measurement is not None and other.measurement is not None
+        one.note = (f"{word}: {one.measurement.tokens_per_second:,.0f} tokens/s measured, "
+                    f"{other.measurement.tokens_per_second:,.0f} for {other.config.describe()} (predicted "
+                    f"{one.predicted_tokens_per_second:,.0f} and {other.predicted_tokens_per_second:,.0f}, within the "
+                    f"speed model's {band:.0%})")
+    return faster
 
 
 def steadier_allocator(candidate: Candidate, ranked: list[Candidate], predictor: Predictor, result: SearchResult,
