@@ -399,8 +399,11 @@ def run_plan(
         if options.trainer not in (None, plan.train_config.trainer):
             raise UsageError(f"--trainer {options.trainer} differs from the plan's {plan.train_config.trainer}: plan "
                              f"again with --trainer {options.trainer} (its memory differs)")
-        return RunSummary(**trl_run.run_trl(plan, options, device=device, training_overrides=training_overrides,
-                                            log=lambda message: console.print(message, highlight=False)))
+        summary = RunSummary(**trl_run.run_trl(plan, options, device=device, training_overrides=training_overrides,
+                                               log=lambda message: console.print(message, highlight=False)))
+        if main:
+            (Path(summary.output_dir) / SUMMARY_FILE).write_text(summary.to_json() + "\n")
+        return summary
     with library_output(main=main, bars=progress and main and console.is_terminal):
         return _run_plan(plan, options, changes, callbacks=callbacks, progress=progress, device=device,
                          console=console, training_overrides=training_overrides)
