@@ -186,3 +186,24 @@ def test_a_count_costs_under_a_few_seconds():
 
 def test_speed_error_band_is_a_relative_error():
     assert 0.0 < throughput.SPEED_ERROR_BAND < 1.0
+
+
+def test_dpo_runs_two_rows_a_pair_and_the_live_reference_one_more_forward():
+    """TRL's DPO: chosen and rejected rows (twice SFT's FLOPs per pair) and, unless precomputed, the reference's
+    forward of both: exactly one more forward of the layers and the head per row."""
+    config = tiny_llama(4)
+    shape = throughput.ModelShape.of(config, parameter_count(config), count=True)
+    speed = throughput.gpu_speed("H100").scaled(kernel_seconds=0.0, traffic_factor=0.0, logits_traffic=0.0,
+                                                 liger_logits_traffic=0.0)
+    sft = TrainConfig(seq_len=SEQ_LEN, micro_batch_size=2, trainer="sft")
+    precomputed = sft.replace(trainer="dpo", precompute_ref_log_probs=True)
+    live = precomputed.replace(precompute_ref_log_probs=False)
+    count = throughput.flop_count(shape, sft)
+    rate = speed.fp32_flops * speed.fp32_efficiency
+    seconds = {name: throughput.micro_batch_seconds(shape, c, speed)[0]
+               for name, c in (("sft", sft), ("precomputed", precomputed), ("live", live))}
+    assert seconds["precomputed"] == pytest.approx(2 * seconds["sft"], rel=1e-6)
+    assert seconds["live"] - seconds["precomputed"] == pytest.approx(2 * 2 * SEQ_LEN * count.forward / rate, rel=1e-6)
+    # tokens/s counts both rows of a pair, as memtune run reports them
+    assert throughput.tokens_per_second(shape, precomputed, speed) == pytest.approx(
+        throughput.tokens_per_second(shape, sft, speed), rel=0.05)

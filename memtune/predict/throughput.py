@@ -332,8 +332,13 @@ def flop_count(shape: ModelShape, config: TrainConfig) -> FlopCount:
 
 
 def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed) -> tuple[float, float]:
-    """(seconds of one micro-batch's forward and backward on one GPU, the backward's share of them)."""
-    tokens = config.micro_batch_size * config.seq_len
+    """(seconds of one micro-batch's forward and backward on one GPU, the backward's share of them).
+
+    TRL's trainers (`config.trainer`): DPO runs the chosen and the rejected row of every pair (`sequence_rows`) and,
+    unless the reference log-probs are precomputed, one more forward of them through the reference (a frozen copy or
+    the adapter disabled: the same FLOPs, under no_grad); SFT and DPO compute the loss through TRL's fused LM head,
+    tile by tile, whose logits traffic is taken as Liger's (`liger_logits_traffic`, an assumption, not fitted)."""
+    tokens = config.micro_batch_size * config.seq_len * sequence_rows(config)
     head = shape.vocab_size * shape.hidden_size
     body = shape.matmul_parameters - head
     count = flop_count(shape, config)
@@ -341,24 +346,27 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     checkpointed = config.checkpointed_layers(shape.num_layers) / max(1, shape.num_layers)
     recompute = count.layers_forward * checkpointed  # the checkpointed layers' forward, once more (Chen et al. 2016)
     chunk_recompute = count.head_forward if config.loss == "chunked" else 0.0  # the head, in the chunk's backward
-    layer_flops = tokens * (count.layers_forward + count.layers_backward + recompute)
-    head_flops = tokens * (count.head_forward + count.head_backward + chunk_recompute)
+    reference = 1.0 if config.trainer == "dpo" and not config.precompute_ref_log_probs else 0.0  # its forward
+    layer_flops = tokens * (count.layers_forward * (1 + reference) + count.layers_backward + recompute)
+    head_flops = tokens * (count.head_forward * (1 + reference) + count.head_backward + chunk_recompute)
 
     half = config.amp != "none" or config.weights_dtype != "fp32"
     rate = speed.bf16_flops * speed.bf16_efficiency if half else speed.fp32_flops * speed.fp32_efficiency
     logits = tokens * shape.vocab_size * speed.logits_traffic
-    if config.loss == "liger":
+    if config.loss == "liger" or config.trainer != "causal-lm":
         # Liger computes the head's input and weight gradients in forward, chunk by chunk (recipe.loss): the same
-        # matmuls as the standard loss, no recomputation; its logits stay in the head's compute dtype.
-        logits = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2)
+        # matmuls as the standard loss, no recomputation; its logits stay in the head's compute dtype. TRL's fused
+        # head (predict/trl_step.py) works through the logits in tiles as well.
+        logits = tokens * shape.vocab_size * speed.liger_logits_traffic * (1 if half else 2) * (1 + reference)
     # the layers' elementwise kernels (flops.TRAFFIC): per token, and autocast's weight casts per micro-batch; the
     # recomputed forward moves its bytes again
-    layer_bytes = (tokens * (count.bytes_forward * (1 + checkpointed) + count.bytes_backward)
-                   + count.fixed_bytes_forward * (1 + checkpointed) + count.fixed_bytes_backward)
+    layer_bytes = (tokens * (count.bytes_forward * (1 + checkpointed + reference) + count.bytes_backward)
+                   + count.fixed_bytes_forward * (1 + checkpointed + reference) + count.fixed_bytes_backward)
     layers = layer_flops / rate + speed.traffic_factor * layer_bytes / speed.memory_bytes_per_second
     # The host launches the layers' kernels ahead of the GPU; whichever of the two is slower sets their pace. The
     # LM head and the loss over the vocabulary are a few large kernels the GPU works through after them.
-    launches = (count.launches_forward * (1 + checkpointed) + count.launches_backward) * speed.kernel_seconds
+    launches = speed.kernel_seconds * (count.launches_forward * (1 + checkpointed + reference)
+                                       + count.launches_backward)
     micro = max(layers, launches) + head_flops / rate + logits / speed.memory_bytes_per_second
     if config.quantization is not None:
         passes = 2 + checkpointed
@@ -379,8 +387,14 @@ def micro_batch_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed)
     # Liger runs the head's backward matmuls (input and, trained, weight gradient) in forward: not in backward.
     in_forward = count.head_backward if config.loss == "liger" else 0.0
     backward_share = (backward - in_forward + recompute + chunk_recompute) / (
-        forward + backward + recompute + chunk_recompute)
+        forward * (1 + reference) + backward + recompute + chunk_recompute)
     return micro, micro * backward_share
+
+
+def sequence_rows(config: TrainConfig) -> int:
+    """Sequence rows per example: 2 for TRL's DPO (the chosen and the rejected completion of a pair, run as one batch
+    by dpo_trainer.py `concatenated_forward`), 1 otherwise."""
+    return 2 if config.trainer == "dpo" else 1
 
 
 def offloaded_activation_bytes(shape: ModelShape, config: TrainConfig) -> int:
@@ -640,6 +654,8 @@ def zero_step_seconds(shape: ModelShape, config: TrainConfig, speed: GpuSpeed, m
 
 def tokens_per_second(shape: ModelShape, config: TrainConfig, speed: GpuSpeed,
                       evicted_bytes: int | None = None) -> float:
-    """Predicted training throughput over all GPUs of the configuration (`evicted_bytes`: `optimizer_seconds`)."""
-    tokens = config.effective_batch_size * config.seq_len
+    """Predicted training throughput over all GPUs of the configuration (`evicted_bytes`: `optimizer_seconds`), in
+    tokens/s: every sequence row counts, DPO's chosen and rejected rows both (`sequence_rows`), as `memtune run`
+    reports them."""
+    tokens = config.effective_batch_size * config.seq_len * sequence_rows(config)
     return tokens / step_seconds(shape, config, speed, evicted_bytes)
