@@ -323,6 +323,7 @@ def fit_model(
             progress(f"note: {known_gpu(gpu_name)[0]} has no bf16: planning fp16-mixed / fp16 instead of bf16")
     on_card = attention_fields(policy.attn, gpu.capability if gpu else
                                (gpu_card(gpu_name).capability if gpu_name else None))
+    on_card["packed_rows"] = data is not None and data.packed_rows  # traced as the loader batches (data_plan)
     policy.validate(effective_batch_size)  # before the checks below read its fields
     if policy.nvme_path is not None and policy.nvme_budget_bytes is None:
         policy = _with(policy, nvme_budget_bytes=nvme_free_bytes(policy.nvme_path))
@@ -841,7 +842,8 @@ def plan_configuration(
     """
     if explain and budget_bytes is None:
         raise UsageError("--explain compares each change against a budget: give --budget or --gpu, or drop --explain")
-    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data))
+    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data),
+                                        packed_rows=data is not None and data.packed_rows)
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
     if train_config.adapter is not None:

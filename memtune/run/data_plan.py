@@ -26,19 +26,26 @@ batch planned is the largest batch any order could make: for none and bfd that i
 longest row, which every epoch has (unless that row lands in a last, partial micro-batch); a padding-free epoch holds
 the micro_batch longest documents together only by chance, so its measured peak may stay below the plan.
 
-What is traced (`DataPlan.row_tokens`, the TrainConfig's seq_len): micro_batch rows of the worst row's length. For
-concat, none and bfd (padded) that is the worst batch's own shape. For padding-free (and TRL's padding-free bfd) the
-real batch is one row of N <= micro_batch x row_tokens tokens; the trace holds the same or more tokens in
-micro_batch rows, so every per-token activation (linear layers, norms, MLP, logits, loss) is counted, but the
-attention is traced per row. Known limitation, not traced: under SDPA, transformers (masking_utils,
-`find_packed_sequence_indices`) turns the restarting position_ids of padding-free and bfd batches into a materialised
-block-diagonal bool mask of rows x 1 x N x N bytes (`DataPlan.mask_bytes`, reported beside the prediction), and an
-explicit mask keeps SDPA off its flash kernel (the memory-efficient kernel runs instead, which takes the mask as an
-additive bias in the compute dtype; `benchmarks/data_modes.py` measures what that costs). With flash_attention_2,
-padding-free runs the varlen kernel with no mask: the traced shape is then what runs. The N x N mask could not be
-traced without the trace taking position_ids (memtune's traced step feeds input_ids and labels only), and one row of N
-tokens would also be refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions
-restart per document.
+What is traced (fit.py sets it on every configuration predicted, tried and saved): micro_batch rows of the worst row's
+length (`DataPlan.row_tokens`, the TrainConfig's seq_len), and for bfd and padding-free packed rows
+(`DataPlan.packed_rows`, `TrainConfig.packed_rows`): the traced step passes position_ids restarting inside each row
+(`recipe.step.packed_position_ids`), so transformers builds the block-diagonal bool mask it builds for the real batch
+(masking_utils `find_packed_sequence_indices`, then `sdpa_mask`: rows x 1 x N x N bytes, `DataPlan.mask_bytes`), SDPA
+leaves its flash kernel for the memory-efficient one, which converts the mask to an additive bias in the compute dtype
+and saves it per attention layer for backward (`predict.emulation.aligned_bias` on the CPU path; torch itself on the
+fake-CUDA path), and with grouped KV heads transformers repeats keys and values to every query head (`use_gqa_in_sdpa`
+is False with a mask). All of it is in the prediction by construction. For concat, none and bfd (padded) the traced
+shape is the worst batch's own. For padding-free (and TRL's padding-free bfd) the real batch is one row of
+N <= micro_batch x row_tokens tokens; the trace holds the same or more tokens in micro_batch rows, so every per-token
+activation (linear layers, norms, MLP, logits, loss) is counted, but the attention and its mask are traced per row
+(micro_batch x row_tokens^2, not N^2: under SDPA an under-estimate, known limitation). One row of N tokens would be
+refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions restart per document.
+With flash_attention_2, padding-free runs the varlen kernel with no mask.
+
+Batches of varying shape (none, padding-free: every micro-batch is padded to its own longest row) fragment the CUDA
+caching allocator over an epoch: blocks cut for earlier, smaller batches stay cached and the worst batch's large
+requests need new segments. `DataPlan.epoch_row_tokens` gives the loader's batch shapes for that replay
+(`predict.epoch`).
 """
 
 from __future__ import annotations
@@ -184,9 +191,15 @@ class DataPlan:
         return min(longest, micro_batch_size * self.seq_len)
 
     @property
+    def packed_rows(self) -> bool:
+        """Rows that hold several documents, position_ids restarting (bfd, padding-free): `TrainConfig.packed_rows`."""
+        return self.packing in ("bfd", "padding-free")
+
+    @property
     def mask_bytes(self) -> int:
         """padding-free and bfd under SDPA: the block-diagonal bool mask (rows x 1 x N x N, one byte each) transformers
-        builds from the restarting position_ids for the worst batch of rows x N tokens; not traced (module docstring).
+        builds from the restarting position_ids for the worst batch of rows x N tokens; traced (`packed_rows`), reported
+        for the reader.
         0 for concat and none (their batches carry no position_ids and no attention_mask: `run.data`)."""
         if self.packing not in ("padding-free", "bfd") or self.micro_batch_size is None:
             return 0
