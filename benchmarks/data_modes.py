@@ -27,6 +27,9 @@ TRL for bfd - `pip install -e ".[trl]"`, or trl, datasets, dill and multiprocess
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --out $OUT/data_modes_h200.json
 Predictions only (any machine, the CPU trace path):
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --predict-only --out /tmp/data_modes_predicted.json
+Predictions again against recorded measurements (the CPU trace path; `--paths cuda cpu` on a GPU machine):
+    PYTHONPATH=. python3 benchmarks/data_modes.py --measured benchmarks/results/data_modes_h200.json \
+        --out benchmarks/results/data_modes_cpu_path_after_fix.json
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str,
         "predicted_total_bytes": result.estimate.total_bytes,
         "traced_seq_len": result.estimate.config.seq_len,
         "worst_batch": [rows, row_tokens], "mask_bytes": data.mask_bytes, "bias_bytes": bias_bytes,
+        "epoch_steps_replayed": len(data.epoch_row_tokens(MICRO)),
         "data": data.to_dict(), "trace_device": trace_device, "predict_seconds": time.perf_counter() - started,
         "plan": result.plan().to_dict(),
     }
@@ -187,6 +191,71 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def against_measured(measured_path: Path, paths: list[str], models: list[str], modes: list[str]) -> dict[str, Any]:
+    """Predict every recorded case again (`predict`, the plan's path) on each trace path of `paths` and compare with
+    the measurements of the file at `measured_path` (a document this script wrote on the GPU): the relative errors of
+    peak reserved and peak allocated (predicted / measured - 1). The corpus is made again from the recorded seed and
+    sizes, as the measured run made it."""
+    import torch
+
+    recorded = json.loads(measured_path.read_text())
+    if recorded.get("seed") != SEED or recorded.get("max_chars") != MAX_CHARS:
+        sys.exit(f"{measured_path} was measured on another corpus (seed {recorded.get('seed')}, max_chars "
+                 f"{recorded.get('max_chars')}; this script makes seed {SEED}, max_chars {MAX_CHARS})")
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        corpora: dict[str, Path] = {}
+        for case in recorded["cases"]:
+            if case["model"] not in models or case["mode"] not in modes or "measured_reserved_bytes" not in case:
+                continue
+            if case["mode"] not in corpora:
+                corpora[case["mode"]] = write_corpus(case["mode"], Path(scratch))
+            row: dict[str, Any] = {key: case[key] for key in ("model", "mode", "worst_batch", "steps")
+                                   if key in case}
+            row["measured_reserved_bytes"] = case["measured_reserved_bytes"]
+            row["measured_allocated_bytes"] = case["measured_allocated_bytes"]
+            row["before"] = {"trace_device": recorded.get("trace_device"),
+                             "predicted_reserved_bytes": case["predicted_reserved_bytes"],
+                             "predicted_allocated_bytes": case["predicted_allocated_bytes"]}
+            for path in paths:
+                predicted = predict(case["model"], case["mode"], corpora[case["mode"]], path)
+                row[path] = {key: predicted[key] for key in ("predicted_reserved_bytes", "predicted_allocated_bytes",
+                                                             "traced_seq_len", "predict_seconds")}
+                row[path]["epoch_steps_replayed"] = predicted["epoch_steps_replayed"]
+            for prediction in [row["before"], *(row[path] for path in paths)]:
+                prediction["reserved_error"] = (prediction["predicted_reserved_bytes"]
+                                                / row["measured_reserved_bytes"] - 1)
+                prediction["allocated_error"] = (prediction["predicted_allocated_bytes"]
+                                                 / row["measured_allocated_bytes"] - 1)
+            rows.append(row)
+            print(f"predicted {row['model']} {row['mode']}", file=sys.stderr, flush=True)
+    errors = {path: max(abs(row[path]["reserved_error"]) for row in rows) for path in paths}
+    return {"benchmark": "data_modes", "against": str(measured_path), "measured_on": recorded.get("gpu"),
+            "measured_torch": recorded.get("torch"), "torch": torch.__version__, "paths": paths,
+            "seconds": time.perf_counter() - started, "max_abs_reserved_error": errors, "cases": rows}
+
+
+def measured_table(document: dict[str, Any]) -> str:
+    """Predicted (before the fix, and now on each path) vs measured peak reserved and allocated (GiB, % error)."""
+    paths = document["paths"]
+    lines = [f"{'model':14s} {'mode':5s} {'meas res':>8s} {'before':>15s} "
+             + " ".join(f"{path + ' res':>15s}" for path in paths) + f" {'meas alloc':>10s} "
+             + " ".join(f"{path + ' alloc':>15s}" for path in paths)]
+    for row in document["cases"]:
+        def cell(prediction: dict[str, Any], kind: str) -> str:
+            return f"{prediction[f'predicted_{kind}_bytes'] / GIB:6.2f} {100 * prediction[f'{kind}_error']:+6.1f}%"
+        lines.append(f"{row['model']:14s} {row['mode']:5s} {row['measured_reserved_bytes'] / GIB:8.2f} "
+                     f"{cell(row['before'], 'reserved'):>15s} "
+                     + " ".join(f"{cell(row[path], 'reserved'):>15s}" for path in paths)
+                     + f" {row['measured_allocated_bytes'] / GIB:10.2f} "
+                     + " ".join(f"{cell(row[path], 'allocated'):>15s}" for path in paths))
+    for path, error in document["max_abs_reserved_error"].items():
+        lines.append(f"max |reserved error| on the {path} path: {100 * error:.2f}% over {len(document['cases'])} "
+                     "cases (target <= 5%)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--predict-only", action="store_true", help="predict on the CPU trace path, measure nothing")
@@ -195,6 +264,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/data_modes.json")
     parser.add_argument("--parallel", type=int, default=3,
                         help="cases measured at once, each in its own process (their peaks are their own)")
+    parser.add_argument("--measured", metavar="FILE", type=Path,
+                        help="predict again and compare with the measurements recorded in FILE (no GPU needed)")
+    parser.add_argument("--paths", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+                        help="trace paths for --measured (cuda: fake CUDA tensors, needs a CUDA build of torch)")
     parser.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # the per-case child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -203,6 +276,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as output_dir:
             result = measure(Path(args.measure), Path(args.corpus), args.mode, Path(output_dir))
         Path(args.out).write_text(json.dumps(result))
+        return
+    if args.measured:
+        document = against_measured(args.measured, args.paths, args.models, args.modes)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+        print(measured_table(document))
+        print(f"written to {args.out} ({document['seconds']:.0f} s)")
         return
 
     import torch

@@ -44,6 +44,7 @@ from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
 from memtune.predict import throughput, zero, zero_layout
 from memtune.predict.bound import state_lower_bound
+from memtune.predict.epoch import over_an_epoch
 from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
@@ -860,6 +861,9 @@ def plan_configuration(
             note(why)
     else:
         estimate = predictor.memory(train_config)
+    if data is not None:  # batches of varying shape fragment the cache over an epoch (predict.epoch)
+        estimate = over_an_epoch(source.config, estimate, data.epoch_row_tokens(estimate.config.micro_batch_size),
+                                 estimate.trace_device)
     if note is not None and estimate.host_bytes:
         problem = host_problem(estimate.config, estimate, Policy(host_budget_bytes=host_budget_here()), 0)
         if problem:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -867,11 +867,15 @@ def _dense(tensor: torch.Tensor) -> bool:
     return True
 
 
-def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
+def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2,
+               seq_lens: Sequence[int] = ()) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
     `model_config` (trace a `shallow_config` and `extend` for deep models). With `train_config.eval_batch_size`
-    set, Trainer's evaluation loop follows the steps (`eval_step.trace_evaluation`)."""
+    set, Trainer's evaluation loop follows the steps (`eval_step.trace_evaluation`).
+
+    `seq_lens`: one optimizer step per entry instead, step k's micro-batches of `seq_lens[k]` tokens per row (an epoch
+    of batches of varying length, in the loader's order: `predict.epoch`); empty: `steps` steps of seq_len."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     emulate = device == "cpu"
@@ -915,10 +919,10 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             logits_hook = _logits_hook(counter)
             liger.substitute_liger(model, lambda hidden: logits_hook(head, (hidden,)))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(steps):
+        for step_seq_len in seq_lens or [train_config.seq_len] * steps:
             make_batch = recipe.random_batch if train_config.trainer == "causal-lm" else trl_step.trl_batch
-            batches = [make_batch(model_config, train_config, device) for _ in range(min(train_config.grad_accum_steps,
-                                                                                         2))]
+            shape = train_config.replace(seq_len=step_seq_len)
+            batches = [make_batch(model_config, shape, device) for _ in range(min(train_config.grad_accum_steps, 2))]
             counter.retag(batches, Category.ACTIVATIONS)
             step_config = train_config.replace(grad_accum_steps=len(batches))
             for input_ids in batches:

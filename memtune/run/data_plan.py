@@ -66,6 +66,10 @@ TRL_PACK_BATCH = 1000
 """Documents per BFD packing pass: TRL packs inside `datasets.map(batched=True)`, whose batch_size defaults to 1,000."""
 TOKENIZE_CHUNK = 1000
 """Documents tokenised per call (and per progress-bar step)."""
+TRAINER_SEED = 42
+"""`memtune run --seed`'s default (options.RunOptions.seed), which it passes as TrainingArguments seed and data_seed."""
+EPOCH_STEPS = 64
+"""Micro-batches of an epoch replayed at most (`DataPlan.epoch_row_tokens`)."""
 
 
 check_packing = data_module.check_packing
@@ -165,6 +169,9 @@ class DataPlan:
     """The micro-batch the worst batch is given for (None until the configuration is chosen)."""
     longest_tokens: tuple[int, ...] = field(default=(), repr=False)
     """The longest truncated documents, longest first (enough to fill any micro-batch up to 4,096 sequences)."""
+    row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    """Tokens of each row the loader makes, in the dataset's order (before Trainer's shuffle): the truncated documents
+    (none, padding-free), the packed rows (bfd); empty for concat (every row seq_len)."""
 
     @property
     def truncated_sequences(self) -> int:
@@ -189,6 +196,34 @@ class DataPlan:
         token budget micro_batch x seq_len."""
         longest = sum(self.longest_tokens[:micro_batch_size])
         return min(longest, micro_batch_size * self.seq_len)
+
+    def epoch_row_tokens(self, micro_batch_size: int | None = None, seed: int = TRAINER_SEED,
+                         max_steps: int = EPOCH_STEPS) -> list[int]:
+        """Tokens per row of each micro-batch of the first epoch, in the order Trainer feeds them (`memtune run`:
+        none and bfd rows padded to the longest row of their micro-batch), for the allocator's replay of an epoch of
+        varying shapes (`predict.epoch`). Empty when every batch has one shape (concat) or for padding-free (traced
+        per row: module docstring).
+
+        The order: Trainer's train sampler is a RandomSampler that accelerate replaces with its SeedableRandomSampler
+        seeded with TrainingArguments.data_seed (accelerate/data_loader.py: `generator.manual_seed(initial_seed +
+        epoch)`, then torch's RandomSampler `torch.randperm(n, generator=generator)`); `memtune run` sets data_seed to
+        --seed (default `TRAINER_SEED`). The batches are consecutive `micro_batch_size` rows of that permutation, the
+        last one partial (drop_last False). At most `max_steps` micro-batches are kept: the first max_steps - 1 and
+        then the worst one when it comes later (the replay's cost grows with the steps)."""
+        import torch  # the sampler's own permutation: the same order for the same seed
+
+        micro = micro_batch_size or self.micro_batch_size or 1
+        if self.packing not in ("none", "bfd") or len(set(self.row_lengths)) <= 1:
+            return []
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        order = [self.row_lengths[index] for index in torch.randperm(len(self.row_lengths),
+                                                                     generator=generator).tolist()]
+        shapes = [max(order[start:start + micro]) for start in range(0, len(order), micro)]
+        if len(shapes) > max_steps:
+            worst = max(shapes)
+            shapes = shapes[:max_steps] if worst in shapes[:max_steps] else [*shapes[:max_steps - 1], worst]
+        return shapes
 
     @property
     def packed_rows(self) -> bool:
@@ -231,14 +266,17 @@ def plan_lengths(lengths: Sequence[int], seq_len: int, packing: str, *, source: 
         raise UsageError(f"data '{source}' holds no documents: give a file with training text")
     truncated = sorted((min(n, seq_len) for n in lengths), reverse=True)
     if packing == "concat":
+        rows: list[int] = []
         row_tokens = seq_len
     elif packing == "bfd":
-        row_tokens = max(bfd_row_lengths(lengths, seq_len))
+        rows = bfd_row_lengths(lengths, seq_len)
+        row_tokens = max(rows)
     else:  # none, padding-free
+        rows = [min(n, seq_len) for n in lengths]
         row_tokens = truncated[0]
     return DataPlan(source=source, text_field=text_field, tokenizer=tokenizer, packing=packing, seq_len=seq_len,
                     lengths=LengthStats.of(lengths), over_seq_len=sum(1 for n in lengths if n > seq_len),
-                    row_tokens=row_tokens, longest_tokens=tuple(truncated[:LONGEST_KEPT]))
+                    row_tokens=row_tokens, longest_tokens=tuple(truncated[:LONGEST_KEPT]), row_lengths=tuple(rows))
 
 
 def plan_data(source: Any, data: str | Path, seq_len: int, packing: str = DEFAULT_PACKING, text_field: str = "text",
