@@ -17,9 +17,12 @@ Each case, as a user runs it (LoRA r16 on a bf16 base with random weights, bf16 
     measured:  memtune run PLAN --data FILE --packing MODE, one epoch (`run.runner.run_plan`, in a process of its own);
                the run's peak reserved over every step (run_summary.json's peak_reserved_bytes).
 Also reported: `DataPlan.mask_bytes` (bfd under SDPA: the rows x 1 x N x N bool mask transformers builds from the
-position_ids, not traced) and `bias_bytes`, what the memory-efficient SDPA kernel would keep if it saves the mask
-converted to an additive bf16 bias per attention layer for the backward (rows x N x N rounded up to 16 x 2 bytes x
-layers; a hypothesis this run tests: compare "pred+mask" and "pred+mask+bias" with the measurement).
+position_ids) and `bias_bytes`, the memory-efficient SDPA kernel's bf16 bias per attention layer, saved for the backward
+(rows x N x N rounded up to 16 x 2 bytes x layers). Both are in the prediction since the step is traced with restarting
+position_ids (`TrainConfig.packed_rows`; the H200 run of benchmarks/results/data_modes_h200.json predates that, its
+"+mask" and "+bias" columns were the test of that hypothesis). The none cases' batches vary in length: the prediction
+replays the epoch's steps in Trainer's order through the allocator model (`predict.epoch`); `epoch_steps_replayed`
+says how many. With --measured, the same plan with expandable segments is also predicted (not measured).
 
 On the GPU machine (about 2-3 minutes on one H200: 6 predictions on fake CUDA tensors; each case's run starts in a
 process of its own when its prediction is made, at most --parallel 3 at once - 3 bfd runs together need ~80 GiB;
@@ -73,9 +76,9 @@ def write_corpus(mode: str, folder: Path) -> Path:
     return make_longtail.write_jsonl(documents, folder / f"longtail_{mode}.jsonl")
 
 
-def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str, Any]:
+def predict(model: str, mode: str, corpus: Path, trace_device: str, expandable: bool = False) -> dict[str, Any]:
     """memtune plan's prediction for the data plan (the path `memtune plan --data --packing` takes), with the plan file
-    `memtune run` gets and the data plan's worst batch."""
+    `memtune run` gets and the data plan's worst batch; `expandable`: the same plan with expandable segments."""
     from memtune.fit import plan_configuration
     from memtune.run.data_plan import plan_data
     from memtune.sources import resolve, source_parameters
@@ -83,7 +86,8 @@ def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str,
     started = time.perf_counter()
     source = resolve(model, shapes_only=True)
     data = plan_data(source, corpus, SEQ_LEN, mode)
-    result = plan_configuration(source, source_parameters(source), train_config(), BUDGET_BYTES, "benchmark budget",
+    config = train_config().replace(expandable_segments=expandable)
+    result = plan_configuration(source, source_parameters(source), config, BUDGET_BYTES, "benchmark budget",
                                 trace_device=trace_device, data=data)
     data = result.data or data.with_micro_batch(MICRO)
     rows, row_tokens = data.worst_batch()
@@ -157,24 +161,17 @@ class Measurement:
 
 
 def with_errors(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with the relative errors (predicted / measured - 1) of the prediction, and of it plus the mask terms."""
+    """`row` with the relative error (predicted / measured - 1) of the predicted peak reserved."""
     measured = row.get("measured_reserved_bytes")
     if measured and "predicted_reserved_bytes" in row:
-        predicted = row["predicted_reserved_bytes"]
-        row["error"] = predicted / measured - 1
-        row["error_with_mask"] = (predicted + row["mask_bytes"]) / measured - 1
-        row["error_with_mask_and_bias"] = (predicted + row["mask_bytes"] + row["bias_bytes"]) / measured - 1
+        row["error"] = row["predicted_reserved_bytes"] / measured - 1
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """A short table: worst batch, measured and predicted peak reserved (GiB), the errors (%)."""
+    """A short table: worst batch, measured and predicted peak reserved (GiB), the error (%)."""
     lines = [f"{'model':14s} {'mode':5s} {'worst':>11s} {'steps':>5s} {'measured':>8s} {'predicted':>9s} "
-             f"{'|error|':>7s} {'+mask':>7s} {'+bias':>7s}"]
-
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:+.2f}%"
-
+             f"{'error':>7s}"]
     for row in rows:
         measured = row.get("measured_reserved_bytes")
         error = row.get("error")
@@ -183,8 +180,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{row['model']:14s} {row['mode']:5s} {f'{batch_rows} x {batch_tokens}':>11s} "
             f"{row.get('steps', '-')!s:>5s} {measured / GIB if measured else float('nan'):8.2f} "
             f"{row.get('predicted_reserved_bytes', 0) / GIB:9.2f} "
-            f"{'-' if error is None else f'{100 * abs(error):.2f}%':>7s} {percent(row.get('error_with_mask')):>7s} "
-            f"{percent(row.get('error_with_mask_and_bias')):>7s}")
+            f"{'-' if error is None else f'{100 * error:+.2f}%':>7s}")
     errors = [abs(row["error"]) for row in rows if row.get("error") is not None]
     if errors:
         lines.append(f"max |error| {100 * max(errors):.2f}% over {len(errors)} cases (target <= 5%)")
@@ -223,6 +219,8 @@ def against_measured(measured_path: Path, paths: list[str], models: list[str], m
                 row[path] = {key: predicted[key] for key in ("predicted_reserved_bytes", "predicted_allocated_bytes",
                                                              "traced_seq_len", "predict_seconds")}
                 row[path]["epoch_steps_replayed"] = predicted["epoch_steps_replayed"]
+                expandable = predict(case["model"], case["mode"], corpora[case["mode"]], path, expandable=True)
+                row[path]["predicted_reserved_expandable_bytes"] = expandable["predicted_reserved_bytes"]
             for prediction in [row["before"], *(row[path] for path in paths)]:
                 prediction["reserved_error"] = (prediction["predicted_reserved_bytes"]
                                                 / row["measured_reserved_bytes"] - 1)
@@ -241,7 +239,8 @@ def measured_table(document: dict[str, Any]) -> str:
     paths = document["paths"]
     lines = [f"{'model':14s} {'mode':5s} {'meas res':>8s} {'before':>15s} "
              + " ".join(f"{path + ' res':>15s}" for path in paths) + f" {'meas alloc':>10s} "
-             + " ".join(f"{path + ' alloc':>15s}" for path in paths)]
+             + " ".join(f"{path + ' alloc':>15s}" for path in paths)
+             + " " + " ".join(f"{path + ' expandable':>15s}" for path in paths)]
     for row in document["cases"]:
         def cell(prediction: dict[str, Any], kind: str) -> str:
             return f"{prediction[f'predicted_{kind}_bytes'] / GIB:6.2f} {100 * prediction[f'{kind}_error']:+6.1f}%"
@@ -249,10 +248,11 @@ def measured_table(document: dict[str, Any]) -> str:
                      f"{cell(row['before'], 'reserved'):>15s} "
                      + " ".join(f"{cell(row[path], 'reserved'):>15s}" for path in paths)
                      + f" {row['measured_allocated_bytes'] / GIB:10.2f} "
-                     + " ".join(f"{cell(row[path], 'allocated'):>15s}" for path in paths))
+                     + " ".join(f"{cell(row[path], 'allocated'):>15s}" for path in paths) + " "
+                     + " ".join(f"{row[path]['predicted_reserved_expandable_bytes'] / GIB:15.2f}" for path in paths))
     for path, error in document["max_abs_reserved_error"].items():
         lines.append(f"max |reserved error| on the {path} path: {100 * error:.2f}% over {len(document['cases'])} "
-                     "cases (target <= 5%)")
+                     "cases (target <= 5%); expandable: the same plans with expandable segments, predicted only")
     return "\n".join(lines)
 
 
