@@ -17,9 +17,12 @@ Each case, as a user runs it (LoRA r16 on a bf16 base with random weights, bf16 
     measured:  memtune run PLAN --data FILE --packing MODE, one epoch (`run.runner.run_plan`, in a process of its own);
                the run's peak reserved over every step (run_summary.json's peak_reserved_bytes).
 Also reported: `DataPlan.mask_bytes` (bfd under SDPA: the rows x 1 x N x N bool mask transformers builds from the
-position_ids, not traced) and `bias_bytes`, what the memory-efficient SDPA kernel would keep if it saves the mask
-converted to an additive bf16 bias per attention layer for the backward (rows x N x N rounded up to 16 x 2 bytes x
-layers; a hypothesis this run tests: compare "pred+mask" and "pred+mask+bias" with the measurement).
+position_ids) and `bias_bytes`, the memory-efficient SDPA kernel's bf16 bias per attention layer, saved for the backward
+(rows x N x N rounded up to 16 x 2 bytes x layers). Both are in the prediction since the step is traced with restarting
+position_ids (`TrainConfig.packed_rows`; the H200 run of benchmarks/results/data_modes_h200.json predates that, its
+"+mask" and "+bias" columns were the test of that hypothesis). The none cases' batches vary in length: the prediction
+replays the epoch's steps in Trainer's order through the allocator model (`predict.epoch`); `epoch_steps_replayed`
+says how many. With --measured, the same plan with expandable segments is also predicted (not measured).
 
 On the GPU machine (about 2-3 minutes on one H200: 6 predictions on fake CUDA tensors; each case's run starts in a
 process of its own when its prediction is made, at most --parallel 3 at once - 3 bfd runs together need ~80 GiB;
@@ -27,6 +30,9 @@ TRL for bfd - `pip install -e ".[trl]"`, or trl, datasets, dill and multiprocess
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --out $OUT/data_modes_h200.json
 Predictions only (any machine, the CPU trace path):
     PYTHONPATH=.:/tmp/trlsite python3 benchmarks/data_modes.py --predict-only --out /tmp/data_modes_predicted.json
+Predictions again against recorded measurements (the CPU trace path; `--paths cuda cpu` on a GPU machine):
+    PYTHONPATH=. python3 benchmarks/data_modes.py --measured benchmarks/results/data_modes_h200.json \
+        --out benchmarks/results/data_modes_cpu_path_after_fix.json
 """
 
 from __future__ import annotations
@@ -70,9 +76,9 @@ def write_corpus(mode: str, folder: Path) -> Path:
     return make_longtail.write_jsonl(documents, folder / f"longtail_{mode}.jsonl")
 
 
-def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str, Any]:
+def predict(model: str, mode: str, corpus: Path, trace_device: str, expandable: bool = False) -> dict[str, Any]:
     """memtune plan's prediction for the data plan (the path `memtune plan --data --packing` takes), with the plan file
-    `memtune run` gets and the data plan's worst batch."""
+    `memtune run` gets and the data plan's worst batch; `expandable`: the same plan with expandable segments."""
     from memtune.fit import plan_configuration
     from memtune.run.data_plan import plan_data
     from memtune.sources import resolve, source_parameters
@@ -80,7 +86,8 @@ def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str,
     started = time.perf_counter()
     source = resolve(model, shapes_only=True)
     data = plan_data(source, corpus, SEQ_LEN, mode)
-    result = plan_configuration(source, source_parameters(source), train_config(), BUDGET_BYTES, "benchmark budget",
+    config = train_config().replace(expandable_segments=expandable)
+    result = plan_configuration(source, source_parameters(source), config, BUDGET_BYTES, "benchmark budget",
                                 trace_device=trace_device, data=data)
     data = result.data or data.with_micro_batch(MICRO)
     rows, row_tokens = data.worst_batch()
@@ -92,6 +99,7 @@ def predict(model: str, mode: str, corpus: Path, trace_device: str) -> dict[str,
         "predicted_total_bytes": result.estimate.total_bytes,
         "traced_seq_len": result.estimate.config.seq_len,
         "worst_batch": [rows, row_tokens], "mask_bytes": data.mask_bytes, "bias_bytes": bias_bytes,
+        "epoch_steps_replayed": len(data.epoch_row_tokens(MICRO)),
         "data": data.to_dict(), "trace_device": trace_device, "predict_seconds": time.perf_counter() - started,
         "plan": result.plan().to_dict(),
     }
@@ -153,24 +161,17 @@ class Measurement:
 
 
 def with_errors(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with the relative errors (predicted / measured - 1) of the prediction, and of it plus the mask terms."""
+    """`row` with the relative error (predicted / measured - 1) of the predicted peak reserved."""
     measured = row.get("measured_reserved_bytes")
     if measured and "predicted_reserved_bytes" in row:
-        predicted = row["predicted_reserved_bytes"]
-        row["error"] = predicted / measured - 1
-        row["error_with_mask"] = (predicted + row["mask_bytes"]) / measured - 1
-        row["error_with_mask_and_bias"] = (predicted + row["mask_bytes"] + row["bias_bytes"]) / measured - 1
+        row["error"] = row["predicted_reserved_bytes"] / measured - 1
     return row
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    """A short table: worst batch, measured and predicted peak reserved (GiB), the errors (%)."""
+    """A short table: worst batch, measured and predicted peak reserved (GiB), the error (%)."""
     lines = [f"{'model':14s} {'mode':5s} {'worst':>11s} {'steps':>5s} {'measured':>8s} {'predicted':>9s} "
-             f"{'|error|':>7s} {'+mask':>7s} {'+bias':>7s}"]
-
-    def percent(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:+.2f}%"
-
+             f"{'error':>7s}"]
     for row in rows:
         measured = row.get("measured_reserved_bytes")
         error = row.get("error")
@@ -179,11 +180,79 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{row['model']:14s} {row['mode']:5s} {f'{batch_rows} x {batch_tokens}':>11s} "
             f"{row.get('steps', '-')!s:>5s} {measured / GIB if measured else float('nan'):8.2f} "
             f"{row.get('predicted_reserved_bytes', 0) / GIB:9.2f} "
-            f"{'-' if error is None else f'{100 * abs(error):.2f}%':>7s} {percent(row.get('error_with_mask')):>7s} "
-            f"{percent(row.get('error_with_mask_and_bias')):>7s}")
+            f"{'-' if error is None else f'{100 * error:+.2f}%':>7s}")
     errors = [abs(row["error"]) for row in rows if row.get("error") is not None]
     if errors:
         lines.append(f"max |error| {100 * max(errors):.2f}% over {len(errors)} cases (target <= 5%)")
+    return "\n".join(lines)
+
+
+def against_measured(measured_path: Path, paths: list[str], models: list[str], modes: list[str]) -> dict[str, Any]:
+    """Predict every recorded case again (`predict`, the plan's path) on each trace path of `paths` and compare with
+    the measurements of the file at `measured_path` (a document this script wrote on the GPU): the relative errors of
+    peak reserved and peak allocated (predicted / measured - 1). The corpus is made again from the recorded seed and
+    sizes, as the measured run made it."""
+    import torch
+
+    recorded = json.loads(measured_path.read_text())
+    if recorded.get("seed") != SEED or recorded.get("max_chars") != MAX_CHARS:
+        sys.exit(f"{measured_path} was measured on another corpus (seed {recorded.get('seed')}, max_chars "
+                 f"{recorded.get('max_chars')}; this script makes seed {SEED}, max_chars {MAX_CHARS})")
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as scratch:
+        corpora: dict[str, Path] = {}
+        for case in recorded["cases"]:
+            if case["model"] not in models or case["mode"] not in modes or "measured_reserved_bytes" not in case:
+                continue
+            if case["mode"] not in corpora:
+                corpora[case["mode"]] = write_corpus(case["mode"], Path(scratch))
+            row: dict[str, Any] = {key: case[key] for key in ("model", "mode", "worst_batch", "steps")
+                                   if key in case}
+            row["measured_reserved_bytes"] = case["measured_reserved_bytes"]
+            row["measured_allocated_bytes"] = case["measured_allocated_bytes"]
+            row["before"] = {"trace_device": recorded.get("trace_device"),
+                             "predicted_reserved_bytes": case["predicted_reserved_bytes"],
+                             "predicted_allocated_bytes": case["predicted_allocated_bytes"]}
+            for path in paths:
+                predicted = predict(case["model"], case["mode"], corpora[case["mode"]], path)
+                row[path] = {key: predicted[key] for key in ("predicted_reserved_bytes", "predicted_allocated_bytes",
+                                                             "traced_seq_len", "predict_seconds")}
+                row[path]["epoch_steps_replayed"] = predicted["epoch_steps_replayed"]
+                expandable = predict(case["model"], case["mode"], corpora[case["mode"]], path, expandable=True)
+                row[path]["predicted_reserved_expandable_bytes"] = expandable["predicted_reserved_bytes"]
+            for prediction in [row["before"], *(row[path] for path in paths)]:
+                prediction["reserved_error"] = (prediction["predicted_reserved_bytes"]
+                                                / row["measured_reserved_bytes"] - 1)
+                prediction["allocated_error"] = (prediction["predicted_allocated_bytes"]
+                                                 / row["measured_allocated_bytes"] - 1)
+            rows.append(row)
+            print(f"predicted {row['model']} {row['mode']}", file=sys.stderr, flush=True)
+    errors = {path: max(abs(row[path]["reserved_error"]) for row in rows) for path in paths}
+    return {"benchmark": "data_modes", "against": str(measured_path), "measured_on": recorded.get("gpu"),
+            "measured_torch": recorded.get("torch"), "torch": torch.__version__, "paths": paths,
+            "seconds": time.perf_counter() - started, "max_abs_reserved_error": errors, "cases": rows}
+
+
+def measured_table(document: dict[str, Any]) -> str:
+    """Predicted (before the fix, and now on each path) vs measured peak reserved and allocated (GiB, % error)."""
+    paths = document["paths"]
+    lines = [f"{'model':14s} {'mode':5s} {'meas res':>8s} {'before':>15s} "
+             + " ".join(f"{path + ' res':>15s}" for path in paths) + f" {'meas alloc':>10s} "
+             + " ".join(f"{path + ' alloc':>15s}" for path in paths)
+             + " " + " ".join(f"{path + ' expandable':>15s}" for path in paths)]
+    for row in document["cases"]:
+        def cell(prediction: dict[str, Any], kind: str) -> str:
+            return f"{prediction[f'predicted_{kind}_bytes'] / GIB:6.2f} {100 * prediction[f'{kind}_error']:+6.1f}%"
+        lines.append(f"{row['model']:14s} {row['mode']:5s} {row['measured_reserved_bytes'] / GIB:8.2f} "
+                     f"{cell(row['before'], 'reserved'):>15s} "
+                     + " ".join(f"{cell(row[path], 'reserved'):>15s}" for path in paths)
+                     + f" {row['measured_allocated_bytes'] / GIB:10.2f} "
+                     + " ".join(f"{cell(row[path], 'allocated'):>15s}" for path in paths) + " "
+                     + " ".join(f"{row[path]['predicted_reserved_expandable_bytes'] / GIB:15.2f}" for path in paths))
+    for path, error in document["max_abs_reserved_error"].items():
+        lines.append(f"max |reserved error| on the {path} path: {100 * error:.2f}% over {len(document['cases'])} "
+                     "cases (target <= 5%); expandable: the same plans with expandable segments, predicted only")
     return "\n".join(lines)
 
 
@@ -195,6 +264,10 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/data_modes.json")
     parser.add_argument("--parallel", type=int, default=3,
                         help="cases measured at once, each in its own process (their peaks are their own)")
+    parser.add_argument("--measured", metavar="FILE", type=Path,
+                        help="predict again and compare with the measurements recorded in FILE (no GPU needed)")
+    parser.add_argument("--paths", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
+                        help="trace paths for --measured (cuda: fake CUDA tensors, needs a CUDA build of torch)")
     parser.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # the per-case child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -203,6 +276,13 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as output_dir:
             result = measure(Path(args.measure), Path(args.corpus), args.mode, Path(output_dir))
         Path(args.out).write_text(json.dumps(result))
+        return
+    if args.measured:
+        document = against_measured(args.measured, args.paths, args.models, args.modes)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(document, indent=2) + "\n")
+        print(measured_table(document))
+        print(f"written to {args.out} ({document['seconds']:.0f} s)")
         return
 
     import torch

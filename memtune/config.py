@@ -413,6 +413,11 @@ class TrainConfig:
     precompute_ref_log_probs: bool = False
     """With trainer "dpo": the reference's log-probs computed once before training (DPOConfig
     precompute_ref_log_probs=True), so no reference model is held and no reference forward runs in the step."""
+    packed_rows: bool = False
+    """Each row holds several documents, position_ids restarting at every document and no attention_mask
+    (`memtune run --packing bfd|padding-free`, `run.data_plan`): transformers builds a block-diagonal mask from the
+    position_ids, and SDPA runs its memory-efficient kernel with it; the step is traced that way
+    (`recipe.step.packed_position_ids`, `predict.trace.assume_unpacked_batches`)."""
 
     def __post_init__(self) -> None:
         if self.optimizer in LEGACY_OPTIMIZERS:

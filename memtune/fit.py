@@ -44,6 +44,7 @@ from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
 from memtune.predict import throughput, zero, zero_layout
 from memtune.predict.bound import state_lower_bound
+from memtune.predict.epoch import over_an_epoch
 from memtune.predict.estimate import (
     DEFAULT_CONTEXT_BYTES,
     DEFAULT_WORKSPACE_BYTES,
@@ -323,6 +324,7 @@ def fit_model(
             progress(f"note: {known_gpu(gpu_name)[0]} has no bf16: planning fp16-mixed / fp16 instead of bf16")
     on_card = attention_fields(policy.attn, gpu.capability if gpu else
                                (gpu_card(gpu_name).capability if gpu_name else None))
+    on_card["packed_rows"] = data is not None and data.packed_rows  # traced as the loader batches (data_plan)
     policy.validate(effective_batch_size)  # before the checks below read its fields
     if policy.nvme_path is not None and policy.nvme_budget_bytes is None:
         policy = _with(policy, nvme_budget_bytes=nvme_free_bytes(policy.nvme_path))
@@ -841,7 +843,8 @@ def plan_configuration(
     """
     if explain and budget_bytes is None:
         raise UsageError("--explain compares each change against a budget: give --budget or --gpu, or drop --explain")
-    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data))
+    train_config = train_config.replace(seq_len=traced_seq_len(train_config.seq_len, data),
+                                        packed_rows=data is not None and data.packed_rows)
     check_sequence_length(source.config, train_config.seq_len)
     check_trace_device(trace_device)
     if train_config.adapter is not None:
@@ -858,6 +861,9 @@ def plan_configuration(
             note(why)
     else:
         estimate = predictor.memory(train_config)
+    if data is not None:  # batches of varying shape fragment the cache over an epoch (predict.epoch)
+        estimate = over_an_epoch(source.config, estimate, data.epoch_row_tokens(estimate.config.micro_batch_size),
+                                 estimate.trace_device)
     if note is not None and estimate.host_bytes:
         problem = host_problem(estimate.config, estimate, Policy(host_budget_bytes=host_budget_here()), 0)
         if problem:

@@ -240,6 +240,7 @@ def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale,
     if backend == "efficient":
         bias = attn_mask
         if bias is not None:
+            bias = aligned_bias(bias)
             bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
         return torch.ops.aten._scaled_dot_product_efficient_attention(
             query, key, value, bias, True, dropout_p, is_causal, scale=scale
@@ -251,6 +252,25 @@ def _attention_kernel(query, key, value, attn_mask, dropout_p, is_causal, scale,
         )[0]
     finally:
         IN_ATTENTION.reset(token)
+
+
+MEM_EFFICIENT_ALIGNMENT = 16
+"""Elements the memory-efficient kernel's bias strides must be multiples of (torch
+aten/src/ATen/native/transformers/attention.cpp `preprocess_mask`: `mem_eff_alignment = 16`)."""
+
+
+def aligned_bias(bias: torch.Tensor) -> torch.Tensor:
+    """The attention bias as the memory-efficient kernel receives it (attention.cpp `preprocess_mask`): when a
+    stride other than the last is not a multiple of MEM_EFFICIENT_ALIGNMENT (`aligned_tensor`), a copy padded on
+    the last dimension to that multiple, sliced back to its length (`pad_bias`). The kernel's autograd node saves
+    that bias for backward (torch derivatives.yaml, `_scaled_dot_product_efficient_attention`: its backward takes
+    `attn_bias`), so the padded copy lives until the layer's backward: for a packed batch's rows x 1 x L x L mask,
+    one bias in the compute dtype per attention layer."""
+    if all(stride % MEM_EFFICIENT_ALIGNMENT == 0 for stride in bias.stride()[:-1]):
+        return bias
+    length = bias.shape[-1]
+    padded = torch.nn.functional.pad(bias, (0, MEM_EFFICIENT_ALIGNMENT - length % MEM_EFFICIENT_ALIGNMENT))
+    return padded[..., :length]
 
 
 IN_ATTENTION: contextvars.ContextVar[bool] = contextvars.ContextVar("memtune_in_attention", default=False)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import weakref
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -390,7 +390,17 @@ def meta_to_fake(
     return originals
 
 
-def assume_unpacked_batches() -> contextlib.AbstractContextManager:
+def packed_sequence_indices(position_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' `masking_utils.find_packed_sequence_indices` for rows known to be packed: the same ops (the
+    diff of the positions, `!= 1`, its cumsum: which document each token belongs to), without the read of the values
+    that decides "not packed" (fake tensors have none; the read is answered True in the mask code, FULL_BATCHES,
+    which would say every row holds one document)."""
+    first_dummy_value = position_ids[:, :1] - 1
+    position_diff = torch.diff(position_ids, prepend=first_dummy_value, dim=-1)
+    return (position_diff != 1).cumsum(-1)
+
+
+def assume_unpacked_batches(packed: bool = False) -> contextlib.AbstractContextManager:
     """Make transformers' mask code decide on fake tensors as it decides on the real, full batches.
 
     masking_utils takes a fake tensor for tracing (`is_tracing`) and then keeps a full causal mask
@@ -399,7 +409,11 @@ def assume_unpacked_batches() -> contextlib.AbstractContextManager:
     run reads (`_ignore_causal_mask_sdpa`, `fast_all`) and skips. Here masking_utils' `is_tracing` ignores
     fake tensors, its boolean reads are answered as the real batch answers them (emulation.FULL_BATCHES:
     every token real), and it is told the batches are not packed (`find_packed_sequence_indices`), which it
-    would otherwise find out by reading position_ids."""
+    would otherwise find out by reading position_ids. `packed` (`TrainConfig.packed_rows`): the rows are packed, their
+    position_ids restarting (`recipe.step.packed_position_ids`): the mask code is told which tokens share a document
+    (`packed_sequence_indices`) and builds the block-diagonal mask the real step builds, which keeps SDPA off its
+    flash kernel and, with grouped KV heads, off SDPA's own GQA (transformers `use_gqa_in_sdpa`: keys and values are
+    repeated to every query head first)."""
     from unittest import mock
 
     try:
@@ -408,7 +422,8 @@ def assume_unpacked_batches() -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     stack = contextlib.ExitStack()
     if hasattr(masking_utils, "find_packed_sequence_indices"):
-        stack.enter_context(mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None))
+        find_packed = packed_sequence_indices if packed else (lambda position_ids: None)
+        stack.enter_context(mock.patch.object(masking_utils, "find_packed_sequence_indices", find_packed))
     is_tracing = getattr(masking_utils, "is_tracing", None)
     if is_tracing is not None:
         stack.enter_context(mock.patch.object(masking_utils, "is_tracing", lambda tensor=None: is_tracing(None)))
@@ -852,11 +867,15 @@ def _dense(tensor: torch.Tensor) -> bool:
     return True
 
 
-def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2) -> Trace:
+def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu", steps: int = 2,
+               seq_lens: Sequence[int] = ()) -> Trace:
     """Trace `steps` optimizer steps of `train_config` on one GPU (`device` "cuda": fake CUDA tensors;
     "cpu": fake CPU tensors with `CudaEmulation`) and return the allocation events, at the depth of
     `model_config` (trace a `shallow_config` and `extend` for deep models). With `train_config.eval_batch_size`
-    set, Trainer's evaluation loop follows the steps (`eval_step.trace_evaluation`)."""
+    set, Trainer's evaluation loop follows the steps (`eval_step.trace_evaluation`).
+
+    `seq_lens`: one optimizer step per entry instead, step k's micro-batches of `seq_lens[k]` tokens per row (an epoch
+    of batches of varying length, in the loader's order: `predict.epoch`); empty: `steps` steps of seq_len."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     emulate = device == "cpu"
@@ -868,7 +887,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
     emulation = CudaEmulation(capability) if emulate else AttentionScope(capability)
     model = recipe.build_model(model_config, train_config, "meta")  # then fake tensors: see meta_to_fake
     layers = decoder_layers(model)
-    unpacked = assume_unpacked_batches()
+    unpacked = assume_unpacked_batches(train_config.packed_rows)
     counter.trace.num_layers = counter.trace.traced_layers = len(layers)
     counter.trace.period = layer_period(model_config)
     layer_of = {id(t): index for index, layer in enumerate(layers) for t in [*layer.parameters(), *layer.buffers()]}
@@ -900,10 +919,10 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             logits_hook = _logits_hook(counter)
             liger.substitute_liger(model, lambda hidden: logits_hook(head, (hidden,)))
         trainable = [p for p in model.parameters() if p.requires_grad]
-        for _ in range(steps):
+        for step_seq_len in seq_lens or [train_config.seq_len] * steps:
             make_batch = recipe.random_batch if train_config.trainer == "causal-lm" else trl_step.trl_batch
-            batches = [make_batch(model_config, train_config, device) for _ in range(min(train_config.grad_accum_steps,
-                                                                                         2))]
+            shape = train_config.replace(seq_len=step_seq_len)
+            batches = [make_batch(model_config, shape, device) for _ in range(min(train_config.grad_accum_steps, 2))]
             counter.retag(batches, Category.ACTIVATIONS)
             step_config = train_config.replace(grad_accum_steps=len(batches))
             for input_ids in batches:

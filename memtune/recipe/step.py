@@ -370,9 +370,25 @@ def linear_context(train_config: TrainConfig) -> Iterator[None]:
 
 
 def random_batch(model_config: Any, train_config: TrainConfig, device: str | torch.device) -> torch.Tensor:
+    """The input_ids of one micro-batch: micro_batch_size rows of seq_len random token ids."""
     vocab = int(getattr(model_config, "vocab_size", 32000))
     shape = (train_config.micro_batch_size, train_config.seq_len)
     return torch.randint(0, vocab, shape, device=device)
+
+
+def packed_position_ids(input_ids: torch.Tensor) -> torch.Tensor:
+    """position_ids of packed rows (`TrainConfig.packed_rows`): every row holds two documents, the first ceil(L/2) of
+    its L tokens and the rest, the positions restarting at 0 where the second begins (TRL's
+    `get_position_ids_from_packed_seq_lengths`, `run.data.positions_of`): 0 1 .. h-1 0 1 .. L-h-1.
+
+    How many documents share a row and where they start changes no tensor's size: transformers materialises the
+    same rows x 1 x L x L mask for any split (masking_utils `sdpa_mask` with `find_packed_sequence_indices`), so two
+    stand for any packed row. A row of one token holds one document (nothing restarts)."""
+    length = input_ids.shape[-1]
+    half = (length + 1) // 2
+    positions = torch.arange(length, device=input_ids.device)
+    positions = torch.where(positions >= half, positions - half, positions)
+    return positions.expand(input_ids.shape[0], length)
 
 
 def forward_loss(
@@ -393,6 +409,8 @@ def forward_loss(
         raise ValueError(f"forward_loss: train_config asks for the {train_config.loss} loss, but this model's forward "
                          f"computes the {loss_of(model)} one (recipe.loss.use_chunked_loss): build it with "
                          f"loss={train_config.loss!r}")
+    if train_config.packed_rows:  # several documents per row: positions restart, no attention_mask (run.data)
+        return model(input_ids=input_ids, labels=labels, position_ids=packed_position_ids(input_ids)).loss
     return model(input_ids=input_ids, labels=labels).loss
 
 

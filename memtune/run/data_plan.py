@@ -26,19 +26,26 @@ batch planned is the largest batch any order could make: for none and bfd that i
 longest row, which every epoch has (unless that row lands in a last, partial micro-batch); a padding-free epoch holds
 the micro_batch longest documents together only by chance, so its measured peak may stay below the plan.
 
-What is traced (`DataPlan.row_tokens`, the TrainConfig's seq_len): micro_batch rows of the worst row's length. For
-concat, none and bfd (padded) that is the worst batch's own shape. For padding-free (and TRL's padding-free bfd) the
-real batch is one row of N <= micro_batch x row_tokens tokens; the trace holds the same or more tokens in
-micro_batch rows, so every per-token activation (linear layers, norms, MLP, logits, loss) is counted, but the
-attention is traced per row. Known limitation, not traced: under SDPA, transformers (masking_utils,
-`find_packed_sequence_indices`) turns the restarting position_ids of padding-free and bfd batches into a materialised
-block-diagonal bool mask of rows x 1 x N x N bytes (`DataPlan.mask_bytes`, reported beside the prediction), and an
-explicit mask keeps SDPA off its flash kernel (the memory-efficient kernel runs instead, which takes the mask as an
-additive bias in the compute dtype; `benchmarks/data_modes.py` measures what that costs). With flash_attention_2,
-padding-free runs the varlen kernel with no mask: the traced shape is then what runs. The N x N mask could not be
-traced without the trace taking position_ids (memtune's traced step feeds input_ids and labels only), and one row of N
-tokens would also be refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions
-restart per document.
+What is traced (fit.py sets it on every configuration predicted, tried and saved): micro_batch rows of the worst row's
+length (`DataPlan.row_tokens`, the TrainConfig's seq_len), and for bfd and padding-free packed rows
+(`DataPlan.packed_rows`, `TrainConfig.packed_rows`): the traced step passes position_ids restarting inside each row
+(`recipe.step.packed_position_ids`), so transformers builds the block-diagonal bool mask it builds for the real batch
+(masking_utils `find_packed_sequence_indices`, then `sdpa_mask`: rows x 1 x N x N bytes, `DataPlan.mask_bytes`), SDPA
+leaves its flash kernel for the memory-efficient one, which converts the mask to an additive bias in the compute dtype
+and saves it per attention layer for backward (`predict.emulation.aligned_bias` on the CPU path; torch itself on the
+fake-CUDA path), and with grouped KV heads transformers repeats keys and values to every query head (`use_gqa_in_sdpa`
+is False with a mask). All of it is in the prediction by construction. For concat, none and bfd (padded) the traced
+shape is the worst batch's own. For padding-free (and TRL's padding-free bfd) the real batch is one row of
+N <= micro_batch x row_tokens tokens; the trace holds the same or more tokens in micro_batch rows, so every per-token
+activation (linear layers, norms, MLP, logits, loss) is counted, but the attention and its mask are traced per row
+(micro_batch x row_tokens^2, not N^2: under SDPA an under-estimate, known limitation). One row of N tokens would be
+refused by models whose positions are fewer than N (gpt2: 1,024) although the real positions restart per document.
+With flash_attention_2, padding-free runs the varlen kernel with no mask.
+
+Batches of varying shape (none, padding-free: every micro-batch is padded to its own longest row) fragment the CUDA
+caching allocator over an epoch: blocks cut for earlier, smaller batches stay cached and the worst batch's large
+requests need new segments. `DataPlan.epoch_row_tokens` gives the loader's batch shapes for that replay
+(`predict.epoch`).
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ TRL_PACK_BATCH = 1000
 """Documents per BFD packing pass: TRL packs inside `datasets.map(batched=True)`, whose batch_size defaults to 1,000."""
 TOKENIZE_CHUNK = 1000
 """Documents tokenised per call (and per progress-bar step)."""
+TRAINER_SEED = 42
+"""`memtune run --seed`'s default (options.RunOptions.seed), which it passes as TrainingArguments seed and data_seed."""
+EPOCH_STEPS = 64
+"""Micro-batches of an epoch replayed at most (`DataPlan.epoch_row_tokens`)."""
 
 
 check_packing = data_module.check_packing
@@ -158,6 +169,9 @@ class DataPlan:
     """The micro-batch the worst batch is given for (None until the configuration is chosen)."""
     longest_tokens: tuple[int, ...] = field(default=(), repr=False)
     """The longest truncated documents, longest first (enough to fill any micro-batch up to 4,096 sequences)."""
+    row_lengths: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    """Tokens of each row the loader makes, in the dataset's order (before Trainer's shuffle): the truncated documents
+    (none, padding-free), the packed rows (bfd); empty for concat (every row seq_len)."""
 
     @property
     def truncated_sequences(self) -> int:
@@ -183,10 +197,44 @@ class DataPlan:
         longest = sum(self.longest_tokens[:micro_batch_size])
         return min(longest, micro_batch_size * self.seq_len)
 
+    def epoch_row_tokens(self, micro_batch_size: int | None = None, seed: int = TRAINER_SEED,
+                         max_steps: int = EPOCH_STEPS) -> list[int]:
+        """Tokens per row of each micro-batch of the first epoch, in the order Trainer feeds them (`memtune run`:
+        none and bfd rows padded to the longest row of their micro-batch), for the allocator's replay of an epoch of
+        varying shapes (`predict.epoch`). Empty when every batch has one shape (concat) or for padding-free (traced
+        per row: module docstring).
+
+        The order: Trainer's train sampler is a RandomSampler that accelerate replaces with its SeedableRandomSampler
+        seeded with TrainingArguments.data_seed (accelerate/data_loader.py: `generator.manual_seed(initial_seed +
+        epoch)`, then torch's RandomSampler `torch.randperm(n, generator=generator)`); `memtune run` sets data_seed to
+        --seed (default `TRAINER_SEED`). The batches are consecutive `micro_batch_size` rows of that permutation, the
+        last one partial (drop_last False). At most `max_steps` micro-batches are kept: the first max_steps - 1 and
+        then the worst one when it comes later (the replay's cost grows with the steps)."""
+        import torch  # the sampler's own permutation: the same order for the same seed
+
+        micro = micro_batch_size or self.micro_batch_size or 1
+        if self.packing not in ("none", "bfd") or len(set(self.row_lengths)) <= 1:
+            return []
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+        order = [self.row_lengths[index] for index in torch.randperm(len(self.row_lengths),
+                                                                     generator=generator).tolist()]
+        shapes = [max(order[start:start + micro]) for start in range(0, len(order), micro)]
+        if len(shapes) > max_steps:
+            worst = max(shapes)
+            shapes = shapes[:max_steps] if worst in shapes[:max_steps] else [*shapes[:max_steps - 1], worst]
+        return shapes
+
+    @property
+    def packed_rows(self) -> bool:
+        """Rows that hold several documents, position_ids restarting (bfd, padding-free): `TrainConfig.packed_rows`."""
+        return self.packing in ("bfd", "padding-free")
+
     @property
     def mask_bytes(self) -> int:
         """padding-free and bfd under SDPA: the block-diagonal bool mask (rows x 1 x N x N, one byte each) transformers
-        builds from the restarting position_ids for the worst batch of rows x N tokens; not traced (module docstring).
+        builds from the restarting position_ids for the worst batch of rows x N tokens; traced (`packed_rows`), reported
+        for the reader.
         0 for concat and none (their batches carry no position_ids and no attention_mask: `run.data`)."""
         if self.packing not in ("padding-free", "bfd") or self.micro_batch_size is None:
             return 0
@@ -218,14 +266,17 @@ def plan_lengths(lengths: Sequence[int], seq_len: int, packing: str, *, source: 
         raise UsageError(f"data '{source}' holds no documents: give a file with training text")
     truncated = sorted((min(n, seq_len) for n in lengths), reverse=True)
     if packing == "concat":
+        rows: list[int] = []
         row_tokens = seq_len
     elif packing == "bfd":
-        row_tokens = max(bfd_row_lengths(lengths, seq_len))
+        rows = bfd_row_lengths(lengths, seq_len)
+        row_tokens = max(rows)
     else:  # none, padding-free
+        rows = [min(n, seq_len) for n in lengths]
         row_tokens = truncated[0]
     return DataPlan(source=source, text_field=text_field, tokenizer=tokenizer, packing=packing, seq_len=seq_len,
                     lengths=LengthStats.of(lengths), over_seq_len=sum(1 for n in lengths if n > seq_len),
-                    row_tokens=row_tokens, longest_tokens=tuple(truncated[:LONGEST_KEPT]))
+                    row_tokens=row_tokens, longest_tokens=tuple(truncated[:LONGEST_KEPT]), row_lengths=tuple(rows))
 
 
 def plan_data(source: Any, data: str | Path, seq_len: int, packing: str = DEFAULT_PACKING, text_field: str = "text",
