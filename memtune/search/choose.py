@@ -31,6 +31,7 @@ walk is tested on a CPU with fakes that assert the exact sequence of candidates.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -654,8 +655,10 @@ def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: Sear
 
     The walk reaches a checkpointed candidate only after the same without checkpointing was found too big (it is
     faster, so ranked first): k = 0 is too big and k = L fits. Memory falls with every checkpointed layer, so a
-    bisection finds the fewest in log2(L) predictions, most of them from one trace (`single.partial_events`);
-    speed falls with every recomputed layer, so it is also the fastest of them.
+    bisection finds the fewest, most predictions from one trace (`single.partial_events`); its first two steps are
+    where the line through the known points crosses the budget (`interpolated_layers`: memory is affine in k), which
+    with k = 0 traced usually settles it in 2 predictions instead of log2(L); speed falls with every recomputed
+    layer, so it is also the fastest of them.
 
     A k counts as fitting only when its predicted peak, without the allocator releasing its cache, stays under the
     usable budget (`Estimate.total_bytes`), stricter than `judge`, which lets a step fit by releasing it: the
@@ -669,12 +672,22 @@ def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: Sear
             or config.checkpoint_layers is not None or num_layers < 2 or config.sharded):
         return None
     low, high, fitting = 0, num_layers, None
+    assert candidate.estimate is not None
+    points = {num_layers: candidate.estimate.total_bytes}
+    none = next((c.estimate for c in result.candidates if c.estimate is not None and not config.offload_activations
+                 and c.config == config.replace(gradient_checkpointing=False, checkpoint_layers=None)), None)
+    if none is not None:  # the same without checkpointing, traced by the walk before (too big)
+        points[0] = none.total_bytes
+    guesses = 2
     while high - low > 1:
-        middle = (low + high) // 2
+        middle = interpolated_layers(points, low, high, result.usable_bytes) if guesses else None
+        guesses = max(0, guesses - 1)
+        middle = (low + high) // 2 if middle is None else middle
         trying = config.replace(checkpoint_layers=middle)
         say(f"predicting {trying.describe()}")
         estimate = predictor.memory(trying)
         result.estimates += 1
+        points[middle] = estimate.total_bytes
         if (estimate.total_bytes <= result.usable_bytes
                 and judge(predictor, estimate, result.budget_bytes, result.margin_bytes).fits):
             high, fitting = middle, estimate
@@ -692,6 +705,24 @@ def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: Sear
         at -= 1
     result.candidates.insert(at, fewer)
     return fewer
+
+
+def interpolated_layers(points: dict[int, int], low: int, high: int, usable_bytes: int) -> int | None:
+    """The number of checkpointed layers to predict next in `fewest_checkpointed`'s search over (low, high): where the
+    line through the two known points (layers -> predicted total bytes) nearest the interval crosses `usable_bytes`,
+    rounded up (memory falls with each layer checkpointed: the first that fits) and kept inside the interval. None
+    without two points or a falling line: bisect. Memory is affine in the layers checkpointed (each one keeps its
+    input instead of its activations, `single.partial_events`), so the guess and its neighbour usually settle it:
+    2 predictions instead of log2(L) (Qwen3-1.7B's 28 layers: 5)."""
+    known = sorted(points, key=lambda layers: (min(abs(layers - low), abs(layers - high)), layers))[:2]
+    if len(known) < 2:
+        return None
+    (a, b) = sorted(known)
+    slope = (points[b] - points[a]) / (b - a)
+    if slope >= 0:
+        return None
+    crossing = a + (usable_bytes - points[a]) / slope
+    return min(high - 1, max(low + 1, math.ceil(crossing)))
 
 
 def _predict(predictor: Predictor, result: SearchResult, config: TrainConfig) -> Estimate:
