@@ -85,9 +85,14 @@ CASES = [
 ]
 DEFAULT_CASES = [2, 3, 4, 5, 0, 1]
 """The four architectures outside the catalog first (should the time limit cut the run short, they are done), then
-two catalog models. About 6-8 minutes on one H200 (each case: a cold fit of 10-40 s, a warm one of 5-15 s, mostly
-trial steps, FEBS 5-30 s, and up to `--oracle` measurements of 3-10 s); `--time-limit` keeps the call under 9
-minutes whatever."""
+two catalog models. Where a case's time went on one H200 (results/search_cold_warm_partial_h200.json, Qwen3-1.7B
+shapes, ~104 s in all): cold fit 39 s, warm fit 17 s (5 s of it trials run again, the rest predictions made again),
+FEBS 19.5 s, FEBS's final configuration measured again 3.5 s, 4 oracle measurements 14.4 s, the rest (the model's
+config, the oracle's predictions) ~10 s; and Gemma-3-1B's cold fit was the longest (its 6-layer pattern makes every
+partial-checkpointing trace full depth: 183 s on the CPU dry run, 66 s after `fewest_checkpointed`'s interpolated
+guess). Now the warm fit reads its estimates and verified trials from the disk cache (~1 s), FEBS's tokens/s is its
+last attempt's and the choice's oracle row is its whole-step trial: expected ~70 s a case, ~7.5 minutes for the six
+on one H200; `--time-limit` keeps the call under 9 minutes whatever."""
 
 POLICY = Policy(allow_offload=False)
 """Offload is left out of this comparison: the batch-size finders cannot offload either."""
@@ -188,6 +193,7 @@ def run_memtune(case: Case, source: Any, num_parameters: int, budget: int, steps
         "explain_seconds": search.explain_seconds,
         "search_seconds": search.seconds,
         "trials": search.trials,
+        "trials_from_cache": len(result.cached_trials),
         "ooms": search.trial_ooms,
         "estimates": search.estimates,
         "measured_both": [c.config.describe() for c in search.measured_both],
@@ -477,7 +483,8 @@ def line(row: dict) -> str:
     cold, warm = row["cold"], row["warm"]
     return (f"{row['case']}: cold {cold['seconds']:.1f} s (plan at {cold['seconds_to_plan']:.1f} s, "
             f"{cold['estimates']} predictions, {cold['trials']} trials), warm {warm['seconds']:.1f} s "
-            f"({warm['estimates']} predictions, trials {warm['trial_seconds']:.1f} s): {cold['description']}")
+            f"({warm['estimates']} predictions, trials {warm['trial_seconds']:.1f} s, "
+            f"{warm.get('trials_from_cache', 0)} from the cache): {cold['description']}")
 
 
 def summary(rows: list[dict]) -> None:

@@ -674,8 +674,12 @@ def fewest_checkpointed(candidate: Candidate, predictor: Predictor, result: Sear
     low, high, fitting = 0, num_layers, None
     assert candidate.estimate is not None
     points = {num_layers: candidate.estimate.total_bytes}
-    none = next((c.estimate for c in result.candidates if c.estimate is not None and not config.offload_activations
-                 and c.config == config.replace(gradient_checkpointing=False, checkpoint_layers=None)), None)
+    try:
+        plain = None if config.offload_activations else config.replace(gradient_checkpointing=False,
+                                                                       checkpoint_layers=None)
+    except UsageError:  # a combination that needs checkpointing
+        plain = None
+    none = next((c.estimate for c in result.candidates if c.estimate is not None and c.config == plain), None)
     if none is not None:  # the same without checkpointing, traced by the walk before (too big)
         points[0] = none.total_bytes
     guess = interpolated_layers(points, low, high, result.usable_bytes)
