@@ -14,18 +14,23 @@ memtune as a user would (`memtune fit ./dir`). In one process, side by side, per
 - memtune COLD: `fit_model` end to end (probe, tracing, search, trial steps, plan saved; the explanation is
   predicted after the plan is saved and reported apart) with MEMTUNE_CACHE_DIR a fresh empty directory and the
   in-process trace caches emptied: what a first `memtune fit` of the model costs once Python and torch are loaded.
-- memtune WARM: the same fit again, in-process caches emptied again (as a new process), the disk cache kept.
+- memtune WARM: the same fit again, in-process caches emptied again (as a new process), the disk cache kept: the
+  finished estimates, FLOP counts and the trial measurements that fitted (same card, budget and libraries: "verified
+  earlier (cached measurement)") are read, not made again.
 - FEBS: `accelerate.utils.find_executable_batch_size` from the effective batch, bf16 autocast, no checkpointing (what
   `Trainer(auto_find_batch_size=True, bf16=True)` runs); the batch shrinks x0.9 per OOM and gradient accumulation is
-  not adjusted (transformers PR #33281). Its final configuration is measured for 3 steps for its tokens/s.
+  not adjusted (transformers PR #33281). Its tokens/s is its last attempt's (the final batch, `--steps` steps, the
+  first untimed), not measured again.
 - bisection (`--bisection` only): Lightning's BatchSizeFinder "binsearch" mode: from 1, double until OOM (or the
   wanted batch), then bisect; bf16 autocast, no checkpointing.
 - the oracle: memtune's choice and the configurations its candidates table (the walked group: full fine-tuning at the
   chosen tier) predicts to fit under budget - margin, the fastest predicted first (`--oracle` of them at most,
   predicting untraced candidates as needed), each measured for 3 full steps (every micro-batch of the accumulation)
-  under the cap. "choice / best" is the choice's measured tokens/s over the best measured among those whose measured
-  total (peak reserved + workspaces + context) stays under budget - margin. Predicted and measured tokens/s of every
-  measured configuration are recorded: the speed model's error on the held-apart architectures.
+  under the cap, except those the cold fit's trials measured whole (at most 2 micro-batches a step): their trial
+  measurement is used ("from_trial"). "choice / best" is the choice's measured tokens/s over the best measured among
+  those whose measured total (peak reserved + workspaces + context) stays under budget - margin. Predicted and
+  measured tokens/s of every measured configuration are recorded: the speed model's error on the held-apart
+  architectures.
 
 Offload is left out (`POLICY`): the batch-size finder cannot offload either. Trial steps are timed apart
 (`trial_seconds`): the warm fit's floor is its trials. `--time-limit` (default 420 s) stops starting new work past it,
@@ -80,9 +85,14 @@ CASES = [
 ]
 DEFAULT_CASES = [2, 3, 4, 5, 0, 1]
 """The four architectures outside the catalog first (should the time limit cut the run short, they are done), then
-two catalog models. About 6-8 minutes on one H200 (each case: a cold fit of 10-40 s, a warm one of 5-15 s, mostly
-trial steps, FEBS 5-30 s, and up to `--oracle` measurements of 3-10 s); `--time-limit` keeps the call under 9
-minutes whatever."""
+two catalog models. Where a case's time went on one H200 (results/search_cold_warm_partial_h200.json, Qwen3-1.7B
+shapes, ~104 s in all): cold fit 39 s, warm fit 17 s (5 s of it trials run again, the rest predictions made again),
+FEBS 19.5 s, FEBS's final configuration measured again 3.5 s, 4 oracle measurements 14.4 s, the rest (the model's
+config, the oracle's predictions) ~10 s; and Gemma-3-1B's cold fit was the longest (its 6-layer pattern makes every
+partial-checkpointing trace full depth: 183 s on the CPU dry run, 66 s after `fewest_checkpointed`'s interpolated
+guess). Now the warm fit reads its estimates and verified trials from the disk cache (~1 s), FEBS's tokens/s is its
+last attempt's and the choice's oracle row is its whole-step trial: expected ~70 s a case, ~7.5 minutes for the six
+on one H200; `--time-limit` keeps the call under 9 minutes whatever."""
 
 POLICY = Policy(allow_offload=False)
 """Offload is left out of this comparison: the batch-size finders cannot offload either."""
@@ -123,12 +133,13 @@ def model_source(case: Case, folder: Path) -> tuple[Any, int]:
 
 
 def forget_in_process() -> None:
-    """Empty memtune's in-process trace caches (every `*_CACHE` dict of memtune.predict): the next fit reads traces
-    from the disk cache only, as a new process would."""
+    """Empty memtune's in-process caches (every `*_CACHE` dict of memtune.predict, and flops' `_COUNTS`): the next
+    fit reads traces, estimates, FLOP counts and trial measurements from the disk cache only, as a new process
+    would."""
     for name, module in list(sys.modules.items()):
         if name.startswith("memtune.predict") and module is not None:
             for attribute, value in vars(module).items():
-                if attribute.endswith("_CACHE") and isinstance(value, dict):
+                if attribute.endswith(("_CACHE", "_COUNTS")) and isinstance(value, dict):
                     value.clear()
 
 
@@ -182,6 +193,7 @@ def run_memtune(case: Case, source: Any, num_parameters: int, budget: int, steps
         "explain_seconds": search.explain_seconds,
         "search_seconds": search.seconds,
         "trials": search.trials,
+        "trials_from_cache": len(result.cached_trials),
         "ooms": search.trial_ooms,
         "estimates": search.estimates,
         "measured_both": [c.config.describe() for c in search.measured_both],
@@ -209,6 +221,7 @@ def run_febs(case: Case, model_config: Any, steps: int) -> dict:
 
     set_cap(case)
     tried: list[tuple[int, bool]] = []
+    last: list[Any] = []
     started = time.perf_counter()
 
     @find_executable_batch_size(starting_batch_size=case.batch_size)
@@ -216,6 +229,7 @@ def run_febs(case: Case, model_config: Any, steps: int) -> dict:
         config = plain_bf16(case, batch_size)
         measurement = verify.measure(model_config, config, steps=steps)
         tried.append((batch_size, measurement.fits))
+        last[:] = [measurement]
         if not measurement.fits:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. " + measurement.error)
         return config
@@ -224,7 +238,11 @@ def run_febs(case: Case, model_config: Any, steps: int) -> dict:
         config, error = attempt(), ""
     except RuntimeError as failure:  # "No executable batch size found, reached zero."
         config, error = None, str(failure)
-    return {"seconds": time.perf_counter() - started, "trials": len(tried),
+    final = {}
+    if config is not None and last:  # its last attempt ran the final configuration: no accumulation, `steps` steps
+        final = {"tokens_per_second": last[0].tokens_per_second, "final_peak_reserved_bytes":
+                 last[0].peak_reserved_bytes, "final_fits": True, "final_from_last_attempt": True}
+    return {**final, "seconds": time.perf_counter() - started, "trials": len(tried),
             "ooms": sum(1 for _, fits in tried if not fits), "tried": tried, "error": error,
             "config": None if config is None else config.to_dict(),
             "description": None if config is None else config.describe(),
@@ -265,14 +283,24 @@ def run_bisection(case: Case, model_config: Any, steps: int) -> dict:
             "description": None if config is None else config.describe()}
 
 
+TRIAL_ACCUMULATION_LIMIT = 2
+"""`measure.verify.measure`'s default accumulation_limit: a trial of at most this many micro-batches per step ran the
+whole step, so the oracle reuses its measurement (`oracle_configurations`)."""
+
+Picked = tuple[TrainConfig, float, int, Any]
+"""(configuration, predicted tokens/s, predicted total bytes, the cold fit's trial measurement of it or None)."""
+
+
 def oracle_configurations(result: Any, source: Any, num_parameters: int, limit: int,
-                          max_predictions: int = 12) -> list[tuple[TrainConfig, float, int]]:
-    """(configuration, predicted tokens/s, predicted total bytes) of memtune's choice and of the fastest predicted
-    candidates of its walked group that fit under budget - margin (`verdict.judge`), `limit` in all: the candidates
-    the search judged to fit, then untraced ones predicted here (at most `max_predictions`), fastest first."""
+                          max_predictions: int = 12) -> list[Picked]:
+    """(configuration, predicted tokens/s, predicted total bytes, trial measurement) of memtune's choice and of the
+    fastest predicted candidates of its walked group that fit under budget - margin (`verdict.judge`), `limit` in all:
+    the candidates the search judged to fit, then untraced ones predicted here (at most `max_predictions`), fastest
+    first. The measurement is the cold fit's own trial of that configuration where it ran the whole step (at most
+    TRIAL_ACCUMULATION_LIMIT micro-batches) and fitted: `measure_oracle` does not measure the same step again."""
     from memtune.fit import ModelPredictor, attention_fields
     from memtune.predict import throughput
-    from memtune.search.choose import FITS, MEASURED_FASTER, NOT_EVALUATED, VERIFIED, techniques
+    from memtune.search.choose import FITS, MEASURED_FASTER, MEASURED_SLOWER, NOT_EVALUATED, VERIFIED, techniques
     from memtune.search.verdict import judge
 
     search = result.search
@@ -285,41 +313,53 @@ def oracle_configurations(result: Any, source: Any, num_parameters: int, limit: 
     predictor = ModelPredictor(source.config, num_parameters, throughput.gpu_speed(gpu.name if gpu else "H200"),
                                device=None if gpu else "cpu", on_card=on_card, context_bytes=estimate.context_bytes,
                                workspace_bytes=estimate.workspace_bytes)
-    picked = [(chosen.config, chosen.predicted_tokens_per_second, chosen.predicted_total_bytes or 0)]
+
+    def trial_of(candidate: Any) -> Any:
+        measurement = candidate.measurement
+        whole_step = candidate.config.grad_accum_steps <= TRIAL_ACCUMULATION_LIMIT
+        return measurement if measurement is not None and measurement.fits and whole_step else None
+
+    picked: list[Picked] = [(chosen.config, chosen.predicted_tokens_per_second, chosen.predicted_total_bytes or 0,
+                             trial_of(chosen))]
     predictions = 0
     for candidate in sorted(search.candidates, key=lambda c: -c.predicted_tokens_per_second):
         if len(picked) >= limit:
             break
-        if any(techniques(candidate.config) == techniques(config) for config, _, _ in picked):
+        if any(techniques(candidate.config) == techniques(config) for config, _, _, _ in picked):
             continue  # the allocator's mode alone, or the checkpointed depth alone: the same kernels, already picked
-        if candidate.status in (FITS, VERIFIED, MEASURED_FASTER) and candidate.estimate is not None:
-            picked.append((candidate.config, candidate.predicted_tokens_per_second, candidate.estimate.total_bytes))
+        if candidate.status in (FITS, VERIFIED, MEASURED_FASTER, MEASURED_SLOWER) and candidate.estimate is not None:
+            picked.append((candidate.config, candidate.predicted_tokens_per_second, candidate.estimate.total_bytes,
+                           trial_of(candidate)))
         elif candidate.status == NOT_EVALUATED and predictions < max_predictions:
             predictions += 1
             estimate = predictor.memory(candidate.config)
             if judge(predictor, estimate, search.budget_bytes, search.margin_bytes).fits:
-                picked.append((candidate.config, candidate.predicted_tokens_per_second, estimate.total_bytes))
+                picked.append((candidate.config, candidate.predicted_tokens_per_second, estimate.total_bytes, None))
     return picked
 
 
-def measure_oracle(case: Case, model_config: Any, picked: list[tuple[TrainConfig, float, int]], usable: int,
-                   fixed_bytes: int, deadline: float) -> list[dict]:
-    """Each picked configuration measured for 3 full steps under the cap (skipped past `deadline`); its measured
-    total is the peak reserved + `fixed_bytes` (the workspaces and CUDA context, as `Candidate.measured_total_bytes`
-    counts them)."""
+def measure_oracle(case: Case, model_config: Any, picked: list[Picked], usable: int, fixed_bytes: int,
+                   deadline: float) -> list[dict]:
+    """Each picked configuration measured for 3 full steps under the cap (skipped past `deadline`), or its cold
+    fit's trial measurement where it has one (`oracle_configurations`; "from_trial": the trial's `--steps` steps,
+    the first untimed); its measured total is the peak reserved + `fixed_bytes` (the workspaces and CUDA context, as
+    `Candidate.measured_total_bytes` counts them)."""
     from memtune.measure import verify
 
     rows = []
-    for config, predicted, predicted_total in picked:
+    for config, predicted, predicted_total, trial in picked:
         row = {"config": config.to_dict(), "description": config.describe(), "predicted_tokens_per_second": predicted,
                "predicted_total_bytes": predicted_total}
-        if time.perf_counter() > deadline:
+        if trial is None and time.perf_counter() > deadline:
             row["skipped"] = "time limit"
             rows.append(row)
             continue
-        set_cap(case)
         started = time.perf_counter()
-        measurement = verify.measure(model_config, config, steps=3, accumulation_limit=None)
+        if trial is not None:
+            measurement, row["from_trial"] = trial, True
+        else:
+            set_cap(case)
+            measurement = verify.measure(model_config, config, steps=3, accumulation_limit=None)
         total = measurement.peak_reserved_bytes + fixed_bytes if measurement.fits else None
         measured = measurement.tokens_per_second if measurement.fits else 0.0
         row.update({"seconds": time.perf_counter() - started, "fits": measurement.fits,
@@ -332,10 +372,14 @@ def measure_oracle(case: Case, model_config: Any, picked: list[tuple[TrainConfig
 
 
 def measure_final(case: Case, model_config: Any, row: dict) -> None:
+    """The final configuration of a finder measured for 3 steps (its tokens/s); not again where the finder's last
+    attempt measured it already (`final_from_last_attempt`: FEBS's last attempt is its final batch, unaccumulated)."""
     from memtune.measure import verify
 
     if row["config"] is None:
         row["tokens_per_second"] = 0.0
+        return
+    if row.get("final_from_last_attempt"):
         return
     set_cap(case)
     measurement = verify.measure(model_config, TrainConfig.from_dict(row["config"]), steps=3, accumulation_limit=None)
@@ -364,8 +408,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, nargs="*", default=None,
                         help=f"indices into CASES (default {DEFAULT_CASES}): "
                              + "; ".join(f"{i} {case.name}" for i, case in enumerate(CASES)))
-    parser.add_argument("--oracle", type=int, default=5, help="configurations measured per case, the choice "
-                        "included (default 5; 0: none)")
+    parser.add_argument("--oracle", type=int, default=4, help="configurations measured per case, the choice "
+                        "included (default 4; 0: none); those the cold fit's trials ran whole are not measured again")
     parser.add_argument("--time-limit", type=float, default=420.0,
                         help="seconds after which no new case, FEBS or oracle measurement starts (default 420: a "
                              "case started just before ends within 9 minutes of the start)")
@@ -412,7 +456,8 @@ def main() -> None:
         row["usable_bytes"] = result.search.usable_bytes
         picked = oracle_configurations(result, source, num_parameters, args.oracle) if args.oracle else []
         row["oracle_picked"] = [{"description": config.describe(), "predicted_tokens_per_second": speed,
-                                 "predicted_total_bytes": total} for config, speed, total in picked]
+                                 "predicted_total_bytes": total, "trial_reused": trial is not None}
+                                for config, speed, total, trial in picked]
         if not args.dry_run:
             import torch
 
@@ -438,7 +483,8 @@ def line(row: dict) -> str:
     cold, warm = row["cold"], row["warm"]
     return (f"{row['case']}: cold {cold['seconds']:.1f} s (plan at {cold['seconds_to_plan']:.1f} s, "
             f"{cold['estimates']} predictions, {cold['trials']} trials), warm {warm['seconds']:.1f} s "
-            f"({warm['estimates']} predictions, trials {warm['trial_seconds']:.1f} s): {cold['description']}")
+            f"({warm['estimates']} predictions, trials {warm['trial_seconds']:.1f} s, "
+            f"{warm.get('trials_from_cache', 0)} from the cache): {cold['description']}")
 
 
 def summary(rows: list[dict]) -> None:

@@ -42,7 +42,7 @@ from memtune.measure import memory
 from memtune.measure.probe import GpuInfo, ProbeResult
 from memtune.measure.verify import measure as measure_trial
 from memtune.plan import Plan
-from memtune.predict import throughput, zero, zero_layout
+from memtune.predict import cache, throughput, zero, zero_layout
 from memtune.predict.bound import state_lower_bound
 from memtune.predict.epoch import over_an_epoch
 from memtune.predict.estimate import (
@@ -53,6 +53,7 @@ from memtune.predict.estimate import (
     estimate,
     fits_under,
 )
+from memtune.predict.peak import default_trace_device
 from memtune.predict.trace import num_layers_of
 from memtune.run.data_plan import DataPlan
 from memtune.run.launch import MAIN_PROCESS_IP, LaunchFiles, write_launch_files
@@ -103,13 +104,30 @@ class ModelPredictor:
         """Told once, in words, when a trace had to fall back to the other trace path (`Estimate.trace_note`)."""
         self._notes: set[str] = set()
         self._cache: dict[TrainConfig, Estimate] = {}
+        self._model_key = model_config.to_json_string(use_diff=False)
+
+    def _disk_key(self, kind: str, config: TrainConfig, *more: Any) -> str:
+        """The disk cache's key (`predict.cache.key_of`) of `config` on this model and trace device; `more` for what
+        else the entry depends on (a device's size)."""
+        return cache.key_of(kind, self._model_key, config.to_dict(), self.device or default_trace_device(), *more)
 
     def memory(self, config: TrainConfig) -> Estimate:
-        """The predicted step of `config` (one GPU, DDP, FSDP2 or DeepSpeed ZeRO: `predict.estimate` dispatches)."""
+        """The predicted step of `config` (one GPU, DDP, FSDP2 or DeepSpeed ZeRO: `predict.estimate` dispatches),
+        kept in the process and on disk (`predict.cache`, kind "estimate"): a second fit of the same model and
+        configuration reads the finished estimate, without extending a trace or replaying the allocator."""
         config = config.replace(**self.on_card)
         if config not in self._cache:
-            self._cache[config] = estimate(self.model_config, config, device=self.device,
-                                           context_bytes=self.context_bytes, workspace_bytes=self.workspace_bytes)
+            started = time.perf_counter()
+            key = self._disk_key("estimate", config)
+            stored = cache.load(key)
+            if isinstance(stored, tuple) and len(stored) == 3 and isinstance(stored[0], Estimate):
+                found = rebased(stored[0], self.context_bytes - stored[1], self.workspace_bytes - stored[2])
+                found = dataclasses.replace(found, seconds=time.perf_counter() - started)  # this prediction's time
+            else:
+                found = estimate(self.model_config, config, device=self.device, context_bytes=self.context_bytes,
+                                 workspace_bytes=self.workspace_bytes)
+                cache.store(key, (found, self.context_bytes, self.workspace_bytes))
+            self._cache[config] = found
             trace_note = self._cache[config].trace_note
             if trace_note and self.note is not None and trace_note not in self._notes:
                 self._notes.add(trace_note)
@@ -123,8 +141,15 @@ class ModelPredictor:
 
     def fits(self, estimate_: Estimate, usable_bytes: int) -> bool:
         """`estimate.fits_under`: the step replayed against a device of `usable_bytes`, releasing the
-        cache under pressure as torch does (the sharded estimate's total must fit)."""
-        return fits_under(self.model_config, estimate_, usable_bytes, self.device)
+        cache under pressure as torch does (the sharded estimate's total must fit). Kept on disk (kind "fits") by
+        the estimate's configuration and `usable_bytes`: the replay needs the full-depth events."""
+        capacity = usable_bytes - estimate_.workspace_bytes - estimate_.context_bytes  # what the replay gets
+        key = self._disk_key("fits", estimate_.config, estimate_.trace_device, capacity)
+        found = cache.load(key)
+        if not isinstance(found, bool):
+            found = fits_under(self.model_config, estimate_, usable_bytes, self.device)
+            cache.store(key, found)
+        return found
 
     def tokens_per_second(self, config: TrainConfig) -> float:
         return throughput.tokens_per_second(self.shape, config, self.speed)
@@ -146,6 +171,29 @@ class ModelPredictor:
     def state_bytes(self, config: TrainConfig) -> int:
         """`bound.state_lower_bound`: weights + gradients + optimizer state, a floor under the traced peak."""
         return state_lower_bound(self.shape, config)
+
+
+def rebased(found: Estimate, context_change: int, workspace_change: int) -> Estimate:
+    """`found` (a cached estimate) with `context_change` more bytes of CUDA context and `workspace_change` more of
+    cuBLAS workspaces (both may be negative): the probe of another process measures a slightly different context,
+    and neither enters the traced step, only the totals and the "overhead" category (`peak.estimate_of_events`,
+    `eval_peak.eval_estimate_of_events`)."""
+    if not context_change and not workspace_change:
+        return found
+    change = context_change + workspace_change
+
+    def moved(breakdown: dict[str, int]) -> dict[str, int]:
+        return {**breakdown, "overhead": breakdown.get("overhead", 0) + change} if "overhead" in breakdown \
+            else dict(breakdown)
+
+    evaluation = found.evaluation
+    if evaluation is not None:
+        evaluation = dataclasses.replace(evaluation, context_bytes=evaluation.context_bytes + context_change,
+                                         workspace_bytes=evaluation.workspace_bytes + workspace_change,
+                                         breakdown=moved(evaluation.breakdown))
+    return dataclasses.replace(found, context_bytes=found.context_bytes + context_change,
+                               workspace_bytes=found.workspace_bytes + workspace_change,
+                               breakdown=moved(found.breakdown), evaluation=evaluation)
 
 
 @dataclass
@@ -223,6 +271,10 @@ class FitResult:
     inter_node_gbps: float | None = None
     """Over several machines (--nodes): the network rate of each machine the throughput assumed (Gb/s one way,
     --inter-node-gbps, not measured); None on one machine."""
+    cached_trials: list[TrainConfig] = field(default_factory=list)
+    """Configurations whose trial steps were not run again: a measurement of the same step on the same card under
+    the same budget was in the disk cache (`cached_trial`); their candidates' notes say "verified earlier (cached
+    measurement)"."""
     launch_files: LaunchFiles | None = None
     """Over several machines: the launch files written next to the saved plan (`run.launch.write_launch_files`:
     one accelerate config per machine, torchrun and SLURM scripts, LAUNCH.txt), None otherwise."""
@@ -285,6 +337,11 @@ def fit_model(
     table) once the plan is saved and the choice told to `on_chosen` (`chosen_words`: the configuration, verified or
     not, and the plan's path): they never delay the plan file. Their seconds are `SearchResult.explain_seconds`; each
     alternative is told to `progress` in one line. Not for the common-card plans (no GPU, no budget).
+
+    A second fit of the same model, configuration and card reads what did not change from the disk cache
+    (`predict.cache`; MEMTUNE_NO_CACHE=1 turns it off): each finished estimate and replay (`ModelPredictor`), the FLOP
+    counts (`predict.flops`) and each trial measurement that fitted (`cached_trial`: the same GPU, driver, budget and
+    libraries; its candidate's note says "verified earlier (cached measurement)").
 
     `evaluation`: the TrainConfig eval fields (`EvalOptions.fields`; eval_batch_size None for auto is given as
     "auto") added to the chosen plan once the search is done (`plan_evaluation`).
@@ -377,15 +434,28 @@ def fit_model(
 
     trial = None
     if gpu is not None and verify:
-        def trial(config: TrainConfig) -> memory.Measurement:
+        def run_trial(config: TrainConfig) -> memory.Measurement:
             with emulated_budget(gpu, budget_bytes):
-                return measure_trial(source.config, config.replace(**on_card), steps=trial_steps)
+                return measure_trial(source.config, config, steps=trial_steps)
+
+        def trial(config: TrainConfig) -> memory.Measurement:
+            assert gpu is not None and budget_bytes is not None
+            found, from_cache = cached_trial(source.config, config.replace(**on_card), gpu, budget_bytes, trial_steps,
+                                             run_trial, torch_cuda=result.probe.torch_cuda if result.probe else "")
+            if from_cache:
+                result.cached_trials.append(config)
+                if progress:
+                    progress(f"{CACHED_TRIAL}: {found.tokens_per_second:,.0f} tokens/s measured, not run again")
+            return found
 
     result.search = search(
         predictor, seq_len, effective_batch_size, budget_bytes, policy, trial=trial, explain=False, progress=progress
     )
     if several_machines:
         result.search.notes.append(network_note(policy, inter_node_gbps))
+    for candidate in result.search.candidates:
+        if candidate.config in result.cached_trials and candidate.measurement is not None:
+            candidate.note = CACHED_TRIAL + (f"; {candidate.note}" if candidate.note else "")
     chosen = result.search.chosen
     if chosen is not None and data is not None:
         result.data = data.with_micro_batch(chosen.config.micro_batch_size)
@@ -430,13 +500,38 @@ def fit_model(
     return result
 
 
+CACHED_TRIAL = "verified earlier (cached measurement)"
+"""A candidate's note, and the choice's line, when its trial measurement came from the disk cache (`cached_trial`)."""
+
+
+def cached_trial(model_config: Any, config: TrainConfig, gpu: GpuInfo, budget_bytes: int, steps: int,
+                 run: Callable[[TrainConfig], memory.Measurement], *,
+                 torch_cuda: str = "") -> tuple[memory.Measurement, bool]:
+    """The trial measurement of `config` (`run(config)`) and whether it came from the disk cache (`predict.cache`,
+    kind "trial") instead of being run: a measurement that fitted is kept there, keyed by the model config, the
+    configuration, the GPU's name, total bytes and driver, torch's CUDA version (`torch_cuda`), the budget the trial
+    ran under (`budget_bytes`, the emulated cap when it is under the card's, `emulated_budget`), the trial's `steps`
+    and, through `cache.fingerprint`, the versions of torch, transformers, peft, bitsandbytes and torchao and
+    memtune's own source. A run out of memory is not kept: it runs again. MEMTUNE_NO_CACHE=1 runs every trial."""
+    key = cache.key_of("trial", model_config.to_json_string(use_diff=False), config.to_dict(), gpu.name,
+                       gpu.total_bytes, gpu.driver_version, torch_cuda, budget_bytes, steps)
+    stored = cache.load(key)
+    if isinstance(stored, memory.Measurement) and stored.fits:
+        return stored, True
+    found = run(config)
+    if found.fits:
+        cache.store(key, found)
+    return found, False
+
+
 def chosen_words(result: FitResult) -> str:
     """The choice in one progress line, told before the explanation is predicted: the configuration, whether trial
     steps verified it (with the measured tokens/s) and where the plan was saved."""
     assert result.search is not None and result.search.chosen is not None
     chosen = result.search.chosen
     measured = chosen.measurement if chosen.measurement is not None and chosen.measurement.fits else None
-    verified = (f"verified, {measured.tokens_per_second:,.0f} tokens/s measured" if chosen.status == VERIFIED
+    how = CACHED_TRIAL if chosen.config in result.cached_trials else "verified"
+    verified = (f"{how}, {measured.tokens_per_second:,.0f} tokens/s measured" if chosen.status == VERIFIED
                 and measured is not None else f"{chosen.predicted_tokens_per_second:,.0f} tokens/s predicted")
     saved = f"; plan saved to {result.plan_path}" if result.plan_path is not None else ""
     return f"chosen: {chosen.config.describe()} ({verified}){saved}"

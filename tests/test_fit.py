@@ -202,3 +202,58 @@ def test_auto_fit_explains_only_when_asked(tiny_model_dir, monkeypatch):
                             progress=lines.append)
     assert explained == [1] and plan.effective_batch_size == 4
     assert any(line.startswith("why this one: ") for line in lines)
+
+
+def fit_on_a_fake_gpu(tiny_model_dir, monkeypatch, measured: list):
+    """`fit_model` as on an H200 (a GpuInfo given as the probe's), trial steps faked: each appends its configuration
+    to `measured`; the in-process trace caches emptied first, as in a new process."""
+    import contextlib
+
+    from memtune import fit as fit_module
+    from memtune.measure.memory import Measurement
+    from memtune.measure.probe import GpuInfo
+    from memtune.predict import single
+    from memtune.sources import parameter_count, resolve
+
+    gpu = GpuInfo(index=0, name="NVIDIA H200", total_bytes=140 * GIB, free_bytes=139 * GIB, used_by_others_bytes=0,
+                  other_processes=0, capability="9.0", bf16_supported=True, context_bytes=600 * MIB,
+                  driver_version="580.1")
+
+    def trial(model_config, config, steps):
+        measured.append(config)
+        return Measurement(fits=True, peak_reserved_bytes=64 * MIB, step_seconds=[0.2, 0.1],
+                           tokens_per_step=config.effective_batch_size * config.seq_len)
+
+    monkeypatch.setattr(single, "_TRACE_CACHE", {})
+    monkeypatch.setattr(single, "_EVENTS_CACHE", {})
+    monkeypatch.setattr(fit_module.memory, "warm_up", lambda: 8 * MIB)
+    monkeypatch.setattr(fit_module, "measure_trial", trial)
+    monkeypatch.setattr(fit_module, "emulated_budget", lambda gpu, budget: contextlib.nullcontext())
+    source = resolve(str(tiny_model_dir))
+    told: list[str] = []
+    result = fit_module.fit_model(source, parameter_count(source.config), 128, 4, budget_bytes=GIB,
+                                  trace_device="cpu", probe_result=ProbeResult(gpus=[gpu]), explain=False,
+                                  on_chosen=told.append)
+    assert result.search is not None and result.search.chosen is not None
+    return result, told
+
+
+def test_a_second_fit_on_the_same_card_reuses_the_verified_trial(tiny_model_dir, tmp_path, monkeypatch):
+    """The trial's measurement is kept on disk (`fit.cached_trial`): a second fit of the same model, configuration,
+    card and budget runs no trial step and says the choice was verified earlier; MEMTUNE_NO_CACHE=1 measures again."""
+    from memtune.fit import CACHED_TRIAL
+
+    monkeypatch.delenv("MEMTUNE_NO_CACHE", raising=False)
+    monkeypatch.setenv("MEMTUNE_CACHE_DIR", str(tmp_path))
+    measured: list = []
+    first, _ = fit_on_a_fake_gpu(tiny_model_dir, monkeypatch, measured)
+    assert len(measured) == first.search.trials >= 1 and first.cached_trials == []
+    second, told = fit_on_a_fake_gpu(tiny_model_dir, monkeypatch, measured)
+    assert len(measured) == first.search.trials  # no trial ran the second time
+    chosen = second.search.chosen
+    assert chosen.config == first.search.chosen.config and chosen.status == "verified"
+    assert chosen.note.startswith(CACHED_TRIAL) and told and CACHED_TRIAL in told[0]
+    assert second.plan is not None and second.plan.measured_tokens_per_second == first.plan.measured_tokens_per_second
+    monkeypatch.setenv("MEMTUNE_NO_CACHE", "1")
+    third, _ = fit_on_a_fake_gpu(tiny_model_dir, monkeypatch, measured)
+    assert len(measured) == first.search.trials + third.search.trials and third.cached_trials == []

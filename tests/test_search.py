@@ -656,3 +656,41 @@ def test_the_other_allocator_mode_is_extrapolated_from_the_default_modes_allocat
     twin = next(c for c in result.candidates
                 if c.config.micro_batch_size == 2 and c.config.expandable_segments)
     assert twin.status == EXTRAPOLATED and "whichever the allocator's mode, from micro-batches 4 and 8" in twin.note
+
+
+def test_the_fewest_checkpointed_layers_are_guessed_from_the_line_through_known_points():
+    """Memory is affine in the layers checkpointed: with k = 0 and k = L predicted, the line's crossing of the budget
+    and its neighbour settle the fewest that fit (2 predictions, where the bisection took log2(L))."""
+    from memtune.search.choose import interpolated_layers
+
+    gib = {0: 26 * GIB, 16: 10 * GIB}  # 10 GiB + 1 GiB per layer not checkpointed
+    assert interpolated_layers(gib, 0, 16, int(20.5 * GIB)) == 6  # 10 + 10 = 20 GiB fits, 5 layers: 21 GiB
+    assert interpolated_layers({**gib, 6: 20 * GIB}, 0, 6, int(20.5 * GIB)) == 5  # kept inside the interval
+    assert interpolated_layers({16: 10 * GIB}, 0, 16, int(20.5 * GIB)) is None  # one point: bisect
+    assert interpolated_layers({0: 10 * GIB, 16: 10 * GIB}, 0, 16, int(20.5 * GIB)) is None  # not falling
+
+    class Layered:
+        num_layers = 16
+
+        def __init__(self) -> None:
+            self.calls: list[int] = []
+
+        def memory(self, config: TrainConfig) -> Estimate:
+            k = config.checkpointed_layers(self.num_layers)
+            self.calls.append(k)
+            size = int((10 + 1.02 * (self.num_layers - k)) * GIB)  # not quite affine: the guess is checked
+            return Estimate(config, size, size, workspace_bytes=0, context_bytes=0, breakdown={"activations": size})
+
+        def fits(self, estimate: Estimate, usable_bytes: int) -> bool:
+            return estimate.total_bytes <= usable_bytes
+
+        def tokens_per_second(self, config: TrainConfig) -> float:
+            return 1.0 - 0.02 * config.checkpointed_layers(self.num_layers)
+
+    policy = Policy(allow_offload=False, allow_chunked_loss=False, use_adapter=False, margin_bytes=0,
+                    allow_8bit_optimizer=False, allow_pure_16bit=False, precision="fp32", micro_batch_size=1,
+                    expandable_segments=False)
+    predictor = Layered()
+    result = search(predictor, 1024, 1, int(20.5 * GIB), policy, explain=False)
+    assert result.chosen is not None and result.chosen.config.checkpoint_layers == 6  # 20.2 GiB; 5: 21.2 GiB
+    assert predictor.calls == [0, 16, 6, 5]

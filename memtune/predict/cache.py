@@ -1,4 +1,5 @@
-"""Traces kept on disk between runs, so a second `memtune plan` or `fit` of the same model is near-instant.
+"""Traces, estimates and trial measurements kept on disk between runs, so a second `memtune plan` or `fit` of the
+same model is near-instant.
 
 A shallow trace (`single.cached_trace`: a few decoder layers of one training configuration) is a few tens of KiB
 pickled and costs 0.3-2 s to make on the CPU. It is stored under `$MEMTUNE_CACHE_DIR` (default
@@ -8,12 +9,22 @@ versions of torch, transformers, peft and bitsandbytes, and a hash of memtune's 
 library or memtune misses. `MEMTUNE_NO_CACHE=1` turns it off. Entries are written atomically (a temporary file
 renamed into place); one that cannot be read is traced again, never trusted; a cache that cannot be written is
 skipped silently (a read-only home, a full disk): it only saves time.
+
+The same store holds, each under a key that starts with its kind (`key_of`):
+- "estimate": the finished Estimate of one configuration (`fit.ModelPredictor.memory`): the shallow trace extended
+  to full depth and replayed through the allocator model is the warm fit's main cost (a second or two each on the
+  CPU); keyed by the model config, the configuration, the trace device, the workspaces and the context.
+- "fits": the replay of an estimate's step against a device of a given size (`fit.ModelPredictor.fits`).
+- "trial": a verified trial measurement (`fit.cached_trial`), keyed besides by the GPU's name, total memory and
+  driver, torch's CUDA version, the budget the trial ran under (the emulated cap) and the trial's steps.
+All of them are keyed by `fingerprint()` too: a new torch, transformers or memtune misses.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -47,6 +58,12 @@ def fingerprint() -> str:
         digest.update(path.relative_to(package).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def key_of(kind: str, *parts: Any) -> str:
+    """The cache key of `kind` ("estimate", "fits", "trial") over `parts` (JSON-serialisable values: a config's
+    `to_dict()`, a model config's `to_json_string()`, names, byte counts), in a canonical JSON form."""
+    return json.dumps([kind, *parts], sort_keys=True)
 
 
 def _path(key: str) -> Path | None:
