@@ -661,3 +661,23 @@ def test_the_why_table_says_when_an_alternative_fits_only_by_releasing_the_cache
     assert fits_word(Alternative("a", config, 8 * GIB, 1.0, fits=True), search) == "yes"
     assert fits_word(Alternative("b", config, int(9.5 * GIB), 1.0, fits=True), search) == "on release"
     assert fits_word(Alternative("c", config, 12 * GIB, 1.0, fits=False), search) == "no"
+
+
+@pytest.mark.parametrize(("config", "expected", "absent"), [
+    (TrainConfig(seq_len=256, trainer="dpo", precompute_ref_log_probs=True),
+     ["from trl import DPOConfig", "args = DPOConfig(", "max_length=256,", "precompute_ref_log_probs=True,"],
+     ["TrainingArguments"]),
+    (TrainConfig(seq_len=256, trainer="sft", sft_batches="packed"),
+     ["from trl import SFTConfig", "args = SFTConfig(", "packing=True,", "padding_free=True,"], ["TrainingArguments"]),
+    (TrainConfig(seq_len=256, trainer="sft", sft_batches="padding-free", weights_dtype="bf16"),
+     ["from transformers import AutoModelForCausalLM\n", "max_length=None,", "padding_free=True,"],
+     ["TrainingArguments", "packing=True"]),
+])
+def test_the_python_snippet_of_a_trl_plan_builds_trls_config(config, expected, absent):
+    """A TRL plan's "or in Python" lines build SFTConfig / DPOConfig with the layout and reference it planned, as
+    Plan.sft_config / dpo_config do, not a TrainingArguments that would lose them."""
+    from memtune.report.words import python_snippet
+
+    snippet = python_snippet(config) + "\n"
+    assert all(text in snippet for text in expected), snippet
+    assert not any(text in snippet for text in absent), snippet

@@ -275,6 +275,18 @@ def host_memory_words(estimate: Estimate) -> str | None:
             "(torch's pinned blocks, powers of two)")
 
 
+def trl_arguments(config: TrainConfig) -> dict[str, Any]:
+    """The SFTConfig / DPOConfig fields beyond TrainingArguments' that a TRL plan sets (`Plan.sft_config`,
+    `Plan.dpo_config`): the batch layout and max_length of SFT, max_length and precomputed reference log-probs of
+    DPO (per_device_train_batch_size counts preference pairs there); {} for the causal-LM step."""
+    if config.trainer == "sft":
+        return {"max_length": None if config.sft_batches == "padding-free" else config.seq_len,
+                "packing": config.sft_batches == "packed", "padding_free": config.sft_batches != "padded"}
+    if config.trainer == "dpo":
+        return {"max_length": config.seq_len, "precompute_ref_log_probs": config.precompute_ref_log_probs}
+    return {}
+
+
 def python_snippet(config: TrainConfig) -> str:
     """transformers/peft code that sets what `config` chose (memtune run does all of it from the plan)."""
     adapter = config.adapter
@@ -323,8 +335,12 @@ def python_snippet(config: TrainConfig) -> str:
             f"model = get_peft_model(model, PrefixTuningConfig(num_virtual_tokens={adapter.num_virtual_tokens}, "
             'task_type="CAUSAL_LM"))'
         )
-    body += ["args = TrainingArguments(", "    output_dir=\"out\","]
-    for name, value in ladder.trainer_arguments(config).items():
+    arguments_class = {"sft": "SFTConfig", "dpo": "DPOConfig"}.get(config.trainer, "TrainingArguments")
+    if arguments_class != "TrainingArguments":  # TRL's own config, as Plan.sft_config / dpo_config build it
+        imports = [line.replace(", TrainingArguments", "") for line in imports
+                   if line != "from transformers import TrainingArguments"] + [f"from trl import {arguments_class}"]
+    body += [f"args = {arguments_class}(", "    output_dir=\"out\","]
+    for name, value in {**ladder.trainer_arguments(config), **trl_arguments(config)}.items():
         comment = ""
         if name == "gradient_checkpointing":
             comment = ("  # activation_checkpointing=True from transformers 5.24" if value else
