@@ -472,14 +472,15 @@ def data_lines(data: DataPlan) -> list[str]:
     micro = data.micro_batch_size or 1
     if data.micro_batch_size is None:  # no configuration chosen (one search per card): the shape per micro-batch
         lines.append(f"  batching: {data.packing}; worst batch micro-batch x {data.row_tokens:,} tokens per row"
-                     + (" (padding-free: one row of as many tokens, block-diagonal mask not traced)"
+                     + (" (padding-free: one row of as many tokens; the block-diagonal mask traced per row)"
                         if data.packing == "padding-free" else ""))
     elif data.packing == "padding-free":
         lines.append(f"  batching: padding-free; worst batch 1 x {row_tokens:,} tokens (the {micro} longest "
                      f"documents, budget {micro} x {data.seq_len:,}), traced as {micro} x {data.row_tokens:,}")
-        lines.append(f"  not traced: under SDPA, transformers builds a {row_tokens:,} x {row_tokens:,} block-diagonal "
-                     f"mask from the position_ids ({format_bytes(data.mask_bytes)}) and SDPA then runs its "
-                     "memory-efficient kernel, not flash; with --attn flash_attention_2 there is no mask")
+        lines.append(f"  mask: under SDPA, transformers builds a {row_tokens:,} x {row_tokens:,} block-diagonal mask "
+                     f"from the position_ids ({format_bytes(data.mask_bytes)}) and SDPA runs its memory-efficient "
+                     f"kernel, not flash: traced per row ({micro} x {data.row_tokens:,}), so the one big mask is "
+                     "counted short; with --attn flash_attention_2 there is no mask")
     else:
         words = {"concat": "documents concatenated into --seq-len blocks",
                  "none": "one document per row, padded to the longest in the batch",
@@ -489,8 +490,11 @@ def data_lines(data: DataPlan) -> list[str]:
 
 
 def task_line(result: FitResult) -> str:
-    tokens = result.seq_len * result.effective_batch_size
-    return (f"task: {result.seq_len} tokens per sequence, effective batch {result.effective_batch_size} "
+    """The task in one line; under TRL's DPO the batch counts preference pairs, two sequences each."""
+    pairs = result.policy is not None and result.policy.trainer == "dpo"
+    tokens = result.seq_len * result.effective_batch_size * (2 if pairs else 1)
+    batch = f"{result.effective_batch_size} pairs (chosen and rejected)" if pairs else f"{result.effective_batch_size}"
+    return (f"task: {result.seq_len} tokens per sequence, effective batch {batch} "
             f"({tokens:,} tokens per optimizer step)")
 
 
