@@ -156,3 +156,27 @@ def test_shipped_trl_samples_are_what_the_generator_writes():
     assert [json.loads(line) for line in make_trl_data.INSTRUCTIONS_PATH.read_text().splitlines()] == instructions
     assert [json.loads(line) for line in make_trl_data.PREFERENCES_PATH.read_text().splitlines()] == preferences
     assert all(row["chosen"] != row["rejected"] for row in preferences)
+
+
+# ---- memtune run --trainer: the model, the rows, the summary (issue 18 review) ----------------------------------
+
+
+def test_both_run_paths_load_pytorch_bin_weights_and_share_the_output_dir(tmp_path):
+    """A local directory holding pytorch_model.bin (no safetensors) loads its weights in both run paths (trl_run
+    used to glob *.safetensors alone and initialise it randomly), and the default output directory is sanitised."""
+    from transformers import AutoModelForCausalLM
+
+    from memtune import sources
+    from memtune.run import model as run_model
+    from memtune.run import runner
+
+    model_config = tiny_llama(layers=1)
+    saved = AutoModelForCausalLM.from_config(model_config)
+    model_config.save_pretrained(tmp_path)
+    torch.save(saved.state_dict(), tmp_path / "pytorch_model.bin")
+    assert run_model.has_weights(tmp_path)
+    model, origin, pretrained = run_model.load_model(sources.resolve(str(tmp_path)), TrainConfig(seq_len=8), "cpu")
+    assert pretrained and origin == f"weights from {tmp_path}"
+    assert torch.equal(model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
+    assert trl_run.load_model is runner.load_model is run_model.load_model
+    assert run_model.default_output_dir("org/My Model: v2/").name == "My-Model-v2"

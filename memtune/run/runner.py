@@ -65,12 +65,12 @@ from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module
 from memtune.run.guard import GuardedTrainer, OomGuard
+from memtune.run.model import default_output_dir, load_model
 
 SUMMARY_FILE = "run_summary.json"
 PLAN_FILE = "plan.json"
 MEMORY_BANDS = 20
 """The run's steps are cut into about this many bands; run_summary.json has the peak memory of each."""
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 CHECKPOINT_PREFIX = "checkpoint-"
 """Trainer's PREFIX_CHECKPOINT_DIR (transformers.trainer_utils) and a dash."""
 SAVING_PREFIX = "saving-"
@@ -449,7 +449,7 @@ def _run_plan(
 
     for message in notes_at_start:
         warn(message)
-    output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
+    output = Path(output_dir) if output_dir is not None else default_output_dir(plan.model)
     check_run_inputs(plan, options)
     checkpoint = _checkpoint_to_resume(output, resume, plan,
                                        lambda message: reporter_console.print(message, highlight=False), warn)
@@ -588,50 +588,6 @@ def _run_plan(
     return summary
 
 
-def load_model(source: Any, train_config: TrainConfig, device: torch.device | str) -> tuple[Any, str, bool]:
-    """(model, where its weights came from, whether they are pretrained) for a `sources.ModelSource`,
-    in the plan's weights dtype, quantised as the plan says (transformers' BitsAndBytesConfig, recipe/quant.py)."""
-    from transformers import AutoModelForCausalLM
-
-    from memtune.recipe import quant
-
-    dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
-    quantization = train_config.quantization
-    extra = {} if quantization is None else {"quantization_config": quant.bnb_config(quantization)}
-    extra.update(recipe.attention_arguments(train_config, device))  # the plan's --attn, as it was traced
-    if quantization is not None:
-        quant.require_bitsandbytes()
-    if source.origin == "local" and source.path is not None and has_weights(source.path):
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
-        )
-        return model, f"weights from {source.path}", True
-    if source.origin == "hub":
-        model = AutoModelForCausalLM.from_pretrained(
-            source.hub_id, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
-        )
-        return model, f"weights from the hub ({source.hub_id})", True
-    with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype,
-                                                 **recipe.attention_arguments(train_config, device))
-    if quantization is not None:
-        quant.quantize_model(model, quantization)  # in place
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()  # the untied head weight that tie_weights freed: see measure.verify.measure
-    why = "a catalog config" if source.origin == "catalog" else f"{source.path} has config.json but no weights"
-    return model, (f"random initialisation ({why}): a real fine-tune needs the weights; "
-                   "use a hub id or a local directory saved with save_pretrained"), False
-
-
-def has_weights(path: Path) -> bool:
-    return any(any(Path(path).glob(pattern)) for pattern in WEIGHT_FILES)
-
-
-def default_output_dir(plan: Plan) -> Path:
-    name = Path(plan.model.rstrip("/")).name or "model"
-    return Path("memtune-runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
-
-
 @dataclass
 class Checkpoints:
     """The checkpoint folders of an output directory."""
@@ -757,7 +713,7 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     import subprocess
 
     check_run_inputs(plan, options)
-    output_dir = Path(options.output_dir or default_output_dir(plan))
+    output_dir = Path(options.output_dir or default_output_dir(plan.model))
     command = relaunch_command(plan, options, output_dir)
     if command is None:
         return None
@@ -829,7 +785,7 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
     if missing:
         problems.append(missing)
     if options.output_dir is None:
-        problem = RunOptions.output_dir_problem(default_output_dir(plan))
+        problem = RunOptions.output_dir_problem(default_output_dir(plan.model))
         if problem:
             problems.append(problem.replace("--output-dir", "the default output directory", 1)
                             + " with --output-dir")

@@ -35,6 +35,7 @@ from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.run import data as data_module
 from memtune.run.guard import GuardedTrainerMixin
+from memtune.run.model import default_output_dir, load_model
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_DATA = {"sft": DATA_DIR / "sample_instructions.jsonl", "dpo": DATA_DIR / "sample_preferences.jsonl"}
@@ -108,26 +109,6 @@ def load_rows(path: Path, trainer: str) -> Any:
     return dataset
 
 
-def _model(source: Any, config: TrainConfig, device: str) -> tuple[Any, str]:
-    """(model in the plan's weights dtype, where its weights came from): the hub's or a local directory's weights,
-    else random ones from the config (catalog names)."""
-    from transformers import AutoModelForCausalLM
-
-    from memtune.recipe import step as recipe
-
-    dtype = recipe.TORCH_DTYPES[config.weights_dtype]
-    attention = recipe.attention_arguments(config, device)
-    if source.origin == "hub" or (source.origin == "local" and source.path is not None
-                                  and any(source.path.glob("*.safetensors"))):
-        where = str(source.hub_id if source.origin == "hub" else source.path)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
-                                                           trust_remote_code=source.trust_remote_code, **attention)
-        return loaded.to(device), f"weights from {where}"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, **attention)
-    return model, "random initialisation (a catalog config): a real fine-tune needs the weights"
-
-
 def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: Any = print,
             training_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train with TRL's trainer as the plan says (module docstring); returns `RunSummary`'s fields. Raises
@@ -145,7 +126,7 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
     tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
-    output = Path(options.output_dir or Path("memtune-runs") / Path(plan.model).name)
+    output = Path(options.output_dir) if options.output_dir else default_output_dir(plan.model)
     overrides: dict[str, Any] = {
         "output_dir": str(output), "max_steps": options.max_steps if options.max_steps is not None else -1,
         "num_train_epochs": 1, "logging_steps": 1, "save_strategy": "no", "seed": options.seed,
@@ -153,7 +134,9 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         "use_cpu": use_cpu, **(training_overrides or {}),
     }
     args = plan.sft_config(**overrides) if config.trainer == "sft" else plan.dpo_config(**overrides)
-    model, model_origin = _model(source, config, "cpu" if use_cpu else "cuda")
+    model, model_origin, _ = load_model(source, config, "cpu" if use_cpu else "cuda")
+    if config.quantization is None:
+        model = model.to("cpu" if use_cpu else "cuda")  # a quantised model is placed as bitsandbytes loaded it
     trainer_kwargs: dict[str, Any] = {}
     if config.trainer == "dpo" and config.adapter is not None:
         # DPOTrainer wraps the adapter itself, so that its reference is the base with the adapter disabled
