@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from memtune.config import TrainConfig, require_trl
+from memtune.config import require_trl
 from memtune.errors import UsageError
 from memtune.options import RunOptions
 from memtune.plan import Plan
