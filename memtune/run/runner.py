@@ -489,11 +489,6 @@ def _run_plan(
         "remove_unused_columns": False,
         **(training_overrides or {}),
     }
-    if config.deepspeed and "deepspeed" not in overrides:
-        # every ZeRO knob as a number for this model, as the launcher's JSON has them (run.launch.deepspeed_config)
-        from memtune.run.launch import deepspeed_config
-
-        overrides["deepspeed"] = deepspeed_config(config, model_config=source.config)
     args = plan.training_arguments(**overrides)
     set_seed(seed)
     # Several processes or offload: build on the CPU, as from_pretrained does, and let the launcher's
