@@ -180,3 +180,48 @@ def test_both_run_paths_load_pytorch_bin_weights_and_share_the_output_dir(tmp_pa
     assert torch.equal(model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
     assert trl_run.load_model is runner.load_model is run_model.load_model
     assert run_model.default_output_dir("org/My Model: v2/").name == "My-Model-v2"
+
+
+@pytest.fixture
+def tiny_local_model(tmp_path):
+    """A 2-layer llama directory with config.json alone (random weights, memtune's sample tokenizer)."""
+    from memtune.run.data import sample_tokenizer
+
+    model_config = tiny_llama(layers=2)
+    model_config.vocab_size = len(sample_tokenizer())
+    model_config.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def run_trl_on_cpu(model_dir, tmp_path, **fields):
+    from memtune.options import RunOptions
+
+    train_config = TrainConfig(**{"seq_len": 16, "micro_batch_size": 2, **fields})
+    plan = Plan(model=str(model_dir), budget_bytes=2**33, train_config=train_config)
+    return trl_run.run_trl(plan, RunOptions(output_dir=str(tmp_path / "out"), max_steps=2), device="cpu",
+                           log=lambda message: None)
+
+
+def test_padding_free_sft_rows_are_cut_to_the_plans_seq_len(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "rows.jsonl"  # through a file, as the run loads its rows (load_dataset("json"))
+    path.write_text("".join(json.dumps(row) + "\n" for row in (
+        {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6], "completion_mask": [0, 0, 1, 1, 1, 1]},
+        {"input_ids": [7, 8], "labels": [-100, 8], "completion_mask": [0, 1]},
+        {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, -100, -100, -100, 13], "completion_mask": [0, 0, 0, 0, 1]},
+    )))
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    cut, longer = trl_run.truncate_rows(rows, 4)
+    assert longer == 2
+    assert cut["input_ids"] == [[1, 2, 3, 4], [7, 8]]  # the third row is left with no label: dropped
+    assert cut["labels"] == [[-100, -100, 3, 4], [-100, 8]] and cut["completion_mask"] == [[0, 0, 1, 1], [0, 1]]
+    same, none = trl_run.truncate_rows(rows, 6)
+    assert none == 0 and same["input_ids"] == rows["input_ids"]
+
+
+def test_padding_free_sft_run_cuts_its_rows_and_says_so(tiny_local_model, tmp_path):
+    pytest.importorskip("trl")
+    summary = run_trl_on_cpu(tiny_local_model, tmp_path, trainer="sft", sft_batches="padding-free")
+    assert summary["status"] == "completed" and summary["global_step"] == 2
+    assert any("were longer than the plan's seq_len (16 tokens) and were cut to it" in note
+               for note in summary["notes"])

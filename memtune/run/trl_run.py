@@ -9,6 +9,9 @@ a ready peft model, DPOTrainer would add a second, frozen "ref" adapter instead)
 copy as `ref_model`, in the policy's dtype (what DPOTrainer builds itself from a hub id), unless the plan
 precomputes the reference log-probs.
 
+A padding-free SFT plan (`TrainConfig.sft_batches`) has SFTTrainer's max_length None (TRL enforces none without
+packing): `truncate_rows` cuts the tokenised rows to the plan's seq_len, as traced, and the run's notes say how many.
+
 The OOM guard cuts a micro-batch into smaller ones after an OOM. A DPO batch holds each pair's chosen row in its
 first half and its rejected row in its second (`DataCollatorForPreference`): `GuardedDPOTrainer` hands the guard a
 view of the batch by pair ([pairs, 2, ...]) so that a piece keeps both rows of its pairs, and turns each piece back
@@ -109,6 +112,30 @@ def load_rows(path: Path, trainer: str) -> Any:
     return dataset
 
 
+def truncate_rows(dataset: Any, seq_len: int) -> tuple[Any, int]:
+    """(the tokenised SFT rows of `dataset` cut to their first `seq_len` tokens, how many were longer). Every
+    per-token column (a list as long as the row's input_ids: labels, completion_mask, ...) is cut alike; rows left
+    with no label to learn (a prompt alone filling seq_len) are dropped, as SFTTrainer drops them when it truncates.
+
+    Why: a padding-free plan traced micro-batch x seq_len tokens in the flattened row, and SFTTrainer takes
+    max_length=None there (it does not enforce a max_length without packing, `Plan.sft_config`), so its rows
+    would come as long as the data makes them."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    longer = sum(length > seq_len for length in lengths)
+    if not longer:
+        return dataset, 0
+
+    def cut(row: dict[str, Any]) -> dict[str, Any]:
+        size = len(row["input_ids"])
+        return {key: value[:seq_len] if isinstance(value, list) and len(value) == size else value
+                for key, value in row.items()}
+
+    dataset = dataset.map(cut)
+    if "labels" in dataset.column_names:
+        dataset = dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+    return dataset, longer
+
+
 def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: Any = print,
             training_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train with TRL's trainer as the plan says (module docstring); returns `RunSummary`'s fields. Raises
@@ -155,6 +182,16 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     guard = plan.oom_guard(log=log)
     trainer = guarded_trainer_class(config.trainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, oom_guard=guard, **trainer_kwargs)
+    notes = [f"TRL {config.trainer.upper()} run (run.trl_run): no checkpoints or --resume yet"]
+    if config.trainer == "sft" and config.sft_batches == "padding-free":
+        # the rows as long as the plan traced them (SFTTrainer has max_length None here): `truncate_rows`
+        trainer.train_dataset, cut = truncate_rows(trainer.train_dataset, config.seq_len)
+        if cut:
+            left = len(trainer.train_dataset)
+            notes.append(f"padding-free SFT: {cut} of {len(dataset)} rows were longer than the plan's seq_len "
+                         f"({config.seq_len} tokens) and were cut to it"
+                         + (f"; {len(dataset) - left} left with no completion token were dropped"
+                            if left < len(dataset) else ""))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for printer in (PrinterCallback, ProgressCallback):  # stdout carries the summary alone, as the runner's run
@@ -184,5 +221,5 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         "checkpoint": None, "model_origin": model_origin, "tokenizer_origin": tokenizer_origin,
         "data": str(data_path), "num_sequences": len(dataset), "num_tokens": 0,
         "device": "cpu" if use_cpu else "cuda", "plan": plan.to_dict(),
-        "notes": [f"TRL {config.trainer.upper()} run (run.trl_run): no checkpoints or --resume yet"], "error": error,
+        "notes": notes, "error": error,
     }
