@@ -329,9 +329,10 @@ class Plan:
         precision, checkpointing, optimizer), max_length = seq_len, and the batch layout the plan traced
         (`TrainConfig.sft_batches`: packed is packing=True with TRL's default bfd strategy, which turns padding-free
         on; padding-free is padding_free=True with max_length None, which SFTTrainer needs without packing: the data
-        must then come truncated to seq_len tokens: memtune run cuts them, `run.trl_run.truncate_rows`). Keyword arguments override or add any SFTConfig field
-        (output_dir, max_steps, dataset_text_field, completion_only_loss, ...). Raises UsageError (exit 2) with the
-        install command when TRL is missing, and for a plan of another trainer."""
+        must then come truncated to seq_len tokens: memtune run cuts them, `run.trl_run.truncate_rows`). Keyword
+        arguments override or add any SFTConfig field (output_dir, max_steps, dataset_text_field,
+        completion_only_loss, ...). Raises UsageError (exit 2) with the install command when TRL is missing, and for
+        a plan of another trainer."""
         require_trl("Plan.sft_config")
         self._require_trainer("sft")
         from trl import SFTConfig
