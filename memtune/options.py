@@ -612,7 +612,8 @@ class RunOptions:
     seed: int = 42
     """Seed for weights, data order and dropout."""
     resume: bool = False
-    """Continue from the latest checkpoint-N in --output-dir at step N+1."""
+    """Continue from the latest checkpoint-N in --output-dir at step N+1 (not for TRL plans yet: they write no
+    checkpoints)."""
     json: bool = False
     """Print the run summary as JSON instead of a table."""
 

@@ -225,3 +225,30 @@ def test_padding_free_sft_run_cuts_its_rows_and_says_so(tiny_local_model, tmp_pa
     assert summary["status"] == "completed" and summary["global_step"] == 2
     assert any("were longer than the plan's seq_len (16 tokens) and were cut to it" in note
                for note in summary["notes"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resume"], "--resume: a TRL run writes no checkpoints yet"),
+    (["--packing", "padding-free"], "--packing padding-free: TRL batches the rows itself"),
+    (["--text-field", "content"], "--text-field 'content': a TRL run reads TRL's dataset fields"),
+    (["--save-steps", "10"], "--save-steps 10: a TRL run writes no checkpoints yet"),
+])
+def test_run_refuses_what_a_trl_run_would_ignore(args, message, tmp_path, capsys):
+    """Before TRL is imported or anything loads: exit 2 naming the value and what to do (they used to be ignored)."""
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33, train_config=TrainConfig(seq_len=64,
+                                                                                                  trainer="sft"))
+    path = plan.save(tmp_path / "plan.json")
+    code = main(["run", str(path), "--output-dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "a TRL SFT plan does not take" in err and message in err and "Traceback" not in err
+
+
+def test_run_plan_refuses_callbacks_for_a_trl_plan(tmp_path):
+    from transformers import TrainerCallback
+
+    from memtune.run.runner import run_plan
+
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33,
+                train_config=TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4)))
+    with pytest.raises(UsageError, match=r"callbacks \(1 given\): a TRL run does not take them yet"):
+        run_plan(plan, output_dir=str(tmp_path), callbacks=[TrainerCallback()], progress=False)

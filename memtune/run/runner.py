@@ -381,10 +381,13 @@ def run_plan(
     device: "cpu" to run on the CPU even where CUDA is available; None: CUDA when present.
     training_overrides: any other TrainingArguments fields.
 
+    A TRL plan (trainer "sft" / "dpo") runs `run.trl_run.run_trl`, which writes no checkpoints yet: resume,
+    save_steps, packing, text_field and callbacks are refused for it (UsageError, `trl_run.unsupported_options`).
+
     Returns the summary, also written to OUTPUT_DIR/run_summary.json. Ctrl-C does not raise: the
-    summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input - an
-    unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter configuration
-    left), after the last completed step was saved as a checkpoint.
+    summary says "interrupted" and names the checkpoint (none for a TRL run). Errors raise (MemtuneError for bad
+    input - an unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter
+    configuration left), after the last completed step was saved as a checkpoint.
 
     Output: rank 0 alone prints (`is_main_process`); on the other ranks of a launched run the libraries'
     warnings, log records and progress bars are off too, and the libraries' progress bars (loading and
@@ -399,6 +402,8 @@ def run_plan(
         if options.trainer not in (None, plan.train_config.trainer):
             raise UsageError(f"--trainer {options.trainer} differs from the plan's {plan.train_config.trainer}: plan "
                              f"again with --trainer {options.trainer} (its memory differs)")
+        if problems := trl_run.unsupported_options(options, callbacks=len(callbacks)):
+            raise UsageError(f"a TRL {plan.train_config.trainer.upper()} plan does not take: " + "; ".join(problems))
         summary = RunSummary(**trl_run.run_trl(plan, options, device=device, training_overrides=training_overrides,
                                                log=lambda message: console.print(message, highlight=False)))
         if main:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from memtune.config import require_trl
+from memtune.config import DEFAULT_SAVE_STEPS, require_trl
 from memtune.errors import UsageError
 from memtune.options import RunOptions
 from memtune.plan import Plan
@@ -110,6 +110,31 @@ def load_rows(path: Path, trainer: str) -> Any:
         raise UsageError(f"--data {str(path)!r} has the fields {sorted(columns)}; --trainer {trainer} needs {wanted} "
                          f"(e.g. {SAMPLE_DATA[trainer].name}, shipped with memtune)")
     return dataset
+
+
+def unsupported_options(options: RunOptions, *, callbacks: int = 0) -> list[str]:
+    """What `memtune run` takes for memtune's causal-LM step but not yet for a TRL plan, each with the value seen and
+    what to do ([] when nothing is): --resume (a TRL run writes no checkpoints), --packing and --text-field (TRL
+    batches and reads the rows itself: the plan's --sft-batches, the dataset formats of `REQUIRED_FIELDS`),
+    --save-steps, and `callbacks` (how many TrainerCallbacks `run_plan` was given)."""
+    problems = []
+    if options.resume:
+        problems.append("--resume: a TRL run writes no checkpoints yet, so there is none to continue from; run again "
+                        "without --resume")
+    if options.packing is not None:
+        problems.append(f"--packing {options.packing}: TRL batches the rows itself, as the plan's --sft-batches says; "
+                        "drop --packing (plan again with memtune plan|fit --trainer sft --sft-batches to change it)")
+    if options.text_field != "text":
+        problems.append(f"--text-field {options.text_field!r}: a TRL run reads TRL's dataset fields ("
+                        + "; ".join(" or ".join("+".join(fields) for fields in formats)
+                                    for formats in REQUIRED_FIELDS.values())
+                        + "): rename the field in the data and drop --text-field")
+    if options.save_steps != DEFAULT_SAVE_STEPS:
+        problems.append(f"--save-steps {options.save_steps}: a TRL run writes no checkpoints yet; drop --save-steps")
+    if callbacks:
+        problems.append(f"callbacks ({callbacks} given): a TRL run does not take them yet; run_plan without "
+                        "callbacks, or build TRL's trainer yourself from Plan.sft_config / Plan.dpo_config")
+    return problems
 
 
 def truncate_rows(dataset: Any, seq_len: int) -> tuple[Any, int]:
