@@ -252,3 +252,19 @@ def test_run_plan_refuses_callbacks_for_a_trl_plan(tmp_path):
                 train_config=TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4)))
     with pytest.raises(UsageError, match=r"callbacks \(1 given\): a TRL run does not take them yet"):
         run_plan(plan, output_dir=str(tmp_path), callbacks=[TrainerCallback()], progress=False)
+
+
+def test_dpo_on_a_quantised_base_is_neither_searched_nor_accepted():
+    """memtune run does not run DPO on a quantised base (DPOTrainer would add a second adapter as its reference), so
+    fit must not choose it: the Reference rung conflicts with the QuantizedBase rung, and TrainConfig refuses it."""
+    from memtune.config import Quantization
+    from memtune.search import ladder
+
+    fields = {"trainer": "dpo", "quantization": Quantization(bits=4), "adapter": Adapter(rank=4), "offload": "none",
+              "amp": "bf16", "num_gpus": 1}
+    assert "quantised base" in ladder.Reference().conflict(fields)
+    assert ladder.Reference().conflict({**fields, "quantization": None}) is None
+    assert ladder.Reference().conflict({**fields, "trainer": "sft"}) is None  # SFT QLoRA runs
+    with pytest.raises(UsageError, match=r"--trainer dpo on a quantised base \(--qlora\) is not run yet"):
+        TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4), quantization=Quantization(bits=4),
+                    weights_dtype="bf16", amp="bf16")

@@ -164,12 +164,10 @@ def truncate_rows(dataset: Any, seq_len: int) -> tuple[Any, int]:
 def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: Any = print,
             training_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train with TRL's trainer as the plan says (module docstring); returns `RunSummary`'s fields. Raises
-    UsageError for TRL missing, data in another format, or a QLoRA DPO plan (not run yet)."""
+    UsageError for TRL missing or data in another format (a QLoRA DPO plan, not run yet, is refused by TrainConfig's
+    checks when the plan loads)."""
     config = plan.train_config
     require_trl(f"memtune run --trainer {config.trainer}")
-    if config.trainer == "dpo" and config.quantization is not None:
-        raise UsageError("memtune run does not run DPO on a quantised base yet (DPOTrainer would add a second "
-                         "adapter as its reference): plan it without --qlora")
     from memtune.sources import resolve
 
     wall_start = time.perf_counter()
