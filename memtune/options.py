@@ -732,9 +732,6 @@ class FitOptions:
             problems.append("--prefix contradicts --no-lora/--full-finetune-only: keep one")
         if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):
             problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
-        if task.trainer != "causal-lm" and self.verify and _cuda_visible():
-            problems.append(f"fit's trial steps run memtune's causal-LM step, not TRL's {task.trainer} step: add "
-                            "--no-verify (the plan is predicted; memtune run --trainer runs TRL with the OOM guard)")
         if not 1 <= self.trial_steps <= 3:
             problems.append(f"--trial-steps must be 1, 2 or 3, got {self.trial_steps}")
         if pins.micro_batch_size is not None and pins.micro_batch_size < 1:
@@ -805,13 +802,6 @@ def output_file_problem(flag: str, path: str | Path) -> str | None:
     except OSError as error:
         return f"{flag} '{path}' is not writable (in '{existing}'): {error.strerror or error}; {fix}"
     return None
-
-
-def _cuda_visible() -> bool:
-    """Whether torch sees a CUDA GPU (where fit verifies with trial steps)."""
-    import torch  # only `fit --trainer sft|dpo` with verification needs it
-
-    return torch.cuda.is_available()
 
 
 def visible_gpus() -> int:

@@ -268,3 +268,21 @@ def test_dpo_on_a_quantised_base_is_neither_searched_nor_accepted():
     with pytest.raises(UsageError, match=r"--trainer dpo on a quantised base \(--qlora\) is not run yet"):
         TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4), quantization=Quantization(bits=4),
                     weights_dtype="bf16", amp="bf16")
+
+
+def test_fit_verifies_no_trl_plan_and_says_why(monkeypatch):
+    """fit --trainer sft|dpo is not refused on a GPU machine (it used to exit 2 there): the search leaves the TRL
+    winner unverified, with the reason in its note, as for DeepSpeed and multi-node plans."""
+    import memtune.options as options_module
+    from memtune.config import Policy
+    from memtune.options import FitOptions, TaskOptions
+    from memtune.search.choose import SearchResult, not_verifiable
+
+    result = SearchResult(seq_len=64, effective_batch_size=8, budget_bytes=2**33, margin_bytes=0)
+    note = not_verifiable(TrainConfig(seq_len=64, trainer="sft"), result, Policy())
+    assert note == ("not verified: trial steps run memtune's causal-LM step, not TRL's; memtune run --trainer sft "
+                    "runs it")
+    assert not_verifiable(TrainConfig(seq_len=64), result, Policy()) == ""
+    assert not hasattr(options_module, "_cuda_visible")
+    problems = FitOptions(TaskOptions("gpt2", seq_len=64, batch_size=8, budget="8GiB", trainer="dpo")).problems()
+    assert not any("TRL" in problem for problem in problems)
