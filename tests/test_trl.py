@@ -225,6 +225,19 @@ def test_padding_free_sft_run_cuts_its_rows_and_says_so(tiny_local_model, tmp_pa
     assert summary["status"] == "completed" and summary["global_step"] == 2
     assert any("were longer than the plan's seq_len (16 tokens) and were cut to it" in note
                for note in summary["notes"])
+    # the tokens the batches held (Trainer's count): here every row is cut to 16, so 2 x 16 a step, as planned
+    assert summary["num_tokens"] == 2 * 2 * 16 and summary["tokens_per_step"] == 2 * 16
+
+
+def test_trl_run_summary_counts_the_tokens_the_batches_held(tiny_local_model, tmp_path):
+    """Real tokens, not micro-batch x seq_len (x2 for DPO): the shipped samples' rows are shorter than 512."""
+    pytest.importorskip("trl")
+    for fields in ({"trainer": "sft"}, {"trainer": "dpo", "adapter": Adapter(rank=4)}):
+        summary = run_trl_on_cpu(tiny_local_model, tmp_path, **{**fields, "seq_len": 512})
+        planned = 2 * 512 * (2 if fields["trainer"] == "dpo" else 1)
+        assert 0 < summary["num_tokens"] and summary["tokens_per_step"] == round(summary["num_tokens"] / 2)
+        assert summary["tokens_per_step"] < planned
+        assert summary["tokens_per_second"] == pytest.approx(summary["num_tokens"] / summary["train_seconds"])
 
 
 @pytest.mark.parametrize("args,message", [

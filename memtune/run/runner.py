@@ -99,8 +99,12 @@ class RunSummary:
     peak_reserved_bytes: int | None
     predicted_total_bytes: int
     tokens_per_step: int
+    """Input tokens per optimizer step, all GPUs, as the batches held them (mean over this run: Trainer's
+    num_input_tokens_seen, padding not counted); the planned micro-batch x accumulation x GPUs x seq_len where they
+    were not counted (include_num_input_tokens_seen "no" among the overrides)."""
     tokens_per_second: float
-    """Over this run's steps after the first (which includes warm-up)."""
+    """Input tokens (as counted for `tokens_per_step`) over this run's steps after the first (which includes
+    warm-up)."""
     train_seconds: float
     wall_seconds: float
     """Everything: loading, tokenising, training, saving."""
@@ -196,7 +200,13 @@ class RunStats(TrainerCallback):
 
     def __init__(self, tokens_per_step: int, cuda: bool):
         self.tokens_per_step = tokens_per_step
+        """Planned: used where Trainer does not count the input tokens (include_num_input_tokens_seen "no")."""
         self.cuda = cuda
+        self.counted = False
+        """Whether Trainer counts the input tokens (state.num_input_tokens_seen)."""
+        self.step_end_tokens: list[int] = []
+        """state.num_input_tokens_seen at each step end (with `counted`)."""
+        self._start_tokens = 0
         self.loss_curve: list[list[float]] = []
         self.memory_bands: list[dict[str, Any]] = []
         self.step_end_times: list[float] = []
@@ -217,6 +227,8 @@ class RunStats(TrainerCallback):
         self._band_first = state.global_step + 1
         self.last_step = state.global_step
         self._start = time.perf_counter()
+        self.counted = getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False)
+        self._start_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)  # a resumed run's earlier ones
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -226,6 +238,7 @@ class RunStats(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.in_optimizer_update = False
         self.step_end_times.append(time.perf_counter())
+        self.step_end_tokens.append(int(getattr(state, "num_input_tokens_seen", 0) or 0))
         if self.first_step is None:
             self.first_step = state.global_step
         self.last_step = state.global_step
@@ -267,11 +280,21 @@ class RunStats(TrainerCallback):
         return (self.step_end_times[-1] - self._start) if self.step_end_times else 0.0
 
     def tokens_per_second(self, last: int | None = None) -> float:
-        """Over the steps after this run's first (or the last `last` steps)."""
+        """Over the steps after this run's first (or the last `last` steps): the input tokens Trainer counted in
+        them, else the planned `tokens_per_step` each."""
         times = self.step_end_times if last is None else self.step_end_times[-(last + 1):]
         if len(times) < 2:
             return 0.0
+        if self.counted:
+            tokens = self.step_end_tokens if last is None else self.step_end_tokens[-(last + 1):]
+            return (tokens[-1] - tokens[0]) / max(times[-1] - times[0], 1e-9)
         return self.tokens_per_step * (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+
+    def mean_tokens_per_step(self) -> int:
+        """Input tokens per optimizer step over this run (Trainer's count), else the planned `tokens_per_step`."""
+        if not self.counted or not self.step_end_tokens:
+            return self.tokens_per_step
+        return round((self.step_end_tokens[-1] - self._start_tokens) / len(self.step_end_tokens))
 
 
 class ProgressReporter(TrainerCallback):
@@ -492,6 +515,13 @@ def _run_plan(
         # the datasets hold model inputs only (run.data); Trainer's column removal reads the forward's signature, and
         # the chunked loss's forward takes position_ids through **kwargs: the bfd rows' position_ids were dropped
         "remove_unused_columns": False,
+        # the tokens the batches really hold (rows shorter than seq_len under none / bfd / padding-free): Trainer
+        # counts them (state.num_input_tokens_seen). concat and padding-free batches hold no padding ("all"); none
+        # and bfd rows are padded with the tokenizer's pad id, which "non_padding" leaves out (where it is also the
+        # end-of-text id, each document's closing token too); a tokenizer without one pads with end-of-text and
+        # the padding is counted (Trainer would warn at every batch)
+        "include_num_input_tokens_seen": ("non_padding" if packing in ("none", "bfd")
+                                          and getattr(tokenizer, "pad_token_id", None) is not None else "all"),
         **(training_overrides or {}),
     }
     args = plan.training_arguments(**overrides)
@@ -561,7 +591,7 @@ def _run_plan(
         peak_allocated_bytes=stats.peak_allocated_bytes,
         peak_reserved_bytes=stats.peak_reserved_bytes,
         predicted_total_bytes=plan.predicted_total_bytes,
-        tokens_per_step=tokens_per_step,
+        tokens_per_step=stats.mean_tokens_per_step(),
         tokens_per_second=stats.tokens_per_second(),
         train_seconds=stats.train_seconds,
         wall_seconds=time.perf_counter() - wall_start,

@@ -181,7 +181,13 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         "output_dir": str(output), "max_steps": options.max_steps if options.max_steps is not None else -1,
         "num_train_epochs": 1, "logging_steps": 1, "save_strategy": "no", "seed": options.seed,
         "learning_rate": options.learning_rate or (2e-4 if config.adapter else 2e-5), "disable_tqdm": True,
-        "use_cpu": use_cpu, **(training_overrides or {}),
+        "use_cpu": use_cpu,
+        # the tokens the batches really hold, for the summary's tokens/s (rows are as long as the data makes them,
+        # up to seq_len): padded batches carry an attention_mask ("non_padding" sums it), flattened SFT batches
+        # (packed, padding-free) hold no padding ("all")
+        "include_num_input_tokens_seen": "non_padding" if config.trainer == "dpo" or config.sft_batches == "padded"
+        else "all",
+        **(training_overrides or {}),
     }
     args = plan.sft_config(**overrides) if config.trainer == "sft" else plan.dpo_config(**overrides)
     model, model_origin, _ = load_model(source, config, "cpu" if use_cpu else "cuda")
@@ -229,7 +235,7 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     if status == "completed":
         trainer.save_model(str(output))
     steps = int(trainer.state.global_step)
-    tokens_per_step = config.effective_batch_size * config.seq_len * (2 if config.trainer == "dpo" else 1)
+    tokens = int(trainer.state.num_input_tokens_seen)  # 0 where include_num_input_tokens_seen "no" was overridden
     return {
         "output_dir": str(output), "status": status, "global_step": steps, "max_steps": int(trainer.state.max_steps),
         "resumed_from_step": None,
@@ -237,12 +243,12 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         "memory_bands": [],
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None,
-        "predicted_total_bytes": plan.predicted_total_bytes, "tokens_per_step": tokens_per_step,
-        "tokens_per_second": steps * tokens_per_step / train_seconds if train_seconds > 0 else 0.0,
+        "predicted_total_bytes": plan.predicted_total_bytes, "tokens_per_step": round(tokens / steps) if steps else 0,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
         "final_train_config": guard.current.to_dict(), "guard_events": [event.to_dict() for event in guard.events],
         "checkpoint": None, "model_origin": model_origin, "tokenizer_origin": tokenizer_origin,
-        "data": str(data_path), "num_sequences": len(dataset), "num_tokens": 0,
+        "data": str(data_path), "num_sequences": len(dataset), "num_tokens": tokens,
         "device": "cpu" if use_cpu else "cuda", "plan": plan.to_dict(),
         "notes": notes, "error": error,
     }
