@@ -35,6 +35,7 @@ from memtune.config import (
     SAVE_TOTAL_LIMIT,
     SFT_BATCHES,
     TRAINERS,
+    TRL_EXTRA_HINT,
     VERIFY_AND_OUTPUT,
     ZERO_STAGE_CHOICES,
     Adapter,
@@ -54,6 +55,7 @@ from memtune.config import (
     precision_config,
     quantized_base_fields,
     rounds_stochastically,
+    trl_available,
 )
 from memtune.errors import UsageError
 
@@ -285,20 +287,13 @@ DEFAULT_PACKING: Packing = "concat"
 """What `memtune run` does without --packing (`run.data.PackedDataset`)."""
 
 
-TRL_INSTALL_HINT = 'pip install -e ".[trl]"'
-
-
 def trl_problem() -> str | None:
     """Why `memtune run --packing bfd` cannot run here (None: it can): it packs with TRL's own pack_dataset, and TRL
-    (with `datasets`) is not installed. Looks the packages up without importing them."""
-    import importlib.util
-
-    missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
-    if not missing:
+    is not installed (`config.trl_available`: looked up without importing it; `datasets` comes with TRL)."""
+    if trl_available():
         return None
-    return (f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: install TRL with {TRL_INSTALL_HINT}, or choose "
-            "--packing padding-free, none or concat")
+    return (f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and TRL is not installed: install TRL "
+            f"with {TRL_EXTRA_HINT}, or choose --packing padding-free, none or concat")
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ import torch
 
 from memtune.config import TrainConfig
 from memtune.recipe import step as recipe
+from memtune.recipe.loss import causal_lm_of
 
 TOKEN_CHUNK_SIZE = 4096
 """Tokens per projection tile (trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE)."""
@@ -168,13 +169,6 @@ def _tiles(picked: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtyp
                 cast = torch.empty(rows, width, dtype=compute_dtype, device=picked.device)
                 del cast
     del buffer, chunk
-
-
-def causal_lm_of(model: torch.nn.Module) -> Any:
-    """The transformers causal LM (a PreTrainedModel) inside a peft model (`get_base_model`), or the model itself:
-    where TRL adds its fused head."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def fused_forward(model: torch.nn.Module, input_ids: torch.Tensor, train_config: TrainConfig,

@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtune.config import TRL_EXTRA_HINT
 from memtune.errors import UsageError
-from memtune.options import DEFAULT_PACKING, PACKING_MODES, TRL_INSTALL_HINT
+from memtune.options import DEFAULT_PACKING, PACKING_MODES
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_CORPUS_PATH = PACKAGE_DATA / "sample_corpus.jsonl"
@@ -238,14 +239,14 @@ def check_packing(packing: str) -> None:
                          f"(default {DEFAULT_PACKING}, what memtune run does without --packing)")
 
 
-def require_trl() -> Any:
+def import_pack_dataset() -> Any:
     """TRL's `pack_dataset` (and with it `datasets`). Raises UsageError (exit 2) with the install hint where TRL is
     missing: --packing bfd runs TRL's own best-fit-decreasing packing, not a copy of it."""
     try:
         from trl.data_utils import pack_dataset  # type: ignore[import-not-found, unused-ignore]  # optional ([trl])
     except ImportError as error:
         raise UsageError(f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and TRL could not be "
-                         f"imported ({error}): install it with {TRL_INSTALL_HINT}, or choose --packing padding-free, "
+                         f"imported ({error}): install it with {TRL_EXTRA_HINT}, or choose --packing padding-free, "
                          "none or concat") from None
     return pack_dataset
 
@@ -254,8 +255,8 @@ def pack_bfd(corpus: TokenizedCorpus, seq_len: int) -> PackedRowsDataset:
     """bfd rows by TRL's own `pack_dataset(dataset, seq_len, strategy="bfd")`: its `_pack_bfd` drops empty
     documents, truncates each at seq_len and places them longest first, best fit, per `datasets.map` batch of 1,000.
     The corpus goes to Arrow without Python lists (a ListArray over the flat tokens) and the rows come back as flat
-    tensors. Raises UsageError where TRL is not installed (`require_trl`)."""
-    pack_dataset = require_trl()
+    tensors. Raises UsageError where TRL is not installed (`import_pack_dataset`)."""
+    pack_dataset = import_pack_dataset()
     import datasets  # type: ignore[import-not-found, unused-ignore]
     import pyarrow as pa  # type: ignore[import-not-found, unused-ignore]
     from datasets.table import InMemoryTable  # type: ignore[import-not-found, unused-ignore]
@@ -385,7 +386,7 @@ def build_dataset(
     """
     check_packing(packing)
     if packing == "bfd":
-        require_trl()  # before minutes of tokenising
+        import_pack_dataset()  # TRL missing: UsageError before minutes of tokenising
     path = Path(data) if data is not None else SAMPLE_CORPUS_PATH
     corpus = tokenize_corpus(tokenizer, iter_texts(path, text_field), source=str(path))
     if len(corpus) == 0 or corpus.tokens.numel() == 0:
