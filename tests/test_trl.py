@@ -299,3 +299,15 @@ def test_fit_verifies_no_trl_plan_and_says_why(monkeypatch):
     assert not hasattr(options_module, "_cuda_visible")
     problems = FitOptions(TaskOptions("gpt2", seq_len=64, batch_size=8, budget="8GiB", trainer="dpo")).problems()
     assert not any("TRL" in problem for problem in problems)
+
+
+def test_guarded_dpo_trainer_is_the_guard_mixin_over_a_pairing_dpo_trainer():
+    """The guard's bodies are GuardedTrainerMixin's alone (no copy): PairedDPOTrainer only pairs and unpairs."""
+    pytest.importorskip("trl")
+    from memtune.run.guard import GuardedTrainerMixin
+
+    guarded = trl_run.guarded_trainer_class("dpo")
+    paired = guarded.__mro__[2]
+    assert guarded.__mro__[1] is GuardedTrainerMixin and paired.__name__ == "PairedDPOTrainer"
+    assert not {"get_batch_samples", "training_step", "prediction_step"} & set(vars(guarded))
+    assert set(vars(paired)) >= {"get_batch_samples", "training_step"} and "prediction_step" not in vars(paired)

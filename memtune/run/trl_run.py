@@ -75,25 +75,26 @@ def guarded_trainer_class(trainer: str) -> type:
     if trainer == "sft":
         return type("GuardedSFTTrainer", (GuardedTrainerMixin, SFTTrainer), {})
 
-    class GuardedDPOTrainer(GuardedTrainerMixin, DPOTrainer):
-        """DPOTrainer whose batches the guard sees by pair (module docstring)."""
+    class PairedDPOTrainer(DPOTrainer):
+        """DPOTrainer whose step's batches are handed on by pair (`as_pairs`) and turned back into its layout
+        (`from_pairs`) in training_step: whatever sits between the two (the OOM guard) cuts them by pair."""
 
         _paired: frozenset[str] = frozenset()
 
         def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            samples, num_items = DPOTrainer.get_batch_samples(self, *args, **kwargs)
+            samples, num_items = super().get_batch_samples(*args, **kwargs)
             viewed = []
             for sample in samples:
                 view, self._paired = as_pairs(sample)
                 viewed.append(view)
-            self.oom_guard.start_optimizer_step(viewed)
             return viewed, num_items
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-            def run(model_: Any, piece: Any, items: Any) -> torch.Tensor:
-                return DPOTrainer.training_step(self, model_, from_pairs(piece, self._paired), items)
+            return super().training_step(model, from_pairs(inputs, self._paired), num_items_in_batch)
 
-            return self.oom_guard.training_step(run, model, inputs, num_items_in_batch)
+    class GuardedDPOTrainer(GuardedTrainerMixin, PairedDPOTrainer):
+        """DPOTrainer whose batches the guard sees by pair (module docstring): the mixin's get_batch_samples and
+        training_step wrap PairedDPOTrainer's."""
 
     return GuardedDPOTrainer
 
