@@ -177,7 +177,7 @@ def fused_forward(model: torch.nn.Module, input_ids: torch.Tensor, train_config:
     """`model(input_ids, labels, fused_lm_head=True)` of TRL's patched forward: the backbone (LoRA layers, the
     checkpointing of the model included), then the fused head's twin. `on_head(hidden)` is called where the head
     starts (the trace's category hook). Returns the per-token outputs named in `outputs`, [rows, seq_len - 1]."""
-    causal_lm = causal_lm_of(model)
+    causal_lm: Any = causal_lm_of(model)  # a transformers PreTrainedModel
     backbone = causal_lm.base_model  # transformers: getattr(self, base_model_prefix), as TRL's "base_model"
     hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
     head = causal_lm.get_output_embeddings()
