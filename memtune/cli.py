@@ -93,6 +93,8 @@ EPILOG_RUN = """examples:
 
 Without --data, a small sample corpus shipped with memtune is used (to try a plan end to end).
 Ctrl-C finishes the current optimizer step and saves a checkpoint; --resume continues from it.
+TRL runs (plans of --trainer sft|dpo) write no checkpoints yet: Ctrl-C stops them without one, and
+--resume, --save-steps, --packing and --text-field are refused for them (exit 2).
 exit codes: 0 ran, 1 unexpected failure, 2 bad usage or input, 3 out of memory with no lighter
 configuration left (the last step is saved), 130 interrupted (checkpoint saved).
 """
@@ -303,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = next(group for group in fit._action_groups if group.title == VERIFY_AND_OUTPUT)  # noqa: SLF001
     output.add_argument("--explain", dest="explain", action="store_true", help="the \"why this one\" table (the default)")
     run = commands.add_parser(
-        "run", help="train with a saved plan (HF Trainer), with the OOM guard; Ctrl-C checkpoints, --resume continues",
+        "run", help="train with a saved plan (HF Trainer or TRL's), with the OOM guard; Ctrl-C checkpoints, "
+             "--resume continues (not TRL runs yet)",
         epilog=EPILOG_RUN, formatter_class=raw, allow_abbrev=False,  # fit --out is no --output-dir
     )
     add_options(run, RunOptions)

@@ -820,6 +820,11 @@ def _trainer_problems(config: TrainConfig) -> list[str]:
                                                                         and config.strategy != "ddp"):
         problems.append(f"--trainer {config.trainer} is planned on one GPU or with DDP (FSDP, CPU offload and "
                         "DeepSpeed are not modelled for TRL's trainers yet): use --strategy ddp or one GPU")
+    if config.trainer == "dpo" and config.quantization is not None:
+        # DPOTrainer given a quantised peft model adds a second, frozen "ref" adapter as its reference, where memtune
+        # traced the base with the adapter disabled: memtune run (run.trl_run) does not run it yet
+        problems.append("--trainer dpo on a quantised base (--qlora) is not run yet (DPOTrainer would add a second "
+                        "adapter as its reference): plan it without --qlora")
     return problems
 
 

@@ -35,6 +35,7 @@ from memtune.config import (
     SAVE_TOTAL_LIMIT,
     SFT_BATCHES,
     TRAINERS,
+    TRL_EXTRA_HINT,
     VERIFY_AND_OUTPUT,
     ZERO_STAGE_CHOICES,
     Adapter,
@@ -54,6 +55,7 @@ from memtune.config import (
     precision_config,
     quantized_base_fields,
     rounds_stochastically,
+    trl_available,
 )
 from memtune.errors import UsageError
 
@@ -285,20 +287,13 @@ DEFAULT_PACKING: Packing = "concat"
 """What `memtune run` does without --packing (`run.data.PackedDataset`)."""
 
 
-TRL_INSTALL_HINT = 'pip install -e ".[trl]"'
-
-
 def trl_problem() -> str | None:
     """Why `memtune run --packing bfd` cannot run here (None: it can): it packs with TRL's own pack_dataset, and TRL
-    (with `datasets`) is not installed. Looks the packages up without importing them."""
-    import importlib.util
-
-    missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
-    if not missing:
+    is not installed (`config.trl_available`: looked up without importing it; `datasets` comes with TRL)."""
+    if trl_available():
         return None
-    return (f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and {' and '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not installed: install TRL with {TRL_INSTALL_HINT}, or choose "
-            "--packing padding-free, none or concat")
+    return (f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and TRL is not installed: install TRL "
+            f"with {TRL_EXTRA_HINT}, or choose --packing padding-free, none or concat")
 
 
 @dataclass(frozen=True)
@@ -612,7 +607,8 @@ class RunOptions:
     seed: int = 42
     """Seed for weights, data order and dropout."""
     resume: bool = False
-    """Continue from the latest checkpoint-N in --output-dir at step N+1."""
+    """Continue from the latest checkpoint-N in --output-dir at step N+1 (not for TRL plans yet: they write no
+    checkpoints)."""
     json: bool = False
     """Print the run summary as JSON instead of a table."""
 
@@ -731,9 +727,6 @@ class FitOptions:
             problems.append("--prefix contradicts --no-lora/--full-finetune-only: keep one")
         if self.adapters.lora and (self.adapters.no_lora or self.adapters.full_finetune_only):
             problems.append("--lora contradicts --no-lora/--full-finetune-only: keep one")
-        if task.trainer != "causal-lm" and self.verify and _cuda_visible():
-            problems.append(f"fit's trial steps run memtune's causal-LM step, not TRL's {task.trainer} step: add "
-                            "--no-verify (the plan is predicted; memtune run --trainer runs TRL with the OOM guard)")
         if not 1 <= self.trial_steps <= 3:
             problems.append(f"--trial-steps must be 1, 2 or 3, got {self.trial_steps}")
         if pins.micro_batch_size is not None and pins.micro_batch_size < 1:
@@ -804,13 +797,6 @@ def output_file_problem(flag: str, path: str | Path) -> str | None:
     except OSError as error:
         return f"{flag} '{path}' is not writable (in '{existing}'): {error.strerror or error}; {fix}"
     return None
-
-
-def _cuda_visible() -> bool:
-    """Whether torch sees a CUDA GPU (where fit verifies with trial steps)."""
-    import torch  # only `fit --trainer sft|dpo` with verification needs it
-
-    return torch.cuda.is_available()
 
 
 def visible_gpus() -> int:

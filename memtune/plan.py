@@ -274,10 +274,11 @@ class Plan:
         activation_checkpointing names where the installed TrainingArguments has them. Offload and
         multi-GPU sharding are not TrainingArguments: they come from the accelerate config `accelerate
         launch` is started with (`run.launch`). A DDP plan also sets ddp_find_unused_parameters=False. A DeepSpeed
-        plan sets `deepspeed` to its JSON as a dict (`run.launch.deepspeed_config`; the hidden-size knobs left
-        "auto" for Trainer to fill from the model) unless `deepspeed` is among the overrides (a path or a dict);
-        UsageError with the install command when DeepSpeed is missing. The evaluation fields come from the plan's
-        eval batch and logits (`evaluation_arguments`).
+        plan sets `deepspeed` to its JSON as a dict (`run.launch.deepspeed_config` for the plan's model,
+        `model_config`: every ZeRO knob as a number, as the launcher's JSON has them, and under NVMe parameter offload
+        a swap buffer that holds the model's largest parameter partition) unless `deepspeed` is among the overrides
+        (a path or a dict); UsageError with the install command when DeepSpeed is missing. The evaluation fields
+        come from the plan's eval batch and logits (`evaluation_arguments`).
         """
         from transformers import TrainingArguments
 
@@ -312,18 +313,26 @@ class Plan:
 
             require_deepspeed(config)  # before TrainingArguments imports it
             if "deepspeed" not in overrides:
-                arguments.update(deepspeed_training_arguments(config))
+                arguments.update(deepspeed_training_arguments(config, model_config=self.model_config()))
         arguments.update(overrides)
         return arguments
+
+    def model_config(self) -> Any:
+        """The transformers config of the plan's model (`sources.resolve` with shapes_only: a catalog hub id is read
+        from the catalog, with no hub lookup). Raises ModelNotFoundError / UsageError as `resolve` does."""
+        from memtune.sources import resolve
+
+        return resolve(self.model, trust_remote_code=self.trust_remote_code, shapes_only=True).config
 
     def sft_config(self, **overrides: Any) -> Any:
         """TRL's SFTConfig that runs the plan's SFT step: `training_arguments`' fields (micro-batch, accumulation,
         precision, checkpointing, optimizer), max_length = seq_len, and the batch layout the plan traced
         (`TrainConfig.sft_batches`: packed is packing=True with TRL's default bfd strategy, which turns padding-free
         on; padding-free is padding_free=True with max_length None, which SFTTrainer needs without packing: the data
-        must then come truncated to seq_len tokens). Keyword arguments override or add any SFTConfig field
-        (output_dir, max_steps, dataset_text_field, completion_only_loss, ...). Raises UsageError (exit 2) with the
-        install command when TRL is missing, and for a plan of another trainer."""
+        must then come truncated to seq_len tokens: memtune run cuts them, `run.trl_run.truncate_rows`). Keyword
+        arguments override or add any SFTConfig field (output_dir, max_steps, dataset_text_field,
+        completion_only_loss, ...). Raises UsageError (exit 2) with the install command when TRL is missing, and for
+        a plan of another trainer."""
         require_trl("Plan.sft_config")
         self._require_trainer("sft")
         from trl import SFTConfig

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("memtune.predict",),
     ("memtune.search",),
     ("memtune.run.stepdown", "memtune.run.agreement", "memtune.run.resets", "memtune.run.guard", "memtune.run.launch",
-     "memtune.run.data", "memtune.run.data_plan"),
+     "memtune.run.data", "memtune.run.data_plan", "memtune.run.model"),
     ("memtune.plan",),
     ("memtune.fit",),
     ("memtune.run.runner", "memtune.run.trl_run"),

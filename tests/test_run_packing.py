@@ -178,6 +178,12 @@ def test_the_run_trains_on_the_planned_batches(packing, longtail, tokenizer, mod
         assert any(int((positions == 0).sum()) > positions.shape[0] for positions in received)  # documents share rows
     else:
         assert all(positions is None for positions in received)  # default positions, no mask: the traced step
+    # the summary's tokens are those the batches held (Trainer's count), not the planned micro-batch x seq_len
+    held = sum(sum(_row_lengths(batch, packing)) if packing in ("none", "bfd") else batch["input_ids"].numel()
+               for batch in seen)
+    assert summary.tokens_per_step == round(held / summary.global_step)
+    if packing != "concat":
+        assert summary.tokens_per_step < micro * data.row_tokens
 
 
 class PositionsSeen(TrainerCallback):

@@ -468,3 +468,23 @@ def test_a_chunked_plan_is_not_refused_under_ddp_or_fsdp_launches(model_dir: Pat
             for name, value in environment.items():
                 patch.setenv(name, value)
             check_run_inputs(plan, RunOptions(data=str(CORPUS)))  # raises nothing
+
+
+def test_plan_training_arguments_size_the_nvme_parameter_buffer_for_the_model(monkeypatch, tmp_path):
+    """Plan.training_arguments writes the DeepSpeed JSON for the plan's own model (Plan.model_config): under NVMe
+    parameter offload the swap buffer holds Llama-3.1-8B's 128256 x 4096 embedding, where DeepSpeed's default
+    1e8 elements fails its assertion (run.launch.deepspeed_config); only the runner used to patch it."""
+    from transformers import TrainingArguments
+
+    from memtune import plan as plan_module
+    from memtune.config import Zero
+    from memtune.run import launch
+
+    for module in (plan_module, launch):  # the JSON is built before DeepSpeed is imported: none is needed here
+        monkeypatch.setattr(module, "require_deepspeed", lambda train_config: None)
+    train_config = TrainConfig(seq_len=1024, amp="bf16", strategy="deepspeed", offload="parameters",
+                               zero=Zero(offload_device="nvme", nvme_path=str(tmp_path)))
+    plan = Plan("meta-llama/Llama-3.1-8B", train_config, budget_bytes=1 << 30)
+    zero = plan._trainer_fields(TrainingArguments, {})["deepspeed"]["zero_optimization"]
+    assert zero["offload_param"]["buffer_size"] == 128256 * 4096
+    assert zero["reduce_bucket_size"] == 4096 * 4096  # a number for the model's hidden size, not "auto"

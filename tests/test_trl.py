@@ -156,3 +156,158 @@ def test_shipped_trl_samples_are_what_the_generator_writes():
     assert [json.loads(line) for line in make_trl_data.INSTRUCTIONS_PATH.read_text().splitlines()] == instructions
     assert [json.loads(line) for line in make_trl_data.PREFERENCES_PATH.read_text().splitlines()] == preferences
     assert all(row["chosen"] != row["rejected"] for row in preferences)
+
+
+# ---- memtune run --trainer: the model, the rows, the summary (issue 18 review) ----------------------------------
+
+
+def test_both_run_paths_load_pytorch_bin_weights_and_share_the_output_dir(tmp_path):
+    """A local directory holding pytorch_model.bin (no safetensors) loads its weights in both run paths (trl_run
+    used to glob *.safetensors alone and initialise it randomly), and the default output directory is sanitised."""
+    from transformers import AutoModelForCausalLM
+
+    from memtune import sources
+    from memtune.run import model as run_model
+    from memtune.run import runner
+
+    model_config = tiny_llama(layers=1)
+    saved = AutoModelForCausalLM.from_config(model_config)
+    model_config.save_pretrained(tmp_path)
+    torch.save(saved.state_dict(), tmp_path / "pytorch_model.bin")
+    assert run_model.has_weights(tmp_path)
+    model, origin, pretrained = run_model.load_model(sources.resolve(str(tmp_path)), TrainConfig(seq_len=8), "cpu")
+    assert pretrained and origin == f"weights from {tmp_path}"
+    assert torch.equal(model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
+    assert trl_run.load_model is runner.load_model is run_model.load_model
+    assert run_model.default_output_dir("org/My Model: v2/").name == "My-Model-v2"
+
+
+@pytest.fixture
+def tiny_local_model(tmp_path):
+    """A 2-layer llama directory with config.json alone (random weights, memtune's sample tokenizer)."""
+    from memtune.run.data import sample_tokenizer
+
+    model_config = tiny_llama(layers=2)
+    model_config.vocab_size = len(sample_tokenizer())
+    model_config.save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+def run_trl_on_cpu(model_dir, tmp_path, **fields):
+    from memtune.options import RunOptions
+
+    train_config = TrainConfig(**{"seq_len": 16, "micro_batch_size": 2, **fields})
+    plan = Plan(model=str(model_dir), budget_bytes=2**33, train_config=train_config)
+    return trl_run.run_trl(plan, RunOptions(output_dir=str(tmp_path / "out"), max_steps=2), device="cpu",
+                           log=lambda message: None)
+
+
+def test_padding_free_sft_rows_are_cut_to_the_plans_seq_len(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "rows.jsonl"  # through a file, as the run loads its rows (load_dataset("json"))
+    path.write_text("".join(json.dumps(row) + "\n" for row in (
+        {"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6], "completion_mask": [0, 0, 1, 1, 1, 1]},
+        {"input_ids": [7, 8], "labels": [-100, 8], "completion_mask": [0, 1]},
+        {"input_ids": [9, 10, 11, 12, 13], "labels": [-100, -100, -100, -100, 13], "completion_mask": [0, 0, 0, 0, 1]},
+    )))
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+    cut, longer = trl_run.truncate_rows(rows, 4)
+    assert longer == 2
+    assert cut["input_ids"] == [[1, 2, 3, 4], [7, 8]]  # the third row is left with no label: dropped
+    assert cut["labels"] == [[-100, -100, 3, 4], [-100, 8]] and cut["completion_mask"] == [[0, 0, 1, 1], [0, 1]]
+    same, none = trl_run.truncate_rows(rows, 6)
+    assert none == 0 and same["input_ids"] == rows["input_ids"]
+
+
+def test_padding_free_sft_run_cuts_its_rows_and_says_so(tiny_local_model, tmp_path):
+    pytest.importorskip("trl")
+    summary = run_trl_on_cpu(tiny_local_model, tmp_path, trainer="sft", sft_batches="padding-free")
+    assert summary["status"] == "completed" and summary["global_step"] == 2
+    assert any("were longer than the plan's seq_len (16 tokens) and were cut to it" in note
+               for note in summary["notes"])
+    # the tokens the batches held (Trainer's count): here every row is cut to 16, so 2 x 16 a step, as planned
+    assert summary["num_tokens"] == 2 * 2 * 16 and summary["tokens_per_step"] == 2 * 16
+
+
+def test_trl_run_summary_counts_the_tokens_the_batches_held(tiny_local_model, tmp_path):
+    """Real tokens, not micro-batch x seq_len (x2 for DPO): the shipped samples' rows are shorter than 512."""
+    pytest.importorskip("trl")
+    for fields in ({"trainer": "sft"}, {"trainer": "dpo", "adapter": Adapter(rank=4)}):
+        summary = run_trl_on_cpu(tiny_local_model, tmp_path, **{**fields, "seq_len": 512})
+        planned = 2 * 512 * (2 if fields["trainer"] == "dpo" else 1)
+        assert 0 < summary["num_tokens"] and summary["tokens_per_step"] == round(summary["num_tokens"] / 2)
+        assert summary["tokens_per_step"] < planned
+        assert summary["tokens_per_second"] == pytest.approx(summary["num_tokens"] / summary["train_seconds"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--resume"], "--resume: a TRL run writes no checkpoints yet"),
+    (["--packing", "padding-free"], "--packing padding-free: TRL batches the rows itself"),
+    (["--text-field", "content"], "--text-field 'content': a TRL run reads TRL's dataset fields"),
+    (["--save-steps", "10"], "--save-steps 10: a TRL run writes no checkpoints yet"),
+])
+def test_run_refuses_what_a_trl_run_would_ignore(args, message, tmp_path, capsys):
+    """Before TRL is imported or anything loads: exit 2 naming the value and what to do (they used to be ignored)."""
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33, train_config=TrainConfig(seq_len=64,
+                                                                                                  trainer="sft"))
+    path = plan.save(tmp_path / "plan.json")
+    code = main(["run", str(path), "--output-dir", str(tmp_path / "out"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "a TRL SFT plan does not take" in err and message in err and "Traceback" not in err
+
+
+def test_run_plan_refuses_callbacks_for_a_trl_plan(tmp_path):
+    from transformers import TrainerCallback
+
+    from memtune.run.runner import run_plan
+
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", budget_bytes=2**33,
+                train_config=TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4)))
+    with pytest.raises(UsageError, match=r"callbacks \(1 given\): a TRL run does not take them yet"):
+        run_plan(plan, output_dir=str(tmp_path), callbacks=[TrainerCallback()], progress=False)
+
+
+def test_dpo_on_a_quantised_base_is_neither_searched_nor_accepted():
+    """memtune run does not run DPO on a quantised base (DPOTrainer would add a second adapter as its reference), so
+    fit must not choose it: the Reference rung conflicts with the QuantizedBase rung, and TrainConfig refuses it."""
+    from memtune.config import Quantization
+    from memtune.search import ladder
+
+    fields = {"trainer": "dpo", "quantization": Quantization(bits=4), "adapter": Adapter(rank=4), "offload": "none",
+              "amp": "bf16", "num_gpus": 1}
+    assert "quantised base" in ladder.Reference().conflict(fields)
+    assert ladder.Reference().conflict({**fields, "quantization": None}) is None
+    assert ladder.Reference().conflict({**fields, "trainer": "sft"}) is None  # SFT QLoRA runs
+    with pytest.raises(UsageError, match=r"--trainer dpo on a quantised base \(--qlora\) is not run yet"):
+        TrainConfig(seq_len=64, trainer="dpo", adapter=Adapter(rank=4), quantization=Quantization(bits=4),
+                    weights_dtype="bf16", amp="bf16")
+
+
+def test_fit_verifies_no_trl_plan_and_says_why(monkeypatch):
+    """fit --trainer sft|dpo is not refused on a GPU machine (it used to exit 2 there): the search leaves the TRL
+    winner unverified, with the reason in its note, as for DeepSpeed and multi-node plans."""
+    import memtune.options as options_module
+    from memtune.config import Policy
+    from memtune.options import FitOptions, TaskOptions
+    from memtune.search.choose import SearchResult, not_verifiable
+
+    result = SearchResult(seq_len=64, effective_batch_size=8, budget_bytes=2**33, margin_bytes=0)
+    note = not_verifiable(TrainConfig(seq_len=64, trainer="sft"), result, Policy())
+    assert note == ("not verified: trial steps run memtune's causal-LM step, not TRL's; memtune run --trainer sft "
+                    "runs it")
+    assert not_verifiable(TrainConfig(seq_len=64), result, Policy()) == ""
+    assert not hasattr(options_module, "_cuda_visible")
+    problems = FitOptions(TaskOptions("gpt2", seq_len=64, batch_size=8, budget="8GiB", trainer="dpo")).problems()
+    assert not any("TRL" in problem for problem in problems)
+
+
+def test_guarded_dpo_trainer_is_the_guard_mixin_over_a_pairing_dpo_trainer():
+    """The guard's bodies are GuardedTrainerMixin's alone (no copy): PairedDPOTrainer only pairs and unpairs."""
+    pytest.importorskip("trl")
+    from memtune.run.guard import GuardedTrainerMixin
+
+    guarded = trl_run.guarded_trainer_class("dpo")
+    paired = guarded.__mro__[2]
+    assert guarded.__mro__[1] is GuardedTrainerMixin and paired.__name__ == "PairedDPOTrainer"
+    assert not {"get_batch_samples", "training_step", "prediction_step"} & set(vars(guarded))
+    assert set(vars(paired)) >= {"get_batch_samples", "training_step"} and "prediction_step" not in vars(paired)

@@ -48,6 +48,7 @@ from memtune.predict.events import (  # noqa: E402,F401 - re-exported: the trace
     rounded,
 )
 from memtune.recipe import step as recipe
+from memtune.recipe.loss import causal_lm_of
 
 
 @dataclass
@@ -905,7 +906,7 @@ def trace_step(model_config: Any, train_config: TrainConfig, device: str = "cpu"
             meta_to_fake(reference, fake_mode, torch.device(device), counter, reference_layer_of)
         if train_config.trainer != "causal-lm" and train_config.adapter is not None and \
                 train_config.gradient_checkpointing:  # TRL: "enable input gradients" for PEFT with checkpointing
-            trl_step.causal_lm_of(model).enable_input_require_grads()
+            cast(Any, causal_lm_of(model)).enable_input_require_grads()  # a transformers PreTrainedModel
         if train_config.offload_activations:
             offload_to_host(layers, counter)
         get_head = getattr(model, "get_output_embeddings", None)  # a transformers PreTrainedModel's LM head

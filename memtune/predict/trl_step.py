@@ -44,6 +44,7 @@ import torch
 
 from memtune.config import TrainConfig
 from memtune.recipe import step as recipe
+from memtune.recipe.loss import causal_lm_of
 
 TOKEN_CHUNK_SIZE = 4096
 """Tokens per projection tile (trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE)."""
@@ -170,20 +171,13 @@ def _tiles(picked: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtyp
     del buffer, chunk
 
 
-def causal_lm_of(model: torch.nn.Module) -> Any:
-    """The transformers causal LM (a PreTrainedModel) inside a peft model (`get_base_model`), or the model itself:
-    where TRL adds its fused head."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def fused_forward(model: torch.nn.Module, input_ids: torch.Tensor, train_config: TrainConfig,
                   outputs: tuple[str, ...], on_head: Callable[[torch.Tensor], None] | None = None,
                   ) -> tuple[torch.Tensor, ...]:
     """`model(input_ids, labels, fused_lm_head=True)` of TRL's patched forward: the backbone (LoRA layers, the
     checkpointing of the model included), then the fused head's twin. `on_head(hidden)` is called where the head
     starts (the trace's category hook). Returns the per-token outputs named in `outputs`, [rows, seq_len - 1]."""
-    causal_lm = causal_lm_of(model)
+    causal_lm: Any = causal_lm_of(model)  # a transformers PreTrainedModel
     backbone = causal_lm.base_model  # transformers: getattr(self, base_model_prefix), as TRL's "base_model"
     hidden = backbone(input_ids=input_ids, use_cache=False).last_hidden_state
     head = causal_lm.get_output_embeddings()

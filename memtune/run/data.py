@@ -15,7 +15,7 @@ The batching modes are the ones `run.data_plan` plans for, batch for batch (its 
 - bfd: TRL's best-fit-decreasing rows (`trl.data_utils.pack_dataset(strategy="bfd")`, TRL's own code: `pack_bfd`), each
   row padded to the longest row of the micro-batch, position_ids restarting at every document (`RowCollator`);
 - padding-free: the micro-batch's documents concatenated into one row, position_ids restarting at every document
-  (TRL's `DataCollatorForLanguageModeling(padding_free=True)`; `PaddingFreeCollator`).
+  (TRL's `DataCollatorForLanguageModeling(padding_free=True)`; transformers' `DataCollatorWithFlattening`).
 
 Where documents share a row (bfd, padding-free), the collators pass position_ids and no attention_mask, as TRL's
 padding-free collator does: transformers 5.x (`masking_utils.find_packed_sequence_indices`, when attention_mask is None
@@ -46,8 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from memtune.config import TRL_EXTRA_HINT
 from memtune.errors import UsageError
-from memtune.options import DEFAULT_PACKING, PACKING_MODES, TRL_INSTALL_HINT
+from memtune.options import DEFAULT_PACKING, PACKING_MODES
 
 PACKAGE_DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_CORPUS_PATH = PACKAGE_DATA / "sample_corpus.jsonl"
@@ -200,31 +201,26 @@ class RowCollator:
         return batch
 
 
-@dataclass(frozen=True)
-class PaddingFreeCollator:
-    """padding-free: the micro-batch's documents concatenated into one row (1 x their tokens), position_ids restarting
-    at every document, each document's first label -100: TRL's `DataCollatorForLanguageModeling(padding_free=True)`
-    (without the flash-attn cu_seq_lens it adds; transformers derives them from position_ids where flash runs)."""
-
-    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        input_ids = torch.cat([item["input_ids"] for item in items]).unsqueeze(0)
-        positions = positions_of(int(item["input_ids"].numel()) for item in items).unsqueeze(0)
-        labels = input_ids.clone()
-        labels[positions == 0] = IGNORE_INDEX
-        return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
-
-
 def collator_for(packing: str, tokenizer: Any) -> Any:
     """The data collator of `packing`: transformers' `default_data_collator` (concat), `RowCollator` (none, bfd),
-    `PaddingFreeCollator` (padding-free). The pad id: the tokenizer's, else its end-of-text token, else 0 (the
-    padding's labels are -100, so its id never reaches the loss)."""
+    transformers' `DataCollatorWithFlattening` (padding-free: the micro-batch's documents in one row, 1 x their
+    tokens, position_ids restarting at every document, each document's first label -100, as TRL's
+    `DataCollatorForLanguageModeling(padding_free=True)` without the flash-attn cu_seq_lens, which transformers
+    derives from position_ids where flash runs). The pad id: the tokenizer's, else its end-of-text token, else 0
+    (the padding's labels are -100, so its id never reaches the loss)."""
     check_packing(packing)
     if packing == "concat":
         from transformers import default_data_collator
 
         return default_data_collator
     if packing == "padding-free":
-        return PaddingFreeCollator()
+        from transformers import DataCollatorWithFlattening
+
+        # Same class and arguments in transformers 5.17 (the GPU machine) and 5.24. One difference: 5.24 drops an
+        # empty document, 5.17 keeps its -100 label with no token (labels one longer than input_ids); the rows here
+        # are never empty (`iter_texts` reads non-empty documents; `tokenize_corpus` ends each with the end-of-text
+        # token where the tokenizer has one)
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(tokenizer, "eos_token_id", None)
@@ -238,14 +234,14 @@ def check_packing(packing: str) -> None:
                          f"(default {DEFAULT_PACKING}, what memtune run does without --packing)")
 
 
-def require_trl() -> Any:
+def import_pack_dataset() -> Any:
     """TRL's `pack_dataset` (and with it `datasets`). Raises UsageError (exit 2) with the install hint where TRL is
     missing: --packing bfd runs TRL's own best-fit-decreasing packing, not a copy of it."""
     try:
         from trl.data_utils import pack_dataset  # type: ignore[import-not-found, unused-ignore]  # optional ([trl])
     except ImportError as error:
         raise UsageError(f"--packing bfd packs with TRL's best-fit-decreasing pack_dataset, and TRL could not be "
-                         f"imported ({error}): install it with {TRL_INSTALL_HINT}, or choose --packing padding-free, "
+                         f"imported ({error}): install it with {TRL_EXTRA_HINT}, or choose --packing padding-free, "
                          "none or concat") from None
     return pack_dataset
 
@@ -254,8 +250,8 @@ def pack_bfd(corpus: TokenizedCorpus, seq_len: int) -> PackedRowsDataset:
     """bfd rows by TRL's own `pack_dataset(dataset, seq_len, strategy="bfd")`: its `_pack_bfd` drops empty
     documents, truncates each at seq_len and places them longest first, best fit, per `datasets.map` batch of 1,000.
     The corpus goes to Arrow without Python lists (a ListArray over the flat tokens) and the rows come back as flat
-    tensors. Raises UsageError where TRL is not installed (`require_trl`)."""
-    pack_dataset = require_trl()
+    tensors. Raises UsageError where TRL is not installed (`import_pack_dataset`)."""
+    pack_dataset = import_pack_dataset()
     import datasets  # type: ignore[import-not-found, unused-ignore]
     import pyarrow as pa  # type: ignore[import-not-found, unused-ignore]
     from datasets.table import InMemoryTable  # type: ignore[import-not-found, unused-ignore]
@@ -385,7 +381,7 @@ def build_dataset(
     """
     check_packing(packing)
     if packing == "bfd":
-        require_trl()  # before minutes of tokenising
+        import_pack_dataset()  # TRL missing: UsageError before minutes of tokenising
     path = Path(data) if data is not None else SAMPLE_CORPUS_PATH
     corpus = tokenize_corpus(tokenizer, iter_texts(path, text_field), source=str(path))
     if len(corpus) == 0 or corpus.tokens.numel() == 0:

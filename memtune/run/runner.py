@@ -65,12 +65,12 @@ from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module
 from memtune.run.guard import GuardedTrainer, OomGuard
+from memtune.run.model import default_output_dir, load_model
 
 SUMMARY_FILE = "run_summary.json"
 PLAN_FILE = "plan.json"
 MEMORY_BANDS = 20
 """The run's steps are cut into about this many bands; run_summary.json has the peak memory of each."""
-WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
 CHECKPOINT_PREFIX = "checkpoint-"
 """Trainer's PREFIX_CHECKPOINT_DIR (transformers.trainer_utils) and a dash."""
 SAVING_PREFIX = "saving-"
@@ -99,8 +99,12 @@ class RunSummary:
     peak_reserved_bytes: int | None
     predicted_total_bytes: int
     tokens_per_step: int
+    """Input tokens per optimizer step, all GPUs, as the batches held them (mean over this run: Trainer's
+    num_input_tokens_seen, padding not counted); the planned micro-batch x accumulation x GPUs x seq_len where they
+    were not counted (include_num_input_tokens_seen "no" among the overrides)."""
     tokens_per_second: float
-    """Over this run's steps after the first (which includes warm-up)."""
+    """Input tokens (as counted for `tokens_per_step`) over this run's steps after the first (which includes
+    warm-up)."""
     train_seconds: float
     wall_seconds: float
     """Everything: loading, tokenising, training, saving."""
@@ -196,7 +200,13 @@ class RunStats(TrainerCallback):
 
     def __init__(self, tokens_per_step: int, cuda: bool):
         self.tokens_per_step = tokens_per_step
+        """Planned: used where Trainer does not count the input tokens (include_num_input_tokens_seen "no")."""
         self.cuda = cuda
+        self.counted = False
+        """Whether Trainer counts the input tokens (state.num_input_tokens_seen)."""
+        self.step_end_tokens: list[int] = []
+        """state.num_input_tokens_seen at each step end (with `counted`)."""
+        self._start_tokens = 0
         self.loss_curve: list[list[float]] = []
         self.memory_bands: list[dict[str, Any]] = []
         self.step_end_times: list[float] = []
@@ -217,6 +227,8 @@ class RunStats(TrainerCallback):
         self._band_first = state.global_step + 1
         self.last_step = state.global_step
         self._start = time.perf_counter()
+        self.counted = getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False)
+        self._start_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)  # a resumed run's earlier ones
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
 
@@ -226,6 +238,7 @@ class RunStats(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.in_optimizer_update = False
         self.step_end_times.append(time.perf_counter())
+        self.step_end_tokens.append(int(getattr(state, "num_input_tokens_seen", 0) or 0))
         if self.first_step is None:
             self.first_step = state.global_step
         self.last_step = state.global_step
@@ -267,11 +280,21 @@ class RunStats(TrainerCallback):
         return (self.step_end_times[-1] - self._start) if self.step_end_times else 0.0
 
     def tokens_per_second(self, last: int | None = None) -> float:
-        """Over the steps after this run's first (or the last `last` steps)."""
+        """Over the steps after this run's first (or the last `last` steps): the input tokens Trainer counted in
+        them, else the planned `tokens_per_step` each."""
         times = self.step_end_times if last is None else self.step_end_times[-(last + 1):]
         if len(times) < 2:
             return 0.0
+        if self.counted:
+            tokens = self.step_end_tokens if last is None else self.step_end_tokens[-(last + 1):]
+            return (tokens[-1] - tokens[0]) / max(times[-1] - times[0], 1e-9)
         return self.tokens_per_step * (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+
+    def mean_tokens_per_step(self) -> int:
+        """Input tokens per optimizer step over this run (Trainer's count), else the planned `tokens_per_step`."""
+        if not self.counted or not self.step_end_tokens:
+            return self.tokens_per_step
+        return round((self.step_end_tokens[-1] - self._start_tokens) / len(self.step_end_tokens))
 
 
 class ProgressReporter(TrainerCallback):
@@ -381,10 +404,13 @@ def run_plan(
     device: "cpu" to run on the CPU even where CUDA is available; None: CUDA when present.
     training_overrides: any other TrainingArguments fields.
 
+    A TRL plan (trainer "sft" / "dpo") runs `run.trl_run.run_trl`, which writes no checkpoints yet: resume,
+    save_steps, packing, text_field and callbacks are refused for it (UsageError, `trl_run.unsupported_options`).
+
     Returns the summary, also written to OUTPUT_DIR/run_summary.json. Ctrl-C does not raise: the
-    summary says "interrupted" and names the checkpoint. Errors raise (MemtuneError for bad input - an
-    unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter configuration
-    left), after the last completed step was saved as a checkpoint.
+    summary says "interrupted" and names the checkpoint (none for a TRL run). Errors raise (MemtuneError for bad
+    input - an unknown option among `changes` too -, NothingFitsError when the OOM guard has no lighter
+    configuration left), after the last completed step was saved as a checkpoint.
 
     Output: rank 0 alone prints (`is_main_process`); on the other ranks of a launched run the libraries'
     warnings, log records and progress bars are off too, and the libraries' progress bars (loading and
@@ -399,6 +425,8 @@ def run_plan(
         if options.trainer not in (None, plan.train_config.trainer):
             raise UsageError(f"--trainer {options.trainer} differs from the plan's {plan.train_config.trainer}: plan "
                              f"again with --trainer {options.trainer} (its memory differs)")
+        if problems := trl_run.unsupported_options(options, callbacks=len(callbacks)):
+            raise UsageError(f"a TRL {plan.train_config.trainer.upper()} plan does not take: " + "; ".join(problems))
         summary = RunSummary(**trl_run.run_trl(plan, options, device=device, training_overrides=training_overrides,
                                                log=lambda message: console.print(message, highlight=False)))
         if main:
@@ -449,7 +477,7 @@ def _run_plan(
 
     for message in notes_at_start:
         warn(message)
-    output = Path(output_dir) if output_dir is not None else default_output_dir(plan)
+    output = Path(output_dir) if output_dir is not None else default_output_dir(plan.model)
     check_run_inputs(plan, options)
     checkpoint = _checkpoint_to_resume(output, resume, plan,
                                        lambda message: reporter_console.print(message, highlight=False), warn)
@@ -487,13 +515,15 @@ def _run_plan(
         # the datasets hold model inputs only (run.data); Trainer's column removal reads the forward's signature, and
         # the chunked loss's forward takes position_ids through **kwargs: the bfd rows' position_ids were dropped
         "remove_unused_columns": False,
+        # the tokens the batches really hold (rows shorter than seq_len under none / bfd / padding-free): Trainer
+        # counts them (state.num_input_tokens_seen). concat and padding-free batches hold no padding ("all"); none
+        # and bfd rows are padded with the tokenizer's pad id, which "non_padding" leaves out (where it is also the
+        # end-of-text id, each document's closing token too); a tokenizer without one pads with end-of-text and
+        # the padding is counted (Trainer would warn at every batch)
+        "include_num_input_tokens_seen": ("non_padding" if packing in ("none", "bfd")
+                                          and getattr(tokenizer, "pad_token_id", None) is not None else "all"),
         **(training_overrides or {}),
     }
-    if config.deepspeed and "deepspeed" not in overrides:
-        # every ZeRO knob as a number for this model, as the launcher's JSON has them (run.launch.deepspeed_config)
-        from memtune.run.launch import deepspeed_config
-
-        overrides["deepspeed"] = deepspeed_config(config, model_config=source.config)
     args = plan.training_arguments(**overrides)
     set_seed(seed)
     # Several processes or offload: build on the CPU, as from_pretrained does, and let the launcher's
@@ -561,7 +591,7 @@ def _run_plan(
         peak_allocated_bytes=stats.peak_allocated_bytes,
         peak_reserved_bytes=stats.peak_reserved_bytes,
         predicted_total_bytes=plan.predicted_total_bytes,
-        tokens_per_step=tokens_per_step,
+        tokens_per_step=stats.mean_tokens_per_step(),
         tokens_per_second=stats.tokens_per_second(),
         train_seconds=stats.train_seconds,
         wall_seconds=time.perf_counter() - wall_start,
@@ -586,50 +616,6 @@ def _run_plan(
         reporter_console.print(f"stopped at step {summary.global_step}; continue with --resume "
                                f"(checkpoint: {summary.checkpoint or 'none'})", highlight=False)
     return summary
-
-
-def load_model(source: Any, train_config: TrainConfig, device: torch.device | str) -> tuple[Any, str, bool]:
-    """(model, where its weights came from, whether they are pretrained) for a `sources.ModelSource`,
-    in the plan's weights dtype, quantised as the plan says (transformers' BitsAndBytesConfig, recipe/quant.py)."""
-    from transformers import AutoModelForCausalLM
-
-    from memtune.recipe import quant
-
-    dtype = recipe.TORCH_DTYPES[train_config.weights_dtype]
-    quantization = train_config.quantization
-    extra = {} if quantization is None else {"quantization_config": quant.bnb_config(quantization)}
-    extra.update(recipe.attention_arguments(train_config, device))  # the plan's --attn, as it was traced
-    if quantization is not None:
-        quant.require_bitsandbytes()
-    if source.origin == "local" and source.path is not None and has_weights(source.path):
-        model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
-        )
-        return model, f"weights from {source.path}", True
-    if source.origin == "hub":
-        model = AutoModelForCausalLM.from_pretrained(
-            source.hub_id, dtype=dtype, trust_remote_code=source.trust_remote_code, **extra
-        )
-        return model, f"weights from the hub ({source.hub_id})", True
-    with torch.device(device):  # random weights straight on the device: no copy, faster init on a GPU
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype,
-                                                 **recipe.attention_arguments(train_config, device))
-    if quantization is not None:
-        quant.quantize_model(model, quantization)  # in place
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()  # the untied head weight that tie_weights freed: see measure.verify.measure
-    why = "a catalog config" if source.origin == "catalog" else f"{source.path} has config.json but no weights"
-    return model, (f"random initialisation ({why}): a real fine-tune needs the weights; "
-                   "use a hub id or a local directory saved with save_pretrained"), False
-
-
-def has_weights(path: Path) -> bool:
-    return any(any(Path(path).glob(pattern)) for pattern in WEIGHT_FILES)
-
-
-def default_output_dir(plan: Plan) -> Path:
-    name = Path(plan.model.rstrip("/")).name or "model"
-    return Path("memtune-runs") / re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
 @dataclass
@@ -757,7 +743,7 @@ def relaunch(plan: Plan, options: RunOptions, log: Callable[[str], None]) -> int
     import subprocess
 
     check_run_inputs(plan, options)
-    output_dir = Path(options.output_dir or default_output_dir(plan))
+    output_dir = Path(options.output_dir or default_output_dir(plan.model))
     command = relaunch_command(plan, options, output_dir)
     if command is None:
         return None
@@ -829,7 +815,7 @@ def check_run_inputs(plan: Plan, options: RunOptions) -> None:
     if missing:
         problems.append(missing)
     if options.output_dir is None:
-        problem = RunOptions.output_dir_problem(default_output_dir(plan))
+        problem = RunOptions.output_dir_problem(default_output_dir(plan.model))
         if problem:
             problems.append(problem.replace("--output-dir", "the default output directory", 1)
                             + " with --output-dir")

@@ -9,6 +9,9 @@ a ready peft model, DPOTrainer would add a second, frozen "ref" adapter instead)
 copy as `ref_model`, in the policy's dtype (what DPOTrainer builds itself from a hub id), unless the plan
 precomputes the reference log-probs.
 
+A padding-free SFT plan (`TrainConfig.sft_batches`) has SFTTrainer's max_length None (TRL enforces none without
+packing): `truncate_rows` cuts the tokenised rows to the plan's seq_len, as traced, and the run's notes say how many.
+
 The OOM guard cuts a micro-batch into smaller ones after an OOM. A DPO batch holds each pair's chosen row in its
 first half and its rejected row in its second (`DataCollatorForPreference`): `GuardedDPOTrainer` hands the guard a
 view of the batch by pair ([pairs, 2, ...]) so that a piece keeps both rows of its pairs, and turns each piece back
@@ -29,12 +32,13 @@ from typing import Any
 
 import torch
 
-from memtune.config import TrainConfig, require_trl
+from memtune.config import DEFAULT_SAVE_STEPS, require_trl
 from memtune.errors import UsageError
 from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.run import data as data_module
 from memtune.run.guard import GuardedTrainerMixin
+from memtune.run.model import default_output_dir, load_model
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SAMPLE_DATA = {"sft": DATA_DIR / "sample_instructions.jsonl", "dpo": DATA_DIR / "sample_preferences.jsonl"}
@@ -71,25 +75,26 @@ def guarded_trainer_class(trainer: str) -> type:
     if trainer == "sft":
         return type("GuardedSFTTrainer", (GuardedTrainerMixin, SFTTrainer), {})
 
-    class GuardedDPOTrainer(GuardedTrainerMixin, DPOTrainer):
-        """DPOTrainer whose batches the guard sees by pair (module docstring)."""
+    class PairedDPOTrainer(DPOTrainer):
+        """DPOTrainer whose step's batches are handed on by pair (`as_pairs`) and turned back into its layout
+        (`from_pairs`) in training_step: whatever sits between the two (the OOM guard) cuts them by pair."""
 
         _paired: frozenset[str] = frozenset()
 
         def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-            samples, num_items = DPOTrainer.get_batch_samples(self, *args, **kwargs)
+            samples, num_items = super().get_batch_samples(*args, **kwargs)
             viewed = []
             for sample in samples:
                 view, self._paired = as_pairs(sample)
                 viewed.append(view)
-            self.oom_guard.start_optimizer_step(viewed)
             return viewed, num_items
 
         def training_step(self, model: Any, inputs: Any, num_items_in_batch: Any = None) -> torch.Tensor:
-            def run(model_: Any, piece: Any, items: Any) -> torch.Tensor:
-                return DPOTrainer.training_step(self, model_, from_pairs(piece, self._paired), items)
+            return super().training_step(model, from_pairs(inputs, self._paired), num_items_in_batch)
 
-            return self.oom_guard.training_step(run, model, inputs, num_items_in_batch)
+    class GuardedDPOTrainer(GuardedTrainerMixin, PairedDPOTrainer):
+        """DPOTrainer whose batches the guard sees by pair (module docstring): the mixin's get_batch_samples and
+        training_step wrap PairedDPOTrainer's."""
 
     return GuardedDPOTrainer
 
@@ -108,35 +113,62 @@ def load_rows(path: Path, trainer: str) -> Any:
     return dataset
 
 
-def _model(source: Any, config: TrainConfig, device: str) -> tuple[Any, str]:
-    """(model in the plan's weights dtype, where its weights came from): the hub's or a local directory's weights,
-    else random ones from the config (catalog names)."""
-    from transformers import AutoModelForCausalLM
+def unsupported_options(options: RunOptions, *, callbacks: int = 0) -> list[str]:
+    """What `memtune run` takes for memtune's causal-LM step but not yet for a TRL plan, each with the value seen and
+    what to do ([] when nothing is): --resume (a TRL run writes no checkpoints), --packing and --text-field (TRL
+    batches and reads the rows itself: the plan's --sft-batches, the dataset formats of `REQUIRED_FIELDS`),
+    --save-steps, and `callbacks` (how many TrainerCallbacks `run_plan` was given)."""
+    problems = []
+    if options.resume:
+        problems.append("--resume: a TRL run writes no checkpoints yet, so there is none to continue from; run again "
+                        "without --resume")
+    if options.packing is not None:
+        problems.append(f"--packing {options.packing}: TRL batches the rows itself, as the plan's --sft-batches says; "
+                        "drop --packing (plan again with memtune plan|fit --trainer sft --sft-batches to change it)")
+    if options.text_field != "text":
+        problems.append(f"--text-field {options.text_field!r}: a TRL run reads TRL's dataset fields ("
+                        + "; ".join(" or ".join("+".join(fields) for fields in formats)
+                                    for formats in REQUIRED_FIELDS.values())
+                        + "): rename the field in the data and drop --text-field")
+    if options.save_steps != DEFAULT_SAVE_STEPS:
+        problems.append(f"--save-steps {options.save_steps}: a TRL run writes no checkpoints yet; drop --save-steps")
+    if callbacks:
+        problems.append(f"callbacks ({callbacks} given): a TRL run does not take them yet; run_plan without "
+                        "callbacks, or build TRL's trainer yourself from Plan.sft_config / Plan.dpo_config")
+    return problems
 
-    from memtune.recipe import step as recipe
 
-    dtype = recipe.TORCH_DTYPES[config.weights_dtype]
-    attention = recipe.attention_arguments(config, device)
-    if source.origin == "hub" or (source.origin == "local" and source.path is not None
-                                  and any(source.path.glob("*.safetensors"))):
-        where = str(source.hub_id if source.origin == "hub" else source.path)
-        loaded: Any = AutoModelForCausalLM.from_pretrained(where, dtype=dtype,
-                                                           trust_remote_code=source.trust_remote_code, **attention)
-        return loaded.to(device), f"weights from {where}"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype, **attention)
-    return model, "random initialisation (a catalog config): a real fine-tune needs the weights"
+def truncate_rows(dataset: Any, seq_len: int) -> tuple[Any, int]:
+    """(the tokenised SFT rows of `dataset` cut to their first `seq_len` tokens, how many were longer). Every
+    per-token column (a list as long as the row's input_ids: labels, completion_mask, ...) is cut alike; rows left
+    with no label to learn (a prompt alone filling seq_len) are dropped, as SFTTrainer drops them when it truncates.
+
+    Why: a padding-free plan traced micro-batch x seq_len tokens in the flattened row, and SFTTrainer takes
+    max_length=None there (it does not enforce a max_length without packing, `Plan.sft_config`), so its rows
+    would come as long as the data makes them."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    longer = sum(length > seq_len for length in lengths)
+    if not longer:
+        return dataset, 0
+
+    def cut(row: dict[str, Any]) -> dict[str, Any]:
+        size = len(row["input_ids"])
+        return {key: value[:seq_len] if isinstance(value, list) and len(value) == size else value
+                for key, value in row.items()}
+
+    dataset = dataset.map(cut)
+    if "labels" in dataset.column_names:
+        dataset = dataset.filter(lambda row: any(label != -100 for label in row["labels"]))
+    return dataset, longer
 
 
 def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: Any = print,
             training_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train with TRL's trainer as the plan says (module docstring); returns `RunSummary`'s fields. Raises
-    UsageError for TRL missing, data in another format, or a QLoRA DPO plan (not run yet)."""
+    UsageError for TRL missing or data in another format (a QLoRA DPO plan, not run yet, is refused by TrainConfig's
+    checks when the plan loads)."""
     config = plan.train_config
     require_trl(f"memtune run --trainer {config.trainer}")
-    if config.trainer == "dpo" and config.quantization is not None:
-        raise UsageError("memtune run does not run DPO on a quantised base yet (DPOTrainer would add a second "
-                         "adapter as its reference): plan it without --qlora")
     from memtune.sources import resolve
 
     wall_start = time.perf_counter()
@@ -145,15 +177,23 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
     tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
     use_cpu = device == "cpu" or not torch.cuda.is_available()
-    output = Path(options.output_dir or Path("memtune-runs") / Path(plan.model).name)
+    output = Path(options.output_dir) if options.output_dir else default_output_dir(plan.model)
     overrides: dict[str, Any] = {
         "output_dir": str(output), "max_steps": options.max_steps if options.max_steps is not None else -1,
         "num_train_epochs": 1, "logging_steps": 1, "save_strategy": "no", "seed": options.seed,
         "learning_rate": options.learning_rate or (2e-4 if config.adapter else 2e-5), "disable_tqdm": True,
-        "use_cpu": use_cpu, **(training_overrides or {}),
+        "use_cpu": use_cpu,
+        # the tokens the batches really hold, for the summary's tokens/s (rows are as long as the data makes them,
+        # up to seq_len): padded batches carry an attention_mask ("non_padding" sums it), flattened SFT batches
+        # (packed, padding-free) hold no padding ("all")
+        "include_num_input_tokens_seen": "non_padding" if config.trainer == "dpo" or config.sft_batches == "padded"
+        else "all",
+        **(training_overrides or {}),
     }
     args = plan.sft_config(**overrides) if config.trainer == "sft" else plan.dpo_config(**overrides)
-    model, model_origin = _model(source, config, "cpu" if use_cpu else "cuda")
+    model, model_origin, _ = load_model(source, config, "cpu" if use_cpu else "cuda")
+    if config.quantization is None:
+        model = model.to("cpu" if use_cpu else "cuda")  # a quantised model is placed as bitsandbytes loaded it
     trainer_kwargs: dict[str, Any] = {}
     if config.trainer == "dpo" and config.adapter is not None:
         # DPOTrainer wraps the adapter itself, so that its reference is the base with the adapter disabled
@@ -172,6 +212,16 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     guard = plan.oom_guard(log=log)
     trainer = guarded_trainer_class(config.trainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, oom_guard=guard, **trainer_kwargs)
+    notes = [f"TRL {config.trainer.upper()} run (run.trl_run): no checkpoints or --resume yet"]
+    if config.trainer == "sft" and config.sft_batches == "padding-free":
+        # the rows as long as the plan traced them (SFTTrainer has max_length None here): `truncate_rows`
+        trainer.train_dataset, cut = truncate_rows(trainer.train_dataset, config.seq_len)
+        if cut:
+            left = len(trainer.train_dataset)
+            notes.append(f"padding-free SFT: {cut} of {len(dataset)} rows were longer than the plan's seq_len "
+                         f"({config.seq_len} tokens) and were cut to it"
+                         + (f"; {len(dataset) - left} left with no completion token were dropped"
+                            if left < len(dataset) else ""))
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for printer in (PrinterCallback, ProgressCallback):  # stdout carries the summary alone, as the runner's run
@@ -186,7 +236,7 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     if status == "completed":
         trainer.save_model(str(output))
     steps = int(trainer.state.global_step)
-    tokens_per_step = config.effective_batch_size * config.seq_len * (2 if config.trainer == "dpo" else 1)
+    tokens = int(trainer.state.num_input_tokens_seen)  # 0 where include_num_input_tokens_seen "no" was overridden
     return {
         "output_dir": str(output), "status": status, "global_step": steps, "max_steps": int(trainer.state.max_steps),
         "resumed_from_step": None,
@@ -194,12 +244,12 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         "memory_bands": [],
         "peak_allocated_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
         "peak_reserved_bytes": int(torch.cuda.max_memory_reserved()) if cuda else None,
-        "predicted_total_bytes": plan.predicted_total_bytes, "tokens_per_step": tokens_per_step,
-        "tokens_per_second": steps * tokens_per_step / train_seconds if train_seconds > 0 else 0.0,
+        "predicted_total_bytes": plan.predicted_total_bytes, "tokens_per_step": round(tokens / steps) if steps else 0,
+        "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
         "final_train_config": guard.current.to_dict(), "guard_events": [event.to_dict() for event in guard.events],
         "checkpoint": None, "model_origin": model_origin, "tokenizer_origin": tokenizer_origin,
-        "data": str(data_path), "num_sequences": len(dataset), "num_tokens": 0,
+        "data": str(data_path), "num_sequences": len(dataset), "num_tokens": tokens,
         "device": "cpu" if use_cpu else "cuda", "plan": plan.to_dict(),
-        "notes": [f"TRL {config.trainer.upper()} run (run.trl_run): no checkpoints or --resume yet"], "error": error,
+        "notes": notes, "error": error,
     }

@@ -533,6 +533,9 @@ def not_verifiable(config: TrainConfig, result: SearchResult, policy: Policy) ->
     """Why `config` gets no trial steps, as the candidate's note ("not verified: ..."); "" when it can have them."""
     if config.deepspeed:  # measure.verify's trial steps run one process without DeepSpeed
         return "not verified: trial steps do not run DeepSpeed plans yet (memtune run does)"
+    if config.trainer != "causal-lm":  # measure.verify's trial steps run memtune's step (recipe.step)
+        return ("not verified: trial steps run memtune's causal-LM step, not TRL's; memtune run --trainer "
+                f"{config.trainer} runs it")
     if config.num_nodes > 1:  # trial steps run the GPUs of this machine only
         return (f"not verified: trial steps run on this machine, the plan spans "
                 f"{config.num_nodes} (its run on them does)")

@@ -852,7 +852,8 @@ class Reference(Rung):
     (`precompute_ref_log_probs`: no reference on the GPU, no reference forward; DPOTrainer builds a temporary
     reference for it, whose forward under no_grad runs before the optimizer state exists). Recipe: `Plan.dpo_config`;
     trace: `predict.trl_step`. TRL's trainers compute their loss with their own fused LM head, so the chunked and
-    Liger losses conflict with them, and they are planned on one GPU or with DDP."""
+    Liger losses conflict with them, and they are planned on one GPU or with DDP; DPO is not planned on a quantised
+    base (QLoRA) yet, which `memtune run` does not run."""
 
     name = "reference log-probs"
 
@@ -873,6 +874,8 @@ class Reference(Rung):
         if (fields.get("strategy") == "deepspeed" or fields.get("offload", "none") != "none"
                 or (fields_world_size(fields) > 1 and fields.get("strategy") != "ddp")):
             return f"--trainer {trainer} is planned on one GPU or with DDP (no FSDP, offload or DeepSpeed)"
+        if trainer == "dpo" and fields.get("quantization") is not None:
+            return "--trainer dpo is not run on a quantised base yet (memtune run refuses it: TrainConfig's check)"
         return None
 
     def flip(self, chosen: TrainConfig, policy: Policy, effective_batch_size: int) -> tuple[str, TrainConfig] | None:
