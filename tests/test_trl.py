@@ -311,3 +311,35 @@ def test_guarded_dpo_trainer_is_the_guard_mixin_over_a_pairing_dpo_trainer():
     assert guarded.__mro__[1] is GuardedTrainerMixin and paired.__name__ == "PairedDPOTrainer"
     assert not {"get_batch_samples", "training_step", "prediction_step"} & set(vars(guarded))
     assert set(vars(paired)) >= {"get_batch_samples", "training_step"} and "prediction_step" not in vars(paired)
+
+
+@pytest.mark.parametrize(("trainer", "content", "suffix", "words"), [
+    ("sft", "", ".jsonl", "has no rows"),
+    ("sft", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion"\n', ".jsonl", "line 2 of"),
+    ("sft", '["a", "b"]\n', ".jsonl", "row 1 of"),
+    ("sft", '{"prompt": "a", "completion": 5}\n', ".jsonl", "'completion' holds 5; it must be a string"),
+    ("dpo", '{"prompt": "a", "chosen": "b", "rejected": null}\n', ".jsonl", "'rejected' holds null"),
+    ("dpo", '{"prompt": "a", "completion": "b"}\n', ".jsonl", "needs prompt+chosen+rejected or chosen+rejected"),
+    ("sft", '{"a": 1}', ".json", "holds a JSON dict, not an array of rows"),
+    ("sft", "plain text\n", ".txt", "is not JSON Lines or JSON (suffix '.txt')"),
+])
+def test_trl_run_data_mistakes_are_usage_errors_naming_the_row(tmp_path, trainer, content, suffix, words):
+    """`memtune run --trainer sft|dpo --data FILE` reads the file itself before datasets does: every mistake in it
+    is exit 2 with the line or row and the value seen, never a parser's traceback (no TRL needed to check)."""
+    from memtune.run.trl_run import read_records
+
+    path = tmp_path / f"rows{suffix}"
+    path.write_text(content)
+    with pytest.raises(UsageError) as raised:
+        read_records(path, trainer)
+    assert words in str(raised.value)
+
+
+def test_trl_run_data_accepts_text_and_conversational_rows_and_refuses_a_directory(tmp_path):
+    from memtune.run.trl_run import read_records
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert len(read_records(path, "sft")) == 2
+    with pytest.raises(UsageError, match="is a directory"):
+        read_records(tmp_path, "sft")

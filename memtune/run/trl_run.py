@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -99,18 +100,65 @@ def guarded_trainer_class(trainer: str) -> type:
     return GuardedDPOTrainer
 
 
+def read_records(path: Path, trainer: str) -> list[dict[str, Any]]:
+    """The rows of `path`, a JSON Lines file (one object per line) or a JSON file (an array of objects), each in one
+    of the trainer's formats (`REQUIRED_FIELDS`: text fields hold strings; `messages`, and a conversational prompt /
+    chosen / rejected, hold a list of {"role", "content"} objects). Read here, before datasets sees the file, so that
+    every mistake in it is a UsageError (exit 2) naming the line and the value seen, never a parser's traceback.
+    Raises UsageError for a directory, another suffix, an empty file, a line that is not JSON, a row that is not an
+    object, or a row with no complete format."""
+    if path.is_dir():
+        raise UsageError(f"--data {str(path)!r} is a directory: a TRL run reads one .jsonl or .json file of rows")
+    if path.suffix not in (".jsonl", ".json"):
+        raise UsageError(f"--data {str(path)!r} is not JSON Lines or JSON (suffix {path.suffix or 'none'!r}): "
+                         f"--trainer {trainer} reads rows with named fields, e.g. {SAMPLE_DATA[trainer].name}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    rows: list[Any] = []
+    if path.suffix == ".json":
+        try:
+            rows = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as error:
+            raise UsageError(f"--data {str(path)!r} is not valid JSON: {error}") from None
+        if not isinstance(rows, list):
+            raise UsageError(f"--data {str(path)!r} holds a JSON {type(rows).__name__}, not an array of rows")
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise UsageError(f"line {number} of {str(path)!r} is not JSON ({error.msg}): "
+                                     f"{line[:80]!r}") from None
+    if not rows:
+        raise UsageError(f"--data {str(path)!r} has no rows: give a file with at least one row")
+    wanted = " or ".join("+".join(fields) for fields in REQUIRED_FIELDS[trainer])
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise UsageError(f"row {number} of {str(path)!r} is a JSON {type(row).__name__}, not an object with the "
+                             f"fields {wanted}")
+        fields = next((fields for fields in REQUIRED_FIELDS[trainer] if set(fields) <= set(row)), None)
+        if fields is None:
+            raise UsageError(f"--data {str(path)!r} row {number} has the fields {sorted(row)}; --trainer {trainer} "
+                             f"needs {wanted} (e.g. {SAMPLE_DATA[trainer].name}, shipped with memtune)")
+        for name in fields:
+            value = row[name]
+            turns = isinstance(value, list) and all(
+                isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+                for turn in value)
+            if not (isinstance(value, str) or (turns and value and name != "text")):
+                kinds = "a string" + ("" if name == "text" else ' or a list of {"role", "content"} messages')
+                raise UsageError(f"row {number} of {str(path)!r}: {name!r} holds {json.dumps(value)[:60]}; it must be "
+                                 f"{kinds}")
+    return rows
+
+
 def load_rows(path: Path, trainer: str) -> Any:
-    """The JSON Lines / JSON file `path` as a datasets.Dataset, checked for one of the trainer's formats
-    (`REQUIRED_FIELDS`). Raises UsageError naming the fields found and the ones needed."""
+    """The rows of `path` (`read_records`: checked first) as a datasets.Dataset. Raises UsageError as
+    `read_records` does."""
     from datasets import load_dataset  # type: ignore[import-not-found]  # with TRL: the trl extra
 
-    dataset = load_dataset("json", data_files=str(path), split="train")
-    columns = set(dataset.column_names)
-    if not any(set(fields) <= columns for fields in REQUIRED_FIELDS[trainer]):
-        wanted = " or ".join("+".join(fields) for fields in REQUIRED_FIELDS[trainer])
-        raise UsageError(f"--data {str(path)!r} has the fields {sorted(columns)}; --trainer {trainer} needs {wanted} "
-                         f"(e.g. {SAMPLE_DATA[trainer].name}, shipped with memtune)")
-    return dataset
+    read_records(path, trainer)
+    return load_dataset("json", data_files=str(path), split="train")
 
 
 def unsupported_options(options: RunOptions, *, callbacks: int = 0) -> list[str]:
@@ -168,7 +216,7 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     UsageError for TRL missing or data in another format (a QLoRA DPO plan, not run yet, is refused by TrainConfig's
     checks when the plan loads)."""
     config = plan.train_config
-    require_trl(f"memtune run --trainer {config.trainer}")
+    require_trl(f"memtune run of this {config.trainer.upper()} plan (--trainer {config.trainer})")
     from memtune.sources import resolve
 
     wall_start = time.perf_counter()
@@ -176,6 +224,11 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     dataset = load_rows(data_path, config.trainer)
     source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
     tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
+    conversational = [name for name in dataset.column_names if isinstance(dataset[0][name], list)]
+    if conversational and not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"--data {str(data_path)!r} holds messages ({', '.join(conversational)}), which TRL renders "
+                         f"with the tokenizer's chat template, and the tokenizer ({tokenizer_origin}) has none: give "
+                         "prompt/completion (or prompt/chosen/rejected) text rows, or a model whose tokenizer has one")
     use_cpu = device == "cpu" or not torch.cuda.is_available()
     output = Path(options.output_dir) if options.output_dir else default_output_dir(plan.model)
     overrides: dict[str, Any] = {
@@ -191,7 +244,12 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
         **(training_overrides or {}),
     }
     args = plan.sft_config(**overrides) if config.trainer == "sft" else plan.dpo_config(**overrides)
-    model, model_origin, _ = load_model(source, config, "cpu" if use_cpu else "cuda")
+    from transformers import set_seed
+
+    set_seed(options.seed)  # the weights too, where they start random (as the causal-LM run seeds them)
+    model, model_origin, pretrained = load_model(source, config, "cpu" if use_cpu else "cuda")
+    if not pretrained:
+        log(f"warning: {model_origin}")  # now, not only in the summary after the run
     if config.quantization is None:
         model = model.to("cpu" if use_cpu else "cuda")  # a quantised model is placed as bitsandbytes loaded it
     trainer_kwargs: dict[str, Any] = {}
