@@ -390,7 +390,17 @@ class Plan:
         `model`: as `prepare` returns it. `args`: TrainingArguments, default `training_arguments()`.
         `oom_guard`: default `oom_guard()`; the Trainer's `oom_guard` attribute holds it (its `events`,
         `current`). Other keyword arguments go to Trainer (train_dataset, data_collator, callbacks, ...).
+
+        Raises UsageError for a plan of TRL's SFT or DPO step: a plain Trainer would run another step than the one
+        planned (`memtune run PLAN --trainer sft|dpo` runs TRL's trainer with the guard; in Python, TRL's trainer
+        with `sft_config()` / `dpo_config()`).
         """
+        if self.train_config.trainer != "causal-lm":
+            trainer = self.train_config.trainer
+            raise UsageError(f"this plan is for TRL's {trainer.upper()} step, and Plan.trainer builds a plain "
+                             f"transformers Trainer, which runs another step: run it with memtune run PLAN --trainer "
+                             f"{trainer} (the OOM guard attached), or build TRL's {trainer.upper()}Trainer with "
+                             f"plan.{trainer}_config()")
         from memtune.run.guard import GuardedTrainer
 
         return GuardedTrainer(model=model, args=args if args is not None else self.training_arguments(),

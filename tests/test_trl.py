@@ -10,7 +10,7 @@ import torch
 
 from memtune import config as config_module
 from memtune.cli import main
-from memtune.config import Adapter, TrainConfig
+from memtune.config import GIB, Adapter, TrainConfig
 from memtune.errors import UsageError
 from memtune.plan import Plan
 from memtune.predict.estimate import estimate
@@ -343,3 +343,10 @@ def test_trl_run_data_accepts_text_and_conversational_rows_and_refuses_a_directo
     assert len(read_records(path, "sft")) == 2
     with pytest.raises(UsageError, match="is a directory"):
         read_records(tmp_path, "sft")
+
+
+def test_plan_trainer_refuses_a_trl_plan_rather_than_run_another_step():
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", train_config=TrainConfig(seq_len=64, trainer="dpo"),
+                budget_bytes=GIB)
+    with pytest.raises(UsageError, match=r"memtune run PLAN --trainer dpo .* plan\.dpo_config\(\)"):
+        plan.trainer(model=None)
