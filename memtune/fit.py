@@ -652,8 +652,9 @@ def checkpoint_layers_for(model_config: Any, layers: int | None, flag: str) -> i
         return layers
     if layers == total:
         return None
+    every = "--checkpointing" if flag == "--checkpoint-layers" else "--checkpointing on"  # plan's flag, fit's word
     raise UsageError(f"{flag} {layers}: the model has {total} decoder layers; checkpoint at most {total} "
-                     f"(all of them: --checkpointing on)")
+                     f"(all of them: {every})")
 
 
 def check_adapter_targets(model_config: Any, adapter: Adapter) -> None:

@@ -446,13 +446,15 @@ class PlanOptions:
             problems.append(f"--batch-size {task.batch_size} is not a multiple of {where}: each GPU takes an equal "
                             "share")
         gpus *= nodes  # every GPU of every machine, in the messages below
-        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+        bad_micro = self.micro_batch_size is not None and self.micro_batch_size < 1
+        if bad_micro:
             problems.append(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
         micro = self.micro_batch_size or per_gpu or 1
         if task.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {task.batch_size}")
         if micro < 1:
-            problems.append(f"--micro-batch-size must be >= 1, got {micro}")
+            if not bad_micro:  # said once
+                problems.append(f"--micro-batch-size must be >= 1, got {micro}")
         elif per_gpu >= 1 and per_gpu % micro:
             divisor = max(d for d in range(1, micro + 1) if per_gpu % d == 0)
             problems.append(f"--batch-size {task.batch_size} is not a multiple of --micro-batch-size {micro} x --gpus "
