@@ -479,6 +479,7 @@ def fit_model(
             gpu=gpu.name if gpu else (gpu_name or ""),
             fallbacks=result.search.fallbacks,
             trust_remote_code=source.trust_remote_code,
+            packing=data.packing if data is not None else Plan.packing,
         )
         if plan_path is not None:
             result.plan_path = result.plan.save(plan_path)

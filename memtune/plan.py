@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from memtune.config import TrainConfig, require_deepspeed, require_liger, require_trl
 from memtune.errors import UsageError
+from memtune.options import DEFAULT_PACKING, PACKING_MODES
 from memtune.search import ladder
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ _FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "fallbacks": ((list,), "a list"),
     "created": ((str,), "a string"),
     "trust_remote_code": ((bool,), "true or false"),
+    "packing": ((str,), "a --packing mode"),
 }
 """The JSON type of each field `to_dict` writes (schema_version apart)."""
 
@@ -76,6 +78,10 @@ class Plan:
     """Configurations with the same effective batch that need less memory, fastest first."""
     trust_remote_code: bool = False
     """The model is custom code (its own Python, `--trust-remote-code`), which `memtune run` must load too."""
+    packing: str = DEFAULT_PACKING
+    """How `memtune run` batches the data by default: the --packing the plan was made for (`memtune plan|fit --data
+    FILE --packing MODE` predicts that batching's worst batch; PACKING_MODES); concat for a plan made without data
+    (and in plans written before this field existed)."""
     created: str = field(
         default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     )
@@ -103,6 +109,7 @@ class Plan:
             "gpu": self.gpu,
             "fallbacks": [config.to_dict() for config in self.fallbacks],
             "trust_remote_code": self.trust_remote_code,
+            "packing": self.packing,
             "created": self.created,
         }
 
@@ -133,6 +140,8 @@ class Plan:
             value = data.get(name)
             if name in data and not (isinstance(value, types) and (bool in types or not isinstance(value, bool))):
                 problems.append(f"{name} must be {wanted}, got {json.dumps(value)[:60]} (a JSON {_json_type(value)})")
+        if isinstance(data.get("packing"), str) and data["packing"] not in PACKING_MODES:
+            problems.append(f"packing must be one of {', '.join(PACKING_MODES)}, got {data['packing']!r}")
         if isinstance(data.get("model"), str) and not data["model"].strip():
             problems.append("model is empty: it names the model (a catalog name, hub id or local directory)")
         for name in ("budget_bytes", "margin_bytes", "predicted_total_bytes", "predicted_host_bytes"):

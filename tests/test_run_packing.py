@@ -265,3 +265,19 @@ def test_bfd_without_trl_exits_2_with_the_install_hint(tmp_path, capsys, monkeyp
         parse(["fit", "gpt2", "--budget", "8GiB", "--run", "--data", "x.jsonl", "--packing", "bfd"])
     _, fit = parse(["fit", "gpt2", "--budget", "8GiB", "--data", "x.jsonl", "--packing", "bfd"])
     assert fit.problems() == []  # planning bfd needs no TRL (run.data_plan.bfd_row_lengths)
+
+
+def test_the_plan_records_its_packing_and_refuses_an_unknown_one():
+    """A plan made with --data --packing bfd says so, and `memtune run` batches that way by default; an unknown
+    mode in a plan file is named (exit 2); plans without the key load as concat."""
+    from memtune.config import TrainConfig
+    from memtune.errors import UsageError
+    from memtune.plan import Plan
+
+    plan = Plan(model="gpt2", train_config=TrainConfig(seq_len=64), budget_bytes=2**30, packing="bfd")
+    assert Plan.from_dict(plan.to_dict()).packing == "bfd"
+    written = plan.to_dict()
+    del written["packing"]
+    assert Plan.from_dict(written).packing == "concat"
+    with pytest.raises(UsageError, match="packing must be one of concat, none, bfd, padding-free, got 'zip'"):
+        Plan.from_dict({**plan.to_dict(), "packing": "zip"})

@@ -60,7 +60,7 @@ from memtune.config import SAVE_TOTAL_LIMIT, TrainConfig, format_bytes, require_
 from memtune.errors import UsageError
 from memtune.fit import check_sequence_length, checkpoint_layers_for
 from memtune.measure import memory
-from memtune.options import DEFAULT_PACKING, RunOptions
+from memtune.options import RunOptions
 from memtune.plan import Plan
 from memtune.recipe import step as recipe
 from memtune.run import data as data_module
@@ -490,7 +490,10 @@ def _run_plan(
         warn(message)
     tokenizer, tokenizer_origin = data_module.load_tokenizer(source)
     config = plan.train_config
-    packing = options.packing or DEFAULT_PACKING
+    packing = options.packing or plan.packing  # the batching the plan predicted, unless --packing says otherwise
+    if packing != plan.packing:
+        warn(f"--packing {packing}: the plan predicted {plan.packing} batches (memtune plan|fit --data --packing "
+             f"{packing} predicts these)")
     dataset = data_module.build_dataset(tokenizer, config.seq_len, data, text_field,
                                         vocab_size=getattr(source.config, "vocab_size", None), packing=packing)
     if len(dataset) < config.micro_batch_size * config.grad_accum_steps:
