@@ -350,3 +350,17 @@ def test_plan_trainer_refuses_a_trl_plan_rather_than_run_another_step():
                 budget_bytes=GIB)
     with pytest.raises(UsageError, match=r"memtune run PLAN --trainer dpo .* plan\.dpo_config\(\)"):
         plan.trainer(model=None)
+
+
+def test_a_trl_run_refuses_to_overwrite_an_earlier_run(tmp_path, monkeypatch):
+    """A TRL run writes no checkpoint, so a finished run's model in --output-dir would be lost: exit 2 first."""
+    from memtune.options import RunOptions
+    from memtune.run import trl_run
+
+    monkeypatch.setattr(trl_run, "require_trl", lambda what: None)
+    (tmp_path / "run_summary.json").write_text("{}")
+    plan = Plan(model="HuggingFaceTB/SmolLM2-135M", train_config=TrainConfig(seq_len=64, trainer="sft"),
+                budget_bytes=GIB)
+    options = RunOptions(plan="plan.json", output_dir=str(tmp_path))
+    with pytest.raises(UsageError, match="holds an earlier run"):
+        trl_run.run_trl(plan, options, device="cpu")

@@ -220,6 +220,10 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
     from memtune.sources import resolve
 
     wall_start = time.perf_counter()
+    output = Path(options.output_dir) if options.output_dir else default_output_dir(plan.model)
+    if (output / "run_summary.json").is_file():  # a TRL run keeps no checkpoint: the model there would be lost
+        raise UsageError(f"output directory '{output}' holds an earlier run (run_summary.json) whose model this run "
+                         "would overwrite: choose another --output-dir, or remove that one")
     data_path = Path(options.data) if options.data else SAMPLE_DATA[config.trainer]
     dataset = load_rows(data_path, config.trainer)
     source = resolve(plan.model, trust_remote_code=plan.trust_remote_code)
@@ -230,7 +234,6 @@ def run_trl(plan: Plan, options: RunOptions, *, device: str | None = None, log: 
                          f"with the tokenizer's chat template, and the tokenizer ({tokenizer_origin}) has none: give "
                          "prompt/completion (or prompt/chosen/rejected) text rows, or a model whose tokenizer has one")
     use_cpu = device == "cpu" or not torch.cuda.is_available()
-    output = Path(options.output_dir) if options.output_dir else default_output_dir(plan.model)
     overrides: dict[str, Any] = {
         "output_dir": str(output), "max_steps": options.max_steps if options.max_steps is not None else -1,
         "num_train_epochs": 1, "logging_steps": 1, "save_strategy": "no", "seed": options.seed,
