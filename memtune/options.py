@@ -184,7 +184,8 @@ class LoraOptions:
 
     def adapter(self) -> Adapter:
         targets = self.lora_targets if self.lora_targets == "all-linear" else tuple(self.lora_targets.split(","))
-        return Adapter(rank=self.lora_rank, alpha=2 * self.lora_rank, target_modules=targets)
+        # alpha follows the rank; a rank below 1 is the one mistake reported (not the alpha derived from it too)
+        return Adapter(rank=self.lora_rank, alpha=max(1, 2 * self.lora_rank), target_modules=targets)
 
 
 EVALUATION = "evaluation (Trainer.evaluate mid-training)"
@@ -519,6 +520,13 @@ class PlanOptions:
         """The configuration to predict (`strategy` auto starts from FSDP). Raises UsageError listing every
         problem of the options."""
         problems = self._shape_problems()
+        shaped = [flag for flag, given in (("--lora-rank", self.lora_shape.lora_rank != LoraOptions.lora_rank),
+                                           ("--lora-targets", self.lora_shape.lora_targets != LoraOptions.lora_targets))
+                  if given]
+        if shaped and not (self.lora or self.quantized_base is not None):
+            verb = "shapes" if len(shaped) == 1 else "shape"
+            problems.append(f"{' and '.join(shaped)} {verb} the LoRA adapter, and no adapter is planned: add --lora "
+                            f"(or --qlora 4|8), or drop {' and '.join(shaped)}")
         if problems:
             raise UsageError("; ".join(problems))
         gpus = 1 if self.task.gpus is None else self.task.gpus

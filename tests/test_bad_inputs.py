@@ -285,3 +285,15 @@ def test_auto_fit_refuses_policy_values_of_the_wrong_type_before_reading_them(ke
 def test_the_public_estimate_refuses_what_it_cannot_trace(call, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         call()
+
+
+def test_plan_refuses_lora_shape_without_an_adapter_and_reports_a_bad_rank_once(capsys):
+    """`plan --lora-rank 8` without --lora planned full fine-tuning silently; `--lora --lora-rank 0` also blamed
+    the alpha derived from the rank."""
+    from memtune.cli import main
+
+    assert main(["plan", "gpt2", "--lora-rank", "8"]) == 2
+    assert "--lora-rank shapes the LoRA adapter, and no adapter is planned: add --lora" in capsys.readouterr().err
+    assert main(["plan", "gpt2", "--lora", "--lora-rank", "0"]) == 2
+    error = capsys.readouterr().err
+    assert "rank must be a positive integer, got 0" in error and "alpha" not in error
