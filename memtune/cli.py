@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 import rich.markup
 from rich.console import Console
 
-from memtune.config import VERIFY_AND_OUTPUT, Policy, margin_for, option_of, parse_bytes
+from memtune.config import Policy, margin_for, option_of, parse_bytes
 from memtune.errors import MemtuneError, UsageError, listed
 from memtune.options import DataOptions, FitOptions, PlanOptions, RunOptions
 
@@ -233,6 +233,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, group: str | None = 
             default_text = default_text or word
         elif kind is bool:
             settings.update(action="store_false" if default else "store_true", default=default)
+            if option.negatable:  # the default's own flag too: --explain beside --no-explain
+                flag_of_default = option.flag_of(field_.name, not default)
+                target.add_argument(flag_of_default, dest=field_.name, action="store_true" if default else
+                                    "store_false", default=default, help="(the default)")
         else:
             choices = option.choices or literal
             metavar = option.metavar or (None if choices else flag.lstrip("-").replace("-", "_").upper())
@@ -298,12 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict the peak GPU memory of one training configuration (no GPU needed)",
                                epilog=EPILOG_PLAN, formatter_class=raw, allow_abbrev=False)
     add_options(plan, PlanOptions)
-    plan.add_argument("--no-explain", dest="explain", action="store_false", help="no such table (the default)")
     fit = commands.add_parser("fit", help="find the fastest training configuration that fits, verify it, save the plan",
                               epilog=EPILOG_FIT, formatter_class=raw, allow_abbrev=False)
     add_options(fit, FitOptions)
-    output = next(group for group in fit._action_groups if group.title == VERIFY_AND_OUTPUT)  # noqa: SLF001
-    output.add_argument("--explain", dest="explain", action="store_true", help="the \"why this one\" table (the default)")
     run = commands.add_parser(
         "run", help="train with a saved plan (HF Trainer or TRL's), with the OOM guard; Ctrl-C checkpoints, "
              "--resume continues (not TRL runs yet)",

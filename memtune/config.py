@@ -1190,6 +1190,9 @@ class Option:
     exclusive: str | None = None
     """Options with the same name here exclude each other (--budget, --gpu)."""
     on_command_line: bool = True
+    negatable: bool = False
+    """A bool switch given in both directions (--explain and --no-explain), the default's flag saying "(the
+    default)"."""
 
     def flag_of(self, name: str, default: Any = None) -> str:
         """The option's name for the field `name`: "" for a positional argument."""

@@ -403,7 +403,7 @@ class PlanOptions:
     out: str | None = field(default=None, metadata=option(metavar="DIR"))
     """Write the launch files of a plan over several GPUs or machines into DIR: an accelerate config per machine
     (its machine_rank; main_process_ip/port to fill in), a torchrun line and a SLURM sbatch script."""
-    explain: bool = False
+    explain: bool = field(default=False, metadata=option(negatable=True))
     """Also predict this configuration with one thing changed (precision, checkpointing, micro-batch, ...) against
     the budget (a trace each, seconds on a CPU; needs --budget or --gpu; off by default)."""
 
@@ -710,7 +710,7 @@ class FitOptions:
     """Optimizer steps per trial, 1 to 3."""
     plan_out: str = field(default="memtune-plan.json", metadata=option(group=VERIFY_AND_OUTPUT))
     """Where to save the plan."""
-    explain: bool = field(default=True, metadata=option(group=VERIFY_AND_OUTPUT))
+    explain: bool = field(default=True, metadata=option(group=VERIFY_AND_OUTPUT, negatable=True))
     """The "why this one" table: the chosen configuration with one thing changed, predicted after the plan is saved
     (a trace each, their seconds stated apart; on by default, --no-explain skips them)."""
     report: str | None = field(default=None, metadata=option(metavar="FILE.html", group=VERIFY_AND_OUTPUT))
