@@ -312,6 +312,52 @@ REAL_ARCHITECTURES: dict[str, dict[str, Any]] = {
 """Causal-LM architectures outside ARCHITECTURES (the catalog ones: gpt2, qwen2, llama, gemma2, phi3), by
 transformers model_type, at published per-layer shapes."""
 
+SEALED_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    # A second held-out set for the speed model (issue 17), in REAL_ARCHITECTURES' format: measured on the H200
+    # (benchmarks/speed_heldout.py --set sealed) on 2026-12-01 BEFORE any change to the speed model informed by the
+    # first set's misses, so that its error is stated on models no change was tuned on. Values are the published
+    # configs as I know them (not re-checked against a copy); the parameter counts they give match the published
+    # ones (phi-2 2.78B, StableLM-2 1.64B, GPT-J 6.05B at 28 layers, SmolLM3 3.08B, OLMo-1B 1.18B).
+    "phi": {
+        "shapes_of": "microsoft/phi-2", "published_layers": 32, "num_layers": None, "checked": "from memory",
+        "settings": {"hidden_size": 2560, "intermediate_size": 10240, "num_attention_heads": 32,
+                     "vocab_size": 51200, "partial_rotary_factor": 0.4, "max_position_embeddings": 2048,
+                     "layer_norm_eps": 1e-5, "hidden_act": "gelu_new", "resid_pdrop": 0.1,
+                     "tie_word_embeddings": False, "bos_token_id": 50256, "eos_token_id": 50256},
+    },
+    "stablelm": {
+        "shapes_of": "stabilityai/stablelm-2-1_6b", "published_layers": 24, "num_layers": None,
+        "checked": "from memory",
+        "settings": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 32,
+                     "num_key_value_heads": 32, "vocab_size": 100352, "partial_rotary_factor": 0.25,
+                     "rope_theta": 10000, "layer_norm_eps": 1e-5, "use_qkv_bias": True,
+                     "max_position_embeddings": 4096, "tie_word_embeddings": False, "hidden_act": "silu",
+                     "bos_token_id": 100257, "eos_token_id": 100257},
+    },
+    "gptj": {
+        "shapes_of": "EleutherAI/gpt-j-6b", "published_layers": 28, "num_layers": 8, "checked": "from memory",
+        "settings": {"n_embd": 4096, "n_head": 16, "rotary_dim": 64, "vocab_size": 50400, "n_positions": 2048,
+                     "activation_function": "gelu_new", "tie_word_embeddings": False,
+                     "bos_token_id": 50256, "eos_token_id": 50256},
+    },
+    "smollm3": {
+        "shapes_of": "HuggingFaceTB/SmolLM3-3B", "published_layers": 36, "num_layers": None,
+        "checked": "from memory",
+        "settings": {"hidden_size": 2048, "intermediate_size": 11008, "num_attention_heads": 16,
+                     "num_key_value_heads": 4, "vocab_size": 128256, "rope_theta": 5000000.0,
+                     "max_position_embeddings": 65536, "tie_word_embeddings": True, "no_rope_layer_interval": 4,
+                     "rms_norm_eps": 1e-6, "bos_token_id": None, "eos_token_id": 128012, "pad_token_id": 128004},
+    },
+    "olmo": {
+        "shapes_of": "allenai/OLMo-1B-0724-hf", "published_layers": 16, "num_layers": None,
+        "checked": "from memory",
+        "settings": {"hidden_size": 2048, "intermediate_size": 8192, "num_attention_heads": 16,
+                     "num_key_value_heads": 16, "vocab_size": 50304, "max_position_embeddings": 4096,
+                     "rope_theta": 10000.0, "tie_word_embeddings": True, "bos_token_id": None,
+                     "eos_token_id": 50279, "pad_token_id": 1},
+    },
+}
+
 
 def real_architecture_cases(seq_len: int = 1024, micro_batch_size: int = 2) -> list[Case]:
     """Two configurations of every REAL_ARCHITECTURES entry, `micro_batch_size` x `seq_len` tokens:

@@ -268,6 +268,8 @@ def main() -> None:
                         help="predict again and compare with the measurements recorded in FILE (no GPU needed)")
     parser.add_argument("--paths", nargs="+", default=["cpu"], choices=["cpu", "cuda"],
                         help="trace paths for --measured (cuda: fake CUDA tensors, needs a CUDA build of torch)")
+    parser.add_argument("--expandable", action="store_true",
+                        help="plan (and so run) with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     parser.add_argument("--measure", metavar="PLAN", help=argparse.SUPPRESS)  # the per-case child process
     parser.add_argument("--corpus", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -300,9 +302,10 @@ def main() -> None:
         for model in args.models:
             for mode in args.modes:
                 row: dict[str, Any] = {"model": model, "mode": mode, "seq_len": SEQ_LEN, "micro_batch_size": MICRO,
-                                       "documents": DOCUMENTS.get(mode, DOCUMENTS["none"])}
+                                       "documents": DOCUMENTS.get(mode, DOCUMENTS["none"]),
+                                       "expandable_segments": args.expandable}
                 try:
-                    row.update(predict(model, mode, corpora[mode], trace_device))
+                    row.update(predict(model, mode, corpora[mode], trace_device, expandable=args.expandable))
                 except Exception as error:  # noqa: BLE001 - report and go on
                     row["predicted_error"] = f"{type(error).__name__}: {error}"[:500]
                 rows.append(row)

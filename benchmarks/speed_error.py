@@ -26,20 +26,22 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import REAL_ARCHITECTURES, Case, model_config  # noqa: E402
+from benchmarks.cases import REAL_ARCHITECTURES, SEALED_ARCHITECTURES, Case, model_config  # noqa: E402
 from memtune.config import TrainConfig  # noqa: E402
 from memtune.predict import throughput  # noqa: E402
 from memtune.sources import parameter_count, resolve  # noqa: E402
 
 
 def case_model_config(case: dict[str, Any]) -> Any:
-    """The transformers config a measured case ran: REAL_ARCHITECTURES' shapes for its model_type, else its model
+    """The transformers config a measured case ran: REAL_ARCHITECTURES' (or SEALED_ARCHITECTURES') shapes for its
+    model_type, else its model
     resolved by name; cut to its num_layers."""
     model_type = case.get("model_type") or ""
     layers = case.get("num_layers")
     train = TrainConfig.from_dict(case["config"])
-    if model_type in REAL_ARCHITECTURES:
-        entry = REAL_ARCHITECTURES[model_type]
+    known = {**REAL_ARCHITECTURES, **SEALED_ARCHITECTURES}
+    if model_type in known:
+        entry = known[model_type]
         return model_config(Case(entry["shapes_of"], layers, train, model_type=model_type,
                                  settings={**entry["settings"], "num_hidden_layers": entry["published_layers"]}))
     config = resolve(case["model"]).config

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import REAL_ARCHITECTURES, Case, model_config  # noqa: E402
+from benchmarks.cases import REAL_ARCHITECTURES, SEALED_ARCHITECTURES, Case, model_config  # noqa: E402
 from memtune.config import Adapter, TrainConfig  # noqa: E402
 
 SKIPPED_TYPES = ("mixtral", "qwen3_moe")
@@ -43,9 +43,10 @@ def configurations(seq_len: int) -> list[TrainConfig]:
     ]
 
 
-def cases(seq_len: int, types: list[str] | None) -> list[Case]:
+def cases(seq_len: int, types: list[str] | None, architectures: dict | None = None) -> list[Case]:
     found = []
-    full_depth_first = sorted(REAL_ARCHITECTURES.items(), key=lambda item: item[1]["num_layers"] is not None)
+    full_depth_first = sorted((architectures or REAL_ARCHITECTURES).items(),
+                              key=lambda item: item[1]["num_layers"] is not None)
     for model_type, entry in full_depth_first:
         if model_type in SKIPPED_TYPES or (types and model_type not in types):
             continue
@@ -62,6 +63,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--types", nargs="*", default=None, help="model_types of REAL_ARCHITECTURES (default all)")
+    parser.add_argument("--set", choices=("real", "sealed"), default="real",
+                        help="real: REAL_ARCHITECTURES (the first held-out set); sealed: SEALED_ARCHITECTURES")
     parser.add_argument("--budget-seconds", type=float, default=480.0, help="stop starting cases after this")
     args = parser.parse_args()
 
@@ -77,7 +80,8 @@ def main() -> None:
     out = {"environment": environment, "steps": args.steps, "cases": []}
     started = time.perf_counter()
     print(f"{'case':64} {'tokens/s':>10} {'peak GiB':>9}")
-    for case in cases(args.seq_len, args.types):
+    architectures = SEALED_ARCHITECTURES if args.set == "sealed" else REAL_ARCHITECTURES
+    for case in cases(args.seq_len, args.types, architectures):
         if time.perf_counter() - started > args.budget_seconds:
             print(f"budget of {args.budget_seconds:.0f} s reached: stopping")
             break

@@ -260,8 +260,12 @@ def _measure(name: str, model: str, config: TrainConfig, timeout_seconds: int) -
         ranks = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("result.*"))]
         if done.returncode != 0 or len(ranks) != config.num_gpus:
             oom = "out of memory" in done.stderr.lower()
-            raised = [line for line in done.stderr.splitlines() if re.match(r"^[\w.]+(Error|Exception)\b", line)]
-            return {"fits": False, "oom": oom, "raised": raised[-3:], "error": done.stderr[-1500:]}
+            # torchrun prefixes the workers' lines with "[rankN]:"; the worker's own exception comes first
+            raised = [line for line in done.stderr.splitlines()
+                      if re.match(r"^(\[rank\d+\]:\s*)?[\w.]+(Error|Exception)\b", line)]
+            first = done.stderr.find("Traceback")
+            return {"fits": False, "oom": oom, "raised": raised[:3] + raised[-1:],
+                    "error": done.stderr[max(first, 0):][:3000] + "\n...\n" + done.stderr[-800:]}
     steady = [step for rank in ranks for step in rank["steps"][1:]]
     return {"fits": True, "peak_reserved_bytes": max(step["reserved"] for step in steady),
             "peak_allocated_bytes": max(step["allocated"] for step in steady),
